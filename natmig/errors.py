@@ -1,0 +1,71 @@
+"""The one exception root of natmig, with a subclass per layer.
+
+Every error natmig raises on purpose derives from :class:`NatmigError`, so a
+caller that wants "anything natmig refused" catches one class, and a caller
+that cares about the layer catches the subclass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class NatmigError(Exception):
+    """Root of every error natmig raises on purpose."""
+
+
+class SchemaError(NatmigError):
+    """The YANG module cannot be loaded or uses a construct natmig cannot enforce."""
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem in a document: where, which leaf, why, and its NETCONF error-tag.
+
+    ``path`` names the list entry by its key, e.g.
+    ``nat-session[TCP 10.0.0.1 2526 203.0.113.100 80]``; ``leaf`` is the leaf
+    (or element) at fault, empty when the fault is the entry or the document.
+    """
+
+    path: str
+    leaf: str
+    message: str
+    tag: str = "invalid-value"
+
+    def __str__(self) -> str:
+        where = f"{self.path}/{self.leaf}" if self.leaf else self.path
+        return f"{where}: {self.message}"
+
+
+class CodecError(NatmigError):
+    """A document was refused; ``errors`` lists every problem found (up to a limit).
+
+    Nothing of a refused document is returned: decoding is all or nothing.
+    """
+
+    def __init__(self, errors: list[FieldError], more: int = 0) -> None:
+        self.errors = list(errors)
+        self.more = more
+        lines = [str(e) for e in self.errors]
+        if more:
+            lines.append(f"... and {more} more errors")
+        head = f"{len(self.errors) + more} error(s) in nat-session document"
+        super().__init__(head + ":\n  " + "\n  ".join(lines))
+
+
+class ProviderError(NatmigError):
+    """The session provider (the node's kernel table) refused or failed an operation."""
+
+
+class AgentError(NatmigError):
+    """The NETCONF agent failed to start or serve."""
+
+
+class TestbedError(NatmigError):
+    """The emulated network could not be built, inspected or torn down."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+
+class ControllerError(NatmigError):
+    """A migration step failed; the message says which step and where traffic is."""

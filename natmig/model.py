@@ -1,0 +1,61 @@
+"""The in-memory form of a NAT session: one small immutable record per entry.
+
+Field names are the leaf names of the nat-session list; a test checks that the
+two agree, so the record cannot drift from the module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterable
+
+#: Key of a session: (protocol, src_address, src_port, dst_address, dst_port).
+SessionKey = tuple[str, str, int, str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class NatSession:
+    """One translated session: the inside 5-tuple and its public address and port.
+
+    ``tcp_state`` is None for UDP and ICMP (the module's `when` condition);
+    ``timeout`` is the remaining lifetime in seconds, None for "the node's
+    default".
+    """
+
+    protocol: str
+    src_address: str
+    src_port: int
+    dst_address: str
+    dst_port: int
+    translated_address: str
+    translated_port: int
+    tcp_state: str | None = None
+    timeout: int | None = None
+    assured: bool = False
+    mark: int = 0
+
+    @property
+    def key(self) -> SessionKey:
+        """The list key, in the module's key order."""
+        return (self.protocol, self.src_address, self.src_port, self.dst_address, self.dst_port)
+
+    @property
+    def public(self) -> tuple[str, str, int]:
+        """(protocol, translated_address, translated_port): what must be unique on a NAT."""
+        return (self.protocol, self.translated_address, self.translated_port)
+
+    def __str__(self) -> str:
+        return format_key(self.key) + f" -> {self.translated_address}:{self.translated_port}"
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(NatSession))
+
+
+def format_key(key: Iterable[object]) -> str:
+    """``nat-session[TCP 10.0.0.1 2526 203.0.113.100 80]``: how errors and logs name an entry."""
+    return "nat-session[" + " ".join("?" if k is None else str(k) for k in key) + "]"
+
+
+def index_by_key(sessions: Iterable[NatSession]) -> dict[SessionKey, NatSession]:
+    """Sessions by key (the last one wins; use the codec to refuse duplicates)."""
+    return {s.key: s for s in sessions}
