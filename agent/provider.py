@@ -1,0 +1,212 @@
+"""The session provider: where a NAT node's session table really lives.
+
+The NETCONF front end and the datastore talk to a provider and never to the
+kernel; a provider never sees XML (the netopeer2/sysrepo split).  The real
+implementation is :class:`natmig.agent.conntrack.ConntrackProvider`;
+:class:`MemoryProvider` is the in-memory stand-in for unit tests.
+"""
+
+from __future__ import annotations
+
+import abc
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+from ..errors import ProviderError
+from ..model import NatSession, SessionKey, format_key
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What :meth:`SessionProvider.list` read: the NATed sessions and what was left out."""
+
+    sessions: list[NatSession]
+    untranslated: int = 0
+
+
+@dataclass(frozen=True)
+class SessionEvent:
+    """A change of the table seen by :meth:`SessionProvider.watch`: ``kind`` is "new" or "destroy"."""
+
+    kind: str
+    session: NatSession
+
+
+class ApplyError(ProviderError):
+    """A batch was refused whole; ``problems`` maps each offending key to why."""
+
+    def __init__(self, problems: dict[SessionKey, str]) -> None:
+        self.problems = dict(problems)
+        shown = [f"{format_key(k)}: {why}" for k, why in list(self.problems.items())[:20]]
+        more = len(self.problems) - len(shown)
+        if more > 0:
+            shown.append(f"... and {more} more")
+        super().__init__(f"batch refused, nothing applied ({len(self.problems)} offending entries):\n  " + "\n  ".join(shown))
+
+
+class SessionProvider(abc.ABC):
+    """A NAT node's live session table.
+
+    ``apply`` is all-or-nothing: either every entry of the batch exists
+    afterwards exactly as given (created, or replaced when the key already
+    exists), or the table is as it was and :class:`ApplyError` names the
+    offending keys.  A batch is refused when an entry's translated address is
+    not one the node owns, or when its (protocol, translated address,
+    translated port) is held by another session of the table or of the batch.
+    """
+
+    @abc.abstractmethod
+    def list(self) -> Snapshot:
+        """Read every translated session of the table."""
+
+    @abc.abstractmethod
+    def apply(self, sessions: Sequence[NatSession]) -> None:
+        """Create or replace a batch of sessions, all or nothing."""
+
+    @abc.abstractmethod
+    def delete(self, keys: Iterable[SessionKey] | None = None) -> int:
+        """Delete sessions by key (missing keys are ignored), or all when ``keys`` is None.
+
+        Returns how many were deleted.
+        """
+
+    @abc.abstractmethod
+    def watch(self) -> "Watch":
+        """Start following table changes; use as a context manager and iterate."""
+
+    @abc.abstractmethod
+    def public_addresses(self) -> set[str]:
+        """Addresses this node translates to (the only valid translated_address values)."""
+
+
+class Watch(abc.ABC):
+    """A stream of :class:`SessionEvent`; iterate it, close it when done."""
+
+    @abc.abstractmethod
+    def get(self, timeout: float | None = None) -> SessionEvent | None:
+        """The next event, or None when ``timeout`` passes first."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop following."""
+
+    def drain(self) -> list[SessionEvent]:
+        """Every event already waiting, without blocking."""
+        out = []
+        while (ev := self.get(0)) is not None:
+            out.append(ev)
+        return out
+
+    def __iter__(self) -> Iterator[SessionEvent]:
+        while True:
+            ev = self.get()
+            if ev is None:
+                return
+            yield ev
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def check_batch(
+    sessions: Sequence[NatSession],
+    existing: dict[SessionKey, NatSession],
+    owned: set[str],
+) -> dict[SessionKey, str]:
+    """Why each entry of a batch cannot be applied on top of ``existing``; empty when it can.
+
+    Shared by every provider so that they refuse the same batches.
+    """
+    problems: dict[SessionKey, str] = {}
+    # Public endpoints held by sessions that the batch does not replace.
+    batch_keys = {s.key for s in sessions}
+    held = {s.public: k for k, s in existing.items() if k not in batch_keys}
+    seen: dict[tuple[str, str, int], SessionKey] = {}
+    keys_seen: set[SessionKey] = set()
+    for s in sessions:
+        k = s.key
+        if k in keys_seen:
+            problems[k] = "appears twice in the batch"
+            continue
+        keys_seen.add(k)
+        if s.translated_address not in owned:
+            problems[k] = f"translated_address {s.translated_address} is not an address of this node ({', '.join(sorted(owned)) or 'none'})"
+            continue
+        pub = s.public
+        other = held.get(pub) or seen.get(pub)
+        if other is not None and other != k:
+            problems[k] = f"translated {s.protocol} {s.translated_address}:{s.translated_port} is already used by {format_key(other)}"
+            continue
+        seen[pub] = k
+    return problems
+
+
+@dataclass
+class MemoryProvider(SessionProvider):
+    """An in-memory session table with the same semantics as the real one (for unit tests)."""
+
+    owned: set[str] = field(default_factory=lambda: {"203.0.113.1"})
+    table: dict[SessionKey, NatSession] = field(default_factory=dict)
+    untranslated: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+        self._watchers: list[_QueueWatch] = []
+
+    def list(self) -> Snapshot:
+        with self._lock:
+            return Snapshot(list(self.table.values()), self.untranslated)
+
+    def apply(self, sessions: Sequence[NatSession]) -> None:
+        with self._lock:
+            problems = check_batch(sessions, self.table, self.owned)
+            if problems:
+                raise ApplyError(problems)
+            for s in sessions:
+                old = self.table.get(s.key)
+                if old is not None:
+                    self._emit("destroy", old)
+                self.table[s.key] = s
+                self._emit("new", s)
+
+    def delete(self, keys: Iterable[SessionKey] | None = None) -> int:
+        with self._lock:
+            victims = list(self.table) if keys is None else [k for k in keys if k in self.table]
+            for k in victims:
+                self._emit("destroy", self.table.pop(k))
+            return len(victims)
+
+    def watch(self) -> "Watch":
+        w = _QueueWatch(self)
+        with self._lock:
+            self._watchers.append(w)
+        return w
+
+    def public_addresses(self) -> set[str]:
+        return set(self.owned)
+
+    def _emit(self, kind: str, s: NatSession) -> None:
+        for w in self._watchers:
+            w.q.put(SessionEvent(kind, s))
+
+
+class _QueueWatch(Watch):
+    def __init__(self, owner: MemoryProvider) -> None:
+        self.owner = owner
+        self.q: queue.Queue[SessionEvent] = queue.Queue()
+
+    def get(self, timeout: float | None = None) -> SessionEvent | None:
+        try:
+            return self.q.get(timeout=timeout) if timeout != 0 else self.q.get_nowait()
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        with self.owner._lock:
+            if self in self.owner._watchers:
+                self.owner._watchers.remove(self)

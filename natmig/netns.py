@@ -1,0 +1,137 @@
+"""Network namespaces, veths and commands run inside them: the one place natmig does it.
+
+Everything natmig creates is named with a run prefix (see :func:`run_prefix`),
+so leftovers of a crashed run can be found and removed by name, and two runs
+on one machine do not collide.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Sequence
+
+from .errors import NatmigError
+
+NETNS_DIR = Path("/run/netns")
+
+
+class CommandError(NatmigError):
+    """A system command failed; carries the command, exit status and stderr."""
+
+    def __init__(self, cmd: Sequence[str], returncode: int, stderr: str) -> None:
+        self.cmd = list(cmd)
+        self.returncode = returncode
+        self.stderr = stderr.strip()
+        super().__init__(f"{' '.join(self.cmd)} exited {returncode}: {self.stderr}")
+
+
+def run_prefix(tag: str = "nm") -> str:
+    """A short prefix unique to this process, e.g. ``nm4711``, for names of things it makes."""
+    return f"{tag}{os.getpid() % 100000}"
+
+
+def ns_cmd(cmd: Sequence[str], netns: str | None) -> list[str]:
+    """The argv that runs ``cmd`` in ``netns`` (unchanged when netns is None)."""
+    return (["ip", "netns", "exec", netns, *cmd]) if netns else list(cmd)
+
+
+def run(
+    cmd: Sequence[str],
+    netns: str | None = None,
+    *,
+    input: str | bytes | None = None,
+    check: bool = True,
+    timeout: float = 30.0,
+) -> subprocess.CompletedProcess:
+    """Run a command (in a namespace) and return it; :class:`CommandError` on failure."""
+    argv = ns_cmd(cmd, netns)
+    text = not isinstance(input, bytes)
+    try:
+        cp = subprocess.run(argv, input=input, capture_output=True, text=text, timeout=timeout)
+    except FileNotFoundError as e:
+        raise CommandError(argv, 127, f"{argv[0]}: not installed ({e})") from e
+    except subprocess.TimeoutExpired as e:
+        raise CommandError(argv, -1, f"timed out after {timeout} s") from e
+    if check and cp.returncode != 0:
+        err = cp.stderr if text else cp.stderr.decode(errors="replace")
+        raise CommandError(argv, cp.returncode, err)
+    return cp
+
+
+def exists(name: str) -> bool:
+    """Whether the named namespace exists."""
+    return (NETNS_DIR / name).exists()
+
+
+def list_netns(prefix: str = "") -> list[str]:
+    """Named namespaces whose name starts with ``prefix``."""
+    if not NETNS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(prefix))
+
+
+def add(name: str, *, ipv6: bool = False) -> None:
+    """Create a namespace with loopback up (idempotent); IPv6 off unless asked.
+
+    IPv6 is off by default because router solicitations and DAD add packets
+    that no test asked for.
+    """
+    if not exists(name):
+        run(["ip", "netns", "add", name])
+    run(["ip", "link", "set", "lo", "up"], name)
+    if not ipv6:
+        sysctl(name, "net.ipv6.conf.all.disable_ipv6", 1)
+        sysctl(name, "net.ipv6.conf.default.disable_ipv6", 1)
+
+
+def delete(name: str) -> None:
+    """Delete a namespace, killing what still runs in it (idempotent)."""
+    if not exists(name):
+        return
+    pids = run(["ip", "netns", "pids", name], check=False).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), 9)
+        except (ProcessLookupError, ValueError):
+            pass
+    run(["ip", "netns", "delete", name], check=False)
+
+
+def sysctl(netns: str | None, key: str, value: object) -> None:
+    """Set a sysctl in a namespace."""
+    run(["sysctl", "-q", "-w", f"{key}={value}"], netns)
+
+
+def add_veth(a: str, b: str, netns_a: str | None, netns_b: str | None, *, mtu: int | None = None) -> None:
+    """Create a veth pair a<->b with each end in its namespace, offloads off, both up.
+
+    Offloads must be off on both ends: with them on, TCP through the Open
+    vSwitch userspace datapath carries bad checksums and stalls.
+    """
+    # Create in the first namespace and move the peer, so no end ever needs
+    # a free name in the root namespace.
+    run(["ip", "link", "add", a, "type", "veth", "peer", "name", b], netns_a)
+    if netns_b != netns_a:
+        run(["ip", "link", "set", b, "netns", netns_b or "1"], netns_a)
+    for ifname, ns in ((a, netns_a), (b, netns_b)):
+        if mtu:
+            run(["ip", "link", "set", ifname, "mtu", str(mtu)], ns)
+        disable_offloads(ifname, ns)
+        run(["ip", "link", "set", ifname, "up"], ns)
+
+
+def disable_offloads(ifname: str, netns: str | None) -> None:
+    """Turn checksum and segmentation offloads off on an interface."""
+    run(["ethtool", "-K", ifname, "tx", "off", "rx", "off", "tso", "off", "gso", "off", "gro", "off"], netns, check=False)
+
+
+def link_exists(ifname: str, netns: str | None = None) -> bool:
+    """Whether an interface exists in a namespace."""
+    return run(["ip", "link", "show", ifname], netns, check=False).returncode == 0
+
+
+def delete_link(ifname: str, netns: str | None = None) -> None:
+    """Delete an interface if it exists."""
+    run(["ip", "link", "del", ifname], netns, check=False)
