@@ -80,6 +80,17 @@ class SessionProvider(abc.ABC):
     def public_addresses(self) -> set[str]:
         """Addresses this node translates to (the only valid translated_address values)."""
 
+    @abc.abstractmethod
+    def set_admission(self, admit: bool) -> None:
+        """Admit (True) or drop (False) packets that would create a new session.
+
+        The nat-control/admit-new-sessions leaf of the module; see its description.
+        """
+
+    @abc.abstractmethod
+    def admission(self) -> bool:
+        """Whether new sessions are admitted now."""
+
 
 class Watch(abc.ABC):
     """A stream of :class:`SessionEvent`; iterate it, close it when done."""
@@ -153,6 +164,7 @@ class MemoryProvider(SessionProvider):
     owned: set[str] = field(default_factory=lambda: {"203.0.113.1"})
     table: dict[SessionKey, NatSession] = field(default_factory=dict)
     untranslated: int = 0
+    admit: bool = True
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -189,6 +201,12 @@ class MemoryProvider(SessionProvider):
 
     def public_addresses(self) -> set[str]:
         return set(self.owned)
+
+    def set_admission(self, admit: bool) -> None:
+        self.admit = admit
+
+    def admission(self) -> bool:
+        return self.admit
 
     def _emit(self, kind: str, s: NatSession) -> None:
         for w in self._watchers:

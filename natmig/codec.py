@@ -88,6 +88,7 @@ class Codec:
         self.json_name = f"{schema.module}:{schema.list_name}"
         self._list_tag = f"{{{self.ns}}}{schema.list_name}"
         self._stats_tag = f"{{{self.ns}}}{schema.stats_name}"
+        self._control_tag = f"{{{self.ns}}}{schema.control_name}"
         self._by_tag = {f"{{{self.ns}}}{s.name}": s for s in schema.leaves}
         self._by_name = {s.name: s for s in schema.leaves}
         self._keys = schema.keys
@@ -146,6 +147,50 @@ class Codec:
         inner = "".join(f"<{k}>{int(v)}</{k}>" for k, v in counters.items() if k in known)
         name = self.schema.stats_name
         return f'<{name} xmlns="{self.ns}">{inner}</{name}>'.encode()
+
+    def encode_control_xml(self, values: dict[str, Any]) -> bytes:
+        """The nat-control container (trim mode: leaves at their default are omitted)."""
+        inner = "".join(
+            f"<{s.name}>{s.text(values[s.name])}</{s.name}>"
+            for s in self.schema.control_leaves
+            if values.get(s.name, s.default) != s.default
+        )
+        name = self.schema.control_name
+        return f'<{name} xmlns="{self.ns}">{inner}</{name}>'.encode()
+
+    def decode_control_xml(self, data: bytes | str | Any) -> dict[str, Any] | None:
+        """Leaves of the nat-control container of a document; None when it has none.
+
+        Returns only the leaves present, type-checked; raises :class:`CodecError`.
+        """
+        errors = _Errors(DEFAULT_ERROR_LIMIT)
+        root = data
+        if isinstance(data, (bytes, str)):
+            try:
+                root = etree.fromstring(data.encode() if isinstance(data, str) else data, _PARSER)
+            except etree.XMLSyntaxError as e:
+                errors.add("document", "", f"malformed XML: {e}", "malformed-message")
+                errors.raise_if_any()
+        found = [root] if root.tag == self._control_tag else [c for c in root if c.tag == self._control_tag]
+        if not found:
+            return None
+        specs = {f"{{{self.ns}}}{s.name}": s for s in self.schema.control_leaves}
+        values: dict[str, Any] = {}
+        for cont in found:
+            for child in cont:
+                if not isinstance(child.tag, str):
+                    continue
+                spec = specs.get(child.tag)
+                if spec is None:
+                    leaf, msg, tag = self._unknown(child.tag)
+                    errors.add(self.schema.control_name, leaf, msg.replace(f"in {self.schema.list_name}", f"in {self.schema.control_name}"), tag)
+                    continue
+                try:
+                    values[spec.name] = spec.parse(child.text or "")
+                except LeafValueError as e:
+                    errors.add(self.schema.control_name, spec.name, str(e))
+        errors.raise_if_any()
+        return values
 
     def to_json_obj(self, sessions: Iterable[NatSession]) -> dict[str, Any]:
         """The RFC 7951 JSON object of a table (module-qualified top-level name)."""
@@ -272,6 +317,8 @@ class Codec:
                 continue
             if child.tag == self._list_tag:
                 entries.append(child)
+            elif child.tag == self._control_tag:
+                continue  # read by decode_control_xml
             elif child.tag == self._stats_tag:
                 errors.add(self.schema.stats_name, "", "state data (config false) cannot be written", "invalid-value")
             else:

@@ -27,6 +27,7 @@ from .errors import SchemaError
 MODULE_NAME = "nat-session"
 LIST_NAME = "nat-session"
 STATS_NAME = "nat-statistics"
+CONTROL_NAME = "nat-control"
 
 #: Where the YANG modules live: yang/ at the top of the source tree (natmig is
 #: installed in editable mode), or NATMIG_YANG_DIR.
@@ -95,6 +96,8 @@ class Schema:
     leaves: tuple[LeafSpec, ...]
     stats_name: str
     stats_leaves: tuple[LeafSpec, ...]
+    control_name: str
+    control_leaves: tuple[LeafSpec, ...]
     source_path: Path
 
     @property
@@ -385,6 +388,8 @@ def load_schema(path: str | None = None) -> Schema:
     leaves = tuple(sorted(leaves, key=lambda s: order.get(s.name, len(keys))))
     stats = mod.search_one("container", STATS_NAME)
     stats_leaves = tuple(_compile_leaf(ch, ()) for ch in stats.i_children) if stats is not None else ()
+    ctl = mod.search_one("container", CONTROL_NAME)
+    control_leaves = tuple(_compile_leaf(ch, ()) for ch in ctl.i_children) if ctl is not None else ()
     rev = mod.search_one("revision")
     return Schema(
         module=mod.arg,
@@ -396,5 +401,7 @@ def load_schema(path: str | None = None) -> Schema:
         leaves=leaves,
         stats_name=STATS_NAME,
         stats_leaves=stats_leaves,
+        control_name=CONTROL_NAME,
+        control_leaves=control_leaves,
         source_path=src,
     )
