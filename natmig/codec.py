@@ -192,6 +192,47 @@ class Codec:
         errors.raise_if_any()
         return values
 
+    def encode_event_xml(self, event: str, session: NatSession) -> bytes:
+        """A ``nat-session-event`` notification body ("created" or "destroyed")."""
+        inner = self.encode_xml([session], root=None).decode()
+        # The entry's leaves, re-wrapped in the notification's `session` container.
+        leaves = inner[inner.index(">") + 1 : inner.rindex("<")]
+        return (
+            f'<nat-session-event xmlns="{self.ns}"><event>{event}</event>'
+            f"<session>{leaves}</session></nat-session-event>"
+        ).encode()
+
+    def decode_event_xml(self, data: bytes | str | Any) -> tuple[str, NatSession]:
+        """(event, session) of a ``nat-session-event`` element (or a notification holding one)."""
+        errors = _Errors(DEFAULT_ERROR_LIMIT)
+        root = data
+        if isinstance(data, (bytes, str)):
+            try:
+                root = etree.fromstring(data.encode() if isinstance(data, str) else data, _PARSER)
+            except etree.XMLSyntaxError as e:
+                errors.add("document", "", f"malformed XML: {e}", "malformed-message")
+                errors.raise_if_any()
+        tag = f"{{{self.ns}}}nat-session-event"
+        ev = root if root.tag == tag else root.find(tag)
+        if ev is None:
+            errors.add("notification", "", "no nat-session-event in it", "missing-element")
+            errors.raise_if_any()
+        kind = ev.findtext(f"{{{self.ns}}}event")
+        if kind not in ("created", "destroyed"):
+            errors.add("nat-session-event", "event", f"{kind!r} is not one of created, destroyed")
+        sess = ev.find(f"{{{self.ns}}}session")
+        session = None
+        if sess is None:
+            errors.add("nat-session-event", "session", "missing", "missing-element")
+        else:
+            bad: set[str] = set()
+            values = self._leaves_xml(sess, errors, bad)
+            if self._check_keys(values, errors, bad):
+                session = self.complete(values, errors)
+        errors.raise_if_any()
+        assert session is not None and kind is not None
+        return kind, session
+
     def to_json_obj(self, sessions: Iterable[NatSession]) -> dict[str, Any]:
         """The RFC 7951 JSON object of a table (module-qualified top-level name)."""
         out = []
