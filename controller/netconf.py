@@ -1,0 +1,405 @@
+"""The typed NETCONF client of a NAT node's agent (a thin layer over ncclient 0.7.1).
+
+The controller and the benches talk to agents only through :class:`NodeClient`:
+sessions go in and out as :class:`~natmig.model.NatSession` records (the
+codec does the XML), and every NETCONF ``rpc-error`` surfaces as
+:class:`NetconfError`, a :class:`~natmig.errors.ControllerError` carrying the
+error's own fields.  This module depends on nothing else in ``controller/``.
+
+Example::
+
+    with NodeClient.connect("192.0.2.11", 830, "natmig", password="pw",
+                            known_hosts="/path/known_hosts") as node:
+        node.check_module()
+        table = node.get_sessions()
+        with node.locked("candidate"):
+            node.replace_table(table, target="candidate")
+            node.commit()
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+import ncclient.transport.session as _nc_session
+from lxml import etree
+from ncclient import manager as nc_manager
+from ncclient import operations as nc_ops
+from ncclient import transport as nc_transport
+from ncclient.xml_ import to_ele
+
+from ..codec import NETCONF_NS, Codec, default_codec
+from ..errors import ControllerError
+from ..model import NatSession, SessionKey
+
+# ncclient's transport thread waits up to TICK seconds in select() before it
+# looks at its send queue, so every request sits in the queue for up to TICK
+# (0.1 s by default): a ~100 ms floor per RPC that dwarfs the agent's ~2 ms.
+# A 1 ms tick makes small RPCs take a few ms; the thread still sleeps in
+# select(), so the idle cost is ~1000 cheap wake-ups per second per session.
+_nc_session.TICK = 0.001
+
+log = logging.getLogger(__name__)
+
+NOTIFICATION_CAPABILITY = "urn:ietf:params:netconf:capability:notification:1.0"
+CANDIDATE_CAPABILITY = "urn:ietf:params:netconf:capability:candidate:1.0"
+MONITORING_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
+EDIT_OPERATIONS = ("merge", "replace", "create", "delete", "remove")
+
+
+@dataclass(frozen=True)
+class RpcErrorInfo:
+    """One ``rpc-error`` of a reply (RFC 6241 4.3), field by field."""
+
+    tag: str | None
+    severity: str | None
+    type: str | None
+    path: str | None
+    message: str | None
+    info: str | None
+
+
+class NetconfError(ControllerError):
+    """The agent answered with ``rpc-error`` (first error's fields; all of them in ``errors``)."""
+
+    def __init__(self, operation: str, errors: Sequence[RpcErrorInfo]) -> None:
+        self.operation = operation
+        self.errors = list(errors)
+        first = self.errors[0] if self.errors else RpcErrorInfo(None, None, None, None, None, None)
+        self.tag = first.tag
+        self.severity = first.severity
+        self.type = first.type
+        self.path = first.path
+        self.message = first.message
+        self.info = first.info
+        lines = [f"{e.tag}: {e.message or ''}" + (f" (at {e.path})" if e.path else "") for e in self.errors]
+        super().__init__(f"{operation} refused by the agent: " + "; ".join(lines))
+
+
+class HostKeyError(ControllerError):
+    """The agent's SSH host key is not the one known for it: nothing was sent."""
+
+
+class ConnectError(ControllerError):
+    """The agent could not be reached, or refused the credentials."""
+
+
+class SessionLost(ControllerError):
+    """The NETCONF session ended (closed, killed, or the agent went away)."""
+
+
+def _rpc_error(operation: str, e: nc_ops.RPCError) -> NetconfError:
+    errs = getattr(e, "errors", None) or [e]
+    return NetconfError(
+        operation,
+        [RpcErrorInfo(x.tag, x.severity, x.type, (x.path or "").strip() or None, (x.message or "").strip() or None, x.info) for x in errs],
+    )
+
+
+class Subscription:
+    """RFC 5277 notifications of ``nat-session-event``: iterate, or :meth:`get` with a timeout.
+
+    Yields ``(event, session)`` with event "created" or "destroyed".
+    """
+
+    def __init__(self, client: "NodeClient") -> None:
+        self._client = client
+
+    def get(self, timeout: float | None = None) -> tuple[str, NatSession] | None:
+        """The next event, or None when ``timeout`` passes first (None: wait for ever)."""
+        n = self._client._mgr.take_notification(block=True, timeout=timeout)
+        if n is None:
+            if not self._client._mgr.connected:
+                raise SessionLost("notification stream ended: the NETCONF session is closed")
+            return None
+        return self._client.codec.decode_event_xml(n.notification_ele)
+
+    def drain(self) -> list[tuple[str, NatSession]]:
+        """Every event already received, without waiting."""
+        out = []
+        while (n := self._client._mgr.take_notification(block=False)) is not None:
+            out.append(self._client.codec.decode_event_xml(n.notification_ele))
+        return out
+
+    def __iter__(self) -> Iterator[tuple[str, NatSession]]:
+        while True:
+            ev = self.get(timeout=1.0)
+            if ev is not None:
+                yield ev
+
+
+class NodeClient:
+    """A NETCONF session with one NAT node's agent; use :meth:`connect`."""
+
+    def __init__(self, mgr: Any, codec: Codec | None = None, name: str = "") -> None:
+        self._mgr = mgr
+        self.codec = codec or default_codec()
+        self.name = name
+        self._subscribed = False
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------- connecting
+
+    @classmethod
+    def connect(
+        cls,
+        host: str,
+        port: int = 830,
+        username: str = "natmig",
+        password: str | None = None,
+        key_filename: str | None = None,
+        known_hosts: str | None = None,
+        hostkey_verify: bool = True,
+        timeout: float = 60.0,
+    ) -> "NodeClient":
+        """Open a NETCONF session over SSH.
+
+        The host key is checked against ``known_hosts`` (an OpenSSH
+        known_hosts file; entries for a port other than 22 are written
+        ``[host]:port``) and ``~/.ssh/known_hosts``; a key that is unknown or
+        different raises :class:`HostKeyError` before any RPC is sent.
+        ``hostkey_verify=False`` turns the check off (tests of the agent only).
+        Authentication uses ``key_filename`` (a private key) and/or
+        ``password``; the SSH agent and default keys are not consulted, so
+        what is used is exactly what was passed.
+        """
+        if password is None and key_filename is None:
+            raise ConnectError("connect: give a password or a key_filename")
+        handler = nc_manager.make_device_handler(None)
+        session = nc_transport.SSHSession(handler)
+        where = f"{username}@{host}:{port}"
+        try:
+            if hostkey_verify and known_hosts:
+                session.load_known_hosts(known_hosts)
+        except OSError as e:
+            raise HostKeyError(f"{where}: cannot read known_hosts file {known_hosts}: {e}") from e
+        try:
+            session.connect(
+                host, port, timeout=timeout, username=username, password=password,
+                key_filename=key_filename, allow_agent=False, look_for_keys=False,
+                hostkey_verify=hostkey_verify,
+            )
+        except nc_transport.SSHUnknownHostError as e:
+            raise HostKeyError(
+                f"{where}: host key {e.fingerprint} is not the known key of {host} "
+                f"(known_hosts: {known_hosts or '~/.ssh/known_hosts'}); refusing to talk to it"
+            ) from e
+        except nc_transport.AuthenticationError as e:
+            raise ConnectError(f"{where}: authentication refused ({e})") from e
+        except (nc_transport.TransportError, OSError) as e:
+            raise ConnectError(f"{where}: cannot open a NETCONF session: {e}") from e
+        finally:
+            if not session.connected and session.transport:
+                session.close()
+        mgr = nc_manager.Manager(session, handler, timeout=timeout)
+        log.info("NETCONF session %s with %s", mgr.session_id, where)
+        return cls(mgr, name=where)
+
+    def close(self) -> None:
+        """Send close-session and drop the connection (idempotent)."""
+        if self._mgr.connected:
+            try:
+                self._mgr.close_session()
+            except Exception:  # the session may already be gone; closing must not fail
+                pass
+
+    def __enter__(self) -> "NodeClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------- capabilities
+
+    @property
+    def session_id(self) -> int:
+        """The agent's id of this NETCONF session."""
+        return int(self._mgr.session_id)
+
+    @property
+    def capabilities(self) -> list[str]:
+        """The capability URIs the agent announced in its hello."""
+        return list(self._mgr.server_capabilities)
+
+    def module_revision(self, module: str | None = None) -> str | None:
+        """The revision of ``module`` (default: nat-session) the agent announced, or None."""
+        module = module or self.codec.schema.module
+        for uri in self._mgr.server_capabilities:
+            if f"module={module}" in uri:
+                for part in uri.split("?", 1)[-1].split("&"):
+                    if part.startswith("revision="):
+                        return part.split("=", 1)[1]
+                return ""
+        return None
+
+    def check_module(self, revision: str | None = None) -> str:
+        """Fail unless the agent speaks nat-session at ``revision`` (default: ours); returns it."""
+        want = revision or self.codec.schema.revision
+        got = self.module_revision()
+        if got is None:
+            raise ControllerError(f"{self.name}: the agent does not announce module {self.codec.schema.module}")
+        if got != want:
+            raise ControllerError(f"{self.name}: the agent has {self.codec.schema.module} revision {got}, expected {want}")
+        return got
+
+    def has_candidate(self) -> bool:
+        """Whether the agent offers the candidate datastore."""
+        return any(c.startswith(CANDIDATE_CAPABILITY) for c in self._mgr.server_capabilities)
+
+    # ----------------------------------------------------------------- reads
+
+    def _call(self, operation: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except nc_ops.RPCError as e:
+            raise _rpc_error(operation, e) from e
+        except nc_transport.TransportError as e:
+            raise SessionLost(f"{self.name}: {operation}: the NETCONF session ended ({e})") from e
+        except nc_ops.TimeoutExpiredError as e:
+            raise ControllerError(f"{self.name}: {operation}: no reply in time ({e})") from e
+
+    def _key_filter(self, key: SessionKey | None) -> tuple[str, str]:
+        ns = self.codec.ns
+        name = self.codec.schema.list_name
+        if key is None:
+            return ("subtree", f'<{name} xmlns="{ns}"/>')
+        inner = "".join(f"<{k}>{v}</{k}>" for k, v in zip(self.codec.schema.keys, key))
+        return ("subtree", f'<{name} xmlns="{ns}">{inner}</{name}>')
+
+    def get_sessions(self, source: str = "running", key: SessionKey | None = None) -> list[NatSession]:
+        """The nat-session table of ``source`` ("running" or "candidate"); one entry when ``key`` is given."""
+        reply = self._call("get-config", self._mgr.get_config, source=source, filter=self._key_filter(key))
+        return self.codec.decode_xml(reply.data_ele)
+
+    def get_statistics(self) -> dict[str, int]:
+        """The config-false nat-statistics counters (via <get>)."""
+        ns = self.codec.ns
+        name = self.codec.schema.stats_name
+        reply = self._call("get", self._mgr.get, filter=("subtree", f'<{name} xmlns="{ns}"/>'))
+        out: dict[str, int] = {}
+        for cont in reply.data_ele.iter(f"{{{ns}}}{name}"):
+            for leaf in cont:
+                out[etree.QName(leaf).localname] = int(leaf.text)
+        return out
+
+    def get_admission(self, source: str = "running") -> bool:
+        """nat-control/admit-new-sessions of ``source`` (True when absent: the default)."""
+        ns = self.codec.ns
+        name = self.codec.schema.control_name
+        reply = self._call("get-config", self._mgr.get_config, source=source, filter=("subtree", f'<{name} xmlns="{ns}"/>'))
+        values = self.codec.decode_control_xml(reply.data_ele) or {}
+        return bool(values.get("admit-new-sessions", True))
+
+    # ---------------------------------------------------------------- writes
+
+    def edit_sessions(
+        self,
+        sessions: Iterable[NatSession],
+        target: str = "candidate",
+        operation: str | None = "merge",
+        default_operation: str | None = None,
+        test_option: str | None = None,
+        error_option: str | None = None,
+    ) -> None:
+        """edit-config of nat-session entries, each with ``operation`` (None: default-operation applies).
+
+        The agent applies the whole request or nothing; a refusal raises
+        :class:`NetconfError` naming the offending entries.
+        """
+        if operation is not None and operation not in EDIT_OPERATIONS:
+            raise ControllerError(f"edit_sessions: operation {operation!r} is not one of {', '.join(EDIT_OPERATIONS)}")
+        body = self.codec.encode_xml(sessions, root=None).decode()
+        if operation is not None:
+            tag = f"<{self.codec.schema.list_name} "
+            body = body.replace(tag, f'{tag}xmlns:nc="{NETCONF_NS}" nc:operation="{operation}" ')
+        self._edit(f'<config xmlns="{NETCONF_NS}">{body}</config>', target, default_operation, test_option, error_option)
+
+    def _edit(self, config: str, target: str, default_operation: str | None = None, test_option: str | None = None, error_option: str | None = None) -> None:
+        self._call(
+            "edit-config", self._mgr.edit_config, config=to_ele(config), target=target,
+            default_operation=default_operation, test_option=test_option, error_option=error_option,
+        )
+
+    def replace_table(self, sessions: Iterable[NatSession], target: str = "candidate") -> None:
+        """Make ``target`` hold exactly ``sessions`` (default-operation replace of the whole list)."""
+        body = self.codec.encode_xml(sessions, root=None).decode()
+        if not body:
+            self.delete_sessions(None, target=target)
+            return
+        self._edit(f'<config xmlns="{NETCONF_NS}">{body}</config>', target, default_operation="replace")
+
+    def delete_sessions(self, keys: Iterable[SessionKey] | None = None, target: str = "candidate") -> None:
+        """Remove entries by key (missing ones ignored: nc:operation remove), or every entry when None."""
+        name = self.codec.schema.list_name
+        ns = self.codec.ns
+        if keys is None:
+            body = f'<{name} xmlns="{ns}" xmlns:nc="{NETCONF_NS}" nc:operation="remove"/>'
+        else:
+            body = "".join(
+                f'<{name} xmlns="{ns}" xmlns:nc="{NETCONF_NS}" nc:operation="remove">'
+                + "".join(f"<{k}>{v}</{k}>" for k, v in zip(self.codec.schema.keys, key))
+                + f"</{name}>"
+                for key in keys
+            )
+            if not body:
+                return
+        self._edit(f'<config xmlns="{NETCONF_NS}">{body}</config>', target)
+
+    def set_admission(self, admit: bool, target: str = "running") -> None:
+        """Set nat-control/admit-new-sessions (False: the node drops packets of unknown sessions)."""
+        name = self.codec.schema.control_name
+        body = f'<{name} xmlns="{self.codec.ns}"><admit-new-sessions>{"true" if admit else "false"}</admit-new-sessions></{name}>'
+        self._edit(f'<config xmlns="{NETCONF_NS}">{body}</config>', target)
+
+    def commit(self) -> None:
+        """Apply the candidate to running (all or nothing)."""
+        self._call("commit", self._mgr.commit)
+
+    def discard(self) -> None:
+        """Reset the candidate to running (discard-changes)."""
+        self._call("discard-changes", self._mgr.discard_changes)
+
+    def lock(self, target: str = "running") -> None:
+        """Lock a datastore for this session (lock-denied NetconfError when another holds it)."""
+        self._call("lock", self._mgr.lock, target)
+
+    def unlock(self, target: str = "running") -> None:
+        """Release a lock this session holds."""
+        self._call("unlock", self._mgr.unlock, target)
+
+    @contextmanager
+    def locked(self, target: str = "running") -> Iterator[None]:
+        """Hold the lock of ``target`` for the duration of a with-block."""
+        self.lock(target)
+        try:
+            yield
+        finally:
+            if self._mgr.connected:
+                self.unlock(target)
+
+    def kill_session(self, session_id: int) -> None:
+        """End another NETCONF session of the agent (releasing its locks)."""
+        self._call("kill-session", self._mgr.kill_session, str(session_id))
+
+    def get_schema(self, identifier: str | None = None, version: str | None = None) -> str:
+        """The YANG text of a module the agent serves (RFC 6022 get-schema)."""
+        identifier = identifier or self.codec.schema.module
+        reply = self._call("get-schema", self._mgr.get_schema, identifier, version=version, format="yang")
+        return reply.data if isinstance(reply.data, str) else str(reply.data)
+
+    # --------------------------------------------------------- notifications
+
+    def subscribe(self) -> Subscription:
+        """create-subscription on stream NETCONF; nat-session-events then queue up in the result."""
+        if not any(c.startswith(NOTIFICATION_CAPABILITY) for c in self._mgr.server_capabilities):
+            raise ControllerError(f"{self.name}: the agent does not offer notifications")
+        with self._lock:
+            if not self._subscribed:
+                self._call("create-subscription", self._mgr.create_subscription)
+                self._subscribed = True
+        return Subscription(self)
