@@ -1,0 +1,285 @@
+"""A NAT node's data plane: one network namespace doing source NAT with nftables.
+
+The node is a namespace with an inside interface (the clients' gateway), an
+outside interface (the public side), IPv4 forwarding, and an nftables table
+``natmig`` that translates the inside subnet to one public address and a port
+range.  Everything the node needs is in :class:`NatNodeConfig`; the commands
+it runs are built from that data by small pure functions (:func:`ruleset`,
+:func:`sysctls`) so they can be checked without root.
+
+Two NAT nodes of a migration share the gateway IP+MAC and the public IP+MAC,
+so that only the switch port changes when traffic moves and no ARP cache goes
+stale (see FIELD-NOTES).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import netns
+from ..errors import ProviderError
+
+#: Name of the nftables table natmig owns in a NAT node's namespace.
+TABLE = "natmig"
+#: The chain that holds the admission rule (nat-control/admit-new-sessions).
+ADMISSION_CHAIN = "admission"
+
+_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_NSNAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class NatNodeError(ProviderError):
+    """A NAT node's configuration is invalid or its data plane could not be set up."""
+
+
+def _check_ifname(field_name: str, value: object) -> None:
+    if not isinstance(value, str) or not _IFNAME.match(value):
+        raise NatNodeError(f"NatNodeConfig.{field_name}: {value!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
+
+
+def _check_iface_address(field_name: str, value: object) -> ipaddress.IPv4Interface:
+    if not isinstance(value, str) or "/" not in value:
+        raise NatNodeError(f"NatNodeConfig.{field_name}: {value!r} is not an IPv4 address with prefix length, e.g. 10.0.0.1/24")
+    try:
+        return ipaddress.IPv4Interface(value)
+    except ValueError as e:
+        raise NatNodeError(f"NatNodeConfig.{field_name}: {value!r} is not an IPv4 address with prefix length ({e})") from None
+
+
+def _check_mac(field_name: str, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str) or not _MAC.match(value):
+        raise NatNodeError(f"NatNodeConfig.{field_name}: {value!r} is not a MAC address like 02:00:00:00:00:01")
+    if int(value[:2], 16) & 1:
+        raise NatNodeError(f"NatNodeConfig.{field_name}: {value} is a multicast MAC address; an interface needs a unicast one")
+
+
+@dataclass(frozen=True)
+class NatNodeConfig:
+    """Everything that defines a NAT node; validated on construction.
+
+    ``name`` is the namespace; ``inside_if``/``outside_if`` are interface
+    names inside it; ``inside_address`` is the clients' gateway with its
+    prefix; ``outside_address`` the node's address on the public side;
+    ``public_address`` the address sessions are translated to (added to the
+    outside interface as a /32 when it is not ``outside_address`` itself);
+    ``inside_subnet`` the source addresses that get translated;
+    ``port_range`` the public ports (and ICMP echo identifiers) to use.
+    """
+
+    name: str
+    inside_if: str = "inside0"
+    outside_if: str = "outside0"
+    inside_address: str = "10.0.0.1/24"
+    outside_address: str = "203.0.113.1/24"
+    public_address: str = "203.0.113.1"
+    inside_subnet: str = "10.0.0.0/24"
+    port_range: tuple[int, int] = (20000, 29999)
+    inside_mac: str | None = None
+    outside_mac: str | None = None
+    mgmt_if: str | None = None
+    mgmt_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _NSNAME.match(self.name):
+            raise NatNodeError(f"NatNodeConfig.name: {self.name!r} is not a namespace name (1-64 of A-Z a-z 0-9 _ . -)")
+        _check_ifname("inside_if", self.inside_if)
+        _check_ifname("outside_if", self.outside_if)
+        if self.inside_if == self.outside_if:
+            raise NatNodeError(f"NatNodeConfig.outside_if: {self.outside_if!r} is the same interface as inside_if")
+        inside = _check_iface_address("inside_address", self.inside_address)
+        _check_iface_address("outside_address", self.outside_address)
+        try:
+            ipaddress.IPv4Address(self.public_address)
+        except (ValueError, TypeError):
+            raise NatNodeError(f"NatNodeConfig.public_address: {self.public_address!r} is not an IPv4 address") from None
+        try:
+            subnet = ipaddress.IPv4Network(self.inside_subnet)
+        except (ValueError, TypeError) as e:
+            raise NatNodeError(f"NatNodeConfig.inside_subnet: {self.inside_subnet!r} is not an IPv4 network like 10.0.0.0/24 ({e})") from None
+        if inside.ip not in subnet:
+            raise NatNodeError(f"NatNodeConfig.inside_address: {self.inside_address} is not in inside_subnet {self.inside_subnet}")
+        pr = self.port_range
+        if (
+            not isinstance(pr, tuple)
+            or len(pr) != 2
+            or not all(isinstance(p, int) and not isinstance(p, bool) for p in pr)
+            or not 1 <= pr[0] <= pr[1] <= 65535
+        ):
+            raise NatNodeError(f"NatNodeConfig.port_range: {pr!r} is not a (low, high) pair with 1 <= low <= high <= 65535")
+        _check_mac("inside_mac", self.inside_mac)
+        _check_mac("outside_mac", self.outside_mac)
+        if (self.mgmt_if is None) != (self.mgmt_address is None):
+            raise NatNodeError("NatNodeConfig.mgmt_if/mgmt_address: give both or neither")
+        if self.mgmt_if is not None:
+            _check_ifname("mgmt_if", self.mgmt_if)
+            if self.mgmt_if in (self.inside_if, self.outside_if):
+                raise NatNodeError(f"NatNodeConfig.mgmt_if: {self.mgmt_if!r} is already the inside or outside interface")
+            _check_iface_address("mgmt_address", self.mgmt_address)
+
+    @property
+    def public_is_outside(self) -> bool:
+        """Whether the public address is the outside interface's own address."""
+        return str(ipaddress.IPv4Interface(self.outside_address).ip) == self.public_address
+
+
+def sysctls(cfg: NatNodeConfig) -> dict[str, int]:
+    """The namespace's sysctls of a NAT node, and why each is set.
+
+    Keys are slash-separated (sysctl accepts both) because an interface name
+    may contain a dot.
+    """
+    return {
+        # A router forwards.
+        "net/ipv4/ip_forward": 1,
+        # Reverse-path filtering would drop traffic of a node that shares its
+        # addresses with another node and receives it through a switch port
+        # that changed under it; nothing here needs it.
+        "net/ipv4/conf/all/rp_filter": 0,
+        "net/ipv4/conf/default/rp_filter": 0,
+        f"net/ipv4/conf/{cfg.inside_if}/rp_filter": 0,
+        f"net/ipv4/conf/{cfg.outside_if}/rp_filter": 0,
+        # Injected sessions carry no TCP window-tracking data: without this,
+        # a live bulk TCP flow moved onto the node is dropped as INVALID.
+        "net/netfilter/nf_conntrack_tcp_be_liberal": 1,
+        # Router solicitations and DAD are noise nobody asked for.
+        "net/ipv6/conf/all/disable_ipv6": 1,
+        "net/ipv6/conf/default/disable_ipv6": 1,
+    }
+
+
+def admission_rule(cfg: NatNodeConfig) -> str:
+    """The rule that drops packets which would create a new session.
+
+    An entry that is not yet confirmed is one this very packet has just
+    created; sessions injected with the conntrack tool are confirmed, so their
+    packets pass even when the kernel still calls them ``ct state new`` (a
+    UDP or ICMP session never answered yet).
+    """
+    return f'iifname "{cfg.inside_if}" ct status & confirmed == 0 counter drop'
+
+
+def ruleset(cfg: NatNodeConfig, *, admit: bool = True) -> str:
+    """The nftables script that (re)creates the node's ``natmig`` table."""
+    lo, hi = cfg.port_range
+    nat_to = f"{cfg.public_address}:{lo}-{hi}"
+    adm = "" if admit else f"\n    {admission_rule(cfg)}"
+    # `table ... {}` then `delete table` makes the script idempotent: it
+    # replaces a table left by an earlier run in one atomic transaction.
+    return f"""table ip {TABLE} {{}}
+delete table ip {TABLE}
+table ip {TABLE} {{
+  chain {ADMISSION_CHAIN} {{
+    type filter hook forward priority filter - 10; policy accept;{adm}
+  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname "{cfg.outside_if}" ip saddr {cfg.inside_subnet} meta l4proto {{ tcp, udp }} snat to {nat_to}
+    oifname "{cfg.outside_if}" ip saddr {cfg.inside_subnet} meta l4proto icmp snat to {nat_to}
+  }}
+}}
+"""
+
+
+def ensure_conntrack_capacity(entries: int) -> None:
+    """Raise the machine-wide conntrack limit to at least ``entries`` (never lowers it).
+
+    nf_conntrack_max is global (set from the root namespace only); raising it
+    is harmless for everyone else on the machine.  Benchmarks and tests call
+    this explicitly; the library never does it behind anyone's back.
+    """
+    current = int(open("/proc/sys/net/netfilter/nf_conntrack_max").read())
+    if current < entries:
+        netns.sysctl(None, "net.netfilter.nf_conntrack_max", entries)
+
+
+@dataclass
+class NatNode:
+    """Sets up, queries and tears down one NAT node described by a :class:`NatNodeConfig`."""
+
+    cfg: NatNodeConfig
+    run: Callable[..., object] = field(default=netns.run, repr=False)
+
+    @property
+    def name(self) -> str:
+        """The namespace of the node."""
+        return self.cfg.name
+
+    def create(self) -> None:
+        """Create the node's namespace (for standalone use; a testbed may create it instead)."""
+        netns.add(self.cfg.name)
+
+    def configure(self) -> None:
+        """Configure a namespace whose inside and outside interfaces are already in it.
+
+        Sets addresses, MACs and link state, the sysctls of :func:`sysctls`,
+        and loads the nftables ruleset with new sessions admitted.
+        """
+        c = self.cfg
+        ns = c.name
+        if not netns.exists(ns):
+            raise NatNodeError(f"NAT node {ns}: namespace does not exist (create() it or let the testbed make it)")
+        for field_name in ("inside_if", "outside_if", "mgmt_if"):
+            ifname = getattr(c, field_name)
+            if ifname is not None and not netns.link_exists(ifname, ns):
+                raise NatNodeError(f"NAT node {ns}: {field_name} {ifname!r} is not an interface of the namespace")
+        # IPv6 goes first so that the interfaces never send router solicitations.
+        steps: list[list[str]] = [["sysctl", "-q", "-w", *(f"{k}={v}" for k, v in sysctls(c).items())]]
+        for ifname, mac in ((c.inside_if, c.inside_mac), (c.outside_if, c.outside_mac)):
+            if mac is not None:
+                steps.append(["ip", "link", "set", "dev", ifname, "address", mac])
+        steps += [
+            ["ip", "link", "set", "lo", "up"],
+            ["ip", "addr", "replace", c.inside_address, "dev", c.inside_if],
+            ["ip", "addr", "replace", c.outside_address, "dev", c.outside_if],
+        ]
+        if not c.public_is_outside:
+            steps.append(["ip", "addr", "replace", f"{c.public_address}/32", "dev", c.outside_if])
+        if c.mgmt_if is not None:
+            steps.append(["ip", "addr", "replace", str(c.mgmt_address), "dev", c.mgmt_if])
+            steps.append(["ip", "link", "set", c.mgmt_if, "up"])
+        steps += [
+            ["ip", "link", "set", c.inside_if, "up"],
+            ["ip", "link", "set", c.outside_if, "up"],
+        ]
+        for cmd in steps:
+            self._run(cmd)
+        self._run(["nft", "-f", "-"], input=ruleset(c))
+
+    def unconfigure(self) -> None:
+        """Remove the node's nftables table (the namespace stays)."""
+        self._run(["nft", "delete", "table", "ip", TABLE], check=False)
+
+    def destroy(self) -> None:
+        """Delete the node's namespace and everything in it (idempotent)."""
+        netns.delete(self.cfg.name)
+
+    def set_admission(self, admit: bool) -> None:
+        """Admit (True) or drop (False) packets from the inside that would create a new session."""
+        script = f"flush chain ip {TABLE} {ADMISSION_CHAIN}\n"
+        if not admit:
+            script += f"add rule ip {TABLE} {ADMISSION_CHAIN} {admission_rule(self.cfg)}\n"
+        # One nft transaction: there is no instant without the chain's rule
+        # when switching it off, nor two copies of it.
+        self._run(["nft", "-f", "-"], input=script)
+
+    def admission(self) -> bool:
+        """Whether new sessions are admitted, as read from the kernel's ruleset."""
+        out = self._run(["nft", "list", "chain", "ip", TABLE, ADMISSION_CHAIN]).stdout
+        return " drop" not in out
+
+    def owned_addresses(self) -> set[str]:
+        """The IPv4 addresses configured on the outside interface (what the node can translate to)."""
+        out = self._run(["ip", "-o", "-4", "addr", "show", "dev", self.cfg.outside_if]).stdout
+        return {tok.split("/")[0] for line in out.splitlines() for i, tok in enumerate(line.split()) if i > 0 and line.split()[i - 1] == "inet"}
+
+    def _run(self, cmd: list[str], **kw: object):
+        try:
+            return self.run(cmd, self.cfg.name, **kw)
+        except netns.CommandError as e:
+            raise NatNodeError(f"NAT node {self.cfg.name}: {e}") from e
