@@ -228,7 +228,7 @@ class Codec:
             bad: set[str] = set()
             values = self._leaves_xml(sess, errors, bad)
             if self._check_keys(values, errors, bad):
-                session = self.complete(values, errors)
+                session = self.complete(values, errors, bad)
         errors.raise_if_any()
         assert session is not None and kind is not None
         return kind, session
@@ -268,15 +268,16 @@ class Codec:
                 ok = False
         return ok and not bad & self._key_set
 
-    def complete(self, values: dict[str, Any], errors: _Errors | None = None) -> NatSession | None:
+    def complete(self, values: dict[str, Any], errors: _Errors | None = None, bad: Iterable[str] = ()) -> NatSession | None:
         """Apply defaults and `when`, check mandatory leaves; a full NatSession or None.
 
+        ``bad`` names leaves already refused (reported, so not "missing").
         With ``errors`` None a problem raises :class:`CodecError` at once.
         """
         own = errors if errors is not None else _Errors(DEFAULT_ERROR_LIMIT)
-        ok = True
+        ok = not bad
         for m in self._mandatory:
-            if m not in values:
+            if m not in values and m not in bad:
                 own.add(self._path(values), m, "missing mandatory leaf", "missing-element")
                 ok = False
         row = dict(self._defaults)
@@ -400,7 +401,7 @@ class Codec:
                     bad: set[str] = set()
                     values = self._leaves_xml(entry, errors, bad)
                     if self._check_keys(values, errors, bad):
-                        s = self.complete(values, errors)
+                        s = self.complete(values, errors, bad)
                         if s is not None:
                             append(s)
                     continue
@@ -517,7 +518,7 @@ class Codec:
             for leaf, msg, tag in problems:
                 errors.add(self._path({**raw, **values}), leaf, msg, tag)
             if self._check_keys(values, errors, bad):
-                s = self.complete(values, errors)
+                s = self.complete(values, errors, bad)
                 if s is not None:
                     out.append(s)
         self._check_unique(out, errors)

@@ -1,0 +1,67 @@
+"""Helpers shared by the benchmarks: synthetic tables, medians, peak RSS, tables of figures."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from typing import Callable, Iterable
+
+from natmig.model import NatSession
+
+
+def synthetic_table(n: int, public: str = "203.0.113.1") -> list[NatSession]:
+    """n distinct sessions shaped like a busy NAT: 250 clients, many servers, one public address.
+
+    Public ports are unique per protocol (as a NAT's would be) over 1024..65535.
+    """
+    out = []
+    for i in range(n):
+        proto = "UDP" if i % 3 == 0 else "TCP"
+        out.append(
+            NatSession(
+                protocol=proto,
+                src_address=f"10.0.0.{2 + i % 250}",
+                src_port=1024 + (i // 250) % 64000,
+                dst_address=f"198.51.100.{1 + (i // 16000) % 254}",
+                dst_port=80 + i % 7,
+                translated_address=public,
+                translated_port=1024 + (i // 2) % 64512 if proto == "TCP" else 1024 + i // 3 % 64512,
+                tcp_state="ESTABLISHED" if proto == "TCP" else None,
+                timeout=100 + i % 3000,
+                assured=bool(i % 2),
+            )
+        )
+    return out
+
+
+def median_time(fn: Callable[[], object], runs: int = 3) -> float:
+    """Median wall time of ``runs`` calls, in seconds."""
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def print_table(title: str, header: Iterable[str], rows: Iterable[Iterable[object]]) -> None:
+    """Print a fixed-width table."""
+    header = list(header)
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def verdict(value: float, target: float) -> str:
+    """'ok' when value <= target, else 'OVER'."""
+    return "ok" if value <= target else "OVER"

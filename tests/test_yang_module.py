@@ -1,0 +1,74 @@
+"""The module itself: it lints, libyang accepts it, the README's tree is its tree,
+and the committed bindings are what pyangbind makes of it today."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyangbind
+
+from natmig.model import FIELD_NAMES
+from natmig.schema import MODULE_PATH, load_schema
+
+ROOT = Path(__file__).resolve().parent.parent
+PYANG = str(Path(sys.executable).with_name("pyang"))
+
+
+def test_pyang_lint_reports_nothing() -> None:
+    cp = subprocess.run([PYANG, "--lint", str(MODULE_PATH)], capture_output=True, text=True)
+    assert cp.returncode == 0 and cp.stdout + cp.stderr == "", cp.stdout + cp.stderr
+
+
+def test_yanglint_accepts_module() -> None:
+    cp = subprocess.run(["yanglint", str(MODULE_PATH)], capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+
+
+def test_readme_tree_diagram_matches_module() -> None:
+    tree = subprocess.run([PYANG, "-f", "tree", str(MODULE_PATH)], capture_output=True, text=True, check=True).stdout
+    readme = (ROOT / "README.md").read_text()
+    m = re.search(r"<!-- tree:begin -->\n```\n(.*?)```\n<!-- tree:end -->", readme, re.S)
+    assert m, "README.md has no tree diagram between <!-- tree:begin --> and <!-- tree:end -->"
+    assert m.group(1).strip() == tree.strip(), "README tree diagram is stale: paste `make tree` output"
+
+
+def test_bindings_are_up_to_date(tmp_path: Path) -> None:
+    out = tmp_path / "nat_session.py"
+    plugin = Path(pyangbind.__file__).parent / "plugin"
+    subprocess.run(
+        [PYANG, "--plugindir", str(plugin), "-f", "pybind", "-o", str(out), str(MODULE_PATH)],
+        check=True, capture_output=True, env={**os.environ},
+    )
+    committed = ROOT / "bindings" / "nat_session.py"
+    assert filecmp.cmp(out, committed, shallow=False), "bindings/ is out of date with yang/: run `make bindings`"
+
+
+def test_schema_and_record_agree() -> None:
+    schema = load_schema()
+    assert tuple(s.name for s in schema.leaves) == FIELD_NAMES
+    assert schema.keys == ("protocol", "src_address", "src_port", "dst_address", "dst_port")
+    assert schema.revision and schema.namespace == "urn:natmig:yang:nat-session"
+    # The slide's leaves are all there under their original names.
+    for name in ("protocol", "src_address", "src_port", "translated_address", "translated_port"):
+        assert name in FIELD_NAMES
+
+
+def test_schema_follows_the_module(tmp_path: Path) -> None:
+    # Narrow a range in a copy of the module: the compiled validator must follow.
+    text = MODULE_PATH.read_text().replace('range "0..65535";', 'range "1024..65535";')
+    assert 'range "1024..65535";' in text
+    copy = tmp_path / "nat-session.yang"
+    copy.write_text(text)
+    spec = load_schema(str(copy)).leaf["src_port"]
+    assert spec.parse("1024") == 1024
+    try:
+        spec.parse("80")
+    except ValueError as e:
+        assert "80 is not in range 1024..65535" in str(e)
+    else:
+        raise AssertionError("narrowed range not enforced")
