@@ -1,0 +1,72 @@
+"""The OpenFlow graph of a testbed, computed without touching a switch.
+
+Each data network is one broadcast domain made of its hosts' switch ports
+and the matching leg of the active NAT node; a frame entering one member is
+output to every other member (a hub: no learning state that could go stale
+when the NAT changes).  The idle NAT node's ports are in no domain, so the
+switch drops what it sends and sends it nothing.  Moving traffic to another
+NAT node is replacing this table with the one planned for that node, in one
+OpenFlow bundle (see :meth:`natmig.testbed.ovs.Ovs.replace_flows`).
+"""
+
+from __future__ import annotations
+
+import re
+
+from .topology import NETWORKS, Topology
+
+#: Marks every flow natmig installs, so a dump shows whose flows they are.
+COOKIE = 0x6E6D
+_PRIORITY = 100
+
+
+def port_names(topo: Topology) -> dict[str, int]:
+    """Switch port name -> OpenFlow port number, fixed by the topology's order.
+
+    Hosts get 1, 2, ...; NAT node ``i`` (from 0) gets ``100 + 2i`` for its
+    inside leg ``<nat>-in`` and ``101 + 2i`` for its public leg ``<nat>-out``.
+    Fixed numbers make flows readable and the same on every run.
+    """
+    ports = {h: i + 1 for i, h in enumerate(topo.hosts)}
+    for i, nat in enumerate(topo.nats):
+        ports[nat_port(nat, "inside")] = 100 + 2 * i
+        ports[nat_port(nat, "public")] = 101 + 2 * i
+    return ports
+
+
+def nat_port(nat: str, network: str) -> str:
+    """The switch port of ``nat``'s leg on ``network``."""
+    return f"{nat}-{'in' if network == 'inside' else 'out'}"
+
+
+def plan(topo: Topology, active: str) -> str:
+    """The whole flow table (ovs-ofctl flow syntax, one flow a line) steering through ``active``."""
+    if active not in topo.nats:
+        raise ValueError(f"{active!r} is not a NAT node of topology {topo.name} (one of: {', '.join(topo.nats)})")
+    ports = port_names(topo)
+    lines = []
+    for network in NETWORKS:
+        members = [ports[h.name] for h in topo.hosts_on(network)] + [ports[nat_port(active, network)]]
+        for p in members:
+            out = ",".join(f"output:{q}" for q in members if q != p)
+            lines.append(f"cookie={COOKIE:#x},priority={_PRIORITY},in_port={p},actions={out}")
+    # Explicit, although secure fail mode already drops on a miss: the dump
+    # then says so, and the idle NAT's own packets are visibly counted.
+    lines.append(f"cookie={COOKIE:#x},priority=0,actions=drop")
+    return "\n".join(lines) + "\n"
+
+
+def nats_in_flows(topo: Topology, flows: list[str]) -> set[str]:
+    """The NAT nodes whose ports appear in a dumped flow table (in a match or an output)."""
+    by_number = {n: name for name, n in port_names(topo).items()}
+    used: set[int] = set()
+    for line in flows:
+        for m in re.finditer(r"in_port=(\d+)|output:(\d+)", line):
+            used.add(int(m.group(1) or m.group(2)))
+    nats = set()
+    for number in used:
+        port = by_number.get(number, "")
+        for nat in topo.nats:
+            if port in (nat_port(nat, "inside"), nat_port(nat, "public")):
+                nats.add(nat)
+    return nats
