@@ -1,0 +1,334 @@
+"""The inventory: where the agents and the switch are, read from a TOML or YAML file.
+
+Example (TOML; the YAML form has the same structure)::
+
+    [agents.nat1]
+    host = "192.0.2.11"          # management address of the agent
+    port = 830
+    username = "natmig"
+    password_file = "/etc/natmig/nat1.pw"   # or password = "...", or key = "/path/id_ed25519"
+    known_hosts = "/etc/natmig/known_hosts" # host keys are always checked
+    public_address = "203.0.113.1"          # optional: checked in preflight
+
+    [agents.nat2]
+    host = "192.0.2.12"
+    # ... same fields
+
+    [switch]
+    bridge = "br0"
+    ovs_rundir = "/run/natmig-ovs"  # OVS_RUNDIR of the daemons owning the bridge
+    client_port = 1
+    server_port = 2
+    [switch.nats.nat1]
+    inside = 3
+    outside = 4
+    [switch.nats.nat2]
+    inside = 5
+    outside = 6
+
+    [migration]
+    source = "nat1"
+    target = "nat2"
+    retire = "delete"               # delete | keep | stop
+
+Every field is checked on load; an error names the file and the dotted
+field (``agents.nat2.port: 'x' is not an integer``).  Command-line overrides
+are ``PATH=VALUE`` strings applied before the check (``agents.nat2.host=192.0.2.22``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from ..errors import ControllerError
+from .plan import NatPorts, SwitchLayout
+
+
+class InventoryError(ControllerError):
+    """The inventory is missing, unreadable, or has a bad field (named in the message)."""
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """How to reach one NAT node's agent."""
+
+    name: str
+    host: str
+    port: int = 830
+    username: str = "natmig"
+    password: str | None = None
+    password_file: str | None = None
+    key: str | None = None
+    known_hosts: str | None = None
+    public_address: str | None = None
+    stop_command: list[str] | None = None
+
+    def secret(self) -> str | None:
+        """The password (read from ``password_file`` when that is given)."""
+        if self.password is not None:
+            return self.password
+        if self.password_file is None:
+            return None
+        try:
+            return Path(self.password_file).read_text().strip()
+        except OSError as e:
+            raise InventoryError(f"agents.{self.name}.password_file: cannot read {self.password_file}: {e}") from e
+
+
+@dataclass(frozen=True)
+class SwitchSpec:
+    """The Open vSwitch bridge and how the hosts and NATs attach to it."""
+
+    layout: SwitchLayout
+    ovs_rundir: str | None = None
+    netns: str | None = None
+
+
+@dataclass(frozen=True)
+class Inventory:
+    """Agents by name, the switch, and the default source/target/retire of a migration."""
+
+    agents: dict[str, AgentSpec]
+    switch: SwitchSpec | None = None
+    source: str | None = None
+    target: str | None = None
+    retire: str = "delete"
+    path: str = "<inventory>"
+
+    def agent(self, name: str, role: str) -> AgentSpec:
+        """An agent by name; the error says which role wanted it and which exist."""
+        try:
+            return self.agents[name]
+        except KeyError:
+            raise InventoryError(f"{self.path}: {role} {name!r} is not an agent of the inventory (agents: {', '.join(sorted(self.agents)) or 'none'})") from None
+
+
+# ----------------------------------------------------------------- checks
+
+
+def _int(lo: int, hi: int) -> Callable[[str, Any], int]:
+    def check(where: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise InventoryError(f"{where}: {v!r} is not an integer")
+        if not lo <= v <= hi:
+            raise InventoryError(f"{where}: {v} is out of range {lo}..{hi}")
+        return v
+    return check
+
+
+def _str(where: str, v: Any) -> str:
+    if not isinstance(v, str) or not v:
+        raise InventoryError(f"{where}: {v!r} is not a non-empty string")
+    return v
+
+
+def _ip(where: str, v: Any) -> str:
+    _str(where, v)
+    try:
+        ipaddress.ip_address(v)
+    except ValueError:
+        raise InventoryError(f"{where}: {v!r} is not an IP address") from None
+    return v
+
+
+def _host(where: str, v: Any) -> str:
+    # A host is an IP address or a name; names are resolved by SSH.
+    return _str(where, v)
+
+
+def _argv(where: str, v: Any) -> list[str]:
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+        raise InventoryError(f"{where}: {v!r} is not a command as a list of strings")
+    return list(v)
+
+
+def _retire(where: str, v: Any) -> str:
+    modes = ("delete", "keep", "stop")
+    if v not in modes:
+        raise InventoryError(f"{where}: {v!r} is not one of {', '.join(modes)}")
+    return v
+
+
+#: Fields of an agent: (checker, required).
+AGENT_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
+    "host": (_host, True),
+    "port": (_int(1, 65535), False),
+    "username": (_str, False),
+    "password": (_str, False),
+    "password_file": (_str, False),
+    "key": (_str, False),
+    "known_hosts": (_str, False),
+    "public_address": (_ip, False),
+    "stop_command": (_argv, False),
+}
+SWITCH_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
+    "bridge": (_str, True),
+    "ovs_rundir": (_str, False),
+    "netns": (_str, False),
+    "client_port": (_int(1, 65279), True),
+    "server_port": (_int(1, 65279), True),
+    "priority": (_int(1, 65535), False),
+}
+PORT_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
+    "inside": (_int(1, 65279), True),
+    "outside": (_int(1, 65279), True),
+}
+MIGRATION_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
+    "source": (_str, False),
+    "target": (_str, False),
+    "retire": (_retire, False),
+}
+TOP_LEVEL = ("agents", "switch", "migration")
+
+
+def _fields(where: str, table: Any, spec: Mapping[str, tuple[Callable[[str, Any], Any], bool]], allow: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise InventoryError(f"{where}: expected a table of fields, got {type(table).__name__}")
+    unknown = sorted(set(table) - set(spec) - set(allow))
+    if unknown:
+        raise InventoryError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(spec))})")
+    out: dict[str, Any] = {}
+    for name, (check, required) in spec.items():
+        if name not in table:
+            if required:
+                raise InventoryError(f"{where}.{name}: missing (required)")
+            continue
+        out[name] = check(f"{where}.{name}", table[name])
+    return out
+
+
+def parse(data: Any, path: str = "<inventory>") -> Inventory:
+    """Check a loaded inventory document and build an :class:`Inventory`."""
+    if not isinstance(data, dict):
+        raise InventoryError(f"{path}: the document must be a table/mapping at the top level")
+    unknown = sorted(set(data) - set(TOP_LEVEL))
+    if unknown:
+        raise InventoryError(f"{path}: {unknown[0]}: unknown section (known: {', '.join(TOP_LEVEL)})")
+    agents_raw = data.get("agents")
+    if not isinstance(agents_raw, dict) or not agents_raw:
+        raise InventoryError(f"{path}: agents: missing or empty (one table per agent, e.g. [agents.nat1])")
+    agents = {}
+    for name, table in agents_raw.items():
+        f = _fields(f"{path}: agents.{name}", table, AGENT_FIELDS)
+        if "password" not in f and "password_file" not in f and "key" not in f:
+            raise InventoryError(f"{path}: agents.{name}: give password, password_file or key")
+        agents[name] = AgentSpec(name=str(name), **f)
+    switch = None
+    if "switch" in data:
+        raw = data["switch"]
+        f = _fields(f"{path}: switch", raw, SWITCH_FIELDS, allow=("nats",))
+        nats_raw = raw.get("nats")
+        if not isinstance(nats_raw, dict) or not nats_raw:
+            raise InventoryError(f"{path}: switch.nats: missing or empty (one table per NAT, e.g. [switch.nats.nat1])")
+        nats = {n: NatPorts(**_fields(f"{path}: switch.nats.{n}", t, PORT_FIELDS)) for n, t in nats_raw.items()}
+        layout = SwitchLayout(f["bridge"], f["client_port"], f["server_port"], nats, f.get("priority", 100))
+        switch = SwitchSpec(layout, f.get("ovs_rundir"), f.get("netns"))
+    mig = _fields(f"{path}: migration", data.get("migration", {}), MIGRATION_FIELDS)
+    inv = Inventory(agents, switch, mig.get("source"), mig.get("target"), mig.get("retire", "delete"), path)
+    for role in ("source", "target"):
+        name = getattr(inv, role)
+        if name is not None:
+            inv.agent(name, f"migration.{role}")
+    if switch is not None:
+        for name in agents:
+            if name not in switch.layout.nats:
+                raise InventoryError(f"{path}: switch.nats.{name}: missing; agent {name} has no ports on the bridge")
+    return inv
+
+
+def _convert(text: str) -> Any:
+    """A command-line override's value: int, bool, or string (a YAML scalar, so lists work too)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``PATH=VALUE`` overrides (dotted path) to a loaded document, creating tables as needed."""
+    for item in overrides:
+        if "=" not in item:
+            raise InventoryError(f"override {item!r}: expected PATH=VALUE, e.g. agents.nat2.host=192.0.2.12")
+        path, value = item.split("=", 1)
+        parts = [p for p in path.strip().split(".") if p]
+        if not parts:
+            raise InventoryError(f"override {item!r}: empty path")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise InventoryError(f"override {item!r}: {p} is not a table")
+            node = nxt
+        node[parts[-1]] = _convert(value)
+    return data
+
+
+def load_document(path: str | Path) -> dict[str, Any]:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) file into a plain dict."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise InventoryError(f"inventory {p}: cannot read: {e}") from e
+    try:
+        if p.suffix == ".toml":
+            return tomllib.loads(text)
+        if p.suffix in (".yaml", ".yml"):
+            return yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        raise InventoryError(f"inventory {p}: not valid {p.suffix[1:].upper()}: {e}") from e
+    raise InventoryError(f"inventory {p}: unknown format {p.suffix!r}; use .toml, .yaml or .yml")
+
+
+def load(path: str | Path | None, overrides: list[str] | None = None) -> Inventory:
+    """Load, override and check an inventory (``path`` None: from overrides alone)."""
+    data = load_document(path) if path is not None else {}
+    apply_overrides(data, list(overrides or []))
+    return parse(data, str(path) if path is not None else "<command line>")
+
+
+def dump_toml(inv_doc: Mapping[str, Any]) -> str:
+    """Write a plain inventory document as TOML (tables of scalars and lists of strings only)."""
+    lines: list[str] = []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    def table(prefix: str, t: Mapping[str, Any]) -> None:
+        plain = {k: v for k, v in t.items() if not isinstance(v, dict)}
+        subs = {k: v for k, v in t.items() if isinstance(v, dict)}
+        if plain and prefix:
+            lines.append(f"[{prefix}]")
+        for k, v in plain.items():
+            lines.append(f"{k} = {scalar(v)}")
+        if plain:
+            lines.append("")
+        for k, v in subs.items():
+            table(f"{prefix}.{k}" if prefix else k, v)
+
+    table("", inv_doc)
+    return "\n".join(lines)
+
+
+@dataclass
+class Overrides:
+    """Convenience command-line options turned into ``PATH=VALUE`` overrides."""
+
+    items: list[str] = field(default_factory=list)
+
+    def add(self, path: str, value: Any) -> None:
+        """Add one override when ``value`` is not None."""
+        if value is not None:
+            self.items.append(f"{path}={value}")

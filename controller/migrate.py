@@ -1,0 +1,456 @@
+"""The migration: move a NAT's live sessions from a source agent to a target agent.
+
+Phases (each timed with :func:`time.perf_counter`, see :mod:`.report`):
+
+``preflight``
+    Open NETCONF sessions to both agents (host keys checked), check they
+    announce the same nat-session revision, read the target's table and the
+    switch's active NAT.
+``copy``
+    Subscribe to the source's ``nat-session-event`` notifications first, then
+    get-config the source, plan (the target must be idle or compatible), and
+    edit-config the snapshot into the target's candidate and commit it.
+``catch-up``
+    Close admission on the target (a packet of an unknown session must never
+    create a mapping there) and on the source (it stops creating sessions;
+    established ones keep flowing through it), wait until the source's event
+    stream is quiet, and write what the events changed since the snapshot
+    into the target.  From here until the switch the source's table cannot
+    grow, so the target holds every session the source has.
+``switch``
+    One atomic OpenFlow bundle moves both directions to the target.
+``verify``
+    Read both tables (the source is frozen and carries no traffic, so its
+    table is the table at the switch); every source session must be on the
+    target with the same public address and port.  A session an event did
+    not bring (a late notification) is written now, before the target
+    admits new sessions, so it can never be re-mapped.
+``admit``
+    Open admission on the target.
+``retire``
+    Remove the source's sessions and reopen its admission (``delete``),
+    only reopen it (``keep``), or stop the node (``stop``).
+
+Why the source is frozen before the switch: a session created on the source
+after the copy and reaching the target before its state would get a new
+mapping on the target (or, for a reply from outside, a reset from the
+target's own stack).  Freezing the source makes its table final before
+traffic moves, so no such session exists; the price is that a brand-new
+connection attempted during the catch-up has its first packet dropped and
+retransmitted (TCP), never an existing flow.
+
+Failure handling: before the switch, traffic stays on the source, the
+sessions this migration added to the target are removed and both
+admissions are restored.  After the switch, when catch-up or verification
+fails, traffic is pointed back to the source (which still holds every
+session: nothing is retired before verification) and the target is cleaned
+up the same way.  The report names the failed phase and each NAT's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+from ..errors import ControllerError, NatmigError
+from ..model import NatSession, SessionKey
+from .plan import CatchUp, CopyPlan, compare, plan_copy
+from .report import MigrationReport, PhaseClock, PhaseTiming
+from .steering import Steering
+
+log = logging.getLogger(__name__)
+
+WRITABLE_RUNNING = "urn:ietf:params:netconf:capability:writable-running:1.0"
+RETIRE_MODES = ("delete", "keep", "stop")
+
+
+class MigrationError(ControllerError):
+    """A migration failed; ``report`` says which phase and where each NAT was left."""
+
+    def __init__(self, report: MigrationReport) -> None:
+        self.report = report
+        states = "; ".join(f"{n}: {s}" for n, s in report.node_state.items())
+        super().__init__(
+            f"migration {report.source} -> {report.target} failed in phase {report.failed_phase}: {report.error}. "
+            f"Traffic on {report.traffic_on}. {states}"
+        )
+
+
+class Node(Protocol):
+    """What the migration needs of a NAT node's NETCONF client (see controller.netconf.NodeClient)."""
+
+    name: str
+
+    @property
+    def capabilities(self) -> list[str]: ...
+    def module_revision(self, module: str | None = None) -> str | None: ...
+    def get_sessions(self, source: str = "running") -> list[NatSession]: ...
+    def edit_sessions(self, sessions: Iterable[NatSession], target: str = "candidate", operation: str | None = "merge") -> None: ...
+    def delete_sessions(self, keys: Iterable[SessionKey] | None = None, target: str = "candidate") -> None: ...
+    def set_admission(self, admit: bool, target: str = "running") -> None: ...
+    def get_admission(self, source: str = "running") -> bool: ...
+    def commit(self) -> None: ...
+    def discard(self) -> None: ...
+    def subscribe(self) -> Any: ...
+    def close(self) -> None: ...
+
+
+@dataclass
+class Endpoint:
+    """A named NAT node and how to open a NETCONF session to it.
+
+    ``open`` returns a new :class:`Node` session each call (the migration opens
+    two to the source: one for RPCs, one for notifications).  ``public``: the
+    addresses the node owns, when known (checked against the source's
+    translated addresses).  ``stop``: how to stop the node (retire=stop).
+    """
+
+    name: str
+    open: Callable[[], Node]
+    public: set[str] | None = None
+    stop: Callable[[], None] | None = None
+
+
+@dataclass
+class MigrateOptions:
+    """Knobs of a migration.
+
+    ``copy_state`` False skips copy, catch-up and verify: the negative
+    control, in which live flows must break.  ``settle``: how long the
+    source's event stream must stay quiet after the freeze (seconds);
+    ``settle_max`` bounds that wait.  ``retire``: one of :data:`RETIRE_MODES`.
+    """
+
+    copy_state: bool = True
+    retire: str = "delete"
+    settle: float = 0.02
+    settle_max: float = 1.0
+    freeze_source: bool = True
+
+    def __post_init__(self) -> None:
+        if self.retire not in RETIRE_MODES:
+            raise ControllerError(f"retire: {self.retire!r} is not one of {', '.join(RETIRE_MODES)}")
+        if not 0 <= self.settle <= self.settle_max:
+            raise ControllerError(f"settle: need 0 <= settle ({self.settle}) <= settle_max ({self.settle_max})")
+
+
+@dataclass
+class _State:
+    """What has been changed so far: what a rollback must undo."""
+
+    target_candidate_dirty: bool = False
+    added: list[SessionKey] = field(default_factory=list)
+    target_admission: bool | None = None  # the value before we changed it
+    source_admission: bool | None = None
+    switched: bool = False
+
+
+class Migration:
+    """One migration of ``source`` to ``target`` through ``steering``; call :meth:`run`."""
+
+    def __init__(
+        self,
+        source: Endpoint,
+        target: Endpoint,
+        steering: Steering,
+        options: MigrateOptions | None = None,
+        on_phase: Callable[[PhaseTiming], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.steering = steering
+        self.opt = options or MigrateOptions()
+        self.report = MigrationReport(source.name, target.name)
+        self.clock = PhaseClock(self.report, on_phase)
+        self._src: Node | None = None
+        self._events_node: Node | None = None
+        self._tgt: Node | None = None
+        self._sub: Any = None
+        self._st = _State()
+        self._snapshot: list[NatSession] = []
+        self._target_before: list[NatSession] = []
+        self._plan: CopyPlan | None = None
+        self._catch = CatchUp()
+
+    # --------------------------------------------------------------- driver
+
+    def run(self) -> MigrationReport:
+        """Run every phase; on failure roll back as the module docstring says.
+
+        Returns the report; ``report.ok`` tells success.  Step failures never
+        raise out of here (see :func:`migrate` for the raising form).
+        """
+        phases: list[tuple[str, Callable[[Any], None]]] = [("preflight", self._preflight)]
+        if self.opt.copy_state:
+            phases += [("copy", self._copy), ("catch-up", self._catch_up)]
+        phases += [("switch", self._switch)]
+        if self.opt.copy_state:
+            phases += [("verify", self._verify)]
+        phases += [("admit", self._admit), ("retire", self._retire)]
+        try:
+            for name, fn in phases:
+                with self.clock.phase(name) as ph:
+                    fn(ph)
+            self.report.ok = True
+        except (NatmigError, OSError, TimeoutError) as e:
+            self.report.error = str(e)
+            log.warning("migration failed in %s: %s", self.report.failed_phase, e)
+            self._recover()
+        except BaseException as e:  # Ctrl-C or a bug: still leave traffic where it works
+            self.report.error = f"{type(e).__name__}: {e}"
+            self._recover()
+            raise
+        finally:
+            self._close()
+        if self.report.ok:
+            self._describe_success()
+        return self.report
+
+    # --------------------------------------------------------------- phases
+
+    def _preflight(self, ph: Any) -> None:
+        with ph.step("connect"):
+            # Both in parallel: each is an SSH handshake of ~50-100 ms.
+            with ThreadPoolExecutor(2) as pool:
+                fs = pool.submit(self.source.open)
+                ft = pool.submit(self.target.open)
+                errors = []
+                for label, f in (("source", fs), ("target", ft)):
+                    try:
+                        node = f.result()
+                    except NatmigError as e:
+                        errors.append(f"{label} {getattr(self, label).name}: {e}")
+                        continue
+                    setattr(self, "_src" if label == "source" else "_tgt", node)
+                if errors:
+                    raise ControllerError("agent not reachable: " + "; ".join(errors))
+        src, tgt = self._src, self._tgt
+        assert src is not None and tgt is not None
+        with ph.step("modules"):
+            rs, rt = src.module_revision(), tgt.module_revision()
+            if rs is None or rt is None:
+                missing = [n.name for n, r in ((self.source, rs), (self.target, rt)) if r is None]
+                raise ControllerError(f"agent(s) {', '.join(missing)} do not announce the nat-session module")
+            if rs != rt:
+                raise ControllerError(f"nat-session revisions differ: {self.source.name} has {rs}, {self.target.name} has {rt}")
+        with ph.step("target"):
+            self._target_before = tgt.get_sessions("running")
+            self._st.target_admission = tgt.get_admission()
+        if self.source.public is not None and self.target.public is not None and not self.source.public <= self.target.public:
+            raise ControllerError(
+                f"{self.target.name} does not own the public address(es) {', '.join(sorted(self.source.public - self.target.public))} of {self.source.name}"
+            )
+        with ph.step("switch"):
+            active = self.steering.active()
+        if active is not None and active != self.source.name:
+            raise ControllerError(f"traffic goes through {active}, not through the source {self.source.name}")
+        ph.note(f"revision {rs}; target holds {len(self._target_before)} sessions")
+
+    def _copy(self, ph: Any) -> None:
+        src, tgt = self._src, self._tgt
+        assert src is not None and tgt is not None
+        with ph.step("subscribe"):
+            # Subscribed before the snapshot, so no change after it is missed;
+            # an event older than the snapshot is harmless to re-apply.
+            self._events_node = self.source.open()
+            self._sub = self._events_node.subscribe()
+        with ph.step("get-config"):
+            self._snapshot = src.get_sessions("running")
+        with ph.step("plan"):
+            self._plan = plan_copy(self._snapshot, self._target_before, self.target.public)
+            self._st.added = self._plan.added_keys
+        with ph.step("edit-config"):
+            self._st.target_candidate_dirty = True
+            tgt.edit_sessions(self._plan.sessions, target="candidate", operation="merge")
+        with ph.step("commit"):
+            tgt.commit()
+            self._st.target_candidate_dirty = False
+        self.report.copied = len(self._plan.sessions)
+
+    def _catch_up(self, ph: Any) -> None:
+        src, tgt = self._src, self._tgt
+        assert src is not None and tgt is not None
+        with ph.step("hold-target"):
+            tgt.set_admission(False)
+        if self.opt.freeze_source:
+            with ph.step("freeze-source"):
+                self._st.source_admission = src.get_admission()
+                src.set_admission(False)
+        with ph.step("settle"):
+            self._catch.extend(self._sub.drain())
+            deadline = time.perf_counter() + self.opt.settle_max
+            while time.perf_counter() < deadline:
+                ev = self._sub.get(timeout=self.opt.settle)
+                if ev is None:
+                    break
+                self._catch.add(*ev)
+            else:
+                self.report.notes.append(f"source events did not settle within {self.opt.settle_max} s; verify will reconcile")
+        ups, dels = self._catch.take()
+        with ph.step("apply"):
+            self._write(tgt, ups, dels)
+        added = set(self._st.added)
+        self._st.added += [s.key for s in ups if s.key not in added and self._plan is not None and s.key not in self._plan.already]
+        self.report.events = self._catch.events
+        self.report.caught_up = len(ups)
+        self.report.caught_up_deleted = len(dels)
+
+    def _switch(self, ph: Any) -> None:
+        # Marked switched before the call: if the bundle fails half-way
+        # (it cannot: a bundle is atomic) recovery still points back.
+        self._st.switched = True
+        self.steering.point_to(self.target.name)
+        self.report.traffic_on = self.target.name
+
+    def _verify(self, ph: Any) -> None:
+        src, tgt = self._src, self._tgt
+        assert src is not None and tgt is not None
+        with ph.step("read-both"):
+            with ThreadPoolExecutor(2) as pool:
+                fs = pool.submit(src.get_sessions, "running")
+                ft = pool.submit(tgt.get_sessions, "running")
+                at_switch, on_target = fs.result(), ft.result()
+        # Late notifications after the settle are folded in too, for the count.
+        self.report.events += len(self._sub.drain()) if self._sub is not None else 0
+        verdict = compare(at_switch, on_target)
+        if verdict.missing and not verdict.remapped:
+            # The target still drops unknown sessions' packets, so a missing
+            # session has not been re-mapped yet: write it now.
+            with ph.step("reconcile"):
+                self._write(tgt, verdict.missing, [])
+                self._st.added += [s.key for s in verdict.missing]
+                self.report.reconciled = len(verdict.missing)
+                on_target = tgt.get_sessions("running")
+            verdict = compare(at_switch, on_target)
+        if not verdict.ok:
+            raise ControllerError(f"verification failed: {verdict.describe()}")
+        self.report.verified = verdict.checked
+        ph.note(verdict.describe())
+
+    def _admit(self, ph: Any) -> None:
+        tgt = self._tgt
+        assert tgt is not None
+        tgt.set_admission(True)
+        self._st.target_admission = None
+
+    def _retire(self, ph: Any) -> None:
+        src = self._src
+        assert src is not None
+        mode = self.opt.retire
+        if mode == "stop":
+            if self.source.stop is None:
+                raise ControllerError(f"retire=stop: no way to stop {self.source.name} is configured")
+            self.source.stop()
+            self._st.source_admission = None
+            return
+        if mode == "delete":
+            with ph.step("delete"):
+                before = len(self._snapshot) if self.opt.copy_state else len(src.get_sessions("running"))
+                self._delete(src, None)
+                self.report.retired = before
+        if self._st.source_admission is not None:
+            with ph.step("reopen"):
+                src.set_admission(self._st.source_admission)
+                self._st.source_admission = None
+
+    # -------------------------------------------------------------- helpers
+
+    @staticmethod
+    def _write(node: Node, ups: Sequence[NatSession], dels: Sequence[SessionKey]) -> None:
+        """Write and delete on the running datastore (candidate + commit when running is not writable)."""
+        if not ups and not dels:
+            return
+        direct = WRITABLE_RUNNING in node.capabilities
+        where = "running" if direct else "candidate"
+        if ups:
+            node.edit_sessions(ups, target=where, operation="merge")
+        if dels:
+            node.delete_sessions(dels, target=where)
+        if not direct:
+            node.commit()
+
+    @staticmethod
+    def _delete(node: Node, keys: Sequence[SessionKey] | None) -> None:
+        direct = WRITABLE_RUNNING in node.capabilities
+        node.delete_sessions(keys, target="running" if direct else "candidate")
+        if not direct:
+            node.commit()
+
+    def _recover(self) -> None:
+        """Put traffic where it works and undo what this migration changed (best effort, all recorded)."""
+        st, r = self._st, self.report
+        src_state: list[str] = []
+        tgt_state: list[str] = []
+        if st.switched:
+            try:
+                self.steering.point_to(self.source.name)
+                r.traffic_on = self.source.name
+                src_state.append("traffic pointed back to it")
+            except NatmigError as e:
+                r.traffic_on = self.target.name
+                src_state.append(f"could NOT point traffic back ({e})")
+        else:
+            r.traffic_on = self.source.name
+        src, tgt = self._src, self._tgt
+        if src is not None and st.source_admission is not None:
+            try:
+                src.set_admission(st.source_admission)
+                st.source_admission = None
+                src_state.append("admission restored")
+            except NatmigError as e:
+                src_state.append(f"admission could NOT be restored, new sessions are dropped ({e})")
+        if tgt is not None:
+            if st.target_candidate_dirty:
+                try:
+                    tgt.discard()
+                    tgt_state.append("candidate discarded")
+                except NatmigError as e:
+                    tgt_state.append(f"candidate could not be discarded ({e})")
+            if st.added and r.traffic_on == self.source.name:
+                try:
+                    self._delete(tgt, st.added)
+                    tgt_state.append(f"the {len(st.added)} sessions copied to it removed")
+                except NatmigError as e:
+                    tgt_state.append(f"the {len(st.added)} sessions copied to it may remain ({e})")
+            if st.target_admission is not None:
+                try:
+                    tgt.set_admission(st.target_admission)
+                    tgt_state.append("admission restored")
+                except NatmigError as e:
+                    tgt_state.append(f"admission could not be restored ({e})")
+        elif self.report.failed_phase != "preflight" or st.added:
+            tgt_state.append("unreachable")
+        r.node_state[self.source.name] = self._words(self.source.name, src_state, carries=r.traffic_on == self.source.name, unchanged_if_empty=True)
+        r.node_state[self.target.name] = self._words(self.target.name, tgt_state, carries=r.traffic_on == self.target.name, unchanged_if_empty=True)
+
+    @staticmethod
+    def _words(name: str, parts: list[str], carries: bool, unchanged_if_empty: bool) -> str:
+        head = "carries traffic" if carries else "carries no traffic"
+        body = ", ".join(parts) if parts else ("unchanged" if unchanged_if_empty else "")
+        return f"{head}; {body}"
+
+    def _describe_success(self) -> None:
+        r = self.report
+        r.traffic_on = self.target.name
+        retired = {"delete": f"retired: its {r.retired} sessions removed, admission reopened", "keep": "retired: sessions kept, admission reopened", "stop": "stopped"}[self.opt.retire]
+        r.node_state[self.source.name] = f"carries no traffic; {retired}"
+        r.node_state[self.target.name] = f"carries traffic; {r.verified} sessions verified, admits new sessions"
+
+    def _close(self) -> None:
+        for node in (self._events_node, self._src, self._tgt):
+            if node is not None:
+                try:
+                    node.close()
+                except Exception:  # closing a dead session must not hide the real outcome
+                    pass
+
+
+def migrate(source: Endpoint, target: Endpoint, steering: Steering, options: MigrateOptions | None = None, on_phase: Callable[[PhaseTiming], None] | None = None) -> MigrationReport:
+    """Run a migration; raise :class:`MigrationError` (carrying the report) when it fails."""
+    report = Migration(source, target, steering, options, on_phase).run()
+    if not report.ok:
+        raise MigrationError(report)
+    return report

@@ -1,0 +1,284 @@
+"""What a migration will do, decided before anything is touched (pure functions).
+
+The controller plans first and acts second (the faucet split): which
+sessions to copy, whether the target can take them, how the events seen
+during the copy change the target, which sessions the target still lacks
+after the switch, and which OpenFlow rules move traffic.  Nothing here does
+I/O, so every decision is unit-tested without root.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from ..errors import ControllerError
+from ..model import NatSession, SessionKey, format_key
+
+#: Event kinds as the NETCONF notification names them, and as a provider's
+#: watch names them; both spellings mean the same two things.
+EVENT_KINDS: Mapping[str, str] = {
+    "created": "created",
+    "new": "created",
+    "destroyed": "destroyed",
+    "destroy": "destroyed",
+}
+
+#: The leaves that make a session "the same session with the same mapping".
+MAPPING_FIELDS = ("translated_address", "translated_port")
+
+
+def mapping(s: NatSession) -> tuple[str, int]:
+    """The public side of a session: what must not change across a migration."""
+    return (s.translated_address, s.translated_port)
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A target session that stands in the way of a source session."""
+
+    key: SessionKey
+    why: str
+
+    def __str__(self) -> str:
+        return f"{format_key(self.key)}: {self.why}"
+
+
+@dataclass(frozen=True)
+class CopyPlan:
+    """The sessions to write into the target, and the target's own sessions left alone.
+
+    ``already`` are source sessions the target already holds with the same
+    mapping (a repeated migration); they are written again (harmless) but are
+    not removed on rollback, because they were there before.
+    """
+
+    sessions: list[NatSession]
+    already: frozenset[SessionKey]
+    target_before: int
+
+    @property
+    def added_keys(self) -> list[SessionKey]:
+        """Keys this migration adds to the target: what a rollback removes."""
+        return [s.key for s in self.sessions if s.key not in self.already]
+
+
+def public_addresses(sessions: Iterable[NatSession]) -> set[str]:
+    """Every translated address a table uses."""
+    return {s.translated_address for s in sessions}
+
+
+def plan_copy(
+    source: Sequence[NatSession],
+    target: Sequence[NatSession],
+    target_public: set[str] | None = None,
+) -> CopyPlan:
+    """Plan the copy of ``source`` into a target holding ``target``.
+
+    The target must be idle (no sessions) or compatible: none of its sessions
+    may hold a source key with another mapping, or a public endpoint that a
+    source session uses.  When ``target_public`` is known, every translated
+    address of the source must be one of them.  Raises :class:`PlanError`
+    listing every conflict.
+    """
+    conflicts: list[Conflict] = []
+    if target_public is not None:
+        foreign = sorted(public_addresses(source) - set(target_public))
+        for addr in foreign:
+            conflicts.append(Conflict(("*", addr, 0, "*", 0), f"source translates to {addr}, which the target does not own ({', '.join(sorted(target_public)) or 'none'})"))
+    by_key = {s.key: s for s in target}
+    by_public = {s.public: s.key for s in target}
+    already: set[SessionKey] = set()
+    for s in source:
+        t = by_key.get(s.key)
+        if t is not None:
+            if mapping(t) == mapping(s):
+                already.add(s.key)
+                continue
+            conflicts.append(Conflict(s.key, f"target maps it to {t.translated_address}:{t.translated_port}, source to {s.translated_address}:{s.translated_port}"))
+            continue
+        holder = by_public.get(s.public)
+        if holder is not None:
+            conflicts.append(Conflict(s.key, f"its public {s.protocol} {s.translated_address}:{s.translated_port} is held on the target by {format_key(holder)}"))
+    if conflicts:
+        raise PlanError(conflicts)
+    return CopyPlan(list(source), frozenset(already), len(target))
+
+
+@dataclass
+class CatchUp:
+    """The net effect of a stream of events on the target: sessions to write, keys to delete.
+
+    Events are folded per key, last one wins: a session created then
+    destroyed is deleted, destroyed then created (a new session on a reused
+    5-tuple) is written.  Writing a session the snapshot already had is
+    harmless (create-or-replace with the same values).
+    """
+
+    upserts: dict[SessionKey, NatSession] = field(default_factory=dict)
+    deletes: set[SessionKey] = field(default_factory=set)
+    events: int = 0
+
+    def add(self, kind: str, session: NatSession) -> None:
+        """Fold one event in; ``kind`` is created/destroyed (or new/destroy)."""
+        what = EVENT_KINDS.get(kind)
+        if what is None:
+            raise PlanError([Conflict(session.key, f"unknown event kind {kind!r}; expected one of {', '.join(sorted(EVENT_KINDS))}")])
+        self.events += 1
+        k = session.key
+        if what == "created":
+            self.deletes.discard(k)
+            self.upserts[k] = session
+        else:
+            self.upserts.pop(k, None)
+            self.deletes.add(k)
+
+    def extend(self, events: Iterable[tuple[str, NatSession]]) -> "CatchUp":
+        """Fold many events in, in order; returns self."""
+        for kind, s in events:
+            self.add(kind, s)
+        return self
+
+    def take(self) -> tuple[list[NatSession], list[SessionKey]]:
+        """The pending writes and deletes, leaving this empty for the next round."""
+        ups, dels = list(self.upserts.values()), sorted(self.deletes, key=_sort_key)
+        self.upserts.clear()
+        self.deletes.clear()
+        return ups, dels
+
+
+def expected_table(snapshot: Iterable[NatSession], events: Iterable[tuple[str, NatSession]]) -> dict[SessionKey, NatSession]:
+    """The source table implied by a snapshot followed by events (what the target should hold)."""
+    table = {s.key: s for s in snapshot}
+    for kind, s in events:
+        if EVENT_KINDS.get(kind) == "created":
+            table[s.key] = s
+        else:
+            table.pop(s.key, None)
+    return table
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How the target compares with the source at the switch.
+
+    ``missing``: source sessions the target lacks; ``remapped``: sessions the
+    target holds with another public address or port.  The migration is good
+    when both are empty; ``extra`` (target-only sessions) is allowed.
+    """
+
+    missing: list[NatSession]
+    remapped: list[tuple[NatSession, NatSession]]
+    extra: int
+    checked: int
+
+    @property
+    def ok(self) -> bool:
+        """Every source session is on the target with the same mapping."""
+        return not self.missing and not self.remapped
+
+    def describe(self, limit: int = 5) -> str:
+        """A short human summary naming the first offenders."""
+        if self.ok:
+            return f"all {self.checked} source sessions on the target with the same mapping"
+        parts = []
+        if self.missing:
+            shown = ", ".join(str(s) for s in self.missing[:limit])
+            parts.append(f"{len(self.missing)} missing on the target ({shown}{', ...' if len(self.missing) > limit else ''})")
+        if self.remapped:
+            shown = ", ".join(f"{s} became {t.translated_address}:{t.translated_port}" for s, t in self.remapped[:limit])
+            parts.append(f"{len(self.remapped)} re-mapped ({shown}{', ...' if len(self.remapped) > limit else ''})")
+        return "; ".join(parts)
+
+
+def compare(source: Iterable[NatSession], target: Iterable[NatSession]) -> Verdict:
+    """Check source ⊆ target by key with identical translation."""
+    tgt = {s.key: s for s in target}
+    missing: list[NatSession] = []
+    remapped: list[tuple[NatSession, NatSession]] = []
+    n = 0
+    seen: set[SessionKey] = set()
+    for s in source:
+        n += 1
+        seen.add(s.key)
+        t = tgt.get(s.key)
+        if t is None:
+            missing.append(s)
+        elif mapping(t) != mapping(s):
+            remapped.append((s, t))
+    extra = sum(1 for k in tgt if k not in seen)
+    return Verdict(missing, remapped, extra, n)
+
+
+# ---------------------------------------------------------------- OpenFlow
+
+
+@dataclass(frozen=True)
+class NatPorts:
+    """The switch ports a NAT node hangs off: its inside and its outside leg."""
+
+    inside: int
+    outside: int
+
+
+@dataclass(frozen=True)
+class SwitchLayout:
+    """How the client, the server and the NATs attach to the bridge.
+
+    Traffic is steered by input port only (both NATs share their addresses
+    and MACs, so only the output port changes at the switch).  The rules
+    from NAT ports back to the hosts are static: they exist for every NAT at
+    all times, so packets still in flight through the old NAT arrive.
+    """
+
+    bridge: str
+    client_port: int
+    server_port: int
+    nats: Mapping[str, NatPorts]
+    priority: int = 100
+
+    def nat(self, name: str) -> NatPorts:
+        """Ports of a NAT by name; :class:`PlanError` naming the known ones otherwise."""
+        try:
+            return self.nats[name]
+        except KeyError:
+            raise PlanError([Conflict(("*", name, 0, "*", 0), f"no NAT named {name!r} on bridge {self.bridge} (known: {', '.join(sorted(self.nats)) or 'none'})")]) from None
+
+
+def steering_flows(layout: SwitchLayout, nat: str) -> list[str]:
+    """The two rules that send both directions through ``nat`` (ovs-ofctl flow syntax).
+
+    Applied as one bundle, they replace the rules of the same match, so the
+    move is atomic: no packet sees one direction moved and not the other.
+    """
+    p = layout.nat(nat)
+    pr = layout.priority
+    return [
+        f"priority={pr},in_port={layout.client_port},actions=output:{p.inside}",
+        f"priority={pr},in_port={layout.server_port},actions=output:{p.outside}",
+    ]
+
+
+def static_flows(layout: SwitchLayout) -> list[str]:
+    """The return rules from every NAT to the hosts (set once, never changed)."""
+    out = []
+    for name in sorted(layout.nats):
+        p = layout.nats[name]
+        out.append(f"priority={layout.priority},in_port={p.inside},actions=output:{layout.client_port}")
+        out.append(f"priority={layout.priority},in_port={p.outside},actions=output:{layout.server_port}")
+    return out
+
+
+class PlanError(ControllerError):
+    """The migration cannot be planned; ``conflicts`` says why, per session."""
+
+    def __init__(self, conflicts: list[Conflict]) -> None:
+        self.conflicts = list(conflicts)
+        shown = [str(c) for c in self.conflicts[:10]]
+        if len(self.conflicts) > 10:
+            shown.append(f"... and {len(self.conflicts) - 10} more")
+        super().__init__(f"{len(self.conflicts)} conflict(s):\n  " + "\n  ".join(shown))
+
+
+def _sort_key(k: SessionKey) -> tuple:
+    return tuple(str(x) for x in k)

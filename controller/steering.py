@@ -1,0 +1,105 @@
+"""The switch: which NAT the Open vSwitch bridge sends traffic through.
+
+:class:`Steering` is the small interface the migration uses; the rules
+themselves are computed by :func:`natmig.controller.plan.steering_flows` and
+applied here as one ``ovs-ofctl --bundle`` transaction (atomic: no packet
+sees one direction moved and the other not).  :class:`TestbedSteering`
+delegates to an embedded testbed, which knows its own rules.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Protocol
+
+from .. import netns
+from ..errors import ControllerError
+from .plan import SwitchLayout, static_flows, steering_flows
+
+
+class SteeringError(ControllerError):
+    """The bridge could not be read or changed."""
+
+
+class Steering(Protocol):
+    """Moves both directions of traffic to a named NAT in one atomic change."""
+
+    def point_to(self, nat: str) -> None:
+        """Send traffic through ``nat`` (atomic)."""
+
+    def active(self) -> str | None:
+        """The NAT traffic goes through now, None when unknown."""
+
+
+class OvsSteering:
+    """Steering over ``ovs-ofctl`` of a bridge described by a :class:`SwitchLayout`.
+
+    ``rundir`` is the OVS_RUNDIR of the daemons that own the bridge (a
+    private Open vSwitch); ``netns`` the namespace to run ovs-ofctl in, None
+    for the current one.
+    """
+
+    def __init__(self, layout: SwitchLayout, rundir: str | None = None, netns_name: str | None = None) -> None:
+        self.layout = layout
+        self.rundir = rundir
+        self.netns = netns_name
+
+    def _ofctl(self, *args: str, input: str | None = None) -> str:
+        env_args = ["env", f"OVS_RUNDIR={self.rundir}"] if self.rundir else []
+        try:
+            return netns.run([*env_args, "ovs-ofctl", *args], self.netns, input=input).stdout
+        except netns.CommandError as e:
+            raise SteeringError(f"bridge {self.layout.bridge}: {e}") from e
+
+    def _bundle(self, flows: list[str]) -> None:
+        # ovs-ofctl reads the bundle from a file; `-` (stdin) is not accepted
+        # by every version, a temporary file is.
+        fd, path = tempfile.mkstemp(prefix="natmig-flows-", suffix=".txt")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write("".join(f"add {fl}\n" for fl in flows))
+            self._ofctl("--bundle", "add-flows", self.layout.bridge, path)
+        finally:
+            os.unlink(path)
+
+    def install(self, nat: str) -> None:
+        """Install the static return rules of every NAT and point traffic at ``nat``, in one bundle."""
+        self._bundle(static_flows(self.layout) + steering_flows(self.layout, nat))
+
+    def point_to(self, nat: str) -> None:
+        """Replace the two steering rules so that both directions go through ``nat`` (one bundle)."""
+        self._bundle(steering_flows(self.layout, nat))
+
+    def active(self) -> str | None:
+        """The NAT the client's traffic is sent to, read back from the bridge."""
+        out = self._ofctl("dump-flows", "--no-stats", self.layout.bridge, f"in_port={self.layout.client_port}")
+        for name, ports in self.layout.nats.items():
+            if f"output:{ports.inside}" in out:
+                return name
+        return None
+
+
+class TestbedSteering:
+    """Steering through an embedded testbed's own ``point_to``/``active_nat``."""
+
+    __test__ = False
+
+    def __init__(self, testbed: Any) -> None:
+        self.tb = testbed
+
+    def point_to(self, nat: str) -> None:
+        """Send traffic through ``nat`` with the testbed's atomic bundle."""
+        try:
+            self.tb.point_to(nat)
+        except ControllerError:
+            raise
+        except Exception as e:  # the testbed raises its own error layer
+            raise SteeringError(f"testbed could not point traffic to {nat}: {e}") from e
+
+    def active(self) -> str | None:
+        """The testbed's active NAT."""
+        try:
+            return self.tb.active_nat()
+        except Exception as e:
+            raise SteeringError(f"testbed could not tell the active NAT: {e}") from e

@@ -1,0 +1,230 @@
+"""Unit tests of the migration's phases, catch-up and rollback, over in-memory nodes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from natmig.agent.provider import MemoryProvider
+from natmig.controller.migrate import Endpoint, MigrateOptions, Migration, MigrationError, migrate
+from natmig.controller.netconf import ConnectError, HostKeyError
+from natmig.errors import ControllerError
+from natmig.model import NatSession
+
+from .controller_fakes import FakeNode, FakeSteering, sessions
+
+PHASES = ["preflight", "copy", "catch-up", "switch", "verify", "admit", "retire"]
+
+
+def setup(n: int = 100, target_sessions=()):
+    src = FakeNode("nat1", MemoryProvider(table={s.key: s for s in sessions(n)}))
+    tgt = FakeNode("nat2", MemoryProvider(table={s.key: s for s in target_sessions}))
+    sw = FakeSteering("nat1")
+    return src, tgt, sw
+
+
+def run(src, tgt, sw, **opts):
+    m = Migration(Endpoint("nat1", lambda: src), Endpoint("nat2", lambda: tgt), sw, MigrateOptions(**opts))
+    return m.run()
+
+
+def keys_map(node):
+    return {s.key: (s.translated_address, s.translated_port) for s in node.provider.list().sessions}
+
+
+def test_happy_path_moves_every_session_and_times_every_phase():
+    src, tgt, sw = setup(100)
+    before = keys_map(src)
+    r = run(src, tgt, sw)
+    assert r.ok, r.error
+    assert [p.name for p in r.phases] == PHASES
+    assert all(p.ok and p.seconds >= 0 for p in r.phases)
+    assert keys_map(tgt) == before
+    assert keys_map(src) == {}  # retired: deleted
+    assert sw.active() == "nat2" and sw.moves == ["nat2"]
+    assert r.copied == 100 and r.verified == 100 and r.retired == 100
+    assert tgt.provider.admission() and src.provider.admission()
+    assert r.traffic_on == "nat2"
+    # the copy went through the candidate and a commit, before the switch
+    assert tgt.calls.index("edit-config:candidate") < tgt.calls.index("commit")
+
+
+def test_target_holds_admission_closed_until_verified():
+    src, tgt, sw = setup(5)
+    seen = {}
+    orig = sw.point_to
+
+    def spy(nat):
+        seen["target_admits_at_switch"] = tgt.provider.admission()
+        seen["source_admits_at_switch"] = src.provider.admission()
+        orig(nat)
+    sw.point_to = spy
+    assert run(src, tgt, sw).ok
+    assert seen == {"target_admits_at_switch": False, "source_admits_at_switch": False}
+
+
+def test_sessions_created_and_closed_after_the_snapshot_are_caught_up():
+    src, tgt, sw = setup(50)
+    extra = sessions(3, base_port=29000)
+    gone = sessions(50)[:2]
+    # After the snapshot: three new sessions appear, two old ones end.
+    src.hooks["commit"] = None  # placeholder, replaced below on the target
+    src.hooks.pop("commit")
+
+    def churn():
+        src.provider.apply(extra)
+        src.provider.delete([s.key for s in gone])
+    tgt.hooks["commit"] = churn
+    r = run(src, tgt, sw, retire="keep")
+    assert r.ok, r.error
+    assert r.caught_up >= 3 and r.caught_up_deleted >= 2
+    t = keys_map(tgt)
+    for s in extra:
+        assert t[s.key] == (s.translated_address, s.translated_port)
+    for s in gone:
+        assert s.key not in t
+    assert r.reconciled == 0
+
+
+def test_a_late_event_is_reconciled_before_admission_opens():
+    src, tgt, sw = setup(10)
+    src.drop_events = True  # notifications never arrive
+    late = sessions(1, base_port=29500)[0]
+    tgt.hooks["commit"] = lambda: src.provider.apply([late])
+    r = run(src, tgt, sw)
+    assert r.ok, r.error
+    assert r.reconciled == 1
+    assert keys_map(tgt)[late.key] == ("203.0.113.1", 29500)
+
+
+def test_failure_before_switch_leaves_traffic_on_source_and_removes_copies():
+    src, tgt, sw = setup(20, target_sessions=sessions(1, public="203.0.113.1", base_port=5000, proto="UDP"))
+    tgt.fail["set-admission:False"] = ControllerError("agent went away")
+    before_src = keys_map(src)
+    r = run(src, tgt, sw)
+    assert not r.ok
+    assert r.failed_phase == "catch-up"
+    assert "agent went away" in r.error
+    assert sw.active() == "nat1" and sw.moves == []
+    assert keys_map(src) == before_src
+    assert set(keys_map(tgt)) == {s.key for s in sessions(1, base_port=5000, proto="UDP")}  # its own session kept
+    assert src.provider.admission() and tgt.provider.admission()
+    assert r.traffic_on == "nat1"
+    assert "carries traffic" in r.node_state["nat1"]
+    assert "removed" in r.node_state["nat2"]
+
+
+def test_commit_refused_discards_candidate():
+    src, tgt, sw = setup(5)
+    tgt.fail["commit"] = ControllerError("commit refused")
+    r = run(src, tgt, sw)
+    assert r.failed_phase == "copy" and not r.ok
+    assert "discard" in tgt.calls and tgt.candidate == []
+    assert keys_map(tgt) == {} and sw.moves == []
+
+
+def test_verification_failure_after_switch_points_traffic_back():
+    src, tgt, sw = setup(10)
+    tgt.remap = True  # the target writes every session with another port
+    before = keys_map(src)
+    with pytest.raises(MigrationError) as ei:
+        migrate(Endpoint("nat1", lambda: src), Endpoint("nat2", lambda: tgt), sw)
+    r = ei.value.report
+    assert r.failed_phase == "verify"
+    assert "re-mapped" in r.error
+    assert sw.moves == ["nat2", "nat1"] and sw.active() == "nat1"
+    assert keys_map(src) == before  # nothing retired
+    assert src.provider.admission()
+    assert "verify" in str(ei.value) and "nat1" in str(ei.value)
+
+
+def test_unreachable_or_wrong_host_key_changes_nothing():
+    src, tgt, sw = setup(5)
+
+    def refuse():
+        raise HostKeyError("nat2: host key is not the known key")
+    m = Migration(Endpoint("nat1", lambda: src), Endpoint("nat2", refuse), sw)
+    r = m.run()
+    assert r.failed_phase == "preflight" and "host key" in r.error
+    assert sw.moves == [] and src.provider.admission()
+    assert not any(c.startswith(("edit", "set-admission", "delete")) for c in src.calls)
+
+
+def test_revision_mismatch_is_refused_in_preflight():
+    src, tgt, sw = setup(5)
+    tgt.revision = "2020-01-01"
+    r = run(src, tgt, sw)
+    assert r.failed_phase == "preflight" and "2020-01-01" in r.error
+    tgt.revision = None
+    src2, tgt2, sw2 = setup(5)
+    tgt2.revision = None
+    r2 = run(src2, tgt2, sw2)
+    assert "do not announce" in r2.error
+
+
+def test_incompatible_target_is_refused_before_any_write():
+    clash = replace(sessions(1)[0], src_port=9, protocol="TCP")  # other key, same public port
+    src, tgt, sw = setup(5, target_sessions=[clash])
+    r = run(src, tgt, sw)
+    assert r.failed_phase == "copy" and "held on the target" in r.error
+    assert not any(c.startswith("edit") for c in tgt.calls)
+
+
+def test_traffic_not_on_source_is_refused():
+    src, tgt, sw = setup(5)
+    sw._active = "nat2"
+    r = run(src, tgt, sw)
+    assert r.failed_phase == "preflight" and "not through the source" in r.error
+
+
+def test_switch_refused_keeps_source():
+    src, tgt, sw = setup(5)
+    sw.fail_to = "nat2"
+    r = run(src, tgt, sw)
+    assert r.failed_phase == "switch"
+    assert sw.active() == "nat1" and keys_map(tgt) == {}
+    assert src.provider.admission() and tgt.provider.admission()
+
+
+def test_no_state_skips_the_copy():
+    src, tgt, sw = setup(5)
+    r = run(src, tgt, sw)
+    assert r.ok
+    src, tgt, sw = setup(5)
+    r = run(src, tgt, sw, copy_state=False, retire="keep")
+    assert r.ok and [p.name for p in r.phases] == ["preflight", "switch", "admit", "retire"]
+    assert keys_map(tgt) == {} and sw.active() == "nat2"
+
+
+def test_retire_stop_calls_the_stop_hook_and_needs_one():
+    src, tgt, sw = setup(3)
+    stopped = []
+    r = Migration(Endpoint("nat1", lambda: src, stop=lambda: stopped.append(1)), Endpoint("nat2", lambda: tgt), sw, MigrateOptions(retire="stop")).run()
+    assert r.ok and stopped == [1]
+    src, tgt, sw = setup(3)
+    r = run(src, tgt, sw, retire="stop")
+    assert r.failed_phase == "retire" and "no way to stop" in r.error
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ControllerError, match="retire"):
+        MigrateOptions(retire="explode")
+    with pytest.raises(ControllerError, match="settle"):
+        MigrateOptions(settle=2, settle_max=1)
+
+
+def test_public_address_not_owned_by_target_is_refused():
+    src, tgt, sw = setup(3)
+    m = Migration(Endpoint("nat1", lambda: src, public={"203.0.113.1"}), Endpoint("nat2", lambda: tgt, public={"203.0.113.2"}), sw)
+    r = m.run()
+    assert r.failed_phase == "preflight" and "203.0.113.1" in r.error
+
+
+def test_connect_error_names_the_agent():
+    src, tgt, sw = setup(3)
+
+    def down():
+        raise ConnectError("nat2:830 connection refused")
+    r = Migration(Endpoint("nat1", lambda: src), Endpoint("nat2", down), sw).run()
+    assert "target nat2" in r.error and r.traffic_on == "nat1"

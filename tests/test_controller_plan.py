@@ -1,0 +1,94 @@
+"""Unit tests of the pure planning: copy plan, event folding, verification, OpenFlow rules."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from natmig.controller.plan import (
+    CatchUp, NatPorts, PlanError, SwitchLayout, compare, expected_table, plan_copy, static_flows, steering_flows,
+)
+from natmig.errors import ControllerError
+
+from .controller_fakes import sessions
+
+
+def test_idle_target_copies_everything_and_rollback_removes_all():
+    src = sessions(10)
+    p = plan_copy(src, [])
+    assert p.sessions == src and p.already == frozenset() and len(p.added_keys) == 10
+
+
+def test_compatible_target_keeps_its_own_and_same_mapping_is_not_removed_on_rollback():
+    src = sessions(10)
+    own = sessions(2, base_port=25000)  # other keys, other ports
+    p = plan_copy(src, own + src[:3])
+    assert p.already == {s.key for s in src[:3]}
+    assert set(p.added_keys) == {s.key for s in src[3:]}
+    assert p.target_before == 5
+
+
+def test_conflicts_are_all_listed():
+    src = sessions(3)
+    remapped = replace(src[0], translated_port=29999)
+    squatter = replace(src[1], src_port=60000)  # other key holding src[1]'s public port
+    with pytest.raises(PlanError) as ei:
+        plan_copy(src, [remapped, squatter], target_public={"203.0.113.1"})
+    assert len(ei.value.conflicts) == 2
+    msg = str(ei.value)
+    assert "29999" in msg and "held on the target" in msg
+    assert isinstance(ei.value, ControllerError)
+
+
+def test_foreign_public_address_is_a_conflict():
+    with pytest.raises(PlanError, match="does not own"):
+        plan_copy(sessions(2), [], target_public={"203.0.113.9"})
+
+
+def test_catch_up_folds_events_last_one_wins():
+    a, b, c = sessions(3)
+    cu = CatchUp().extend([("created", a), ("destroyed", a), ("destroy", b), ("new", b), ("created", c)])
+    ups, dels = cu.take()
+    assert {s.key for s in ups} == {b.key, c.key}
+    assert dels == [a.key]  # a may be in the snapshot: it must go
+    assert cu.events == 5
+    cu.add("destroyed", c)
+    ups, dels = cu.take()
+    assert ups == [] and dels == [c.key]
+    with pytest.raises(PlanError, match="unknown event kind"):
+        cu.add("moved", a)
+
+
+def test_expected_table_and_compare():
+    snap = sessions(4)
+    extra = sessions(1, base_port=21000)[0]
+    table = expected_table(snap, [("created", extra), ("destroyed", snap[0])])
+    assert set(table) == {s.key for s in snap[1:]} | {extra.key}
+    target = list(table.values()) + sessions(1, base_port=22000)
+    v = compare(table.values(), target)
+    assert v.ok and v.extra == 1 and v.checked == 4
+    bad = [replace(s, translated_port=s.translated_port + 1) if s.key == extra.key else s for s in target if s.key != snap[1].key]
+    v = compare(table.values(), bad)
+    assert not v.ok and [s.key for s in v.missing] == [snap[1].key] and len(v.remapped) == 1
+    assert "1 missing" in v.describe() and "re-mapped" in v.describe()
+
+
+LAYOUT = SwitchLayout("br0", 1, 2, {"nat1": NatPorts(3, 4), "nat2": NatPorts(5, 6)})
+
+
+def test_steering_flows_move_both_directions():
+    assert steering_flows(LAYOUT, "nat2") == [
+        "priority=100,in_port=1,actions=output:5",
+        "priority=100,in_port=2,actions=output:6",
+    ]
+    assert steering_flows(LAYOUT, "nat1")[1].endswith("output:4")
+    with pytest.raises(PlanError, match="no NAT named 'nat9'.*nat1, nat2"):
+        steering_flows(LAYOUT, "nat9")
+
+
+def test_static_flows_return_from_every_nat():
+    flows = static_flows(LAYOUT)
+    assert "priority=100,in_port=3,actions=output:1" in flows
+    assert "priority=100,in_port=6,actions=output:2" in flows
+    assert len(flows) == 4
