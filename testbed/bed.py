@@ -67,6 +67,7 @@ def leftovers(prefix: str, state_root: Path = STATE_ROOT) -> dict[str, list]:
         "root_links": root_links,
         "processes": sorted(Ovs(home / "ovs").pids().values()),
         "state_dir": [str(home)] if home.exists() else [],
+        "lock_file": [str(lock)] if (lock := state_root / f".{prefix}.lock").exists() else [],
     }
 
 
@@ -76,6 +77,8 @@ class Testbed:
     Use ``with Testbed.from_file(None, prefix) as tb:`` in tests: the network
     is brought up on entry and always torn down on exit.
     """
+
+    __test__ = False  # not a pytest test class despite the name
 
     def __init__(self, topo: topology.Topology, prefix: str | None = None, state_root: Path = STATE_ROOT) -> None:
         self.topology = topo
@@ -215,7 +218,7 @@ class Testbed:
         with self._lock():
             if self.healthy():
                 return False
-            if any(leftovers(self.prefix, self.home.parent).values()):
+            if any(v for k, v in leftovers(self.prefix, self.home.parent).items() if k != "lock_file"):
                 self._teardown()
             self.home.mkdir(parents=True, exist_ok=True)
             self._write_state(phase="building")
@@ -279,10 +282,15 @@ class Testbed:
     def down(self) -> dict[str, list]:
         """Remove everything of this prefix, including leftovers of a crashed run; returns what was removed."""
         with self._lock():
-            return self._teardown()
+            found = self._teardown()
+            # Removed while held: a waiter on the old file still gets its turn,
+            # and nothing of this prefix stays behind.
+            self._lockfile.unlink(missing_ok=True)
+            return found
 
     def _teardown(self) -> dict[str, list]:
         found = leftovers(self.prefix, self.home.parent)
+        found.pop("lock_file")  # ours, held right now; down() removes it
         # Daemons first, by pidfile, so they exit cleanly before their
         # namespace (and the ports they hold) disappears.
         self.ovs.stop()
@@ -293,12 +301,16 @@ class Testbed:
         shutil.rmtree(self.home, ignore_errors=True)
         return found
 
+    @property
+    def _lockfile(self) -> Path:
+        return self.home.parent / f".{self.prefix}.lock"
+
     @contextmanager
     def _lock(self) -> Iterator[None]:
         # One up/down at a time per prefix, across processes.  The lock file
         # sits beside the state dir so that down can remove the dir itself.
         self.home.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.home.parent / f".{self.prefix}.lock", "w") as f:
+        with open(self._lockfile, "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield
 

@@ -1,0 +1,105 @@
+"""`natmig testbed up | down | status | point-to`: the emulated network from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Callable
+
+from ..errors import TestbedError
+from .bed import DEFAULT_PREFIX, STATE_ROOT, Testbed
+
+
+def _testbed(args: argparse.Namespace) -> Testbed:
+    """The testbed named by --prefix: the one already built (its saved topology) unless --topology is given."""
+    if args.topology is None and (STATE_ROOT / args.prefix / "state.json").exists():
+        return Testbed.attach(args.prefix)
+    return Testbed.from_file(args.topology, args.prefix)
+
+
+def _up(args: argparse.Namespace) -> int:
+    tb = Testbed.from_file(args.topology, args.prefix)
+    t0 = time.perf_counter()
+    built = tb.up()
+    took = time.perf_counter() - t0
+    if built:
+        print(f"testbed {tb.prefix} up in {took:.2f} s: traffic through {tb.topology.active_nat}; switch rundir {tb.rundir}")
+    else:
+        print(f"testbed {tb.prefix} already up (nothing changed)")
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    try:
+        tb = _testbed(args)
+    except TestbedError:
+        # A damaged state file must not keep down from removing the rest.
+        tb = Testbed.from_file(None, args.prefix)
+    removed = tb.down()
+    what = ", ".join(f"{len(v)} {k.replace('_', ' ')}" for k, v in removed.items() if v)
+    print(f"testbed {tb.prefix} down" + (f" (removed {what})" if what else " (nothing was there)"))
+    return 0
+
+
+def _point_to(args: argparse.Namespace) -> int:
+    tb = _testbed(args)
+    took = tb.point_to(args.nat)
+    print(f"testbed {tb.prefix}: traffic now through {tb.active_nat()} ({took * 1000:.1f} ms, one OpenFlow bundle)")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    tb = _testbed(args)
+    st = tb.status()
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        print(format_status(st))
+    return 0 if st["healthy"] or st["phase"] == "down" else 1
+
+
+def format_status(st: dict[str, Any]) -> str:
+    """A human-readable status report of :meth:`Testbed.status`."""
+    lines = [
+        f"testbed {st['prefix']} ({st['topology']}): {st['phase']}{'' if st['healthy'] or st['phase'] == 'down' else ' (DAMAGED: run up again or down)'}",
+        f"  traffic through: {st['active_nat'] or '-'}   public address: {st['public_address']}",
+        "  nodes:",
+    ]
+    for name, n in st["nodes"].items():
+        addrs = "  ".join(f"{ifname} {','.join(a)}" for ifname, a in n["addresses"].items()) or ("(no namespace)" if not n["exists"] else "-")
+        lines.append(f"    {name:<10} {n['kind']:<4} {n['netns']:<20} {addrs}")
+    sw = st["switch"]
+    daemons = ", ".join(f"{d} pid {p}" for d, p in sw["daemons"].items()) or "not running"
+    lines.append(f"  switch: bridge {sw['bridge']} in {sw['netns']}, {daemons}; OVS_RUNDIR={sw['rundir']}")
+    for port, p in sw["ports"].items():
+        if isinstance(p, dict):
+            lines.append(f"    {port:<10} ofport {p.get('ofport')}  rx {p.get('rx_packets', '-')} pkts  tx {p.get('tx_packets', '-')} pkts")
+        else:
+            lines.append(f"    {port}: {p}")
+    m = st["management"]
+    lines.append(f"  management: {m['subnet']} in {m['netns']}{'' if m['exists'] else ' (missing)'}, controller {m['controller']}")
+    return "\n".join(lines)
+
+
+_COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "up": (_up, "build the network (idempotent)"),
+    "down": (_down, "remove everything of the prefix, leftovers of crashed runs included"),
+    "status": (_status, "show nodes, addresses, switch ports and the NAT the flows point at"),
+    "point-to": (_point_to, "move all traffic to a NAT node in one OpenFlow bundle"),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``natmig testbed`` and its subcommands."""
+    p = subparsers.add_parser("testbed", help="the emulated network: namespaces and a private Open vSwitch")
+    sub = p.add_subparsers(dest="testbed_command", metavar="ACTION", required=True)
+    for name, (func, help_text) in _COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("--topology", metavar="FILE", help="topology file (TOML); default: the demo topology, or the one the testbed was built from")
+        sp.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"run prefix of namespace names (default {DEFAULT_PREFIX})")
+        if name == "status":
+            sp.add_argument("--json", action="store_true", help="print the status as JSON")
+        if name == "point-to":
+            sp.add_argument("nat", help="NAT node to send the traffic through")
+        sp.set_defaults(func=func)
