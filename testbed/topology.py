@@ -251,10 +251,12 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
             taken[addr] = f"{where}.address"
         if net is not None and addr is not None:
             hosts[host_name] = Host(host_name, net, addr)
-    if raw_hosts and not any(h.network == "inside" for h in hosts.values()):
-        ck.bad("hosts", "no host on the inside network (a client is needed)")
-    if raw_hosts and not any(h.network == "public" for h in hosts.values()):
-        ck.bad("hosts", "no host on the public network (a server is needed)")
+    # Judged on what the file declares, so one bad address does not also
+    # report its network as empty.
+    declared = {raw.get("network") for raw in raw_hosts.values() if isinstance(raw, dict)}
+    for net_name, role in (("inside", "a client"), ("public", "a server")):
+        if raw_hosts and net_name not in declared:
+            ck.bad("hosts", f"no host on the {net_name} network ({role} is needed)")
 
     mgmt = None
     raw_mgmt = ck.table(doc, "management", "management")
