@@ -1,0 +1,147 @@
+"""`natmig agent`: run the NETCONF agent of one NAT node; `natmig agent passwd`: manage its users.
+
+Namespaces: the agent enters the NAT node's network namespace itself, at
+start-up and before any thread exists, with setns(2) through ctypes (Python
+3.11 has no os.setns).  Everything the process opens afterwards -- the
+listening socket on the management address and the conntrack netlink
+sockets -- lives in that namespace.  Re-executing under ``ip netns exec``
+would work too, but would hide the agent behind another process image and
+remount /sys for no benefit here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import getpass
+import logging
+import os
+import sys
+from typing import Callable
+
+from ..codec import default_codec
+from ..errors import AgentError
+from ..netns import NETNS_DIR
+from .auth import set_password
+from .provider import MemoryProvider, SessionProvider
+from .server import Agent, AgentConfig
+
+log = logging.getLogger(__name__)
+CLONE_NEWNET = 0x40000000
+
+
+def enter_netns(name: str) -> None:
+    """Move this process (its only thread) into the named network namespace."""
+    path = NETNS_DIR / name
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise AgentError(f"--netns {name}: no such namespace ({e})") from e
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise AgentError(f"--netns {name}: setns failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``ADDR:PORT``, ``[v6]:PORT`` or ``ADDR`` (port 830)."""
+    host, port = text, "830"
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":") or "830"
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"--listen {text!r}: port must be 0..65535")
+    return host or "0.0.0.0", int(port)
+
+
+def _memory(args: argparse.Namespace) -> SessionProvider:
+    return MemoryProvider(owned=set(args.public_address or ["203.0.113.1"]))
+
+
+def _conntrack(args: argparse.Namespace) -> SessionProvider:
+    from .conntrack import ConntrackProvider  # written against the kernel; imported only when used
+
+    if not args.public_address:
+        raise AgentError("--provider conntrack needs --public-address (the NAT's public address)")
+    return ConntrackProvider(public_addresses=set(args.public_address))
+
+
+#: --provider NAME -> how to build it from the arguments.
+PROVIDERS: dict[str, Callable[[argparse.Namespace], SessionProvider]] = {
+    "memory": _memory,
+    "conntrack": _conntrack,
+}
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    """Serve until interrupted."""
+    if args.netns:
+        enter_netns(args.netns)
+    host, port = args.listen
+    cfg = AgentConfig(
+        host=host, port=port, host_key=args.host_key, passwords=args.passwords,
+        authorized_keys=args.authorized_keys, max_message=args.max_message,
+        max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
+    )
+    provider = PROVIDERS[args.provider](args)
+    agent = Agent(cfg, provider, default_codec())
+
+    async def main() -> None:
+        await agent.start()
+        if args.ready_file:
+            # Tests and scripts wait for this file instead of polling the port.
+            with open(args.ready_file, "w") as f:
+                f.write(f"{os.getpid()} {agent.port}\n")
+        print(f"natmig agent: listening on {host}:{agent.port}" + (f" in netns {args.netns}" if args.netns else ""), file=sys.stderr, flush=True)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            agent.close()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def run_passwd(args: argparse.Namespace) -> int:
+    """Add or change a user of a password file."""
+    if args.password_stdin:
+        pw = sys.stdin.readline().rstrip("\n")
+    else:
+        pw = getpass.getpass(f"password for {args.user}: ")
+        if pw != getpass.getpass("again: "):
+            raise AgentError("the passwords differ")
+    set_password(args.file, args.user, pw)
+    print(f"{args.file}: password of {args.user} set")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `natmig agent` (and `natmig agent passwd`)."""
+    p = sub.add_parser("agent", help="run the NETCONF agent of a NAT node", description=run_agent.__doc__)
+    p.add_argument("--listen", type=parse_listen, default=("0.0.0.0", 830), metavar="ADDR:PORT", help="address and port to listen on (default 0.0.0.0:830)")
+    p.add_argument("--netns", metavar="NAME", help="network namespace of the NAT node to run in")
+    p.add_argument("--provider", choices=sorted(PROVIDERS), default="conntrack", help="where the session table lives (memory: protocol tests and demos)")
+    p.add_argument("--public-address", action="append", metavar="A", help="public address of the NAT (repeatable)")
+    p.add_argument("--host-key", default="agent_host_key", metavar="FILE", help="SSH host key, created (ECDSA) if missing")
+    p.add_argument("--passwords", metavar="FILE", help="password file (see `natmig agent passwd`)")
+    p.add_argument("--authorized-keys", metavar="FILE", help="OpenSSH authorized_keys file")
+    p.add_argument("--max-message", type=int, default=AgentConfig.max_message, metavar="BYTES", help="largest accepted message (default %(default)s)")
+    p.add_argument("--max-sessions", type=int, default=AgentConfig.max_sessions, metavar="N", help="concurrent NETCONF sessions (default %(default)s)")
+    p.add_argument("--idle-timeout", type=float, default=AgentConfig.idle_timeout, metavar="SECONDS", help="close sessions silent this long (default %(default)s)")
+    p.add_argument("--ready-file", metavar="FILE", help="write 'PID PORT' here once listening")
+    p.set_defaults(func=run_agent)
+    asub = p.add_subparsers(dest="agent_command", metavar="passwd")
+    pw = asub.add_parser("passwd", help="add or change a user in a password file")
+    pw.add_argument("file", help="password file (created mode 0600)")
+    pw.add_argument("user")
+    pw.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    pw.set_defaults(func=run_passwd)

@@ -1,0 +1,423 @@
+"""The agent's datastores (running, candidate), their locks, and edit-config semantics.
+
+No XML here: the RPC layer hands over decoded :class:`~natmig.codec.EditEntry`
+records, and this module decides what changes and applies it through the
+session provider, all or nothing.  Running *is* the provider's live table;
+the candidate is a private copy taken when it is first edited.
+
+Commit applies the candidate's changes (entries the candidate added, changed
+or removed since it was copied from running).  Sessions that traffic created
+on running meanwhile are kept: on a live NAT table, "running := candidate"
+taken literally would tear down connections nobody asked to touch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+from ..codec import Codec, EditEntry
+from ..errors import AgentError, CodecError, ProviderError
+from ..model import FIELD_NAMES, NatSession, SessionKey, format_key
+from .provider import ApplyError, SessionProvider, check_batch
+
+log = logging.getLogger(__name__)
+
+DATASTORES = ("running", "candidate")
+DEFAULT_OPERATIONS = ("merge", "replace", "none")
+TEST_OPTIONS = ("test-then-set", "set", "test-only")
+ERROR_OPTIONS = ("stop-on-error", "continue-on-error", "rollback-on-error")
+CONTROL_DEFAULTS = {"admit-new-sessions": True}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a request was refused, in NETCONF terms (becomes one rpc-error).
+
+    ``path`` is an entry as :func:`~natmig.model.format_key` names it, or a
+    container name; ``leaf`` the leaf at fault; ``info`` extra error-info
+    elements (e.g. ``{"session-id": "3"}``).
+    """
+
+    tag: str
+    message: str
+    path: str = ""
+    leaf: str = ""
+    type: str = "application"
+    app_tag: str = ""
+    info: dict[str, str] = field(default_factory=dict)
+
+
+class DatastoreError(AgentError):
+    """A request was refused; ``problems`` holds one :class:`Problem` per rpc-error."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(f"{p.tag}: {p.path}{'/' + p.leaf if p.leaf else ''} {p.message}" for p in self.problems[:5]))
+
+
+def refuse(tag: str, message: str, **kw: Any) -> DatastoreError:
+    """A one-problem :class:`DatastoreError`."""
+    return DatastoreError([Problem(tag, message, **kw)])
+
+
+def problems_of_codec(e: CodecError, type_: str = "application") -> list[Problem]:
+    """The codec's field errors as problems (the codec already chose each error-tag)."""
+    out = [Problem(f.tag, f.message, f.path if f.path != "document" else "", f.leaf, "rpc" if f.tag == "malformed-message" else type_) for f in e.errors]
+    if e.more:
+        out.append(Problem("invalid-value", f"... and {e.more} more errors", type=type_))
+    return out
+
+
+@dataclass
+class EditRequest:
+    """An edit-config, decoded: list entries, whole-list operation, nat-control changes."""
+
+    entries: list[EditEntry] = field(default_factory=list)
+    #: delete/remove of the whole nat-session list (an entry element with no keys).
+    list_operation: str | None = None
+    #: nat-control leaves named in the request (None: nat-control not in it).
+    control: dict[str, Any] | None = None
+    control_operation: str | None = None
+
+
+@dataclass
+class Plan:
+    """What an edit changes: entries to write (created or replaced) and keys to delete."""
+
+    upserts: dict[SessionKey, NatSession] = field(default_factory=dict)
+    deletes: set[SessionKey] = field(default_factory=set)
+    control: dict[str, Any] | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+
+def _values_of(s: NatSession) -> dict[str, Any]:
+    return {n: v for n in FIELD_NAMES if (v := getattr(s, n)) is not None}
+
+
+def _complete(codec: Codec, values: dict[str, Any], problems: list[Problem]) -> NatSession | None:
+    try:
+        return codec.complete(values)
+    except CodecError as e:
+        problems.extend(problems_of_codec(e))
+        return None
+
+
+def _op_merge(codec: Codec, e: EditEntry, old: NatSession | None, plan: Plan) -> None:
+    values = {**_values_of(old), **e.values} if old is not None else e.values
+    s = _complete(codec, values, plan.problems)
+    if s is not None and s != old:
+        plan.upserts[e.key] = s
+
+
+def _op_replace(codec: Codec, e: EditEntry, old: NatSession | None, plan: Plan) -> None:
+    s = _complete(codec, e.values, plan.problems)
+    if s is not None and s != old:
+        plan.upserts[e.key] = s
+
+
+def _op_create(codec: Codec, e: EditEntry, old: NatSession | None, plan: Plan) -> None:
+    if old is not None:
+        plan.problems.append(Problem("data-exists", "the entry already exists", format_key(e.key)))
+        return
+    _op_replace(codec, e, old, plan)
+
+
+def _op_delete(codec: Codec, e: EditEntry, old: NatSession | None, plan: Plan) -> None:
+    if old is None:
+        plan.problems.append(Problem("data-missing", "the entry does not exist", format_key(e.key)))
+        return
+    plan.deletes.add(e.key)
+
+
+def _op_remove(codec: Codec, e: EditEntry, old: NatSession | None, plan: Plan) -> None:
+    if old is not None:
+        plan.deletes.add(e.key)
+
+
+def _op_none(codec: Codec, e: EditEntry, old: NatSession | None, plan: Plan) -> None:
+    # default-operation none: an entry without its own operation only navigates,
+    # so it must exist (RFC 6241 7.2).
+    if old is None:
+        plan.problems.append(Problem("data-missing", "the entry does not exist (default-operation none)", format_key(e.key)))
+
+
+#: edit-config operation -> how one list entry is planned (RFC 6241 7.2).
+ENTRY_OPERATIONS: dict[str, Callable[[Codec, EditEntry, NatSession | None, Plan], None]] = {
+    "merge": _op_merge,
+    "replace": _op_replace,
+    "create": _op_create,
+    "delete": _op_delete,
+    "remove": _op_remove,
+    "none": _op_none,
+}
+
+
+def plan_edit(codec: Codec, current: dict[SessionKey, NatSession], control: dict[str, Any], req: EditRequest, default_operation: str = "merge") -> Plan:
+    """What ``req`` changes in a datastore holding ``current`` and ``control``; problems included.
+
+    Pure: nothing is applied.  With default-operation replace the request's
+    entries become the whole list (top-level nodes absent from the request,
+    such as nat-control, are left as they are).
+    """
+    plan = Plan()
+    if req.list_operation == "delete" and not current:
+        plan.problems.append(Problem("data-missing", "the list has no entries to delete", "nat-session"))
+    if req.list_operation in ("delete", "remove"):
+        plan.deletes.update(current)
+    named: set[SessionKey] = set()
+    for e in req.entries:
+        named.add(e.key)
+        op = e.operation or default_operation
+        if e.key in plan.deletes and op not in ("delete", "remove"):
+            # Deleting the whole list and writing an entry of it in one request.
+            plan.deletes.discard(e.key)
+            ENTRY_OPERATIONS["replace"](codec, e, None, plan)
+            continue
+        ENTRY_OPERATIONS[op](codec, e, current.get(e.key), plan)
+    if default_operation == "replace":
+        plan.deletes.update(k for k in current if k not in named)
+    if req.control is not None or req.control_operation is not None:
+        cop = req.control_operation or default_operation
+        if cop in ("delete", "remove"):
+            if cop == "delete" and control == CONTROL_DEFAULTS:
+                plan.problems.append(Problem("data-missing", "nat-control holds only defaults", "nat-control"))
+            new = dict(CONTROL_DEFAULTS)
+        elif cop in ("replace", "create"):
+            new = {**CONTROL_DEFAULTS, **(req.control or {})}
+        elif cop == "none":
+            new = control
+        else:
+            new = {**control, **(req.control or {})}
+        if new != control:
+            plan.control = new
+    return plan
+
+
+class Datastore:
+    """Running (the provider's live table) and candidate, with locks; thread-safe."""
+
+    def __init__(self, provider: SessionProvider, codec: Codec) -> None:
+        self.provider = provider
+        self.codec = codec
+        self._mutex = threading.RLock()
+        self._locks: dict[str, int] = {}
+        self._cand: dict[SessionKey, NatSession] | None = None
+        self._cand_base: dict[SessionKey, NatSession] = {}
+        self._cand_control: dict[str, Any] = {}
+        self._cand_base_control: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- locks
+
+    def lock(self, name: str, sid: int) -> None:
+        """Lock a datastore for session ``sid`` (lock-denied when held, RFC 6241 7.5)."""
+        self._check_name(name)
+        with self._mutex:
+            holder = self._locks.get(name)
+            if holder is not None:
+                raise refuse("lock-denied", f"{name} is locked by session {holder}", type="protocol", info={"session-id": str(holder)})
+            if name == "candidate" and self._cand is not None and self._candidate_dirty():
+                raise refuse("lock-denied", "the candidate has uncommitted changes; discard-changes or commit first", type="protocol", info={"session-id": "0"})
+            self._locks[name] = sid
+
+    def unlock(self, name: str, sid: int) -> None:
+        """Release a lock held by ``sid``."""
+        self._check_name(name)
+        with self._mutex:
+            holder = self._locks.get(name)
+            if holder != sid:
+                why = "it is not locked" if holder is None else f"it is locked by session {holder}"
+                raise refuse("operation-failed", f"cannot unlock {name}: {why}", type="protocol", info={"session-id": str(holder or 0)})
+            del self._locks[name]
+            # RFC 6241 8.3.5.2: releasing the candidate lock... does not discard;
+            # only session termination does (see release_session).
+
+    def release_session(self, sid: int) -> None:
+        """A session ended: drop its locks; a candidate it had locked loses its changes."""
+        with self._mutex:
+            for name in [n for n, h in self._locks.items() if h == sid]:
+                del self._locks[name]
+                if name == "candidate":
+                    self._cand = None
+                log.info("session %d ended: released lock of %s", sid, name)
+
+    def lock_holder(self, name: str) -> int | None:
+        """The session holding the lock of ``name``, if any."""
+        return self._locks.get(name)
+
+    def _check_write(self, name: str, sid: int) -> None:
+        holder = self._locks.get(name)
+        if holder is not None and holder != sid:
+            raise refuse("in-use", f"{name} is locked by session {holder}", type="protocol", info={"session-id": str(holder)})
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if name not in DATASTORES:
+            raise refuse("invalid-value", f"unknown datastore {name!r} (this agent has {', '.join(DATASTORES)})", type="protocol")
+
+    # ----------------------------------------------------------------- reads
+
+    def running_control(self) -> dict[str, Any]:
+        """nat-control of running, as the provider reports it."""
+        return {"admit-new-sessions": bool(self.provider.admission())}
+
+    def read(self, source: str, with_sessions: bool = True) -> tuple[list[NatSession], dict[str, Any]]:
+        """(sessions, nat-control values) of a datastore."""
+        self._check_name(source)
+        with self._mutex:
+            if source == "candidate" and self._cand is not None:
+                return (list(self._cand.values()) if with_sessions else []), dict(self._cand_control)
+            sessions = self._list() if with_sessions else []
+            return sessions, self.running_control()
+
+    def statistics(self) -> dict[str, int]:
+        """The nat-statistics counters, read now."""
+        snap = self._snapshot()
+        return {"sessions": len(snap.sessions), "untranslated": snap.untranslated}
+
+    def _snapshot(self) -> Any:
+        try:
+            return self.provider.list()
+        except ProviderError as e:
+            raise refuse("operation-failed", f"cannot read the session table: {e}") from e
+
+    def _list(self) -> list[NatSession]:
+        return self._snapshot().sessions
+
+    # ---------------------------------------------------------------- writes
+
+    def edit(self, target: str, req: EditRequest, sid: int, default_operation: str = "merge", test_option: str = "test-then-set", error_option: str = "stop-on-error") -> Plan:
+        """Apply an edit-config to ``target``, all or nothing (continue-on-error: the good part).
+
+        Returns the applied plan; raises :class:`DatastoreError` with every problem.
+        """
+        self._check_name(target)
+        with self._mutex:
+            self._check_write(target, sid)
+            if target == "candidate":
+                self._ensure_candidate()
+                current, control = self._cand, self._cand_control
+            else:
+                current, control = {s.key: s for s in self._list()}, self.running_control()
+            assert current is not None
+            plan = plan_edit(self.codec, current, control, req, default_operation)
+            self._check_provider(plan, current)
+            if plan.problems and error_option != "continue-on-error":
+                raise DatastoreError(plan.problems)
+            if test_option == "test-only":
+                if plan.problems:
+                    raise DatastoreError(plan.problems)
+                return plan
+            if target == "candidate":
+                for k in plan.deletes:
+                    current.pop(k, None)
+                current.update(plan.upserts)
+                if plan.control is not None:
+                    self._cand_control = plan.control
+            else:
+                self._apply_running(plan, current)
+            if plan.problems:
+                # continue-on-error: the rest was applied; report what was not.
+                raise DatastoreError(plan.problems)
+            return plan
+
+    def _check_provider(self, plan: Plan, current: dict[SessionKey, NatSession]) -> None:
+        """Refuse entries the node cannot hold (foreign address, public port taken) before anything changes."""
+        if not plan.upserts:
+            return
+        base = {k: s for k, s in current.items() if k not in plan.deletes}
+        bad = check_batch(list(plan.upserts.values()), base, self.provider.public_addresses())
+        for k, why in bad.items():
+            plan.upserts.pop(k, None)
+            if "already used" in why:
+                plan.problems.append(Problem("operation-failed", why, format_key(k), "translated_port", app_tag="data-not-unique"))
+            else:
+                plan.problems.append(Problem("invalid-value", why, format_key(k), "translated_address"))
+
+    def _apply_running(self, plan: Plan, current: dict[SessionKey, NatSession]) -> None:
+        """nat-control, then deletes, then writes; on a failure put back what was changed.
+
+        apply() is all-or-nothing, so only the earlier steps can need undoing.
+        """
+        removed = [current[k] for k in plan.deletes if k in current]
+        old_admit = self.provider.admission()
+        try:
+            if plan.control is not None:
+                self.provider.set_admission(bool(plan.control["admit-new-sessions"]))
+            if plan.deletes:
+                self.provider.delete(list(plan.deletes))
+            if plan.upserts:
+                self.provider.apply(list(plan.upserts.values()))
+        except ProviderError as e:
+            self._rollback(removed, old_admit)
+            if isinstance(e, ApplyError):
+                raise DatastoreError([Problem("operation-failed", why, format_key(k)) for k, why in e.problems.items()]) from e
+            raise refuse("operation-failed", f"the node refused the change, nothing was applied: {e}") from e
+
+    def _rollback(self, removed: list[NatSession], old_admit: bool) -> None:
+        try:
+            if removed:
+                self.provider.apply(removed)
+            self.provider.set_admission(old_admit)
+        except ProviderError as e:  # the node refused its own previous state
+            log.error("rollback failed, the table may differ from before the edit: %s", e)
+
+    # ------------------------------------------------------------- candidate
+
+    def _ensure_candidate(self) -> None:
+        if self._cand is None:
+            self._cand_base = {s.key: s for s in self._list()}
+            self._cand = dict(self._cand_base)
+            self._cand_base_control = self.running_control()
+            self._cand_control = dict(self._cand_base_control)
+
+    def _candidate_dirty(self) -> bool:
+        return self._cand != self._cand_base or self._cand_control != self._cand_base_control
+
+    def commit(self, sid: int) -> Plan:
+        """Apply the candidate's changes to running, all or nothing; the candidate then matches running."""
+        with self._mutex:
+            self._check_write("running", sid)
+            self._check_write("candidate", sid)
+            if self._cand is None:
+                return Plan()
+            cand, base = self._cand, self._cand_base
+            plan = Plan()
+            plan.deletes = {k for k in base if k not in cand}
+            plan.upserts = {k: s for k, s in cand.items() if base.get(k) != s}
+            if self._cand_control != self._cand_base_control:
+                plan.control = dict(self._cand_control)
+            current = {s.key: s for s in self._list()}
+            plan.deletes &= current.keys()
+            self._check_provider(plan, current)
+            if plan.problems:
+                raise DatastoreError(plan.problems)
+            self._apply_running(plan, current)
+            self._cand = None
+            return plan
+
+    def discard(self, sid: int) -> None:
+        """Reset the candidate to running (discard-changes)."""
+        with self._mutex:
+            self._check_write("candidate", sid)
+            self._cand = None
+
+    def copy_running_to_candidate(self, sid: int) -> None:
+        """Make the candidate a fresh copy of running (copy-config running -> candidate)."""
+        with self._mutex:
+            self._check_write("candidate", sid)
+            self._cand = None
+            self._ensure_candidate()
+
+
+def select(sessions: Iterable[NatSession], matches: Sequence[dict[str, Any]] | None) -> list[NatSession]:
+    """Sessions matching any of ``matches`` (leaf -> value, all must be equal); all when None."""
+    if matches is None:
+        return list(sessions)
+    if not matches:
+        return []
+    if any(not m for m in matches):
+        return list(sessions)
+    return [s for s in sessions if any(all(getattr(s, k) == v for k, v in m.items()) for m in matches)]

@@ -1,0 +1,106 @@
+"""NETCONF message framing over SSH (RFC 6242): end-of-message and chunked.
+
+Every session starts in base:1.0 end-of-message framing (``]]>]]>`` after each
+message) for the hello exchange; when both sides announce base:1.1 the
+session switches to chunked framing (``\\n#<len>\\n<data>...\\n##\\n``) for every
+message after the hellos.  The decoder is incremental: feed it whatever SSH
+delivered, take whole messages out; a message larger than ``max_message``
+is refused as soon as that is known, without buffering the rest of it.
+"""
+
+from __future__ import annotations
+
+from ..errors import AgentError
+
+EOM = b"]]>]]>"
+MAX_CHUNK = 4294967295  # RFC 6242 4.2: chunk-size is 1..4294967295
+_MAX_HEADER = 13  # "\n#" + 10 digits + "\n"
+
+
+class FramingError(AgentError):
+    """The byte stream violates RFC 6242; the session cannot continue."""
+
+
+class MessageTooBig(FramingError):
+    """A message exceeds the agent's configured size limit."""
+
+
+def frame(message: bytes, chunked: bool) -> bytes:
+    """One message, framed for sending (as a single chunk when chunked)."""
+    if chunked:
+        return b"\n#%d\n%s\n##\n" % (len(message), message) if message else b""
+    return message + EOM
+
+
+class Deframer:
+    """Incremental decoder of one direction of a NETCONF session."""
+
+    def __init__(self, max_message: int = 64 << 20) -> None:
+        self.max_message = max_message
+        self.chunked = False
+        self._buf = bytearray()
+        self._scan = 0  # EOM search resumes here, so a big message is scanned once
+        self._parts: list[bytes] = []  # chunks of the message being assembled
+        self._size = 0
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes received from the peer."""
+        self._buf += data
+        if not self.chunked and len(self._buf) > self.max_message + len(EOM) and EOM not in self._buf:
+            raise MessageTooBig(f"message exceeds {self.max_message} bytes without an end-of-message mark")
+
+    def next_message(self) -> bytes | None:
+        """The next complete message, or None until more bytes arrive."""
+        return self._next_chunked() if self.chunked else self._next_eom()
+
+    def _next_eom(self) -> bytes | None:
+        i = self._buf.find(EOM, max(0, self._scan - len(EOM) + 1))
+        if i < 0:
+            self._scan = len(self._buf)
+            return None
+        msg = bytes(self._buf[:i])
+        del self._buf[: i + len(EOM)]
+        self._scan = 0
+        if len(msg) > self.max_message:
+            raise MessageTooBig(f"message of {len(msg)} bytes exceeds the limit of {self.max_message}")
+        return msg
+
+    def _next_chunked(self) -> bytes | None:
+        buf = self._buf
+        while True:
+            if len(buf) < 4:
+                return None
+            if buf[0:2] != b"\n#":
+                raise FramingError(f"expected a chunk header '\\n#', got {bytes(buf[:8])!r}")
+            if buf[2:4] == b"#\n":
+                del buf[:4]
+                if not self._parts:
+                    raise FramingError("end-of-chunks marker before any chunk")
+                msg = b"".join(self._parts)
+                self._parts = []
+                self._size = 0
+                return msg
+            nl = buf.find(b"\n", 2, _MAX_HEADER + 1)
+            if nl < 0:
+                if len(buf) > _MAX_HEADER:
+                    raise FramingError(f"chunk header too long: {bytes(buf[:_MAX_HEADER])!r}")
+                return None
+            digits = bytes(buf[2:nl])
+            if not digits.isdigit() or digits[0:1] == b"0":
+                raise FramingError(f"bad chunk size {digits!r}")
+            size = int(digits)
+            if size > MAX_CHUNK:
+                raise FramingError(f"chunk size {size} exceeds {MAX_CHUNK}")
+            if self._size + size > self.max_message:
+                raise MessageTooBig(f"message exceeds the limit of {self.max_message} bytes")
+            end = nl + 1 + size
+            if len(buf) < end:
+                return None
+            self._parts.append(bytes(buf[nl + 1 : end]))
+            self._size += size
+            del buf[:end]
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet returned as a message."""
+        return len(self._buf) + self._size

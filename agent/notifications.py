@@ -1,0 +1,109 @@
+"""RFC 5277 event notifications: nat-session-event for every session created or destroyed.
+
+One provider watch is shared by all subscribed NETCONF sessions (one netlink
+event socket however many controllers listen); it starts with the first
+subscription and stops with the last.  A thread reads the watch and hands
+each event, already encoded, to every subscriber's ``deliver`` callable
+(which must be thread-safe; the SSH server passes one that hops onto its
+event loop).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import datetime, timezone
+from typing import Callable
+
+from ..codec import Codec
+from .provider import SessionProvider, Watch
+
+log = logging.getLogger(__name__)
+
+NOTIFICATION_NS = "urn:ietf:params:xml:ns:netconf:notification:1.0"
+NOTIFICATION_CAPABILITY = "urn:ietf:params:netconf:capability:notification:1.0"
+INTERLEAVE_CAPABILITY = "urn:ietf:params:netconf:capability:interleave:1.0"
+STREAMS = ("NETCONF",)
+#: provider event kind -> the module's event enum.
+EVENT_NAMES = {"new": "created", "destroy": "destroyed"}
+
+Deliver = Callable[[bytes], None]
+
+
+def event_time(when: datetime | None = None) -> str:
+    """RFC 3339 date-and-time of now (or ``when``), UTC, microseconds."""
+    return (when or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def wrap_notification(body: bytes, when: datetime | None = None) -> bytes:
+    """A ``<notification>`` message around an event body."""
+    return (f'<notification xmlns="{NOTIFICATION_NS}"><eventTime>{event_time(when)}</eventTime>').encode() + body + b"</notification>"
+
+
+class NotificationHub:
+    """Fans the provider's session events out to subscribed sessions."""
+
+    def __init__(self, provider: SessionProvider, codec: Codec) -> None:
+        self.provider = provider
+        self.codec = codec
+        self._subs: dict[int, Deliver] = {}
+        self._mutex = threading.Lock()
+        self._watch: Watch | None = None
+        self._thread: threading.Thread | None = None
+        self.sent = 0
+
+    def subscribe(self, sid: int, deliver: Deliver) -> None:
+        """Start sending events to ``deliver`` for session ``sid``."""
+        with self._mutex:
+            self._subs[sid] = deliver
+            if self._watch is None:
+                # Opened here, before the create-subscription reply leaves, so
+                # no event after the reply is missed.
+                self._watch = self.provider.watch()
+                self._thread = threading.Thread(target=self._pump, args=(self._watch,), name="natmig-notify", daemon=True)
+                self._thread.start()
+                log.info("session event watch started")
+
+    def subscribed(self, sid: int) -> bool:
+        """Whether session ``sid`` has a subscription."""
+        return sid in self._subs
+
+    def unsubscribe(self, sid: int) -> None:
+        """Stop sending to ``sid``; the watch stops with the last subscriber."""
+        with self._mutex:
+            self._subs.pop(sid, None)
+            if self._subs or self._watch is None:
+                return
+            watch, self._watch = self._watch, None
+        watch.close()
+        log.info("session event watch stopped")
+
+    def close(self) -> None:
+        """Stop everything (agent shutdown)."""
+        with self._mutex:
+            self._subs.clear()
+            watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
+
+    def _pump(self, watch: Watch) -> None:
+        while self._watch is watch:
+            try:
+                ev = watch.get(timeout=0.5)
+            except Exception as e:  # the watch broke: tell the log, stop this pump
+                log.error("session event watch failed: %s", e)
+                return
+            if ev is None:
+                continue
+            name = EVENT_NAMES.get(ev.kind)
+            if name is None:
+                continue
+            msg = wrap_notification(self.codec.encode_event_xml(name, ev.session))
+            with self._mutex:
+                targets = list(self._subs.values())
+            for deliver in targets:
+                try:
+                    deliver(msg)
+                    self.sent += 1
+                except Exception as e:  # one broken subscriber must not stop the others
+                    log.warning("notification not delivered: %s", e)

@@ -1,0 +1,540 @@
+"""NETCONF RPC handling: one message in, one reply out, operations dispatched by a table.
+
+This is the XML side of the agent: it parses ``<rpc>`` messages, turns their
+parameters into datastore calls, and writes ``<rpc-reply>`` text; every
+refusal becomes ``<rpc-error>`` elements with the RFC 6241 error-tag and, where
+an entry or leaf is at fault, an error-path.  Session data goes through the
+codec; the provider is reached only through :class:`~.datastore.Datastore`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+from xml.sax.saxutils import escape, quoteattr
+
+from lxml import etree
+
+from ..codec import NETCONF_NS, Codec
+from ..errors import CodecError
+from ..model import FIELD_NAMES, NatSession
+from ..schema import LeafValueError
+from .datastore import (
+    DEFAULT_OPERATIONS,
+    ERROR_OPTIONS,
+    TEST_OPTIONS,
+    Datastore,
+    DatastoreError,
+    EditRequest,
+    Problem,
+    problems_of_codec,
+    refuse,
+    select,
+)
+from .monitoring import MONITORING_NS, WITH_DEFAULTS_NS, Catalog, SessionRecord, netconf_state
+from .notifications import NOTIFICATION_NS, STREAMS, NotificationHub
+
+log = logging.getLogger(__name__)
+
+_NC = f"{{{NETCONF_NS}}}"
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True, remove_blank_text=False)
+#: tags whose error-info names the element at fault (RFC 6241 appendix A).
+_BAD_ELEMENT_TAGS = {"unknown-element", "missing-element", "bad-element", "unknown-namespace", "bad-attribute", "missing-attribute", "unknown-attribute"}
+
+
+class Server(Protocol):
+    """What the RPC layer needs from the SSH server (kill-session, notifications, monitoring)."""
+
+    datastore: Datastore
+    codec: Codec
+    catalog: Catalog
+    hub: NotificationHub
+    started: float
+
+    def kill(self, sid: int) -> bool:
+        """End session ``sid``; False when there is no such session."""
+
+    def session_records(self) -> list[SessionRecord]:
+        """netconf-state records of the open sessions."""
+
+
+@dataclass
+class SessionState:
+    """The RPC layer's view of one NETCONF session."""
+
+    record: SessionRecord
+    #: called (from a worker thread) to queue a notification to this session.
+    deliver: Callable[[bytes], None] = lambda b: None
+    closing: bool = False
+    subscribed: bool = False
+
+    @property
+    def sid(self) -> int:
+        """The session-id."""
+        return self.record.session_id
+
+    @property
+    def who(self) -> str:
+        """``session 3 (natmig@127.0.0.1)``: how the log names this session."""
+        return f"session {self.sid} ({self.record.username}@{self.record.source_host})"
+
+
+# ----------------------------------------------------------------- replies
+
+
+def _xpath(codec: Codec, path: str, leaf: str) -> str:
+    """An error-path in XPath, prefixes bound on the element (see :func:`_error_xml`)."""
+    p = codec.schema.prefix
+    name = codec.schema.list_name
+    out = ""
+    if path.startswith(name + "["):
+        out = f"/{p}:{name}"
+        values = path[len(name) + 1 : -1].split(" ")
+        for k, v in zip(codec.schema.keys, values):
+            if v != "?":
+                out += f"[{p}:{k}='{v}']"  # key values (addresses, numbers, enums) hold no quotes
+    elif path in (codec.schema.control_name, codec.schema.stats_name, name):
+        out = f"/{p}:{path}"
+    if leaf and out:
+        out += f"/{p}:{leaf}"
+    return out
+
+
+def _error_xml(codec: Codec, pr: Problem) -> str:
+    path = _xpath(codec, pr.path, pr.leaf)
+    info = dict(pr.info)
+    if pr.leaf and pr.tag in _BAD_ELEMENT_TAGS and "bad-element" not in info:
+        info["bad-element"] = pr.leaf
+    parts = [f"<error-type>{pr.type}</error-type><error-tag>{pr.tag}</error-tag><error-severity>error</error-severity>"]
+    if pr.app_tag:
+        parts.append(f"<error-app-tag>{escape(pr.app_tag)}</error-app-tag>")
+    if path:
+        parts.append(f'<error-path xmlns:{codec.schema.prefix}="{codec.ns}">{escape(path)}</error-path>')
+    where = f"{pr.path}/{pr.leaf}: " if pr.path and pr.leaf else (f"{pr.path}: " if pr.path else "")
+    parts.append(f'<error-message xml:lang="en">{escape(where + pr.message)}</error-message>')
+    if info:
+        parts.append("<error-info>" + "".join(f"<{k}>{escape(v)}</{k}>" for k, v in info.items()) + "</error-info>")
+    return "<rpc-error>" + "".join(parts) + "</rpc-error>"
+
+
+def _reply(attrs: str, body: bytes) -> bytes:
+    return f'<rpc-reply xmlns="{NETCONF_NS}"{attrs}>'.encode() + body + b"</rpc-reply>"
+
+
+def _attrs_of(rpc: Any) -> str:
+    # RFC 6241 4.2: every attribute of <rpc> comes back unchanged in <rpc-reply>.
+    out = []
+    for k, v in rpc.attrib.items():
+        q = etree.QName(k)
+        if q.namespace:
+            prefix = "a" + str(len(out))
+            out.append(f' xmlns:{prefix}="{escape(q.namespace)}" {prefix}:{q.localname}={quoteattr(v)}')
+        else:
+            out.append(f" {k}={quoteattr(v)}")
+    return "".join(out)
+
+
+def error_reply(codec: Codec, problems: list[Problem], attrs: str = "") -> bytes:
+    """An rpc-reply carrying one rpc-error per problem."""
+    return _reply(attrs, "".join(_error_xml(codec, p) for p in problems).encode())
+
+
+# ------------------------------------------------------------------ parsing
+
+
+def _text_param(op: Any, name: str, allowed: tuple[str, ...], default: str) -> str:
+    el = op.find(_NC + name)
+    if el is None:
+        return default
+    v = (el.text or "").strip()
+    if v not in allowed:
+        raise refuse("invalid-value", f"{name} {v!r} is not one of {', '.join(allowed)}", type="protocol", info={"bad-element": name})
+    return v
+
+
+def _datastore_param(op: Any, name: str, allowed: tuple[str, ...] = ("running", "candidate")) -> str:
+    el = op.find(_NC + name)
+    if el is None:
+        raise refuse("missing-element", f"<{name}> is required", type="protocol", info={"bad-element": name})
+    kids = [c for c in el if isinstance(c.tag, str)]
+    if len(kids) != 1:
+        raise refuse("bad-element", f"<{name}> must name exactly one datastore", type="protocol", info={"bad-element": name})
+    q = etree.QName(kids[0])
+    if q.namespace != NETCONF_NS or q.localname not in allowed:
+        if q.localname == "url":
+            raise refuse("operation-not-supported", "the :url capability is not supported", type="protocol", info={"bad-element": "url"})
+        raise refuse("invalid-value", f"datastore {q.localname!r} is not one of {', '.join(allowed)}", type="protocol", info={"bad-element": name})
+    return q.localname
+
+
+def _check_params(op: Any, allowed: set[str]) -> None:
+    """unknown-element for any parameter the operation does not take (RFC 6241 appendix A)."""
+    for c in op:
+        if not isinstance(c.tag, str):
+            continue
+        q = etree.QName(c)
+        if q.localname not in allowed or q.namespace not in (NETCONF_NS, WITH_DEFAULTS_NS, MONITORING_NS, NOTIFICATION_NS):
+            raise refuse("unknown-element", f"<{etree.QName(op).localname}> takes no parameter <{q.localname}>", type="protocol", info={"bad-element": q.localname})
+
+
+@dataclass
+class Selection:
+    """A subtree filter, parsed: what each top-level node of the module contributes."""
+
+    everything: bool = True
+    #: alternatives of content matches (leaf -> value); None: nat-session not selected.
+    sessions: list[dict[str, Any]] | None = None
+    #: leaves to return per entry (keys always); None: all of them.
+    leaves: set[str] | None = None
+    control: bool = False
+    statistics: bool = False
+    monitoring: set[str] | None = field(default=None)
+    monitoring_selected: bool = False
+
+
+def parse_filter(codec: Codec, op: Any) -> Selection:
+    """The subtree filter of a get/get-config (RFC 6241 6): content-match and selection leaves."""
+    flt = op.find(_NC + "filter")
+    if flt is None:
+        return Selection()
+    ftype = flt.get("type", "subtree")
+    if ftype != "subtree":
+        raise refuse("operation-not-supported", f"filter type {ftype!r}: only subtree filtering is supported (no :xpath capability)", type="protocol", info={"bad-attribute": "type", "bad-element": "filter"})
+    sel = Selection(everything=False)
+    ns = codec.ns
+    specs = codec.schema.leaf
+    for top in flt:
+        if not isinstance(top.tag, str):
+            continue
+        q = etree.QName(top)
+        if q.namespace == ns and q.localname == codec.schema.list_name:
+            match: dict[str, Any] = {}
+            chosen: set[str] = set()
+            impossible = False
+            for leaf in top:
+                if not isinstance(leaf.tag, str):
+                    continue
+                lq = etree.QName(leaf)
+                spec = specs.get(lq.localname) if lq.namespace == ns else None
+                if spec is None:
+                    raise refuse("unknown-element", f"filter names {lq.localname!r}, not a leaf of {codec.schema.list_name}", path=codec.schema.list_name, leaf=lq.localname, type="protocol")
+                text = (leaf.text or "").strip()
+                if text:
+                    try:
+                        match[spec.name] = spec.parse(text)
+                    except LeafValueError:
+                        impossible = True  # a value no entry can hold selects nothing
+                else:
+                    chosen.add(spec.name)
+            if impossible:
+                if sel.sessions is None:
+                    sel.sessions = []
+                continue
+            sel.sessions = (sel.sessions or []) + [match]
+            if chosen:
+                # Selection leaves: return only the keys, the matched and the chosen leaves
+                # (with content matches alone, whole entries are returned).
+                sel.leaves = (sel.leaves or set()) | chosen | set(match) | set(codec.schema.keys)
+        elif q.namespace == ns and q.localname == codec.schema.control_name:
+            sel.control = True
+        elif q.namespace == ns and q.localname == codec.schema.stats_name:
+            sel.statistics = True
+        elif q.namespace == MONITORING_NS and q.localname == "netconf-state":
+            sel.monitoring_selected = True
+            kids = {etree.QName(c).localname for c in top if isinstance(c.tag, str)}
+            sel.monitoring = kids or None
+    return sel
+
+
+def _with_defaults(op: Any) -> bool:
+    """True for report-all (RFC 6243); trim is this agent's basic mode."""
+    el = op.find(f"{{{WITH_DEFAULTS_NS}}}with-defaults")
+    if el is None:
+        return False
+    mode = (el.text or "").strip()
+    if mode not in ("trim", "report-all"):
+        raise refuse("invalid-value", f"with-defaults {mode!r}: this agent supports trim and report-all", type="protocol", info={"bad-element": "with-defaults"})
+    return mode == "report-all"
+
+
+def _encode_sessions(codec: Codec, sessions: list[NatSession], leaves: set[str] | None, report_all: bool) -> bytes:
+    if leaves is None and not report_all:
+        return codec.encode_xml(sessions, root=None)
+    # The slow, general path: chosen leaves only, or every leaf with defaults.
+    name = codec.schema.list_name
+    specs = [s for s in codec.schema.leaves if leaves is None or s.name in leaves]
+    parts = []
+    for s in sessions:
+        inner = []
+        for spec in specs:
+            v = getattr(s, spec.name)
+            if v is None or (not report_all and not spec.is_key and not spec.mandatory and v == spec.default):
+                continue
+            inner.append(f"<{spec.name}>{spec.text(v)}</{spec.name}>")
+        parts.append(f'<{name} xmlns="{codec.ns}">{"".join(inner)}</{name}>')
+    return "".join(parts).encode()
+
+
+def _encode_control(codec: Codec, values: dict[str, Any], report_all: bool) -> bytes:
+    if report_all:
+        name = codec.schema.control_name
+        inner = "".join(f"<{s.name}>{s.text(values.get(s.name, s.default))}</{s.name}>" for s in codec.schema.control_leaves)
+        return f'<{name} xmlns="{codec.ns}">{inner}</{name}>'.encode()
+    if all(values.get(s.name, s.default) == s.default for s in codec.schema.control_leaves):
+        return b""  # trim: a container holding only defaults is not shown
+    return codec.encode_control_xml(values)
+
+
+def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool) -> bytes:
+    codec = server.codec
+    sel = parse_filter(codec, op)
+    report_all = _with_defaults(op)
+    want_sessions = sel.everything or sel.sessions is not None
+    sessions, control = server.datastore.read(source, with_sessions=want_sessions)
+    parts = []
+    if want_sessions:
+        picked = select(sessions, None if sel.everything else sel.sessions)
+        parts.append(_encode_sessions(codec, picked, sel.leaves, report_all))
+    if sel.everything or sel.control:
+        parts.append(_encode_control(codec, control, report_all))
+    if state and (sel.everything or sel.statistics):
+        parts.append(codec.encode_statistics_xml(server.datastore.statistics()))
+    if state and (sel.everything or sel.monitoring_selected):
+        locks = {n: h for n in ("running", "candidate") if (h := server.datastore.lock_holder(n)) is not None}
+        parts.append(netconf_state(server.catalog, server.session_records(), locks, server.started, sel.monitoring))
+    return b"<data>" + b"".join(parts) + b"</data>"
+
+
+# --------------------------------------------------------------- operations
+
+
+def op_get(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<get>: running config and state (nat-statistics, netconf-state)."""
+    _check_params(op, {"filter", "with-defaults"})
+    return _read(server, sess, op, "running", state=True)
+
+
+def op_get_config(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<get-config>: one datastore's configuration, optionally filtered."""
+    _check_params(op, {"source", "filter", "with-defaults"})
+    return _read(server, sess, op, _datastore_param(op, "source"), state=False)
+
+
+def _edit_request(codec: Codec, config: Any) -> EditRequest:
+    """Split a <config> into list entries, whole-list operations and nat-control."""
+    op_attr = _NC + "operation"
+    req = EditRequest()
+    problems: list[Problem] = []
+    list_tag = f"{{{codec.ns}}}{codec.schema.list_name}"
+    control_tag = f"{{{codec.ns}}}{codec.schema.control_name}"
+    for child in list(config):
+        if child.tag == list_tag and not any(isinstance(c.tag, str) for c in child):
+            # <nat-session nc:operation="remove"/>: the whole list.
+            op = child.get(op_attr)
+            if op not in ("delete", "remove"):
+                problems.append(Problem("missing-element", "a list entry needs its key leaves (only delete/remove may name the whole list)", codec.schema.list_name, codec.schema.keys[0], "application"))
+            req.list_operation = op
+            config.remove(child)
+        elif child.tag == control_tag:
+            op = child.get(op_attr)
+            if op is not None and op not in ("merge", "replace", "create", "delete", "remove"):
+                problems.append(Problem("bad-attribute", f"unknown operation {op!r}", codec.schema.control_name, "", "protocol", info={"bad-attribute": "operation", "bad-element": codec.schema.control_name}))
+            req.control_operation = op
+    try:
+        req.control = codec.decode_control_xml(config)
+    except CodecError as e:
+        problems.extend(problems_of_codec(e))
+    try:
+        req.entries = codec.decode_edit_xml(config)
+    except CodecError as e:
+        problems.extend(problems_of_codec(e))
+    if problems:
+        raise DatastoreError(problems)
+    return req
+
+
+def op_edit_config(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<edit-config> with every operation, default-operation, test-option and error-option."""
+    _check_params(op, {"target", "default-operation", "test-option", "error-option", "config", "url"})
+    target = _datastore_param(op, "target")
+    default_op = _text_param(op, "default-operation", DEFAULT_OPERATIONS, "merge")
+    test_option = _text_param(op, "test-option", TEST_OPTIONS, "test-then-set")
+    error_option = _text_param(op, "error-option", ERROR_OPTIONS, "stop-on-error")
+    config = op.find(_NC + "config")
+    if config is None:
+        if op.find(_NC + "url") is not None:
+            raise refuse("operation-not-supported", "the :url capability is not supported", type="protocol", info={"bad-element": "url"})
+        raise refuse("missing-element", "<config> is required", type="protocol", info={"bad-element": "config"})
+    req = _edit_request(server.codec, config)
+    t0 = time.perf_counter()
+    plan = server.datastore.edit(target, req, sess.sid, default_op, test_option, error_option)
+    log.info("%s edit-config %s (%s%s): %d entries in request, %d written, %d deleted%s in %.3f s",
+             sess.who, target, default_op, ", test-only" if test_option == "test-only" else "", len(req.entries),
+             len(plan.upserts), len(plan.deletes), ", nat-control changed" if plan.control is not None else "", time.perf_counter() - t0)
+    return b"<ok/>"
+
+
+def op_lock(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<lock> of running or candidate."""
+    _check_params(op, {"target"})
+    name = _datastore_param(op, "target")
+    server.datastore.lock(name, sess.sid)
+    log.info("%s locked %s", sess.who, name)
+    return b"<ok/>"
+
+
+def op_unlock(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<unlock> of a datastore this session locked."""
+    _check_params(op, {"target"})
+    name = _datastore_param(op, "target")
+    server.datastore.unlock(name, sess.sid)
+    log.info("%s unlocked %s", sess.who, name)
+    return b"<ok/>"
+
+
+def op_commit(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<commit>: the candidate's changes onto running, all or nothing."""
+    _check_params(op, set())
+    plan = server.datastore.commit(sess.sid)
+    log.info("%s commit: %d written, %d deleted", sess.who, len(plan.upserts), len(plan.deletes))
+    return b"<ok/>"
+
+
+def op_discard(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<discard-changes>: the candidate back to running."""
+    _check_params(op, set())
+    server.datastore.discard(sess.sid)
+    log.info("%s discard-changes", sess.who)
+    return b"<ok/>"
+
+
+def op_close_session(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<close-session>: reply ok, then the server closes the session."""
+    sess.closing = True
+    return b"<ok/>"
+
+
+def op_kill_session(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<kill-session>: end another session, releasing its locks."""
+    _check_params(op, {"session-id"})
+    el = op.find(_NC + "session-id")
+    if el is None:
+        raise refuse("missing-element", "<session-id> is required", type="protocol", info={"bad-element": "session-id"})
+    text = (el.text or "").strip()
+    if not text.isdigit() or int(text) == 0:
+        raise refuse("invalid-value", f"session-id {text!r} is not a session number", type="protocol", info={"bad-element": "session-id"})
+    sid = int(text)
+    if sid == sess.sid:
+        raise refuse("invalid-value", "a session cannot kill itself (use close-session)", type="protocol", info={"bad-element": "session-id"})
+    if not server.kill(sid):
+        raise refuse("invalid-value", f"there is no session {sid}", type="protocol", info={"bad-element": "session-id"})
+    log.info("%s killed session %d", sess.who, sid)
+    return b"<ok/>"
+
+
+def op_get_schema(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<get-schema> (RFC 6022): the YANG text of a served module."""
+    m = f"{{{MONITORING_NS}}}"
+    for c in op:
+        if isinstance(c.tag, str) and c.tag not in (m + "identifier", m + "version", m + "format"):
+            raise refuse("unknown-element", f"<get-schema> takes no parameter <{etree.QName(c).localname}>", type="protocol", info={"bad-element": etree.QName(c).localname})
+    ident = op.findtext(m + "identifier")
+    if not ident:
+        raise refuse("missing-element", "<identifier> is required", type="protocol", info={"bad-element": "identifier"})
+    fmt = (op.findtext(m + "format") or "yang").strip()
+    if fmt.rpartition(":")[2] != "yang":
+        raise refuse("invalid-value", f"format {fmt!r}: only yang is served", type="protocol", info={"bad-element": "format"})
+    found = server.catalog.find(ident.strip(), (op.findtext(m + "version") or "").strip() or None)
+    if not found:
+        raise refuse("invalid-value", f"no schema {ident!r} with that version", type="protocol", info={"bad-element": "identifier"})
+    if len(found) > 1:
+        raise refuse("operation-failed", f"several versions of {ident!r}; give <version>", type="protocol", app_tag="data-not-unique")
+    log.info("%s get-schema %s@%s", sess.who, found[0].identifier, found[0].version)
+    return f'<data xmlns="{MONITORING_NS}">{escape(found[0].text)}</data>'.encode()
+
+
+def op_create_subscription(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<create-subscription> (RFC 5277) on stream NETCONF, without replay."""
+    n = f"{{{NOTIFICATION_NS}}}"
+    for c in op:
+        if not isinstance(c.tag, str):
+            continue
+        q = etree.QName(c)
+        if q.namespace != NOTIFICATION_NS or q.localname not in ("stream", "filter", "startTime", "stopTime"):
+            raise refuse("unknown-element", f"<create-subscription> takes no parameter <{q.localname}>", type="protocol", info={"bad-element": q.localname})
+    stream = (op.findtext(n + "stream") or "NETCONF").strip()
+    if stream not in STREAMS:
+        raise refuse("invalid-value", f"no stream {stream!r} (streams: {', '.join(STREAMS)})", type="protocol", info={"bad-element": "stream"})
+    if op.find(n + "startTime") is not None:
+        raise refuse("operation-failed", "replay is not supported (no :replay capability): startTime is not allowed", type="protocol", info={"bad-element": "startTime"})
+    if op.find(n + "stopTime") is not None:
+        raise refuse("bad-element", "stopTime without startTime", type="protocol", info={"bad-element": "stopTime"})
+    if op.find(n + "filter") is not None:
+        raise refuse("operation-not-supported", "notification filters are not supported: every nat-session-event is sent", type="protocol", info={"bad-element": "filter"})
+    if server.hub.subscribed(sess.sid):
+        raise refuse("in-use", "this session already has a subscription", type="protocol")
+    sess.subscribed = True
+    server.hub.subscribe(sess.sid, sess.deliver)
+    log.info("%s subscribed to stream %s", sess.who, stream)
+    return b"<ok/>"
+
+
+Handler = Callable[[Server, SessionState, Any], bytes]
+
+#: (namespace, operation) -> handler: the whole of what the agent does.
+TABLE: dict[tuple[str, str], Handler] = {
+    (NETCONF_NS, "get"): op_get,
+    (NETCONF_NS, "get-config"): op_get_config,
+    (NETCONF_NS, "edit-config"): op_edit_config,
+    (NETCONF_NS, "lock"): op_lock,
+    (NETCONF_NS, "unlock"): op_unlock,
+    (NETCONF_NS, "commit"): op_commit,
+    (NETCONF_NS, "discard-changes"): op_discard,
+    (NETCONF_NS, "close-session"): op_close_session,
+    (NETCONF_NS, "kill-session"): op_kill_session,
+    (MONITORING_NS, "get-schema"): op_get_schema,
+    (NOTIFICATION_NS, "create-subscription"): op_create_subscription,
+}
+
+
+def handle_message(server: Server, sess: SessionState, message: bytes) -> bytes:
+    """One framed message in, one rpc-reply out (never raises for bad input)."""
+    codec = server.codec
+    rec = sess.record
+    try:
+        root = etree.fromstring(message, _PARSER)
+    except etree.XMLSyntaxError as e:
+        rec.in_bad_rpcs += 1
+        rec.out_rpc_errors += 1
+        log.info("%s sent malformed XML: %s", sess.who, e)
+        return error_reply(codec, [Problem("malformed-message", f"malformed XML: {e}", type="rpc")])
+    if root.tag != _NC + "rpc":
+        rec.in_bad_rpcs += 1
+        rec.out_rpc_errors += 1
+        return error_reply(codec, [Problem("malformed-message", f"expected <rpc> in namespace {NETCONF_NS}, got {root.tag}", type="rpc")])
+    attrs = _attrs_of(root)
+    if root.get("message-id") is None:
+        rec.in_bad_rpcs += 1
+        rec.out_rpc_errors += 1
+        return error_reply(codec, [Problem("missing-attribute", "<rpc> needs a message-id attribute", type="rpc", info={"bad-attribute": "message-id", "bad-element": "rpc"})], attrs)
+    ops = [c for c in root if isinstance(c.tag, str)]
+    rec.in_rpcs += 1
+    try:
+        if len(ops) != 1:
+            raise refuse("malformed-message", f"<rpc> must hold exactly one operation, found {len(ops)}", type="rpc")
+        op = ops[0]
+        q = etree.QName(op)
+        handler = TABLE.get((q.namespace or "", q.localname))
+        if handler is None:
+            raise refuse("operation-not-supported", f"operation <{q.localname}> in namespace {q.namespace!r} is not supported", type="protocol", info={"bad-element": q.localname})
+        return _reply(attrs, handler(server, sess, op))
+    except DatastoreError as e:
+        rec.out_rpc_errors += 1
+        log.info("%s %s refused: %s", sess.who, etree.QName(ops[0]).localname if ops else "rpc", e)
+        return error_reply(codec, e.problems, attrs)
+    except Exception as e:  # a bug must cost one reply, not the session
+        rec.out_rpc_errors += 1
+        log.exception("%s: internal error", sess.who)
+        return error_reply(codec, [Problem("operation-failed", f"internal error: {type(e).__name__}: {e}")], attrs)

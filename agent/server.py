@@ -1,0 +1,303 @@
+"""The SSH side of the agent: asyncssh with the ``netconf`` subsystem (RFC 6242).
+
+Each SSH channel that asks for the ``netconf`` subsystem becomes one NETCONF
+session: hello exchange (choosing base:1.0 or base:1.1 framing), then one
+RPC at a time handed to :mod:`.rpc` in a worker thread, so a large
+get-config of one session never stops the event loop that serves the others.
+A session that breaks (a client vanishing mid-message, a framing error, an
+oversized message, idle timeout) is closed alone and its locks released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import asyncssh
+from lxml import etree
+
+from ..codec import NETCONF_NS, Codec
+from ..errors import AgentError
+from .auth import Authenticator, load_or_create_host_key
+from .datastore import Datastore, Problem
+from .framing import Deframer, FramingError, MessageTooBig, frame
+from .monitoring import BASE_10, BASE_11, Catalog, SessionRecord
+from .notifications import INTERLEAVE_CAPABILITY, NOTIFICATION_CAPABILITY, NotificationHub
+from .provider import SessionProvider
+from .rpc import SessionState, error_reply, handle_message
+
+log = logging.getLogger(__name__)
+
+OPTIONAL_CAPABILITIES = [
+    "urn:ietf:params:netconf:capability:candidate:1.0",
+    "urn:ietf:params:netconf:capability:rollback-on-error:1.0",
+    NOTIFICATION_CAPABILITY,
+    INTERLEAVE_CAPABILITY,
+    "urn:ietf:params:netconf:capability:with-defaults:1.0?basic-mode=trim&also-supported=report-all",
+]
+_HELLO_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+
+
+@dataclass
+class AgentConfig:
+    """Where the agent listens, its credentials and its limits."""
+
+    host: str = "0.0.0.0"
+    port: int = 830
+    host_key: str = "agent_host_key"
+    passwords: str | None = None
+    authorized_keys: str | None = None
+    max_message: int = 256 << 20  # a 100k-session edit-config is ~35 MB
+    max_sessions: int = 16
+    idle_timeout: float = 1800.0
+    hello_timeout: float = 30.0
+
+
+class _SSHServer(asyncssh.SSHServer):
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.method = "?"
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        conn.set_extra_info(natmig_auth=self)
+
+    def begin_auth(self, username: str) -> bool:
+        keys = self.auth.authorized_keys()
+        if keys is not None and self.conn is not None:
+            self.conn.set_authorized_keys(keys)
+        return True  # authentication is always required
+
+    def password_auth_supported(self) -> bool:
+        return self.auth.passwords_path is not None
+
+    def validate_password(self, username: str, password: str) -> bool:
+        ok = self.auth.check_password(username, password)
+        peer = self.conn.get_extra_info("peername") if self.conn else "?"
+        if ok:
+            self.method = "password"
+        else:
+            log.warning("password refused for %r from %s", username, peer)
+        return ok
+
+    def public_key_auth_supported(self) -> bool:
+        return self.auth.keys_path is not None
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # Only reached for keys not in the authorized_keys set of begin_auth.
+        return False
+
+    def auth_completed(self) -> None:
+        if self.method == "?":
+            self.method = "publickey"
+
+
+class _Session:
+    """One NETCONF session on one SSH channel."""
+
+    def __init__(self, agent: "Agent", process: asyncssh.SSHServerProcess, sid: int) -> None:
+        self.agent = agent
+        self.process = process
+        self.loop = asyncio.get_running_loop()
+        peer = process.get_extra_info("peername") or ("?", 0)
+        user = process.get_extra_info("username") or "?"
+        self.state = SessionState(SessionRecord(sid, user, str(peer[0]), time.time()), deliver=self._deliver_threadsafe)
+        self.deframer = Deframer(agent.config.max_message)
+        self.chunked = False
+        self.notify_ready = False
+        self.pending: list[bytes] = []
+        self.last_input = time.monotonic()
+        self.ended = asyncio.Event()
+
+    @property
+    def who(self) -> str:
+        return self.state.who
+
+    def _write(self, message: bytes) -> None:
+        if not self.process.is_closing():
+            self.process.stdout.write(frame(message, self.chunked))
+
+    def _deliver_threadsafe(self, message: bytes) -> None:
+        self.loop.call_soon_threadsafe(self._deliver, message)
+
+    def _deliver(self, message: bytes) -> None:
+        # RFC 5277: no notification before the create-subscription reply.
+        if not self.notify_ready:
+            self.pending.append(message)
+            return
+        self.state.record.out_notifications += 1
+        self._write(message)
+
+    def kill(self) -> None:
+        log.info("%s killed", self.who)
+        self.process.close()
+
+    async def run(self) -> None:
+        try:
+            self._write(self.agent.catalog.hello(self.state.sid))
+            await self._hello()
+            while not self.state.closing:
+                msg = self.deframer.next_message()
+                if msg is None:
+                    await self._read_more(self._idle_timeout())
+                    continue
+                self.last_input = time.monotonic()
+                reply = await self.loop.run_in_executor(None, handle_message, self.agent, self.state, msg)
+                self._write(reply)
+                await self.process.stdout.drain()
+                if self.state.subscribed and not self.notify_ready:
+                    self.notify_ready = True
+                    for m in self.pending:
+                        self._deliver(m)
+                    self.pending.clear()
+        except MessageTooBig as e:
+            log.warning("%s: %s; closing the session", self.who, e)
+            # RFC 6241 has no way to resync after an unread message: say why, then close.
+            self._write(error_reply(self.agent.codec, [Problem("too-big", str(e), type="transport")]))
+        except FramingError as e:
+            log.warning("%s: framing error, closing: %s", self.who, e)
+        except _SessionEnd as e:
+            log.info("%s: %s", self.who, e)
+        except (asyncssh.Error, ConnectionError, BrokenPipeError) as e:
+            log.info("%s: connection lost: %s", self.who, e)
+        finally:
+            self.agent.hub.unsubscribe(self.state.sid)
+            self.agent.datastore.release_session(self.state.sid)
+            if not self.process.is_closing():
+                self.process.exit(0)
+            log.info("%s closed", self.who)
+
+    def _idle_timeout(self) -> float | None:
+        if self.state.subscribed:
+            return None  # a subscriber listens; silence is its normal state
+        return self.agent.config.idle_timeout
+
+    async def _read_more(self, timeout: float | None) -> None:
+        try:
+            data = await asyncio.wait_for(self.process.stdin.read(1 << 18), timeout)
+        except asyncio.TimeoutError:
+            raise _SessionEnd(f"idle for {timeout:.0f} s, closing") from None
+        if not data:
+            if self.deframer.pending:
+                raise _SessionEnd(f"client went away in the middle of a message ({self.deframer.pending} bytes unread)")
+            raise _SessionEnd("client closed the channel")
+        self.deframer.feed(data)
+
+    async def _hello(self) -> None:
+        deadline = self.agent.config.hello_timeout
+        while (msg := self.deframer.next_message()) is None:
+            await self._read_more(deadline)
+        try:
+            root = etree.fromstring(msg, _HELLO_PARSER)
+        except etree.XMLSyntaxError as e:
+            raise _SessionEnd(f"malformed hello: {e}") from None
+        if root.tag != f"{{{NETCONF_NS}}}hello":
+            raise _SessionEnd(f"expected <hello>, got {root.tag}")
+        if root.find(f"{{{NETCONF_NS}}}session-id") is not None:
+            raise _SessionEnd("client hello carries a session-id (RFC 6241 8.1): closing")
+        caps = {(c.text or "").strip() for c in root.iter(f"{{{NETCONF_NS}}}capability")}
+        if BASE_11 in caps:
+            self.chunked = True
+            self.deframer.chunked = True
+        elif BASE_10 not in caps:
+            raise _SessionEnd("client hello announces neither base:1.0 nor base:1.1")
+        rec = self.state.record
+        log.info("%s opened: %s authentication, %s framing", self.who,
+                 getattr(self.process.get_extra_info("natmig_auth"), "method", "?"),
+                 "base:1.1 chunked" if self.chunked else "base:1.0 end-of-message")
+        del rec
+
+
+class _SessionEnd(Exception):
+    """The session ends normally or by policy; the message says why."""
+
+
+class Agent:
+    """A NETCONF agent over one session provider."""
+
+    def __init__(self, config: AgentConfig, provider: SessionProvider, codec: Codec) -> None:
+        self.config = config
+        self.provider = provider
+        self.codec = codec
+        self.datastore = Datastore(provider, codec)
+        self.catalog = Catalog(codec.schema, OPTIONAL_CAPABILITIES)
+        self.hub = NotificationHub(provider, codec)
+        self.auth = Authenticator(config.passwords, config.authorized_keys)
+        self.host_key = load_or_create_host_key(config.host_key)
+        self.started = time.time()
+        self.sessions: dict[int, _Session] = {}
+        self._next_sid = 1
+        self._server: asyncssh.SSHAcceptor | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    # The rpc layer's view (see rpc.Server).
+    def kill(self, sid: int) -> bool:
+        """End session ``sid`` (called from a worker thread)."""
+        sess = self.sessions.get(sid)
+        if sess is None or self.loop is None:
+            return False
+        self.loop.call_soon_threadsafe(sess.kill)
+        return True
+
+    def session_records(self) -> list[SessionRecord]:
+        """netconf-state records of the open sessions."""
+        return [s.state.record for s in list(self.sessions.values())]
+
+    async def _process(self, process: asyncssh.SSHServerProcess) -> None:
+        if process.subsystem != "netconf":
+            process.stderr.write(b"this server only offers the netconf subsystem\n")
+            process.exit(1)
+            return
+        if len(self.sessions) >= self.config.max_sessions:
+            log.warning("refusing a session from %s: %d sessions open (limit)", process.get_extra_info("peername"), len(self.sessions))
+            process.exit(1)
+            return
+        sid = self._next_sid
+        self._next_sid += 1
+        sess = _Session(self, process, sid)
+        self.sessions[sid] = sess
+        try:
+            await sess.run()
+        finally:
+            self.sessions.pop(sid, None)
+
+    async def start(self) -> None:
+        """Listen (returns once the socket is bound)."""
+        self.loop = asyncio.get_running_loop()
+        try:
+            self._server = await asyncssh.create_server(
+                lambda: _SSHServer(self.auth), self.config.host, self.config.port,
+                server_host_keys=[self.host_key], process_factory=self._process, encoding=None,
+                allow_pty=False, agent_forwarding=False, x11_forwarding=False, line_editor=False,
+                keepalive_interval=30, keepalive_count_max=4, login_timeout=30,
+            )
+        except OSError as e:
+            raise AgentError(f"cannot listen on {self.config.host}:{self.config.port}: {e}") from e
+        log.info("NETCONF agent listening on %s:%d (host key %s, %s)", self.config.host, self.config.port,
+                 self.config.host_key, self.host_key.get_fingerprint())
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    async def serve_forever(self) -> None:
+        """Start and serve until cancelled."""
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop listening, end every session, stop the event watch."""
+        self.hub.close()
+        for s in list(self.sessions.values()):
+            s.kill()
+        if self._server is not None:
+            self._server.close()
