@@ -100,7 +100,7 @@ class Testbed:
         state = _read_json(state_root / prefix / "state.json")
         if not state or "topology_text" not in state:
             raise TestbedError(f"no testbed with prefix {prefix} (no state in {state_root / prefix})")
-        return cls(topology.loads(state["topology_text"], state.get("topology_file", "<state>")), prefix, state_root)
+        return cls(topology.load_text(state["topology_text"], state.get("topology_file", "<state>")), prefix, state_root)
 
     def __enter__(self) -> "Testbed":
         try:

@@ -318,11 +318,33 @@ def loads(text: str, source: str = "<string>") -> Topology:
     return parse(doc, source, text)
 
 
+def loads_yaml(text: str, source: str = "<string>") -> Topology:
+    """Parse and validate topology YAML text (the same fields as the TOML form)."""
+    import yaml  # only YAML topologies need it
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise TopologyError(source, [f"not valid YAML: {e}"]) from None
+    if not isinstance(doc, dict):
+        raise TopologyError(source, [f"the document must be a mapping, not {type(doc).__name__}"])
+    return parse(doc, source, text)
+
+
+#: Reader by file suffix; anything else is read as TOML.
+_READERS: dict[str, Callable[[str, str], Topology]] = {".yaml": loads_yaml, ".yml": loads_yaml}
+
+
 def load(path: str | Path | None = None) -> Topology:
-    """Read and validate a topology file; None is the default demo topology."""
+    """Read and validate a topology file (TOML, or YAML by its .yaml/.yml suffix); None is the default demo."""
     p = Path(path) if path is not None else DEFAULT_TOPOLOGY
     try:
         text = p.read_text()
     except OSError as e:
         raise TopologyError(str(p), [f"cannot read the file: {e.strerror or e}"]) from None
-    return loads(text, str(p))
+    return _READERS.get(p.suffix.lower(), loads)(text, str(p))
+
+
+def load_text(text: str, source: str) -> Topology:
+    """Parse topology text saved from a file named ``source`` (format chosen by its suffix)."""
+    return _READERS.get(Path(source).suffix.lower(), loads)(text, source)

@@ -114,6 +114,22 @@ def test_unreadable_or_invalid_toml_names_the_file(tmp_path):
         topology.load(bad)
 
 
+def test_yaml_topologies_read_like_toml_ones(tmp_path):
+    import yaml
+
+    f = tmp_path / "demo.yaml"
+    f.write_text(yaml.safe_dump(DEMO))
+    t = topology.load(f)
+    assert t.hosts == topology.load(None).hosts and t.nats == topology.load(None).nats
+    assert topology.load_text(t.text, str(f)) == t
+    f.write_text(yaml.safe_dump(_doc(nats__nat2__ports="1-2-3")))
+    with pytest.raises(TopologyError, match=r"nats\.nat2\.ports: '1-2-3' is not a port range"):
+        topology.load(f)
+    f.write_text("- just\n- a list\n")
+    with pytest.raises(TopologyError, match="must be a mapping"):
+        topology.load(f)
+
+
 def test_cli_refuses_a_bad_topology_file_naming_the_field(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text(topology.DEFAULT_TOPOLOGY.read_text().replace('address = "10.0.0.10"', 'address = "10.9.0.10"'))
