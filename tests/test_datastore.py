@@ -1,0 +1,215 @@
+"""Datastore semantics over MemoryProvider: edit-config operations, all-or-nothing, candidate, locks."""
+
+from __future__ import annotations
+
+import pytest
+
+from natmig.agent.datastore import Datastore, DatastoreError, EditRequest, select
+from natmig.agent.provider import MemoryProvider
+from natmig.codec import EditEntry, default_codec
+from natmig.model import NatSession
+
+
+def S(port: int, pub: int | None = None, **kw) -> NatSession:
+    return NatSession("TCP", "10.0.0.2", port, "198.51.100.1", 80, kw.pop("addr", "203.0.113.1"), pub or 20000 + port, "ESTABLISHED", kw.pop("timeout", 100), **kw)
+
+
+def E(s: NatSession, op: str | None = None, **only) -> EditEntry:
+    values = {k: v for k, v in zip(("protocol", "src_address", "src_port", "dst_address", "dst_port"), s.key)}
+    if not only:
+        values.update(translated_address=s.translated_address, translated_port=s.translated_port, tcp_state=s.tcp_state, timeout=s.timeout)
+    values.update(only)
+    return EditEntry(op, s.key, values)
+
+
+@pytest.fixture
+def ds() -> Datastore:
+    p = MemoryProvider(owned={"203.0.113.1"})
+    p.apply([S(1), S(2), S(3)])
+    return Datastore(p, default_codec())
+
+
+def table(ds: Datastore, source: str = "running") -> dict:
+    return {s.key: s for s in ds.read(source)[0]}
+
+
+def tags(e: pytest.ExceptionInfo) -> list[str]:
+    return [p.tag for p in e.value.problems]
+
+
+def test_merge_changes_only_the_named_leaves(ds: Datastore) -> None:
+    ds.edit("running", EditRequest([E(S(1), "merge", mark=7)]), sid=1)
+    assert table(ds)[S(1).key] == S(1, mark=7)
+
+
+def test_replace_drops_leaves_not_given(ds: Datastore) -> None:
+    new = NatSession(*S(1).key, "203.0.113.1", 20001)
+    ds.edit("running", EditRequest([EditEntry("replace", new.key, {"protocol": "TCP", "src_address": "10.0.0.2", "src_port": 1, "dst_address": "198.51.100.1", "dst_port": 80, "translated_address": "203.0.113.1", "translated_port": 20001})]), sid=1)
+    got = table(ds)[new.key]
+    assert got.timeout is None and got.tcp_state == "ESTABLISHED"  # the default
+
+
+def test_create_existing_is_data_exists_and_nothing_applied(ds: Datastore) -> None:
+    before = table(ds)
+    with pytest.raises(DatastoreError) as e:
+        ds.edit("running", EditRequest([E(S(9), "create"), E(S(1), "create")]), sid=1)
+    assert tags(e) == ["data-exists"]
+    assert table(ds) == before
+
+
+def test_delete_missing_is_data_missing_remove_is_not(ds: Datastore) -> None:
+    with pytest.raises(DatastoreError) as e:
+        ds.edit("running", EditRequest([E(S(9), "delete")]), sid=1)
+    assert tags(e) == ["data-missing"]
+    ds.edit("running", EditRequest([E(S(9), "remove"), E(S(1), "delete")]), sid=1)
+    assert set(table(ds)) == {S(2).key, S(3).key}
+
+
+def test_default_operation_replace_makes_the_list_exactly_the_request(ds: Datastore) -> None:
+    ds.edit("running", EditRequest([E(S(5))]), sid=1, default_operation="replace")
+    assert list(table(ds)) == [S(5).key]
+
+
+def test_default_operation_none_needs_existing_entries(ds: Datastore) -> None:
+    with pytest.raises(DatastoreError) as e:
+        ds.edit("running", EditRequest([E(S(8))]), sid=1, default_operation="none")
+    assert tags(e) == ["data-missing"]
+    ds.edit("running", EditRequest([E(S(1)), E(S(8), "create")]), sid=1, default_operation="none")
+    assert S(8).key in table(ds)
+
+
+def test_whole_list_remove_and_delete(ds: Datastore) -> None:
+    ds.edit("running", EditRequest(list_operation="remove"), sid=1)
+    assert table(ds) == {}
+    with pytest.raises(DatastoreError) as e:
+        ds.edit("running", EditRequest(list_operation="delete"), sid=1)
+    assert tags(e) == ["data-missing"]
+
+
+def test_missing_mandatory_leaf_on_create(ds: Datastore) -> None:
+    with pytest.raises(DatastoreError) as e:
+        ds.edit("running", EditRequest([E(S(9), "create", translated_address="203.0.113.1")]), sid=1)
+    assert tags(e) == ["missing-element"]
+    assert e.value.problems[0].leaf == "translated_port"
+
+
+def test_conflicting_public_port_refuses_the_whole_edit(ds: Datastore) -> None:
+    before = table(ds)
+    with pytest.raises(DatastoreError) as e:
+        # S(9) would take S(1)'s public port; S(10) is fine but must not be applied either.
+        ds.edit("running", EditRequest([E(S(10)), E(S(9, pub=20001))]), sid=1)
+    assert tags(e) == ["operation-failed"]
+    assert e.value.problems[0].app_tag == "data-not-unique"
+    assert table(ds) == before
+
+
+def test_public_port_freed_by_a_delete_in_the_same_edit_can_be_reused(ds: Datastore) -> None:
+    ds.edit("running", EditRequest([E(S(1), "delete"), E(S(9, pub=20001))]), sid=1)
+    assert table(ds)[S(9).key].translated_port == 20001
+
+
+def test_foreign_translated_address_is_invalid_value(ds: Datastore) -> None:
+    with pytest.raises(DatastoreError) as e:
+        ds.edit("running", EditRequest([E(S(9, addr="203.0.113.99"))]), sid=1)
+    assert tags(e) == ["invalid-value"] and e.value.problems[0].leaf == "translated_address"
+
+
+def test_provider_failure_half_way_rolls_back_the_deletes() -> None:
+    class Failing(MemoryProvider):
+        def apply(self, sessions):  # noqa: ANN001 - test double
+            if any(s.src_port == 9 for s in sessions):
+                raise __import__("natmig.agent.provider", fromlist=["ApplyError"]).ApplyError({sessions[0].key: "kernel said no"})
+            return super().apply(sessions)
+
+    p = Failing(owned={"203.0.113.1"})
+    p.apply([S(1), S(2)])
+    ds = Datastore(p, default_codec())
+    before = table(ds)
+    with pytest.raises(DatastoreError):
+        ds.edit("running", EditRequest([E(S(1), "delete"), E(S(9))]), sid=1)
+    assert table(ds) == before
+
+
+def test_test_only_applies_nothing(ds: Datastore) -> None:
+    before = table(ds)
+    ds.edit("running", EditRequest([E(S(9))]), sid=1, test_option="test-only")
+    assert table(ds) == before
+
+
+def test_continue_on_error_applies_the_good_part_and_reports_the_rest(ds: Datastore) -> None:
+    with pytest.raises(DatastoreError) as e:
+        ds.edit("running", EditRequest([E(S(9)), E(S(1), "create")]), sid=1, error_option="continue-on-error")
+    assert tags(e) == ["data-exists"]
+    assert S(9).key in table(ds)
+
+
+def test_candidate_is_staged_until_commit(ds: Datastore) -> None:
+    ds.edit("candidate", EditRequest([E(S(9)), E(S(1), "delete")]), sid=1)
+    assert S(9).key not in table(ds)
+    assert S(9).key in table(ds, "candidate") and S(1).key not in table(ds, "candidate")
+    ds.commit(sid=1)
+    assert S(9).key in table(ds) and S(1).key not in table(ds)
+
+
+def test_commit_keeps_sessions_created_on_running_meanwhile(ds: Datastore) -> None:
+    ds.edit("candidate", EditRequest([E(S(9))]), sid=1)
+    ds.provider.apply([S(20)])  # traffic opened a session after the candidate was copied
+    ds.commit(sid=1)
+    assert {S(9).key, S(20).key} <= set(table(ds))
+
+
+def test_discard_changes(ds: Datastore) -> None:
+    ds.edit("candidate", EditRequest([E(S(9))]), sid=1)
+    ds.discard(sid=1)
+    assert table(ds, "candidate") == table(ds)
+
+
+def test_nat_control_goes_to_the_provider(ds: Datastore) -> None:
+    ds.edit("running", EditRequest(control={"admit-new-sessions": False}), sid=1)
+    assert ds.provider.admission() is False
+    ds.edit("candidate", EditRequest(control={"admit-new-sessions": True}), sid=1)
+    assert ds.provider.admission() is False
+    ds.commit(sid=1)
+    assert ds.provider.admission() is True
+
+
+def test_locks(ds: Datastore) -> None:
+    ds.lock("running", 1)
+    with pytest.raises(DatastoreError) as e:
+        ds.lock("running", 2)
+    assert tags(e) == ["lock-denied"] and e.value.problems[0].info["session-id"] == "1"
+    with pytest.raises(DatastoreError) as e:
+        ds.edit("running", EditRequest([E(S(9))]), sid=2)
+    assert tags(e) == ["in-use"]
+    with pytest.raises(DatastoreError):
+        ds.unlock("running", 2)
+    ds.edit("running", EditRequest([E(S(9))]), sid=1)
+    ds.release_session(1)
+    ds.lock("running", 2)
+
+
+def test_candidate_with_changes_cannot_be_locked_and_session_end_discards(ds: Datastore) -> None:
+    ds.edit("candidate", EditRequest([E(S(9))]), sid=1)
+    with pytest.raises(DatastoreError) as e:
+        ds.lock("candidate", 2)
+    assert tags(e) == ["lock-denied"]
+    ds.discard(sid=1)
+    ds.lock("candidate", 1)
+    ds.edit("candidate", EditRequest([E(S(9))]), sid=1)
+    ds.release_session(1)  # killed or closed while holding the candidate lock
+    assert S(9).key not in table(ds, "candidate")
+
+
+def test_unknown_datastore(ds: Datastore) -> None:
+    with pytest.raises(DatastoreError) as e:
+        ds.read("startup")
+    assert tags(e) == ["invalid-value"]
+
+
+def test_select() -> None:
+    rows = [S(1), S(2), NatSession("UDP", "10.0.0.3", 53, "198.51.100.2", 53, "203.0.113.1", 21000)]
+    assert select(rows, None) == rows
+    assert select(rows, []) == []
+    assert select(rows, [{"protocol": "UDP"}]) == rows[2:]
+    assert select(rows, [{"src_port": 1}, {"src_port": 2}]) == rows[:2]
+    assert select(rows, [{"src_port": 1, "protocol": "UDP"}]) == []

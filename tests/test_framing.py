@@ -1,0 +1,83 @@
+"""RFC 6242 framing: both framings, split feeds, the switch after hello, bad and oversized input."""
+
+from __future__ import annotations
+
+import pytest
+
+from natmig.agent.framing import EOM, Deframer, FramingError, MessageTooBig, frame
+
+
+def _all(d: Deframer) -> list[bytes]:
+    out = []
+    while (m := d.next_message()) is not None:
+        out.append(m)
+    return out
+
+
+def test_eom_round_trip_byte_by_byte() -> None:
+    d = Deframer()
+    wire = frame(b"<a/>", False) + frame(b"<b>]]></b>", False)
+    got = []
+    for i in range(len(wire)):
+        d.feed(wire[i : i + 1])
+        got += _all(d)
+    # The second message contains "]]>" but not the full mark, so it is one message.
+    assert got == [b"<a/>", b"<b>]]></b>"]
+
+
+def test_chunked_several_chunks_make_one_message() -> None:
+    d = Deframer()
+    d.chunked = True
+    tail = b' message-id="1"/>'
+    d.feed(b"\n#4\n<rpc\n#%d\n%s\n##\n" % (len(tail), tail))
+    assert _all(d) == [b'<rpc message-id="1"/>']
+
+
+def test_chunked_split_anywhere() -> None:
+    wire = frame(b"x" * 1000, True) + frame(b"hello", True)
+    for cut in (1, 2, 3, 5, 7, 500, len(wire) - 3):
+        d = Deframer()
+        d.chunked = True
+        d.feed(wire[:cut])
+        got = _all(d)
+        d.feed(wire[cut:])
+        assert got + _all(d) == [b"x" * 1000, b"hello"]
+
+
+def test_switch_to_chunked_keeps_bytes_after_hello() -> None:
+    # The client's first chunked rpc may arrive in the same read as its hello.
+    d = Deframer()
+    d.feed(b"<hello/>" + EOM + frame(b"<rpc/>", True))
+    assert d.next_message() == b"<hello/>"
+    d.chunked = True
+    assert d.next_message() == b"<rpc/>"
+
+
+@pytest.mark.parametrize("wire", [b"#4\n<rpc", b"\n#0\n", b"\n#04\nabcd", b"\n#x\n", b"\n##\n", b"\n#12345678901234\n"])
+def test_bad_chunk_headers_are_refused(wire: bytes) -> None:
+    d = Deframer()
+    d.chunked = True
+    d.feed(wire)
+    with pytest.raises(FramingError):
+        _all(d)
+
+
+def test_too_big_chunked_is_refused_before_it_is_read() -> None:
+    d = Deframer(max_message=100)
+    d.chunked = True
+    d.feed(b"\n#101\n")  # the header alone says it is too big
+    with pytest.raises(MessageTooBig):
+        d.next_message()
+
+
+def test_too_big_eom_is_refused_without_waiting_for_the_mark() -> None:
+    d = Deframer(max_message=100)
+    with pytest.raises(MessageTooBig):
+        d.feed(b"x" * 200)
+
+
+def test_message_at_the_limit_passes() -> None:
+    d = Deframer(max_message=100)
+    d.chunked = True
+    d.feed(frame(b"y" * 100, True))
+    assert d.next_message() == b"y" * 100
