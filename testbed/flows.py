@@ -1,12 +1,15 @@
 """The OpenFlow graph of a testbed, computed without touching a switch.
 
-Each data network is one broadcast domain made of its hosts' switch ports
-and the matching leg of the active NAT node; a frame entering one member is
-output to every other member (a hub: no learning state that could go stale
-when the NAT changes).  The idle NAT node's ports are in no domain, so the
-switch drops what it sends and sends it nothing.  Moving traffic to another
-NAT node is replacing this table with the one planned for that node, in one
-OpenFlow bundle (see :meth:`natmig.testbed.ovs.Ovs.replace_flows`).
+Each data network is a hub (no learning state that could go stale when the
+NAT changes): a frame from a host goes to the other hosts of its network and
+to the active NAT node's leg on it (the *steering* flows); a frame from any
+NAT node's leg goes to the hosts of that network (the *return* flows, the
+same for every NAT node at all times, so packets still in flight through the
+old node when traffic moves are delivered, not dropped).  The switch sends
+nothing to an idle NAT node.  Moving traffic to another NAT node is
+replacing this table with the one planned for that node in one OpenFlow
+bundle (see :meth:`natmig.testbed.ovs.Ovs.replace_flows`); only the steering
+flows differ, and both directions change in the same bundle.
 """
 
 from __future__ import annotations
@@ -46,23 +49,23 @@ def plan(topo: Topology, active: str) -> str:
     ports = port_names(topo)
     lines = []
     for network in NETWORKS:
-        members = [ports[h.name] for h in topo.hosts_on(network)] + [ports[nat_port(active, network)]]
-        for p in members:
-            out = ",".join(f"output:{q}" for q in members if q != p)
+        hosts = [ports[h.name] for h in topo.hosts_on(network)]
+        for p in hosts:
+            out = ",".join(f"output:{q}" for q in [*hosts, ports[nat_port(active, network)]] if q != p)
             lines.append(f"cookie={COOKIE:#x},priority={_PRIORITY},in_port={p},actions={out}")
+        for nat in topo.nats:
+            out = ",".join(f"output:{q}" for q in hosts)
+            lines.append(f"cookie={COOKIE:#x},priority={_PRIORITY},in_port={ports[nat_port(nat, network)]},actions={out}")
     # Explicit, although secure fail mode already drops on a miss: the dump
-    # then says so, and the idle NAT's own packets are visibly counted.
+    # then says so, and what nothing matched is visibly counted.
     lines.append(f"cookie={COOKIE:#x},priority=0,actions=drop")
     return "\n".join(lines) + "\n"
 
 
 def nats_in_flows(topo: Topology, flows: list[str]) -> set[str]:
-    """The NAT nodes whose ports appear in a dumped flow table (in a match or an output)."""
+    """The NAT nodes a dumped flow table sends traffic to (a port of theirs in an output action)."""
     by_number = {n: name for name, n in port_names(topo).items()}
-    used: set[int] = set()
-    for line in flows:
-        for m in re.finditer(r"in_port=(\d+)|output:(\d+)", line):
-            used.add(int(m.group(1) or m.group(2)))
+    used = {int(m.group(1)) for line in flows for m in re.finditer(r"output:(\d+)", line)}
     nats = set()
     for number in used:
         port = by_number.get(number, "")

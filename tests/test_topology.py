@@ -145,13 +145,25 @@ def test_switch_ports_are_numbered_by_topology_order():
 
 def test_flow_plan_joins_each_network_to_the_active_nat_only():
     t = topology.load(None)
-    assert flows.plan(t, "nat2").splitlines() == [
+    nat2 = flows.plan(t, "nat2").splitlines()
+    assert nat2 == [
         "cookie=0x6e6d,priority=100,in_port=1,actions=output:102",
+        "cookie=0x6e6d,priority=100,in_port=100,actions=output:1",
         "cookie=0x6e6d,priority=100,in_port=102,actions=output:1",
         "cookie=0x6e6d,priority=100,in_port=2,actions=output:103",
+        "cookie=0x6e6d,priority=100,in_port=101,actions=output:2",
         "cookie=0x6e6d,priority=100,in_port=103,actions=output:2",
         "cookie=0x6e6d,priority=0,actions=drop",
     ]
+    # A move changes exactly the two steering flows (one per direction);
+    # the return flows of every NAT stay, so packets in flight still arrive.
+    nat1 = flows.plan(t, "nat1").splitlines()
+    assert sorted(set(nat1) ^ set(nat2)) == sorted([
+        "cookie=0x6e6d,priority=100,in_port=1,actions=output:100",
+        "cookie=0x6e6d,priority=100,in_port=2,actions=output:101",
+        "cookie=0x6e6d,priority=100,in_port=1,actions=output:102",
+        "cookie=0x6e6d,priority=100,in_port=2,actions=output:103",
+    ])
     with pytest.raises(ValueError, match="'nat3' is not a NAT node"):
         flows.plan(t, "nat3")
 
@@ -161,9 +173,10 @@ def test_flow_plan_with_several_hosts_on_a_network_is_a_hub():
     doc["hosts"]["client2"] = {"network": "inside", "address": "10.0.0.11"}
     t = topology.parse(doc)
     lines = flows.plan(t, "nat1").splitlines()
-    # client=1, server=2, client2=3, nat1-in=100
+    # client=1, server=2, client2=3, nat1-in=100, nat2-in=102
     assert "cookie=0x6e6d,priority=100,in_port=1,actions=output:3,output:100" in lines
     assert "cookie=0x6e6d,priority=100,in_port=100,actions=output:1,output:3" in lines
+    assert "cookie=0x6e6d,priority=100,in_port=102,actions=output:1,output:3" in lines
 
 
 def test_active_nat_is_read_back_from_a_dump():
@@ -174,6 +187,8 @@ def test_active_nat_is_read_back_from_a_dump():
         "cookie=0x6e6d, priority=0 actions=drop",
     ]
     assert flows.nats_in_flows(t, dump) == {"nat1"}
+    # Return flows from an idle NAT do not make it active; an output to it does.
+    assert flows.nats_in_flows(t, dump + ["priority=100,in_port=103 actions=output:2"]) == {"nat1"}
     assert flows.nats_in_flows(t, dump + ["priority=100,in_port=2 actions=output:103"]) == {"nat1", "nat2"}
     assert flows.nats_in_flows(t, dump[2:]) == set()
     assert flows.nats_in_flows(t, flows.plan(t, "nat2").splitlines()) == {"nat2"}
