@@ -31,6 +31,11 @@ Example (TOML; the YAML form has the same structure)::
     target = "nat2"
     retire = "delete"               # delete | keep | stop
 
+An agent may name ``netns``: the namespace its management network is reached
+from (the connection is opened there; the controller stays where it is).
+Instead of a bridge, ``[switch] testbed = "PREFIX"`` names an embedded
+testbed (``natmig testbed up``), whose own atomic ``point_to`` is used.
+
 Every field is checked on load; an error names the file and the dotted
 field (``agents.nat2.port: 'x' is not an integer``).  Command-line overrides
 are ``PATH=VALUE`` strings applied before the check (``agents.nat2.host=192.0.2.22``).
@@ -68,6 +73,7 @@ class AgentSpec:
     known_hosts: str | None = None
     public_address: str | None = None
     stop_command: list[str] | None = None
+    netns: str | None = None
 
     def secret(self) -> str | None:
         """The password (read from ``password_file`` when that is given)."""
@@ -85,9 +91,10 @@ class AgentSpec:
 class SwitchSpec:
     """The Open vSwitch bridge and how the hosts and NATs attach to it."""
 
-    layout: SwitchLayout
+    layout: SwitchLayout | None
     ovs_rundir: str | None = None
     netns: str | None = None
+    testbed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,7 @@ AGENT_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
     "known_hosts": (_str, False),
     "public_address": (_ip, False),
     "stop_command": (_argv, False),
+    "netns": (_str, False),
 }
 SWITCH_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
     "bridge": (_str, True),
@@ -220,7 +228,11 @@ def parse(data: Any, path: str = "<inventory>") -> Inventory:
             raise InventoryError(f"{path}: agents.{name}: give password, password_file or key")
         agents[name] = AgentSpec(name=str(name), **f)
     switch = None
-    if "switch" in data:
+    if isinstance(data.get("switch"), dict) and "testbed" in data["switch"]:
+        # An embedded testbed knows its own bridge, ports and flows.
+        f = _fields(f"{path}: switch", data["switch"], {"testbed": (_str, True)})
+        switch = SwitchSpec(None, testbed=f["testbed"])
+    elif "switch" in data:
         raw = data["switch"]
         f = _fields(f"{path}: switch", raw, SWITCH_FIELDS, allow=("nats",))
         nats_raw = raw.get("nats")
@@ -235,7 +247,7 @@ def parse(data: Any, path: str = "<inventory>") -> Inventory:
         name = getattr(inv, role)
         if name is not None:
             inv.agent(name, f"migration.{role}")
-    if switch is not None:
+    if switch is not None and switch.layout is not None:
         for name in agents:
             if name not in switch.layout.nats:
                 raise InventoryError(f"{path}: switch.nats.{name}: missing; agent {name} has no ports on the bridge")

@@ -214,17 +214,23 @@ class Migration:
     def _preflight(self, ph: Any) -> None:
         with ph.step("connect"):
             # Both in parallel: each is an SSH handshake of ~50-100 ms.
-            with ThreadPoolExecutor(2) as pool:
-                fs = pool.submit(self.source.open)
-                ft = pool.submit(self.target.open)
+            # The source's second session carries the notifications.
+            with ThreadPoolExecutor(3) as pool:
+                futures = [
+                    ("_src", self.source, pool.submit(self.source.open)),
+                    ("_tgt", self.target, pool.submit(self.target.open)),
+                ]
+                if self.opt.copy_state:
+                    futures.append(("_events_node", self.source, pool.submit(self.source.open)))
                 errors = []
-                for label, f in (("source", fs), ("target", ft)):
+                for attr, ep, f in futures:
                     try:
-                        node = f.result()
+                        setattr(self, attr, f.result())
                     except NatmigError as e:
-                        errors.append(f"{label} {getattr(self, label).name}: {e}")
-                        continue
-                    setattr(self, "_src" if label == "source" else "_tgt", node)
+                        role = "source" if ep is self.source else "target"
+                        msg = f"{role} {ep.name}: {e}"
+                        if msg not in errors:
+                            errors.append(msg)
                 if errors:
                     raise ControllerError("agent not reachable: " + "; ".join(errors))
         src, tgt = self._src, self._tgt
@@ -255,7 +261,7 @@ class Migration:
         with ph.step("subscribe"):
             # Subscribed before the snapshot, so no change after it is missed;
             # an event older than the snapshot is harmless to re-apply.
-            self._events_node = self.source.open()
+            assert self._events_node is not None
             self._sub = self._events_node.subscribe()
         with ph.step("get-config"):
             self._snapshot = src.get_sessions("running")
@@ -454,3 +460,77 @@ def migrate(source: Endpoint, target: Endpoint, steering: Steering, options: Mig
     if not report.ok:
         raise MigrationError(report)
     return report
+
+
+# ------------------------------------------------------------ from inventory
+
+
+def _in_netns(name: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a throw-away thread that has entered network namespace ``name``.
+
+    setns(2) moves only the calling thread, and a socket keeps the namespace
+    it was made in: the NETCONF session's socket is opened in the management
+    namespace while the controller itself never changes namespace.
+    """
+    import ctypes
+    import os
+    import threading
+
+    from ..netns import NETNS_DIR
+
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            fd = os.open(str(NETNS_DIR / name), os.O_RDONLY)
+        except OSError as e:
+            box["error"] = ControllerError(f"namespace {name}: {e}")
+            return
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                box["error"] = ControllerError(f"setns into {name}: {os.strerror(ctypes.get_errno())}")
+                return
+        finally:
+            os.close(fd)
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=work, name=f"natmig-connect-{name}", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def endpoint_from_spec(spec: Any, timeout: float = 30.0) -> Endpoint:
+    """An :class:`Endpoint` for an inventory :class:`~natmig.controller.inventory.AgentSpec`.
+
+    Host keys are always checked (against ``spec.known_hosts``); the
+    connection is opened from ``spec.netns`` when given.
+    """
+    from .netconf import NodeClient
+
+    def open_node() -> Node:
+        def connect() -> Node:
+            node = NodeClient.connect(
+                spec.host, spec.port, spec.username, password=spec.secret(), key_filename=spec.key,
+                known_hosts=spec.known_hosts, hostkey_verify=True, timeout=timeout,
+            )
+            node.name = spec.name
+            return node
+        return _in_netns(spec.netns, connect) if spec.netns else connect()
+
+    stop = None
+    if spec.stop_command:
+        def stop() -> None:
+            from .. import netns as _netns
+            try:
+                _netns.run(spec.stop_command)
+            except _netns.CommandError as e:
+                raise ControllerError(f"stopping {spec.name}: {e}") from e
+    public = {spec.public_address} if spec.public_address else None
+    return Endpoint(spec.name, open_node, public=public, stop=stop)

@@ -103,3 +103,15 @@ class TestbedSteering:
             return self.tb.active_nat()
         except Exception as e:
             raise SteeringError(f"testbed could not tell the active NAT: {e}") from e
+
+
+def steering_from_spec(spec: Any) -> Steering:
+    """The steering an inventory's ``[switch]`` describes (a bridge, or an embedded testbed)."""
+    if spec.testbed:
+        from ..testbed.bed import Testbed
+
+        try:
+            return TestbedSteering(Testbed.attach(spec.testbed))
+        except Exception as e:
+            raise SteeringError(f"switch.testbed {spec.testbed}: {e}") from e
+    return OvsSteering(spec.layout, spec.ovs_rundir, spec.netns)

@@ -538,6 +538,9 @@ def merge(client_doc: dict[str, Any], server_doc: dict[str, Any]) -> TrafficResu
         s = sflows.get(fid_s, {})
         endpoints = list(s.get("endpoints", []))
         gap = max(float(c.get("max_gap") or 0.0), float(s.get("max_gap") or 0.0))
+        if c.get("kind") == "live" and c.get("last") is not None and stopped:
+            # A flow that went silent for good has a gap that lasts until the stop.
+            gap = max(gap, stopped - float(c["last"]))
         why = []
         if c.get("error"):
             why.append(f"client error: {c['error']}")

@@ -1,0 +1,88 @@
+"""`natmig migrate` and `natmig demo`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .inventory import load
+from .migrate import MigrateOptions, Migration, endpoint_from_spec
+from .report import PhaseTiming, format_report, ms
+from .steering import steering_from_spec
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    """Move a NAT's live sessions from a source agent to a target agent, then repoint traffic."""
+    overrides = list(args.set or [])
+    if args.source:
+        overrides.append(f"migration.source={args.source}")
+    if args.target:
+        overrides.append(f"migration.target={args.target}")
+    inv = load(args.inventory, overrides)
+    if inv.source is None or inv.target is None:
+        print("natmig migrate: error: name the source and target (--from/--to or [migration] in the inventory)", file=sys.stderr)
+        return 2
+    if inv.switch is None:
+        print("natmig migrate: error: the inventory has no [switch] section", file=sys.stderr)
+        return 2
+    src = endpoint_from_spec(inv.agent(inv.source, "source"))
+    dst = endpoint_from_spec(inv.agent(inv.target, "target"))
+    opts = MigrateOptions(copy_state=not args.no_state, retire=args.retire or inv.retire, settle=args.settle / 1000)
+
+    def progress(ph: PhaseTiming) -> None:
+        if not args.quiet:
+            print(f"{ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}", file=sys.stderr, flush=True)
+
+    report = Migration(src, dst, steering_from_spec(inv.switch), opts, progress).run()
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(report.to_json())
+    if not report.ok:
+        print(f"natmig migrate: failed in phase {report.failed_phase}: {report.error}; traffic on {report.traffic_on}; "
+              + "; ".join(f"{n}: {s}" for n, s in report.node_state.items()), file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The four-step demo with live traffic on the embedded testbed."""
+    from .demo import DemoOptions, run
+
+    return run(DemoOptions(
+        sessions=args.sessions, tcp=args.tcp, udp=args.udp, interval=args.interval / 1000, churn=args.churn,
+        no_state=args.no_state, json_path=args.json, prefix=args.prefix, topology=args.topology,
+        after=args.after, retire=args.retire,
+    ))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `natmig migrate` and `natmig demo`."""
+    m = sub.add_parser("migrate", help="move a NAT's live sessions to another node, then repoint traffic",
+                       description=run_migrate.__doc__)
+    m.add_argument("--inventory", "-i", metavar="FILE", help="agents and switch (TOML or YAML; see docs/controller.md)")
+    m.add_argument("--from", dest="source", metavar="NAT", help="source agent (overrides migration.source)")
+    m.add_argument("--to", dest="target", metavar="NAT", help="target agent (overrides migration.target)")
+    m.add_argument("--set", action="append", metavar="PATH=VALUE", help="override an inventory field, e.g. agents.nat2.host=192.0.2.12 (repeatable)")
+    m.add_argument("--retire", choices=("delete", "keep", "stop"), help="what becomes of the source (default: inventory, else delete)")
+    m.add_argument("--no-state", action="store_true", help="do not copy sessions (negative control: live flows break)")
+    m.add_argument("--settle", type=float, default=20.0, metavar="MS", help="quiet time of the source's events before the switch (default 20)")
+    m.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    m.add_argument("--quiet", "-q", action="store_true", help="no per-phase progress on stderr")
+    m.set_defaults(func=run_migrate)
+
+    d = sub.add_parser("demo", help="the four-step live migration demo on the embedded testbed",
+                       description=run_demo.__doc__)
+    d.add_argument("--sessions", type=int, default=1000, metavar="K", help="extra sessions loaded into the table to move (default 1000)")
+    d.add_argument("--tcp", type=int, default=50, help="live TCP connections (default 50)")
+    d.add_argument("--udp", type=int, default=50, help="live UDP flows (default 50)")
+    d.add_argument("--interval", type=float, default=10.0, metavar="MS", help="each flow sends one message every MS (default 10)")
+    d.add_argument("--churn", type=float, default=0.0, metavar="N", help="new TCP connections per second during the run (default 0)")
+    d.add_argument("--no-state", action="store_true", help="skip the copy: the negative control, flows must break")
+    d.add_argument("--retire", choices=("delete", "keep", "stop"), default="delete", help="what becomes of nat1 (default delete)")
+    d.add_argument("--after", type=float, default=1.5, metavar="S", help="seconds of traffic after the move (default 1.5)")
+    d.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    d.add_argument("--prefix", help="testbed name prefix (default: unique per run)")
+    d.add_argument("--topology", metavar="FILE", help="testbed topology (default: the demo topology)")
+    d.set_defaults(func=run_demo)

@@ -1,0 +1,371 @@
+"""`natmig demo`: the four steps of the original demo, on the embedded testbed, with live traffic.
+
+1. initial deployment: client, nat1, server, nat1's agent; live flows start;
+2. another NAT: nat2 and its agent, idle (empty table);
+3. migrating state: preflight, copy, catch-up (nat1 -> nat2);
+4. upgrading the graph: switch to nat2, verify, nat1 retired.
+
+The traffic (N TCP connections and N UDP flows from the client, plus
+optional new connections every second) runs from before step 1 ends until
+after step 4, and the report says how many flows survived with the same
+public port and the largest gap any saw.  Everything the demo makes (the
+testbed, the agents, the traffic programs, a work directory) is removed at
+the end, also on failure or Ctrl-C.  :class:`AgentFleet` is reused by the
+functional tests and the benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from .. import netns
+from ..errors import ControllerError, NatmigError
+from ..model import NatSession
+from .inventory import AgentSpec, dump_toml, parse
+from .migrate import Endpoint, MigrateOptions, Migration, endpoint_from_spec
+from .report import MigrationReport, PhaseTiming, format_report, ms
+from .steering import TestbedSteering
+from .traffic import LiveTraffic, TrafficResult, TrafficSpec
+
+USER = "natmig"
+AGENT_PORT = 830
+
+
+class AgentFleet:
+    """One natmig agent per NAT node of a testbed, with fresh credentials, and the inventory to reach them.
+
+    Agents are child processes of this one, stopped by their own pid.
+    """
+
+    def __init__(self, tb: Any, workdir: str | Path, provider: str = "conntrack", port: int = AGENT_PORT) -> None:
+        from ..agent.auth import load_or_create_host_key, set_password
+
+        self.tb = tb
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.provider = provider
+        self.port = port
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.password = os.urandom(12).hex()
+        self.passwords = self.dir / "agent-passwords"
+        set_password(self.passwords, USER, self.password)
+        self.secret = self.dir / "controller-password"
+        self.secret.write_text(self.password + "\n")
+        self.secret.chmod(0o600)
+        self.known_hosts = self.dir / "known_hosts"
+        lines = []
+        for nat in tb.topology.nats:
+            key = load_or_create_host_key(self.host_key(nat))
+            pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
+            lines.append(f"[{tb.mgmt_address(nat)}]:{port} {pub}")
+        self.known_hosts.write_text("\n".join(lines) + "\n")
+
+    def host_key(self, nat: str) -> Path:
+        """Where ``nat``'s agent keeps its host key."""
+        return self.dir / f"{nat}-host-key"
+
+    def start(self, nat: str, timeout: float = 30.0) -> int:
+        """Start ``nat``'s agent in its namespace; returns its pid once it listens."""
+        ready = self.dir / f"{nat}.ready"
+        ready.unlink(missing_ok=True)
+        log = open(self.dir / f"{nat}-agent.log", "ab")
+        argv = [
+            sys.executable, "-m", "natmig.cli", "agent", "--netns", self.tb.netns(nat),
+            "--listen", f"{self.tb.mgmt_address(nat)}:{self.port}", "--provider", self.provider,
+            "--public-address", self.tb.public_address, "--host-key", str(self.host_key(nat)),
+            "--passwords", str(self.passwords), "--ready-file", str(ready),
+        ]
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        self.procs[nat] = p
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if p.poll() is not None:
+                raise ControllerError(f"agent of {nat} exited with {p.returncode}: {self.log_tail(nat)}")
+            if time.monotonic() > deadline:
+                raise ControllerError(f"agent of {nat} not listening after {timeout} s: {self.log_tail(nat)}")
+            time.sleep(0.02)
+        return p.pid
+
+    def log_tail(self, nat: str, n: int = 1500) -> str:
+        """The end of an agent's log (for error messages)."""
+        try:
+            return (self.dir / f"{nat}-agent.log").read_text(errors="replace")[-n:].strip()
+        except OSError:
+            return ""
+
+    def stop(self, nat: str, kill: bool = False) -> None:
+        """Stop ``nat``'s agent (SIGTERM, or SIGKILL with ``kill``) and wait for it."""
+        p = self.procs.pop(nat, None)
+        if p is None or p.poll() is not None:
+            return
+        p.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(10)
+
+    def spec(self, nat: str) -> AgentSpec:
+        """How the controller reaches ``nat``'s agent."""
+        return AgentSpec(
+            name=nat, host=self.tb.mgmt_address(nat), port=self.port, username=USER,
+            password_file=str(self.secret), known_hosts=str(self.known_hosts),
+            public_address=self.tb.public_address, netns=self.tb.mgmt_netns,
+        )
+
+    def endpoint(self, nat: str) -> Endpoint:
+        """A migration endpoint for ``nat``; ``stop`` stops its agent."""
+        ep = endpoint_from_spec(self.spec(nat))
+        ep.stop = lambda: self.stop(nat)
+        return ep
+
+    def inventory_doc(self, source: str, target: str) -> dict[str, Any]:
+        """The inventory (as a document) that `natmig migrate --inventory` takes for this testbed."""
+        agents = {}
+        for nat in self.tb.topology.nats:
+            s = self.spec(nat)
+            agents[nat] = {k: v for k, v in (
+                ("host", s.host), ("port", s.port), ("username", s.username), ("password_file", s.password_file),
+                ("known_hosts", s.known_hosts), ("public_address", s.public_address), ("netns", s.netns),
+            ) if v is not None}
+        doc = {"agents": agents, "switch": {"testbed": self.tb.prefix}, "migration": {"source": source, "target": target}}
+        parse(doc)  # what we write must load
+        return doc
+
+    def write_inventory(self, source: str, target: str) -> Path:
+        """Write the inventory as TOML in the work directory; returns its path."""
+        p = self.dir / "inventory.toml"
+        p.write_text(dump_toml(self.inventory_doc(source, target)))
+        return p
+
+    def close(self) -> None:
+        """Stop every agent this fleet started."""
+        for nat in list(self.procs):
+            self.stop(nat)
+
+
+def synthetic_sessions(n: int, public: str, nat_ports: tuple[int, int], server: str = "203.0.113.200") -> list[NatSession]:
+    """``n`` established sessions of made-up inside hosts, for a table to move.
+
+    Their public ports lie outside the NAT's own range, so they never collide
+    with a mapping the NAT gives live traffic; TCP and UDP alternate so that
+    up to ~110,000 fit on one public address.
+    """
+    lo, hi = nat_ports
+    free = [p for p in range(1024, 65536) if not lo <= p <= hi]
+    if n > 2 * len(free):
+        raise ControllerError(f"--sessions {n}: at most {2 * len(free)} synthetic sessions fit beside the NAT's port range")
+    out = []
+    for i in range(n):
+        proto = "TCP" if i % 2 == 0 else "UDP"
+        j = i // 2
+        host = 100 + j // 50000
+        out.append(NatSession(
+            proto, f"10.0.0.{host}", 1024 + j % 50000, server, 443, public, free[j],
+            "ESTABLISHED" if proto == "TCP" else None, 900, True,
+        ))
+    return out
+
+
+def load_sessions(ep: Endpoint, sessions: list[NatSession], chunk: int = 50_000) -> None:
+    """Write sessions into a node's table through its agent (candidate + commit)."""
+    node = ep.open()
+    try:
+        for i in range(0, len(sessions), chunk):
+            node.edit_sessions(sessions[i:i + chunk], target="candidate", operation="merge")
+            node.commit()
+    finally:
+        node.close()
+
+
+@dataclass
+class DemoOptions:
+    """What `natmig demo` runs."""
+
+    sessions: int = 1000
+    tcp: int = 50
+    udp: int = 50
+    interval: float = 0.01
+    churn: float = 0.0
+    no_state: bool = False
+    json_path: str | None = None
+    prefix: str | None = None
+    topology: str | None = None
+    before: float = 1.0
+    after: float = 1.5
+    retire: str = "delete"
+    provider: str = "conntrack"
+
+
+@dataclass
+class DemoResult:
+    """The migration report, the traffic result, and the verdict."""
+
+    migration: MigrationReport | None
+    traffic: TrafficResult | None
+    steps: dict[str, float]
+    ok: bool
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "ok": self.ok,
+            "error": self.error,
+            "steps_seconds": self.steps,
+            "migration": self.migration.to_dict() if self.migration else None,
+            "traffic": self.traffic.summary() if self.traffic else None,
+        }
+
+
+class Demo:
+    """Runs the four steps; :meth:`run` always tears down what it made."""
+
+    def __init__(self, opts: DemoOptions, out: TextIO = sys.stdout) -> None:
+        self.opts = opts
+        self.out = out
+        self.steps: dict[str, float] = {}
+
+    def say(self, text: str) -> None:
+        """One line of progress."""
+        print(text, file=self.out, flush=True)
+
+    def run(self) -> DemoResult:
+        """All four steps, the report, and the teardown."""
+        from ..testbed.bed import Testbed
+        from ..agent.natnode import ensure_conntrack_capacity
+
+        o = self.opts
+        prefix = o.prefix or netns.run_prefix("nd")
+        work = Path(tempfile.mkdtemp(prefix="natmig-demo-"))
+        tb = Testbed.from_file(o.topology, prefix)
+        fleet: AgentFleet | None = None
+        traffic: LiveTraffic | None = None
+        report: MigrationReport | None = None
+        result: TrafficResult | None = None
+        error = None
+        nats = list(tb.topology.nats)
+        src, dst = tb.topology.active_nat, next(n for n in nats if n != tb.topology.active_nat)
+        old = signal.signal(signal.SIGTERM, _raise_interrupt)
+        try:
+            t = time.perf_counter()
+            self.say(f"[1/4] initial deployment: client, {src}, server, agent of {src} (testbed {prefix})")
+            tb.up()
+            ensure_conntrack_capacity(2 * o.sessions + 65536)
+            fleet = AgentFleet(tb, work, provider=o.provider)
+            fleet.start(src)
+            spec = TrafficSpec(tcp=o.tcp, udp=o.udp, interval=o.interval, churn=o.churn)
+            traffic = LiveTraffic(tb.netns("client"), tb.netns("server"), tb.address("server"), spec, str(work))
+            traffic.start()
+            self.say(f"      live traffic: {o.tcp} TCP connections + {o.udp} UDP flows, one message every {ms(o.interval)} each"
+                     + (f", {o.churn:g} new connections/s" if o.churn else ""))
+            if o.sessions:
+                extra = synthetic_sessions(o.sessions, tb.public_address, tb.topology.nats[src].port_range)
+                load_sessions(fleet.endpoint(src), extra)
+            time.sleep(o.before)
+            n_src = len(_read_table(fleet.endpoint(src)))
+            self.say(f"      {src} holds {n_src} sessions ({o.sessions} loaded + live traffic)")
+            self.steps["1 initial deployment"] = time.perf_counter() - t
+
+            t = time.perf_counter()
+            self.say(f"[2/4] another NAT: {dst} and its agent, idle")
+            fleet.start(dst)
+            n_dst = len(_read_table(fleet.endpoint(dst)))
+            self.say(f"      {dst} holds {n_dst} sessions; traffic goes through {tb.active_nat()}")
+            self.steps["2 another NAT"] = time.perf_counter() - t
+
+            inv = fleet.write_inventory(src, dst)
+            self.say(f"[3/4] migrating state {src} -> {dst}" + ("  (--no-state: NOT copying sessions)" if o.no_state else "")
+                     + f"  [same as: natmig migrate --inventory {inv}]")
+            t3 = time.perf_counter()
+            marks: dict[str, float] = {}
+
+            def on_phase(ph: PhaseTiming) -> None:
+                steps = ", ".join(f"{k} {ms(v)}" for k, v in ph.steps.items())
+                self.say(f"      {ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}" + (f"  ({steps})" if steps else ""))
+                if ph.name in ("catch-up", "preflight") and (ph.name == "catch-up" or o.no_state) and ph.ok:
+                    marks["3"] = time.perf_counter()
+                    self.say(f"[4/4] upgrading the graph: traffic to {dst}, {src} retired")
+
+            mig = Migration(fleet.endpoint(src), fleet.endpoint(dst), TestbedSteering(tb),
+                            MigrateOptions(copy_state=not o.no_state, retire=o.retire), on_phase)
+            report = mig.run()
+            end = time.perf_counter()
+            self.steps["3 migrating state"] = marks.get("3", end) - t3
+            self.steps["4 upgrading the graph"] = end - marks.get("3", end)
+            time.sleep(o.after)
+            result = traffic.stop()
+        except KeyboardInterrupt:
+            error = "interrupted"
+            self.say("interrupted: tearing down")
+        except NatmigError as e:
+            error = str(e)
+            self.say(f"error: {e}")
+        finally:
+            signal.signal(signal.SIGTERM, old)
+            self.say("teardown: traffic, agents, testbed")
+            for what, fn in (("traffic", traffic.close if traffic else None), ("agents", fleet.close if fleet else None), ("testbed", tb.down)):
+                if fn is None:
+                    continue
+                try:
+                    fn()
+                except Exception as e:  # keep tearing down the rest
+                    self.say(f"teardown of {what} failed: {e}")
+            shutil.rmtree(work, ignore_errors=True)
+        ok = error is None and report is not None and report.ok and result is not None and result.all_survived
+        res = DemoResult(report, result, self.steps, ok, error or (report.error if report and not report.ok else None))
+        self.print_report(res)
+        if o.json_path:
+            Path(o.json_path).write_text(json.dumps(res.to_dict(), indent=2))
+        return res
+
+    def print_report(self, r: DemoResult) -> None:
+        """The final report: sessions moved, phase times, largest gap, flows that survived."""
+        self.say("")
+        self.say("=" * 72)
+        if r.migration is not None:
+            self.say(format_report(r.migration))
+        for name, secs in r.steps.items():
+            self.say(f"  step {name:<24} {ms(secs):>11}")
+        if r.traffic is not None:
+            s = r.traffic.summary()
+            self.say(f"  sessions moved: {r.migration.copied + r.migration.caught_up + r.migration.reconciled if r.migration else 0}"
+                     f" (verified {r.migration.verified if r.migration else 0})")
+            self.say(f"  largest gap seen by a live flow: {s['largest_gap_ms']:.1f} ms (send interval {ms(r.traffic.interval)})")
+            self.say(f"  flows that survived with the same public port: {s['live_survived']}/{s['live_flows']}"
+                     f"  (TCP {s['tcp']['survived']}/{s['tcp']['total']}, UDP {s['udp']['survived']}/{s['udp']['total']})")
+            if s["new_connections"]:
+                self.say(f"  new connections opened during the run that survived: {s['new_connections_survived']}/{s['new_connections']}")
+            for b in s["broken"][:5]:
+                self.say(f"    broken: {b['proto']} flow {b['fid']}: {b['why']}")
+        if r.error:
+            self.say(f"  error: {r.error}")
+        self.say(f"RESULT: {'every flow survived' if r.ok else 'NOT every flow survived'}")
+
+
+def _read_table(ep: Endpoint) -> list[NatSession]:
+    node = ep.open()
+    try:
+        return node.get_sessions("running")
+    finally:
+        node.close()
+
+
+def _raise_interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def run(opts: DemoOptions) -> int:
+    """Run the demo; exit status 0 only when every flow survived."""
+    return 0 if Demo(opts).run().ok else 1
