@@ -17,6 +17,7 @@ import ctypes
 import getpass
 import logging
 import os
+import signal
 import sys
 from typing import Callable
 
@@ -93,6 +94,9 @@ def run_agent(args: argparse.Namespace) -> int:
     agent = Agent(cfg, provider, default_codec())
 
     async def main() -> None:
+        stop = asyncio.Event()
+        # SIGTERM (how test fixtures and the demo stop an agent) closes sessions and the event watch.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await agent.start()
         if args.ready_file:
             # Tests and scripts wait for this file instead of polling the port.
@@ -100,9 +104,10 @@ def run_agent(args: argparse.Namespace) -> int:
                 f.write(f"{os.getpid()} {agent.port}\n")
         print(f"natmig agent: listening on {host}:{agent.port}" + (f" in netns {args.netns}" if args.netns else ""), file=sys.stderr, flush=True)
         try:
-            await asyncio.Event().wait()
+            await stop.wait()
         finally:
             agent.close()
+            log.info("agent stopped")
 
     try:
         asyncio.run(main())

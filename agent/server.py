@@ -32,6 +32,7 @@ from .rpc import SessionState, error_reply, handle_message
 log = logging.getLogger(__name__)
 
 OPTIONAL_CAPABILITIES = [
+    "urn:ietf:params:netconf:capability:writable-running:1.0",
     "urn:ietf:params:netconf:capability:candidate:1.0",
     "urn:ietf:params:netconf:capability:rollback-on-error:1.0",
     NOTIFICATION_CAPABILITY,
