@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import re
 import shutil
 import socket
@@ -69,6 +70,20 @@ def leftovers(prefix: str, state_root: Path = STATE_ROOT) -> dict[str, list]:
         "state_dir": [str(home)] if home.exists() else [],
         "lock_file": [str(lock)] if (lock := state_root / f".{prefix}.lock").exists() else [],
     }
+
+
+def known_prefixes(state_root: Path = STATE_ROOT) -> list[str]:
+    """Prefixes that look like testbeds here: a state dir, or a ``P-ovs``/``P-mgmt`` namespace.
+
+    For finding the leftovers of crashed runs; it only lists, and the
+    namespace rule may also match namespaces of another tool.
+    """
+    found = {p.name for p in state_root.iterdir() if p.is_dir() and _PREFIX.match(p.name)} if state_root.is_dir() else set()
+    for ns in netns.list_netns():
+        head, _, tail = ns.rpartition("-")
+        if tail in ("ovs", "mgmt") and _PREFIX.match(head):
+            found.add(head)
+    return sorted(found)
 
 
 class Testbed:
@@ -310,9 +325,18 @@ class Testbed:
         # One up/down at a time per prefix, across processes.  The lock file
         # sits beside the state dir so that down can remove the dir itself.
         self.home.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._lockfile, "w") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            yield
+        while True:
+            with open(self._lockfile, "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                # down() unlinks the file while holding it; a waiter that got
+                # the lock of an unlinked file must take the new one instead.
+                try:
+                    same = os.fstat(f.fileno()).st_ino == os.stat(self._lockfile).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    yield
+                    return
 
     # -- steering -------------------------------------------------------
 

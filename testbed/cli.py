@@ -1,4 +1,4 @@
-"""`natmig testbed up | down | status | point-to`: the emulated network from the command line."""
+"""`natmig testbed up | down | status | point-to | list`: the emulated network from the command line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 from typing import Any, Callable
 
 from ..errors import TestbedError
-from .bed import DEFAULT_PREFIX, STATE_ROOT, Testbed
+from .bed import DEFAULT_PREFIX, STATE_ROOT, Testbed, known_prefixes, leftovers
 
 
 def _testbed(args: argparse.Namespace) -> Testbed:
@@ -59,6 +59,18 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if st["healthy"] or st["phase"] == "down" else 1
 
 
+def _list(args: argparse.Namespace) -> int:
+    prefixes = known_prefixes()
+    for prefix in prefixes:
+        left = leftovers(prefix)
+        state = STATE_ROOT / prefix / "state.json"
+        phase = json.loads(state.read_text()).get("phase", "?") if state.exists() else "no state"
+        print(f"{prefix:<12} {phase:<9} {len(left['namespaces'])} namespaces, {len(left['processes'])} OVS daemons")
+    if not prefixes:
+        print("no testbed here")
+    return 0
+
+
 def format_status(st: dict[str, Any]) -> str:
     """A human-readable status report of :meth:`Testbed.status`."""
     lines = [
@@ -87,6 +99,7 @@ _COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "down": (_down, "remove everything of the prefix, leftovers of crashed runs included"),
     "status": (_status, "show nodes, addresses, switch ports and the NAT the flows point at"),
     "point-to": (_point_to, "move all traffic to a NAT node in one OpenFlow bundle"),
+    "list": (_list, "list the prefixes of testbeds (and leftovers) on this machine"),
 }
 
 
@@ -96,10 +109,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="testbed_command", metavar="ACTION", required=True)
     for name, (func, help_text) in _COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(func=func)
+        if name == "list":
+            continue
         sp.add_argument("--topology", metavar="FILE", help="topology file (TOML); default: the demo topology, or the one the testbed was built from")
         sp.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"run prefix of namespace names (default {DEFAULT_PREFIX})")
         if name == "status":
             sp.add_argument("--json", action="store_true", help="print the status as JSON")
         if name == "point-to":
             sp.add_argument("nat", help="NAT node to send the traffic through")
-        sp.set_defaults(func=func)

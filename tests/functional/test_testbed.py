@@ -210,6 +210,14 @@ def test_up_is_idempotent(tb):
     assert tb.ovs.pids() == pids and tb.healthy()
 
 
+def test_up_rebuilds_a_damaged_testbed(tb):
+    netns.delete(tb.netns("client"))
+    assert not tb.healthy() and tb.status()["nodes"]["client"]["exists"] is False
+    assert tb.up() is True
+    assert tb.healthy() and tb.active_nat() == "nat1"
+    tb.exec("client", ["ping", "-c", "1", "-W", "2", SERVER])
+
+
 def test_two_testbeds_with_different_prefixes_coexist(tb):
     with Testbed.from_file(None, prefix=netns.run_prefix("tc")) as other:
         assert other.prefix != tb.prefix
