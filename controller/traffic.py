@@ -366,10 +366,23 @@ def client(server: str, port: int, tcp: int, udp: int, interval: float, churn: f
     stopped = time.monotonic()
     # Let echoes in flight arrive: a TCP flow that survived gets every one back.
     end = stopped + linger
-    while time.monotonic() < end and any(f.proto == "TCP" and not f.closed and f.rx.received < f.sent for f in flows.values()):
+    def pending() -> bool:
+        return any(f.proto == "TCP" and not f.closed and (f.rx.received < f.sent or not f.connected) for f in flows.values())
+
+    while time.monotonic() < end and pending():
         for key, _ in sel.select(0.01):
             f = flows[key.data]
             if not f.connected:
+                # A new connection whose SYN was dropped is retried by the
+                # kernel; let it finish, and send its one message.
+                err = f.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    fail(f, f"connect: {errno.errorcode.get(err, err)}")
+                    continue
+                f.connected = True
+                f.connect_time = time.monotonic() - f.born
+                sel.modify(f.sock, selectors.EVENT_READ, f.fid)
+                send(f, time.monotonic())
                 continue
             try:
                 data = f.sock.recv(65536)
@@ -548,6 +561,8 @@ def merge(client_doc: dict[str, Any], server_doc: dict[str, Any]) -> TrafficResu
             why.append(f"public endpoint changed: {' -> '.join(endpoints)}")
         if not endpoints and c.get("sent", 0):
             why.append("never reached the server")
+        if c.get("kind") == "churn" and c.get("connect_time") is None and not c.get("error"):
+            why.append("connection never completed")
         if c["proto"] == "TCP":
             if s.get("ended") not in (None, "eof"):
                 why.append(f"server side: {s['ended']}")
@@ -610,6 +625,7 @@ class LiveTraffic:
             "client", "--server", self.server_addr, "--port", str(sp.port), "--tcp", str(sp.tcp), "--udp", str(sp.udp),
             "--interval", str(sp.interval), "--churn", str(sp.churn), "--churn-life", str(sp.churn_life),
             "--out", str(self.dir / "client.json"), "--duration", str(sp.duration),
+            "--linger", "2.5" if sp.churn else "1.0",
         ])
         self._ready(self.client, "client", timeout)
         return self
