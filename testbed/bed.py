@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 
 from .. import netns
 from ..agent.natnode import NatNode, NatNodeConfig
-from ..errors import TestbedError
+from ..errors import NatmigError, TestbedError
 from . import flows, mgmt, topology
 from .ovs import Ovs, PortStats
 
@@ -239,8 +239,14 @@ class Testbed:
             self._write_state(phase="building")
             try:
                 self._build()
-            except netns.CommandError as e:
-                raise TestbedError(f"testbed {self.prefix}: {e}") from e
+            except BaseException as e:
+                # Half a network helps nobody and would only collide with the
+                # next run: remove it, then report why it failed.
+                self._teardown()
+                self._lockfile.unlink(missing_ok=True)
+                if isinstance(e, NatmigError) and not isinstance(e, TestbedError):
+                    raise TestbedError(f"testbed {self.prefix}: {e}") from e
+                raise
             self._write_state(phase="up", active_nat=self.topology.active_nat)
             return True
 
@@ -257,8 +263,8 @@ class Testbed:
             f"addr add {topo.management.controller}/{msub.prefixlen} dev {MGMT_BRIDGE}",
             f"link set {MGMT_BRIDGE} up",
         ])
-        # veths are created in the switch (or management) namespace and the
-        # far end moved to the node, so no name is ever taken in the root namespace.
+        # veths are made from the switch (or management) namespace with the
+        # far end placed in the node, so no name is ever taken in the root namespace.
         for host in topo.hosts.values():
             ns = self.netns(host.name)
             netns.add_veth(host.name, HOST_IF, sw, ns)

@@ -238,6 +238,24 @@ def test_down_after_a_test_that_failed_half_way_leaves_nothing():
     assert pids and not any(_alive(p) for p in pids)
 
 
+def test_an_up_that_fails_half_way_removes_what_it_made(monkeypatch):
+    from natmig.agent.natnode import NatNode, NatNodeError
+    from natmig.errors import TestbedError
+
+    made = {}
+
+    def fail(self):
+        made.update(leftovers(prefix))  # the switch, namespaces, veths exist by now
+        raise NatNodeError(f"NAT node {self.name}: simulated failure")
+
+    prefix = netns.run_prefix("tu")
+    monkeypatch.setattr(NatNode, "configure", fail)
+    with pytest.raises(TestbedError, match="simulated failure"):
+        Testbed.from_file(None, prefix=prefix).up()
+    assert made["namespaces"] and made["processes"]
+    assert _nothing_left(prefix) == {}
+
+
 def test_down_finds_the_leftovers_of_a_killed_run():
     prefix = netns.run_prefix("tk")
     natmig = [sys.executable, "-m", "natmig.cli"]
