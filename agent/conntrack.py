@@ -1,0 +1,341 @@
+"""The session provider over Linux conntrack in a NAT node's namespace.
+
+How each operation reaches the kernel (measured, see docs/provider.md):
+
+* list: ``conntrack -L`` in the namespace, parsed by :mod:`.cttext`.
+* apply: new TCP and UDP sessions through ``conntrack -R`` (``-I`` lines, the
+  tool's own bulk path and the raw floor); new ICMP sessions, in-place
+  updates and the deletes of replaced sessions through :mod:`.ctnetlink`.
+* delete: :mod:`.ctnetlink`, one message per key, batched.
+* watch: ``conntrack -E`` in the namespace, read by a thread.
+
+apply is all-or-nothing: every entry is validated and the batch is checked
+against the live table (:func:`check_batch`) before anything is written, so
+a refused batch touches nothing.  If the kernel still refuses part of it
+(a session created by traffic in between), what was written is undone:
+created sessions are deleted, replaced ones recreated, updated ones set back.
+"""
+
+from __future__ import annotations
+
+import queue
+import re
+import subprocess
+import threading
+import time
+from typing import Callable, Iterable, Sequence
+
+from .. import netns as nsmod
+from ..errors import ProviderError
+from ..model import NatSession, SessionKey, format_key, index_by_key
+from . import ctnetlink as nl
+from . import cttext
+from .natnode import NatNode
+from .provider import ApplyError, SessionEvent, SessionProvider, Snapshot, Watch, check_batch
+
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
+_UINT32 = 0xFFFFFFFF
+
+#: sysctl (under net.netfilter.) holding the node's default timeout, by (protocol, state or assured).
+DEFAULT_TIMEOUT_SYSCTL: dict[tuple[str, object], str] = {
+    ("TCP", "SYN_SENT"): "nf_conntrack_tcp_timeout_syn_sent",
+    ("TCP", "SYN_SENT2"): "nf_conntrack_tcp_timeout_syn_sent",
+    ("TCP", "SYN_RECV"): "nf_conntrack_tcp_timeout_syn_recv",
+    ("TCP", "ESTABLISHED"): "nf_conntrack_tcp_timeout_established",
+    ("TCP", "FIN_WAIT"): "nf_conntrack_tcp_timeout_fin_wait",
+    ("TCP", "CLOSE_WAIT"): "nf_conntrack_tcp_timeout_close_wait",
+    ("TCP", "LAST_ACK"): "nf_conntrack_tcp_timeout_last_ack",
+    ("TCP", "TIME_WAIT"): "nf_conntrack_tcp_timeout_time_wait",
+    ("TCP", "CLOSE"): "nf_conntrack_tcp_timeout_close",
+    ("UDP", True): "nf_conntrack_udp_timeout_stream",
+    ("UDP", False): "nf_conntrack_udp_timeout",
+    ("ICMP", True): "nf_conntrack_icmp_timeout",
+    ("ICMP", False): "nf_conntrack_icmp_timeout",
+}
+
+
+def _timeout_key(s: NatSession) -> tuple[str, object]:
+    return (s.protocol, s.tcp_state or "ESTABLISHED") if s.protocol == "TCP" else (s.protocol, s.assured)
+
+
+def _port(v: object, lo: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= 65535
+
+
+def validate(s: NatSession) -> str | None:
+    """Why this node cannot hold ``s`` as given (None when it can): the invalid-entry check of apply."""
+    if s.protocol not in nl.PROTO_NUMBERS:
+        return f"protocol {s.protocol!r} is not one of {', '.join(nl.PROTO_NUMBERS)}"
+    for leaf in ("src_address", "dst_address", "translated_address"):
+        v = getattr(s, leaf)
+        if not isinstance(v, str) or not _IPV4.fullmatch(v):
+            return f"{leaf} {v!r} is not an IPv4 address (this node translates IPv4 only)"
+    for leaf in ("src_port", "dst_port"):
+        if not _port(getattr(s, leaf)):
+            return f"{leaf} {getattr(s, leaf)!r} is not a port number 0..65535"
+    if s.protocol == "ICMP":
+        if s.dst_port != 0:
+            return f"dst_port {s.dst_port} must be 0 for ICMP"
+        if not _port(s.translated_port):
+            return f"translated_port {s.translated_port!r} is not an echo identifier 0..65535"
+    elif not _port(s.translated_port, 1):
+        return f"translated_port {s.translated_port!r} is not a port number 1..65535"
+    if s.protocol == "TCP":
+        if s.tcp_state is not None and s.tcp_state not in nl.TCP_STATE_NUMBERS:
+            return f"tcp_state {s.tcp_state!r} is not one of {', '.join(nl.TCP_STATE_NUMBERS)}"
+    elif s.tcp_state is not None:
+        return f"tcp_state is only valid for TCP, not {s.protocol}"
+    if s.timeout is not None and not (isinstance(s.timeout, int) and 1 <= s.timeout <= _UINT32):
+        return f"timeout {s.timeout!r} is not 1..{_UINT32} seconds"
+    if not (isinstance(s.mark, int) and 0 <= s.mark <= _UINT32):
+        return f"mark {s.mark!r} is not 0..{_UINT32}"
+    if not isinstance(s.assured, bool):
+        return f"assured {s.assured!r} is not a boolean"
+    return None
+
+
+def _key_session(key: SessionKey) -> NatSession:
+    """A session carrying only ``key`` (enough to name it to the kernel)."""
+    proto, src, sport, dst, dport = key
+    return NatSession(proto, src, sport, dst, dport, "0.0.0.0", 0)
+
+
+class ConntrackProvider(SessionProvider):
+    """The live conntrack table of the NAT node in namespace ``netns``.
+
+    ``public_addresses`` are the addresses the node translates to (default:
+    the node's public address); ``node`` backs :meth:`set_admission` and
+    :meth:`admission` (without one they raise :class:`ProviderError`).
+    """
+
+    def __init__(
+        self,
+        netns: str,
+        public_addresses: Iterable[str] | None = None,
+        node: NatNode | None = None,
+        *,
+        run: Callable[..., subprocess.CompletedProcess] = nsmod.run,
+    ) -> None:
+        if public_addresses is None:
+            if node is None:
+                raise ProviderError("ConntrackProvider: give public_addresses or a NatNode to take them from")
+            public_addresses = {node.cfg.public_address}
+        self.netns = netns
+        self.owned = set(public_addresses)
+        self.node = node
+        self._run = run
+        self._lock = threading.Lock()
+        self._defaults: dict[tuple[str, object], int] | None = None
+
+    # -- reading -----------------------------------------------------------
+
+    def list(self) -> Snapshot:
+        """Every translated session of the namespace's table; the rest counted as untranslated."""
+        table = cttext.parse_table(self._conntrack(["-L"], timeout=120).stdout)
+        return Snapshot(table.sessions, table.untranslated)
+
+    def public_addresses(self) -> set[str]:
+        """The addresses this node translates to."""
+        return set(self.owned)
+
+    # -- writing -----------------------------------------------------------
+
+    def apply(self, sessions: Sequence[NatSession]) -> None:
+        """Create or replace a batch, all or nothing (see the module docstring)."""
+        batch = list(sessions)
+        with self._lock:
+            problems = {s.key: why for s in batch if (why := validate(s)) is not None}
+            existing = index_by_key(self.list().sessions)
+            problems.update(check_batch([s for s in batch if s.key not in problems], existing, self.owned))
+            if problems:
+                raise ApplyError(problems)
+            self._write(batch, existing)
+
+    def _write(self, batch: list[NatSession], existing: dict[SessionKey, NatSession]) -> None:
+        timeouts = self._timeouts(batch)
+        tool_new: list[NatSession] = []
+        nl_new: list[NatSession] = []
+        updates: list[NatSession] = []
+        replaced: list[NatSession] = []
+        for s in batch:
+            old = existing.get(s.key)
+            if old is not None and old.public == s.public:
+                # Same translation: change it in place so that a live flow
+                # never meets a moment without its session.
+                updates.append(s)
+                continue
+            if old is not None:
+                replaced.append(old)
+            (nl_new if s.protocol == "ICMP" else tool_new).append(s)
+        undo = _Undo(self.netns, existing)
+        try:
+            if replaced:
+                _, failed = nl.delete_sessions(self.netns, replaced)
+                undo.replaced = replaced
+                self._refuse_on(failed, replaced, "could not remove the session it replaces")
+            if tool_new:
+                undo.created += tool_new
+                text = cttext.restore_text((s, timeouts[i]) for i, s in _indexed(batch, tool_new))
+                cp = self._conntrack(["-R", "-"], input=text, check=False, timeout=300)
+                if cp.returncode != 0:
+                    self._refuse_missing(tool_new, cp.stderr.strip().splitlines()[-1:] or ["conntrack -R failed"])
+            if nl_new:
+                undo.created += nl_new
+                ops = [nl.create_op(s, timeouts[i]) for i, s in _indexed(batch, nl_new)]
+                self._refuse_on(nl.run_ops(self.netns, ops), nl_new, "kernel refused to create it")
+            if updates:
+                undo.updated = updates
+                ops = [nl.update_op(s, timeouts[i]) for i, s in _indexed(batch, updates)]
+                self._refuse_on(nl.run_ops(self.netns, ops), updates, "kernel refused to update it")
+        except ApplyError:
+            undo.run(self)
+            raise
+
+    def _refuse_on(self, failed: dict[int, int], items: list[NatSession], what: str) -> None:
+        if failed:
+            raise ApplyError({items[i].key: f"{what}: {nl.describe(e)}" for i, e in failed.items()})
+
+    def _refuse_missing(self, created: list[NatSession], why: list[str]) -> None:
+        """conntrack -R stopped at a line: name the first session that is not in the table."""
+        now = index_by_key(self.list().sessions)
+        for s in created:
+            got = now.get(s.key)
+            if got is None or got.public != s.public:
+                raise ApplyError({s.key: f"kernel refused to create it: {why[0]}"})
+        raise ApplyError({created[-1].key: f"conntrack -R failed: {why[0]}"})
+
+    def _timeouts(self, batch: list[NatSession]) -> list[int]:
+        """Each entry's timeout, the node's default for its protocol and state where absent."""
+        if all(s.timeout is not None for s in batch):
+            return [s.timeout for s in batch]  # type: ignore[misc]
+        defaults = self._default_timeouts()
+        return [s.timeout if s.timeout is not None else defaults[_timeout_key(s)] for s in batch]
+
+    def _default_timeouts(self) -> dict[tuple[str, object], int]:
+        if self._defaults is None:
+            names = sorted(set(DEFAULT_TIMEOUT_SYSCTL.values()))
+            out = self._run(["sysctl", "-n", *(f"net.netfilter.{n}" for n in names)], self.netns).stdout.split()
+            by_name = dict(zip(names, (int(v) for v in out)))
+            self._defaults = {k: by_name[n] for k, n in DEFAULT_TIMEOUT_SYSCTL.items()}
+        return self._defaults
+
+    def delete(self, keys: Iterable[SessionKey] | None = None) -> int:
+        """Delete by key (missing keys ignored) or every translated session; how many went."""
+        with self._lock:
+            if keys is None:
+                victims = self.list().sessions
+            else:
+                victims = [_key_session(tuple(k)) for k in keys]  # type: ignore[arg-type]
+                bad = {s.key: why for s in victims if (why := _key_problem(s)) is not None}
+                if bad:
+                    raise ProviderError("cannot delete: " + "; ".join(f"{format_key(k)}: {w}" for k, w in bad.items()))
+            count, failed = nl.delete_sessions(self.netns, victims)
+            if failed:
+                shown = "; ".join(f"{format_key(victims[i].key)}: {nl.describe(e)}" for i, e in list(failed.items())[:10])
+                raise ProviderError(f"kernel refused to delete {len(failed)} session(s) ({count} deleted): {shown}")
+            return count
+
+    # -- events and admission ----------------------------------------------
+
+    def watch(self) -> Watch:
+        """Follow new and destroyed translated sessions of the namespace (``conntrack -E``)."""
+        return _ConntrackWatch(self.netns)
+
+    def set_admission(self, admit: bool) -> None:
+        """Admit or drop packets that would create a new session (through the NAT node's ruleset)."""
+        self._need_node().set_admission(admit)
+
+    def admission(self) -> bool:
+        """Whether new sessions are admitted, read from the node's ruleset."""
+        return self._need_node().admission()
+
+    def _need_node(self) -> NatNode:
+        if self.node is None:
+            raise ProviderError(f"ConntrackProvider({self.netns}): admission control needs the NatNode (pass node=)")
+        return self.node
+
+    def _conntrack(self, args: list[str], **kw: object) -> subprocess.CompletedProcess:
+        try:
+            return self._run(["conntrack", *args], self.netns, **kw)
+        except nsmod.CommandError as e:
+            raise ProviderError(f"conntrack in {self.netns}: {e}") from e
+
+
+def _indexed(batch: list[NatSession], part: list[NatSession]) -> Iterable[tuple[int, NatSession]]:
+    """(index in batch, session) for the sessions of ``part``, in ``part``'s order."""
+    where = {id(s): i for i, s in enumerate(batch)}
+    return ((where[id(s)], s) for s in part)
+
+
+def _key_problem(s: NatSession) -> str | None:
+    why = validate(s)
+    # The dummy translation of a key-only session is not the caller's fault.
+    return None if why is None or why.startswith("translated_") else why
+
+
+class _Undo:
+    """What apply wrote so far, and how to take it back."""
+
+    def __init__(self, netns: str, existing: dict[SessionKey, NatSession]) -> None:
+        self.netns = netns
+        self.existing = existing
+        self.created: list[NatSession] = []
+        self.replaced: list[NatSession] = []
+        self.updated: list[NatSession] = []
+
+    def run(self, provider: ConntrackProvider) -> None:
+        # Delete only what carries the translation this batch gave it: an
+        # entry that traffic created meanwhile under the same key stays.
+        now = index_by_key(provider.list().sessions)
+        ours = [s for s in self.created if (got := now.get(s.key)) is not None and got.public == s.public]
+        nl.delete_sessions(self.netns, ours)
+        nl.run_ops(self.netns, [nl.create_op(o, o.timeout or 1) for o in self.replaced])
+        olds = [self.existing[s.key] for s in self.updated]
+        nl.run_ops(self.netns, [nl.update_op(o, o.timeout or 1) for o in olds])
+
+
+class _ConntrackWatch(Watch):
+    """Reads ``conntrack -E -e NEW,DESTROY`` of a namespace in a thread, into a queue."""
+
+    # conntrack subscribes only after it started; events before that are
+    # lost, so watch() waits this long before returning.
+    READY_DELAY = 0.15
+
+    def __init__(self, netns: str) -> None:
+        self.q: queue.Queue[SessionEvent] = queue.Queue()
+        self.proc = subprocess.Popen(
+            nsmod.ns_cmd(["conntrack", "-E", "-e", "NEW,DESTROY"], netns),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
+        )
+        self.thread = threading.Thread(target=self._read, name=f"ct-watch-{netns}", daemon=True)
+        self.thread.start()
+        time.sleep(self.READY_DELAY)
+        if self.proc.poll() is not None:
+            raise ProviderError(f"conntrack -E in {netns} exited {self.proc.returncode}")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            ev = cttext.parse_event(line)
+            if ev is not None:
+                self.q.put(SessionEvent(ev.kind, ev.session))
+
+    def get(self, timeout: float | None = None) -> SessionEvent | None:
+        """The next event, or None when ``timeout`` passes first."""
+        try:
+            return self.q.get(timeout=timeout) if timeout != 0 else self.q.get_nowait()
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        """Stop the reader process (our own child, by pid)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.thread.join(2)
+

@@ -1,0 +1,173 @@
+"""The conntrack tool's text formats, read and written in bulk.
+
+``conntrack -L`` (and ``conntrack -E``) print one line per tracked
+connection; :func:`parse_table` turns such text into :class:`NatSession`
+records, counting the lines that are not translated sessions.  The default
+output is read rather than ``-o save`` because ``-o save`` omits the mark and
+the translated ICMP echo identifier, and costs the same to dump.
+
+:func:`insert_line` writes the ``-I`` lines ``conntrack -R`` loads: the same
+form ``conntrack -L -o save`` prints (original tuple, the un-NATed reply
+tuple carrying the public port, ``-n`` for the source NAT), so the kernel
+rebuilds the translation exactly as it does on a plain save/restore.
+
+Everything here is pure text work, unit-tested without root.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+from ..model import NatSession
+
+#: conntrack's TCP state names that the module's tcp-state-type has (LISTEN is
+#: what old kernels call SYN_SENT2).
+TCP_STATES: dict[str, str] = {s: s for s in (
+    "SYN_SENT", "SYN_RECV", "ESTABLISHED", "FIN_WAIT", "CLOSE_WAIT",
+    "LAST_ACK", "TIME_WAIT", "CLOSE", "SYN_SENT2",
+)} | {"LISTEN": "SYN_SENT2"}
+
+# One line of `conntrack -L` / `conntrack -E` for TCP and UDP.  Optional parts:
+# the event tag, the timeout (absent in some events), the TCP state, the
+# counters (nf_conntrack_acct=1), [UNREPLIED], status tags and the mark.
+_PORTS = re.compile(
+    r"^[ \t]*(?:\[(NEW|DESTROY|UPDATE)\][ \t]+)?(tcp|udp)[ \t]+\d+[ \t]+(?:(\d+)[ \t]+)?(?:([A-Z_0-9]+)[ \t]+)?"
+    r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+) (?:packets=\d+ bytes=\d+ )?(?:\[UNREPLIED\] )?"
+    r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)([^\n]*)$",
+    re.M,
+)
+# The same for ICMP: type/code/id instead of ports.
+_ICMP = re.compile(
+    r"^[ \t]*(?:\[(NEW|DESTROY|UPDATE)\][ \t]+)?icmp[ \t]+\d+[ \t]+(?:(\d+)[ \t]+)?"
+    r"src=(\S+) dst=(\S+) type=(\d+) code=(\d+) id=(\d+) (?:packets=\d+ bytes=\d+ )?(?:\[UNREPLIED\] )?"
+    r"src=(\S+) dst=(\S+) type=\d+ code=\d+ id=(\d+)([^\n]*)$",
+    re.M,
+)
+_MARK = re.compile(r"\bmark=(\d+)")
+
+ICMP_ECHO_REQUEST = 8
+
+
+@dataclass(frozen=True)
+class Table:
+    """What a conntrack text dump held: translated sessions and the count of everything else."""
+
+    sessions: list[NatSession]
+    untranslated: int
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of ``conntrack -E``: ``kind`` is "new" or "destroy"."""
+
+    kind: str
+    session: NatSession
+
+
+def _tail(rest: str) -> tuple[bool, int]:
+    """(assured, mark) from the part of a line after the reply tuple."""
+    m = _MARK.search(rest)
+    return ("[ASSURED]" in rest, int(m.group(1)) if m else 0)
+
+
+def _port_session(m: re.Match) -> NatSession | None:
+    """The session of a TCP/UDP line, or None when it is not source-translated."""
+    _ev, proto, timeout, state, src, dst, sport, dport, rsrc, rdst, rsport, rdport, rest = m.groups()
+    # Source NAT shows as a reply tuple addressed to something other than the
+    # original source; a destination-NATed flow (reply from elsewhere) is not
+    # a session of this NAT.
+    if (rdst == src and rdport == sport) or rsrc != dst or rsport != dport:
+        return None
+    tcp = proto == "tcp"
+    tcp_state = TCP_STATES.get(state or "") if tcp else None
+    if tcp and tcp_state is None:
+        return None
+    assured, mark = _tail(rest)
+    return NatSession(
+        "TCP" if tcp else "UDP", src, int(sport), dst, int(dport), rdst, int(rdport),
+        tcp_state, max(1, int(timeout)) if timeout is not None else None, assured, mark,
+    )
+
+
+def _icmp_session(m: re.Match) -> NatSession | None:
+    """The session of an ICMP echo line, or None when it is not source-translated."""
+    _ev, timeout, src, dst, itype, _code, ident, rsrc, rdst, rident, rest = m.groups()
+    if int(itype) != ICMP_ECHO_REQUEST or rsrc != dst or (rdst == src and rident == ident):
+        return None
+    assured, mark = _tail(rest)
+    return NatSession(
+        "ICMP", src, int(ident), dst, 0, rdst, int(rident),
+        None, max(1, int(timeout)) if timeout is not None else None, assured, mark,
+    )
+
+
+def parse_table(text: str) -> Table:
+    """Parse ``conntrack -L`` output: translated sessions, and how many lines were not.
+
+    Lines of other protocols, un-translated or destination-translated flows,
+    ICMP other than echo, and TCP in state NONE are counted, not returned.
+    """
+    sessions: list[NatSession] = []
+    for pat, build in ((_PORTS, _port_session), (_ICMP, _icmp_session)):
+        for m in pat.finditer(text):
+            s = build(m)
+            if s is not None:
+                sessions.append(s)
+    lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+    return Table(sessions, lines - len(sessions))
+
+
+_EVENT_KINDS = {"NEW": "new", "DESTROY": "destroy"}
+
+
+def parse_event(line: str) -> Event | None:
+    """The event of one ``conntrack -E`` line, or None (not a translated session, or not new/destroy)."""
+    for pat, build in ((_PORTS, _port_session), (_ICMP, _icmp_session)):
+        m = pat.match(line.rstrip("\n"))
+        if m is not None:
+            kind = _EVENT_KINDS.get(m.group(1) or "")
+            s = build(m)
+            return Event(kind, s) if kind and s is not None else None
+    return None
+
+
+_FLAGS = {(False, False): "", (True, False): "SEEN_REPLY", (True, True): "SEEN_REPLY,ASSURED"}
+
+
+def seen_reply(s: NatSession) -> bool:
+    """Whether to recreate a session as answered.
+
+    The module has no leaf for it: a TCP session past the handshake has been
+    answered; an assured one has too; other UDP and ICMP sessions are
+    recreated as answered as well, since a session worth moving is one that
+    had traffic both ways, and the kernel only ever sets the bit, never clears it.
+    """
+    if s.protocol == "TCP":
+        return s.assured or (s.tcp_state or "ESTABLISHED") not in ("SYN_SENT", "SYN_SENT2")
+    return True
+
+
+def insert_line(s: NatSession, timeout: int) -> str:
+    """The ``conntrack -R`` line that creates a TCP or UDP session (``-I``: fails if it exists)."""
+    flags = _FLAGS[(seen_reply(s), s.assured)]
+    status = f" -u {flags}" if flags else ""
+    state = f" --state {s.tcp_state or 'ESTABLISHED'}" if s.protocol == "TCP" else ""
+    mark = f" -m {s.mark}" if s.mark else ""
+    return (
+        f"-I -t {timeout}{status} -s {s.src_address} -d {s.dst_address} -r {s.dst_address} -n {s.translated_address}"
+        f" -p {s.protocol.lower()} --sport {s.src_port} --dport {s.dst_port}"
+        f" --reply-port-src {s.dst_port} --reply-port-dst {s.translated_port}{state}{mark}\n"
+    )
+
+
+def restore_text(sessions: Iterable[tuple[NatSession, int]]) -> str:
+    """The ``conntrack -R`` input creating each (session, timeout)."""
+    return "".join(insert_line(s, t) for s, t in sessions)
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    """``items`` in slices of at most ``size``."""
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
