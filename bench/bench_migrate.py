@@ -1,0 +1,205 @@
+"""Benchmark: natmig's live migration against the raw floor, for 0 to 100,000 sessions.
+
+For each table size N, on one testbed (both NAT nodes with their agents):
+
+1. N established sessions are loaded into nat1 (through its agent);
+2. the raw floor is measured on that very table: ``conntrack -L -o save`` in
+   nat1, ``conntrack -R`` of that dump in nat2, then one ``ovs-ofctl
+   --bundle`` moving traffic to nat2 (then undone: traffic back, nat2 flushed);
+3. natmig migrates nat1 -> nat2 (retire=keep, so the work compares with the
+   floor's) while a TCP probe flow sends every 1 ms; per-phase times, total,
+   and the largest gap the probe saw are recorded;
+4. the tables are flushed and traffic is pointed back for the next size.
+
+Targets: natmig total <= 3x the floor at 10,000 and 100,000 sessions;
+largest probe gap <= 20 ms at 10,000.  Prints a table, writes JSON and a PNG
+(matplotlib) of time vs sessions, natmig beside the floor.
+
+Run as root: ``.venv/bin/python bench/bench_migrate.py [--sizes 0,1000,10000,100000] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from natmig import netns
+from natmig.agent.natnode import ensure_conntrack_capacity
+from natmig.controller.demo import AgentFleet, load_sessions, synthetic_sessions
+from natmig.controller.migrate import MigrateOptions, Migration
+from natmig.controller.steering import TestbedSteering
+from natmig.controller.traffic import LiveTraffic, TrafficSpec
+from natmig.testbed.bed import Testbed
+
+PHASES = ("preflight", "copy", "catch-up", "switch", "verify", "admit", "retire")
+
+
+def ct_count(tb: Testbed, nat: str) -> int:
+    """Entries in a NAT node's conntrack table."""
+    return int(tb.exec(nat, ["conntrack", "-C"]).stdout.strip() or 0)
+
+
+def flush(tb: Testbed, nat: str) -> None:
+    """Empty a NAT node's conntrack table (a namespace this benchmark made)."""
+    tb.exec(nat, ["conntrack", "-F"], check=False)
+
+
+def raw_floor(tb: Testbed) -> dict[str, float]:
+    """Dump nat1, restore into nat2, move the flows: the same work with the bare tools."""
+    t0 = time.perf_counter()
+    dump = tb.exec("nat1", ["conntrack", "-L", "-o", "save"], timeout=300).stdout
+    t1 = time.perf_counter()
+    tb.exec("nat2", ["conntrack", "-R", "-"], input=dump, timeout=300)
+    t2 = time.perf_counter()
+    tb.point_to("nat2")
+    t3 = time.perf_counter()
+    entries = sum(1 for line in dump.splitlines() if line.startswith("-A"))
+    return {"dump": t1 - t0, "restore": t2 - t1, "bundle": t3 - t2, "total": t3 - t0, "entries": entries}
+
+
+def reset(tb: Testbed) -> None:
+    """Traffic back to nat1, both tables empty, both nodes admitting."""
+    tb.point_to("nat1")
+    for nat in ("nat1", "nat2"):
+        flush(tb, nat)
+        tb.nat_node(nat).set_admission(True)
+
+
+def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path) -> dict:
+    """One table size: load, floor, natmig with the 1 ms probe."""
+    reset(tb)
+    t = time.perf_counter()
+    if n:
+        load_sessions(fleet.endpoint("nat1"), synthetic_sessions(n, tb.public_address, tb.topology.nats["nat1"].port_range))
+    load_s = time.perf_counter() - t
+    in_table = ct_count(tb, "nat1")
+    floor = raw_floor(tb)
+    restored = ct_count(tb, "nat2")
+    tb.point_to("nat1")
+    flush(tb, "nat2")
+    probe = LiveTraffic(tb.netns("client"), tb.netns("server"), tb.address("server"), TrafficSpec(tcp=1, udp=0, interval=0.001), str(work))
+    with probe:
+        time.sleep(0.5)
+        report = Migration(fleet.endpoint("nat1"), fleet.endpoint("nat2"), TestbedSteering(tb), MigrateOptions(retire="keep")).run()
+        time.sleep(0.5)
+        traffic = probe.stop()
+    return {
+        "sessions": n,
+        "conntrack_entries": in_table,
+        "load_seconds": load_s,
+        "floor": floor,
+        "floor_restored": restored,
+        "natmig_ok": report.ok,
+        "natmig_error": report.error,
+        "natmig_phases": {p: report.phase_seconds(p) for p in PHASES},
+        "natmig_total": report.total_seconds,
+        "natmig_moved": report.copied + report.caught_up + report.reconciled,
+        "natmig_verified": report.verified,
+        "ratio": report.total_seconds / floor["total"] if floor["total"] else None,
+        "probe_gap_ms": traffic.largest_gap * 1000,
+        "probe_survived": traffic.all_survived,
+    }
+
+
+def print_table(rows: list[dict]) -> None:
+    """The figures, one line per table size."""
+    head = f"{'sessions':>9} | {'floor: dump':>11} {'restore':>8} {'bundle':>7} {'total':>8} | " + " ".join(f"{p:>9}" for p in PHASES) + f" | {'natmig':>8} {'x floor':>7} | {'gap ms':>7} ok"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        f = r["floor"]
+        ph = " ".join(f"{r['natmig_phases'][p] * 1000:9.1f}" for p in PHASES)
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+        print(f"{r['sessions']:>9} | {f['dump'] * 1000:11.1f} {f['restore'] * 1000:8.1f} {f['bundle'] * 1000:7.1f} {f['total'] * 1000:8.1f} | {ph} | "
+              f"{r['natmig_total'] * 1000:8.1f} {ratio:>7} | {r['probe_gap_ms']:7.1f} {'yes' if r['natmig_ok'] and r['probe_survived'] else 'NO'}")
+    print("(all times in ms; floor = conntrack -L -o save | conntrack -R, then ovs-ofctl --bundle; natmig = every phase, retire=keep)")
+
+
+def check_targets(rows: list[dict]) -> list[str]:
+    """Which targets were missed (empty: all met)."""
+    missed = []
+    for r in rows:
+        if not r["natmig_ok"] or not r["probe_survived"]:
+            missed.append(f"{r['sessions']}: migration ok={r['natmig_ok']} ({r['natmig_error']}), probe survived={r['probe_survived']}")
+        if r["sessions"] in (10_000, 100_000) and r["ratio"] and r["ratio"] > 3:
+            missed.append(f"{r['sessions']}: natmig total {r['natmig_total']:.3f} s is {r['ratio']:.2f}x the floor {r['floor']['total']:.3f} s (target <= 3x)")
+        if r["sessions"] == 10_000 and r["probe_gap_ms"] > 20:
+            missed.append(f"10000: largest probe gap {r['probe_gap_ms']:.1f} ms (target <= 20 ms)")
+    return missed
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Time vs sessions, natmig (stacked by phase) beside the floor."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = list(range(len(rows)))
+    labels = [f"{r['sessions']:,}" for r in rows]
+    fig, ax = plt.subplots(figsize=(9, 5))
+    w = 0.38
+    bottom = [0.0] * len(rows)
+    for p in PHASES:
+        vals = [r["natmig_phases"][p] for r in rows]
+        ax.bar([x - w / 2 for x in xs], vals, w, bottom=bottom, label=f"natmig: {p}")
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    fb = [0.0] * len(rows)
+    for part, colour in (("dump", "#555555"), ("restore", "#888888"), ("bundle", "#bbbbbb")):
+        vals = [r["floor"][part] for r in rows]
+        ax.bar([x + w / 2 for x in xs], vals, w, bottom=fb, color=colour, label=f"floor: {part}")
+        fb = [b + v for b, v in zip(fb, vals)]
+    ax.set_xticks(xs, labels)
+    ax.set_xlabel("sessions in the table")
+    ax.set_ylabel("seconds")
+    ax.set_yscale("symlog", linthresh=0.05)
+    ax.set_title("natmig live migration vs raw floor (conntrack save/restore + OVS bundle)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; exit 1 when a target is missed."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="0,1000,10000,100000", help="table sizes, comma-separated")
+    ap.add_argument("--out", default=".", help="directory for bench_migrate.json and bench_migrate.png")
+    a = ap.parse_args(argv)
+    sizes = [int(x) for x in a.sizes.split(",") if x.strip()]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_conntrack_capacity(2 * max(sizes, default=0) + 65536)
+    work = Path(tempfile.mkdtemp(prefix="natmig-bench-"))
+    tb = Testbed.from_file(None, prefix=netns.run_prefix("bm"))
+    fleet = None
+    rows = []
+    try:
+        tb.up()
+        fleet = AgentFleet(tb, work / "agents")
+        fleet.start("nat1")
+        fleet.start("nat2")
+        for n in sizes:
+            print(f"== {n} sessions", flush=True)
+            rows.append(measure(tb, fleet, n, work))
+    finally:
+        if fleet is not None:
+            fleet.close()
+        tb.down()
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(rows)
+    (out / "bench_migrate.json").write_text(json.dumps(rows, indent=2))
+    plot(rows, out / "bench_migrate.png")
+    print(f"wrote {out / 'bench_migrate.json'} and {out / 'bench_migrate.png'}")
+    missed = check_targets(rows)
+    for m in missed:
+        print(f"TARGET MISSED: {m}")
+    return 1 if missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
