@@ -23,6 +23,7 @@ from typing import Callable
 
 from ..codec import default_codec
 from ..errors import AgentError
+from .. import netns
 from ..netns import NETNS_DIR
 from .auth import set_password
 from .provider import MemoryProvider, SessionProvider
@@ -66,11 +67,23 @@ def _memory(args: argparse.Namespace) -> SessionProvider:
 
 
 def _conntrack(args: argparse.Namespace) -> SessionProvider:
-    from .conntrack import ConntrackProvider  # written against the kernel; imported only when used
+    from .conntrack import ConntrackProvider  # needs the kernel's tools; imported only when used
+    from .natnode import NatNode, NatNodeConfig
 
     if not args.public_address:
         raise AgentError("--provider conntrack needs --public-address (the NAT's public address)")
-    return ConntrackProvider(public_addresses=set(args.public_address))
+    if not args.netns:
+        # The root namespace's table belongs to the machine, never to natmig.
+        raise AgentError("--provider conntrack needs --netns (the NAT node's namespace)")
+    # Admission control rewrites the node's nftables admission chain, which
+    # only needs the namespace, the inside interface and the public address.
+    node = NatNode(NatNodeConfig(name=args.netns, inside_if=args.inside_if, public_address=args.public_address[0]))
+    # Measured: with the kernel default nf_conntrack_events=2 ("auto"), an entry
+    # created while nobody listened never reports its DESTROY, so a controller
+    # subscribing after the copy would miss sessions closed during the move.
+    # 1 makes every entry report; the sysctl is per namespace (the node's own).
+    netns.sysctl(args.netns, "net.netfilter.nf_conntrack_events", 1)
+    return ConntrackProvider(args.netns, public_addresses=set(args.public_address), node=node)
 
 
 #: --provider NAME -> how to build it from the arguments.
@@ -136,6 +149,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--netns", metavar="NAME", help="network namespace of the NAT node to run in")
     p.add_argument("--provider", choices=sorted(PROVIDERS), default="conntrack", help="where the session table lives (memory: protocol tests and demos)")
     p.add_argument("--public-address", action="append", metavar="A", help="public address of the NAT (repeatable)")
+    p.add_argument("--inside-if", default="inside0", metavar="IF", help="the NAT's inside interface, for admission control (default %(default)s)")
     p.add_argument("--host-key", default="agent_host_key", metavar="FILE", help="SSH host key, created (ECDSA) if missing")
     p.add_argument("--passwords", metavar="FILE", help="password file (see `natmig agent passwd`)")
     p.add_argument("--authorized-keys", metavar="FILE", help="OpenSSH authorized_keys file")
