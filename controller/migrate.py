@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession, SessionKey
-from .plan import CatchUp, CopyPlan, compare, plan_copy
+from .plan import CatchUp, CopyPlan, compare, for_target, plan_copy
 from .report import MigrationReport, PhaseClock, PhaseTiming
 from .steering import Steering
 
@@ -326,7 +326,7 @@ class Migration:
             # The target still drops unknown sessions' packets, so a missing
             # session has not been re-mapped yet: write it now.
             with ph.step("reconcile"):
-                self._write(tgt, verdict.missing, [])
+                self._write(tgt, for_target(verdict.missing), [])
                 self._st.added += [s.key for s in verdict.missing]
                 self.report.reconciled = len(verdict.missing)
                 on_target = tgt.get_sessions("running")

@@ -9,7 +9,7 @@ I/O, so every decision is unit-tested without root.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
 from ..errors import ControllerError
@@ -26,6 +26,29 @@ EVENT_KINDS: Mapping[str, str] = {
 
 #: The leaves that make a session "the same session with the same mapping".
 MAPPING_FIELDS = ("translated_address", "translated_port")
+
+
+#: TCP states of a connection still in its handshake when it was read.
+HANDSHAKE_STATES = frozenset({"SYN_SENT", "SYN_RECV", "SYN_SENT2"})
+
+
+def for_target(sessions: Iterable[NatSession]) -> list[NatSession]:
+    """Sessions as they are written into the target: handshake states become ESTABLISHED.
+
+    A state read from the source is a moment's state: a connection seen in
+    SYN_SENT completes its handshake through the source before the switch.
+    Recreated in SYN_SENT on the target, its next data packets are invalid
+    for the kernel's TCP state machine (an ACK from the inside in SYN_SENT)
+    and are dropped or leave untranslated until the connection stalls out.
+    ESTABLISHED accepts both the rest of the handshake (a late SYN-ACK is
+    ignored, not refused) and the data; the entry's own timeout is kept.
+    """
+    out = []
+    for s in sessions:
+        if s.tcp_state in HANDSHAKE_STATES:
+            s = replace(s, tcp_state="ESTABLISHED")
+        out.append(s)
+    return out
 
 
 def mapping(s: NatSession) -> tuple[str, int]:
@@ -102,7 +125,7 @@ def plan_copy(
             conflicts.append(Conflict(s.key, f"its public {s.protocol} {s.translated_address}:{s.translated_port} is held on the target by {format_key(holder)}"))
     if conflicts:
         raise PlanError(conflicts)
-    return CopyPlan(list(source), frozenset(already), len(target))
+    return CopyPlan(for_target(source), frozenset(already), len(target))
 
 
 @dataclass
@@ -140,8 +163,8 @@ class CatchUp:
         return self
 
     def take(self) -> tuple[list[NatSession], list[SessionKey]]:
-        """The pending writes and deletes, leaving this empty for the next round."""
-        ups, dels = list(self.upserts.values()), sorted(self.deletes, key=_sort_key)
+        """The pending writes (as :func:`for_target` writes them) and deletes, leaving this empty."""
+        ups, dels = for_target(self.upserts.values()), sorted(self.deletes, key=_sort_key)
         self.upserts.clear()
         self.deletes.clear()
         return ups, dels

@@ -92,3 +92,18 @@ def test_static_flows_return_from_every_nat():
     assert "priority=100,in_port=3,actions=output:1" in flows
     assert "priority=100,in_port=6,actions=output:2" in flows
     assert len(flows) == 4
+
+
+def test_handshake_states_are_written_as_established():
+    from natmig.controller.plan import for_target
+    a, b, c = sessions(3)
+    a = replace(a, tcp_state="SYN_SENT", timeout=100)
+    b = replace(b, tcp_state="FIN_WAIT")
+    c = replace(c, protocol="UDP", tcp_state=None)
+    out = for_target([a, b, c])
+    assert [s.tcp_state for s in out] == ["ESTABLISHED", "FIN_WAIT", None]
+    assert out[0].timeout == 100 and out[0].translated_port == a.translated_port
+    p = plan_copy([a], [])
+    assert p.sessions[0].tcp_state == "ESTABLISHED"
+    cu = CatchUp().extend([("created", replace(a, tcp_state="SYN_RECV"))])
+    assert cu.take()[0][0].tcp_state == "ESTABLISHED"
