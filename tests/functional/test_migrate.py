@@ -75,11 +75,10 @@ def test_new_connections_opened_continuously_during_the_move_all_survive(tmp_pat
         assert cp.returncode == 0, cp.stdout + cp.stderr
         report = json.loads(report_path.read_text())
         assert report["ok"] and report["copied"] >= 2000
+        # Sessions really were born and closed between the copy and the switch.
+        assert report["events"] > 0 and report["caught_up"] + report["caught_up_deleted"] > 0, report
         churn = result.of("churn")
         assert len(churn) >= 80, "the churn must really run during the move"
-        # Connections opened around the switch, on both sides of it.
-        started = json.loads((tmp_path / "client.json").read_text())
-        assert started["flows"]
         assert not result.broken(), [f"{b.proto} {b.fid}: {b.why}" for b in result.broken()[:10]]
         assert result.live_survived == result.live_total == 10
         assert tb.active_nat() == "nat2"
