@@ -1,0 +1,266 @@
+"""The conntrack session provider against the real kernel: real flows through real NAT nodes.
+
+Every test builds its own namespaces (run-prefixed) and removes them in a
+``finally``, whatever happened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+from natmig import netns
+from natmig.agent.conntrack import ConntrackProvider
+from natmig.agent.provider import ApplyError
+from natmig.model import NatSession
+from natmig.errors import ProviderError
+
+from .helpers_natnode import CLIENT_IP, PUBLIC_IP, SERVER_IP, TwoNatNet, finish, replies_after, wait_replies
+
+pytestmark = pytest.mark.root
+
+TCP_PORT, UDP_PORT = 5001, 5002
+TCP_SPORT, UDP_SPORT = 40001, 40002  # outside the NAT's port range, so translation must change them
+
+
+@pytest.fixture
+def net():
+    n = TwoNatNet(netns.run_prefix("nmct"))
+    try:
+        n.build()
+        yield n
+    finally:
+        n.destroy()
+        left = [ns for ns in n.namespaces() if netns.exists(ns)]
+        assert not left, f"teardown left namespaces behind: {left}"
+
+
+def providers(net: TwoNatNet) -> tuple[ConntrackProvider, ConntrackProvider]:
+    a, b = net.nats["a"], net.nats["b"]
+    return ConntrackProvider(a.name, node=a), ConntrackProvider(b.name, node=b)
+
+
+def start_flows(net: TwoNatNet, duration: float, interval: float = 0.02):
+    net.start_servers(TCP_PORT, UDP_PORT)
+    tcp = net.start("tcp-client", net.client, SERVER_IP, TCP_PORT, TCP_SPORT, duration, interval)
+    udp = net.start("udp-client", net.client, SERVER_IP, UDP_PORT, UDP_SPORT, duration, interval)
+    return tcp, udp
+
+
+def flow_sessions(sessions: list[NatSession]) -> dict[str, NatSession]:
+    """The test flows' sessions by protocol."""
+    want = {("TCP", CLIENT_IP, TCP_SPORT, SERVER_IP, TCP_PORT), ("UDP", CLIENT_IP, UDP_SPORT, SERVER_IP, UDP_PORT)}
+    return {s.protocol: s for s in sessions if s.key in want}
+
+
+def comparable(sessions: list[NatSession]) -> dict:
+    """A table without what changes by itself (timeouts), for equality checks."""
+    return {s.key: dataclasses.replace(s, timeout=None) for s in sessions}
+
+
+def synthetic(n: int, start_port: int = 20000, net: int = 0) -> list[NatSession]:
+    """n varied sessions (all protocols, states, marks) on the public address; ``net`` varies the keys."""
+    states = ["ESTABLISHED", "SYN_RECV", "FIN_WAIT", "CLOSE_WAIT", "TIME_WAIT", "LAST_ACK"]
+    out = []
+    for i in range(n):
+        proto = ("TCP", "UDP", "ICMP")[i % 3]
+        out.append(NatSession(
+            proto, f"10.0.{net}.{10 + i % 200}", (1000 + i) if proto != "ICMP" else i, f"198.51.100.{1 + i % 50}",
+            (80 + i % 7) if proto != "ICMP" else 0, PUBLIC_IP, start_port + i,
+            states[(i // 3) % len(states)] if proto == "TCP" else None, 300 + i, bool(i % 2), i % 5,
+        ))
+    return out
+
+
+def test_list_shows_real_tcp_and_udp_with_the_port_the_server_saw(net: TwoNatNet) -> None:
+    a, _ = providers(net)
+    tcp, udp = start_flows(net, duration=1.2)
+    wait_replies(tcp, 0.6)
+    # Not translated: the client pings the NAT's own inside address.
+    netns.run(["ping", "-c", "1", "-W", "1", "10.0.0.1"], net.client)
+    snap = a.list()
+    t, u = finish(tcp), finish(udp)
+    got = flow_sessions(snap.sessions)
+    assert set(got) == {"TCP", "UDP"}, snap.sessions
+    assert t["error"] is None and u["replies"], (t, u)
+    assert t["ports"] == [got["TCP"].translated_port]
+    assert u["ports"] == [got["UDP"].translated_port]
+    for s in got.values():
+        assert s.translated_address == PUBLIC_IP
+        assert 20000 <= s.translated_port <= 29999 and s.translated_port != s.src_port
+        assert s.timeout is not None and s.timeout > 0
+    assert got["TCP"].tcp_state == "ESTABLISHED" and got["UDP"].tcp_state is None
+    assert snap.untranslated >= 1
+    assert all(s.src_address != CLIENT_IP or s.dst_address != "10.0.0.1" for s in snap.sessions)
+
+
+def test_export_from_a_apply_to_idle_b_gives_the_same_table(net: TwoNatNet) -> None:
+    a, b = providers(net)
+    tcp, udp = start_flows(net, duration=1.0)
+    wait_replies(tcp, 0.5)
+    a.apply(synthetic(300))  # a richer table than two flows: ICMP, states, marks, assured
+    exported = a.list().sessions
+    assert len(exported) >= 302
+    assert b.list().sessions == []
+    b.apply(exported)
+    mine = b.list().sessions
+    assert comparable(mine) == comparable(exported)
+    by_key = {s.key: s for s in exported}
+    for s in mine:  # remaining lifetimes carried over (minus the seconds that passed)
+        assert by_key[s.key].timeout - 3 <= s.timeout <= by_key[s.key].timeout
+    finish(tcp), finish(udp)
+
+
+def move(net: TwoNatNet, with_state: bool) -> tuple[dict, dict, float, dict[str, NatSession]]:
+    a, b = providers(net)
+    tcp, udp = start_flows(net, duration=3.0)
+    wait_replies(tcp, 1.0)
+    before = flow_sessions(a.list().sessions)
+    if with_state:
+        b.apply(a.list().sessions)
+    net.attach("b")
+    t_move = time.time()
+    return finish(tcp), finish(udp), t_move, before
+
+
+def test_live_tcp_and_udp_keep_flowing_with_the_same_public_port_after_the_move(net: TwoNatNet) -> None:
+    t, u, t_move, before = move(net, with_state=True)
+    assert t["error"] is None, t["error"]
+    assert replies_after(t, t_move + 0.5) >= 20 and replies_after(u, t_move + 0.5) >= 20, (t["sent"], u["sent"])
+    assert t["ports"] == [before["TCP"].translated_port]
+    assert u["ports"] == [before["UDP"].translated_port]
+    # And node b is the one translating them now.
+    _, b = providers(net)
+    now = flow_sessions(b.list().sessions)
+    assert {p: s.translated_port for p, s in now.items()} == {p: s.translated_port for p, s in before.items()}
+
+
+def test_negative_control_the_same_move_without_state_breaks_both(net: TwoNatNet) -> None:
+    t, u, t_move, before = move(net, with_state=False)
+    # TCP: node b picks the connection up mid-stream with a new port and the
+    # server resets it (or b drops it): either way it does not survive.
+    assert t["error"] is not None or t["ports"] != [before["TCP"].translated_port], t
+    # UDP: node b gives the flow a new public port.
+    assert u["ports"] != [before["UDP"].translated_port], u
+
+
+def test_refused_batches_name_the_offenders_and_leave_the_table_unchanged(net: TwoNatNet) -> None:
+    a, _ = providers(net)
+    a.apply(synthetic(30))
+    before = comparable(a.list().sessions)
+    taken = synthetic(1)[0]
+    fresh = synthetic(3, start_port=21000, net=1)
+    cases = {
+        "port already used": NatSession("TCP", "10.0.0.250", 999, SERVER_IP, 80, PUBLIC_IP, taken.translated_port),
+        "foreign address": NatSession("UDP", "10.0.0.250", 998, SERVER_IP, 53, "203.0.113.77", 22000),
+        "invalid entry": NatSession("UDP", "10.0.0.250", 997, SERVER_IP, 53, PUBLIC_IP, 22001, tcp_state="ESTABLISHED"),
+        "invalid address": NatSession("TCP", "fe80::1", 996, SERVER_IP, 53, PUBLIC_IP, 22002),
+    }
+    for why, bad in cases.items():
+        with pytest.raises(ApplyError) as ei:
+            a.apply([*fresh, bad])
+            pytest.fail(f"{why}: not refused")
+        assert set(ei.value.problems) == {bad.key}, (why, ei.value.problems)
+        assert comparable(a.list().sessions) == before, why
+    # Two entries of one batch wanting the same public port: both named.
+    x = NatSession("UDP", "10.0.0.251", 1, SERVER_IP, 53, PUBLIC_IP, 23000)
+    y = dataclasses.replace(x, src_port=2)
+    with pytest.raises(ApplyError) as ei:
+        a.apply([x, y])
+    assert y.key in ei.value.problems
+    assert comparable(a.list().sessions) == before
+
+
+def test_kernel_refusal_part_way_is_rolled_back(net: TwoNatNet) -> None:
+    a, _ = providers(net)
+    # An untranslated entry is not a nat-session, so check_batch cannot see
+    # it; the kernel refuses to create a session with the same key.
+    netns.run(["conntrack", "-I", "-p", "udp", "-s", CLIENT_IP, "-d", SERVER_IP, "--sport", "7000", "--dport", "53",
+               "-t", "100", "-u", "SEEN_REPLY"], a.netns)
+    a.apply(synthetic(10))
+    before = comparable(a.list().sessions)
+    hidden = NatSession("UDP", CLIENT_IP, 7000, SERVER_IP, 53, PUBLIC_IP, 24000)
+    batch = [*synthetic(5, start_port=25000, net=1), hidden, *synthetic(5, start_port=25100, net=2)]
+    with pytest.raises(ApplyError) as ei:
+        a.apply(batch)
+    assert list(ei.value.problems) == [hidden.key]
+    assert comparable(a.list().sessions) == before
+
+
+def test_apply_replaces_existing_keys_and_fills_default_timeouts(net: TwoNatNet) -> None:
+    a, _ = providers(net)
+    s = NatSession("TCP", "10.0.0.9", 1234, SERVER_IP, 80, PUBLIC_IP, 26000, "ESTABLISHED", 500, False, 1)
+    a.apply([s])
+    same_port = dataclasses.replace(s, tcp_state="FIN_WAIT", timeout=60, assured=True, mark=7)
+    a.apply([same_port])
+    assert comparable(a.list().sessions) == comparable([same_port])
+    new_port = dataclasses.replace(same_port, translated_port=26001, timeout=None)
+    a.apply([new_port])
+    (got,) = a.list().sessions
+    assert got.translated_port == 26001 and got.mark == 7
+    fin_wait = int(netns.run(["sysctl", "-n", "net.netfilter.nf_conntrack_tcp_timeout_fin_wait"], a.netns).stdout)
+    assert fin_wait - 3 <= got.timeout <= fin_wait
+
+
+def test_delete_by_key_and_all(net: TwoNatNet) -> None:
+    a, _ = providers(net)
+    ss = synthetic(12)
+    a.apply(ss)
+    missing = ("UDP", "10.0.0.99", 1, SERVER_IP, 1)
+    assert a.delete([ss[0].key, ss[1].key, ss[2].key, missing]) == 3
+    assert {s.key for s in a.list().sessions} == {s.key for s in ss[3:]}
+    with pytest.raises(ProviderError, match="src_address"):
+        a.delete([("UDP", "not-an-ip", 1, SERVER_IP, 1)])
+    assert a.delete() == 9
+    assert a.list().sessions == []
+
+
+def test_watch_reports_new_and_destroyed_translated_sessions_only(net: TwoNatNet) -> None:
+    a, _ = providers(net)
+    with a.watch() as w:
+        net.start_servers(TCP_PORT, UDP_PORT)
+        udp = net.start("udp-client", net.client, SERVER_IP, UDP_PORT, UDP_SPORT, 0.3, 0.05)
+        finish(udp)
+        netns.run(["ping", "-c", "1", "-W", "1", "10.0.0.1"], net.client)  # untranslated: no event
+        s = synthetic(1, start_port=27000)[0]
+        a.apply([s])
+        a.delete([s.key])
+        deadline = time.time() + 3
+        events = []
+        while time.time() < deadline and len(events) < 3:
+            ev = w.get(timeout=0.2)
+            if ev is not None:
+                events.append(ev)
+    kinds = [(e.kind, e.session.key) for e in events]
+    flow = ("UDP", CLIENT_IP, UDP_SPORT, SERVER_IP, UDP_PORT)
+    assert ("new", flow) in kinds
+    assert ("new", s.key) in kinds and ("destroy", s.key) in kinds
+    assert all(e.session.dst_address != "10.0.0.1" for e in events)
+    created = next(e.session for e in events if e.session.key == flow)
+    assert created.translated_address == PUBLIC_IP and created.translated_port != UDP_SPORT
+
+
+def test_admission_through_the_provider(net: TwoNatNet) -> None:
+    a, _ = providers(net)
+    assert a.admission() is True
+    a.set_admission(False)
+    assert a.admission() is False
+    a.set_admission(True)
+    assert a.admission() is True
+    with pytest.raises(ProviderError, match="NatNode"):
+        ConntrackProvider(a.netns, {PUBLIC_IP}).set_admission(False)
+
+
+def test_teardown_leaves_no_namespace_behind_even_on_failure() -> None:
+    n = TwoNatNet(netns.run_prefix("nmcf"))
+    with pytest.raises(RuntimeError):
+        try:
+            n.build()
+            n.start_servers(TCP_PORT, UDP_PORT)
+            raise RuntimeError("a test failing half-way")
+        finally:
+            n.destroy()
+    assert [ns for ns in n.namespaces() if netns.exists(ns)] == []
+    assert netns.list_netns(n.prefix) == []
