@@ -102,8 +102,20 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path) -> dict:
         "natmig_verified": report.verified,
         "ratio": report.total_seconds / floor["total"] if floor["total"] else None,
         "probe_gap_ms": traffic.largest_gap * 1000,
+        "probe_gap_phase": _gap_phase(report, traffic.largest_gap_end, traffic.largest_gap),
         "probe_survived": traffic.all_survived,
     }
+
+
+def _gap_phase(report, end: float | None, gap: float) -> str:
+    """The phase(s) the largest gap overlapped."""
+    if end is None:
+        return "-"
+    names = []
+    for p in report.phases:
+        if p.started <= end and end - gap <= p.started + p.seconds:
+            names.append(p.name)
+    return "+".join(names) or "outside"
 
 
 def print_table(rows: list[dict]) -> None:
@@ -116,7 +128,7 @@ def print_table(rows: list[dict]) -> None:
         ph = " ".join(f"{r['natmig_phases'][p] * 1000:9.1f}" for p in PHASES)
         ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
         print(f"{r['sessions']:>9} | {f['dump'] * 1000:11.1f} {f['restore'] * 1000:8.1f} {f['bundle'] * 1000:7.1f} {f['total'] * 1000:8.1f} | {ph} | "
-              f"{r['natmig_total'] * 1000:8.1f} {ratio:>7} | {r['probe_gap_ms']:7.1f} {'yes' if r['natmig_ok'] and r['probe_survived'] else 'NO'}")
+              f"{r['natmig_total'] * 1000:8.1f} {ratio:>7} | {r['probe_gap_ms']:7.1f} {'yes' if r['natmig_ok'] and r['probe_survived'] else 'NO'} (gap in {r['probe_gap_phase']})")
     print("(all times in ms; floor = conntrack -L -o save | conntrack -R, then ovs-ofctl --bundle; natmig = every phase, retire=keep)")
 
 

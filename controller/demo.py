@@ -47,7 +47,7 @@ class AgentFleet:
     Agents are child processes of this one, stopped by their own pid.
     """
 
-    def __init__(self, tb: Any, workdir: str | Path, provider: str = "conntrack", port: int = AGENT_PORT) -> None:
+    def __init__(self, tb: Any, workdir: str | Path, provider: str = "conntrack", port: int = AGENT_PORT, nice: int = 10) -> None:
         from ..agent.auth import load_or_create_host_key, set_password
 
         self.tb = tb
@@ -55,6 +55,7 @@ class AgentFleet:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.provider = provider
         self.port = port
+        self.nice = nice
         self.procs: dict[str, subprocess.Popen] = {}
         self.password = os.urandom(12).hex()
         self.passwords = self.dir / "agent-passwords"
@@ -85,7 +86,11 @@ class AgentFleet:
             "--public-address", self.tb.public_address, "--host-key", str(self.host_key(nat)),
             "--passwords", str(self.passwords), "--ready-file", str(ready),
         ]
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        # The agents run niced: on this one machine the switch (a userspace
+        # OVS) and the hosts stand in for hardware and other machines, and a
+        # control plane busy serialising 100k sessions must not starve them;
+        # on a real node the kernel datapath preempts the agent anyway.
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(self.nice))
         log.close()
         self.procs[nat] = p
         deadline = time.monotonic() + timeout

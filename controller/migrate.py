@@ -279,12 +279,21 @@ class Migration:
     def _catch_up(self, ph: Any) -> None:
         src, tgt = self._src, self._tgt
         assert src is not None and tgt is not None
-        with ph.step("hold-target"):
-            tgt.set_admission(False)
-        if self.opt.freeze_source:
-            with ph.step("freeze-source"):
-                self._st.source_admission = src.get_admission()
-                src.set_admission(False)
+        with ph.step("hold+freeze"):
+            # Two agents, two sessions: both changes at once.
+            with ThreadPoolExecutor(2) as pool:
+                ft = pool.submit(tgt.set_admission, False)
+                fs = pool.submit(self._freeze, src) if self.opt.freeze_source else None
+                errors = []
+                for f in (ft, fs):
+                    if f is None:
+                        continue
+                    try:
+                        f.result()
+                    except NatmigError as e:
+                        errors.append(str(e))
+                if errors:
+                    raise ControllerError("; ".join(errors))
         with ph.step("settle"):
             self._catch.extend(self._sub.drain())
             deadline = time.perf_counter() + self.opt.settle_max
@@ -303,6 +312,11 @@ class Migration:
         self.report.events = self._catch.events
         self.report.caught_up = len(ups)
         self.report.caught_up_deleted = len(dels)
+
+    def _freeze(self, src: Node) -> None:
+        # Recorded before the change, so that a failure half-way still restores it.
+        self._st.source_admission = src.get_admission()
+        src.set_admission(False)
 
     def _switch(self, ph: Any) -> None:
         # Marked switched before the call: if the bundle fails half-way

@@ -23,6 +23,7 @@ class PhaseTiming:
     steps: dict[str, float] = field(default_factory=dict)
     ok: bool = False
     detail: str = ""
+    started: float = 0.0  # time.perf_counter() (CLOCK_MONOTONIC on Linux) at the start
 
 
 @dataclass
@@ -60,6 +61,13 @@ class MigrationReport:
         """Time of a phase by name (0 when it did not run)."""
         return sum(p.seconds for p in self.phases if p.name == name)
 
+    def phase_at(self, t: float) -> str | None:
+        """The phase running at perf_counter time ``t`` (None: outside the migration)."""
+        for p in self.phases:
+            if p.started <= t <= p.started + p.seconds:
+                return p.name
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the report (phase times in seconds)."""
         d = asdict(self)
@@ -88,10 +96,10 @@ class PhaseClock:
     @contextmanager
     def phase(self, name: str) -> Iterator["_PhaseHandle"]:
         """Time one phase (see the class docstring)."""
-        ph = PhaseTiming(name)
+        t0 = time.perf_counter()
+        ph = PhaseTiming(name, started=t0)
         self.report.phases.append(ph)
         self.current = ph
-        t0 = time.perf_counter()
         try:
             yield _PhaseHandle(ph)
             ph.ok = True

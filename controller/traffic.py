@@ -62,10 +62,13 @@ class _Rx:
     max_gap: float = 0.0
     endpoints: list[str] = field(default_factory=list)
     ended: str | None = None
+    gap_end: float | None = None
 
     def arrive(self, t: float, endpoint: str | None = None) -> None:
         if self.last is not None:
-            self.max_gap = max(self.max_gap, t - self.last)
+            if t - self.last > self.max_gap:
+                self.max_gap = t - self.last
+                self.gap_end = t
         else:
             self.first = t
         self.last = t
@@ -482,6 +485,7 @@ class FlowResult:
     error: str | None
     survived: bool
     why: str = ""
+    gap_end: float | None = None
 
 
 @dataclass
@@ -509,6 +513,12 @@ class TrafficResult:
     def largest_gap(self) -> float:
         """The largest silence (seconds) any live flow saw, at either end."""
         return max((f.max_gap for f in self.of("live")), default=0.0)
+
+    @property
+    def largest_gap_end(self) -> float | None:
+        """When (CLOCK_MONOTONIC) the largest gap of a live flow ended."""
+        live = self.of("live")
+        return max(live, key=lambda f: f.max_gap).gap_end if live else None
 
     @property
     def all_survived(self) -> bool:
@@ -550,10 +560,10 @@ def merge(client_doc: dict[str, Any], server_doc: dict[str, Any]) -> TrafficResu
     for fid_s, c in sorted(client_doc.get("flows", {}).items(), key=lambda kv: int(kv[0])):
         s = sflows.get(fid_s, {})
         endpoints = list(s.get("endpoints", []))
-        gap = max(float(c.get("max_gap") or 0.0), float(s.get("max_gap") or 0.0))
-        if c.get("kind") == "live" and c.get("last") is not None and stopped:
+        gap, gap_end = max((float(c.get("max_gap") or 0.0), c.get("gap_end")), (float(s.get("max_gap") or 0.0), s.get("gap_end")), key=lambda g: g[0])
+        if c.get("kind") == "live" and c.get("last") is not None and stopped and stopped - float(c["last"]) > gap:
             # A flow that went silent for good has a gap that lasts until the stop.
-            gap = max(gap, stopped - float(c["last"]))
+            gap, gap_end = stopped - float(c["last"]), stopped
         why = []
         if c.get("error"):
             why.append(f"client error: {c['error']}")
@@ -574,7 +584,7 @@ def merge(client_doc: dict[str, Any], server_doc: dict[str, Any]) -> TrafficResu
                 why.append("echoes stopped before the end")
         out.append(FlowResult(
             int(fid_s), c["proto"], c["kind"], endpoints, int(c.get("sent", 0)), int(s.get("received", 0)),
-            int(c.get("received", 0)), gap, c.get("error"), not why, "; ".join(why),
+            int(c.get("received", 0)), gap, c.get("error"), not why, "; ".join(why), gap_end,
         ))
     return TrafficResult(out, interval)
 
