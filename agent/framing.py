@@ -46,8 +46,6 @@ class Deframer:
     def feed(self, data: bytes) -> None:
         """Add bytes received from the peer."""
         self._buf += data
-        if not self.chunked and len(self._buf) > self.max_message + len(EOM) and EOM not in self._buf:
-            raise MessageTooBig(f"message exceeds {self.max_message} bytes without an end-of-message mark")
 
     def next_message(self) -> bytes | None:
         """The next complete message, or None until more bytes arrive."""
@@ -57,6 +55,8 @@ class Deframer:
         i = self._buf.find(EOM, max(0, self._scan - len(EOM) + 1))
         if i < 0:
             self._scan = len(self._buf)
+            if len(self._buf) > self.max_message + len(EOM):
+                raise MessageTooBig(f"message exceeds {self.max_message} bytes without an end-of-message mark")
             return None
         msg = bytes(self._buf[:i])
         del self._buf[: i + len(EOM)]

@@ -31,8 +31,12 @@ from lxml import etree
 from ncclient import manager as nc_manager
 from ncclient import operations as nc_ops
 from ncclient import transport as nc_transport
-from ncclient.xml_ import to_ele
 
+from ncclient.operations.retrieve import GetReply
+from ncclient.operations.rpc import RPC
+from ncclient.transport.session import NetconfBase
+
+from ..agent.framing import Deframer, FramingError
 from ..codec import NETCONF_NS, Codec, default_codec
 from ..errors import ControllerError
 from ..model import NatSession, SessionKey
@@ -45,6 +49,61 @@ from ..model import NatSession, SessionKey
 _nc_session.TICK = 0.001
 
 log = logging.getLogger(__name__)
+
+#: Bytes per read from the SSH channel (ncclient reads 4 KB at a time).
+READ_SIZE = 1 << 18
+
+
+class _Parser:
+    """Replaces ncclient's framing parser once the hellos are exchanged.
+
+    ncclient 0.7.1 re-decodes and regex-scans its whole receive buffer on
+    every 4 KB read, which is quadratic: a 30 MB get-config reply of 100k
+    sessions took ~8 s on the client alone.  This one keeps a position and
+    frames each message once (the agent's RFC 6242 decoder).
+    """
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+        self._deframer = Deframer(max_message=1 << 40)
+        self._deframer.chunked = session._base == NetconfBase.BASE_11
+
+    def parse(self, data: bytes) -> None:
+        self._deframer.feed(data)
+        try:
+            while (msg := self._deframer.next_message()) is not None:
+                self._session._dispatch_message(msg.decode())
+        except FramingError as e:
+            raise nc_transport.TransportError(f"bad framing from the agent: {e}") from e
+
+
+class _SSHSession(nc_transport.SSHSession):
+    """ncclient's SSH session with linear-time sends and receives of large messages."""
+
+    def _transport_read(self) -> bytes:
+        return self._channel.recv(READ_SIZE)
+
+    def _transport_write(self, data: bytes) -> int:
+        # ncclient slices the unsent rest after every partial send (data = data[n:]),
+        # copying a 30 MB edit-config ~1000 times; sendall writes it in one go.
+        self._channel.sendall(data)
+        return len(data)
+
+
+class _TextRPC(RPC):
+    """An RPC whose operation is given as XML text: no element tree is built on the client.
+
+    ncclient builds requests as lxml trees and re-parents them twice; for a
+    100k-entry edit-config that cost more than the agent's whole work.
+    """
+
+    REPLY_CLS = GetReply
+
+    def request(self, operation: str) -> Any:  # type: ignore[override]
+        return self._request(operation)
+
+    def _wrap(self, subele: Any) -> str:
+        return f'<rpc xmlns="{NETCONF_NS}" message-id="{self._id}">{subele}</rpc>'
 
 NOTIFICATION_CAPABILITY = "urn:ietf:params:netconf:capability:notification:1.0"
 CANDIDATE_CAPABILITY = "urn:ietf:params:netconf:capability:candidate:1.0"
@@ -171,7 +230,7 @@ class NodeClient:
         if password is None and key_filename is None:
             raise ConnectError("connect: give a password or a key_filename")
         handler = nc_manager.make_device_handler(None)
-        session = nc_transport.SSHSession(handler)
+        session = _SSHSession(handler)
         where = f"{username}@{host}:{port}"
         try:
             if hostkey_verify and known_hosts:
@@ -196,7 +255,9 @@ class NodeClient:
         finally:
             if not session.connected and session.transport:
                 session.close()
+        session.parser = _Parser(session)
         mgr = nc_manager.Manager(session, handler, timeout=timeout)
+        mgr.huge_tree = True  # a 100k-session reply is one 30 MB document
         log.info("NETCONF session %s with %s", mgr.session_id, where)
         return cls(mgr, name=where)
 
@@ -263,26 +324,28 @@ class NodeClient:
         except nc_ops.TimeoutExpiredError as e:
             raise ControllerError(f"{self.name}: {operation}: no reply in time ({e})") from e
 
-    def _key_filter(self, key: SessionKey | None) -> tuple[str, str]:
-        ns = self.codec.ns
-        name = self.codec.schema.list_name
-        if key is None:
-            return ("subtree", f'<{name} xmlns="{ns}"/>')
-        inner = "".join(f"<{k}>{v}</{k}>" for k, v in zip(self.codec.schema.keys, key))
-        return ("subtree", f'<{name} xmlns="{ns}">{inner}</{name}>')
+    def _text(self, operation: str, body: str) -> Any:
+        return self._call(operation, self._mgr.execute, _TextRPC, body)
+
+    def _get_config(self, source: str, filter_body: str) -> Any:
+        if source not in ("running", "candidate"):
+            raise ControllerError(f"get-config: source {source!r} is not running or candidate")
+        return self._text("get-config", f'<get-config><source><{source}/></source><filter type="subtree">{filter_body}</filter></get-config>').data_ele
 
     def get_sessions(self, source: str = "running", key: SessionKey | None = None) -> list[NatSession]:
         """The nat-session table of ``source`` ("running" or "candidate"); one entry when ``key`` is given."""
-        reply = self._call("get-config", self._mgr.get_config, source=source, filter=self._key_filter(key))
-        return self.codec.decode_xml(reply.data_ele)
+        ns = self.codec.ns
+        name = self.codec.schema.list_name
+        inner = "" if key is None else "".join(f"<{k}>{v}</{k}>" for k, v in zip(self.codec.schema.keys, key))
+        return self.codec.decode_xml(self._get_config(source, f'<{name} xmlns="{ns}">{inner}</{name}>'))
 
     def get_statistics(self) -> dict[str, int]:
         """The config-false nat-statistics counters (via <get>)."""
         ns = self.codec.ns
         name = self.codec.schema.stats_name
-        reply = self._call("get", self._mgr.get, filter=("subtree", f'<{name} xmlns="{ns}"/>'))
+        data = self._text("get", f'<get><filter type="subtree"><{name} xmlns="{ns}"/></filter></get>').data_ele
         out: dict[str, int] = {}
-        for cont in reply.data_ele.iter(f"{{{ns}}}{name}"):
+        for cont in data.iter(f"{{{ns}}}{name}"):
             for leaf in cont:
                 out[etree.QName(leaf).localname] = int(leaf.text)
         return out
@@ -291,8 +354,7 @@ class NodeClient:
         """nat-control/admit-new-sessions of ``source`` (True when absent: the default)."""
         ns = self.codec.ns
         name = self.codec.schema.control_name
-        reply = self._call("get-config", self._mgr.get_config, source=source, filter=("subtree", f'<{name} xmlns="{ns}"/>'))
-        values = self.codec.decode_control_xml(reply.data_ele) or {}
+        values = self.codec.decode_control_xml(self._get_config(source, f'<{name} xmlns="{ns}"/>')) or {}
         return bool(values.get("admit-new-sessions", True))
 
     # ---------------------------------------------------------------- writes
@@ -320,10 +382,14 @@ class NodeClient:
         self._edit(f'<config xmlns="{NETCONF_NS}">{body}</config>', target, default_operation, test_option, error_option)
 
     def _edit(self, config: str, target: str, default_operation: str | None = None, test_option: str | None = None, error_option: str | None = None) -> None:
-        self._call(
-            "edit-config", self._mgr.edit_config, config=to_ele(config), target=target,
-            default_operation=default_operation, test_option=test_option, error_option=error_option,
+        if target not in ("running", "candidate"):
+            raise ControllerError(f"edit-config: target {target!r} is not running or candidate")
+        params = "".join(
+            f"<{name}>{value}</{name}>"
+            for name, value in (("default-operation", default_operation), ("test-option", test_option), ("error-option", error_option))
+            if value is not None
         )
+        self._text("edit-config", f"<edit-config><target><{target}/></target>{params}{config}</edit-config>")
 
     def replace_table(self, sessions: Iterable[NatSession], target: str = "candidate") -> None:
         """Make ``target`` hold exactly ``sessions`` (default-operation replace of the whole list)."""
