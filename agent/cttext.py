@@ -31,18 +31,20 @@ TCP_STATES: dict[str, str] = {s: s for s in (
 
 # One line of `conntrack -L` / `conntrack -E` for TCP and UDP.  Optional parts:
 # the event tag, the timeout (absent in some events), the TCP state, the
-# counters (nf_conntrack_acct=1), [UNREPLIED], status tags and the mark.
+# counters (nf_conntrack_acct=1), [UNREPLIED], status tags and the mark.  The
+# mark and [ASSURED] are captured here when they come in conntrack's usual
+# order; the rest of the line is searched only when they do not.
 _PORTS = re.compile(
     r"^[ \t]*(?:\[(NEW|DESTROY|UPDATE)\][ \t]+)?(tcp|udp)[ \t]+\d+[ \t]+(?:(\d+)[ \t]+)?(?:([A-Z_0-9]+)[ \t]+)?"
     r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+) (?:packets=\d+ bytes=\d+ )?(?:\[UNREPLIED\] )?"
-    r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)([^\n]*)$",
+    r"src=(\S+) dst=(\S+) sport=(\d+) dport=(\d+)(?: packets=\d+ bytes=\d+)?( \[ASSURED\])?(?: mark=(\d+))?([^\n]*)$",
     re.M,
 )
 # The same for ICMP: type/code/id instead of ports.
 _ICMP = re.compile(
     r"^[ \t]*(?:\[(NEW|DESTROY|UPDATE)\][ \t]+)?icmp[ \t]+\d+[ \t]+(?:(\d+)[ \t]+)?"
     r"src=(\S+) dst=(\S+) type=(\d+) code=(\d+) id=(\d+) (?:packets=\d+ bytes=\d+ )?(?:\[UNREPLIED\] )?"
-    r"src=(\S+) dst=(\S+) type=\d+ code=\d+ id=(\d+)([^\n]*)$",
+    r"src=(\S+) dst=(\S+) type=\d+ code=\d+ id=(\d+)(?: packets=\d+ bytes=\d+)?( \[ASSURED\])?(?: mark=(\d+))?([^\n]*)$",
     re.M,
 )
 _MARK = re.compile(r"\bmark=(\d+)")
@@ -66,15 +68,17 @@ class Event:
     session: NatSession
 
 
-def _tail(rest: str) -> tuple[bool, int]:
-    """(assured, mark) from the part of a line after the reply tuple."""
-    m = _MARK.search(rest)
-    return ("[ASSURED]" in rest, int(m.group(1)) if m else 0)
+def _tail(assured: str | None, mark: str | None, rest: str) -> tuple[bool, int]:
+    """(assured, mark) of a line; ``rest`` is searched only when the usual order did not hold."""
+    if mark is None and "mark=" in rest:
+        m = _MARK.search(rest)
+        mark = m.group(1) if m else None
+    return (assured is not None or "[ASSURED]" in rest, int(mark) if mark else 0)
 
 
 def _port_session(m: re.Match) -> NatSession | None:
     """The session of a TCP/UDP line, or None when it is not source-translated."""
-    _ev, proto, timeout, state, src, dst, sport, dport, rsrc, rdst, rsport, rdport, rest = m.groups()
+    _ev, proto, timeout, state, src, dst, sport, dport, rsrc, rdst, rsport, rdport, assured, mark, rest = m.groups()
     # Source NAT shows as a reply tuple addressed to something other than the
     # original source; a destination-NATed flow (reply from elsewhere) is not
     # a session of this NAT.
@@ -84,22 +88,22 @@ def _port_session(m: re.Match) -> NatSession | None:
     tcp_state = TCP_STATES.get(state or "") if tcp else None
     if tcp and tcp_state is None:
         return None
-    assured, mark = _tail(rest)
+    a, mk = _tail(assured, mark, rest)
     return NatSession(
         "TCP" if tcp else "UDP", src, int(sport), dst, int(dport), rdst, int(rdport),
-        tcp_state, max(1, int(timeout)) if timeout is not None else None, assured, mark,
+        tcp_state, max(1, int(timeout)) if timeout is not None else None, a, mk,
     )
 
 
 def _icmp_session(m: re.Match) -> NatSession | None:
     """The session of an ICMP echo line, or None when it is not source-translated."""
-    _ev, timeout, src, dst, itype, _code, ident, rsrc, rdst, rident, rest = m.groups()
+    _ev, timeout, src, dst, itype, _code, ident, rsrc, rdst, rident, assured, mark, rest = m.groups()
     if int(itype) != ICMP_ECHO_REQUEST or rsrc != dst or (rdst == src and rident == ident):
         return None
-    assured, mark = _tail(rest)
+    a, mk = _tail(assured, mark, rest)
     return NatSession(
         "ICMP", src, int(ident), dst, 0, rdst, int(rident),
-        None, max(1, int(timeout)) if timeout is not None else None, assured, mark,
+        None, max(1, int(timeout)) if timeout is not None else None, a, mk,
     )
 
 
@@ -110,11 +114,31 @@ def parse_table(text: str) -> Table:
     ICMP other than echo, and TCP in state NONE are counted, not returned.
     """
     sessions: list[NatSession] = []
-    for pat, build in ((_PORTS, _port_session), (_ICMP, _icmp_session)):
-        for m in pat.finditer(text):
-            s = build(m)
-            if s is not None:
-                sessions.append(s)
+    append = sessions.append
+    new = NatSession
+    states = TCP_STATES
+    # The TCP/UDP loop is the hot path of list(): _port_session inlined.
+    for m in _PORTS.finditer(text):
+        _ev, proto, timeout, state, src, dst, sport, dport, rsrc, rdst, rsport, rdport, assured, mark, rest = m.groups()
+        if (rdst == src and rdport == sport) or rsrc != dst or rsport != dport:
+            continue
+        if proto == "tcp":
+            p = "TCP"
+            tcp_state = states.get(state)
+            if tcp_state is None:
+                continue
+        else:
+            p, tcp_state = "UDP", None
+        if mark is None:
+            a, mk = _tail(assured, mark, rest)
+        else:
+            a, mk = assured is not None, int(mark)
+        t = int(timeout) if timeout is not None else None
+        append(new(p, src, int(sport), dst, int(dport), rdst, int(rdport), tcp_state, t if t != 0 else 1, a, mk))
+    for m in _ICMP.finditer(text):
+        s = _icmp_session(m)
+        if s is not None:
+            append(s)
     lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
     return Table(sessions, lines - len(sessions))
 

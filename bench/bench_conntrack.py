@@ -1,0 +1,130 @@
+"""Benchmark: the conntrack session provider against the conntrack tool's own bulk floor.
+
+For 10,000 and 100,000 sessions in real namespaces (two NAT nodes), measured
+in one run (median of REPEAT):
+
+* list:  ConntrackProvider.list() of the full table  vs  `conntrack -L -o save`
+* apply: ConntrackProvider.apply() into an empty table  vs  `conntrack -R` of the
+  same table's `-o save` dump
+
+Targets: list <= 2x and apply <= 2x the raw floor at both sizes; peak RSS of
+this process <= 300 MB at 100,000.  Needs root.  Prints one line per figure
+and a verdict; exits non-zero only when the benchmark itself cannot run.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+from natmig import netns
+from natmig.agent.conntrack import ConntrackProvider
+from natmig.agent.natnode import NatNode, NatNodeConfig, ensure_conntrack_capacity
+from natmig.model import NatSession
+
+SIZES = (10_000, 100_000)
+REPEAT = 3
+PUBLIC = "203.0.113.1"
+LIST_TARGET = APPLY_TARGET = 2.0
+RSS_TARGET_MB = 300
+
+
+def sessions(n: int) -> list[NatSession]:
+    """n established TCP and UDP sessions with distinct keys and public ports."""
+    out = []
+    for i in range(n):
+        proto = "TCP" if i % 2 == 0 else "UDP"
+        j = i // 2  # public ports are unique per protocol
+        out.append(NatSession(
+            proto, f"10.{(j >> 16) & 255}.{(j >> 8) & 255}.{j & 255}", 40000 + i % 1000,
+            f"198.51.100.{1 + i % 200}", 80 + i % 3, PUBLIC, 1024 + j,
+            "ESTABLISHED" if proto == "TCP" else None, 3600, True, i % 4,
+        ))
+    return out
+
+
+def node(name: str) -> NatNode:
+    """A configured NAT node whose inside and outside are the two ends of one veth."""
+    n = NatNode(NatNodeConfig(name=name, inside_if="in0", outside_if="out0", public_address=PUBLIC))
+    n.create()
+    netns.add_veth("in0", "out0", name, name)
+    n.configure()
+    return n
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def flush(ns: str) -> None:
+    netns.run(["conntrack", "-F"], ns, timeout=120)
+
+
+def count(ns: str) -> int:
+    return int(netns.run(["conntrack", "-C"], ns).stdout)
+
+
+def bench_size(n: int, src: str, dst: str) -> dict[str, float]:
+    """Medians of list, dump, apply and restore for a table of n sessions."""
+    ss = sessions(n)
+    a = ConntrackProvider(src, {PUBLIC})
+    b = ConntrackProvider(dst, {PUBLIC})
+    flush(src)
+    a.apply(ss)
+    assert count(src) == n, f"source holds {count(src)} entries, not {n}"
+    saved = netns.run(["conntrack", "-L", "-o", "save"], src, timeout=120).stdout
+    argv_dump = netns.ns_cmd(["conntrack", "-L", "-o", "save"], src)
+    argv_restore = netns.ns_cmd(["conntrack", "-R", "-"], dst)
+    r: dict[str, list[float]] = {"list": [], "dump": [], "apply": [], "restore": []}
+    for _ in range(REPEAT):
+        r["dump"].append(timed(lambda: subprocess.run(argv_dump, capture_output=True, check=True)))
+        got: list = []
+        r["list"].append(timed(lambda: got.append(a.list())))
+        assert len(got[0].sessions) == n, f"list read {len(got[0].sessions)} of {n}"
+        flush(dst)
+        r["restore"].append(timed(lambda: subprocess.run(argv_restore, input=saved, text=True, capture_output=True, check=True)))
+        assert count(dst) == n
+        flush(dst)
+        r["apply"].append(timed(lambda: b.apply(ss)))
+        assert count(dst) == n
+    flush(dst)
+    flush(src)
+    return {k: median(v) for k, v in r.items()}
+
+
+def main() -> int:
+    """Run both sizes and print the figures."""
+    prefix = netns.run_prefix("nmbc")
+    src, dst = prefix + "a", prefix + "b"
+    ensure_conntrack_capacity(int(max(SIZES) * 2.5))
+    ok = True
+    try:
+        node(src)
+        node(dst)
+        for n in SIZES:
+            m = bench_size(n, src, dst)
+            lr, ar = m["list"] / m["dump"], m["apply"] / m["restore"]
+            ok &= lr <= LIST_TARGET and ar <= APPLY_TARGET
+            print(f"n={n:>7}  list {m['list'] * 1000:8.1f} ms  raw `conntrack -L -o save` {m['dump'] * 1000:8.1f} ms  ratio {lr:4.2f} (target <= {LIST_TARGET})")
+            print(f"n={n:>7}  apply {m['apply'] * 1000:7.1f} ms  raw `conntrack -R`         {m['restore'] * 1000:8.1f} ms  ratio {ar:4.2f} (target <= {APPLY_TARGET})")
+    finally:
+        netns.delete(src)
+        netns.delete(dst)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ok &= rss <= RSS_TARGET_MB
+    print(f"peak RSS of the benchmark process (after {max(SIZES)}): {rss:.0f} MB (target <= {RSS_TARGET_MB})")
+    print(f"targets met: {'yes' if ok else 'NO'}  (median of {REPEAT})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
