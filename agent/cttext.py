@@ -76,8 +76,12 @@ def _tail(assured: str | None, mark: str | None, rest: str) -> tuple[bool, int]:
     return (assured is not None or "[ASSURED]" in rest, int(mark) if mark else 0)
 
 
-def _port_session(m: re.Match) -> NatSession | None:
-    """The session of a TCP/UDP line, or None when it is not source-translated."""
+def _port_session(m: re.Match, lenient: bool = False) -> NatSession | None:
+    """The session of a TCP/UDP line, or None when it is not source-translated.
+
+    ``lenient`` (events) keeps a TCP line without a known state, with
+    tcp_state None: an event about a session is worth more than its state.
+    """
     _ev, proto, timeout, state, src, dst, sport, dport, rsrc, rdst, rsport, rdport, assured, mark, rest = m.groups()
     # Source NAT shows as a reply tuple addressed to something other than the
     # original source; a destination-NATed flow (reply from elsewhere) is not
@@ -86,7 +90,7 @@ def _port_session(m: re.Match) -> NatSession | None:
         return None
     tcp = proto == "tcp"
     tcp_state = TCP_STATES.get(state or "") if tcp else None
-    if tcp and tcp_state is None:
+    if tcp and tcp_state is None and not lenient:
         return None
     a, mk = _tail(assured, mark, rest)
     return NatSession(
@@ -148,7 +152,7 @@ _EVENT_KINDS = {"NEW": "new", "DESTROY": "destroy"}
 
 def parse_event(line: str) -> Event | None:
     """The event of one ``conntrack -E`` line, or None (not a translated session, or not new/destroy)."""
-    for pat, build in ((_PORTS, _port_session), (_ICMP, _icmp_session)):
+    for pat, build in ((_PORTS, lambda m: _port_session(m, lenient=True)), (_ICMP, _icmp_session)):
         m = pat.match(line.rstrip("\n"))
         if m is not None:
             kind = _EVENT_KINDS.get(m.group(1) or "")

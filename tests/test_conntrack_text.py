@@ -1,0 +1,158 @@
+"""Unit tests (no root) of the conntrack text formats and the provider's entry validation."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from natmig.agent import cttext
+from natmig.agent.conntrack import invalid_entries, validate
+from natmig.model import NatSession
+
+from .strategies import ipv4, sessions
+
+# Lines as conntrack v1.4.7 printed them on this kind of machine.
+REAL = """\
+tcp      6 299 ESTABLISHED src=10.0.0.3 dst=203.0.113.100 sport=40000 dport=80 src=203.0.113.100 dst=203.0.113.1 sport=80 dport=20001 [ASSURED] mark=7 use=1
+udp      17 28 src=10.0.0.2 dst=203.0.113.100 sport=5353 dport=53 src=203.0.113.100 dst=203.0.113.1 sport=53 dport=21899 mark=0 use=1
+icmp     1 28 src=10.0.0.2 dst=203.0.113.100 type=8 code=0 id=6417 src=203.0.113.100 dst=203.0.113.1 type=0 code=0 id=21876 mark=0 use=1
+icmp     1 28 src=10.0.0.2 dst=203.0.113.1 type=8 code=0 id=6418 src=203.0.113.1 dst=10.0.0.2 type=0 code=0 id=6418 mark=0 use=1
+tcp      6 118 SYN_SENT src=10.0.0.2 dst=203.0.113.100 sport=60788 dport=80 [UNREPLIED] src=203.0.113.100 dst=203.0.113.1 sport=80 dport=20521 mark=0 use=1
+udp      17 20 src=203.0.113.5 dst=203.0.113.1 sport=1000 dport=53 src=10.0.0.9 dst=203.0.113.5 sport=53 dport=1000 mark=0 use=1
+tcp      6 10 NONE src=10.0.0.2 dst=203.0.113.100 sport=1 dport=80 src=203.0.113.100 dst=203.0.113.1 sport=80 dport=20002 mark=0 use=1
+sctp     132 10 CLOSED src=10.0.0.2 dst=203.0.113.100 sport=1 dport=80 src=203.0.113.100 dst=203.0.113.1 sport=80 dport=20003 mark=0 use=1
+udp      17 0 src=10.0.0.4 dst=203.0.113.100 sport=9 dport=9 packets=3 bytes=99 src=203.0.113.100 dst=203.0.113.1 sport=9 dport=20009 packets=1 bytes=33 [ASSURED] mark=5 use=1
+tcp      6 50 ESTABLISHED src=10.0.0.5 dst=203.0.113.100 sport=9 dport=9 src=203.0.113.100 dst=203.0.113.1 sport=9 dport=20010 [ASSURED] [OFFLOAD] mark=6 zone=1 use=1
+"""
+
+
+def test_parse_real_lines() -> None:
+    t = cttext.parse_table(REAL)
+    got = {s.key: s for s in t.sessions}
+    assert got[("TCP", "10.0.0.3", 40000, "203.0.113.100", 80)] == NatSession(
+        "TCP", "10.0.0.3", 40000, "203.0.113.100", 80, "203.0.113.1", 20001, "ESTABLISHED", 299, True, 7)
+    assert got[("UDP", "10.0.0.2", 5353, "203.0.113.100", 53)].translated_port == 21899
+    icmp = got[("ICMP", "10.0.0.2", 6417, "203.0.113.100", 0)]
+    assert (icmp.translated_port, icmp.tcp_state, icmp.timeout) == (21876, None, 28)
+    assert got[("TCP", "10.0.0.2", 60788, "203.0.113.100", 80)].tcp_state == "SYN_SENT"
+    # Counters between the fields, a zero timeout (the module's minimum is 1).
+    acct = got[("UDP", "10.0.0.4", 9, "203.0.113.100", 9)]
+    assert (acct.translated_port, acct.assured, acct.mark, acct.timeout) == (20009, True, 5, 1)
+    # A status tag the fast pattern does not expect: the slow path still reads it.
+    off = got[("TCP", "10.0.0.5", 9, "203.0.113.100", 9)]
+    assert (off.assured, off.mark) == (True, 6)
+    # Not returned, but counted: ICMP to the node itself, a DNAT-ed flow, TCP NONE, SCTP.
+    assert len(t.sessions) == 6 and t.untranslated == 4
+
+
+def test_parse_empty_and_without_final_newline() -> None:
+    assert cttext.parse_table("") == cttext.Table([], 0)
+    one = REAL.splitlines()[0]
+    assert len(cttext.parse_table(one).sessions) == 1
+
+
+def render_list_line(s: NatSession) -> str:
+    """How conntrack -L prints a translated session (the test's own renderer)."""
+    tail = (" [ASSURED]" if s.assured else "") + f" mark={s.mark} use=1"
+    if s.protocol == "ICMP":
+        return (f"icmp     1 {s.timeout} src={s.src_address} dst={s.dst_address} type=8 code=0 id={s.src_port} "
+                f"src={s.dst_address} dst={s.translated_address} type=0 code=0 id={s.translated_port}{tail}\n")
+    num = 6 if s.protocol == "TCP" else 17
+    state = f" {s.tcp_state}" if s.tcp_state else ""
+    return (f"{s.protocol.lower()}      {num} {s.timeout}{state} src={s.src_address} dst={s.dst_address} "
+            f"sport={s.src_port} dport={s.dst_port} src={s.dst_address} dst={s.translated_address} "
+            f"sport={s.dst_port} dport={s.translated_port}{tail}\n")
+
+
+translated = sessions().filter(lambda s: s.protocol == "ICMP" or s.translated_port != s.src_port).map(
+    lambda s: dataclasses.replace(
+        s, src_address="10.0.0.2", dst_address="198.51.100.7", translated_address="203.0.113.1",
+        timeout=s.timeout or 1, tcp_state="SYN_SENT2" if s.tcp_state == "NONE" else s.tcp_state,
+    )
+)
+
+
+@given(st.lists(translated, max_size=20, unique_by=lambda s: s.key))
+@settings(max_examples=150, deadline=None)
+def test_parse_reads_back_every_field(table: list[NatSession]) -> None:
+    # ICMP with equal ids is "not translated" by definition; leave those out.
+    table = [s for s in table if not (s.protocol == "ICMP" and s.translated_port == s.src_port)]
+    got = cttext.parse_table("".join(render_list_line(s) for s in table))
+    assert sorted(got.sessions, key=lambda s: s.key) == sorted(table, key=lambda s: s.key)
+    assert got.untranslated == 0
+
+
+def test_parse_event_lines() -> None:
+    new = cttext.parse_event("    [NEW] udp      17 61 src=10.0.0.11 dst=203.0.113.100 sport=1234 dport=80 src=203.0.113.100 dst=203.0.113.1 sport=80 dport=20011 mark=0 [USERSPACE] portid=7343\n")
+    assert new is not None and new.kind == "new" and new.session.translated_port == 20011
+    gone = cttext.parse_event("[DESTROY] tcp      6 src=10.0.0.2 dst=203.0.113.100 sport=60788 dport=80 src=203.0.113.100 dst=203.0.113.1 sport=80 dport=20521 [ASSURED]\n")
+    # A destroy line without a state still reports the session (state unknown).
+    assert gone is not None and gone.kind == "destroy" and gone.session.tcp_state is None
+    assert gone.session.assured and gone.session.translated_port == 20521
+    gone = cttext.parse_event("[DESTROY] icmp     1 src=10.0.0.2 dst=203.0.113.100 type=8 code=0 id=7332 src=203.0.113.100 dst=203.0.113.1 type=0 code=0 id=20653\n")
+    assert gone is not None and gone.kind == "destroy" and gone.session.timeout is None
+    assert cttext.parse_event(" [UPDATE] udp      17 61 src=10.0.0.11 dst=203.0.113.100 sport=1234 dport=80 src=203.0.113.100 dst=203.0.113.1 sport=80 dport=20011\n") is None
+    assert cttext.parse_event("    [NEW] icmp     1 30 src=10.0.0.2 dst=10.0.0.1 type=8 code=0 id=1 [UNREPLIED] src=10.0.0.1 dst=10.0.0.2 type=0 code=0 id=1\n") is None
+
+
+def test_insert_line_is_the_save_format_with_nat_and_reply_port() -> None:
+    s = NatSession("TCP", "10.0.0.3", 40000, "203.0.113.100", 80, "203.0.113.1", 20001, "FIN_WAIT", 300, True, 7)
+    assert cttext.insert_line(s, 300) == (
+        "-I -t 300 -u SEEN_REPLY,ASSURED -s 10.0.0.3 -d 203.0.113.100 -r 203.0.113.100 -n 203.0.113.1"
+        " -p tcp --sport 40000 --dport 80 --reply-port-src 80 --reply-port-dst 20001 --state FIN_WAIT -m 7\n"
+    )
+    syn = dataclasses.replace(s, tcp_state="SYN_SENT", assured=False, mark=0)
+    assert " -u " not in cttext.insert_line(syn, 5) and " -m " not in cttext.insert_line(syn, 5)
+    udp = NatSession("UDP", "10.0.0.3", 1, "203.0.113.100", 53, "203.0.113.1", 20002)
+    line = cttext.insert_line(udp, 30)
+    assert "-u SEEN_REPLY -s" in line and "--state" not in line and "-p udp" in line
+
+
+def test_seen_reply() -> None:
+    base = NatSession("TCP", "10.0.0.3", 1, "203.0.113.100", 80, "203.0.113.1", 20001)
+    assert cttext.seen_reply(base)  # default state ESTABLISHED
+    assert not cttext.seen_reply(dataclasses.replace(base, tcp_state="SYN_SENT"))
+    assert cttext.seen_reply(dataclasses.replace(base, tcp_state="SYN_SENT", assured=True))
+    assert cttext.seen_reply(dataclasses.replace(base, protocol="UDP"))
+
+
+GOOD = NatSession("UDP", "10.0.0.2", 5000, "198.51.100.1", 53, "203.0.113.1", 20000, None, 30, False, 0)
+
+BAD = {
+    "protocol": dataclasses.replace(GOOD, protocol="SCTP"),
+    "src_address": dataclasses.replace(GOOD, src_address="2001:db8::1"),
+    "dst_address": dataclasses.replace(GOOD, dst_address="10.0.0.256"),
+    "translated_address": dataclasses.replace(GOOD, translated_address="x"),
+    "src_port": dataclasses.replace(GOOD, src_port=70000),
+    "dst_port": dataclasses.replace(GOOD, protocol="ICMP", dst_port=53),
+    "translated_port": dataclasses.replace(GOOD, translated_port=0),
+    "tcp_state": dataclasses.replace(GOOD, tcp_state="ESTABLISHED"),
+    "timeout": dataclasses.replace(GOOD, timeout=0),
+    "mark": dataclasses.replace(GOOD, mark=-1),
+}
+
+
+@pytest.mark.parametrize("leaf", sorted(BAD))
+def test_validate_names_the_leaf(leaf: str) -> None:
+    why = validate(BAD[leaf])
+    assert why is not None and why.startswith(leaf), why
+    assert invalid_entries([GOOD, BAD[leaf]]) == {BAD[leaf].key: why}
+
+
+def test_validate_accepts_good_entries() -> None:
+    assert validate(GOOD) is None
+    assert validate(dataclasses.replace(GOOD, protocol="TCP", tcp_state="SYN_SENT2")) is None
+    assert validate(dataclasses.replace(GOOD, protocol="ICMP", dst_port=0, translated_port=0)) is None
+    assert validate(dataclasses.replace(GOOD, timeout=None, mark=2**32 - 1)) is None
+    assert validate(dataclasses.replace(GOOD, protocol="TCP", tcp_state="LISTEN")) is not None
+
+
+@given(sessions(), ipv4)
+@settings(max_examples=300, deadline=None)
+def test_fast_batch_check_agrees_with_validate(s: NatSession, addr: str) -> None:
+    for x in (s, dataclasses.replace(s, src_address=addr)):
+        why = validate(x)
+        assert invalid_entries([x]) == ({} if why is None else {x.key: why})
