@@ -127,7 +127,10 @@ def invalid_entries(batch: Sequence[NatSession]) -> dict[SessionKey, str]:
 
 def _key_session(key: SessionKey) -> NatSession:
     """A session carrying only ``key`` (enough to name it to the kernel)."""
-    proto, src, sport, dst, dport = key
+    try:
+        proto, src, sport, dst, dport = key
+    except (TypeError, ValueError):
+        raise ProviderError(f"cannot delete: {key!r} is not a key (protocol, src_address, src_port, dst_address, dst_port)") from None
     return NatSession(proto, src, sport, dst, dport, "0.0.0.0", 0)
 
 
@@ -286,7 +289,7 @@ class ConntrackProvider(SessionProvider):
             if keys is None:
                 victims = self.list().sessions
             else:
-                victims = [_key_session(tuple(k)) for k in keys]  # type: ignore[arg-type]
+                victims = [_key_session(k) for k in keys]
                 bad = {s.key: why for s in victims if (why := _key_problem(s)) is not None}
                 if bad:
                     raise ProviderError("cannot delete: " + "; ".join(f"{format_key(k)}: {w}" for k, w in bad.items()))

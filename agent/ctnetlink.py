@@ -50,6 +50,8 @@ CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE = 4, 5, 6
 CTA_NAT_V4_MINIP, CTA_NAT_V4_MAXIP, CTA_NAT_PROTO = 1, 2, 3
 CTA_PROTONAT_PORT_MIN, CTA_PROTONAT_PORT_MAX = 1, 2
 CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE = 1, 1
+CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY = 4, 5
+IP_CT_TCP_FLAG_SACK_PERM, IP_CT_TCP_FLAG_BE_LIBERAL = 0x02, 0x08
 
 IPS_SEEN_REPLY, IPS_ASSURED, IPS_CONFIRMED = 0x2, 0x4, 0x8
 
@@ -129,13 +131,25 @@ def create_attrs(s: NatSession, timeout: int) -> bytes:
     out = orig_tuple(s) + reply + nat + _attr(CTA_STATUS, struct.pack("!I", status))
     out += _attr(CTA_TIMEOUT, struct.pack("!I", timeout)) + _attr(CTA_MARK, struct.pack("!I", s.mark))
     if s.protocol == "TCP":
-        out += _protoinfo(s)
+        out += _protoinfo(s, liberal=True)
     return out
 
 
-def _protoinfo(s: NatSession) -> bytes:
+def _protoinfo(s: NatSession, liberal: bool = False) -> bytes:
+    """TCP state; with ``liberal``, the BE_LIBERAL and SACK_PERM flags both ways.
+
+    A created session has no window-tracking data: without BE_LIBERAL (and
+    without the namespace's nf_conntrack_tcp_be_liberal=1) the first packets
+    of a busy connection moved onto the node are INVALID and it is reset.
+    The conntrack tool sets the same flags on what it creates.
+    """
     state = TCP_STATE_NUMBERS[s.tcp_state or "ESTABLISHED"]
-    return _nest(CTA_PROTOINFO, _nest(CTA_PROTOINFO_TCP, _attr(CTA_PROTOINFO_TCP_STATE, bytes([state]))))
+    parts = [_attr(CTA_PROTOINFO_TCP_STATE, bytes([state]))]
+    if liberal:
+        bits = IP_CT_TCP_FLAG_BE_LIBERAL | IP_CT_TCP_FLAG_SACK_PERM
+        flags = struct.pack("=BB", bits, bits)  # struct nf_ct_tcp_flags {flags, mask}
+        parts += [_attr(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, flags), _attr(CTA_PROTOINFO_TCP_FLAGS_REPLY, flags)]
+    return _nest(CTA_PROTOINFO, _nest(CTA_PROTOINFO_TCP, *parts))
 
 
 def update_attrs(s: NatSession, timeout: int) -> bytes:

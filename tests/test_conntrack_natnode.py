@@ -111,3 +111,11 @@ def test_tcp_update_sets_state_and_never_clears_flags() -> None:
     delete = attrs(nl.delete_op(s).attrs)
     assert set(delete) == {nl.CTA_TUPLE_ORIG}
     assert nl.create_op(s, 1).flags == nl.NLM_F_CREATE | nl.NLM_F_EXCL
+
+
+def test_tcp_create_is_liberal_about_windows() -> None:
+    s = NatSession("TCP", "10.0.0.2", 1, "203.0.113.100", 80, "203.0.113.1", 20000, "ESTABLISHED", 60, True, 0)
+    tcp = attrs(attrs(attrs(nl.create_attrs(s, 60))[nl.CTA_PROTOINFO])[nl.CTA_PROTOINFO_TCP])
+    for side in (nl.CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, nl.CTA_PROTOINFO_TCP_FLAGS_REPLY):
+        flags, mask = tcp[side]
+        assert flags & nl.IP_CT_TCP_FLAG_BE_LIBERAL and mask & nl.IP_CT_TCP_FLAG_BE_LIBERAL

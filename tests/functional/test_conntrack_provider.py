@@ -146,6 +146,27 @@ def test_negative_control_the_same_move_without_state_breaks_both(net: TwoNatNet
     assert u["ports"] != [before["UDP"].translated_port], u
 
 
+def test_busy_tcp_with_data_in_flight_survives_the_move(net: TwoNatNet) -> None:
+    # 64 requests of 1400 bytes in flight, answered as fast as they come: the
+    # connection's windows move on while node b holds a session it never saw
+    # a packet of (no window-tracking data: the BE_LIBERAL trap).
+    a, b = providers(net)
+    # Without the node's safety net, so that the sessions themselves must carry BE_LIBERAL
+    # (with neither, this connection is reset right after the move).
+    netns.sysctl(b.netns, "net.netfilter.nf_conntrack_tcp_be_liberal", 0)
+    net.start_servers(TCP_PORT, UDP_PORT)
+    bulk = net.start("tcp-client", net.client, SERVER_IP, TCP_PORT, TCP_SPORT, 2.5, 0, 1400, 64)
+    wait_replies(bulk, 0.8)
+    before = flow_sessions(a.list().sessions)["TCP"]
+    b.apply(a.list().sessions)
+    net.attach("b")
+    t_move = time.time()
+    t = finish(bulk)
+    assert t["error"] is None, t["error"]
+    assert t["ports"] == [before.translated_port]
+    assert t["replies_total"] > 1000 and replies_after(t, t_move + 0.5) > 0, t["replies_total"]
+
+
 def test_refused_batches_name_the_offenders_and_leave_the_table_unchanged(net: TwoNatNet) -> None:
     a, _ = providers(net)
     a.apply(synthetic(30))
