@@ -96,7 +96,9 @@ class AgentLab:
         for ifname in (self.cfg.inside_if, self.cfg.outside_if):
             # A veth looped back into the namespace (this kernel has no dummy driver).
             netns.add_veth(ifname, ifname + "p", self.nat_ns, self.nat_ns)
-        netns.add_veth("mgmt0", "mgmt1", self.nat_ns, self.mgmt_ns)
+        # Loopback-sized MTU: the management link carries 30 MB documents, and
+        # add_veth turns segmentation offloads off (needed only on OVS paths).
+        netns.add_veth("mgmt0", "mgmt1", self.nat_ns, self.mgmt_ns, mtu=65535)
         netns.run(["ip", "addr", "add", f"{self.client_address}/24", "dev", "mgmt1"], self.mgmt_ns)
         self.node.configure()
         set_password(self.passwords, USER, self.password)

@@ -251,6 +251,10 @@ class NodeClient:
         except nc_transport.AuthenticationError as e:
             raise ConnectError(f"{where}: authentication refused ({e})") from e
         except (nc_transport.TransportError, OSError) as e:
+            if "no acceptable host key" in str(e):
+                # paramiko offers only the key types known_hosts holds for this
+                # host; an agent whose key is of another type is not the known one.
+                raise HostKeyError(f"{where}: the agent's host key is not of the type known_hosts holds for {host} ({e}); refusing to talk to it") from e
             raise ConnectError(f"{where}: cannot open a NETCONF session: {e}") from e
         finally:
             if not session.connected and session.transport:
@@ -390,6 +394,28 @@ class NodeClient:
             if value is not None
         )
         self._text("edit-config", f"<edit-config><target><{target}/></target>{params}{config}</edit-config>")
+
+    def edit_mixed(self, changes: Iterable[tuple[str, NatSession | SessionKey]], target: str = "candidate") -> None:
+        """One all-or-nothing edit-config of entries with their own operations.
+
+        ``changes`` holds (operation, session) pairs, or (operation, key) for
+        delete and remove; e.g. a catch-up that creates some sessions and
+        deletes others in one step.
+        """
+        name = self.codec.schema.list_name
+        ns = self.codec.ns
+        parts = []
+        for op, item in changes:
+            if op not in EDIT_OPERATIONS:
+                raise ControllerError(f"edit_mixed: operation {op!r} is not one of {', '.join(EDIT_OPERATIONS)}")
+            if isinstance(item, NatSession):
+                inner = self.codec.encode_xml([item], root=None).decode()
+                inner = inner[inner.index(">") + 1 : inner.rindex("<")]
+            else:
+                inner = "".join(f"<{k}>{v}</{k}>" for k, v in zip(self.codec.schema.keys, item))
+            parts.append(f'<{name} xmlns="{ns}" xmlns:nc="{NETCONF_NS}" nc:operation="{op}">{inner}</{name}>')
+        if parts:
+            self._edit(f'<config xmlns="{NETCONF_NS}">{"".join(parts)}</config>', target)
 
     def replace_table(self, sessions: Iterable[NatSession], target: str = "candidate") -> None:
         """Make ``target`` hold exactly ``sessions`` (default-operation replace of the whole list)."""

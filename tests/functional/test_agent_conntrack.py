@@ -1,0 +1,190 @@
+"""The agent on a real NAT node: conntrack in a namespace, SSH over the management network.
+
+One agent (``natmig agent --provider conntrack --netns ...``) per module, in
+a NAT namespace made by AgentLab; every test starts from an empty table and
+checks the kernel's own view (``conntrack -L`` in the namespace), not only
+what the agent says.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from natmig.agent.lab import AgentLab
+from natmig.controller.netconf import ConnectError, HostKeyError, NetconfError, NodeClient, SessionLost
+from natmig.model import NatSession
+
+pytestmark = pytest.mark.root
+
+
+def S(port: int, pub: int | None = None, proto: str = "TCP") -> NatSession:
+    return NatSession(proto, "10.0.0.2", port, "198.51.100.1", 80 if proto == "TCP" else 53, "203.0.113.1", pub or 20000 + port,
+                      "ESTABLISHED" if proto == "TCP" else None, 300)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentLab]:
+    with AgentLab(tmp_path_factory.mktemp("agent"), provider="conntrack", tag="fa") as lab:
+        yield lab
+
+
+@pytest.fixture
+def node(lab: AgentLab) -> Iterator[NodeClient]:
+    c = lab.client()
+    try:
+        c.delete_sessions(None, target="running")
+        c.discard()
+        c.set_admission(True)
+        yield c
+    finally:
+        c.close()
+
+
+def kernel(lab: AgentLab) -> set[str]:
+    """The namespace's conntrack table without timeouts and without the management SSH connections."""
+    out = set()
+    for line in lab.conntrack("-L").stdout.splitlines():
+        if "port=830 " in line or not line.strip():
+            continue
+        toks = line.split()
+        out.add(" ".join(t for i, t in enumerate(toks) if i != 2 and not t.startswith("use=")))
+    return out
+
+
+def nat_lines(lab: AgentLab) -> list[str]:
+    return sorted(line for line in kernel(lab) if "dst=203.0.113.1" in line)
+
+
+def test_edit_config_writes_the_kernel_table(lab: AgentLab, node: NodeClient) -> None:
+    node.edit_sessions([S(1), S(2, proto="UDP")], target="running")
+    lines = nat_lines(lab)
+    assert len(lines) == 2
+    assert any("sport=1 dport=80 src=198.51.100.1 dst=203.0.113.1 sport=80 dport=20001" in x for x in lines)
+    assert {s.key for s in node.get_sessions()} == {S(1).key, S(2, proto="UDP").key}
+
+
+def test_get_config_reads_what_the_kernel_has(lab: AgentLab, node: NodeClient) -> None:
+    # A session the agent never saw: written straight into the kernel.
+    lab.conntrack("-I", "-p", "tcp", "-s", "10.0.0.7", "-d", "198.51.100.1", "--sport", "4000", "--dport", "80",
+                  "--state", "ESTABLISHED", "-t", "200", "-r", "198.51.100.1", "-q", "203.0.113.1", "--reply-port-src", "80", "--reply-port-dst", "20777")
+    (s,) = node.get_sessions()
+    assert (s.src_address, s.src_port, s.translated_port, s.tcp_state) == ("10.0.0.7", 4000, 20777, "ESTABLISHED")
+    assert 190 <= (s.timeout or 0) <= 200
+    assert node.get_statistics()["sessions"] == 1
+
+
+def test_filtered_get_config_by_any_leaf(node: NodeClient) -> None:
+    node.edit_sessions([S(1), S(2), S(3, proto="UDP")], target="running")
+    assert [s.key for s in node.get_sessions(key=S(2).key)] == [S(2).key]
+    assert node.get_sessions(key=S(9).key) == []
+
+
+def test_operations_create_replace_delete_remove(lab: AgentLab, node: NodeClient) -> None:
+    node.edit_sessions([S(1), S(2)], target="running", operation="create")
+    with pytest.raises(NetconfError) as e:
+        node.edit_sessions([S(1)], target="running", operation="create")
+    assert e.value.tag == "data-exists"
+    node.edit_sessions([S(1, pub=20100)], target="running", operation="replace")
+    assert any("dport=20100" in x for x in nat_lines(lab))
+    node.edit_sessions([S(2)], target="running", operation="delete")
+    with pytest.raises(NetconfError) as e:
+        node.edit_sessions([S(2)], target="running", operation="delete")
+    assert e.value.tag == "data-missing"
+    node.edit_sessions([S(2)], target="running", operation="remove")
+    assert [s.src_port for s in node.get_sessions()] == [1]
+
+
+def test_failure_half_way_leaves_the_kernel_table_unchanged(lab: AgentLab, node: NodeClient) -> None:
+    node.edit_sessions([S(1), S(2)], target="running")
+    before = kernel(lab)
+    # The agent deletes S(1) first, then the node refuses the IPv6 session
+    # (valid YANG, but this NAT translates IPv4 only): S(1) must come back
+    # and S(3) must not stay.
+    v6 = NatSession("TCP", "2001:db8::5", 5, "2001:db8::1", 80, "203.0.113.1", 20005, "ESTABLISHED", 300)
+    with pytest.raises(NetconfError) as e:
+        node.edit_mixed([("delete", S(1).key), ("create", S(3)), ("create", v6)], target="running")
+    assert e.value.tag == "operation-failed"
+    assert kernel(lab) == before
+    assert sorted(s.src_port for s in node.get_sessions()) == [1, 2]
+
+
+def test_edit_with_a_foreign_address_is_refused_whole(lab: AgentLab, node: NodeClient) -> None:
+    node.edit_sessions([S(1)], target="running")
+    before = kernel(lab)
+    bad = NatSession("TCP", "10.0.0.2", 9, "198.51.100.1", 80, "198.51.100.99", 20009, "ESTABLISHED", 300)
+    with pytest.raises(NetconfError) as e:
+        node.edit_sessions([S(2), bad], target="running")
+    assert e.value.tag == "invalid-value" and "translated_address" in (e.value.path or "")
+    assert kernel(lab) == before
+
+
+def test_candidate_stages_a_table_and_commit_applies_it(lab: AgentLab, node: NodeClient) -> None:
+    node.edit_sessions([S(1)], target="running")
+    node.replace_table([S(2), S(3)], target="candidate")
+    assert [s.src_port for s in node.get_sessions()] == [1]
+    node.commit()
+    assert sorted(s.src_port for s in node.get_sessions()) == [2, 3]
+    assert len(nat_lines(lab)) == 2
+
+
+def test_admission_control_reaches_nftables(lab: AgentLab, node: NodeClient) -> None:
+    node.set_admission(False)
+    assert node.get_admission() is False
+    assert "drop" in lab.node.run(["nft", "list", "ruleset"], lab.nat_ns).stdout
+    node.set_admission(True)
+    assert "drop" not in lab.node.run(["nft", "list", "ruleset"], lab.nat_ns).stdout
+
+
+def test_notifications_follow_the_kernel(lab: AgentLab, node: NodeClient) -> None:
+    node.edit_sessions([S(1)], target="running")  # exists before the subscription
+    listener = lab.client()
+    try:
+        sub = listener.subscribe()
+        lab.conntrack("-I", "-p", "udp", "-s", "10.0.0.9", "-d", "198.51.100.1", "--sport", "5353", "--dport", "53", "-t", "60",
+                      "-r", "198.51.100.1", "-q", "203.0.113.1", "--reply-port-src", "53", "--reply-port-dst", "21234")
+        node.delete_sessions([S(1).key], target="running")
+        got = [sub.get(timeout=5), sub.get(timeout=5)]
+        assert ("destroyed", S(1).key) in [(e, s.key) for e, s in got if e]
+        created = [s for e, s in got if e == "created"]
+        assert created and created[0].translated_port == 21234
+    finally:
+        listener.close()
+
+
+def test_two_sessions_lock_and_kill(lab: AgentLab, node: NodeClient) -> None:
+    other = lab.client()
+    try:
+        other.lock("running")
+        with pytest.raises(NetconfError) as e:
+            node.edit_sessions([S(1)], target="running")
+        assert e.value.tag == "in-use"
+        assert nat_lines(lab) == []
+        node.kill_session(other.session_id)
+        deadline = time.monotonic() + 5
+        with pytest.raises((SessionLost, NetconfError)):
+            while time.monotonic() < deadline:
+                other.get_sessions()
+                time.sleep(0.05)
+        node.edit_sessions([S(1)], target="running")  # the lock died with the session
+    finally:
+        other.close()
+
+
+def test_wrong_password_and_wrong_host_key_are_refused(lab: AgentLab, tmp_path: Path) -> None:
+    with pytest.raises(ConnectError):
+        lab.client(password="not-the-password")
+    fake = tmp_path / "known_hosts"
+    fake.write_text(f"[{lab.mgmt_address}]:{lab.port} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHWxMHnC6XkdVhQ4j0SBH7JbKXqkwUqNa4cVd4Yl4rNl\n")
+    with pytest.raises(HostKeyError):
+        lab.client(known_hosts=str(fake))
+
+
+def test_log_says_who_did_what(lab: AgentLab, node: NodeClient) -> None:
+    node.edit_sessions([S(4)], target="running")
+    log = lab.log_tail(20000)
+    assert re.search(r"session \d+ \(natmig@192\.0\.2\.1\) edit-config running \(merge\): 1 entries", log)
