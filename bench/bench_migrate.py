@@ -98,6 +98,7 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path) -> dict:
         "natmig_error": report.error,
         "natmig_phases": {p: report.phase_seconds(p) for p in PHASES},
         "natmig_total": report.total_seconds,
+        "natmig_steps": {p.name: p.steps for p in report.phases},
         "natmig_moved": report.copied + report.caught_up + report.reconciled,
         "natmig_verified": report.verified,
         "ratio": report.total_seconds / floor["total"] if floor["total"] else None,
