@@ -73,7 +73,7 @@ class OvsSteering:
 
     def active(self) -> str | None:
         """The NAT the client's traffic is sent to, read back from the bridge."""
-        out = self._ofctl("dump-flows", "--no-stats", self.layout.bridge, f"in_port={self.layout.client_port}")
+        out = self._ofctl("--no-names", "--no-stats", "dump-flows", self.layout.bridge, f"in_port={self.layout.client_port}")
         for name, ports in self.layout.nats.items():
             if f"output:{ports.inside}" in out:
                 return name

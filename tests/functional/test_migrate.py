@@ -133,3 +133,48 @@ def test_a_wrong_host_key_is_refused_before_anything_changes(tmp_path):
         assert table(fleet, "nat1") == before
         assert table(fleet, "nat2") == {}
         assert tb.nat_node("nat1").admission() and tb.nat_node("nat2").admission()
+
+
+def test_verification_failing_after_the_switch_points_traffic_back(tmp_path):
+    """The target's agent dies right after the switch: verify cannot read it, traffic goes back."""
+    with bed(tmp_path, "mv") as (tb, fleet):
+        load_sessions(fleet.endpoint("nat1"), synthetic_sessions(300, tb.public_address, (20000, 29999)))
+        with traffic(tb, tmp_path) as t:
+            time.sleep(0.5)
+            before = table(fleet, "nat1")
+
+            def on_phase(ph):
+                if ph.name == "switch":
+                    fleet.stop("nat2", kill=True)
+
+            report = Migration(fleet.endpoint("nat1"), fleet.endpoint("nat2"), TestbedSteering(tb), MigrateOptions(), on_phase).run()
+            time.sleep(1.0)
+            result = t.stop()
+        assert not report.ok and report.failed_phase == "verify", report.error
+        assert report.traffic_on == "nat1" and tb.active_nat() == "nat1"
+        assert "pointed back" in report.node_state["nat1"] and "admission restored" in report.node_state["nat1"]
+        after = table(fleet, "nat1")
+        assert all(after.get(k) == v for k, v in before.items())  # nothing lost, nothing re-mapped
+        assert tb.nat_node("nat1").admission() is True
+        assert not result.broken(), [f"{b.proto} {b.fid}: {b.why}" for b in result.broken()[:10]]
+
+
+def test_ovs_steering_moves_both_directions_in_one_bundle(tmp_path):
+    """The bridge steering `natmig migrate` uses with a [switch] bridge inventory, on the testbed's bridge."""
+    from natmig.controller.plan import NatPorts, SwitchLayout
+    from natmig.controller.steering import OvsSteering
+
+    with bed(tmp_path, "mo") as (tb, fleet):
+        ports = tb.switch_ports()
+        layout = SwitchLayout(tb.bridge, ports["client"], ports["server"],
+                              {n: NatPorts(ports[f"{n}-in"], ports[f"{n}-out"]) for n in ("nat1", "nat2")})
+        steer = OvsSteering(layout, str(tb.rundir))
+        steer.install("nat1")
+        assert steer.active() == "nat1"
+        before = tb.nat_counters()
+        steer.point_to("nat2")
+        assert steer.active() == "nat2"
+        tb.exec("client", ["ping", "-c", "3", "-i", "0.2", "-W", "2", tb.address("server")])
+        after = tb.nat_counters()
+        assert after["nat2"] - before["nat2"] >= 6  # 3 requests in, 3 replies back, through nat2
+        assert after["nat1"] - before["nat1"] <= 1
