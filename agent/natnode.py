@@ -147,6 +147,9 @@ def sysctls(cfg: NatNodeConfig) -> dict[str, int]:
         # Injected sessions carry no TCP window-tracking data: without this,
         # a live bulk TCP flow moved onto the node is dropped as INVALID.
         "net/netfilter/nf_conntrack_tcp_be_liberal": 1,
+        # With the default 2 ("auto"), a session created while nobody listened
+        # for events never reports its end: watch() would miss it.
+        "net/netfilter/nf_conntrack_events": 1,
         # Router solicitations and DAD are noise nobody asked for.
         "net/ipv6/conf/all/disable_ipv6": 1,
         "net/ipv6/conf/default/disable_ipv6": 1,

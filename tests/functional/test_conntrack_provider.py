@@ -240,7 +240,11 @@ def test_delete_by_key_and_all(net: TwoNatNet) -> None:
 
 def test_watch_reports_new_and_destroyed_translated_sessions_only(net: TwoNatNet) -> None:
     a, _ = providers(net)
+    # Created while nobody listened: its end must still be reported (nf_conntrack_events=1).
+    before = synthetic(1, start_port=27100, net=3)[0]
+    a.apply([before])
     with a.watch() as w:
+        a.delete([before.key])
         net.start_servers(TCP_PORT, UDP_PORT)
         udp = net.start("udp-client", net.client, SERVER_IP, UDP_PORT, UDP_SPORT, 0.3, 0.05)
         finish(udp)
@@ -250,7 +254,7 @@ def test_watch_reports_new_and_destroyed_translated_sessions_only(net: TwoNatNet
         a.delete([s.key])
         deadline = time.time() + 3
         events = []
-        while time.time() < deadline and len(events) < 3:
+        while time.time() < deadline and len(events) < 4:
             ev = w.get(timeout=0.2)
             if ev is not None:
                 events.append(ev)
@@ -258,6 +262,7 @@ def test_watch_reports_new_and_destroyed_translated_sessions_only(net: TwoNatNet
     flow = ("UDP", CLIENT_IP, UDP_SPORT, SERVER_IP, UDP_PORT)
     assert ("new", flow) in kinds
     assert ("new", s.key) in kinds and ("destroy", s.key) in kinds
+    assert ("destroy", before.key) in kinds
     assert all(e.session.dst_address != "10.0.0.1" for e in events)
     created = next(e.session for e in events if e.session.key == flow)
     assert created.translated_address == PUBLIC_IP and created.translated_port != UDP_SPORT
