@@ -100,10 +100,11 @@ class TwoNatNet:
 
     def start(self, mode: str, ns: str, *args: object) -> subprocess.Popen:
         """Run a flows_natnode.py endpoint in a namespace; it is killed by :meth:`destroy`."""
-        p = subprocess.Popen(
-            netns.ns_cmd([sys.executable, str(FLOWS), mode, *map(str, args)], ns),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
+        return self.popen([sys.executable, str(FLOWS), mode, *map(str, args)], ns)
+
+    def popen(self, argv: list[str], ns: str) -> subprocess.Popen:
+        """Run a command in a namespace in the background; it is killed by :meth:`destroy`."""
+        p = subprocess.Popen(netns.ns_cmd(argv, ns), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.procs.append(p)
         return p
 

@@ -116,12 +116,18 @@ def test_export_from_a_apply_to_idle_b_gives_the_same_table(net: TwoNatNet) -> N
 def move(net: TwoNatNet, with_state: bool) -> tuple[dict, dict, float, dict[str, NatSession]]:
     a, b = providers(net)
     tcp, udp = start_flows(net, duration=3.0)
+    ping = net.popen(["ping", "-n", "-q", "-i", "0.05", "-c", "50", "-W", "1", SERVER_IP], net.client)
     wait_replies(tcp, 1.0)
     before = flow_sessions(a.list().sessions)
+    icmp = [s for s in a.list().sessions if s.protocol == "ICMP" and s.src_address == CLIENT_IP]
+    assert len(icmp) == 1, icmp
+    before["ICMP"] = icmp[0]
     if with_state:
         b.apply(a.list().sessions)
     net.attach("b")
     t_move = time.time()
+    out, _ = ping.communicate(timeout=30)
+    before["ping"] = out  # type: ignore[assignment]
     return finish(tcp), finish(udp), t_move, before
 
 
@@ -133,8 +139,15 @@ def test_live_tcp_and_udp_keep_flowing_with_the_same_public_port_after_the_move(
     assert u["ports"] == [before["UDP"].translated_port]
     # And node b is the one translating them now.
     _, b = providers(net)
-    now = flow_sessions(b.list().sessions)
-    assert {p: s.translated_port for p, s in now.items()} == {p: s.translated_port for p, s in before.items()}
+    table = b.list().sessions
+    now = flow_sessions(table)
+    assert {p: s.translated_port for p, s in now.items()} == {p: before[p].translated_port for p in ("TCP", "UDP")}
+    # ICMP echo: the injected session (created over netlink) translates; the
+    # pings kept being answered through b with a's echo identifier.
+    icmp = [s for s in table if s.protocol == "ICMP" and s.key == before["ICMP"].key]
+    assert len(icmp) == 1 and icmp[0].translated_port == before["ICMP"].translated_port
+    received = int(before["ping"].split(" received")[0].split()[-1])
+    assert received >= 40, before["ping"]
 
 
 def test_negative_control_the_same_move_without_state_breaks_both(net: TwoNatNet) -> None:
