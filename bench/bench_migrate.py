@@ -11,6 +11,10 @@ For each table size N, on one testbed (both NAT nodes with their agents):
    and the largest gap the probe saw are recorded;
 4. the tables are flushed and traffic is pointed back for the next size.
 
+The controller and the agents run niced (10) while the switch daemons and
+the traffic programs do not: on this one machine those stand in for
+hardware and other machines (see docs/controller.md).
+
 Targets: natmig total <= 3x the floor at 10,000 and 100,000 sessions;
 largest probe gap <= 20 ms at 10,000.  Prints a table, writes JSON and a PNG
 (matplotlib) of time vs sessions, natmig beside the floor.
@@ -30,7 +34,7 @@ from pathlib import Path
 
 from natmig import netns
 from natmig.agent.natnode import ensure_conntrack_capacity
-from natmig.controller.demo import AgentFleet, load_sessions, synthetic_sessions
+from natmig.controller.demo import AgentFleet, control_plane_priority, load_sessions, synthetic_sessions
 from natmig.controller.migrate import MigrateOptions, Migration
 from natmig.controller.steering import TestbedSteering
 from natmig.controller.traffic import LiveTraffic, TrafficSpec
@@ -85,7 +89,8 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path) -> dict:
     probe = LiveTraffic(tb.netns("client"), tb.netns("server"), tb.address("server"), TrafficSpec(tcp=1, udp=0, interval=0.001), str(work))
     with probe:
         time.sleep(0.5)
-        report = Migration(fleet.endpoint("nat1"), fleet.endpoint("nat2"), TestbedSteering(tb), MigrateOptions(retire="keep")).run()
+        with control_plane_priority():
+            report = Migration(fleet.endpoint("nat1"), fleet.endpoint("nat2"), TestbedSteering(tb), MigrateOptions(retire="keep")).run()
         time.sleep(0.5)
         traffic = probe.stop()
     return {

@@ -610,7 +610,10 @@ class LiveTraffic:
         argv = [sys.executable, "-m", "natmig.controller.traffic", *args]
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # The hosts run at normal priority even when the controller that
+        # starts them is niced: they stand in for other machines.
+        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: os.setpriority(os.PRIO_PROCESS, 0, 0))
 
     @staticmethod
     def _ready(p: subprocess.Popen, what: str, timeout: float) -> None:
