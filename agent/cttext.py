@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from ..model import NatSession
 
@@ -193,9 +193,3 @@ def insert_line(s: NatSession, timeout: int) -> str:
 def restore_text(sessions: Iterable[tuple[NatSession, int]]) -> str:
     """The ``conntrack -R`` input creating each (session, timeout)."""
     return "".join(insert_line(s, t) for s, t in sessions)
-
-
-def chunks(items: list, size: int) -> Iterator[list]:
-    """``items`` in slices of at most ``size``."""
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

@@ -279,7 +279,8 @@ class NatNode:
     def owned_addresses(self) -> set[str]:
         """The IPv4 addresses configured on the outside interface (what the node can translate to)."""
         out = self._run(["ip", "-o", "-4", "addr", "show", "dev", self.cfg.outside_if]).stdout
-        return {tok.split("/")[0] for line in out.splitlines() for i, tok in enumerate(line.split()) if i > 0 and line.split()[i - 1] == "inet"}
+        # One line per address: "2: outside0    inet 203.0.113.1/24 brd ... scope global outside0".
+        return {line.split("inet ", 1)[1].split("/", 1)[0] for line in out.splitlines() if "inet " in line}
 
     def _run(self, cmd: list[str], **kw: object):
         try:

@@ -56,20 +56,24 @@ def node(name: str) -> NatNode:
 
 
 def timed(fn) -> float:
+    """Seconds ``fn()`` took."""
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
 
 
 def median(xs: list[float]) -> float:
+    """The median of the repeats."""
     return statistics.median(xs)
 
 
 def flush(ns: str) -> None:
+    """Empty a namespace's conntrack table (only namespaces this benchmark made)."""
     netns.run(["conntrack", "-F"], ns, timeout=120)
 
 
 def count(ns: str) -> int:
+    """Entries in a namespace's conntrack table."""
     return int(netns.run(["conntrack", "-C"], ns).stdout)
 
 
