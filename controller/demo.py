@@ -64,6 +64,17 @@ class AgentFleet:
         self.secret = self.dir / "controller-password"
         self.secret.write_text(self.password + "\n")
         self.secret.chmod(0o600)
+        # The controller signs in with a key (a password check is a ~50 ms
+        # scrypt on the agent); the password stays valid for people.
+        import asyncssh
+
+        ckey = asyncssh.generate_private_key("ssh-ed25519")
+        self.client_key = self.dir / "controller-key"
+        fd = os.open(self.client_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(ckey.export_private_key("openssh"))
+        self.authorized_keys = self.dir / "authorized_keys"
+        self.authorized_keys.write_bytes(ckey.export_public_key("openssh"))
         self.known_hosts = self.dir / "known_hosts"
         lines = []
         for nat in tb.topology.nats:
@@ -85,7 +96,7 @@ class AgentFleet:
             sys.executable, "-m", "natmig.cli", "agent", "--netns", self.tb.netns(nat),
             "--listen", f"{self.tb.mgmt_address(nat)}:{self.port}", "--provider", self.provider,
             "--public-address", self.tb.public_address, "--host-key", str(self.host_key(nat)),
-            "--passwords", str(self.passwords), "--ready-file", str(ready),
+            "--passwords", str(self.passwords), "--authorized-keys", str(self.authorized_keys), "--ready-file", str(ready),
         ]
         # The agents run niced: on this one machine the switch (a userspace
         # OVS) and the hosts stand in for hardware and other machines, and a
@@ -127,7 +138,7 @@ class AgentFleet:
         """How the controller reaches ``nat``'s agent."""
         return AgentSpec(
             name=nat, host=self.tb.mgmt_address(nat), port=self.port, username=USER,
-            password_file=str(self.secret), known_hosts=str(self.known_hosts),
+            key=str(self.client_key), known_hosts=str(self.known_hosts),
             public_address=self.tb.public_address, netns=self.tb.mgmt_netns,
         )
 
@@ -143,7 +154,7 @@ class AgentFleet:
         for nat in self.tb.topology.nats:
             s = self.spec(nat)
             agents[nat] = {k: v for k, v in (
-                ("host", s.host), ("port", s.port), ("username", s.username), ("password_file", s.password_file),
+                ("host", s.host), ("port", s.port), ("username", s.username), ("key", s.key),
                 ("known_hosts", s.known_hosts), ("public_address", s.public_address), ("netns", s.netns),
             ) if v is not None}
         doc = {"agents": agents, "switch": {"testbed": self.tb.prefix}, "migration": {"source": source, "target": target}}

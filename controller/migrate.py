@@ -174,6 +174,7 @@ class Migration:
         self._target_before: list[NatSession] = []
         self._plan: CopyPlan | None = None
         self._catch = CatchUp()
+        self._source_admits = True
 
     # --------------------------------------------------------------- driver
 
@@ -245,6 +246,8 @@ class Migration:
         with ph.step("target"):
             self._target_before = tgt.get_sessions("running")
             self._st.target_admission = tgt.get_admission()
+            # Read now, off the critical path: what the freeze must restore.
+            self._source_admits = src.get_admission()
         if self.source.public is not None and self.target.public is not None and not self.source.public <= self.target.public:
             raise ControllerError(
                 f"{self.target.name} does not own the public address(es) {', '.join(sorted(self.source.public - self.target.public))} of {self.source.name}"
@@ -315,7 +318,7 @@ class Migration:
 
     def _freeze(self, src: Node) -> None:
         # Recorded before the change, so that a failure half-way still restores it.
-        self._st.source_admission = src.get_admission()
+        self._st.source_admission = self._source_admits
         src.set_admission(False)
 
     def _switch(self, ph: Any) -> None:
