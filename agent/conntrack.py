@@ -348,6 +348,7 @@ class _Undo:
         self.updated: list[NatSession] = []
 
     def run(self, provider: ConntrackProvider) -> None:
+        """Take back what was written (best effort: the batch is being refused anyway)."""
         # Delete only what carries the translation this batch gave it: an
         # entry that traffic created meanwhile under the same key stays.
         now = index_by_key(provider.list().sessions)

@@ -30,6 +30,7 @@ def tcp_server(port: int) -> None:
     print("ready", flush=True)
 
     def serve(c: socket.socket, peer: tuple[str, int]) -> None:
+        """Echo one connection's lines until it closes."""
         buf = b""
         with c:
             while True:

@@ -43,14 +43,17 @@ class TwoNatNet:
 
     @property
     def client(self) -> str:
+        """The client's namespace."""
         return self.prefix + "cl"
 
     @property
     def server(self) -> str:
+        """The server's namespace."""
         return self.prefix + "sv"
 
     @property
     def switch(self) -> str:
+        """The switch namespace (two Linux bridges)."""
         return self.prefix + "sw"
 
     def namespaces(self) -> list[str]:

@@ -27,6 +27,7 @@ TCP_SPORT, UDP_SPORT = 40001, 40002  # outside the NAT's port range, so translat
 
 @pytest.fixture
 def net():
+    """Client, server, switch and NAT nodes a and b, always torn down."""
     n = TwoNatNet(netns.run_prefix("nmct"))
     try:
         n.build()
@@ -38,11 +39,13 @@ def net():
 
 
 def providers(net: TwoNatNet) -> tuple[ConntrackProvider, ConntrackProvider]:
+    """The providers of NAT nodes a and b."""
     a, b = net.nats["a"], net.nats["b"]
     return ConntrackProvider(a.name, node=a), ConntrackProvider(b.name, node=b)
 
 
 def start_flows(net: TwoNatNet, duration: float, interval: float = 0.02):
+    """Echo servers, then one TCP and one UDP client flow; returns the two clients."""
     net.start_servers(TCP_PORT, UDP_PORT)
     tcp = net.start("tcp-client", net.client, SERVER_IP, TCP_PORT, TCP_SPORT, duration, interval)
     udp = net.start("udp-client", net.client, SERVER_IP, UDP_PORT, UDP_SPORT, duration, interval)
@@ -114,6 +117,7 @@ def test_export_from_a_apply_to_idle_b_gives_the_same_table(net: TwoNatNet) -> N
 
 
 def move(net: TwoNatNet, with_state: bool) -> tuple[dict, dict, float, dict[str, NatSession]]:
+    """Run TCP, UDP and ping through a, (copy a's table to b,) steer to b; the flows' summaries."""
     a, b = providers(net)
     tcp, udp = start_flows(net, duration=3.0)
     ping = net.popen(["ping", "-n", "-q", "-i", "0.05", "-c", "50", "-W", "1", SERVER_IP], net.client)

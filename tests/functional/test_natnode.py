@@ -16,6 +16,7 @@ pytestmark = pytest.mark.root
 
 @pytest.fixture
 def net():
+    """Client, server, switch and NAT node a, always torn down."""
     n = TwoNatNet(netns.run_prefix("nmnn"))
     try:
         n.build(("a",))
@@ -27,6 +28,7 @@ def net():
 
 
 def sysctl(ns: str, key: str) -> int:
+    """A sysctl's value in a namespace."""
     return int(netns.run(["sysctl", "-n", key], ns).stdout)
 
 
