@@ -263,14 +263,15 @@ class Datastore:
         """nat-control of running, as the provider reports it."""
         return {"admit-new-sessions": bool(self.provider.admission())}
 
-    def read(self, source: str, with_sessions: bool = True) -> tuple[list[NatSession], dict[str, Any]]:
-        """(sessions, nat-control values) of a datastore."""
+    def read(self, source: str, with_sessions: bool = True, with_control: bool = True) -> tuple[list[NatSession], dict[str, Any]]:
+        """(sessions, nat-control values) of a datastore; each part read only when asked for."""
         self._check_name(source)
         with self._mutex:
             if source == "candidate" and self._cand is not None:
                 return (list(self._cand.values()) if with_sessions else []), dict(self._cand_control)
             sessions = self._list() if with_sessions else []
-            return sessions, self.running_control()
+            # Reading nat-control of running asks the node (an nft call): skip it when not wanted.
+            return sessions, self.running_control() if with_control else {}
 
     def statistics(self) -> dict[str, int]:
         """The nat-statistics counters, read now."""

@@ -9,6 +9,7 @@ codec; the provider is reached only through :class:`~.datastore.Datastore`.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,9 +18,9 @@ from xml.sax.saxutils import escape, quoteattr
 
 from lxml import etree
 
-from ..codec import NETCONF_NS, Codec
+from ..codec import EDIT_OPERATIONS, NETCONF_NS, Codec, EditEntry
 from ..errors import CodecError
-from ..model import FIELD_NAMES, NatSession
+from ..model import NatSession, format_key
 from ..schema import LeafValueError
 from .datastore import (
     DEFAULT_OPERATIONS,
@@ -69,6 +70,8 @@ class SessionState:
     deliver: Callable[[bytes], None] = lambda b: None
     closing: bool = False
     subscribed: bool = False
+    #: entries of a large edit-config decoded during parsing (see _Batches).
+    batches: Any = None
 
     @property
     def sid(self) -> int:
@@ -292,7 +295,7 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
     sel = parse_filter(codec, op)
     report_all = _with_defaults(op)
     want_sessions = sel.everything or sel.sessions is not None
-    sessions, control = server.datastore.read(source, with_sessions=want_sessions)
+    sessions, control = server.datastore.read(source, with_sessions=want_sessions, with_control=sel.everything or sel.control)
     parts = []
     if want_sessions:
         picked = select(sessions, None if sel.everything else sel.sessions)
@@ -322,6 +325,54 @@ def op_get_config(server: Server, sess: SessionState, op: Any) -> bytes:
     return _read(server, sess, op, _datastore_param(op, "source"), state=False)
 
 
+_LEAF_OPERATIONS = etree.XPath("*/*/@nc:operation", namespaces={"nc": NETCONF_NS})
+
+
+def _fast_entries(codec: Codec, config: Any) -> list[EditEntry] | None:
+    """The list entries of a clean <config> (or list of entry elements) in one pass; None at the first oddity.
+
+    The common case (a table written into a node) needs no per-entry error
+    bookkeeping; anything unusual -- unknown or repeated leaves, bad values,
+    missing keys, duplicates, leaf-level operations -- returns None and the
+    codec's :meth:`~natmig.codec.Codec.decode_edit_xml` decodes again and
+    names every problem.  The leaf validators are the codec's own.
+    """
+    if not isinstance(config, list) and _LEAF_OPERATIONS(config):
+        return None  # a batch (a list) was checked by its caller, on the whole <config>
+    ns = codec.ns
+    by_tag = {f"{{{ns}}}{spec.name}": spec for spec in codec.schema.leaves}
+    list_tag = f"{{{ns}}}{codec.schema.list_name}"
+    control_tag = f"{{{ns}}}{codec.schema.control_name}"
+    op_attr = _NC + "operation"
+    keys = codec.schema.keys
+    out: list[EditEntry] = []
+    seen: set[Any] = set()
+    try:
+        for entry in config:
+            if entry.tag != list_tag:
+                if entry.tag == control_tag:
+                    continue
+                return None
+            op = entry.get(op_attr)
+            if op is not None and op not in EDIT_OPERATIONS:
+                return None
+            values: dict[str, Any] = {}
+            for child in entry:
+                spec = by_tag[child.tag]
+                name = spec.name
+                if name in values or len(child):
+                    return None
+                values[name] = spec.parse(child.text or "")
+            key = tuple(values[k] for k in keys)
+            if key in seen:
+                return None
+            seen.add(key)
+            out.append(EditEntry(op, key, values))  # type: ignore[arg-type]
+    except (KeyError, LeafValueError, TypeError):
+        return None
+    return out
+
+
 def _edit_request(codec: Codec, config: Any) -> EditRequest:
     """Split a <config> into list entries, whole-list operations and nat-control."""
     op_attr = _NC + "operation"
@@ -346,13 +397,84 @@ def _edit_request(codec: Codec, config: Any) -> EditRequest:
         req.control = codec.decode_control_xml(config)
     except CodecError as e:
         problems.extend(problems_of_codec(e))
-    try:
-        req.entries = codec.decode_edit_xml(config)
-    except CodecError as e:
-        problems.extend(problems_of_codec(e))
+    fast = _fast_entries(codec, config) if not problems else None
+    if fast is not None:
+        req.entries = fast
+    else:
+        try:
+            req.entries = codec.decode_edit_xml(config)
+        except CodecError as e:
+            problems.extend(problems_of_codec(e))
     if problems:
         raise DatastoreError(problems)
     return req
+
+
+class _Batches:
+    """An edit-config decoded while it is parsed, a few thousand entries at a time.
+
+    A 100k-entry request is a ~30 MB document whose lxml tree alone takes
+    ~230 MB; decoding entries as they complete and dropping their elements
+    keeps the tree small.  The result is the same as decoding the whole
+    <config> at once: batches are merged, duplicates across batches refused.
+    """
+
+    SIZE = 4096
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.list_tag = f"{{{codec.ns}}}{codec.schema.list_name}"
+        self.req = EditRequest()
+        self.problems: list[Problem] = []
+        self.count = 0
+
+    def take(self, config: Any, last: Any) -> None:
+        """Decode the complete entries of <config> up to ``last``, then drop them from the tree.
+
+        The parser may already hold the beginning of the next entry; it is
+        left alone.  nat-control and whole-list elements stay for the final pass.
+        """
+        done = []
+        for child in config:
+            if child.tag == self.list_tag and len(child):
+                done.append(child)
+            if child is last:
+                break
+        entries = None if _LEAF_OPERATIONS(config) else _fast_entries(self.codec, done)
+        if entries is None:
+            # Something is wrong in this batch: let the codec name every problem.
+            tmp = etree.Element(_NC + "config")
+            tmp.extend(copy.deepcopy(c) for c in done)
+            try:
+                entries = self.codec.decode_edit_xml(tmp)
+            except CodecError as e:
+                self.problems.extend(problems_of_codec(e)[: max(0, 100 - len(self.problems))])
+                entries = []
+        self.req.entries.extend(entries)
+        for child in done:
+            config.remove(child)
+
+    def finish(self, rest: EditRequest | None, problems: list[Problem]) -> EditRequest:
+        """The whole request: the batches plus what the final pass decoded."""
+        if rest is not None:
+            _merge(self.req, rest)
+        problems = self.problems + problems
+        keys = [e.key for e in self.req.entries]
+        if len(set(keys)) != len(keys):
+            seen: set[Any] = set()
+            dups = [k for k in keys if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
+            problems += [Problem("bad-element", "the same entry appears twice in the request", format_key(k)) for k in dups[:10]]
+        if problems:
+            raise DatastoreError(problems)
+        return self.req
+
+
+def _merge(into: EditRequest, part: EditRequest) -> None:
+    into.entries.extend(part.entries)
+    if part.list_operation is not None:
+        into.list_operation = part.list_operation
+    if part.control is not None or part.control_operation is not None:
+        into.control, into.control_operation = part.control, part.control_operation
 
 
 def op_edit_config(server: Server, sess: SessionState, op: Any) -> bytes:
@@ -367,7 +489,17 @@ def op_edit_config(server: Server, sess: SessionState, op: Any) -> bytes:
         if op.find(_NC + "url") is not None:
             raise refuse("operation-not-supported", "the :url capability is not supported", type="protocol", info={"bad-element": "url"})
         raise refuse("missing-element", "<config> is required", type="protocol", info={"bad-element": "config"})
-    req = _edit_request(server.codec, config)
+    batches: _Batches | None = sess.batches
+    sess.batches = None
+    if batches is None:
+        req = _edit_request(server.codec, config)
+    else:
+        try:
+            rest: EditRequest | None = _edit_request(server.codec, config)
+            problems: list[Problem] = []
+        except DatastoreError as e:
+            rest, problems = None, e.problems
+        req = batches.finish(rest, problems)
     t0 = time.perf_counter()
     plan = server.datastore.edit(target, req, sess.sid, default_op, test_option, error_option)
     log.info("%s edit-config %s (%s%s): %d entries in request, %d written, %d deleted%s in %.3f s",
@@ -499,12 +631,41 @@ TABLE: dict[tuple[str, str], Handler] = {
 }
 
 
+#: Messages larger than this are parsed incrementally (see _Batches).
+STREAM_THRESHOLD = 1 << 20
+
+
+def parse_message(codec: Codec, message: bytes) -> tuple[Any, _Batches | None]:
+    """The message's element tree; entries of a large edit-config come decoded beside it."""
+    if len(message) < STREAM_THRESHOLD:
+        return etree.fromstring(message, _PARSER), None
+    list_tag = f"{{{codec.ns}}}{codec.schema.list_name}"
+    parser = etree.XMLPullParser(events=("end",), tag=list_tag, resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True)
+    batches = _Batches(codec)
+    view = memoryview(message)
+    step = 1 << 20
+    for i in range(0, len(message), step):
+        parser.feed(bytes(view[i : i + step]))
+        for _, el in parser.read_events():
+            config = el.getparent()
+            if config is None or config.tag != _NC + "config":
+                continue
+            edit = config.getparent()
+            if edit is None or edit.tag != _NC + "edit-config" or edit.getparent() is None or edit.getparent().getparent() is not None:
+                continue
+            batches.count += 1
+            if batches.count % batches.SIZE == 0:
+                batches.take(config, el)
+    root = parser.close()
+    return root, (batches if batches.count else None)
+
+
 def handle_message(server: Server, sess: SessionState, message: bytes) -> bytes:
     """One framed message in, one rpc-reply out (never raises for bad input)."""
     codec = server.codec
     rec = sess.record
     try:
-        root = etree.fromstring(message, _PARSER)
+        root, sess.batches = parse_message(codec, message)
     except etree.XMLSyntaxError as e:
         rec.in_bad_rpcs += 1
         rec.out_rpc_errors += 1

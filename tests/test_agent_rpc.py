@@ -190,3 +190,50 @@ def test_kill_session_and_close_session(srv: FakeServer) -> None:
     sess = SessionState(SessionRecord(1, "u", "h", 0))
     handle_message(srv, sess, f'<rpc xmlns="{NETCONF_NS}" message-id="1"><close-session/></rpc>'.encode())
     assert sess.closing
+
+
+def _entry(i: int, pub: int | None = None, extra: str = "") -> str:
+    return (f'<nat-session xmlns="{NS}"><protocol>TCP</protocol><src_address>10.0.0.9</src_address><src_port>{i}</src_port>'
+            f"<dst_address>198.51.100.1</dst_address><dst_port>80</dst_port><translated_address>203.0.113.1</translated_address>"
+            f"<translated_port>{pub or 30000 + i}</translated_port>{extra}</nat-session>")
+
+
+@pytest.fixture
+def streaming(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Exercise the incremental path of large requests on small ones.
+    import natmig.agent.rpc as rpc
+
+    monkeypatch.setattr(rpc, "STREAM_THRESHOLD", 100)
+    monkeypatch.setattr(rpc._Batches, "SIZE", 3)
+
+
+def test_large_edit_is_decoded_in_batches_with_the_same_result(srv: FakeServer, streaming: None) -> None:
+    body = "".join(_entry(i) for i in range(1, 11)) + f'<nat-control xmlns="{NS}"><admit-new-sessions>false</admit-new-sessions></nat-control>'
+    r = call(srv, edit(body))
+    assert r.find(NC + "ok") is not None, errors(r)
+    assert len(srv.provider.table) == 12 and srv.provider.admission() is False
+
+
+def test_large_edit_refuses_duplicates_across_batches(srv: FakeServer, streaming: None) -> None:
+    body = "".join(_entry(i) for i in range(1, 8)) + _entry(2, pub=31000)
+    errs = errors(call(srv, edit(body)))
+    assert [e["error-tag"] for e in errs] == ["bad-element"]
+    assert len(srv.provider.table) == 2
+
+
+def test_large_edit_with_a_bad_entry_in_an_early_batch_applies_nothing(srv: FakeServer, streaming: None) -> None:
+    body = _entry(1) + _entry(2, extra="<mark>-1</mark>") + "".join(_entry(i) for i in range(3, 10))
+    errs = errors(call(srv, edit(body)))
+    assert [e["error-tag"] for e in errs] == ["invalid-value"] and errs[0]["error-path"].endswith("/nats:mark")
+    assert len(srv.provider.table) == 2
+
+
+def test_fast_and_careful_decoders_agree(srv: FakeServer) -> None:
+    from natmig.agent.rpc import _fast_entries
+
+    codec = srv.codec
+    good = etree.fromstring(f'<config xmlns="{NETCONF_NS}">' + _entry(1) + _entry(2, extra="<mark>5</mark>") + "</config>")
+    assert _fast_entries(codec, good) == codec.decode_edit_xml(good)
+    for odd in (_entry(1) + _entry(1), _entry(1, extra="<colour>red</colour>"), _entry(1, extra="<mark>x</mark>"),
+                _entry(1).replace("<protocol>TCP</protocol>", ""), f'<other xmlns="urn:x"/>'):
+        assert _fast_entries(codec, etree.fromstring(f'<config xmlns="{NETCONF_NS}">{odd}</config>')) is None
