@@ -11,6 +11,7 @@ oversized message, idle timeout) is closed alone and its locks released.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -40,6 +41,21 @@ OPTIONAL_CAPABILITIES = [
     "urn:ietf:params:netconf:capability:with-defaults:1.0?basic-mode=trim&also-supported=report-all",
 ]
 _HELLO_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
+_TRIM_AFTER = 8 << 20
+try:
+    _LIBC: Any = ctypes.CDLL(None)
+except OSError:  # pragma: no cover - not glibc
+    _LIBC = None
+
+
+def _malloc_trim() -> None:
+    """Give freed heap back to the system after a big request.
+
+    A 100k-session request frees hundreds of MB of small objects; glibc keeps
+    them mapped, so the agent's RSS would stay at its peak for ever.
+    """
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 @dataclass
@@ -119,7 +135,14 @@ class _Session:
         return self.state.who
 
     def _write(self, message: bytes) -> None:
-        if not self.process.is_closing():
+        if self.process.is_closing():
+            return
+        if self.chunked and len(message) > 1 << 16:
+            # Header, body, trailer written apart: no framed copy of a 30 MB reply.
+            self.process.stdout.write(b"\n#%d\n" % len(message))
+            self.process.stdout.write(message)
+            self.process.stdout.write(b"\n##\n")
+        else:
             self.process.stdout.write(frame(message, self.chunked))
 
     def _deliver_threadsafe(self, message: bytes) -> None:
@@ -147,9 +170,15 @@ class _Session:
                     await self._read_more(self._idle_timeout())
                     continue
                 self.last_input = time.monotonic()
+                size = len(msg)
                 reply = await self.loop.run_in_executor(None, handle_message, self.agent, self.state, msg)
+                del msg
                 self._write(reply)
+                size += len(reply)
+                del reply
                 await self.process.stdout.drain()
+                if size > _TRIM_AFTER:
+                    await self.loop.run_in_executor(None, _malloc_trim)
                 if self.state.subscribed and not self.notify_ready:
                     self.notify_ready = True
                     for m in self.pending:
