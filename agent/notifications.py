@@ -98,7 +98,11 @@ class NotificationHub:
             name = EVENT_NAMES.get(ev.kind)
             if name is None:
                 continue
-            msg = wrap_notification(self.codec.encode_event_xml(name, ev.session))
+            try:
+                msg = wrap_notification(self.codec.encode_event_xml(name, ev.session))
+            except Exception as e:  # one odd event must not end the stream
+                log.error("cannot encode %s event of %s: %s", name, ev.session, e)
+                continue
             with self._mutex:
                 targets = list(self._subs.values())
             for deliver in targets:

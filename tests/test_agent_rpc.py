@@ -130,6 +130,7 @@ def test_edit_config_bad_value_has_tag_and_path(srv: FakeServer) -> None:
     (edit(f'<nat-session xmlns="{NS}" xmlns:nc="{NETCONF_NS}" nc:operation="create"><protocol>TCP</protocol><src_address>10.0.0.2</src_address><src_port>1000</src_port><dst_address>198.51.100.1</dst_address><dst_port>80</dst_port><translated_address>203.0.113.1</translated_address><translated_port>20009</translated_port></nat-session>'), "data-exists"),
     (edit(f'<nat-session xmlns="{NS}" xmlns:nc="{NETCONF_NS}" nc:operation="delete"><protocol>TCP</protocol><src_address>10.0.0.9</src_address><src_port>1</src_port><dst_address>198.51.100.1</dst_address><dst_port>80</dst_port></nat-session>'), "data-missing"),
     (edit("", "<default-operation>sideways</default-operation>"), "invalid-value"),
+    (edit(f'<nat-session xmlns="{NS}" xmlns:nc="{NETCONF_NS}"><protocol>TCP</protocol><src_address>10.0.0.2</src_address><src_port>1000</src_port><dst_address>198.51.100.1</dst_address><dst_port>80</dst_port><mark nc:operation="delete">1</mark></nat-session>'), "operation-not-supported"),
     ("<edit-config><config/></edit-config>", "missing-element"),
     ("<edit-config><target><startup/></target><config/></edit-config>", "invalid-value"),
     ("<get-config><source><running/></source><bogus/></get-config>", "unknown-element"),
