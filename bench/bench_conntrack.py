@@ -26,7 +26,7 @@ from natmig.agent.natnode import NatNode, NatNodeConfig, ensure_conntrack_capaci
 from natmig.model import NatSession
 
 SIZES = (10_000, 100_000)
-REPEAT = 3
+REPEAT = 5
 PUBLIC = "203.0.113.1"
 LIST_TARGET = APPLY_TARGET = 2.0
 RSS_TARGET_MB = 300
