@@ -146,6 +146,7 @@ class _State:
     target_admission: bool | None = None  # the value before we changed it
     source_admission: bool | None = None
     switched: bool = False
+    committed: bool = False  # the target admits: the move is done, never undone
 
 
 class Migration:
@@ -308,10 +309,11 @@ class Migration:
             else:
                 self.report.notes.append(f"source events did not settle within {self.opt.settle_max} s; verify will reconcile")
         ups, dels = self._catch.take()
-        with ph.step("apply"):
-            self._write(tgt, ups, dels)
+        # Recorded before the write: a write whose reply is lost may still have happened.
         added = set(self._st.added)
         self._st.added += [s.key for s in ups if s.key not in added and self._plan is not None and s.key not in self._plan.already]
+        with ph.step("apply"):
+            self._write(tgt, ups, dels)
         self.report.events = self._catch.events
         self.report.caught_up = len(ups)
         self.report.caught_up_deleted = len(dels)
@@ -358,6 +360,9 @@ class Migration:
         assert tgt is not None
         tgt.set_admission(True)
         self._st.target_admission = None
+        # From here the target may create sessions the source never had:
+        # pointing traffic back would lose them, so nothing below undoes the move.
+        self._st.committed = True
 
     def _retire(self, ph: Any) -> None:
         src = self._src
@@ -407,6 +412,17 @@ class Migration:
         st, r = self._st, self.report
         src_state: list[str] = []
         tgt_state: list[str] = []
+        if st.committed:
+            # Only the retirement failed: the move stands.
+            r.traffic_on = self.target.name
+            r.node_state[self.source.name] = "carries no traffic; retirement failed, its sessions and admission may be as before"
+            r.node_state[self.target.name] = f"carries traffic; {r.verified} sessions verified, admits new sessions"
+            if self._src is not None and st.source_admission is not None:
+                try:
+                    self._src.set_admission(st.source_admission)
+                except NatmigError:
+                    pass
+            return
         if st.switched:
             try:
                 self.steering.point_to(self.source.name)

@@ -228,3 +228,14 @@ def test_connect_error_names_the_agent():
         raise ConnectError("nat2:830 connection refused")
     r = Migration(Endpoint("nat1", lambda: src), Endpoint("nat2", down), sw).run()
     assert "target nat2" in r.error and r.traffic_on == "nat1"
+
+
+def test_retire_failure_does_not_move_traffic_back():
+    src, tgt, sw = setup(5)
+    src.fail["delete:running"] = ControllerError("source agent busy")
+    r = run(src, tgt, sw)
+    assert not r.ok and r.failed_phase == "retire"
+    assert sw.moves == ["nat2"] and sw.active() == "nat2" and r.traffic_on == "nat2"
+    assert len(keys_map(tgt)) == 5 and tgt.provider.admission()
+    assert "retirement failed" in r.node_state["nat1"]
+    assert src.provider.admission()  # reopened even so
