@@ -367,7 +367,8 @@ class _ConntrackWatch(Watch):
     READY_DELAY = 0.15
 
     def __init__(self, netns: str) -> None:
-        self.q: queue.Queue[SessionEvent] = queue.Queue()
+        self.q: queue.Queue[SessionEvent | None] = queue.Queue()
+        self.ended = False
         self.proc = subprocess.Popen(
             nsmod.ns_cmd(["conntrack", "-E", "-e", "NEW,DESTROY"], netns),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
@@ -380,13 +381,22 @@ class _ConntrackWatch(Watch):
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            ev = cttext.parse_event(line)
-            if ev is not None:
-                self.q.put(SessionEvent(ev.kind, ev.session))
+        try:
+            for line in self.proc.stdout:
+                ev = cttext.parse_event(line)
+                if ev is not None:
+                    self.q.put(SessionEvent(ev.kind, ev.session))
+        except (OSError, ValueError):
+            pass  # the pipe was closed under us by close()
+        finally:
+            # Wake a reader blocked in get(): the stream has ended.
+            self.ended = True
+            self.q.put(None)
 
     def get(self, timeout: float | None = None) -> SessionEvent | None:
-        """The next event, or None when ``timeout`` passes first."""
+        """The next event, or None when ``timeout`` passes first or the stream has ended."""
+        if self.ended and self.q.empty():
+            return None
         try:
             return self.q.get(timeout=timeout) if timeout != 0 else self.q.get_nowait()
         except queue.Empty:
