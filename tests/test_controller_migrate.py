@@ -10,7 +10,6 @@ from natmig.agent.provider import MemoryProvider
 from natmig.controller.migrate import Endpoint, MigrateOptions, Migration, MigrationError, migrate
 from natmig.controller.netconf import ConnectError, HostKeyError
 from natmig.errors import ControllerError
-from natmig.model import NatSession
 
 from .controller_fakes import FakeNode, FakeSteering, sessions
 
