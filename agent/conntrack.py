@@ -18,6 +18,7 @@ created sessions are deleted, replaced ones recreated, updated ones set back.
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import subprocess
@@ -359,12 +360,37 @@ class _Undo:
         nl.run_ops(self.netns, [nl.update_op(o, o.timeout or 1) for o in olds])
 
 
+def _subscribed(pid: int) -> bool:
+    """Whether process ``pid`` holds a netfilter netlink socket that joined multicast groups.
+
+    ``ip netns exec`` execs conntrack in place, so the pid is conntrack's;
+    /proc/PID/net/netlink lists the sockets of its namespace, and the
+    process's fds say which of them are its own.
+    """
+    try:
+        inodes = set()
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+        with open(f"/proc/{pid}/net/netlink") as f:
+            for line in f:
+                col = line.split()
+                # sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+                if len(col) >= 10 and col[1] == str(nl.NETLINK_NETFILTER) and col[9] in inodes and int(col[3], 16):
+                    return True
+    except (OSError, ValueError):
+        return False
+    return False
+
+
 class _ConntrackWatch(Watch):
     """Reads ``conntrack -E -e NEW,DESTROY`` of a namespace in a thread, into a queue."""
 
-    # conntrack subscribes only after it started; events before that are
-    # lost, so watch() waits this long before returning.
-    READY_DELAY = 0.15
+    # conntrack subscribes some time after it started (longer on a busy
+    # machine); events before that are lost, so watch() returns only once
+    # the kernel shows its socket joined the event groups, or after this long.
+    READY_TIMEOUT = 5.0
 
     def __init__(self, netns: str) -> None:
         self.q: queue.Queue[SessionEvent | None] = queue.Queue()
@@ -375,7 +401,11 @@ class _ConntrackWatch(Watch):
         )
         self.thread = threading.Thread(target=self._read, name=f"ct-watch-{netns}", daemon=True)
         self.thread.start()
-        time.sleep(self.READY_DELAY)
+        deadline = time.monotonic() + self.READY_TIMEOUT
+        while not _subscribed(self.proc.pid) and time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.005)
         if self.proc.poll() is not None:
             raise ProviderError(f"conntrack -E in {netns} exited {self.proc.returncode}")
 
