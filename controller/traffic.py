@@ -41,6 +41,7 @@ MAX_FLOWS = 2000
 MAX_DURATION = 900.0
 UDP_BASE = 100_000
 CHURN_BASE = 200_000
+TOP_GAPS = 128
 
 
 class TrafficError(ControllerError):
@@ -63,12 +64,20 @@ class _Rx:
     endpoints: list[str] = field(default_factory=list)
     ended: str | None = None
     gap_end: float | None = None
+    # The TOP_GAPS largest gaps as (gap, end time): enough to tell which
+    # phase of a migration each happened in.
+    top: list[tuple[float, float]] = field(default_factory=list)
 
     def arrive(self, t: float, endpoint: str | None = None) -> None:
         if self.last is not None:
-            if t - self.last > self.max_gap:
-                self.max_gap = t - self.last
+            gap = t - self.last
+            if gap > self.max_gap:
+                self.max_gap = gap
                 self.gap_end = t
+            if len(self.top) < TOP_GAPS:
+                heapq.heappush(self.top, (gap, t))
+            elif gap > self.top[0][0]:
+                heapq.heapreplace(self.top, (gap, t))
         else:
             self.first = t
         self.last = t
@@ -486,6 +495,7 @@ class FlowResult:
     survived: bool
     why: str = ""
     gap_end: float | None = None
+    top_gaps: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -519,6 +529,24 @@ class TrafficResult:
         """When (CLOCK_MONOTONIC) the largest gap of a live flow ended."""
         live = self.of("live")
         return max(live, key=lambda f: f.max_gap).gap_end if live else None
+
+    def largest_gap_during(self, start: float, end: float) -> tuple[float, bool]:
+        """The largest gap of a live flow that overlapped [start, end] (CLOCK_MONOTONIC seconds), and whether it is exact.
+
+        Only each flow's TOP_GAPS largest gaps are kept.  When none of them
+        overlapped the window, every gap there was smaller than the smallest
+        kept one, which is returned as an upper bound (exact False).
+        """
+        best, bound = 0.0, 0.0
+        found = False
+        for f in self.of("live"):
+            if f.top_gaps:
+                bound = max(bound, min(g for g, _ in f.top_gaps))
+            for gap, t in f.top_gaps:
+                if t >= start and t - gap <= end:
+                    best = max(best, gap)
+                    found = True
+        return (best, True) if found else (bound, False)
 
     @property
     def all_survived(self) -> bool:
@@ -585,6 +613,7 @@ def merge(client_doc: dict[str, Any], server_doc: dict[str, Any]) -> TrafficResu
         out.append(FlowResult(
             int(fid_s), c["proto"], c["kind"], endpoints, int(c.get("sent", 0)), int(s.get("received", 0)),
             int(c.get("received", 0)), gap, c.get("error"), not why, "; ".join(why), gap_end,
+            [tuple(g) for g in (c.get("top") or []) + (s.get("top") or [])],
         ))
     return TrafficResult(out, interval)
 
