@@ -196,6 +196,15 @@ def plan_edit(codec: Codec, current: dict[SessionKey, NatSession], control: dict
     return plan
 
 
+def provider_problem(key: SessionKey, why: str) -> Problem:
+    """A provider's refusal of one entry (see check_batch) as a NETCONF problem."""
+    if "already used" in why:
+        return Problem("operation-failed", why, format_key(key), "translated_port", app_tag="data-not-unique")
+    if "not an address of this node" in why:
+        return Problem("invalid-value", why, format_key(key), "translated_address")
+    return Problem("operation-failed", why, format_key(key))
+
+
 class Datastore:
     """Running (the provider's live table) and candidate, with locks; thread-safe."""
 
@@ -304,7 +313,10 @@ class Datastore:
                 current, control = {s.key: s for s in self._list()}, self.running_control()
             assert current is not None
             plan = plan_edit(self.codec, current, control, req, default_operation)
-            self._check_provider(plan, current)
+            if target == "candidate" or plan.deletes or plan.control is not None or error_option == "continue-on-error" or test_option == "test-only":
+                self._check_provider(plan, current)
+            # else: a plain write of entries is checked by the provider's own
+            # all-or-nothing apply (the same check_batch), not twice.
             if plan.problems and error_option != "continue-on-error":
                 raise DatastoreError(plan.problems)
             if test_option == "test-only":
@@ -332,10 +344,7 @@ class Datastore:
         bad = check_batch(list(plan.upserts.values()), base, self.provider.public_addresses())
         for k, why in bad.items():
             plan.upserts.pop(k, None)
-            if "already used" in why:
-                plan.problems.append(Problem("operation-failed", why, format_key(k), "translated_port", app_tag="data-not-unique"))
-            else:
-                plan.problems.append(Problem("invalid-value", why, format_key(k), "translated_address"))
+            plan.problems.append(provider_problem(k, why))
 
     def _apply_running(self, plan: Plan, current: dict[SessionKey, NatSession]) -> None:
         """nat-control, then deletes, then writes; on a failure put back what was changed.
@@ -354,7 +363,7 @@ class Datastore:
         except ProviderError as e:
             self._rollback(removed, old_admit)
             if isinstance(e, ApplyError):
-                raise DatastoreError([Problem("operation-failed", why, format_key(k)) for k, why in e.problems.items()]) from e
+                raise DatastoreError([provider_problem(k, why) for k, why in e.problems.items()]) from e
             raise refuse("operation-failed", f"the node refused the change, nothing was applied: {e}") from e
 
     def _rollback(self, removed: list[NatSession], old_admit: bool) -> None:
