@@ -24,6 +24,7 @@ import re
 import subprocess
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from .. import netns as nsmod
@@ -135,6 +136,38 @@ def _key_session(key: SessionKey) -> NatSession:
     return NatSession(proto, src, sport, dst, dport, "0.0.0.0", 0)
 
 
+@dataclass
+class ApplyPlan:
+    """How a checked batch reaches the kernel: each entry with the timeout it gets.
+
+    ``tool_create``: new TCP/UDP sessions (``conntrack -R``);
+    ``netlink_create``: new ICMP sessions (the tool cannot translate their
+    identifier); ``update``: keys that exist with the same translation,
+    changed in place so that a live flow never meets a moment without its
+    session; ``replace``: the existing sessions deleted first because the
+    batch gives their key another translation (their new form is in a create list).
+    """
+
+    tool_create: list[tuple[NatSession, int]] = field(default_factory=list)
+    netlink_create: list[tuple[NatSession, int]] = field(default_factory=list)
+    update: list[tuple[NatSession, int]] = field(default_factory=list)
+    replace: list[NatSession] = field(default_factory=list)
+
+
+def plan_apply(batch: Sequence[NatSession], existing: dict[SessionKey, NatSession], timeouts: Sequence[int]) -> ApplyPlan:
+    """Sort a checked batch (``timeouts[i]`` for ``batch[i]``) into an :class:`ApplyPlan`."""
+    plan = ApplyPlan()
+    for s, t in zip(batch, timeouts):
+        old = existing.get(s.key)
+        if old is not None and old.public == s.public:
+            plan.update.append((s, t))
+            continue
+        if old is not None:
+            plan.replace.append(old)
+        (plan.netlink_create if s.protocol == "ICMP" else plan.tool_create).append((s, t))
+    return plan
+
+
 class ConntrackProvider(SessionProvider):
     """The live conntrack table of the NAT node in namespace ``netns``.
 
@@ -217,41 +250,29 @@ class ConntrackProvider(SessionProvider):
             self._write(batch, existing)
 
     def _write(self, batch: list[NatSession], existing: dict[SessionKey, NatSession]) -> None:
-        timeouts = self._timeouts(batch)
-        tool_new: list[NatSession] = []
-        nl_new: list[NatSession] = []
-        updates: list[NatSession] = []
-        replaced: list[NatSession] = []
-        for s in batch:
-            old = existing.get(s.key)
-            if old is not None and old.public == s.public:
-                # Same translation: change it in place so that a live flow
-                # never meets a moment without its session.
-                updates.append(s)
-                continue
-            if old is not None:
-                replaced.append(old)
-            (nl_new if s.protocol == "ICMP" else tool_new).append(s)
+        plan = plan_apply(batch, existing, self._timeouts(batch))
         undo = _Undo(self.netns, existing)
         try:
-            if replaced:
-                _, failed = nl.delete_sessions(self.netns, replaced)
-                undo.replaced = replaced
-                self._refuse_on(failed, replaced, "could not remove the session it replaces")
-            if tool_new:
-                undo.created += tool_new
-                text = cttext.restore_text((s, timeouts[i]) for i, s in _indexed(batch, tool_new))
-                cp = self._conntrack(["-R", "-"], input=text, check=False, timeout=300)
+            if plan.replace:
+                _, failed = nl.delete_sessions(self.netns, plan.replace)
+                undo.replaced = plan.replace
+                self._refuse_on(failed, plan.replace, "could not remove the session it replaces")
+            if plan.tool_create:
+                created = [s for s, _ in plan.tool_create]
+                undo.created += created
+                cp = self._conntrack(["-R", "-"], input=cttext.restore_text(plan.tool_create), check=False, timeout=300)
                 if cp.returncode != 0:
-                    self._refuse_missing(tool_new, cp.stderr.strip().splitlines()[-1:] or ["conntrack -R failed"])
-            if nl_new:
-                undo.created += nl_new
-                ops = [nl.create_op(s, timeouts[i]) for i, s in _indexed(batch, nl_new)]
-                self._refuse_on(nl.run_ops(self.netns, ops), nl_new, "kernel refused to create it")
-            if updates:
-                undo.updated = updates
-                ops = [nl.update_op(s, timeouts[i]) for i, s in _indexed(batch, updates)]
-                self._refuse_on(nl.run_ops(self.netns, ops), updates, "kernel refused to update it")
+                    self._refuse_missing(created, cp.stderr.strip().splitlines()[-1:] or ["conntrack -R failed"])
+            if plan.netlink_create:
+                created = [s for s, _ in plan.netlink_create]
+                undo.created += created
+                ops = [nl.create_op(s, t) for s, t in plan.netlink_create]
+                self._refuse_on(nl.run_ops(self.netns, ops), created, "kernel refused to create it")
+            if plan.update:
+                updated = [s for s, _ in plan.update]
+                undo.updated = updated
+                ops = [nl.update_op(s, t) for s, t in plan.update]
+                self._refuse_on(nl.run_ops(self.netns, ops), updated, "kernel refused to update it")
         except ApplyError:
             undo.run(self)
             raise
@@ -324,12 +345,6 @@ class ConntrackProvider(SessionProvider):
             return self._run(["conntrack", *args], self.netns, **kw)
         except nsmod.CommandError as e:
             raise ProviderError(f"conntrack in {self.netns}: {e}") from e
-
-
-def _indexed(batch: list[NatSession], part: list[NatSession]) -> Iterable[tuple[int, NatSession]]:
-    """(index in batch, session) for the sessions of ``part``, in ``part``'s order."""
-    where = {id(s): i for i, s in enumerate(batch)}
-    return ((where[id(s)], s) for s in part)
 
 
 def _key_problem(s: NatSession) -> str | None:

@@ -156,3 +156,21 @@ def test_fast_batch_check_agrees_with_validate(s: NatSession, addr: str) -> None
     for x in (s, dataclasses.replace(s, src_address=addr)):
         why = validate(x)
         assert invalid_entries([x]) == ({} if why is None else {x.key: why})
+
+
+def test_plan_sorts_a_batch_by_how_it_reaches_the_kernel() -> None:
+    from natmig.agent.conntrack import plan_apply
+
+    live = NatSession("TCP", "10.0.0.2", 1, "198.51.100.1", 80, "203.0.113.1", 20000, "ESTABLISHED", 100)
+    moved = NatSession("UDP", "10.0.0.2", 2, "198.51.100.1", 53, "203.0.113.1", 20001)
+    existing = {live.key: live, moved.key: moved}
+    same = dataclasses.replace(live, timeout=50, mark=3)             # same translation: in place
+    other = dataclasses.replace(moved, translated_port=20002)         # another translation: replace
+    new_tcp = NatSession("TCP", "10.0.0.3", 1, "198.51.100.1", 80, "203.0.113.1", 20003)
+    new_icmp = NatSession("ICMP", "10.0.0.3", 7, "198.51.100.1", 0, "203.0.113.1", 20004)
+    plan = plan_apply([same, other, new_tcp, new_icmp], existing, [50, 60, 70, 80])
+    assert plan.update == [(same, 50)]
+    assert plan.replace == [moved]
+    assert plan.tool_create == [(other, 60), (new_tcp, 70)]
+    assert plan.netlink_create == [(new_icmp, 80)]
+    assert plan_apply([], existing, []) == type(plan)()
