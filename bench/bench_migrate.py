@@ -163,7 +163,7 @@ def check_targets(rows: list[dict]) -> list[str]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Time vs sessions, natmig (stacked by phase) beside the floor."""
+    """Left: total time vs sessions, natmig beside the floor (log scale).  Right: where natmig's time goes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,26 +171,30 @@ def plot(rows: list[dict], path: Path) -> None:
 
     xs = list(range(len(rows)))
     labels = [f"{r['sessions']:,}" for r in rows]
-    fig, ax = plt.subplots(figsize=(9, 5))
-    w = 0.38
-    bottom = [0.0] * len(rows)
-    for p in PHASES:
-        vals = [r["natmig_phases"][p] for r in rows]
-        ax.bar([x - w / 2 for x in xs], vals, w, bottom=bottom, label=f"natmig: {p}")
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    fb = [0.0] * len(rows)
-    for part, colour in (("dump", "#555555"), ("restore", "#888888"), ("bundle", "#bbbbbb")):
-        vals = [r["floor"][part] for r in rows]
-        ax.bar([x + w / 2 for x in xs], vals, w, bottom=fb, color=colour, label=f"floor: {part}")
-        fb = [b + v for b, v in zip(fb, vals)]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 5))
+    ax.plot(xs, [r["natmig_total"] for r in rows], "o-", label="natmig (all phases)")
+    ax.plot(xs, [r["floor"]["total"] for r in rows], "s-", label="raw floor (save | restore, bundle)")
+    ax.plot(xs, [3 * r["floor"]["total"] for r in rows], "k--", linewidth=0.8, label="3x floor (target)")
+    ax.set_yscale("log")
     ax.set_xticks(xs, labels)
     ax.set_xlabel("sessions in the table")
     ax.set_ylabel("seconds")
-    ax.set_yscale("symlog", linthresh=0.05)
-    ax.set_title("natmig live migration vs raw floor (conntrack save/restore + OVS bundle)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("migration time vs sessions")
+    ax.grid(True, which="both", linewidth=0.3)
+    ax.legend(fontsize=8)
+    bottom = [0.0] * len(rows)
+    for p in PHASES:
+        share = [100 * r["natmig_phases"][p] / r["natmig_total"] if r["natmig_total"] else 0 for r in rows]
+        bx.bar(xs, share, 0.6, bottom=bottom, label=p)
+        bottom = [b + v for b, v in zip(bottom, share)]
+    bx.set_xticks(xs, labels)
+    bx.set_xlabel("sessions in the table")
+    bx.set_ylabel("% of natmig's time")
+    bx.set_title("natmig time by phase")
+    bx.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
