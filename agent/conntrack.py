@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 from .. import netns as nsmod
@@ -33,98 +31,13 @@ from ..model import NatSession, SessionKey, format_key, index_by_key
 from . import ctnetlink as nl
 from . import cttext
 from .natnode import NatNode
+from .ctbatch import ApplyPlan, DEFAULT_TIMEOUT_SYSCTL, invalid_entries, plan_apply, timeout_key, validate
 from .provider import ApplyError, SessionEvent, SessionProvider, Snapshot, Watch, check_batch
 
-_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
-_UINT32 = 0xFFFFFFFF
+__all__ = ["ApplyPlan", "ConntrackProvider", "invalid_entries", "plan_apply", "validate"]
+
 #: Bytes read from ``conntrack -L`` per parsing step (about 10,000 lines).
 LIST_CHUNK = 1 << 20
-
-#: sysctl (under net.netfilter.) holding the node's default timeout, by (protocol, state or assured).
-DEFAULT_TIMEOUT_SYSCTL: dict[tuple[str, object], str] = {
-    ("TCP", "SYN_SENT"): "nf_conntrack_tcp_timeout_syn_sent",
-    ("TCP", "SYN_SENT2"): "nf_conntrack_tcp_timeout_syn_sent",
-    ("TCP", "SYN_RECV"): "nf_conntrack_tcp_timeout_syn_recv",
-    ("TCP", "ESTABLISHED"): "nf_conntrack_tcp_timeout_established",
-    ("TCP", "FIN_WAIT"): "nf_conntrack_tcp_timeout_fin_wait",
-    ("TCP", "CLOSE_WAIT"): "nf_conntrack_tcp_timeout_close_wait",
-    ("TCP", "LAST_ACK"): "nf_conntrack_tcp_timeout_last_ack",
-    ("TCP", "TIME_WAIT"): "nf_conntrack_tcp_timeout_time_wait",
-    ("TCP", "CLOSE"): "nf_conntrack_tcp_timeout_close",
-    ("UDP", True): "nf_conntrack_udp_timeout_stream",
-    ("UDP", False): "nf_conntrack_udp_timeout",
-    ("ICMP", True): "nf_conntrack_icmp_timeout",
-    ("ICMP", False): "nf_conntrack_icmp_timeout",
-}
-
-
-def _timeout_key(s: NatSession) -> tuple[str, object]:
-    return (s.protocol, s.tcp_state or "ESTABLISHED") if s.protocol == "TCP" else (s.protocol, s.assured)
-
-
-def _port(v: object, lo: int = 0) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= 65535
-
-
-def validate(s: NatSession) -> str | None:
-    """Why this node cannot hold ``s`` as given (None when it can): the invalid-entry check of apply."""
-    if s.protocol not in nl.PROTO_NUMBERS:
-        return f"protocol {s.protocol!r} is not one of {', '.join(nl.PROTO_NUMBERS)}"
-    for leaf in ("src_address", "dst_address", "translated_address"):
-        v = getattr(s, leaf)
-        if not isinstance(v, str) or not _IPV4.fullmatch(v):
-            return f"{leaf} {v!r} is not an IPv4 address (this node translates IPv4 only)"
-    for leaf in ("src_port", "dst_port"):
-        if not _port(getattr(s, leaf)):
-            return f"{leaf} {getattr(s, leaf)!r} is not a port number 0..65535"
-    if s.protocol == "ICMP":
-        if s.dst_port != 0:
-            return f"dst_port {s.dst_port} must be 0 for ICMP"
-        if not _port(s.translated_port):
-            return f"translated_port {s.translated_port!r} is not an echo identifier 0..65535"
-    elif not _port(s.translated_port, 1):
-        return f"translated_port {s.translated_port!r} is not a port number 1..65535"
-    if s.protocol == "TCP":
-        if s.tcp_state is not None and s.tcp_state not in nl.TCP_STATE_NUMBERS:
-            return f"tcp_state {s.tcp_state!r} is not one of {', '.join(nl.TCP_STATE_NUMBERS)}"
-    elif s.tcp_state is not None:
-        return f"tcp_state is only valid for TCP, not {s.protocol}"
-    if s.timeout is not None and not (isinstance(s.timeout, int) and 1 <= s.timeout <= _UINT32):
-        return f"timeout {s.timeout!r} is not 1..{_UINT32} seconds"
-    if not (isinstance(s.mark, int) and 0 <= s.mark <= _UINT32):
-        return f"mark {s.mark!r} is not 0..{_UINT32}"
-    if not isinstance(s.assured, bool):
-        return f"assured {s.assured!r} is not a boolean"
-    return None
-
-
-_FAST_PROTOCOLS = {"TCP", "UDP"}
-
-
-def invalid_entries(batch: Sequence[NatSession]) -> dict[SessionKey, str]:
-    """:func:`validate` over a batch, by key; a fast pre-check spares the common TCP/UDP entry."""
-    good: set[str] = set()  # addresses already seen valid: a table repeats few of them
-    ipv4 = _IPV4.fullmatch
-    states = nl.TCP_STATE_NUMBERS
-    problems: dict[SessionKey, str] = {}
-    for s in batch:
-        p, st, t, m = s.protocol, s.tcp_state, s.timeout, s.mark
-        ok = (
-            p in _FAST_PROTOCOLS
-            and all(type(a) is str and (a in good or (ipv4(a) is not None and not good.add(a)))
-                    for a in (s.src_address, s.dst_address, s.translated_address))
-            and type(s.src_port) is int and 0 <= s.src_port <= 65535
-            and type(s.dst_port) is int and 0 <= s.dst_port <= 65535
-            and type(s.translated_port) is int and 1 <= s.translated_port <= 65535
-            and (st is None or (p == "TCP" and st in states))
-            and (t is None or (type(t) is int and 1 <= t <= _UINT32))
-            and type(m) is int and 0 <= m <= _UINT32
-            and type(s.assured) is bool
-        )
-        if not ok and (why := validate(s)) is not None:
-            problems[s.key] = why
-    return problems
 
 
 def _key_session(key: SessionKey) -> NatSession:
@@ -134,38 +47,6 @@ def _key_session(key: SessionKey) -> NatSession:
     except (TypeError, ValueError):
         raise ProviderError(f"cannot delete: {key!r} is not a key (protocol, src_address, src_port, dst_address, dst_port)") from None
     return NatSession(proto, src, sport, dst, dport, "0.0.0.0", 0)
-
-
-@dataclass
-class ApplyPlan:
-    """How a checked batch reaches the kernel: each entry with the timeout it gets.
-
-    ``tool_create``: new TCP/UDP sessions (``conntrack -R``);
-    ``netlink_create``: new ICMP sessions (the tool cannot translate their
-    identifier); ``update``: keys that exist with the same translation,
-    changed in place so that a live flow never meets a moment without its
-    session; ``replace``: the existing sessions deleted first because the
-    batch gives their key another translation (their new form is in a create list).
-    """
-
-    tool_create: list[tuple[NatSession, int]] = field(default_factory=list)
-    netlink_create: list[tuple[NatSession, int]] = field(default_factory=list)
-    update: list[tuple[NatSession, int]] = field(default_factory=list)
-    replace: list[NatSession] = field(default_factory=list)
-
-
-def plan_apply(batch: Sequence[NatSession], existing: dict[SessionKey, NatSession], timeouts: Sequence[int]) -> ApplyPlan:
-    """Sort a checked batch (``timeouts[i]`` for ``batch[i]``) into an :class:`ApplyPlan`."""
-    plan = ApplyPlan()
-    for s, t in zip(batch, timeouts):
-        old = existing.get(s.key)
-        if old is not None and old.public == s.public:
-            plan.update.append((s, t))
-            continue
-        if old is not None:
-            plan.replace.append(old)
-        (plan.netlink_create if s.protocol == "ICMP" else plan.tool_create).append((s, t))
-    return plan
 
 
 class ConntrackProvider(SessionProvider):
@@ -295,7 +176,7 @@ class ConntrackProvider(SessionProvider):
         if all(s.timeout is not None for s in batch):
             return [s.timeout for s in batch]  # type: ignore[misc]
         defaults = self._default_timeouts()
-        return [s.timeout if s.timeout is not None else defaults[_timeout_key(s)] for s in batch]
+        return [s.timeout if s.timeout is not None else defaults[timeout_key(s)] for s in batch]
 
     def _default_timeouts(self) -> dict[tuple[str, object], int]:
         if self._defaults is None:

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natmig.agent import cttext
-from natmig.agent.conntrack import invalid_entries, validate
+from natmig.agent.ctbatch import invalid_entries, plan_apply, validate
 from natmig.model import NatSession
 
 from .strategies import ipv4, sessions
@@ -159,8 +159,6 @@ def test_fast_batch_check_agrees_with_validate(s: NatSession, addr: str) -> None
 
 
 def test_plan_sorts_a_batch_by_how_it_reaches_the_kernel() -> None:
-    from natmig.agent.conntrack import plan_apply
-
     live = NatSession("TCP", "10.0.0.2", 1, "198.51.100.1", 80, "203.0.113.1", 20000, "ESTABLISHED", 100)
     moved = NatSession("UDP", "10.0.0.2", 2, "198.51.100.1", 53, "203.0.113.1", 20001)
     existing = {live.key: live, moved.key: moved}
