@@ -318,7 +318,15 @@ class NodeClient:
 
     # ----------------------------------------------------------------- reads
 
+    @property
+    def connected(self) -> bool:
+        """Whether the NETCONF session is still up (False once closed, killed or lost)."""
+        return bool(self._mgr.connected)
+
     def _call(self, operation: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self._mgr.connected:
+            # ncclient would queue the request on a dead session and wait out its timeout.
+            raise SessionLost(f"{self.name}: {operation}: the NETCONF session is closed")
         try:
             return fn(*args, **kwargs)
         except nc_ops.RPCError as e:
