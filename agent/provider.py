@@ -53,8 +53,11 @@ class SessionProvider(abc.ABC):
     afterwards exactly as given (created, or replaced when the key already
     exists), or the table is as it was and :class:`ApplyError` names the
     offending keys.  A batch is refused when an entry's translated address is
-    not one the node owns, or when its (protocol, translated address,
-    translated port) is held by another session of the table or of the batch.
+    not one the node owns, or when its reply tuple (protocol, translated
+    address and port, remote address and port: :attr:`NatSession.reply_key`)
+    is held by another session of the table or of the batch.  A public port
+    alone may be shared by sessions to different remote endpoints, as Linux
+    itself does once the port range is busy.
     """
 
     @abc.abstractmethod
@@ -134,10 +137,10 @@ def check_batch(
     Shared by every provider so that they refuse the same batches.
     """
     problems: dict[SessionKey, str] = {}
-    # Public endpoints held by sessions that the batch does not replace.
+    # Reply tuples held by sessions that the batch does not replace.
     batch_keys = {s.key for s in sessions}
-    held = {s.public: k for k, s in existing.items() if k not in batch_keys}
-    seen: dict[tuple[str, str, int], SessionKey] = {}
+    held = {s.reply_key: k for k, s in existing.items() if k not in batch_keys}
+    seen: dict[tuple[str, str, int, str, int], SessionKey] = {}
     keys_seen: set[SessionKey] = set()
     for s in sessions:
         k = s.key
@@ -148,10 +151,13 @@ def check_batch(
         if s.translated_address not in owned:
             problems[k] = f"translated_address {s.translated_address} is not an address of this node ({', '.join(sorted(owned)) or 'none'})"
             continue
-        pub = s.public
+        pub = s.reply_key
         other = held.get(pub) or seen.get(pub)
         if other is not None and other != k:
-            problems[k] = f"translated {s.protocol} {s.translated_address}:{s.translated_port} is already used by {format_key(other)}"
+            problems[k] = (
+                f"translated {s.protocol} {s.translated_address}:{s.translated_port} towards "
+                f"{s.dst_address}:{s.dst_port} is already used by {format_key(other)}"
+            )
             continue
         seen[pub] = k
     return problems
@@ -220,11 +226,13 @@ class _QueueWatch(Watch):
 
     def get(self, timeout: float | None = None) -> SessionEvent | None:
         try:
-            return self.q.get(timeout=timeout) if timeout != 0 else self.q.get_nowait()
+            ev = self.q.get(timeout=timeout) if timeout != 0 else self.q.get_nowait()
         except queue.Empty:
             return None
+        return ev  # None is the end-of-stream mark put by close()
 
     def close(self) -> None:
         with self.owner._lock:
             if self in self.owner._watchers:
                 self.owner._watchers.remove(self)
+        self.q.put(None)  # type: ignore[arg-type]  # wakes a reader blocked in get()

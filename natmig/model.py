@@ -41,8 +41,18 @@ class NatSession:
 
     @property
     def public(self) -> tuple[str, str, int]:
-        """(protocol, translated_address, translated_port): what must be unique on a NAT."""
+        """(protocol, translated_address, translated_port): the session's public endpoint."""
         return (self.protocol, self.translated_address, self.translated_port)
+
+    @property
+    def reply_key(self) -> tuple[str, str, int, str, int]:
+        """What must be unique on a NAT: the public endpoint together with the remote one.
+
+        Linux reuses a public port for sessions to different remote endpoints;
+        what it refuses is two sessions whose reply tuple
+        (remote -> public endpoint) is the same.
+        """
+        return (self.protocol, self.translated_address, self.translated_port, self.dst_address, self.dst_port)
 
     def __str__(self) -> str:
         return format_key(self.key) + f" -> {self.translated_address}:{self.translated_port}"

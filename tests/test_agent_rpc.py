@@ -161,7 +161,8 @@ def test_missing_message_id_and_malformed_xml(srv: FakeServer) -> None:
 
 def test_whole_request_refused_when_one_entry_is_bad(srv: FakeServer) -> None:
     good = f'<nat-session xmlns="{NS}"><protocol>UDP</protocol><src_address>10.0.0.8</src_address><src_port>5</src_port><dst_address>198.51.100.1</dst_address><dst_port>53</dst_port><translated_address>203.0.113.1</translated_address><translated_port>21005</translated_port></nat-session>'
-    bad = good.replace("10.0.0.8", "10.0.0.9").replace("21005", "21000")  # public port already used
+    # same public port towards the same remote as an existing session: the reply tuple clashes
+    bad = good.replace("10.0.0.8", "10.0.0.9").replace("21005", "21000").replace("198.51.100.1", "198.51.100.2")
     assert errors(call(srv, edit(good + bad)))[0]["error-tag"] == "operation-failed"
     assert len(srv.provider.table) == 2
     assert call(srv, edit(good)).find(NC + "ok") is not None

@@ -191,7 +191,8 @@ def test_refused_batches_name_the_offenders_and_leave_the_table_unchanged(net: T
     taken = synthetic(1)[0]
     fresh = synthetic(3, start_port=21000, net=1)
     cases = {
-        "port already used": NatSession("TCP", "10.0.0.250", 999, SERVER_IP, 80, PUBLIC_IP, taken.translated_port),
+        # Same public endpoint towards the same remote: the kernel's reply tuple clashes.
+        "port already used": NatSession(taken.protocol, "10.0.0.250", 999, taken.dst_address, taken.dst_port, PUBLIC_IP, taken.translated_port),
         "foreign address": NatSession("UDP", "10.0.0.250", 998, SERVER_IP, 53, "203.0.113.77", 22000),
         "invalid entry": NatSession("UDP", "10.0.0.250", 997, SERVER_IP, 53, PUBLIC_IP, 22001, tcp_state="ESTABLISHED"),
         "invalid address": NatSession("TCP", "fe80::1", 996, SERVER_IP, 53, PUBLIC_IP, 22002),
@@ -202,7 +203,15 @@ def test_refused_batches_name_the_offenders_and_leave_the_table_unchanged(net: T
             pytest.fail(f"{why}: not refused")
         assert set(ei.value.problems) == {bad.key}, (why, ei.value.problems)
         assert comparable(a.list().sessions) == before, why
-    # Two entries of one batch wanting the same public port: both named.
+    # The same public port towards another remote is what Linux itself does
+    # when the range is busy: accepted, and the kernel keeps both.
+    shared = NatSession(taken.protocol, "10.0.0.250", 995, taken.dst_address, taken.dst_port + 1, PUBLIC_IP, taken.translated_port)
+    a.apply([shared])
+    got = {x.key: x for x in a.list().sessions}
+    assert got[shared.key].translated_port == taken.translated_port and taken.key in got
+    a.delete([shared.key])
+    assert comparable(a.list().sessions) == before
+    # Two entries of one batch wanting the same reply tuple: named.
     x = NatSession("UDP", "10.0.0.251", 1, SERVER_IP, 53, PUBLIC_IP, 23000)
     y = dataclasses.replace(x, src_port=2)
     with pytest.raises(ApplyError) as ei:
