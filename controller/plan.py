@@ -51,6 +51,16 @@ def for_target(sessions: Iterable[NatSession]) -> list[NatSession]:
     return out
 
 
+def reply_tuple(s: NatSession) -> tuple[str, str, int, str, int]:
+    """What must be unique on a NAT: the public endpoint together with the remote one.
+
+    Linux gives one public port to several sessions when their remote
+    endpoints differ (the reply tuples still differ), so the public port
+    alone is not a conflict.
+    """
+    return (s.protocol, s.translated_address, s.translated_port, s.dst_address, s.dst_port)
+
+
 def mapping(s: NatSession) -> tuple[str, int]:
     """The public side of a session: what must not change across a migration."""
     return (s.translated_address, s.translated_port)
@@ -99,8 +109,8 @@ def plan_copy(
     """Plan the copy of ``source`` into a target holding ``target``.
 
     The target must be idle (no sessions) or compatible: none of its sessions
-    may hold a source key with another mapping, or a public endpoint that a
-    source session uses.  When ``target_public`` is known, every translated
+    may hold a source key with another mapping, or the reply tuple (public
+    endpoint towards the same remote) of a source session.  When ``target_public`` is known, every translated
     address of the source must be one of them.  Raises :class:`PlanError`
     listing every conflict.
     """
@@ -110,7 +120,7 @@ def plan_copy(
         for addr in foreign:
             conflicts.append(Conflict(("*", addr, 0, "*", 0), f"source translates to {addr}, which the target does not own ({', '.join(sorted(target_public)) or 'none'})"))
     by_key = {s.key: s for s in target}
-    by_public = {s.public: s.key for s in target}
+    by_reply = {reply_tuple(s): s.key for s in target}
     already: set[SessionKey] = set()
     for s in source:
         t = by_key.get(s.key)
@@ -120,9 +130,9 @@ def plan_copy(
                 continue
             conflicts.append(Conflict(s.key, f"target maps it to {t.translated_address}:{t.translated_port}, source to {s.translated_address}:{s.translated_port}"))
             continue
-        holder = by_public.get(s.public)
+        holder = by_reply.get(reply_tuple(s))
         if holder is not None:
-            conflicts.append(Conflict(s.key, f"its public {s.protocol} {s.translated_address}:{s.translated_port} is held on the target by {format_key(holder)}"))
+            conflicts.append(Conflict(s.key, f"its public {s.protocol} {s.translated_address}:{s.translated_port} towards {s.dst_address}:{s.dst_port} is held on the target by {format_key(holder)}"))
     if conflicts:
         raise PlanError(conflicts)
     return CopyPlan(for_target(source), frozenset(already), len(target))

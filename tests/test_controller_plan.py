@@ -107,3 +107,13 @@ def test_handshake_states_are_written_as_established():
     assert p.sessions[0].tcp_state == "ESTABLISHED"
     cu = CatchUp().extend([("created", replace(a, tcp_state="SYN_RECV"))])
     assert cu.take()[0][0].tcp_state == "ESTABLISHED"
+
+
+def test_a_public_port_shared_towards_another_remote_is_not_a_conflict():
+    src = sessions(1)
+    other_remote = replace(src[0], src_port=60000, dst_address="198.51.100.7")  # same public port, other remote
+    p = plan_copy(src, [other_remote])
+    assert p.added_keys == [src[0].key]
+    same_remote = replace(src[0], src_port=60000)
+    with pytest.raises(PlanError, match="held on the target"):
+        plan_copy(src, [same_remote])
