@@ -328,6 +328,7 @@ def op_get_config(server: Server, sess: SessionState, op: Any) -> list[bytes]:
 
 
 _LEAF_OPERATIONS = etree.XPath("*/*/@nc:operation", namespaces={"nc": NETCONF_NS})
+_NESTED = etree.XPath("*/*/*")
 
 
 def _fast_entries(codec: Codec, config: Any) -> list[EditEntry] | None:
@@ -335,19 +336,23 @@ def _fast_entries(codec: Codec, config: Any) -> list[EditEntry] | None:
 
     The common case (a table written into a node) needs no per-entry error
     bookkeeping; anything unusual -- unknown or repeated leaves, bad values,
-    missing keys, duplicates, leaf-level operations -- returns None and the
-    codec's :meth:`~natmig.codec.Codec.decode_edit_xml` decodes again and
-    names every problem.  The leaf validators are the codec's own.
+    missing keys, duplicates, leaf-level operations, leaves with children --
+    returns None and the codec's :meth:`~natmig.codec.Codec.decode_edit_xml`
+    decodes again and names every problem.  The leaf validators are the
+    codec's own.
     """
-    if not isinstance(config, list) and _LEAF_OPERATIONS(config):
+    if not isinstance(config, list) and (_LEAF_OPERATIONS(config) or _NESTED(config)):
         return None  # a batch (a list) was checked by its caller, on the whole <config>
     ns = codec.ns
-    by_tag = {f"{{{ns}}}{spec.name}": spec for spec in codec.schema.leaves}
+    # Tables repeat values (one public address, a few protocols, servers,
+    # ports): each distinct text of a leaf is validated once per batch.
+    by_tag = {f"{{{ns}}}{spec.name}": (spec.name, spec.parse, {}) for spec in codec.schema.leaves}
     list_tag = f"{{{ns}}}{codec.schema.list_name}"
     control_tag = f"{{{ns}}}{codec.schema.control_name}"
     op_attr = _NC + "operation"
     keys = codec.schema.keys
     out: list[EditEntry] = []
+    append = out.append
     seen: set[Any] = set()
     try:
         for entry in config:
@@ -360,18 +365,21 @@ def _fast_entries(codec: Codec, config: Any) -> list[EditEntry] | None:
                 return None
             values: dict[str, Any] = {}
             for child in entry:
-                spec = by_tag[child.tag]
-                name = spec.name
-                if name in values or len(child):
-                    return None
-                values[name] = spec.parse(child.text or "")
-            key = tuple(values[k] for k in keys)
-            if key in seen:
-                return None
+                name, parse, memo = by_tag[child.tag]
+                text = child.text or ""
+                v = memo.get(text, memo)
+                if v is memo:
+                    v = memo[text] = parse(text)
+                values[name] = v
+            if len(values) != len(entry):
+                return None  # a leaf given twice
+            key = tuple([values[k] for k in keys])
             seen.add(key)
-            out.append(EditEntry(op, key, values))  # type: ignore[arg-type]
+            append(EditEntry(op, key, values))  # type: ignore[arg-type]
     except (KeyError, LeafValueError, TypeError):
         return None
+    if len(seen) != len(out):
+        return None  # the same entry twice
     return out
 
 
@@ -442,7 +450,7 @@ class _Batches:
                 done.append(child)
             if child is last:
                 break
-        entries = None if _LEAF_OPERATIONS(config) else _fast_entries(self.codec, done)
+        entries = None if _LEAF_OPERATIONS(config) or _NESTED(config) else _fast_entries(self.codec, done)
         if entries is None:
             # Something is wrong in this batch: let the codec name every problem.
             tmp = etree.Element(_NC + "config")
