@@ -237,5 +237,6 @@ def test_fast_and_careful_decoders_agree(srv: FakeServer) -> None:
     good = etree.fromstring(f'<config xmlns="{NETCONF_NS}">' + _entry(1) + _entry(2, extra="<mark>5</mark>") + "</config>")
     assert _fast_entries(codec, good) == codec.decode_edit_xml(good)
     for odd in (_entry(1) + _entry(1), _entry(1, extra="<colour>red</colour>"), _entry(1, extra="<mark>x</mark>"),
-                _entry(1).replace("<protocol>TCP</protocol>", ""), f'<other xmlns="urn:x"/>'):
+                _entry(1).replace("<protocol>TCP</protocol>", ""), '<other xmlns="urn:x"/>', _entry(1, extra="<mark>1<x/></mark>"),
+                _entry(1, extra="<mark>1</mark><mark>2</mark>")):
         assert _fast_entries(codec, etree.fromstring(f'<config xmlns="{NETCONF_NS}">{odd}</config>')) is None
