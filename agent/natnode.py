@@ -26,6 +26,7 @@ from ..errors import ProviderError
 TABLE = "natmig"
 #: The chain that holds the admission rule (nat-control/admit-new-sessions).
 ADMISSION_CHAIN = "admission"
+ADMISSION_INPUT_CHAIN = "admission_in"
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -167,11 +168,24 @@ def admission_rule(cfg: NatNodeConfig) -> str:
     return f'iifname "{cfg.inside_if}" ct status & confirmed == 0 counter drop'
 
 
+def admission_input_rule(cfg: NatNodeConfig) -> str:
+    """The rule that, while admission is closed, drops unknown packets to the public address.
+
+    A packet from outside for a session this node does not know yet (its
+    state is still on the way during a migration) is addressed to the node
+    itself: without this rule its own stack answers with a TCP reset or an
+    ICMP unreachable, which kills the connection.  Dropped, it is
+    retransmitted and finds the session once the state has arrived.
+    """
+    return f'iifname "{cfg.outside_if}" ip daddr {cfg.public_address} ct status & confirmed == 0 counter drop'
+
+
 def ruleset(cfg: NatNodeConfig, *, admit: bool = True) -> str:
     """The nftables script that (re)creates the node's ``natmig`` table."""
     lo, hi = cfg.port_range
     nat_to = f"{cfg.public_address}:{lo}-{hi}"
     adm = "" if admit else f"\n    {admission_rule(cfg)}"
+    adm_in = "" if admit else f"\n    {admission_input_rule(cfg)}"
     # `table ... {}` then `delete table` makes the script idempotent: it
     # replaces a table left by an earlier run in one atomic transaction.
     return f"""table ip {TABLE} {{}}
@@ -179,6 +193,9 @@ delete table ip {TABLE}
 table ip {TABLE} {{
   chain {ADMISSION_CHAIN} {{
     type filter hook forward priority filter - 10; policy accept;{adm}
+  }}
+  chain {ADMISSION_INPUT_CHAIN} {{
+    type filter hook input priority filter - 10; policy accept;{adm_in}
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
@@ -263,10 +280,11 @@ class NatNode:
         netns.delete(self.cfg.name)
 
     def set_admission(self, admit: bool) -> None:
-        """Admit (True) or drop (False) packets from the inside that would create a new session."""
-        script = f"flush chain ip {TABLE} {ADMISSION_CHAIN}\n"
+        """Admit (True) or drop (False) packets that would create a new session, from either side."""
+        script = f"flush chain ip {TABLE} {ADMISSION_CHAIN}\nflush chain ip {TABLE} {ADMISSION_INPUT_CHAIN}\n"
         if not admit:
             script += f"add rule ip {TABLE} {ADMISSION_CHAIN} {admission_rule(self.cfg)}\n"
+            script += f"add rule ip {TABLE} {ADMISSION_INPUT_CHAIN} {admission_input_rule(self.cfg)}\n"
         # One nft transaction: there is no instant without the chain's rule
         # when switching it off, nor two copies of it.
         self._run(["nft", "-f", "-"], input=script)

@@ -86,6 +86,25 @@ def test_admission_off_drops_new_sessions_but_not_existing_or_injected_ones(net:
     assert again["replies"], again
 
 
+def test_admission_off_silences_unknown_packets_from_outside(net: TwoNatNet) -> None:
+    """A reply for a session whose state has not arrived yet must be dropped, not answered.
+
+    Open: the node's own stack refuses a connection to an unknown public port
+    (a reset, "refused").  Closed: the packet is dropped, so the peer times
+    out and retransmits instead of tearing the connection down.
+    """
+    node = net.nats["a"]
+    probe = ["python3", "-c", f"import socket; socket.create_connection(('{PUBLIC_IP}', 24999), timeout=1)"]
+    opened = netns.run(probe, net.server, check=False)
+    assert opened.returncode != 0 and "refused" in opened.stderr, opened.stderr
+    node.set_admission(False)
+    try:
+        closed = netns.run(probe, net.server, check=False)
+    finally:
+        node.set_admission(True)
+    assert closed.returncode != 0 and "timed out" in closed.stderr, closed.stderr
+
+
 def test_configure_refuses_a_missing_interface_and_destroy_cleans_up() -> None:
     cfg = NatNodeConfig(name=netns.run_prefix("nmnx") + "nat", inside_if="nope0", outside_if="nope1")
     node = NatNode(cfg)
