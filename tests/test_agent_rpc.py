@@ -240,3 +240,12 @@ def test_fast_and_careful_decoders_agree(srv: FakeServer) -> None:
                 _entry(1).replace("<protocol>TCP</protocol>", ""), '<other xmlns="urn:x"/>', _entry(1, extra="<mark>1<x/></mark>"),
                 _entry(1, extra="<mark>1</mark><mark>2</mark>")):
         assert _fast_entries(codec, etree.fromstring(f'<config xmlns="{NETCONF_NS}">{odd}</config>')) is None
+
+
+def test_garbage_collector_is_back_on_after_every_rpc(srv: FakeServer) -> None:
+    import gc
+
+    call(srv, "<get/>")
+    call(srv, "<frobnicate/>")
+    handle_message(srv, SessionState(SessionRecord(1, "u", "h", 0)), b"<not-xml")
+    assert gc.isenabled()
