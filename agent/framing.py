@@ -59,7 +59,9 @@ class Deframer:
                 raise MessageTooBig(f"message exceeds {self.max_message} bytes without an end-of-message mark")
             return None
         msg = bytes(self._buf[:i])
-        del self._buf[: i + len(EOM)]
+        # A new buffer, not del: a bytearray keeps its capacity, and after a
+        # 30 MB message that would stay allocated for the session's life.
+        self._buf = bytearray(self._buf[i + len(EOM) :])
         self._scan = 0
         if len(msg) > self.max_message:
             raise MessageTooBig(f"message of {len(msg)} bytes exceeds the limit of {self.max_message}")
@@ -98,7 +100,10 @@ class Deframer:
                 return None
             self._parts.append(bytes(buf[nl + 1 : end]))
             self._size += size
-            del buf[:end]
+            if size > 1 << 16:
+                self._buf = buf = bytearray(buf[end:])  # drop the big buffer's capacity
+            else:
+                del buf[:end]
 
     @property
     def pending(self) -> int:
