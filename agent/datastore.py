@@ -272,13 +272,28 @@ class Datastore:
         """nat-control of running, as the provider reports it."""
         return {"admit-new-sessions": bool(self.provider.admission())}
 
-    def read(self, source: str, with_sessions: bool = True, with_control: bool = True) -> tuple[list[NatSession], dict[str, Any]]:
-        """(sessions, nat-control values) of a datastore; each part read only when asked for."""
+    def read(self, source: str, with_sessions: bool = True, with_control: bool = True, keys: list[SessionKey] | None = None) -> tuple[list[NatSession], dict[str, Any]]:
+        """(sessions, nat-control values) of a datastore; each part read only when asked for.
+
+        With ``keys``, only those entries are wanted (a filter naming whole
+        keys): a provider offering ``lookup(keys)`` answers without reading
+        the whole table.
+        """
         self._check_name(source)
         with self._mutex:
             if source == "candidate" and self._cand is not None:
+                if keys is not None:
+                    found = [self._cand[k] for k in keys if k in self._cand]
+                    return (found if with_sessions else []), dict(self._cand_control)
                 return (list(self._cand.values()) if with_sessions else []), dict(self._cand_control)
-            sessions = self._list() if with_sessions else []
+            lookup = getattr(self.provider, "lookup", None)
+            if with_sessions and keys is not None and lookup is not None:
+                try:
+                    sessions = list(lookup(keys))
+                except ProviderError as e:
+                    raise refuse("operation-failed", f"cannot read the session table: {e}") from e
+            else:
+                sessions = self._list() if with_sessions else []
             # Reading nat-control of running asks the node (an nft call): skip it when not wanted.
             return sessions, self.running_control() if with_control else {}
 

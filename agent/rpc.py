@@ -300,7 +300,12 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
     sel = parse_filter(codec, op)
     report_all = _with_defaults(op)
     want_sessions = sel.everything or sel.sessions is not None
-    sessions, control = server.datastore.read(source, with_sessions=want_sessions, with_control=sel.everything or sel.control)
+    keys = None
+    key_names = codec.schema.keys
+    if sel.sessions and all(all(k in m for k in key_names) for m in sel.sessions):
+        # Every alternative names a whole key: only those entries are needed.
+        keys = list(dict.fromkeys(tuple(m[k] for k in key_names) for m in sel.sessions))
+    sessions, control = server.datastore.read(source, with_sessions=want_sessions, with_control=sel.everything or sel.control, keys=keys)
     parts = []
     if want_sessions:
         picked = select(sessions, None if sel.everything else sel.sessions)

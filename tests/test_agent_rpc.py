@@ -249,3 +249,27 @@ def test_garbage_collector_is_back_on_after_every_rpc(srv: FakeServer) -> None:
     call(srv, "<frobnicate/>")
     handle_message(srv, SessionState(SessionRecord(1, "u", "h", 0)), b"<not-xml")
     assert gc.isenabled()
+
+
+def test_filter_by_whole_key_uses_the_providers_lookup(srv: FakeServer) -> None:
+    # A provider that can look entries up by key is not asked for its whole table.
+    calls: list[object] = []
+    provider = srv.provider
+
+    def lookup(keys):
+        calls.append(list(keys))
+        return [provider.table[k] for k in keys if k in provider.table]
+
+    def no_list():
+        raise AssertionError("the whole table was read")
+
+    provider.lookup = lookup  # type: ignore[attr-defined]
+    provider.list = no_list  # type: ignore[method-assign]
+    key = '<protocol>UDP</protocol><src_address>10.0.0.3</src_address><src_port>53</src_port><dst_address>198.51.100.2</dst_address><dst_port>53</dst_port>'
+    f = f'<filter><nat-session xmlns="{NS}">{key}</nat-session><nat-session xmlns="{NS}">{key.replace("53</src_port>", "54</src_port>")}</nat-session></filter>'
+    got = entries(call(srv, f"<get-config><source><running/></source>{f}</get-config>"))
+    assert [e.findtext(f"{{{NS}}}translated_port") for e in got] == ["21000"]
+    assert len(calls) == 1 and len(calls[0]) == 2
+    # Extra content matches still apply on top of the lookup.
+    f = f'<filter><nat-session xmlns="{NS}">{key}<mark>7</mark></nat-session></filter>'
+    assert entries(call(srv, f"<get-config><source><running/></source>{f}</get-config>")) == []
