@@ -164,13 +164,8 @@ class Codec:
         Returns only the leaves present, type-checked; raises :class:`CodecError`.
         """
         errors = _Errors(DEFAULT_ERROR_LIMIT)
-        root = data
-        if isinstance(data, (bytes, str)):
-            try:
-                root = etree.fromstring(data.encode() if isinstance(data, str) else data, _PARSER)
-            except etree.XMLSyntaxError as e:
-                errors.add("document", "", f"malformed XML: {e}", "malformed-message")
-                errors.raise_if_any()
+        root = self._root_of(data, errors)
+        errors.raise_if_any()
         found = [root] if root.tag == self._control_tag else [c for c in root if c.tag == self._control_tag]
         if not found:
             return None
@@ -205,13 +200,8 @@ class Codec:
     def decode_event_xml(self, data: bytes | str | Any) -> tuple[str, NatSession]:
         """(event, session) of a ``nat-session-event`` element (or a notification holding one)."""
         errors = _Errors(DEFAULT_ERROR_LIMIT)
-        root = data
-        if isinstance(data, (bytes, str)):
-            try:
-                root = etree.fromstring(data.encode() if isinstance(data, str) else data, _PARSER)
-            except etree.XMLSyntaxError as e:
-                errors.add("document", "", f"malformed XML: {e}", "malformed-message")
-                errors.raise_if_any()
+        root = self._root_of(data, errors)
+        errors.raise_if_any()
         tag = f"{{{self.ns}}}nat-session-event"
         ev = root if root.tag == tag else root.find(tag)
         if ev is None:
@@ -336,21 +326,26 @@ class Codec:
             return (qn.localname, f"element in namespace {qn.namespace!r}, expected {self.ns!r}", "unknown-namespace")
         return (qn.localname, f"unknown element in {self.schema.list_name}", "unknown-element")
 
+    def _root_of(self, data: bytes | str | Any, errors: _Errors) -> Any:
+        """The root element of a document (an element is its own root); None, reported, if unreadable."""
+        if not isinstance(data, (bytes, str)):
+            return data
+        if isinstance(data, str):
+            data = data.encode()
+        if not data.strip():
+            errors.add("document", "", "empty document", "malformed-message")
+            return None
+        try:
+            return etree.fromstring(data, _PARSER)
+        except etree.XMLSyntaxError as e:
+            errors.add("document", "", f"malformed XML: {e}", "malformed-message")
+            return None
+
     def _entries_of(self, data: bytes | str | Any, errors: _Errors) -> list[Any]:
         """The list-entry elements of a document (or of an already parsed element)."""
-        if isinstance(data, (bytes, str)):
-            if isinstance(data, str):
-                data = data.encode()
-            if not data.strip():
-                errors.add("document", "", "empty document", "malformed-message")
-                return []
-            try:
-                root = etree.fromstring(data, _PARSER)
-            except etree.XMLSyntaxError as e:
-                errors.add("document", "", f"malformed XML: {e}", "malformed-message")
-                return []
-        else:
-            root = data
+        root = self._root_of(data, errors)
+        if root is None:
+            return []
         if root.tag == self._list_tag:
             return [root]
         entries = []
