@@ -144,7 +144,11 @@ def run_passwd(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `natmig agent` (and `natmig agent passwd`)."""
-    p = sub.add_parser("agent", help="run the NETCONF agent of a NAT node", description=run_agent.__doc__)
+    p = sub.add_parser(
+        "agent", help="run the NETCONF agent of a NAT node",
+        description="Run the NETCONF agent (SSH, subsystem netconf) of one NAT node: its nat-session data is the "
+        "node's live conntrack table. `natmig agent passwd FILE USER` manages the password file.",
+    )
     p.add_argument("--listen", type=parse_listen, default=("0.0.0.0", 830), metavar="ADDR:PORT", help="address and port to listen on (default 0.0.0.0:830)")
     p.add_argument("--netns", metavar="NAME", help="network namespace of the NAT node to run in")
     p.add_argument("--provider", choices=sorted(PROVIDERS), default="conntrack", help="where the session table lives (memory: protocol tests and demos)")
