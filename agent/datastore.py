@@ -432,6 +432,28 @@ class Datastore:
             self._cand = None
             return plan
 
+    def validate(self, source: str | None, req: EditRequest | None = None) -> None:
+        """<validate> (RFC 6241 8.6): would ``source``, or the inline config ``req``, be accepted by the node?
+
+        Running is the node's own table and always valid.  The candidate is
+        checked as its commit would be; an inline config as an edit that
+        replaces the whole list.  Raises :class:`DatastoreError`.
+        """
+        with self._mutex:
+            if req is not None:
+                plan = plan_edit(self.codec, {}, dict(CONTROL_DEFAULTS), req, "replace")
+                self._check_provider(plan, {})
+            elif source == "candidate" and self._cand is not None:
+                plan = Plan(upserts={k: s for k, s in self._cand.items() if self._cand_base.get(k) != s},
+                            deletes={k for k in self._cand_base if k not in self._cand})
+                current = {s.key: s for s in self._list()}
+                self._check_provider(plan, current)
+            else:
+                self._check_name(source or "")
+                return
+            if plan.problems:
+                raise DatastoreError(plan.problems)
+
     def discard(self, sid: int) -> None:
         """Reset the candidate to running (discard-changes)."""
         with self._mutex:

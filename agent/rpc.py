@@ -561,6 +561,18 @@ def op_discard(server: Server, sess: SessionState, op: Any) -> bytes:
     return b"<ok/>"
 
 
+def op_validate(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<validate> of running, candidate or an inline <config> (the :validate:1.1 capability)."""
+    _check_params(op, {"source"})
+    src = op.find(_NC + "source")
+    inline = src.find(_NC + "config") if src is not None else None
+    if inline is not None:
+        server.datastore.validate(None, _edit_request(server.codec, inline))
+    else:
+        server.datastore.validate(_datastore_param(op, "source"))
+    return b"<ok/>"
+
+
 def op_close_session(server: Server, sess: SessionState, op: Any) -> bytes:
     """<close-session>: reply ok, then the server closes the session."""
     sess.closing = True
@@ -643,6 +655,7 @@ TABLE: dict[tuple[str, str], Handler] = {
     (NETCONF_NS, "unlock"): op_unlock,
     (NETCONF_NS, "commit"): op_commit,
     (NETCONF_NS, "discard-changes"): op_discard,
+    (NETCONF_NS, "validate"): op_validate,
     (NETCONF_NS, "close-session"): op_close_session,
     (NETCONF_NS, "kill-session"): op_kill_session,
     (MONITORING_NS, "get-schema"): op_get_schema,

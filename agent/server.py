@@ -36,6 +36,7 @@ OPTIONAL_CAPABILITIES = [
     "urn:ietf:params:netconf:capability:writable-running:1.0",
     "urn:ietf:params:netconf:capability:candidate:1.0",
     "urn:ietf:params:netconf:capability:rollback-on-error:1.0",
+    "urn:ietf:params:netconf:capability:validate:1.1",
     NOTIFICATION_CAPABILITY,
     INTERLEAVE_CAPABILITY,
     "urn:ietf:params:netconf:capability:with-defaults:1.0?basic-mode=trim&also-supported=report-all",

@@ -273,3 +273,17 @@ def test_filter_by_whole_key_uses_the_providers_lookup(srv: FakeServer) -> None:
     # Extra content matches still apply on top of the lookup.
     f = f'<filter><nat-session xmlns="{NS}">{key}<mark>7</mark></nat-session></filter>'
     assert entries(call(srv, f"<get-config><source><running/></source>{f}</get-config>")) == []
+
+
+def test_validate(srv: FakeServer) -> None:
+    assert call(srv, "<validate><source><running/></source></validate>").find(NC + "ok") is not None
+    cfg = _entry(1) + _entry(2, pub=20000)  # 20000 is taken by nothing in an empty table: valid alone
+    assert call(srv, f"<validate><source><config>{cfg}</config></source></validate>").find(NC + "ok") is not None
+    bad = _entry(1) + _entry(2, pub=30001)  # two entries, one public port
+    assert errors(call(srv, f"<validate><source><config>{bad}</config></source></validate>"))[0]["error-tag"] == "operation-failed"
+    # A staged candidate that traffic made invalid: its public port got taken on running meanwhile.
+    assert call(srv, edit(_entry(5, pub=20555), target="candidate")).find(NC + "ok") is not None
+    assert call(srv, "<validate><source><candidate/></source></validate>").find(NC + "ok") is not None
+    srv.provider.apply([NatSession("TCP", "10.0.0.4", 7, "198.51.100.1", 80, "203.0.113.1", 20555, "ESTABLISHED", 100)])
+    assert errors(call(srv, "<validate><source><candidate/></source></validate>"))[0]["error-tag"] == "operation-failed"
+    assert len(srv.provider.table) == 3

@@ -48,8 +48,12 @@ def test_ncclient(lab: AgentLab) -> None:
     m = call_in_netns(lab.mgmt_ns, session)
     try:
         assert f"{NS}?module=nat-session&revision=2026-11-24" in list(m.server_capabilities)
+        # test-only (ncclient sends it only to a server announcing :validate:1.1) changes nothing.
+        m.edit_config(target="running", config=f'<config xmlns="{NETCONF_NS}">{entry(1001, 21001)}</config>', test_option="test-only")
+        assert not in_kernel(lab, 1001, 21001)
         m.edit_config(target="running", config=f'<config xmlns="{NETCONF_NS}">{entry(1001, 21001)}</config>')
         assert in_kernel(lab, 1001, 21001)
+        m.validate(source="running")
         data = m.get_config(source="running", filter=("subtree", f'<nat-session xmlns="{NS}"><src_port>1001</src_port></nat-session>')).data_xml
         assert "<translated_port>21001</translated_port>" in data
         assert m.get_schema("nat-session").data.startswith("module nat-session")
