@@ -236,11 +236,9 @@ class _Session:
             self.deframer.chunked = True
         elif BASE_10 not in caps:
             raise _SessionEnd("client hello announces neither base:1.0 nor base:1.1")
-        rec = self.state.record
         log.info("%s opened: %s authentication, %s framing", self.who,
                  getattr(self.process.get_extra_info("natmig_auth"), "method", "?"),
                  "base:1.1 chunked" if self.chunked else "base:1.0 end-of-message")
-        del rec
 
 
 class _SessionEnd(Exception):

@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
