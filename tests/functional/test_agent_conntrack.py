@@ -189,3 +189,29 @@ def test_log_says_who_did_what(lab: AgentLab, node: NodeClient) -> None:
     node.edit_sessions([S(4)], target="running")
     log = lab.log_tail(20000)
     assert re.search(r"session \d+ \(natmig@192\.0\.2\.1\) edit-config running \(merge\): 1 entries", log)
+
+
+def test_default_operation_replace_and_continue_on_error(lab: AgentLab, node: NodeClient) -> None:
+    node.edit_sessions([S(1), S(2), S(3)], target="running")
+    node.edit_sessions([S(2), S(7)], target="running", operation=None, default_operation="replace")
+    assert sorted(s.src_port for s in node.get_sessions()) == [2, 7]
+    assert len(nat_lines(lab)) == 2
+    # continue-on-error: the good entry is written, the refused one reported.
+    bad = NatSession("TCP", "10.0.0.2", 8, "198.51.100.1", 80, "198.51.100.99", 20008, "ESTABLISHED", 300)
+    with pytest.raises(NetconfError) as e:
+        node.edit_sessions([S(9), bad], target="running", error_option="continue-on-error")
+    assert e.value.tag == "invalid-value"
+    assert sorted(s.src_port for s in node.get_sessions()) == [2, 7, 9]
+
+
+def test_lock_unlock_and_candidate_lock(lab: AgentLab, node: NodeClient) -> None:
+    with node.locked("running"), node.locked("candidate"):
+        node.edit_sessions([S(1)], target="candidate")
+        node.commit()
+    other = lab.client()
+    try:
+        other.lock("running")  # released by the with-block above
+        other.unlock("running")
+    finally:
+        other.close()
+    assert [s.src_port for s in node.get_sessions()] == [1]
