@@ -27,7 +27,7 @@ from .. import netns
 from ..netns import NETNS_DIR
 from .auth import set_password
 from .provider import MemoryProvider, SessionProvider
-from .server import Agent, AgentConfig
+from .server import Agent, AgentConfig, limit_malloc_arenas
 
 log = logging.getLogger(__name__)
 CLONE_NEWNET = 0x40000000
@@ -97,6 +97,7 @@ def run_agent(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     if args.netns:
         enter_netns(args.netns)
+    limit_malloc_arenas()
     host, port = args.listen
     cfg = AgentConfig(
         host=host, port=port, host_key=args.host_key, passwords=args.passwords,

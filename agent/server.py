@@ -47,6 +47,18 @@ try:
     _LIBC: Any = ctypes.CDLL(None)
 except OSError:  # pragma: no cover - not glibc
     _LIBC = None
+_M_ARENA_MAX = -8
+
+
+def limit_malloc_arenas(n: int = 2) -> None:
+    """Cap glibc's malloc arenas (call before worker threads start).
+
+    Each worker thread that handles a 100k-session RPC would otherwise get
+    its own arena and keep its freed memory: the agent's peak RSS grows with
+    the number of threads that ever did big work.
+    """
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_ARENA_MAX, n)
 
 
 def _malloc_trim() -> None:
