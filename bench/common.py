@@ -13,7 +13,8 @@ from natmig.model import NatSession
 def synthetic_table(n: int, public: str = "203.0.113.1") -> list[NatSession]:
     """n distinct sessions shaped like a busy NAT: 250 clients, many servers, one public address.
 
-    Public ports are unique per protocol (as a NAT's would be) over 1024..65535.
+    Public ports cycle through 1024..65535; with the remote endpoint they form
+    a unique reply tuple, as on a real NAT.
     """
     out = []
     for i in range(n):
@@ -26,7 +27,7 @@ def synthetic_table(n: int, public: str = "203.0.113.1") -> list[NatSession]:
                 dst_address=f"198.51.100.{1 + (i // 16000) % 254}",
                 dst_port=80 + i % 7,
                 translated_address=public,
-                translated_port=1024 + (i // 2) % 64512 if proto == "TCP" else 1024 + i // 3 % 64512,
+                translated_port=1024 + i % 64512,
                 tcp_state="ESTABLISHED" if proto == "TCP" else None,
                 timeout=100 + i % 3000,
                 assured=bool(i % 2),
