@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .. import netns
+from . import ovsdb
 from ..errors import TestbedError
 
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
@@ -180,15 +181,8 @@ class Ovs:
         self.vsctl(*args)
 
     def ofports(self, bridge: str) -> dict[str, int]:
-        """Port name -> OpenFlow port number of the bridge (the bridge's own port excluded)."""
-        out = self.vsctl("--format=csv", "--no-headings", "--columns=name,ofport", "list", "interface")
-        ports = {}
-        for line in out.splitlines():
-            name, _, ofport = line.partition(",")
-            name = name.strip('"')
-            if name != bridge and ofport.strip().lstrip("-").isdigit():
-                ports[name] = int(ofport)
-        return ports
+        """Port name -> OpenFlow port number of the bridge (the bridge's own port excluded), read over OVSDB."""
+        return ovsdb.bridge_ofports(self.db_sock, bridge)
 
     def replace_flows(self, bridge: str, flows: str) -> None:
         """Make ``flows`` the bridge's whole flow table in one OpenFlow bundle (atomic)."""

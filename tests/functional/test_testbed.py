@@ -132,6 +132,16 @@ def test_switch_is_userspace_datapath_in_secure_mode_with_offloads_off(tb):
         assert "tcp-segmentation-offload: off" in features and "tx-checksumming: off" in features, port
 
 
+def test_ovsdb_replica_reports_the_planned_port_numbers(tb):
+    from natmig.errors import TestbedError
+    from natmig.testbed import ovsdb
+
+    got = ovsdb.bridge_ofports(tb.ovs.db_sock, tb.bridge)
+    assert got == tb.switch_ports() and tb.bridge not in got
+    with pytest.raises(TestbedError, match="bridge 'nosuchbr' is not in the database"):
+        ovsdb.bridge_ofports(tb.ovs.db_sock, "nosuchbr")
+
+
 def test_ping_tcp_and_udp_cross_nat1_with_the_public_address_and_a_port_of_its_range(tb):
     before = tb.nat_counters()
     assert before["nat2"] == 0  # idle from the start: the switch has sent it nothing
