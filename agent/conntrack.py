@@ -3,6 +3,8 @@
 How each operation reaches the kernel (measured, see docs/provider.md):
 
 * list: ``conntrack -L`` in the namespace, parsed by :mod:`.cttext`.
+* lookup: one ctnetlink GET per key over a socket kept open
+  (:class:`.ctnetlink.EntryReader`): no process start, no table dump.
 * apply: new TCP and UDP sessions through ``conntrack -R`` (``-I`` lines, the
   tool's own bulk path and the raw floor); new ICMP sessions, in-place
   updates and the deletes of replaced sessions through :mod:`.ctnetlink`.
@@ -40,12 +42,12 @@ __all__ = ["ApplyPlan", "ConntrackProvider", "invalid_entries", "plan_apply", "v
 LIST_CHUNK = 1 << 20
 
 
-def _key_session(key: SessionKey) -> NatSession:
+def _key_session(key: SessionKey, what: str = "delete") -> NatSession:
     """A session carrying only ``key`` (enough to name it to the kernel)."""
     try:
         proto, src, sport, dst, dport = key
     except (TypeError, ValueError):
-        raise ProviderError(f"cannot delete: {key!r} is not a key (protocol, src_address, src_port, dst_address, dst_port)") from None
+        raise ProviderError(f"cannot {what}: {key!r} is not a key (protocol, src_address, src_port, dst_address, dst_port)") from None
     return NatSession(proto, src, sport, dst, dport, "0.0.0.0", 0)
 
 
@@ -75,6 +77,9 @@ class ConntrackProvider(SessionProvider):
         self._run = run
         self._lock = threading.Lock()
         self._defaults: dict[tuple[str, object], int] | None = None
+        # One socket for every lookup: opening one in the namespace costs a
+        # setns pair per call, and a lookup is meant to take well under a millisecond.
+        self._reader = nl.EntryReader(netns)
 
     # -- reading -----------------------------------------------------------
 
@@ -112,6 +117,35 @@ class ConntrackProvider(SessionProvider):
         if rc != 0:
             raise ProviderError(f"conntrack -L in {self.netns} exited {rc}: {err.strip()}")
         return Snapshot(sessions, untranslated)
+
+    def lookup(self, keys: Iterable[SessionKey]) -> list[NatSession]:
+        """The sessions with these keys, as :meth:`list` would show them; missing keys are simply absent.
+
+        One ctnetlink GET per key (the original tuple), so the cost does not
+        grow with the table.  A key naming an untranslated flow, or one this
+        node cannot hold (not IPv4, ICMP with a dst_port), finds nothing.
+        """
+        wanted: list[NatSession] = []
+        seen: set[SessionKey] = set()
+        for k in keys:
+            if k in seen:
+                continue
+            seen.add(k)
+            s = _key_session(k, "look up")
+            if _key_problem(s) is None:
+                wanted.append(s)
+        out: list[NatSession] = []
+        for i, attrs in self._reader.read(wanted):
+            s = nl.entry_session(attrs)
+            # The kernel finds a tuple in either direction: a key equal to
+            # another entry's reply tuple returns that entry, which is not this key's.
+            if s is not None and s.key == wanted[i].key:
+                out.append(s)
+        return out
+
+    def close(self) -> None:
+        """Release the lookup socket (the provider stays usable; a later lookup opens a new one)."""
+        self._reader.close()
 
     def public_addresses(self) -> set[str]:
         """The addresses this node translates to."""

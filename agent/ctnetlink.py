@@ -31,6 +31,7 @@ CLONE_NEWNET = 0x40000000
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW = 0
+IPCTNL_MSG_CT_GET = 1
 IPCTNL_MSG_CT_DELETE = 2
 
 NLM_F_REQUEST = 0x1
@@ -39,6 +40,7 @@ NLM_F_EXCL = 0x200
 NLM_F_CREATE = 0x400
 NLMSG_ERROR = 2
 NLA_F_NESTED = 0x8000
+NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED and NLA_F_NET_BYTEORDER
 
 # enum ctattr_type and its nested attribute enums (linux/netfilter/nfnetlink_conntrack.h).
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO = 1, 2, 3, 4
@@ -56,10 +58,13 @@ IP_CT_TCP_FLAG_SACK_PERM, IP_CT_TCP_FLAG_BE_LIBERAL = 0x02, 0x08
 IPS_SEEN_REPLY, IPS_ASSURED, IPS_CONFIRMED = 0x2, 0x4, 0x8
 
 PROTO_NUMBERS = {"TCP": 6, "UDP": 17, "ICMP": 1}
+PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 TCP_STATE_NUMBERS = {
     "SYN_SENT": 1, "SYN_RECV": 2, "ESTABLISHED": 3, "FIN_WAIT": 4, "CLOSE_WAIT": 5,
     "LAST_ACK": 6, "TIME_WAIT": 7, "CLOSE": 8, "SYN_SENT2": 9,
 }
+# NONE (0) and anything past SYN_SENT2 are absent: list() leaves such entries out too.
+TCP_STATE_NAMES = {v: k for k, v in TCP_STATE_NUMBERS.items()}
 ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
 
 # Messages per sendmsg(): the kernel handles them synchronously and queues
@@ -268,3 +273,177 @@ def delete_sessions(netns: str | None, sessions: Iterable[NatSession]) -> tuple[
     missing = sum(1 for e in failed.values() if e == errno.ENOENT)
     other = {i: e for i, e in failed.items() if e != errno.ENOENT}
     return len(items) - missing - len(other), other
+
+
+# -- reading single entries (CT_GET) ------------------------------------------
+
+
+def parse_attrs(buf: bytes, off: int = 0, end: int | None = None) -> dict[int, bytes]:
+    """The attributes of ``buf[off:end]`` by type (flags stripped; the last one wins)."""
+    end = len(buf) if end is None else end
+    out: dict[int, bytes] = {}
+    while off + 4 <= end:
+        ln, kind = struct.unpack_from("=HH", buf, off)
+        if ln < 4:
+            break  # malformed: stop rather than loop
+        out[kind & NLA_TYPE_MASK] = buf[off + 4:off + ln]
+        off += (ln + 3) & ~3
+    return out
+
+
+@dataclass(frozen=True)
+class CtTuple:
+    """One direction of a conntrack entry (IPv4): for ICMP ``sport`` is the identifier and ``itype`` the type."""
+
+    proto: int
+    src: str
+    dst: str
+    sport: int
+    dport: int
+    itype: int = 0
+
+
+def parse_tuple(payload: bytes) -> CtTuple | None:
+    """A CTA_TUPLE_* payload, or None when it is not IPv4."""
+    a = parse_attrs(payload)
+    ip = parse_attrs(a.get(CTA_TUPLE_IP, b""))
+    l4 = parse_attrs(a.get(CTA_TUPLE_PROTO, b""))
+    src, dst, num = ip.get(CTA_IP_V4_SRC), ip.get(CTA_IP_V4_DST), l4.get(CTA_PROTO_NUM)
+    if src is None or dst is None or len(src) != 4 or len(dst) != 4 or not num:
+        return None
+    proto = num[0]
+
+    def be16(kind: int) -> int:
+        v = l4.get(kind)
+        return struct.unpack("!H", v[:2])[0] if v and len(v) >= 2 else 0
+
+    if proto == PROTO_NUMBERS["ICMP"]:
+        t = l4.get(CTA_PROTO_ICMP_TYPE)
+        return CtTuple(proto, socket.inet_ntoa(src), socket.inet_ntoa(dst), be16(CTA_PROTO_ICMP_ID), 0, t[0] if t else 0)
+    return CtTuple(proto, socket.inet_ntoa(src), socket.inet_ntoa(dst), be16(CTA_PROTO_SRC_PORT), be16(CTA_PROTO_DST_PORT))
+
+
+def _be32(attrs: dict[int, bytes], kind: int) -> int | None:
+    v = attrs.get(kind)
+    return struct.unpack("!I", v[:4])[0] if v is not None and len(v) >= 4 else None
+
+
+def _tcp_state(attrs: dict[int, bytes]) -> str | None:
+    tcp = parse_attrs(parse_attrs(attrs.get(CTA_PROTOINFO, b"")).get(CTA_PROTOINFO_TCP, b""))
+    st = tcp.get(CTA_PROTOINFO_TCP_STATE)
+    return TCP_STATE_NAMES.get(st[0]) if st else None
+
+
+def entry_session(attrs: dict[int, bytes]) -> NatSession | None:
+    """The session of one ctnetlink entry (its top-level attributes), by the rules of ``conntrack -L`` parsing.
+
+    None for what :meth:`ConntrackProvider.list` leaves out: not source-NATed
+    (the reply comes back to the original source), destination-NATed (the
+    reply comes from elsewhere), ICMP other than echo, TCP without a known
+    state, other protocols, IPv6.  Must agree with :func:`.cttext.parse_table`
+    (the functional test compares the two on the same table).
+    """
+    o, r = parse_tuple(attrs.get(CTA_TUPLE_ORIG, b"")), parse_tuple(attrs.get(CTA_TUPLE_REPLY, b""))
+    if o is None or r is None or o.proto != r.proto or o.proto not in PROTO_NAMES:
+        return None
+    proto = PROTO_NAMES[o.proto]
+    if proto == "ICMP":
+        if o.itype != ICMP_ECHO_REQUEST or r.src != o.dst or (r.dst == o.src and r.sport == o.sport):
+            return None
+        dst_port, translated_port = 0, r.sport
+    else:
+        if (r.dst == o.src and r.dport == o.sport) or r.src != o.dst or r.sport != o.dport:
+            return None
+        dst_port, translated_port = o.dport, r.dport
+    tcp_state = None
+    if proto == "TCP":
+        tcp_state = _tcp_state(attrs)
+        if tcp_state is None:
+            return None
+    timeout = _be32(attrs, CTA_TIMEOUT)
+    status = _be32(attrs, CTA_STATUS) or 0
+    return NatSession(
+        proto, o.src, o.sport, o.dst, dst_port, r.dst, translated_port, tcp_state,
+        None if timeout is None else max(1, timeout), bool(status & IPS_ASSURED), _be32(attrs, CTA_MARK) or 0,
+    )
+
+
+class EntryReader:
+    """Reads single entries of one namespace's table by key, over one ctnetlink socket kept open.
+
+    One GET per key (``IPCTNL_MSG_CT_GET`` with the original tuple), sent in
+    batches; each request is acknowledged, so every request gets exactly one
+    NLMSG_ERROR (0 after its entry, ENOENT when there is none) and the reader
+    knows when a batch is complete.  Thread-safe: one request at a time.
+    The socket is opened at the first read and reopened after a failure.
+    """
+
+    #: Seconds to wait for the kernel's answers to one batch (it answers synchronously).
+    TIMEOUT = 5.0
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._seq = 0
+
+    def read(self, sessions: Sequence[NatSession]) -> list[tuple[int, dict[int, bytes]]]:
+        """The entry (top-level attributes) found for each of ``sessions``' keys, as (index, attrs)."""
+        found: list[tuple[int, dict[int, bytes]]] = []
+        with self._lock:
+            try:
+                for start in range(0, len(sessions), BATCH):
+                    self._batch(sessions, start, min(start + BATCH, len(sessions)), found)
+            except OSError as e:
+                self._drop()
+                raise NetlinkError(f"ctnetlink GET in {self.netns}: {e}") from e
+        return found
+
+    def _batch(self, sessions: Sequence[NatSession], start: int, stop: int, found: list) -> None:
+        if self._sock is None:
+            self._sock = open_socket(self.netns)
+            self._sock.settimeout(self.TIMEOUT)
+        sock = self._sock
+        base = self._seq
+        self._seq = (self._seq + stop - start) & 0x7FFFFFFF
+        buf = bytearray()
+        pending: dict[int, int] = {}  # seq -> index into sessions
+        for i in range(start, stop):
+            seq = ((base + i - start) & 0x7FFFFFFF) + 1
+            pending[seq] = i
+            body = struct.pack("=BBH", socket.AF_INET, 0, 0) + orig_tuple(sessions[i])
+            buf += struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET, NLM_F_REQUEST | NLM_F_ACK, seq, 0)
+            buf += body
+        sock.sendto(bytes(buf), (0, 0))
+        errors: dict[int, int] = {}
+        while pending:
+            data = sock.recv(1 << 20)
+            off = 0
+            while off + 16 <= len(data):
+                ln, typ, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
+                if ln < 16:
+                    break
+                i = pending.get(seq)
+                # Answers to another batch (one abandoned by a failure) are skipped by their seq.
+                if i is not None:
+                    if typ == NLMSG_ERROR:
+                        (code,) = struct.unpack_from("=i", data, off + 16)
+                        del pending[seq]
+                        if code not in (0, -errno.ENOENT):
+                            errors[i] = -code
+                    elif typ == (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW:
+                        found.append((i, parse_attrs(data, off + 20, off + ln)))  # after nfgenmsg
+                off += (ln + 3) & ~3
+        if errors:
+            i, e = next(iter(errors.items()))
+            raise NetlinkError(f"ctnetlink GET in {self.netns} refused {len(errors)} key(s), e.g. #{i}: {describe(e)}")
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def close(self) -> None:
+        """Close the socket (a later read opens a new one)."""
+        with self._lock:
+            self._drop()
