@@ -12,8 +12,10 @@ How each operation reaches the kernel (measured, see docs/provider.md):
 * watch: ``conntrack -E`` in the namespace, read by a thread.
 
 apply is all-or-nothing: every entry is validated and the batch is checked
-against the live table (:func:`check_batch`) before anything is written, so
-a refused batch touches nothing.  If the kernel still refuses part of it
+against the live table (:func:`check_batch`, and the tuples of untranslated
+entries: :func:`.ctbatch.held_elsewhere`) before anything is written, so
+a refused batch touches nothing.  Every session is created with its public
+port pinned, so the kernel refuses rather than picks another port.  If the kernel still refuses part of it
 (a session created by traffic in between), what was written is undone:
 created sessions are deleted, replaced ones recreated, updated ones set back.
 """
@@ -33,7 +35,7 @@ from ..model import NatSession, SessionKey, format_key, index_by_key
 from . import ctnetlink as nl
 from . import cttext
 from .natnode import NatNode
-from .ctbatch import ApplyPlan, DEFAULT_TIMEOUT_SYSCTL, invalid_entries, plan_apply, timeout_key, validate
+from .ctbatch import ApplyPlan, DEFAULT_TIMEOUT_SYSCTL, held_elsewhere, invalid_entries, plan_apply, timeout_key, validate
 from .provider import ApplyError, SessionEvent, SessionProvider, Snapshot, Watch, check_batch
 
 __all__ = ["ApplyPlan", "ConntrackProvider", "invalid_entries", "plan_apply", "validate"]
@@ -89,6 +91,10 @@ class ConntrackProvider(SessionProvider):
         The dump is parsed while conntrack is still writing it: on a machine
         with two cores the parsing then costs little more than the dump.
         """
+        return self._read()
+
+    def _read(self, taken: dict[cttext.ReplyKey, cttext.EntryTuple] | None = None) -> Snapshot:
+        """:meth:`list`; with ``taken``, also the reply keys held by entries that are not sessions."""
         proc = subprocess.Popen(
             nsmod.ns_cmd(["conntrack", "-L"], self.netns), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
@@ -101,12 +107,12 @@ class ConntrackProvider(SessionProvider):
                 pending += chunk
                 cut = pending.rfind(b"\n") + 1
                 if cut:
-                    table = cttext.parse_table(pending[:cut].decode())
+                    table = cttext.parse_table(pending[:cut].decode(), taken)
                     sessions += table.sessions
                     untranslated += table.untranslated
                     pending = pending[cut:]
             if pending:
-                table = cttext.parse_table(pending.decode())
+                table = cttext.parse_table(pending.decode(), taken)
                 sessions += table.sessions
                 untranslated += table.untranslated
             err = proc.stderr.read().decode(errors="replace")
@@ -158,8 +164,12 @@ class ConntrackProvider(SessionProvider):
         batch = list(sessions)
         with self._lock:
             problems = invalid_entries(batch)
-            existing = index_by_key(self.list().sessions)
+            taken: dict[cttext.ReplyKey, cttext.EntryTuple] = {}
+            existing = index_by_key(self._read(taken).sessions)
             problems.update(check_batch([s for s in batch if s.key not in problems], existing, self.owned))
+            # Sessions only check each other; an untranslated connection
+            # holding the reply tuple would make the kernel refuse the entry.
+            problems.update(held_elsewhere([s for s in batch if s.key not in problems], taken))
             if problems:
                 raise ApplyError(problems)
             self._write(batch, existing)

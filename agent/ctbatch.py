@@ -136,3 +136,26 @@ def plan_apply(batch: Sequence[NatSession], existing: dict[SessionKey, NatSessio
             plan.replace.append(old)
         (plan.netlink_create if s.protocol == "ICMP" else plan.tool_create).append((s, t))
     return plan
+
+
+def held_elsewhere(batch: Sequence[NatSession], taken: dict[tuple[str, str, int, str, int], tuple[str, str, int, str, int]]) -> dict[SessionKey, str]:
+    """Entries whose reply tuple a conntrack entry that is not a session already holds.
+
+    ``taken`` maps reply keys to the original tuple of the entry holding
+    them (:func:`.cttext.parse_table` collects it).  The kernel would refuse
+    such an entry -- or, asked for the address without the port, give it
+    another public port: the batch would not be applied "exactly as given".
+    """
+    problems: dict[SessionKey, str] = {}
+    if not taken:
+        return problems
+    for s in batch:
+        holder = taken.get(s.reply_key)
+        if holder is not None:
+            p, src, sport, dst, dport = holder
+            problems[s.key] = (
+                f"translated {s.protocol} {s.translated_address}:{s.translated_port} towards "
+                f"{s.dst_address}:{s.dst_port} is held by a connection this node does not translate "
+                f"({p} {src}:{sport} -> {dst}:{dport})"
+            )
+    return problems

@@ -6,10 +6,13 @@ records, counting the lines that are not translated sessions.  The default
 output is read rather than ``-o save`` because ``-o save`` omits the mark and
 the translated ICMP echo identifier, and costs the same to dump.
 
-:func:`insert_line` writes the ``-I`` lines ``conntrack -R`` loads: the same
+:func:`insert_line` writes the ``-I`` lines ``conntrack -R`` loads: the
 form ``conntrack -L -o save`` prints (original tuple, the un-NATed reply
 tuple carrying the public port, ``-n`` for the source NAT), so the kernel
-rebuilds the translation exactly as it does on a plain save/restore.
+rebuilds the translation as it does on a plain save/restore -- except that
+``-n`` pins the public port too (``-n addr:port``): with the address alone the
+kernel silently picks another port when that reply tuple is taken (measured:
+asked 20005, got 23090), while pinned it refuses the entry.
 
 Everything here is pure text work, unit-tested without root.
 """
@@ -21,6 +24,12 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..model import NatSession
+
+#: A reply tuple as :attr:`NatSession.reply_key` spells it (protocol,
+#: translated address, translated port, remote address, remote port).
+ReplyKey = tuple[str, str, int, str, int]
+#: The original tuple of a conntrack entry (protocol, src, sport, dst, dport).
+EntryTuple = tuple[str, str, int, str, int]
 
 #: conntrack's TCP state names that the module's tcp-state-type has (LISTEN is
 #: what old kernels call SYN_SENT2).
@@ -111,11 +120,27 @@ def _icmp_session(m: re.Match) -> NatSession | None:
     )
 
 
-def parse_table(text: str) -> Table:
+def _hold(taken: dict[ReplyKey, EntryTuple], p: str, src: str, dst: str, sport: str, dport: str,
+          rsrc: str, rdst: str, rsport: str, rdport: str) -> None:
+    """Record both tuples of an entry that is not a session, each in the form of a session's reply key.
+
+    The kernel refuses (or, unpinned, re-maps) a new session whose reply
+    tuple equals either tuple of any entry; sessions only check each other's
+    reply keys, so the tuples of everything else are collected here.
+    """
+    holder = (p, src, int(sport), dst, int(dport))
+    taken[(p, dst, int(dport), src, int(sport))] = holder
+    taken[(p, rdst, int(rdport), rsrc, int(rsport))] = holder
+
+
+def parse_table(text: str, taken: dict[ReplyKey, EntryTuple] | None = None) -> Table:
     """Parse ``conntrack -L`` output: translated sessions, and how many lines were not.
 
     Lines of other protocols, un-translated or destination-translated flows,
     ICMP other than echo, and TCP in state NONE are counted, not returned.
+    With ``taken``, the TCP/UDP/ICMP-echo lines left out also record there
+    the reply keys their tuples hold (by the holder's original tuple), for
+    apply's check.
     """
     sessions: list[NatSession] = []
     append = sessions.append
@@ -125,11 +150,15 @@ def parse_table(text: str) -> Table:
     for m in _PORTS.finditer(text):
         _ev, proto, timeout, state, src, dst, sport, dport, rsrc, rdst, rsport, rdport, assured, mark, rest = m.groups()
         if (rdst == src and rdport == sport) or rsrc != dst or rsport != dport:
+            if taken is not None:
+                _hold(taken, proto.upper(), src, dst, sport, dport, rsrc, rdst, rsport, rdport)
             continue
         if proto == "tcp":
             p = "TCP"
             tcp_state = states.get(state)
             if tcp_state is None:
+                if taken is not None:
+                    _hold(taken, p, src, dst, sport, dport, rsrc, rdst, rsport, rdport)
                 continue
         else:
             p, tcp_state = "UDP", None
@@ -143,6 +172,10 @@ def parse_table(text: str) -> Table:
         s = _icmp_session(m)
         if s is not None:
             append(s)
+        elif taken is not None and int(m.group(5)) == ICMP_ECHO_REQUEST:
+            # Only the echo reply direction can equal a session's reply tuple (type 0).
+            _ev, _t, src, dst, _ty, _c, ident, rsrc, rdst, rident = m.groups()[:10]
+            taken[("ICMP", rdst, int(rident), rsrc, 0)] = ("ICMP", src, int(ident), dst, 0)
     lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
     return Table(sessions, lines - len(sessions))
 
@@ -184,7 +217,7 @@ def insert_line(s: NatSession, timeout: int) -> str:
     state = f" --state {s.tcp_state or 'ESTABLISHED'}" if s.protocol == "TCP" else ""
     mark = f" -m {s.mark}" if s.mark else ""
     return (
-        f"-I -t {timeout}{status} -s {s.src_address} -d {s.dst_address} -r {s.dst_address} -n {s.translated_address}"
+        f"-I -t {timeout}{status} -s {s.src_address} -d {s.dst_address} -r {s.dst_address} -n {s.translated_address}:{s.translated_port}"
         f" -p {s.protocol.lower()} --sport {s.src_port} --dport {s.dst_port}"
         f" --reply-port-src {s.dst_port} --reply-port-dst {s.translated_port}{state}{mark}\n"
     )

@@ -98,10 +98,11 @@ def test_parse_event_lines() -> None:
     assert cttext.parse_event("    [NEW] icmp     1 30 src=10.0.0.2 dst=10.0.0.1 type=8 code=0 id=1 [UNREPLIED] src=10.0.0.1 dst=10.0.0.2 type=0 code=0 id=1\n") is None
 
 
-def test_insert_line_is_the_save_format_with_nat_and_reply_port() -> None:
+def test_insert_line_is_the_save_format_with_nat_pinned_to_the_port_and_reply_port() -> None:
     s = NatSession("TCP", "10.0.0.3", 40000, "203.0.113.100", 80, "203.0.113.1", 20001, "FIN_WAIT", 300, True, 7)
+    # -n carries the port: with the address alone the kernel re-maps a taken reply tuple silently.
     assert cttext.insert_line(s, 300) == (
-        "-I -t 300 -u SEEN_REPLY,ASSURED -s 10.0.0.3 -d 203.0.113.100 -r 203.0.113.100 -n 203.0.113.1"
+        "-I -t 300 -u SEEN_REPLY,ASSURED -s 10.0.0.3 -d 203.0.113.100 -r 203.0.113.100 -n 203.0.113.1:20001"
         " -p tcp --sport 40000 --dport 80 --reply-port-src 80 --reply-port-dst 20001 --state FIN_WAIT -m 7\n"
     )
     syn = dataclasses.replace(s, tcp_state="SYN_SENT", assured=False, mark=0)
@@ -172,3 +173,45 @@ def test_plan_sorts_a_batch_by_how_it_reaches_the_kernel() -> None:
     assert plan.tool_create == [(other, 60), (new_tcp, 70)]
     assert plan.netlink_create == [(new_icmp, 80)]
     assert plan_apply([], existing, []) == type(plan)()
+
+
+# Entries that are not sessions but hold tuples a session's reply could need.
+HOLDERS = """\
+tcp      6 99 ESTABLISHED src=198.51.100.1 dst=203.0.113.1 sport=80 dport=20005 [UNREPLIED] src=203.0.113.1 dst=198.51.100.1 sport=20005 dport=80 mark=0 use=1
+udp      17 20 src=203.0.113.1 dst=198.51.100.2 sport=20006 dport=53 src=198.51.100.2 dst=203.0.113.1 sport=53 dport=20006 mark=0 use=1
+tcp      6 10 NONE src=10.0.0.2 dst=198.51.100.3 sport=1 dport=80 src=198.51.100.3 dst=203.0.113.1 sport=80 dport=20007 mark=0 use=1
+icmp     1 28 src=203.0.113.1 dst=198.51.100.4 type=8 code=0 id=20008 src=198.51.100.4 dst=203.0.113.1 type=0 code=0 id=20008 mark=0 use=1
+icmp     1 28 src=203.0.113.1 dst=198.51.100.4 type=13 code=0 id=20009 src=198.51.100.4 dst=203.0.113.1 type=14 code=0 id=20009 mark=0 use=1
+tcp      6 299 ESTABLISHED src=10.0.0.3 dst=198.51.100.5 sport=40000 dport=80 src=198.51.100.5 dst=203.0.113.1 sport=80 dport=20010 [ASSURED] mark=7 use=1
+"""
+
+
+def test_parse_table_records_the_tuples_of_what_is_not_a_session() -> None:
+    taken: dict = {}
+    t = cttext.parse_table(HOLDERS, taken)
+    assert [s.translated_port for s in t.sessions] == [20010] and t.untranslated == 5
+    # Inbound untranslated TCP: its original tuple is the reply tuple of a session 203.0.113.1:20005 -> 198.51.100.1:80.
+    assert taken[("TCP", "203.0.113.1", 20005, "198.51.100.1", 80)] == ("TCP", "198.51.100.1", 80, "203.0.113.1", 20005)
+    # The node's own outbound UDP: its reply tuple.
+    assert taken[("UDP", "203.0.113.1", 20006, "198.51.100.2", 53)] == ("UDP", "203.0.113.1", 20006, "198.51.100.2", 53)
+    # A translated flow in state NONE is no session but holds its reply tuple.
+    assert ("TCP", "203.0.113.1", 20007, "198.51.100.3", 80) in taken
+    # ICMP echo from the node: the reply direction (type 0) only; other ICMP types cannot clash.
+    assert taken[("ICMP", "203.0.113.1", 20008, "198.51.100.4", 0)] == ("ICMP", "203.0.113.1", 20008, "198.51.100.4", 0)
+    assert not any(k[2] in (20009, 20010) for k in taken)
+    # Without the dict: the same table.
+    assert cttext.parse_table(HOLDERS) == t
+
+
+def test_held_elsewhere_names_entries_whose_reply_tuple_is_taken() -> None:
+    from natmig.agent.ctbatch import held_elsewhere
+
+    taken: dict = {}
+    cttext.parse_table(HOLDERS, taken)
+    clash = NatSession("TCP", "10.0.0.9", 1234, "198.51.100.1", 80, "203.0.113.1", 20005, "ESTABLISHED", 100)
+    other_remote = dataclasses.replace(clash, src_port=1235, dst_port=81)
+    icmp = NatSession("ICMP", "10.0.0.9", 7, "198.51.100.4", 0, "203.0.113.1", 20008)
+    got = held_elsewhere([clash, other_remote, icmp], taken)
+    assert set(got) == {clash.key, icmp.key}
+    assert "198.51.100.1:80 -> 203.0.113.1:20005" in got[clash.key] and "20005" in got[clash.key]
+    assert held_elsewhere([clash], {}) == {}

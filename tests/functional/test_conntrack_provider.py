@@ -236,6 +236,56 @@ def test_kernel_refusal_part_way_is_rolled_back(net: TwoNatNet) -> None:
     assert comparable(a.list().sessions) == before
 
 
+def test_reply_tuple_held_by_an_untranslated_connection_is_refused_not_remapped(net: TwoNatNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Entries that are not sessions but hold what a session's reply tuple needs.
+    # Without the check the kernel silently gave the TCP session another
+    # public port (asked 20005, got 23090): not "exactly as given".
+    a, _ = providers(net)
+    holders = {
+        # inbound, untranslated: its original tuple is the reply tuple of 203.0.113.1:20005 <-> 198.51.100.1:80
+        "TCP": (["-p", "tcp", "-s", "198.51.100.1", "-d", PUBLIC_IP, "--sport", "80", "--dport", "20005", "--state", "ESTABLISHED"],
+                NatSession("TCP", "10.0.0.9", 1234, "198.51.100.1", 80, PUBLIC_IP, 20005, "ESTABLISHED", 100)),
+        # the node's own outbound UDP from its public address: its reply tuple
+        "UDP": (["-p", "udp", "-s", PUBLIC_IP, "-d", "198.51.100.2", "--sport", "20006", "--dport", "53", "-u", "SEEN_REPLY"],
+                NatSession("UDP", "10.0.0.9", 1235, "198.51.100.2", 53, PUBLIC_IP, 20006, None, 100)),
+        # the node's own ping from its public address: the echo reply tuple
+        "ICMP": (["-p", "icmp", "-s", PUBLIC_IP, "-d", "198.51.100.4", "--icmp-type", "8", "--icmp-code", "0", "--icmp-id", "20008"],
+                 NatSession("ICMP", "10.0.0.9", 7, "198.51.100.4", 0, PUBLIC_IP, 20008, None, 100)),
+    }
+    for args, _ in holders.values():
+        netns.run(["conntrack", "-I", *args, "-t", "200"], a.netns)
+    a.apply(synthetic(9))
+    before = comparable(a.list().sessions)
+    untranslated = a.list().untranslated
+    fresh = synthetic(6, start_port=21000, net=1)
+
+    def refused(bad: NatSession) -> dict:
+        with pytest.raises(ApplyError) as ei:
+            a.apply([*fresh[:3], bad, *fresh[3:]])
+            pytest.fail(f"{bad} was not refused")
+        assert comparable(a.list().sessions) == before, bad.protocol
+        assert a.list().untranslated == untranslated
+        return ei.value.problems
+
+    for proto, (_, bad) in holders.items():
+        problems = refused(bad)
+        assert list(problems) == [bad.key], (proto, problems)
+        assert "does not translate" in problems[bad.key] and str(bad.translated_port) in problems[bad.key]
+    # Had such a connection appeared after the check (traffic racing the
+    # batch), the kernel refuses too -- the public port is pinned -- and what
+    # was written is rolled back.
+    monkeypatch.setattr("natmig.agent.conntrack.held_elsewhere", lambda batch, taken: {})
+    for proto, (_, bad) in holders.items():
+        problems = refused(bad)
+        assert list(problems) == [bad.key], (proto, problems)
+        assert "kernel refused" in problems[bad.key], problems
+    # The same public port towards another remote is free, and given exactly.
+    ok = [dataclasses.replace(bad, dst_address="198.51.100.60") for _, bad in holders.values()]
+    a.apply(ok)
+    got = {s.key: s for s in a.list().sessions}
+    assert {s.key: got[s.key].public for s in ok} == {s.key: s.public for s in ok}
+
+
 def test_apply_replaces_existing_keys_and_fills_default_timeouts(net: TwoNatNet) -> None:
     a, _ = providers(net)
     s = NatSession("TCP", "10.0.0.9", 1234, SERVER_IP, 80, PUBLIC_IP, 26000, "ESTABLISHED", 500, False, 1)
