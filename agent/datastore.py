@@ -364,7 +364,7 @@ class Datastore:
         """Refuse entries the node cannot hold (foreign address, public port taken) before anything changes."""
         if not plan.upserts:
             return
-        base = {k: s for k, s in current.items() if k not in plan.deletes}
+        base = {k: s for k, s in current.items() if k not in plan.deletes} if plan.deletes else current
         bad = check_batch(list(plan.upserts.values()), base, self.provider.public_addresses())
         for k, why in bad.items():
             plan.upserts.pop(k, None)
@@ -425,7 +425,12 @@ class Datastore:
                 plan.control = dict(self._cand_control)
             current = {s.key: s for s in self._list()}
             plan.deletes &= current.keys()
-            self._check_provider(plan, current)
+            if plan.deletes or plan.control is not None:
+                # Checked before the first step, which apply() could not undo.
+                self._check_provider(plan, current)
+            # else: writes alone are checked by the provider's own
+            # all-or-nothing apply (the same check_batch), not twice
+            # (~0.2 s of a 100k commit).
             if plan.problems:
                 raise DatastoreError(plan.problems)
             self._apply_running(plan, current)

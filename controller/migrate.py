@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterable, Protocol, Sequence
 
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession, SessionKey
-from .plan import CatchUp, CopyPlan, compare, for_target, plan_copy
+from .plan import CatchUp, CopyPlan, compare, expected_table, for_target, plan_copy
 from .report import MigrationReport, PhaseClock, PhaseTiming
 from .steering import Steering
 
@@ -88,6 +88,7 @@ class Node(Protocol):
     def capabilities(self) -> list[str]: ...
     def module_revision(self, module: str | None = None) -> str | None: ...
     def get_sessions(self, source: str = "running") -> list[NatSession]: ...
+    # Optional: get_statistics() -> {"sessions": n, ...} (nat-statistics); without it verify re-reads the source.
     def edit_sessions(self, sessions: Iterable[NatSession], target: str = "candidate", operation: str | None = "merge") -> None: ...
     def delete_sessions(self, keys: Iterable[SessionKey] | None = None, target: str = "candidate") -> None: ...
     def set_admission(self, admit: bool, target: str = "running") -> None: ...
@@ -178,6 +179,8 @@ class Migration:
         self._target_before: list[NatSession] = []
         self._plan: CopyPlan | None = None
         self._catch = CatchUp()
+        #: every event received, in order (the source's final table is the snapshot folded with them).
+        self._events: list[tuple[str, NatSession]] = []
         self._source_admits = True
 
     # --------------------------------------------------------------- driver
@@ -307,12 +310,15 @@ class Migration:
                 if errors:
                     raise ControllerError("; ".join(errors))
         with ph.step("settle"):
-            self._catch.extend(self._sub.drain())
+            early = self._sub.drain()
+            self._events += early
+            self._catch.extend(early)
             deadline = time.perf_counter() + self.opt.settle_max
             while time.perf_counter() < deadline:
                 ev = self._sub.get(timeout=self.opt.settle)
                 if ev is None:
                     break
+                self._events.append(ev)
                 self._catch.add(*ev)
             else:
                 self.report.notes.append(f"source events did not settle within {self.opt.settle_max} s; verify will reconcile")
@@ -341,13 +347,21 @@ class Migration:
     def _verify(self, ph: Any) -> None:
         src, tgt = self._src, self._tgt
         assert src is not None and tgt is not None
-        with ph.step("read-both"):
+        count = getattr(src, "get_statistics", None)
+        with ph.step("read"):
+            # The target's whole table is read; of the frozen source only its
+            # count (nat-statistics): its table is the snapshot folded with
+            # the events, and a count equal to that table's size proves it
+            # (see _source_final).  Both at once: two agents, two sessions.
             with ThreadPoolExecutor(2) as pool:
-                fs = pool.submit(src.get_sessions, "running")
                 ft = pool.submit(tgt.get_sessions, "running")
-                at_switch, on_target = fs.result(), ft.result()
-        # Late notifications after the settle are folded in too, for the count.
-        self.report.events += len(self._sub.drain()) if self._sub is not None else 0
+                fs = pool.submit(count) if count is not None else None
+                on_target = ft.result()
+                stats = fs.result() if fs is not None else None
+        at_switch = self._source_final(stats)
+        if at_switch is None:
+            with ph.step("read-source"):
+                at_switch = src.get_sessions("running")
         verdict = compare(at_switch, on_target)
         if verdict.missing and not verdict.remapped:
             # The target still drops unknown sessions' packets, so a missing
@@ -361,7 +375,33 @@ class Migration:
         if not verdict.ok:
             raise ControllerError(f"verification failed: {verdict.describe()}")
         self.report.verified = verdict.checked
-        ph.note(verdict.describe())
+        ph.note(verdict.describe() + (" (source: its count matched the snapshot and events)" if self.report.source_check == "count" else " (source: re-read)"))
+
+    def _source_final(self, stats: dict[str, int] | None) -> list[NatSession] | None:
+        """The frozen source's table as the snapshot and every event imply it, when its count proves it; else None.
+
+        After the freeze the source creates no session, so every session it
+        holds was created before, and its ``created`` notification was sent.
+        With all of them received, the source's table is a subset of the
+        table implied by the snapshot and the events (a session closed since
+        only shrinks the real one); equal sizes then make them equal.  A
+        count that differs (a notification still on its way, a session
+        closed since) is answered by a full re-read of the source.
+        """
+        # Late notifications after the settle are folded in too.
+        late = self._sub.drain() if self._sub is not None else []
+        self._events += late
+        self.report.events += len(late)
+        if stats is None or "sessions" not in stats:
+            self.report.source_check = "read"
+            return None
+        implied = expected_table(self._snapshot, self._events)
+        if stats["sessions"] != len(implied):
+            log.info("source holds %d sessions, snapshot and events imply %d: re-reading it", stats["sessions"], len(implied))
+            self.report.source_check = "read"
+            return None
+        self.report.source_check = "count"
+        return list(implied.values())
 
     def _admit(self, ph: Any) -> None:
         tgt = self._tgt

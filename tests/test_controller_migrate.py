@@ -247,3 +247,72 @@ def test_copy_goes_in_chunks_into_the_candidate_and_one_commit():
     assert tgt.calls.count("edit-config:candidate") == 5 and tgt.calls.count("commit") == 1
     with pytest.raises(ControllerError, match="copy_chunk"):
         MigrateOptions(copy_chunk=0)
+
+
+# ------------------------------------------------- verify: the source's count
+
+
+class CountingNode(FakeNode):
+    """A node that also answers nat-statistics (as the real client's get_statistics does)."""
+
+    def get_statistics(self) -> dict[str, int]:
+        self._enter("get-statistics")
+        snap = self.provider.list()
+        return {"sessions": len(snap.sessions), "untranslated": snap.untranslated}
+
+
+def counting_setup(n: int):
+    src = CountingNode("nat1", MemoryProvider(table={s.key: s for s in sessions(n)}))
+    tgt = CountingNode("nat2", MemoryProvider())
+    return src, tgt, FakeSteering("nat1")
+
+
+def test_verify_reads_only_the_sources_count_when_it_matches_snapshot_and_events():
+    src, tgt, sw = counting_setup(40)
+    extra = sessions(2, base_port=29000)
+    gone = sessions(40)[:3]
+
+    def churn():
+        src.provider.apply(extra)
+        src.provider.delete([s.key for s in gone])
+    tgt.hooks["commit"] = churn
+    r = run(src, tgt, sw, retire="keep")
+    assert r.ok, r.error
+    assert r.source_check == "count"
+    assert src.calls.count("get-config:running") == 1  # the snapshot only: no re-read
+    assert "get-statistics" in src.calls
+    assert r.verified == 40 - 3 + 2
+    assert keys_map(tgt) == keys_map(src)
+
+
+def test_verify_rereads_the_source_when_its_count_differs_and_reconciles_a_late_session():
+    src, tgt, sw = counting_setup(10)
+    src.drop_events = True  # notifications never arrive: the count shows one more session
+    late = sessions(1, base_port=29500)[0]
+    tgt.hooks["commit"] = lambda: src.provider.apply([late])
+    r = run(src, tgt, sw)
+    assert r.ok, r.error
+    assert r.source_check == "read"
+    assert src.calls.count("get-config:running") == 2
+    assert r.reconciled == 1
+    assert keys_map(tgt)[late.key] == ("203.0.113.1", 29500)
+
+
+def test_verify_by_count_still_checks_the_whole_target():
+    src, tgt, sw = counting_setup(10)
+    victim = sessions(10)[4]
+    # The target loses one copied session before verification: it is found and written again.
+    tgt.hooks["set-admission:False"] = lambda: tgt.provider.delete([victim.key])
+    r = run(src, tgt, sw, retire="keep")
+    assert r.ok, r.error
+    assert r.source_check == "count" and r.reconciled == 1
+    assert keys_map(tgt) == keys_map(src)
+
+
+def test_verify_by_count_refuses_a_remapping_target_and_points_traffic_back():
+    src, tgt, sw = counting_setup(10)
+    tgt.remap = True
+    before = keys_map(src)
+    r = run(src, tgt, sw)
+    assert not r.ok and r.failed_phase == "verify" and "re-mapped" in r.error
+    assert sw.moves == ["nat2", "nat1"] and keys_map(src) == before
