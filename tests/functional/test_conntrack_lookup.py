@@ -59,7 +59,7 @@ def test_lookup_returns_exactly_what_list_shows_for_each_key(net: TwoNatNet) -> 
         # Injected: TCP in several states, UDP, ICMP (via netlink), assured or not, marks.
         injected = synthetic(60, start_port=22000)
         a.apply(injected)
-        # An untranslated UDP entry and an untranslated TCP one in state NONE-free ESTABLISHED.
+        # Untranslated entries: a UDP flow, and a TCP connection inbound to the public address.
         netns.run(["conntrack", "-I", "-p", "udp", "-s", CLIENT_IP, "-d", SERVER_IP, "--sport", "7000", "--dport", "53",
                    "-t", "100", "-u", "SEEN_REPLY"], node.name)
         netns.run(["conntrack", "-I", "-p", "tcp", "-s", "198.51.100.7", "-d", PUBLIC_IP, "--sport", "80", "--dport", "20999",
