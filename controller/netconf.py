@@ -20,6 +20,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -104,6 +105,29 @@ class _TextRPC(RPC):
     def _wrap(self, subele: Any) -> str:
         return f'<rpc xmlns="{NETCONF_NS}" message-id="{self._id}">{subele}</rpc>'
 
+class _RawReply(GetReply):
+    """A reply kept as text: the element tree is built only when the reply carries an rpc-error.
+
+    A 100k-session reply is a ~35 MB document whose tree alone takes ~0.4 s
+    to build; :class:`TableReply` often needs none.
+    """
+
+    def parse(self) -> None:
+        if self._parsed:
+            return
+        if "rpc-error" in self._raw:
+            super().parse()
+            return
+        self._data = None
+        self._parsed = True
+
+
+class _RawTextRPC(_TextRPC):
+    """A text RPC whose reply stays text (see :class:`_RawReply`)."""
+
+    REPLY_CLS = _RawReply
+
+
 NOTIFICATION_CAPABILITY = "urn:ietf:params:netconf:capability:notification:1.0"
 CANDIDATE_CAPABILITY = "urn:ietf:params:netconf:capability:candidate:1.0"
 MONITORING_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
@@ -149,6 +173,65 @@ class ConnectError(ControllerError):
 
 class SessionLost(ControllerError):
     """The NETCONF session ended (closed, killed, or the agent went away)."""
+
+
+class TableReply:
+    """A get-config reply of the whole nat-session list, kept as text.
+
+    :meth:`holds` answers "does this table hold every one of these sessions,
+    with the same key and mapping?" from the text alone (~0.2 s at 100k
+    entries, against ~1.1 s to build and decode the tree); :meth:`sessions`
+    decodes it fully, through the codec, when the answer is not a plain yes.
+    """
+
+    #: leaves read from the text: the keys, then the mapping (the codec writes them first, in this order).
+    MAPPING = ("translated_address", "translated_port")
+
+    def __init__(self, raw: str, codec: Codec) -> None:
+        self.raw = raw
+        self.codec = codec
+        self._decoded: list[NatSession] | None = None
+        self._found: dict[tuple[str, ...], tuple[str, ...]] | None = None
+
+    def _leaves(self) -> list[Any]:
+        by_name = {s.name: s for s in self.codec.schema.leaves}
+        return [by_name[n] for n in (*self.codec.schema.keys, *self.MAPPING)]
+
+    def _scan(self) -> dict[tuple[str, ...], tuple[str, ...]]:
+        if self._found is None:
+            # Only entries in exactly the codec's own form match; anything
+            # else is simply not found, and holds() says no (never a false yes).
+            leaves = "".join(f"<{s.name}>([^<&]*)</{s.name}>" for s in self._leaves())
+            entry = re.compile(f'<{self.codec.schema.list_name} xmlns="{re.escape(self.codec.ns)}">{leaves}')
+            k = len(self.codec.schema.keys)
+            self._found = {m[:k]: m[k:] for m in entry.findall(self.raw)}
+        return self._found
+
+    def holds(self, sessions: Iterable[NatSession]) -> bool:
+        """True when every one of ``sessions`` is in the table with the same key and mapping (False: not proven)."""
+        found = self._scan()
+        specs = self._leaves()
+        k = len(self.codec.schema.keys)
+        keys, mapping = specs[:k], specs[k:]
+        for s in sessions:
+            got = found.get(tuple(spec.text(getattr(s, spec.name)) for spec in keys))
+            if got is None or got != tuple(spec.text(getattr(s, spec.name)) for spec in mapping):
+                return False
+        return True
+
+    @property
+    def size(self) -> int:
+        """Entries found in the text (meaningful after a successful :meth:`holds`)."""
+        return len(self._scan())
+
+    def sessions(self) -> list[NatSession]:
+        """The whole table, decoded and validated by the codec."""
+        if self._decoded is None:
+            from ncclient.xml_ import to_ele
+
+            data = to_ele(self.raw, huge_tree=True).find(f"{{{NETCONF_NS}}}data")
+            self._decoded = self.codec.decode_xml(data) if data is not None else []
+        return self._decoded
 
 
 def _rpc_error(operation: str, e: nc_ops.RPCError) -> NetconfError:
@@ -349,6 +432,15 @@ class NodeClient:
         name = self.codec.schema.list_name
         inner = "" if key is None else "".join(f"<{k}>{v}</{k}>" for k, v in zip(self.codec.schema.keys, key))
         return self.codec.decode_xml(self._get_config(source, f'<{name} xmlns="{ns}">{inner}</{name}>'))
+
+    def read_table(self, source: str = "running") -> TableReply:
+        """The whole nat-session list of ``source``, kept as text (see :class:`TableReply`)."""
+        if source not in ("running", "candidate"):
+            raise ControllerError(f"get-config: source {source!r} is not running or candidate")
+        ns = self.codec.ns
+        name = self.codec.schema.list_name
+        body = f'<get-config><source><{source}/></source><filter type="subtree"><{name} xmlns="{ns}"/></filter></get-config>'
+        return TableReply(self._call("get-config", self._mgr.execute, _RawTextRPC, body)._raw, self.codec)
 
     def get_statistics(self) -> dict[str, int]:
         """The config-false nat-statistics counters (via <get>)."""

@@ -8,11 +8,13 @@ import pytest
 
 from natmig.agent.provider import MemoryProvider
 from natmig.controller.migrate import Endpoint, MigrateOptions, Migration, MigrationError, migrate
-from natmig.controller.netconf import ConnectError, HostKeyError
+from natmig.codec import NETCONF_NS, default_codec
+from natmig.controller.netconf import ConnectError, HostKeyError, TableReply
 from natmig.errors import ControllerError
 
 from .controller_fakes import FakeNode, FakeSteering, sessions
 
+CODEC = default_codec()
 PHASES = ["preflight", "copy", "catch-up", "switch", "verify", "admit", "retire"]
 
 
@@ -260,6 +262,11 @@ class CountingNode(FakeNode):
         snap = self.provider.list()
         return {"sessions": len(snap.sessions), "untranslated": snap.untranslated}
 
+    def read_table(self, source: str = "running") -> TableReply:
+        table = self.get_sessions(source)
+        body = CODEC.encode_xml(table, root=None).decode()
+        return TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body}</data></rpc-reply>', CODEC)
+
 
 def counting_setup(n: int):
     src = CountingNode("nat1", MemoryProvider(table={s.key: s for s in sessions(n)}))
@@ -316,3 +323,4 @@ def test_verify_by_count_refuses_a_remapping_target_and_points_traffic_back():
     r = run(src, tgt, sw)
     assert not r.ok and r.failed_phase == "verify" and "re-mapped" in r.error
     assert sw.moves == ["nat2", "nat1"] and keys_map(src) == before
+
