@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 #: Bytes per read from the SSH channel (ncclient reads 4 KB at a time).
 READ_SIZE = 1 << 18
+#: Bytes handed to the SSH channel per send (it takes at most one packet, 32 KB, of them).
+WRITE_PIECE = 1 << 16
 
 
 class _Parser:
@@ -85,9 +87,18 @@ class _SSHSession(nc_transport.SSHSession):
 
     def _transport_write(self, data: bytes) -> int:
         # ncclient slices the unsent rest after every partial send (data = data[n:]),
-        # copying a 30 MB edit-config ~1000 times; sendall writes it in one go.
-        self._channel.sendall(data)
-        return len(data)
+        # and so does paramiko's sendall: a 35 MB edit-config leaves in ~1100
+        # SSH packets of 32 KB, each send copying the whole rest (quadratic:
+        # a 100k-entry request took 7.4 s against 2.6 s as four of 25k).
+        # Only a piece of at most WRITE_PIECE bytes is copied per send.
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while pos < end:
+            n = self._channel.send(view[pos:pos + WRITE_PIECE].tobytes())
+            if n <= 0:
+                raise nc_transport.TransportError("the SSH channel closed while a request was being sent")
+            pos += n
+        return end
 
 
 class _TextRPC(RPC):
