@@ -256,8 +256,12 @@ class Migration:
             # on its own session while the target answers.
             with ThreadPoolExecutor(1) as pool:
                 fs = pool.submit(src.get_admission)
-                self._target_before = tgt.get_sessions("running")
-                self._st.target_admission = tgt.get_admission()
+                both = getattr(tgt, "get_sessions_and_admission", None)
+                if both is not None:
+                    self._target_before, self._st.target_admission = both("running")
+                else:
+                    self._target_before = tgt.get_sessions("running")
+                    self._st.target_admission = tgt.get_admission()
                 self._source_admits = fs.result()
         if self.source.public is not None and self.target.public is not None and not self.source.public <= self.target.public:
             raise ControllerError(

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Iterable, Iterator, Sequence
 
 import ncclient.transport.session as _nc_session
@@ -223,10 +225,18 @@ class TableReply:
         found = self._scan()
         specs = self._leaves()
         k = len(self.codec.schema.keys)
-        keys, mapping = specs[:k], specs[k:]
+        fields = attrgetter(*(spec.name for spec in specs))
+        texts = [spec.text for spec in specs]
+        if all(t is str for t in texts):
+            # The usual leaves (enum, addresses, ports) print with str: one map per entry.
+            for s in sessions:
+                v = tuple(map(str, fields(s)))
+                if found.get(v[:k]) != v[k:]:
+                    return False
+            return True
         for s in sessions:
-            got = found.get(tuple(spec.text(getattr(s, spec.name)) for spec in keys))
-            if got is None or got != tuple(spec.text(getattr(s, spec.name)) for spec in mapping):
+            v = tuple(t(x) for t, x in zip(texts, fields(s)))
+            if found.get(v[:k]) != v[k:]:
                 return False
         return True
 
@@ -243,6 +253,28 @@ class TableReply:
             data = to_ele(self.raw, huge_tree=True).find(f"{{{NETCONF_NS}}}data")
             self._decoded = self.codec.decode_xml(data) if data is not None else []
         return self._decoded
+
+
+def _tcp_socket(host: str, port: int, timeout: float, where: str) -> socket.socket:
+    """A connected TCP socket with Nagle's algorithm off.
+
+    ncclient's own socket keeps it on: a small SSH message written while the
+    previous one is unacknowledged then waits for the peer's delayed ACK
+    (~40 ms).  Measured: opening a session took ~90 ms in most tries and
+    ~7 ms in the others; with TCP_NODELAY, ~7 ms each time.
+    """
+    last: OSError | None = None
+    for af, socktype, proto, _, sa in socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM):
+        sock = socket.socket(af, socktype, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.connect(sa)
+            return sock
+        except OSError as e:
+            sock.close()
+            last = e
+    raise ConnectError(f"{where}: cannot open a NETCONF session: {last or 'no address'}")
 
 
 def _rpc_error(operation: str, e: nc_ops.RPCError) -> NetconfError:
@@ -334,7 +366,7 @@ class NodeClient:
             session.connect(
                 host, port, timeout=timeout, username=username, password=password,
                 key_filename=key_filename, allow_agent=False, look_for_keys=False,
-                hostkey_verify=hostkey_verify,
+                hostkey_verify=hostkey_verify, sock=_tcp_socket(host, port, timeout, where),
             )
         except nc_transport.SSHUnknownHostError as e:
             raise HostKeyError(
@@ -452,6 +484,13 @@ class NodeClient:
         name = self.codec.schema.list_name
         body = f'<get-config><source><{source}/></source><filter type="subtree"><{name} xmlns="{ns}"/></filter></get-config>'
         return TableReply(self._call("get-config", self._mgr.execute, _RawTextRPC, body)._raw, self.codec)
+
+    def get_sessions_and_admission(self, source: str = "running") -> tuple[list[NatSession], bool]:
+        """The nat-session table and nat-control/admit-new-sessions of ``source``, in one get-config."""
+        ns = self.codec.ns
+        data = self._get_config(source, f'<{self.codec.schema.list_name} xmlns="{ns}"/><{self.codec.schema.control_name} xmlns="{ns}"/>')
+        values = self.codec.decode_control_xml(data) or {}
+        return self.codec.decode_xml(data), bool(values.get("admit-new-sessions", True))
 
     def get_statistics(self) -> dict[str, int]:
         """The config-false nat-statistics counters (via <get>)."""

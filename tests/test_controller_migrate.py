@@ -262,6 +262,10 @@ class CountingNode(FakeNode):
         snap = self.provider.list()
         return {"sessions": len(snap.sessions), "untranslated": snap.untranslated}
 
+    def get_sessions_and_admission(self, source: str = "running"):
+        self._enter(f"get-config+control:{source}")
+        return list(self.provider.list().sessions), self.provider.admission()
+
     def read_table(self, source: str = "running") -> TableReply:
         table = self.get_sessions(source)
         body = CODEC.encode_xml(table, root=None).decode()
@@ -324,3 +328,13 @@ def test_verify_by_count_refuses_a_remapping_target_and_points_traffic_back():
     assert not r.ok and r.failed_phase == "verify" and "re-mapped" in r.error
     assert sw.moves == ["nat2", "nat1"] and keys_map(src) == before
 
+
+
+def test_preflight_reads_the_targets_table_and_admission_in_one_request_and_a_failure_restores_that_admission():
+    src, tgt, sw = counting_setup(10)
+    tgt.provider.set_admission(False)  # an operator had closed it
+    tgt.fail["commit"] = ControllerError("commit refused")
+    r = run(src, tgt, sw)
+    assert not r.ok and r.failed_phase == "copy"
+    assert "get-config+control:running" in tgt.calls and "get-admission" not in tgt.calls
+    assert tgt.provider.admission() is False and src.provider.admission() is True
