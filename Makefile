@@ -47,8 +47,10 @@ test: setup
 test-unit: venv
 	$(PY) -m pytest -m 'not root'
 
+# Benchmarks run from bench/out/, where those that write files (JSON, PNG) leave them.
 bench: setup
-	@for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	@mkdir -p bench/out
+	@for b in bench/bench_*.py; do echo "== $$b"; (cd bench/out && $(CURDIR)/$(PY) $(CURDIR)/$$b) || exit 1; done
 
 demo: setup
 	$(VENV)/bin/natmig demo
