@@ -40,7 +40,7 @@ from ncclient.transport.session import NetconfBase
 
 from ..agent.framing import Deframer, FramingError
 from ..codec import NETCONF_NS, Codec, default_codec
-from ..errors import ControllerError
+from ..errors import CodecError, ControllerError
 from ..model import NatSession, SessionKey
 
 # ncclient's transport thread waits up to TICK seconds in select() before it
@@ -253,6 +253,40 @@ class TableReply:
             data = to_ele(self.raw, huge_tree=True).find(f"{{{NETCONF_NS}}}data")
             self._decoded = self.codec.decode_xml(data) if data is not None else []
         return self._decoded
+
+
+def _slices(reply: "TableReply", size: int, pieces: int = 1) -> Iterator[list[NatSession]]:
+    """The entries of a get-config reply's text, decoded by the codec at most ``size`` at a time (see NodeClient.session_chunks)."""
+    raw, codec = reply.raw, reply.codec
+    start, end = raw.find("<data>"), raw.rfind("</data>")
+    close = f"</{codec.schema.list_name}>"
+    if pieces > 1:
+        size = max(1, min(size, -(-raw.count(close) // pieces)))
+    done = 0
+    if 0 <= start < end:
+        pos = start + len("<data>")
+        try:
+            while pos < end:
+                cut = pos
+                for _ in range(size):
+                    i = raw.find(close, cut, end)
+                    if i < 0:
+                        cut = end
+                        break
+                    cut = i + len(close)
+                # Each slice is a document of its own, decoded and validated by
+                # the codec; an entry the slice would cut wrongly fails there.
+                part = codec.decode_xml(f'<data xmlns="{NETCONF_NS}">{raw[pos:cut]}</data>')
+                pos = cut
+                done += len(part)
+                if part:
+                    yield part
+            return
+        except CodecError:
+            pass  # not a plain sequence of entries: decode the whole reply below
+    rest = reply.sessions()[done:]
+    for i in range(0, len(rest), size):
+        yield rest[i:i + size]
 
 
 def _tcp_socket(host: str, port: int, timeout: float, where: str) -> socket.socket:
@@ -484,6 +518,27 @@ class NodeClient:
         name = self.codec.schema.list_name
         body = f'<get-config><source><{source}/></source><filter type="subtree"><{name} xmlns="{ns}"/></filter></get-config>'
         return TableReply(self._call("get-config", self._mgr.execute, _RawTextRPC, body)._raw, self.codec)
+
+    def session_chunks(self, source: str = "running", size: int = 25_000, pieces: int = 1) -> Iterator[list[NatSession]]:
+        """The whole table of ``source``, read now, then decoded at most ``size`` entries at a time.
+
+        With ``pieces`` > 1 a smaller table is cut into that many slices too
+        (so that writing one overlaps decoding the next).
+
+        The reply is fetched before this returns; the decoding (the codec's,
+        every leaf validated) happens as the result is iterated, so a caller
+        can write one slice elsewhere while the next is decoded.  A reply
+        that is not a plain sequence of entries inside ``<data>`` is decoded
+        whole, as :meth:`get_sessions` does, and handed out in slices.
+        """
+        if source not in ("running", "candidate"):
+            raise ControllerError(f"get-config: source {source!r} is not running or candidate")
+        if size < 1:
+            raise ControllerError(f"session_chunks: size {size} must be at least 1")
+        ns = self.codec.ns
+        name = self.codec.schema.list_name
+        body = f'<get-config><source><{source}/></source><filter type="subtree"><{name} xmlns="{ns}"/></filter></get-config>'
+        return _slices(TableReply(self._call("get-config", self._mgr.execute, _RawTextRPC, body)._raw, self.codec), size, pieces)
 
     def get_sessions_and_admission(self, source: str = "running") -> tuple[list[NatSession], bool]:
         """The nat-session table and nat-control/admit-new-sessions of ``source``, in one get-config."""

@@ -262,6 +262,11 @@ class CountingNode(FakeNode):
         snap = self.provider.list()
         return {"sessions": len(snap.sessions), "untranslated": snap.untranslated}
 
+    def session_chunks(self, source: str = "running", size: int = 25_000, pieces: int = 1):
+        self._enter(f"get-config:{source}")
+        table = list(self.provider.list().sessions)
+        return iter([table[i:i + size] for i in range(0, len(table), size)])
+
     def get_sessions_and_admission(self, source: str = "running"):
         self._enter(f"get-config+control:{source}")
         return list(self.provider.list().sessions), self.provider.admission()
@@ -338,3 +343,47 @@ def test_preflight_reads_the_targets_table_and_admission_in_one_request_and_a_fa
     assert not r.ok and r.failed_phase == "copy"
     assert "get-config+control:running" in tgt.calls and "get-admission" not in tgt.calls
     assert tgt.provider.admission() is False and src.provider.admission() is True
+
+
+
+# ------------------------------------------- copy: decoded while the target writes
+
+
+def test_copy_into_an_idle_target_streams_slices_into_the_candidate_then_commits():
+    src, tgt, sw = counting_setup(95)
+    before = keys_map(src)
+    r = run(src, tgt, sw, retire="keep", copy_chunk=20)
+    assert r.ok, r.error
+    assert tgt.calls.count("edit-config:candidate") == 5  # 20+20+20+20+15
+    last_edit = len(tgt.calls) - 1 - tgt.calls[::-1].index("edit-config:candidate")
+    assert last_edit < tgt.calls.index("commit")
+    assert keys_map(tgt) == before and r.copied == 95 and r.verified == 95
+    assert "decode+edit-config" in r.phases[1].steps
+
+
+def test_copy_into_a_target_holding_sessions_is_not_streamed():
+    src, tgt, sw = counting_setup(30)
+    own = sessions(2, base_port=40000, first=5000)
+    tgt.provider.apply(own)
+    r = run(src, tgt, sw, retire="keep", copy_chunk=10)
+    assert r.ok, r.error
+    assert "decode+edit-config" not in r.phases[1].steps and "edit-config" in r.phases[1].steps
+    assert set(keys_map(tgt)) == set(keys_map(src)) | {s.key for s in own}
+
+
+def test_streamed_copy_refused_by_the_target_discards_the_candidate():
+    src, tgt, sw = counting_setup(50)
+    tgt.fail["edit-config:candidate"] = ControllerError("candidate refused")
+    r = run(src, tgt, sw, copy_chunk=10)
+    assert not r.ok and r.failed_phase == "copy" and "candidate refused" in r.error
+    assert "discard" in tgt.calls and "commit" not in tgt.calls
+    assert keys_map(tgt) == {} and sw.moves == [] and r.traffic_on == "nat1"
+
+
+def test_streamed_copy_whose_plan_fails_commits_nothing():
+    src, tgt, sw = counting_setup(30)
+    m = Migration(Endpoint("nat1", lambda: src), Endpoint("nat2", lambda: tgt, public={"203.0.113.9"}), sw, MigrateOptions(copy_chunk=10))
+    r = m.run()
+    assert not r.ok and r.failed_phase == "copy" and "does not own" in r.error
+    assert "discard" in tgt.calls and "commit" not in tgt.calls
+    assert keys_map(tgt) == {} and sw.moves == []

@@ -69,3 +69,48 @@ def test_a_reply_kept_as_text_still_surfaces_its_rpc_error():
     assert r.error is not None and r.error.tag == "in-use"
     ok = _RawReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="8"><data></data></rpc-reply>', huge_tree=True)
     assert ok.error is None and ok.xml.endswith("</rpc-reply>")
+
+
+# ------------------------------------------------ session_chunks' slicing
+
+
+import pytest  # noqa: E402
+
+from natmig.controller.netconf import _slices  # noqa: E402
+from natmig.errors import CodecError  # noqa: E402
+
+
+@pytest.mark.parametrize("n,size", [(0, 3), (1, 3), (7, 3), (9, 3), (10, 1)])
+def test_slices_of_the_agents_reply_add_up_to_the_table(n, size):
+    table = sessions(n) + sessions(n, proto="UDP")
+    parts = list(_slices(reply_of(table), size))
+    assert [s for p in parts for s in p] == table
+    assert all(0 < len(p) <= size for p in parts)
+
+
+def test_a_reply_in_another_shape_is_sliced_after_a_whole_decode():
+    # Entries under a prefix declared on <data>: one slice alone would lose the
+    # declaration, so the whole reply is decoded instead, in the same order.
+    table = sessions(5)
+    body = CODEC.encode_xml(table, root=None).decode()
+    body = body.replace("<nat-session ", "<n:nat-session ").replace("</nat-session>", "</n:nat-session>")
+    r = TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="7"><data xmlns:n="{CODEC.ns}">{body}</data></rpc-reply>', CODEC)
+    with pytest.raises(CodecError):
+        CODEC.decode_xml(f'<data xmlns="{NETCONF_NS}">{body}</data>')  # what one slice alone would be
+    parts = list(_slices(r, 2))
+    assert [s for p in parts for s in p] == table and [len(p) for p in parts] == [2, 2, 1]
+
+
+def test_a_bad_value_in_a_slice_is_refused_by_the_codec():
+    table = sessions(4)
+    raw = reply_of(table).raw.replace("<src_port>1025</src_port>", "<src_port>99999</src_port>")
+    with pytest.raises(CodecError):
+        list(_slices(TableReply(raw, CODEC), 2))
+
+
+@pytest.mark.parametrize("n,size,pieces,lengths", [(10, 25, 4, [3, 3, 3, 1]), (10, 2, 4, [2] * 5), (3, 25, 4, [1, 1, 1]), (0, 25, 4, [])])
+def test_a_small_table_is_still_cut_in_pieces(n, size, pieces, lengths):
+    table = sessions(n)
+    parts = list(_slices(reply_of(table), size, pieces))
+    assert [len(p) for p in parts] == lengths
+    assert [s for p in parts for s in p] == table
