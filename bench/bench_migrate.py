@@ -11,7 +11,7 @@ For each table size N, on one testbed (both NAT nodes with their agents):
    and the largest gap the probe saw are recorded;
 4. the tables are flushed and traffic is pointed back for the next size.
 
-The controller and the agents run niced (10) while the switch daemons and
+The controller and the agents run niced (19) while the switch daemons and
 the traffic programs do not: on this one machine those stand in for
 hardware and other machines (see docs/controller.md).
 

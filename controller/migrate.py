@@ -65,6 +65,7 @@ log = logging.getLogger(__name__)
 
 WRITABLE_RUNNING = "urn:ietf:params:netconf:capability:writable-running:1.0"
 RETIRE_MODES = ("delete", "keep", "stop")
+VERIFY_SOURCE = ("count", "read")
 
 
 class MigrationError(ControllerError):
@@ -133,6 +134,10 @@ class MigrateOptions:
     settle_max: float = 1.0
     freeze_source: bool = True
     copy_chunk: int = 25_000
+    #: how verify knows the frozen source's table: "count" (its nat-statistics
+    #: count against the snapshot and the events; a re-read when they differ)
+    #: or "read" (always re-read it whole: slower, needs no notification).
+    verify_source: str = "count"
 
     def __post_init__(self) -> None:
         if self.retire not in RETIRE_MODES:
@@ -141,6 +146,8 @@ class MigrateOptions:
             raise ControllerError(f"settle: need 0 <= settle ({self.settle}) <= settle_max ({self.settle_max})")
         if self.copy_chunk < 1:
             raise ControllerError(f"copy_chunk: {self.copy_chunk} must be at least 1")
+        if self.verify_source not in VERIFY_SOURCE:
+            raise ControllerError(f"verify_source: {self.verify_source!r} is not one of {', '.join(VERIFY_SOURCE)}")
 
 
 @dataclass
@@ -401,7 +408,7 @@ class Migration:
     def _verify(self, ph: Any) -> None:
         src, tgt = self._src, self._tgt
         assert src is not None and tgt is not None
-        count = getattr(src, "get_statistics", None)
+        count = getattr(src, "get_statistics", None) if self.opt.verify_source == "count" else None
         read_table = getattr(tgt, "read_table", None)
         with ph.step("read"):
             # The target's whole table is read; of the frozen source only its

@@ -301,6 +301,19 @@ def test_verify_reads_only_the_sources_count_when_it_matches_snapshot_and_events
     assert keys_map(tgt) == keys_map(src)
 
 
+def test_verify_source_read_always_rereads_the_source():
+    src, tgt, sw = counting_setup(12)
+    r = run(src, tgt, sw, retire="keep", verify_source="read")
+    assert r.ok, r.error
+    assert r.source_check == "read" and "get-statistics" not in src.calls
+    assert src.calls.count("get-config:running") == 2 and r.verified == 12
+
+
+def test_an_unknown_verify_source_is_refused():
+    with pytest.raises(ControllerError, match="verify_source"):
+        MigrateOptions(verify_source="maybe")
+
+
 def test_verify_rereads_the_source_when_its_count_differs_and_reconciles_a_late_session():
     src, tgt, sw = counting_setup(10)
     src.drop_events = True  # notifications never arrive: the count shows one more session
