@@ -354,7 +354,7 @@ class Datastore:
                 if plan.control is not None:
                     self._cand_control = plan.control
             else:
-                self._apply_running(plan, current)
+                self._apply_running(plan, current, control)
             if plan.problems:
                 # continue-on-error: the rest was applied; report what was not.
                 raise DatastoreError(plan.problems)
@@ -370,13 +370,17 @@ class Datastore:
             plan.upserts.pop(k, None)
             plan.problems.append(provider_problem(k, why))
 
-    def _apply_running(self, plan: Plan, current: dict[SessionKey, NatSession]) -> None:
+    def _apply_running(self, plan: Plan, current: dict[SessionKey, NatSession], control: dict[str, Any] | None = None) -> None:
         """nat-control, then deletes, then writes; on a failure put back what was changed.
 
         apply() is all-or-nothing, so only the earlier steps can need undoing.
+        ``control``: running's nat-control when the caller has just read it.
         """
         removed = [current[k] for k in plan.deletes if k in current]
-        old_admit = self.provider.admission()
+        # What a rollback restores; read (an nft call) only when this edit changes it.
+        old_admit: bool | None = None
+        if plan.control is not None:
+            old_admit = bool(control["admit-new-sessions"]) if control is not None else self.provider.admission()
         try:
             if plan.control is not None:
                 self.provider.set_admission(bool(plan.control["admit-new-sessions"]))
@@ -390,11 +394,12 @@ class Datastore:
                 raise DatastoreError([provider_problem(k, why) for k, why in e.problems.items()]) from e
             raise refuse("operation-failed", f"the node refused the change, nothing was applied: {e}") from e
 
-    def _rollback(self, removed: list[NatSession], old_admit: bool) -> None:
+    def _rollback(self, removed: list[NatSession], old_admit: bool | None) -> None:
         try:
             if removed:
                 self.provider.apply(removed)
-            self.provider.set_admission(old_admit)
+            if old_admit is not None:
+                self.provider.set_admission(old_admit)
         except ProviderError as e:  # the node refused its own previous state
             log.error("rollback failed, the table may differ from before the edit: %s", e)
 
