@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..codec import Codec, EditEntry
 from ..errors import AgentError, CodecError, ProviderError
-from ..model import FIELD_NAMES, NatSession, SessionKey, format_key
+from ..model import FIELD_NAMES, NatSession, SessionKey, format_key, table_digest
 from .provider import ApplyError, SessionProvider, check_batch
 
 log = logging.getLogger(__name__)
@@ -297,10 +297,10 @@ class Datastore:
             # Reading nat-control of running asks the node (an nft call): skip it when not wanted.
             return sessions, self.running_control() if with_control else {}
 
-    def statistics(self) -> dict[str, int]:
-        """The nat-statistics counters, read now."""
+    def statistics(self) -> dict[str, Any]:
+        """The nat-statistics leaves, read now (the digest: see the module and model.table_digest)."""
         snap = self._snapshot()
-        return {"sessions": len(snap.sessions), "untranslated": snap.untranslated}
+        return {"sessions": len(snap.sessions), "untranslated": snap.untranslated, "digest": table_digest(snap.sessions)}
 
     def _snapshot(self) -> Any:
         try:

@@ -654,7 +654,7 @@ class yc_nat_statistics_nat_session__nat_statistics(PybindBase):
 
   YANG Description: Counters of the session table as last read from the node.
   """
-  __slots__ = ('_path_helper', '_extmethods', '__sessions','__untranslated',)
+  __slots__ = ('_path_helper', '_extmethods', '__sessions','__untranslated','__digest',)
 
   _yang_name = 'nat-statistics'
   _yang_namespace = 'urn:natmig:yang:nat-session'
@@ -668,6 +668,7 @@ class yc_nat_statistics_nat_session__nat_statistics(PybindBase):
     self._extmethods = False
     self.__sessions = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="sessions", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:natmig:yang:nat-session', defining_module='nat-session', yang_type='uint32', is_config=False)
     self.__untranslated = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="untranslated", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:natmig:yang:nat-session', defining_module='nat-session', yang_type='uint32', is_config=False)
+    self.__digest = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '[0-9a-f]{16}'}), is_leaf=True, yang_name="digest", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:natmig:yang:nat-session', defining_module='nat-session', yang_type='string', is_config=False)
 
     load = kwargs.pop("load", None)
     if args:
@@ -771,11 +772,67 @@ are therefore not part of the nat-session list.
   def _unset_untranslated(self):
     self.__untranslated = YANGDynClass(base=RestrictedClassType(base_type=long, restriction_dict={'range': ['0..4294967295']}, int_size=32), is_leaf=True, yang_name="untranslated", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:natmig:yang:nat-session', defining_module='nat-session', yang_type='uint32', is_config=False)
 
+
+  def _get_digest(self):
+    """
+    Getter method for digest, mapped from YANG variable /nat_statistics/digest (string)
+
+    YANG Description: A fingerprint of the nat-session list that does not depend on
+order: the exclusive-or, over all sessions, of the first 8
+bytes of the SHA-256 of the text 'protocol src_address
+src_port dst_address dst_port translated_address
+translated_port' (the values in canonical form, separated by
+single spaces), written as 16 lowercase hexadecimal digits.
+Two tables with the same digest hold the same sessions with
+the same mappings, but for a 2^-64 chance.  A controller
+compares it with the table it expects instead of reading the
+whole table.
+    """
+    return self.__digest
+      
+  def _set_digest(self, v, load=False):
+    """
+    Setter method for digest, mapped from YANG variable /nat_statistics/digest (string)
+    If this variable is read-only (config: false) in the
+    source YANG file, then _set_digest is considered as a private
+    method. Backends looking to populate this variable should
+    do so via calling thisObj._set_digest() directly.
+
+    YANG Description: A fingerprint of the nat-session list that does not depend on
+order: the exclusive-or, over all sessions, of the first 8
+bytes of the SHA-256 of the text 'protocol src_address
+src_port dst_address dst_port translated_address
+translated_port' (the values in canonical form, separated by
+single spaces), written as 16 lowercase hexadecimal digits.
+Two tables with the same digest hold the same sessions with
+the same mappings, but for a 2^-64 chance.  A controller
+compares it with the table it expects instead of reading the
+whole table.
+    """
+    if hasattr(v, "_utype"):
+      v = v._utype(v)
+    try:
+      t = YANGDynClass(v,base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '[0-9a-f]{16}'}), is_leaf=True, yang_name="digest", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:natmig:yang:nat-session', defining_module='nat-session', yang_type='string', is_config=False)
+    except (TypeError, ValueError):
+      raise ValueError({
+          'error-string': """digest must be of a type compatible with string""",
+          'defined-type': "string",
+          'generated-type': """YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '[0-9a-f]{16}'}), is_leaf=True, yang_name="digest", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:natmig:yang:nat-session', defining_module='nat-session', yang_type='string', is_config=False)""",
+        })
+
+    self.__digest = t
+    if hasattr(self, '_set'):
+      self._set()
+
+  def _unset_digest(self):
+    self.__digest = YANGDynClass(base=RestrictedClassType(base_type=str, restriction_dict={'pattern': '[0-9a-f]{16}'}), is_leaf=True, yang_name="digest", parent=self, path_helper=self._path_helper, extmethods=self._extmethods, register_paths=True, namespace='urn:natmig:yang:nat-session', defining_module='nat-session', yang_type='string', is_config=False)
+
   sessions = __builtin__.property(_get_sessions)
   untranslated = __builtin__.property(_get_untranslated)
+  digest = __builtin__.property(_get_digest)
 
 
-  _pyangbind_elements = OrderedDict([('sessions', sessions), ('untranslated', untranslated), ])
+  _pyangbind_elements = OrderedDict([('sessions', sessions), ('untranslated', untranslated), ('digest', digest), ])
 
 
 class nat_session(PybindBase):

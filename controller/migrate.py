@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 from ..errors import ControllerError, NatmigError
-from ..model import NatSession, SessionKey
+from ..model import NatSession, SessionKey, table_digest
 from .plan import CatchUp, CopyPlan, Verdict, compare, expected_table, for_target, plan_copy
 from .report import MigrationReport, PhaseClock, PhaseTiming
 from .steering import Steering
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 
 WRITABLE_RUNNING = "urn:ietf:params:netconf:capability:writable-running:1.0"
 RETIRE_MODES = ("delete", "keep", "stop")
-VERIFY_SOURCE = ("count", "read")
+VERIFY_SOURCE = ("digest", "read")
 
 
 class MigrationError(ControllerError):
@@ -134,10 +134,10 @@ class MigrateOptions:
     settle_max: float = 1.0
     freeze_source: bool = True
     copy_chunk: int = 25_000
-    #: how verify knows the frozen source's table: "count" (its nat-statistics
-    #: count against the snapshot and the events; a re-read when they differ)
-    #: or "read" (always re-read it whole: slower, needs no notification).
-    verify_source: str = "count"
+    #: how verify knows the frozen source's table: "digest" (its nat-statistics
+    #: digest against the snapshot folded with the events; a re-read when they
+    #: differ) or "read" (always re-read it whole: slower, needs no notification).
+    verify_source: str = "digest"
 
     def __post_init__(self) -> None:
         if self.retire not in RETIRE_MODES:
@@ -408,13 +408,13 @@ class Migration:
     def _verify(self, ph: Any) -> None:
         src, tgt = self._src, self._tgt
         assert src is not None and tgt is not None
-        count = getattr(src, "get_statistics", None) if self.opt.verify_source == "count" else None
+        count = getattr(src, "get_statistics", None) if self.opt.verify_source == "digest" else None
         read_table = getattr(tgt, "read_table", None)
         with ph.step("read"):
             # The target's whole table is read; of the frozen source only its
-            # count (nat-statistics): its table is the snapshot folded with
-            # the events, and a count equal to that table's size proves it
-            # (see _source_final).  Both at once: two agents, two sessions.
+            # digest (nat-statistics): its table is the snapshot folded with
+            # the events, and an equal digest proves it (see _source_final).
+            # Both at once: two agents, two sessions.
             with ThreadPoolExecutor(2) as pool:
                 ft = pool.submit(read_table, "running") if read_table is not None else pool.submit(tgt.get_sessions, "running")
                 fs = pool.submit(count) if count is not None else None
@@ -445,18 +445,16 @@ class Migration:
         if not verdict.ok:
             raise ControllerError(f"verification failed: {verdict.describe()}")
         self.report.verified = verdict.checked
-        ph.note(verdict.describe() + (" (source: its count matched the snapshot and events)" if self.report.source_check == "count" else " (source: re-read)"))
+        ph.note(verdict.describe() + (" (source: its digest matched the snapshot and events)" if self.report.source_check == "digest" else " (source: re-read)"))
 
-    def _source_final(self, stats: dict[str, int] | None) -> list[NatSession] | None:
-        """The frozen source's table as the snapshot and every event imply it, when its count proves it; else None.
+    def _source_final(self, stats: dict[str, Any] | None) -> list[NatSession] | None:
+        """The frozen source's table as the snapshot and every event imply it, when its digest proves it; else None.
 
-        After the freeze the source creates no session, so every session it
-        holds was created before, and its ``created`` notification was sent.
-        With all of them received, the source's table is a subset of the
-        table implied by the snapshot and the events (a session closed since
-        only shrinks the real one); equal sizes then make them equal.  A
-        count that differs (a notification still on its way, a session
-        closed since) is answered by a full re-read of the source.
+        The source computes the digest of its real table (nat-statistics);
+        the controller computes it over the snapshot folded with every event
+        received.  Equal digests mean equal tables: every key and mapping.
+        Any difference (a notification still on its way, in either
+        direction) is answered by a full re-read of the source.
         """
         # Late notifications after the settle are folded in too.
         late = self._sub.drain() if self._sub is not None else []
@@ -466,11 +464,15 @@ class Migration:
             self.report.source_check = "read"
             return None
         implied = expected_table(self._snapshot, self._events)
-        if stats["sessions"] != len(implied):
-            log.info("source holds %d sessions, snapshot and events imply %d: re-reading it", stats["sessions"], len(implied))
+        # The count alone would miss a created and a destroyed notification
+        # both still on their way (they cancel out); the digest covers every
+        # key and mapping, so only an equal table passes.
+        if stats.get("digest") != table_digest(implied.values()):
+            log.info("source holds %d sessions (digest %s), snapshot and events imply %d: re-reading it",
+                     stats["sessions"], stats.get("digest"), len(implied))
             self.report.source_check = "read"
             return None
-        self.report.source_check = "count"
+        self.report.source_check = "digest"
         return list(implied.values())
 
     def _admit(self, ph: Any) -> None:

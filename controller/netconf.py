@@ -547,15 +547,18 @@ class NodeClient:
         values = self.codec.decode_control_xml(data) or {}
         return self.codec.decode_xml(data), bool(values.get("admit-new-sessions", True))
 
-    def get_statistics(self) -> dict[str, int]:
-        """The config-false nat-statistics counters (via <get>)."""
+    def get_statistics(self) -> dict[str, Any]:
+        """The config-false nat-statistics leaves (via <get>), typed by the module (counts as int, digest as str)."""
         ns = self.codec.ns
         name = self.codec.schema.stats_name
+        specs = {s.name: s for s in self.codec.schema.stats_leaves}
         data = self._text("get", f'<get><filter type="subtree"><{name} xmlns="{ns}"/></filter></get>').data_ele
-        out: dict[str, int] = {}
+        out: dict[str, Any] = {}
         for cont in data.iter(f"{{{ns}}}{name}"):
             for leaf in cont:
-                out[etree.QName(leaf).localname] = int(leaf.text)
+                spec = specs.get(etree.QName(leaf).localname)
+                if spec is not None:
+                    out[spec.name] = spec.parse(leaf.text or "")
         return out
 
     def get_admission(self, source: str = "running") -> bool:

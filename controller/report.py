@@ -47,8 +47,8 @@ class MigrationReport:
     caught_up_deleted: int = 0
     reconciled: int = 0
     verified: int = 0
-    #: how verify knew the frozen source's table: "count" (its nat-statistics
-    #: count matched the snapshot folded with the events) or "read" (re-read).
+    #: how verify knew the frozen source's table: "digest" (its nat-statistics
+    #: digest matched the snapshot folded with the events) or "read" (re-read).
     source_check: str | None = None
     retired: int = 0
     phases: list[PhaseTiming] = field(default_factory=list)

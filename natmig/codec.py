@@ -141,10 +141,10 @@ class Codec:
             parts.append(f"</nc:{root}>")
         return "".join(parts).encode()
 
-    def encode_statistics_xml(self, counters: dict[str, int]) -> bytes:
+    def encode_statistics_xml(self, counters: dict[str, Any]) -> bytes:
         """The config-false statistics container, for <get> replies."""
-        known = {s.name for s in self.schema.stats_leaves}
-        inner = "".join(f"<{k}>{int(v)}</{k}>" for k, v in counters.items() if k in known)
+        specs = {s.name: s for s in self.schema.stats_leaves}
+        inner = "".join(f"<{k}>{specs[k].text(v)}</{k}>" for k, v in counters.items() if k in specs)
         name = self.schema.stats_name
         return f'<{name} xmlns="{self.ns}">{inner}</{name}>'.encode()
 

@@ -6,6 +6,7 @@ two agree, so the record cannot drift from the module.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
 from typing import Iterable
 
@@ -69,3 +70,16 @@ def format_key(key: Iterable[object]) -> str:
 def index_by_key(sessions: Iterable[NatSession]) -> dict[SessionKey, NatSession]:
     """Sessions by key (the last one wins; use the codec to refuse duplicates)."""
     return {s.key: s for s in sessions}
+
+
+def table_digest(sessions: Iterable[NatSession]) -> str:
+    """The order-independent fingerprint of a table (nat-statistics/digest in the module).
+
+    XOR of the first 8 bytes of SHA-256 of each session's key and mapping:
+    adding or removing a session changes it, and so does a changed mapping.
+    """
+    acc = 0
+    for s in sessions:
+        text = f"{s.protocol} {s.src_address} {s.src_port} {s.dst_address} {s.dst_port} {s.translated_address} {s.translated_port}"
+        acc ^= int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+    return f"{acc:016x}"

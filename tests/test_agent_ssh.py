@@ -22,7 +22,7 @@ from natmig.agent.provider import MemoryProvider
 from natmig.agent.server import Agent, AgentConfig
 from natmig.codec import NETCONF_NS, default_codec
 from natmig.controller.netconf import ConnectError, HostKeyError, NetconfError, NodeClient, SessionLost
-from natmig.model import NatSession
+from natmig.model import NatSession, table_digest
 
 CLIENT_HELLO_10 = f'<hello xmlns="{NETCONF_NS}"><capabilities><capability>urn:ietf:params:netconf:base:1.0</capability></capabilities></hello>'.encode()
 
@@ -133,7 +133,7 @@ def test_ncclient_session_and_typed_client(agent: RunningAgent) -> None:
         assert c.get_sessions() == []
         c.set_admission(False)
         assert c.get_admission() is False and agent.provider.admission() is False
-        assert c.get_statistics() == {"sessions": 0, "untranslated": 0}
+        assert c.get_statistics() == {"sessions": 0, "untranslated": 0, "digest": table_digest([])}
         assert "module nat-session" in c.get_schema()
 
 

@@ -11,6 +11,7 @@ from natmig.controller.migrate import Endpoint, MigrateOptions, Migration, Migra
 from natmig.codec import NETCONF_NS, default_codec
 from natmig.controller.netconf import ConnectError, HostKeyError, TableReply
 from natmig.errors import ControllerError
+from natmig.model import table_digest
 
 from .controller_fakes import FakeNode, FakeSteering, sessions
 
@@ -251,16 +252,16 @@ def test_copy_goes_in_chunks_into_the_candidate_and_one_commit():
         MigrateOptions(copy_chunk=0)
 
 
-# ------------------------------------------------- verify: the source's count
+# ------------------------------------------------- verify: the source's digest
 
 
 class CountingNode(FakeNode):
     """A node that also answers nat-statistics (as the real client's get_statistics does)."""
 
-    def get_statistics(self) -> dict[str, int]:
+    def get_statistics(self) -> dict[str, object]:
         self._enter("get-statistics")
         snap = self.provider.list()
-        return {"sessions": len(snap.sessions), "untranslated": snap.untranslated}
+        return {"sessions": len(snap.sessions), "untranslated": snap.untranslated, "digest": table_digest(snap.sessions)}
 
     def session_chunks(self, source: str = "running", size: int = 25_000, pieces: int = 1):
         self._enter(f"get-config:{source}")
@@ -283,7 +284,7 @@ def counting_setup(n: int):
     return src, tgt, FakeSteering("nat1")
 
 
-def test_verify_reads_only_the_sources_count_when_it_matches_snapshot_and_events():
+def test_verify_reads_only_the_sources_digest_when_it_matches_snapshot_and_events():
     src, tgt, sw = counting_setup(40)
     extra = sessions(2, base_port=29000)
     gone = sessions(40)[:3]
@@ -294,7 +295,7 @@ def test_verify_reads_only_the_sources_count_when_it_matches_snapshot_and_events
     tgt.hooks["commit"] = churn
     r = run(src, tgt, sw, retire="keep")
     assert r.ok, r.error
-    assert r.source_check == "count"
+    assert r.source_check == "digest"
     assert src.calls.count("get-config:running") == 1  # the snapshot only: no re-read
     assert "get-statistics" in src.calls
     assert r.verified == 40 - 3 + 2
@@ -314,9 +315,9 @@ def test_an_unknown_verify_source_is_refused():
         MigrateOptions(verify_source="maybe")
 
 
-def test_verify_rereads_the_source_when_its_count_differs_and_reconciles_a_late_session():
+def test_verify_rereads_the_source_when_its_digest_differs_and_reconciles_a_late_session():
     src, tgt, sw = counting_setup(10)
-    src.drop_events = True  # notifications never arrive: the count shows one more session
+    src.drop_events = True  # notifications never arrive: the digest shows one more session
     late = sessions(1, base_port=29500)[0]
     tgt.hooks["commit"] = lambda: src.provider.apply([late])
     r = run(src, tgt, sw)
@@ -327,18 +328,36 @@ def test_verify_rereads_the_source_when_its_count_differs_and_reconciles_a_late_
     assert keys_map(tgt)[late.key] == ("203.0.113.1", 29500)
 
 
-def test_verify_by_count_still_checks_the_whole_target():
+def test_a_late_create_and_a_late_destroy_do_not_cancel_out():
+    # Both notifications lost: the count is unchanged, the table is not.
+    # Only the digest sees it; verify must re-read and bring the new session over.
+    src, tgt, sw = counting_setup(10)
+    src.drop_events = True
+    late = sessions(1, base_port=29600)[0]
+    gone = sessions(10)[0]
+
+    def churn():
+        src.provider.apply([late])
+        src.provider.delete([gone.key])
+    tgt.hooks["commit"] = churn
+    r = run(src, tgt, sw, retire="keep")
+    assert r.ok, r.error
+    assert r.source_check == "read" and r.reconciled == 1
+    assert keys_map(tgt)[late.key] == ("203.0.113.1", 29600)
+
+
+def test_verify_by_digest_still_checks_the_whole_target():
     src, tgt, sw = counting_setup(10)
     victim = sessions(10)[4]
     # The target loses one copied session before verification: it is found and written again.
     tgt.hooks["set-admission:False"] = lambda: tgt.provider.delete([victim.key])
     r = run(src, tgt, sw, retire="keep")
     assert r.ok, r.error
-    assert r.source_check == "count" and r.reconciled == 1
+    assert r.source_check == "digest" and r.reconciled == 1
     assert keys_map(tgt) == keys_map(src)
 
 
-def test_verify_by_count_refuses_a_remapping_target_and_points_traffic_back():
+def test_verify_by_digest_refuses_a_remapping_target_and_points_traffic_back():
     src, tgt, sw = counting_setup(10)
     tgt.remap = True
     before = keys_map(src)
