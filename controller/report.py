@@ -50,6 +50,9 @@ class MigrationReport:
     #: how verify knew the frozen source's table: "digest" (its nat-statistics
     #: digest matched the snapshot folded with the events) or "read" (re-read).
     source_check: str | None = None
+    #: how verify checked the target: "digest" (its nat-statistics digest equals
+    #: the source's final table's) or "read" (its table read and compared).
+    target_check: str | None = None
     retired: int = 0
     phases: list[PhaseTiming] = field(default_factory=list)
     node_state: dict[str, str] = field(default_factory=dict)

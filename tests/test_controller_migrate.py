@@ -354,7 +354,18 @@ def test_verify_by_digest_still_checks_the_whole_target():
     r = run(src, tgt, sw, retire="keep")
     assert r.ok, r.error
     assert r.source_check == "digest" and r.reconciled == 1
+    assert r.target_check == "read"  # its digest differed, so its table was read and compared
     assert keys_map(tgt) == keys_map(src)
+
+
+def test_an_idle_target_is_verified_by_its_digest_without_reading_its_table():
+    src, tgt, sw = counting_setup(25)
+    r = run(src, tgt, sw, retire="keep")
+    assert r.ok, r.error
+    assert r.source_check == "digest" and r.target_check == "digest" and r.verified == 25
+    after_commit = tgt.calls[tgt.calls.index("commit"):]
+    assert "get-statistics" in after_commit
+    assert not any(c.startswith("get-config") for c in after_commit), after_commit
 
 
 def test_verify_by_digest_refuses_a_remapping_target_and_points_traffic_back():
@@ -363,6 +374,7 @@ def test_verify_by_digest_refuses_a_remapping_target_and_points_traffic_back():
     before = keys_map(src)
     r = run(src, tgt, sw)
     assert not r.ok and r.failed_phase == "verify" and "re-mapped" in r.error
+    assert r.target_check == "read"
     assert sw.moves == ["nat2", "nat1"] and keys_map(src) == before
 
 
