@@ -592,6 +592,13 @@ class NodeClient:
             body = body.replace(tag, f'{tag}xmlns:nc="{NETCONF_NS}" nc:operation="{operation}" ')
         self._edit(f'<config xmlns="{NETCONF_NS}">{body}</config>', target, default_operation, test_option, error_option)
 
+    def edit_text(self, entries: str, target: str = "candidate") -> None:
+        """edit-config (merge) of list entries given as XML text, each carrying its namespace (see :mod:`.texttable`).
+
+        The agent validates every entry, as for :meth:`edit_sessions`; nothing is decoded here.
+        """
+        self._edit(f'<config xmlns="{NETCONF_NS}">{entries}</config>', target)
+
     def _edit(self, config: str, target: str, default_operation: str | None = None, test_option: str | None = None, error_option: str | None = None) -> None:
         if target not in ("running", "candidate"):
             raise ControllerError(f"edit-config: target {target!r} is not running or candidate")

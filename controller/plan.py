@@ -51,6 +51,13 @@ def for_target(sessions: Iterable[NatSession]) -> list[NatSession]:
     return out
 
 
+def for_target_text(entries: str) -> str:
+    """:func:`for_target` on entries in the codec's own XML form (see :mod:`.texttable`): handshake states become ESTABLISHED."""
+    for state in sorted(HANDSHAKE_STATES):
+        entries = entries.replace(f"<tcp_state>{state}</tcp_state>", "<tcp_state>ESTABLISHED</tcp_state>")
+    return entries
+
+
 def reply_tuple(s: NatSession) -> tuple[str, str, int, str, int]:
     """What must be unique on a NAT: the public endpoint together with the remote one.
 
@@ -101,6 +108,15 @@ def public_addresses(sessions: Iterable[NatSession]) -> set[str]:
     return {s.translated_address for s in sessions}
 
 
+def foreign_addresses(source_public: set[str], target_public: set[str] | None) -> list[Conflict]:
+    """A conflict for each translated address of the source the target does not own (none when that is unknown)."""
+    if target_public is None:
+        return []
+    owned = ", ".join(sorted(target_public)) or "none"
+    return [Conflict(("*", addr, 0, "*", 0), f"source translates to {addr}, which the target does not own ({owned})")
+            for addr in sorted(source_public - set(target_public))]
+
+
 def plan_copy(
     source: Sequence[NatSession],
     target: Sequence[NatSession],
@@ -114,11 +130,7 @@ def plan_copy(
     address of the source must be one of them.  Raises :class:`PlanError`
     listing every conflict.
     """
-    conflicts: list[Conflict] = []
-    if target_public is not None:
-        foreign = sorted(public_addresses(source) - set(target_public))
-        for addr in foreign:
-            conflicts.append(Conflict(("*", addr, 0, "*", 0), f"source translates to {addr}, which the target does not own ({', '.join(sorted(target_public)) or 'none'})"))
+    conflicts = foreign_addresses(public_addresses(source), target_public)
     by_key = {s.key: s for s in target}
     by_reply = {reply_tuple(s): s.key for s in target}
     already: set[SessionKey] = set()

@@ -431,3 +431,105 @@ def test_streamed_copy_whose_plan_fails_commits_nothing():
     assert not r.ok and r.failed_phase == "copy" and "does not own" in r.error
     assert "discard" in tgt.calls and "commit" not in tgt.calls
     assert keys_map(tgt) == {} and sw.moves == []
+
+
+# ------------------------------------- copy: the source's text forwarded as it is
+
+
+class TextNode(CountingNode):
+    """A node that also takes entries as XML text (as NodeClient.edit_text does), decoding them as an agent would."""
+
+    def edit_text(self, entries: str, target: str = "candidate") -> None:
+        from lxml import etree
+
+        self.calls.append("edit-text")
+        config = etree.fromstring(f'<config xmlns="{NETCONF_NS}">{entries}</config>')
+        self.edit_sessions(CODEC.decode_xml(config), target=target, operation="merge")
+
+
+def text_setup(n: int, table=None):
+    src = TextNode("nat1", MemoryProvider(table={s.key: s for s in (table if table is not None else sessions(n))}))
+    tgt = TextNode("nat2", MemoryProvider())
+    return src, tgt, FakeSteering("nat1")
+
+
+def never_decoded(monkeypatch):
+    def boom(self):
+        raise AssertionError("the snapshot was decoded")
+    monkeypatch.setattr(TableReply, "sessions", boom)
+
+
+def test_copy_into_an_idle_target_forwards_the_sources_text_and_is_verified_by_both_digests(monkeypatch):
+    never_decoded(monkeypatch)
+    src, tgt, sw = text_setup(90)
+    before = keys_map(src)
+    r = run(src, tgt, sw, retire="keep", copy_chunk=20)
+    assert r.ok, r.error
+    assert tgt.calls.count("edit-text") == 5  # ceil(90 / 20) slices, all before the one commit
+    assert tgt.calls.count("commit") == 1 and tgt.calls.index("commit") > len(tgt.calls) - 1 - tgt.calls[::-1].index("edit-text")
+    assert keys_map(tgt) == before and r.copied == 90 and r.verified == 90
+    assert r.source_check == r.target_check == "digest"
+    assert "edit-config" in r.phases[1].steps and "decode+edit-config" not in r.phases[1].steps
+
+
+def test_forwarded_text_writes_handshake_states_as_established():
+    table = [replace(s, tcp_state=st) for s, st in zip(sessions(4), ["SYN_SENT", "SYN_RECV", "SYN_SENT2", "TIME_WAIT"])]
+    src, tgt, sw = text_setup(0, table)
+    r = run(src, tgt, sw, retire="keep")
+    assert r.ok, r.error
+    assert sorted(s.tcp_state for s in tgt.provider.list().sessions) == ["ESTABLISHED", "ESTABLISHED", "ESTABLISHED", "TIME_WAIT"]
+
+
+def test_a_reply_in_another_form_is_decoded_and_copied_all_the_same():
+    src, tgt, sw = text_setup(30)
+
+    def spaced(source: str = "running") -> TableReply:
+        body = CODEC.encode_xml(src.get_sessions(source), root=None).decode().replace("</nat-session>", "</nat-session>\n")
+        return TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body}</data></rpc-reply>', CODEC)
+    src.read_table = spaced
+    r = run(src, tgt, sw, retire="keep", copy_chunk=10)
+    assert r.ok, r.error
+    assert "edit-text" not in tgt.calls and tgt.calls.count("edit-config:candidate") == 3
+    assert keys_map(tgt) == keys_map(src) and r.copied == 30
+
+
+def test_forwarded_copy_refused_by_the_target_discards_the_candidate_and_keeps_traffic():
+    src, tgt, sw = text_setup(50)
+    tgt.fail["edit-config:candidate"] = ControllerError("candidate refused")
+    r = run(src, tgt, sw, copy_chunk=10)
+    assert not r.ok and r.failed_phase == "copy" and "candidate refused" in r.error
+    assert "discard" in tgt.calls and "commit" not in tgt.calls
+    assert keys_map(tgt) == {} and sw.moves == [] and r.traffic_on == "nat1"
+
+
+def test_forwarded_copy_of_a_foreign_address_commits_nothing():
+    src, tgt, sw = text_setup(30)
+    m = Migration(Endpoint("nat1", lambda: src), Endpoint("nat2", lambda: tgt, public={"203.0.113.9"}), sw, MigrateOptions(copy_chunk=10))
+    r = m.run()
+    assert not r.ok and r.failed_phase == "copy" and "does not own" in r.error and "203.0.113.1" in r.error
+    assert "edit-text" not in tgt.calls and "commit" not in tgt.calls
+    assert keys_map(tgt) == {} and sw.moves == []
+
+
+def test_a_failure_after_a_forwarded_commit_removes_every_copied_session_by_key():
+    src, tgt, sw = text_setup(40)
+    own = sessions(3, base_port=40000, first=5000)
+    # The target gains sessions of its own after preflight: the rollback must remove only the copied ones.
+    tgt.hooks["commit"] = lambda: tgt.provider.apply(own)
+    sw.fail_to = "nat2"
+    r = run(src, tgt, sw)
+    assert not r.ok and r.failed_phase == "switch"
+    assert set(keys_map(tgt)) == {s.key for s in own}
+    assert "the 40 sessions copied to it removed" in r.node_state["nat2"]
+    assert len(keys_map(src)) == 40 and r.traffic_on == "nat1"
+
+
+def test_unequal_digests_after_a_forwarded_copy_fall_back_to_decoding_and_reconcile():
+    src, tgt, sw = text_setup(10)
+    src.drop_events = True  # a session created after the snapshot is never announced
+    late = sessions(1, base_port=29500)[0]
+    tgt.hooks["commit"] = lambda: src.provider.apply([late])
+    r = run(src, tgt, sw, retire="keep")
+    assert r.ok, r.error
+    assert r.source_check == "read" and r.reconciled == 1
+    assert keys_map(tgt) == keys_map(src)

@@ -1,0 +1,101 @@
+"""TextTable: a get-config reply's entries counted, sliced and keyed from its text, or refused when not in the codec's form."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from natmig.codec import NETCONF_NS, default_codec
+from natmig.controller.plan import HANDSHAKE_STATES, for_target, for_target_text
+from natmig.controller.texttable import TextTable
+
+from .controller_fakes import sessions
+
+CODEC = default_codec()
+
+
+def reply(body: str, data: str = "<data>{}</data>") -> str:
+    return f'<rpc-reply xmlns="{NETCONF_NS}" message-id="3">{data.format(body)}</rpc-reply>'
+
+
+def text_of(table) -> str:
+    return CODEC.encode_xml(table, root=None).decode()
+
+
+def mixed(n: int):
+    out = []
+    for i, s in enumerate(sessions(n) + sessions(n // 2, proto="UDP", base_port=31000)):
+        if s.protocol == "TCP":
+            s = replace(s, tcp_state=["ESTABLISHED", "SYN_SENT", "SYN_RECV", "TIME_WAIT"][i % 4], timeout=100 + i, assured=bool(i % 2), mark=i % 3)
+        out.append(s)
+    return out
+
+
+def test_a_reply_in_the_codecs_form_is_counted_keyed_and_its_addresses_read():
+    table = mixed(30) + sessions(4, public="203.0.113.7", base_port=40000, first=500)
+    t = TextTable.of(reply(text_of(table)), CODEC)
+    assert t is not None and t.count == len(table)
+    assert t.keys() == [s.key for s in table]
+    assert t.public_addresses() == {"203.0.113.1", "203.0.113.7"}
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 120), pieces=st.integers(1, 9), size=st.integers(1, 50))
+def test_slices_cover_the_table_exactly_and_cut_only_between_entries(n, pieces, size):
+    table = mixed(n)
+    t = TextTable.of(reply(text_of(table)), CODEC)
+    assert t is not None
+    parts = t.slices(pieces, size)
+    assert "".join(parts) == text_of(table)
+    got = [s for p in parts for s in CODEC.decode_xml(f'<data xmlns="{NETCONF_NS}">{p}</data>')]
+    assert got == table
+    if table:
+        assert 1 <= len(parts) <= len(table)
+        if pieces <= len(table) and size >= len(table):
+            assert len(parts) >= pieces // 2  # cut by length: about `pieces` slices
+        assert all(p.startswith("<nat-session ") and p.endswith("</nat-session>") for p in parts)
+
+
+def test_an_empty_table_in_either_spelling():
+    for r in (reply(""), f'<rpc-reply xmlns="{NETCONF_NS}" message-id="3"><data/></rpc-reply>'):
+        t = TextTable.of(r, CODEC)
+        assert t is not None and t.count == 0 and t.slices(4, 10) == [] and t.keys() == []
+
+
+@pytest.mark.parametrize("spoil", [
+    lambda b: b.replace("</nat-session><nat-session", "</nat-session>\n<nat-session", 1),       # whitespace between entries
+    lambda b: b.replace("</nat-session>", "</nat-session><!-- x -->", 1),                        # a comment
+    lambda b: b.replace('<nat-session xmlns="urn:natmig:yang:nat-session">', '<n:nat-session xmlns:n="urn:natmig:yang:nat-session">', 1),  # a prefix
+    lambda b: b.replace("<src_port>", "<src_port>0", 1),                                         # still the form: values are the target's to check
+    lambda b: b.replace("<dst_port>80</dst_port>", "<dst_port>80</dst_port><dst_port>80</dst_port>", 1),  # a repeated leaf
+    lambda b: b.replace("<translated_port>", "<foo>1</foo><translated_port>", 1),                # an unknown leaf
+    lambda b: b.replace("</protocol><src_address>10.0.0.2</src_address>", "</protocol>", 1),    # a missing key
+    lambda b: b.replace("10.0.0.2", "10.0.0.&amp;2", 1),                                         # an entity
+    lambda b: b.replace('xmlns="urn:natmig:yang:nat-session"', 'xmlns="urn:other"', 1),          # another namespace
+    lambda b: b + "<nat-control xmlns=\"urn:natmig:yang:nat-session\"/>",                        # another element
+])
+def test_anything_but_the_plain_form_is_left_to_the_codec(spoil):
+    body = text_of(sessions(5))
+    spoiled = spoil(body)
+    assert spoiled != body
+    t = TextTable.of(reply(spoiled), CODEC)
+    if t is not None:
+        # Only a value change may stay in the form (the target validates values).
+        assert spoiled == body.replace("<src_port>", "<src_port>0", 1)
+    else:
+        assert TextTable.of(reply(body), CODEC) is not None
+
+
+def test_a_reply_without_data_or_with_an_error_is_not_a_table():
+    assert TextTable.of(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="3"><ok/></rpc-reply>', CODEC) is None
+    assert TextTable.of(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="3"><rpc-error><data/></rpc-error></rpc-reply>', CODEC) is None
+
+
+def test_handshake_states_in_text_become_established_exactly_as_for_target_does():
+    table = mixed(40)
+    assert any(s.tcp_state in HANDSHAKE_STATES for s in table)
+    got = CODEC.decode_xml(f'<data xmlns="{NETCONF_NS}">{for_target_text(text_of(table))}</data>')
+    assert got == for_target(table)
