@@ -197,6 +197,10 @@ class Migration:
         #: every event received, in order (the source's final table is the snapshot folded with them).
         self._events: list[tuple[str, NatSession]] = []
         self._source_admits = True
+        #: the source's admission reopening, started during admit (see _admit)
+        self._reopen: Any = None
+        #: the source's nat-statistics request, started after the catch-up (see _start_digests)
+        self._digests: Any = None
 
     # --------------------------------------------------------------- driver
 
@@ -265,24 +269,33 @@ class Migration:
                 raise ControllerError(f"agent(s) {', '.join(missing)} do not announce the nat-session module")
             if rs != rt:
                 raise ControllerError(f"nat-session revisions differ: {self.source.name} has {rs}, {self.target.name} has {rt}")
-        with ph.step("target"):
-            # The source's admission (what the freeze must restore) is read
-            # on its own session while the target answers.
-            with ThreadPoolExecutor(1) as pool:
+        with ph.step("target+source+switch"):
+            # Four independent reads at once, each on its own session: the
+            # target's table and admission, the source's admission (what the
+            # freeze must restore), the switch's active NAT, and the
+            # subscription to the source's events (before the snapshot, so no
+            # change after it is missed; an older event is harmless to re-apply).
+            with ThreadPoolExecutor(3) as pool:
                 fs = pool.submit(src.get_admission)
-                both = getattr(tgt, "get_sessions_and_admission", None)
-                if both is not None:
-                    self._target_before, self._st.target_admission = both("running")
-                else:
-                    self._target_before = tgt.get_sessions("running")
-                    self._st.target_admission = tgt.get_admission()
-                self._source_admits = fs.result()
+                fw = pool.submit(self.steering.active)
+                fe = pool.submit(self._events_node.subscribe) if self.opt.copy_state and self._events_node is not None else None
+                try:
+                    both = getattr(tgt, "get_sessions_and_admission", None)
+                    if both is not None:
+                        self._target_before, self._st.target_admission = both("running")
+                    else:
+                        self._target_before = tgt.get_sessions("running")
+                        self._st.target_admission = tgt.get_admission()
+                finally:
+                    # Waited for even when the target failed: nothing runs on after the phase.
+                    self._source_admits = fs.result()
+                    active = fw.result()
+                    if fe is not None:
+                        self._sub = fe.result()
         if self.source.public is not None and self.target.public is not None and not self.source.public <= self.target.public:
             raise ControllerError(
                 f"{self.target.name} does not own the public address(es) {', '.join(sorted(self.source.public - self.target.public))} of {self.source.name}"
             )
-        with ph.step("switch"):
-            active = self.steering.active()
         if active is not None and active != self.source.name:
             raise ControllerError(f"traffic goes through {active}, not through the source {self.source.name}")
         ph.note(f"revision {rs}; target holds {len(self._target_before)} sessions")
@@ -290,11 +303,7 @@ class Migration:
     def _copy(self, ph: Any) -> None:
         src, tgt = self._src, self._tgt
         assert src is not None and tgt is not None
-        with ph.step("subscribe"):
-            # Subscribed before the snapshot, so no change after it is missed;
-            # an event older than the snapshot is harmless to re-apply.
-            assert self._events_node is not None
-            self._sub = self._events_node.subscribe()
+        assert self._sub is not None  # subscribed in preflight, before the snapshot
         if not self._target_before and hasattr(src, "read_table") and hasattr(tgt, "edit_text"):
             self._copy_text(ph, src, tgt)
             return
@@ -438,6 +447,21 @@ class Migration:
         self.report.events = self._catch.events
         self.report.caught_up = len(ups)
         self.report.caught_up_deleted = len(dels)
+        self._start_digests()
+
+    def _start_digests(self) -> None:
+        """Ask the source for its digest now, for verify to use: it is computed while the switch happens.
+
+        The source's table is already the one verify must see: it is frozen
+        and its events have settled.  The target is asked after the switch,
+        so that verify speaks for the target as it is once traffic reaches it.
+        """
+        src, tgt = self._src, self._tgt
+        if self.opt.verify_source != "digest" or not hasattr(src, "get_statistics") or not hasattr(tgt, "get_statistics"):
+            return
+        pool = ThreadPoolExecutor(1)
+        self._digests = (pool.submit(src.get_statistics),)  # type: ignore[union-attr]
+        pool.shutdown(wait=False)
 
     def _freeze(self, src: Node) -> None:
         # Recorded before the change, so that a failure half-way still restores it.
@@ -464,14 +488,19 @@ class Migration:
             # when it can give one: equal to the source's final table's, it
             # proves the target holds exactly those sessions and mappings
             # without shipping the table.  Both at once: two agents.
-            with ThreadPoolExecutor(2) as pool:
-                if target_stats is not None:
-                    ft = pool.submit(target_stats)
-                else:
-                    ft = pool.submit(read_table, "running") if read_table is not None else pool.submit(tgt.get_sessions, "running")
-                fs = pool.submit(count) if count is not None else None
-                got = ft.result()
-                stats = fs.result() if fs is not None else None
+            if self._digests is not None and target_stats is not None:
+                (fs,) = self._digests
+                self._digests = None
+                got, stats = target_stats(), fs.result()
+            else:
+                with ThreadPoolExecutor(2) as pool:
+                    if target_stats is not None:
+                        ft = pool.submit(target_stats)
+                    else:
+                        ft = pool.submit(read_table, "running") if read_table is not None else pool.submit(tgt.get_sessions, "running")
+                    fs = pool.submit(count) if count is not None else None
+                    got = ft.result()
+                    stats = fs.result() if fs is not None else None
         if target_stats is not None and stats is not None and stats.get("digest") is not None and stats.get("digest") == got.get("digest"):
             # Both agents fingerprinted their own kernel tables: equal digests
             # mean the target holds exactly the frozen source's sessions, every
@@ -552,8 +581,16 @@ class Migration:
         return list(implied.values())
 
     def _admit(self, ph: Any) -> None:
-        tgt = self._tgt
-        assert tgt is not None
+        tgt, src = self._tgt, self._src
+        assert tgt is not None and src is not None
+        # The source's admission is reopened meanwhile, on its own session,
+        # when retirement will reopen it anyway (it carries no traffic now).
+        # Its outcome belongs to the retire phase, which waits for it: a
+        # failure there never moves traffic back.
+        if self.opt.retire != "stop" and self._st.source_admission is not None:
+            pool = ThreadPoolExecutor(1)
+            self._reopen = pool.submit(src.set_admission, self._st.source_admission)
+            pool.shutdown(wait=False)
         tgt.set_admission(True)
         self._st.target_admission = None
         # From here the target may create sessions the source never had:
@@ -570,6 +607,10 @@ class Migration:
             self.source.stop()
             self._st.source_admission = None
             return
+        if self._reopen is not None:
+            with ph.step("reopen"):
+                self._reopen.result()  # started with admit; waited for before anything else on that session
+                self._st.source_admission = None
         if mode == "delete":
             with ph.step("delete"):
                 before = self.report.copied if self.opt.copy_state else len(src.get_sessions("running"))
@@ -606,6 +647,13 @@ class Migration:
     def _recover(self) -> None:
         """Put traffic where it works and undo what this migration changed (best effort, all recorded)."""
         st, r = self._st, self.report
+        for f in self._digests or ():
+            # Requests still in flight on the sessions recovery is about to use: let them finish.
+            try:
+                f.result()
+            except Exception:  # noqa: BLE001 - only waited for; verify did not happen
+                pass
+        self._digests = None
         src_state: list[str] = []
         tgt_state: list[str] = []
         if st.committed:
