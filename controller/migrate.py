@@ -4,12 +4,14 @@ Phases (each timed with :func:`time.perf_counter`, see :mod:`.report`):
 
 ``preflight``
     Open NETCONF sessions to both agents (host keys checked), check they
-    announce the same nat-session revision, read the target's table and the
-    switch's active NAT.
+    announce the same nat-session revision, then read at once the target's
+    table and admission, the source's admission and the switch's active NAT,
+    and subscribe to the source's ``nat-session-event`` notifications.
 ``copy``
-    Subscribe to the source's ``nat-session-event`` notifications first, then
     get-config the source, plan (the target must be idle or compatible), and
     edit-config the snapshot into the target's candidate and commit it.
+    Into an idle target the source's entries are forwarded as the text it
+    sent, undecoded (see :mod:`.texttable`).
 ``catch-up``
     Close admission on the target (a packet of an unknown session must never
     create a mapping there) and on the source (it stops creating sessions;
@@ -20,11 +22,12 @@ Phases (each timed with :func:`time.perf_counter`, see :mod:`.report`):
 ``switch``
     One atomic OpenFlow bundle moves both directions to the target.
 ``verify``
-    Read both tables (the source is frozen and carries no traffic, so its
-    table is the table at the switch); every source session must be on the
-    target with the same public address and port.  A session an event did
-    not bring (a late notification) is written now, before the target
-    admits new sessions, so it can never be re-mapped.
+    Compare the two nodes' digests of their kernel tables (the source is
+    frozen and carries no traffic, so its table is the table at the switch):
+    equal, the target holds every source session with the same public
+    address and port.  Otherwise read and compare the tables; a session an
+    event did not bring (a late notification) is written now, before the
+    target admits new sessions, so it can never be re-mapped.
 ``admit``
     Open admission on the target.
 ``retire``
