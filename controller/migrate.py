@@ -344,21 +344,49 @@ class Migration:
             reply = src.read_table("running")
             table = TextTable.of(reply.raw, reply.codec)
         if table is None:
+            # No plain <data> element (another agent's spelling): decode it all.
             sessions = reply.sessions()
             self._copy_streamed(ph, lambda _src, size, pieces=1: (sessions[i:i + size] for i in range(0, len(sessions), size)), tgt)
             return
         self._snapshot_text = reply
-        with ph.step("plan"):
-            conflicts = foreign_addresses(table.public_addresses(), self.target.public)
-            if conflicts:
-                raise PlanError(conflicts)
-            self._plan = CopyPlan([], frozenset(), 0)
+        addresses: set[str] = set()
+        plain = True
         with ph.step("edit-config"):
             self._st.target_candidate_dirty = True
             # Recorded before the writes: a write whose reply is lost may still have happened.
             self._st.added_table = table
-            for part in table.slices(4, self.opt.copy_chunk):
-                tgt.edit_text(for_target_text(part), target="candidate")
+            # Each slice is checked (its form, its public addresses), then
+            # sent; the target's agent works on it while the next one is checked.
+            with ThreadPoolExecutor(1) as pool:
+                writes = []
+                for part in table.slices(4, self.opt.copy_chunk):
+                    if not table.plain(part):
+                        plain = False
+                        break
+                    addresses |= table.public_addresses(part)
+                    conflicts = foreign_addresses(addresses, self.target.public)
+                    if conflicts:
+                        break  # refused below, before this slice is sent
+                    writes.append(pool.submit(tgt.edit_text, for_target_text(part), "candidate"))
+                    if any(w.done() and w.exception() is not None for w in writes):
+                        break  # the target refused a slice: no use sending on
+                for w in writes:
+                    w.result()
+        if not plain:
+            # Another spelling than the codec's: decode the whole reply and
+            # write it all again (a merge of what is already in the candidate
+            # changes nothing); its keys are then known decoded.
+            self._st.added_table = None
+            self._snapshot_text = None
+            sessions = reply.sessions()
+            self._copy_streamed(ph, lambda _src, size, pieces=1: (sessions[i:i + size] for i in range(0, len(sessions), size)), tgt)
+            return
+        with ph.step("plan"):
+            # The whole snapshot's plan, before anything is committed.
+            conflicts = foreign_addresses(addresses, self.target.public)
+            if conflicts:
+                raise PlanError(conflicts)
+            self._plan = CopyPlan([], frozenset(), 0)
         with ph.step("commit"):
             tgt.commit()
             self._st.target_candidate_dirty = False
@@ -695,7 +723,8 @@ class Migration:
                     tgt_state.append("candidate discarded")
                 except NatmigError as e:
                     tgt_state.append(f"candidate could not be discarded ({e})")
-            added = st.added + (st.added_table.keys() if st.added_table is not None else [])
+            # Keys caught up from events may also be in the forwarded table: each once.
+            added = list(dict.fromkeys(st.added + (st.added_table.keys() if st.added_table is not None else [])))
             if added and r.traffic_on == self.source.name:
                 try:
                     self._delete(tgt, added)

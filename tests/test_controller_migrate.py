@@ -533,3 +533,18 @@ def test_unequal_digests_after_a_forwarded_copy_fall_back_to_decoding_and_reconc
     assert r.ok, r.error
     assert r.source_check == "read" and r.reconciled == 1
     assert keys_map(tgt) == keys_map(src)
+
+
+def test_a_reply_spoiled_only_near_its_end_is_forwarded_then_decoded_and_still_copied_whole():
+    src, tgt, sw = text_setup(40)
+
+    def late_comment(source: str = "running") -> TableReply:
+        body = CODEC.encode_xml(src.get_sessions(source), root=None).decode()
+        cut = body.rindex("<nat-session ")
+        return TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body[:cut]}<!-- x -->{body[cut:]}</data></rpc-reply>', CODEC)
+    src.read_table = late_comment
+    r = run(src, tgt, sw, retire="keep", copy_chunk=10)
+    assert r.ok, r.error
+    assert tgt.calls.count("edit-text") >= 1  # the plain slices went as text first
+    assert "decode+edit-config" in r.phases[1].steps  # then the whole reply, decoded
+    assert keys_map(tgt) == keys_map(src) and r.copied == 40 and r.verified == 40
