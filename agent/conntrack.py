@@ -6,8 +6,10 @@ How each operation reaches the kernel (measured, see docs/provider.md):
 * lookup: one ctnetlink GET per key over a socket kept open
   (:class:`.ctnetlink.EntryReader`): no process start, no table dump.
 * apply: new TCP and UDP sessions through ``conntrack -R`` (``-I`` lines, the
-  tool's own bulk path and the raw floor); new ICMP sessions, in-place
-  updates and the deletes of replaced sessions through :mod:`.ctnetlink`.
+  tool's own bulk path and the raw floor), fed through a pipe while the rest
+  of the batch is still being formatted (:class:`_Restore`); new ICMP
+  sessions, in-place updates and the deletes of replaced sessions through
+  :mod:`.ctnetlink`.
 * delete: :mod:`.ctnetlink`, one message per key, batched.
 * watch: ``conntrack -E`` in the namespace, read by a thread.
 
@@ -22,12 +24,15 @@ created sessions are deleted, replaced ones recreated, updated ones set back.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import gc
 import os
 import queue
 import subprocess
 import threading
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from .. import netns as nsmod
 from ..errors import ProviderError
@@ -42,6 +47,16 @@ __all__ = ["ApplyPlan", "ConntrackProvider", "invalid_entries", "plan_apply", "v
 
 #: Bytes read from ``conntrack -L`` per parsing step (about 10,000 lines).
 LIST_CHUNK = 1 << 20
+#: A batch at least this large starts ``conntrack -R`` before its checks, so
+#: that the process start (~5 ms) overlaps them; a smaller one starts it only
+#: when it has TCP/UDP sessions to create (an update needs no process).
+EARLY_RESTORE = 1000
+#: Seconds ``conntrack -R`` may take for one batch.
+RESTORE_TIMEOUT = 300.0
+#: Bytes of the pipe into ``conntrack -R`` (Linux's default limit for it is
+#: 1 MiB): about 5,000 lines, some 40 ms of the tool's work, so it never
+#: waits for the next piece while Python formats it.
+RESTORE_PIPE = 1 << 20
 
 
 def _key_session(key: SessionKey, what: str = "delete") -> NatSession:
@@ -95,9 +110,16 @@ class ConntrackProvider(SessionProvider):
 
     def _read(self, taken: dict[cttext.ReplyKey, cttext.EntryTuple] | None = None) -> Snapshot:
         """:meth:`list`; with ``taken``, also the reply keys held by entries that are not sessions."""
-        proc = subprocess.Popen(
+        return self._finish_read(self._start_read(), taken)
+
+    def _start_read(self) -> subprocess.Popen:
+        """Start ``conntrack -L`` (apply starts it first and does its own checks meanwhile)."""
+        return subprocess.Popen(
             nsmod.ns_cmd(["conntrack", "-L"], self.netns), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
+
+    def _finish_read(self, proc: subprocess.Popen, taken: dict[cttext.ReplyKey, cttext.EntryTuple] | None) -> Snapshot:
+        """Parse what a :meth:`_start_read` process prints, while it prints it."""
         assert proc.stdout is not None and proc.stderr is not None
         sessions: list[NatSession] = []
         untranslated = 0
@@ -162,19 +184,31 @@ class ConntrackProvider(SessionProvider):
     def apply(self, sessions: Sequence[NatSession]) -> None:
         """Create or replace a batch, all or nothing (see the module docstring)."""
         batch = list(sessions)
-        with self._lock:
-            problems = invalid_entries(batch)
-            taken: dict[cttext.ReplyKey, cttext.EntryTuple] = {}
-            existing = index_by_key(self._read(taken).sessions)
-            problems.update(check_batch([s for s in batch if s.key not in problems], existing, self.owned))
-            # Sessions only check each other; an untranslated connection
-            # holding the reply tuple would make the kernel refuse the entry.
-            problems.update(held_elsewhere([s for s in batch if s.key not in problems], taken))
-            if problems:
-                raise ApplyError(problems)
-            self._write(batch, existing)
+        with self._lock, _gc_paused():
+            # Both processes start before the checks and come up while they
+            # run; conntrack -R only acts on lines it is given, and none is
+            # given before every check has passed.
+            reading = self._start_read()
+            restore = _Restore(self.netns) if len(batch) >= EARLY_RESTORE else None
+            try:
+                problems = invalid_entries(batch)
+                taken: dict[cttext.ReplyKey, cttext.EntryTuple] = {}
+                existing = index_by_key(self._finish_read(reading, taken).sessions)
+                problems.update(check_batch(_without(batch, problems), existing, self.owned))
+                # Sessions only check each other; an untranslated connection
+                # holding the reply tuple would make the kernel refuse the entry.
+                problems.update(held_elsewhere(_without(batch, problems), taken))
+                if problems:
+                    raise ApplyError(problems)
+                self._write(batch, existing, restore)
+            finally:
+                if reading.stdout is not None and not reading.stdout.closed:  # a check failed before the read
+                    reading.kill()
+                    reading.communicate()
+                if restore is not None:
+                    restore.close()
 
-    def _write(self, batch: list[NatSession], existing: dict[SessionKey, NatSession]) -> None:
+    def _write(self, batch: list[NatSession], existing: dict[SessionKey, NatSession], restore: _Restore | None = None) -> None:
         plan = plan_apply(batch, existing, self._timeouts(batch))
         undo = _Undo(self.netns, existing)
         try:
@@ -183,11 +217,17 @@ class ConntrackProvider(SessionProvider):
                 undo.replaced = plan.replace
                 self._refuse_on(failed, plan.replace, "could not remove the session it replaces")
             if plan.tool_create:
+                own = restore is None
+                tool = restore if restore is not None else _Restore(self.netns)
+                try:
+                    rc, err = tool.feed(cttext.restore_chunks(plan.tool_create))
+                finally:
+                    if own:
+                        tool.close()
                 created = [s for s, _ in plan.tool_create]
                 undo.created += created
-                cp = self._conntrack(["-R", "-"], input=cttext.restore_text(plan.tool_create), check=False, timeout=300)
-                if cp.returncode != 0:
-                    self._refuse_missing(created, cp.stderr.strip().splitlines()[-1:] or ["conntrack -R failed"])
+                if rc != 0:
+                    self._refuse_missing(created, err.strip().splitlines()[-1:] or ["conntrack -R failed"])
             if plan.netlink_create:
                 created = [s for s, _ in plan.netlink_create]
                 undo.created += created
@@ -270,6 +310,99 @@ class ConntrackProvider(SessionProvider):
             return self._run(["conntrack", *args], self.netns, **kw)
         except nsmod.CommandError as e:
             raise ProviderError(f"conntrack in {self.netns}: {e}") from e
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside the block (unless it was off already).
+
+    The checks and the plan of a large batch allocate a few hundred thousand
+    short-lived tuples (keys, reply keys, pairs), and the collections they
+    trigger walk the whole heap of the agent: about 40 ms of a 100k apply,
+    measured.  Nothing apply makes is cyclic; reference counting frees it.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _without(batch: list[NatSession], problems: dict[SessionKey, str]) -> list[NatSession]:
+    """The entries of ``batch`` not yet refused (the batch itself when none is: no copy of 100k entries)."""
+    return [s for s in batch if s.key not in problems] if problems else batch
+
+
+class _Restore:
+    """One ``conntrack -R -`` in a namespace, fed the batch's lines while they are still being made.
+
+    The tool and the kernel work on one core while Python formats the next
+    piece on the other: apply then takes little more than the tool alone.
+    conntrack -R stops at the first line the kernel refuses and exits
+    non-zero; the pieces after it find a closed pipe and are not made.
+    stderr is read by a thread so that neither side can block the other.
+    """
+
+    def __init__(self, netns: str) -> None:
+        self.netns = netns
+        argv = nsmod.ns_cmd(["conntrack", "-R", "-"], netns)
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0)
+        except OSError as e:
+            raise ProviderError(f"conntrack in {netns}: cannot start {argv[0]}: {e}") from e
+        assert self.proc.stdin is not None and self.proc.stderr is not None
+        try:
+            fcntl.fcntl(self.proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, RESTORE_PIPE)
+        except OSError:
+            pass  # a smaller pipe only means less overlap
+        self._err = b""
+        self._err_reader = threading.Thread(target=self._read_err, name=f"ct-restore-{netns}", daemon=True)
+        self._err_reader.start()
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        self._err = self.proc.stderr.read()
+
+    def feed(self, pieces: Iterable[str], timeout: float = RESTORE_TIMEOUT) -> tuple[int, str]:
+        """Write every piece (until the tool stops reading), wait for it: (exit status, stderr)."""
+        assert self.proc.stdin is not None
+        fd = self.proc.stdin.fileno()
+        try:
+            for piece in pieces:
+                data = memoryview(piece.encode())
+                while data:
+                    data = data[os.write(fd, data):]
+        except BrokenPipeError:
+            pass  # the tool stopped at a refused line; its status says so
+        finally:
+            self._close_stdin()
+        # stderr ends when the tool exits: joining its reader wakes at once,
+        # where Popen.wait(timeout) polls with sleeps of up to 50 ms.
+        self._err_reader.join(timeout)
+        if self._err_reader.is_alive():
+            self.proc.kill()
+            self.proc.wait()
+            self._err_reader.join()
+            raise ProviderError(f"conntrack -R in {self.netns}: timed out after {timeout} s")
+        return self.proc.wait(), self._err.decode(errors="replace")
+
+    def _close_stdin(self) -> None:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    def close(self) -> None:
+        """End the process: unfed, it reads an empty input and exits having done nothing."""
+        self._close_stdin()
+        self._err_reader.join(10)
+        if self._err_reader.is_alive():
+            self.proc.kill()
+            self._err_reader.join()
+        self.proc.wait()
 
 
 def _key_problem(s: NatSession) -> str | None:

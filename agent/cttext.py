@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator, Sequence
 
 from ..model import NatSession
 
@@ -225,4 +225,49 @@ def insert_line(s: NatSession, timeout: int) -> str:
 
 def restore_text(sessions: Iterable[tuple[NatSession, int]]) -> str:
     """The ``conntrack -R`` input creating each (session, timeout)."""
-    return "".join(insert_line(s, t) for s, t in sessions)
+    return "".join(restore_chunks(list(sessions)))
+
+
+#: Lines of the first piece :func:`restore_chunks` yields, and of the largest.
+FIRST_CHUNK, MAX_CHUNK = 512, 8192
+
+
+def restore_chunks(sessions: Sequence[tuple[NatSession, int]], first: int = FIRST_CHUNK, most: int = MAX_CHUNK) -> Iterator[str]:
+    """:func:`restore_text` in pieces of whole lines, ``first`` lines long and doubling up to ``most``.
+
+    apply feeds them to ``conntrack -R`` as they are made: a small first
+    piece sets the tool to work at once, larger ones keep the formatting
+    cheap.  Each line is exactly :func:`insert_line`'s, made by one f-string
+    with the parts that depend only on (protocol, tcp_state, assured) cached.
+    """
+    parts: dict[tuple[str, str | None, bool], tuple[str, str, str]] = {}
+    size, start, n = first, 0, len(sessions)
+    while start < n:
+        lines = []
+        add = lines.append
+        for s, t in sessions[start:start + size]:
+            kind = (s.protocol, s.tcp_state, s.assured)
+            got = parts.get(kind)
+            if got is None:
+                got = parts[kind] = _fixed_parts(s)
+            status, proto, state = got
+            dst, dport, tport = s.dst_address, s.dst_port, s.translated_port
+            mark = f" -m {s.mark}" if s.mark else ""
+            add(
+                f"-I -t {t}{status} -s {s.src_address} -d {dst} -r {dst} -n {s.translated_address}:{tport}"
+                f" -p {proto} --sport {s.src_port} --dport {dport}"
+                f" --reply-port-src {dport} --reply-port-dst {tport}{state}{mark}\n"
+            )
+        yield "".join(lines)
+        start += size
+        size = min(size * 2, most)
+
+
+def _fixed_parts(s: NatSession) -> tuple[str, str, str]:
+    """(status, protocol, state) fragments of :func:`insert_line` for sessions like ``s``."""
+    flags = _FLAGS[(seen_reply(s), s.assured)]
+    return (
+        f" -u {flags}" if flags else "",
+        s.protocol.lower(),
+        f" --state {s.tcp_state or 'ESTABLISHED'}" if s.protocol == "TCP" else "",
+    )

@@ -112,6 +112,20 @@ def test_insert_line_is_the_save_format_with_nat_pinned_to_the_port_and_reply_po
     assert "-u SEEN_REPLY -s" in line and "--state" not in line and "-p udp" in line
 
 
+def test_restore_chunks_are_the_insert_lines_in_growing_pieces() -> None:
+    states = [None, "SYN_SENT", "ESTABLISHED", "TIME_WAIT"]
+    entries = [
+        (NatSession(("TCP", "UDP")[i % 2], f"10.0.{i // 200}.{i % 200}", 1000 + i, "203.0.113.100", 80 + i % 3, "203.0.113.1", 20000 + i,
+                    states[i % 4] if i % 2 == 0 else None, None, i % 3 == 0, i % 5), 30 + i)
+        for i in range(1000)
+    ]
+    pieces = list(cttext.restore_chunks(entries, first=100, most=300))
+    assert [p.count("\n") for p in pieces] == [100, 200, 300, 300, 100]
+    assert all(p.endswith("\n") for p in pieces)
+    assert "".join(pieces) == "".join(cttext.insert_line(s, t) for s, t in entries) == cttext.restore_text(entries)
+    assert list(cttext.restore_chunks([])) == []
+
+
 def test_seen_reply() -> None:
     base = NatSession("TCP", "10.0.0.3", 1, "203.0.113.100", 80, "203.0.113.1", 20001)
     assert cttext.seen_reply(base)  # default state ESTABLISHED

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from natmig import netns
-from natmig.agent.conntrack import ConntrackProvider
+from natmig.agent import cttext
+from natmig.agent.conntrack import EARLY_RESTORE, ConntrackProvider
 from natmig.agent.provider import ApplyError
 from natmig.model import NatSession
 from natmig.errors import ProviderError
@@ -233,6 +234,34 @@ def test_kernel_refusal_part_way_is_rolled_back(net: TwoNatNet) -> None:
     with pytest.raises(ApplyError) as ei:
         a.apply(batch)
     assert list(ei.value.problems) == [hidden.key]
+    assert comparable(a.list().sessions) == before
+
+
+def test_kernel_refusal_after_the_first_streamed_piece_is_rolled_back(net: TwoNatNet) -> None:
+    # conntrack -R is fed while the batch is formatted: the refused line sits
+    # in the third piece, after thousands of lines were written and created.
+    a, _ = providers(net)
+    netns.run(["conntrack", "-I", "-p", "udp", "-s", CLIENT_IP, "-d", SERVER_IP, "--sport", "7000", "--dport", "53",
+               "-t", "100", "-u", "SEEN_REPLY"], a.netns)
+    a.apply(synthetic(10))
+    before = comparable(a.list().sessions)
+    hidden = NatSession("UDP", CLIENT_IP, 7000, SERVER_IP, 53, PUBLIC_IP, 24000)
+    fresh = [
+        NatSession(("TCP", "UDP")[i % 2], f"10.1.{i // 250}.{i % 250}", 1000 + i, "198.51.100.9", 443, PUBLIC_IP, 30000 + i,
+                   "ESTABLISHED" if i % 2 == 0 else None, 300)
+        for i in range(cttext.FIRST_CHUNK * 6)
+    ]
+    at = cttext.FIRST_CHUNK * 3 + 5  # past the first two pieces (FIRST_CHUNK, then twice that)
+    batch = [*fresh[:at], hidden, *fresh[at:]]
+    assert len(batch) >= EARLY_RESTORE  # the process started before the checks
+    with pytest.raises(ApplyError) as ei:
+        a.apply(batch)
+    assert list(ei.value.problems) == [hidden.key]
+    assert comparable(a.list().sessions) == before
+    # Refused by a check instead (a foreign address at the end): nothing was fed at all.
+    with pytest.raises(ApplyError) as ei:
+        a.apply([*fresh, dataclasses.replace(fresh[0], src_port=9, translated_address="203.0.113.77")])
+    assert len(ei.value.problems) == 1
     assert comparable(a.list().sessions) == before
 
 
