@@ -155,6 +155,10 @@ ENTRY_OPERATIONS: dict[str, Callable[[Codec, EditEntry, NatSession | None, Plan]
 }
 
 
+#: Operations that write an entry the datastore does not hold yet.
+_WRITES = frozenset({"merge", "replace", "create"})
+
+
 def plan_edit(codec: Codec, current: dict[SessionKey, NatSession], control: dict[str, Any], req: EditRequest, default_operation: str = "merge") -> Plan:
     """What ``req`` changes in a datastore holding ``current`` and ``control``; problems included.
 
@@ -167,17 +171,29 @@ def plan_edit(codec: Codec, current: dict[SessionKey, NatSession], control: dict
         plan.problems.append(Problem("data-missing", "the list has no entries to delete", "nat-session"))
     if req.list_operation in ("delete", "remove"):
         plan.deletes.update(current)
-    named: set[SessionKey] = set()
+    get = current.get
+    upserts = plan.upserts
+    complete = codec.complete
     for e in req.entries:
-        named.add(e.key)
         op = e.operation or default_operation
-        if e.key in plan.deletes and op not in ("delete", "remove"):
+        key = e.key
+        if plan.deletes and key in plan.deletes and op not in ("delete", "remove"):
             # Deleting the whole list and writing an entry of it in one request.
-            plan.deletes.discard(e.key)
+            plan.deletes.discard(key)
             ENTRY_OPERATIONS["replace"](codec, e, None, plan)
             continue
-        ENTRY_OPERATIONS[op](codec, e, current.get(e.key), plan)
+        old = get(key)
+        if old is None and op in _WRITES:
+            # The common case (a table written into a node that lacks it):
+            # what _op_merge, _op_replace and _op_create all do for a new entry.
+            try:
+                upserts[key] = complete(e.values)
+            except CodecError as err:
+                plan.problems.extend(problems_of_codec(err))
+            continue
+        ENTRY_OPERATIONS[op](codec, e, old, plan)
     if default_operation == "replace":
+        named = {e.key for e in req.entries}
         plan.deletes.update(k for k in current if k not in named)
     if req.control is not None or req.control_operation is not None:
         cop = req.control_operation or default_operation

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import gc
 import logging
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -445,6 +446,8 @@ class _Batches:
         self.req = EditRequest()
         self.problems: list[Problem] = []
         self.count = 0
+        #: the entries are known to hold no key twice (the canonical reader checked).
+        self.unique = False
 
     def take(self, config: Any, last: Any) -> None:
         """Decode the complete entries of <config> up to ``last``, then drop them from the tree.
@@ -475,9 +478,10 @@ class _Batches:
     def finish(self, rest: EditRequest | None, problems: list[Problem]) -> EditRequest:
         """The whole request: the batches plus what the final pass decoded."""
         if rest is not None:
+            self.unique = self.unique and not rest.entries
             _merge(self.req, rest)
         problems = self.problems + problems
-        keys = [e.key for e in self.req.entries]
+        keys = [] if self.unique else [e.key for e in self.req.entries]
         if len(set(keys)) != len(keys):
             seen: set[Any] = set()
             dups = [k for k in keys if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
@@ -665,10 +669,98 @@ TABLE: dict[tuple[str, str], Handler] = {
 
 #: Messages larger than this are parsed incrementally (see _Batches).
 STREAM_THRESHOLD = 1 << 20
+#: Messages at least this large first try the canonical reader (see _parse_canonical).
+CANONICAL_THRESHOLD = 1 << 15
+
+#: Stands in for the entries cut out of an edit-config while lxml reads the rest.
+_MARK_NS = "urn:natmig:agent:entries-read-apart"
+_MARK_TAG = f"{{{_MARK_NS}}}entries"
+_MARK = f'<entries xmlns="{_MARK_NS}"/>'.encode()
+_DECLARED_ENCODING = re.compile(rb"""\A(?:\xef\xbb\xbf)?<\?xml\s[^>]*?\bencoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
+_XML_SPACE = " \t\r\n"
+#: The most the rest of such a message may weigh: it is parsed whole, not streamed.
+_ENVELOPE_LIMIT = 1 << 16
+
+
+def _entry_operation(codec: Codec, nsmap: dict[str | None, str], attrs: bytes) -> str | None:
+    """The nc:operation of an entry start tag with attribute text ``attrs``, read in the scope of its <config>.
+
+    lxml reads the start tag alone, wrapped in the namespace declarations in
+    scope where it stands, so prefixes, quoting and references mean what they
+    mean in the whole document.  ValueError unless the tag is the list in
+    the module's namespace with no attribute but a known nc:operation.
+    """
+    decls = "".join(f" xmlns:{p}={quoteattr(u)}" if p else f" xmlns={quoteattr(u)}" for p, u in nsmap.items())
+    doc = f"<scope{decls}><{codec.schema.list_name}".encode() + attrs + b"/></scope>"
+    try:
+        el = etree.fromstring(doc, _PARSER)[0]
+    except etree.XMLSyntaxError as e:
+        raise ValueError(f"entry start tag: {e}") from None
+    attrib = dict(el.attrib)
+    op = attrib.pop(_NC + "operation", None)
+    if el.tag != f"{{{codec.ns}}}{codec.schema.list_name}" or attrib or (op is not None and op not in EDIT_OPERATIONS):
+        raise ValueError("not a plain entry start tag")
+    return op
+
+
+def _parse_canonical(codec: Codec, message: bytes) -> tuple[Any, _Batches] | None:
+    """An edit-config whose <config> holds nothing but entries in the codec's own form; None for any other message.
+
+    The entries are read by :class:`~natmig.codec.CanonicalEntries` (~2.5x
+    less CPU than lxml building elements for them) and lxml parses the rest of
+    the message, with a marker element where the entries were: the marker
+    must come out as the only child of rpc/edit-config/config, which proves
+    the entries stood in element content there (not in a comment, CDATA or
+    another element) and gives the namespaces in scope for their start tags.
+    Everything else -- a bad value, a duplicate, another element beside the
+    entries, a DTD, a foreign encoding -- returns None and the message takes
+    the general path, which refuses or accepts it exactly as before.
+    """
+    reader = codec.canonical
+    span = reader.span(message)
+    if span is None:
+        return None
+    start, end = span
+    head, tail = message[:start], message[end:]
+    if len(head) + len(tail) > _ENVELOPE_LIMIT or b"<!" in head or not tail.lstrip().startswith(b"</"):
+        return None  # other elements beside the entries, or a DTD (entities, default attributes)
+    if b"encoding" in head:
+        m = _DECLARED_ENCODING.match(head)
+        if m is None or m.group(1).lower() not in (b"utf-8", b"us-ascii", b"ascii"):
+            return None  # the entries' bytes were read as ASCII
+    try:
+        root = etree.fromstring(head + _MARK + tail, _PARSER)
+    except etree.XMLSyntaxError:
+        return None  # the general path words the error for the whole message
+    marks = list(root.iter(_MARK_TAG))
+    if len(marks) != 1:
+        return None
+    mark = marks[0]
+    config = mark.getparent()
+    edit = config.getparent() if config is not None else None
+    rpc = edit.getparent() if edit is not None else None
+    if (rpc is None or rpc.getparent() is not None or rpc.tag != _NC + "rpc" or edit.tag != _NC + "edit-config"
+            or config.tag != _NC + "config" or len(config) != 1
+            or (config.text or "").strip(_XML_SPACE) or (mark.tail or "").strip(_XML_SPACE)):
+        return None
+    nsmap = config.nsmap
+    entries = reader.decode(message, start, end, lambda attrs: _entry_operation(codec, nsmap, attrs))
+    if entries is None:
+        return None
+    config.remove(mark)
+    batches = _Batches(codec)
+    batches.req.entries = entries
+    batches.count = len(entries)
+    batches.unique = True
+    return root, batches
 
 
 def parse_message(codec: Codec, message: bytes) -> tuple[Any, _Batches | None]:
     """The message's element tree; entries of a large edit-config come decoded beside it."""
+    if len(message) >= CANONICAL_THRESHOLD:
+        fast = _parse_canonical(codec, message)
+        if fast is not None:
+            return fast
     if len(message) < STREAM_THRESHOLD:
         return etree.fromstring(message, _PARSER), None
     list_tag = f"{{{codec.ns}}}{codec.schema.list_name}"

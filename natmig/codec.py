@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from functools import cached_property
+from operator import itemgetter
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from lxml import etree
 
@@ -52,6 +55,118 @@ class EditEntry:
     operation: str | None
     key: SessionKey
     values: dict[str, Any]
+
+
+#: Leaf text the canonical reader takes: printable ASCII without '<', '&' and
+#: ']' (no markup, no entity or character reference, no ']]>', nothing the
+#: XML parser would normalise), at least one character.
+_TEXT = rb"[\x20-\x25\x27-\x3b\x3d-\x5c\x5e-\x7e]+"
+#: How many validated texts the canonical reader remembers per leaf.
+_MEMO_SIZE = 1 << 16
+#: Attribute text of an entry's start tag: ASCII without '<', '>', '&', '/'.
+_ATTRS = rb"(?:[\t\n\r ][\t\n\r\x20-\x25\x27-\x2e\x30-\x3b\x3d\x3f-\x7e]*)?"
+
+
+class CanonicalEntries:
+    """Reader of list entries written exactly as :meth:`Codec.encode_xml` writes them.
+
+    A 100k-entry edit-config is ~30 MB of entries that all look alike; an XML
+    parser spends most of its time building elements for them.  This reader
+    matches the codec's own form with one regular expression per entry
+    (leaves in module order, keys present, no attributes on leaves, no
+    comments, CDATA, references or whitespace between elements) and decodes
+    the leaves with the schema's validators.  It is strict on purpose: it only
+    answers for text that every XML parser reads the same way, and returns
+    None for anything else, so that the caller can hand the document to the
+    general decoder, which names every problem.  The one thing it cannot
+    judge alone is the start tag's attributes (namespace declarations, the
+    operation): the caller interprets them, in the scope of the document.
+    """
+
+    def __init__(self, codec: "Codec") -> None:
+        schema = codec.schema
+        name = re.escape(schema.list_name.encode())
+        parts = [rb"<" + name + rb"(" + _ATTRS + rb")>"]
+        for spec in schema.leaves:
+            n = re.escape(spec.name.encode())
+            leaf = rb"<" + n + rb">(" + _TEXT + rb")</" + n + rb">"
+            parts.append(leaf if spec.is_key else rb"(?:" + leaf + rb")?")
+        parts.append(rb"</" + name + rb">")
+        one = b"".join(parts)
+        #: one entry; groups: the start tag's attribute text, then each leaf's text in module order.
+        self.entry = re.compile(one)
+        self.end_tag = b"</" + schema.list_name.encode() + b">"
+        # Validated values by leaf text, kept across documents: ports, states
+        # and the node's public addresses recur from one request to the next.
+        # Like the schema's own memos, each stops growing at a fixed size.
+        self._leaves = [(i + 1, spec.name, spec.parse, {}) for i, spec in enumerate(schema.leaves)]
+        self._key_of = itemgetter(*schema.keys)
+
+    def span(self, data: bytes) -> tuple[int, int] | None:
+        """(start, end): from the first canonical entry of ``data`` to the end of the last entry end tag; None without one.
+
+        Whether everything between them is canonical entries is
+        :meth:`decode`'s to say.
+        """
+        first = self.entry.search(data)
+        if first is None:
+            return None
+        return first.start(), data.rfind(self.end_tag) + len(self.end_tag)
+
+    def decode(self, data: bytes, start: int, end: int, operation_of: Callable[[bytes], str | None], chunk: int = 1 << 20) -> list[EditEntry] | None:
+        """The entries of ``data[start:end]``; None unless it is canonical entries and nothing else.
+
+        ``operation_of`` turns a start tag's attribute text into the entry's
+        operation (None: no nc:operation), raising ValueError for anything it
+        does not accept; it is asked once per distinct text.  A leaf value
+        the module refuses, or the same key twice, also gives None.  The
+        result equals what :meth:`Codec.decode_edit_xml` returns for the same
+        entries.
+        """
+        split = self.entry.split
+        end_tag = self.end_tag
+        stride = len(self._leaves) + 2  # split gives: text before, the groups, then text after each entry
+        ops: dict[bytes, str | None] = {}
+        leaves = self._leaves
+        key_of = self._key_of
+        out: list[EditEntry] = []
+        append = out.append
+        seen: set[SessionKey] = set()
+        add = seen.add
+        view = memoryview(data)
+        pos = start
+        try:
+            while pos < end:
+                # Chunks end at an entry end tag; one that does not end an
+                # entry leaves text between matches, which refuses the run.
+                stop = data.find(end_tag, min(pos + chunk, end - len(end_tag)), end)
+                stop = end if stop < 0 else stop + len(end_tag)
+                parts = split(view[pos:stop])
+                if any(parts[::stride]):
+                    return None  # something between, before or after the entries
+                for g in zip(*[iter(parts[1:])] * stride):
+                    attrs = g[0]
+                    op = ops[attrs] if attrs in ops else ops.setdefault(attrs, operation_of(attrs))
+                    values: dict[str, Any] = {}
+                    for i, name, parse, memo in leaves:
+                        t = g[i]
+                        if t:  # None: an optional leaf that is absent
+                            v = memo.get(t, memo)
+                            if v is memo:
+                                # Tables repeat values: each distinct text is validated once.
+                                v = parse(t.decode("ascii"))
+                                if len(memo) < _MEMO_SIZE:
+                                    memo[t] = v
+                            values[name] = v
+                    key = key_of(values)
+                    add(key)
+                    append(EditEntry(op, key, values))
+                pos = stop
+        except ValueError:  # LeafValueError, or an attribute text operation_of refused
+            return None
+        if len(seen) != len(out):
+            return None  # the same entry twice
+        return out
 
 
 class _Errors:
@@ -95,9 +210,15 @@ class Codec:
         self._key_set = frozenset(schema.keys)
         self._key_specs = [self._by_name[k] for k in schema.keys]
         self._mandatory = [s.name for s in schema.leaves if s.mandatory and not s.is_key]
+        self._mandatory_set = frozenset(self._mandatory)
         self._when = [(s.name, s.when) for s in schema.leaves if s.when]
         self._defaults = {s.name: s.default for s in schema.leaves}
         self._optional = [s for s in schema.leaves if not s.mandatory]
+
+    @cached_property
+    def canonical(self) -> CanonicalEntries:
+        """The strict reader of entries in this codec's own XML form (see :class:`CanonicalEntries`)."""
+        return CanonicalEntries(self)
 
     # ------------------------------------------------------------------ encode
 
@@ -264,6 +385,19 @@ class Codec:
         ``bad`` names leaves already refused (reported, so not "missing").
         With ``errors`` None a problem raises :class:`CodecError` at once.
         """
+        if not bad and values.keys() >= self._mandatory_set:
+            # The common case, a complete entry: no error bookkeeping.
+            row = self._defaults.copy()
+            for lname, (cond, want) in self._when:
+                if values.get(cond) != want:
+                    if lname in values:
+                        break  # refused below, with its message
+                    row[lname] = None
+            else:
+                row.update(values)
+                if len(row) == len(FIELD_NAMES):  # _defaults holds every field, in field order
+                    return NatSession(*row.values())
+                return NatSession(*[row[n] for n in FIELD_NAMES])
         own = errors if errors is not None else _Errors(DEFAULT_ERROR_LIMIT)
         ok = not bad
         for m in self._mandatory:

@@ -263,12 +263,14 @@ def _compile_text(type_stmt: Any) -> tuple[str, TextParser]:
 
 def _memoized(parse: TextParser) -> TextParser:
     memo: dict[str, Any] = {}
+    get = memo.get
 
     def parse_memo(s: str) -> Any:
-        try:
-            return memo[s]
-        except KeyError:
-            pass
+        # get, not try/except KeyError: once the memo is full every new value
+        # misses, and a raised KeyError costs more than the check it saves.
+        v = get(s, memo)
+        if v is not memo:
+            return v
         v = parse(s)
         if len(memo) < _MEMO_LIMIT:
             memo[s] = v

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from natmig.agent import rpc
 from natmig.codec import NETCONF_NS, default_codec
 from natmig.model import NatSession
@@ -17,7 +19,9 @@ def _table(n: int) -> list[NatSession]:
     ]
 
 
-def test_streamed_edit_config_loses_nothing_wherever_reads_split_it() -> None:
+def test_streamed_edit_config_loses_nothing_wherever_reads_split_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The canonical reader would take these entries whole (test_agent_canonical): off, to test streaming.
+    monkeypatch.setattr(rpc, "CANONICAL_THRESHOLD", 1 << 62)
     codec = default_codec()
     table = _table(12_000)
     body = codec.encode_xml(table, root=None).decode().replace(
@@ -41,3 +45,19 @@ def test_streamed_edit_config_loses_nothing_wherever_reads_split_it() -> None:
             # tcp_state at its default (ESTABLISHED) is omitted on the wire (trim mode).
             state = v.get("tcp_state", "ESTABLISHED" if s.protocol == "TCP" else None)
             assert (v["translated_port"], v["timeout"], state) == (s.translated_port, s.timeout, s.tcp_state)
+
+
+def test_canonical_reader_takes_the_same_message_whole() -> None:
+    codec = default_codec()
+    table = _table(12_000)
+    body = codec.encode_xml(table, root=None).decode().replace(
+        "<nat-session ", f'<nat-session xmlns:nc="{NETCONF_NS}" nc:operation="merge" ')
+    msg = (f'<rpc xmlns="{NETCONF_NS}" message-id="1"><edit-config><target><candidate/></target>'
+           f'<config>{" " * 5000}{body}</config></edit-config></rpc>').encode()
+    root, batches = rpc.parse_message(codec, msg)
+    assert batches is not None and batches.unique and not batches.problems
+    config = root.find(f"{{{NETCONF_NS}}}edit-config/{{{NETCONF_NS}}}config")
+    assert len(config) == 0  # every entry was read apart from the tree
+    got = {e.key: codec.complete(e.values) for e in batches.req.entries}
+    assert got == {s.key: s for s in table} and len(batches.req.entries) == len(table)
+    assert {e.operation for e in batches.req.entries} == {"merge"}
