@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
-from ..model import NatSession
+from ..model import NatSession, digest_xor
 
 #: A reply tuple as :attr:`NatSession.reply_key` spells it (protocol,
 #: translated address, translated port, remote address, remote port).
@@ -57,6 +57,38 @@ _ICMP = re.compile(
     re.M,
 )
 _MARK = re.compile(r"\bmark=(\d+)")
+
+
+def _session_pattern(fields: bool) -> re.Pattern[bytes]:
+    """One TCP/UDP line of ``conntrack -L`` that is a translated session, over bytes.
+
+    The test :func:`_port_session` makes per line is made by the pattern
+    itself, so that ``findall`` (a C loop) returns sessions only: the reply
+    tuple comes from the original destination (back-references), is
+    addressed to something other than the original source (a negative
+    look-ahead), and TCP carries one of the module's states (the
+    conditional on the ``tcp`` group).  A line that fails is not a session
+    and is counted as untranslated; the line forms are those of
+    :data:`_PORTS`.  ``fields`` captures everything a NatSession needs;
+    without it only what the digest hashes (protocol and the two tuples'
+    five fields) is captured, which is cheaper for ``findall``.
+    """
+    cap = (lambda g: f"({g})") if fields else (lambda g: f"(?:{g})")
+    states = "|".join(sorted(TCP_STATES, key=len, reverse=True))
+    head = (
+        r"^[ \t]*(?:\[(?:NEW|DESTROY|UPDATE)\][ \t]+)?(?:(?P<tcp>tcp)|udp)[ \t]+\d+[ \t]+(?:" + cap(r"\d+") + r"[ \t]+)?"
+        r"(?(tcp)" + cap(states) + r"[ \t]+|(?:[A-Z_0-9]+[ \t]+)?)"
+        r"src=(?P<src>\S+) dst=(?P<dst>\S+) sport=(?P<sport>\d+) dport=(?P<dport>\d+) (?:packets=\d+ bytes=\d+ )?(?:\[UNREPLIED\] )?"
+        r"src=(?P=dst) dst=(?!(?P=src) sport=\d+ dport=(?P=sport)(?!\d))(\S+) sport=(?P=dport) dport=(\d+)"
+    )
+    # With a mark where conntrack puts it, the rest of the line is not
+    # captured (findall then hands back the shared empty bytes object).
+    tail = r"(?: packets=\d+ bytes=\d+)?( \[ASSURED\])?(?: mark=(\d+)[^\n]*|([^\n]*))$" if fields else r"[^\n]*$"
+    return re.compile((head + tail).encode(), re.M)
+
+
+_SESSIONS = _session_pattern(fields=True)
+_DIGESTED = _session_pattern(fields=False)
 
 ICMP_ECHO_REQUEST = 8
 
@@ -120,6 +152,129 @@ def _icmp_session(m: re.Match) -> NatSession | None:
     )
 
 
+@dataclass(frozen=True)
+class TableSummary:
+    """What :func:`summarize_table` counts: sessions, other lines, and the digest accumulator.
+
+    ``digest`` is :func:`natmig.model.digest_xor` of the sessions' texts
+    (spell it with :func:`natmig.model.format_digest`); summaries of parts of
+    a dump add up with :meth:`plus`.
+    """
+
+    sessions: int
+    untranslated: int
+    digest: int
+
+    def plus(self, other: "TableSummary") -> "TableSummary":
+        """The summary of both parts together."""
+        return TableSummary(self.sessions + other.sessions, self.untranslated + other.untranslated, self.digest ^ other.digest)
+
+
+class _Memo(dict):
+    """A dict that fills itself: ``memo[text]`` converts ``text`` once and then looks it up.
+
+    A table repeats most of its texts (addresses, states, timeouts, marks):
+    one dict lookup in C replaces a conversion and an object per field.
+    """
+
+    def __init__(self, convert: Callable[[bytes], object]) -> None:
+        super().__init__()
+        self.convert = convert
+
+    def __missing__(self, key: bytes) -> object:
+        value = self[key] = self.convert(key)
+        return value
+
+
+_PROTOCOL = {b"tcp": "TCP", b"": "UDP"}
+_PROTOCOL_TEXT = {b"tcp": b"TCP", b"": b"UDP"}
+_STATE = {b"": None, **{k.encode(): v for k, v in TCP_STATES.items()}}
+_ASSURED = {b"": False, b" [ASSURED]": True}
+
+
+def _timeout(text: bytes) -> int | None:
+    # Absent in some lines; zero (about to expire) is below the module's minimum of 1.
+    return max(1, int(text)) if text else None
+
+
+def _line_count(data: bytes | str) -> int:
+    nl = "\n" if isinstance(data, str) else b"\n"
+    return data.count(nl) + (1 if data and not data.endswith(nl) else 0)
+
+
+def _icmp_sessions(data: bytes) -> list[NatSession]:
+    """The ICMP echo sessions of a dump, in its order.
+
+    ICMP lines are few; they are found with ``bytes.find`` (a C scan) and
+    only they are decoded and matched: running :data:`_ICMP` over the whole
+    dump costs as much as the TCP/UDP pass itself.
+    """
+    out: list[NatSession] = []
+    at = data.find(b"icmp")
+    while at >= 0:
+        start = data.rfind(b"\n", 0, at) + 1
+        end = data.find(b"\n", at)
+        if end < 0:
+            end = len(data)
+        m = _ICMP.match(data[start:end].decode())
+        if m is not None and (s := _icmp_session(m)) is not None:
+            out.append(s)
+        at = data.find(b"icmp", end)
+    return out
+
+
+def _parse_sessions(data: bytes) -> Table:
+    """:func:`parse_table` without ``taken``: one ``findall`` in C, then columns of repeated texts.
+
+    Every field of a row is converted through a :class:`_Memo` or a C
+    conversion mapped over a whole column, and the records are made by
+    ``map(NatSession, ...)``: no Python-level loop over the lines.
+    """
+    rows = _SESSIONS.findall(data)
+    sessions: list[NatSession] = []
+    if rows:
+        tcp, timeout, state, src, dst, sport, dport, rdst, rdport, assured, mark, rest = zip(*rows)
+        address = _Memo(bytes.decode).__getitem__
+        port = _Memo(int).__getitem__
+        marks = list(map(_Memo(lambda t: int(t) if t else None).__getitem__, mark))
+        assureds = list(map(_ASSURED.__getitem__, assured))
+        if None in marks:
+            # The mark was not where conntrack usually prints it: search the rest of those lines.
+            for i, m in enumerate(marks):
+                if m is None:
+                    assureds[i], marks[i] = _tail(assured[i] or None, None, rest[i].decode())
+        sessions = list(map(
+            NatSession, map(_PROTOCOL.__getitem__, tcp), map(bytes.decode, src), map(port, sport),
+            map(address, dst), map(port, dport), map(address, rdst), map(port, rdport),
+            map(_STATE.__getitem__, state), map(_Memo(_timeout).__getitem__, timeout), assureds, marks,
+        ))
+    sessions += _icmp_sessions(data)
+    return Table(sessions, _line_count(data) - len(sessions))
+
+
+def summarize_table(data: bytes) -> TableSummary:
+    """Count and digest the translated sessions of ``conntrack -L`` output without building them.
+
+    The same lines are sessions as for :func:`parse_table`, and the digest
+    is :func:`natmig.model.table_digest` of them: each session's text is
+    joined from the captured fields as conntrack printed them (plain
+    decimals, as ``str()`` of the NatSession's int prints them).
+    """
+    rows = _DIGESTED.findall(data)
+    acc = 0
+    if rows:
+        tcp, src, dst, sport, dport, rdst, rdport = zip(*rows)
+        acc = digest_xor(map(b" ".join, zip(map(_PROTOCOL_TEXT.__getitem__, tcp), src, sport, dst, dport, rdst, rdport)))
+    icmp = _icmp_sessions(data)
+    if icmp:
+        acc ^= digest_xor(
+            f"ICMP {s.src_address} {s.src_port} {s.dst_address} {s.dst_port} {s.translated_address} {s.translated_port}".encode()
+            for s in icmp
+        )
+    n = len(rows) + len(icmp)
+    return TableSummary(n, _line_count(data) - n, acc)
+
+
 def _hold(taken: dict[ReplyKey, EntryTuple], p: str, src: str, dst: str, sport: str, dport: str,
           rsrc: str, rdst: str, rsport: str, rdport: str) -> None:
     """Record both tuples of an entry that is not a session, each in the form of a session's reply key.
@@ -133,15 +288,26 @@ def _hold(taken: dict[ReplyKey, EntryTuple], p: str, src: str, dst: str, sport: 
     taken[(p, rdst, int(rdport), rsrc, int(rsport))] = holder
 
 
-def parse_table(text: str, taken: dict[ReplyKey, EntryTuple] | None = None) -> Table:
+def parse_table(text: str | bytes, taken: dict[ReplyKey, EntryTuple] | None = None) -> Table:
     """Parse ``conntrack -L`` output: translated sessions, and how many lines were not.
 
     Lines of other protocols, un-translated or destination-translated flows,
     ICMP other than echo, and TCP in state NONE are counted, not returned.
     With ``taken``, the TCP/UDP/ICMP-echo lines left out also record there
     the reply keys their tuples hold (by the holder's original tuple), for
-    apply's check.
+    apply's check.  Without it (list), the bytes as conntrack wrote them
+    go through :func:`_parse_sessions`, which makes the same records some
+    times faster; the line-by-line reading below stays for ``taken``.
     """
+    if taken is None:
+        return _parse_sessions(text.encode() if isinstance(text, str) else text)
+    if isinstance(text, bytes):
+        text = text.decode()
+    return _parse_lines(text, taken)
+
+
+def _parse_lines(text: str, taken: dict[ReplyKey, EntryTuple] | None = None) -> Table:
+    """:func:`parse_table` line by line, recording in ``taken`` (when given) what is not a session."""
     sessions: list[NatSession] = []
     append = sessions.append
     new = NatSession
@@ -176,8 +342,7 @@ def parse_table(text: str, taken: dict[ReplyKey, EntryTuple] | None = None) -> T
             # Only the echo reply direction can equal a session's reply tuple (type 0).
             _ev, _t, src, dst, _ty, _c, ident, rsrc, rdst, rident = m.groups()[:10]
             taken[("ICMP", rdst, int(rident), rsrc, 0)] = ("ICMP", src, int(ident), dst, 0)
-    lines = text.count("\n") + (1 if text and not text.endswith("\n") else 0)
-    return Table(sessions, lines - len(sessions))
+    return Table(sessions, _line_count(text) - len(sessions))
 
 
 _EVENT_KINDS = {"NEW": "new", "DESTROY": "destroy"}

@@ -13,10 +13,10 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from ..errors import ProviderError
-from ..model import NatSession, SessionKey, format_key
+from ..model import NatSession, SessionKey, format_key, table_digest
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,17 @@ class SessionProvider(abc.ABC):
     @abc.abstractmethod
     def list(self) -> Snapshot:
         """Read every translated session of the table."""
+
+    def statistics(self) -> dict[str, Any]:
+        """The nat-statistics leaves, read now: ``{"sessions", "untranslated", "digest"}``.
+
+        ``digest`` is :func:`natmig.model.table_digest` of the sessions
+        :meth:`list` would return.  This default reads the whole table; a
+        provider that can count and digest without building the sessions
+        overrides it (the migration asks both nodes for it on its critical path).
+        """
+        snap = self.list()
+        return {"sessions": len(snap.sessions), "untranslated": snap.untranslated, "digest": table_digest(snap.sessions)}
 
     @abc.abstractmethod
     def apply(self, sessions: Sequence[NatSession]) -> None:

@@ -4,13 +4,16 @@ For 10,000 and 100,000 sessions in real namespaces (two NAT nodes), measured
 in one run (median of REPEAT):
 
 * list:  ConntrackProvider.list() of the full table  vs  `conntrack -L -o save`
+* statistics: ConntrackProvider.statistics() (the nat-statistics leaves: counts
+  and digest straight from the text)  vs  the same floor, beside list() +
+  model.table_digest (what the default SessionProvider.statistics() does)
 * apply: ConntrackProvider.apply() into an empty table  vs  `conntrack -R` of the
   same table's `-o save` dump
 * lookup: ConntrackProvider.lookup() of one key in the full table (p50 of
   LOOKUPS)  vs  the tool's own `conntrack -G` of that key; its target is what
   the agent's small RPC leaves the provider (5 ms p50 - the agent's ~1.6 ms)
 
-Targets: list <= 2x and apply <= 2x the raw floor at both sizes; peak RSS of
+Targets: list <= 2x, statistics <= 1.5x and apply <= 2x the raw floor at both sizes; peak RSS of
 this process <= 300 MB at 100,000.  Needs root.  Prints one line per figure
 and a verdict; exits non-zero only when the benchmark itself cannot run.
 """
@@ -26,12 +29,13 @@ import time
 from natmig import netns
 from natmig.agent.conntrack import ConntrackProvider
 from natmig.agent.natnode import NatNode, NatNodeConfig, ensure_conntrack_capacity
-from natmig.model import NatSession
+from natmig.model import NatSession, table_digest
 
 SIZES = (10_000, 100_000)
 REPEAT = 5
 PUBLIC = "203.0.113.1"
 LIST_TARGET = APPLY_TARGET = 2.0
+STATS_TARGET = 1.5
 LOOKUPS = 200
 LOOKUP_TARGET_MS = 3.0
 RSS_TARGET_MB = 300
@@ -67,6 +71,13 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def cpu(fn) -> float:
+    """CPU seconds this process (not the conntrack child) spent in ``fn()``: what the agent pays for a read."""
+    t = time.process_time()
+    fn()
+    return time.process_time() - t
+
+
 def median(xs: list[float]) -> float:
     """The median of the repeats."""
     return statistics.median(xs)
@@ -93,12 +104,19 @@ def bench_size(n: int, src: str, dst: str) -> dict[str, float]:
     saved = netns.run(["conntrack", "-L", "-o", "save"], src, timeout=120).stdout
     argv_dump = netns.ns_cmd(["conntrack", "-L", "-o", "save"], src)
     argv_restore = netns.ns_cmd(["conntrack", "-R", "-"], dst)
-    r: dict[str, list[float]] = {"list": [], "dump": [], "apply": [], "restore": []}
+    r: dict[str, list[float]] = {"list": [], "dump": [], "apply": [], "restore": [], "statistics": [], "list_digest": [],
+                               "list_cpu": [], "statistics_cpu": []}
     for _ in range(REPEAT):
         r["dump"].append(timed(lambda: subprocess.run(argv_dump, capture_output=True, check=True)))
         got: list = []
         r["list"].append(timed(lambda: got.append(a.list())))
         assert len(got[0].sessions) == n, f"list read {len(got[0].sessions)} of {n}"
+        stats: list = []
+        r["statistics"].append(timed(lambda: stats.append(a.statistics())))
+        r["list_digest"].append(timed(lambda: stats.append(table_digest(a.list().sessions))))
+        r["list_cpu"].append(cpu(a.list))
+        r["statistics_cpu"].append(cpu(a.statistics))
+        assert stats[0] == {"sessions": n, "untranslated": 0, "digest": stats[1]}, f"statistics {stats[0]} differ from list's {stats[1]}"
         flush(dst)
         r["restore"].append(timed(lambda: subprocess.run(argv_restore, input=saved, text=True, capture_output=True, check=True)))
         assert count(dst) == n
@@ -128,9 +146,12 @@ def main() -> int:
         node(dst)
         for n in SIZES:
             m = bench_size(n, src, dst)
-            lr, ar = m["list"] / m["dump"], m["apply"] / m["restore"]
-            ok &= lr <= LIST_TARGET and ar <= APPLY_TARGET and m["lookup"] * 1000 <= LOOKUP_TARGET_MS
+            lr, ar, sr = m["list"] / m["dump"], m["apply"] / m["restore"], m["statistics"] / m["dump"]
+            ok &= lr <= LIST_TARGET and ar <= APPLY_TARGET and sr <= STATS_TARGET and m["lookup"] * 1000 <= LOOKUP_TARGET_MS
             print(f"n={n:>7}  list {m['list'] * 1000:8.1f} ms  raw `conntrack -L -o save` {m['dump'] * 1000:8.1f} ms  ratio {lr:4.2f} (target <= {LIST_TARGET})")
+            print(f"n={n:>7}  statistics {m['statistics'] * 1000:6.1f} ms  (list + table_digest {m['list_digest'] * 1000:6.1f} ms)  "
+                  f"ratio {sr:4.2f} to the same floor (target <= {STATS_TARGET})")
+            print(f"n={n:>7}  CPU of this process: list {m['list_cpu'] * 1000:6.1f} ms  statistics {m['statistics_cpu'] * 1000:6.1f} ms")
             print(f"n={n:>7}  apply {m['apply'] * 1000:7.1f} ms  raw `conntrack -R`         {m['restore'] * 1000:8.1f} ms  ratio {ar:4.2f} (target <= {APPLY_TARGET})")
             print(f"n={n:>7}  lookup of 1 key, p50 {m['lookup'] * 1000:.3f} ms (target <= {LOOKUP_TARGET_MS} ms)  raw `conntrack -G` {m['get'] * 1000:.1f} ms")
     finally:

@@ -7,7 +7,11 @@ two agree, so the record cannot drift from the module.
 from __future__ import annotations
 
 import hashlib
+import sys
+from array import array
 from dataclasses import dataclass, fields
+from functools import reduce
+from operator import methodcaller, xor
 from typing import Iterable
 
 #: Key of a session: (protocol, src_address, src_port, dst_address, dst_port).
@@ -82,4 +86,31 @@ def table_digest(sessions: Iterable[NatSession]) -> str:
     for s in sessions:
         text = f"{s.protocol} {s.src_address} {s.src_port} {s.dst_address} {s.dst_port} {s.translated_address} {s.translated_port}"
         acc ^= int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+    return f"{acc:016x}"
+
+
+#: The digest method of a hash object (a C callable for map()).
+_DIGEST = methodcaller("digest")
+
+
+def digest_xor(texts: Iterable[bytes]) -> int:
+    """:func:`table_digest`'s accumulator over already formatted session texts, in C.
+
+    Each text is what :func:`table_digest` hashes for one session ("protocol
+    src_address src_port dst_address dst_port translated_address
+    translated_port", every field as ``str()`` prints it).  Hashing, slicing
+    and XOR run as C loops (no Python frame per session): a reader of the
+    conntrack text gets the digest without building NatSession records.
+    Accumulators of parts of a table combine with ``^``;
+    :func:`format_digest` spells the result.
+    """
+    firsts = array("Q", b"".join(map(_DIGEST, map(hashlib.sha256, texts))))[::4]
+    # table_digest reads the 8 bytes big-endian; array reads them natively.
+    if sys.byteorder == "little":
+        firsts.byteswap()
+    return reduce(xor, firsts, 0)
+
+
+def format_digest(acc: int) -> str:
+    """The nat-statistics/digest leaf's spelling of an accumulator (16 hex digits)."""
     return f"{acc:016x}"

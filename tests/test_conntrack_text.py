@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from natmig.agent import cttext
 from natmig.agent.ctbatch import invalid_entries, plan_apply, validate
-from natmig.model import NatSession
+from natmig.model import NatSession, digest_xor, format_digest, table_digest
 
 from .strategies import ipv4, sessions
 
@@ -229,3 +229,97 @@ def test_held_elsewhere_names_entries_whose_reply_tuple_is_taken() -> None:
     assert set(got) == {clash.key, icmp.key}
     assert "198.51.100.1:80 -> 203.0.113.1:20005" in got[clash.key] and "20005" in got[clash.key]
     assert held_elsewhere([clash], {}) == {}
+
+
+# -- the fast read (findall over bytes) against the line-by-line one ----------
+
+_ADDRS = ["10.0.0.2", "10.0.0.21", "198.51.100.7", "198.51.100.70", "203.0.113.1", "203.0.113.10"]
+
+
+@st.composite
+def dump_lines(draw: st.DrawFn) -> str:
+    """One line in any of the forms conntrack prints, translated or not, regular or odd."""
+    proto = draw(st.sampled_from(["tcp", "udp", "icmp", "sctp"]))
+    num = {"tcp": 6, "udp": 17, "icmp": 1, "sctp": 132}[proto]
+    src, dst, rdst = (draw(st.sampled_from(_ADDRS)) for _ in range(3))
+    rsrc = draw(st.sampled_from([dst, dst, dst, draw(st.sampled_from(_ADDRS))]))  # sometimes destination-NATed
+    sport, dport = draw(st.sampled_from([1, 9, 53, 80, 20001])), draw(st.sampled_from([1, 9, 53, 80]))
+    rsport = draw(st.sampled_from([dport, dport, dport, 81]))
+    rdport = draw(st.sampled_from([sport, 20001, 20002, 9]))  # sometimes not translated at all
+    event = draw(st.sampled_from(["", "", "    [NEW] ", "[DESTROY] "]))
+    timeout = draw(st.sampled_from([" 299", " 0", " 28", ""]))
+    state = draw(st.sampled_from(["ESTABLISHED", "SYN_SENT", "LISTEN", "CLOSE", "CLOSE_WAIT", "SYN_SENT2", "NONE", ""])) if proto in ("tcp", "sctp") else ""
+    state = f" {state}" if state else ""
+    acct = draw(st.booleans())
+    c1, c2 = (" packets=3 bytes=99", " packets=1 bytes=33") if acct else ("", "")
+    unreplied = draw(st.sampled_from(["", "", " [UNREPLIED]"]))
+    assured = draw(st.sampled_from(["", " [ASSURED]"]))
+    mark = draw(st.sampled_from([" mark=0", " mark=7", ""]))
+    extra = draw(st.sampled_from(["", " [OFFLOAD]", " zone=1"]))
+    if draw(st.booleans()):
+        tail = f"{assured}{mark}{extra} use=1"  # conntrack's order
+    else:
+        tail = f"{extra}{assured} use=1{mark}"  # tags where the fast pattern does not expect them
+    if proto == "icmp":
+        itype = draw(st.sampled_from([8, 8, 13]))
+        ident, rident = draw(st.sampled_from([5, 6])), draw(st.sampled_from([5, 20009]))
+        body = (f"src={src} dst={dst} type={itype} code=0 id={ident}{c1}{unreplied} "
+                f"src={rsrc} dst={rdst} type={0 if itype == 8 else 14} code=0 id={rident}{c2}")
+    else:
+        body = (f"src={src} dst={dst} sport={sport} dport={dport}{c1}{unreplied} "
+                f"src={rsrc} dst={rdst} sport={rsport} dport={rdport}{c2}")
+    return f"{event}{proto:<8} {num}{timeout}{state} {body}{tail}"
+
+
+@given(st.lists(dump_lines(), max_size=25), st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_fast_parse_and_summary_agree_with_the_line_by_line_parse(lines: list[str], final_newline: bool) -> None:
+    text = "\n".join(lines) + ("\n" if final_newline and lines else "")
+    want = cttext._parse_lines(text)
+    # str and bytes, and the taken path (which reads line by line and must agree on the sessions too).
+    assert cttext.parse_table(text) == cttext.parse_table(text.encode()) == want
+    assert cttext.parse_table(text, {}) == want
+    got = cttext.summarize_table(text.encode())
+    assert (got.sessions, got.untranslated) == (len(want.sessions), want.untranslated)
+    assert format_digest(got.digest) == table_digest(want.sessions)
+
+
+@pytest.mark.parametrize("text", [REAL, HOLDERS, REAL + HOLDERS, REAL.rstrip("\n"), ""])
+def test_fast_parse_of_real_lines_is_the_line_by_line_parse(text: str) -> None:
+    want = cttext._parse_lines(text)
+    assert cttext.parse_table(text.encode()) == want
+    s = cttext.summarize_table(text.encode())
+    assert (s.sessions, s.untranslated, format_digest(s.digest)) == (len(want.sessions), want.untranslated, table_digest(want.sessions))
+
+
+def test_fast_parse_keeps_every_field_and_its_meaning() -> None:
+    # Hand-built expectations, independent of either parser.
+    t = cttext.parse_table(REAL.encode())
+    assert [s.protocol for s in t.sessions] == ["TCP", "UDP", "TCP", "UDP", "TCP", "ICMP"]  # TCP/UDP in order, then ICMP
+    assert t.sessions[0] == NatSession("TCP", "10.0.0.3", 40000, "203.0.113.100", 80, "203.0.113.1", 20001, "ESTABLISHED", 299, True, 7)
+    assert t.sessions[1] == NatSession("UDP", "10.0.0.2", 5353, "203.0.113.100", 53, "203.0.113.1", 21899, None, 28, False, 0)
+    assert t.sessions[3].timeout == 1 and (t.sessions[3].assured, t.sessions[3].mark) == (True, 5)
+    assert (t.sessions[4].assured, t.sessions[4].mark) == (True, 6)  # [OFFLOAD] before the mark
+    assert t.sessions[5] == NatSession("ICMP", "10.0.0.2", 6417, "203.0.113.100", 0, "203.0.113.1", 21876, None, 28, False, 0)
+    assert t.untranslated == 4
+    listen = "tcp      6 5 LISTEN src=10.0.0.2 dst=198.51.100.1 sport=5 dport=6 src=198.51.100.1 dst=203.0.113.1 sport=6 dport=20000 [ASSURED] use=1 mark=3"
+    assert cttext.parse_table(listen).sessions == [
+        NatSession("TCP", "10.0.0.2", 5, "198.51.100.1", 6, "203.0.113.1", 20000, "SYN_SENT2", 5, True, 3)]
+
+
+def test_summary_of_parts_adds_up_to_the_whole() -> None:
+    lines = (REAL + HOLDERS).splitlines(keepends=True)
+    whole = cttext.summarize_table("".join(lines).encode())
+    parts = [cttext.summarize_table("".join(lines[i:i + 3]).encode()) for i in range(0, len(lines), 3)]
+    total = cttext.TableSummary(0, 0, 0)
+    for p in parts:
+        total = total.plus(p)
+    assert total == whole and whole.sessions == 7 and whole.digest != 0
+
+
+def test_digest_xor_is_table_digests_accumulator() -> None:
+    ss = [NatSession("TCP", "10.0.0.2", 1, "198.51.100.7", 80, "203.0.113.1", 20000, "ESTABLISHED"),
+          NatSession("ICMP", "10.0.0.2", 7, "198.51.100.7", 0, "203.0.113.1", 20001)]
+    texts = [f"{s.protocol} {s.src_address} {s.src_port} {s.dst_address} {s.dst_port} {s.translated_address} {s.translated_port}".encode() for s in ss]
+    assert format_digest(digest_xor(texts)) == table_digest(ss) != format_digest(digest_xor(texts[:1]))
+    assert format_digest(digest_xor([])) == table_digest([]) == "0" * 16

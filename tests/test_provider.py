@@ -62,3 +62,15 @@ def test_memory_watch_ends_when_closed() -> None:
     t.join(2)
     assert not t.is_alive(), "a closed watch must end its stream"
     assert [e.kind for e in got] == ["new"]  # type: ignore[attr-defined]
+
+
+def test_memory_provider_statistics_are_the_list_counted_and_digested() -> None:
+    from natmig.model import table_digest
+
+    p = MemoryProvider(untranslated=3)
+    assert p.statistics() == {"sessions": 0, "untranslated": 3, "digest": "0" * 16}
+    p.apply([s(1000), s(1001, tport=20001), s(1002, tport=20002, proto="TCP")])
+    got = p.statistics()
+    assert got == {"sessions": 3, "untranslated": 3, "digest": table_digest(p.list().sessions)}
+    p.delete([s(1001).key])
+    assert p.statistics()["sessions"] == 2 and p.statistics()["digest"] != got["digest"]

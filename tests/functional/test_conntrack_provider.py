@@ -397,3 +397,31 @@ def test_teardown_leaves_no_namespace_behind_even_on_failure() -> None:
             n.destroy()
     assert [ns for ns in n.namespaces() if netns.exists(ns)] == []
     assert netns.list_netns(n.prefix) == []
+
+
+def test_statistics_count_and_digest_exactly_what_list_returns(net: TwoNatNet) -> None:
+    from natmig.agent.provider import SessionProvider
+    from natmig.model import table_digest
+
+    a, _ = providers(net)
+    tcp, udp = start_flows(net, duration=1.0)
+    ping = net.popen(["ping", "-n", "-q", "-i", "0.05", "-c", "10", "-W", "1", SERVER_IP], net.client)
+    wait_replies(tcp, 0.5)
+    # Untranslated: the client pings the NAT's own inside address.
+    netns.run(["ping", "-c", "1", "-W", "1", "10.0.0.1"], net.client)
+    a.apply(synthetic(300))  # injected TCP (every state), UDP and ICMP, marks, assured
+    # The flows end first, so that the reads below see one table (only timeouts tick).
+    ping.communicate(timeout=30)
+    finish(tcp), finish(udp)
+    snap = a.list()
+    stats = a.statistics()
+    protocols = {s.protocol for s in snap.sessions}
+    assert protocols == {"TCP", "UDP", "ICMP"} and snap.untranslated >= 1
+    assert any(s.protocol == "ICMP" and s.src_address == CLIENT_IP for s in snap.sessions)  # the live ping's session
+    assert stats == {"sessions": len(snap.sessions), "untranslated": snap.untranslated, "digest": table_digest(snap.sessions)}
+    # The ABC's default (list + table_digest) gives the same, and so does the
+    # line-by-line parse of the same text the tool prints.
+    assert SessionProvider.statistics(a) == stats
+    text = netns.run(["conntrack", "-L"], a.netns).stdout
+    assert cttext.parse_table(text.encode()) == cttext._parse_lines(text)
+    assert comparable(cttext._parse_lines(text).sessions) == comparable(snap.sessions)
