@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ..codec import Codec, EditEntry
 from ..errors import AgentError, CodecError, ProviderError
-from ..model import FIELD_NAMES, NatSession, SessionKey, format_key, table_digest
+from ..model import FIELD_NAMES, NatSession, SessionKey, format_key
 from .provider import ApplyError, SessionProvider, check_batch
 
 log = logging.getLogger(__name__)
@@ -314,9 +314,15 @@ class Datastore:
             return sessions, self.running_control() if with_control else {}
 
     def statistics(self) -> dict[str, Any]:
-        """The nat-statistics leaves, read now (the digest: see the module and model.table_digest)."""
-        snap = self._snapshot()
-        return {"sessions": len(snap.sessions), "untranslated": snap.untranslated, "digest": table_digest(snap.sessions)}
+        """The nat-statistics leaves, read now (the digest: see the module and model.table_digest).
+
+        The provider computes them in one read of its table without building
+        the sessions (conntrack at 100k: ~0.15 s of CPU against ~0.5 s).
+        """
+        try:
+            return dict(self.provider.statistics())
+        except ProviderError as e:
+            raise refuse("operation-failed", f"cannot read the session table: {e}") from e
 
     def _snapshot(self) -> Any:
         try:

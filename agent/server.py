@@ -43,6 +43,8 @@ OPTIONAL_CAPABILITIES = [
 ]
 _HELLO_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
 _TRIM_AFTER = 8 << 20
+#: Bytes a client may send ahead of the agent's reading, per session (the SSH channel's receive window).
+RECV_WINDOW = 16 << 20
 try:
     _LIBC: Any = ctypes.CDLL(None)
 except OSError:  # pragma: no cover - not glibc
@@ -315,6 +317,11 @@ class Agent:
                 server_host_keys=[self.host_key], process_factory=self._process, encoding=None,
                 allow_pty=False, agent_forwarding=False, x11_forwarding=False, line_editor=False,
                 keepalive_interval=30, keepalive_count_max=4, login_timeout=30,
+                # A client may send the next request while this one is handled
+                # (a migration streams a table as several edit-configs): a
+                # receive window of a whole slice lets it arrive meanwhile
+                # instead of stalling at asyncssh's default 2 MiB.
+                window=RECV_WINDOW,
             )
         except OSError as e:
             raise AgentError(f"cannot listen on {self.config.host}:{self.config.port}: {e}") from e

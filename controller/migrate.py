@@ -356,8 +356,10 @@ class Migration:
             # Recorded before the writes: a write whose reply is lost may still have happened.
             self._st.added_table = table
             # Each slice is checked (its form, its public addresses), then
-            # sent; the target's agent works on it while the next one is checked.
-            with ThreadPoolExecutor(1) as pool:
+            # sent; the target's agent works on it while the next one is
+            # checked and sent (two requests in flight: the agent handles
+            # them in order, and reads the next while it handles one).
+            with ThreadPoolExecutor(2) as pool:
                 writes = []
                 for part in table.slices(4, self.opt.copy_chunk):
                     if not table.plain(part):
