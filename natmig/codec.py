@@ -62,7 +62,7 @@ class EditEntry:
 #: XML parser would normalise), at least one character.
 _TEXT = rb"[\x20-\x25\x27-\x3b\x3d-\x5c\x5e-\x7e]+"
 #: How many validated texts the canonical reader remembers per leaf.
-_MEMO_SIZE = 1 << 16
+_MEMO_SIZE = 1 << 12
 #: Attribute text of an entry's start tag: ASCII without '<', '>', '&', '/'.
 _ATTRS = rb"(?:[\t\n\r ][\t\n\r\x20-\x25\x27-\x2e\x30-\x3b\x3d\x3f-\x7e]*)?"
 
@@ -96,9 +96,11 @@ class CanonicalEntries:
         #: one entry; groups: the start tag's attribute text, then each leaf's text in module order.
         self.entry = re.compile(one)
         self.end_tag = b"</" + schema.list_name.encode() + b">"
-        # Validated values by leaf text, kept across documents: ports, states
-        # and the node's public addresses recur from one request to the next.
-        # Like the schema's own memos, each stops growing at a fixed size.
+        # Validated values by leaf text (bytes: a hit needs no decoding), kept
+        # across documents: protocols, states, timeouts, the node's public
+        # addresses recur in every request.  Each stops growing at a small
+        # size, so that a table's many distinct addresses and ports (validated
+        # through the schema's own memo) do not stay in memory for ever.
         self._leaves = [(i + 1, spec.name, spec.parse, {}) for i, spec in enumerate(schema.leaves)]
         self._key_of = itemgetter(*schema.keys)
 
