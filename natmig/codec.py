@@ -102,7 +102,8 @@ class CanonicalEntries:
         # size, so that a table's many distinct addresses and ports (validated
         # through the schema's own memo) do not stay in memory for ever.
         self._leaves = [(i + 1, spec.name, spec.parse, {}) for i, spec in enumerate(schema.leaves)]
-        self._key_of = itemgetter(*schema.keys)
+        # itemgetter of one name gives the value, not a 1-tuple.
+        self._key_of = itemgetter(*schema.keys) if len(schema.keys) > 1 else (lambda v, k=schema.keys[0]: (v[k],))
 
     def span(self, data: bytes) -> tuple[int, int] | None:
         """(start, end): from the first canonical entry of ``data`` to the end of the last entry end tag; None without one.
