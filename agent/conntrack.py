@@ -49,6 +49,8 @@ __all__ = ["ApplyPlan", "ConntrackProvider", "invalid_entries", "plan_apply", "v
 
 #: Bytes read from ``conntrack -L`` per parsing step (about 10,000 lines).
 LIST_CHUNK = 1 << 20
+#: The kernel's entry count of the namespace the reading process lives in.
+CONNTRACK_COUNT = "/proc/sys/net/netfilter/nf_conntrack_count"
 #: A batch at least this large starts ``conntrack -R`` before its checks, so
 #: that the process start (~5 ms) overlaps them; a smaller one starts it only
 #: when it has TCP/UDP sessions to create (an update needs no process).
@@ -114,13 +116,31 @@ class ConntrackProvider(SessionProvider):
         """:meth:`list`; with ``taken``, also the reply keys held by entries that are not sessions."""
         return self._finish_read(self._start_read(), taken)
 
-    def _start_read(self) -> subprocess.Popen:
-        """Start ``conntrack -L`` (apply starts it first and does its own checks meanwhile)."""
+    def _start_read(self) -> subprocess.Popen | None:
+        """Start ``conntrack -L`` (apply starts it first and does its own checks meanwhile); None: the table is empty."""
+        if self._known_empty():
+            return None
         return subprocess.Popen(
             nsmod.ns_cmd(["conntrack", "-L"], self.netns), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
 
-    def _finish_read(self, proc: subprocess.Popen, taken: dict[cttext.ReplyKey, cttext.EntryTuple] | None) -> Snapshot:
+    def _known_empty(self) -> bool:
+        """Whether the kernel counts no entry at all in the namespace's table, known without a process.
+
+        Only from inside the namespace (as the agent runs): its
+        ``nf_conntrack_count`` is then this process's to read.  An idle
+        target is read three times in a migration; each ``conntrack -L``
+        costs a process start (~7 ms) even for an empty table.
+        """
+        if not self.netns or not nsmod.inside(self.netns):
+            return False
+        try:
+            with open(CONNTRACK_COUNT) as f:
+                return f.read().strip() == "0"
+        except OSError:
+            return False
+
+    def _finish_read(self, proc: subprocess.Popen | None, taken: dict[cttext.ReplyKey, cttext.EntryTuple] | None) -> Snapshot:
         """Parse what a :meth:`_start_read` process prints, while it prints it."""
         sessions: list[NatSession] = []
         untranslated = 0
@@ -150,7 +170,7 @@ class ConntrackProvider(SessionProvider):
         self._stream(self._start_read(), take)
         return {"sessions": total.sessions, "untranslated": total.untranslated, "digest": format_digest(total.digest)}
 
-    def _stream(self, proc: subprocess.Popen, take: Callable[[bytes], None]) -> None:
+    def _stream(self, proc: subprocess.Popen | None, take: Callable[[bytes], None]) -> None:
         """Hand ``take`` what ``conntrack -L`` prints, in whole lines, while it prints them; then check its status.
 
         Cyclic GC is paused meanwhile: a 100k dump makes some hundred
@@ -159,6 +179,8 @@ class ConntrackProvider(SessionProvider):
         process: 316 ms of parsing with them, 262 ms without; more in the
         agent's larger heap).  Nothing the parse makes is cyclic.
         """
+        if proc is None:
+            return  # an empty table (see _known_empty)
         assert proc.stdout is not None and proc.stderr is not None
         pending = b""
         try:
@@ -235,7 +257,7 @@ class ConntrackProvider(SessionProvider):
                     raise ApplyError(problems)
                 self._write(batch, existing, restore)
             finally:
-                if reading.stdout is not None and not reading.stdout.closed:  # a check failed before the read
+                if reading is not None and reading.stdout is not None and not reading.stdout.closed:  # a check failed before the read
                     reading.kill()
                     reading.communicate()
                 if restore is not None:

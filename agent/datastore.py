@@ -450,7 +450,10 @@ class Datastore:
             plan.upserts = {k: s for k, s in cand.items() if base.get(k) != s}
             if self._cand_control != self._cand_base_control:
                 plan.control = dict(self._cand_control)
-            current = {s.key: s for s in self._list()}
+            # Running's table matters only to deletes and to a nat-control
+            # change (checked up front); writes alone are checked by the
+            # provider's apply, which reads the table itself: one read, not two.
+            current = {s.key: s for s in self._list()} if plan.deletes or plan.control is not None else {}
             plan.deletes &= current.keys()
             if plan.deletes or plan.control is not None:
                 # Checked before the first step, which apply() could not undo.

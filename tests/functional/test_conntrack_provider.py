@@ -425,3 +425,35 @@ def test_statistics_count_and_digest_exactly_what_list_returns(net: TwoNatNet) -
     text = netns.run(["conntrack", "-L"], a.netns).stdout
     assert cttext.parse_table(text.encode()) == cttext._parse_lines(text)
     assert comparable(cttext._parse_lines(text).sessions) == comparable(snap.sessions)
+
+
+INSIDE_SCRIPT = """
+import json, sys
+from natmig.agent.conntrack import ConntrackProvider
+from natmig.agent.natnode import NatNode, NatNodeConfig
+from natmig.controller.demo import synthetic_sessions
+ns = sys.argv[1]
+p = ConntrackProvider(ns, public_addresses={"%s"})
+out = {"empty_known": p._known_empty(), "list": len(p.list().sessions), "stats": p.statistics()}
+p.apply(synthetic_sessions(3, "%s", (20000, 29999)))
+out.update(after_known=p._known_empty(), after_list=len(p.list().sessions), after_stats=p.statistics())
+print(json.dumps(out))
+"""
+
+
+def test_from_inside_the_namespace_an_empty_table_is_read_without_a_process_and_a_full_one_as_before(net: TwoNatNet) -> None:
+    """The agent's case: living in the node's namespace, it knows an empty table from the kernel's count."""
+    import json
+    import subprocess
+    import sys
+
+    b = net.nats["b"].name
+    cp = subprocess.run(["ip", "netns", "exec", b, sys.executable, "-c", INSIDE_SCRIPT % (PUBLIC_IP, PUBLIC_IP), b],
+                        capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    got = json.loads(cp.stdout)
+    assert got["empty_known"] is True and got["list"] == 0 and got["stats"]["sessions"] == 0
+    assert got["after_known"] is False and got["after_list"] == 3 and got["after_stats"]["sessions"] == 3
+    # From outside (this test process) the count is not ours to read: the process path is taken.
+    assert ConntrackProvider(b, node=net.nats["b"])._known_empty() is False
+    assert len(ConntrackProvider(b, node=net.nats["b"]).list().sessions) == 3
