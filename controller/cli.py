@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--set", action="append", metavar="PATH=VALUE", help="override an inventory field, e.g. agents.nat2.host=192.0.2.12 (repeatable)")
     m.add_argument("--retire", choices=("delete", "keep", "stop"), help="what becomes of the source (default: inventory, else delete)")
     m.add_argument("--no-state", action="store_true", help="do not copy sessions (negative control: live flows break)")
-    m.add_argument("--settle", type=float, default=20.0, metavar="MS", help="quiet time of the source's events before the switch (default 20)")
+    m.add_argument("--settle", type=float, default=10.0, metavar="MS", help="quiet time of the source's events before the switch (default 10)")
     m.add_argument("--verify-source", choices=("digest", "read"), default="digest",
                    help="how verify knows the frozen source's table: its nat-statistics digest against the snapshot and events (default; re-read when they differ) or always re-read it")
     m.add_argument("--json", metavar="FILE", help="write the report as JSON")

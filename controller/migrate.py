@@ -135,7 +135,7 @@ class MigrateOptions:
 
     copy_state: bool = True
     retire: str = "delete"
-    settle: float = 0.02
+    settle: float = 0.01
     settle_max: float = 1.0
     freeze_source: bool = True
     copy_chunk: int = 25_000

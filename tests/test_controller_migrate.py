@@ -548,3 +548,4 @@ def test_a_reply_spoiled_only_near_its_end_is_forwarded_then_decoded_and_still_c
     assert tgt.calls.count("edit-text") >= 1  # the plain slices went as text first
     assert "decode+edit-config" in r.phases[1].steps  # then the whole reply, decoded
     assert keys_map(tgt) == keys_map(src) and r.copied == 40 and r.verified == 40
+
