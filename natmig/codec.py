@@ -15,6 +15,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -680,13 +681,16 @@ def _no_gc() -> Iterator[None]:
 
 
 _default: Codec | None = None
+_default_lock = threading.Lock()
 
 
 def default_codec() -> Codec:
-    """The codec of yang/nat-session.yang, compiled on first use."""
+    """The codec of yang/nat-session.yang, compiled on first use (once, whichever thread asks first)."""
     global _default
     if _default is None:
-        _default = Codec(load_schema())
+        with _default_lock:
+            if _default is None:
+                _default = Codec(load_schema())
     return _default
 
 

@@ -14,6 +14,7 @@ import ipaddress
 import os
 import re
 import sys
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -357,9 +358,21 @@ def _compile_leaf(leaf: Any, keys: tuple[str, ...]) -> LeafSpec:
     )
 
 
-@lru_cache(maxsize=None)
+#: One compile at a time: pyang's pattern checker shares class-level lxml
+#: documents that its first instance sets up unguarded, so two threads
+#: compiling at once (a controller's first RPCs in parallel) could meet a
+#: half-made one ("'NoneType' object has no attribute 'set'").
+_COMPILE_LOCK = threading.Lock()
+
+
 def load_schema(path: str | None = None) -> Schema:
-    """Parse, check and compile the nat-session module (cached per path)."""
+    """Parse, check and compile the nat-session module (cached per path; safe from several threads)."""
+    with _COMPILE_LOCK:
+        return _load_schema(path)
+
+
+@lru_cache(maxsize=None)
+def _load_schema(path: str | None = None) -> Schema:
     src = Path(path) if path else MODULE_PATH
     try:
         text = src.read_text()
