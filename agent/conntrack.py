@@ -26,18 +26,17 @@ created sessions are deleted, replaced ones recreated, updated ones set back.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import gc
 import os
 import queue
 import subprocess
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from .. import netns as nsmod
 from ..errors import ProviderError
+from ..gcpause import gc_paused
 from ..model import NatSession, SessionKey, format_digest, format_key, index_by_key
 from . import ctnetlink as nl
 from . import cttext
@@ -184,7 +183,7 @@ class ConntrackProvider(SessionProvider):
         assert proc.stdout is not None and proc.stderr is not None
         pending = b""
         try:
-            with _gc_paused():
+            with gc_paused():
                 while chunk := proc.stdout.read1(LIST_CHUNK):
                     pending += chunk
                     cut = pending.rfind(b"\n") + 1
@@ -239,7 +238,7 @@ class ConntrackProvider(SessionProvider):
     def apply(self, sessions: Sequence[NatSession]) -> None:
         """Create or replace a batch, all or nothing (see the module docstring)."""
         batch = list(sessions)
-        with self._lock, _gc_paused():
+        with self._lock, gc_paused():
             # Both processes start before the checks and come up while they
             # run; conntrack -R only acts on lines it is given, and none is
             # given before every check has passed.
@@ -365,24 +364,6 @@ class ConntrackProvider(SessionProvider):
             return self._run(["conntrack", *args], self.netns, **kw)
         except nsmod.CommandError as e:
             raise ProviderError(f"conntrack in {self.netns}: {e}") from e
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection inside the block (unless it was off already).
-
-    The checks and the plan of a large batch allocate a few hundred thousand
-    short-lived tuples (keys, reply keys, pairs), and the collections they
-    trigger walk the whole heap of the agent: about 40 ms of a 100k apply,
-    measured.  Nothing apply makes is cyclic; reference counting frees it.
-    """
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _without(batch: list[NatSession], problems: dict[SessionKey, str]) -> list[NatSession]:

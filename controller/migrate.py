@@ -202,8 +202,8 @@ class Migration:
         self._source_admits = True
         #: the source's admission reopening, started during admit (see _admit)
         self._reopen: Any = None
-        #: the source's nat-statistics request, started after the catch-up (see _start_digests)
-        self._digests: Any = None
+        #: the source's nat-statistics request (a Future), started after the catch-up (see _start_source_digest)
+        self._source_stats: Any = None
 
     # --------------------------------------------------------------- driver
 
@@ -345,8 +345,7 @@ class Migration:
             table = TextTable.of(reply.raw, reply.codec)
         if table is None:
             # No plain <data> element (another agent's spelling): decode it all.
-            sessions = reply.sessions()
-            self._copy_streamed(ph, lambda _src, size, pieces=1: (sessions[i:i + size] for i in range(0, len(sessions), size)), tgt)
+            self._copy_decoded(ph, reply, tgt)
             return
         self._snapshot_text = reply
         addresses: set[str] = set()
@@ -380,8 +379,7 @@ class Migration:
             # changes nothing); its keys are then known decoded.
             self._st.added_table = None
             self._snapshot_text = None
-            sessions = reply.sessions()
-            self._copy_streamed(ph, lambda _src, size, pieces=1: (sessions[i:i + size] for i in range(0, len(sessions), size)), tgt)
+            self._copy_decoded(ph, reply, tgt)
             return
         with ph.step("plan"):
             # The whole snapshot's plan, before anything is committed.
@@ -393,6 +391,11 @@ class Migration:
             tgt.commit()
             self._st.target_candidate_dirty = False
         self.report.copied = table.count
+
+    def _copy_decoded(self, ph: Any, reply: Any, tgt: Any) -> None:
+        """The streamed copy of a reply decoded whole by the codec (a form the text copy does not forward)."""
+        sessions = reply.sessions()
+        self._copy_streamed(ph, lambda _src, size, pieces=1: (sessions[i:i + size] for i in range(0, len(sessions), size)), tgt)
 
     def _source_snapshot(self) -> list[NatSession]:
         """The snapshot, decoded (once) when the copy forwarded it as text."""
@@ -480,9 +483,9 @@ class Migration:
         self.report.events = self._catch.events
         self.report.caught_up = len(ups)
         self.report.caught_up_deleted = len(dels)
-        self._start_digests()
+        self._start_source_digest()
 
-    def _start_digests(self) -> None:
+    def _start_source_digest(self) -> None:
         """Ask the source for its digest now, for verify to use: it is computed while the switch happens.
 
         The source's table is already the one verify must see: it is frozen
@@ -493,7 +496,7 @@ class Migration:
         if self.opt.verify_source != "digest" or not hasattr(src, "get_statistics") or not hasattr(tgt, "get_statistics"):
             return
         pool = ThreadPoolExecutor(1)
-        self._digests = (pool.submit(src.get_statistics),)  # type: ignore[union-attr]
+        self._source_stats = pool.submit(src.get_statistics)  # type: ignore[union-attr]
         pool.shutdown(wait=False)
 
     def _freeze(self, src: Node) -> None:
@@ -521,9 +524,8 @@ class Migration:
             # when it can give one: equal to the source's final table's, it
             # proves the target holds exactly those sessions and mappings
             # without shipping the table.  Both at once: two agents.
-            if self._digests is not None and target_stats is not None:
-                (fs,) = self._digests
-                self._digests = None
+            if self._source_stats is not None and target_stats is not None:
+                fs, self._source_stats = self._source_stats, None
                 got, stats = target_stats(), fs.result()
             else:
                 with ThreadPoolExecutor(2) as pool:
@@ -680,13 +682,13 @@ class Migration:
     def _recover(self) -> None:
         """Put traffic where it works and undo what this migration changed (best effort, all recorded)."""
         st, r = self._st, self.report
-        for f in self._digests or ():
-            # Requests still in flight on the sessions recovery is about to use: let them finish.
+        if self._source_stats is not None:
+            # A request still in flight on the session recovery is about to use: let it finish.
             try:
-                f.result()
+                self._source_stats.result()
             except Exception:  # noqa: BLE001 - only waited for; verify did not happen
                 pass
-        self._digests = None
+            self._source_stats = None
         src_state: list[str] = []
         tgt_state: list[str] = []
         if st.committed:

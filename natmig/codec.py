@@ -12,11 +12,9 @@ Output follows RFC 6243 "trim" mode: a leaf equal to its default is omitted.
 
 from __future__ import annotations
 
-import gc
 import json
 import re
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from operator import itemgetter
@@ -25,6 +23,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from lxml import etree
 
 from .errors import CodecError, FieldError
+from .gcpause import gc_paused
 from .model import FIELD_NAMES, NatSession, SessionKey, format_key
 from .schema import LeafValueError, Schema, load_schema
 
@@ -87,16 +86,18 @@ class CanonicalEntries:
     def __init__(self, codec: "Codec") -> None:
         schema = codec.schema
         name = re.escape(schema.list_name.encode())
-        parts = [rb"<" + name + rb"(" + _ATTRS + rb")>"]
+        leaves = []
         for spec in schema.leaves:
             n = re.escape(spec.name.encode())
             leaf = rb"<" + n + rb">(" + _TEXT + rb")</" + n + rb">"
-            parts.append(leaf if spec.is_key else rb"(?:" + leaf + rb")?")
-        parts.append(rb"</" + name + rb">")
-        one = b"".join(parts)
+            leaves.append(leaf if spec.is_key else rb"(?:" + leaf + rb")?")
+        self._name = name
+        #: the leaves and end tag of one entry, after its start tag
+        self._body = b"".join(leaves) + rb"</" + name + rb">"
         #: one entry; groups: the start tag's attribute text, then each leaf's text in module order.
-        self.entry = re.compile(one)
+        self.entry = re.compile(rb"<" + name + rb"(" + _ATTRS + rb")>" + self._body)
         self.end_tag = b"</" + schema.list_name.encode() + b">"
+        self._runs: dict[bytes, Any] = {}
         # Validated values by leaf text (bytes: a hit needs no decoding), kept
         # across documents: protocols, states, timeouts, the node's public
         # addresses recur in every request.  Each stops growing at a small
@@ -116,6 +117,17 @@ class CanonicalEntries:
         if first is None:
             return None
         return first.start(), data.rfind(self.end_tag) + len(self.end_tag)
+
+    def is_run(self, data: bytes, attrs: bytes) -> bool:
+        """Whether ``data`` is nothing but entries in this form, back to back, each start tag carrying exactly ``attrs``.
+
+        One C-level pass and no decoding: for a caller that forwards entries
+        (a migration's copy) and leaves their values to the receiver.
+        """
+        run = self._runs.get(attrs)
+        if run is None:
+            run = self._runs[attrs] = re.compile(rb"(?:<" + self._name + re.escape(attrs) + rb">" + self._body + rb")*")
+        return run.fullmatch(data) is not None
 
     def decode(self, data: bytes, start: int, end: int, operation_of: Callable[[bytes], str | None], chunk: int = 1 << 20) -> list[EditEntry] | None:
         """The entries of ``data[start:end]``; None unless it is canonical entries and nothing else.
@@ -509,7 +521,7 @@ class Codec:
         """
         errors = _Errors(limit)
         out: list[NatSession] = []
-        with _no_gc():
+        with gc_paused():
             entries = self._entries_of(data, errors)
             by_tag = self._by_tag
             # Fast path: an entry whose leaves all parse, with no repeats,
@@ -597,7 +609,7 @@ class Codec:
 
     def decode_json(self, data: bytes | str | dict[str, Any], limit: int = DEFAULT_ERROR_LIMIT) -> list[NatSession]:
         """Parse and validate an RFC 7951 JSON document of nat-session entries."""
-        with _no_gc():
+        with gc_paused():
             return self._decode_json(data, limit)
 
     def _decode_json(self, data: bytes | str | dict[str, Any], limit: int) -> list[NatSession]:
@@ -665,19 +677,6 @@ class Codec:
             if k in seen:
                 errors.add(format_key(k), "", "duplicate key", "bad-element")
             seen.add(k)
-
-
-@contextmanager
-def _no_gc() -> Iterator[None]:
-    # A 100k-entry decode allocates millions of objects and no cycles; the
-    # cyclic collector would rescan them all again and again (~30% of the time).
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 _default: Codec | None = None

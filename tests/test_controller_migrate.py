@@ -415,15 +415,6 @@ def test_copy_into_a_target_holding_sessions_is_not_streamed():
     assert set(keys_map(tgt)) == set(keys_map(src)) | {s.key for s in own}
 
 
-def test_streamed_copy_refused_by_the_target_discards_the_candidate():
-    src, tgt, sw = counting_setup(50)
-    tgt.fail["edit-config:candidate"] = ControllerError("candidate refused")
-    r = run(src, tgt, sw, copy_chunk=10)
-    assert not r.ok and r.failed_phase == "copy" and "candidate refused" in r.error
-    assert "discard" in tgt.calls and "commit" not in tgt.calls
-    assert keys_map(tgt) == {} and sw.moves == [] and r.traffic_on == "nat1"
-
-
 def test_streamed_copy_whose_plan_fails_commits_nothing():
     src, tgt, sw = counting_setup(30)
     m = Migration(Endpoint("nat1", lambda: src), Endpoint("nat2", lambda: tgt, public={"203.0.113.9"}), sw, MigrateOptions(copy_chunk=10))
@@ -493,8 +484,9 @@ def test_a_reply_in_another_form_is_decoded_and_copied_all_the_same():
     assert keys_map(tgt) == keys_map(src) and r.copied == 30
 
 
-def test_forwarded_copy_refused_by_the_target_discards_the_candidate_and_keeps_traffic():
-    src, tgt, sw = text_setup(50)
+@pytest.mark.parametrize("setup_copy", [counting_setup, text_setup], ids=["streamed", "forwarded"])
+def test_a_copy_refused_by_the_target_discards_the_candidate_and_keeps_traffic(setup_copy):
+    src, tgt, sw = setup_copy(50)
     tgt.fail["edit-config:candidate"] = ControllerError("candidate refused")
     r = run(src, tgt, sw, copy_chunk=10)
     assert not r.ok and r.failed_phase == "copy" and "candidate refused" in r.error

@@ -221,15 +221,22 @@ def test_refused_batches_name_the_offenders_and_leave_the_table_unchanged(net: T
     assert comparable(a.list().sessions) == before
 
 
-def test_kernel_refusal_part_way_is_rolled_back(net: TwoNatNet) -> None:
-    a, _ = providers(net)
-    # An untranslated entry is not a nat-session, so check_batch cannot see
-    # it; the kernel refuses to create a session with the same key.
+def hidden_clash(a: ConntrackProvider) -> tuple[dict, NatSession]:
+    """Ten sessions in ``a``, and a session the kernel will refuse though no check sees why.
+
+    An untranslated entry is not a nat-session, so check_batch cannot see
+    it; the kernel refuses to create a session with the same key.  Returns
+    the table before (comparable) and that session.
+    """
     netns.run(["conntrack", "-I", "-p", "udp", "-s", CLIENT_IP, "-d", SERVER_IP, "--sport", "7000", "--dport", "53",
                "-t", "100", "-u", "SEEN_REPLY"], a.netns)
     a.apply(synthetic(10))
-    before = comparable(a.list().sessions)
-    hidden = NatSession("UDP", CLIENT_IP, 7000, SERVER_IP, 53, PUBLIC_IP, 24000)
+    return comparable(a.list().sessions), NatSession("UDP", CLIENT_IP, 7000, SERVER_IP, 53, PUBLIC_IP, 24000)
+
+
+def test_kernel_refusal_part_way_is_rolled_back(net: TwoNatNet) -> None:
+    a, _ = providers(net)
+    before, hidden = hidden_clash(a)
     batch = [*synthetic(5, start_port=25000, net=1), hidden, *synthetic(5, start_port=25100, net=2)]
     with pytest.raises(ApplyError) as ei:
         a.apply(batch)
@@ -241,11 +248,7 @@ def test_kernel_refusal_after_the_first_streamed_piece_is_rolled_back(net: TwoNa
     # conntrack -R is fed while the batch is formatted: the refused line sits
     # in the third piece, after thousands of lines were written and created.
     a, _ = providers(net)
-    netns.run(["conntrack", "-I", "-p", "udp", "-s", CLIENT_IP, "-d", SERVER_IP, "--sport", "7000", "--dport", "53",
-               "-t", "100", "-u", "SEEN_REPLY"], a.netns)
-    a.apply(synthetic(10))
-    before = comparable(a.list().sessions)
-    hidden = NatSession("UDP", CLIENT_IP, 7000, SERVER_IP, 53, PUBLIC_IP, 24000)
+    before, hidden = hidden_clash(a)
     fresh = [
         NatSession(("TCP", "UDP")[i % 2], f"10.1.{i // 250}.{i % 250}", 1000 + i, "198.51.100.9", 443, PUBLIC_IP, 30000 + i,
                    "ESTABLISHED" if i % 2 == 0 else None, 300)
