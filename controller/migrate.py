@@ -202,8 +202,8 @@ class Migration:
         self._source_admits = True
         #: the source's admission reopening, started during admit (see _admit)
         self._reopen: Any = None
-        #: the source's nat-statistics request (a Future), started after the catch-up (see _start_source_digest)
-        self._source_stats: Any = None
+        #: the source's and the target's nat-statistics requests (Futures), started after the catch-up (see _start_digests)
+        self._digests: tuple[Any, Any] | None = None
 
     # --------------------------------------------------------------- driver
 
@@ -483,20 +483,23 @@ class Migration:
         self.report.events = self._catch.events
         self.report.caught_up = len(ups)
         self.report.caught_up_deleted = len(dels)
-        self._start_source_digest()
+        self._start_digests()
 
-    def _start_source_digest(self) -> None:
-        """Ask the source for its digest now, for verify to use: it is computed while the switch happens.
+    def _start_digests(self) -> None:
+        """Ask both nodes for their digests now, for verify to use: they are computed while the switch happens.
 
-        The source's table is already the one verify must see: it is frozen
-        and its events have settled.  The target is asked after the switch,
-        so that verify speaks for the target as it is once traffic reaches it.
+        Both tables are already the ones verify must see.  The source is
+        frozen and its events have settled.  The target holds new sessions
+        (admission closed since the catch-up), so until admit its table can
+        only lose sessions, as the source's can, by timeout; and no packet
+        changes a session's key or mapping.  Reading it while the switch
+        happens says what reading it after would, ~one table read sooner.
         """
         src, tgt = self._src, self._tgt
         if self.opt.verify_source != "digest" or not hasattr(src, "get_statistics") or not hasattr(tgt, "get_statistics"):
             return
-        pool = ThreadPoolExecutor(1)
-        self._source_stats = pool.submit(src.get_statistics)  # type: ignore[union-attr]
+        pool = ThreadPoolExecutor(2)
+        self._digests = (pool.submit(src.get_statistics), pool.submit(tgt.get_statistics))  # type: ignore[union-attr]
         pool.shutdown(wait=False)
 
     def _freeze(self, src: Node) -> None:
@@ -524,9 +527,9 @@ class Migration:
             # when it can give one: equal to the source's final table's, it
             # proves the target holds exactly those sessions and mappings
             # without shipping the table.  Both at once: two agents.
-            if self._source_stats is not None and target_stats is not None:
-                fs, self._source_stats = self._source_stats, None
-                got, stats = target_stats(), fs.result()
+            if self._digests is not None and target_stats is not None:
+                (fs, ft), self._digests = self._digests, None
+                got, stats = ft.result(), fs.result()
             else:
                 with ThreadPoolExecutor(2) as pool:
                     if target_stats is not None:
@@ -682,13 +685,14 @@ class Migration:
     def _recover(self) -> None:
         """Put traffic where it works and undo what this migration changed (best effort, all recorded)."""
         st, r = self._st, self.report
-        if self._source_stats is not None:
-            # A request still in flight on the session recovery is about to use: let it finish.
-            try:
-                self._source_stats.result()
-            except Exception:  # noqa: BLE001 - only waited for; verify did not happen
-                pass
-            self._source_stats = None
+        if self._digests is not None:
+            # Requests still in flight on the sessions recovery is about to use: let them finish.
+            for f in self._digests:
+                try:
+                    f.result()
+                except Exception:  # noqa: BLE001 - only waited for; verify did not happen
+                    pass
+            self._digests = None
         src_state: list[str] = []
         tgt_state: list[str] = []
         if st.committed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import pytest
@@ -377,6 +378,36 @@ def test_verify_by_digest_refuses_a_remapping_target_and_points_traffic_back():
     assert r.target_check == "read"
     assert sw.moves == ["nat2", "nat1"] and keys_map(src) == before
 
+
+
+def test_both_digests_are_asked_for_while_the_switch_happens():
+    """The switch waits here until both nodes have been asked: a request sent only after it would never come."""
+    src, tgt, sw = counting_setup(12)
+    asked = {"nat1": threading.Event(), "nat2": threading.Event()}
+    src.hooks["get-statistics"] = asked["nat1"].set
+    tgt.hooks["get-statistics"] = asked["nat2"].set
+
+    class WaitingSteering(FakeSteering):
+        def point_to(self, nat: str) -> None:
+            if nat == "nat2":
+                assert all(e.wait(5) for e in asked.values()), "a digest was not requested before the switch"
+            super().point_to(nat)
+
+    sw = WaitingSteering("nat1")
+    r = run(src, tgt, sw, retire="keep")
+    assert r.ok, r.error
+    assert r.source_check == r.target_check == "digest" and r.verified == 12
+    assert sw.moves == ["nat2"]
+
+
+def test_a_target_that_cannot_give_its_digest_fails_verify_and_traffic_goes_back():
+    src, tgt, sw = counting_setup(10)
+    before = keys_map(src)
+    tgt.fail["get-statistics"] = ControllerError("nat2: session lost")
+    r = run(src, tgt, sw)
+    assert not r.ok and r.failed_phase == "verify" and "session lost" in r.error
+    assert sw.moves == ["nat2", "nat1"] and keys_map(src) == before
+    assert src.provider.admission() is True
 
 
 def test_preflight_reads_the_targets_table_and_admission_in_one_request_and_a_failure_restores_that_admission():

@@ -136,7 +136,12 @@ def test_a_wrong_host_key_is_refused_before_anything_changes(tmp_path):
 
 
 def test_verification_failing_after_the_switch_points_traffic_back(tmp_path):
-    """The target's agent dies right after the switch: verify cannot read it, traffic goes back."""
+    """The target's agent dies right after the switch: verify cannot read it, traffic goes back.
+
+    verify_source="read": verify then reads the target after the switch.  (By
+    digest, both digests are asked for while the switch happens, and the
+    target's may already be in; the unit tests cover a digest that fails.)
+    """
     with bed(tmp_path, "mv") as (tb, fleet):
         load_sessions(fleet.endpoint("nat1"), synthetic_sessions(300, tb.public_address, (20000, 29999)))
         with traffic(tb, tmp_path) as t:
@@ -147,7 +152,7 @@ def test_verification_failing_after_the_switch_points_traffic_back(tmp_path):
                 if ph.name == "switch":
                     fleet.stop("nat2", kill=True)
 
-            report = Migration(fleet.endpoint("nat1"), fleet.endpoint("nat2"), TestbedSteering(tb), MigrateOptions(), on_phase).run()
+            report = Migration(fleet.endpoint("nat1"), fleet.endpoint("nat2"), TestbedSteering(tb), MigrateOptions(verify_source="read"), on_phase).run()
             time.sleep(1.0)
             result = t.stop()
         assert not report.ok and report.failed_phase == "verify", report.error
