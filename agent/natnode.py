@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import netns
+from . import nftables
 from ..errors import ProviderError
 
 #: Name of the nftables table natmig owns in a NAT node's namespace.
@@ -287,12 +288,21 @@ class NatNode:
             script += f"add rule ip {TABLE} {ADMISSION_INPUT_CHAIN} {admission_input_rule(self.cfg)}\n"
         # One nft transaction: there is no instant without the chain's rule
         # when switching it off, nor two copies of it.
-        self._run(["nft", "-f", "-"], input=script)
+        self._nft(script)
 
     def admission(self) -> bool:
         """Whether new sessions are admitted, as read from the kernel's ruleset."""
-        out = self._run(["nft", "list", "chain", "ip", TABLE, ADMISSION_CHAIN]).stdout
-        return " drop" not in out
+        return " drop" not in self._nft(f"list chain ip {TABLE} {ADMISSION_CHAIN}\n")
+
+    def _nft(self, script: str) -> str:
+        """Run an nft script in the node: in this process when it lives in the node (the agent), else with the tool."""
+        lib = nftables.in_process(self.cfg.name) if self.run is netns.run else None
+        if lib is None:
+            return self._run(["nft", "-f", "-"], input=script).stdout
+        try:
+            return lib.run(script)
+        except nftables.NftablesError as e:
+            raise NatNodeError(f"NAT node {self.cfg.name}: nft: {e}") from e
 
     def owned_addresses(self) -> set[str]:
         """The IPv4 addresses configured on the outside interface (what the node can translate to)."""

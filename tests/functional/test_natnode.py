@@ -132,3 +132,40 @@ def test_public_address_other_than_the_outside_address_is_owned() -> None:
     finally:
         node.destroy()
     assert not netns.exists(ns)
+
+
+_IN_NODE = r"""
+import json, subprocess, sys
+from natmig.agent import nftables
+from natmig.agent.natnode import NatNode, NatNodeConfig, NatNodeError
+cfg = NatNodeConfig(**json.loads(sys.argv[1]))
+node = NatNode(cfg)
+assert nftables.in_process(cfg.name) is not None, "not inside the node"
+def no_tool(*a, **k):
+    raise AssertionError(f"a process was started: {a}")
+subprocess.Popen = no_tool  # the in-process path must start no nft
+seen = []
+for admit in (False, True, False):
+    node.set_admission(admit)
+    seen.append(node.admission())
+try:
+    node._nft("add rule ip natmig no_such_chain drop\n")
+except NatNodeError as e:
+    seen.append(str(e))
+print(json.dumps(seen))
+"""
+
+
+def test_the_agent_side_runs_nft_in_its_own_process(net: TwoNatNet) -> None:
+    """A process living in the node's namespace (as an agent does) changes admission without starting nft."""
+    import json
+    import sys
+    cfg = net.nats["a"].cfg
+    args = {"name": cfg.name, "inside_if": cfg.inside_if, "outside_if": cfg.outside_if, "public_address": cfg.public_address}
+    out = netns.run([sys.executable, "-c", _IN_NODE, json.dumps(args)], cfg.name).stdout
+    seen = json.loads(out)
+    assert seen[:3] == [False, True, False]
+    assert "no_such_chain" in seen[3] and "No such file or directory" in seen[3], seen[3]
+    # The tool, from outside, sees what the process left: admission closed.
+    assert " drop" in netns.run(["nft", "list", "chain", "ip", TABLE, "admission"], cfg.name).stdout
+    assert NatNode(cfg).admission() is False
