@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..codec import Codec, EditEntry
 from ..errors import AgentError, CodecError, ProviderError
@@ -312,6 +312,18 @@ class Datastore:
                 sessions = self._list() if with_sessions else []
             # Reading nat-control of running asks the node (an nft call): skip it when not wanted.
             return sessions, self.running_control() if with_control else {}
+
+    def running_batches(self) -> Iterator[list[NatSession]]:
+        """Running's sessions in batches, each as soon as the provider has read it (a reply sent while it is read).
+
+        The datastore stays locked until the iterator is exhausted or closed:
+        take it from one thread, and close it.
+        """
+        with self._mutex:
+            try:
+                yield from self.provider.batches()
+            except ProviderError as e:
+                raise refuse("operation-failed", f"cannot read the session table: {e}") from e
 
     def statistics(self) -> dict[str, Any]:
         """The nat-statistics leaves, read now (the digest: see the module and model.table_digest).

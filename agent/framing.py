@@ -10,6 +10,8 @@ is refused as soon as that is known, without buffering the rest of it.
 
 from __future__ import annotations
 
+from typing import Callable
+
 from ..errors import AgentError
 
 EOM = b"]]>]]>"
@@ -42,6 +44,10 @@ class Deframer:
         self._scan = 0  # EOM search resumes here, so a big message is scanned once
         self._parts: list[bytes] = []  # chunks of the message being assembled
         self._size = 0
+        #: called with each chunk of a message as it arrives, and whether it is
+        #: the message's first (chunked framing only): a reader may act on a
+        #: large message before its end (a migration forwarding a table).
+        self.on_chunk: Callable[[bytes, bool], None] | None = None
 
     def feed(self, data: bytes) -> None:
         """Add bytes received from the peer."""
@@ -98,8 +104,11 @@ class Deframer:
             end = nl + 1 + size
             if len(buf) < end:
                 return None
-            self._parts.append(bytes(buf[nl + 1 : end]))
+            part = bytes(buf[nl + 1 : end])
+            self._parts.append(part)
             self._size += size
+            if self.on_chunk is not None:
+                self.on_chunk(part, len(self._parts) == 1)
             if size > 1 << 16:
                 self._buf = buf = bytearray(buf[end:])  # drop the big buffer's capacity
             else:

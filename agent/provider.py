@@ -65,6 +65,15 @@ class SessionProvider(abc.ABC):
     def list(self) -> Snapshot:
         """Read every translated session of the table."""
 
+    def batches(self) -> Iterator[list[NatSession]]:
+        """The sessions :meth:`list` returns, in batches, each as soon as it is read.
+
+        This default reads the whole table as one batch; a provider that reads
+        its table as a stream (conntrack) hands out each part while the rest
+        is still being read.
+        """
+        yield self.list().sessions
+
     def statistics(self) -> dict[str, Any]:
         """The nat-statistics leaves, read now: ``{"sessions", "untranslated", "digest"}``.
 

@@ -20,7 +20,7 @@ from xml.sax.saxutils import escape, quoteattr
 from lxml import etree
 
 from ..codec import EDIT_OPERATIONS, NETCONF_NS, Codec, EditEntry
-from ..errors import CodecError
+from ..errors import AgentError, CodecError
 from ..gcpause import gc_paused
 from ..model import NatSession, format_key
 from ..schema import LeafValueError
@@ -74,6 +74,11 @@ class SessionState:
     subscribed: bool = False
     #: entries of a large edit-config decoded during parsing (see _Batches).
     batches: Any = None
+    #: called (from the handler's thread) with each piece of a reply sent while
+    #: it is still being made (see _stream_sessions); None: replies go whole.
+    stream: Callable[[bytes], None] | None = None
+    #: the rpc-reply start tag of the request being handled (a streamed reply sends it first).
+    reply_head: bytes = b""
 
     @property
     def sid(self) -> int:
@@ -124,10 +129,24 @@ def _error_xml(codec: Codec, pr: Problem) -> str:
     return "<rpc-error>" + "".join(parts) + "</rpc-error>"
 
 
+class StreamBroken(AgentError):
+    """A reply failed after part of it was sent: the session must end (no rpc-error can follow data)."""
+
+
+class _Streamed(list):  # type: ignore[type-arg]
+    """The rest of a reply whose start tag and first parts were already streamed."""
+
+
+def _reply_head(attrs: str) -> bytes:
+    return f'<rpc-reply xmlns="{NETCONF_NS}"{attrs}>'.encode()
+
+
 def _reply(attrs: str, body: bytes | list[bytes]) -> bytes:
     # One join: a 100k-session reply is ~30 MB, and every copy of it counts.
     parts = body if isinstance(body, list) else [body]
-    return b"".join([f'<rpc-reply xmlns="{NETCONF_NS}"{attrs}>'.encode(), *parts, b"</rpc-reply>"])
+    if isinstance(body, _Streamed):
+        return b"".join([*body, b"</rpc-reply>"])
+    return b"".join([_reply_head(attrs), *parts, b"</rpc-reply>"])
 
 
 def _attrs_of(rpc: Any) -> str:
@@ -304,6 +323,11 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
     if sel.sessions and all(all(k in m for k in key_names) for m in sel.sessions):
         # Every alternative names a whole key: only those entries are needed.
         keys = list(dict.fromkeys(tuple(m[k] for k in key_names) for m in sel.sessions))
+    if (sess.stream is not None and not sess.subscribed and source == "running" and not state and not report_all
+            and not sel.everything and not sel.control and sel.leaves is None
+            and sel.sessions is not None and any(not m for m in sel.sessions)):
+        # The whole list and nothing else (what a migration reads): sent while it is read.
+        return _stream_sessions(server, sess)
     sessions, control = server.datastore.read(source, with_sessions=want_sessions, with_control=sel.everything or sel.control, keys=keys)
     parts = []
     if want_sessions:
@@ -317,6 +341,31 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
         locks = {n: h for n in ("running", "candidate") if (h := server.datastore.lock_holder(n)) is not None}
         parts.append(netconf_state(server.catalog, server.session_records(), locks, server.started, sel.monitoring))
     return [b"<data>", *parts, b"</data>"]
+
+
+def _stream_sessions(server: Server, sess: SessionState) -> _Streamed:
+    """Running's whole nat-session list, each batch sent as soon as the provider has read it.
+
+    A 10k-session table takes the conntrack tool ~55 ms to print; the client
+    (a migration forwarding the entries to another node) gets the first
+    entries after a fraction of that and works on them meanwhile.  A failure
+    before anything is sent is an ordinary rpc-error; after, the session ends
+    (:class:`StreamBroken`), since RFC 6241 has no error after data.
+    """
+    assert sess.stream is not None
+    codec = server.codec
+    batches = server.datastore.running_batches()
+    try:
+        first = next(batches, [])  # a DatastoreError here is an ordinary rpc-error
+        sess.stream(sess.reply_head + b"<data>" + (codec.encode_xml(first, root=None) if first else b""))
+        try:
+            for batch in batches:
+                sess.stream(codec.encode_xml(batch, root=None))
+        except Exception as e:
+            raise StreamBroken(str(e)) from e
+    finally:
+        batches.close()
+    return _Streamed([b"</data>"])
 
 
 # --------------------------------------------------------------- operations
@@ -817,7 +866,11 @@ def _handle(server: Server, sess: SessionState, message: bytes) -> bytes:
         handler = TABLE.get((q.namespace or "", q.localname))
         if handler is None:
             raise refuse("operation-not-supported", f"operation <{q.localname}> in namespace {q.namespace!r} is not supported", type="protocol", info={"bad-element": q.localname})
+        sess.reply_head = _reply_head(attrs)
         return _reply(attrs, handler(server, sess, op))
+    except StreamBroken:
+        rec.out_rpc_errors += 1
+        raise  # part of the reply is out: the server ends the session
     except DatastoreError as e:
         rec.out_rpc_errors += 1
         log.info("%s %s refused: %s", sess.who, etree.QName(ops[0]).localname if ops else "rpc", e)

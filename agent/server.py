@@ -24,11 +24,11 @@ from ..codec import NETCONF_NS, Codec
 from ..errors import AgentError
 from .auth import Authenticator, load_or_create_host_key
 from .datastore import Datastore, Problem
-from .framing import Deframer, FramingError, MessageTooBig, frame
+from .framing import EOM, Deframer, FramingError, MessageTooBig, frame
 from .monitoring import BASE_10, BASE_11, Catalog, SessionRecord
 from .notifications import INTERLEAVE_CAPABILITY, NOTIFICATION_CAPABILITY, NotificationHub
 from .provider import SessionProvider
-from .rpc import SessionState, error_reply, handle_message
+from .rpc import SessionState, StreamBroken, error_reply, handle_message
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +137,12 @@ class _Session:
         self.loop = asyncio.get_running_loop()
         peer = process.get_extra_info("peername") or ("?", 0)
         user = process.get_extra_info("username") or "?"
-        self.state = SessionState(SessionRecord(sid, user, str(peer[0]), time.time()), deliver=self._deliver_threadsafe)
+        self.state = SessionState(SessionRecord(sid, user, str(peer[0]), time.time()), deliver=self._deliver_threadsafe, stream=self._piece_threadsafe)
         self.deframer = Deframer(agent.config.max_message)
         self.chunked = False
         self.notify_ready = False
+        #: bytes of the current reply already streamed (see _piece_threadsafe)
+        self.streamed = 0
         self.pending: list[bytes] = []
         self.last_input = time.monotonic()
         self.ended = asyncio.Event()
@@ -159,6 +161,26 @@ class _Session:
             self.process.stdout.write(b"\n##\n")
         else:
             self.process.stdout.write(frame(message, self.chunked))
+
+    def _piece_threadsafe(self, piece: bytes) -> None:
+        # Called by a handler streaming its reply; callbacks run in call order,
+        # and all before the loop sees the handler return (see run()).
+        self.loop.call_soon_threadsafe(self._write_piece, piece)
+
+    def _write_piece(self, piece: bytes) -> None:
+        """One more piece of the reply being streamed: a chunk of its own, or raw bytes before end-of-message."""
+        if self.process.is_closing() or not piece:
+            return
+        self.streamed += len(piece)
+        if self.chunked:
+            self.process.stdout.write(b"\n#%d\n" % len(piece))
+        self.process.stdout.write(piece)
+
+    def _end_streamed(self, last: bytes) -> None:
+        """The rest of a streamed reply and the end of the message."""
+        self._write_piece(last)
+        if not self.process.is_closing():
+            self.process.stdout.write(b"\n##\n" if self.chunked else EOM)
 
     def _deliver_threadsafe(self, message: bytes) -> None:
         self.loop.call_soon_threadsafe(self._deliver, message)
@@ -186,10 +208,19 @@ class _Session:
                     continue
                 self.last_input = time.monotonic()
                 size = len(msg)
-                reply = await self.loop.run_in_executor(None, handle_message, self.agent, self.state, msg)
+                self.streamed = 0
+                try:
+                    reply = await self.loop.run_in_executor(None, handle_message, self.agent, self.state, msg)
+                except StreamBroken as e:
+                    # Part of the reply is out: no rpc-error can follow it (RFC 6241 puts errors first).
+                    log.warning("%s: reply broken off after %d bytes, closing the session: %s", self.who, self.streamed, e)
+                    raise _SessionEnd(f"reply broken off after {self.streamed} bytes: {e}") from e
                 del msg
-                self._write(reply)
-                size += len(reply)
+                if self.streamed:
+                    self._end_streamed(reply)
+                else:
+                    self._write(reply)
+                size += len(reply) + self.streamed
                 del reply
                 await self.process.stdout.drain()
                 if size > _TRIM_AFTER:

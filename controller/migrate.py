@@ -53,17 +53,19 @@ up the same way.  The report names the failed phase and each NAT's state.
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
+from ..codec import default_codec
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession, SessionKey, table_digest
 from .plan import CatchUp, CopyPlan, PlanError, Verdict, compare, expected_table, for_target, for_target_text, foreign_addresses, plan_copy
 from .report import MigrationReport, PhaseClock, PhaseTiming
 from .steering import Steering
-from .texttable import TextTable
+from .texttable import EntryStream, TextTable
 
 log = logging.getLogger(__name__)
 
@@ -336,44 +338,73 @@ class Migration:
     def _copy_text(self, ph: Any, src: Any, tgt: Any) -> None:
         """The copy into an idle target, the source's entries forwarded as the text it sent (see :mod:`.texttable`).
 
-        The target's agent validates every entry, and nothing reaches its
-        running datastore before the commit.  A reply in another form than
-        the codec's own is decoded in full instead, as the streamed copy does.
+        The source's agent sends its table while it reads it from the kernel
+        (a reply in many chunks); slices of whole entries go on to the target
+        as they arrive, so the source's read, the transfer and the target's
+        checks overlap (:class:`.texttable.EntryStream`).  The target's agent
+        validates every entry, and nothing reaches its running datastore
+        before the commit.  A reply in another form than the codec's own is
+        decoded in full instead, as the streamed copy does.
         """
-        with ph.step("get-config"):
-            reply = src.read_table("running")
-            table = TextTable.of(reply.raw, reply.codec)
-        if table is None:
-            # No plain <data> element (another agent's spelling): decode it all.
-            self._copy_decoded(ph, reply, tgt)
-            return
-        self._snapshot_text = reply
+        codec = getattr(src, "codec", None) or default_codec()
+        stream = EntryStream(codec, first=min(1000, self.opt.copy_chunk), most=self.opt.copy_chunk)
+        chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         addresses: set[str] = set()
-        plain = True
-        with ph.step("edit-config"):
-            self._st.target_candidate_dirty = True
-            # Recorded before the writes: a write whose reply is lost may still have happened.
-            self._st.added_table = table
-            # Each slice is checked (its form, its public addresses), then
-            # sent; the target's agent works on it while the next one is
-            # checked and sent (two requests in flight: the agent handles
-            # them in order, and reads the next while it handles one).
-            with ThreadPoolExecutor(2) as pool:
-                writes = []
-                for part in table.slices(4, self.opt.copy_chunk):
-                    if not table.plain(part):
-                        plain = False
-                        break
-                    addresses |= table.public_addresses(part)
-                    conflicts = foreign_addresses(addresses, self.target.public)
-                    if conflicts:
-                        break  # refused below, before this slice is sent
+        form = {"plain": True}
+        # Set before any write: a failure from here on discards the candidate.
+        self._st.target_candidate_dirty = True
+        with ThreadPoolExecutor(2) as pool:
+            writes: list[Any] = []
+
+            def send(parts: list[str]) -> bool:
+                """Check and send slices; False once nothing more may be sent."""
+                for part in parts:
+                    if not TextTable.plain_in(codec, part):
+                        form["plain"] = False
+                        return False
+                    addresses.update(TextTable.public_addresses(part))
+                    if foreign_addresses(addresses, self.target.public):
+                        return False  # refused below, before this slice is sent
+                    # Two requests in flight: the target's agent handles them
+                    # in order, and reads the next while it handles one.
                     writes.append(pool.submit(tgt.edit_text, for_target_text(part), "candidate"))
                     if any(w.done() and w.exception() is not None for w in writes):
-                        break  # the target refused a slice: no use sending on
+                        return False  # the target refused a slice: no use sending on
+                return True
+
+            with ph.step("get-config"):
+                with ThreadPoolExecutor(1, thread_name_prefix="natmig-read") as reader:
+                    reading = reader.submit(src.read_table, "running", chunks.put)
+                    reading.add_done_callback(lambda _f: chunks.put(None))
+                    going = True
+                    while (chunk := chunks.get()) is not None:
+                        if going:
+                            going = send(stream.feed(chunk))
+                        else:
+                            stream.fed += len(chunk)
+                    reply = reading.result()
+                if not reply.tapped:
+                    going = send(stream.feed(reply.raw.encode()))
+                elif stream.fed != (len(reply.raw) if reply.raw.isascii() else len(reply.raw.encode())):
+                    raise ControllerError("the source's reply differs from the chunks it arrived in; nothing committed")
+                table = TextTable.of(reply.raw, codec)
+            if table is None:
+                # No plain <data> element (another agent's spelling): decode it all.
                 for w in writes:
                     w.result()
-        if not plain:
+                self._copy_decoded(ph, reply, tgt)
+                return
+            self._snapshot_text = reply
+            # Recorded before the commit: what a failure after it removes.
+            self._st.added_table = table
+            with ph.step("edit-config"):
+                if going:
+                    rest = stream.finish()
+                    # None: the body was not cut while it arrived (e.g. an empty <data/>): cut it now.
+                    send(rest if rest is not None else table.slices(4, self.opt.copy_chunk))
+                for w in writes:
+                    w.result()
+        if not form["plain"]:
             # Another spelling than the codec's: decode the whole reply and
             # write it all again (a merge of what is already in the candidate
             # changes nothing); its keys are then known decoded.

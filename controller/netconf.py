@@ -26,7 +26,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ncclient.transport.session as _nc_session
 from lxml import etree
@@ -71,11 +71,33 @@ class _Parser:
         self._session = session
         self._deframer = Deframer(max_message=1 << 40)
         self._deframer.chunked = session._base == NetconfBase.BASE_11
+        self._deframer.on_chunk = self._chunk
+        #: the tap armed for the next message to start, and the one taking the current message
+        self._armed: Callable[[bytes], None] | None = None
+        self._tap: Callable[[bytes], None] | None = None
+
+    def tap_next(self, tap: Callable[[bytes], None]) -> bool:
+        """Hand ``tap`` each chunk of the next message that starts, as it arrives (in the transport's thread).
+
+        False when the session's framing has no chunks (base:1.0): the
+        caller then gets the message only whole, as usual.
+        """
+        if not self._deframer.chunked:
+            return False
+        self._armed = tap
+        return True
+
+    def _chunk(self, part: bytes, first: bool) -> None:
+        if first:
+            self._tap, self._armed = self._armed, None
+        if self._tap is not None:
+            self._tap(part)
 
     def parse(self, data: bytes) -> None:
         self._deframer.feed(data)
         try:
             while (msg := self._deframer.next_message()) is not None:
+                self._tap = None  # a tap takes one message
                 self._session._dispatch_message(msg.decode())
         except FramingError as e:
             raise nc_transport.TransportError(f"bad framing from the agent: {e}") from e
@@ -203,6 +225,8 @@ class TableReply:
     def __init__(self, raw: str, codec: Codec) -> None:
         self.raw = raw
         self.codec = codec
+        #: whether the reply was also handed out chunk by chunk as it arrived (see NodeClient.read_table)
+        self.tapped = False
         self._decoded: list[NatSession] | None = None
         self._found: dict[tuple[str, ...], tuple[str, ...]] | None = None
 
@@ -510,14 +534,25 @@ class NodeClient:
         inner = "" if key is None else "".join(f"<{k}>{v}</{k}>" for k, v in zip(self.codec.schema.keys, key))
         return self.codec.decode_xml(self._get_config(source, f'<{name} xmlns="{ns}">{inner}</{name}>'))
 
-    def read_table(self, source: str = "running") -> TableReply:
-        """The whole nat-session list of ``source``, kept as text (see :class:`TableReply`)."""
+    def read_table(self, source: str = "running", on_chunk: Callable[[bytes], None] | None = None) -> TableReply:
+        """The whole nat-session list of ``source``, kept as text (see :class:`TableReply`).
+
+        With ``on_chunk``, each chunk of the reply is also handed to it as it
+        arrives, in the transport's thread, before the reply is complete (an
+        agent that streams its table sends it in many chunks); returns
+        ``TableReply.tapped`` True then.  Only the reply to this request is
+        tapped: nothing else may be in flight on this session meanwhile.
+        """
         if source not in ("running", "candidate"):
             raise ControllerError(f"get-config: source {source!r} is not running or candidate")
         ns = self.codec.ns
         name = self.codec.schema.list_name
         body = f'<get-config><source><{source}/></source><filter type="subtree"><{name} xmlns="{ns}"/></filter></get-config>'
-        return TableReply(self._call("get-config", self._mgr.execute, _RawTextRPC, body)._raw, self.codec)
+        parser = getattr(self._mgr._session, "parser", None)
+        tapped = on_chunk is not None and isinstance(parser, _Parser) and parser.tap_next(on_chunk)
+        reply = TableReply(self._call("get-config", self._mgr.execute, _RawTextRPC, body)._raw, self.codec)
+        reply.tapped = tapped
+        return reply
 
     def session_chunks(self, source: str = "running", size: int = 25_000, pieces: int = 1) -> Iterator[list[NatSession]]:
         """The whole table of ``source``, read now, then decoded at most ``size`` entries at a time.

@@ -287,3 +287,88 @@ def test_validate(srv: FakeServer) -> None:
     srv.provider.apply([NatSession("TCP", "10.0.0.4", 7, "198.51.100.1", 80, "203.0.113.1", 20555, "ESTABLISHED", 100)])
     assert errors(call(srv, "<validate><source><candidate/></source></validate>"))[0]["error-tag"] == "operation-failed"
     assert len(srv.provider.table) == 3
+
+
+# ------------------------------------------------ a whole-table reply streamed while it is read
+
+
+class BatchProvider(MemoryProvider):
+    """Hands out its table two sessions at a time, as conntrack's streamed read does; may fail at batch ``fail_at``."""
+
+    fail_at: int | None = None
+
+    def batches(self):
+        table = self.list().sessions
+        for i in range(0, max(len(table), 1), 2):
+            if self.fail_at is not None and i // 2 >= self.fail_at:
+                from natmig.errors import ProviderError
+                raise ProviderError("conntrack -L exited 1")
+            yield table[i:i + 2]
+
+
+def batch_server(n: int) -> FakeServer:
+    srv = FakeServer()
+    srv.provider = BatchProvider(owned={"203.0.113.1"})
+    srv.datastore = Datastore(srv.provider, srv.codec)
+    srv.provider.apply([NatSession("TCP", "10.0.0.2", 1000 + i, "198.51.100.1", 80, "203.0.113.1", 20000 + i, "ESTABLISHED", 100) for i in range(n)])
+    return srv
+
+
+WHOLE_LIST = f'<get-config><source><running/></source><filter type="subtree"><nat-session xmlns="{default_codec().ns}"/></filter></get-config>'
+
+
+def streamed(srv: FakeServer, body: str, subscribed: bool = False) -> tuple[list[bytes], bytes]:
+    pieces: list[bytes] = []
+    sess = SessionState(SessionRecord(1, "natmig", "127.0.0.1", time.time()), stream=pieces.append, subscribed=subscribed)
+    tail = handle_message(srv, sess, f'<rpc xmlns="{NETCONF_NS}" message-id="9">{body}</rpc>'.encode())
+    return pieces, tail
+
+
+def test_a_whole_table_reply_is_streamed_batch_by_batch_and_equals_the_whole_reply():
+    srv = batch_server(5)
+    pieces, tail = streamed(srv, WHOLE_LIST)
+    assert len(pieces) == 3  # the start tag with the first batch, then one piece per further batch
+    assert pieces[0].startswith(b'<rpc-reply xmlns="' + NETCONF_NS.encode() + b'" message-id="9"><data>')
+    whole = handle_message(srv, SessionState(SessionRecord(2, "natmig", "127.0.0.1", time.time())),
+                           f'<rpc xmlns="{NETCONF_NS}" message-id="9">{WHOLE_LIST}</rpc>'.encode())
+    assert b"".join(pieces) + tail == whole
+    assert len(etree.fromstring(whole).find(NC + "data")) == 5
+
+
+def test_a_read_failing_before_any_piece_is_an_ordinary_rpc_error():
+    srv = batch_server(5)
+    srv.provider.fail_at = 0
+    pieces, reply = streamed(srv, WHOLE_LIST)
+    assert pieces == []
+    errs = errors(etree.fromstring(reply))
+    assert errs and errs[0]["error-tag"] == "operation-failed" and "conntrack -L exited 1" in errs[0]["error-message"]
+
+
+def test_a_read_failing_after_a_piece_was_sent_breaks_the_stream():
+    from natmig.agent.rpc import StreamBroken
+    srv = batch_server(5)
+    srv.provider.fail_at = 2
+    pieces: list[bytes] = []
+    sess = SessionState(SessionRecord(1, "natmig", "127.0.0.1", time.time()), stream=pieces.append)
+    with pytest.raises(StreamBroken, match="conntrack -L exited 1"):
+        handle_message(srv, sess, f'<rpc xmlns="{NETCONF_NS}" message-id="9">{WHOLE_LIST}</rpc>'.encode())
+    assert len(pieces) == 2
+    # The datastore is not left locked (its lock is reentrant: ask from another thread).
+    srv.provider.fail_at = None
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool:
+        pieces, tail = pool.submit(streamed, srv, WHOLE_LIST).result(timeout=5)
+    assert len(etree.fromstring(b"".join(pieces) + tail).find(NC + "data")) == 5
+
+
+@pytest.mark.parametrize("body,subscribed", [
+    (WHOLE_LIST, True),  # notifications could fall between the pieces
+    (f'<get-config><source><running/></source><filter type="subtree"><nat-session xmlns="{default_codec().ns}"><src_port>1001</src_port></nat-session></filter></get-config>', False),
+    ('<get-config><source><running/></source></get-config>', False),
+    (f'<get><filter type="subtree"><nat-session xmlns="{default_codec().ns}"/></filter></get>', False),
+], ids=["subscribed", "content-match", "no-filter", "get"])
+def test_other_reads_go_whole(body, subscribed):
+    srv = batch_server(5)
+    pieces, reply = streamed(srv, body, subscribed)
+    assert pieces == []
+    assert etree.fromstring(reply).find(NC + "data") is not None

@@ -273,10 +273,24 @@ class CountingNode(FakeNode):
         self._enter(f"get-config+control:{source}")
         return list(self.provider.list().sessions), self.provider.admission()
 
-    def read_table(self, source: str = "running") -> TableReply:
+    #: bytes per chunk a tapped read_table hands out (as an agent streaming its table sends them); 0: not tapped
+    stream_chunk = 700
+
+    def read_table(self, source: str = "running", on_chunk=None) -> TableReply:
         table = self.get_sessions(source)
         body = CODEC.encode_xml(table, root=None).decode()
-        return TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body}</data></rpc-reply>', CODEC)
+        reply = TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body}</data></rpc-reply>', CODEC)
+        return tapped(reply, on_chunk, self.stream_chunk)
+
+
+def tapped(reply: TableReply, on_chunk, size: int = 700) -> TableReply:
+    """Hand out the reply's bytes in chunks first, as NodeClient.read_table does for a streamed reply."""
+    if on_chunk is not None and size:
+        data = reply.raw.encode()
+        for i in range(0, len(data), size):
+            on_chunk(data[i:i + size])
+        reply.tapped = True
+    return reply
 
 
 def counting_setup(n: int):
@@ -505,9 +519,9 @@ def test_forwarded_text_writes_handshake_states_as_established():
 def test_a_reply_in_another_form_is_decoded_and_copied_all_the_same():
     src, tgt, sw = text_setup(30)
 
-    def spaced(source: str = "running") -> TableReply:
+    def spaced(source: str = "running", on_chunk=None) -> TableReply:
         body = CODEC.encode_xml(src.get_sessions(source), root=None).decode().replace("</nat-session>", "</nat-session>\n")
-        return TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body}</data></rpc-reply>', CODEC)
+        return tapped(TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body}</data></rpc-reply>', CODEC), on_chunk)
     src.read_table = spaced
     r = run(src, tgt, sw, retire="keep", copy_chunk=10)
     assert r.ok, r.error
@@ -561,10 +575,10 @@ def test_unequal_digests_after_a_forwarded_copy_fall_back_to_decoding_and_reconc
 def test_a_reply_spoiled_only_near_its_end_is_forwarded_then_decoded_and_still_copied_whole():
     src, tgt, sw = text_setup(40)
 
-    def late_comment(source: str = "running") -> TableReply:
+    def late_comment(source: str = "running", on_chunk=None) -> TableReply:
         body = CODEC.encode_xml(src.get_sessions(source), root=None).decode()
         cut = body.rindex("<nat-session ")
-        return TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body[:cut]}<!-- x -->{body[cut:]}</data></rpc-reply>', CODEC)
+        return tapped(TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body[:cut]}<!-- x -->{body[cut:]}</data></rpc-reply>', CODEC), on_chunk)
     src.read_table = late_comment
     r = run(src, tgt, sw, retire="keep", copy_chunk=10)
     assert r.ok, r.error
@@ -572,3 +586,43 @@ def test_a_reply_spoiled_only_near_its_end_is_forwarded_then_decoded_and_still_c
     assert "decode+edit-config" in r.phases[1].steps  # then the whole reply, decoded
     assert keys_map(tgt) == keys_map(src) and r.copied == 40 and r.verified == 40
 
+
+
+def test_the_target_gets_slices_while_the_sources_reply_still_arrives():
+    """The pipeline: the first slice is written into the target before the source's read has returned."""
+    src, tgt, sw = text_setup(200)
+    written = threading.Event()
+    real_edit = tgt.edit_text
+
+    def edit_text(entries, target="candidate"):
+        written.set()
+        real_edit(entries, target)
+    tgt.edit_text = edit_text
+    seen = {}
+
+    def read_table(source="running", on_chunk=None):
+        reply = TextNode.read_table(src, source, on_chunk)
+        # Every chunk is out, the reply not yet returned: a slice must already be on its way.
+        seen["written"] = written.wait(5)
+        return reply
+    src.read_table = read_table
+    r = run(src, tgt, sw, retire="keep", copy_chunk=50)
+    assert r.ok, r.error
+    assert seen["written"] is True
+    assert keys_map(tgt) == keys_map(src) and r.copied == 200
+
+
+def test_chunks_that_differ_from_the_reply_commit_nothing():
+    src, tgt, sw = text_setup(40)
+
+    def read_table(source="running", on_chunk=None):
+        reply = TextNode.read_table(src, source, None)
+        data = reply.raw.encode()
+        on_chunk(data[: len(data) // 2])  # the rest of the message never came through the tap
+        reply.tapped = True
+        return reply
+    src.read_table = read_table
+    r = run(src, tgt, sw, copy_chunk=10)
+    assert not r.ok and r.failed_phase == "copy" and "differs from the chunks" in r.error
+    assert "commit" not in tgt.calls and "discard" in tgt.calls
+    assert keys_map(tgt) == {} and sw.moves == [] and r.traffic_on == "nat1"

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from natmig.codec import NETCONF_NS, default_codec
 from natmig.controller.plan import HANDSHAKE_STATES, for_target, for_target_text
-from natmig.controller.texttable import TextTable
+from natmig.controller.texttable import EntryStream, TextTable
 
 from .controller_fakes import sessions
 
@@ -105,3 +105,53 @@ def test_handshake_states_in_text_become_established_exactly_as_for_target_does(
     assert any(s.tcp_state in HANDSHAKE_STATES for s in table)
     got = CODEC.decode_xml(f'<data xmlns="{NETCONF_NS}">{for_target_text(text_of(table))}</data>')
     assert got == for_target(table)
+
+
+# ------------------------------------------------ EntryStream: cut while it arrives
+
+
+def feed_all(stream: EntryStream, raw: bytes, sizes: list[int]) -> list[str]:
+    out, pos, i = [], 0, 0
+    while pos < len(raw):
+        n = sizes[i % len(sizes)]
+        out += stream.feed(raw[pos:pos + n])
+        pos, i = pos + n, i + 1
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 120), sizes=st.lists(st.integers(1, 5000), min_size=1, max_size=6), first=st.integers(1, 30))
+def test_entry_stream_cuts_the_body_into_growing_slices_of_whole_entries_for_any_chunking(n, sizes, first):
+    body = text_of(mixed(n)) if n else ""
+    raw = reply(body).encode()
+    stream = EntryStream(CODEC, first=first, most=4 * first)
+    early = feed_all(stream, raw, sizes)
+    rest = stream.finish()
+    assert rest is not None and stream.fed == len(raw)
+    parts = early + rest
+    assert "".join(parts) == body
+    assert all(TextTable.plain_in(CODEC, p) for p in parts)
+    counts = [p.count("</nat-session>") for p in early]
+    # Slices double from `first` entries up to `most` (each cut at the entry boundary nearest its length).
+    for k, c in enumerate(counts):
+        assert c <= min(first * 2 ** k, 4 * first) + 1, counts
+
+
+def test_entry_stream_hands_out_the_first_slice_before_the_reply_is_complete():
+    body = text_of(sessions(50))
+    raw = reply(body).encode()
+    stream = EntryStream(CODEC, first=10, most=10)
+    got = stream.feed(raw[: len(raw) // 2])
+    assert got and got[0].count("</nat-session>") == 10 and body.startswith(got[0])
+
+
+@pytest.mark.parametrize("raw", [
+    reply("", "<data/>"),
+    f'<rpc-reply xmlns="{NETCONF_NS}" message-id="3"><rpc-error><error-tag>operation-failed</error-tag></rpc-error></rpc-reply>',
+    reply(text_of(sessions(5)), '<nc:data xmlns:nc="urn:x">{}</nc:data>'),
+    reply(text_of(sessions(5)), '<data xmlns="urn:ietf:params:xml:ns:netconf:base:1.0">{}</data>'),
+], ids=["empty", "rpc-error", "prefixed", "attribute"])
+def test_entry_stream_cuts_nothing_but_a_plain_data_body(raw):
+    stream = EntryStream(CODEC, first=1, most=2)
+    assert feed_all(stream, raw.encode(), [3, 11]) == []
+    assert stream.finish() is None

@@ -83,3 +83,15 @@ def test_message_at_the_limit_passes() -> None:
     d.chunked = True
     d.feed(frame(b"y" * 100, True))
     assert d.next_message() == b"y" * 100
+
+
+def test_on_chunk_sees_each_chunk_of_a_message_as_it_arrives_and_which_one_starts_it():
+    d = Deframer()
+    d.chunked = True
+    seen: list[tuple[bytes, bool]] = []
+    d.on_chunk = lambda part, first: seen.append((part, first))
+    d.feed(b"\n#3\nabc\n#2\nde")
+    assert d.next_message() is None and seen == [(b"abc", True), (b"de", False)]
+    d.feed(b"\n##\n\n#1\nf")
+    assert d.next_message() == b"abcde"
+    assert d.next_message() is None and seen[-1] == (b"f", True)  # the next message's first chunk

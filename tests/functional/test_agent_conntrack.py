@@ -215,3 +215,16 @@ def test_lock_unlock_and_candidate_lock(lab: AgentLab, node: NodeClient) -> None
     finally:
         other.close()
     assert [s.src_port for s in node.get_sessions()] == [1]
+
+
+def test_a_whole_table_is_sent_in_chunks_while_the_kernel_table_is_read(lab: AgentLab, node: NodeClient) -> None:
+    """3000 sessions (~0.7 MB of conntrack text): the reply leaves in several chunks, and they are exactly the reply."""
+    node.edit_sessions([S(p) for p in range(1000, 4000)], target="running")
+    chunks: list[bytes] = []
+    reply = node.read_table("running", on_chunk=chunks.append)
+    assert reply.tapped and len(chunks) >= 3, len(chunks)
+    assert b"".join(chunks).decode() == reply.raw
+    assert sorted(s.src_port for s in reply.sessions()) == list(range(1000, 4000))
+    # The same session, untapped, reads the same table (the tap took only that one reply).
+    again = node.read_table("running")
+    assert not again.tapped and again.raw.count("</nat-session>") == 3000

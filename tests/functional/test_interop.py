@@ -73,6 +73,9 @@ def test_netconf_console2(lab: AgentLab, tmp_path: Path, version: str) -> None:
     r = lab.cmd(base + ["--ns", f"nats={NS}", "--get-config", "--filter", f"/nats:nat-session[nats:src_port='{sport}']"])
     assert r.returncode == 0 and f"<translated_port>{pub}</translated_port>" in r.stdout, r.stdout + r.stderr
     assert r.stdout.count("<nat-session") == 1
+    # The whole list: the agent streams this reply in several chunks (1.1) or as it is read (1.0).
+    r = lab.cmd(base + ["--ns", f"nats={NS}", "--get-config", "--filter", "/nats:nat-session"])
+    assert r.returncode == 0 and f"<translated_port>{pub}</translated_port>" in r.stdout, r.stdout + r.stderr
     r = lab.cmd(base + ["--get-schema", "nat-session"])
     assert r.returncode == 0 and "module nat-session" in r.stdout, r.stdout + r.stderr
 
