@@ -7,11 +7,10 @@ How each operation reaches the kernel (measured, see docs/provider.md):
   building the sessions.
 * lookup: one ctnetlink GET per key over a socket kept open
   (:class:`.ctnetlink.EntryReader`): no process start, no table dump.
-* apply: new TCP and UDP sessions through ``conntrack -R`` (``-I`` lines, the
-  tool's own bulk path and the raw floor), fed through a pipe while the rest
-  of the batch is still being formatted (:class:`_Restore`); new ICMP
-  sessions, in-place updates and the deletes of replaced sessions through
-  :mod:`.ctnetlink`.
+* apply: :mod:`.ctnetlink`: new sessions (one precompiled struct per
+  protocol packs each create message; some three times faster than the
+  tool's own ``conntrack -R``), in-place updates and the deletes of
+  replaced sessions.
 * delete: :mod:`.ctnetlink`, one message per key, batched.
 * watch: ``conntrack -E`` in the namespace, read by a thread.
 
@@ -26,13 +25,12 @@ created sessions are deleted, replaced ones recreated, updated ones set back.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import queue
 import subprocess
 import threading
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from .. import netns as nsmod
 from ..errors import ProviderError
@@ -48,18 +46,12 @@ __all__ = ["ApplyPlan", "ConntrackProvider", "invalid_entries", "plan_apply", "v
 
 #: Bytes read from ``conntrack -L`` per parsing step (about 10,000 lines).
 LIST_CHUNK = 1 << 20
+#: ``conntrack -L`` output per batch of :meth:`ConntrackProvider.batches` (~1,100 sessions):
+#: small enough that a streamed get-config reply starts early, large enough
+#: that the per-batch costs (an encode call, an SSH chunk) stay negligible.
+STREAM_BATCH = 256 << 10
 #: The kernel's entry count of the namespace the reading process lives in.
 CONNTRACK_COUNT = "/proc/sys/net/netfilter/nf_conntrack_count"
-#: A batch at least this large starts ``conntrack -R`` before its checks, so
-#: that the process start (~5 ms) overlaps them; a smaller one starts it only
-#: when it has TCP/UDP sessions to create (an update needs no process).
-EARLY_RESTORE = 1000
-#: Seconds ``conntrack -R`` may take for one batch.
-RESTORE_TIMEOUT = 300.0
-#: Bytes of the pipe into ``conntrack -R`` (Linux's default limit for it is
-#: 1 MiB): about 5,000 lines, some 40 ms of the tool's work, so it never
-#: waits for the next piece while Python formats it.
-RESTORE_PIPE = 1 << 20
 
 
 def _key_session(key: SessionKey, what: str = "delete") -> NatSession:
@@ -169,8 +161,18 @@ class ConntrackProvider(SessionProvider):
         self._stream(self._start_read(), take)
         return {"sessions": total.sessions, "untranslated": total.untranslated, "digest": format_digest(total.digest)}
 
+    def batches(self) -> Iterator[list[NatSession]]:
+        """:meth:`list`'s sessions, a batch per ~STREAM_BATCH bytes of ``conntrack -L`` output, each parsed as soon as it is printed."""
+        for data in self._pieces(self._start_read(), STREAM_BATCH):
+            yield cttext.parse_table(data).sessions
+
     def _stream(self, proc: subprocess.Popen | None, take: Callable[[bytes], None]) -> None:
-        """Hand ``take`` what ``conntrack -L`` prints, in whole lines, while it prints them; then check its status.
+        """Hand ``take`` what ``conntrack -L`` prints, in whole lines, while it prints them; then check its status."""
+        for data in self._pieces(proc, 0):
+            take(data)
+
+    def _pieces(self, proc: subprocess.Popen | None, at_least: int) -> Iterator[bytes]:
+        """What a :meth:`_start_read` process prints, in whole lines of at least ``at_least`` bytes (but the last); then its status.
 
         Cyclic GC is paused meanwhile: a 100k dump makes some hundred
         thousand short-lived tuples and records, and the collections they
@@ -186,14 +188,17 @@ class ConntrackProvider(SessionProvider):
             with gc_paused():
                 while chunk := proc.stdout.read1(LIST_CHUNK):
                     pending += chunk
+                    if len(pending) < at_least:
+                        continue
                     cut = pending.rfind(b"\n") + 1
                     if cut:
-                        take(pending[:cut])
+                        yield pending[:cut]
                         pending = pending[cut:]
                 if pending:
-                    take(pending)
+                    yield pending
             err = proc.stderr.read().decode(errors="replace")
         finally:
+            # Also when the reader stops early: the tool then ends on a closed pipe.
             proc.stdout.close()
             proc.stderr.close()
             rc = proc.wait()
@@ -239,11 +244,8 @@ class ConntrackProvider(SessionProvider):
         """Create or replace a batch, all or nothing (see the module docstring)."""
         batch = list(sessions)
         with self._lock, gc_paused():
-            # Both processes start before the checks and come up while they
-            # run; conntrack -R only acts on lines it is given, and none is
-            # given before every check has passed.
+            # The read of the table starts first and comes up while the entries are validated.
             reading = self._start_read()
-            restore = _Restore(self.netns) if len(batch) >= EARLY_RESTORE else None
             try:
                 problems = invalid_entries(batch)
                 taken: dict[cttext.ReplyKey, cttext.EntryTuple] = {}
@@ -254,15 +256,13 @@ class ConntrackProvider(SessionProvider):
                 problems.update(held_elsewhere(_without(batch, problems), taken))
                 if problems:
                     raise ApplyError(problems)
-                self._write(batch, existing, restore)
+                self._write(batch, existing)
             finally:
                 if reading is not None and reading.stdout is not None and not reading.stdout.closed:  # a check failed before the read
                     reading.kill()
                     reading.communicate()
-                if restore is not None:
-                    restore.close()
 
-    def _write(self, batch: list[NatSession], existing: dict[SessionKey, NatSession], restore: _Restore | None = None) -> None:
+    def _write(self, batch: list[NatSession], existing: dict[SessionKey, NatSession]) -> None:
         plan = plan_apply(batch, existing, self._timeouts(batch))
         undo = _Undo(self.netns, existing)
         try:
@@ -270,44 +270,25 @@ class ConntrackProvider(SessionProvider):
                 _, failed = nl.delete_sessions(self.netns, plan.replace)
                 undo.replaced = plan.replace
                 self._refuse_on(failed, plan.replace, "could not remove the session it replaces")
-            if plan.tool_create:
-                own = restore is None
-                tool = restore if restore is not None else _Restore(self.netns)
-                try:
-                    rc, err = tool.feed(cttext.restore_chunks(plan.tool_create))
-                finally:
-                    if own:
-                        tool.close()
-                created = [s for s, _ in plan.tool_create]
-                undo.created += created
-                if rc != 0:
-                    self._refuse_missing(created, err.strip().splitlines()[-1:] or ["conntrack -R failed"])
-            if plan.netlink_create:
-                created = [s for s, _ in plan.netlink_create]
-                undo.created += created
-                ops = [nl.create_op(s, t) for s, t in plan.netlink_create]
-                self._refuse_on(nl.run_ops(self.netns, ops), created, "kernel refused to create it")
+            if plan.create:
+                undo.created = plan.create
+                failed = nl.create_sessions(self.netns, plan.create)
+                if failed:
+                    self._refuse_on(failed, [s for s, _ in plan.create], "kernel refused to create it")
             if plan.update:
                 updated = [s for s, _ in plan.update]
                 undo.updated = updated
                 ops = [nl.update_op(s, t) for s, t in plan.update]
                 self._refuse_on(nl.run_ops(self.netns, ops), updated, "kernel refused to update it")
-        except ApplyError:
+        except ProviderError:
+            # A refusal, or the netlink socket failing part way: either way
+            # some of the batch may be written, and apply is all or nothing.
             undo.run(self)
             raise
 
     def _refuse_on(self, failed: dict[int, int], items: list[NatSession], what: str) -> None:
         if failed:
             raise ApplyError({items[i].key: f"{what}: {nl.describe(e)}" for i, e in failed.items()})
-
-    def _refuse_missing(self, created: list[NatSession], why: list[str]) -> None:
-        """conntrack -R stopped at a line: name the first session that is not in the table."""
-        now = index_by_key(self.list().sessions)
-        for s in created:
-            got = now.get(s.key)
-            if got is None or got.public != s.public:
-                raise ApplyError({s.key: f"kernel refused to create it: {why[0]}"})
-        raise ApplyError({created[-1].key: f"conntrack -R failed: {why[0]}"})
 
     def _timeouts(self, batch: list[NatSession]) -> list[int]:
         """Each entry's timeout, the node's default for its protocol and state where absent."""
@@ -371,76 +352,6 @@ def _without(batch: list[NatSession], problems: dict[SessionKey, str]) -> list[N
     return [s for s in batch if s.key not in problems] if problems else batch
 
 
-class _Restore:
-    """One ``conntrack -R -`` in a namespace, fed the batch's lines while they are still being made.
-
-    The tool and the kernel work on one core while Python formats the next
-    piece on the other: apply then takes little more than the tool alone.
-    conntrack -R stops at the first line the kernel refuses and exits
-    non-zero; the pieces after it find a closed pipe and are not made.
-    stderr is read by a thread so that neither side can block the other.
-    """
-
-    def __init__(self, netns: str) -> None:
-        self.netns = netns
-        argv = nsmod.ns_cmd(["conntrack", "-R", "-"], netns)
-        try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0)
-        except OSError as e:
-            raise ProviderError(f"conntrack in {netns}: cannot start {argv[0]}: {e}") from e
-        assert self.proc.stdin is not None and self.proc.stderr is not None
-        try:
-            fcntl.fcntl(self.proc.stdin.fileno(), fcntl.F_SETPIPE_SZ, RESTORE_PIPE)
-        except OSError:
-            pass  # a smaller pipe only means less overlap
-        self._err = b""
-        self._err_reader = threading.Thread(target=self._read_err, name=f"ct-restore-{netns}", daemon=True)
-        self._err_reader.start()
-
-    def _read_err(self) -> None:
-        assert self.proc.stderr is not None
-        self._err = self.proc.stderr.read()
-
-    def feed(self, pieces: Iterable[str], timeout: float = RESTORE_TIMEOUT) -> tuple[int, str]:
-        """Write every piece (until the tool stops reading), wait for it: (exit status, stderr)."""
-        assert self.proc.stdin is not None
-        fd = self.proc.stdin.fileno()
-        try:
-            for piece in pieces:
-                data = memoryview(piece.encode())
-                while data:
-                    data = data[os.write(fd, data):]
-        except BrokenPipeError:
-            pass  # the tool stopped at a refused line; its status says so
-        finally:
-            self._close_stdin()
-        # stderr ends when the tool exits: joining its reader wakes at once,
-        # where Popen.wait(timeout) polls with sleeps of up to 50 ms.
-        self._err_reader.join(timeout)
-        if self._err_reader.is_alive():
-            self.proc.kill()
-            self.proc.wait()
-            self._err_reader.join()
-            raise ProviderError(f"conntrack -R in {self.netns}: timed out after {timeout} s")
-        return self.proc.wait(), self._err.decode(errors="replace")
-
-    def _close_stdin(self) -> None:
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.close()
-        except BrokenPipeError:
-            pass
-
-    def close(self) -> None:
-        """End the process: unfed, it reads an empty input and exits having done nothing."""
-        self._close_stdin()
-        self._err_reader.join(10)
-        if self._err_reader.is_alive():
-            self.proc.kill()
-            self._err_reader.join()
-        self.proc.wait()
-
-
 def _key_problem(s: NatSession) -> str | None:
     why = validate(s)
     # The dummy translation of a key-only session is not the caller's fault.
@@ -453,7 +364,7 @@ class _Undo:
     def __init__(self, netns: str, existing: dict[SessionKey, NatSession]) -> None:
         self.netns = netns
         self.existing = existing
-        self.created: list[NatSession] = []
+        self.created: list[tuple[NatSession, int]] = []  # (session, timeout), as planned
         self.replaced: list[NatSession] = []
         self.updated: list[NatSession] = []
 
@@ -462,7 +373,7 @@ class _Undo:
         # Delete only what carries the translation this batch gave it: an
         # entry that traffic created meanwhile under the same key stays.
         now = index_by_key(provider.list().sessions)
-        ours = [s for s in self.created if (got := now.get(s.key)) is not None and got.public == s.public]
+        ours = [s for s, _ in self.created if (got := now.get(s.key)) is not None and got.public == s.public]
         nl.delete_sessions(self.netns, ours)
         nl.run_ops(self.netns, [nl.create_op(o, o.timeout or 1) for o in self.replaced])
         olds = [self.existing[s.key] for s in self.updated]

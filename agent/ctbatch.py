@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from operator import attrgetter
 from typing import Sequence
 
 from ..model import NatSession, SessionKey
@@ -80,7 +79,6 @@ def validate(s: NatSession) -> str | None:
 
 
 _FAST_PROTOCOLS = {"TCP", "UDP"}
-_PROTOCOL = attrgetter("protocol")
 
 
 def invalid_entries(batch: Sequence[NatSession]) -> dict[SessionKey, str]:
@@ -121,16 +119,15 @@ def invalid_entries(batch: Sequence[NatSession]) -> dict[SessionKey, str]:
 class ApplyPlan:
     """How a checked batch reaches the kernel: each entry with the timeout it gets.
 
-    ``tool_create``: new TCP/UDP sessions (``conntrack -R``);
-    ``netlink_create``: new ICMP sessions (the tool cannot translate their
-    identifier); ``update``: keys that exist with the same translation,
-    changed in place so that a live flow never meets a moment without its
-    session; ``replace``: the existing sessions deleted first because the
-    batch gives their key another translation (their new form is in a create list).
+    ``create``: new sessions, every protocol (one ctnetlink create each,
+    :func:`.ctnetlink.create_sessions`); ``update``: keys that exist with
+    the same translation, changed in place so that a live flow never meets
+    a moment without its session; ``replace``: the existing sessions
+    deleted first because the batch gives their key another translation
+    (their new form is in ``create``).
     """
 
-    tool_create: list[tuple[NatSession, int]] = field(default_factory=list)
-    netlink_create: list[tuple[NatSession, int]] = field(default_factory=list)
+    create: list[tuple[NatSession, int]] = field(default_factory=list)
     update: list[tuple[NatSession, int]] = field(default_factory=list)
     replace: list[NatSession] = field(default_factory=list)
 
@@ -138,9 +135,9 @@ class ApplyPlan:
 def plan_apply(batch: Sequence[NatSession], existing: dict[SessionKey, NatSession], timeouts: Sequence[int]) -> ApplyPlan:
     """Sort a checked batch (``timeouts[i]`` for ``batch[i]``) into an :class:`ApplyPlan`."""
     plan = ApplyPlan()
-    if not existing and "ICMP" not in set(map(_PROTOCOL, batch)):
-        # Into an empty table (the target of a migration) every TCP/UDP entry is a tool create.
-        plan.tool_create = list(zip(batch, timeouts))
+    if not existing:
+        # Into an empty table (the target of a migration) every entry is a create.
+        plan.create = list(zip(batch, timeouts))
         return plan
     for s, t in zip(batch, timeouts):
         old = existing.get(s.key)
@@ -149,7 +146,7 @@ def plan_apply(batch: Sequence[NatSession], existing: dict[SessionKey, NatSessio
             continue
         if old is not None:
             plan.replace.append(old)
-        (plan.netlink_create if s.protocol == "ICMP" else plan.tool_create).append((s, t))
+        plan.create.append((s, t))
     return plan
 
 

@@ -1,11 +1,15 @@
-"""A small ctnetlink encoder for what the conntrack tool cannot do in bulk.
+"""ctnetlink for what apply and lookup write and read: creates, updates, deletes, GETs.
 
-The tool's ``-R`` creates TCP and UDP sessions fast, but it cannot give an
-ICMP session a translated echo identifier, and its ``-D``/``-U`` lines dump
-the whole table once per line (10,000 deletes took minutes).  So creating
-ICMP sessions, updating sessions in place and deleting by key go straight to
-the kernel here: one netlink message per session, sent in batches, with the
-kernel's per-message errors matched back to the session by sequence number.
+Every write goes straight to the kernel here: one netlink message per
+session, sent in batches without NLM_F_ACK, the kernel's per-message errors
+matched back to the session by sequence number.  The conntrack tool does
+worse at each: ``-R`` loads TCP/UDP creates three times slower than
+:func:`create_sessions` (whose messages :class:`CreateEncoder` packs with one
+precompiled struct per protocol), cannot give an ICMP session a translated
+echo identifier, and its ``-D``/``-U`` lines dump the whole table once per
+line (10,000 deletes took minutes).  :func:`create_attrs` and friends are
+the readable encoders: the reference the fast one is tested against, and
+what the few updates, deletes and undos use.
 
 The socket is opened inside the node's namespace by switching only the
 calling thread into it for the ``socket()`` call; a netlink socket stays in
@@ -17,11 +21,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import queue
 import socket
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from ..errors import ProviderError
 from ..model import NatSession
@@ -41,6 +46,8 @@ NLM_F_CREATE = 0x400
 NLMSG_ERROR = 2
 NLA_F_NESTED = 0x8000
 NLA_TYPE_MASK = 0x3FFF  # strips NLA_F_NESTED and NLA_F_NET_BYTEORDER
+SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33  # not in Python's socket module
 
 # enum ctattr_type and its nested attribute enums (linux/netfilter/nfnetlink_conntrack.h).
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO = 1, 2, 3, 4
@@ -70,6 +77,9 @@ ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY = 8, 0
 # Messages per sendmsg(): the kernel handles them synchronously and queues
 # only errors (no NLM_F_ACK), so the receive buffer never overflows.
 BATCH = 256
+
+_NL_HEAD = struct.Struct("=IHH")  # nlmsghdr: length, type, flags (then seq and port id)
+_SEQ = struct.Struct("!I")  # our sequence numbers, big-endian (see frame())
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _setns_lock = threading.Lock()
@@ -218,9 +228,29 @@ def open_socket(netns: str | None) -> socket.socket:
         finally:
             os.close(home)
             os.close(target)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    # Room for a whole batch's errors: should the queue overflow, which of
+    # them failed is lost (then reported as ENOBUFS, see _collect_errors).
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 4 << 20)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    # Errors without a copy of the refused request: some 40 bytes each instead of ~260.
+    sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
     sock.bind((0, 0))
     return sock
+
+
+def frame(op: Op, seq: int) -> bytes:
+    """One whole netlink message for ``op`` (IPv4), numbered ``seq``.
+
+    The sequence number is written big-endian, as the fast create encoder
+    writes it (its one precompiled struct is big-endian throughout); the
+    kernel only echoes it back in the error, where :func:`_collect_errors`
+    reads it the same way.
+    """
+    body = struct.pack("=BBH", socket.AF_INET, 0, 0) + op.attrs
+    head = _NL_HEAD.pack(16 + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | op.msg, NLM_F_REQUEST | op.flags)
+    return head + _SEQ.pack(seq) + b"\0\0\0\0" + body
 
 
 def run_ops(netns: str | None, ops: Sequence[Op]) -> dict[int, int]:
@@ -231,30 +261,38 @@ def run_ops(netns: str | None, ops: Sequence[Op]) -> dict[int, int]:
     sock = open_socket(netns)
     try:
         for start in range(0, len(ops), BATCH):
-            buf = bytearray()
-            for i in range(start, min(start + BATCH, len(ops))):
-                op = ops[i]
-                body = struct.pack("=BBH", socket.AF_INET, 0, 0) + op.attrs
-                buf += struct.pack("=IHHII", 16 + len(body), (NFNL_SUBSYS_CTNETLINK << 8) | op.msg, NLM_F_REQUEST | op.flags, i + 1, 0)
-                buf += body
-            sock.sendto(bytes(buf), (0, 0))
-            _collect_errors(sock, failed)
+            sock.sendto(b"".join(frame(ops[i], i + 1) for i in range(start, min(start + BATCH, len(ops)))), (0, 0))
+            _collect_errors(sock, failed, start)
     finally:
         sock.close()
     return failed
 
 
-def _collect_errors(sock: socket.socket, failed: dict[int, int]) -> None:
-    """Read the error messages already queued (the kernel answered synchronously)."""
+def _collect_errors(sock: socket.socket, failed: dict[int, int], first: int = 0) -> None:
+    """Read the error messages already queued (the kernel answered synchronously).
+
+    ``failed`` gets errno by index (seq - 1).  Should the kernel have had to
+    drop errors (a full receive queue, ENOBUFS), the message numbered
+    ``first`` + 1 is marked failed with ENOBUFS: which ones failed is then
+    unknown, so the caller must treat the batch as refused.
+    """
     while True:
         try:
             data = sock.recv(1 << 20, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
+        except OSError as e:
+            if e.errno != errno.ENOBUFS:
+                raise
+            failed.setdefault(first, errno.ENOBUFS)
+            continue
         off = 0
         while off + 16 <= len(data):
-            ln, typ, _flags, seq, _pid = struct.unpack_from("=IHHII", data, off)
+            ln, typ, _flags = _NL_HEAD.unpack_from(data, off)
+            if ln < 16:
+                break  # malformed: stop rather than loop
             if typ == NLMSG_ERROR:
+                (seq,) = _SEQ.unpack_from(data, off + 8)
                 (code,) = struct.unpack_from("=i", data, off + 16)
                 if code != 0:
                     failed[seq - 1] = -code
@@ -273,6 +311,276 @@ def delete_sessions(netns: str | None, sessions: Iterable[NatSession]) -> tuple[
     missing = sum(1 for e in failed.values() if e == errno.ENOENT)
     other = {i: e for i, e in failed.items() if e != errno.ENOENT}
     return len(items) - missing - len(other), other
+
+
+# -- creating many sessions fast (CT_NEW) ------------------------------------
+#
+# create_attrs() builds each message from some thirty small byte strings:
+# 93 ms per 10,000 sessions, more than `conntrack -R` takes for the whole
+# job.  Every attribute of an IPv4 TCP, UDP or ICMP create has a fixed size,
+# so the whole message (nlmsghdr, nfgenmsg, attributes) is one precompiled
+# big-endian struct per protocol, filled by one pack_into() per session.
+# The layouts are built from the same attribute tree create_attrs() writes,
+# and a unit test compares the bytes of both.
+
+
+@dataclass(frozen=True)
+class _Field:
+    """A per-session value of a message layout: its name, struct code (big-endian) and size."""
+
+    name: str
+    code: str
+    size: int
+
+
+_Segment = bytes | _Field
+
+
+def _seg_size(segs: list[_Segment]) -> int:
+    return sum(x.size if isinstance(x, _Field) else len(x) for x in segs)
+
+
+def _lattr(kind: int, payload: _Segment) -> list[_Segment]:
+    """:func:`_attr` of a layout: the header, the payload (constant or a field), the padding."""
+    ln = 4 + _seg_size([payload])
+    return [struct.pack("=HH", ln, kind), payload, b"\0" * ((4 - ln % 4) % 4)]
+
+
+def _lnest(kind: int, *parts: list[_Segment]) -> list[_Segment]:
+    """:func:`_nest` of a layout."""
+    body = [x for part in parts for x in part]
+    return [struct.pack("=HH", 4 + _seg_size(body), kind | NLA_F_NESTED), *body]
+
+
+def _ltuple(kind: int, proto: str, names: tuple[str, str, str, str], icmp_type: int) -> list[_Segment]:
+    """:func:`_tuple` of a layout; ``names`` name the src, dst, sport and dport fields (ICMP: no dport)."""
+    src, dst, sport, dport = names
+    ip = _lnest(CTA_TUPLE_IP, _lattr(CTA_IP_V4_SRC, _Field(src, "4s", 4)), _lattr(CTA_IP_V4_DST, _Field(dst, "4s", 4)))
+    if proto == "ICMP":
+        l4 = _lattr(CTA_PROTO_ICMP_ID, _Field(sport, "H", 2)) + _lattr(CTA_PROTO_ICMP_TYPE, bytes([icmp_type]))
+        l4 += _lattr(CTA_PROTO_ICMP_CODE, b"\0")
+    else:
+        l4 = _lattr(CTA_PROTO_SRC_PORT, _Field(sport, "H", 2)) + _lattr(CTA_PROTO_DST_PORT, _Field(dport, "H", 2))
+    return _lnest(kind, ip, _lnest(CTA_TUPLE_PROTO, _lattr(CTA_PROTO_NUM, bytes([PROTO_NUMBERS[proto]])), l4))
+
+
+def _create_segments(proto: str) -> list[_Segment]:
+    """The whole CT_NEW create message of ``proto``, in the order create_attrs() writes it."""
+    attrs = _ltuple(CTA_TUPLE_ORIG, proto, ("src", "dst", "sport", "dport"), ICMP_ECHO_REQUEST)
+    attrs += _ltuple(CTA_TUPLE_REPLY, proto, ("rsrc", "rdst", "rsport", "rdport"), ICMP_ECHO_REPLY)
+    attrs += _lnest(
+        CTA_NAT_SRC,
+        _lattr(CTA_NAT_V4_MINIP, _Field("minip", "4s", 4)),
+        _lattr(CTA_NAT_V4_MAXIP, _Field("maxip", "4s", 4)),
+        _lnest(CTA_NAT_PROTO, _lattr(CTA_PROTONAT_PORT_MIN, _Field("minport", "H", 2)),
+               _lattr(CTA_PROTONAT_PORT_MAX, _Field("maxport", "H", 2))),
+    )
+    for kind, name in ((CTA_STATUS, "status"), (CTA_TIMEOUT, "timeout"), (CTA_MARK, "mark")):
+        attrs += _lattr(kind, _Field(name, "I", 4))
+    if proto == "TCP":
+        bits = IP_CT_TCP_FLAG_BE_LIBERAL | IP_CT_TCP_FLAG_SACK_PERM
+        flags = bytes([bits, bits])
+        attrs += _lnest(CTA_PROTOINFO, _lnest(
+            CTA_PROTOINFO_TCP, _lattr(CTA_PROTOINFO_TCP_STATE, _Field("state", "B", 1)),
+            _lattr(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, flags), _lattr(CTA_PROTOINFO_TCP_FLAGS_REPLY, flags),
+        ))
+    length = 20 + _seg_size(attrs)
+    head = _NL_HEAD.pack(length, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL)
+    # Port id 0 (the kernel) and nfgenmsg (AF_INET, version 0, res_id 0) follow the sequence number.
+    return [head, _Field("seq", "I", 4), b"\0\0\0\0" + struct.pack("=BBH", socket.AF_INET, 0, 0), *attrs]
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A message layout compiled: the struct, the constants between its fields, the fields' names."""
+
+    struct: struct.Struct
+    consts: tuple[bytes, ...]
+    names: tuple[str, ...]
+
+
+def _compile(segs: list[_Segment]) -> _Layout:
+    """Merge adjacent constants; the layout must alternate constant, field, constant, ..., constant.
+
+    The alternation is what lets one pack_into() call take the constants
+    and the session's values interleaved, in a fixed order.
+    """
+    merged: list[_Segment] = []
+    for x in segs:
+        if isinstance(x, bytes) and merged and isinstance(merged[-1], bytes):
+            merged[-1] += x
+        elif not (isinstance(x, bytes) and not x):
+            merged.append(x)
+    if isinstance(merged[-1], _Field):
+        merged.append(b"")  # a trailing empty constant keeps the alternation
+    consts = tuple(x for x in merged[0::2] if isinstance(x, bytes))
+    fields = tuple(x for x in merged[1::2] if isinstance(x, _Field))
+    if len(consts) != len(fields) + 1 or len(consts) + len(fields) != len(merged):
+        raise AssertionError("a create layout must alternate constants and fields")
+    fmt = ">" + "".join(f"{len(c)}s{f.code}" for c, f in zip(consts, fields)) + f"{len(consts[-1])}s"
+    return _Layout(struct.Struct(fmt), consts, tuple(f.name for f in fields))
+
+
+_TCP, _UDP, _ICMP = (_compile(_create_segments(p)) for p in ("TCP", "UDP", "ICMP"))
+# The encoder below passes the values in these orders; checked once, at import.
+_PORTS_ORDER = ("seq", "src", "dst", "sport", "dport", "rsrc", "rdst", "rsport", "rdport",
+                "minip", "maxip", "minport", "maxport", "status", "timeout", "mark")
+assert _TCP.names == _PORTS_ORDER + ("state",) and _UDP.names == _PORTS_ORDER
+assert _ICMP.names == tuple(n for n in _PORTS_ORDER if n not in ("dport", "rdport"))
+#: The largest create message (TCP), what a batch buffer is sized by.
+CREATE_MAX = max(x.struct.size for x in (_TCP, _UDP, _ICMP))
+
+
+def _create_status(s: NatSession) -> tuple[int, int]:
+    """(CTA_STATUS, TCP state number) of a created ``s``: create_attrs()'s rules."""
+    from .cttext import seen_reply  # local: cttext is the single place that decides the flags
+
+    status = IPS_CONFIRMED | (IPS_SEEN_REPLY if seen_reply(s) else 0) | (IPS_ASSURED if s.assured else 0)
+    return status, TCP_STATE_NUMBERS[s.tcp_state or "ESTABLISHED"] if s.protocol == "TCP" else 0
+
+
+class CreateEncoder:
+    """Packs CT_NEW create messages of many sessions into a buffer, one struct pack per session.
+
+    Byte for byte the messages :func:`frame` makes of :func:`create_op`
+    (numbered by index + 1), only some ten times cheaper.  Addresses and
+    the status bits are cached: a table repeats its public address, its
+    servers and its few (protocol, state, assured) kinds.
+    """
+
+    def __init__(self) -> None:
+        self._addr: dict[str, bytes] = {}
+        self._kinds: dict[tuple[str, str | None, bool], tuple[int, int]] = {}
+
+    def pack(self, buf: bytearray, items: Sequence[tuple[NatSession, int]], start: int, stop: int) -> int:
+        """Write the messages of ``items[start:stop]`` at the start of ``buf``; the bytes written.
+
+        ``buf`` must hold ``(stop - start) * CREATE_MAX`` bytes.  Entries must
+        have passed :func:`.ctbatch.validate` (a bad one raises struct.error
+        or KeyError, never a wrong message).
+        """
+        addr, kinds, aton = self._addr, self._kinds, socket.inet_aton
+        tcp, udp, icmp = _TCP.struct.pack_into, _UDP.struct.pack_into, _ICMP.struct.pack_into
+        tcp_size, udp_size, icmp_size = _TCP.struct.size, _UDP.struct.size, _ICMP.struct.size
+        t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15, t16, t17 = _TCP.consts
+        u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15, u16 = _UDP.consts
+        i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, i13, i14 = _ICMP.consts
+        off = 0
+        for i in range(start, stop):
+            s, timeout = items[i]
+            a, b, c = s.src_address, s.dst_address, s.translated_address
+            src = addr.get(a) or addr.setdefault(a, aton(a))
+            dst = addr.get(b) or addr.setdefault(b, aton(b))
+            pub = addr.get(c) or addr.setdefault(c, aton(c))
+            proto, kind = s.protocol, (s.protocol, s.tcp_state, s.assured)
+            got = kinds.get(kind)
+            status, state = got if got is not None else kinds.setdefault(kind, _create_status(s))
+            sport, dport, tport = s.src_port, s.dst_port, s.translated_port
+            if proto == "TCP":
+                tcp(buf, off, t0, i + 1, t1, src, t2, dst, t3, sport, t4, dport, t5, dst, t6, src, t7, dport, t8, tport,
+                    t9, pub, t10, pub, t11, tport, t12, tport, t13, status, t14, timeout, t15, s.mark, t16, state, t17)
+                off += tcp_size
+            elif proto == "UDP":
+                udp(buf, off, u0, i + 1, u1, src, u2, dst, u3, sport, u4, dport, u5, dst, u6, src, u7, dport, u8, tport,
+                    u9, pub, u10, pub, u11, tport, u12, tport, u13, status, u14, timeout, u15, s.mark, u16)
+                off += udp_size
+            else:
+                # ICMP: the ports are echo identifiers, the reply's "source port" the public one.
+                icmp(buf, off, i0, i + 1, i1, src, i2, dst, i3, sport, i4, dst, i5, src, i6, tport,
+                     i7, pub, i8, pub, i9, tport, i10, tport, i11, status, i12, timeout, i13, s.mark, i14)
+                off += icmp_size
+        return off
+
+
+def create_messages(items: Sequence[tuple[NatSession, int]]) -> bytes:
+    """Every create message of ``items`` (session, timeout), numbered by index + 1, in one buffer."""
+    buf = bytearray(len(items) * CREATE_MAX)
+    return bytes(buf[:CreateEncoder().pack(buf, items, 0, len(items))])
+
+
+#: Create messages per sendmsg() (~220 KB): 256 or 4,096 took as long
+#: unthreaded; 1,024 leaves enough batches to overlap (see create_sessions).
+CREATE_BATCH = 1024
+
+
+def create_sessions(netns: str | None, items: Sequence[tuple[NatSession, int]]) -> dict[int, int]:
+    """Create each (session, timeout) with NLM_F_CREATE|NLM_F_EXCL; errno by index of those refused.
+
+    A thread sends batch k while this one packs batch k+1: the kernel does
+    its work inside sendto(), which releases the GIL (measured: 10k 29 ms
+    -> 24 ms, 100k 330 ms -> 296 ms).  Stops after the first batch the
+    kernel refused any of: the caller refuses the whole apply and undoes
+    what was created, so sending the rest would only create more to undo.
+    """
+    failed: dict[int, int] = {}
+    if not items:
+        return failed
+    sock = open_socket(netns)
+    try:
+        per_batch = max(1, _fit_send_buffer(sock, CREATE_BATCH * CREATE_MAX) // CREATE_MAX)
+        _send_overlapped(sock, _create_batches(items, per_batch, failed), failed)
+    finally:
+        sock.close()
+    return failed
+
+
+def _fit_send_buffer(sock: socket.socket, want: int) -> int:
+    """Make room for one message of ``want`` bytes; the largest the socket then takes.
+
+    The kernel refuses a netlink message larger than the send buffer
+    (EMSGSIZE); the default (212,992 bytes) is smaller than a batch of TCP creates.
+    """
+    for opt in (SO_SNDBUFFORCE, socket.SO_SNDBUF):  # FORCE passes net.core.wmem_max, as root
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, want + 4096)
+            break
+        except PermissionError:
+            continue
+    # The kernel keeps 32 bytes of it for itself.
+    return min(want, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 64)
+
+
+def _create_batches(items: Sequence[tuple[NatSession, int]], per_batch: int, failed: dict[int, int]) -> Iterator[tuple[int, memoryview]]:
+    """(index of the first, packed messages) of each batch, until a batch was refused."""
+    enc = CreateEncoder()
+    for start in range(0, len(items), per_batch):
+        if failed:
+            return
+        stop = min(start + per_batch, len(items))
+        # A new buffer per batch: the sender may still be reading the previous one.
+        buf = bytearray((stop - start) * CREATE_MAX)
+        yield start, memoryview(buf)[:enc.pack(buf, items, start, stop)]
+
+
+def _send_overlapped(sock: socket.socket, batches: Iterator[tuple[int, memoryview]], failed: dict[int, int]) -> None:
+    """Send each batch from a thread and collect its errors into ``failed`` while the next is being packed."""
+    todo: queue.Queue[tuple[int, memoryview] | None] = queue.Queue(maxsize=1)
+    broken: list[Exception] = []
+
+    def send() -> None:
+        # Always drains the queue to its end, so the producer never blocks on it.
+        while (batch := todo.get()) is not None:
+            if failed or broken:
+                continue
+            start, data = batch
+            try:
+                sock.sendto(data, (0, 0))
+                _collect_errors(sock, failed, start)
+            except Exception as e:  # noqa: BLE001 -- raised again in the caller's thread
+                broken.append(e)
+
+    sender = threading.Thread(target=send, name="ct-create", daemon=True)
+    sender.start()
+    try:
+        for batch in batches:
+            if broken:
+                break
+            todo.put(batch)
+    finally:
+        todo.put(None)
+        sender.join()
+    if broken:
+        raise NetlinkError(f"ctnetlink create: {broken[0]}") from broken[0]
 
 
 # -- reading single entries (CT_GET) ------------------------------------------

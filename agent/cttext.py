@@ -1,4 +1,4 @@
-"""The conntrack tool's text formats, read and written in bulk.
+"""The conntrack tool's text formats, read in bulk.
 
 ``conntrack -L`` (and ``conntrack -E``) print one line per tracked
 connection; :func:`parse_table` turns such text into :class:`NatSession`
@@ -6,13 +6,10 @@ records, counting the lines that are not translated sessions.  The default
 output is read rather than ``-o save`` because ``-o save`` omits the mark and
 the translated ICMP echo identifier, and costs the same to dump.
 
-:func:`insert_line` writes the ``-I`` lines ``conntrack -R`` loads: the
-form ``conntrack -L -o save`` prints (original tuple, the un-NATed reply
-tuple carrying the public port, ``-n`` for the source NAT), so the kernel
-rebuilds the translation as it does on a plain save/restore -- except that
-``-n`` pins the public port too (``-n addr:port``): with the address alone the
-kernel silently picks another port when that reply tuple is taken (measured:
-asked 20005, got 23090), while pinned it refuses the entry.
+Sessions are no longer written as ``conntrack -R`` lines: apply creates
+them over ctnetlink (:mod:`.ctnetlink`), three times faster than the tool
+loads them.  :func:`seen_reply` still decides here which status bits a
+recreated session carries (the module has no leaf for them).
 
 Everything here is pure text work, unit-tested without root.
 """
@@ -21,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable
 
 from ..model import NatSession, digest_xor
 
@@ -359,9 +356,6 @@ def parse_event(line: str) -> Event | None:
     return None
 
 
-_FLAGS = {(False, False): "", (True, False): "SEEN_REPLY", (True, True): "SEEN_REPLY,ASSURED"}
-
-
 def seen_reply(s: NatSession) -> bool:
     """Whether to recreate a session as answered.
 
@@ -373,66 +367,3 @@ def seen_reply(s: NatSession) -> bool:
     if s.protocol == "TCP":
         return s.assured or (s.tcp_state or "ESTABLISHED") not in ("SYN_SENT", "SYN_SENT2")
     return True
-
-
-def insert_line(s: NatSession, timeout: int) -> str:
-    """The ``conntrack -R`` line that creates a TCP or UDP session (``-I``: fails if it exists)."""
-    flags = _FLAGS[(seen_reply(s), s.assured)]
-    status = f" -u {flags}" if flags else ""
-    state = f" --state {s.tcp_state or 'ESTABLISHED'}" if s.protocol == "TCP" else ""
-    mark = f" -m {s.mark}" if s.mark else ""
-    return (
-        f"-I -t {timeout}{status} -s {s.src_address} -d {s.dst_address} -r {s.dst_address} -n {s.translated_address}:{s.translated_port}"
-        f" -p {s.protocol.lower()} --sport {s.src_port} --dport {s.dst_port}"
-        f" --reply-port-src {s.dst_port} --reply-port-dst {s.translated_port}{state}{mark}\n"
-    )
-
-
-def restore_text(sessions: Iterable[tuple[NatSession, int]]) -> str:
-    """The ``conntrack -R`` input creating each (session, timeout)."""
-    return "".join(restore_chunks(list(sessions)))
-
-
-#: Lines of the first piece :func:`restore_chunks` yields, and of the largest.
-FIRST_CHUNK, MAX_CHUNK = 512, 8192
-
-
-def restore_chunks(sessions: Sequence[tuple[NatSession, int]], first: int = FIRST_CHUNK, most: int = MAX_CHUNK) -> Iterator[str]:
-    """:func:`restore_text` in pieces of whole lines, ``first`` lines long and doubling up to ``most``.
-
-    apply feeds them to ``conntrack -R`` as they are made: a small first
-    piece sets the tool to work at once, larger ones keep the formatting
-    cheap.  Each line is exactly :func:`insert_line`'s, made by one f-string
-    with the parts that depend only on (protocol, tcp_state, assured) cached.
-    """
-    parts: dict[tuple[str, str | None, bool], tuple[str, str, str]] = {}
-    size, start, n = first, 0, len(sessions)
-    while start < n:
-        lines = []
-        add = lines.append
-        for s, t in sessions[start:start + size]:
-            kind = (s.protocol, s.tcp_state, s.assured)
-            got = parts.get(kind)
-            if got is None:
-                got = parts[kind] = _fixed_parts(s)
-            status, proto, state = got
-            dst, dport, tport = s.dst_address, s.dst_port, s.translated_port
-            mark = f" -m {s.mark}" if s.mark else ""
-            add(
-                f"-I -t {t}{status} -s {s.src_address} -d {dst} -r {dst} -n {s.translated_address}:{tport}"
-                f" -p {proto} --sport {s.src_port} --dport {dport}"
-                f" --reply-port-src {dport} --reply-port-dst {tport}{state}{mark}\n"
-            )
-        yield "".join(lines)
-        start += size
-        size = min(size * 2, most)
-
-
-def _fixed_parts(s: NatSession) -> tuple[str, str, str]:
-    """(status, protocol, state) fragments of :func:`insert_line` for sessions like ``s``."""
-    flags = _FLAGS[(seen_reply(s), s.assured)]
-    return (
-        f" -u {flags}" if flags else "",
-        s.protocol.lower(),
-        f" --state {s.tcp_state or 'ESTABLISHED'}" if s.protocol == "TCP" else "",
-    )

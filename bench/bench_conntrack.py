@@ -8,7 +8,9 @@ in one run (median of REPEAT):
   and digest straight from the text)  vs  the same floor, beside list() +
   model.table_digest (what the default SessionProvider.statistics() does)
 * apply: ConntrackProvider.apply() into an empty table  vs  `conntrack -R` of the
-  same table's `-o save` dump
+  same table's `-o save` dump; beside it, what packing the create messages
+  alone costs (ctnetlink.CreateEncoder) and what the readable reference
+  encoder (create_attrs, one message at a time) would cost
 * lookup: ConntrackProvider.lookup() of one key in the full table (p50 of
   LOOKUPS)  vs  the tool's own `conntrack -G` of that key; its target is what
   the agent's small RPC leaves the provider (5 ms p50 - the agent's ~1.6 ms)
@@ -27,6 +29,7 @@ import sys
 import time
 
 from natmig import netns
+from natmig.agent import ctnetlink as nl
 from natmig.agent.conntrack import ConntrackProvider
 from natmig.agent.natnode import NatNode, NatNodeConfig, ensure_conntrack_capacity
 from natmig.model import NatSession, table_digest
@@ -123,6 +126,9 @@ def bench_size(n: int, src: str, dst: str) -> dict[str, float]:
         flush(dst)
         r["apply"].append(timed(lambda: b.apply(ss)))
         assert count(dst) == n
+    items = [(s, s.timeout) for s in ss]
+    r["encode"] = [timed(lambda: nl.create_messages(items)) for _ in range(REPEAT)]
+    r["encode_ref"] = [timed(lambda: [nl.frame(nl.create_op(s, t), i + 1) for i, (s, t) in enumerate(items)])]
     k = ss[n // 2]
     assert [x.public for x in a.lookup([k.key])] == [k.public], "lookup did not find the session"
     r["lookup"] = [timed(lambda: a.lookup([k.key])) for _ in range(LOOKUPS)]
@@ -153,6 +159,8 @@ def main() -> int:
                   f"ratio {sr:4.2f} to the same floor (target <= {STATS_TARGET})")
             print(f"n={n:>7}  CPU of this process: list {m['list_cpu'] * 1000:6.1f} ms  statistics {m['statistics_cpu'] * 1000:6.1f} ms")
             print(f"n={n:>7}  apply {m['apply'] * 1000:7.1f} ms  raw `conntrack -R`         {m['restore'] * 1000:8.1f} ms  ratio {ar:4.2f} (target <= {APPLY_TARGET})")
+            print(f"n={n:>7}  encode the creates (no kernel): CreateEncoder {m['encode'] * 1000:6.1f} ms  "
+                  f"create_attrs reference {m['encode_ref'] * 1000:7.1f} ms")
             print(f"n={n:>7}  lookup of 1 key, p50 {m['lookup'] * 1000:.3f} ms (target <= {LOOKUP_TARGET_MS} ms)  raw `conntrack -G` {m['get'] * 1000:.1f} ms")
     finally:
         netns.delete(src)

@@ -98,34 +98,6 @@ def test_parse_event_lines() -> None:
     assert cttext.parse_event("    [NEW] icmp     1 30 src=10.0.0.2 dst=10.0.0.1 type=8 code=0 id=1 [UNREPLIED] src=10.0.0.1 dst=10.0.0.2 type=0 code=0 id=1\n") is None
 
 
-def test_insert_line_is_the_save_format_with_nat_pinned_to_the_port_and_reply_port() -> None:
-    s = NatSession("TCP", "10.0.0.3", 40000, "203.0.113.100", 80, "203.0.113.1", 20001, "FIN_WAIT", 300, True, 7)
-    # -n carries the port: with the address alone the kernel re-maps a taken reply tuple silently.
-    assert cttext.insert_line(s, 300) == (
-        "-I -t 300 -u SEEN_REPLY,ASSURED -s 10.0.0.3 -d 203.0.113.100 -r 203.0.113.100 -n 203.0.113.1:20001"
-        " -p tcp --sport 40000 --dport 80 --reply-port-src 80 --reply-port-dst 20001 --state FIN_WAIT -m 7\n"
-    )
-    syn = dataclasses.replace(s, tcp_state="SYN_SENT", assured=False, mark=0)
-    assert " -u " not in cttext.insert_line(syn, 5) and " -m " not in cttext.insert_line(syn, 5)
-    udp = NatSession("UDP", "10.0.0.3", 1, "203.0.113.100", 53, "203.0.113.1", 20002)
-    line = cttext.insert_line(udp, 30)
-    assert "-u SEEN_REPLY -s" in line and "--state" not in line and "-p udp" in line
-
-
-def test_restore_chunks_are_the_insert_lines_in_growing_pieces() -> None:
-    states = [None, "SYN_SENT", "ESTABLISHED", "TIME_WAIT"]
-    entries = [
-        (NatSession(("TCP", "UDP")[i % 2], f"10.0.{i // 200}.{i % 200}", 1000 + i, "203.0.113.100", 80 + i % 3, "203.0.113.1", 20000 + i,
-                    states[i % 4] if i % 2 == 0 else None, None, i % 3 == 0, i % 5), 30 + i)
-        for i in range(1000)
-    ]
-    pieces = list(cttext.restore_chunks(entries, first=100, most=300))
-    assert [p.count("\n") for p in pieces] == [100, 200, 300, 300, 100]
-    assert all(p.endswith("\n") for p in pieces)
-    assert "".join(pieces) == "".join(cttext.insert_line(s, t) for s, t in entries) == cttext.restore_text(entries)
-    assert list(cttext.restore_chunks([])) == []
-
-
 def test_seen_reply() -> None:
     base = NatSession("TCP", "10.0.0.3", 1, "203.0.113.100", 80, "203.0.113.1", 20001)
     assert cttext.seen_reply(base)  # default state ESTABLISHED
@@ -184,8 +156,9 @@ def test_plan_sorts_a_batch_by_how_it_reaches_the_kernel() -> None:
     plan = plan_apply([same, other, new_tcp, new_icmp], existing, [50, 60, 70, 80])
     assert plan.update == [(same, 50)]
     assert plan.replace == [moved]
-    assert plan.tool_create == [(other, 60), (new_tcp, 70)]
-    assert plan.netlink_create == [(new_icmp, 80)]
+    assert plan.create == [(other, 60), (new_tcp, 70), (new_icmp, 80)]
+    # Into an empty table everything is a create, in batch order.
+    assert plan_apply([new_icmp, new_tcp], {}, [1, 2]).create == [(new_icmp, 1), (new_tcp, 2)]
     assert plan_apply([], existing, []) == type(plan)()
 
 

@@ -12,8 +12,9 @@ import time
 import pytest
 
 from natmig import netns
+from natmig.agent import ctnetlink as nl
 from natmig.agent import cttext
-from natmig.agent.conntrack import EARLY_RESTORE, ConntrackProvider
+from natmig.agent.conntrack import ConntrackProvider
 from natmig.agent.provider import ApplyError
 from natmig.model import NatSession
 from natmig.errors import ProviderError
@@ -244,28 +245,43 @@ def test_kernel_refusal_part_way_is_rolled_back(net: TwoNatNet) -> None:
     assert comparable(a.list().sessions) == before
 
 
-def test_kernel_refusal_after_the_first_streamed_piece_is_rolled_back(net: TwoNatNet) -> None:
-    # conntrack -R is fed while the batch is formatted: the refused line sits
-    # in the third piece, after thousands of lines were written and created.
+def test_kernel_refusal_in_a_later_netlink_batch_is_named_and_rolled_back(net: TwoNatNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Creates reach the kernel in batches of CREATE_BATCH messages: the
+    # refused one sits in the third, after two full batches were created.
+    # All TCP, the largest message: a batch is larger than a netlink socket's
+    # default send buffer.
     a, _ = providers(net)
-    before, hidden = hidden_clash(a)
+    a.apply(synthetic(30))
+    before = comparable(a.list().sessions)
+    taken = next(s for s in a.list().sessions if s.protocol == "TCP")
     fresh = [
-        NatSession(("TCP", "UDP")[i % 2], f"10.1.{i // 250}.{i % 250}", 1000 + i, "198.51.100.9", 443, PUBLIC_IP, 30000 + i,
-                   "ESTABLISHED" if i % 2 == 0 else None, 300)
-        for i in range(cttext.FIRST_CHUNK * 6)
+        NatSession("TCP", f"10.1.{i // 250}.{i % 250}", 1000 + i, "198.51.100.9", 443, PUBLIC_IP, 30000 + i, "ESTABLISHED", 300, True, i % 3)
+        for i in range(nl.CREATE_BATCH * 3)
     ]
-    at = cttext.FIRST_CHUNK * 3 + 5  # past the first two pieces (FIRST_CHUNK, then twice that)
-    batch = [*fresh[:at], hidden, *fresh[at:]]
-    assert len(batch) >= EARLY_RESTORE  # the process started before the checks
+    # The same public port towards the same remote as a session of the
+    # table: check_batch names it; with the check off, the kernel must refuse
+    # it (the port is pinned) rather than pick another port.
+    clash = NatSession("TCP", "10.0.9.9", 999, taken.dst_address, taken.dst_port, PUBLIC_IP, taken.translated_port, "ESTABLISHED", 300)
+    at = nl.CREATE_BATCH * 2 + 5
+    batch = [*fresh[:at], clash, *fresh[at:]]
     with pytest.raises(ApplyError) as ei:
         a.apply(batch)
-    assert list(ei.value.problems) == [hidden.key]
+    assert list(ei.value.problems) == [clash.key] and "already used by" in ei.value.problems[clash.key]
+    monkeypatch.setattr("natmig.agent.conntrack.check_batch", lambda batch, existing, owned: {})
+    with pytest.raises(ApplyError) as ei:
+        a.apply(batch)
+    assert list(ei.value.problems) == [clash.key]
+    assert ei.value.problems[clash.key].startswith("kernel refused to create it: EEXIST"), ei.value.problems
     assert comparable(a.list().sessions) == before
-    # Refused by a check instead (a foreign address at the end): nothing was fed at all.
+    # Refused by a check instead (a foreign address at the end): nothing was sent at all.
+    monkeypatch.undo()
     with pytest.raises(ApplyError) as ei:
         a.apply([*fresh, dataclasses.replace(fresh[0], src_port=9, translated_address="203.0.113.77")])
     assert len(ei.value.problems) == 1
     assert comparable(a.list().sessions) == before
+    # And the same batch without the clash goes in whole.
+    a.apply(fresh)
+    assert len(a.list().sessions) == len(before) + len(fresh)
 
 
 def test_reply_tuple_held_by_an_untranslated_connection_is_refused_not_remapped(net: TwoNatNet, monkeypatch: pytest.MonkeyPatch) -> None:
