@@ -131,10 +131,11 @@ def test_entry_stream_cuts_the_body_into_growing_slices_of_whole_entries_for_any
     parts = early + rest
     assert "".join(parts) == body
     assert all(TextTable.plain_in(CODEC, p) for p in parts)
-    counts = [p.count("</nat-session>") for p in early]
-    # Slices double from `first` entries up to `most` (each cut at the entry boundary nearest its length).
-    for k, c in enumerate(counts):
-        assert c <= min(first * 2 ** k, 4 * first) + 1, counts
+    # Slices double from `first` entries' worth of bytes (by the first entry's
+    # length) up to `most`, each cut at an entry boundary within that length.
+    size = body.find("</nat-session>") + len("</nat-session>")
+    for k, p in enumerate(early):
+        assert 0 < len(p) <= min(first * 2 ** k, 4 * first) * size + len("</nat-session>"), (k, len(p), size)
 
 
 def test_entry_stream_hands_out_the_first_slice_before_the_reply_is_complete():
