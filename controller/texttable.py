@@ -101,6 +101,14 @@ _ADDRESS = re.compile(r"<translated_address>([^<&]*)</translated_address>")
 
 
 
+#: How much larger each slice of an :class:`EntryStream` is than the one before.
+#: Measured at 10k sessions (get-config + edit-config, median of 5): 1 (slices
+#: of 1,000 throughout) 176-190 ms, 1.5 ~176 ms, 2 ~190 ms: with 2 the last
+#: slices are large, and the target works through them after the source is
+#: done; with 1 a 100k table would take a hundred requests.
+GROWTH = 1.5
+
+
 class EntryStream:
     """The entries of a get-config reply cut into slices while the reply still arrives.
 
@@ -108,8 +116,9 @@ class EntryStream:
     the reply's chunks as they come (:meth:`feed`), this hands out slices of
     whole entries, ready to forward, and :meth:`finish` the rest once the
     reply is complete.  The first slice is small (``first`` entries), so the
-    receiver starts early; each next one is twice as large, up to ``most``,
-    so that a large table goes in few requests.  Only the body of a plain
+    receiver starts early; each next one is :data:`GROWTH` times as large,
+    up to ``most``, so that a large table goes in few requests (each
+    edit-config costs the target a pass over its candidate).  Only the body of a plain
     ``<data>`` element is cut; a reply without one (an error, another
     spelling) yields nothing here and is left to the caller, whole.
     """
@@ -154,7 +163,7 @@ class EntryStream:
             cut += len(self._close)
             out.append(buf[:cut])
             self._parts, self._held = [buf[cut:]], len(buf) - cut
-            self._entries = min(self._entries * 2, self._most)
+            self._entries = min(int(self._entries * GROWTH), self._most)
         return out
 
     def finish(self) -> list[str] | None:
