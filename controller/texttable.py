@@ -21,7 +21,9 @@ is sent, so the check of one overlaps the target's work on the previous one.
 
 from __future__ import annotations
 
+import codecs
 import re
+
 from ..codec import Codec
 from ..model import SessionKey
 
@@ -127,6 +129,7 @@ class EntryStream:
         self.codec = codec
         #: bytes fed so far
         self.fed = 0
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
         self._close = f"</{codec.schema.list_name}>"
         # What arrived and is not cut yet, as parts: joined only when a slice
         # is due, so a 35 MB reply is copied once, not once per chunk.
@@ -143,8 +146,9 @@ class EntryStream:
         self.fed += len(chunk)
         if self._refused:
             return []
-        self._parts.append(chunk.decode())
-        self._held += len(chunk)
+        text = self._decoder.decode(chunk)  # a chunk may end inside a multi-byte character
+        self._parts.append(text)
+        self._held += len(text)
         if not self._started and not self._start():
             return []
         if not self._entry_size:

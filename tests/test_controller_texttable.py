@@ -158,3 +158,13 @@ def test_entry_stream_cuts_nothing_but_a_plain_data_body(raw):
     stream = EntryStream(CODEC, first=1, most=2)
     assert feed_all(stream, raw.encode(), [3, 11]) == []
     assert stream.finish() is None
+
+
+def test_entry_stream_takes_a_chunk_that_ends_inside_a_character():
+    """Chunks are bytes: one may end in the middle of a UTF-8 character (here in an attribute of the reply)."""
+    body = text_of(sessions(3))
+    raw = f'<rpc-reply xmlns="{NETCONF_NS}" message-id="é">'.encode() + f"<data>{body}</data></rpc-reply>".encode()
+    cut = raw.index("é".encode()) + 1
+    stream = EntryStream(CODEC, first=1, most=1)
+    parts = stream.feed(raw[:cut]) + stream.feed(raw[cut:])
+    assert "".join(parts + (stream.finish() or [])) == body
