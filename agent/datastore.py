@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -304,10 +305,8 @@ class Datastore:
                 return (list(self._cand.values()) if with_sessions else []), dict(self._cand_control)
             lookup = getattr(self.provider, "lookup", None)
             if with_sessions and keys is not None and lookup is not None:
-                try:
+                with _reading_table():
                     sessions = list(lookup(keys))
-                except ProviderError as e:
-                    raise refuse("operation-failed", f"cannot read the session table: {e}") from e
             else:
                 sessions = self._list() if with_sessions else []
             # Reading nat-control of running asks the node (an nft call): skip it when not wanted.
@@ -320,10 +319,8 @@ class Datastore:
         take it from one thread, and close it.
         """
         with self._mutex:
-            try:
+            with _reading_table():
                 yield from self.provider.batches()
-            except ProviderError as e:
-                raise refuse("operation-failed", f"cannot read the session table: {e}") from e
 
     def statistics(self) -> dict[str, Any]:
         """The nat-statistics leaves, read now (the digest: see the module and model.table_digest).
@@ -331,16 +328,12 @@ class Datastore:
         The provider computes them in one read of its table without building
         the sessions (conntrack at 100k: ~0.15 s of CPU against ~0.5 s).
         """
-        try:
+        with _reading_table():
             return dict(self.provider.statistics())
-        except ProviderError as e:
-            raise refuse("operation-failed", f"cannot read the session table: {e}") from e
 
     def _snapshot(self) -> Any:
-        try:
+        with _reading_table():
             return self.provider.list()
-        except ProviderError as e:
-            raise refuse("operation-failed", f"cannot read the session table: {e}") from e
 
     def _list(self) -> list[NatSession]:
         return self._snapshot().sessions
@@ -513,6 +506,15 @@ class Datastore:
             self._check_write("candidate", sid)
             self._cand = None
             self._ensure_candidate()
+
+
+@contextmanager
+def _reading_table() -> Iterator[None]:
+    """A provider's failure to read its table, as the rpc-error every read gives for it."""
+    try:
+        yield
+    except ProviderError as e:
+        raise refuse("operation-failed", f"cannot read the session table: {e}") from e
 
 
 def select(sessions: Iterable[NatSession], matches: Sequence[dict[str, Any]] | None) -> list[NatSession]:

@@ -206,7 +206,8 @@ class Migration:
         self._reopen: Any = None
         #: the source's and the target's nat-statistics requests (Futures): the source's
         #: started after the catch-up, the target's after the switch (see _start_digests)
-        self._digests: tuple[Any, Any] | None = None
+        self._source_digest: Any = None
+        self._target_digest: Any = None
         self._digest_pool: ThreadPoolExecutor | None = None
 
     # --------------------------------------------------------------- driver
@@ -352,7 +353,7 @@ class Migration:
         stream = EntryStream(codec, first=min(1000, self.opt.copy_chunk), most=self.opt.copy_chunk)
         chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         addresses: set[str] = set()
-        form = {"plain": True}
+        plain = True
         # Set before any write: a failure from here on discards the candidate.
         self._st.target_candidate_dirty = True
         with ThreadPoolExecutor(2) as pool:
@@ -360,9 +361,10 @@ class Migration:
 
             def send(parts: list[str]) -> bool:
                 """Check and send slices; False once nothing more may be sent."""
+                nonlocal plain
                 for part in parts:
                     if not TextTable.plain_in(codec, part):
-                        form["plain"] = False
+                        plain = False
                         return False
                     addresses.update(TextTable.public_addresses(part))
                     if foreign_addresses(addresses, self.target.public):
@@ -406,7 +408,7 @@ class Migration:
                     send(rest if rest is not None else table.slices(4, self.opt.copy_chunk))
                 for w in writes:
                     w.result()
-        if not form["plain"]:
+        if not plain:
             # Another spelling than the codec's: decode the whole reply and
             # write it all again (a merge of what is already in the candidate
             # changes nothing); its keys are then known decoded.
@@ -533,12 +535,12 @@ class Migration:
         if self.opt.verify_source != "digest" or not hasattr(src, "get_statistics") or not hasattr(tgt, "get_statistics"):
             return
         self._digest_pool = ThreadPoolExecutor(2)
-        self._digests = (self._digest_pool.submit(src.get_statistics), None)  # type: ignore[union-attr]
+        self._source_digest = self._digest_pool.submit(src.get_statistics)  # type: ignore[union-attr]
 
     def _ask_target_digest(self) -> None:
         """The target's digest, asked for as soon as the switch is done (see :meth:`_start_digests`)."""
-        if self._digests is not None and self._digests[1] is None and self._digest_pool is not None:
-            self._digests = (self._digests[0], self._digest_pool.submit(self._tgt.get_statistics))  # type: ignore[union-attr]
+        if self._source_digest is not None and self._digest_pool is not None:
+            self._target_digest = self._digest_pool.submit(self._tgt.get_statistics)  # type: ignore[union-attr]
             self._digest_pool.shutdown(wait=False)
 
     def _freeze(self, src: Node) -> None:
@@ -567,8 +569,9 @@ class Migration:
             # when it can give one: equal to the source's final table's, it
             # proves the target holds exactly those sessions and mappings
             # without shipping the table.  Both at once: two agents.
-            if self._digests is not None and self._digests[1] is not None and target_stats is not None:
-                (fs, ft), self._digests = self._digests, None
+            if self._source_digest is not None and self._target_digest is not None and target_stats is not None:
+                fs, ft = self._source_digest, self._target_digest
+                self._source_digest = self._target_digest = None
                 got, stats = ft.result(), fs.result()
             else:
                 with ThreadPoolExecutor(2) as pool:
@@ -725,16 +728,14 @@ class Migration:
     def _recover(self) -> None:
         """Put traffic where it works and undo what this migration changed (best effort, all recorded)."""
         st, r = self._st, self.report
-        if self._digests is not None:
+        for f in (self._source_digest, self._target_digest):
             # Requests still in flight on the sessions recovery is about to use: let them finish.
-            for f in self._digests:
-                if f is None:
-                    continue
+            if f is not None:
                 try:
                     f.result()
                 except Exception:  # noqa: BLE001 - only waited for; verify did not happen
                     pass
-            self._digests = None
+        self._source_digest = self._target_digest = None
         if self._digest_pool is not None:
             self._digest_pool.shutdown(wait=False)
         src_state: list[str] = []

@@ -126,7 +126,6 @@ class EntryStream:
     """
 
     def __init__(self, codec: Codec, first: int = 1000, most: int = 25_000) -> None:
-        self.codec = codec
         #: bytes fed so far
         self.fed = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")()

@@ -32,6 +32,14 @@ def run(src, tgt, sw, **opts):
     return m.run()
 
 
+def churn(src, new, gone):
+    """A hook that makes the source gain ``new`` and lose ``gone`` (sessions born and closed after the snapshot)."""
+    def hook():
+        src.provider.apply(new)
+        src.provider.delete([s.key for s in gone])
+    return hook
+
+
 def keys_map(node):
     return {s.key: (s.translated_address, s.translated_port) for s in node.provider.list().sessions}
 
@@ -72,13 +80,7 @@ def test_sessions_created_and_closed_after_the_snapshot_are_caught_up():
     extra = sessions(3, base_port=29000)
     gone = sessions(50)[:2]
     # After the snapshot: three new sessions appear, two old ones end.
-    src.hooks["commit"] = None  # placeholder, replaced below on the target
-    src.hooks.pop("commit")
-
-    def churn():
-        src.provider.apply(extra)
-        src.provider.delete([s.key for s in gone])
-    tgt.hooks["commit"] = churn
+    tgt.hooks["commit"] = churn(src, extra, gone)
     r = run(src, tgt, sw, retire="keep")
     assert r.ok, r.error
     assert r.caught_up >= 3 and r.caught_up_deleted >= 2
@@ -303,11 +305,7 @@ def test_verify_reads_only_the_sources_digest_when_it_matches_snapshot_and_event
     src, tgt, sw = counting_setup(40)
     extra = sessions(2, base_port=29000)
     gone = sessions(40)[:3]
-
-    def churn():
-        src.provider.apply(extra)
-        src.provider.delete([s.key for s in gone])
-    tgt.hooks["commit"] = churn
+    tgt.hooks["commit"] = churn(src, extra, gone)
     r = run(src, tgt, sw, retire="keep")
     assert r.ok, r.error
     assert r.source_check == "digest"
@@ -350,11 +348,7 @@ def test_a_late_create_and_a_late_destroy_do_not_cancel_out():
     src.drop_events = True
     late = sessions(1, base_port=29600)[0]
     gone = sessions(10)[0]
-
-    def churn():
-        src.provider.apply([late])
-        src.provider.delete([gone.key])
-    tgt.hooks["commit"] = churn
+    tgt.hooks["commit"] = churn(src, [late], [gone])
     r = run(src, tgt, sw, retire="keep")
     assert r.ok, r.error
     assert r.source_check == "read" and r.reconciled == 1

@@ -18,8 +18,10 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from natmig import netns
 from natmig.agent.natnode import NatNode, NatNodeConfig
@@ -146,3 +148,19 @@ def wait_replies(p: subprocess.Popen, seconds: float) -> None:
     """Let a flow run a while (and fail early if its process died)."""
     time.sleep(seconds)
     assert p.poll() is None, f"flow ended early: {p.communicate()}"
+
+
+@contextmanager
+def built(tag: str, nats: tuple[str, ...] | None = None) -> Iterator[TwoNatNet]:
+    """A TwoNatNet with the given NAT nodes (all when None), always torn down; the teardown must leave no namespace."""
+    n = TwoNatNet(netns.run_prefix(tag))
+    try:
+        if nats is None:
+            n.build()
+        else:
+            n.build(nats)
+        yield n
+    finally:
+        n.destroy()
+        left = [ns for ns in n.namespaces() if netns.exists(ns)]
+        assert not left, f"teardown left namespaces behind: {left}"

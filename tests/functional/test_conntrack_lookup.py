@@ -18,7 +18,7 @@ from natmig.agent.conntrack import ConntrackProvider
 from natmig.errors import ProviderError
 from natmig.model import NatSession
 
-from .helpers_natnode import CLIENT_IP, PUBLIC_IP, SERVER_IP, TwoNatNet, finish, wait_replies
+from .helpers_natnode import CLIENT_IP, PUBLIC_IP, SERVER_IP, TwoNatNet, built, finish, wait_replies
 from .test_conntrack_provider import TCP_PORT, TCP_SPORT, UDP_PORT, UDP_SPORT, synthetic
 
 pytestmark = pytest.mark.root
@@ -27,14 +27,8 @@ pytestmark = pytest.mark.root
 @pytest.fixture
 def net():
     """Client, server, switch and NAT node a only, always torn down."""
-    n = TwoNatNet(netns.run_prefix("nmlk"))
-    try:
-        n.build(("a",))
+    with built("nmlk", ("a",)) as n:
         yield n
-    finally:
-        n.destroy()
-        left = [ns for ns in n.namespaces() if netns.exists(ns)]
-        assert not left, f"teardown left namespaces behind: {left}"
 
 
 def same_but_timeout(got: list[NatSession], want: list[NatSession]) -> None:

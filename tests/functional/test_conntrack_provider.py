@@ -19,7 +19,7 @@ from natmig.agent.provider import ApplyError
 from natmig.model import NatSession
 from natmig.errors import ProviderError
 
-from .helpers_natnode import CLIENT_IP, PUBLIC_IP, SERVER_IP, TwoNatNet, finish, replies_after, wait_replies
+from .helpers_natnode import CLIENT_IP, PUBLIC_IP, SERVER_IP, TwoNatNet, built, finish, replies_after, wait_replies
 
 pytestmark = pytest.mark.root
 
@@ -30,14 +30,8 @@ TCP_SPORT, UDP_SPORT = 40001, 40002  # outside the NAT's port range, so translat
 @pytest.fixture
 def net():
     """Client, server, switch and NAT nodes a and b, always torn down."""
-    n = TwoNatNet(netns.run_prefix("nmct"))
-    try:
-        n.build()
+    with built("nmct") as n:
         yield n
-    finally:
-        n.destroy()
-        left = [ns for ns in n.namespaces() if netns.exists(ns)]
-        assert not left, f"teardown left namespaces behind: {left}"
 
 
 def providers(net: TwoNatNet) -> tuple[ConntrackProvider, ConntrackProvider]:

@@ -9,7 +9,7 @@ from natmig.agent.conntrack import ConntrackProvider
 from natmig.agent.natnode import TABLE, NatNode, NatNodeConfig, NatNodeError
 from natmig.model import NatSession
 
-from .helpers_natnode import CLIENT_IP, PUBLIC_IP, SERVER_IP, TwoNatNet, finish, replies_after, wait_replies
+from .helpers_natnode import CLIENT_IP, PUBLIC_IP, SERVER_IP, TwoNatNet, built, finish, replies_after, wait_replies
 
 pytestmark = pytest.mark.root
 
@@ -17,14 +17,8 @@ pytestmark = pytest.mark.root
 @pytest.fixture
 def net():
     """Client, server, switch and NAT node a, always torn down."""
-    n = TwoNatNet(netns.run_prefix("nmnn"))
-    try:
-        n.build(("a",))
+    with built("nmnn", ("a",)) as n:
         yield n
-    finally:
-        n.destroy()
-        left = [ns for ns in n.namespaces() if netns.exists(ns)]
-        assert not left, f"teardown left namespaces behind: {left}"
 
 
 def sysctl(ns: str, key: str) -> int:
