@@ -66,6 +66,7 @@ from .plan import CatchUp, CopyPlan, PlanError, Verdict, compare, expected_table
 from .report import MigrationReport, PhaseClock, PhaseTiming
 from .steering import Steering
 from .texttable import EntryStream, TextTable
+from .txn import Locks, NodeBusy, cancel_pending, confirm_admission, confirmed_admission, describe_error, missing_capabilities, nothing_pending, persist_token
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,15 @@ class Node(Protocol):
     def delete_sessions(self, keys: Iterable[SessionKey] | None = None, target: str = "candidate") -> None: ...
     def set_admission(self, admit: bool, target: str = "running") -> None: ...
     def get_admission(self, source: str = "running") -> bool: ...
-    def commit(self) -> None: ...
+    def commit(self, confirmed: bool = False, timeout: float | None = None, persist: str | None = None, persist_id: str | None = None) -> None: ...
+    def cancel_commit(self, persist_id: str | None = None) -> None: ...
+    def lock(self, target: str = "running") -> None: ...
+    def unlock(self, target: str = "running") -> None: ...
     def discard(self) -> None: ...
     def subscribe(self) -> Any: ...
     def close(self) -> None: ...
+    @property
+    def connected(self) -> bool: ...
 
 
 @dataclass
@@ -145,6 +151,13 @@ class MigrateOptions:
     #: digest against the snapshot folded with the events; a re-read when they
     #: differ) or "read" (always re-read it whole: slower, needs no notification).
     verify_source: str = "digest"
+    #: seconds after which an agent rolls back by itself what an interrupted
+    #: migration left pending (the target's unconfirmed copy, the source's
+    #: freeze, the target's hold): the bound on how long a dead controller
+    #: can keep a node refusing new sessions.
+    confirm_timeout: float = 10.0
+    #: the command a report names to repair what an interrupted migration left
+    recover_hint: str = "natmig recover --inventory INVENTORY"
 
     def __post_init__(self) -> None:
         if self.retire not in RETIRE_MODES:
@@ -155,6 +168,8 @@ class MigrateOptions:
             raise ControllerError(f"copy_chunk: {self.copy_chunk} must be at least 1")
         if self.verify_source not in VERIFY_SOURCE:
             raise ControllerError(f"verify_source: {self.verify_source!r} is not one of {', '.join(VERIFY_SOURCE)}")
+        if not 1 <= self.confirm_timeout <= 3600:
+            raise ControllerError(f"confirm_timeout: {self.confirm_timeout} s is not within 1..3600")
 
 
 @dataclass
@@ -169,6 +184,10 @@ class _State:
     source_admission: bool | None = None
     switched: bool = False
     committed: bool = False  # the target admits: the move is done, never undone
+    #: confirmed commits pending on each node (rolled back by the agent unless confirmed)
+    copy_pending: bool = False  # the target's copy
+    target_hold: bool = False  # the target's closed admission
+    source_frozen: bool = False  # the source's closed admission
 
 
 class Migration:
@@ -209,6 +228,11 @@ class Migration:
         self._source_digest: Any = None
         self._target_digest: Any = None
         self._digest_pool: ThreadPoolExecutor | None = None
+        #: the persist token of this migration's confirmed commits (see .txn)
+        self._token = persist_token(source.name, target.name)
+        self._locks: list[Locks] = []
+        #: what recovery or success did on each node, in words (the report adds what is read back)
+        self._actions: dict[str, list[str]] = {source.name: [], target.name: []}
 
     # --------------------------------------------------------------- driver
 
@@ -237,11 +261,15 @@ class Migration:
         except BaseException as e:  # Ctrl-C or a bug: still leave traffic where it works
             self.report.error = f"{type(e).__name__}: {e}"
             self._recover()
-            raise
-        finally:
+            self._read_back()
             self._close()
+            raise
         if self.report.ok:
             self._describe_success()
+        try:
+            self._read_back()
+        finally:
+            self._close()
         return self.report
 
     # --------------------------------------------------------------- phases
@@ -277,6 +305,24 @@ class Migration:
                 raise ControllerError(f"agent(s) {', '.join(missing)} do not announce the nat-session module")
             if rs != rt:
                 raise ControllerError(f"nat-session revisions differ: {self.source.name} has {rs}, {self.target.name} has {rt}")
+            for role, ep, node in (("source", self.source, src), ("target", self.target, tgt)):
+                missing = missing_capabilities(node)
+                if missing:
+                    raise ControllerError(
+                        f"{role} {ep.name} does not announce {', '.join(':' + m for m in missing)}: a migration needs them "
+                        "so that the agent undoes by itself what an interrupted migration left")
+        with ph.step("lock"):
+            # Both nodes at once; each refusal names the session holding the lock.
+            with ThreadPoolExecutor(2) as pool:
+                taken = [pool.submit(Locks.take, src, "source"), pool.submit(Locks.take, tgt, "target")]
+                busy = []
+                for f in taken:
+                    try:
+                        self._locks.append(f.result())
+                    except NatmigError as e:
+                        busy.append(str(e))
+            if busy:
+                raise NodeBusy("; ".join(busy))
         with ph.step("target+source+switch"):
             # Four independent reads at once, each on its own session: the
             # target's table and admission, the source's admission (what the
@@ -304,8 +350,15 @@ class Migration:
             raise ControllerError(
                 f"{self.target.name} does not own the public address(es) {', '.join(sorted(self.source.public - self.target.public))} of {self.source.name}"
             )
+        fix = self.opt.recover_hint
         if active is not None and active != self.source.name:
-            raise ControllerError(f"traffic goes through {active}, not through the source {self.source.name}")
+            raise ControllerError(f"traffic goes through {active}, not through the source {self.source.name}: "
+                                  f"migrate from {active}, or run `{fix}` if an earlier migration was interrupted. Nothing was changed")
+        closed = [f"{role} {ep.name}" for role, ep, admits in (("source", self.source, self._source_admits), ("target", self.target, self._st.target_admission))
+                  if admits is False]
+        if closed:
+            raise ControllerError(f"{' and '.join(closed)} does not admit new sessions (admission closed): an earlier migration may have been "
+                                  f"interrupted, or its rollback is still pending. Nothing was changed; `{fix}` reopens it")
         ph.note(f"revision {rs}; target holds {len(self._target_before)} sessions")
 
     def _copy(self, ph: Any) -> None:
@@ -334,9 +387,20 @@ class Migration:
             for i in range(0, len(ss), n):
                 tgt.edit_sessions(ss[i:i + n], target="candidate", operation="merge")
         with ph.step("commit"):
-            tgt.commit()
-            self._st.target_candidate_dirty = False
+            self._commit_copy(tgt)
         self.report.copied = len(self._plan.sessions)
+
+    def _commit_copy(self, tgt: Node) -> None:
+        """Commit the copy as a persistent confirmed commit: the target's agent removes it by itself unless confirmed.
+
+        It is confirmed just before the switch (:meth:`_confirm_and_hold`),
+        when the target holds every session of the frozen source; a
+        controller that dies before leaves no copy behind.
+        """
+        # Marked before the call: a commit whose reply is lost may have happened.
+        self._st.copy_pending = True
+        tgt.commit(confirmed=True, timeout=self.opt.confirm_timeout, persist=self._token)
+        self._st.target_candidate_dirty = False
 
     def _copy_text(self, ph: Any, src: Any, tgt: Any) -> None:
         """The copy into an idle target, the source's entries forwarded as the text it sent (see :mod:`.texttable`).
@@ -423,8 +487,7 @@ class Migration:
                 raise PlanError(conflicts)
             self._plan = CopyPlan([], frozenset(), 0)
         with ph.step("commit"):
-            tgt.commit()
-            self._st.target_candidate_dirty = False
+            self._commit_copy(tgt)
         self.report.copied = table.count
 
     def _copy_decoded(self, ph: Any, reply: Any, tgt: Any) -> None:
@@ -474,28 +537,15 @@ class Migration:
                 raise ControllerError("the sessions written to the candidate differ from the copy plan; nothing committed")
             self._st.added = self._plan.added_keys
         with ph.step("commit"):
-            tgt.commit()
-            self._st.target_candidate_dirty = False
+            self._commit_copy(tgt)
         self.report.copied = len(self._plan.sessions)
 
     def _catch_up(self, ph: Any) -> None:
         src, tgt = self._src, self._tgt
         assert src is not None and tgt is not None
-        with ph.step("hold+freeze"):
-            # Two agents, two sessions: both changes at once.
-            with ThreadPoolExecutor(2) as pool:
-                ft = pool.submit(tgt.set_admission, False)
-                fs = pool.submit(self._freeze, src) if self.opt.freeze_source else None
-                errors = []
-                for f in (ft, fs):
-                    if f is None:
-                        continue
-                    try:
-                        f.result()
-                    except NatmigError as e:
-                        errors.append(str(e))
-                if errors:
-                    raise ControllerError("; ".join(errors))
+        if self.opt.freeze_source:
+            with ph.step("freeze"):
+                self._freeze(src)
         with ph.step("settle"):
             early = self._sub.drain()
             self._events += early
@@ -518,7 +568,33 @@ class Migration:
         self.report.events = self._catch.events
         self.report.caught_up = len(ups)
         self.report.caught_up_deleted = len(dels)
+        with ph.step("confirm+hold"):
+            self._confirm_and_hold(tgt)
+        self._check_alive()
         self._start_digests()
+
+    def _confirm_and_hold(self, tgt: Node) -> None:
+        """The target keeps its copy for good, and holds new sessions until the admit, undone by itself if the controller dies.
+
+        Confirmed only now, when the target holds every session of the
+        frozen source: from the switch on traffic may run through it, and a
+        rollback must then never take its sessions away.  The hold is a new
+        confirmed commit, so a dead controller leaves the node that carries
+        traffic admitting new sessions again after ``confirm_timeout``.
+        """
+        if self._st.copy_pending:
+            tgt.commit(persist_id=self._token)
+            self._st.copy_pending = False
+        self._st.target_hold = True
+        confirmed_admission(tgt, False, self._token, self.opt.confirm_timeout)
+
+    def _check_alive(self) -> None:
+        """Abort before the switch when a session to a node (or the source's event stream) is gone."""
+        lost = [f"{what} {ep.name}" for what, ep, node in (
+            ("source", self.source, self._src), ("the event stream of source", self.source, self._events_node), ("target", self.target, self._tgt))
+            if node is not None and not node.connected]
+        if lost:
+            raise ControllerError(f"NETCONF session lost before the switch: {', '.join(lost)}; traffic not moved")
 
     def _start_digests(self) -> None:
         """Ask the source for its digest now, for verify to use: it is computed while the switch happens.
@@ -544,16 +620,16 @@ class Migration:
             self._digest_pool.shutdown(wait=False)
 
     def _freeze(self, src: Node) -> None:
-        # Recorded before the change, so that a failure half-way still restores it.
+        # Recorded before the change, so that a failure half-way still undoes it.
         self._st.source_admission = self._source_admits
-        src.set_admission(False)
+        self._st.source_frozen = True
+        confirmed_admission(src, False, self._token, self.opt.confirm_timeout)
 
     def _switch(self, ph: Any) -> None:
         # Marked switched before the call: if the bundle fails half-way
         # (it cannot: a bundle is atomic) recovery still points back.
         self._st.switched = True
         self.steering.point_to(self.target.name)
-        self.report.traffic_on = self.target.name
         self._ask_target_digest()
 
     def _verify(self, ph: Any) -> None:
@@ -664,19 +740,36 @@ class Migration:
     def _admit(self, ph: Any) -> None:
         tgt, src = self._tgt, self._src
         assert tgt is not None and src is not None
-        # The source's admission is reopened meanwhile, on its own session,
-        # when retirement will reopen it anyway (it carries no traffic now).
-        # Its outcome belongs to the retire phase, which waits for it: a
-        # failure there never moves traffic back.
-        if self.opt.retire != "stop" and self._st.source_admission is not None:
+        # The source's freeze is undone meanwhile, on its own session, when
+        # retirement will reopen it anyway (it carries no traffic now).  Its
+        # outcome belongs to the retire phase, which waits for it: a failure
+        # there never moves traffic back.
+        if self.opt.retire != "stop" and self._st.source_frozen:
             pool = ThreadPoolExecutor(1)
-            self._reopen = pool.submit(src.set_admission, self._st.source_admission)
+            self._reopen = pool.submit(self._thaw, src)
             pool.shutdown(wait=False)
-        tgt.set_admission(True)
-        self._st.target_admission = None
+        if self._st.target_hold:
+            try:
+                confirm_admission(tgt, True, self._token)
+            except NatmigError as e:
+                if not nothing_pending(e):
+                    raise
+                # The hold outlived confirm_timeout and the agent rolled it
+                # back (the target admits already): open it for good.
+                self.report.notes.append(f"the target's hold had rolled back by itself before the admit (confirm_timeout {self.opt.confirm_timeout} s is short for this migration)")
+                tgt.set_admission(True)
+            self._st.target_hold = False
+        else:
+            tgt.set_admission(True)
         # From here the target may create sessions the source never had:
         # pointing traffic back would lose them, so nothing below undoes the move.
         self._st.committed = True
+
+    def _thaw(self, src: Node) -> None:
+        """Undo the source's freeze: cancel its confirmed commit (its admission returns to what it was before)."""
+        cancel_pending(src, self._token)  # False: it had already rolled back by itself
+        self._st.source_frozen = False
+        self._st.source_admission = None
 
     def _retire(self, ph: Any) -> None:
         src = self._src
@@ -686,21 +779,17 @@ class Migration:
             if self.source.stop is None:
                 raise ControllerError(f"retire=stop: no way to stop {self.source.name} is configured")
             self.source.stop()
-            self._st.source_admission = None
             return
         if self._reopen is not None:
             with ph.step("reopen"):
                 self._reopen.result()  # started with admit; waited for before anything else on that session
-                self._st.source_admission = None
+        elif self._st.source_frozen:
+            with ph.step("reopen"):
+                self._thaw(src)
         if mode == "delete":
             with ph.step("delete"):
-                before = self.report.copied if self.opt.copy_state else len(src.get_sessions("running"))
                 self._delete(src, None)
-                self.report.retired = before
-        if self._st.source_admission is not None:
-            with ph.step("reopen"):
-                src.set_admission(self._st.source_admission)
-                self._st.source_admission = None
+                self.report.retired = self.report.verified if self.opt.copy_state else 0
 
     # -------------------------------------------------------------- helpers
 
@@ -726,89 +815,136 @@ class Migration:
             node.commit()
 
     def _recover(self) -> None:
-        """Put traffic where it works and undo what this migration changed (best effort, all recorded)."""
+        """Put traffic where it works and undo what this migration changed (best effort, every step reported).
+
+        What the agents hold pending (the copy, the freeze, the hold) is
+        cancelled now; what cannot be reached rolls back by itself within
+        ``confirm_timeout``.
+        """
         st, r = self._st, self.report
-        for f in (self._source_digest, self._target_digest):
+        for f in (self._source_digest, self._target_digest, self._reopen):
             # Requests still in flight on the sessions recovery is about to use: let them finish.
             if f is not None:
                 try:
                     f.result()
-                except Exception:  # noqa: BLE001 - only waited for; verify did not happen
+                except Exception:  # noqa: BLE001 - only waited for; its outcome is read back below
                     pass
         self._source_digest = self._target_digest = None
         if self._digest_pool is not None:
             self._digest_pool.shutdown(wait=False)
-        src_state: list[str] = []
-        tgt_state: list[str] = []
+        src, tgt = self._src, self._tgt
+        later = f"the agent rolls it back by itself within {self.opt.confirm_timeout:g} s"
         if st.committed:
             # Only the retirement failed: the move stands.
-            r.traffic_on = self.target.name
-            r.node_state[self.source.name] = "carries no traffic; retirement failed, its sessions and admission may be as before"
-            r.node_state[self.target.name] = f"carries traffic; {r.verified} sessions verified, admits new sessions"
-            if self._src is not None and st.source_admission is not None:
+            if src is not None and st.source_frozen:
                 try:
-                    self._src.set_admission(st.source_admission)
-                except NatmigError:
-                    pass
+                    self._thaw(src)
+                    self._actions[self.source.name].append("freeze cancelled, admission restored")
+                except NatmigError as e:
+                    self._actions[self.source.name].append(f"freeze not cancelled ({describe_error(e)}); {later}")
+            self._actions[self.source.name].append("retirement failed")
             return
+        src_do, tgt_do = self._actions[self.source.name], self._actions[self.target.name]
+        back = True
         if st.switched:
             try:
                 self.steering.point_to(self.source.name)
-                r.traffic_on = self.source.name
-                src_state.append("traffic pointed back to it")
+                src_do.append("traffic pointed back to it")
             except NatmigError as e:
-                r.traffic_on = self.target.name
-                src_state.append(f"could NOT point traffic back ({e})")
-        else:
-            r.traffic_on = self.source.name
-        src, tgt = self._src, self._tgt
-        if src is not None and st.source_admission is not None:
+                back = False
+                src_do.append(f"could NOT point traffic back ({describe_error(e)})")
+        if st.source_frozen:
+            if src is None:
+                src_do.append(f"unreachable: its freeze is pending, {later}")
+            else:
+                try:
+                    cancel_pending(src, self._token)
+                    st.source_frozen = False
+                    src_do.append("freeze cancelled, admission restored")
+                except NatmigError as e:
+                    src_do.append(f"freeze could NOT be cancelled now ({describe_error(e)}); {later}")
+        if tgt is None:
+            if self.report.failed_phase != "preflight":
+                tgt_do.append(f"unreachable: anything pending there, {later}")
+            return
+        if st.target_candidate_dirty:
             try:
-                src.set_admission(st.source_admission)
-                st.source_admission = None
-                src_state.append("admission restored")
+                tgt.discard()
+                tgt_do.append("candidate discarded")
             except NatmigError as e:
-                src_state.append(f"admission could NOT be restored, new sessions are dropped ({e})")
-        if tgt is not None:
-            if st.target_candidate_dirty:
-                try:
-                    tgt.discard()
-                    tgt_state.append("candidate discarded")
-                except NatmigError as e:
-                    tgt_state.append(f"candidate could not be discarded ({e})")
+                tgt_do.append(f"candidate could not be discarded ({describe_error(e)})")
+        if st.copy_pending or st.target_hold:
+            what = "copy rolled back" if st.copy_pending else "hold cancelled"
+            try:
+                cancel_pending(tgt, self._token)
+                st.target_hold = False
+                tgt_do.append(what)
+            except NatmigError as e:
+                tgt_do.append(f"{what.split()[0]} NOT cancelled now ({describe_error(e)}); {later}")
+        # Sessions the copy wrote for good (confirmed before the switch),
+        # caught up from events or reconciled: removed while traffic is on the source.
+        added = list(st.added)
+        if not st.copy_pending and st.added_table is not None:
             # Keys caught up from events may also be in the forwarded table: each once.
-            added = list(dict.fromkeys(st.added + (st.added_table.keys() if st.added_table is not None else [])))
-            if added and r.traffic_on == self.source.name:
-                try:
-                    self._delete(tgt, added)
-                    tgt_state.append(f"the {len(added)} sessions copied to it removed")
-                except NatmigError as e:
-                    tgt_state.append(f"the {len(added)} sessions copied to it may remain ({e})")
-            if st.target_admission is not None:
-                try:
-                    tgt.set_admission(st.target_admission)
-                    tgt_state.append("admission restored")
-                except NatmigError as e:
-                    tgt_state.append(f"admission could not be restored ({e})")
-        elif self.report.failed_phase != "preflight" or st.added or st.added_table is not None:
-            tgt_state.append("unreachable")
-        r.node_state[self.source.name] = self._words(self.source.name, src_state, carries=r.traffic_on == self.source.name, unchanged_if_empty=True)
-        r.node_state[self.target.name] = self._words(self.target.name, tgt_state, carries=r.traffic_on == self.target.name, unchanged_if_empty=True)
-
-    @staticmethod
-    def _words(name: str, parts: list[str], carries: bool, unchanged_if_empty: bool) -> str:
-        head = "carries traffic" if carries else "carries no traffic"
-        body = ", ".join(parts) if parts else ("unchanged" if unchanged_if_empty else "")
-        return f"{head}; {body}"
+            added = list(dict.fromkeys(added + st.added_table.keys()))
+        if st.copy_pending:
+            st.copy_pending = False  # cancelled above, or rolling back by itself
+        if added and back:
+            try:
+                self._delete(tgt, added)
+                tgt_do.append(f"the {len(added)} sessions copied to it removed")
+            except NatmigError as e:
+                tgt_do.append(f"the {len(added)} sessions copied to it may remain ({describe_error(e)})")
 
     def _describe_success(self) -> None:
         r = self.report
-        r.traffic_on = self.target.name
-        retired = {"delete": f"retired: its {r.retired} sessions removed, admission reopened", "keep": "retired: sessions kept, admission reopened", "stop": "stopped"}[self.opt.retire]
-        r.node_state[self.source.name] = f"carries no traffic; {retired}"
-        r.node_state[self.target.name] = f"carries traffic; {r.verified} sessions verified, admits new sessions"
+        retired = {"delete": "retired: its sessions removed, admission reopened", "keep": "retired: sessions kept, admission reopened", "stop": "stopped"}[self.opt.retire]
+        self._actions[self.source.name].append(retired)
+        self._actions[self.target.name].append(f"{r.verified} sessions verified, admission opened")
+
+    def _read_back(self) -> None:
+        """What the report says of each node and of the switch, read from them now: never what the code assumes it did."""
+        r = self.report
+        try:
+            active = self.steering.active()
+        except NatmigError as e:
+            active = None
+            r.notes.append(f"the switch could not be read back: {describe_error(e)}")
+        r.traffic_on = active or "unknown"
+
+        def read(node: Node | None) -> tuple[bool | None, int | None, str]:
+            if node is None or not node.connected:
+                return None, None, "unreachable"
+            try:
+                admits = node.get_admission()
+                # nat-statistics counts without shipping the table; a node without it is read whole.
+                stats = getattr(node, "get_statistics", None)
+                count = stats().get("sessions") if stats is not None else len(node.get_sessions("running"))
+                return admits, count, ""
+            except NatmigError as e:
+                return None, None, f"could not be read ({describe_error(e)})"
+
+        with ThreadPoolExecutor(2) as pool:
+            states = [(ep, pool.submit(read, node)) for ep, node in ((self.source, self._src), (self.target, self._tgt))]
+            for ep, f in states:
+                admits, count, why = f.result()
+                words = ["carries traffic" if active == ep.name else "carries no traffic"]
+                if why:
+                    words.append(f"state {why}")
+                else:
+                    words.append("admits new sessions" if admits else "REFUSES new sessions")
+                    words.append(f"holds {count} sessions")
+                    r.readback[ep.name] = {"admits": admits, "sessions": count, "carries_traffic": active == ep.name}
+                done = self._actions[ep.name] or (["unchanged"] if not r.ok else [])
+                r.node_state[ep.name] = "; ".join(words + done)
+        if not r.ok and any(v.get("admits") is False for v in r.readback.values()):
+            r.notes.append(f"a node still refuses new sessions: `{self.opt.recover_hint}` reopens it (or wait {self.opt.confirm_timeout:g} s for its rollback)")
 
     def _close(self) -> None:
+        for lock in self._locks:
+            if lock.node.connected:
+                lock.release()
+        self._locks = []
         for node in (self._events_node, self._src, self._tgt):
             if node is not None:
                 try:

@@ -165,6 +165,7 @@ class _RawTextRPC(_TextRPC):
 
 NOTIFICATION_CAPABILITY = "urn:ietf:params:netconf:capability:notification:1.0"
 CANDIDATE_CAPABILITY = "urn:ietf:params:netconf:capability:candidate:1.0"
+CONFIRMED_COMMIT_CAPABILITY = "urn:ietf:params:netconf:capability:confirmed-commit:1.1"
 MONITORING_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
 EDIT_OPERATIONS = ("merge", "replace", "create", "delete", "remove")
 
@@ -697,9 +698,33 @@ class NodeClient:
         body = f'<{name} xmlns="{self.codec.ns}"><admit-new-sessions>{"true" if admit else "false"}</admit-new-sessions></{name}>'
         self._edit(f'<config xmlns="{NETCONF_NS}">{body}</config>', target)
 
-    def commit(self) -> None:
-        """Apply the candidate to running (all or nothing)."""
-        self._call("commit", self._mgr.commit)
+    def commit(self, confirmed: bool = False, timeout: float | None = None, persist: str | None = None, persist_id: str | None = None) -> None:
+        """Apply the candidate to running (all or nothing).
+
+        ``confirmed``: a confirmed commit (RFC 6241 8.4) that the agent rolls
+        back by itself unless confirmed within ``timeout`` seconds; with
+        ``persist`` it survives this session's end and any session may
+        confirm or cancel it by that token.  ``persist_id`` confirms (or, with
+        ``confirmed``, extends) a pending persistent confirmed commit.
+        """
+        kwargs: dict[str, Any] = {}
+        if confirmed:
+            kwargs["confirmed"] = True
+            if timeout is not None:
+                kwargs["timeout"] = str(max(1, int(round(timeout))))
+            if persist is not None:
+                kwargs["persist"] = persist
+        if persist_id is not None:
+            kwargs["persist_id"] = persist_id
+        self._call("commit", self._mgr.commit, **kwargs)
+
+    def cancel_commit(self, persist_id: str | None = None) -> None:
+        """Roll back a pending confirmed commit now (RFC 6241 8.4.9)."""
+        self._call("cancel-commit", self._mgr.cancel_commit, persist_id=persist_id)
+
+    def has_confirmed_commit(self) -> bool:
+        """Whether the agent announces :confirmed-commit:1.1."""
+        return CONFIRMED_COMMIT_CAPABILITY in self._mgr.server_capabilities
 
     def discard(self) -> None:
         """Reset the candidate to running (discard-changes)."""

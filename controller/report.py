@@ -56,6 +56,8 @@ class MigrationReport:
     retired: int = 0
     phases: list[PhaseTiming] = field(default_factory=list)
     node_state: dict[str, str] = field(default_factory=dict)
+    #: per NAT name, read back from the node at the end: admits (bool), sessions (count), carries_traffic (bool)
+    readback: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property

@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 from natmig.agent.provider import MemoryProvider
 from natmig.controller.netconf import NetconfError, RpcErrorInfo, SessionLost
 from natmig.controller.migrate import WRITABLE_RUNNING
+from natmig.controller.txn import CANDIDATE, CONFIRMED_COMMIT
 from natmig.model import NatSession, SessionKey
 
 REVISION = "2026-11-24"
@@ -59,6 +60,18 @@ class FakeNode:
     calls: list[str] = field(default_factory=list)
     candidate: list[tuple[str, object]] = field(default_factory=list)
     closed: bool = False
+    #: each commit's kind, in order: "confirmed", "confirm" (by persist-id) or "plain"
+    commits: list[str] = field(default_factory=list)
+    #: what every session to this node shares: datastore locks (name -> holder id) and the pending confirmed commit
+    shared: dict = field(default_factory=lambda: {"locks": {}, "pending": None})
+
+    def session(self) -> "FakeNode":
+        """Another session to the same node (shares its table, locks and pending commit)."""
+        return FakeNode(self.name, self.provider, self.revision, self.fail, self.hooks, self.remap, self.drop_events, shared=self.shared)
+
+    @property
+    def connected(self) -> bool:
+        return not self.closed
 
     def _enter(self, op: str) -> None:
         self.calls.append(op)
@@ -72,7 +85,27 @@ class FakeNode:
 
     @property
     def capabilities(self) -> list[str]:
-        return [WRITABLE_RUNNING]
+        return [WRITABLE_RUNNING, CANDIDATE, CONFIRMED_COMMIT]
+
+    def _refused(self, op: str, tag: str, message: str) -> NetconfError:
+        return NetconfError(op, [RpcErrorInfo(tag, "error", "protocol", None, message, None)])
+
+    def lock(self, target: str = "running") -> None:
+        self._enter(f"lock:{target}")
+        holder = self.shared["locks"].get(target)
+        if holder is not None:
+            raise self._refused("lock", "lock-denied", f"{target} is locked by session {holder}")
+        self.shared["locks"][target] = id(self)
+
+    def unlock(self, target: str = "running") -> None:
+        self._enter(f"unlock:{target}")
+        if self.shared["locks"].get(target) == id(self):
+            del self.shared["locks"][target]
+
+    def close(self) -> None:
+        self.closed = True
+        for name in [n for n, h in self.shared["locks"].items() if h == id(self)]:
+            del self.shared["locks"][name]
 
     def module_revision(self, module: str | None = None) -> str | None:
         self._enter("hello")
@@ -88,7 +121,10 @@ class FakeNode:
 
     def set_admission(self, admit: bool, target: str = "running") -> None:
         self._enter(f"set-admission:{admit}")
-        self.provider.set_admission(admit)
+        if target == "running":
+            self.provider.set_admission(admit)
+        else:
+            self.candidate.append(("admit", admit))
 
     def _fix(self, ss: Iterable[NatSession]) -> list[NatSession]:
         if not self.remap:
@@ -118,15 +154,56 @@ class FakeNode:
             for kind, arg in ops:
                 if kind == "write":
                     self.provider.apply(arg)
+                elif kind == "admit":
+                    self.provider.set_admission(arg)
                 else:
                     self.provider.delete(arg)
         except ApplyError as e:
             raise NetconfError("edit-config", [RpcErrorInfo("invalid-value", "error", "application", None, str(e), None)]) from e
 
-    def commit(self) -> None:
+    def commit(self, confirmed: bool = False, timeout=None, persist=None, persist_id=None) -> None:
+        """The candidate onto running; a confirmed commit records its undo until confirmed or cancelled (RFC 6241 8.4)."""
         self._enter("commit")
+        self.commits.append("confirmed" if confirmed else ("confirm" if persist_id else "plain"))
+        pending = self.shared["pending"]
+        if pending is not None and persist_id != pending["token"]:
+            raise self._refused("commit", "invalid-value", "a confirmed commit with persist is pending; give its persist-id")
+        if pending is None and persist_id is not None:
+            raise self._refused("commit", "invalid-value", "no confirmed commit is pending")
         ops, self.candidate = self.candidate, []
+        if confirmed:
+            before = {s.key: s for s in self.provider.list().sessions}
+            undo = pending["undo"] if pending else {"created": set(), "removed": {}, "admit": self.provider.admission()}
+            for kind, arg in ops:
+                if kind == "write":
+                    undo["created"].update(s.key for s in arg if s.key not in before)
+                elif kind == "delete":
+                    undo["removed"].update({k: before[k] for k in (arg if arg is not None else before) if k in before})
+            self._apply(ops)
+            self.shared["pending"] = {"token": persist, "undo": undo}
+            return
         self._apply(ops)
+        self.shared["pending"] = None
+
+    def cancel_commit(self, persist_id=None) -> None:
+        self._enter("cancel-commit")
+        pending = self.shared["pending"]
+        if pending is None:
+            raise self._refused("cancel-commit", "invalid-value", "no confirmed commit is pending")
+        if persist_id != pending["token"]:
+            raise self._refused("cancel-commit", "invalid-value", "the persist-id does not match")
+        self.rollback()
+
+    def rollback(self) -> None:
+        """What the agent does when a confirmed commit times out."""
+        pending, self.shared["pending"] = self.shared["pending"], None
+        if pending is None:
+            return
+        u = pending["undo"]
+        self.provider.delete(list(u["created"]))
+        if u["removed"]:
+            self.provider.apply(list(u["removed"].values()))
+        self.provider.set_admission(u["admit"])
 
     def discard(self) -> None:
         self._enter("discard")
@@ -136,8 +213,6 @@ class FakeNode:
         self._enter("subscribe")
         return FakeSubscription(self)
 
-    def close(self) -> None:
-        self.closed = True
 
 
 class FakeSteering:

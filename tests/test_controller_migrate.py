@@ -250,7 +250,10 @@ def test_copy_goes_in_chunks_into_the_candidate_and_one_commit():
     src, tgt, sw = setup(95)
     r = run(src, tgt, sw, copy_chunk=20, retire="keep")
     assert r.ok and len(keys_map(tgt)) == 95
-    assert tgt.calls.count("edit-config:candidate") == 5 and tgt.calls.count("commit") == 1
+    # The five slices, then one confirmed commit; confirmed before the switch, then the hold and its confirm at admit.
+    first_commit = tgt.calls.index("commit")
+    assert tgt.calls[:first_commit].count("edit-config:candidate") == 5
+    assert tgt.commits == ["confirmed", "confirm", "confirmed", "confirm"]
     with pytest.raises(ControllerError, match="copy_chunk"):
         MigrateOptions(copy_chunk=0)
 
@@ -319,7 +322,8 @@ def test_verify_source_read_always_rereads_the_source():
     src, tgt, sw = counting_setup(12)
     r = run(src, tgt, sw, retire="keep", verify_source="read")
     assert r.ok, r.error
-    assert r.source_check == "read" and "get-statistics" not in src.calls
+    # The one nat-statistics read is the report's read-back, after the migration.
+    assert r.source_check == "read" and src.calls.count("get-statistics") == 1
     assert src.calls.count("get-config:running") == 2 and r.verified == 12
 
 
@@ -419,14 +423,25 @@ def test_a_target_that_cannot_give_its_digest_fails_verify_and_traffic_goes_back
     assert src.provider.admission() is True
 
 
-def test_preflight_reads_the_targets_table_and_admission_in_one_request_and_a_failure_restores_that_admission():
+def test_preflight_reads_the_targets_table_and_admission_in_one_request_and_refuses_a_closed_admission():
     src, tgt, sw = counting_setup(10)
-    tgt.provider.set_admission(False)  # an operator had closed it
+    tgt.provider.set_admission(False)  # an earlier migration was interrupted, or an operator closed it
+    r = run(src, tgt, sw)
+    assert not r.ok and r.failed_phase == "preflight"
+    assert "target nat2 does not admit new sessions" in r.error and "natmig recover" in r.error
+    # one request in preflight (the later get-admission is the report's read-back)
+    assert tgt.calls[3] == "get-config+control:running" and tgt.calls[4:6] == ["get-admission", "get-statistics"]
+    assert "edit-config:candidate" not in tgt.calls and "commit" not in tgt.calls and src.commits == []
+    assert r.readback["nat2"]["admits"] is False and "REFUSES new sessions" in r.node_state["nat2"]
+
+
+def test_a_refused_copy_commit_leaves_both_admissions_and_tables_as_they_were():
+    src, tgt, sw = counting_setup(10)
     tgt.fail["commit"] = ControllerError("commit refused")
     r = run(src, tgt, sw)
     assert not r.ok and r.failed_phase == "copy"
-    assert "get-config+control:running" in tgt.calls and "get-admission" not in tgt.calls
-    assert tgt.provider.admission() is False and src.provider.admission() is True
+    assert tgt.provider.admission() is True and src.provider.admission() is True
+    assert keys_map(tgt) == {} and len(keys_map(src)) == 10 and sw.active() == "nat1"
 
 
 
@@ -497,7 +512,8 @@ def test_copy_into_an_idle_target_forwards_the_sources_text_and_is_verified_by_b
     r = run(src, tgt, sw, retire="keep", copy_chunk=20)
     assert r.ok, r.error
     assert tgt.calls.count("edit-text") == 5  # ceil(90 / 20) slices, all before the one commit
-    assert tgt.calls.count("commit") == 1 and tgt.calls.index("commit") > len(tgt.calls) - 1 - tgt.calls[::-1].index("edit-text")
+    assert tgt.calls.index("commit") > len(tgt.calls) - 1 - tgt.calls[::-1].index("edit-text")
+    assert tgt.commits == ["confirmed", "confirm", "confirmed", "confirm"]
     assert keys_map(tgt) == before and r.copied == 90 and r.verified == 90
     assert r.source_check == r.target_check == "digest"
     assert "edit-config" in r.phases[1].steps and "decode+edit-config" not in r.phases[1].steps
