@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .inventory import load
 from .migrate import MigrateOptions, Migration, endpoint_from_spec
+from .recover import recover
 from .report import PhaseTiming, format_report, ms
 from .steering import steering_from_spec
 
@@ -28,7 +29,9 @@ def run_migrate(args: argparse.Namespace) -> int:
         return 2
     src = endpoint_from_spec(inv.agent(inv.source, "source"))
     dst = endpoint_from_spec(inv.agent(inv.target, "target"))
-    opts = MigrateOptions(copy_state=not args.no_state, retire=args.retire or inv.retire, settle=args.settle / 1000, verify_source=args.verify_source)
+    opts = MigrateOptions(copy_state=not args.no_state, retire=args.retire or inv.retire, settle=args.settle / 1000, verify_source=args.verify_source,
+                          confirm_timeout=args.confirm_timeout,
+                          recover_hint=f"natmig recover --inventory {args.inventory} --from {inv.source} --to {inv.target}")
 
     def progress(ph: PhaseTiming) -> None:
         if not args.quiet:
@@ -37,12 +40,41 @@ def run_migrate(args: argparse.Namespace) -> int:
     report = Migration(src, dst, steering_from_spec(inv.switch), opts, progress).run()
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(report.to_json())
+        _write_json(args.json, report.to_json())
     if not report.ok:
         print(f"natmig migrate: failed in phase {report.failed_phase}: {report.error}; traffic on {report.traffic_on}; "
               + "; ".join(f"{n}: {s}" for n, s in report.node_state.items()), file=sys.stderr)
         return 1
     return 0
+
+
+def run_recover(args: argparse.Namespace) -> int:
+    """Read both nodes and the switch, then finish or undo an interrupted migration (see docs/controller.md)."""
+    overrides = list(args.set or [])
+    if args.source:
+        overrides.append(f"migration.source={args.source}")
+    if args.target:
+        overrides.append(f"migration.target={args.target}")
+    inv = load(args.inventory, overrides)
+    if inv.source is None or inv.target is None:
+        print("natmig recover: error: name the migration's source and target (--from/--to or [migration] in the inventory)", file=sys.stderr)
+        return 2
+    if inv.switch is None:
+        print("natmig recover: error: the inventory has no [switch] section", file=sys.stderr)
+        return 2
+    report = recover(endpoint_from_spec(inv.agent(inv.source, "source")), endpoint_from_spec(inv.agent(inv.target, "target")),
+                     steering_from_spec(inv.switch), args.retire or inv.retire)
+    print(report.text())
+    if args.json:
+        _write_json(args.json, report.to_json())
+    return 0 if report.ok else 1
+
+
+def _write_json(path: str, text: str) -> None:
+    if path == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        Path(path).write_text(text)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -69,9 +101,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--settle", type=float, default=10.0, metavar="MS", help="quiet time of the source's events before the switch (default 10)")
     m.add_argument("--verify-source", choices=("digest", "read"), default="digest",
                    help="how verify knows the frozen source's table: its nat-statistics digest against the snapshot and events (default; re-read when they differ) or always re-read it")
-    m.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    m.add_argument("--confirm-timeout", type=float, default=MigrateOptions.confirm_timeout, metavar="S",
+                   help="seconds after which the agents undo by themselves what an interrupted migration left pending (default %(default)g)")
+    m.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': standard output)")
     m.add_argument("--quiet", "-q", action="store_true", help="no per-phase progress on stderr")
     m.set_defaults(func=run_migrate)
+
+    r = sub.add_parser("recover", help="finish or undo an interrupted migration, from what the nodes and the switch say",
+                       description=run_recover.__doc__)
+    r.add_argument("--inventory", "-i", metavar="FILE", help="agents and switch (the migration's inventory)")
+    r.add_argument("--from", dest="source", metavar="NAT", help="the interrupted migration's source (overrides migration.source)")
+    r.add_argument("--to", dest="target", metavar="NAT", help="its target (overrides migration.target)")
+    r.add_argument("--set", action="append", metavar="PATH=VALUE", help="override an inventory field (repeatable)")
+    r.add_argument("--retire", choices=("delete", "keep"), help="when the move happened: remove the source's copies (delete) or keep them (default: inventory)")
+    r.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': standard output)")
+    r.set_defaults(func=run_recover)
 
     d = sub.add_parser("demo", help="the four-step live migration demo on the embedded testbed",
                        description=run_demo.__doc__)

@@ -201,3 +201,71 @@ def test_the_report_reads_back_traffic_and_admission_instead_of_assuming_them():
     assert r.traffic_on == "nat2" and r.readback["nat2"] == {"admits": True, "sessions": 10, "carries_traffic": True}
     assert r.readback["nat1"]["admits"] is False and "REFUSES new sessions" in r.node_state["nat1"]
     assert any("natmig recover" in n for n in r.notes)
+
+
+def die_at(src, tgt, sw, where: str, op: str, nth: int) -> None:
+    """Run a migration whose controller dies at (where, op, nth); nothing is rolled back yet."""
+    if where == "switch":
+        opened: list = []
+        real_point = sw.point_to
+
+        def opener(base):
+            def open_():
+                s = base.session()
+                opened.append(s)
+                return s
+            return open_
+
+        def point_then_die(nat):
+            real_point(nat)
+            for s in opened:
+                s.closed = True
+            sw.point_to = real_point  # the switch itself works; only its driver died
+            raise Died()
+        sw.point_to = point_then_die
+        with pytest.raises(Died):
+            Migration(Endpoint("nat1", opener(src)), Endpoint("nat2", opener(tgt)), sw, MigrateOptions(verify_source="read")).run()
+        return
+    node = src if where == "nat1" else tgt
+    open_src, open_tgt = kill_at(src, tgt, sw, node, op, nth)
+    Migration(Endpoint("nat1", open_src), Endpoint("nat2", open_tgt), sw, MigrateOptions()).run()
+
+
+@pytest.mark.parametrize("where,op,nth", POINTS, ids=[f"{w}-{o}-{n}" for w, o, n in POINTS])
+def test_recover_after_a_controller_died_anywhere_finishes_or_undoes_at_once(where, op, nth):
+    from natmig.controller.recover import recover
+
+    src, tgt, sw = setup(30)
+    before = mapping(src)
+    die_at(src, tgt, sw, where, op, nth)
+    # a working switch driver for recovery (the dead controller's was replaced by a raising one)
+    sw.point_to = FakeSteering.point_to.__get__(sw)
+    for n in (src, tgt):
+        n.hooks.clear()
+    r = recover(Endpoint("nat1", src.session), Endpoint("nat2", tgt.session), sw, retire="delete")
+    assert r.ok, r.text()
+    on = sw.active()
+    assert r.traffic_on == on == r.found_traffic_on  # recovery never moves traffic
+    carrier, other = (src, tgt) if on == "nat1" else (tgt, src)
+    assert carrier.provider.admission() and other.provider.admission()
+    assert src.shared["pending"] is None and tgt.shared["pending"] is None  # nothing left to roll back later
+    assert mapping(carrier) == before
+    assert mapping(other) == {}  # the copy (or, after the move, the retired source) holds nothing
+    assert {v.name: v.admits for v in r.now} == {"nat1": True, "nat2": True}
+    assert src.shared["locks"] == {} and tgt.shared["locks"] == {}
+
+
+def test_recover_is_refused_while_a_migration_holds_the_nodes():
+    from natmig.controller.recover import recover
+
+    src, tgt, sw = setup(10)
+    seen = {}
+
+    def recover_now():
+        seen["r"] = recover(Endpoint("nat1", src.session), Endpoint("nat2", tgt.session), sw)
+    tgt.hooks["commit"] = recover_now
+    first = migration(src, tgt, sw).run()
+    assert first.ok, first.error
+    r = seen["r"]
+    assert not r.ok and "in use" in r.error and r.did == []
+    assert "NOT consistent" in r.text()
