@@ -102,7 +102,7 @@ def run_agent(args: argparse.Namespace) -> int:
     cfg = AgentConfig(
         host=host, port=port, host_key=args.host_key, passwords=args.passwords,
         authorized_keys=args.authorized_keys, max_message=args.max_message,
-        max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
+        max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, state_dir=args.state_dir,
     )
     provider = PROVIDERS[args.provider](args)
     agent = Agent(cfg, provider, default_codec())
@@ -162,6 +162,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-sessions", type=int, default=AgentConfig.max_sessions, metavar="N", help="concurrent NETCONF sessions (default %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=AgentConfig.idle_timeout, metavar="SECONDS", help="close sessions silent this long (default %(default)s)")
     p.add_argument("--ready-file", metavar="FILE", help="write 'PID PORT' here once listening")
+    p.add_argument("--state-dir", metavar="DIR", help="keep a pending confirmed commit's undo record here, so that a restarted agent "
+                   "rolls it back (created mode 0700; best on /run, which a reboot empties along with the kernel's table)")
     p.set_defaults(func=run_agent)
     asub = p.add_subparsers(dest="agent_command", metavar="passwd")
     pw = asub.add_parser("passwd", help="add or change a user in a password file")

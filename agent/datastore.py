@@ -9,6 +9,15 @@ Commit applies the candidate's changes (entries the candidate added, changed
 or removed since it was copied from running).  Sessions that traffic created
 on running meanwhile are kept: on a live NAT table, "running := candidate"
 taken literally would tear down connections nobody asked to touch.
+
+The candidate's two parts are copied apart: nat-control at the first edit,
+the session list only when an edit, a read or a validate needs it.  A
+migration's candidate edits that only stop admission must not read a 100k
+table (~0.5 s) to copy a list they never touch.
+
+A confirmed commit (RFC 6241 8.4) is rolled back by undoing what it changed
+(:mod:`.confirmed`), when its timeout passes, when its session ends (without
+<persist>), on <cancel-commit>, or when the agent stops or restarts.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from ..codec import Codec, EditEntry
 from ..errors import AgentError, CodecError, ProviderError
 from ..model import FIELD_NAMES, NatSession, SessionKey, format_key
+from .confirmed import DEFAULT_TIMEOUT, MAX_TIMEOUT, ConfirmedCommits, Journal, JournalError, Undo
 from .provider import ApplyError, SessionProvider, check_batch
 
 log = logging.getLogger(__name__)
@@ -222,18 +232,46 @@ def provider_problem(key: SessionKey, why: str) -> Problem:
     return Problem("operation-failed", why, format_key(key))
 
 
-class Datastore:
-    """Running (the provider's live table) and candidate, with locks; thread-safe."""
+@dataclass(frozen=True)
+class PendingCommit:
+    """A pending confirmed commit as :meth:`Datastore.pending_commit` shows it."""
 
-    def __init__(self, provider: SessionProvider, codec: Codec) -> None:
+    #: the session that issued the latest confirmed commit of the series.
+    session: int
+    #: the persist token (None: the commit dies with its session).
+    persist: str | None
+    #: when it is rolled back unless confirmed (epoch seconds).
+    deadline: float
+    #: sessions the series created (a rollback deletes them).
+    created: int
+    #: sessions the series replaced or deleted (a rollback writes their old values back).
+    restored: int
+    #: admit-new-sessions before the series (None: the series did not change it).
+    admission: bool | None
+
+
+class Datastore:
+    """Running (the provider's live table) and candidate, with locks and confirmed commits; thread-safe.
+
+    ``describe`` names a session in errors (the server sets it from its
+    session records: user, address, login time).  ``journal`` keeps a
+    pending confirmed commit's undo across an agent restart.
+    """
+
+    def __init__(self, provider: SessionProvider, codec: Codec, journal: Journal | None = None) -> None:
         self.provider = provider
         self.codec = codec
+        self.journal = journal or Journal(None)
+        self.describe: Callable[[int], str] = lambda sid: f"session {sid}"
         self._mutex = threading.RLock()
         self._locks: dict[str, int] = {}
+        #: the candidate's sessions; None: the same as running's (not copied yet).
         self._cand: dict[SessionKey, NatSession] | None = None
         self._cand_base: dict[SessionKey, NatSession] = {}
-        self._cand_control: dict[str, Any] = {}
+        #: the candidate's nat-control; None: no candidate taken (it is running).
+        self._cand_control: dict[str, Any] | None = None
         self._cand_base_control: dict[str, Any] = {}
+        self.confirmed = ConfirmedCommits(provider, self.journal, self._mutex, self._reset_candidate)
 
     # ----------------------------------------------------------------- locks
 
@@ -243,8 +281,8 @@ class Datastore:
         with self._mutex:
             holder = self._locks.get(name)
             if holder is not None:
-                raise refuse("lock-denied", f"{name} is locked by session {holder}", type="protocol", info={"session-id": str(holder)})
-            if name == "candidate" and self._cand is not None and self._candidate_dirty():
+                raise refuse("lock-denied", f"{name} is locked by {self.describe(holder)}", type="protocol", info={"session-id": str(holder)})
+            if name == "candidate" and self._candidate_dirty():
                 raise refuse("lock-denied", "the candidate has uncommitted changes; discard-changes or commit first", type="protocol", info={"session-id": "0"})
             self._locks[name] = sid
 
@@ -254,20 +292,26 @@ class Datastore:
         with self._mutex:
             holder = self._locks.get(name)
             if holder != sid:
-                why = "it is not locked" if holder is None else f"it is locked by session {holder}"
+                why = "it is not locked" if holder is None else f"it is locked by {self.describe(holder)}"
                 raise refuse("operation-failed", f"cannot unlock {name}: {why}", type="protocol", info={"session-id": str(holder or 0)})
             del self._locks[name]
             # RFC 6241 8.3.5.2: releasing the candidate lock... does not discard;
             # only session termination does (see release_session).
 
     def release_session(self, sid: int) -> None:
-        """A session ended: drop its locks; a candidate it had locked loses its changes."""
+        """A session ended: drop its locks; a candidate it had locked loses its changes.
+
+        A confirmed commit it issued without <persist> is rolled back now (RFC 6241 8.4.1).
+        """
         with self._mutex:
             for name in [n for n, h in self._locks.items() if h == sid]:
                 del self._locks[name]
                 if name == "candidate":
-                    self._cand = None
+                    self._reset_candidate()
                 log.info("session %d ended: released lock of %s", sid, name)
+            p = self.confirmed.pending
+            if p is not None and p.persist is None and p.owner == sid:
+                self.confirmed.roll_back(f"session {sid}, which issued it without <persist>, ended")
 
     def lock_holder(self, name: str) -> int | None:
         """The session holding the lock of ``name``, if any."""
@@ -276,7 +320,19 @@ class Datastore:
     def _check_write(self, name: str, sid: int) -> None:
         holder = self._locks.get(name)
         if holder is not None and holder != sid:
-            raise refuse("in-use", f"{name} is locked by session {holder}", type="protocol", info={"session-id": str(holder)})
+            raise refuse("in-use", f"{name} is locked by {self.describe(holder)}", type="protocol", info={"session-id": str(holder)})
+        self._check_not_pending_elsewhere(sid)
+
+    def _check_not_pending_elsewhere(self, sid: int) -> None:
+        """in-use while another session's confirmed commit without <persist> awaits confirmation.
+
+        Its session alone may confirm it, and a change made meanwhile by
+        another session would be mixed into what it confirms or rolls back.
+        """
+        p = self.confirmed.pending
+        if p is not None and p.persist is None and p.owner != sid:
+            raise refuse("in-use", f"a confirmed commit of {self.describe(p.owner)} awaits confirmation; only that session may change the configuration until it is confirmed or cancelled",
+                         type="protocol", info={"session-id": str(p.owner)})
 
     @staticmethod
     def _check_name(name: str) -> None:
@@ -298,17 +354,22 @@ class Datastore:
         """
         self._check_name(source)
         with self._mutex:
+            cand_control = self._cand_control if source == "candidate" else None
             if source == "candidate" and self._cand is not None:
+                assert cand_control is not None
                 if keys is not None:
                     found = [self._cand[k] for k in keys if k in self._cand]
-                    return (found if with_sessions else []), dict(self._cand_control)
-                return (list(self._cand.values()) if with_sessions else []), dict(self._cand_control)
+                    return (found if with_sessions else []), dict(cand_control)
+                return (list(self._cand.values()) if with_sessions else []), dict(cand_control)
+            # Running, or a candidate whose sessions are still running's.
             lookup = getattr(self.provider, "lookup", None)
             if with_sessions and keys is not None and lookup is not None:
                 with _reading_table():
                     sessions = list(lookup(keys))
             else:
                 sessions = self._list() if with_sessions else []
+            if cand_control is not None:
+                return sessions, dict(cand_control)
             # Reading nat-control of running asks the node (an nft call): skip it when not wanted.
             return sessions, self.running_control() if with_control else {}
 
@@ -349,17 +410,19 @@ class Datastore:
         self._check_name(target)
         with self._mutex:
             self._check_write(target, sid)
+            # A request that names no session (nat-control only, as a
+            # migration sends four times) needs no read of the table: at
+            # 100k sessions that read is ~1 s of a node's time.  Into the
+            # candidate, it leaves the candidate's sessions uncopied.
+            needs_table = bool(req.entries) or req.list_operation is not None
             if target == "candidate":
-                self._ensure_candidate()
-                current, control = self._cand, self._cand_control
+                self._ensure_candidate(sessions=needs_table)
+                current = self._cand if needs_table and self._cand is not None else {}
+                control = self._cand_control
+                assert control is not None
             else:
-                # A request that names no session (nat-control only, as a
-                # migration sends four times) needs no read of the table:
-                # at 100k sessions that read is ~1 s of a node's time.
-                needs_table = bool(req.entries) or req.list_operation is not None
                 current = {s.key: s for s in self._list()} if needs_table else {}
                 control = self.running_control()
-            assert current is not None
             plan = plan_edit(self.codec, current, control, req, default_operation)
             # The request is consumed: its per-entry dicts (~60 MB at 100k
             # entries) are freed before the provider builds its own batch.
@@ -375,9 +438,10 @@ class Datastore:
                     raise DatastoreError(plan.problems)
                 return plan
             if target == "candidate":
-                for k in plan.deletes:
-                    current.pop(k, None)
-                current.update(plan.upserts)
+                if needs_table:
+                    for k in plan.deletes:
+                        current.pop(k, None)
+                    current.update(plan.upserts)
                 if plan.control is not None:
                     self._cand_control = plan.control
             else:
@@ -432,51 +496,146 @@ class Datastore:
 
     # ------------------------------------------------------------- candidate
 
-    def _ensure_candidate(self) -> None:
-        if self._cand is None:
-            self._cand_base = {s.key: s for s in self._list()}
-            self._cand = dict(self._cand_base)
+    def _ensure_candidate(self, sessions: bool) -> None:
+        """Take the candidate's copy of running: nat-control now, the sessions when ``sessions``."""
+        if self._cand_control is None:
             self._cand_base_control = self.running_control()
             self._cand_control = dict(self._cand_base_control)
+        if sessions and self._cand is None:
+            self._cand_base = {s.key: s for s in self._list()}
+            self._cand = dict(self._cand_base)
+
+    def _reset_candidate(self) -> None:
+        """The candidate is running again (nothing copied)."""
+        self._cand = None
+        self._cand_base = {}
+        self._cand_control = None
 
     def _candidate_dirty(self) -> bool:
-        return self._cand != self._cand_base or self._cand_control != self._cand_base_control
+        if self._cand is not None and self._cand != self._cand_base:
+            return True
+        return self._cand_control is not None and self._cand_control != self._cand_base_control
 
-    def commit(self, sid: int) -> Plan:
-        """Apply the candidate's changes to running, all or nothing; the candidate then matches running."""
+    def _candidate_plan(self) -> tuple[Plan, dict[SessionKey, NatSession]]:
+        """What a commit changes on running, checked; and running's table when it had to be read."""
+        plan = Plan()
+        cand, base = self._cand, self._cand_base
+        if cand is not None:
+            plan.deletes = {k for k in base if k not in cand}
+            plan.upserts = {k: s for k, s in cand.items() if base.get(k) != s}
+        if self._cand_control is not None and self._cand_control != self._cand_base_control:
+            plan.control = dict(self._cand_control)
+        # Running's table matters only to deletes and, with writes, to a
+        # nat-control change (checked up front); writes alone are checked by
+        # the provider's apply, which reads the table itself: one read, not
+        # two.  A nat-control change alone reads nothing.
+        needs_table = bool(plan.deletes) or (plan.control is not None and bool(plan.upserts))
+        current = {s.key: s for s in self._list()} if needs_table else {}
+        plan.deletes &= current.keys()
+        if plan.deletes or plan.control is not None:
+            # Checked before the first step, which apply() could not undo.
+            self._check_provider(plan, current)
+        # else: writes alone are checked by the provider's own
+        # all-or-nothing apply (the same check_batch), not twice
+        # (~0.2 s of a 100k commit).
+        if plan.problems:
+            raise DatastoreError(plan.problems)
+        return plan, current
+
+    def commit(self, sid: int, *, confirmed: bool = False, timeout: int = DEFAULT_TIMEOUT,
+               persist: str | None = None, persist_id: str | None = None) -> Plan:
+        """Apply the candidate's changes to running, all or nothing; the candidate then matches running.
+
+        ``confirmed``: a confirmed commit (RFC 6241 8.4): rolled back unless
+        confirmed within ``timeout`` seconds; while one is pending, another
+        confirmed commit extends it (new timeout, same rollback point) and a
+        plain commit confirms it.  ``persist``: the pending commit outlives
+        its session, and ``persist_id`` (equal to it) is what lets a session
+        confirm, extend or cancel it.  Raises :class:`DatastoreError`.
+        """
         with self._mutex:
             self._check_write("running", sid)
             self._check_write("candidate", sid)
-            if self._cand is None:
-                return Plan()
-            cand, base = self._cand, self._cand_base
-            plan = Plan()
-            plan.deletes = {k for k in base if k not in cand}
-            plan.upserts = {k: s for k, s in cand.items() if base.get(k) != s}
-            if self._cand_control != self._cand_base_control:
-                plan.control = dict(self._cand_control)
-            # Running's table matters only to deletes and to a nat-control
-            # change (checked up front); writes alone are checked by the
-            # provider's apply, which reads the table itself: one read, not two.
-            current = {s.key: s for s in self._list()} if plan.deletes or plan.control is not None else {}
-            plan.deletes &= current.keys()
-            if plan.deletes or plan.control is not None:
-                # Checked before the first step, which apply() could not undo.
-                self._check_provider(plan, current)
-            # else: writes alone are checked by the provider's own
-            # all-or-nothing apply (the same check_batch), not twice
-            # (~0.2 s of a 100k commit).
-            if plan.problems:
-                raise DatastoreError(plan.problems)
-            self._apply_running(plan, current)
-            self._cand = None
+            self._check_confirm_rights(sid, persist_id)
+            if not 1 <= timeout <= MAX_TIMEOUT:
+                raise refuse("invalid-value", f"confirm-timeout {timeout} is not a number of seconds in 1..{MAX_TIMEOUT}", type="protocol", info={"bad-element": "confirm-timeout"})
+            plan, current = self._candidate_plan()
+            control = {"admit-new-sessions": self.provider.admission()} if plan.control is not None else None
+            if not confirmed:
+                self._apply_running(plan, current, control)
+                if (done := self.confirmed.confirm()) is not None:
+                    log.info("confirmed commit of session %d confirmed by session %d", done.owner, sid)
+            else:
+                undo = Undo.of_commit(plan.upserts, plan.deletes, self._cand_base, current,
+                                      control["admit-new-sessions"] if control is not None else None)
+                extended = self.confirmed.pending is not None
+                try:
+                    nxt = self.confirmed.prepare(sid, undo, timeout, persist)
+                except JournalError as e:
+                    raise refuse("operation-failed", f"{e}; nothing was committed") from e
+                try:
+                    self._apply_running(plan, current, control)
+                except DatastoreError:
+                    self.confirmed.abandon()
+                    raise
+                self.confirmed.arm(nxt)
+                log.info("%s confirmed commit by session %d: rolled back in %d s unless confirmed%s (undo: %s)",
+                         "extended" if extended else "new", sid, timeout,
+                         f", persist-id {nxt.persist!r}" if nxt.persist is not None else f", or when session {sid} ends", nxt.undo.summary())
+            self._reset_candidate()
             return plan
+
+    def cancel_commit(self, sid: int, persist_id: str | None = None) -> None:
+        """<cancel-commit>: roll the pending confirmed commit back now (RFC 6241 8.4.5.2)."""
+        with self._mutex:
+            if self.confirmed.pending is None:
+                raise refuse("invalid-value", "no confirmed commit is pending", type="protocol",
+                             info={"bad-element": "persist-id"} if persist_id is not None else {})
+            self._check_confirm_rights(sid, persist_id)
+            self._check_write("running", sid)
+            self.confirmed.roll_back(f"cancelled by session {sid}")
+
+    def pending_commit(self) -> PendingCommit | None:
+        """The pending confirmed commit, if any."""
+        with self._mutex:
+            p = self.confirmed.pending
+            if p is None:
+                return None
+            return PendingCommit(p.owner, p.persist, p.deadline, len(p.undo.created), len(p.undo.old), p.undo.admission)
+
+    def recover(self) -> bool:
+        """At start: roll back a confirmed commit left pending by an earlier run (see ConfirmedCommits.recover)."""
+        return self.confirmed.recover()
+
+    def close(self) -> None:
+        """The agent stops: a pending confirmed commit cannot outlive it, so it is rolled back now."""
+        self.confirmed.roll_back("the agent is stopping")
+
+    def _check_confirm_rights(self, sid: int, persist_id: str | None) -> None:
+        """Whether ``sid`` may confirm, extend or cancel the pending confirmed commit with ``persist_id`` (RFC 6241 8.4.1)."""
+        p = self.confirmed.pending
+        bad = {"bad-element": "persist-id"}
+        if p is None:
+            if persist_id is not None:
+                raise refuse("invalid-value", "no confirmed commit is pending (persist-id given)", type="protocol", info=bad)
+            return
+        if p.persist is None:
+            if p.owner != sid:
+                raise refuse("in-use", f"the pending confirmed commit belongs to {self.describe(p.owner)}: only that session may confirm, extend or cancel it",
+                             type="protocol", info={"session-id": str(p.owner)})
+            if persist_id is not None:
+                raise refuse("invalid-value", "the pending confirmed commit was made without <persist>: confirm it without <persist-id>", type="protocol", info=bad)
+        elif persist_id is None:
+            raise refuse("invalid-value", "a confirmed commit with <persist> is pending: give its <persist-id> to confirm, extend or cancel it", type="protocol", info=bad)
+        elif persist_id != p.persist:
+            raise refuse("invalid-value", "the persist-id does not match the pending confirmed commit's <persist>", type="protocol", info=bad)
 
     def validate(self, source: str | None, req: EditRequest | None = None) -> None:
         """<validate> (RFC 6241 8.6): would ``source``, or the inline config ``req``, be accepted by the node?
 
         Running is the node's own table and always valid.  The candidate is
-        checked as its commit would be; an inline config as an edit that
+        checked as its commit would be (its sessions only once an edit copied
+        them; nat-control is always valid); an inline config as an edit that
         replaces the whole list.  Raises :class:`DatastoreError`.
         """
         with self._mutex:
@@ -498,14 +657,14 @@ class Datastore:
         """Reset the candidate to running (discard-changes)."""
         with self._mutex:
             self._check_write("candidate", sid)
-            self._cand = None
+            self._reset_candidate()
 
     def copy_running_to_candidate(self, sid: int) -> None:
         """Make the candidate a fresh copy of running (copy-config running -> candidate)."""
         with self._mutex:
             self._check_write("candidate", sid)
-            self._cand = None
-            self._ensure_candidate()
+            self._reset_candidate()
+            self._ensure_candidate(sessions=True)
 
 
 @contextmanager

@@ -24,6 +24,7 @@ from ..errors import AgentError, CodecError
 from ..gcpause import gc_paused
 from ..model import NatSession, format_key
 from ..schema import LeafValueError
+from .confirmed import DEFAULT_TIMEOUT, parse_timeout
 from .datastore import (
     DEFAULT_OPERATIONS,
     ERROR_OPTIONS,
@@ -596,11 +597,43 @@ def op_unlock(server: Server, sess: SessionState, op: Any) -> bytes:
     return b"<ok/>"
 
 
+def _string_param(op: Any, name: str) -> str | None:
+    """A string parameter's text, exactly as sent (a persist token's spaces count); None when absent."""
+    el = op.find(_NC + name)
+    return None if el is None else (el.text or "")
+
+
 def op_commit(server: Server, sess: SessionState, op: Any) -> bytes:
-    """<commit>: the candidate's changes onto running, all or nothing."""
-    _check_params(op, set())
-    plan = server.datastore.commit(sess.sid)
-    log.info("%s commit: %d written, %d deleted", sess.who, len(plan.upserts), len(plan.deletes))
+    """<commit>: the candidate's changes onto running, all or nothing; confirmed or confirming (:confirmed-commit:1.1)."""
+    _check_params(op, {"confirmed", "confirm-timeout", "persist", "persist-id"})
+    confirmed = op.find(_NC + "confirmed") is not None
+    persist = _string_param(op, "persist")
+    persist_id = _string_param(op, "persist-id")
+    timeout_text = _string_param(op, "confirm-timeout")
+    if not confirmed:
+        for name, given in (("confirm-timeout", timeout_text), ("persist", persist)):
+            if given is not None:
+                # A client sending these means a confirmed commit; committing
+                # for good instead would take its safety net away silently.
+                raise refuse("invalid-value", f"<{name}> is a parameter of a confirmed commit: it needs <confirmed/>", type="protocol", info={"bad-element": name})
+    timeout = DEFAULT_TIMEOUT
+    if timeout_text is not None:
+        try:
+            timeout = parse_timeout(timeout_text)
+        except ValueError as e:
+            raise refuse("invalid-value", str(e), type="protocol", info={"bad-element": "confirm-timeout"}) from None
+    plan = server.datastore.commit(sess.sid, confirmed=confirmed, timeout=timeout, persist=persist, persist_id=persist_id)
+    kind = f"confirmed commit ({timeout} s{', persist' if persist is not None else ''})" if confirmed else "commit"
+    log.info("%s %s: %d written, %d deleted%s", sess.who, kind, len(plan.upserts), len(plan.deletes),
+             ", nat-control changed" if plan.control is not None else "")
+    return b"<ok/>"
+
+
+def op_cancel_commit(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<cancel-commit> (:confirmed-commit:1.1): roll the pending confirmed commit back now."""
+    _check_params(op, {"persist-id"})
+    server.datastore.cancel_commit(sess.sid, _string_param(op, "persist-id"))
+    log.info("%s cancel-commit", sess.who)
     return b"<ok/>"
 
 
@@ -705,6 +738,7 @@ TABLE: dict[tuple[str, str], Handler] = {
     (NETCONF_NS, "lock"): op_lock,
     (NETCONF_NS, "unlock"): op_unlock,
     (NETCONF_NS, "commit"): op_commit,
+    (NETCONF_NS, "cancel-commit"): op_cancel_commit,
     (NETCONF_NS, "discard-changes"): op_discard,
     (NETCONF_NS, "validate"): op_validate,
     (NETCONF_NS, "close-session"): op_close_session,

@@ -23,6 +23,7 @@ from lxml import etree
 from ..codec import NETCONF_NS, Codec
 from ..errors import AgentError
 from .auth import Authenticator, load_or_create_host_key
+from .confirmed import CAPABILITY as CONFIRMED_COMMIT_CAPABILITY, Journal
 from .datastore import Datastore, Problem
 from .framing import EOM, Deframer, FramingError, MessageTooBig, frame
 from .monitoring import BASE_10, BASE_11, Catalog, SessionRecord
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 OPTIONAL_CAPABILITIES = [
     "urn:ietf:params:netconf:capability:writable-running:1.0",
     "urn:ietf:params:netconf:capability:candidate:1.0",
+    CONFIRMED_COMMIT_CAPABILITY,
     "urn:ietf:params:netconf:capability:rollback-on-error:1.0",
     "urn:ietf:params:netconf:capability:validate:1.1",
     NOTIFICATION_CAPABILITY,
@@ -86,6 +88,8 @@ class AgentConfig:
     max_sessions: int = 16
     idle_timeout: float = 1800.0
     hello_timeout: float = 30.0
+    #: where a pending confirmed commit's undo is kept across a restart (None: nowhere).
+    state_dir: str | None = None
 
 
 class _SSHServer(asyncssh.SSHServer):
@@ -297,7 +301,10 @@ class Agent:
         self.config = config
         self.provider = provider
         self.codec = codec
-        self.datastore = Datastore(provider, codec)
+        self.datastore = Datastore(provider, codec, Journal(config.state_dir))
+        self.datastore.describe = self.describe_session
+        # A confirmed commit pending when an earlier run stopped does not survive it.
+        self.datastore.recover()
         self.catalog = Catalog(codec.schema, OPTIONAL_CAPABILITIES)
         self.hub = NotificationHub(provider, codec)
         self.auth = Authenticator(config.passwords, config.authorized_keys)
@@ -320,6 +327,14 @@ class Agent:
     def session_records(self) -> list[SessionRecord]:
         """netconf-state records of the open sessions."""
         return [s.state.record for s in list(self.sessions.values())]
+
+    def describe_session(self, sid: int) -> str:
+        """``session 5 (natmig@192.0.2.10, since 08:12:01 UTC)``: how errors name a session (any thread)."""
+        sess = self.sessions.get(sid)
+        if sess is None:
+            return f"session {sid}"
+        r = sess.state.record
+        return f"session {sid} ({r.username}@{r.source_host}, since {time.strftime('%H:%M:%S', time.gmtime(r.login_time))} UTC)"
 
     async def _process(self, process: asyncssh.SSHServerProcess) -> None:
         if process.subsystem != "netconf":
@@ -374,9 +389,10 @@ class Agent:
             self.close()
 
     def close(self) -> None:
-        """Stop listening, end every session, stop the event watch."""
+        """Stop listening, end every session, stop the event watch, roll back a pending confirmed commit."""
         self.hub.close()
         for s in list(self.sessions.values()):
             s.kill()
         if self._server is not None:
             self._server.close()
+        self.datastore.close()
