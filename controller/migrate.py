@@ -66,7 +66,7 @@ from .plan import CatchUp, CopyPlan, PlanError, Verdict, compare, expected_table
 from .report import MigrationReport, PhaseClock, PhaseTiming
 from .steering import Steering
 from .texttable import EntryStream, TextTable
-from .txn import Locks, NodeBusy, cancel_pending, confirm_admission, confirmed_admission, describe_error, missing_capabilities, nothing_pending, persist_token
+from .txn import Locks, cancel_pending, confirm_admission, confirmed_admission, describe_error, missing_capabilities, nothing_pending, persist_token
 
 log = logging.getLogger(__name__)
 
@@ -312,17 +312,12 @@ class Migration:
                         f"{role} {ep.name} does not announce {', '.join(':' + m for m in missing)}: a migration needs them "
                         "so that the agent undoes by itself what an interrupted migration left")
         with ph.step("lock"):
-            # Both nodes at once; each refusal names the session holding the lock.
-            with ThreadPoolExecutor(2) as pool:
-                taken = [pool.submit(Locks.take, src, "source"), pool.submit(Locks.take, tgt, "target")]
-                busy = []
-                for f in taken:
-                    try:
-                        self._locks.append(f.result())
-                    except NatmigError as e:
-                        busy.append(str(e))
-            if busy:
-                raise NodeBusy("; ".join(busy))
+            # One node after the other, in the order of their names: two
+            # migrations that share a node meet at the same first lock, and
+            # one of them goes on (locking both at once, each could take one
+            # node and both be refused).  A refusal names the holder.
+            for role, ep, node in sorted((("source", self.source, src), ("target", self.target, tgt)), key=lambda x: x[1].name):
+                self._locks.append(Locks.take(node, role))
         with ph.step("target+source+switch"):
             # Four independent reads at once, each on its own session: the
             # target's table and admission, the source's admission (what the
@@ -626,6 +621,9 @@ class Migration:
         confirmed_admission(src, False, self._token, self.opt.confirm_timeout)
 
     def _switch(self, ph: Any) -> None:
+        if self.opt.copy_state:
+            # Checked again at the last moment: a node lost since the catch-up ended must not get traffic.
+            self._check_alive()
         # Marked switched before the call: if the bundle fails half-way
         # (it cannot: a bundle is atomic) recovery still points back.
         self._st.switched = True
