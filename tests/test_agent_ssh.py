@@ -8,6 +8,7 @@ cannot do (base:1.0 framing, broken input, vanishing mid-message).
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Iterator
 
 import asyncssh
 import pytest
+from ncclient import manager
+from ncclient.operations import RPCError
 
 from natmig.agent.auth import set_password
 from natmig.agent.framing import EOM, frame
@@ -51,6 +54,11 @@ class RunningAgent:
         self.tmp = tmp
         pub = (tmp / "host_key.pub").read_text().split()
         (tmp / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
+
+    def ncclient(self) -> manager.Manager:
+        """A plain ncclient session (what a third-party client does), no NodeClient in between."""
+        return manager.connect(host="127.0.0.1", port=self.port, username="natmig", password="secret", hostkey_verify=False,
+                               look_for_keys=False, allow_agent=False, timeout=10)
 
     def client(self, **kw: object) -> NodeClient:
         kw.setdefault("password", "secret")
@@ -176,6 +184,8 @@ def test_lock_held_by_one_session_blocks_the_other(agent: RunningAgent) -> None:
         with pytest.raises(NetconfError) as e:
             b.lock("running")
         assert e.value.tag == "lock-denied" and str(a.session_id) in (e.value.info or "")
+        # The holder is named: user, address and login time.
+        assert re.search(rf"running is locked by session {a.session_id} \(natmig@127\.0\.0\.1, since \d\d:\d\d:\d\d UTC\)", e.value.message or "")
         with pytest.raises(NetconfError) as e:
             b.edit_sessions([S(1)], target="running")
         assert e.value.tag == "in-use"
@@ -244,3 +254,63 @@ def test_idle_sessions_are_closed(tmp_path: Path) -> None:
         assert b"<hello" in out and time.monotonic() - t0 < 3.0  # the agent closed it
     finally:
         a.stop()
+
+
+def _candidate_edit(sessions: list[NatSession]) -> str:
+    entries = default_codec().encode_xml(sessions, root=None).decode()
+    return f'<config xmlns="{NETCONF_NS}">{entries}</config>'
+
+
+def _wait(cond, within: float = 5.0) -> None:  # noqa: ANN001 - test helper
+    end = time.monotonic() + within
+    while not cond():
+        assert time.monotonic() < end, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_confirmed_commit_with_persist_confirmed_and_cancelled_from_other_ncclient_sessions(agent: RunningAgent) -> None:
+    agent.provider.apply([S(1)])
+    assert "urn:ietf:params:netconf:capability:confirmed-commit:1.1" in agent.agent.catalog.capabilities
+    with agent.ncclient() as m1:
+        m1.edit_config(target="candidate", config=_candidate_edit([S(2)]))
+        m1.commit(confirmed=True, timeout="2", persist="x")
+        assert S(2).key in agent.provider.table
+    # The issuing session is gone; with persist, the commit waits for its confirmation.
+    time.sleep(0.2)
+    assert agent.agent.datastore.pending_commit() is not None and S(2).key in agent.provider.table
+    with agent.ncclient() as m2:
+        with pytest.raises(RPCError) as e:
+            m2.commit(persist_id="y")
+        assert e.value.tag == "invalid-value" and "does not match" in e.value.message
+        m2.commit(persist_id="x")  # confirms
+        assert agent.agent.datastore.pending_commit() is None
+        time.sleep(2.3)  # past the timeout: confirmed, nothing rolled back
+        assert set(agent.provider.table) == {S(1).key, S(2).key}
+        # A second series, cancelled by a third session.
+        m2.edit_config(target="candidate", config=_candidate_edit([S(3)]))
+        m2.commit(confirmed=True, timeout="60", persist="z")
+    with agent.ncclient() as m3:
+        with pytest.raises(RPCError) as e:
+            m3.cancel_commit()
+        assert e.value.tag == "invalid-value" and "persist-id" in e.value.message
+        m3.cancel_commit(persist_id="z")
+    assert set(agent.provider.table) == {S(1).key, S(2).key}
+
+
+def test_confirmed_commit_without_persist_times_out_or_ends_with_its_session(agent: RunningAgent) -> None:
+    agent.provider.apply([S(1)])
+    m1 = agent.ncclient()
+    with agent.ncclient() as m2:
+        m1.edit_config(target="candidate", config=_candidate_edit([S(2)]))
+        m1.commit(confirmed=True, timeout="1")
+        with pytest.raises(RPCError) as e:
+            m2.commit()
+        assert e.value.tag == "in-use" and f"session {m1.session_id} (natmig@127.0.0.1" in e.value.message
+        _wait(lambda: S(2).key not in agent.provider.table, 3.0)  # the timeout
+        m1.edit_config(target="candidate", config=_candidate_edit([S(3)]))
+        m1.commit(confirmed=True)
+        assert S(3).key in agent.provider.table
+        m1.close_session()
+        _wait(lambda: S(3).key not in agent.provider.table)  # its session ended: rolled back at once
+        assert set(agent.provider.table) == {S(1).key}
+        m2.commit()  # nothing pending any more
