@@ -101,7 +101,7 @@ class Undo:
         return f"{len(self.created)} created, {len(self.old)} replaced or deleted{adm}"
 
 
-def roll_back(provider: SessionProvider, undo: Undo) -> str:
+def undo_changes(provider: SessionProvider, undo: Undo) -> str:
     """Take back what ``undo`` records, as far as the node lets it; what was done, for the log.
 
     Never raises a provider's failure: the caller is a timer or a session's
@@ -317,7 +317,7 @@ class ConfirmedCommits:
             p = self.confirm()
             if p is None:
                 return False
-            log.warning("confirmed commit of session %d rolled back (%s): %s", p.owner, why, roll_back(self.provider, p.undo))
+            log.warning("confirmed commit of session %d rolled back (%s): %s", p.owner, why, undo_changes(self.provider, p.undo))
             self._on_rolled_back()
             return True
 
@@ -337,7 +337,7 @@ class ConfirmedCommits:
                 return False
             log.warning("a confirmed commit was pending when the agent stopped (persist-id %r, due %s UTC): rolling it back (%s)",
                         rec.persist, time.strftime("%H:%M:%S", time.gmtime(rec.deadline)), rec.undo.summary())
-            log.warning("confirmed commit rolled back after a restart: %s", roll_back(self.provider, rec.undo))
+            log.warning("confirmed commit rolled back after a restart: %s", undo_changes(self.provider, rec.undo))
             self.journal.remove()
             self._on_rolled_back()
             return True

@@ -20,6 +20,7 @@ from ncclient import manager
 from ncclient.operations import RPCError
 
 from natmig.agent.auth import set_password
+from natmig.agent.confirmed import Journal, Record, Undo
 from natmig.agent.framing import EOM, frame
 from natmig.agent.provider import MemoryProvider
 from natmig.agent.server import Agent, AgentConfig
@@ -314,3 +315,21 @@ def test_confirmed_commit_without_persist_times_out_or_ends_with_its_session(age
         _wait(lambda: S(3).key not in agent.provider.table)  # its session ended: rolled back at once
         assert set(agent.provider.table) == {S(1).key}
         m2.commit()  # nothing pending any more
+
+
+def test_an_agent_started_over_a_leftover_undo_record_rolls_it_back(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    # What an agent killed with a confirmed commit pending leaves behind: it
+    # had created S(7) and changed admission, which was False before.
+    Journal(state).save(Record(Undo(created={S(7).key}, admission=False), "tok", time.time() + 600))
+    a = RunningAgent(tmp_path, state_dir=str(state))
+    try:
+        assert not (state / Journal.NAME).exists() and a.agent.datastore.pending_commit() is None
+        assert a.provider.admission() is False  # set back by the rollback at start
+        with a.ncclient() as m:
+            m.edit_config(target="candidate", config=_candidate_edit([S(1)]))
+            m.commit(confirmed=True, persist="p")
+            assert (state / Journal.NAME).exists()
+    finally:
+        a.stop()  # a stopping agent rolls its pending commit back
+    assert a.provider.table == {} and not (state / Journal.NAME).exists()
