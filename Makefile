@@ -13,11 +13,12 @@ PYANG := $(VENV)/bin/pyang
 APT_PACKAGES := python3-venv libyang-tools conntrack nftables openvswitch-switch \
 	iproute2 ethtool iputils-ping procps psmisc yangcli
 
-.PHONY: help setup system venv test test-unit bench demo bindings tree lint clean
+.PHONY: help setup system venv test test-unit faults bench demo bindings tree lint clean
 
 help:
 	@echo "make demo      set up and run the four-step live migration demo"
 	@echo "make test      set up and run the test suite (root needed for functional tests)"
+	@echo "make faults    the fault-injection suite: migrations and agents killed anywhere (root, ~5 min)"
 	@echo "make bench     set up and run the benchmarks, printing their figures"
 	@echo "make bindings  regenerate bindings/ from yang/ with pyangbind"
 
@@ -45,7 +46,11 @@ test: setup
 	$(PY) -m pytest
 
 test-unit: venv
-	$(PY) -m pytest -m 'not root'
+	$(PY) -m pytest -m 'not root and not faults'
+
+# The fault-injection suite (root): migrations killed anywhere, agents killed, two at once (~5 min).
+faults: setup
+	$(PY) -m pytest -m faults tests/functional/test_faults.py
 
 # Benchmarks run from bench/out/, where those that write files (JSON, PNG) leave them.
 # Every benchmark runs; the exit status says whether any missed a target or failed.

@@ -97,6 +97,8 @@ class AgentFleet:
             "--listen", f"{self.tb.mgmt_address(nat)}:{self.port}", "--provider", self.provider,
             "--public-address", self.tb.public_address, "--host-key", str(self.host_key(nat)),
             "--passwords", str(self.passwords), "--authorized-keys", str(self.authorized_keys), "--ready-file", str(ready),
+            # A restarted agent undoes what it had pending (an interrupted migration's confirmed commits).
+            "--state-dir", str(self.dir / f"{nat}-state"),
         ]
         # The agents run niced: on this one machine the switch (a userspace
         # OVS) and the hosts stand in for hardware and other machines, and a
