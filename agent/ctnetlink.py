@@ -205,10 +205,13 @@ def delete_op(s: NatSession) -> Op:
     return Op(IPCTNL_MSG_CT_DELETE, 0, orig_tuple(s))
 
 
-def open_socket(netns: str | None) -> socket.socket:
-    """A ctnetlink socket in the named namespace (the caller's when None)."""
+def socket_in(netns: str | None, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A new socket made in the named namespace (the caller's when None); it stays there for life.
+
+    Only the calling thread enters the namespace, for the ``socket()`` call.
+    """
     if netns is None:
-        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        return socket.socket(family, kind, proto)
     try:
         target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
     except OSError as e:
@@ -220,7 +223,7 @@ def open_socket(netns: str | None) -> socket.socket:
                 err = ctypes.get_errno()
                 raise NetlinkError(f"setns into {netns}: {os.strerror(err)}")
             try:
-                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+                return socket.socket(family, kind, proto)
             finally:
                 # Always go home: this thread must not stay in the node's namespace.
                 if _libc.setns(home, CLONE_NEWNET) != 0:
@@ -228,6 +231,11 @@ def open_socket(netns: str | None) -> socket.socket:
         finally:
             os.close(home)
             os.close(target)
+
+
+def open_socket(netns: str | None) -> socket.socket:
+    """A bound netfilter netlink socket in the named namespace (the caller's when None)."""
+    sock = socket_in(netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
     # Room for a whole batch's errors: should the queue overflow, which of
     # them failed is lost (then reported as ENOBUFS, see _collect_errors).
     try:

@@ -10,24 +10,43 @@ it runs are built from that data by small pure functions (:func:`ruleset`,
 Two NAT nodes of a migration share the gateway IP+MAC and the public IP+MAC,
 so that only the switch port changes when traffic moves and no ARP cache goes
 stale (see FIELD-NOTES).
+
+While admission is closed, packets that would create a session on the
+inside are held, not dropped (:mod:`.nfqueue`): the table marks them, a
+permanent xtables rule queues what is marked, and the process that lives in
+the node (the agent) keeps them until admission opens, then sends them back
+to the switch, which hands them to whichever NAT carries traffic by then.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import netns
 from . import nftables
+from .nfqueue import Holder, HoldStats, NfqueueError
 from ..errors import ProviderError
+
+log = logging.getLogger(__name__)
 
 #: Name of the nftables table natmig owns in a NAT node's namespace.
 TABLE = "natmig"
 #: The chain that holds the admission rule (nat-control/admit-new-sessions).
 ADMISSION_CHAIN = "admission"
 ADMISSION_INPUT_CHAIN = "admission_in"
+#: The chain that drops a marked packet the xtables rule did not queue (see :func:`ruleset`).
+HOLD_GUARD_CHAIN = "hold_guard"
+#: The packet mark of "would create a session while admission is closed": queued to :data:`HOLD_QUEUE`.
+HOLD_MARK = 0x6E6D0001
+#: The NFQUEUE number held packets go to (queues are per namespace; "nm").
+HOLD_QUEUE = 0x6E6D
+#: Packets a node holds at most while admission is closed; beyond that they are dropped and counted.
+HOLD_LIMIT = 4096
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -159,14 +178,28 @@ def sysctls(cfg: NatNodeConfig) -> dict[str, int]:
 
 
 def admission_rule(cfg: NatNodeConfig) -> str:
-    """The rule that drops packets which would create a new session.
+    """The rule that marks packets which would create a new session, to be held (see :func:`hold_rule`).
 
     An entry that is not yet confirmed is one this very packet has just
     created; sessions injected with the conntrack tool are confirmed, so their
     packets pass even when the kernel still calls them ``ct state new`` (a
     UDP or ICMP session never answered yet).
     """
-    return f'iifname "{cfg.inside_if}" ct status & confirmed == 0 counter drop'
+    return f'iifname "{cfg.inside_if}" ct status & confirmed == 0 counter meta mark set {HOLD_MARK:#x}'
+
+
+def hold_rule(cfg: NatNodeConfig) -> list[str]:
+    """The xtables rule (``iptables-nft -t mangle`` arguments after the chain) that queues marked packets.
+
+    nftables cannot queue here (``CONFIG_NFT_QUEUE`` is not built; the
+    xtables NFQUEUE target is), so this one rule lives in xtables' mangle
+    PREROUTING (priority -150), between the ``admission`` chain that marks
+    (-160) and the ``hold_guard`` chain (-140).  It is installed once at
+    configure and never changes: admission is still switched in natmig's own
+    table, in-process.  No ``--queue-bypass``: with no process bound to the
+    queue the kernel drops the packet, as closed admission always did.
+    """
+    return ["-i", cfg.inside_if, "-m", "mark", "--mark", f"{HOLD_MARK:#x}", "-j", "NFQUEUE", "--queue-num", str(HOLD_QUEUE)]
 
 
 def admission_input_rule(cfg: NatNodeConfig) -> str:
@@ -189,11 +222,21 @@ def ruleset(cfg: NatNodeConfig, *, admit: bool = True) -> str:
     adm_in = "" if admit else f"\n    {admission_input_rule(cfg)}"
     # `table ... {}` then `delete table` makes the script idempotent: it
     # replaces a table left by an earlier run in one atomic transaction.
+    # The admission chain runs in prerouting after conntrack (-200), so the
+    # packet's entry exists and is unconfirmed, and before routing, so a held
+    # packet is untouched (TTL, no NAT) when it is sent back to the switch;
+    # it marks, xtables' mangle PREROUTING (-150) queues the marked, and the
+    # guard (-140) drops whatever is still marked: were the xtables rule
+    # missing, closed admission still admits nothing.
     return f"""table ip {TABLE} {{}}
 delete table ip {TABLE}
 table ip {TABLE} {{
   chain {ADMISSION_CHAIN} {{
-    type filter hook forward priority filter - 10; policy accept;{adm}
+    type filter hook prerouting priority mangle - 10; policy accept;{adm}
+  }}
+  chain {HOLD_GUARD_CHAIN} {{
+    type filter hook prerouting priority mangle + 10; policy accept;
+    meta mark {HOLD_MARK:#x} counter drop
   }}
   chain {ADMISSION_INPUT_CHAIN} {{
     type filter hook input priority filter - 10; policy accept;{adm_in}
@@ -221,10 +264,20 @@ def ensure_conntrack_capacity(entries: int) -> None:
 
 @dataclass
 class NatNode:
-    """Sets up, queries and tears down one NAT node described by a :class:`NatNodeConfig`."""
+    """Sets up, queries and tears down one NAT node described by a :class:`NatNodeConfig`.
+
+    ``hold`` says who holds the packets that would create a session while
+    admission is closed (:mod:`.nfqueue`): None (the default) this process
+    when it lives in the node's namespace (the agent), True this process in
+    any case (its sockets are opened in the namespace; tests), False never
+    (nobody listens on the queue, so the kernel drops them).
+    """
 
     cfg: NatNodeConfig
     run: Callable[..., object] = field(default=netns.run, repr=False)
+    hold: bool | None = None
+    _holder: Holder | None = field(default=None, init=False, repr=False, compare=False)
+    _holder_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     @property
     def name(self) -> str:
@@ -271,28 +324,83 @@ class NatNode:
         for cmd in steps:
             self._run(cmd)
         self._run(["nft", "-f", "-"], input=ruleset(c))
+        # Checked first: configure() is idempotent and must not add a second copy.
+        if self._run(["iptables-nft", "-t", "mangle", "-C", "PREROUTING", *hold_rule(c)], check=False).returncode != 0:
+            self._run(["iptables-nft", "-t", "mangle", "-A", "PREROUTING", *hold_rule(c)])
 
     def unconfigure(self) -> None:
-        """Remove the node's nftables table (the namespace stays)."""
+        """Remove the node's nftables table and its xtables hold rule (the namespace stays)."""
+        self.close()
         self._run(["nft", "delete", "table", "ip", TABLE], check=False)
+        self._run(["iptables-nft", "-t", "mangle", "-D", "PREROUTING", *hold_rule(self.cfg)], check=False)
 
     def destroy(self) -> None:
         """Delete the node's namespace and everything in it (idempotent)."""
         netns.delete(self.cfg.name)
 
     def set_admission(self, admit: bool) -> None:
-        """Admit (True) or drop (False) packets that would create a new session, from either side."""
+        """Admit (True) or stop (False) packets that would create a new session, from either side.
+
+        Stopped packets from the inside are held while a holder listens (see
+        ``hold``) and sent back to the switch when admission opens again;
+        those from the outside are dropped (:func:`admission_input_rule`).
+        """
         script = f"flush chain ip {TABLE} {ADMISSION_CHAIN}\nflush chain ip {TABLE} {ADMISSION_INPUT_CHAIN}\n"
         if not admit:
             script += f"add rule ip {TABLE} {ADMISSION_CHAIN} {admission_rule(self.cfg)}\n"
             script += f"add rule ip {TABLE} {ADMISSION_INPUT_CHAIN} {admission_input_rule(self.cfg)}\n"
+        # Started when admission first closes; opening only releases what an existing one holds.
+        holder = self._holding_process() if not admit else self._holder
+        # The holder holds before the first packet is marked, and releases
+        # only once the rule is gone: a released packet that the switch sends
+        # back to this very node must not be held again.  Should the script
+        # fail, it keeps holding: releasing into a closed admission would
+        # send packets round between the node and the switch.
+        if holder is not None and not admit:
+            holder.hold()
         # One nft transaction: there is no instant without the chain's rule
         # when switching it off, nor two copies of it.
         self._nft(script)
+        if holder is not None and admit:
+            released = holder.release()
+            if released:
+                log.info("NAT node %s: %d held packet(s) sent back to the switch", self.cfg.name, released)
 
     def admission(self) -> bool:
         """Whether new sessions are admitted, as read from the kernel's ruleset."""
-        return " drop" not in self._nft(f"list chain ip {TABLE} {ADMISSION_CHAIN}\n")
+        return "meta mark set" not in self._nft(f"list chain ip {TABLE} {ADMISSION_CHAIN}\n")
+
+    def hold_stats(self) -> HoldStats | None:
+        """The holder's counters (held now, in all, released, over the limit), None when this process holds nothing."""
+        holder = self._holder
+        return holder.stats() if holder is not None else None
+
+    def _holding_process(self) -> Holder | None:
+        """This process's holder, started at first use; None when this process does not hold (see ``hold``)."""
+        if self.hold is False or (self.hold is None and not self._lives_here()):
+            return None
+        with self._holder_lock:
+            if self._holder is None:
+                try:
+                    self._holder = Holder(self.cfg.name, HOLD_QUEUE, self.cfg.inside_if, limit=HOLD_LIMIT)
+                except (NfqueueError, OSError) as e:
+                    if self.hold:
+                        raise NatNodeError(f"NAT node {self.cfg.name}: cannot hold packets: {e}") from e
+                    # Admission still closes: the kernel drops what nobody holds.
+                    log.warning("NAT node %s: cannot hold packets, new sessions are dropped while admission is closed: %s", self.cfg.name, e)
+                    return None
+            return self._holder
+
+    def close(self) -> None:
+        """Release what is held and stop holding (the queue is unbound; idempotent)."""
+        with self._holder_lock:
+            holder, self._holder = self._holder, None
+        if holder is not None:
+            holder.close()
+
+    def _lives_here(self) -> bool:
+        """Whether this process lives in the node's namespace and runs nft itself (the agent)."""
+        return self.run is netns.run and netns.inside(self.cfg.name)
 
     def _nft(self, script: str) -> str:
         """Run an nft script in the node: in this process when it lives in the node (the agent), else with the tool."""

@@ -274,6 +274,8 @@ class SwitchLayout:
     and MACs, so only the output port changes at the switch).  The rules
     from NAT ports back to the hosts are static: they exist for every NAT at
     all times, so packets still in flight through the old NAT arrive.
+    ``gateway_mac`` is the inside MAC the NATs share; given, the steering
+    also hairpins what a NAT sends to it (see :func:`hairpin_flows`).
     """
 
     bridge: str
@@ -281,6 +283,7 @@ class SwitchLayout:
     server_port: int
     nats: Mapping[str, NatPorts]
     priority: int = 100
+    gateway_mac: str | None = None
 
     def nat(self, name: str) -> NatPorts:
         """Ports of a NAT by name; :class:`PlanError` naming the known ones otherwise."""
@@ -291,17 +294,45 @@ class SwitchLayout:
 
 
 def steering_flows(layout: SwitchLayout, nat: str) -> list[str]:
-    """The two rules that send both directions through ``nat`` (ovs-ofctl flow syntax).
+    """The rules that send both directions through ``nat`` (ovs-ofctl flow syntax).
 
-    Applied as one bundle, they replace the rules of the same match, so the
-    move is atomic: no packet sees one direction moved and not the other.
+    Two rules, one per direction, and with a ``gateway_mac`` the
+    :func:`hairpin_flows` of every NAT.  Applied as one bundle, they replace
+    the rules of the same match, so the move is atomic: no packet sees one
+    direction moved and not the other, and a packet a NAT releases is sent
+    to the NAT that carries traffic at that instant.
     """
     p = layout.nat(nat)
     pr = layout.priority
-    return [
+    out = [
         f"priority={pr},in_port={layout.client_port},actions=output:{p.inside}",
         f"priority={pr},in_port={layout.server_port},actions=output:{p.outside}",
     ]
+    if layout.gateway_mac is not None:
+        out += hairpin_flows({n: ports.inside for n, ports in layout.nats.items()}, nat, layout.gateway_mac, pr + 1)
+    return out
+
+
+def hairpin_flows(inside_ports: Mapping[str, int], active: str, gateway_mac: str, priority: int) -> list[str]:
+    """One rule per NAT: what it sends to the gateway MAC goes to ``active``'s inside port.
+
+    A NAT whose admission was closed holds the packets that would create a
+    session and, when admission opens, sends them back out of its inside
+    leg addressed to the gateway (its own MAC, shared by every NAT; see
+    ``agent/nfqueue.py``).  Nothing else a NAT sends is addressed to that
+    MAC, so these rules only catch released packets, and send them to
+    whichever NAT is active then: the target when the source releases after
+    the switch, the NAT itself (``output:in_port``: OpenFlow never sends a
+    packet back out of its input port otherwise) when it is the active one.
+    ``priority`` must be above the static return rule of the same port.
+    Shared by the controller and the testbed's own flow table.
+    """
+    out = []
+    for name in sorted(inside_ports):
+        port = inside_ports[name]
+        to = "in_port" if name == active else str(inside_ports[active])
+        out.append(f"priority={priority},in_port={port},dl_dst={gateway_mac},actions=output:{to}")
+    return out
 
 
 def static_flows(layout: SwitchLayout) -> list[str]:

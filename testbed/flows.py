@@ -9,13 +9,18 @@ old node when traffic moves are delivered, not dropped).  The switch sends
 nothing to an idle NAT node.  Moving traffic to another NAT node is
 replacing this table with the one planned for that node in one OpenFlow
 bundle (see :meth:`natmig.testbed.ovs.Ovs.replace_flows`); only the steering
-flows differ, and both directions change in the same bundle.
+flows differ, and both directions change in the same bundle.  Among them are
+the *hairpin* flows (:func:`natmig.controller.plan.hairpin_flows`, the same
+rules the controller installs): what a NAT node sends to the inside gateway
+MAC, packets it held while its admission was closed, goes to the active
+node's inside leg.
 """
 
 from __future__ import annotations
 
 import re
 
+from ..controller.plan import hairpin_flows
 from .topology import NETWORKS, Topology
 
 #: Marks every flow natmig installs, so a dump shows whose flows they are.
@@ -56,6 +61,9 @@ def plan(topo: Topology, active: str) -> str:
         for nat in topo.nats:
             out = ",".join(f"output:{q}" for q in hosts)
             lines.append(f"cookie={COOKIE:#x},priority={_PRIORITY},in_port={ports[nat_port(nat, network)]},actions={out}")
+    inside = {nat: ports[nat_port(nat, "inside")] for nat in topo.nats}
+    gateway_mac = topo.networks["inside"].gateway_mac
+    lines += [f"cookie={COOKIE:#x},{f}" for f in hairpin_flows(inside, active, gateway_mac, _PRIORITY + 1)]
     # Explicit, although secure fail mode already drops on a miss: the dump
     # then says so, and what nothing matched is visibly counted.
     lines.append(f"cookie={COOKIE:#x},priority=0,actions=drop")

@@ -8,7 +8,7 @@ import struct
 import pytest
 
 from natmig.agent import ctnetlink as nl
-from natmig.agent.natnode import NatNodeConfig, NatNodeError, admission_rule, ruleset, sysctls
+from natmig.agent.natnode import HOLD_MARK, HOLD_QUEUE, NatNodeConfig, NatNodeError, admission_rule, hold_rule, ruleset, sysctls
 from natmig.model import NatSession
 
 CFG = NatNodeConfig(name="nmtest", inside_if="in0", outside_if="out0")
@@ -56,8 +56,17 @@ def test_ruleset_translates_tcp_udp_and_icmp_into_the_range() -> None:
     assert admission_rule(CFG) not in r
     closed = ruleset(CFG, admit=False)
     assert admission_rule(CFG) in closed and 'iifname "in0"' in admission_rule(CFG)
-    assert "confirmed" in admission_rule(CFG) and "drop" in admission_rule(CFG)
+    assert "confirmed" in admission_rule(CFG) and f"meta mark set {HOLD_MARK:#x}" in admission_rule(CFG)
+    # Marked in prerouting before xtables' mangle (-150) queues it; what is still marked after it is dropped.
+    assert "hook prerouting priority mangle - 10" in r and f"meta mark {HOLD_MARK:#x} counter drop" in r
+    assert "hook prerouting priority mangle + 10" in r
     assert "chain fwd" not in r  # `fwd` is an nft keyword
+
+
+def test_the_xtables_rule_queues_marked_inside_packets_without_bypass() -> None:
+    rule = hold_rule(CFG)
+    assert rule == ["-i", "in0", "-m", "mark", "--mark", f"{HOLD_MARK:#x}", "-j", "NFQUEUE", "--queue-num", str(HOLD_QUEUE)]
+    assert "--queue-bypass" not in rule  # nobody listening: dropped, never let through
 
 
 def test_sysctls_of_a_nat_node() -> None:

@@ -87,6 +87,35 @@ def test_steering_flows_move_both_directions():
         steering_flows(LAYOUT, "nat9")
 
 
+def test_steering_hairpins_what_a_nat_releases_to_the_active_nat():
+    layout = replace(LAYOUT, gateway_mac="02:6e:6d:00:00:01")
+    assert steering_flows(layout, "nat2") == [
+        "priority=100,in_port=1,actions=output:5",
+        "priority=100,in_port=2,actions=output:6",
+        # Above the static return rule of the same port (priority 100).
+        "priority=101,in_port=3,dl_dst=02:6e:6d:00:00:01,actions=output:5",
+        "priority=101,in_port=5,dl_dst=02:6e:6d:00:00:01,actions=output:in_port",
+    ]
+    assert steering_flows(layout, "nat1")[2:] == [
+        "priority=101,in_port=3,dl_dst=02:6e:6d:00:00:01,actions=output:in_port",
+        "priority=101,in_port=5,dl_dst=02:6e:6d:00:00:01,actions=output:3",
+    ]
+
+
+def test_the_testbed_plans_the_same_hairpins_as_the_controller():
+    from natmig.testbed import flows, topology
+
+    t = topology.load(None)
+    ports = flows.port_names(t)
+    layout = SwitchLayout("br0", ports["client"], ports["server"],
+                          {n: NatPorts(ports[f"{n}-in"], ports[f"{n}-out"]) for n in t.nats},
+                          gateway_mac=t.networks["inside"].gateway_mac)
+    for active in t.nats:
+        table = {line.removeprefix(f"cookie={flows.COOKIE:#x},") for line in flows.plan(t, active).splitlines()}
+        assert set(steering_flows(layout, active)) <= table
+        assert set(static_flows(layout)) <= table
+
+
 def test_static_flows_return_from_every_nat():
     flows = static_flows(LAYOUT)
     assert "priority=100,in_port=3,actions=output:1" in flows

@@ -153,16 +153,23 @@ def test_flow_plan_joins_each_network_to_the_active_nat_only():
         "cookie=0x6e6d,priority=100,in_port=2,actions=output:103",
         "cookie=0x6e6d,priority=100,in_port=101,actions=output:2",
         "cookie=0x6e6d,priority=100,in_port=103,actions=output:2",
+        # Packets a NAT held while its admission was closed, released to the gateway MAC: to the active NAT.
+        "cookie=0x6e6d,priority=101,in_port=100,dl_dst=02:6e:6d:00:00:01,actions=output:102",
+        "cookie=0x6e6d,priority=101,in_port=102,dl_dst=02:6e:6d:00:00:01,actions=output:in_port",
         "cookie=0x6e6d,priority=0,actions=drop",
     ]
-    # A move changes exactly the two steering flows (one per direction);
-    # the return flows of every NAT stay, so packets in flight still arrive.
+    # A move changes exactly the two steering flows (one per direction) and
+    # the hairpins; the return flows of every NAT stay, so packets in flight still arrive.
     nat1 = flows.plan(t, "nat1").splitlines()
     assert sorted(set(nat1) ^ set(nat2)) == sorted([
         "cookie=0x6e6d,priority=100,in_port=1,actions=output:100",
         "cookie=0x6e6d,priority=100,in_port=2,actions=output:101",
+        "cookie=0x6e6d,priority=101,in_port=100,dl_dst=02:6e:6d:00:00:01,actions=output:in_port",
+        "cookie=0x6e6d,priority=101,in_port=102,dl_dst=02:6e:6d:00:00:01,actions=output:100",
         "cookie=0x6e6d,priority=100,in_port=1,actions=output:102",
         "cookie=0x6e6d,priority=100,in_port=2,actions=output:103",
+        "cookie=0x6e6d,priority=101,in_port=100,dl_dst=02:6e:6d:00:00:01,actions=output:102",
+        "cookie=0x6e6d,priority=101,in_port=102,dl_dst=02:6e:6d:00:00:01,actions=output:in_port",
     ])
     with pytest.raises(ValueError, match="'nat3' is not a NAT node"):
         flows.plan(t, "nat3")
@@ -192,6 +199,12 @@ def test_active_nat_is_read_back_from_a_dump():
     assert flows.nats_in_flows(t, dump + ["priority=100,in_port=2 actions=output:103"]) == {"nat1", "nat2"}
     assert flows.nats_in_flows(t, dump[2:]) == set()
     assert flows.nats_in_flows(t, flows.plan(t, "nat2").splitlines()) == {"nat2"}
+    # The hairpins as ovs-ofctl dumps them: the active NAT's own is IN_PORT, the other's outputs to the active one.
+    hairpins = [
+        "cookie=0x6e6d, priority=101,in_port=100,dl_dst=02:6e:6d:00:00:01 actions=IN_PORT",
+        "cookie=0x6e6d, priority=101,in_port=102,dl_dst=02:6e:6d:00:00:01 actions=output:100",
+    ]
+    assert flows.nats_in_flows(t, dump + hairpins) == {"nat1"}
 
 
 def test_port_counters_are_parsed_from_dump_ports():

@@ -16,6 +16,7 @@ from typing import Iterator
 import pytest
 
 from natmig.agent.lab import AgentLab
+from natmig.agent.natnode import HOLD_QUEUE
 from natmig.controller.netconf import ConnectError, HostKeyError, NetconfError, NodeClient, SessionLost
 from natmig.model import NatSession
 
@@ -133,11 +134,15 @@ def test_candidate_stages_a_table_and_commit_applies_it(lab: AgentLab, node: Nod
 
 
 def test_admission_control_reaches_nftables(lab: AgentLab, node: NodeClient) -> None:
+    admission = ["nft", "list", "chain", "ip", "natmig", "admission"]
     node.set_admission(False)
     assert node.get_admission() is False
-    assert "drop" in lab.node.run(["nft", "list", "ruleset"], lab.nat_ns).stdout
+    assert "meta mark set" in lab.node.run(admission, lab.nat_ns).stdout
+    # The agent holds what the closed admission queues: it has bound the queue in its own process.
+    queues = lab.node.run(["cat", "/proc/net/netfilter/nfnetlink_queue"], lab.nat_ns).stdout.split("\n")
+    assert any(line.split()[:1] == [str(HOLD_QUEUE)] for line in queues), queues
     node.set_admission(True)
-    assert "drop" not in lab.node.run(["nft", "list", "ruleset"], lab.nat_ns).stdout
+    assert "meta mark set" not in lab.node.run(admission, lab.nat_ns).stdout
 
 
 def test_notifications_follow_the_kernel(lab: AgentLab, node: NodeClient) -> None:

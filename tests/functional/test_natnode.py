@@ -161,5 +161,5 @@ def test_the_agent_side_runs_nft_in_its_own_process(net: TwoNatNet) -> None:
     assert seen[:3] == [False, True, False]
     assert "no_such_chain" in seen[3] and "No such file or directory" in seen[3], seen[3]
     # The tool, from outside, sees what the process left: admission closed.
-    assert " drop" in netns.run(["nft", "list", "chain", "ip", TABLE, "admission"], cfg.name).stdout
+    assert "meta mark set" in netns.run(["nft", "list", "chain", "ip", TABLE, "admission"], cfg.name).stdout
     assert NatNode(cfg).admission() is False
