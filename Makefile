@@ -8,9 +8,11 @@ PY := $(VENV)/bin/python
 PYANG := $(VENV)/bin/pyang
 
 # Debian packages natmig uses: YANG tools, the NAT data plane (conntrack,
-# nftables), Open vSwitch (userspace datapath; its service is never started),
-# the tools the tests probe with, and the third-party NETCONF client yangcli.
-APT_PACKAGES := python3-venv libyang-tools conntrack nftables openvswitch-switch \
+# nftables; iptables for the one xtables NFQUEUE rule that holds new sessions
+# while admission is closed), Open vSwitch (userspace datapath; its service is
+# never started), the tools the tests probe with, and the third-party NETCONF
+# client yangcli.
+APT_PACKAGES := python3-venv libyang-tools conntrack nftables iptables openvswitch-switch \
 	iproute2 ethtool iputils-ping procps psmisc yangcli
 
 .PHONY: help setup system venv test test-unit faults bench demo bindings tree lint clean
