@@ -29,7 +29,10 @@ def _die() -> None:
 def arm(point: str) -> None:
     """Patch the phase clock so that the process kills itself at ``point``."""
     kind, _, rest = point.partition(":")
-    name, _, delay = rest.partition("+")
+    # A step's name may hold a '+' itself (confirm+hold): only digits after the last one are a delay.
+    name, _, delay = rest.rpartition("+")
+    if not delay.isdigit():
+        name, delay = rest, ""
     seconds = float(delay) / 1000 if delay else 0.0
 
     def fire() -> None:
