@@ -618,6 +618,7 @@ class Migration:
         # Recorded before the change, so that a failure half-way still undoes it.
         self._st.source_admission = self._source_admits
         self._st.source_frozen = True
+        self.report.hold_started = time.perf_counter()
         confirmed_admission(src, False, self._token, self.opt.confirm_timeout)
 
     def _switch(self, ph: Any) -> None:
@@ -759,6 +760,8 @@ class Migration:
             self._st.target_hold = False
         else:
             tgt.set_admission(True)
+        if self.report.hold_started is not None:
+            self.report.hold_ended = time.perf_counter()
         # From here the target may create sessions the source never had:
         # pointing traffic back would lose them, so nothing below undoes the move.
         self._st.committed = True

@@ -54,6 +54,10 @@ class MigrationReport:
     #: the source's final table's) or "read" (its table read and compared).
     target_check: str | None = None
     retired: int = 0
+    #: the hold window (time.perf_counter, CLOCK_MONOTONIC): from the source's admission
+    #: closing (the freeze) to the target's admission opening; None when it never closed
+    hold_started: float | None = None
+    hold_ended: float | None = None
     phases: list[PhaseTiming] = field(default_factory=list)
     node_state: dict[str, str] = field(default_factory=dict)
     #: per NAT name, read back from the node at the end: admits (bool), sessions (count), carries_traffic (bool)
@@ -64,6 +68,13 @@ class MigrationReport:
     def total_seconds(self) -> float:
         """Sum of the phase times."""
         return sum(p.seconds for p in self.phases)
+
+    @property
+    def blackout_seconds(self) -> float | None:
+        """How long new sessions were held (the freeze to the target's admit); None when admission never closed or never reopened."""
+        if self.hold_started is None or self.hold_ended is None:
+            return None
+        return self.hold_ended - self.hold_started
 
     def phase_seconds(self, name: str) -> float:
         """Time of a phase by name (0 when it did not run)."""
@@ -80,6 +91,7 @@ class MigrationReport:
         """A JSON-ready dict of the report (phase times in seconds)."""
         d = asdict(self)
         d["total_seconds"] = self.total_seconds
+        d["blackout_seconds"] = self.blackout_seconds
         return d
 
     def to_json(self) -> str:
@@ -160,6 +172,8 @@ def format_report(r: MigrationReport) -> str:
         detail = f" [{p.detail}]" if p.detail else ""
         lines.append(f"    {p.name:<10} {ms(p.seconds):>11}{extra}{detail}{mark}")
     lines.append(f"    {'total':<10} {ms(r.total_seconds):>11}")
+    if r.blackout_seconds is not None:
+        lines.append(f"  new sessions held for {ms(r.blackout_seconds)} (the source's freeze to the target's admit)")
     lines.append(f"  traffic on: {r.traffic_on}")
     for name, state in r.node_state.items():
         lines.append(f"  {name}: {state}")

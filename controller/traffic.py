@@ -416,7 +416,7 @@ def client(server: str, port: int, tcp: int, udp: int, interval: float, churn: f
     result = {
         "side": "client", "started": t0, "stopped": stopped, "interval": interval,
         "flows": {
-            str(f.fid): {**asdict(f.rx), "sent": f.sent, "error": f.error, "connect_time": f.connect_time, "blocked": f.blocked, "open": not f.closed}
+            str(f.fid): {**asdict(f.rx), "sent": f.sent, "error": f.error, "connect_time": f.connect_time, "born": f.born, "blocked": f.blocked, "open": not f.closed}
             for f in flows.values()
         },
     }
@@ -496,6 +496,9 @@ class FlowResult:
     why: str = ""
     gap_end: float | None = None
     top_gaps: list[tuple[float, float]] = field(default_factory=list)
+    #: when the client opened it (CLOCK_MONOTONIC) and how long its connect took (seconds; TCP only)
+    born: float | None = None
+    connect_time: float | None = None
 
 
 @dataclass
@@ -547,6 +550,11 @@ class TrafficResult:
                     best = max(best, gap)
                     found = True
         return (best, True) if found else (bound, False)
+
+    def connects_during(self, start: float, end: float) -> list[float]:
+        """Connect times (seconds) of the new connections opened between ``start`` and ``end`` (CLOCK_MONOTONIC)."""
+        return [f.connect_time for f in self.of("churn")
+                if f.born is not None and f.connect_time is not None and start <= f.born <= end]
 
     @property
     def all_survived(self) -> bool:
@@ -614,6 +622,7 @@ def merge(client_doc: dict[str, Any], server_doc: dict[str, Any]) -> TrafficResu
             int(fid_s), c["proto"], c["kind"], endpoints, int(c.get("sent", 0)), int(s.get("received", 0)),
             int(c.get("received", 0)), gap, c.get("error"), not why, "; ".join(why), gap_end,
             [tuple(g) for g in (c.get("top") or []) + (s.get("top") or [])],
+            c.get("born"), c.get("connect_time"),
         ))
     return TrafficResult(out, interval)
 
