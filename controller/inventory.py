@@ -149,6 +149,14 @@ def _host(where: str, v: Any) -> str:
     return _str(where, v)
 
 
+def _mac(where: str, v: Any) -> str:
+    _str(where, v)
+    parts = v.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p) for p in parts):
+        raise InventoryError(f"{where}: {v!r} is not a MAC address (six hex pairs, e.g. 02:00:00:00:00:01)")
+    return v.lower()
+
+
 def _argv(where: str, v: Any) -> list[str]:
     if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
         raise InventoryError(f"{where}: {v!r} is not a command as a list of strings")
@@ -182,6 +190,9 @@ SWITCH_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
     "client_port": (_int(1, 65279), True),
     "server_port": (_int(1, 65279), True),
     "priority": (_int(1, 65535), False),
+    # The inside MAC the NATs share: with it, packets a NAT held while its
+    # admission was closed are handed to whichever NAT is active when released.
+    "gateway_mac": (_mac, False),
 }
 PORT_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
     "inside": (_int(1, 65279), True),
@@ -239,7 +250,7 @@ def parse(data: Any, path: str = "<inventory>") -> Inventory:
         if not isinstance(nats_raw, dict) or not nats_raw:
             raise InventoryError(f"{path}: switch.nats: missing or empty (one table per NAT, e.g. [switch.nats.nat1])")
         nats = {n: NatPorts(**_fields(f"{path}: switch.nats.{n}", t, PORT_FIELDS)) for n, t in nats_raw.items()}
-        layout = SwitchLayout(f["bridge"], f["client_port"], f["server_port"], nats, f.get("priority", 100))
+        layout = SwitchLayout(f["bridge"], f["client_port"], f["server_port"], nats, f.get("priority", 100), f.get("gateway_mac"))
         switch = SwitchSpec(layout, f.get("ovs_rundir"), f.get("netns"))
     mig = _fields(f"{path}: migration", data.get("migration", {}), MIGRATION_FIELDS)
     inv = Inventory(agents, switch, mig.get("source"), mig.get("target"), mig.get("retire", "delete"), path)

@@ -127,3 +127,20 @@ def test_dump_toml_round_trips(tmp_path):
     again.write_text(dump_toml(doc))
     assert tomllib.loads(again.read_text()) == doc
     assert load(again) == load(p).__class__(**{**load(p).__dict__, "path": str(again)})
+
+
+def test_a_gateway_mac_adds_the_hairpin_rules_and_a_bad_one_is_named(tmp_path):
+    from natmig.controller.inventory import InventoryError, parse
+    from natmig.controller.plan import steering_flows
+
+    doc = {
+        "agents": {n: {"host": "192.0.2.1", "password": "x"} for n in ("nat1", "nat2")},
+        "switch": {"bridge": "br0", "client_port": 1, "server_port": 2, "gateway_mac": "02:AA:00:00:00:01",
+                   "nats": {"nat1": {"inside": 3, "outside": 4}, "nat2": {"inside": 5, "outside": 6}}},
+    }
+    inv = parse(doc)
+    flows = steering_flows(inv.switch.layout, "nat2")
+    assert "priority=101,in_port=3,dl_dst=02:aa:00:00:00:01,actions=output:5" in flows
+    doc["switch"]["gateway_mac"] = "02:aa:00:00:01"
+    with pytest.raises(InventoryError, match="switch.gateway_mac: '02:aa:00:00:01' is not a MAC address"):
+        parse(doc)
