@@ -21,6 +21,7 @@ consistent state and leave no copy behind.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -39,6 +40,20 @@ pytestmark = pytest.mark.root
 CONFIRM = 3
 SESSIONS = 2000
 NATS = ("nat1", "nat2")
+
+
+def record(case: str, on: str, waited: float, result, recovered: dict) -> None:
+    """One line of the results table (docs/controller.md), appended to $NATMIG_FAULTS_REPORT when set."""
+    path = os.environ.get("NATMIG_FAULTS_REPORT")
+    if not path:
+        return
+    with open(path, "a") as f:
+        f.write(json.dumps({
+            "case": case, "traffic_on": on, "serving_after_s": round(waited, 2),
+            "live": f"{result.live_survived}/{result.live_total}",
+            "new_connections": f"{sum(x.survived for x in result.of('churn'))}/{len(result.of('churn'))}",
+            "recover_did": recovered.get("did", []),
+        }) + "\n")
 
 
 def load(tb, fleet) -> dict:
@@ -121,7 +136,7 @@ def test_the_controller_killed_at(point, tmp_path):
             result = t.stop()
         assert waited is not None, f"a NAT still refuses new sessions {CONFIRM + 2} s after the controller died"
         on = check_consistent(tb, fleet, moved, result)
-        recover_clean(tb, fleet, inv, tmp_path, moved, on)
+        record(f"controller killed {point}", on, waited, result, recover_clean(tb, fleet, inv, tmp_path, moved, on))
 
 
 AGENT_CASES = [
@@ -155,7 +170,8 @@ def test_an_agent_killed_after(victim, phase, tmp_path):
         assert waited is not None, f"a NAT still refuses new sessions: {report.node_state}"
         on = check_consistent(tb, fleet, moved, result)
         assert report.traffic_on == on  # the report read the switch back
-        recover_clean(tb, fleet, inv, tmp_path, moved, on)
+        record(f"{'source' if victim == 'nat1' else 'target'} agent killed after {phase}", on, waited, result,
+               recover_clean(tb, fleet, inv, tmp_path, moved, on))
 
 
 def test_two_migrations_at_once_one_runs_the_other_is_refused_naming_the_holder(tmp_path):
