@@ -257,6 +257,10 @@ class Migration:
         except (NatmigError, OSError, TimeoutError) as e:
             self.report.error = str(e)
             log.warning("migration failed in %s: %s", self.report.failed_phase, e)
+            if isinstance(e, PlanError):
+                self.report.notes.append(
+                    f"the target holds sessions that conflict with the source's: `{self.opt.recover_hint}` removes a copy an "
+                    "interrupted migration left there; sessions of the target's own must be removed from it, or choose another target")
             self._recover()
         except BaseException as e:  # Ctrl-C or a bug: still leave traffic where it works
             self.report.error = f"{type(e).__name__}: {e}"

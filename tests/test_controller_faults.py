@@ -269,3 +269,16 @@ def test_recover_is_refused_while_a_migration_holds_the_nodes():
     r = seen["r"]
     assert not r.ok and "in use" in r.error and r.did == []
     assert "NOT consistent" in r.text()
+
+
+def test_a_target_holding_conflicting_sessions_is_refused_with_the_fix_and_nothing_committed():
+    from dataclasses import replace
+
+    src, tgt, sw = setup(10)
+    squatter = replace(sessions(1)[0], translated_port=29999)  # the source's first key, another public port
+    tgt.provider.apply([squatter])
+    r = migration(src, tgt, sw).run()
+    assert not r.ok and r.failed_phase == "copy" and "conflict" in r.error
+    assert any("natmig recover" in n and "conflict" in n for n in r.notes)
+    assert mapping(tgt) == {squatter.key: ("203.0.113.1", 29999)} and sw.moves == []
+    assert src.provider.admission() and tgt.provider.admission()
