@@ -359,6 +359,10 @@ class Testbed:
         self._write_state(phase="up", active_nat=nat)
         return elapsed
 
+    def restart_switch(self, down: float = 0.0) -> None:
+        """Restart the switch daemon (ovs-vswitchd) keeping its flows, as an operator's restart does."""
+        self.ovs.restart_vswitchd(self.bridge, down)
+
     def active_nat(self) -> str | None:
         """The NAT node the switch's flows point at, read from the switch (None when none)."""
         nats = flows.nats_in_flows(self.topology, self.ovs.dump_flows(self.bridge))

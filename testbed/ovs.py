@@ -127,16 +127,42 @@ class Ovs:
             in_netns=True,
         )
         self.vsctl("--no-wait", "init")
+        self._start_vswitchd()
+
+    def _start_vswitchd(self) -> None:
         self._run(
             [
                 "ovs-vswitchd", f"unix:{self.db_sock}",
                 f"--pidfile={self.pidfile('ovs-vswitchd')}",
-                f"--log-file={log / 'ovs-vswitchd.log'}",
+                f"--log-file={self.home / 'log' / 'ovs-vswitchd.log'}",
                 f"--unixctl={self.rundir / 'ovs-vswitchd.ctl'}",
                 "--detach", "--no-chdir",
             ],
             in_netns=True,
         )
+
+    def restart_vswitchd(self, bridge: str, down: float = 0.0, timeout: float = 10.0) -> None:
+        """Restart ovs-vswitchd as `ovs-ctl restart` does: flows saved, the daemon stopped by its pid and started again, flows restored.
+
+        OpenFlow flows live in the daemon, not in OVSDB: a bare restart would
+        leave a secure-mode bridge dropping everything.  ``down``: seconds the
+        daemon stays stopped (a fault test's window).
+        """
+        saved = self.dump_flows(bridge)
+        pid = _read_pid(self.pidfile("ovs-vswitchd"))
+        if pid is not None and _is_ours(pid, "ovs-vswitchd", self.home):
+            _kill(pid, 3.0)
+        time.sleep(down)
+        self._start_vswitchd()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.replace_flows(bridge, "".join(f"{line}\n" for line in saved))
+                return
+            except TestbedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)  # the bridge appears once the daemon has read the database
 
     def pids(self) -> dict[str, int]:
         """The running daemons of this home, by name (a stale pidfile is ignored)."""

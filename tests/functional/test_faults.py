@@ -193,3 +193,45 @@ def test_two_migrations_at_once_one_runs_the_other_is_refused_naming_the_holder(
         check_consistent(tb, fleet, moved, result)
         left = table(fleet, "nat1")
         assert not any(k in left for k in moved)  # retired by the one that ran
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("when", ["during the switch", "after the switch"])
+def test_the_switch_daemon_restarted(when, tmp_path):
+    """ovs-vswitchd restarted the way an operator's `ovs-ctl restart` does (flows saved and restored) mid-move."""
+    import threading
+
+    with bed(tmp_path, "fo") as (tb, fleet):
+        moved = load(tb, fleet)
+        inv = fleet.write_inventory("nat1", "nat2")
+        with traffic(tb, tmp_path, churn=20, churn_life=0.2) as t:
+            time.sleep(0.8)
+            restarts: list[threading.Thread] = []
+
+            def on_phase(ph):
+                if when == "during the switch" and ph.name == "catch-up":
+                    # Down when the bundle is sent: the switch phase meets no daemon.
+                    th = threading.Thread(target=tb.restart_switch, kwargs={"down": 0.5})
+                    th.start()
+                    restarts.append(th)
+                    deadline = time.monotonic() + 5
+                    while "ovs-vswitchd" in tb.ovs.pids() and time.monotonic() < deadline:
+                        time.sleep(0.005)
+                elif when == "after the switch" and ph.name == "switch":
+                    tb.restart_switch(down=0.2)
+
+            report = Migration(fleet.endpoint("nat1"), fleet.endpoint("nat2"), TestbedSteering(tb),
+                               MigrateOptions(confirm_timeout=CONFIRM), on_phase).run()
+            for th in restarts:
+                th.join(30)
+            waited = wait_serving(tb, CONFIRM + 2)
+            time.sleep(1.0)
+            result = t.stop()
+        assert waited is not None, f"a NAT still refuses new sessions: {report.node_state}"
+        if when == "during the switch":
+            assert not report.ok and report.failed_phase == "switch", report.error
+        else:
+            assert report.ok, report.error
+        on = check_consistent(tb, fleet, moved, result)
+        assert on == ("nat1" if when == "during the switch" else "nat2")
+        record(f"ovs-vswitchd restarted {when}", on, waited, result, recover_clean(tb, fleet, inv, tmp_path, moved, on))
