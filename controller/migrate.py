@@ -582,7 +582,15 @@ class Migration:
         traffic admitting new sessions again after ``confirm_timeout``.
         """
         if self._st.copy_pending:
-            tgt.commit(persist_id=self._token)
+            try:
+                tgt.commit(persist_id=self._token)
+            except NatmigError as e:
+                if nothing_pending(e):
+                    self._st.copy_pending = False  # the agent already removed it
+                    raise ControllerError(
+                        f"the target's copy rolled back by itself before it was confirmed: the copy and catch-up took longer "
+                        f"than --confirm-timeout ({self.opt.confirm_timeout:g} s); raise it for a table this size") from e
+                raise
             self._st.copy_pending = False
         self._st.target_hold = True
         confirmed_admission(tgt, False, self._token, self.opt.confirm_timeout)

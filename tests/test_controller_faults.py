@@ -282,3 +282,12 @@ def test_a_target_holding_conflicting_sessions_is_refused_with_the_fix_and_nothi
     assert any("natmig recover" in n and "conflict" in n for n in r.notes)
     assert mapping(tgt) == {squatter.key: ("203.0.113.1", 29999)} and sw.moves == []
     assert src.provider.admission() and tgt.provider.admission()
+
+
+def test_a_copy_that_rolled_back_before_its_confirm_fails_before_the_switch_saying_why():
+    src, tgt, sw = setup(10)
+    # The agent's timer fires between the copy's commit and its confirm (a confirm-timeout too short).
+    src.hooks["set-admission:False"] = tgt.rollback
+    r = migration(src, tgt, sw, confirm_timeout=1).run()
+    assert not r.ok and r.failed_phase == "catch-up" and "--confirm-timeout (1 s)" in r.error
+    assert sw.moves == [] and mapping(tgt) == {} and src.provider.admission() and tgt.provider.admission()
