@@ -542,6 +542,25 @@ class Migration:
     def _catch_up(self, ph: Any) -> None:
         src, tgt = self._src, self._tgt
         assert src is not None and tgt is not None
+        # The target's copy is confirmed and its admission held on its own
+        # session while the source freezes and settles: both must be done
+        # before the switch, and neither needs the other (the target carries
+        # no traffic yet; catch-up writes go to its running datastore for
+        # good either way).  Off the hold window: ~15 ms at 10k.
+        pool = ThreadPoolExecutor(1)
+        holding = pool.submit(self._confirm_and_hold, tgt)
+        pool.shutdown(wait=False)
+        try:
+            self._settle_and_apply(ph, src, tgt)
+        finally:
+            with ph.step("confirm+hold"):
+                # Waited for even when the source failed: recovery must know what is pending.
+                holding.result()
+        self._check_alive()
+        self._start_digests()
+
+    def _settle_and_apply(self, ph: Any, src: Node, tgt: Node) -> None:
+        """Freeze the source, wait for its events to settle, write what they changed into the target."""
         if self.opt.freeze_source:
             with ph.step("freeze"):
                 self._freeze(src)
@@ -567,17 +586,13 @@ class Migration:
         self.report.events = self._catch.events
         self.report.caught_up = len(ups)
         self.report.caught_up_deleted = len(dels)
-        with ph.step("confirm+hold"):
-            self._confirm_and_hold(tgt)
-        self._check_alive()
-        self._start_digests()
 
     def _confirm_and_hold(self, tgt: Node) -> None:
         """The target keeps its copy for good, and holds new sessions until the admit, undone by itself if the controller dies.
 
-        Confirmed only now, when the target holds every session of the
-        frozen source: from the switch on traffic may run through it, and a
-        rollback must then never take its sessions away.  The hold is a new
+        Confirmed at the catch-up, before the switch: from the switch on
+        traffic may run through the target, and a rollback must then never
+        take its sessions away.  The hold is a new
         confirmed commit, so a dead controller leaves the node that carries
         traffic admitting new sessions again after ``confirm_timeout``.
         """

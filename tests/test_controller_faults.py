@@ -287,7 +287,9 @@ def test_a_target_holding_conflicting_sessions_is_refused_with_the_fix_and_nothi
 def test_a_copy_that_rolled_back_before_its_confirm_fails_before_the_switch_saying_why():
     src, tgt, sw = setup(10)
     # The agent's timer fires between the copy's commit and its confirm (a confirm-timeout too short).
-    src.hooks["set-admission:False"] = tgt.rollback
+    def second_commit():
+        tgt.hooks["commit"] = tgt.rollback
+    tgt.hooks["commit"] = second_commit
     r = migration(src, tgt, sw, confirm_timeout=1).run()
     assert not r.ok and r.failed_phase == "catch-up" and "--confirm-timeout (1 s)" in r.error
     assert sw.moves == [] and mapping(tgt) == {} and src.provider.admission() and tgt.provider.admission()
