@@ -6,15 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from .inventory import load
+from .inventory import Inventory, load
 from .migrate import MigrateOptions, Migration, endpoint_from_spec
 from .recover import recover
 from .report import PhaseTiming, format_report, ms
 from .steering import steering_from_spec
 
 
-def run_migrate(args: argparse.Namespace) -> int:
-    """Move a NAT's live sessions from a source agent to a target agent, then repoint traffic."""
+def _migration_inventory(args: argparse.Namespace, command: str) -> Inventory | None:
+    """The inventory with --from/--to/--set applied; None (the error printed) when it names no source, target or switch."""
     overrides = list(args.set or [])
     if args.source:
         overrides.append(f"migration.source={args.source}")
@@ -22,11 +22,20 @@ def run_migrate(args: argparse.Namespace) -> int:
         overrides.append(f"migration.target={args.target}")
     inv = load(args.inventory, overrides)
     if inv.source is None or inv.target is None:
-        print("natmig migrate: error: name the source and target (--from/--to or [migration] in the inventory)", file=sys.stderr)
-        return 2
+        print(f"natmig {command}: error: name the source and target (--from/--to or [migration] in the inventory)", file=sys.stderr)
+        return None
     if inv.switch is None:
-        print("natmig migrate: error: the inventory has no [switch] section", file=sys.stderr)
+        print(f"natmig {command}: error: the inventory has no [switch] section", file=sys.stderr)
+        return None
+    return inv
+
+
+def run_migrate(args: argparse.Namespace) -> int:
+    """Move a NAT's live sessions from a source agent to a target agent, then repoint traffic."""
+    inv = _migration_inventory(args, "migrate")
+    if inv is None:
         return 2
+    assert inv.source is not None and inv.target is not None and inv.switch is not None
     src = endpoint_from_spec(inv.agent(inv.source, "source"))
     dst = endpoint_from_spec(inv.agent(inv.target, "target"))
     opts = MigrateOptions(copy_state=not args.no_state, retire=args.retire or inv.retire, settle=args.settle / 1000, verify_source=args.verify_source,
@@ -50,18 +59,10 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 def run_recover(args: argparse.Namespace) -> int:
     """Read both nodes and the switch, then finish or undo an interrupted migration (see docs/controller.md)."""
-    overrides = list(args.set or [])
-    if args.source:
-        overrides.append(f"migration.source={args.source}")
-    if args.target:
-        overrides.append(f"migration.target={args.target}")
-    inv = load(args.inventory, overrides)
-    if inv.source is None or inv.target is None:
-        print("natmig recover: error: name the migration's source and target (--from/--to or [migration] in the inventory)", file=sys.stderr)
+    inv = _migration_inventory(args, "recover")
+    if inv is None:
         return 2
-    if inv.switch is None:
-        print("natmig recover: error: the inventory has no [switch] section", file=sys.stderr)
-        return 2
+    assert inv.source is not None and inv.target is not None and inv.switch is not None
     report = recover(endpoint_from_spec(inv.agent(inv.source, "source")), endpoint_from_spec(inv.agent(inv.target, "target")),
                      steering_from_spec(inv.switch), args.retire or inv.retire)
     print(report.text())
