@@ -66,7 +66,7 @@ from .plan import CatchUp, CopyPlan, PlanError, Verdict, compare, expected_table
 from .report import MigrationReport, PhaseClock, PhaseTiming
 from .steering import Steering
 from .texttable import EntryStream, TextTable
-from .txn import Locks, cancel_pending, confirm_admission, confirmed_admission, describe_error, missing_capabilities, nothing_pending, persist_token
+from .txn import Locks, already_pending, cancel_pending, confirm_admission, confirmed_admission, describe_error, missing_capabilities, nothing_pending, persist_token
 
 log = logging.getLogger(__name__)
 
@@ -257,6 +257,10 @@ class Migration:
         except (NatmigError, OSError, TimeoutError) as e:
             self.report.error = str(e)
             log.warning("migration failed in %s: %s", self.report.failed_phase, e)
+            if already_pending(e):
+                self.report.notes.append(
+                    f"a confirmed commit of an interrupted migration is still pending there (its agent rolls it back by itself "
+                    f"within its confirm-timeout): `{self.opt.recover_hint}` settles it now")
             if isinstance(e, PlanError):
                 self.report.notes.append(
                     f"the target holds sessions that conflict with the source's: `{self.opt.recover_hint}` removes a copy an "

@@ -133,6 +133,12 @@ def nothing_pending(e: Exception) -> bool:
     return "no confirmed commit" in text or "not pending" in text or "nothing is pending" in text
 
 
+def already_pending(e: Exception) -> bool:
+    """Whether a refused confirmed commit says another confirmed commit is still pending (an interrupted migration's)."""
+    text = (getattr(e, "message", None) or str(e)).lower()
+    return "is pending" in text and "no confirmed commit" not in text or "awaits confirmation" in text
+
+
 def cancel_pending(node: Writer, token: str) -> bool:
     """Cancel the pending confirmed commit ``token``; False when none was pending."""
     try:

@@ -293,3 +293,16 @@ def test_a_copy_that_rolled_back_before_its_confirm_fails_before_the_switch_sayi
     r = migration(src, tgt, sw, confirm_timeout=1).run()
     assert not r.ok and r.failed_phase == "catch-up" and "--confirm-timeout (1 s)" in r.error
     assert sw.moves == [] and mapping(tgt) == {} and src.provider.admission() and tgt.provider.admission()
+
+
+def test_a_rerun_while_a_dead_migrations_copy_is_pending_fails_naming_recover():
+    src, tgt, sw = setup(10)
+    open_src, open_tgt = kill_at(src, tgt, sw, tgt, "commit", 2)  # dies before confirming the copy
+    Migration(Endpoint("nat1", open_src), Endpoint("nat2", open_tgt), sw, MigrateOptions()).run()
+    assert tgt.shared["pending"] is not None  # the copy waits for its confirm or its timeout
+    for n in (src, tgt):
+        n.hooks.clear()
+    r = migration(src, tgt, sw).run()
+    assert not r.ok and r.failed_phase == "copy"
+    assert any("interrupted migration is still pending" in n and "natmig recover" in n for n in r.notes), r.notes
+    assert sw.moves == [] and src.provider.admission()
