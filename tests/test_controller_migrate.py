@@ -392,25 +392,26 @@ def test_verify_by_digest_refuses_a_remapping_target_and_points_traffic_back():
 
 
 
-def test_the_sources_digest_is_asked_for_while_the_switch_happens_and_the_targets_right_after():
-    """The switch waits here until the source has been asked: a request sent only after it would never come."""
+def test_both_digests_are_asked_for_while_the_switch_happens():
+    """The switch waits here until both nodes have been asked: a request sent only after it would never come."""
     src, tgt, sw = counting_setup(12)
-    asked = threading.Event()
-    src.hooks["get-statistics"] = asked.set
-    moves_when_target_asked = []
-    tgt.hooks["get-statistics"] = lambda: moves_when_target_asked.append(list(sw.moves))
+    asked = {"nat1": threading.Event(), "nat2": threading.Event()}
+    src.hooks["get-statistics"] = asked["nat1"].set
+    tgt.hooks["get-statistics"] = asked["nat2"].set
 
     class WaitingSteering(FakeSteering):
         def point_to(self, nat: str) -> None:
             if nat == "nat2":
-                assert asked.wait(5), "the source's digest was not requested before the switch"
+                for name, ev in asked.items():
+                    assert ev.wait(5), f"{name}'s digest was not requested before the switch"
             super().point_to(nat)
 
     sw = WaitingSteering("nat1")
     r = run(src, tgt, sw, retire="keep")
     assert r.ok, r.error
     assert r.source_check == r.target_check == "digest" and r.verified == 12
-    assert moves_when_target_asked == [["nat2"]]  # asked once, after the switch
+    # asked once each for verify, once each again by the report's read-back
+    assert src.calls.count("get-statistics") == tgt.calls.count("get-statistics") == 2
 
 
 def test_a_target_that_cannot_give_its_digest_fails_verify_and_traffic_goes_back():
