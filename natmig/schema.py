@@ -30,9 +30,17 @@ LIST_NAME = "nat-session"
 STATS_NAME = "nat-statistics"
 CONTROL_NAME = "nat-control"
 
-#: Where the YANG modules live: yang/ at the top of the source tree (natmig is
-#: installed in editable mode), or NATMIG_YANG_DIR.
-YANG_DIR = Path(os.environ.get("NATMIG_YANG_DIR", Path(__file__).resolve().parent.parent / "yang"))
+
+def _yang_dir() -> Path:
+    """Where the YANG modules live: NATMIG_YANG_DIR, else yang/ at the top of the
+    source tree (an editable install), else natmig/yang of an installed wheel."""
+    if "NATMIG_YANG_DIR" in os.environ:
+        return Path(os.environ["NATMIG_YANG_DIR"])
+    tree = Path(__file__).resolve().parent.parent / "yang"
+    return tree if tree.is_dir() else Path(__file__).resolve().parent / "yang"
+
+
+YANG_DIR = _yang_dir()
 MODULE_PATH = YANG_DIR / f"{MODULE_NAME}.yang"
 
 # How many distinct valid strings a string/union validator remembers.  NAT tables
