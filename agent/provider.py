@@ -13,10 +13,13 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 from ..errors import ProviderError
-from ..model import NatSession, SessionKey, format_key, table_digest
+from ..model import NatSession, SessionKey, format_key, index_by_key, table_digest
+
+#: (protocol, translated address and port, remote address and port): :attr:`NatSession.reply_key`.
+ReplyKey = tuple[str, str, int, str, int]
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,28 @@ class SessionProvider(abc.ABC):
         """
         snap = self.list()
         return {"sessions": len(snap.sessions), "untranslated": snap.untranslated, "digest": table_digest(snap.sessions)}
+
+    def lookup(self, keys: Iterable[SessionKey]) -> list[NatSession]:
+        """The sessions with these keys, as :meth:`list` shows them, in the order asked; missing keys are absent.
+
+        What a running edit reads: only the entries it names.  This default
+        reads the whole table; a provider that can find an entry by its key
+        overrides it (conntrack: a ctnetlink GET each; memory: the dict).
+        """
+        have = index_by_key(self.list().sessions)
+        return [have[k] for k in dict.fromkeys(keys) if k in have]
+
+    def check(self, sessions: Sequence[NatSession], freed: Collection[SessionKey] = ()) -> dict[SessionKey, str]:
+        """Why each entry of a batch could not be applied now, the sessions of ``freed`` gone first; empty when it could.
+
+        :func:`check_batch` against the live table: what :meth:`apply` would
+        refuse the batch for, asked before anything changes (an edit that
+        deletes or sets nat-control first, test-only, continue-on-error).
+        This default reads the whole table; providers override it with a
+        check that reads only what the batch names.
+        """
+        existing = {k: s for k, s in index_by_key(self.list().sessions).items() if k not in freed}
+        return check_batch(sessions, existing, self.public_addresses())
 
     @abc.abstractmethod
     def apply(self, sessions: Sequence[NatSession]) -> None:
@@ -166,27 +191,82 @@ def check_batch(
     problems: dict[SessionKey, str] = {}
     # Reply tuples held by sessions that the batch does not replace.
     held = {s.reply_key: k for k, s in existing.items() if k not in batch_keys}
-    seen: dict[tuple[str, str, int, str, int], SessionKey] = {}
+    seen: dict[ReplyKey, SessionKey] = {}
     keys_seen: set[SessionKey] = set()
     for s in sessions:
         k = s.key
         if k in keys_seen:
-            problems[k] = "appears twice in the batch"
+            problems[k] = _TWICE
             continue
         keys_seen.add(k)
         if s.translated_address not in owned:
-            problems[k] = f"translated_address {s.translated_address} is not an address of this node ({', '.join(sorted(owned)) or 'none'})"
+            problems[k] = _foreign(s, owned)
             continue
         pub = s.reply_key
         other = held.get(pub) or seen.get(pub)
         if other is not None and other != k:
-            problems[k] = (
-                f"translated {s.protocol} {s.translated_address}:{s.translated_port} towards "
-                f"{s.dst_address}:{s.dst_port} is already used by {format_key(other)}"
-            )
+            problems[k] = _used(s, other)
             continue
         seen[pub] = k
     return problems
+
+
+def check_batch_by_holders(
+    sessions: Sequence[NatSession],
+    holders: Mapping[ReplyKey, SessionKey],
+    owned: set[str],
+    freed: Collection[SessionKey] = (),
+) -> dict[SessionKey, str]:
+    """:func:`check_batch` without the table: what a write of K entries checks at any table size.
+
+    ``holders`` maps reply tuples of the batch to the key of the table's
+    session holding each (those not held are absent; more is harmless): a
+    provider finds them by the batch's K reply tuples (an index, or a GET
+    each) instead of reading the whole table.  ``freed``: keys whose
+    sessions go before the batch is written (an edit's deletes).  The result
+    equals ``check_batch(sessions, {k: s for k, s in table.items() if k not
+    in freed}, owned)`` on a table whose reply tuples are distinct, as a
+    NAT's are (tests/test_provider.py proves it on random tables); the loop
+    is check_batch's, a holder in the batch or freed counting as gone.
+    """
+    batch_keys = {s.key for s in sessions}
+    problems: dict[SessionKey, str] = {}
+    seen: dict[ReplyKey, SessionKey] = {}
+    keys_seen: set[SessionKey] = set()
+    for s in sessions:
+        k = s.key
+        if k in keys_seen:
+            problems[k] = _TWICE
+            continue
+        keys_seen.add(k)
+        if s.translated_address not in owned:
+            problems[k] = _foreign(s, owned)
+            continue
+        pub = s.reply_key
+        other = holders.get(pub)
+        if other is not None and (other in batch_keys or other in freed):
+            other = None
+        other = other or seen.get(pub)
+        if other is not None and other != k:
+            problems[k] = _used(s, other)
+            continue
+        seen[pub] = k
+    return problems
+
+
+_TWICE = "appears twice in the batch"
+
+
+def _foreign(s: NatSession, owned: set[str]) -> str:
+    return f"translated_address {s.translated_address} is not an address of this node ({', '.join(sorted(owned)) or 'none'})"
+
+
+def _used(s: NatSession, other: SessionKey) -> str:
+    """The words the datastore maps to data-not-unique ("already used")."""
+    return (
+        f"translated {s.protocol} {s.translated_address}:{s.translated_port} towards "
+        f"{s.dst_address}:{s.dst_port} is already used by {format_key(other)}"
+    )
 
 
 def _plainly_acceptable(
@@ -212,9 +292,75 @@ def _plainly_acceptable(
     return not any(s.reply_key in replies for k, s in existing.items() if k not in batch_keys)
 
 
+class SessionTable(dict[SessionKey, NatSession]):
+    """Sessions by key, indexed by reply tuple as well: who holds a reply tuple is a dict lookup.
+
+    A dict, so tests (and traffic simulated by them) may write it directly;
+    every write keeps the index.  ``holders[r]`` lists the keys of the
+    sessions holding reply tuple ``r``, the last written last (one on a
+    table built by apply, which refuses a second).
+    """
+
+    def __init__(self, sessions: Mapping[SessionKey, NatSession] | None = None) -> None:
+        super().__init__()
+        self.holders: dict[ReplyKey, dict[SessionKey, None]] = {}
+        self.update(sessions or {})
+
+    def holder(self, reply: ReplyKey) -> SessionKey | None:
+        """The key of a session holding ``reply`` (the last written), if any."""
+        keys = self.holders.get(reply)
+        return next(reversed(keys)) if keys else None
+
+    def __setitem__(self, k: SessionKey, s: NatSession) -> None:
+        old = self.get(k)
+        if old is not None:
+            self._unindex(k, old)
+        super().__setitem__(k, s)
+        self.holders.setdefault(s.reply_key, {})[k] = None
+
+    def __delitem__(self, k: SessionKey) -> None:
+        self._unindex(k, self[k])
+        super().__delitem__(k)
+
+    def pop(self, k: SessionKey, *default: Any) -> Any:  # type: ignore[override]
+        if k in self:
+            self._unindex(k, self[k])
+        return super().pop(k, *default)
+
+    def popitem(self) -> tuple[SessionKey, NatSession]:
+        k, s = super().popitem()
+        self._unindex(k, s)
+        return k, s
+
+    def clear(self) -> None:
+        super().clear()
+        self.holders.clear()
+
+    def update(self, *args: Any, **kw: Any) -> None:  # type: ignore[override]
+        for k, s in dict(*args, **kw).items():
+            self[k] = s
+
+    def setdefault(self, k: SessionKey, s: NatSession) -> NatSession:  # type: ignore[override]
+        if k not in self:
+            self[k] = s
+        return self[k]
+
+    def _unindex(self, k: SessionKey, s: NatSession) -> None:
+        keys = self.holders.get(s.reply_key)
+        if keys is not None:
+            keys.pop(k, None)
+            if not keys:
+                del self.holders[s.reply_key]
+
+
 @dataclass
 class MemoryProvider(SessionProvider):
-    """An in-memory session table with the same semantics as the real one (for unit tests)."""
+    """An in-memory session table with the same semantics as the real one (for unit tests).
+
+    Reads and writes of K entries cost O(K): ``table`` is a
+    :class:`SessionTable`, whose reply-tuple index answers the uniqueness
+    check (:func:`check_batch_by_holders`) without a pass over the table.
+    """
 
     owned: set[str] = field(default_factory=lambda: {"203.0.113.1"})
     table: dict[SessionKey, NatSession] = field(default_factory=dict)
@@ -224,14 +370,35 @@ class MemoryProvider(SessionProvider):
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
         self._watchers: list[_QueueWatch] = []
+        if not isinstance(self.table, SessionTable):
+            self.table = SessionTable(self.table)
 
     def list(self) -> Snapshot:
         with self._lock:
             return Snapshot(list(self.table.values()), self.untranslated)
 
+    def lookup(self, keys: Iterable[SessionKey]) -> list[NatSession]:
+        with self._lock:
+            get = self.table.get
+            return [s for k in dict.fromkeys(keys) if (s := get(k)) is not None]
+
+    def check(self, sessions: Sequence[NatSession], freed: Collection[SessionKey] = ()) -> dict[SessionKey, str]:
+        with self._lock:
+            return self._check(sessions, freed)
+
+    def _check(self, sessions: Sequence[NatSession], freed: Collection[SessionKey] = ()) -> dict[SessionKey, str]:
+        table = self.table
+        assert isinstance(table, SessionTable)
+        holders: dict[ReplyKey, SessionKey] = {}
+        for s in sessions:
+            h = table.holder(s.reply_key)
+            if h is not None:
+                holders[s.reply_key] = h
+        return check_batch_by_holders(sessions, holders, self.owned, freed)
+
     def apply(self, sessions: Sequence[NatSession]) -> None:
         with self._lock:
-            problems = check_batch(sessions, self.table, self.owned)
+            problems = self._check(sessions)
             if problems:
                 raise ApplyError(problems)
             for s in sessions:
@@ -243,7 +410,7 @@ class MemoryProvider(SessionProvider):
 
     def delete(self, keys: Iterable[SessionKey] | None = None) -> int:
         with self._lock:
-            victims = list(self.table) if keys is None else [k for k in keys if k in self.table]
+            victims = list(self.table) if keys is None else [k for k in dict.fromkeys(keys) if k in self.table]
             for k in victims:
                 self._emit("destroy", self.table.pop(k))
             return len(victims)

@@ -74,3 +74,107 @@ def test_memory_provider_statistics_are_the_list_counted_and_digested() -> None:
     assert got == {"sessions": 3, "untranslated": 3, "digest": table_digest(p.list().sessions)}
     p.delete([s(1001).key])
     assert p.statistics()["sessions"] == 2 and p.statistics()["digest"] != got["digest"]
+
+
+# -- the uniqueness check without the table, against check_batch ------------------
+
+import dataclasses  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from natmig.agent.provider import SessionTable, check_batch_by_holders  # noqa: E402
+
+from .strategies import sessions as any_session  # noqa: E402
+
+# A table as a NAT holds it: distinct keys and distinct reply tuples.
+nat_tables = st.lists(any_session(), max_size=25, unique_by=(lambda x: x.key, lambda x: x.reply_key))
+
+
+@st.composite
+def batch_on(draw: st.DrawFn, table: list[NatSession]) -> list[NatSession]:
+    """A batch that touches ``table`` in every way check_batch distinguishes."""
+    out: list[NatSession] = []
+    for _ in range(draw(st.integers(0, 12))):
+        kind = draw(st.sampled_from(["same", "moved", "takes-its-reply", "fresh", "twice", "foreign"] if table else ["fresh", "twice", "foreign"]))
+        t = draw(st.sampled_from(table)) if table else None
+        if kind == "same":
+            out.append(t)  # an update: keeps its own reply tuple
+        elif kind == "moved":
+            out.append(dataclasses.replace(t, translated_port=draw(st.integers(0, 65535))))
+        elif kind == "takes-its-reply":
+            # Another key on the reply tuple of a session of the table.
+            fresh = draw(any_session())
+            out.append(dataclasses.replace(fresh, protocol=t.protocol, dst_address=t.dst_address, dst_port=t.dst_port,
+                                           translated_address=t.translated_address, translated_port=t.translated_port))
+        elif kind == "fresh":
+            out.append(draw(any_session()))
+        elif kind == "twice" and out:
+            prev = draw(st.sampled_from(out))
+            out.append(draw(st.sampled_from([prev, dataclasses.replace(prev, src_port=(prev.src_port + 1) % 65536)])))
+        elif kind == "foreign":
+            out.append(dataclasses.replace(draw(any_session()), translated_address="192.0.2.254"))
+    return out
+
+
+def holders_of(table: list[NatSession], batch: list[NatSession]) -> dict:
+    """What a provider finds for the batch's reply tuples: the table's session holding each."""
+    by_reply = {s.reply_key: s.key for s in table}
+    return {s.reply_key: by_reply[s.reply_key] for s in batch if s.reply_key in by_reply}
+
+
+@given(data=st.data(), table=nat_tables)
+@settings(max_examples=400, deadline=None)
+def test_check_by_holders_is_check_batch_on_random_tables(data: st.DataObject, table: list[NatSession]) -> None:
+    batch = data.draw(batch_on(table))
+    freed = set(data.draw(st.lists(st.sampled_from([s.key for s in table]), max_size=5))) if table else set()
+    owned = {s.translated_address for s in table + batch if s.translated_address != "192.0.2.254"}
+    owned = set(data.draw(st.sampled_from([sorted(owned), sorted(owned)[1:]]))) if owned else set()
+    existing = {s.key: s for s in table if s.key not in freed}
+    want = check_batch(batch, existing, owned)
+    assert check_batch_by_holders(batch, holders_of(table, batch), owned, freed) == want
+    # A provider may hand over more holders than the batch needs, and its answer is the same.
+    assert check_batch_by_holders(batch, {s.reply_key: s.key for s in table}, owned, freed) == want
+    # The memory provider's index gives them.
+    p = MemoryProvider(owned=owned, table={s.key: s for s in table})
+    assert p.check(batch, freed) == want
+    if not freed:
+        # And apply refuses exactly that (or applies the batch).
+        if want:
+            with pytest.raises(ApplyError) as ei:
+                p.apply(batch)
+            assert ei.value.problems == want
+            assert p.table == {s.key: s for s in table}
+        else:
+            p.apply(batch)
+            assert p.table == {**{s.key: s for s in table}, **{s.key: s for s in batch}}
+
+
+@given(table=nat_tables, data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_the_reply_index_follows_every_write_of_the_table(table: list[NatSession], data: st.DataObject) -> None:
+    t = SessionTable({s.key: s for s in table})
+    for _ in range(data.draw(st.integers(0, 8))):
+        op = data.draw(st.sampled_from(["set", "pop", "del", "update", "setdefault", "popitem", "clear"]))
+        if op in ("set", "setdefault", "update"):
+            s = data.draw(st.sampled_from(table)) if table and data.draw(st.booleans()) else data.draw(any_session())
+            s = dataclasses.replace(s, translated_port=data.draw(st.integers(0, 65535))) if data.draw(st.booleans()) else s
+            {"set": lambda: t.__setitem__(s.key, s), "setdefault": lambda: t.setdefault(s.key, s), "update": lambda: t.update({s.key: s})}[op]()
+        elif op in ("pop", "del") and t:
+            k = data.draw(st.sampled_from(sorted(t, key=repr)))
+            t.pop(k) if op == "pop" else t.__delitem__(k)
+        elif op == "popitem" and t:
+            t.popitem()
+        elif op == "clear":
+            t.clear()
+    want: dict = {}
+    for k, s in t.items():
+        want.setdefault(s.reply_key, {})[k] = None
+    assert {r: set(ks) for r, ks in t.holders.items()} == {r: set(ks) for r, ks in want.items()}
+
+
+def test_memory_lookup_reads_only_the_keys_asked() -> None:
+    p = MemoryProvider(owned={PUB})
+    p.apply([s(1000), s(1001, tport=20001)])
+    missing = s(7).key
+    assert p.lookup([s(1001).key, missing, s(1000).key, s(1001).key]) == [s(1001, tport=20001), s(1000)]
