@@ -30,7 +30,7 @@ import queue
 import subprocess
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 from .. import netns as nsmod
 from ..errors import ProviderError
@@ -39,8 +39,8 @@ from ..model import NatSession, SessionKey, format_digest, format_key, index_by_
 from . import ctnetlink as nl
 from . import cttext
 from .natnode import NatNode
-from .ctbatch import ApplyPlan, DEFAULT_TIMEOUT_SYSCTL, held_elsewhere, invalid_entries, plan_apply, timeout_key, validate
-from .provider import ApplyError, SessionEvent, SessionProvider, Snapshot, Watch, check_batch
+from .ctbatch import ApplyPlan, DEFAULT_TIMEOUT_SYSCTL, held_elsewhere, invalid_entries, invalid_keys, plan_apply, timeout_key, validate
+from .provider import ApplyError, SessionEvent, SessionProvider, Snapshot, Watch, check_batch, check_batch_by_holders
 
 __all__ = ["ApplyPlan", "ConntrackProvider", "invalid_entries", "plan_apply", "validate"]
 
@@ -52,15 +52,31 @@ LIST_CHUNK = 1 << 20
 STREAM_BATCH = 256 << 10
 #: The kernel's entry count of the namespace the reading process lives in.
 CONNTRACK_COUNT = "/proc/sys/net/netfilter/nf_conntrack_count"
+#: What a read costs, in microseconds (measured, docs/provider.md): a GET
+#: per key (encoded, answered, decoded), against a ``conntrack -L`` dump's
+#: start and its cost per entry listed.  They decide between reading a
+#: batch's entries by key and reading the whole table (:meth:`ConntrackProvider._reads_by_key`).
+KEY_READ_US = 30.0
+DUMP_START_US = 10_000.0
+LINE_READ_US = 5.0
 
 
-def _key_session(key: SessionKey, what: str = "delete") -> NatSession:
-    """A session carrying only ``key`` (enough to name it to the kernel)."""
+def _checked_keys(keys: Iterable[SessionKey], what: str) -> tuple[list[SessionKey], dict[SessionKey, str]]:
+    """The distinct keys the kernel can be asked about, in order, and why each other one cannot.
+
+    ProviderError for what is no key at all (not a 5-tuple).
+    """
     try:
-        proto, src, sport, dst, dport = key
-    except (TypeError, ValueError):
-        raise ProviderError(f"cannot {what}: {key!r} is not a key (protocol, src_address, src_port, dst_address, dst_port)") from None
-    return NatSession(proto, src, sport, dst, dport, "0.0.0.0", 0)
+        distinct = list(dict.fromkeys(keys))
+    except TypeError as e:
+        raise ProviderError(f"cannot {what}: {e} (a key is (protocol, src_address, src_port, dst_address, dst_port))") from None
+    bad = invalid_keys(distinct)
+    if not bad:
+        return distinct, {}
+    for i, why in bad.items():
+        if "is not a key" in why:
+            raise ProviderError(f"cannot {what}: {why}")
+    return [k for i, k in enumerate(distinct) if i not in bad], {distinct[i]: why for i, why in bad.items()}
 
 
 class ConntrackProvider(SessionProvider):
@@ -206,29 +222,43 @@ class ConntrackProvider(SessionProvider):
             raise ProviderError(f"conntrack -L in {self.netns} exited {rc}: {err.strip()}")
 
     def lookup(self, keys: Iterable[SessionKey]) -> list[NatSession]:
-        """The sessions with these keys, as :meth:`list` would show them; missing keys are simply absent.
+        """The sessions with these keys, as :meth:`list` would show them, in the order asked; missing keys are absent.
 
         One ctnetlink GET per key (the original tuple), so the cost does not
-        grow with the table.  A key naming an untranslated flow, or one this
-        node cannot hold (not IPv4, ICMP with a dst_port), finds nothing.
+        grow with the table -- unless the keys outnumber what one dump of
+        the table costs (:meth:`_reads_by_key`; a 100k write into an idle
+        node), which then serves them.  A key naming an untranslated flow, or
+        one this node cannot hold (not IPv4, ICMP with a dst_port), finds nothing.
         """
-        wanted: list[NatSession] = []
-        seen: set[SessionKey] = set()
-        for k in keys:
-            if k in seen:
-                continue
-            seen.add(k)
-            s = _key_session(k, "look up")
-            if _key_problem(s) is None:
-                wanted.append(s)
+        wanted, _ = _checked_keys(keys, "look up")
+        if not self._reads_by_key(len(wanted)):
+            have = index_by_key(self.list().sessions)
+            return [have[k] for k in wanted if k in have]
+        return self._get(wanted)
+
+    def _get(self, keys: Sequence[SessionKey]) -> list[NatSession]:
+        """:meth:`lookup` of valid, distinct keys by GET."""
         out: list[NatSession] = []
-        for i, attrs in self._reader.read(wanted):
+        for i, attrs in self._reader.read(keys):
             s = nl.entry_session(attrs)
             # The kernel finds a tuple in either direction: a key equal to
             # another entry's reply tuple returns that entry, which is not this key's.
-            if s is not None and s.key == wanted[i].key:
+            if s is not None and s.key == keys[i]:
                 out.append(s)
         return out
+
+    def _reads_by_key(self, k: int) -> bool:
+        """Whether reading ``k`` entries by key (a GET each) costs less than one dump of the whole table.
+
+        The table's size is one CT_GET_STATS away.  The constants are
+        measured (docs/provider.md): a GET ~KEY_READ_US per key, a dump
+        DUMP_START_US to start the tool plus LINE_READ_US per entry.
+        """
+        if k == 0:
+            return True
+        if k * KEY_READ_US <= DUMP_START_US:
+            return True  # fewer keys than the tool takes to start: no need to ask
+        return k * KEY_READ_US <= DUMP_START_US + self._reader.count() * LINE_READ_US
 
     def close(self) -> None:
         """Release the lookup socket (the provider stays usable; a later lookup opens a new one)."""
@@ -240,27 +270,109 @@ class ConntrackProvider(SessionProvider):
 
     # -- writing -----------------------------------------------------------
 
+    def check(self, sessions: Sequence[NatSession], freed: Collection[SessionKey] = ()) -> dict[SessionKey, str]:
+        """What :meth:`apply` would refuse in the table as it is now, ``freed`` gone first: check_batch's problems, and held_elsewhere's.
+
+        By the batch's reply tuples (a GET each: who holds it, in either
+        direction), or, for a batch about as large as the table, by one dump.
+        Entries :func:`validate` refuses are apply's to name.
+        """
+        batch = list(sessions)
+        with gc_paused():
+            if not self._reads_by_key(len(batch)):
+                taken: dict[cttext.ReplyKey, cttext.EntryTuple] = {}
+                existing = {k: x for k, x in index_by_key(self._read(taken).sessions).items() if k not in freed}
+                problems = check_batch(batch, existing, self.owned)
+                problems.update(held_elsewhere(_without(batch, problems), taken))
+                return problems
+            return self._check_by_key(batch, freed)
+
+    def _check_by_key(self, batch: list[NatSession], freed: Collection[SessionKey] = ()) -> dict[SessionKey, str]:
+        """:meth:`check` by a GET of each entry's reply tuple: whatever the kernel holds it with is named."""
+        holders, taken = self._holders(_without(batch, invalid_entries(batch)))
+        problems = check_batch_by_holders(batch, holders, self.owned, freed)
+        problems.update(held_elsewhere(_without(batch, problems), taken))
+        return problems
+
+    def _holders(self, batch: list[NatSession]) -> tuple[dict[cttext.ReplyKey, SessionKey], dict[cttext.ReplyKey, cttext.EntryTuple]]:
+        """Who holds each entry's reply tuple: sessions by key, and the original tuple of entries that are not sessions.
+
+        The two halves are what check_batch and held_elsewhere know from a
+        dump (its sessions; its ``taken``).  A session found whose own reply
+        key is another (its original tuple is the one asked) is no holder a
+        dump would name: the kernel refuses such an entry by itself.
+        """
+        distinct = {s.reply_key: nl.reply_tuple(s) for s in batch}
+        replies, asked = list(distinct), list(distinct.values())
+        holders: dict[cttext.ReplyKey, SessionKey] = {}
+        taken: dict[cttext.ReplyKey, cttext.EntryTuple] = {}
+        for i, attrs in self._reader.read(asked, nl.ICMP_ECHO_REPLY):
+            r = replies[i]
+            held = nl.entry_session(attrs)
+            if held is None:
+                t = nl.entry_tuple(attrs)
+                if t is not None:
+                    taken[r] = t
+            elif held.reply_key == r:
+                holders[r] = held.key
+        return holders, taken
+
     def apply(self, sessions: Sequence[NatSession]) -> None:
         """Create or replace a batch, all or nothing (see the module docstring)."""
         batch = list(sessions)
         with self._lock, gc_paused():
-            # The read of the table starts first and comes up while the entries are validated.
-            reading = self._start_read()
-            try:
-                problems = invalid_entries(batch)
-                taken: dict[cttext.ReplyKey, cttext.EntryTuple] = {}
-                existing = index_by_key(self._finish_read(reading, taken).sessions)
-                problems.update(check_batch(_without(batch, problems), existing, self.owned))
-                # Sessions only check each other; an untranslated connection
-                # holding the reply tuple would make the kernel refuse the entry.
-                problems.update(held_elsewhere(_without(batch, problems), taken))
-                if problems:
-                    raise ApplyError(problems)
-                self._write(batch, existing)
-            finally:
-                if reading is not None and reading.stdout is not None and not reading.stdout.closed:  # a check failed before the read
-                    reading.kill()
-                    reading.communicate()
+            if self._reads_by_key(len(batch)):
+                self._apply_by_key(batch)
+            else:
+                self._apply_by_dump(batch)
+
+    def _apply_by_key(self, batch: list[NatSession]) -> None:
+        """apply reading only the batch's entries: the kernel refuses a reply tuple the table holds.
+
+        Checked before writing: the entries themselves and the batch against
+        itself.  The rest of check_batch's rule is the kernel's: a create
+        whose reply tuple another entry holds fails with EEXIST (the public
+        port is pinned), and what was written is undone.  Only then is each
+        entry's reply tuple looked up, so that every offender is named as a
+        read of the whole table would name it.
+        """
+        problems = invalid_entries(batch)
+        rest = _without(batch, problems)
+        if problems or check_batch_by_holders(rest, {}, self.owned):
+            # Named in full, as check_batch over the whole table names them:
+            # the table's holders too (what it finds is a superset).
+            problems.update(self._check_by_key(rest))
+            raise ApplyError(problems)
+        existing = index_by_key(self._get([s.key for s in batch]))
+        try:
+            self._write(batch, existing)
+        except ApplyError as e:
+            # _write has undone what it wrote: the table is as before, and
+            # its holders are the ones that made the kernel refuse.
+            named = self._check_by_key(batch)
+            for k, why in e.problems.items():
+                named.setdefault(k, why)  # refused for a reason no check sees (an untranslated entry with the key)
+            raise ApplyError(named) from None
+
+    def _apply_by_dump(self, batch: list[NatSession]) -> None:
+        """apply with one read of the whole table, for a batch about as large as the table (or larger)."""
+        # The read of the table starts first and comes up while the entries are validated.
+        reading = self._start_read()
+        try:
+            problems = invalid_entries(batch)
+            taken: dict[cttext.ReplyKey, cttext.EntryTuple] = {}
+            existing = index_by_key(self._finish_read(reading, taken).sessions)
+            problems.update(check_batch(_without(batch, problems), existing, self.owned))
+            # Sessions only check each other; an untranslated connection
+            # holding the reply tuple would make the kernel refuse the entry.
+            problems.update(held_elsewhere(_without(batch, problems), taken))
+            if problems:
+                raise ApplyError(problems)
+            self._write(batch, existing)
+        finally:
+            if reading is not None and reading.stdout is not None and not reading.stdout.closed:  # a check failed before the read
+                reading.kill()
+                reading.communicate()
 
     def _write(self, batch: list[NatSession], existing: dict[SessionKey, NatSession]) -> None:
         plan = plan_apply(batch, existing, self._timeouts(batch))
@@ -306,18 +418,23 @@ class ConntrackProvider(SessionProvider):
         return self._defaults
 
     def delete(self, keys: Iterable[SessionKey] | None = None) -> int:
-        """Delete by key (missing keys ignored) or every translated session; how many went."""
+        """Delete by key (missing keys ignored) or every translated session; how many went.
+
+        By key: a CT_DELETE per key, packed by one struct and sent in
+        batches, no read of the table.  All: one dump of the table, then its
+        sessions deleted the same way; what is not a session (the agent's
+        own management connections, untranslated flows) stays.
+        """
         with self._lock:
             if keys is None:
-                victims = self.list().sessions
+                victims = [s.key for s in self.list().sessions]
             else:
-                victims = [_key_session(k) for k in keys]
-                bad = {s.key: why for s in victims if (why := _key_problem(s)) is not None}
+                victims, bad = _checked_keys(keys, "delete")
                 if bad:
                     raise ProviderError("cannot delete: " + "; ".join(f"{format_key(k)}: {w}" for k, w in bad.items()))
-            count, failed = nl.delete_sessions(self.netns, victims)
+            count, failed = nl.delete_keys(self.netns, victims)
             if failed:
-                shown = "; ".join(f"{format_key(victims[i].key)}: {nl.describe(e)}" for i, e in list(failed.items())[:10])
+                shown = "; ".join(f"{format_key(victims[i])}: {nl.describe(e)}" for i, e in list(failed.items())[:10])
                 raise ProviderError(f"kernel refused to delete {len(failed)} session(s) ({count} deleted): {shown}")
             return count
 
@@ -352,12 +469,6 @@ def _without(batch: list[NatSession], problems: dict[SessionKey, str]) -> list[N
     return [s for s in batch if s.key not in problems] if problems else batch
 
 
-def _key_problem(s: NatSession) -> str | None:
-    why = validate(s)
-    # The dummy translation of a key-only session is not the caller's fault.
-    return None if why is None or why.startswith("translated_") else why
-
-
 class _Undo:
     """What apply wrote so far, and how to take it back."""
 
@@ -372,7 +483,7 @@ class _Undo:
         """Take back what was written (best effort: the batch is being refused anyway)."""
         # Delete only what carries the translation this batch gave it: an
         # entry that traffic created meanwhile under the same key stays.
-        now = index_by_key(provider.list().sessions)
+        now = index_by_key(provider.lookup([s.key for s, _ in self.created]))
         ours = [s for s, _ in self.created if (got := now.get(s.key)) is not None and got.public == s.public]
         nl.delete_sessions(self.netns, ours)
         nl.run_ops(self.netns, [nl.create_op(o, o.timeout or 1) for o in self.replaced])

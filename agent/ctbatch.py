@@ -115,6 +115,43 @@ def invalid_entries(batch: Sequence[NatSession]) -> dict[SessionKey, str]:
     return problems
 
 
+def key_problem(key: object) -> str | None:
+    """Why the kernel cannot be asked about ``key`` (None when it can): :func:`validate` of its leaves alone."""
+    if not isinstance(key, tuple) or len(key) != 5:
+        return f"{key!r} is not a key (protocol, src_address, src_port, dst_address, dst_port)"
+    # A translation every protocol accepts: only the key's own leaves can be at fault.
+    return validate(NatSession(*key, "0.0.0.0", 1))
+
+
+def invalid_keys(keys: Sequence[object]) -> dict[int, str]:
+    """:func:`key_problem` of each key, by index; a fast pre-check spares the common TCP/UDP/ICMP key.
+
+    What a lookup or a delete of K keys checks before the keys become
+    netlink messages (:class:`.ctnetlink.TupleEncoder` packs only valid
+    ones); as in :func:`invalid_entries`, each distinct address is matched once.
+    """
+    good: set[str] = set()
+    ipv4 = _IPV4.fullmatch
+    protocols = nl.PROTO_NUMBERS
+    problems: dict[int, str] = {}
+    for i, k in enumerate(keys):
+        if type(k) is tuple and len(k) == 5:
+            p, a, sp, b, dp = k
+            if (
+                p in protocols
+                and type(a) is str and (a in good or (ipv4(a) is not None and not good.add(a)))
+                and type(b) is str and (b in good or (ipv4(b) is not None and not good.add(b)))
+                and type(sp) is int and 0 <= sp <= 65535
+                and type(dp) is int and 0 <= dp <= 65535
+                and (dp == 0 or p != "ICMP")
+            ):
+                continue
+        why = key_problem(k)
+        if why is not None:
+            problems[i] = why
+    return problems
+
+
 @dataclass
 class ApplyPlan:
     """How a checked batch reaches the kernel: each entry with the timeout it gets.

@@ -211,3 +211,54 @@ def test_errors_are_matched_back_by_the_sequence_number_the_encoder_wrote() -> N
     lost: dict[int, int] = {}
     nl._collect_errors(QueuedErrors([], overflow=True), lost, 1024)
     assert lost == {1024: errno.ENOBUFS}
+
+
+# -- messages naming an entry by one tuple (GET, DELETE) against tuple_op -------
+
+from natmig.agent.ctbatch import invalid_keys, key_problem  # noqa: E402
+
+from .strategies import sessions as any_session  # noqa: E402
+
+
+def tuple_reference(msg: int, flags: int, tuples: list, icmp_type: int, seq0: int = 1) -> bytes:
+    return b"".join(nl.frame(nl.tuple_op(msg, flags, t, icmp_type), seq0 + i) for i, t in enumerate(tuples))
+
+
+@given(st.lists(valid, max_size=40), st.sampled_from([(nl.IPCTNL_MSG_CT_GET, nl.NLM_F_ACK), (nl.IPCTNL_MSG_CT_DELETE, 0)]),
+       st.integers(1, 2**31))
+@settings(max_examples=300, deadline=None)
+def test_fast_tuple_messages_are_byte_for_byte_the_reference(sessions: list[NatSession], kind: tuple[int, int], seq0: int) -> None:
+    msg, flags = kind
+    for icmp_type, tuples in ((nl.ICMP_ECHO_REQUEST, [s.key for s in sessions]), (nl.ICMP_ECHO_REPLY, [nl.reply_tuple(s) for s in sessions])):
+        enc = nl.TupleEncoder(msg, flags, icmp_type)
+        buf = bytearray(len(tuples) * enc.max)
+        got = bytes(buf[:enc.pack(buf, tuples, 0, len(tuples), seq0)])
+        assert got == tuple_reference(msg, flags, tuples, icmp_type, seq0)
+
+
+def test_a_reply_tuple_is_what_the_kernel_holds_in_the_reply_direction() -> None:
+    # The kernel's own reply tuple of a translated entry (of_session above) is what a GET of reply_tuple() names.
+    for s in (NatSession("TCP", "10.0.0.2", 4000, "198.51.100.7", 80, "203.0.113.1", 20001, "ESTABLISHED"),
+              NatSession("ICMP", "10.0.0.2", 7, "198.51.100.7", 0, "203.0.113.1", 20002)):
+        asked = nl.parse_tuple(nl.tuple_op(nl.IPCTNL_MSG_CT_GET, 0, nl.reply_tuple(s), nl.ICMP_ECHO_REPLY).attrs[4:])
+        assert asked == nl.parse_tuple(of_session(s)[nl.CTA_TUPLE_REPLY])
+    assert nl.entry_tuple(of_session(s)) == ("ICMP", "10.0.0.2", 7, "198.51.100.7", 0)
+
+
+keys = st.one_of(
+    st.builds(lambda s: s.key, any_session()),
+    st.builds(lambda s: s.key, valid),
+    st.tuples(st.sampled_from(["TCP", "UDP", "ICMP", "SCTP"]), st.sampled_from(["10.0.0.1", "10.0.0.01", "1.2.3", "fe80::1", 5]),
+              st.one_of(st.integers(-1, 70000), st.booleans()), st.sampled_from(["198.51.100.7", "x"]), st.sampled_from([0, 53, 65536, True])),
+    st.tuples(st.just("UDP"), st.just("10.0.0.1")),
+)
+
+
+@given(st.lists(keys, max_size=30))
+@settings(max_examples=300, deadline=None)
+def test_fast_key_check_is_key_problem(batch: list) -> None:
+    assert invalid_keys(batch) == {i: why for i, k in enumerate(batch) if (why := key_problem(k)) is not None}
+    # What passes can be packed: the encoder never sees an invalid key.
+    good = [k for i, k in enumerate(batch) if i not in invalid_keys(batch)]
+    enc = nl.TupleEncoder(nl.IPCTNL_MSG_CT_DELETE, 0)
+    enc.pack(bytearray(len(good) * enc.max), good, 0, len(good))
