@@ -233,3 +233,38 @@ def test_a_whole_table_is_sent_in_chunks_while_the_kernel_table_is_read(lab: Age
     # The same session, untapped, reads the same table (the tap took only that one reply).
     again = node.read_table("running")
     assert not again.tapped and again.raw.count("</nat-session>") == 3000
+
+
+def ssh_lines(lab: AgentLab) -> list[str]:
+    """The management SSH connections in the node's table (the agent's own, port 830)."""
+    return [line for line in lab.conntrack("-L").stdout.splitlines() if "port=830 " in line]
+
+
+def test_on_20k_sessions_a_catch_up_writes_its_entries_refuses_a_clash_and_the_list_goes_without_the_management_connections(
+        lab: AgentLab, node: NodeClient) -> None:
+    table = [NatSession("TCP" if i % 2 else "UDP", f"10.0.0.{2 + i % 250}", 1024 + i // 250, f"198.51.100.{1 + i % 7}", 443 if i % 2 else 53,
+                        "203.0.113.1", 1024 + i, "ESTABLISHED" if i % 2 else None, 600) for i in range(20_000)]
+    node.edit_sessions(table, target="running", operation=None)
+    # The catch-up: 100 sessions created and 50 closed on the source while it copied.
+    new = [S(p) for p in range(30000, 30100)]
+    gone = table[::400]
+    node.edit_mixed([("create", s) for s in new] + [("delete", s.key) for s in gone], target="running")
+    got = {s.key: s.public for s in node.get_sessions()}
+    assert got == {s.key: s.public for s in [*table, *new] if s not in gone}
+    # A session on the reply tuple of one the edit does not name: refused whole, the table unchanged.
+    t = table[12_345]
+    clash = NatSession(t.protocol, "10.0.0.253", 9, t.dst_address, t.dst_port, "203.0.113.1", t.translated_port, t.tcp_state, 600)
+    before = kernel(lab)
+    for extra in ([], [("delete", new[0].key)]):
+        with pytest.raises(NetconfError) as e:
+            node.edit_mixed([("create", S(40000)), ("create", clash), *extra], target="running")
+        assert e.value.tag == "operation-failed" and e.value.__cause__.app_tag == "data-not-unique"  # type: ignore[union-attr]
+        assert "[nats:src_address='10.0.0.253'][nats:src_port='9']" in (e.value.path or "") and (e.value.path or "").endswith("translated_port")
+        assert "already used by" in (e.value.message or "")
+        assert kernel(lab) == before
+    # The whole list goes; the agent's own SSH connections (entries, not sessions) stay.
+    ssh = ssh_lines(lab)
+    assert ssh
+    node.delete_sessions(None, target="running")
+    assert nat_lines(lab) == [] and len(ssh_lines(lab)) >= len(ssh)
+    assert node.get_sessions() == [] and node.get_admission() is True  # the session still works
