@@ -32,14 +32,17 @@ from natmig.model import NatSession  # noqa: E402
 
 TARGETS = {("get-config", 10_000): 0.3, ("get-config", 100_000): 3.0, ("edit-config", 10_000): 0.4, ("edit-config", 100_000): 4.0}
 SMALL_P50_MS = 5.0
+CATCH_UP_NEW, CATCH_UP_GONE = 100, 50
+#: A catch-up must not grow with the table: the same bound at every size.
+CATCH_UP_TARGET = 0.05
 RSS_MB = 300
 MONITORING_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
 
 
-def table(n: int, public: str = "203.0.113.1") -> list[NatSession]:
-    """n sessions with distinct keys and distinct public (protocol, port): TCP first, then UDP."""
+def table(n: int, public: str = "203.0.113.1", offset: int = 0) -> list[NatSession]:
+    """n sessions with distinct keys and distinct public (protocol, port): TCP first, then UDP; ``offset`` numbers them on."""
     out = []
-    for i in range(n):
+    for i in range(offset, offset + n):
         proto, j = ("TCP", i) if i < 64000 else ("UDP", i - 64000)
         out.append(NatSession(
             proto, f"10.0.{(i >> 8) & 255}.{i & 255}", 1024 + i % 50000, f"198.51.100.{1 + i // 50000}", 443 if proto == "TCP" else 53,
@@ -107,12 +110,30 @@ def main() -> int:
             if n == max(sizes):
                 small_big = p50_ms(lambda: c.get_sessions(key=sessions[n // 2].key), max(10, args.small // 10))
                 rss, hwm = rss_mb(lab.pid)
-            floor_dump = floor_restore = None
+            # A migration's catch-up (100 created, 50 closed) and its retire (the whole list), into this table.
+            catch_ups, deletes_all = [], []
+            extra = table(CATCH_UP_NEW, offset=n)
+            for r in range(args.runs):
+                gone = sessions[r * CATCH_UP_GONE:(r + 1) * CATCH_UP_GONE]
+                changes = [("create", s) for s in extra] + [("delete", s.key) for s in gone]
+                catch_ups.append(timed(lambda: c.edit_mixed(changes, target="running")))
+                c.edit_mixed([("delete", s.key) for s in extra] + [("create", s) for s in gone], target="running")
+            for r in range(args.runs):
+                deletes_all.append(timed(lambda: c.delete_sessions(None, target="running")))
+                if r + 1 < args.runs:
+                    c.edit_sessions(sessions, target="running", operation=None)
+            floor_dump = floor_restore = floor_delete = None
+            c.edit_sessions(sessions, target="running", operation=None)
             if args.provider == "conntrack":
                 floor_dump = statistics.median(timed(lambda: lab.conntrack("-L")) for _ in range(args.runs))
                 saved = lab.conntrack("-L", "-o", "save").stdout
-                lab.conntrack("-F")  # the lab's own namespace
+                floor_delete = timed(lambda: lab.conntrack("-D", "--reply-dst", lab.public_address, check=False))
                 floor_restore = timed(lambda: netns.run(["conntrack", "-R", "-"], lab.nat_ns, input=saved, timeout=300))
+            rows.append((n, f"catch-up edit ({CATCH_UP_NEW} new + {CATCH_UP_GONE} deleted)", f"{statistics.median(catch_ups):.3f}",
+                         f"{floor_rpc / 1000:.3f}", f"{CATCH_UP_TARGET:.2f}", verdict(statistics.median(catch_ups), CATCH_UP_TARGET)))
+            ok &= statistics.median(catch_ups) <= CATCH_UP_TARGET
+            rows.append((n, "delete of the whole list", f"{statistics.median(deletes_all):.3f}",
+                         f"{floor_delete:.3f}" if floor_delete is not None else "-", "-", "-"))
             for op, t, floor in (("edit-config", statistics.median(edits), floor_restore), ("get-config", statistics.median(gets), floor_dump)):
                 target = TARGETS.get((op, n))
                 rows.append((n, op, f"{t:.3f}", f"{floor:.3f}" if floor is not None else "-", f"{target:.1f}" if target else "-", verdict(t, target) if target else "-"))
@@ -120,7 +141,8 @@ def main() -> int:
             c.delete_sessions(None, target="running")
         c.close()
     print_table(f"NETCONF agent over SSH, provider {args.provider}, median of {args.runs} (seconds)", ["sessions", "operation", "time", "raw floor", "target", ""], rows)
-    print("  raw floor: conntrack -R (edit) / conntrack -L (get) of the same table in the same namespace")
+    print("  raw floor: conntrack -R (edit) / conntrack -L (get) / conntrack -D --reply-dst (delete of the whole list) of the same table"
+          " in the same namespace; for the catch-up, an RPC that reads no table")
     print(f"\nsmall RPC (get-config filtered to one session), p50 of {args.small}:")
     print(f"  table of 10 sessions:        {small_few:.2f} ms (target {SMALL_P50_MS} ms: {verdict(small_few, SMALL_P50_MS)})")
     if small_big is not None:
