@@ -6,7 +6,7 @@ How each operation reaches the kernel (measured, see docs/provider.md):
 * statistics: the same read, counted and digested by :mod:`.cttext` without
   building the sessions.
 * lookup: one ctnetlink GET per key over a socket kept open
-  (:class:`.ctnetlink.EntryReader`): no process start, no table dump.
+  (:class:`.ctread.EntryReader`): no process start, no table dump.
 * apply: :mod:`.ctnetlink`: new sessions (one precompiled struct per
   protocol packs each create message; some three times faster than the
   tool's own ``conntrack -R``), in-place updates and the deletes of
@@ -37,7 +37,7 @@ from ..errors import ProviderError
 from ..gcpause import gc_paused
 from ..model import NatSession, SessionKey, format_digest, format_key, index_by_key
 from . import ctnetlink as nl
-from . import cttext
+from . import ctread, cttext
 from .natnode import NatNode
 from .ctbatch import ApplyPlan, DEFAULT_TIMEOUT_SYSCTL, held_elsewhere, invalid_entries, invalid_keys, plan_apply, timeout_key, validate
 from .provider import ApplyError, SessionEvent, SessionProvider, Snapshot, Watch, check_batch, check_batch_by_holders
@@ -113,7 +113,7 @@ class ConntrackProvider(SessionProvider):
         self._defaults: dict[tuple[str, object], int] | None = None
         # One socket for every lookup: opening one in the namespace costs a
         # setns pair per call, and a lookup is meant to take well under a millisecond.
-        self._reader = nl.EntryReader(netns)
+        self._reader = ctread.EntryReader(netns)
 
     # -- reading -----------------------------------------------------------
 
@@ -248,7 +248,7 @@ class ConntrackProvider(SessionProvider):
         """:meth:`lookup` of valid, distinct keys by GET."""
         out: list[NatSession] = []
         for i, attrs in self._reader.read(keys):
-            s = nl.entry_session(attrs)
+            s = ctread.entry_session(attrs)
             # The kernel finds a tuple in either direction: a key equal to
             # another entry's reply tuple returns that entry, which is not this key's.
             if s is not None and s.key == keys[i]:
@@ -316,9 +316,9 @@ class ConntrackProvider(SessionProvider):
         taken: dict[cttext.ReplyKey, cttext.EntryTuple] = {}
         for i, attrs in self._reader.read(asked, nl.ICMP_ECHO_REPLY):
             r = replies[i]
-            held = nl.entry_session(attrs)
+            held = ctread.entry_session(attrs)
             if held is None:
-                t = nl.entry_tuple(attrs)
+                t = ctread.entry_tuple(attrs)
                 if t is not None:
                     taken[r] = t
             elif held.reply_key == r:

@@ -1,4 +1,4 @@
-"""ctnetlink for what apply and lookup write and read: creates, updates, deletes, GETs.
+"""ctnetlink messages for what apply, delete and lookup send: creates, updates, deletes, GETs.
 
 Every write goes straight to the kernel here: one netlink message per
 session, sent in batches without NLM_F_ACK, the kernel's per-message errors
@@ -7,9 +7,11 @@ worse at each: ``-R`` loads TCP/UDP creates three times slower than
 :func:`create_sessions` (whose messages :class:`CreateEncoder` packs with one
 precompiled struct per protocol), cannot give an ICMP session a translated
 echo identifier, and its ``-D``/``-U`` lines dump the whole table once per
-line (10,000 deletes took minutes).  :func:`create_attrs` and friends are
-the readable encoders: the reference the fast one is tested against, and
-what the few updates, deletes and undos use.
+line (10,000 deletes took minutes).  Deletes and GETs name an entry by one
+tuple (:class:`TupleEncoder`, one struct per protocol too; :func:`delete_keys`).
+:func:`create_attrs`, :func:`tuple_op` and friends are the readable
+encoders: the references the fast ones are tested against, and what the few
+updates and undos use.  Reading entries back is :mod:`.ctread`'s.
 
 The socket is opened inside the node's namespace by switching only the
 calling thread into it for the ``socket()`` call; a netlink socket stays in
@@ -611,7 +613,7 @@ def reply_tuple(s: NatSession) -> Tuple5:
     """The tuple a session's replies arrive with (remote -> public endpoint), what must be unique.
 
     Sent with ICMP type echo-reply, a GET of it finds the entry holding it,
-    in whichever direction (:meth:`EntryReader.read`).
+    in whichever direction (:meth:`.ctread.EntryReader.read`).
     """
     if s.protocol == "ICMP":
         return ("ICMP", s.dst_address, s.translated_port, s.translated_address, 0)
@@ -712,7 +714,7 @@ def delete_keys(netns: str | None, keys: Sequence[Tuple5]) -> tuple[int, dict[in
     return len(keys) - missing - len(other), other
 
 
-# -- reading single entries (CT_GET) ------------------------------------------
+# -- decoding attributes -------------------------------------------------------
 
 
 def parse_attrs(buf: bytes, off: int = 0, end: int | None = None) -> dict[int, bytes]:
@@ -726,216 +728,3 @@ def parse_attrs(buf: bytes, off: int = 0, end: int | None = None) -> dict[int, b
         out[kind & NLA_TYPE_MASK] = buf[off + 4:off + ln]
         off += (ln + 3) & ~3
     return out
-
-
-@dataclass(frozen=True)
-class CtTuple:
-    """One direction of a conntrack entry (IPv4): for ICMP ``sport`` is the identifier and ``itype`` the type."""
-
-    proto: int
-    src: str
-    dst: str
-    sport: int
-    dport: int
-    itype: int = 0
-
-
-def parse_tuple(payload: bytes) -> CtTuple | None:
-    """A CTA_TUPLE_* payload, or None when it is not IPv4."""
-    a = parse_attrs(payload)
-    ip = parse_attrs(a.get(CTA_TUPLE_IP, b""))
-    l4 = parse_attrs(a.get(CTA_TUPLE_PROTO, b""))
-    src, dst, num = ip.get(CTA_IP_V4_SRC), ip.get(CTA_IP_V4_DST), l4.get(CTA_PROTO_NUM)
-    if src is None or dst is None or len(src) != 4 or len(dst) != 4 or not num:
-        return None
-    proto = num[0]
-
-    def be16(kind: int) -> int:
-        v = l4.get(kind)
-        return struct.unpack("!H", v[:2])[0] if v and len(v) >= 2 else 0
-
-    if proto == PROTO_NUMBERS["ICMP"]:
-        t = l4.get(CTA_PROTO_ICMP_TYPE)
-        return CtTuple(proto, socket.inet_ntoa(src), socket.inet_ntoa(dst), be16(CTA_PROTO_ICMP_ID), 0, t[0] if t else 0)
-    return CtTuple(proto, socket.inet_ntoa(src), socket.inet_ntoa(dst), be16(CTA_PROTO_SRC_PORT), be16(CTA_PROTO_DST_PORT))
-
-
-def _be32(attrs: dict[int, bytes], kind: int) -> int | None:
-    v = attrs.get(kind)
-    return struct.unpack("!I", v[:4])[0] if v is not None and len(v) >= 4 else None
-
-
-def _tcp_state(attrs: dict[int, bytes]) -> str | None:
-    tcp = parse_attrs(parse_attrs(attrs.get(CTA_PROTOINFO, b"")).get(CTA_PROTOINFO_TCP, b""))
-    st = tcp.get(CTA_PROTOINFO_TCP_STATE)
-    return TCP_STATE_NAMES.get(st[0]) if st else None
-
-
-def entry_session(attrs: dict[int, bytes]) -> NatSession | None:
-    """The session of one ctnetlink entry (its top-level attributes), by the rules of ``conntrack -L`` parsing.
-
-    None for what :meth:`ConntrackProvider.list` leaves out: not source-NATed
-    (the reply comes back to the original source), destination-NATed (the
-    reply comes from elsewhere), ICMP other than echo, TCP without a known
-    state, other protocols, IPv6.  Must agree with :func:`.cttext.parse_table`
-    (the functional test compares the two on the same table).
-    """
-    o, r = parse_tuple(attrs.get(CTA_TUPLE_ORIG, b"")), parse_tuple(attrs.get(CTA_TUPLE_REPLY, b""))
-    if o is None or r is None or o.proto != r.proto or o.proto not in PROTO_NAMES:
-        return None
-    proto = PROTO_NAMES[o.proto]
-    if proto == "ICMP":
-        if o.itype != ICMP_ECHO_REQUEST or r.src != o.dst or (r.dst == o.src and r.sport == o.sport):
-            return None
-        dst_port, translated_port = 0, r.sport
-    else:
-        if (r.dst == o.src and r.dport == o.sport) or r.src != o.dst or r.sport != o.dport:
-            return None
-        dst_port, translated_port = o.dport, r.dport
-    tcp_state = None
-    if proto == "TCP":
-        tcp_state = _tcp_state(attrs)
-        if tcp_state is None:
-            return None
-    timeout = _be32(attrs, CTA_TIMEOUT)
-    status = _be32(attrs, CTA_STATUS) or 0
-    return NatSession(
-        proto, o.src, o.sport, o.dst, dst_port, r.dst, translated_port, tcp_state,
-        None if timeout is None else max(1, timeout), bool(status & IPS_ASSURED), _be32(attrs, CTA_MARK) or 0,
-    )
-
-
-def entry_tuple(attrs: dict[int, bytes]) -> Tuple5 | None:
-    """The original tuple of one ctnetlink entry in :data:`Tuple5` form (protocol by name), as :func:`.cttext.parse_table` records an entry that is not a session."""
-    o = parse_tuple(attrs.get(CTA_TUPLE_ORIG, b""))
-    if o is None:
-        return None
-    return (PROTO_NAMES.get(o.proto, str(o.proto)), o.src, o.sport, o.dst, o.dport)
-
-
-_GETS = {t: TupleEncoder(IPCTNL_MSG_CT_GET, NLM_F_ACK, t) for t in (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY)}
-_ANSWER = struct.Struct("=IHH4sI")  # nlmsghdr: length, type, flags, seq as sent (big-endian), port id
-_CT_NEW_ANSWER = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
-IPCTNL_MSG_CT_GET_STATS = 5
-CTA_STATS_GLOBAL_ENTRIES = 1
-
-
-class EntryReader:
-    """Reads single entries of one namespace's table by tuple, over one ctnetlink socket kept open.
-
-    One GET per tuple (``IPCTNL_MSG_CT_GET``, packed by :class:`TupleEncoder`),
-    sent in batches; each request is acknowledged, so every request gets
-    exactly one NLMSG_ERROR (0 after its entry, ENOENT when there is none)
-    and the reader knows when a batch is complete.  Thread-safe: one request
-    at a time.  The socket is opened at the first read and reopened after a failure.
-    """
-
-    #: Seconds to wait for the kernel's answers to one batch (it answers synchronously).
-    TIMEOUT = 5.0
-
-    def __init__(self, netns: str | None) -> None:
-        self.netns = netns
-        self._sock: socket.socket | None = None
-        self._lock = threading.Lock()
-        self._seq = 0
-
-    def read(self, tuples: Sequence[Tuple5], icmp_type: int = ICMP_ECHO_REQUEST) -> list[tuple[int, dict[int, bytes]]]:
-        """The entry (top-level attributes) holding each tuple, in either direction, as (index, attrs).
-
-        ``icmp_type``: what an ICMP tuple carries, echo request for keys
-        (original tuples), echo reply for :func:`reply_tuple`.  Tuples must be
-        valid (:func:`.ctbatch.invalid_keys`).
-        """
-        found: list[tuple[int, dict[int, bytes]]] = []
-        enc = _GETS[icmp_type]
-        with self._lock:
-            try:
-                for start in range(0, len(tuples), BATCH):
-                    self._batch(enc, tuples, start, min(start + BATCH, len(tuples)), found)
-            except OSError as e:
-                self._drop()
-                raise NetlinkError(f"ctnetlink GET in {self.netns}: {e}") from e
-        return found
-
-    def count(self) -> int:
-        """How many entries the namespace's table holds now, translated or not (one CT_GET_STATS: no dump).
-
-        What the provider weighs a read by key against a read of the whole table with.
-        """
-        with self._lock:
-            try:
-                sock = self._socket()
-                seq = self._seq = (self._seq + 1) & 0x7FFFFFFF
-                body = struct.pack("=BBH", socket.AF_INET, 0, 0)
-                head = _NL_HEAD.pack(20, (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET_STATS, NLM_F_REQUEST | NLM_F_ACK)
-                sock.sendto(head + _SEQ.pack(seq) + b"\0\0\0\0" + body, (0, 0))
-                entries: int | None = None
-                while True:
-                    data = sock.recv(1 << 16)
-                    off = 0
-                    while off + 16 <= len(data):
-                        ln, typ, _flags, raw_seq, _pid = _ANSWER.unpack_from(data, off)
-                        if ln < 16:
-                            break
-                        if _SEQ.unpack(raw_seq)[0] == seq:
-                            if typ == NLMSG_ERROR:
-                                (code,) = struct.unpack_from("=i", data, off + 16)
-                                if code != 0:
-                                    raise NetlinkError(f"ctnetlink GET_STATS in {self.netns}: {describe(-code)}")
-                                if entries is None:
-                                    raise NetlinkError(f"ctnetlink GET_STATS in {self.netns}: no count in the answer")
-                                return entries
-                            entries = _be32(parse_attrs(data, off + 20, off + ln), CTA_STATS_GLOBAL_ENTRIES)
-                        off += (ln + 3) & ~3
-            except OSError as e:
-                self._drop()
-                raise NetlinkError(f"ctnetlink GET_STATS in {self.netns}: {e}") from e
-
-    def _socket(self) -> socket.socket:
-        if self._sock is None:
-            self._sock = open_socket(self.netns)
-            self._sock.settimeout(self.TIMEOUT)
-        return self._sock
-
-    def _batch(self, enc: TupleEncoder, tuples: Sequence[Tuple5], start: int, stop: int, found: list) -> None:
-        sock = self._socket()
-        base = self._seq
-        self._seq = (self._seq + stop - start) & 0x7FFFFFFF
-        # Numbered base + 1 onwards; seq - (base + 1 - start) is the index into tuples.
-        seq0 = base + 1 - start
-        buf = bytearray((stop - start) * enc.max)
-        sock.sendto(memoryview(buf)[:enc.pack(buf, tuples, start, stop, seq0)], (0, 0))
-        pending = set(range(base + 1, base + 1 + stop - start))
-        errors: dict[int, int] = {}
-        unpack_seq = _SEQ.unpack
-        while pending:
-            data = sock.recv(1 << 20)
-            off = 0
-            while off + 16 <= len(data):
-                ln, typ, _flags, raw_seq, _pid = _ANSWER.unpack_from(data, off)
-                if ln < 16:
-                    break
-                (seq,) = unpack_seq(raw_seq)
-                # Answers to another batch (one abandoned by a failure) are skipped by their seq.
-                if seq in pending:
-                    if typ == NLMSG_ERROR:
-                        (code,) = struct.unpack_from("=i", data, off + 16)
-                        pending.discard(seq)
-                        if code not in (0, -errno.ENOENT):
-                            errors[seq - seq0] = -code
-                    elif typ == _CT_NEW_ANSWER:
-                        found.append((seq - seq0, parse_attrs(data, off + 20, off + ln)))  # after nfgenmsg
-                off += (ln + 3) & ~3
-        if errors:
-            i, e = next(iter(errors.items()))
-            raise NetlinkError(f"ctnetlink GET in {self.netns} refused {len(errors)} tuple(s), e.g. #{i}: {describe(e)}")
-
-    def _drop(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def close(self) -> None:
-        """Close the socket (a later read opens a new one)."""
-        with self._lock:
-            self._drop()

@@ -1,7 +1,7 @@
 """Unit tests (no root) of the ctnetlink encoding and decoding used by ConntrackProvider.
 
 Entries are encoded here the way the kernel sends them (the NATed reply
-tuple), decoded by :func:`ctnetlink.entry_session`, and compared with what
+tuple), decoded by :func:`ctread.entry_session`, and compared with what
 ``conntrack -L`` parsing gives for the same entry: lookup and list must agree.
 The fast create encoder (:class:`ctnetlink.CreateEncoder`) is compared byte
 for byte with :func:`ctnetlink.create_attrs`, its readable reference.
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natmig.agent import ctnetlink as nl
-from natmig.agent import cttext
+from natmig.agent import ctread, cttext
 from natmig.agent.ctbatch import validate
 from natmig.model import NatSession
 
@@ -60,14 +60,14 @@ def of_session(s: NatSession) -> dict[int, bytes]:
 def test_decoded_entry_is_what_list_parses_from_the_same_entry(s: NatSession) -> None:
     if s.protocol == "ICMP" and s.translated_port == s.src_port:
         return  # not translated by definition; covered below
-    got = nl.entry_session(of_session(s))
+    got = ctread.entry_session(of_session(s))
     assert got == s
     assert cttext.parse_table(render_list_line(s)).sessions == [got]
 
 
 def test_what_list_leaves_out_lookup_leaves_out() -> None:
     tcp = ("10.0.0.2", "198.51.100.7", 4000, 80)
-    assert nl.entry_session(kernel_entry("TCP", tcp, ("198.51.100.7", "203.0.113.1", 80, 20001), state=3)) is not None
+    assert ctread.entry_session(kernel_entry("TCP", tcp, ("198.51.100.7", "203.0.113.1", 80, 20001), state=3)) is not None
     cases = {
         "not translated": kernel_entry("UDP", tcp, ("198.51.100.7", "10.0.0.2", 80, 4000)),
         "destination-NATed": kernel_entry("UDP", tcp, ("10.0.0.50", "10.0.0.2", 80, 4000)),
@@ -78,21 +78,21 @@ def test_what_list_leaves_out_lookup_leaves_out() -> None:
         "no tuples": {},
     }
     for why, attrs in cases.items():
-        assert nl.entry_session(attrs) is None, why
+        assert ctread.entry_session(attrs) is None, why
     # Another protocol (SCTP, 132): the tuple has ports but the module has no such protocol.
     sctp = nl.parse_attrs(
         nl._nest(nl.CTA_TUPLE_ORIG, nl._nest(nl.CTA_TUPLE_IP, nl._attr(nl.CTA_IP_V4_SRC, socket.inet_aton("10.0.0.2")), nl._attr(nl.CTA_IP_V4_DST, socket.inet_aton("198.51.100.7"))),
                  nl._nest(nl.CTA_TUPLE_PROTO, nl._attr(nl.CTA_PROTO_NUM, bytes([132]))))
     )
-    assert nl.entry_session(sctp | {nl.CTA_TUPLE_REPLY: sctp[nl.CTA_TUPLE_ORIG]}) is None
+    assert ctread.entry_session(sctp | {nl.CTA_TUPLE_REPLY: sctp[nl.CTA_TUPLE_ORIG]}) is None
 
 
 def test_decoding_details() -> None:
     tcp, rep = ("10.0.0.2", "198.51.100.7", 4000, 80), ("198.51.100.7", "203.0.113.1", 80, 20001)
-    s = nl.entry_session(kernel_entry("TCP", tcp, rep, state=9, timeout=0, mark=None, status=nl.IPS_ASSURED | nl.IPS_SEEN_REPLY))
+    s = ctread.entry_session(kernel_entry("TCP", tcp, rep, state=9, timeout=0, mark=None, status=nl.IPS_ASSURED | nl.IPS_SEEN_REPLY))
     # SYN_SENT2 (which conntrack prints as LISTEN), a zero timeout read as 1, no mark attribute = 0.
     assert s == NatSession("TCP", "10.0.0.2", 4000, "198.51.100.7", 80, "203.0.113.1", 20001, "SYN_SENT2", 1, True, 0)
-    assert nl.entry_session(kernel_entry("UDP", tcp, rep, timeout=None)).timeout is None
+    assert ctread.entry_session(kernel_entry("UDP", tcp, rep, timeout=None)).timeout is None
     # A truncated attribute ends the parse instead of looping.
     assert nl.parse_attrs(b"\x02\x00\x01\x00") == {}
 
@@ -161,7 +161,7 @@ def test_fast_create_message_says_what_the_kernel_needs() -> None:
     assert (ln, typ) == (len(msg), nl.NFNL_SUBSYS_CTNETLINK << 8 | nl.IPCTNL_MSG_CT_NEW)
     assert flags == nl.NLM_F_REQUEST | nl.NLM_F_CREATE | nl.NLM_F_EXCL  # no NLM_F_ACK: errors only
     a = nl.parse_attrs(msg, 20)
-    assert nl.parse_tuple(a[nl.CTA_TUPLE_REPLY]) == nl.CtTuple(6, "198.51.100.7", "10.0.0.2", 80, 20001)
+    assert ctread.parse_tuple(a[nl.CTA_TUPLE_REPLY]) == ctread.CtTuple(6, "198.51.100.7", "10.0.0.2", 80, 20001)
     nat = nl.parse_attrs(a[nl.CTA_NAT_SRC])
     ports = nl.parse_attrs(nat[nl.CTA_NAT_PROTO])
     assert ports[nl.CTA_PROTONAT_PORT_MIN] == ports[nl.CTA_PROTONAT_PORT_MAX] == struct.pack("!H", 20001)
@@ -240,9 +240,9 @@ def test_a_reply_tuple_is_what_the_kernel_holds_in_the_reply_direction() -> None
     # The kernel's own reply tuple of a translated entry (of_session above) is what a GET of reply_tuple() names.
     for s in (NatSession("TCP", "10.0.0.2", 4000, "198.51.100.7", 80, "203.0.113.1", 20001, "ESTABLISHED"),
               NatSession("ICMP", "10.0.0.2", 7, "198.51.100.7", 0, "203.0.113.1", 20002)):
-        asked = nl.parse_tuple(nl.tuple_op(nl.IPCTNL_MSG_CT_GET, 0, nl.reply_tuple(s), nl.ICMP_ECHO_REPLY).attrs[4:])
-        assert asked == nl.parse_tuple(of_session(s)[nl.CTA_TUPLE_REPLY])
-    assert nl.entry_tuple(of_session(s)) == ("ICMP", "10.0.0.2", 7, "198.51.100.7", 0)
+        asked = ctread.parse_tuple(nl.tuple_op(nl.IPCTNL_MSG_CT_GET, 0, nl.reply_tuple(s), nl.ICMP_ECHO_REPLY).attrs[4:])
+        assert asked == ctread.parse_tuple(of_session(s)[nl.CTA_TUPLE_REPLY])
+    assert ctread.entry_tuple(of_session(s)) == ("ICMP", "10.0.0.2", 7, "198.51.100.7", 0)
 
 
 keys = st.one_of(
