@@ -7,20 +7,34 @@ How each operation reaches the kernel (measured, see docs/provider.md):
   building the sessions.
 * lookup: one ctnetlink GET per key over a socket kept open
   (:class:`.ctread.EntryReader`): no process start, no table dump.
+* check: one GET per reply tuple of the batch: who holds it, a session or
+  an entry that is not one.
 * apply: :mod:`.ctnetlink`: new sessions (one precompiled struct per
   protocol packs each create message; some three times faster than the
   tool's own ``conntrack -R``), in-place updates and the deletes of
   replaced sessions.
-* delete: :mod:`.ctnetlink`, one message per key, batched.
+* delete: :mod:`.ctnetlink`, one message per key (one struct packs it),
+  batched; all: one dump, then the same.
 * watch: ``conntrack -E`` in the namespace, read by a thread.
 
-apply is all-or-nothing: every entry is validated and the batch is checked
-against the live table (:func:`check_batch`, and the tuples of untranslated
-entries: :func:`.ctbatch.held_elsewhere`) before anything is written, so
-a refused batch touches nothing.  Every session is created with its public
-port pinned, so the kernel refuses rather than picks another port.  If the kernel still refuses part of it
-(a session created by traffic in between), what was written is undone:
-created sessions are deleted, replaced ones recreated, updated ones set back.
+Writing or deleting K sessions costs O(K) at any table size: lookup, check
+and apply read the K entries by key, unless K is about as large as the
+table (:meth:`ConntrackProvider._reads_by_key` weighs a GET per key against
+one dump, the table's size being one CT_GET_STATS away), when one dump
+serves them.
+
+apply is all-or-nothing.  By key: every entry is validated and the batch
+checked against itself (:func:`.provider.check_batch_by_holders`); a reply
+tuple held by the rest of the table is the kernel's to refuse -- every
+session is created with its public port pinned, so a create on a taken
+reply tuple fails with EEXIST rather than getting another port -- and then
+what was written is undone and each offender named by a GET of its reply
+tuple, in the words of check_batch and held_elsewhere.  By dump: the batch
+is checked against the whole table (:func:`check_batch`, and the tuples of
+untranslated entries: :func:`.ctbatch.held_elsewhere`) before anything is
+written.  Either way, if the kernel refuses part of it (a session created
+by traffic in between), what was written is undone: created sessions are
+deleted, replaced ones recreated, updated ones set back.
 """
 
 from __future__ import annotations
@@ -52,13 +66,15 @@ LIST_CHUNK = 1 << 20
 STREAM_BATCH = 256 << 10
 #: The kernel's entry count of the namespace the reading process lives in.
 CONNTRACK_COUNT = "/proc/sys/net/netfilter/nf_conntrack_count"
-#: What a read costs, in microseconds (measured, docs/provider.md): a GET
-#: per key (encoded, answered, decoded), against a ``conntrack -L`` dump's
-#: start and its cost per entry listed.  They decide between reading a
-#: batch's entries by key and reading the whole table (:meth:`ConntrackProvider._reads_by_key`).
-KEY_READ_US = 30.0
-DUMP_START_US = 10_000.0
-LINE_READ_US = 5.0
+#: What a read costs, in microseconds, measured here (2 cores; docs/provider.md):
+#: a GET per key, encoded, answered and decoded (a key found 37-56 us, one
+#: missing 6-8 us), against a ``conntrack -L`` dump (an empty table 16 ms,
+#: then ~10 us per entry parsed, 10k and 100k alike).  They decide between
+#: reading a batch's entries by key and reading the whole table
+#: (:meth:`ConntrackProvider._reads_by_key`): by key up to ~375 + N/4 entries.
+KEY_READ_US = 40.0
+DUMP_START_US = 15_000.0
+LINE_READ_US = 10.0
 
 
 def _distinct(keys: Iterable[SessionKey], what: str) -> list[SessionKey]:

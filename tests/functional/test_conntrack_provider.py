@@ -243,7 +243,9 @@ def test_kernel_refusal_in_a_later_netlink_batch_is_named_and_rolled_back(net: T
     # Creates reach the kernel in batches of CREATE_BATCH messages: the
     # refused one sits in the third, after two full batches were created.
     # All TCP, the largest message: a batch is larger than a netlink socket's
-    # default send buffer.
+    # default send buffer.  The batch is read against a dump of the table
+    # (the path of a batch larger than the table; by key: test_conntrack_keyed).
+    monkeypatch.setattr(ConntrackProvider, "_reads_by_key", lambda self, k: False)
     a, _ = providers(net)
     a.apply(synthetic(30))
     before = comparable(a.list().sessions)
@@ -269,6 +271,7 @@ def test_kernel_refusal_in_a_later_netlink_batch_is_named_and_rolled_back(net: T
     assert comparable(a.list().sessions) == before
     # Refused by a check instead (a foreign address at the end): nothing was sent at all.
     monkeypatch.undo()
+    monkeypatch.setattr(ConntrackProvider, "_reads_by_key", lambda self, k: False)
     with pytest.raises(ApplyError) as ei:
         a.apply([*fresh, dataclasses.replace(fresh[0], src_port=9, translated_address="203.0.113.77")])
     assert len(ei.value.problems) == 1
@@ -278,10 +281,14 @@ def test_kernel_refusal_in_a_later_netlink_batch_is_named_and_rolled_back(net: T
     assert len(a.list().sessions) == len(before) + len(fresh)
 
 
-def test_reply_tuple_held_by_an_untranslated_connection_is_refused_not_remapped(net: TwoNatNet, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("by_key", [False, True], ids=["by-dump", "by-key"])
+def test_reply_tuple_held_by_an_untranslated_connection_is_refused_not_remapped(net: TwoNatNet, monkeypatch: pytest.MonkeyPatch, by_key: bool) -> None:
     # Entries that are not sessions but hold what a session's reply tuple needs.
     # Without the check the kernel silently gave the TCP session another
-    # public port (asked 20005, got 23090): not "exactly as given".
+    # public port (asked 20005, got 23090): not "exactly as given".  By dump
+    # the check refuses before writing; by key the kernel refuses (the port
+    # is pinned), the batch is undone and a GET of the reply tuple names the holder.
+    monkeypatch.setattr(ConntrackProvider, "_reads_by_key", lambda self, k: by_key)
     a, _ = providers(net)
     holders = {
         # inbound, untranslated: its original tuple is the reply tuple of 203.0.113.1:20005 <-> 198.51.100.1:80
