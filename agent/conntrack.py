@@ -356,9 +356,10 @@ class ConntrackProvider(SessionProvider):
         Checked before writing: the entries themselves and the batch against
         itself.  The rest of check_batch's rule is the kernel's: a create
         whose reply tuple another entry holds fails with EEXIST (the public
-        port is pinned), and what was written is undone.  Only then is each
-        entry's reply tuple looked up, so that every offender is named as a
-        read of the whole table would name it.
+        port is pinned), and what was written (creates of new keys: a
+        refusal deletes them, the table is as before) is undone.  Only then
+        is each entry's reply tuple looked up, so that every offender is
+        named as a read of the whole table would name it.
         """
         problems = invalid_entries(batch)
         rest = _without(batch, problems)
@@ -368,6 +369,14 @@ class ConntrackProvider(SessionProvider):
             problems.update(self._check_by_key(rest))
             raise ApplyError(problems)
         existing = index_by_key(self._get([s.key for s in batch]))
+        if any((old := existing.get(s.key)) is not None and old.public != s.public for s in batch):
+            # A session moved to another public port is deleted before its
+            # new form is created: were that refused, the old one could only
+            # be recreated (its counters lost).  Such a batch (rare: a key
+            # re-translated) is checked first, so that a refusal touches nothing.
+            problems = self._check_by_key(batch)
+            if problems:
+                raise ApplyError(problems)
         try:
             self._write(batch, existing)
         except ApplyError as e:

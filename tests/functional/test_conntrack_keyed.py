@@ -153,7 +153,7 @@ def test_a_clash_left_to_the_kernel_is_named_as_the_check_names_it_and_rolled_ba
         assert ei.value.problems[clash.key].startswith("kernel refused to create it: EEXIST")
         assert comparable(a.list().sessions) == before
         monkeypatch.undo()
-        # A key moved onto a taken reply tuple: its old session is put back.
+        # A key moved onto a taken reply tuple: checked first, nothing written (its old session keeps its counters).
         moved = dataclasses.replace(table[1], translated_port=table[4].translated_port, dst_address=table[4].dst_address,
                                     dst_port=table[4].dst_port) if table[1].protocol == table[4].protocol else None
         assert moved is not None
