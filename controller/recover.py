@@ -135,6 +135,9 @@ class Recovery:
             self._act()
         except NatmigError as e:
             r.error = str(e)
+            if "does not match" in (getattr(e, "message", None) or str(e)):
+                r.error += (f" (a confirmed commit of another migration than {self.source.name} -> {self.target.name} is pending: "
+                            "run recover with that migration's --from and --to)")
         finally:
             r.traffic_on = self._active()
             r.now = self._views()

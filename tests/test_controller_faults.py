@@ -306,3 +306,16 @@ def test_a_rerun_while_a_dead_migrations_copy_is_pending_fails_naming_recover():
     assert not r.ok and r.failed_phase == "copy"
     assert any("interrupted migration is still pending" in n and "natmig recover" in n for n in r.notes), r.notes
     assert sw.moves == [] and src.provider.admission()
+
+
+def test_recover_of_the_wrong_pair_says_which_migration_is_pending():
+    from natmig.controller.recover import recover
+
+    src, tgt, sw = setup(10)
+    open_src, open_tgt = kill_at(src, tgt, sw, tgt, "commit", 2)  # the copy stays pending on nat2
+    Migration(Endpoint("nat1", open_src), Endpoint("nat2", open_tgt), sw, MigrateOptions()).run()
+    for n in (src, tgt):
+        n.hooks.clear()
+    r = recover(Endpoint("nat2", tgt.session), Endpoint("nat1", src.session), sw)  # nat2 -> nat1: not the one pending
+    assert not r.ok and "another migration than nat2 -> nat1" in r.error
+    assert tgt.shared["pending"] is not None  # nothing was done to it
