@@ -25,7 +25,7 @@ from ..errors import AgentError
 from .auth import Authenticator, load_or_create_host_key
 from .confirmed import CAPABILITY as CONFIRMED_COMMIT_CAPABILITY, Journal
 from .datastore import Datastore, Problem
-from .framing import EOM, Deframer, FramingError, MessageTooBig, frame
+from ..framing import EOM, Deframer, FramingError, MessageTooBig, frame
 from .monitoring import BASE_10, BASE_11, Catalog, SessionRecord
 from .notifications import INTERLEAVE_CAPABILITY, NOTIFICATION_CAPABILITY, NotificationHub
 from .provider import SessionProvider

@@ -38,7 +38,7 @@ from ncclient.operations.retrieve import GetReply
 from ncclient.operations.rpc import RPC
 from ncclient.transport.session import NetconfBase
 
-from ..agent.framing import Deframer, FramingError
+from ..framing import Deframer, FramingError
 from ..codec import NETCONF_NS, Codec, default_codec
 from ..errors import CodecError, ControllerError
 from ..model import NatSession, SessionKey

@@ -21,7 +21,7 @@ from ncclient.operations import RPCError
 
 from natmig.agent.auth import set_password
 from natmig.agent.confirmed import Journal, Record, Undo
-from natmig.agent.framing import EOM, frame
+from natmig.framing import EOM, frame
 from natmig.agent.provider import MemoryProvider
 from natmig.agent.server import Agent, AgentConfig
 from natmig.codec import NETCONF_NS, default_codec

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from natmig.agent.framing import EOM, Deframer, FramingError, MessageTooBig, frame
+from natmig.framing import EOM, Deframer, FramingError, MessageTooBig, frame
 
 
 def _all(d: Deframer) -> list[bytes]:

@@ -1,5 +1,8 @@
 """NETCONF message framing over SSH (RFC 6242): end-of-message and chunked.
 
+Both ends use it (the agent's server, the controller's client): the one
+home of the byte-level framing.
+
 Every session starts in base:1.0 end-of-message framing (``]]>]]>`` after each
 message) for the hello exchange; when both sides announce base:1.1 the
 session switches to chunked framing (``\\n#<len>\\n<data>...\\n##\\n``) for every
@@ -12,14 +15,14 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..errors import AgentError
+from .errors import NatmigError
 
 EOM = b"]]>]]>"
 MAX_CHUNK = 4294967295  # RFC 6242 4.2: chunk-size is 1..4294967295
 _MAX_HEADER = 13  # "\n#" + 10 digits + "\n"
 
 
-class FramingError(AgentError):
+class FramingError(NatmigError):
     """The byte stream violates RFC 6242; the session cannot continue."""
 
 
