@@ -28,139 +28,18 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import ncclient.transport.session as _nc_session
 from lxml import etree
 from ncclient import manager as nc_manager
 from ncclient import operations as nc_ops
 from ncclient import transport as nc_transport
 
-from ncclient.operations.retrieve import GetReply
-from ncclient.operations.rpc import RPC
-from ncclient.transport.session import NetconfBase
 
-from ..framing import Deframer, FramingError
 from ..codec import NETCONF_NS, Codec, default_codec
 from ..errors import CodecError, ControllerError
 from ..model import NatSession, SessionKey
-
-# ncclient's transport thread waits up to TICK seconds in select() before it
-# looks at its send queue, so every request sits in the queue for up to TICK
-# (0.1 s by default): a ~100 ms floor per RPC that dwarfs the agent's ~2 ms.
-# A 1 ms tick makes small RPCs take a few ms; the thread still sleeps in
-# select(), so the idle cost is ~1000 cheap wake-ups per second per session.
-_nc_session.TICK = 0.001
+from .ncpatch import RawTextRPC, SSHSession, TextRPC, install_parser, tap_next_reply
 
 log = logging.getLogger(__name__)
-
-#: Bytes per read from the SSH channel (ncclient reads 4 KB at a time).
-READ_SIZE = 1 << 18
-#: Bytes handed to the SSH channel per send (it takes at most one packet, 32 KB, of them).
-WRITE_PIECE = 1 << 16
-
-
-class _Parser:
-    """Replaces ncclient's framing parser once the hellos are exchanged.
-
-    ncclient 0.7.1 re-decodes and regex-scans its whole receive buffer on
-    every 4 KB read, which is quadratic: a 30 MB get-config reply of 100k
-    sessions took ~8 s on the client alone.  This one keeps a position and
-    frames each message once (the agent's RFC 6242 decoder).
-    """
-
-    def __init__(self, session: Any) -> None:
-        self._session = session
-        self._deframer = Deframer(max_message=1 << 40)
-        self._deframer.chunked = session._base == NetconfBase.BASE_11
-        self._deframer.on_chunk = self._chunk
-        #: the tap armed for the next message to start, and the one taking the current message
-        self._armed: Callable[[bytes], None] | None = None
-        self._tap: Callable[[bytes], None] | None = None
-
-    def tap_next(self, tap: Callable[[bytes], None]) -> bool:
-        """Hand ``tap`` each chunk of the next message that starts, as it arrives (in the transport's thread).
-
-        False when the session's framing has no chunks (base:1.0): the
-        caller then gets the message only whole, as usual.
-        """
-        if not self._deframer.chunked:
-            return False
-        self._armed = tap
-        return True
-
-    def _chunk(self, part: bytes, first: bool) -> None:
-        if first:
-            self._tap, self._armed = self._armed, None
-        if self._tap is not None:
-            self._tap(part)
-
-    def parse(self, data: bytes) -> None:
-        self._deframer.feed(data)
-        try:
-            while (msg := self._deframer.next_message()) is not None:
-                self._tap = None  # a tap takes one message
-                self._session._dispatch_message(msg.decode())
-        except FramingError as e:
-            raise nc_transport.TransportError(f"bad framing from the agent: {e}") from e
-
-
-class _SSHSession(nc_transport.SSHSession):
-    """ncclient's SSH session with linear-time sends and receives of large messages."""
-
-    def _transport_read(self) -> bytes:
-        return self._channel.recv(READ_SIZE)
-
-    def _transport_write(self, data: bytes) -> int:
-        # ncclient slices the unsent rest after every partial send (data = data[n:]),
-        # and so does paramiko's sendall: a 35 MB edit-config leaves in ~1100
-        # SSH packets of 32 KB, each send copying the whole rest (quadratic:
-        # a 100k-entry request took 7.4 s against 2.6 s as four of 25k).
-        # Only a piece of at most WRITE_PIECE bytes is copied per send.
-        view = memoryview(data)
-        pos, end = 0, len(data)
-        while pos < end:
-            n = self._channel.send(view[pos:pos + WRITE_PIECE].tobytes())
-            if n <= 0:
-                raise nc_transport.TransportError("the SSH channel closed while a request was being sent")
-            pos += n
-        return end
-
-
-class _TextRPC(RPC):
-    """An RPC whose operation is given as XML text: no element tree is built on the client.
-
-    ncclient builds requests as lxml trees and re-parents them twice; for a
-    100k-entry edit-config that cost more than the agent's whole work.
-    """
-
-    REPLY_CLS = GetReply
-
-    def request(self, operation: str) -> Any:  # type: ignore[override]
-        return self._request(operation)
-
-    def _wrap(self, subele: Any) -> str:
-        return f'<rpc xmlns="{NETCONF_NS}" message-id="{self._id}">{subele}</rpc>'
-
-class _RawReply(GetReply):
-    """A reply kept as text: the element tree is built only when the reply carries an rpc-error.
-
-    A 100k-session reply is a ~35 MB document whose tree alone takes ~0.4 s
-    to build; :class:`TableReply` often needs none.
-    """
-
-    def parse(self) -> None:
-        if self._parsed:
-            return
-        if "rpc-error" in self._raw:
-            super().parse()
-            return
-        self._data = None
-        self._parsed = True
-
-
-class _RawTextRPC(_TextRPC):
-    """A text RPC whose reply stays text (see :class:`_RawReply`)."""
-
-    REPLY_CLS = _RawReply
 
 
 NOTIFICATION_CAPABILITY = "urn:ietf:params:netconf:capability:notification:1.0"
@@ -414,7 +293,7 @@ class NodeClient:
         if password is None and key_filename is None:
             raise ConnectError("connect: give a password or a key_filename")
         handler = nc_manager.make_device_handler(None)
-        session = _SSHSession(handler)
+        session = SSHSession(handler)
         where = f"{username}@{host}:{port}"
         try:
             if hostkey_verify and known_hosts:
@@ -443,7 +322,7 @@ class NodeClient:
         finally:
             if not session.connected and session.transport:
                 session.close()
-        session.parser = _Parser(session)
+        install_parser(session)
         mgr = nc_manager.Manager(session, handler, timeout=timeout)
         mgr.huge_tree = True  # a 100k-session reply is one 30 MB document
         log.info("NETCONF session %s with %s", mgr.session_id, where)
@@ -521,7 +400,7 @@ class NodeClient:
             raise ControllerError(f"{self.name}: {operation}: no reply in time ({e})") from e
 
     def _text(self, operation: str, body: str) -> Any:
-        return self._call(operation, self._mgr.execute, _TextRPC, body)
+        return self._call(operation, self._mgr.execute, TextRPC, body)
 
     def _get_config(self, source: str, filter_body: str) -> Any:
         if source not in ("running", "candidate"):
@@ -549,9 +428,8 @@ class NodeClient:
         ns = self.codec.ns
         name = self.codec.schema.list_name
         body = f'<get-config><source><{source}/></source><filter type="subtree"><{name} xmlns="{ns}"/></filter></get-config>'
-        parser = getattr(self._mgr._session, "parser", None)
-        tapped = on_chunk is not None and isinstance(parser, _Parser) and parser.tap_next(on_chunk)
-        reply = TableReply(self._call("get-config", self._mgr.execute, _RawTextRPC, body)._raw, self.codec)
+        tapped = on_chunk is not None and tap_next_reply(self._mgr, on_chunk)
+        reply = TableReply(self._call("get-config", self._mgr.execute, RawTextRPC, body)._raw, self.codec)
         reply.tapped = tapped
         return reply
 
@@ -574,7 +452,7 @@ class NodeClient:
         ns = self.codec.ns
         name = self.codec.schema.list_name
         body = f'<get-config><source><{source}/></source><filter type="subtree"><{name} xmlns="{ns}"/></filter></get-config>'
-        return _slices(TableReply(self._call("get-config", self._mgr.execute, _RawTextRPC, body)._raw, self.codec), size, pieces)
+        return _slices(TableReply(self._call("get-config", self._mgr.execute, RawTextRPC, body)._raw, self.codec), size, pieces)
 
     def get_sessions_and_admission(self, source: str = "running") -> tuple[list[NatSession], bool]:
         """The nat-session table and nat-control/admit-new-sessions of ``source``, in one get-config."""

@@ -61,7 +61,7 @@ def test_a_key_leaf_holding_another_value_is_a_no():
 
 
 def test_a_reply_kept_as_text_still_surfaces_its_rpc_error():
-    from natmig.controller.netconf import _RawReply
+    from natmig.controller.ncpatch import RawReply as _RawReply
 
     err = (f'<rpc-reply xmlns="{NETCONF_NS}" message-id="7"><rpc-error><error-type>protocol</error-type>'
            "<error-tag>in-use</error-tag><error-severity>error</error-severity></rpc-error></rpc-reply>")
@@ -114,3 +114,17 @@ def test_a_small_table_is_still_cut_in_pieces(n, size, pieces, lengths):
     parts = list(_slices(reply_of(table), size, pieces))
     assert [len(p) for p in parts] == lengths
     assert [s for p in parts for s in p] == table
+
+
+def test_the_ncclient_adaptations_refuse_another_ncclient_version(monkeypatch):
+    import importlib
+    import sys
+
+    import ncclient
+
+    from natmig.errors import ControllerError
+
+    monkeypatch.setattr(ncclient, "__version__", "0.7.2")
+    monkeypatch.delitem(sys.modules, "natmig.controller.ncpatch")
+    with pytest.raises(ControllerError, match=r"adapts ncclient 0\.7\.1's internals, but ncclient 0\.7\.2 is installed"):
+        importlib.import_module("natmig.controller.ncpatch")
