@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import getpass
 import logging
 import os
@@ -24,29 +23,11 @@ from typing import Callable
 from ..codec import default_codec
 from ..errors import AgentError
 from .. import netns
-from ..netns import NETNS_DIR
 from .auth import set_password
 from .provider import MemoryProvider, SessionProvider
 from .server import Agent, AgentConfig, limit_malloc_arenas
 
 log = logging.getLogger(__name__)
-CLONE_NEWNET = 0x40000000
-
-
-def enter_netns(name: str) -> None:
-    """Move this process (its only thread) into the named network namespace."""
-    path = NETNS_DIR / name
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as e:
-        raise AgentError(f"--netns {name}: no such namespace ({e})") from e
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise AgentError(f"--netns {name}: setns failed: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -96,7 +77,7 @@ PROVIDERS: dict[str, Callable[[argparse.Namespace], SessionProvider]] = {
 def run_agent(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     if args.netns:
-        enter_netns(args.netns)
+        netns.enter(args.netns)
     limit_malloc_arenas()
     host, port = args.listen
     cfg = AgentConfig(

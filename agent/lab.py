@@ -13,12 +13,10 @@ clients with ``ip netns exec``.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,32 +26,12 @@ from ..errors import AgentError
 from .auth import load_or_create_host_key, set_password
 from .natnode import NatNode, NatNodeConfig
 
-CLONE_NEWNET = 0x40000000
 USER = "natmig"
 
 
 def call_in_netns(name: str, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` in a throw-away thread that entered network namespace ``name``; its result."""
-    box: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            fd = os.open(str(netns.NETNS_DIR / name), os.O_RDONLY)
-            try:
-                if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
-                    raise AgentError(f"setns into {name}: {os.strerror(ctypes.get_errno())}")
-            finally:
-                os.close(fd)
-            box["value"] = fn()
-        except BaseException as e:  # handed to the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=work, name=f"in-{name}")
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+    """Run ``fn`` in a thread that entered network namespace ``name`` (see :func:`natmig.netns.call_in`)."""
+    return netns.call_in(name, fn)
 
 
 class AgentLab:

@@ -59,6 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
+from .. import netns
 from ..codec import default_codec
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession, SessionKey, table_digest
@@ -852,7 +853,7 @@ class Migration:
         cancelled now; what cannot be reached rolls back by itself within
         ``confirm_timeout``.
         """
-        st, r = self._st, self.report
+        st = self._st
         for f in (self._source_digest, self._target_digest, self._reopen):
             # Requests still in flight on the sessions recovery is about to use: let them finish.
             if f is not None:
@@ -995,47 +996,6 @@ def migrate(source: Endpoint, target: Endpoint, steering: Steering, options: Mig
 # ------------------------------------------------------------ from inventory
 
 
-def _in_netns(name: str, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` in a throw-away thread that has entered network namespace ``name``.
-
-    setns(2) moves only the calling thread, and a socket keeps the namespace
-    it was made in: the NETCONF session's socket is opened in the management
-    namespace while the controller itself never changes namespace.
-    """
-    import ctypes
-    import os
-    import threading
-
-    from ..netns import NETNS_DIR
-
-    box: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            fd = os.open(str(NETNS_DIR / name), os.O_RDONLY)
-        except OSError as e:
-            box["error"] = ControllerError(f"namespace {name}: {e}")
-            return
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-                box["error"] = ControllerError(f"setns into {name}: {os.strerror(ctypes.get_errno())}")
-                return
-        finally:
-            os.close(fd)
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # handed to the caller's thread
-            box["error"] = e
-
-    t = threading.Thread(target=work, name=f"natmig-connect-{name}", daemon=True)
-    t.start()
-    t.join()
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
-
-
 def endpoint_from_spec(spec: Any, timeout: float = 30.0) -> Endpoint:
     """An :class:`Endpoint` for an inventory :class:`~natmig.controller.inventory.AgentSpec`.
 
@@ -1052,15 +1012,14 @@ def endpoint_from_spec(spec: Any, timeout: float = 30.0) -> Endpoint:
             )
             node.name = spec.name
             return node
-        return _in_netns(spec.netns, connect) if spec.netns else connect()
+        return netns.call_in(spec.netns, connect) if spec.netns else connect()
 
     stop = None
     if spec.stop_command:
         def stop() -> None:
-            from .. import netns as _netns
             try:
-                _netns.run(spec.stop_command)
-            except _netns.CommandError as e:
+                netns.run(spec.stop_command)
+            except netns.CommandError as e:
                 raise ControllerError(f"stopping {spec.name}: {e}") from e
     public = {spec.public_address} if spec.public_address else None
     return Endpoint(spec.name, open_node, public=public, stop=stop)

@@ -7,14 +7,22 @@ on one machine do not collide.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import NatmigError
 
 NETNS_DIR = Path("/run/netns")
+#: setns(2)'s namespace type for network namespaces.
+CLONE_NEWNET = 0x40000000
+
+
+class NetnsError(NatmigError):
+    """A network namespace could not be entered (it does not exist, or setns(2) refused)."""
 
 
 class CommandError(NatmigError):
@@ -25,6 +33,48 @@ class CommandError(NatmigError):
         self.returncode = returncode
         self.stderr = stderr.strip()
         super().__init__(f"{' '.join(self.cmd)} exited {returncode}: {self.stderr}")
+
+
+def enter(name: str) -> None:
+    """Move the calling thread into network namespace ``name`` (setns(2)).
+
+    setns moves only the calling thread: call it before any other thread
+    exists to move a whole process (the agent), or in a thread of its own
+    (:func:`call_in`).  Python 3.11 has no os.setns, so it goes through libc.
+    """
+    try:
+        fd = os.open(NETNS_DIR / name, os.O_RDONLY)
+    except OSError as e:
+        raise NetnsError(f"network namespace {name}: {e.strerror or e}") from e
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            raise NetnsError(f"network namespace {name}: setns failed: {os.strerror(ctypes.get_errno())}")
+    finally:
+        os.close(fd)
+
+
+def call_in(name: str, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` in a throw-away thread that has entered network namespace ``name``; its result (or its exception).
+
+    A socket keeps the namespace it was made in: a connection opened by
+    ``fn`` goes on working from the caller's threads, which never change
+    namespace.
+    """
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            enter(name)
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller's thread
+            box["error"] = e
+
+    t = threading.Thread(target=work, name=f"natmig-in-{name}", daemon=True)
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 def run_prefix(tag: str = "nm") -> str:
