@@ -64,6 +64,12 @@ def _conntrack(args: argparse.Namespace) -> SessionProvider:
     # subscribing after the copy would miss sessions closed during the move.
     # 1 makes every entry report; the sysctl is per namespace (the node's own).
     netns.sysctl(args.netns, "net.netfilter.nf_conntrack_events", 1)
+    if not node.admission():
+        # Admission was left closed (an agent killed mid-migration with no
+        # state directory to undo it, or an operator): closing it again makes
+        # this process hold the packets the kernel would otherwise drop.
+        log.warning("NAT node %s: admission is closed; holding new sessions until it opens", args.netns)
+        node.set_admission(False)
     return ConntrackProvider(args.netns, public_addresses=set(args.public_address), node=node)
 
 

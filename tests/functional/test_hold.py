@@ -278,3 +278,31 @@ def test_admission_closed_by_another_process_drops_instead_of_sending_round(tb: 
             other.set_admission(True)
     assert r["answered"] == []
     assert stats.not_holding == 3 and stats.released == 0, stats
+
+
+def test_an_agent_started_on_a_closed_node_holds_from_its_start(tb: Testbed, tmp_path: Path) -> None:
+    """Admission left closed (an agent killed mid-move, no state directory): the next agent holds, not the kernel drops."""
+    from natmig.controller.demo import AgentFleet
+
+    outsider = NatNode(tb.nat_config("nat1"), hold=False)
+    outsider.set_admission(False)  # closed by a process that holds nothing: the kernel drops
+    fleet = AgentFleet(tb, tmp_path / "agents")
+    try:
+        fleet.start("nat1")
+        node = fleet.endpoint("nat1").open()
+        try:
+            assert node.get_admission() is False  # the agent found it closed and left it so
+            with client(tb, _TCP_CLIENT, 41010, SERVER, TCP_PORT) as c:
+                c.go()
+                time.sleep(HOLD)
+                opened = time.monotonic()
+                node.set_admission(True)
+                r = c.result()
+        finally:
+            node.close()
+    finally:
+        fleet.close()
+        outsider.set_admission(True)
+    delay = r["connected"] - opened
+    assert r["connected"] > opened, "connected while admission was closed"
+    assert delay < SLACK, f"connected {delay * 1000:.0f} ms after admission opened: the SYN was dropped, not held"
