@@ -3,8 +3,13 @@
 How each operation reaches the kernel (measured, see docs/provider.md):
 
 * list: ``conntrack -L`` in the namespace, parsed by :mod:`.cttext`.
-* statistics: the same read, counted and digested by :mod:`.cttext` without
-  building the sessions.
+* statistics: from memory, kept up to date by the table's events
+  (:mod:`.ctdigest`): the first call reads the table whole, each later one
+  costs what changed since (and the kernel's removal of what has expired);
+  the apply and delete below tell it what they wrote.  Where the kernel
+  would not report every entry's end (nf_conntrack_events not 1): the read
+  of ``list``, counted and digested by :mod:`.cttext` without building the
+  sessions.
 * lookup: one ctnetlink GET per key over a socket kept open
   (:class:`.ctread.EntryReader`): no process start, no table dump.
 * check: one GET per reply tuple of the batch: who holds it, a session or
@@ -39,11 +44,14 @@ deleted, replaced ones recreated, updated ones set back.
 
 from __future__ import annotations
 
+import errno
 import os
 import queue
+import socket
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
 
 from .. import netns as nsmod
@@ -54,6 +62,7 @@ from . import ctnetlink as nl
 from . import ctread, cttext
 from .natnode import NatNode
 from .ctbatch import ApplyPlan, DEFAULT_TIMEOUT_SYSCTL, held_elsewhere, invalid_entries, invalid_keys, plan_apply, timeout_key, validate
+from .ctdigest import LiveDigest, WriteLog
 from .provider import ApplyError, SessionEvent, SessionProvider, Snapshot, Watch, check_batch, check_batch_by_holders
 
 __all__ = ["ApplyPlan", "ConntrackProvider", "invalid_entries", "plan_apply", "validate"]
@@ -130,6 +139,14 @@ class ConntrackProvider(SessionProvider):
         # One socket for every lookup: opening one in the namespace costs a
         # setns pair per call, and a lookup is meant to take well under a millisecond.
         self._reader = ctread.EntryReader(netns)
+        # One socket for every write: the kernel stamps each event with the
+        # port id of the socket whose request caused it, so the digest's
+        # event socket has the kernel drop exactly this one's (see _writing).
+        self._wsock: socket.socket | None = None
+        self._wsock_lock = threading.Lock()
+        self._digest: LiveDigest | None = None
+        self._digest_lock = threading.Lock()
+        self._digest_checked = False
 
     # -- reading -----------------------------------------------------------
 
@@ -184,6 +201,40 @@ class ConntrackProvider(SessionProvider):
         return Snapshot(sessions, untranslated)
 
     def statistics(self) -> dict[str, Any]:
+        """The nat-statistics leaves: what :meth:`list` would count and ``model.table_digest(list().sessions)``.
+
+        Kept up to date by the table's events (:class:`.ctdigest.LiveDigest`):
+        the first call reads the table whole and subscribes; a later one
+        costs the changes since the last, and includes every change the
+        kernel made before it was called.  Without the kernel reporting
+        every entry's end, each call reads ``conntrack -L`` (:meth:`_counted`).
+        """
+        digest = self._live_digest()
+        if digest is None:
+            return self._counted()
+        got = digest.statistics()
+        return {"sessions": got.sessions, "untranslated": got.untranslated, "digest": format_digest(got.digest)}
+
+    def _live_digest(self) -> LiveDigest | None:
+        """The namespace's live digest, made at the first call; None when the kernel would not report every end.
+
+        nf_conntrack_events=2 (the kernel's default) gives an entry made
+        while nobody listened no event at all, its DESTROY included: a
+        digest that follows events would keep it forever.  The NAT node and
+        the agent set 1 (see natnode.sysctls).
+        """
+        with self._digest_lock:
+            if not self._digest_checked:
+                self._digest_checked = True
+                try:
+                    events = self._run(["sysctl", "-n", "net.netfilter.nf_conntrack_events"], self.netns).stdout.strip()
+                except nsmod.CommandError:
+                    events = ""
+                if events == "1":
+                    self._digest = LiveDigest(self.netns, self._reader, self._writer_portid)
+            return self._digest
+
+    def _counted(self) -> dict[str, Any]:
         """The nat-statistics leaves counted straight from ``conntrack -L``: no NatSession is built.
 
         The same lines count as sessions as in :meth:`list`, and the digest
@@ -285,8 +336,34 @@ class ConntrackProvider(SessionProvider):
         return k * KEY_READ_US <= DUMP_START_US + self._reader.count() * LINE_READ_US
 
     def close(self) -> None:
-        """Release the lookup socket (the provider stays usable; a later lookup opens a new one)."""
+        """Release the sockets and stop following events (the provider stays usable: a later call opens what it needs)."""
+        if self._digest is not None:
+            self._digest.close()
         self._reader.close()
+        with self._wsock_lock:
+            if self._wsock is not None:
+                self._wsock.close()
+                self._wsock = None
+
+    def _writer(self) -> socket.socket:
+        """The one socket this provider writes with (opened at first use, kept for life)."""
+        with self._wsock_lock:  # asked for by writes and by the digest's subscription, from any thread
+            if self._wsock is None:
+                self._wsock = nl.open_socket(self.netns)
+            return self._wsock
+
+    def _writer_portid(self) -> int:
+        return self._writer().getsockname()[0]
+
+    @contextmanager
+    def _writing(self) -> Iterator[WriteLog]:
+        """Around a write through :meth:`_writer`: the digest is told what the kernel confirmed (see LiveDigest.writing)."""
+        if self._digest is None:
+            yield WriteLog()
+            return
+        # A refusal (ApplyError) comes after the undo: the log holds both.
+        with self._digest.writing(complete=(ApplyError,)) as log:
+            yield log
 
     def public_addresses(self) -> set[str]:
         """The addresses this node translates to."""
@@ -409,27 +486,30 @@ class ConntrackProvider(SessionProvider):
 
     def _write(self, batch: list[NatSession], existing: dict[SessionKey, NatSession]) -> None:
         plan = plan_apply(batch, existing, self._timeouts(batch))
-        undo = _Undo(self.netns, existing)
-        try:
-            if plan.replace:
-                _, failed = nl.delete_sessions(self.netns, plan.replace)
-                undo.replaced = plan.replace
-                self._refuse_on(failed, plan.replace, "could not remove the session it replaces")
-            if plan.create:
-                undo.created = plan.create
-                failed = nl.create_sessions(self.netns, plan.create)
-                if failed:
-                    self._refuse_on(failed, [s for s, _ in plan.create], "kernel refused to create it")
-            if plan.update:
-                updated = [s for s, _ in plan.update]
-                undo.updated = updated
-                ops = [nl.update_op(s, t) for s, t in plan.update]
-                self._refuse_on(nl.run_ops(self.netns, ops), updated, "kernel refused to update it")
-        except ProviderError:
-            # A refusal, or the netlink socket failing part way: either way
-            # some of the batch may be written, and apply is all or nothing.
-            undo.run(self)
-            raise
+        with self._writing() as log:
+            undo = _Undo(self, existing, log)
+            try:
+                if plan.replace:
+                    failed = _deleted(self, [s.key for s in plan.replace], log)
+                    undo.replaced = plan.replace
+                    self._refuse_on({i: e for i, e in failed.items() if e != errno.ENOENT}, plan.replace,
+                                    "could not remove the session it replaces")
+                if plan.create:
+                    undo.created = plan.create
+                    failed = _created(self, plan.create, log)
+                    if failed:
+                        self._refuse_on(failed, [s for s, _ in plan.create], "kernel refused to create it")
+                if plan.update:
+                    updated = [s for s, _ in plan.update]
+                    undo.updated = updated
+                    ops = [nl.update_op(s, t) for s, t in plan.update]
+                    # An update changes no key or mapping: nothing for the digest.
+                    self._refuse_on(nl.run_ops(self.netns, ops, self._writer()), updated, "kernel refused to update it")
+            except ProviderError:
+                # A refusal, or the netlink socket failing part way: either way
+                # some of the batch may be written, and apply is all or nothing.
+                undo.run()
+                raise
 
     def _refuse_on(self, failed: dict[int, int], items: list[NatSession], what: str) -> None:
         if failed:
@@ -465,7 +545,10 @@ class ConntrackProvider(SessionProvider):
                 victims, bad = _checked_keys(keys, "delete")
                 if bad:
                     raise ProviderError("cannot delete: " + "; ".join(f"{format_key(k)}: {w}" for k, w in bad.items()))
-            count, failed = nl.delete_keys(self.netns, victims)
+            with self._writing() as log:
+                errors = _deleted(self, victims, log)
+            failed = {i: e for i, e in errors.items() if e != errno.ENOENT}
+            count = len(victims) - len(errors)
             if failed:
                 shown = "; ".join(f"{format_key(victims[i])}: {nl.describe(e)}" for i, e in list(failed.items())[:10])
                 raise ProviderError(f"kernel refused to delete {len(failed)} session(s) ({count} deleted): {shown}")
@@ -502,26 +585,54 @@ def _without(batch: list[NatSession], problems: dict[SessionKey, str]) -> list[N
     return [s for s in batch if s.key not in problems] if problems else batch
 
 
+def _created(p: ConntrackProvider, items: list[tuple[NatSession, int]], log: WriteLog) -> dict[int, int]:
+    """Create (session, timeout) items through the provider's writer; the digest gets those the kernel took."""
+    sent: list[tuple[int, int]] = []
+    failed = nl.create_sessions(p.netns, items, p._writer(), sent)
+    if errno.ENOBUFS in failed.values():
+        log.lost()  # some errors were dropped: which items exist is not known
+    else:
+        log.created([items[i][0] for a, b in sent for i in range(a, b) if i not in failed])
+    return failed
+
+
+def _deleted(p: ConntrackProvider, keys: Sequence[SessionKey], log: WriteLog) -> dict[int, int]:
+    """Delete by key through the provider's writer; every errno by index (ENOENT: there was none); the digest gets the rest."""
+    failed = nl.delete_tuples(p.netns, keys, p._writer())
+    if errno.ENOBUFS in failed.values():
+        log.lost()
+    else:
+        log.deleted(k for i, k in enumerate(keys) if i not in failed)
+    return failed
+
+
 class _Undo:
     """What apply wrote so far, and how to take it back."""
 
-    def __init__(self, netns: str, existing: dict[SessionKey, NatSession]) -> None:
-        self.netns = netns
+    def __init__(self, provider: ConntrackProvider, existing: dict[SessionKey, NatSession], log: WriteLog) -> None:
+        self.provider = provider
         self.existing = existing
+        self.log = log
         self.created: list[tuple[NatSession, int]] = []  # (session, timeout), as planned
         self.replaced: list[NatSession] = []
         self.updated: list[NatSession] = []
 
-    def run(self, provider: ConntrackProvider) -> None:
+    def run(self) -> None:
         """Take back what was written (best effort: the batch is being refused anyway)."""
+        p = self.provider
         # Delete only what carries the translation this batch gave it: an
         # entry that traffic created meanwhile under the same key stays.
-        now = index_by_key(provider.lookup([s.key for s, _ in self.created]))
+        now = index_by_key(p.lookup([s.key for s, _ in self.created]))
         ours = [s for s, _ in self.created if (got := now.get(s.key)) is not None and got.public == s.public]
-        nl.delete_sessions(self.netns, ours)
-        nl.run_ops(self.netns, [nl.create_op(o, o.timeout or 1) for o in self.replaced])
+        _deleted(p, [s.key for s in ours], self.log)
+        back = [(o, o.timeout or 1) for o in self.replaced]
+        failed = nl.run_ops(p.netns, [nl.create_op(o, t) for o, t in back], p._writer())
+        if errno.ENOBUFS in failed.values():
+            self.log.lost()
+        else:
+            self.log.created([o for i, (o, _) in enumerate(back) if i not in failed])
         olds = [self.existing[s.key] for s in self.updated]
-        nl.run_ops(self.netns, [nl.update_op(o, o.timeout or 1) for o in olds])
+        nl.run_ops(p.netns, [nl.update_op(o, o.timeout or 1) for o in olds], p._writer())
 
 
 def _subscribed(pid: int) -> bool:

@@ -27,6 +27,7 @@ import queue
 import socket
 import struct
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -263,19 +264,35 @@ def frame(op: Op, seq: int) -> bytes:
     return head + _SEQ.pack(seq) + b"\0\0\0\0" + body
 
 
-def run_ops(netns: str | None, ops: Sequence[Op]) -> dict[int, int]:
-    """Send ``ops`` to the kernel; the errno of each one that failed, by index into ``ops``."""
+def run_ops(netns: str | None, ops: Sequence[Op], sock: socket.socket | None = None) -> dict[int, int]:
+    """Send ``ops`` to the kernel; the errno of each one that failed, by index into ``ops``.
+
+    ``sock``: an :func:`open_socket` of ``netns`` to write with (kept open),
+    instead of a new one: the provider writes through one socket, whose
+    events its digest knows as its own (see :mod:`.ctdigest`).
+    """
     failed: dict[int, int] = {}
     if not ops:
         return failed
-    sock = open_socket(netns)
-    try:
+    with _writer(netns, sock) as w:
         for start in range(0, len(ops), BATCH):
-            sock.sendto(b"".join(frame(ops[i], i + 1) for i in range(start, min(start + BATCH, len(ops)))), (0, 0))
-            _collect_errors(sock, failed, start)
-    finally:
-        sock.close()
+            w.sendto(b"".join(frame(ops[i], i + 1) for i in range(start, min(start + BATCH, len(ops)))), (0, 0))
+            _collect_errors(w, failed, start)
     return failed
+
+
+@contextmanager
+def _writer(netns: str | None, sock: socket.socket | None) -> Iterator[socket.socket]:
+    """``sock`` with nothing left queued from an earlier write (errors are matched by sequence number), or a new socket closed after."""
+    if sock is not None:
+        _collect_errors(sock, {})  # what an interrupted write left behind is nobody's now
+        yield sock
+        return
+    own = open_socket(netns)
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 def _collect_errors(sock: socket.socket, failed: dict[int, int], first: int = 0) -> None:
@@ -314,9 +331,9 @@ def describe(err: int) -> str:
     return f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)})"
 
 
-def delete_sessions(netns: str | None, sessions: Iterable[NatSession]) -> tuple[int, dict[int, int]]:
+def delete_sessions(netns: str | None, sessions: Iterable[NatSession], sock: socket.socket | None = None) -> tuple[int, dict[int, int]]:
     """Delete by key; (how many were deleted, errors other than 'no such entry' by index)."""
-    return delete_keys(netns, [s.key for s in sessions])
+    return delete_keys(netns, [s.key for s in sessions], sock)
 
 
 # -- creating many sessions fast (CT_NEW) ------------------------------------
@@ -509,7 +526,8 @@ def create_messages(items: Sequence[tuple[NatSession, int]]) -> bytes:
 CREATE_BATCH = 1024
 
 
-def create_sessions(netns: str | None, items: Sequence[tuple[NatSession, int]]) -> dict[int, int]:
+def create_sessions(netns: str | None, items: Sequence[tuple[NatSession, int]], sock: socket.socket | None = None,
+                    sent: list[tuple[int, int]] | None = None) -> dict[int, int]:
     """Create each (session, timeout) with NLM_F_CREATE|NLM_F_EXCL; errno by index of those refused.
 
     A thread sends batch k while this one packs batch k+1: the kernel does
@@ -517,16 +535,15 @@ def create_sessions(netns: str | None, items: Sequence[tuple[NatSession, int]]) 
     -> 24 ms, 100k 330 ms -> 296 ms).  Stops after the first batch the
     kernel refused any of: the caller refuses the whole apply and undoes
     what was created, so sending the rest would only create more to undo.
+    ``sock``: as for :func:`run_ops`.  ``sent`` gets the (start, stop) index
+    range of each batch the kernel took: an item outside them was never sent.
     """
     failed: dict[int, int] = {}
     if not items:
         return failed
-    sock = open_socket(netns)
-    try:
-        per_batch = max(1, _fit_send_buffer(sock, CREATE_BATCH * CREATE_MAX) // CREATE_MAX)
-        _send_overlapped(sock, _create_batches(items, per_batch, failed), failed)
-    finally:
-        sock.close()
+    with _writer(netns, sock) as w:
+        per_batch = max(1, _fit_send_buffer(w, CREATE_BATCH * CREATE_MAX) // CREATE_MAX)
+        _send_overlapped(w, _create_batches(items, per_batch, failed), failed, sent=sent)
     return failed
 
 
@@ -546,8 +563,8 @@ def _fit_send_buffer(sock: socket.socket, want: int) -> int:
     return min(want, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 64)
 
 
-def _create_batches(items: Sequence[tuple[NatSession, int]], per_batch: int, failed: dict[int, int]) -> Iterator[tuple[int, memoryview]]:
-    """(index of the first, packed messages) of each batch, until a batch was refused."""
+def _create_batches(items: Sequence[tuple[NatSession, int]], per_batch: int, failed: dict[int, int]) -> Iterator[tuple[int, int, memoryview]]:
+    """(index of the first, index past the last, packed messages) of each batch, until a batch was refused."""
     enc = CreateEncoder()
     for start in range(0, len(items), per_batch):
         if failed:
@@ -555,18 +572,18 @@ def _create_batches(items: Sequence[tuple[NatSession, int]], per_batch: int, fai
         stop = min(start + per_batch, len(items))
         # A new buffer per batch: the sender may still be reading the previous one.
         buf = bytearray((stop - start) * CREATE_MAX)
-        yield start, memoryview(buf)[:enc.pack(buf, items, start, stop)]
+        yield start, stop, memoryview(buf)[:enc.pack(buf, items, start, stop)]
 
 
-def _send_overlapped(sock: socket.socket, batches: Iterator[tuple[int, memoryview]], failed: dict[int, int],
-                     what: str = "create", stop_on_error: bool = True) -> None:
+def _send_overlapped(sock: socket.socket, batches: Iterator[tuple[int, int, memoryview]], failed: dict[int, int],
+                     what: str = "create", stop_on_error: bool = True, sent: list[tuple[int, int]] | None = None) -> None:
     """Send each batch from a thread and collect its errors into ``failed`` while the next is being packed.
 
     ``stop_on_error``: send nothing more once the kernel refused a message
     (creates: the caller undoes them anyway); deletes go on, a missing entry
-    (ENOENT) being no failure.
+    (ENOENT) being no failure.  ``sent`` gets (start, stop) of each batch sent.
     """
-    todo: queue.Queue[tuple[int, memoryview] | None] = queue.Queue(maxsize=1)
+    todo: queue.Queue[tuple[int, int, memoryview] | None] = queue.Queue(maxsize=1)
     broken: list[Exception] = []
 
     def send() -> None:
@@ -574,9 +591,11 @@ def _send_overlapped(sock: socket.socket, batches: Iterator[tuple[int, memoryvie
         while (batch := todo.get()) is not None:
             if (failed and stop_on_error) or broken:
                 continue
-            start, data = batch
+            start, stop, data = batch
             try:
                 sock.sendto(data, (0, 0))
+                if sent is not None:
+                    sent.append((start, stop))
                 _collect_errors(sock, failed, start)
             except Exception as e:  # noqa: BLE001 -- raised again in the caller's thread
                 broken.append(e)
@@ -682,7 +701,7 @@ DELETE_BATCH = 1024
 _DELETES = TupleEncoder(IPCTNL_MSG_CT_DELETE, 0)
 
 
-def delete_keys(netns: str | None, keys: Sequence[Tuple5]) -> tuple[int, dict[int, int]]:
+def delete_keys(netns: str | None, keys: Sequence[Tuple5], sock: socket.socket | None = None) -> tuple[int, dict[int, int]]:
     """Delete the entries whose original tuple is each key; (how many were deleted, errors other than ENOENT by index).
 
     One CT_DELETE per key, no NLM_F_ACK (errors only), DELETE_BATCH per
@@ -691,27 +710,30 @@ def delete_keys(netns: str | None, keys: Sequence[Tuple5]) -> tuple[int, dict[in
     The kernel finds a tuple in either direction: a key equal to another
     entry's reply tuple deletes that entry, so keys must be keys of sessions
     (the datastore deletes only keys its lookup found, the whole-list delete
-    those its dump listed).
+    those its dump listed).  ``sock``: as for :func:`run_ops`.
     """
+    failed = delete_tuples(netns, keys, sock)
+    missing = sum(1 for e in failed.values() if e == errno.ENOENT)
+    other = {i: e for i, e in failed.items() if e != errno.ENOENT}
+    return len(keys) - missing - len(other), other
+
+
+def delete_tuples(netns: str | None, keys: Sequence[Tuple5], sock: socket.socket | None = None) -> dict[int, int]:
+    """:func:`delete_keys`, answering every errno by index, ENOENT (nothing deleted) included: each other key was deleted."""
     failed: dict[int, int] = {}
     if not keys:
-        return 0, failed
+        return failed
 
-    def batches() -> Iterator[tuple[int, memoryview]]:
+    def batches() -> Iterator[tuple[int, int, memoryview]]:
         for start in range(0, len(keys), DELETE_BATCH):
             stop = min(start + DELETE_BATCH, len(keys))
             # A new buffer per batch: the sender may still be reading the previous one.
             buf = bytearray((stop - start) * _DELETES.max)
-            yield start, memoryview(buf)[:_DELETES.pack(buf, keys, start, stop)]
+            yield start, stop, memoryview(buf)[:_DELETES.pack(buf, keys, start, stop)]
 
-    sock = open_socket(netns)
-    try:
-        _send_overlapped(sock, batches(), failed, "delete", stop_on_error=False)
-    finally:
-        sock.close()
-    missing = sum(1 for e in failed.values() if e == errno.ENOENT)
-    other = {i: e for i, e in failed.items() if e != errno.ENOENT}
-    return len(keys) - missing - len(other), other
+    with _writer(netns, sock) as w:
+        _send_overlapped(w, batches(), failed, "delete", stop_on_error=False)
+    return failed
 
 
 # -- decoding attributes -------------------------------------------------------

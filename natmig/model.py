@@ -104,11 +104,20 @@ def digest_xor(texts: Iterable[bytes]) -> int:
     Accumulators of parts of a table combine with ``^``;
     :func:`format_digest` spells the result.
     """
+    return reduce(xor, digest_values(texts), 0)
+
+
+def digest_values(texts: Iterable[bytes]) -> array:
+    """Each session text's own value in :func:`table_digest` (what the XOR takes in), in order, computed in C.
+
+    For a holder of a table that changes: one session's value is XORed in
+    when it comes and out again when it goes (see agent/ctdigest.py).
+    """
     firsts = array("Q", b"".join(map(_DIGEST, map(hashlib.sha256, texts))))[::4]
     # table_digest reads the 8 bytes big-endian; array reads them natively.
     if sys.byteorder == "little":
         firsts.byteswap()
-    return reduce(xor, firsts, 0)
+    return firsts
 
 
 def format_digest(acc: int) -> str:

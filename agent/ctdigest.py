@@ -1,0 +1,439 @@
+"""nat-statistics kept up to date as the table changes, not recomputed from a full read.
+
+:class:`DigestTable` holds every entry of a conntrack table by its identity
+(:mod:`.ctevents`): its value in the digest (the 64-bit value
+model.table_digest XORs in for a session) or None (an untranslated entry),
+with the XOR, the untranslated count and the entries counted untranslated
+only for a TCP state of NONE (:data:`.ctevents.UNSURE`: no event tells when
+that changes, so they are read again by key).  Its algebra is the same for
+an event and for a line of a full read: a NEW puts (a key already held
+with the same value: nothing; with another: replaced), a DESTROY drops
+(an unknown key: nothing).  Applied in the kernel's order, that is last
+writer wins per entry, so a full read with the events around it folded in
+gives the table, whatever the race between subscribing and dumping.
+
+:class:`LiveDigest` keeps one table true for one namespace:
+
+* started by the first :meth:`LiveDigest.statistics`: subscribe
+  (:class:`.ctevents.EventSocket`), then one full read
+  (:func:`.ctevents.read_table`), then the events queued meanwhile;
+* a thread reads the events as they come (see :func:`_follow`
+  for why a thread rather than a read at each call);
+* each :meth:`LiveDigest.statistics` is a barrier: the kernel removes what
+  has expired (:func:`.ctevents.expire`), the socket is read until empty,
+  so every change the kernel made before the call is in; the UNSURE
+  entries are read again by key.  Then it answers from memory;
+* the agent's own writes reach the table by what the kernel confirmed
+  (:meth:`LiveDigest.writing`); their events are dropped in the kernel;
+* an event lost (ENOBUFS), or a write whose outcome is not known, and the
+  table is no longer trusted: the next call starts again from a full read.
+
+Not followed, because no event tells it: a ctnetlink update that sets a
+session's TCP state to NONE (no packet can: the kernel's TCP state table
+never leads back to NONE; only a writer naming state 0 can, which natmig
+never does), and entries made while nothing listened and
+nf_conntrack_events was 2, whose DESTROY the kernel never reports (the NAT
+node sets it to 1; without 1 the provider does not use this module).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
+
+from ..gcpause import gc_paused
+from ..model import NatSession, SessionKey, digest_values
+from . import ctevents as ev
+from .ctevents import DESTROY, UNSURE, Ident, Record
+from .ctnetlink import NetlinkError
+from .ctread import EntryReader
+
+_MISSING = object()
+
+
+def session_text(s: NatSession) -> bytes:
+    """What model.table_digest hashes for ``s``."""
+    return f"{s.protocol} {s.src_address} {s.src_port} {s.dst_address} {s.dst_port} {s.translated_address} {s.translated_port}".encode()
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The nat-statistics of a table: sessions, untranslated entries, the digest accumulator (model.format_digest spells it)."""
+
+    sessions: int
+    untranslated: int
+    digest: int
+
+
+class DigestTable:
+    """Every entry of a table by identity, and the counts and XOR they add up to (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.held: dict[Ident, int | None] = {}
+        self.acc = 0
+        self.untranslated = 0
+        #: entries counted untranslated only for their TCP state (UNSURE): read again by key.
+        self.unsure: set[Ident] = set()
+
+    def summary(self) -> Summary:
+        """The counts and the XOR now."""
+        return Summary(len(self.held) - self.untranslated, self.untranslated, self.acc)
+
+    def put(self, ident: Ident, value: int | None, unsure: bool = False) -> None:
+        """The entry ``ident`` exists with ``value`` (its digest value, None: untranslated), replacing what was held."""
+        old = self.held.get(ident, _MISSING)
+        if old is not _MISSING:
+            if old == value:
+                if not unsure:
+                    self.unsure.discard(ident)
+                elif value is None:
+                    self.unsure.add(ident)
+                return
+            if old is None:
+                self.untranslated -= 1
+            else:
+                self.acc ^= old  # type: ignore[operator]
+        self.held[ident] = value
+        if value is None:
+            self.untranslated += 1
+            if unsure:
+                self.unsure.add(ident)
+            else:
+                self.unsure.discard(ident)
+        else:
+            self.acc ^= value
+            self.unsure.discard(ident)
+
+    def drop(self, ident: Ident) -> bool:
+        """The entry ``ident`` is gone; whether it was held."""
+        old = self.held.pop(ident, _MISSING)
+        if old is _MISSING:
+            return False
+        if old is None:
+            self.untranslated -= 1
+            self.unsure.discard(ident)
+        else:
+            self.acc ^= old  # type: ignore[operator]
+        return True
+
+    def apply(self, records: Sequence[Record], watch: set | None = None) -> set[Ident]:
+        """Apply records in order (their texts hashed first, in C); the identities among ``watch`` that they touched."""
+        values = iter(digest_values([t for _, _, t in records if type(t) is bytes]))
+        hit: set[Ident] = set()
+        put, drop = self.put, self.drop
+        for kind, ident, text in records:
+            if watch and ident in watch:
+                hit.add(ident)
+            if kind == DESTROY:
+                drop(ident)
+            elif text is None:
+                put(ident, None)
+            elif text is UNSURE:
+                put(ident, None, True)
+            else:
+                put(ident, next(values))
+        return hit
+
+    def created(self, sessions: Sequence[NatSession]) -> None:
+        """Sessions the kernel confirmed creating (each entry as cttext's rules count it)."""
+        values = iter(digest_values([session_text(s) for s in sessions if not _untranslated(s)]))
+        for s in sessions:
+            self.put(s.key, None if _untranslated(s) else next(values))
+
+
+def _untranslated(s: NatSession) -> bool:
+    """Whether the entry created for ``s`` is no session by cttext's rules: its reply goes back to the original source endpoint."""
+    return s.translated_address == s.src_address and s.translated_port == s.src_port
+
+
+class WriteLog:
+    """What one of the agent's writes did, as the kernel confirmed it, in the order it happened."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[bool, list]] = []
+        self.unknown = False
+
+    def created(self, sessions: Iterable[NatSession]) -> None:
+        """These sessions were created (the kernel acknowledged each)."""
+        self.steps.append((True, list(sessions)))
+
+    def deleted(self, keys: Iterable[SessionKey]) -> None:
+        """The entries with these keys were deleted (the kernel acknowledged each)."""
+        self.steps.append((False, list(keys)))
+
+    def lost(self) -> None:
+        """What the write did is not known (an error part way, errors the kernel could not queue)."""
+        self.unknown = True
+
+
+class LiveDigest:
+    """The nat-statistics of one namespace's table, followed through its events (see the module docstring).
+
+    ``reader`` reads entries by key (the UNSURE ones, and the agent's own
+    writes that met another writer's); ``own`` gives the port id of the
+    socket the agent writes with, whose events the kernel drops for us.
+    Thread-safe: statistics, writes and the event thread take one lock.
+    """
+
+    #: Seconds the event thread waits for events before looking whether it should stop.
+    POLL = 0.5
+    #: Events the thread reads per turn of the lock (a statistics call never waits for more).
+    TURN = 5000
+
+    def __init__(self, netns: str | None, reader: EntryReader, own: Callable[[], int | None]) -> None:
+        self.netns = netns
+        self.reader = reader
+        self.own = own
+        self.table: DigestTable | None = None
+        self.valid = False
+        self._events: ev.EventSocket | None = None
+        self._requests = None
+        self._lock = threading.RLock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        #: full reads so far (the first, and one after each loss): what tests and benchmarks look at.
+        self.full_reads = 0
+
+    # -- answering --------------------------------------------------------------
+
+    def statistics(self) -> Summary:
+        """The table's counts and digest, including every change the kernel made before this call."""
+        with self._lock, gc_paused():
+            try:
+                return self._statistics()
+            except OSError as e:
+                self._lose()
+                self._close_requests()
+                raise NetlinkError(f"ctnetlink in {self.netns}: {e}") from e
+
+    def _statistics(self) -> Summary:
+        if not self.valid or self.table is None:
+            return self._rebuild()
+        ev.expire(self._request_socket())
+        try:
+            self._read()
+        except ev.EventsLost:
+            self._lose()
+            return self._rebuild()
+        if not self._recheck(self.table.unsure):
+            return self._rebuild()
+        return self.table.summary()
+
+    def _rebuild(self) -> Summary:
+        """Subscribe, read the whole table, fold in what changed meanwhile."""
+        self._close_events()
+        self.full_reads += 1
+        self._events = ev.EventSocket(self.netns, self.own())
+        records: list[Record] = []
+        ev.read_table(self._request_socket(), records)
+        table = DigestTable()
+        table.apply(records)
+        self.table = table
+        try:
+            self._read()
+        except ev.EventsLost:
+            # The dump alone is still a full read (each entry as it was when
+            # read): answer with it, and start again at the next call.
+            self._lose()
+            return table.summary()
+        if all(_gettable(i) for i in table.unsure):
+            self.valid = True
+            self._start_thread()
+        else:
+            # UNSURE entries a GET cannot reach (IPv6, zones): read whole at each call while they last.
+            self._lose()
+        return table.summary()
+
+    def _read(self, watch: set | None = None, limit: int | None = None) -> set[Ident]:
+        """Apply the events queued now; the identities among ``watch`` they touched.  Raises EventsLost."""
+        assert self._events is not None and self.table is not None
+        records: list[Record] = []
+        self._events.read(records, limit)
+        ev.trim_memos()
+        return self.table.apply(records, watch) if records else set()
+
+    def _recheck(self, idents: Iterable[Ident]) -> bool:
+        """Read these entries again by key and hold them as the kernel has them now; False when one cannot be read by key."""
+        assert self.table is not None
+        keys = list(idents)
+        if not keys:
+            return True
+        if not all(_gettable(k) for k in keys):
+            return False
+        found: dict[Ident, tuple] = {}
+        for i, attrs in self.reader.read(keys):
+            found[keys[i]] = ev.entry_record(attrs)
+        for k in keys:
+            got = found.get(k)
+            if got is None:
+                self.table.drop(k)
+                continue
+            ident, text = got
+            if ident != k:
+                # The key is another entry's reply tuple: that entry is the answer, the key itself is gone.
+                self.table.drop(k)
+            value = digest_values([text])[0] if type(text) is bytes else None
+            self.table.put(ident, value, text is UNSURE)
+        return True
+
+    # -- the agent's own writes -------------------------------------------------
+
+    @contextmanager
+    def writing(self, complete: tuple[type[BaseException], ...] = ()) -> Iterator[WriteLog]:
+        """Around one of the agent's writes: the table is brought up to date first, then told what the write did.
+
+        The lock is held throughout: the write's own events never reach us
+        (the kernel drops them), so its outcome must land between the events
+        before it and those after.  Events of others that arrived during the
+        write are applied after it; an entry the write touched that one of
+        them touched too is read again by key, its order against ours not
+        being known.  An exception leaves what the write did unknown (the
+        table is read whole at the next call), unless it is one of
+        ``complete``: raised after the log was told everything (a refusal
+        whose undo is logged too).
+        """
+        with self._lock, gc_paused():
+            log = WriteLog()
+            following = self.valid and self.table is not None
+            if following:
+                try:
+                    self._read()
+                except ev.EventsLost:
+                    self._lose()
+                    following = False
+            try:
+                yield log
+            except complete:
+                raise
+            except BaseException:
+                log.lost()
+                raise
+            finally:
+                if following and self.valid:
+                    self._fold(log)
+
+    def _fold(self, log: WriteLog) -> None:
+        try:
+            self._fold_steps(log)
+        except (OSError, NetlinkError):
+            self._lose()
+
+    def _fold_steps(self, log: WriteLog) -> None:
+        assert self.table is not None
+        if log.unknown:
+            self._lose()
+            return
+        touched: set[Ident] = set()
+        for created, items in log.steps:
+            if created:
+                self.table.created(items)
+                touched.update(s.key for s in items)
+                continue
+            for k in items:
+                if not self.table.drop(k):
+                    # Deleted, but not held: the key was another entry's reply
+                    # tuple (the kernel finds either direction), or one made a
+                    # moment ago; which entry went is not known.
+                    self._lose()
+                    return
+                touched.add(k)
+        try:
+            hit = self._read(watch=touched)
+        except ev.EventsLost:
+            self._lose()
+            return
+        if hit and not self._recheck(hit):
+            self._lose()
+
+    # -- the event thread ---------------------------------------------------------
+
+    def _start_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            # The thread holds the digest weakly: a provider dropped without
+            # close() is collected, its sockets closed, the thread ends.
+            self._thread = threading.Thread(target=_follow, args=(weakref.ref(self), self._stop),
+                                            name=f"ct-digest-{self.netns}", daemon=True)
+            self._thread.start()
+
+    def _turn(self, sock: ev.EventSocket) -> None:
+        """One turn of the event thread: read what ``sock`` holds now, if it is still the one followed."""
+        with self._lock:
+            if sock is not self._events or not self.valid:
+                return
+            try:
+                with gc_paused():
+                    self._read(limit=self.TURN)
+            except (OSError, NetlinkError):  # EventsLost among them
+                self._lose()
+
+    # -- sockets ------------------------------------------------------------------
+
+    def _lose(self) -> None:
+        """No longer trusted: stop subscribing (the kernel then builds no events for us); the next call reads whole."""
+        self.valid = False
+        self._close_events()
+
+    def _close_events(self) -> None:
+        if self._events is not None:
+            self._events.close()
+            self._events = None
+
+    def _request_socket(self):  # type: ignore[no-untyped-def]
+        if self._requests is None:
+            self._requests = ev.request_socket(self.netns)
+        return self._requests
+
+    def _close_requests(self) -> None:
+        if self._requests is not None:
+            self._requests.close()
+            self._requests = None
+
+    def close(self) -> None:
+        """Stop following (the thread, the sockets); a later statistics() starts again from a full read."""
+        self._stop.set()
+        with self._lock:
+            self.valid = False
+            self._close_events()
+            self._close_requests()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(2 * self.POLL + 1)
+        self._thread = None
+
+
+def _follow(ref: "weakref.ref[LiveDigest]", stop: threading.Event) -> None:
+    """The event thread: read events as they come, so that the queue never holds more than a moment's worth.
+
+    Read only at each call, the kernel's queue must hold every event
+    between two calls: an idle source NAT would lose events (and its next
+    call, inside a migration's hold window, would be a full read) after
+    BURST of them, some 50,000 connections.  Reading here costs the same
+    per event, spent when it comes rather than in the call.
+    """
+    while not stop.is_set():
+        digest = ref()
+        if digest is None:
+            return
+        sock, poll = digest._events, digest.POLL
+        del digest  # not held while waiting
+        if sock is None:
+            stop.wait(poll)
+            continue
+        try:
+            ready = sock.wait(poll)
+        except (OSError, ValueError):
+            ready = False  # closed under us: look again
+        digest = ref()
+        if digest is None:
+            return
+        if ready:
+            digest._turn(sock)
+        del digest
+
+
+def _gettable(ident: Ident) -> bool:
+    """Whether a GET by key reaches this entry: an IPv4 key of zone 0 (a 5-tuple with no extra)."""
+    return len(ident) == 5 and ident[0] in ("TCP", "UDP", "ICMP") and ":" not in ident[1]
