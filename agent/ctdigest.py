@@ -42,6 +42,8 @@ import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import reduce
+from operator import attrgetter, xor
 from typing import Callable, Iterable, Iterator, Sequence
 
 from ..gcpause import gc_paused
@@ -137,11 +139,28 @@ class DigestTable:
                 put(ident, next(values))
         return hit
 
-    def created(self, sessions: Sequence[NatSession]) -> None:
-        """Sessions the kernel confirmed creating (each entry as cttext's rules count it)."""
-        values = iter(digest_values([session_text(s) for s in sessions if not _untranslated(s)]))
-        for s in sessions:
-            self.put(s.key, None if _untranslated(s) else next(values))
+    def created(self, sessions: Sequence[NatSession]) -> list[Ident]:
+        """Sessions the kernel confirmed creating (each entry as cttext's rules count it); their keys.
+
+        A copy of a table creates keys none of which is held: they go in by
+        one dict update and one XOR over the values, computed in C (100k:
+        ~0.2 s put one by one, measured).
+        """
+        keys = list(map(_KEY, sessions))
+        odd = [s for s in sessions if s.translated_address == s.src_address and s.translated_port == s.src_port]
+        fresh = set(keys)
+        if odd or len(fresh) != len(keys) or not self.held.keys().isdisjoint(fresh):
+            values = iter(digest_values([session_text(s) for s in sessions if not _untranslated(s)]))
+            for k, s in zip(keys, sessions):
+                self.put(k, None if _untranslated(s) else next(values))
+            return keys
+        values = digest_values(list(map(session_text, sessions)))
+        self.held.update(zip(keys, values))
+        self.acc ^= reduce(xor, values, 0)
+        return keys
+
+
+_KEY = attrgetter("protocol", "src_address", "src_port", "dst_address", "dst_port")
 
 
 def _untranslated(s: NatSession) -> bool:
@@ -182,6 +201,10 @@ class LiveDigest:
     POLL = 0.5
     #: Events the thread reads per turn of the lock (a statistics call never waits for more).
     TURN = 5000
+    #: The event socket's receive buffer: a burst of BURST events from others between two reads.
+    RCVBUF = ev.BURST * ev.EVENT_TRUESIZE
+    #: Own events dropped by the kernel (a socket filter) rather than read and skipped by their header.
+    DROP_OWN_IN_KERNEL = True
 
     def __init__(self, netns: str | None, reader: EntryReader, own: Callable[[], int | None]) -> None:
         self.netns = netns
@@ -226,7 +249,7 @@ class LiveDigest:
         """Subscribe, read the whole table, fold in what changed meanwhile."""
         self._close_events()
         self.full_reads += 1
-        self._events = ev.EventSocket(self.netns, self.own())
+        self._events = ev.EventSocket(self.netns, self.own(), self.RCVBUF, self.DROP_OWN_IN_KERNEL)
         records: list[Record] = []
         ev.read_table(self._request_socket(), records)
         table = DigestTable()
@@ -329,8 +352,7 @@ class LiveDigest:
         touched: set[Ident] = set()
         for created, items in log.steps:
             if created:
-                self.table.created(items)
-                touched.update(s.key for s in items)
+                touched.update(self.table.created(items))
                 continue
             for k in items:
                 if not self.table.drop(k):

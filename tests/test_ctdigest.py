@@ -397,7 +397,7 @@ class FakeReader:
 @pytest.fixture
 def kernel(monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
     k = FakeKernel()
-    monkeypatch.setattr(ev, "EventSocket", lambda netns, own: FakeEvents(k, own))
+    monkeypatch.setattr(ev, "EventSocket", lambda netns, own, rcvbuf, drop: FakeEvents(k, own))
     monkeypatch.setattr(ev, "request_socket", lambda netns: object())
     monkeypatch.setattr(ev, "read_table", lambda sock, records: k.dump(records))
     monkeypatch.setattr(ev, "expire", lambda sock: None)
@@ -481,7 +481,7 @@ def test_the_follower_answers_the_kernels_table_after_any_mix_of_writers(kernel_
 def kernel_factory(monkeypatch: pytest.MonkeyPatch):
     """A new fake kernel per example (hypothesis runs many in one test)."""
     holder: dict = {}
-    monkeypatch.setattr(ev, "EventSocket", lambda netns, own: FakeEvents(holder["k"], own))
+    monkeypatch.setattr(ev, "EventSocket", lambda netns, own, rcvbuf, drop: FakeEvents(holder["k"], own))
     monkeypatch.setattr(ev, "request_socket", lambda netns: object())
     monkeypatch.setattr(ev, "read_table", lambda sock, records: holder["k"].dump(records))
     monkeypatch.setattr(ev, "expire", lambda sock: None)
