@@ -21,7 +21,7 @@ import sys
 from typing import Callable
 
 from ..codec import default_codec
-from ..errors import AgentError
+from ..errors import AgentError, NatmigError
 from .. import netns
 from .auth import set_password
 from .provider import MemoryProvider, SessionProvider
@@ -70,7 +70,16 @@ def _conntrack(args: argparse.Namespace) -> SessionProvider:
         # this process hold the packets the kernel would otherwise drop.
         log.warning("NAT node %s: admission is closed; holding new sessions until it opens", args.netns)
         node.set_admission(False)
-    return ConntrackProvider(args.netns, public_addresses=set(args.public_address), node=node)
+    provider = ConntrackProvider(args.netns, public_addresses=set(args.public_address), node=node)
+    # The first statistics() reads the table whole and starts following its
+    # events (ctdigest); made here, the one a migration asks for inside its
+    # hold window costs only what changed since (10k: ~20 ms, 100k: ~45 ms,
+    # against a full read's ~0.1 s and ~1 s).
+    try:
+        provider.statistics()
+    except NatmigError as e:
+        log.warning("NAT node %s: nat-statistics not followed yet (the first <get> reads the table): %s", args.netns, e)
+    return provider
 
 
 #: --provider NAME -> how to build it from the arguments.

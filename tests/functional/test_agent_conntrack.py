@@ -268,3 +268,33 @@ def test_on_20k_sessions_a_catch_up_writes_its_entries_refuses_a_clash_and_the_l
     node.delete_sessions(None, target="running")
     assert nat_lines(lab) == [] and len(ssh_lines(lab)) >= len(ssh)
     assert node.get_sessions() == [] and node.get_admission() is True  # the session still works
+
+
+def netfilter_groups(pid: int) -> list[int]:
+    """The multicast groups of each netfilter netlink socket process ``pid`` holds (/proc/PID/net/netlink: its namespace's)."""
+    import os
+
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] for fd in os.listdir(f"/proc/{pid}/fd")
+              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+    out = []
+    with open(f"/proc/{pid}/net/netlink") as f:
+        for line in f.readlines()[1:]:
+            col = line.split()  # sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+            if col[1] == "12" and col[9] in inodes:
+                out.append(int(col[3], 16))
+    return out
+
+
+def test_from_its_start_the_agent_follows_its_table_and_its_statistics_are_what_a_full_read_says(lab: AgentLab, node: NodeClient) -> None:
+    from natmig.agent import cttext
+    from natmig.model import format_digest
+
+    # Subscribed to NEW and DESTROY (groups 1 and 3) at start: a migration's first <get> reads no table.
+    assert 0b101 in netfilter_groups(lab.pid)
+    node.edit_sessions([S(1), S(2, proto="UDP"), S(3)], target="running")
+    lab.conntrack("-I", "-p", "udp", "-s", "10.0.0.9", "-d", "198.51.100.1", "--sport", "7", "--dport", "53", "-t", "200")
+    lab.conntrack("-D", "-p", "tcp", "--sport", "3", "--dport", "80")
+    got = node.get_statistics()
+    text = cttext.summarize_table(lab.conntrack("-L").stdout.encode())
+    assert got == {"sessions": text.sessions, "untranslated": text.untranslated, "digest": format_digest(text.digest)}
+    assert got["sessions"] == 2
