@@ -89,14 +89,19 @@ def run_demo(args: argparse.Namespace) -> int:
     ))
 
 
+def _inventory_arguments(p: argparse.ArgumentParser, source: str, target: str) -> None:
+    """The arguments :func:`_migration_inventory` reads: --inventory, --from, --to, --set."""
+    p.add_argument("--inventory", "-i", metavar="FILE", help="agents and switch (TOML or YAML; see docs/controller.md)")
+    p.add_argument("--from", dest="source", metavar="NAT", help=f"{source} (overrides migration.source)")
+    p.add_argument("--to", dest="target", metavar="NAT", help=f"{target} (overrides migration.target)")
+    p.add_argument("--set", action="append", metavar="PATH=VALUE", help="override an inventory field, e.g. agents.nat2.host=192.0.2.12 (repeatable)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `natmig migrate` and `natmig demo`."""
     m = sub.add_parser("migrate", help="move a NAT's live sessions to another node, then repoint traffic",
                        description=run_migrate.__doc__)
-    m.add_argument("--inventory", "-i", metavar="FILE", help="agents and switch (TOML or YAML; see docs/controller.md)")
-    m.add_argument("--from", dest="source", metavar="NAT", help="source agent (overrides migration.source)")
-    m.add_argument("--to", dest="target", metavar="NAT", help="target agent (overrides migration.target)")
-    m.add_argument("--set", action="append", metavar="PATH=VALUE", help="override an inventory field, e.g. agents.nat2.host=192.0.2.12 (repeatable)")
+    _inventory_arguments(m, "source agent", "target agent")
     m.add_argument("--retire", choices=("delete", "keep", "stop"), help="what becomes of the source (default: inventory, else delete)")
     m.add_argument("--no-state", action="store_true", help="do not copy sessions (negative control: live flows break)")
     m.add_argument("--settle", type=float, default=10.0, metavar="MS", help="quiet time of the source's events before the switch (default 10)")
@@ -110,10 +115,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser("recover", help="finish or undo an interrupted migration, from what the nodes and the switch say",
                        description=run_recover.__doc__)
-    r.add_argument("--inventory", "-i", metavar="FILE", help="agents and switch (the migration's inventory)")
-    r.add_argument("--from", dest="source", metavar="NAT", help="the interrupted migration's source (overrides migration.source)")
-    r.add_argument("--to", dest="target", metavar="NAT", help="its target (overrides migration.target)")
-    r.add_argument("--set", action="append", metavar="PATH=VALUE", help="override an inventory field (repeatable)")
+    _inventory_arguments(r, "the interrupted migration's source", "its target")
     r.add_argument("--retire", choices=("delete", "keep"), help="when the move happened: remove the source's copies (delete) or keep them (default: inventory)")
     r.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': standard output)")
     r.set_defaults(func=run_recover)

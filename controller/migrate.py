@@ -64,6 +64,7 @@ from ..codec import default_codec
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession, SessionKey, table_digest
 from .plan import CatchUp, CopyPlan, PlanError, Verdict, compare, expected_table, for_target, for_target_text, foreign_addresses, plan_copy
+from .readback import read_node
 from .report import MigrationReport, PhaseClock, PhaseTiming
 from .steering import Steering
 from .texttable import EntryStream, TextTable
@@ -944,31 +945,15 @@ class Migration:
             r.notes.append(f"the switch could not be read back: {describe_error(e)}")
         r.traffic_on = active or "unknown"
 
-        def read(node: Node | None) -> tuple[bool | None, int | None, str]:
-            if node is None or not node.connected:
-                return None, None, "unreachable"
-            try:
-                admits = node.get_admission()
-                # nat-statistics counts without shipping the table; a node without it is read whole.
-                stats = getattr(node, "get_statistics", None)
-                count = stats().get("sessions") if stats is not None else len(node.get_sessions("running"))
-                return admits, count, ""
-            except NatmigError as e:
-                return None, None, f"could not be read ({describe_error(e)})"
-
         with ThreadPoolExecutor(2) as pool:
-            states = [(ep, pool.submit(read, node)) for ep, node in ((self.source, self._src), (self.target, self._tgt))]
-            for ep, f in states:
-                admits, count, why = f.result()
-                words = ["carries traffic" if active == ep.name else "carries no traffic"]
-                if why:
-                    words.append(f"state {why}")
-                else:
-                    words.append("admits new sessions" if admits else "REFUSES new sessions")
-                    words.append(f"holds {count} sessions")
-                    r.readback[ep.name] = {"admits": admits, "sessions": count, "carries_traffic": active == ep.name}
-                done = self._actions[ep.name] or (["unchanged"] if not r.ok else [])
-                r.node_state[ep.name] = "; ".join(words + done)
+            views = list(pool.map(lambda x: read_node(*x), (
+                (self.source.name, "source", self._src), (self.target.name, "target", self._tgt))))
+        for v in views:
+            carries = active == v.name
+            if v.reachable:
+                r.readback[v.name] = {"admits": v.admits, "sessions": v.sessions, "carries_traffic": carries}
+            done = self._actions[v.name] or (["unchanged"] if not r.ok else [])
+            r.node_state[v.name] = "; ".join([v.words(carries)] + done)
         if not r.ok and any(v.get("admits") is False for v in r.readback.values()):
             r.notes.append(f"a node still refuses new sessions: `{self.opt.recover_hint}` reopens it (or wait {self.opt.confirm_timeout:g} s for its rollback)")
 

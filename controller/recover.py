@@ -27,27 +27,9 @@ from dataclasses import asdict, dataclass, field
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession, SessionKey
 from .migrate import WRITABLE_RUNNING, Endpoint, Node
+from .readback import NodeView, read_node
 from .steering import Steering
 from .txn import Locks, cancel_pending, confirm_admission, describe_error, nothing_pending, persist_token
-
-
-@dataclass
-class NodeView:
-    """One node as read: reachable, admission, session count (None: not read)."""
-
-    name: str
-    role: str
-    reachable: bool = False
-    admits: bool | None = None
-    sessions: int | None = None
-    error: str = ""
-
-    def words(self, carries: bool) -> str:
-        """The node's state in a report line."""
-        if not self.reachable:
-            return f"{'carries' if carries else 'carries no'} traffic; unreachable ({self.error})"
-        adm = "admits new sessions" if self.admits else "REFUSES new sessions"
-        return f"{'carries traffic' if carries else 'carries no traffic'}; {adm}; holds {self.sessions} sessions"
 
 
 @dataclass
@@ -85,20 +67,6 @@ class RecoveryReport:
         lines.append("RESULT: " + (f"consistent: traffic on {self.traffic_on}, and every reachable node admits new sessions"
                                    if self.ok else "NOT consistent; see above"))
         return "\n".join(lines)
-
-
-def _count(node: Node) -> int:
-    stats = getattr(node, "get_statistics", None)  # nat-statistics counts without shipping the table
-    return int(stats()["sessions"]) if stats is not None else len(node.get_sessions("running"))
-
-
-def _view(name: str, role: str, node: Node | None, why: str) -> NodeView:
-    if node is None or not node.connected:
-        return NodeView(name, role, error=why or "session lost")
-    try:
-        return NodeView(name, role, True, node.get_admission(), _count(node))
-    except NatmigError as e:
-        return NodeView(name, role, error=describe_error(e))
 
 
 def _remove(node: Node, keys: list[SessionKey]) -> None:
@@ -176,7 +144,8 @@ class Recovery:
             return None
 
     def _views(self) -> list[NodeView]:
-        return [_view(ep.name, role, self.nodes.get(ep.name), self.why.get(ep.name, "")) for ep, role in ((self.source, "source"), (self.target, "target"))]
+        return [read_node(ep.name, role, self.nodes.get(ep.name), f"unreachable ({self.why.get(ep.name, 'session lost')})")
+                for ep, role in ((self.source, "source"), (self.target, "target"))]
 
     def _act(self) -> None:
         on = self.report.found_traffic_on
