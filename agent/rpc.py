@@ -37,7 +37,7 @@ from .datastore import (
     refuse,
     select,
 )
-from .monitoring import MONITORING_NS, WITH_DEFAULTS_NS, Catalog, SessionRecord, netconf_state
+from .monitoring import MONITORING_NS, WITH_DEFAULTS_NS, YANG_LIBRARY_NS, Catalog, SessionRecord, netconf_state
 from .notifications import NOTIFICATION_NS, STREAMS, NotificationHub
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,7 @@ class Selection:
     statistics: bool = False
     monitoring: set[str] | None = field(default=None)
     monitoring_selected: bool = False
+    yang_library: bool = False
 
 
 def parse_filter(codec: Codec, op: Any) -> Selection:
@@ -272,6 +273,8 @@ def parse_filter(codec: Codec, op: Any) -> Selection:
             sel.monitoring_selected = True
             kids = {etree.QName(c).localname for c in top if isinstance(c.tag, str)}
             sel.monitoring = kids or None
+        elif q.namespace == YANG_LIBRARY_NS and q.localname == "yang-library":
+            sel.yang_library = True
     return sel
 
 
@@ -341,6 +344,8 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
     if state and (sel.everything or sel.monitoring_selected):
         locks = {n: h for n in ("running", "candidate") if (h := server.datastore.lock_holder(n)) is not None}
         parts.append(netconf_state(server.catalog, server.session_records(), locks, server.started, sel.monitoring))
+    if state and (sel.everything or sel.yang_library):
+        parts.append(server.catalog.yang_library())
     return [b"<data>", *parts, b"</data>"]
 
 

@@ -305,7 +305,7 @@ class Agent:
         self.datastore.describe = self.describe_session
         # A confirmed commit pending when an earlier run stopped does not survive it.
         self.datastore.recover()
-        self.catalog = Catalog(codec.schema, OPTIONAL_CAPABILITIES)
+        self.catalog = Catalog.for_schema(codec.schema, OPTIONAL_CAPABILITIES)
         self.hub = NotificationHub(provider, codec)
         self.auth = Authenticator(config.passwords, config.authorized_keys)
         self.host_key = load_or_create_host_key(config.host_key)

@@ -337,9 +337,10 @@ def _compile_when(leaf: Any) -> tuple[str, Any] | None:
     return m.group(1), m.group(2)
 
 
-def _compile_leaf(leaf: Any, keys: tuple[str, ...]) -> LeafSpec:
+def compile_leaf(leaf: Any, keys: tuple[str, ...]) -> LeafSpec:
+    """The validator, renderer and properties of one pyang leaf statement (``keys``: its list's keys)."""
     if leaf.keyword != "leaf":
-        raise SchemaError(f"{leaf.keyword} {leaf.arg}: only leaves are supported in {LIST_NAME}")
+        raise SchemaError(f"{leaf.keyword} {leaf.arg}: only leaves are supported in {leaf.parent.keyword} {leaf.parent.arg}")
     type_stmt = leaf.search_one("type")
     kind, parse = _compile_text(type_stmt)
     default = None
@@ -370,13 +371,39 @@ def _compile_leaf(leaf: Any, keys: tuple[str, ...]) -> LeafSpec:
 #: documents that its first instance sets up unguarded, so two threads
 #: compiling at once (a controller's first RPCs in parallel) could meet a
 #: half-made one ("'NoneType' object has no attribute 'set'").
-_COMPILE_LOCK = threading.Lock()
+COMPILE_LOCK = threading.Lock()
 
 
 def load_schema(path: str | None = None) -> Schema:
     """Parse, check and compile the nat-session module (cached per path; safe from several threads)."""
-    with _COMPILE_LOCK:
+    with COMPILE_LOCK:
         return _load_schema(path)
+
+
+#: Where pyang installs the IETF modules (ietf-inet-types among them): named
+#: rather than trusting $HOME or $YANG_MODPATH.
+IETF_DIR = os.path.join(sys.prefix, "share", "yang", "modules")
+
+
+def compile_texts(texts: dict[str, str], search: list[str], where: str) -> dict[str, Any]:
+    """pyang's checked statements of each module in ``texts`` (name -> YANG text).
+
+    Imports are found among ``texts`` first, then in the ``search``
+    directories and pyang's IETF modules.  Call with :data:`COMPILE_LOCK`
+    held.  Raises :class:`SchemaError` naming ``where`` and every error.
+    """
+    repo = repository.FileRepository(os.pathsep.join([*search, IETF_DIR]), use_env=False)
+    ctx = context.Context(repo)
+    mods = {name: ctx.add_module(f"{where}/{name}.yang" if len(texts) > 1 else where, text) for name, text in texts.items()}
+    ctx.validate()
+    errs = [
+        f"{pos}: {error.err_to_str(tag, args)}"
+        for pos, tag, args in ctx.errors
+        if error.is_error(error.err_level(tag))
+    ]
+    if errs or any(m is None for m in mods.values()):
+        raise SchemaError(f"YANG module {where} has errors:\n" + "\n".join(errs or ["not a YANG module"]))
+    return mods
 
 
 @lru_cache(maxsize=None)
@@ -386,33 +413,20 @@ def _load_schema(path: str | None = None) -> Schema:
         text = src.read_text()
     except OSError as e:
         raise SchemaError(f"cannot read YANG module {src}: {e}") from e
-    # pyang installs the IETF modules (ietf-inet-types among them) under
-    # <prefix>/share/yang/modules; name it rather than trusting $HOME or $YANG_MODPATH.
-    search = os.pathsep.join([str(src.parent), os.path.join(sys.prefix, "share", "yang", "modules")])
-    repo = repository.FileRepository(search, use_env=False)
-    ctx = context.Context(repo)
-    mod = ctx.add_module(str(src), text)
-    ctx.validate()
-    errs = [
-        f"{pos}: {error.err_to_str(tag, args)}"
-        for pos, tag, args in ctx.errors
-        if error.is_error(error.err_level(tag))
-    ]
-    if mod is None or errs:
-        raise SchemaError(f"YANG module {src} has errors:\n" + "\n".join(errs))
+    mod = compile_texts({"main": text}, [str(src.parent)], str(src))["main"]
     lst = mod.search_one("list", LIST_NAME)
     if lst is None:
         raise SchemaError(f"module {mod.arg} has no list {LIST_NAME}")
     keys = tuple(lst.search_one("key").arg.split())
-    leaves = tuple(_compile_leaf(ch, keys) for ch in lst.i_children)
+    leaves = tuple(compile_leaf(ch, keys) for ch in lst.i_children)
     # The key leaves come first, in key order: that is the order of XML output
     # (RFC 7950 7.8.5) and of the key tuple.
     order = {k: i for i, k in enumerate(keys)}
     leaves = tuple(sorted(leaves, key=lambda s: order.get(s.name, len(keys))))
     stats = mod.search_one("container", STATS_NAME)
-    stats_leaves = tuple(_compile_leaf(ch, ()) for ch in stats.i_children) if stats is not None else ()
+    stats_leaves = tuple(compile_leaf(ch, ()) for ch in stats.i_children) if stats is not None else ()
     ctl = mod.search_one("container", CONTROL_NAME)
-    control_leaves = tuple(_compile_leaf(ch, ()) for ch in ctl.i_children) if ctl is not None else ()
+    control_leaves = tuple(compile_leaf(ch, ()) for ch in ctl.i_children) if ctl is not None else ()
     rev = mod.search_one("revision")
     return Schema(
         module=mod.arg,

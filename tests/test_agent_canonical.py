@@ -39,7 +39,7 @@ class Agent:
         self.codec = CODEC
         self.provider = MemoryProvider(owned=owned)
         self.datastore = Datastore(self.provider, self.codec)
-        self.catalog = Catalog(self.codec.schema, OPTIONAL_CAPABILITIES)
+        self.catalog = Catalog.for_schema(self.codec.schema, OPTIONAL_CAPABILITIES)
         self.hub = NotificationHub(self.provider, self.codec)
         self.started = time.time()
 

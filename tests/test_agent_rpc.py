@@ -25,7 +25,7 @@ class FakeServer:
         self.codec = default_codec()
         self.provider = MemoryProvider(owned={"203.0.113.1"})
         self.datastore = Datastore(self.provider, self.codec)
-        self.catalog = Catalog(self.codec.schema, OPTIONAL_CAPABILITIES)
+        self.catalog = Catalog.for_schema(self.codec.schema, OPTIONAL_CAPABILITIES)
         self.hub = NotificationHub(self.provider, self.codec)
         self.started = time.time()
         self.killed: list[int] = []
