@@ -89,6 +89,21 @@ PROVIDERS: dict[str, Callable[[argparse.Namespace], SessionProvider]] = {
 }
 
 
+def _agent(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
+    """The NAT agent over its provider, or, with --module, the agent of that state module."""
+    if args.module is None:
+        return Agent(cfg, PROVIDERS[args.provider](args), default_codec())
+    if args.provider != "memory":
+        # Only natmig's own providers know a network function's kernel state.
+        raise AgentError(f"--module serves a state module from memory: it needs --provider memory, not {args.provider}")
+    from ..statemodel import load_module
+    from .stateagent import StateAgent
+
+    module = load_module(args.module)
+    log.info("serving module %s@%s from memory: %s", module.name, module.revision, ", ".join(l.qname for l in module.lists))
+    return StateAgent(cfg, module)
+
+
 def run_agent(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     if args.netns:
@@ -100,8 +115,7 @@ def run_agent(args: argparse.Namespace) -> int:
         authorized_keys=args.authorized_keys, max_message=args.max_message,
         max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, state_dir=args.state_dir,
     )
-    provider = PROVIDERS[args.provider](args)
-    agent = Agent(cfg, provider, default_codec())
+    agent = _agent(args, cfg)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -149,6 +163,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--listen", type=parse_listen, default=("0.0.0.0", 830), metavar="ADDR:PORT", help="address and port to listen on (default 0.0.0.0:830)")
     p.add_argument("--netns", metavar="NAME", help="network namespace of the NAT node to run in")
     p.add_argument("--provider", choices=sorted(PROVIDERS), default="conntrack", help="where the session table lives (memory: protocol tests and demos)")
+    p.add_argument("--module", metavar="FILE.yang", help="serve the state lists of this YANG module from memory, with natmig-state "
+                   "(needs --provider memory): an agent of any network function's state, for the migration engine")
     p.add_argument("--public-address", action="append", metavar="A", help="public address of the NAT (repeatable)")
     p.add_argument("--inside-if", default="inside0", metavar="IF", help="the NAT's inside interface, for admission control (default %(default)s)")
     p.add_argument("--host-key", default="agent_host_key", metavar="FILE", help="SSH host key, created (ECDSA) if missing")

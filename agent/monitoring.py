@@ -114,7 +114,7 @@ class Catalog:
         """The ietf-yang-library container (RFC 8525): one module set, one schema, for both datastores."""
         def module(e: SchemaEntry) -> str:
             return (f"<name>{e.identifier}</name><revision>{e.version}</revision>"
-                    f"<namespace>{escape(e.namespace)}</namespace><location>NETCONF</location>")
+                    f"<namespace>{escape(e.namespace)}</namespace>")  # no location: the text is served by get-schema
         mods = "".join(f"<module>{module(e)}</module>" for e in self.implemented)
         imps = "".join(f"<import-only-module>{module(e)}</import-only-module>" for e in self.imported)
         ds = "".join(f'<datastore><name xmlns:ds="{DATASTORES_NS}">ds:{n}</name><schema>natmig</schema></datastore>' for n in ("running", "candidate"))

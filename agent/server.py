@@ -214,7 +214,7 @@ class _Session:
                 size = len(msg)
                 self.streamed = 0
                 try:
-                    reply = await self.loop.run_in_executor(None, handle_message, self.agent, self.state, msg)
+                    reply = await self.loop.run_in_executor(None, self.agent.handle, self.state, msg)
                 except StreamBroken as e:
                     # Part of the reply is out: no rpc-error can follow it (RFC 6241 puts errors first).
                     log.warning("%s: reply broken off after %d bytes, closing the session: %s", self.who, self.streamed, e)
@@ -237,7 +237,7 @@ class _Session:
         except MessageTooBig as e:
             log.warning("%s: %s; closing the session", self.who, e)
             # RFC 6241 has no way to resync after an unread message: say why, then close.
-            self._write(error_reply(self.agent.codec, [Problem("too-big", str(e), type="transport")]))
+            self._write(self.agent.error_reply([Problem("too-big", str(e), type="transport")]))
         except FramingError as e:
             log.warning("%s: framing error, closing: %s", self.who, e)
         except _SessionEnd as e:
@@ -298,15 +298,20 @@ class Agent:
     """A NETCONF agent over one session provider."""
 
     def __init__(self, config: AgentConfig, provider: SessionProvider, codec: Codec) -> None:
-        self.config = config
         self.provider = provider
         self.codec = codec
-        self.datastore = Datastore(provider, codec, Journal(config.state_dir))
+        self._serve(config, Datastore(provider, codec, Journal(config.state_dir)),
+                    Catalog.for_schema(codec.schema, OPTIONAL_CAPABILITIES), NotificationHub(provider, codec))
+
+    def _serve(self, config: AgentConfig, datastore: Any, catalog: Catalog, hub: Any) -> None:
+        """What every agent has, whatever it serves: datastores, catalog, notifications, SSH, sessions."""
+        self.config = config
+        self.datastore = datastore
         self.datastore.describe = self.describe_session
         # A confirmed commit pending when an earlier run stopped does not survive it.
         self.datastore.recover()
-        self.catalog = Catalog.for_schema(codec.schema, OPTIONAL_CAPABILITIES)
-        self.hub = NotificationHub(provider, codec)
+        self.catalog = catalog
+        self.hub = hub
         self.auth = Authenticator(config.passwords, config.authorized_keys)
         self.host_key = load_or_create_host_key(config.host_key)
         self.started = time.time()
@@ -314,6 +319,14 @@ class Agent:
         self._next_sid = 1
         self._server: asyncssh.SSHAcceptor | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    def handle(self, state: SessionState, message: bytes) -> bytes:
+        """One framed message in, one rpc-reply out (in a worker thread)."""
+        return handle_message(self, state, message)
+
+    def error_reply(self, problems: list[Problem]) -> bytes:
+        """An rpc-reply of rpc-errors, for a message that cannot be handled at all."""
+        return error_reply(self.codec, problems)
 
     # The rpc layer's view (see rpc.Server).
     def kill(self, sid: int) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 from .inventory import Inventory, load
 from .migrate import MigrateOptions, Migration, endpoint_from_spec
@@ -36,6 +37,8 @@ def run_migrate(args: argparse.Namespace) -> int:
     if inv is None:
         return 2
     assert inv.source is not None and inv.target is not None and inv.switch is not None
+    if inv.switch.kind == "none":
+        return _run_state_migration(args, inv)
     src = endpoint_from_spec(inv.agent(inv.source, "source"))
     dst = endpoint_from_spec(inv.agent(inv.target, "target"))
     opts = MigrateOptions(copy_state=not args.no_state, retire=args.retire or inv.retire, settle=args.settle / 1000, verify_source=args.verify_source,
@@ -55,6 +58,33 @@ def run_migrate(args: argparse.Namespace) -> int:
               + "; ".join(f"{n}: {s}" for n, s in report.node_state.items()), file=sys.stderr)
         return 1
     return 0
+
+
+def _run_state_migration(args: argparse.Namespace, inv: Inventory) -> int:
+    """switch = "none": the generic engine moves whatever state modules the two agents serve."""
+    from .engine import EngineMigration, EngineOptions
+    from .statenode import StateNode
+
+    assert inv.source is not None and inv.target is not None
+    if args.no_state or args.retire == "stop":
+        print("natmig migrate: error: with switch \"none\" the migration is the state transfer: --no-state and --retire stop do not apply", file=sys.stderr)
+        return 2
+    opts = EngineOptions(retire=args.retire or inv.retire, confirm_timeout=args.confirm_timeout,
+                         recover_hint=f"natmig recover --inventory {args.inventory} --from {inv.source} --to {inv.target}")
+
+    def opener(role: str, name: str) -> Callable[[], StateNode]:
+        endpoint = endpoint_from_spec(inv.agent(name, role))
+        return lambda: StateNode(endpoint.open())  # type: ignore[arg-type]
+
+    def progress(ph: PhaseTiming) -> None:
+        if not args.quiet:
+            print(f"{ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}", file=sys.stderr, flush=True)
+
+    report = EngineMigration(opener("source", inv.source), opener("target", inv.target), inv.source, inv.target, opts, on_phase=progress).run()
+    print(report.text())
+    if args.json:
+        _write_json(args.json, report.to_json())
+    return 0 if report.ok else 1
 
 
 def run_recover(args: argparse.Namespace) -> int:

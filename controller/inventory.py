@@ -95,6 +95,8 @@ class SwitchSpec:
     ovs_rundir: str | None = None
     netns: str | None = None
     testbed: str | None = None
+    #: "ovs" (a bridge, or a testbed's), or "none": the migration moves state only, no traffic.
+    kind: str = "ovs"
 
 
 @dataclass(frozen=True)
@@ -239,7 +241,12 @@ def parse(data: Any, path: str = "<inventory>") -> Inventory:
             raise InventoryError(f"{path}: agents.{name}: give password, password_file or key")
         agents[name] = AgentSpec(name=str(name), **f)
     switch = None
-    if isinstance(data.get("switch"), dict) and "testbed" in data["switch"]:
+    if isinstance(data.get("switch"), str):
+        if data["switch"] != "none":
+            raise InventoryError(f"{path}: switch: {data['switch']!r}: the one switch given by a word is \"none\" (state transfer only); "
+                                 "an Open vSwitch bridge is a [switch] table")
+        switch = SwitchSpec(None, kind="none")
+    elif isinstance(data.get("switch"), dict) and "testbed" in data["switch"]:
         # An embedded testbed knows its own bridge, ports and flows.
         f = _fields(f"{path}: switch", data["switch"], {"testbed": (_str, True)})
         switch = SwitchSpec(None, testbed=f["testbed"])

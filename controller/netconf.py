@@ -407,6 +407,18 @@ class NodeClient:
             raise ControllerError(f"get-config: source {source!r} is not running or candidate")
         return self._text("get-config", f'<get-config><source><{source}/></source><filter type="subtree">{filter_body}</filter></get-config>').data_ele
 
+    def get_filtered(self, filter_body: str) -> Any:
+        """<get> (config and state) with a subtree filter: the reply's <data> element."""
+        return self._text("get", f'<get><filter type="subtree">{filter_body}</filter></get>').data_ele
+
+    def get_config_filtered(self, source: str, filter_body: str) -> Any:
+        """<get-config> of ``source`` with a subtree filter: the reply's <data> element."""
+        return self._get_config(source, filter_body)
+
+    def edit_config(self, body: str, target: str = "candidate", default_operation: str | None = None) -> None:
+        """<edit-config> of ``target`` with ``body`` (the elements inside <config>), all or nothing."""
+        self._edit(f'<config xmlns="{NETCONF_NS}">{body}</config>', target, default_operation)
+
     def get_sessions(self, source: str = "running", key: SessionKey | None = None) -> list[NatSession]:
         """The nat-session table of ``source`` ("running" or "candidate"); one entry when ``key`` is given."""
         ns = self.codec.ns

@@ -87,9 +87,9 @@ class StateList:
         texts = (" ".join(t(e[i]) for t, i in zip(specs, idx)).encode() for e in entries)
         return format_digest(digest_xor(texts))
 
-    def clashes(self, entries: Iterable[Entry]) -> list[str]:
-        """Every violation of the list's `unique` constraints among ``entries`` (RFC 7950 7.8.3), named."""
-        out: list[str] = []
+    def clashes(self, entries: Iterable[Entry]) -> list[tuple[Key, str]]:
+        """Every violation of the list's `unique` constraints among ``entries`` (RFC 7950 7.8.3): (key of the entry, why)."""
+        out: list[tuple[Key, str]] = []
         for names, idx in zip(self.uniques, self.unique_idx):
             seen: dict[tuple[Any, ...], Key] = {}
             for e in entries:
@@ -99,7 +99,7 @@ class StateList:
                 other = seen.setdefault(values, self.key_of(e))
                 if other != self.key_of(e):
                     shown = " ".join(f"{n}={self.leaves[i].text(v)}" for n, i, v in zip(names, idx, values))
-                    out.append(f"{self.describe(self.key_of(e))}: unique \"{' '.join(names)}\" violated: {shown} is already used by {self.describe(other)}")
+                    out.append((self.key_of(e), f"unique \"{' '.join(names)}\" violated: {shown} is already used by {self.describe(other)}"))
         return out
 
 

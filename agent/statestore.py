@@ -1,0 +1,323 @@
+"""Running and candidate of a state agent that serves any state module from memory.
+
+No XML here (that is :mod:`natmig.statewire`'s), no network function
+either: the lists, keys and `unique` constraints come from the compiled
+module.  Locks, edit-config operations, commit and confirmed commit follow
+RFC 6241 as :class:`~.datastore.Datastore` does for the NAT's live table;
+the differences come from the table being the agent's own memory: commit
+makes running equal to the candidate, and a confirmed commit's rollback
+puts back running as it was (nothing else writes it meanwhile).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from natmig.codec import _Errors
+from natmig.errors import CodecError
+from natmig.statemodel import Entry, Key, StateList, StateModule
+from natmig.statewire import Config, Wire
+
+from .confirmed import DEFAULT_TIMEOUT, MAX_TIMEOUT
+from .datastore import DATASTORES, DatastoreError, Problem, problems_of_codec, refuse
+
+log = logging.getLogger(__name__)
+
+Tables = dict[StateList, dict[Key, Entry]]
+
+
+@dataclass
+class Plan:
+    """What a commit changed (the rpc layer logs its sizes)."""
+
+    upserts: dict[Any, Entry] = field(default_factory=dict)
+    deletes: set[Any] = field(default_factory=set)
+    control: dict[str, Any] | None = None
+
+
+@dataclass
+class _Pending:
+    owner: int
+    persist: str | None
+    deadline: float
+    before: Tables
+    admit: bool
+    timer: threading.Timer | None = None
+
+
+def _not_unique(lst: StateList, table: dict[Key, Entry]) -> list[Problem]:
+    """RFC 7950 15.1: a `unique` violation is operation-failed with error-app-tag data-not-unique, on the entry."""
+    return [Problem("operation-failed", why, lst.describe(key), app_tag="data-not-unique") for key, why in lst.clashes(table.values())]
+
+
+def _copy(tables: Tables) -> Tables:
+    return {lst: dict(t) for lst, t in tables.items()}
+
+
+class StateStore:
+    """The datastores of one state module held in memory; thread-safe.
+
+    ``on_change(list, "created"|"deleted", entry)`` is called for every entry
+    running gains or loses (the agent turns it into state-change notifications).
+    """
+
+    def __init__(self, module: StateModule) -> None:
+        self.module = module
+        self.wire = Wire(module.lists)
+        self.describe: Callable[[int], str] = lambda sid: f"session {sid}"
+        self.on_change: Callable[[StateList, str, Entry], None] = lambda lst, ev, e: None
+        self._mutex = threading.RLock()
+        self._running: Tables = {lst: {} for lst in module.lists}
+        self._admit = True
+        self._cand: Tables | None = None
+        self._cand_admit = True
+        self._locks: dict[str, int] = {}
+        self._pending: _Pending | None = None
+
+    # ----------------------------------------------------------------- locks
+
+    def lock(self, name: str, sid: int) -> None:
+        """Lock a datastore (lock-denied when held, or when the candidate has changes, RFC 6241 7.5)."""
+        self._check_name(name)
+        with self._mutex:
+            holder = self._locks.get(name)
+            if holder is not None:
+                raise refuse("lock-denied", f"{name} is locked by {self.describe(holder)}", type="protocol", info={"session-id": str(holder)})
+            if name == "candidate" and self._cand is not None:
+                raise refuse("lock-denied", "the candidate has uncommitted changes; discard-changes or commit first", type="protocol", info={"session-id": "0"})
+            self._locks[name] = sid
+
+    def unlock(self, name: str, sid: int) -> None:
+        """Release a lock ``sid`` holds."""
+        self._check_name(name)
+        with self._mutex:
+            holder = self._locks.get(name)
+            if holder != sid:
+                why = "it is not locked" if holder is None else f"it is locked by {self.describe(holder)}"
+                raise refuse("operation-failed", f"cannot unlock {name}: {why}", type="protocol", info={"session-id": str(holder or 0)})
+            del self._locks[name]
+
+    def release_session(self, sid: int) -> None:
+        """A session ended: its locks go; a candidate it locked loses its changes; its unpersisted confirmed commit is rolled back."""
+        with self._mutex:
+            for name in [n for n, h in self._locks.items() if h == sid]:
+                del self._locks[name]
+                if name == "candidate":
+                    self._cand = None
+            p = self._pending
+            if p is not None and p.persist is None and p.owner == sid:
+                self._roll_back(f"session {sid}, which issued it without <persist>, ended")
+
+    def lock_holder(self, name: str) -> int | None:
+        """The session holding ``name``'s lock, if any."""
+        return self._locks.get(name)
+
+    def _check_write(self, name: str, sid: int) -> None:
+        holder = self._locks.get(name)
+        if holder is not None and holder != sid:
+            raise refuse("in-use", f"{name} is locked by {self.describe(holder)}", type="protocol", info={"session-id": str(holder)})
+        p = self._pending
+        if p is not None and p.persist is None and p.owner != sid:
+            raise refuse("in-use", f"a confirmed commit of {self.describe(p.owner)} awaits confirmation", type="protocol", info={"session-id": str(p.owner)})
+
+    @staticmethod
+    def _check_name(name: str) -> None:
+        if name not in DATASTORES:
+            raise refuse("invalid-value", f"unknown datastore {name!r} (this agent has {', '.join(DATASTORES)})", type="protocol")
+
+    # ----------------------------------------------------------------- reads
+
+    def read(self, source: str) -> tuple[Tables, bool]:
+        """(entries by list, admit-new) of a datastore, copied."""
+        self._check_name(source)
+        with self._mutex:
+            if source == "candidate" and self._cand is not None:
+                return _copy(self._cand), self._cand_admit
+            return _copy(self._running), self._admit
+
+    def admission(self) -> bool:
+        """Running's state-control/admit-new."""
+        return self._admit
+
+    def statistics(self) -> list[tuple[str, int, str]]:
+        """(module:list, entries, digest) of each list of running."""
+        with self._mutex:
+            return [(lst.qname, len(t), lst.digest(t.values())) for lst, t in self._running.items()]
+
+    # ----------------------------------------------------------------- edits
+
+    def edit(self, target: str, cfg: Config, sid: int, default_operation: str = "merge", test_only: bool = False) -> None:
+        """Apply an edit-config to ``target``, all or nothing (RFC 6241 7.2); raises DatastoreError."""
+        self._check_name(target)
+        with self._mutex:
+            self._check_write(target, sid)
+            if target == "running":
+                base, admit = self._running, self._admit
+            else:
+                base, admit = (self._cand, self._cand_admit) if self._cand is not None else (self._running, self._admit)
+            tables, admit = self._plan(base, admit, cfg, default_operation)
+            if test_only:
+                return
+            if target == "running":
+                self._set_running(tables, admit)
+            else:
+                self._cand, self._cand_admit = tables, admit
+
+    def _plan(self, base: Tables, admit: bool, cfg: Config, default_operation: str) -> tuple[Tables, bool]:
+        tables = {lst: {} for lst in base} if default_operation == "replace" else _copy(base)
+        if default_operation == "replace":
+            admit = True  # state-control absent from a replacing config is at its default
+        if cfg.control is not None and "admit-new" in cfg.control:
+            admit = cfg.control["admit-new"]
+        problems: list[Problem] = []
+        errors = _Errors(100)
+        for ed in cfg.edits:
+            table = tables[ed.list]
+            old = table.get(ed.key)
+            op = ed.operation or default_operation
+            where = ed.list.describe(ed.key)
+            if op in ("delete", "remove"):
+                if old is None:
+                    if op == "delete":
+                        problems.append(Problem("data-missing", "delete of an entry that does not exist", where))
+                    continue
+                del table[ed.key]
+            elif op == "create" and old is not None:
+                problems.append(Problem("data-exists", "create of an entry that already exists", where))
+            elif op == "none":
+                if old is None:
+                    problems.append(Problem("data-missing", "the entry does not exist (default-operation none)", where))
+            else:
+                values = ed.values
+                if op == "merge" and old is not None:
+                    values = {s.name: v for s, v in zip(ed.list.leaves, old) if v is not None} | ed.values
+                entry = Wire.complete(ed.list, values, errors)
+                if entry is not None:
+                    table[ed.key] = entry
+        if errors:
+            problems += problems_of_codec(CodecError(errors.items, errors.more))
+        for lst in {ed.list for ed in cfg.edits}:
+            problems += _not_unique(lst, tables[lst])
+        if problems:
+            raise DatastoreError(problems)
+        return tables, admit
+
+    def _set_running(self, tables: Tables, admit: bool) -> None:
+        for lst, new in tables.items():
+            old = self._running[lst]
+            for k, e in old.items():
+                if new.get(k) != e:
+                    self.on_change(lst, "deleted", e)
+            for k, e in new.items():
+                if old.get(k) != e:
+                    self.on_change(lst, "created", e)
+        self._running, self._admit = tables, admit
+
+    # ---------------------------------------------------------------- commit
+
+    def commit(self, sid: int, *, confirmed: bool = False, timeout: int = DEFAULT_TIMEOUT,
+               persist: str | None = None, persist_id: str | None = None) -> Plan:
+        """Running := candidate; confirmed: rolled back unless confirmed within ``timeout`` s (RFC 6241 8.4)."""
+        with self._mutex:
+            self._check_write("running", sid)
+            self._check_write("candidate", sid)
+            self._check_confirm_rights(sid, persist_id)
+            if not 1 <= timeout <= MAX_TIMEOUT:
+                raise refuse("invalid-value", f"confirm-timeout {timeout} is not a number of seconds in 1..{MAX_TIMEOUT}", type="protocol", info={"bad-element": "confirm-timeout"})
+            plan = self._plan_of_commit()
+            if confirmed:
+                p = self._pending
+                before, admit = (p.before, p.admit) if p is not None else (_copy(self._running), self._admit)
+                if p is not None and p.timer is not None:
+                    p.timer.cancel()
+                nxt = _Pending(sid, persist, time.monotonic() + timeout, before, admit)
+                nxt.timer = threading.Timer(timeout, self._expire, (nxt,))
+                nxt.timer.daemon = True
+                self._pending = nxt
+                nxt.timer.start()
+            elif self._pending is not None:
+                if self._pending.timer is not None:
+                    self._pending.timer.cancel()
+                log.info("confirmed commit of session %d confirmed by session %d", self._pending.owner, sid)
+                self._pending = None
+            if self._cand is not None:
+                self._set_running(self._cand, self._cand_admit)
+            self._cand = None
+            return plan
+
+    def _plan_of_commit(self) -> Plan:
+        if self._cand is None:
+            return Plan()
+        plan = Plan(control={"admit-new": self._cand_admit} if self._cand_admit != self._admit else None)
+        for lst, new in self._cand.items():
+            old = self._running[lst]
+            plan.upserts.update({(lst.name, k): e for k, e in new.items() if old.get(k) != e})
+            plan.deletes.update((lst.name, k) for k in old if k not in new)
+        return plan
+
+    def _check_confirm_rights(self, sid: int, persist_id: str | None) -> None:
+        p = self._pending
+        bad = {"bad-element": "persist-id"}
+        if p is None:
+            if persist_id is not None:
+                raise refuse("invalid-value", "no confirmed commit is pending (persist-id given)", type="protocol", info=bad)
+        elif p.persist is None and p.owner != sid:
+            raise refuse("in-use", f"the pending confirmed commit belongs to {self.describe(p.owner)}", type="protocol", info={"session-id": str(p.owner)})
+        elif p.persist is not None and persist_id != p.persist:
+            raise refuse("invalid-value", "a confirmed commit with <persist> is pending: give its <persist-id>" if persist_id is None
+                         else "the persist-id does not match the pending confirmed commit's <persist>", type="protocol", info=bad)
+
+    def cancel_commit(self, sid: int, persist_id: str | None = None) -> None:
+        """<cancel-commit>: roll the pending confirmed commit back now."""
+        with self._mutex:
+            if self._pending is None:
+                raise refuse("invalid-value", "no confirmed commit is pending", type="protocol")
+            self._check_confirm_rights(sid, persist_id)
+            self._roll_back(f"cancelled by session {sid}")
+
+    def _expire(self, pending: _Pending) -> None:
+        with self._mutex:
+            if self._pending is pending:
+                self._roll_back("its confirm-timeout passed")
+
+    def _roll_back(self, why: str) -> None:
+        p = self._pending
+        if p is None:
+            return
+        if p.timer is not None:
+            p.timer.cancel()
+        self._pending = None
+        self._set_running(p.before, p.admit)
+        self._cand = None
+        log.warning("confirmed commit of session %d rolled back: %s", p.owner, why)
+
+    def discard(self, sid: int) -> None:
+        """<discard-changes>: the candidate back to running."""
+        with self._mutex:
+            self._check_write("candidate", sid)
+            self._cand = None
+
+    def validate(self, source: str | None, cfg: Config | None = None) -> None:
+        """<validate>: whether ``source`` or an inline config would be accepted (unique constraints)."""
+        with self._mutex:
+            if cfg is not None:
+                self._plan({lst: {} for lst in self._running}, True, cfg, "replace")
+                return
+            self._check_name(source or "")
+            tables = self._cand if source == "candidate" and self._cand is not None else self._running
+            problems = [p for lst, t in tables.items() for p in _not_unique(lst, t)]
+            if problems:
+                raise DatastoreError(problems)
+
+    def close(self) -> None:
+        """The agent stops: a pending confirmed commit is rolled back."""
+        with self._mutex:
+            self._roll_back("the agent is stopping")
+
+    def recover(self) -> bool:
+        """Nothing survives a restart of a memory store: nothing to roll back."""
+        return False

@@ -1,0 +1,296 @@
+"""The migration engine: moves the state lists of any module between two state agents.
+
+It knows no network function.  What to move comes from the agents
+(:class:`~.statenode.StateNode`: yang-library, get-schema, the compiled
+module); how to hold new entries, and how to check a copy, from the common
+module natmig-state.  A migration is a sequence of :class:`Phase` objects,
+each declaring the capabilities it needs from both agents (checked against
+their hellos before anything changes, never probed), each with an undo;
+the copy itself is a :class:`CopyStrategy`.
+
+Crash safety is the NAT migration's (:mod:`.txn`): both nodes locked from
+preflight to the end, and every change a dead controller must not leave
+behind a persistent confirmed commit under the pair's token, rolled back
+by the agents themselves when ``confirm_timeout`` passes.
+
+The switch of traffic is :class:`NoSwitch` here: state transfer only, and
+the report says that no traffic was moved.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+from ..errors import ControllerError
+from ..statemodel import Entry, StateList
+from . import txn
+from .enginereport import EngineReport, NodeReadback
+from .report import PhaseTiming
+from .statenode import StateNode, same_modules
+
+log = logging.getLogger(__name__)
+
+RETIRE_MODES = ("delete", "keep")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """``retire``: delete the moved entries from the source, or keep them there (both with admission reopened)."""
+
+    retire: str = "delete"
+    confirm_timeout: float = 10.0
+    recover_hint: str = ""
+
+    def __post_init__(self) -> None:
+        if self.retire not in RETIRE_MODES:
+            raise ControllerError(f"retire: {self.retire!r} is not one of {', '.join(RETIRE_MODES)} for a state-only migration")
+        if not 1 <= self.confirm_timeout <= 3600:
+            raise ControllerError(f"confirm-timeout: {self.confirm_timeout:g} s is not in 1..3600")
+
+
+@dataclass
+class Context:
+    """What the phases share."""
+
+    source: StateNode
+    target: StateNode
+    options: EngineOptions
+    token: str
+    report: EngineReport
+    lists: list[StateList] = field(default_factory=list)
+    copied: dict[StateList, list[Entry]] = field(default_factory=dict)
+    locks: list[txn.Locks] = field(default_factory=list)
+
+
+class Phase(abc.ABC):
+    """One step of a migration; ``needs``: capabilities both agents must announce for it."""
+
+    name: ClassVar[str]
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    @abc.abstractmethod
+    def run(self, ctx: Context) -> str:
+        """Do the step; returns a line of detail for the report."""
+
+    def undo(self, ctx: Context) -> str | None:
+        """Take the step back after a later failure; what was undone, or None when nothing needs it."""
+        return None
+
+
+class CopyStrategy(abc.ABC):
+    """How the state lists get from the source into the target's candidate."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def copy(self, ctx: Context) -> dict[StateList, list[Entry]]:
+        """Read the (frozen) source, write the target's candidate; the entries copied per list."""
+
+
+class WholeLists(CopyStrategy):
+    """Each list read whole with get-config, written with one edit-config (merge of whole entries)."""
+
+    name = "whole-lists"
+
+    def copy(self, ctx: Context) -> dict[StateList, list[Entry]]:
+        out = {}
+        for lst in ctx.lists:
+            entries = ctx.source.read(lst)
+            ctx.target.write(lst, entries)
+            out[lst] = entries
+        return out
+
+
+class Preflight(Phase):
+    """Both agents discovered and compared, locked, the source open for new entries."""
+
+    name = "preflight"
+    needs = frozenset({txn.CANDIDATE, txn.CONFIRMED_COMMIT})
+
+    def run(self, ctx: Context) -> str:
+        for node in (ctx.source, ctx.target):
+            node.discover()
+        diff = same_modules(ctx.source, ctx.target)
+        if diff:
+            raise ControllerError("the two agents do not serve the same state modules: " + "; ".join(diff))
+        ctx.lists = ctx.source.lists
+        ctx.report.modules = [f"{m.name}@{m.revision}" for m in ctx.source.modules]
+        # Both nodes, one after the other in name order: two migrations sharing a node meet at the same first lock.
+        for node in sorted((ctx.source, ctx.target), key=lambda n: n.name):
+            ctx.locks.append(txn.Locks.take(node, "source" if node is ctx.source else "target"))
+        if not ctx.source.admission():
+            hint = f" ({ctx.options.recover_hint})" if ctx.options.recover_hint else ""
+            raise ControllerError(f"{ctx.source.name} refuses new entries already (state-control/admit-new is false): "
+                                  f"an interrupted migration or an operator closed it; nothing was changed{hint}")
+        return f"modules {', '.join(ctx.report.modules)}; lists {', '.join(l.qname for l in ctx.lists)}"
+
+
+class Freeze(Phase):
+    """The source stops creating entries (persistent confirmed commit: a dead controller's freeze undoes itself)."""
+
+    name = "freeze"
+
+    def run(self, ctx: Context) -> str:
+        txn.confirmed_admission(ctx.source, False, ctx.token, ctx.options.confirm_timeout)
+        return f"{ctx.source.name}: admit-new false, rolled back in {ctx.options.confirm_timeout:g} s unless confirmed"
+
+    def undo(self, ctx: Context) -> str | None:
+        return f"{ctx.source.name}: freeze cancelled" if txn.cancel_pending(ctx.source, ctx.token) else None
+
+
+class Copy(Phase):
+    """The source's lists into the target, committed as a persistent confirmed commit."""
+
+    name = "copy"
+
+    def __init__(self, strategy: CopyStrategy) -> None:
+        self.strategy = strategy
+
+    def run(self, ctx: Context) -> str:
+        ctx.copied = self.strategy.copy(ctx)
+        ctx.target.commit(confirmed=True, timeout=ctx.options.confirm_timeout, persist=ctx.token)
+        ctx.report.copied = {l.qname: len(e) for l, e in ctx.copied.items()}
+        return f"{self.strategy.name}: " + ", ".join(f"{l.qname} {len(e)}" for l, e in ctx.copied.items())
+
+    def undo(self, ctx: Context) -> str | None:
+        # Also after a copy that failed half-way: what the candidate got must not outlive
+        # the session (unlocking the candidate keeps its changes, RFC 6241 8.3.5.2).
+        ctx.target.client.discard()
+        return f"{ctx.target.name}: copy cancelled" if txn.cancel_pending(ctx.target, ctx.token) else f"{ctx.target.name}: candidate discarded"
+
+
+class Verify(Phase):
+    """What was copied is what the frozen source holds (its own digest), and the target holds all of it (read back)."""
+
+    name = "verify"
+
+    def run(self, ctx: Context) -> str:
+        stats = ctx.source.statistics()
+        for lst, entries in ctx.copied.items():
+            got = stats.get(lst.qname)
+            want = (len(entries), lst.digest(entries))
+            if got != want:
+                raise ControllerError(f"{ctx.source.name}: {lst.qname} changed while frozen: the copy has {want[0]} entries, digest {want[1]}; "
+                                      f"the source now reports {got[0] if got else 'no'} entries, digest {got[1] if got else '-'}")
+        for lst, entries in ctx.copied.items():
+            # The key and mandatory leaves (the digest's): others may change on a live node by themselves.
+            idx = [i for i, s in enumerate(lst.leaves) if s.mandatory]
+            have = {tuple(e[i] for i in idx) for e in ctx.target.read(lst)}
+            missing = [e for e in entries if tuple(e[i] for i in idx) not in have]
+            if missing:
+                shown = ", ".join(lst.describe(lst.key_of(e)) for e in missing[:5])
+                raise ControllerError(f"{ctx.target.name}: {len(missing)} of {len(entries)} entries of {lst.qname} are not there as copied after the commit: {shown}")
+        return "source digests match the copy; every entry read back from the target"
+
+
+class NoSwitch(Phase):
+    """State transfer only: no traffic is moved (an inventory whose switch is `none`)."""
+
+    name = "switch"
+
+    def run(self, ctx: Context) -> str:
+        ctx.report.switch = "none: state transfer only, no traffic was moved"
+        return ctx.report.switch
+
+
+class Finish(Phase):
+    """The target's copy confirmed; the source retired (entries deleted or kept) and open again, confirming its freeze."""
+
+    name = "finish"
+
+    def run(self, ctx: Context) -> str:
+        ctx.target.commit(persist_id=ctx.token)
+        ctx.report.committed = True
+        if ctx.options.retire == "delete":
+            for lst, entries in ctx.copied.items():
+                ctx.source.remove(lst, (lst.key_of(e) for e in entries))
+        txn.confirm_admission(ctx.source, True, ctx.token)
+        return f"{ctx.target.name}: copy confirmed; {ctx.source.name}: entries {'deleted' if ctx.options.retire == 'delete' else 'kept'}, admission reopened"
+
+
+def default_phases() -> list[Phase]:
+    """preflight, freeze, copy (whole lists), verify, switch (none), finish."""
+    return [Preflight(), Freeze(), Copy(WholeLists()), Verify(), NoSwitch(), Finish()]
+
+
+def missing_needs(phases: list[Phase], node: StateNode) -> list[str]:
+    """Capabilities the phases declare that ``node`` does not announce."""
+    have = set(node.capabilities)
+    return sorted({c.rsplit(":", 2)[-2] for p in phases for c in p.needs if c not in have})
+
+
+class EngineMigration:
+    """Run the phases in order; on failure undo the finished ones in reverse, then read both nodes back."""
+
+    def __init__(self, source: Callable[[], StateNode], target: Callable[[], StateNode], source_name: str, target_name: str,
+                 options: EngineOptions | None = None, phases: list[Phase] | None = None,
+                 on_phase: Callable[[PhaseTiming], None] | None = None) -> None:
+        self.open_source, self.open_target = source, target
+        self.options = options or EngineOptions()
+        self.phases = phases if phases is not None else default_phases()
+        self.on_phase = on_phase or (lambda p: None)
+        self.report = EngineReport(source_name, target_name, retire=self.options.retire)
+
+    def run(self) -> EngineReport:
+        r = self.report
+        nodes: list[StateNode] = []
+        ctx: Context | None = None
+        done: list[Phase] = []
+        try:
+            t0 = time.perf_counter()
+            src, tgt = self.open_source(), self.open_target()
+            nodes = [src, tgt]
+            for node in nodes:
+                if missing := missing_needs(self.phases, node):
+                    raise ControllerError(f"{node.name}: the agent does not announce {', '.join(missing)}, which this migration needs")
+            ctx = Context(src, tgt, self.options, txn.persist_token(r.source, r.target), r)
+            r.connect_seconds = time.perf_counter() - t0
+            for phase in self.phases:
+                timing = PhaseTiming(phase.name, started=time.perf_counter())
+                r.phases.append(timing)
+                timing.detail = phase.run(ctx)
+                timing.seconds = time.perf_counter() - timing.started
+                timing.ok = True
+                done.append(phase)
+                self.on_phase(timing)
+            r.ok = True
+        except Exception as e:  # noqa: BLE001 - any failure is reported, after the undo
+            r.error = txn.describe_error(e) if not isinstance(e, ControllerError) else str(e)
+            r.failed_phase = r.phases[-1].name if r.phases and not r.phases[-1].ok else "connect"
+            if r.phases and not r.phases[-1].ok:
+                r.phases[-1].seconds = time.perf_counter() - r.phases[-1].started
+                self.on_phase(r.phases[-1])
+            if not isinstance(e, ControllerError):
+                log.exception("migration failed")
+            if ctx is not None and not r.committed:
+                # The phase that failed may have done part of its work: its undo runs too.
+                failed = [p for p in self.phases if p.name == r.failed_phase and p not in done][:1]
+                for phase in [*failed, *reversed(done)]:
+                    try:
+                        if (what := phase.undo(ctx)) is not None:
+                            r.undone.append(what)
+                    except Exception as ue:  # noqa: BLE001 - the agents' own timeout undoes what this could not
+                        r.undone.append(f"{phase.name}: undo failed ({txn.describe_error(ue)}); the agent rolls it back within {self.options.confirm_timeout:g} s")
+        finally:
+            if ctx is not None:
+                for lock in ctx.locks:
+                    if lock.node.connected:
+                        lock.release()
+            for node in nodes:
+                r.readback[node.name] = read_back(node)
+                node.close()
+        return r
+
+
+def read_back(node: StateNode) -> NodeReadback:
+    """What the node says now: admission and each list's size and digest."""
+    if not node.connected:
+        return NodeReadback(node.name, error="the NETCONF session is gone")
+    try:
+        return NodeReadback(node.name, admission=node.admission(), tables=node.statistics())
+    except Exception as e:  # noqa: BLE001 - a report must still be made
+        return NodeReadback(node.name, error=txn.describe_error(e))
