@@ -73,6 +73,12 @@ class StateNode:
     def close(self) -> None:
         self.client.close()
 
+    def __enter__(self) -> "StateNode":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     # ---------------------------------------------------------- discovery
 
     def discover(self) -> list[StateModule]:

@@ -1,0 +1,236 @@
+"""The migration engine between real state agents over SSH on loopback (in this process): success, refusals, faults.
+
+The agents serve examples/lb-binding.yang from memory; the engine learns it
+from their yang-library and get-schema.  Nothing here knows a network function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from natmig.agent.auth import set_password
+from natmig.agent.provider import MemoryProvider
+from natmig.agent.server import Agent, AgentConfig
+from natmig.agent.stateagent import StateAgent
+from natmig.codec import default_codec
+from natmig.controller.engine import (Context, Copy, EngineMigration, EngineOptions, Freeze, NoSwitch, Phase, Preflight, Verify,
+                                      WholeLists, default_phases)
+from natmig.controller.netconf import NodeClient
+from natmig.controller.statenode import StateNode
+from natmig.statemodel import load_module
+
+from .test_statemodel import LB, binding
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Served:
+    """An agent on 127.0.0.1 (free port) on its own event loop thread."""
+
+    def __init__(self, tmp: Path, name: str, module: Path | None = LB) -> None:
+        tmp.mkdir(exist_ok=True)
+        set_password(tmp / "passwords", "natmig", "secret")
+        cfg = AgentConfig(host="127.0.0.1", port=0, host_key=str(tmp / "host_key"), passwords=str(tmp / "passwords"))
+        self.agent: Agent = StateAgent(cfg, load_module(module)) if module is not None else Agent(cfg, MemoryProvider(owned={"203.0.113.1"}), default_codec())
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.agent.start(), self.loop).result(10)
+        self.port = self.agent.port
+        pub = (tmp / "host_key.pub").read_text().split()
+        (tmp / "known_hosts").write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
+        self.tmp, self.name, self.stopped = tmp, name, False
+
+    def client(self) -> NodeClient:
+        c = NodeClient.connect("127.0.0.1", self.port, "natmig", password="secret", known_hosts=str(self.tmp / "known_hosts"), timeout=10)
+        c.name = self.name
+        return c
+
+    def node(self) -> StateNode:
+        return StateNode(self.client())
+
+    def load(self, *entries: str) -> None:
+        with self.client() as c:
+            c.edit_config("".join(entries), target="running")
+
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.loop.call_soon_threadsafe(self.agent.close)
+            time.sleep(0.1)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Served, Served]]:
+    a, b = Served(tmp_path / "lb1", "lb1"), Served(tmp_path / "lb2", "lb2")
+    try:
+        yield a, b
+    finally:
+        a.stop()
+        b.stop()
+
+
+def migration(a: Served, b: Served, phases: list[Phase] | None = None, **opts: object) -> EngineMigration:
+    return EngineMigration(a.node, b.node, a.name, b.name, EngineOptions(**opts), phases)  # type: ignore[arg-type]
+
+
+def entries(n: int, base: int = 0) -> list[str]:
+    return [binding(f"192.0.2.{i % 200 + 1}", 40000 + base + i, snat=1024 + base + i, idle_timeout=300) for i in range(n)]
+
+
+def test_the_state_moves_and_the_report_is_what_the_nodes_say(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(300), '<backend xmlns="urn:natmig:yang:example:lb-binding"><address>198.51.100.10</address><port>80</port><weight>5</weight></backend>')
+    before = a.node().statistics()
+    r = migration(a, b).run()
+    assert r.ok, r.text()
+    assert r.modules == ["lb-binding@2026-12-03"]
+    assert r.copied == {"lb-binding:backend": 1, "lb-binding:binding": 300}
+    assert r.switch.startswith("none")
+    assert r.readback["lb2"].tables == before  # same sizes and digests, as the target reports them
+    assert r.readback["lb1"].tables["lb-binding:binding"][0] == 0 and r.readback["lb1"].admission is True
+    assert r.readback["lb2"].admission is True
+    assert "no traffic was moved" in r.text()
+    # retire keep: the source keeps its entries, and is open again
+    r2 = migration(b, a, retire="keep").run()
+    assert r2.ok and r2.readback["lb2"].tables == before and r2.readback["lb1"].tables == before
+
+
+def test_a_conflict_with_the_targets_own_entries_is_refused_and_nothing_changes(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    # backend comes first and is written into the target's candidate before binding is refused
+    a.load(*entries(50), '<backend xmlns="urn:natmig:yang:example:lb-binding"><address>198.51.100.10</address><port>80</port></backend>')
+    b.load(binding("203.0.113.9", 5555, snat=1030))  # the same backend and source port as one of lb1's
+    src_before, tgt_before = a.node().statistics(), b.node().statistics()
+    r = migration(a, b).run()
+    assert not r.ok and r.failed_phase == "copy"
+    assert 'unique "backend-address backend-port snat-port" violated' in r.error and "binding[203.0.113.9 5555]" in r.error
+    assert r.readback["lb1"].tables == src_before and r.readback["lb1"].admission is True
+    assert r.readback["lb2"].tables == tgt_before
+    assert any("freeze cancelled" in u for u in r.undone)
+    # the target's candidate was discarded: the next migration can lock it
+    with b.client() as c:
+        c.lock("candidate")
+
+
+def test_a_node_locked_by_another_session_is_refused_in_preflight(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(5))
+    other = b.client()
+    other.lock("running")
+    try:
+        r = migration(a, b).run()
+    finally:
+        other.close()
+    assert not r.ok and r.failed_phase == "preflight"
+    assert "target lb2 is in use" in r.error and "locked by session" in r.error
+    assert r.readback["lb1"].tables["lb-binding:binding"][0] == 5 and r.readback["lb1"].admission is True
+
+
+def test_a_source_already_closed_is_refused_with_the_recover_hint(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    with a.client() as c:
+        StateNode(c).set_admission(False, "running")
+    r = migration(a, b, recover_hint="natmig recover --inventory inv.toml").run()
+    assert not r.ok and "refuses new entries already" in r.error and "natmig recover" in r.error
+
+
+def test_agents_that_serve_different_modules_or_no_state_are_refused(tmp_path: Path) -> None:
+    a = Served(tmp_path / "lb", "lb")
+    nat = Served(tmp_path / "nat", "nat", module=ROOT / "yang" / "nat-session.yang")
+    plain = Served(tmp_path / "plain", "plain", module=None)  # the NAT agent: no natmig-state
+    try:
+        r = migration(a, nat).run()
+        assert not r.ok and "do not serve the same state modules" in r.error
+        assert "lb-binding: lb has 2026-12-03, nat has none" in r.error
+        r = migration(a, plain).run()
+        assert not r.ok and "plain: the agent does not implement natmig-state" in r.error
+    finally:
+        for s in (a, nat, plain):
+            s.stop()
+
+
+class _StopTarget(Phase):
+    name = "fault"
+
+    def __init__(self, served: Served) -> None:
+        self.served = served
+
+    def run(self, ctx: Context) -> str:
+        self.served.stop()
+        return "target stopped"
+
+
+def test_the_target_dying_mid_migration_leaves_the_source_as_it_was(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(40))
+    before = a.node().statistics()
+    r = migration(a, b, [Preflight(), Freeze(), _StopTarget(b), Copy(WholeLists()), Verify(), NoSwitch()]).run()
+    assert not r.ok and r.failed_phase == "copy"
+    assert r.readback["lb1"].tables == before and r.readback["lb1"].admission is True
+    assert r.readback["lb2"].error is not None  # not read back: it is gone, and the report says so
+
+
+class _ControllerDies(Phase):
+    name = "crash"
+
+    def run(self, ctx: Context) -> str:
+        raise SystemExit("the controller dies here")  # not an Exception: no undo runs, as when the process is killed
+
+
+def test_a_controller_dead_after_the_copy_is_undone_by_the_agents_themselves(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(40))
+    before = a.node().statistics()
+    m = migration(a, b, [Preflight(), Freeze(), Copy(WholeLists()), _ControllerDies()], confirm_timeout=1)
+    with pytest.raises(SystemExit):
+        m.run()
+    with a.node() as src, b.node() as tgt:  # right after: frozen source, copy on the target, both pending
+        assert src.admission() is False and tgt.statistics()["lb-binding:binding"][0] == 40
+        time.sleep(1.6)
+        assert src.admission() is True and src.statistics() == before
+        assert tgt.statistics()["lb-binding:binding"] == (0, "0000000000000000")
+
+
+def test_phases_declare_what_they_need_and_a_missing_capability_stops_before_any_change(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+
+    class NeedsXpath(Phase):
+        name = "xpath"
+        needs = frozenset({"urn:ietf:params:netconf:capability:xpath:1.0"})
+
+        def run(self, ctx: Context) -> str:
+            raise AssertionError("must not run")
+
+    r = migration(a, b, [*default_phases(), NeedsXpath()]).run()
+    assert not r.ok and r.failed_phase == "connect" and "does not announce xpath" in r.error
+
+
+@pytest.mark.parametrize("kind", ["state", "nat"])
+def test_the_yang_library_each_agent_publishes_is_valid_for_libyang(tmp_path: Path, kind: str) -> None:
+    import subprocess
+
+    from natmig.agent.monitoring import Catalog
+    from natmig.agent.server import OPTIONAL_CAPABILITIES
+    from natmig.statemodel import common_module
+
+    catalog = (Catalog.for_module(load_module(LB), common_module(), OPTIONAL_CAPABILITIES) if kind == "state"
+               else Catalog.for_schema(default_codec().schema, OPTIONAL_CAPABILITIES))
+    doc = tmp_path / "yl.xml"
+    doc.write_bytes(catalog.yang_library())
+    ietf = Path(__import__("sys").prefix) / "share" / "yang" / "modules" / "ietf"
+    cp = subprocess.run(["yanglint", "-p", str(ietf), "-t", "get", str(ietf / "ietf-yang-library.yang"), str(ietf / "ietf-datastores.yang"), str(doc)],
+                        capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    names = {e.identifier for e in catalog.implemented}
+    assert {"ietf-yang-library", "ietf-netconf-monitoring"} <= names
+    assert ("natmig-state" in names) is (kind == "state")
+    assert any(c.startswith("urn:ietf:params:netconf:capability:yang-library:1.1?revision=2019-01-04&content-id=") for c in catalog.capabilities)
