@@ -21,7 +21,7 @@ import pyang
 
 from ..codec import NETCONF_NS
 from ..schema import Schema
-from ..statemodel import StateModule
+from ..statemodel import StateModule, common_module
 
 MONITORING_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
 WITH_DEFAULTS_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-with-defaults"
@@ -90,9 +90,11 @@ class Catalog:
 
     @classmethod
     def for_schema(cls, schema: Schema, optional_capabilities: list[str]) -> "Catalog":
-        """The NAT agent's catalog: nat-session (and what it imports)."""
-        own = SchemaEntry(schema.module, schema.revision, schema.namespace, schema.source_path.read_text())
-        return cls([own], [], optional_capabilities)
+        """The NAT agent's catalog: nat-session and natmig-state (its nat-control and nat-statistics seen through the common module)."""
+        common = common_module()
+        own = [SchemaEntry(schema.module, schema.revision, schema.namespace, schema.source_path.read_text()),
+               SchemaEntry(common.name, common.revision, common.namespace, common.texts[common.name])]
+        return cls(own, [], optional_capabilities)
 
     @classmethod
     def for_module(cls, module: StateModule, common: StateModule, optional_capabilities: list[str]) -> "Catalog":

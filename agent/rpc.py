@@ -24,6 +24,8 @@ from ..errors import AgentError, CodecError
 from ..gcpause import gc_paused
 from ..model import NatSession, format_key
 from ..schema import LeafValueError
+from ..statemodel import COMMON_NS
+from ..statewire import CONTROL, STATISTICS, Wire
 from .confirmed import DEFAULT_TIMEOUT, parse_timeout
 from .datastore import (
     DEFAULT_OPERATIONS,
@@ -220,6 +222,9 @@ class Selection:
     monitoring: set[str] | None = field(default=None)
     monitoring_selected: bool = False
     yang_library: bool = False
+    #: natmig-state's containers: nat-control and nat-statistics as the common module names them.
+    state_control: bool = False
+    state_statistics: bool = False
 
 
 def parse_filter(codec: Codec, op: Any) -> Selection:
@@ -275,6 +280,10 @@ def parse_filter(codec: Codec, op: Any) -> Selection:
             sel.monitoring = kids or None
         elif q.namespace == YANG_LIBRARY_NS and q.localname == "yang-library":
             sel.yang_library = True
+        elif q.namespace == COMMON_NS and q.localname == CONTROL:
+            sel.state_control = True
+        elif q.namespace == COMMON_NS and q.localname == STATISTICS:
+            sel.state_statistics = True
     return sel
 
 
@@ -332,7 +341,7 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
             and sel.sessions is not None and any(not m for m in sel.sessions)):
         # The whole list and nothing else (what a migration reads): sent while it is read.
         return _stream_sessions(server, sess)
-    sessions, control = server.datastore.read(source, with_sessions=want_sessions, with_control=sel.everything or sel.control, keys=keys)
+    sessions, control = server.datastore.read(source, with_sessions=want_sessions, with_control=sel.everything or sel.control or sel.state_control, keys=keys)
     parts = []
     if want_sessions:
         picked = select(sessions, None if sel.everything else sel.sessions)
@@ -346,6 +355,12 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
         parts.append(netconf_state(server.catalog, server.session_records(), locks, server.started, sel.monitoring))
     if state and (sel.everything or sel.yang_library):
         parts.append(server.catalog.yang_library())
+    if sel.everything or sel.state_control:
+        parts.append(Wire.control_xml(control["admit-new-sessions"], report_all).encode())
+    if state and (sel.everything or sel.state_statistics):
+        st = server.datastore.statistics()
+        lst = codec.schema
+        parts.append(Wire.statistics_xml([(f"{lst.module}:{lst.list_name}", st["sessions"], st["digest"])]).encode())
     return [b"<data>", *parts, b"</data>"]
 
 
@@ -445,6 +460,17 @@ def _fast_entries(codec: Codec, config: Any) -> list[EditEntry] | None:
     return out
 
 
+_STATE_CONTROL = f"{{{COMMON_NS}}}{CONTROL}"
+
+
+def _as_nat_control(codec: Codec, el: Any) -> None:
+    """natmig-state's state-control/admit-new is nat-control/admit-new-sessions under its common name: renamed in place."""
+    el.tag = f"{{{codec.ns}}}{codec.schema.control_name}"
+    for leaf in el:
+        if leaf.tag == f"{{{COMMON_NS}}}admit-new":
+            leaf.tag = f"{{{codec.ns}}}admit-new-sessions"
+
+
 def _edit_request(codec: Codec, config: Any) -> EditRequest:
     """Split a <config> into list entries, whole-list operations and nat-control."""
     op_attr = _NC + "operation"
@@ -452,6 +478,9 @@ def _edit_request(codec: Codec, config: Any) -> EditRequest:
     problems: list[Problem] = []
     list_tag = f"{{{codec.ns}}}{codec.schema.list_name}"
     control_tag = f"{{{codec.ns}}}{codec.schema.control_name}"
+    for child in config:
+        if child.tag == _STATE_CONTROL:
+            _as_nat_control(codec, child)
     for child in list(config):
         if child.tag == list_tag and not any(isinstance(c.tag, str) for c in child):
             # <nat-session nc:operation="remove"/>: the whole list.

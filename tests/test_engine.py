@@ -146,7 +146,12 @@ def test_a_source_already_closed_is_refused_with_the_recover_hint(pair: tuple[Se
 def test_agents_that_serve_different_modules_or_no_state_are_refused(tmp_path: Path) -> None:
     a = Served(tmp_path / "lb", "lb")
     nat = Served(tmp_path / "nat", "nat", module=ROOT / "yang" / "nat-session.yang")
-    plain = Served(tmp_path / "plain", "plain", module=None)  # the NAT agent: no natmig-state
+    plain = Served(tmp_path / "plain", "plain", module=None)
+    # An agent of nat-session alone (as natmig's NAT agent was before it implemented natmig-state).
+    from natmig.agent.monitoring import Catalog, SchemaEntry
+    from natmig.agent.server import OPTIONAL_CAPABILITIES
+    sch = default_codec().schema
+    plain.agent.catalog = Catalog([SchemaEntry(sch.module, sch.revision, sch.namespace, sch.yang_text())], [], OPTIONAL_CAPABILITIES)
     try:
         r = migration(a, nat).run()
         assert not r.ok and "do not serve the same state modules" in r.error
@@ -232,5 +237,27 @@ def test_the_yang_library_each_agent_publishes_is_valid_for_libyang(tmp_path: Pa
     assert cp.returncode == 0, cp.stderr
     names = {e.identifier for e in catalog.implemented}
     assert {"ietf-yang-library", "ietf-netconf-monitoring"} <= names
-    assert ("natmig-state" in names) is (kind == "state")
+    assert "natmig-state" in names  # the NAT agent implements it too
     assert any(c.startswith("urn:ietf:params:netconf:capability:yang-library:1.1?revision=2019-01-04&content-id=") for c in catalog.capabilities)
+
+
+def test_the_engine_moves_nat_session_between_nat_agents_knowing_only_what_they_announce(tmp_path: Path) -> None:
+    from natmig.model import NatSession, table_digest
+
+    a, b = Served(tmp_path / "nat1", "nat1", module=None), Served(tmp_path / "nat2", "nat2", module=None)
+    try:
+        sessions = [NatSession("TCP", "10.0.0.2", 1000 + i, "198.51.100.1", 80, "203.0.113.1", 20000 + i, "ESTABLISHED", 300) for i in range(200)]
+        sessions += [NatSession("UDP", "10.0.0.3", 2000 + i, "198.51.100.2", 53, "203.0.113.1", 30000 + i, None, 30) for i in range(50)]
+        with a.client() as c:
+            c.edit_sessions(sessions, target="running")
+        r = migration(a, b).run()
+        assert r.ok, r.text()
+        assert r.modules == ["nat-session@2026-11-24"] and r.copied == {"nat-session:nat-session": 250}
+        assert r.readback["nat2"].tables == {"nat-session:nat-session": (250, table_digest(sessions))}
+        assert r.readback["nat1"].tables == {"nat-session:nat-session": (0, "0000000000000000")} and r.readback["nat1"].admission is True
+        with b.client() as c:  # through the NAT's own module, as the NAT controller reads it
+            assert sorted(c.get_sessions(), key=lambda s: s.key) == sorted(sessions, key=lambda s: s.key)
+            assert c.get_admission() is True
+    finally:
+        a.stop()
+        b.stop()
