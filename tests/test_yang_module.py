@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pyangbind
+import pytest
 
 from natmig.model import FIELD_NAMES
 from natmig.schema import MODULE_PATH, load_schema
@@ -19,14 +20,38 @@ ROOT = Path(__file__).resolve().parent.parent
 PYANG = str(Path(sys.executable).with_name("pyang"))
 
 
-def test_pyang_lint_reports_nothing() -> None:
-    cp = subprocess.run([PYANG, "--lint", str(MODULE_PATH)], capture_output=True, text=True)
+#: every module natmig ships: nat-session, the common natmig-state, the example state module.
+MODULES = [MODULE_PATH, ROOT / "yang" / "natmig-state.yang", ROOT / "examples" / "lb-binding.yang"]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_pyang_lint_reports_nothing(path: Path) -> None:
+    cp = subprocess.run([PYANG, "--lint", "-p", str(ROOT / "yang"), str(path)], capture_output=True, text=True)
     assert cp.returncode == 0 and cp.stdout + cp.stderr == "", cp.stdout + cp.stderr
 
 
-def test_yanglint_accepts_module() -> None:
-    cp = subprocess.run(["yanglint", str(MODULE_PATH)], capture_output=True, text=True)
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_yanglint_accepts_module(path: Path) -> None:
+    cp = subprocess.run(["yanglint", "-p", str(ROOT / "yang"), str(path)], capture_output=True, text=True)
     assert cp.returncode == 0, cp.stderr
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+def test_every_node_has_a_description(path: Path) -> None:
+    from pyang import context, repository
+
+    ctx = context.Context(repository.FileRepository(str(ROOT / "yang") + os.pathsep + os.path.join(sys.prefix, "share", "yang", "modules"), use_env=False))
+    mod = ctx.add_module(str(path), path.read_text())
+    ctx.validate()
+    missing = []
+    todo = list(mod.substmts)
+    while todo:
+        st = todo.pop()
+        if st.keyword in ("container", "list", "leaf", "leaf-list", "notification", "anydata", "typedef", "grouping", "enum", "revision", "module", "extension"):
+            if st.search_one("description") is None:
+                missing.append(f"{st.keyword} {st.arg}")
+        todo.extend(st.substmts)
+    assert missing == []
 
 
 def test_readme_tree_diagram_matches_module() -> None:
