@@ -1,12 +1,14 @@
-"""Running and candidate of a state agent that serves any state module from memory.
+"""Running and candidate of a state agent of any state module, over a :class:`~.stateprovider.StateProvider`.
 
 No XML here (that is :mod:`natmig.statewire`'s), no network function
 either: the lists, keys and `unique` constraints come from the compiled
 module.  Locks, edit-config operations, commit and confirmed commit follow
-RFC 6241 as :class:`~.datastore.Datastore` does for the NAT's live table;
-the differences come from the table being the agent's own memory: commit
-makes running equal to the candidate, and a confirmed commit's rollback
-puts back running as it was (nothing else writes it meanwhile).
+RFC 6241 as :class:`~.datastore.Datastore` does for the NAT's live table,
+and for the same reason: running may be a live table that traffic writes
+too.  So commit applies what the candidate changed since it was copied
+from running (not "running := candidate"), and a confirmed commit's
+rollback undoes what the commits changed, leaving alone entries that
+something else created or removed meanwhile.
 """
 
 from __future__ import annotations
@@ -24,10 +26,9 @@ from natmig.statewire import Config, Wire
 
 from .confirmed import DEFAULT_TIMEOUT, MAX_TIMEOUT
 from .datastore import DATASTORES, DatastoreError, Problem, problems_of_codec, refuse
+from .stateprovider import Change, MemoryStateProvider, StateProvider, StateRefused, Tables
 
 log = logging.getLogger(__name__)
-
-Tables = dict[StateList, dict[Key, Entry]]
 
 
 @dataclass
@@ -44,9 +45,25 @@ class _Pending:
     owner: int
     persist: str | None
     deadline: float
-    before: Tables
+    #: per list, each key the commits touched -> the entry running had before the first of them (None: absent).
+    before: dict[StateList, dict[Key, Entry | None]]
     admit: bool
     timer: threading.Timer | None = None
+
+
+def _copy(tables: Tables) -> Tables:
+    return {lst: dict(t) for lst, t in tables.items()}
+
+
+def _diff(base: Tables, new: Tables) -> dict[StateList, Change]:
+    """What turns ``base`` into ``new``, per list (lists without a change left out)."""
+    out = {}
+    for lst, t in new.items():
+        old = base.get(lst, {})
+        ch = Change([e for k, e in t.items() if old.get(k) != e], [k for k in old if k not in t])
+        if ch:
+            out[lst] = ch
+    return out
 
 
 def _not_unique(lst: StateList, table: dict[Key, Entry]) -> list[Problem]:
@@ -54,29 +71,35 @@ def _not_unique(lst: StateList, table: dict[Key, Entry]) -> list[Problem]:
     return [Problem("operation-failed", why, lst.describe(key), app_tag="data-not-unique") for key, why in lst.clashes(table.values())]
 
 
-def _copy(tables: Tables) -> Tables:
-    return {lst: dict(t) for lst, t in tables.items()}
-
-
 class StateStore:
-    """The datastores of one state module held in memory; thread-safe.
+    """The datastores of one state module over its provider; thread-safe.
 
-    ``on_change(list, "created"|"deleted", entry)`` is called for every entry
-    running gains or loses (the agent turns it into state-change notifications).
+    Entries created or deleted on running are reported by the provider
+    (``provider.on_change``): the agent turns them into state-change
+    notifications.
     """
 
-    def __init__(self, module: StateModule) -> None:
+    def __init__(self, module: StateModule, provider: StateProvider | None = None) -> None:
         self.module = module
+        self.provider = provider or MemoryStateProvider(module)
         self.wire = Wire(module.lists)
         self.describe: Callable[[int], str] = lambda sid: f"session {sid}"
-        self.on_change: Callable[[StateList, str, Entry], None] = lambda lst, ev, e: None
         self._mutex = threading.RLock()
-        self._running: Tables = {lst: {} for lst in module.lists}
-        self._admit = True
+        #: the candidate (None: the same as running), and running as it was when the candidate was taken.
         self._cand: Tables | None = None
+        self._cand_base: Tables = {}
         self._cand_admit = True
+        self._cand_base_admit = True
         self._locks: dict[str, int] = {}
         self._pending: _Pending | None = None
+
+    @property
+    def on_change(self) -> Callable[[StateList, str, Entry], None]:
+        return self.provider.on_change
+
+    @on_change.setter
+    def on_change(self, fn: Callable[[StateList, str, Entry], None]) -> None:
+        self.provider.on_change = fn  # type: ignore[method-assign]
 
     # ----------------------------------------------------------------- locks
 
@@ -137,16 +160,15 @@ class StateStore:
         with self._mutex:
             if source == "candidate" and self._cand is not None:
                 return _copy(self._cand), self._cand_admit
-            return _copy(self._running), self._admit
+            return self.provider.read(), self.provider.admission()
 
     def admission(self) -> bool:
         """Running's state-control/admit-new."""
-        return self._admit
+        return self.provider.admission()
 
     def statistics(self) -> list[tuple[str, int, str]]:
         """(module:list, entries, digest) of each list of running."""
-        with self._mutex:
-            return [(lst.qname, len(t), lst.digest(t.values())) for lst, t in self._running.items()]
+        return self.provider.statistics()
 
     # ----------------------------------------------------------------- edits
 
@@ -155,17 +177,19 @@ class StateStore:
         self._check_name(target)
         with self._mutex:
             self._check_write(target, sid)
-            if target == "running":
-                base, admit = self._running, self._admit
+            if target == "running" or self._cand is None:
+                base, admit = self.provider.read(), self.provider.admission()
             else:
-                base, admit = (self._cand, self._cand_admit) if self._cand is not None else (self._running, self._admit)
-            tables, admit = self._plan(base, admit, cfg, default_operation)
+                base, admit = self._cand, self._cand_admit
+            tables, new_admit = self._plan(base, admit, cfg, default_operation)
             if test_only:
                 return
             if target == "running":
-                self._set_running(tables, admit)
+                self._apply(_diff(base, tables), new_admit)
             else:
-                self._cand, self._cand_admit = tables, admit
+                if self._cand is None:
+                    self._cand_base, self._cand_base_admit = base, admit
+                self._cand, self._cand_admit = tables, new_admit
 
     def _plan(self, base: Tables, admit: bool, cfg: Config, default_operation: str) -> tuple[Tables, bool]:
         tables = {lst: {} for lst in base} if default_operation == "replace" else _copy(base)
@@ -206,58 +230,58 @@ class StateStore:
             raise DatastoreError(problems)
         return tables, admit
 
-    def _set_running(self, tables: Tables, admit: bool) -> None:
-        for lst, new in tables.items():
-            old = self._running[lst]
-            for k, e in old.items():
-                if new.get(k) != e:
-                    self.on_change(lst, "deleted", e)
-            for k, e in new.items():
-                if old.get(k) != e:
-                    self.on_change(lst, "created", e)
-        self._running, self._admit = tables, admit
+    def _apply(self, changes: dict[StateList, Change], admit: bool) -> None:
+        """Changes onto running through the provider (all or nothing), then admission."""
+        try:
+            if changes:
+                self.provider.apply(changes)
+        except StateRefused as e:
+            raise DatastoreError([Problem("operation-failed", why, lst.describe(k)) for (lst, k), why in e.problems.items()]) from None
+        if admit != self.provider.admission():
+            self.provider.set_admission(admit)
 
     # ---------------------------------------------------------------- commit
 
     def commit(self, sid: int, *, confirmed: bool = False, timeout: int = DEFAULT_TIMEOUT,
                persist: str | None = None, persist_id: str | None = None) -> Plan:
-        """Running := candidate; confirmed: rolled back unless confirmed within ``timeout`` s (RFC 6241 8.4)."""
+        """The candidate's changes onto running; confirmed: rolled back unless confirmed within ``timeout`` s (RFC 6241 8.4)."""
         with self._mutex:
             self._check_write("running", sid)
             self._check_write("candidate", sid)
             self._check_confirm_rights(sid, persist_id)
             if not 1 <= timeout <= MAX_TIMEOUT:
                 raise refuse("invalid-value", f"confirm-timeout {timeout} is not a number of seconds in 1..{MAX_TIMEOUT}", type="protocol", info={"bad-element": "confirm-timeout"})
-            plan = self._plan_of_commit()
+            changes = _diff(self._cand_base, self._cand) if self._cand is not None else {}
+            admit = self._cand_admit if self._cand is not None and self._cand_admit != self._cand_base_admit else self.provider.admission()
+            plan = Plan({(l.name, l.key_of(e)): e for l, ch in changes.items() for e in ch.upserts},
+                        {(l.name, k) for l, ch in changes.items() for k in ch.deletes},
+                        {"admit-new": admit} if admit != self.provider.admission() else None)
             if confirmed:
+                running = self.provider.read()
                 p = self._pending
-                before, admit = (p.before, p.admit) if p is not None else (_copy(self._running), self._admit)
+                before = p.before if p is not None else {}
+                for lst, ch in changes.items():  # the first value of each key the series touches is what a rollback restores
+                    b = before.setdefault(lst, {})
+                    for k in [*(lst.key_of(e) for e in ch.upserts), *ch.deletes]:
+                        b.setdefault(k, running[lst].get(k))
+                first_admit = p.admit if p is not None else self.provider.admission()
+                self._apply(changes, admit)
                 if p is not None and p.timer is not None:
                     p.timer.cancel()
-                nxt = _Pending(sid, persist, time.monotonic() + timeout, before, admit)
+                nxt = _Pending(sid, persist, time.monotonic() + timeout, before, first_admit)
                 nxt.timer = threading.Timer(timeout, self._expire, (nxt,))
                 nxt.timer.daemon = True
                 self._pending = nxt
                 nxt.timer.start()
-            elif self._pending is not None:
-                if self._pending.timer is not None:
-                    self._pending.timer.cancel()
-                log.info("confirmed commit of session %d confirmed by session %d", self._pending.owner, sid)
-                self._pending = None
-            if self._cand is not None:
-                self._set_running(self._cand, self._cand_admit)
+            else:
+                self._apply(changes, admit)
+                if self._pending is not None:
+                    if self._pending.timer is not None:
+                        self._pending.timer.cancel()
+                    log.info("confirmed commit of session %d confirmed by session %d", self._pending.owner, sid)
+                    self._pending = None
             self._cand = None
             return plan
-
-    def _plan_of_commit(self) -> Plan:
-        if self._cand is None:
-            return Plan()
-        plan = Plan(control={"admit-new": self._cand_admit} if self._cand_admit != self._admit else None)
-        for lst, new in self._cand.items():
-            old = self._running[lst]
-            plan.upserts.update({(lst.name, k): e for k, e in new.items() if old.get(k) != e})
-            plan.deletes.update((lst.name, k) for k in old if k not in new)
-        return plan
 
     def _check_confirm_rights(self, sid: int, persist_id: str | None) -> None:
         p = self._pending
@@ -285,13 +309,20 @@ class StateStore:
                 self._roll_back("its confirm-timeout passed")
 
     def _roll_back(self, why: str) -> None:
+        """Undo what the pending series changed: each key it touched back to its first value."""
         p = self._pending
         if p is None:
             return
         if p.timer is not None:
             p.timer.cancel()
         self._pending = None
-        self._set_running(p.before, p.admit)
+        changes = {lst: Change([e for e in keys.values() if e is not None], [k for k, e in keys.items() if e is None])
+                   for lst, keys in p.before.items()}
+        try:
+            self._apply({l: c for l, c in changes.items() if c}, p.admit)
+        except DatastoreError as e:
+            log.error("confirmed commit of session %d: rollback refused (%s): %s", p.owner, why, e)
+            return
         self._cand = None
         log.warning("confirmed commit of session %d rolled back: %s", p.owner, why)
 
@@ -305,10 +336,10 @@ class StateStore:
         """<validate>: whether ``source`` or an inline config would be accepted (unique constraints)."""
         with self._mutex:
             if cfg is not None:
-                self._plan({lst: {} for lst in self._running}, True, cfg, "replace")
+                self._plan({lst: {} for lst in self.module.lists}, True, cfg, "replace")
                 return
             self._check_name(source or "")
-            tables = self._cand if source == "candidate" and self._cand is not None else self._running
+            tables = self._cand if source == "candidate" and self._cand is not None else self.provider.read()
             problems = [p for lst, t in tables.items() for p in _not_unique(lst, t)]
             if problems:
                 raise DatastoreError(problems)
@@ -317,7 +348,8 @@ class StateStore:
         """The agent stops: a pending confirmed commit is rolled back."""
         with self._mutex:
             self._roll_back("the agent is stopping")
+        self.provider.close()
 
     def recover(self) -> bool:
-        """Nothing survives a restart of a memory store: nothing to roll back."""
+        """A memory provider keeps nothing across a restart: nothing to roll back."""
         return False

@@ -150,3 +150,32 @@ def test_admission_is_state_control(tmp_path: Path) -> None:
     assert s.admission() is True
     s.commit(1)
     assert s.admission() is False
+
+
+def test_a_rollback_undoes_what_the_commits_changed_and_keeps_what_else_wrote_running() -> None:
+    from natmig.agent.stateprovider import Change
+
+    s = store()
+    s.edit("running", cfg(s, binding("192.0.2.1", 1, snat=1)), sid=1)
+    s.edit("candidate", cfg(s, binding("192.0.2.1", 1, snat=11), binding("192.0.2.2", 2, snat=2)), sid=1)
+    s.commit(1, confirmed=True, timeout=60, persist="t")
+    e3 = s.wire.complete(BINDING, {"client-address": "192.0.2.3", "client-port": 3, "backend-address": "198.51.100.10", "backend-port": 80, "snat-port": 3})
+    s.provider.apply({BINDING: Change([e3])})  # what traffic creates on a live table meanwhile
+    s.edit("candidate", cfg(s, with_op(binding("192.0.2.1", 1), "delete")), sid=1)
+    s.commit(1, confirmed=True, timeout=60, persist="t", persist_id="t")  # extends the series
+    assert keys(s) == {("192.0.2.2", 2), ("192.0.2.3", 3)}
+    s.cancel_commit(2, persist_id="t")
+    tables, _ = s.read("running")
+    assert set(tables[BINDING]) == {("192.0.2.1", 1), ("192.0.2.3", 3)}
+    assert tables[BINDING][("192.0.2.1", 1)][4] == 1  # its value before the first commit of the series
+
+
+def test_the_provider_refuses_a_change_whole() -> None:
+    from natmig.agent.stateprovider import Change, StateRefused
+
+    s = store()
+    e1 = s.wire.complete(BINDING, {"client-address": "192.0.2.1", "client-port": 1, "backend-address": "198.51.100.10", "backend-port": 80, "snat-port": 5})
+    e2 = s.wire.complete(BINDING, {"client-address": "192.0.2.2", "client-port": 2, "backend-address": "198.51.100.10", "backend-port": 80, "snat-port": 5})
+    with pytest.raises(StateRefused, match=r"binding\[192.0.2.2 2\]"):
+        s.provider.apply({BINDING: Change([e1, e2])})
+    assert keys(s) == set()
