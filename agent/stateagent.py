@@ -1,4 +1,4 @@
-"""A NETCONF agent for any state module, served from memory (``natmig agent --provider memory --module FILE``).
+"""A NETCONF agent for any state module (``natmig agent --provider memory --module FILE``), over any state provider.
 
 What the migration engine needs from an agent, and nothing of a network
 function: the module's state lists in running and candidate
@@ -32,6 +32,7 @@ from .datastore import DEFAULT_OPERATIONS, ERROR_OPTIONS, TEST_OPTIONS, Datastor
 from .monitoring import MONITORING_NS, YANG_LIBRARY_NS, Catalog, netconf_state
 from .notifications import NOTIFICATION_NS, Deliver, wrap_notification
 from .server import OPTIONAL_CAPABILITIES, Agent, AgentConfig
+from .stateprovider import StateProvider
 from .statestore import StateStore
 
 log = logging.getLogger(__name__)
@@ -260,11 +261,11 @@ def error_xml(store: StateStore, pr: Problem) -> str:
 
 
 class StateAgent(Agent):
-    """The agent of one state module held in memory."""
+    """The agent of one state module, its running lists in ``provider`` (default: memory)."""
 
-    def __init__(self, config: AgentConfig, module: StateModule) -> None:
+    def __init__(self, config: AgentConfig, module: StateModule, provider: StateProvider | None = None) -> None:
         self.module = module
-        self.store = StateStore(module)
+        self.store = StateStore(module, provider)
         hub = StateHub()
         self.store.on_change = hub.publish
         self._serve(config, self.store, Catalog.for_module(module, common_module(), OPTIONAL_CAPABILITIES), hub)
