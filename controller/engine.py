@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 from ..errors import ControllerError
-from ..statemodel import Entry, StateList
+from ..statemodel import Entry, Key, StateList
 from . import txn
 from .enginereport import EngineReport, NodeReadback
 from .report import PhaseTiming
@@ -63,6 +63,10 @@ class Context:
     report: EngineReport
     lists: list[StateList] = field(default_factory=list)
     copied: dict[StateList, list[Entry]] = field(default_factory=dict)
+    #: what the target must hold when the copy is committed: the copy, with the source's changes since its read.
+    expected: dict[StateList, dict[Key, Entry]] = field(default_factory=dict)
+    #: the source's state-change notifications are followed (from before its lists were read).
+    follows: bool = False
     locks: list[txn.Locks] = field(default_factory=list)
 
 
@@ -143,7 +147,7 @@ class Freeze(Phase):
 
 
 class Copy(Phase):
-    """The source's lists into the target, committed as a persistent confirmed commit."""
+    """The source's lists into the target's candidate; its state-change notifications followed from before the read."""
 
     name = "copy"
 
@@ -151,8 +155,12 @@ class Copy(Phase):
         self.strategy = strategy
 
     def run(self, ctx: Context) -> str:
+        if ctx.source.notifies:
+            # Before the read: a change the read misses is then one of these events.
+            ctx.source.subscribe()
+            ctx.follows = True
         ctx.copied = self.strategy.copy(ctx)
-        ctx.target.commit(confirmed=True, timeout=ctx.options.confirm_timeout, persist=ctx.token)
+        ctx.expected = {l: {l.key_of(e): e for e in es} for l, es in ctx.copied.items()}
         ctx.report.copied = {l.qname: len(e) for l, e in ctx.copied.items()}
         return f"{self.strategy.name}: " + ", ".join(f"{l.qname} {len(e)}" for l, e in ctx.copied.items())
 
@@ -160,23 +168,90 @@ class Copy(Phase):
         # Also after a copy that failed half-way: what the candidate got must not outlive
         # the session (unlocking the candidate keeps its changes, RFC 6241 8.3.5.2).
         ctx.target.client.discard()
-        return f"{ctx.target.name}: copy cancelled" if txn.cancel_pending(ctx.target, ctx.token) else f"{ctx.target.name}: candidate discarded"
+        return f"{ctx.target.name}: candidate discarded"
+
+
+class CatchUp(Phase):
+    """The frozen source's changes since the read (its state-change events) onto the target's candidate, until its
+    digests agree; then the target's persistent confirmed commit.
+
+    A frozen source creates no entries, but entries still end (closed, expired) and a function
+    may change what it holds by itself.  Its own digest says when the copy is complete; when
+    the events do not explain a difference within ``settle_max`` (an agent that does not send
+    state-change), the lists that differ are read again.
+    """
+
+    name = "catch-up"
+
+    def __init__(self, settle: float = 0.02, settle_max: float = 0.5) -> None:
+        self.settle, self.settle_max = settle, settle_max
+
+    def run(self, ctx: Context) -> str:
+        applied = reread = 0
+        deadline = time.monotonic() + self.settle_max
+        while True:
+            events = ctx.source.changes(self.settle) if ctx.follows else []
+            if events:
+                applied += self._apply(ctx, events)
+                continue  # until the source is quiet for `settle`
+            stats = ctx.source.statistics()
+            differ = [l for l, t in ctx.expected.items() if stats.get(l.qname) != (len(t), l.digest(t.values()))]
+            if not differ:
+                break
+            if time.monotonic() >= deadline:
+                for lst in differ:
+                    reread += self._reread(ctx, lst)
+                break
+        ctx.target.commit(confirmed=True, timeout=ctx.options.confirm_timeout, persist=ctx.token)
+        return f"{applied} changes from events, {reread} from a re-read; target committed (confirmed, {ctx.options.confirm_timeout:g} s)"
+
+    @staticmethod
+    def _apply(ctx: Context, events: list[tuple[StateList, str, Entry]]) -> int:
+        n = 0
+        for lst, kind, entry in events:
+            if lst not in ctx.expected:
+                continue
+            key = lst.key_of(entry)
+            if kind == "created":
+                ctx.expected[lst][key] = entry
+                ctx.target.write(lst, [entry])
+            else:
+                ctx.expected[lst].pop(key, None)
+                ctx.target.remove(lst, [key])
+            n += 1
+        return n
+
+    @staticmethod
+    def _reread(ctx: Context, lst: StateList) -> int:
+        now = {lst.key_of(e): e for e in ctx.source.read(lst)}
+        old = ctx.expected[lst]
+        upserts = [e for k, e in now.items() if old.get(k) != e]
+        gone = [k for k in old if k not in now]
+        ctx.target.write(lst, upserts)
+        ctx.target.remove(lst, gone)
+        ctx.expected[lst] = now
+        return len(upserts) + len(gone)
+
+    def undo(self, ctx: Context) -> str | None:
+        ctx.target.client.discard()
+        return f"{ctx.target.name}: copy cancelled" if txn.cancel_pending(ctx.target, ctx.token) else None
 
 
 class Verify(Phase):
-    """What was copied is what the frozen source holds (its own digest), and the target holds all of it (read back)."""
+    """What the target got is what the frozen source holds (its own digest), and the target holds all of it (read back)."""
 
     name = "verify"
 
     def run(self, ctx: Context) -> str:
         stats = ctx.source.statistics()
-        for lst, entries in ctx.copied.items():
+        for lst, table in ctx.expected.items():
             got = stats.get(lst.qname)
-            want = (len(entries), lst.digest(entries))
+            want = (len(table), lst.digest(table.values()))
             if got != want:
-                raise ControllerError(f"{ctx.source.name}: {lst.qname} changed while frozen: the copy has {want[0]} entries, digest {want[1]}; "
+                raise ControllerError(f"{ctx.source.name}: {lst.qname} changed while frozen: the target got {want[0]} entries, digest {want[1]}; "
                                       f"the source now reports {got[0] if got else 'no'} entries, digest {got[1] if got else '-'}")
-        for lst, entries in ctx.copied.items():
+        for lst, table in ctx.expected.items():
+            entries = list(table.values())
             # The key and mandatory leaves (the digest's): others may change on a live node by themselves.
             idx = [i for i, s in enumerate(lst.leaves) if s.mandatory]
             have = {tuple(e[i] for i in idx) for e in ctx.target.read(lst)}
@@ -206,15 +281,15 @@ class Finish(Phase):
         ctx.target.commit(persist_id=ctx.token)
         ctx.report.committed = True
         if ctx.options.retire == "delete":
-            for lst, entries in ctx.copied.items():
-                ctx.source.remove(lst, (lst.key_of(e) for e in entries))
+            for lst, table in ctx.expected.items():
+                ctx.source.remove(lst, table)
         txn.confirm_admission(ctx.source, True, ctx.token)
         return f"{ctx.target.name}: copy confirmed; {ctx.source.name}: entries {'deleted' if ctx.options.retire == 'delete' else 'kept'}, admission reopened"
 
 
 def default_phases() -> list[Phase]:
-    """preflight, freeze, copy (whole lists), verify, switch (none), finish."""
-    return [Preflight(), Freeze(), Copy(WholeLists()), Verify(), NoSwitch(), Finish()]
+    """preflight, freeze, copy (whole lists), catch-up, verify, switch (none), finish."""
+    return [Preflight(), Freeze(), Copy(WholeLists()), CatchUp(), Verify(), NoSwitch(), Finish()]
 
 
 def missing_needs(phases: list[Phase], node: StateNode) -> list[str]:

@@ -234,18 +234,14 @@ class Subscription:
 
     def get(self, timeout: float | None = None) -> tuple[str, NatSession] | None:
         """The next event, or None when ``timeout`` passes first (None: wait for ever)."""
-        n = self._client._mgr.take_notification(block=True, timeout=timeout)
-        if n is None:
-            if not self._client._mgr.connected:
-                raise SessionLost("notification stream ended: the NETCONF session is closed")
-            return None
-        return self._client.codec.decode_event_xml(n.notification_ele)
+        n = self._client.take_notification(timeout)
+        return None if n is None else self._client.codec.decode_event_xml(n)
 
     def drain(self) -> list[tuple[str, NatSession]]:
         """Every event already received, without waiting."""
         out = []
-        while (n := self._client._mgr.take_notification(block=False)) is not None:
-            out.append(self._client.codec.decode_event_xml(n.notification_ele))
+        while (n := self._client.take_notification(0)) is not None:
+            out.append(self._client.codec.decode_event_xml(n))
         return out
 
     def __iter__(self) -> Iterator[tuple[str, NatSession]]:
@@ -652,10 +648,23 @@ class NodeClient:
 
     def subscribe(self) -> Subscription:
         """create-subscription on stream NETCONF; nat-session-events then queue up in the result."""
+        self.create_subscription()
+        return Subscription(self)
+
+    def create_subscription(self) -> None:
+        """create-subscription on stream NETCONF, once per session (RFC 5277); notifications then queue up."""
         if not any(c.startswith(NOTIFICATION_CAPABILITY) for c in self._mgr.server_capabilities):
             raise ControllerError(f"{self.name}: the agent does not offer notifications")
         with self._lock:
             if not self._subscribed:
                 self._call("create-subscription", self._mgr.create_subscription)
                 self._subscribed = True
-        return Subscription(self)
+
+    def take_notification(self, timeout: float | None = None) -> Any:
+        """The next notification's element, or None when ``timeout`` passes first (0: only what has arrived; None: wait)."""
+        n = self._mgr.take_notification(block=timeout != 0, timeout=timeout or None)
+        if n is None:
+            if not self._mgr.connected:
+                raise SessionLost("notification stream ended: the NETCONF session is closed")
+            return None
+        return n.notification_ele

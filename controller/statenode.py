@@ -14,8 +14,8 @@ from typing import Iterable
 
 from ..errors import CodecError, ControllerError, SchemaError
 from ..statemodel import COMMON_MODULE, COMMON_NS, Entry, Key, StateList, StateModule, compile_fetched
-from ..statewire import CONTROL, STATISTICS, Wire, read_admission, read_statistics
-from .netconf import NodeClient
+from ..statewire import CHANGE, CONTROL, STATISTICS, Wire, read_admission, read_statistics
+from .netconf import NOTIFICATION_CAPABILITY, NodeClient
 
 YANG_LIBRARY_NS = "urn:ietf:params:xml:ns:yang:ietf-yang-library"
 _YL = f"{{{YANG_LIBRARY_NS}}}"
@@ -135,6 +135,40 @@ class StateNode:
             return read_statistics(self.client.get_filtered(f'<{STATISTICS} xmlns="{COMMON_NS}"/>'))
         except CodecError as e:
             raise ControllerError(f"{self.name}: its state-statistics do not decode: {e}") from e
+
+    # ------------------------------------------------------------ changes
+
+    @property
+    def notifies(self) -> bool:
+        """Whether the agent announces notifications (RFC 5277), so that state-change can be followed."""
+        return any(c.startswith(NOTIFICATION_CAPABILITY) for c in self.capabilities)
+
+    def subscribe(self) -> None:
+        """Start receiving state-change notifications on this session."""
+        self.client.create_subscription()
+
+    def changes(self, timeout: float = 0) -> list[tuple[StateList, str, Entry]]:
+        """state-change notifications received so far, oldest first (waiting up to ``timeout`` for the first):
+        (list, "created" | "deleted", entry; for deleted, the key leaves are what counts)."""
+        out: list[tuple[StateList, str, Entry]] = []
+        wire = Wire(self.lists)
+        n = self.client.take_notification(timeout)
+        while n is not None:
+            ev = n.find(f"{{{COMMON_NS}}}{CHANGE}")
+            if ev is not None:
+                lst = wire.list_by_qname((ev.findtext(f"{{{COMMON_NS}}}table") or "").strip())
+                kind = (ev.findtext(f"{{{COMMON_NS}}}event") or "").strip()
+                body = ev.find(f"{{{COMMON_NS}}}entry")
+                if lst is not None and kind in ("created", "deleted") and body is not None:
+                    try:
+                        edits = Wire([lst]).decode(body, with_operations=False).edits
+                    except CodecError as e:
+                        raise ControllerError(f"{self.name}: a state-change of {lst.qname} does not decode: {e}") from e
+                    for ed in edits:
+                        entry = Wire.complete(lst, ed.values) if kind == "created" else ed.key + (None,) * (len(lst.leaves) - len(ed.key))
+                        out.append((lst, kind, entry))  # type: ignore[arg-type]
+            n = self.client.take_notification(0)
+        return out
 
     # ------------------------------------------------------------ writes
 

@@ -19,11 +19,12 @@ from natmig.agent.provider import MemoryProvider
 from natmig.agent.server import Agent, AgentConfig
 from natmig.agent.stateagent import StateAgent
 from natmig.codec import default_codec
-from natmig.controller.engine import (Context, Copy, EngineMigration, EngineOptions, Freeze, NoSwitch, Phase, Preflight, Verify,
+from natmig.controller.engine import (CatchUp, Context, Copy, EngineMigration, EngineOptions, Finish, Freeze, NoSwitch, Phase, Preflight, Verify,
                                       WholeLists, default_phases)
 from natmig.controller.netconf import NodeClient
 from natmig.controller.statenode import StateNode
 from natmig.statemodel import load_module
+from natmig.statewire import Wire
 
 from .test_statemodel import LB, binding
 
@@ -195,7 +196,7 @@ def test_a_controller_dead_after_the_copy_is_undone_by_the_agents_themselves(pai
     a, b = pair
     a.load(*entries(40))
     before = a.node().statistics()
-    m = migration(a, b, [Preflight(), Freeze(), Copy(WholeLists()), _ControllerDies()], confirm_timeout=1)
+    m = migration(a, b, [Preflight(), Freeze(), Copy(WholeLists()), CatchUp(), _ControllerDies()], confirm_timeout=1)
     with pytest.raises(SystemExit):
         m.run()
     with a.node() as src, b.node() as tgt:  # right after: frozen source, copy on the target, both pending
@@ -261,3 +262,42 @@ def test_the_engine_moves_nat_session_between_nat_agents_knowing_only_what_they_
     finally:
         a.stop()
         b.stop()
+
+
+class _Traffic(Phase):
+    """What a live function does to its table while frozen: entries end, and (a function's own state) new ones appear."""
+
+    name = "traffic"
+
+    def __init__(self, served: Served) -> None:
+        self.served = served
+
+    def run(self, ctx: Context) -> str:
+        from natmig.agent.stateprovider import Change
+
+        store = self.served.agent.store  # type: ignore[attr-defined]
+        lst = store.module.list("binding")
+        tables = store.provider.read()
+        gone = sorted(tables[lst])[:3]
+        born = Wire.complete(lst, {"client-address": "192.0.2.250", "client-port": 9, "backend-address": "198.51.100.10", "backend-port": 80, "snat-port": 9})
+        store.provider.apply({lst: Change([born], gone)})
+        return "3 ended, 1 born"
+
+
+@pytest.mark.parametrize("events", [True, False], ids=["from-events", "re-read"])
+def test_changes_of_the_frozen_source_after_the_read_reach_the_target(pair: tuple[Served, Served], events: bool) -> None:
+    a, b = pair
+    a.load(*entries(30))
+    if not events:  # an agent that sends no state-change: the digests show the difference, the lists are read again
+        a.agent.store.on_change = lambda *args: None  # type: ignore[attr-defined]
+    phases = [Preflight(), Freeze(), Copy(WholeLists()), _Traffic(a), CatchUp(), Verify(), NoSwitch(), Finish()]
+    r = migration(a, b, phases).run()
+    assert r.ok, r.text()
+    catch = next(p for p in r.phases if p.name == "catch-up")
+    assert ("4 changes from events" in catch.detail) is events and ("4 from a re-read" in catch.detail) is (not events)
+    tgt = r.readback["lb2"].tables["lb-binding:binding"]
+    assert tgt[0] == 28  # 30 - 3 + 1
+    with b.node() as n:
+        n.discover()
+        keys = {n.lists[1].key_of(e) for e in n.read(n.lists[1])}
+    assert ("192.0.2.250", 9) in keys and len(keys) == 28
