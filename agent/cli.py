@@ -24,6 +24,7 @@ from ..codec import default_codec
 from ..errors import AgentError, NatmigError
 from .. import netns
 from .auth import set_password
+from .callhome import CallHomeTarget, call_home
 from .provider import MemoryProvider, SessionProvider
 from .server import Agent, AgentConfig, limit_malloc_arenas
 
@@ -41,6 +42,13 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"--listen {text!r}: port must be 0..65535")
     return host or "0.0.0.0", int(port)
+
+
+def _call_home_target(text: str) -> CallHomeTarget:
+    try:
+        return CallHomeTarget.parse(text)
+    except AgentError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _memory(args: argparse.Namespace) -> SessionProvider:
@@ -122,6 +130,7 @@ def run_agent(args: argparse.Namespace) -> int:
         # SIGTERM (how test fixtures and the demo stop an agent) closes sessions and the event watch.
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await agent.start()
+        homes = [asyncio.ensure_future(call_home(agent, t, stop)) for t in args.call_home or []]
         if args.ready_file:
             # Tests and scripts wait for this file instead of polling the port.
             with open(args.ready_file, "w") as f:
@@ -130,6 +139,8 @@ def run_agent(args: argparse.Namespace) -> int:
         try:
             await stop.wait()
         finally:
+            for h in homes:
+                h.cancel()
             agent.close()
             log.info("agent stopped")
 
@@ -161,6 +172,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "node's live conntrack table. `natmig agent passwd FILE USER` manages the password file.",
     )
     p.add_argument("--listen", type=parse_listen, default=("0.0.0.0", 830), metavar="ADDR:PORT", help="address and port to listen on (default 0.0.0.0:830)")
+    p.add_argument("--call-home", action="append", type=_call_home_target, metavar="HOST[:PORT]",
+                   help="dial this controller (RFC 8071 call home, port 4334 by default) and keep dialling with a backoff; repeatable")
     p.add_argument("--netns", metavar="NAME", help="network namespace of the NAT node to run in")
     p.add_argument("--provider", choices=sorted(PROVIDERS), default="conntrack", help="where the session table lives (memory: protocol tests and demos)")
     p.add_argument("--module", metavar="FILE.yang", help="serve the state lists of this YANG module from memory, with natmig-state "

@@ -367,21 +367,25 @@ class Agent:
         finally:
             self.sessions.pop(sid, None)
 
+    def ssh_options(self) -> dict[str, Any]:
+        """The SSH server's settings, for the listener and for call home (where the agent dials but is still the SSH server)."""
+        return dict(
+            server_factory=lambda: _SSHServer(self.auth),
+            server_host_keys=[self.host_key], process_factory=self._process, encoding=None,
+            allow_pty=False, agent_forwarding=False, x11_forwarding=False, line_editor=False,
+            keepalive_interval=30, keepalive_count_max=4, login_timeout=30,
+            # A client may send the next request while this one is handled
+            # (a migration streams a table as several edit-configs): a
+            # receive window of a whole slice lets it arrive meanwhile
+            # instead of stalling at asyncssh's default 2 MiB.
+            window=RECV_WINDOW,
+        )
+
     async def start(self) -> None:
         """Listen (returns once the socket is bound)."""
         self.loop = asyncio.get_running_loop()
         try:
-            self._server = await asyncssh.create_server(
-                lambda: _SSHServer(self.auth), self.config.host, self.config.port,
-                server_host_keys=[self.host_key], process_factory=self._process, encoding=None,
-                allow_pty=False, agent_forwarding=False, x11_forwarding=False, line_editor=False,
-                keepalive_interval=30, keepalive_count_max=4, login_timeout=30,
-                # A client may send the next request while this one is handled
-                # (a migration streams a table as several edit-configs): a
-                # receive window of a whole slice lets it arrive meanwhile
-                # instead of stalling at asyncssh's default 2 MiB.
-                window=RECV_WINDOW,
-            )
+            self._server = await asyncssh.create_server(host=self.config.host, port=self.config.port, **self.ssh_options())
         except OSError as e:
             raise AgentError(f"cannot listen on {self.config.host}:{self.config.port}: {e}") from e
         log.info("NETCONF agent listening on %s:%d (host key %s, %s)", self.config.host, self.config.port,

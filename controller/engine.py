@@ -303,11 +303,13 @@ class EngineMigration:
 
     def __init__(self, source: Callable[[], StateNode], target: Callable[[], StateNode], source_name: str, target_name: str,
                  options: EngineOptions | None = None, phases: list[Phase] | None = None,
-                 on_phase: Callable[[PhaseTiming], None] | None = None) -> None:
+                 on_phase: Callable[[PhaseTiming], None] | None = None, close_nodes: bool = True) -> None:
         self.open_source, self.open_target = source, target
         self.options = options or EngineOptions()
         self.phases = phases if phases is not None else default_phases()
         self.on_phase = on_phase or (lambda p: None)
+        #: False: the sessions belong to the caller (a controller's registry) and stay open.
+        self.close_nodes = close_nodes
         self.report = EngineReport(source_name, target_name, retire=self.options.retire)
 
     def run(self) -> EngineReport:
@@ -357,7 +359,8 @@ class EngineMigration:
                         lock.release()
             for node in nodes:
                 r.readback[node.name] = read_back(node)
-                node.close()
+                if self.close_nodes:
+                    node.close()
         return r
 
 

@@ -19,6 +19,9 @@ Example::
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import logging
 import re
 import socket
@@ -26,7 +29,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from lxml import etree
 from ncclient import manager as nc_manager
@@ -193,6 +196,24 @@ def _slices(reply: "TableReply", size: int, pieces: int = 1) -> Iterator[list[Na
         yield rest[i:i + size]
 
 
+#: The host name a call-home session is checked under (see :meth:`NodeClient.accept`).
+CALL_HOME_LABEL = "natmig-call-home"
+
+
+def key_fingerprint(public_key_line: str) -> str:
+    """The fingerprint ncclient reports for a host key (MD5 of the key blob, colon-separated hex), from a
+    ``TYPE BASE64 [comment]`` line (a ``.pub`` file, or a known_hosts line without its host field)."""
+    parts = public_key_line.split()
+    if len(parts) < 2:
+        raise ControllerError(f"not a public key line: {public_key_line[:60]!r}")
+    try:
+        blob = base64.b64decode(parts[1], validate=True)
+    except (ValueError, binascii.Error) as e:
+        raise ControllerError(f"public key {parts[1][:20]}...: not base64 ({e})") from None
+    digest = hashlib.md5(blob, usedforsecurity=False).hexdigest()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+
+
 def _tcp_socket(host: str, port: int, timeout: float, where: str) -> socket.socket:
     """A connected TCP socket with Nagle's algorithm off.
 
@@ -274,6 +295,8 @@ class NodeClient:
         known_hosts: str | None = None,
         hostkey_verify: bool = True,
         timeout: float = 60.0,
+        sock: socket.socket | None = None,
+        unknown_host_cb: Callable[[str, str], bool] | None = None,
     ) -> "NodeClient":
         """Open a NETCONF session over SSH.
 
@@ -297,10 +320,11 @@ class NodeClient:
         except OSError as e:
             raise HostKeyError(f"{where}: cannot read known_hosts file {known_hosts}: {e}") from e
         try:
+            extra = {"unknown_host_cb": unknown_host_cb} if unknown_host_cb is not None else {}
             session.connect(
                 host, port, timeout=timeout, username=username, password=password,
                 key_filename=key_filename, allow_agent=False, look_for_keys=False,
-                hostkey_verify=hostkey_verify, sock=_tcp_socket(host, port, timeout, where),
+                hostkey_verify=hostkey_verify, sock=sock or _tcp_socket(host, port, timeout, where), **extra,
             )
         except nc_transport.SSHUnknownHostError as e:
             raise HostKeyError(
@@ -323,6 +347,35 @@ class NodeClient:
         mgr.huge_tree = True  # a 100k-session reply is one 30 MB document
         log.info("NETCONF session %s with %s", mgr.session_id, where)
         return cls(mgr, name=where)
+
+    @classmethod
+    def accept(cls, sock: socket.socket, allowed: Mapping[str, str], username: str = "natmig", password: str | None = None,
+               key_filename: str | None = None, timeout: float = 60.0) -> "NodeClient":
+        """A NETCONF session over a call-home connection (RFC 8071): an agent dialled us on ``sock``.
+
+        The agent is known by its host key alone (its address says nothing:
+        it may sit behind a NAT): ``allowed`` maps host-key fingerprints
+        (:func:`key_fingerprint`) to agent names.  An unknown key is refused
+        before this side authenticates, so no credential goes to it.  The
+        client's name is the agent's name.
+        """
+        peer = "%s:%s" % sock.getpeername()[:2]
+        found: list[str] = []
+
+        def known(_host: str, fingerprint: str) -> bool:
+            name = allowed.get(fingerprint)
+            if name is not None:
+                found.append(name)
+            return name is not None
+
+        # A label no known_hosts file holds: ~/.ssh/known_hosts must not vouch for a call-home peer by its address.
+        try:
+            client = cls.connect(CALL_HOME_LABEL, 4334, username, password=password, key_filename=key_filename, timeout=timeout,
+                                 sock=sock, unknown_host_cb=known)
+        except HostKeyError as e:
+            raise HostKeyError(f"call home from {peer}: its host key is not in the allow-list; refused ({e})") from e
+        client.name = found[0] if found else peer
+        return client
 
     def close(self) -> None:
         """Send close-session and drop the connection (idempotent)."""
