@@ -25,7 +25,7 @@ def _migration_inventory(args: argparse.Namespace, command: str) -> Inventory | 
     if inv.source is None or inv.target is None:
         print(f"natmig {command}: error: name the source and target (--from/--to or [migration] in the inventory)", file=sys.stderr)
         return None
-    if inv.switch is None:
+    if inv.switch is None and getattr(args, "controller", None) is None:
         print(f"natmig {command}: error: the inventory has no [switch] section", file=sys.stderr)
         return None
     return inv
@@ -36,7 +36,10 @@ def run_migrate(args: argparse.Namespace) -> int:
     inv = _migration_inventory(args, "migrate")
     if inv is None:
         return 2
-    assert inv.source is not None and inv.target is not None and inv.switch is not None
+    assert inv.source is not None and inv.target is not None
+    if args.controller is not None:
+        return _run_via_controller(args, inv)
+    assert inv.switch is not None
     if inv.switch.kind == "none":
         return _run_state_migration(args, inv)
     src = endpoint_from_spec(inv.agent(inv.source, "source"))
@@ -85,6 +88,20 @@ def _run_state_migration(args: argparse.Namespace, inv: Inventory) -> int:
     if args.json:
         _write_json(args.json, report.to_json())
     return 0 if report.ok else 1
+
+
+def _run_via_controller(args: argparse.Namespace, inv: Inventory) -> int:
+    """The migration asked of a controller service (its northbound), which runs it on the agents' registered sessions."""
+    from .servicecli import migrate_via
+
+    return migrate_via(args, inv)
+
+
+def run_controller(args: argparse.Namespace) -> int:
+    """Run the controller service: agents call home to it, NETCONF clients ask it for migrations."""
+    from .service import run
+
+    return run(args.config, args.ready_file)
 
 
 def run_recover(args: argparse.Namespace) -> int:
@@ -141,7 +158,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds after which the agents undo by themselves what an interrupted migration left pending (default %(default)g)")
     m.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': standard output)")
     m.add_argument("--quiet", "-q", action="store_true", help="no per-phase progress on stderr")
+    m.add_argument("--controller", nargs="?", const="", metavar="HOST[:PORT]",
+                   help="ask the controller service of the inventory's [controller] (at HOST[:PORT] when given) to run the migration")
     m.set_defaults(func=run_migrate)
+
+    c = sub.add_parser("controller", help="run the controller service that agents call home to (RFC 8071)",
+                       description=run_controller.__doc__)
+    c.add_argument("--config", "-c", required=True, metavar="FILE", help="the controller's TOML file (docs/controller-service.md)")
+    c.add_argument("--ready-file", metavar="FILE", help="write 'PID NORTHBOUND-PORT CALL-HOME-PORT' here once listening")
+    c.set_defaults(func=run_controller)
 
     r = sub.add_parser("recover", help="finish or undo an interrupted migration, from what the nodes and the switch say",
                        description=run_recover.__doc__)

@@ -109,6 +109,8 @@ class Inventory:
     target: str | None = None
     retire: str = "delete"
     path: str = "<inventory>"
+    #: a controller service's northbound (natmig migrate --controller), when the inventory names one.
+    controller: AgentSpec | None = None
 
     def agent(self, name: str, role: str) -> AgentSpec:
         """An agent by name; the error says which role wanted it and which exist."""
@@ -205,7 +207,7 @@ MIGRATION_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
     "target": (_str, False),
     "retire": (_retire, False),
 }
-TOP_LEVEL = ("agents", "switch", "migration")
+TOP_LEVEL = ("agents", "switch", "migration", "controller")
 
 
 def _fields(where: str, table: Any, spec: Mapping[str, tuple[Callable[[str, Any], Any], bool]], allow: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -231,8 +233,8 @@ def parse(data: Any, path: str = "<inventory>") -> Inventory:
     unknown = sorted(set(data) - set(TOP_LEVEL))
     if unknown:
         raise InventoryError(f"{path}: {unknown[0]}: unknown section (known: {', '.join(TOP_LEVEL)})")
-    agents_raw = data.get("agents")
-    if not isinstance(agents_raw, dict) or not agents_raw:
+    agents_raw = data.get("agents", {} if "controller" in data else None)
+    if not isinstance(agents_raw, dict) or (not agents_raw and "controller" not in data):
         raise InventoryError(f"{path}: agents: missing or empty (one table per agent, e.g. [agents.nat1])")
     agents = {}
     for name, table in agents_raw.items():
@@ -260,7 +262,14 @@ def parse(data: Any, path: str = "<inventory>") -> Inventory:
         layout = SwitchLayout(f["bridge"], f["client_port"], f["server_port"], nats, f.get("priority", 100), f.get("gateway_mac"))
         switch = SwitchSpec(layout, f.get("ovs_rundir"), f.get("netns"))
     mig = _fields(f"{path}: migration", data.get("migration", {}), MIGRATION_FIELDS)
-    inv = Inventory(agents, switch, mig.get("source"), mig.get("target"), mig.get("retire", "delete"), path)
+    controller = None
+    if "controller" in data:
+        # The controller service's northbound: reached like an agent (host key checked, credentials, namespace).
+        f = _fields(f"{path}: controller", data["controller"], {k: v for k, v in AGENT_FIELDS.items() if k not in ("public_address", "stop_command")})
+        if "password" not in f and "password_file" not in f and "key" not in f:
+            raise InventoryError(f"{path}: controller: give password, password_file or key")
+        controller = AgentSpec(name="controller", **f)
+    inv = Inventory(agents, switch, mig.get("source"), mig.get("target"), mig.get("retire", "delete"), path, controller)
     for role in ("source", "target"):
         name = getattr(inv, role)
         if name is not None:

@@ -456,6 +456,11 @@ class NodeClient:
             raise ControllerError(f"get-config: source {source!r} is not running or candidate")
         return self._text("get-config", f'<get-config><source><{source}/></source><filter type="subtree">{filter_body}</filter></get-config>').data_ele
 
+    def call(self, operation: str, body: str) -> Any:
+        """Any RPC given as XML text (the operation element); the <rpc-reply> element."""
+        reply = self._text(operation, body)
+        return etree.fromstring(reply.xml.encode() if isinstance(reply.xml, str) else reply.xml)
+
     def get_filtered(self, filter_body: str) -> Any:
         """<get> (config and state) with a subtree filter: the reply's <data> element."""
         return self._text("get", f'<get><filter type="subtree">{filter_body}</filter></get>').data_ele

@@ -21,7 +21,7 @@ PYANG = str(Path(sys.executable).with_name("pyang"))
 
 
 #: every module natmig ships: nat-session, the common natmig-state, the example state module.
-MODULES = [MODULE_PATH, ROOT / "yang" / "natmig-state.yang", ROOT / "examples" / "lb-binding.yang"]
+MODULES = [MODULE_PATH, ROOT / "yang" / "natmig-state.yang", ROOT / "yang" / "natmig-controller.yang", ROOT / "examples" / "lb-binding.yang"]
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)

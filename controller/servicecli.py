@@ -1,0 +1,48 @@
+"""`natmig migrate --controller`: a migration asked of a controller service through its NETCONF northbound."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from .. import netns
+from ..errors import ControllerError
+from .inventory import Inventory
+from .netconf import NodeClient
+from .northbound import NS
+
+
+def migrate_via(args: argparse.Namespace, inv: Inventory) -> int:
+    """Connect to the controller named by the inventory, call its migrate RPC, print the report it returns."""
+    spec = inv.controller
+    if spec is None:
+        raise ControllerError(f"{inv.path}: --controller needs a [controller] table (host, credentials, known_hosts) in the inventory")
+    host, port = spec.host, spec.port
+    if args.controller:
+        h, _, p = args.controller.rpartition(":") if args.controller.count(":") == 1 else (args.controller, "", "")
+        host, port = h or args.controller, int(p) if p.isdigit() else port
+
+    def connect() -> NodeClient:
+        return NodeClient.connect(host, port, spec.username, password=spec.secret(), key_filename=spec.key,
+                                  known_hosts=spec.known_hosts, timeout=120)
+
+    client = netns.call_in(spec.netns, connect) if spec.netns else connect()
+    body = (f'<migrate xmlns="{NS}"><source>{escape(str(inv.source))}</source><target>{escape(str(inv.target))}</target>'
+            f"<retire>{escape(args.retire or inv.retire)}</retire><confirm-timeout>{int(args.confirm_timeout)}</confirm-timeout></migrate>")
+    with client:
+        reply = client.call("migrate", body)
+    n = f"{{{NS}}}"
+    ok = reply.findtext(n + "ok") == "true"
+    out = {"ok": ok, "failed_phase": reply.findtext(n + "failed-phase"), "error": reply.findtext(n + "error"),
+           "report": reply.findtext(n + "report") or "", "controller": f"{host}:{port}"}
+    print(out["report"])
+    if args.json:
+        text = json.dumps(out, indent=2)
+        if args.json == "-":
+            sys.stdout.write(text + "\n")
+        else:
+            Path(args.json).write_text(text)
+    return 0 if ok else 1
