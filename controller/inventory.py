@@ -272,7 +272,7 @@ def parse(data: Any, path: str = "<inventory>") -> Inventory:
     inv = Inventory(agents, switch, mig.get("source"), mig.get("target"), mig.get("retire", "delete"), path, controller)
     for role in ("source", "target"):
         name = getattr(inv, role)
-        if name is not None:
+        if name is not None and agents:  # with a controller alone, the agents are the ones that called it home
             inv.agent(name, f"migration.{role}")
     if switch is not None and switch.layout is not None:
         for name in agents:
