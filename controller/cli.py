@@ -40,7 +40,7 @@ def run_migrate(args: argparse.Namespace) -> int:
     if args.controller is not None:
         return _run_via_controller(args, inv)
     assert inv.switch is not None
-    if inv.switch.kind == "none":
+    if inv.engine == "generic":
         return _run_state_migration(args, inv)
     src = endpoint_from_spec(inv.agent(inv.source, "source"))
     dst = endpoint_from_spec(inv.agent(inv.target, "target"))
@@ -64,13 +64,13 @@ def run_migrate(args: argparse.Namespace) -> int:
 
 
 def _run_state_migration(args: argparse.Namespace, inv: Inventory) -> int:
-    """switch = "none": the generic engine moves whatever state modules the two agents serve."""
-    from .engine import EngineMigration, EngineOptions
+    """The generic engine (switch = "none", or [migration] engine = "generic"): moves whatever state modules the two agents serve."""
+    from .engine import EngineMigration, EngineOptions, default_phases
     from .statenode import StateNode
 
     assert inv.source is not None and inv.target is not None
     if args.no_state or args.retire == "stop":
-        print("natmig migrate: error: with switch \"none\" the migration is the state transfer: --no-state and --retire stop do not apply", file=sys.stderr)
+        print("natmig migrate: error: the generic engine moves state: --no-state and --retire stop do not apply", file=sys.stderr)
         return 2
     opts = EngineOptions(retire=args.retire or inv.retire, confirm_timeout=args.confirm_timeout,
                          recover_hint=f"natmig recover --inventory {args.inventory} --from {inv.source} --to {inv.target}")
@@ -83,7 +83,10 @@ def _run_state_migration(args: argparse.Namespace, inv: Inventory) -> int:
         if not args.quiet:
             print(f"{ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}", file=sys.stderr, flush=True)
 
-    report = EngineMigration(opener("source", inv.source), opener("target", inv.target), inv.source, inv.target, opts, on_phase=progress).run()
+    assert inv.switch is not None
+    steering = None if inv.switch.kind == "none" else steering_from_spec(inv.switch)
+    report = EngineMigration(opener("source", inv.source), opener("target", inv.target), inv.source, inv.target, opts,
+                             default_phases(steering), on_phase=progress).run()
     print(report.text())
     if args.json:
         _write_json(args.json, report.to_json())

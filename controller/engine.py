@@ -13,8 +13,9 @@ preflight to the end, and every change a dead controller must not leave
 behind a persistent confirmed commit under the pair's token, rolled back
 by the agents themselves when ``confirm_timeout`` passes.
 
-The switch of traffic is :class:`NoSwitch` here: state transfer only, and
-the report says that no traffic was moved.
+The switch of traffic is :class:`OvsSwitch` (any :class:`~.steering.Steering`:
+point it at the target, read it back) or :class:`NoSwitch` (state transfer
+only; the report says that no traffic was moved).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from . import txn
 from .enginereport import EngineReport, NodeReadback
 from .report import PhaseTiming
 from .statenode import StateNode, same_modules
+from .steering import Steering
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,9 @@ class Phase(abc.ABC):
     def undo(self, ctx: Context) -> str | None:
         """Take the step back after a later failure; what was undone, or None when nothing needs it."""
         return None
+
+    def read_back(self, ctx: Context) -> None:
+        """At the end, run or not: put what this phase governs, as read from where it lives, into the report."""
 
 
 class CopyStrategy(abc.ABC):
@@ -262,6 +267,49 @@ class Verify(Phase):
         return "source digests match the copy; every entry read back from the target"
 
 
+class TrafficOnSource(Phase):
+    """Before anything changes: the switch sends the traffic through the source (read from the switch)."""
+
+    name = "traffic"
+
+    def __init__(self, steering: Steering) -> None:
+        self.steering = steering
+
+    def run(self, ctx: Context) -> str:
+        active = self.steering.active()
+        if active != ctx.source.name:
+            hint = f" ({ctx.options.recover_hint})" if ctx.options.recover_hint else ""
+            raise ControllerError(f"the switch sends traffic through {active or 'no node'}, not through the source {ctx.source.name}; nothing was changed{hint}")
+        return f"traffic on {active} (read from the switch)"
+
+
+class OvsSwitch(Phase):
+    """Traffic onto the target (one atomic change of the switch), read back; undone by pointing it back."""
+
+    name = "switch"
+
+    def __init__(self, steering: Steering) -> None:
+        self.steering = steering
+
+    def run(self, ctx: Context) -> str:
+        self.steering.point_to(ctx.target.name)
+        active = self.steering.active()
+        if active != ctx.target.name:
+            raise ControllerError(f"the switch was told to send traffic through {ctx.target.name} but reads {active or 'no node'}")
+        ctx.report.switch = f"moved to {active} (read back from the switch)"
+        return ctx.report.switch
+
+    def undo(self, ctx: Context) -> str | None:
+        self.steering.point_to(ctx.source.name)
+        return f"traffic back on {self.steering.active()} (read back from the switch)"
+
+    def read_back(self, ctx: Context) -> None:
+        try:
+            ctx.report.traffic_on = self.steering.active() or "no node"
+        except Exception as e:  # noqa: BLE001 - a report must still be made
+            ctx.report.traffic_on = f"unknown: the switch cannot be read ({txn.describe_error(e)})"
+
+
 class NoSwitch(Phase):
     """State transfer only: no traffic is moved (an inventory whose switch is `none`)."""
 
@@ -287,9 +335,11 @@ class Finish(Phase):
         return f"{ctx.target.name}: copy confirmed; {ctx.source.name}: entries {'deleted' if ctx.options.retire == 'delete' else 'kept'}, admission reopened"
 
 
-def default_phases() -> list[Phase]:
-    """preflight, freeze, copy (whole lists), catch-up, verify, switch (none), finish."""
-    return [Preflight(), Freeze(), Copy(WholeLists()), CatchUp(), Verify(), NoSwitch(), Finish()]
+def default_phases(steering: Steering | None = None) -> list[Phase]:
+    """preflight, (traffic on the source,) freeze, copy (whole lists), catch-up, verify, switch (Open vSwitch, or none), finish."""
+    if steering is None:
+        return [Preflight(), Freeze(), Copy(WholeLists()), CatchUp(), Verify(), NoSwitch(), Finish()]
+    return [Preflight(), TrafficOnSource(steering), Freeze(), Copy(WholeLists()), CatchUp(), Verify(), OvsSwitch(steering), Finish()]
 
 
 def missing_needs(phases: list[Phase], node: StateNode) -> list[str]:
@@ -354,6 +404,8 @@ class EngineMigration:
                         r.undone.append(f"{phase.name}: undo failed ({txn.describe_error(ue)}); the agent rolls it back within {self.options.confirm_timeout:g} s")
         finally:
             if ctx is not None:
+                for phase in self.phases:
+                    phase.read_back(ctx)
                 for lock in ctx.locks:
                     if lock.node.connected:
                         lock.release()

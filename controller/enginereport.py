@@ -40,6 +40,8 @@ class EngineReport:
     modules: list[str] = field(default_factory=list)
     copied: dict[str, int] = field(default_factory=dict)
     switch: str = ""
+    #: the node the switch sends traffic through, read from it at the end ("" without a switch).
+    traffic_on: str = ""
     #: the target's copy was confirmed: from then on nothing is undone.
     committed: bool = False
     undone: list[str] = field(default_factory=list)
@@ -56,7 +58,9 @@ class EngineReport:
             lines.append(f"  modules: {', '.join(self.modules)}")
         for p in self.phases:
             lines.append(f"  {p.name:<10} {ms(p.seconds):>10}  {'ok' if p.ok else 'FAILED'}  {p.detail}")
-        if self.switch:
+        if self.traffic_on:
+            lines.append(f"  traffic on: {self.traffic_on} (read back from the switch)")
+        elif self.switch:
             lines.append(f"  traffic: {self.switch}")
         if self.error:
             lines.append(f"  error: {self.error}")
@@ -73,7 +77,7 @@ class EngineReport:
         return json.dumps({
             "source": self.source, "target": self.target, "ok": self.ok, "error": self.error or None,
             "failed_phase": self.failed_phase or None, "modules": self.modules, "copied": self.copied,
-            "switch": self.switch or None, "retire": self.retire, "committed": self.committed, "undone": self.undone,
+            "switch": self.switch or None, "traffic_on": self.traffic_on or None, "retire": self.retire, "committed": self.committed, "undone": self.undone,
             "phases": [{"name": p.name, "seconds": round(p.seconds, 6), "ok": p.ok, "detail": p.detail} for p in self.phases],
             "readback": {n: {"admission": rb.admission, "tables": {t: {"entries": c, "digest": d} for t, (c, d) in rb.tables.items()},
                              "error": rb.error} for n, rb in self.readback.items()},

@@ -111,6 +111,8 @@ class Inventory:
     path: str = "<inventory>"
     #: a controller service's northbound (natmig migrate --controller), when the inventory names one.
     controller: AgentSpec | None = None
+    #: which migration engine (see ENGINES).
+    engine: str = "nat"
 
     def agent(self, name: str, role: str) -> AgentSpec:
         """An agent by name; the error says which role wanted it and which exist."""
@@ -202,10 +204,20 @@ PORT_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
     "inside": (_int(1, 65279), True),
     "outside": (_int(1, 65279), True),
 }
+def _engine(where: str, v: Any) -> str:
+    if v not in ENGINES:
+        raise InventoryError(f"{where}: {v!r} is not one of {', '.join(ENGINES)}")
+    return str(v)
+
+
+#: "nat": the live NAT migration (controller/migrate.py); "generic": the engine of any state module (controller/engine.py).
+ENGINES = ("nat", "generic")
+
 MIGRATION_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
     "source": (_str, False),
     "target": (_str, False),
     "retire": (_retire, False),
+    "engine": (_engine, False),
 }
 TOP_LEVEL = ("agents", "switch", "migration", "controller")
 
@@ -269,7 +281,11 @@ def parse(data: Any, path: str = "<inventory>") -> Inventory:
         if "password" not in f and "password_file" not in f and "key" not in f:
             raise InventoryError(f"{path}: controller: give password, password_file or key")
         controller = AgentSpec(name="controller", **f)
-    inv = Inventory(agents, switch, mig.get("source"), mig.get("target"), mig.get("retire", "delete"), path, controller)
+    # A switch of "none" moves state only: that is the generic engine's alone.
+    engine = mig.get("engine", "generic" if switch is not None and switch.kind == "none" else "nat")
+    if engine == "nat" and switch is not None and switch.kind == "none":
+        raise InventoryError(f"{path}: migration.engine: the NAT migration needs an Open vSwitch switch; with switch = \"none\" the engine is generic")
+    inv = Inventory(agents, switch, mig.get("source"), mig.get("target"), mig.get("retire", "delete"), path, controller, engine)
     for role in ("source", "target"):
         name = getattr(inv, role)
         if name is not None and agents:  # with a controller alone, the agents are the ones that called it home

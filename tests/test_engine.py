@@ -301,3 +301,49 @@ def test_changes_of_the_frozen_source_after_the_read_reach_the_target(pair: tupl
         n.discover()
         keys = {n.lists[1].key_of(e) for e in n.read(n.lists[1])}
     assert ("192.0.2.250", 9) in keys and len(keys) == 28
+
+
+class FakeSteering:
+    """A switch in memory: which node traffic goes through, and whether it obeys."""
+
+    def __init__(self, active: str, broken: bool = False) -> None:
+        self.now, self.broken, self.moves = active, broken, []
+
+    def point_to(self, nat: str) -> None:
+        self.moves.append(nat)
+        if not self.broken:
+            self.now = nat
+
+    def active(self) -> str | None:
+        return self.now
+
+
+def test_with_a_switch_traffic_moves_after_the_copy_and_is_read_back(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(20))
+    sw = FakeSteering("lb1")
+    r = migration(a, b, default_phases(sw)).run()
+    assert r.ok, r.text()
+    assert [p.name for p in r.phases] == ["preflight", "traffic", "freeze", "copy", "catch-up", "verify", "switch", "finish"]
+    assert sw.moves == ["lb2"] and r.traffic_on == "lb2" and "traffic on: lb2 (read back from the switch)" in r.text()
+
+
+def test_a_switch_that_does_not_obey_is_undone_and_the_state_stays_on_the_source(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(20))
+    before = a.node().statistics()
+    sw = FakeSteering("lb1", broken=True)
+    r = migration(a, b, default_phases(sw)).run()
+    assert not r.ok and r.failed_phase == "switch" and "reads lb1" in r.error
+    assert sw.moves == ["lb2", "lb1"]  # told to move, then pointed back
+    assert r.traffic_on == "lb1"
+    assert r.readback["lb1"].tables == before and r.readback["lb1"].admission is True
+    assert r.readback["lb2"].tables["lb-binding:binding"][0] == 0  # the target's copy cancelled
+
+
+def test_traffic_not_on_the_source_refuses_before_anything_changes(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    sw = FakeSteering("lb2")
+    r = migration(a, b, default_phases(sw), recover_hint="natmig recover ...").run()
+    assert not r.ok and r.failed_phase == "traffic" and "not through the source lb1" in r.error and sw.moves == []
+    assert r.readback["lb1"].admission is True
