@@ -121,7 +121,7 @@ def run_agent(args: argparse.Namespace) -> int:
     cfg = AgentConfig(
         host=host, port=port, host_key=args.host_key, passwords=args.passwords,
         authorized_keys=args.authorized_keys, max_message=args.max_message,
-        max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, state_dir=args.state_dir,
+        max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, state_dir=args.state_dir, nacm=args.nacm,
     )
     agent = _agent(args, cfg)
 
@@ -186,6 +186,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-message", type=int, default=AgentConfig.max_message, metavar="BYTES", help="largest accepted message (default %(default)s)")
     p.add_argument("--max-sessions", type=int, default=AgentConfig.max_sessions, metavar="N", help="concurrent NETCONF sessions (default %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=AgentConfig.idle_timeout, metavar="SECONDS", help="close sessions silent this long (default %(default)s)")
+    p.add_argument("--nacm", metavar="FILE", help="access control (RFC 8341): users' groups and rule lists, TOML (docs/agent.md); "
+                   "without it every authenticated user may read and write")
     p.add_argument("--ready-file", metavar="FILE", help="write 'PID PORT' here once listening")
     p.add_argument("--state-dir", metavar="DIR", help="keep a pending confirmed commit's undo record here, so that a restarted agent "
                    "rolls it back (created mode 0700; best on /run, which a reboot empties along with the kernel's table)")

@@ -39,6 +39,7 @@ from .datastore import (
     refuse,
     select,
 )
+from .nacm import AccessControl
 from .monitoring import MONITORING_NS, WITH_DEFAULTS_NS, YANG_LIBRARY_NS, Catalog, SessionRecord, netconf_state
 from .notifications import NOTIFICATION_NS, STREAMS, NotificationHub
 
@@ -58,6 +59,8 @@ class Server(Protocol):
     catalog: Catalog
     hub: NotificationHub
     started: float
+    #: who may do what (RFC 8341; agent/nacm.py).
+    access: AccessControl
 
     def kill(self, sid: int) -> bool:
         """End session ``sid``; False when there is no such session."""
@@ -762,6 +765,22 @@ def op_create_subscription(server: Server, sess: SessionState, op: Any) -> bytes
     return b"<ok/>"
 
 
+def authorize(server: Server, sess: SessionState, op: Any) -> None:
+    """RFC 8341: access-denied for what the session's user may not do; an edit needs write on each module it touches."""
+    name = etree.QName(op).localname
+    modules: list[str] = []
+    if name == "edit-config":
+        by_ns = {e.namespace: e.identifier for e in server.catalog.entries}
+        config = op.find(_NC + "config")
+        if config is not None:
+            modules = sorted({by_ns.get(etree.QName(c).namespace or "", etree.QName(c).namespace or "?") for c in config if isinstance(c.tag, str)})
+    d = server.access.decide(sess.record.username, name, modules)
+    if not d.permitted:
+        log.warning("%s: %s denied (%s)", sess.who, name, d.why)
+        what = f"<{name}>" + (f" on {', '.join(modules)}" if modules else "")
+        raise refuse("access-denied", f"user {sess.record.username!r} may not run {what} ({d.why})", type="protocol" if not modules else "application")
+
+
 Handler = Callable[[Server, SessionState, Any], "bytes | list[bytes]"]
 
 #: (namespace, operation) -> handler: the whole of what the agent does.
@@ -934,6 +953,7 @@ def _handle(server: Server, sess: SessionState, message: bytes) -> bytes:
         handler = TABLE.get((q.namespace or "", q.localname))
         if handler is None:
             raise refuse("operation-not-supported", f"operation <{q.localname}> in namespace {q.namespace!r} is not supported", type="protocol", info={"bad-element": q.localname})
+        authorize(server, sess, op)
         sess.reply_head = _reply_head(attrs)
         return _reply(attrs, handler(server, sess, op))
     except StreamBroken:

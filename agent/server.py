@@ -22,6 +22,7 @@ from lxml import etree
 
 from ..codec import NETCONF_NS, Codec
 from ..errors import AgentError
+from . import nacm
 from .auth import Authenticator, load_or_create_host_key
 from .confirmed import CAPABILITY as CONFIRMED_COMMIT_CAPABILITY, Journal
 from .datastore import Datastore, Problem
@@ -90,6 +91,8 @@ class AgentConfig:
     hello_timeout: float = 30.0
     #: where a pending confirmed commit's undo is kept across a restart (None: nowhere).
     state_dir: str | None = None
+    #: the access-control rules (agent/nacm.py); None: every authenticated user may do everything.
+    nacm: str | None = None
 
 
 class _SSHServer(asyncssh.SSHServer):
@@ -312,6 +315,7 @@ class Agent:
         self.datastore.recover()
         self.catalog = catalog
         self.hub = hub
+        self.access = nacm.load(config.nacm) if config.nacm else nacm.OPEN
         self.auth = Authenticator(config.passwords, config.authorized_keys)
         self.host_key = load_or_create_host_key(config.host_key)
         self.started = time.time()

@@ -299,6 +299,7 @@ class StateAgent(Agent):
             handler = TABLE.get((q.namespace or "", q.localname))
             if handler is None:
                 raise refuse("operation-not-supported", f"operation <{q.localname}> in namespace {q.namespace!r} is not supported", type="protocol", info={"bad-element": q.localname})
+            rpc.authorize(self, state, ops[0])
             state.reply_head = f'<rpc-reply xmlns="{NETCONF_NS}"{attrs}>'.encode()
             body = handler(self, state, ops[0])
             parts = body if isinstance(body, list) else [body]

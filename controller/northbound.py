@@ -237,6 +237,7 @@ class Northbound(Agent):
             handler = self.table.get((q.namespace or "", q.localname))
             if handler is None:
                 raise refuse("operation-not-supported", f"operation <{q.localname}> in namespace {q.namespace!r} is not supported by the controller", type="protocol", info={"bad-element": q.localname})
+            rpc.authorize(self, state, ops[0])
             body = handler(self, state, ops[0])
             return b"".join([f'<rpc-reply xmlns="{NETCONF_NS}"{attrs}>'.encode(), body, b"</rpc-reply>"])
         except DatastoreError as e:

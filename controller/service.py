@@ -49,6 +49,7 @@ class ServiceConfig:
     passwords: str | None
     authorized_keys: str | None
     netns: str | None
+    nacm: str | None = None
 
     def password(self) -> str | None:
         if self.password_file is None:
@@ -77,7 +78,7 @@ def load_config(path: str | Path) -> ServiceConfig:
     except tomllib.TOMLDecodeError as e:
         raise ControllerError(f"{path}: not TOML: {e}") from e
     known = {"netns": None, "call_home": {"listen", "allow", "username", "password_file", "key", "keepalive"},
-             "northbound": {"listen", "host_key", "passwords", "authorized_keys"}}
+             "northbound": {"listen", "host_key", "passwords", "authorized_keys", "nacm"}}
     for k, v in data.items():
         if k not in known:
             raise ControllerError(f"{path}: {k}: unknown key (known: {', '.join(known)})")
@@ -104,7 +105,7 @@ def load_config(path: str | Path) -> ServiceConfig:
         password_file=ch.get("password_file"), key=ch.get("key"), keepalive=float(keepalive),
         northbound=_addr(f"{path}: northbound.listen", nb["listen"], 830),
         host_key=str(nb.get("host_key", "controller_host_key")), passwords=nb.get("passwords"),
-        authorized_keys=nb.get("authorized_keys"), netns=data.get("netns"),
+        authorized_keys=nb.get("authorized_keys"), netns=data.get("netns"), nacm=nb.get("nacm"),
     )
 
 
@@ -114,7 +115,7 @@ class Service:
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self.northbound = Northbound(AgentConfig(host=config.northbound[0], port=config.northbound[1], host_key=config.host_key,
-                                                 passwords=config.passwords, authorized_keys=config.authorized_keys), self)
+                                                 passwords=config.passwords, authorized_keys=config.authorized_keys, nacm=config.nacm), self)
         self.registry = Registry(config.keepalive, on_event=self._agent_event)
         self.listener = CallHomeListener(config.call_home[0], config.call_home[1], load_allow_list(config.allow), self._attach,
                                          config.username, config.password(), config.key)

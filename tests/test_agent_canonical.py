@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from natmig.agent import rpc
 from natmig.agent.datastore import Datastore
+from natmig.agent.nacm import OPEN
 from natmig.agent.monitoring import Catalog, SessionRecord
 from natmig.agent.notifications import NotificationHub
 from natmig.agent.provider import MemoryProvider
@@ -41,6 +42,7 @@ class Agent:
         self.datastore = Datastore(self.provider, self.codec)
         self.catalog = Catalog.for_schema(self.codec.schema, OPTIONAL_CAPABILITIES)
         self.hub = NotificationHub(self.provider, self.codec)
+        self.access = OPEN
         self.started = time.time()
 
     def kill(self, sid: int) -> bool:

@@ -8,6 +8,7 @@ import pytest
 from lxml import etree
 
 from natmig.agent.datastore import Datastore
+from natmig.agent.nacm import OPEN
 from natmig.agent.monitoring import Catalog, SessionRecord
 from natmig.agent.notifications import NotificationHub
 from natmig.agent.provider import MemoryProvider
@@ -27,6 +28,7 @@ class FakeServer:
         self.datastore = Datastore(self.provider, self.codec)
         self.catalog = Catalog.for_schema(self.codec.schema, OPTIONAL_CAPABILITIES)
         self.hub = NotificationHub(self.provider, self.codec)
+        self.access = OPEN
         self.started = time.time()
         self.killed: list[int] = []
         self.others = {7}

@@ -38,15 +38,22 @@ class Running:
         self.tmp = tmp
         pub = (tmp / "nb_key.pub").read_text().split()
         (tmp / "nb_known").write_text(f"[127.0.0.1]:{self.service.northbound.port} {pub[0]} {pub[1]}\n")
+        self.stops: list[tuple[Served, asyncio.Event]] = []
         for a in agents:
-            async def start(a: Served = a) -> None:
-                asyncio.ensure_future(call_home(a.agent, CallHomeTarget("127.0.0.1", self.service.listener.port), asyncio.Event()))
-            asyncio.run_coroutine_threadsafe(start(), a.loop).result(5)
+            async def start(a: Served = a) -> asyncio.Event:
+                stop = asyncio.Event()
+                asyncio.ensure_future(call_home(a.agent, CallHomeTarget("127.0.0.1", self.service.listener.port), stop))
+                return stop
+            self.stops.append((a, asyncio.run_coroutine_threadsafe(start(), a.loop).result(5)))
 
     def client(self) -> NodeClient:
         return NodeClient.connect("127.0.0.1", self.service.northbound.port, "ops", password="nb-secret", known_hosts=str(self.tmp / "nb_known"), timeout=30)
 
     def close(self) -> None:
+        for a, stop in self.stops:
+            if not a.stopped:
+                a.loop.call_soon_threadsafe(stop.set)
+        time.sleep(0.1)
         self.loop.call_soon_threadsafe(self.service.close)
         time.sleep(0.2)
         self.loop.call_soon_threadsafe(self.loop.stop)
