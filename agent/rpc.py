@@ -22,7 +22,7 @@ from lxml import etree
 from ..codec import EDIT_OPERATIONS, NETCONF_NS, Codec, EditEntry
 from ..errors import AgentError, CodecError
 from ..gcpause import gc_paused
-from ..model import NatSession, format_key
+from ..model import FIELD_NAMES, NatSession, format_key
 from ..schema import LeafValueError
 from ..statemodel import COMMON_NS
 from ..statewire import CONTROL, STATISTICS, Wire
@@ -290,18 +290,40 @@ def parse_filter(codec: Codec, op: Any) -> Selection:
     return sel
 
 
-def _with_defaults(op: Any) -> bool:
-    """True for report-all (RFC 6243); trim is this agent's basic mode."""
+#: RFC 6243's modes; trim is this agent's basic mode.
+WITH_DEFAULTS_MODES = ("trim", "report-all", "report-all-tagged", "explicit")
+#: the attribute report-all-tagged puts on a leaf at its default (RFC 6243 6).
+_WD = "urn:ietf:params:xml:ns:netconf:default:1.0"
+_TAG = f' xmlns:wd="{_WD}" wd:default="true"'
+
+
+def with_defaults(op: Any) -> str:
+    """The with-defaults mode a get or get-config asks for (RFC 6243); trim when it asks for none.
+
+    explicit reports what was set; in a live table every leaf holds what the
+    kernel or a client set (there is no leaf "absent, so at its default"), so
+    it reports what report-all does.
+    """
     el = op.find(f"{{{WITH_DEFAULTS_NS}}}with-defaults")
     if el is None:
-        return False
+        return "trim"
     mode = (el.text or "").strip()
-    if mode not in ("trim", "report-all"):
-        raise refuse("invalid-value", f"with-defaults {mode!r}: this agent supports trim and report-all", type="protocol", info={"bad-element": "with-defaults"})
-    return mode == "report-all"
+    if mode not in WITH_DEFAULTS_MODES:
+        raise refuse("invalid-value", f"with-defaults {mode!r}: this agent supports {', '.join(WITH_DEFAULTS_MODES)}", type="protocol", info={"bad-element": "with-defaults"})
+    return mode
 
 
-def _encode_sessions(codec: Codec, sessions: list[NatSession], leaves: set[str] | None, report_all: bool) -> bytes:
+def _with_defaults(op: Any) -> bool:
+    """True when defaults are reported (every mode but trim)."""
+    return with_defaults(op) != "trim"
+
+
+def _leaf_xml(spec: Any, v: Any, tagged: bool) -> str:
+    tag = _TAG if tagged and not spec.is_key and v == spec.default else ""
+    return f"<{spec.name}{tag}>{spec.text(v)}</{spec.name}>"
+
+
+def _encode_sessions(codec: Codec, sessions: list[NatSession], leaves: set[str] | None, report_all: bool, tagged: bool = False) -> bytes:
     if leaves is None and not report_all:
         return codec.encode_xml(sessions, root=None)
     # The slow, general path: chosen leaves only, or every leaf with defaults.
@@ -314,15 +336,15 @@ def _encode_sessions(codec: Codec, sessions: list[NatSession], leaves: set[str] 
             v = getattr(s, spec.name)
             if v is None or (not report_all and not spec.is_key and not spec.mandatory and v == spec.default):
                 continue
-            inner.append(f"<{spec.name}>{spec.text(v)}</{spec.name}>")
+            inner.append(_leaf_xml(spec, v, tagged))
         parts.append(f'<{name} xmlns="{codec.ns}">{"".join(inner)}</{name}>')
     return "".join(parts).encode()
 
 
-def _encode_control(codec: Codec, values: dict[str, Any], report_all: bool) -> bytes:
+def _encode_control(codec: Codec, values: dict[str, Any], report_all: bool, tagged: bool = False) -> bytes:
     if report_all:
         name = codec.schema.control_name
-        inner = "".join(f"<{s.name}>{s.text(values.get(s.name, s.default))}</{s.name}>" for s in codec.schema.control_leaves)
+        inner = "".join(_leaf_xml(s, values.get(s.name, s.default), tagged) for s in codec.schema.control_leaves)
         return f'<{name} xmlns="{codec.ns}">{inner}</{name}>'.encode()
     if all(values.get(s.name, s.default) == s.default for s in codec.schema.control_leaves):
         return b""  # trim: a container holding only defaults is not shown
@@ -332,7 +354,8 @@ def _encode_control(codec: Codec, values: dict[str, Any], report_all: bool) -> b
 def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool) -> list[bytes]:
     codec = server.codec
     sel = parse_filter(codec, op)
-    report_all = _with_defaults(op)
+    mode = with_defaults(op)
+    report_all, tagged = mode != "trim", mode == "report-all-tagged"
     want_sessions = sel.everything or sel.sessions is not None
     keys = None
     key_names = codec.schema.keys
@@ -348,9 +371,9 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
     parts = []
     if want_sessions:
         picked = select(sessions, None if sel.everything else sel.sessions)
-        parts.append(_encode_sessions(codec, picked, sel.leaves, report_all))
+        parts.append(_encode_sessions(codec, picked, sel.leaves, report_all, tagged))
     if sel.everything or sel.control:
-        parts.append(_encode_control(codec, control, report_all))
+        parts.append(_encode_control(codec, control, report_all, tagged))
     if state and (sel.everything or sel.statistics):
         parts.append(codec.encode_statistics_xml(server.datastore.statistics()))
     if state and (sel.everything or sel.monitoring_selected):
@@ -359,7 +382,7 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
     if state and (sel.everything or sel.yang_library):
         parts.append(server.catalog.yang_library())
     if sel.everything or sel.state_control:
-        parts.append(Wire.control_xml(control["admit-new-sessions"], report_all).encode())
+        parts.append(Wire.control_xml(control["admit-new-sessions"], report_all, tagged).encode())
     if state and (sel.everything or sel.state_statistics):
         st = server.datastore.statistics()
         lst = codec.schema
@@ -616,6 +639,66 @@ def op_edit_config(server: Server, sess: SessionState, op: Any) -> bytes:
     return b"<ok/>"
 
 
+def _config_source(op: Any) -> tuple[str | None, Any]:
+    """copy-config's <source>: (datastore name, None) or (None, inline <config>)."""
+    src = op.find(_NC + "source")
+    if src is None:
+        raise refuse("missing-element", "<source> is required", type="protocol", info={"bad-element": "source"})
+    inline = src.find(_NC + "config")
+    if inline is not None:
+        return None, inline
+    if src.find(_NC + "url") is not None:
+        raise refuse("operation-not-supported", "the :url capability is not supported", type="protocol", info={"bad-element": "url"})
+    return _datastore_param(op, "source"), None
+
+
+def _whole(req: EditRequest) -> EditRequest:
+    """``req`` as the whole new content: the list emptied before its entries are written, nat-control at its defaults unless given."""
+    req.list_operation = "remove"
+    req.control = req.control or {}
+    req.control_operation = "replace"
+    return req
+
+
+def op_copy_config(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<copy-config> (RFC 6241 7.3): the target's whole content replaced by the source's, all or nothing.
+
+    running -> candidate makes the candidate a fresh copy of running.
+    candidate -> running, or an inline <config> into either, replaces the whole
+    table: on a live NAT, sessions that traffic opened and that are not in
+    the source are deleted (it is what copy-config means; commit is the
+    operation that applies only what the candidate changed).
+    """
+    _check_params(op, {"target", "source", "with-defaults"})
+    target = _datastore_param(op, "target")
+    source, inline = _config_source(op)
+    if source == target:
+        raise refuse("invalid-value", f"copy-config of {target} onto itself", type="protocol", info={"bad-element": "source"})
+    if source == "running":
+        server.datastore.discard(sess.sid)  # the candidate: running's content again
+    else:
+        if inline is not None:
+            req = _edit_request(server.codec, inline)
+        else:
+            sessions, control = server.datastore.read("candidate")
+            entries = [EditEntry(None, s.key, {n: v for n in FIELD_NAMES if (v := getattr(s, n)) is not None}) for s in sessions]
+            req = EditRequest(entries=entries, control=control)
+        server.datastore.edit(target, _whole(req), sess.sid, "merge")
+    log.info("%s copy-config %s -> %s", sess.who, source or "inline config", target)
+    return b"<ok/>"
+
+
+def op_delete_config(server: Server, sess: SessionState, op: Any) -> bytes:
+    """<delete-config> (RFC 6241 7.4): the candidate emptied; running cannot be deleted."""
+    _check_params(op, {"target"})
+    target = _datastore_param(op, "target")
+    if target == "running":
+        raise refuse("operation-failed", "running cannot be deleted (RFC 6241 7.4); delete its entries with edit-config", type="protocol", info={"bad-element": "running"})
+    server.datastore.edit(target, _whole(EditRequest()), sess.sid, "merge")
+    log.info("%s delete-config %s", sess.who, target)
+    return b"<ok/>"
+
+
 def op_lock(server: Server, sess: SessionState, op: Any) -> bytes:
     """<lock> of running or candidate."""
     _check_params(op, {"target"})
@@ -788,6 +871,8 @@ TABLE: dict[tuple[str, str], Handler] = {
     (NETCONF_NS, "get"): op_get,
     (NETCONF_NS, "get-config"): op_get_config,
     (NETCONF_NS, "edit-config"): op_edit_config,
+    (NETCONF_NS, "copy-config"): op_copy_config,
+    (NETCONF_NS, "delete-config"): op_delete_config,
     (NETCONF_NS, "lock"): op_lock,
     (NETCONF_NS, "unlock"): op_unlock,
     (NETCONF_NS, "commit"): op_commit,

@@ -42,7 +42,7 @@ OPTIONAL_CAPABILITIES = [
     "urn:ietf:params:netconf:capability:validate:1.1",
     NOTIFICATION_CAPABILITY,
     INTERLEAVE_CAPABILITY,
-    "urn:ietf:params:netconf:capability:with-defaults:1.0?basic-mode=trim&also-supported=report-all",
+    "urn:ietf:params:netconf:capability:with-defaults:1.0?basic-mode=trim&also-supported=report-all,report-all-tagged,explicit",
 ]
 _HELLO_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False)
 _TRIM_AFTER = 8 << 20

@@ -142,7 +142,7 @@ def _matches(lst: StateList, entry: Entry, alts: list[dict[str, Any]]) -> bool:
 
 def _read(server: "StateAgent", op: Any, source: str, state: bool) -> bytes:
     f = _filter(server.store.wire, op)
-    report_all = rpc._with_defaults(op)
+    report_all = rpc.with_defaults(op) != "trim"
     tables, admit = server.store.read(source)
     parts: list[str] = []
     for lst, entries in tables.items():
@@ -217,7 +217,8 @@ def op_validate(server: "StateAgent", sess: rpc.SessionState, op: Any) -> bytes:
 
 #: The NAT agent's table with the data operations replaced by the generic ones.
 TABLE: dict[tuple[str, str], Callable[..., Any]] = {
-    **rpc.TABLE,
+    # copy-config and delete-config are the NAT agent's only, for now.
+    **{k: v for k, v in rpc.TABLE.items() if k[1] not in ("copy-config", "delete-config")},
     (NETCONF_NS, "get"): op_get,
     (NETCONF_NS, "get-config"): op_get_config,
     (NETCONF_NS, "edit-config"): op_edit_config,

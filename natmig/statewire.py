@@ -97,11 +97,12 @@ class Wire:
         return f'<{lst.name} xmlns="{lst.namespace}"{op}>{inner}</{lst.name}>'
 
     @staticmethod
-    def control_xml(admit: bool, report_all: bool = False) -> str:
-        """state-control (trim: empty, so left out, while admission is at its default, open)."""
+    def control_xml(admit: bool, report_all: bool = False, tagged: bool = False) -> str:
+        """state-control (trim: empty, so left out, while admission is at its default, open; tagged: RFC 6243's wd:default)."""
         if admit and not report_all:
             return ""
-        return f'<{CONTROL} xmlns="{COMMON_NS}"><admit-new>{"true" if admit else "false"}</admit-new></{CONTROL}>'
+        tag = ' xmlns:wd="urn:ietf:params:xml:ns:netconf:default:1.0" wd:default="true"' if tagged and admit else ""
+        return f'<{CONTROL} xmlns="{COMMON_NS}"><admit-new{tag}>{"true" if admit else "false"}</admit-new></{CONTROL}>'
 
     @staticmethod
     def statistics_xml(tables: Sequence[tuple[str, int, str]]) -> str:
