@@ -134,9 +134,18 @@ def run_demo(args: argparse.Namespace) -> int:
 
     return run(DemoOptions(
         sessions=args.sessions, tcp=args.tcp, udp=args.udp, interval=args.interval / 1000, churn=args.churn,
-        no_state=args.no_state, json_path=args.json, prefix=args.prefix, topology=args.topology,
+        no_state=args.no_state, json_path=args.json, plot_path=args.plot, prefix=args.prefix, topology=args.topology,
         after=args.after, retire=args.retire,
     ))
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    """Draw a saved demo report (natmig demo --json): each flow's gaps over time, the phases as bands."""
+    from .plot import load_report, plot
+
+    plot(load_report(args.report), args.output)
+    print(f"{args.output}: drawn from {args.report}")
+    return 0
 
 
 def _inventory_arguments(p: argparse.ArgumentParser, source: str, target: str) -> None:
@@ -189,6 +198,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--retire", choices=("delete", "keep", "stop"), default="delete", help="what becomes of nat1 (default delete)")
     d.add_argument("--after", type=float, default=1.5, metavar="S", help="seconds of traffic after the move (default 1.5)")
     d.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    d.add_argument("--plot", metavar="FILE.png", help="draw each flow's gaps over time with the phases as bands (needs matplotlib)")
     d.add_argument("--prefix", help="testbed name prefix (default: unique per run)")
     d.add_argument("--topology", metavar="FILE", help="testbed topology (default: the demo topology)")
     d.set_defaults(func=run_demo)
+
+    pl = sub.add_parser("plot", help="draw a saved demo report: each flow's gaps over time, the phases as bands",
+                        description=run_plot.__doc__)
+    pl.add_argument("report", help="a report written by natmig demo --json")
+    pl.add_argument("--output", "-o", required=True, metavar="FILE.png", help="the picture (its suffix chooses the format)")
+    pl.set_defaults(func=run_plot)

@@ -237,6 +237,7 @@ class DemoOptions:
     churn: float = 0.0
     no_state: bool = False
     json_path: str | None = None
+    plot_path: str | None = None
     prefix: str | None = None
     topology: str | None = None
     before: float = 1.0
@@ -383,6 +384,11 @@ class Demo:
         self.print_report(res)
         if o.json_path:
             Path(o.json_path).write_text(json.dumps(res.to_dict(), indent=2))
+        if o.plot_path and res.migration is not None and res.traffic is not None:
+            from .plot import plot
+
+            plot(res.to_dict(), o.plot_path)
+            self.say(f"picture of the move: {o.plot_path}")
         return res
 
     def print_report(self, r: DemoResult) -> None:

@@ -42,6 +42,8 @@ MAX_DURATION = 900.0
 UDP_BASE = 100_000
 CHURN_BASE = 200_000
 TOP_GAPS = 128
+#: of those, how many per flow a JSON report keeps (100 flows: ~100 KB).
+PLOTTED_GAPS = 32
 
 
 class TrafficError(ControllerError):
@@ -578,6 +580,12 @@ class TrafficResult:
             "new_connections": len(churn),
             "new_connections_survived": sum(f.survived for f in churn),
             "broken": [asdict(f) for f in self.broken()[:20]],
+            "interval_ms": round(self.interval * 1000, 3),
+            # Each live flow's largest silences (seconds, and when each ended on
+            # CLOCK_MONOTONIC, the phases' clock): what `natmig plot` draws.
+            "flows": [{"fid": f.fid, "proto": f.proto, "survived": f.survived,
+                       "top_gaps": [[round(g, 6), round(t, 6)] for g, t in sorted(f.top_gaps, reverse=True)[:PLOTTED_GAPS]]}
+                      for f in live],
         }
 
 
