@@ -573,12 +573,6 @@ class ConntrackProvider(SessionProvider):
             raise ProviderError(f"ConntrackProvider({self.netns}): admission control needs the NatNode (pass node=)")
         return self.node
 
-    def _conntrack(self, args: list[str], **kw: object) -> subprocess.CompletedProcess:
-        try:
-            return self._run(["conntrack", *args], self.netns, **kw)
-        except nsmod.CommandError as e:
-            raise ProviderError(f"conntrack in {self.netns}: {e}") from e
-
 
 def _without(batch: list[NatSession], problems: dict[SessionKey, str]) -> list[NatSession]:
     """The entries of ``batch`` not yet refused (the batch itself when none is: no copy of 100k entries)."""

@@ -699,13 +699,6 @@ class Datastore:
             self._check_write("candidate", sid)
             self._reset_candidate()
 
-    def copy_running_to_candidate(self, sid: int) -> None:
-        """Make the candidate a fresh copy of running (copy-config running -> candidate)."""
-        with self._mutex:
-            self._check_write("candidate", sid)
-            self._reset_candidate()
-            self._ensure_candidate(sessions=True)
-
 
 @contextmanager
 def _reading_table() -> Iterator[None]:

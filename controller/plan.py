@@ -24,10 +24,6 @@ EVENT_KINDS: Mapping[str, str] = {
     "destroy": "destroyed",
 }
 
-#: The leaves that make a session "the same session with the same mapping".
-MAPPING_FIELDS = ("translated_address", "translated_port")
-
-
 #: TCP states of a connection still in its handshake when it was read.
 HANDSHAKE_STATES = frozenset({"SYN_SENT", "SYN_RECV", "SYN_SENT2"})
 
@@ -56,16 +52,6 @@ def for_target_text(entries: str) -> str:
     for state in sorted(HANDSHAKE_STATES):
         entries = entries.replace(f"<tcp_state>{state}</tcp_state>", "<tcp_state>ESTABLISHED</tcp_state>")
     return entries
-
-
-def reply_tuple(s: NatSession) -> tuple[str, str, int, str, int]:
-    """What must be unique on a NAT: the public endpoint together with the remote one.
-
-    Linux gives one public port to several sessions when their remote
-    endpoints differ (the reply tuples still differ), so the public port
-    alone is not a conflict.
-    """
-    return (s.protocol, s.translated_address, s.translated_port, s.dst_address, s.dst_port)
 
 
 def mapping(s: NatSession) -> tuple[str, int]:
@@ -132,7 +118,7 @@ def plan_copy(
     """
     conflicts = foreign_addresses(public_addresses(source), target_public)
     by_key = {s.key: s for s in target}
-    by_reply = {reply_tuple(s): s.key for s in target}
+    by_reply = {s.reply_key: s.key for s in target}
     already: set[SessionKey] = set()
     for s in source:
         t = by_key.get(s.key)
@@ -142,7 +128,7 @@ def plan_copy(
                 continue
             conflicts.append(Conflict(s.key, f"target maps it to {t.translated_address}:{t.translated_port}, source to {s.translated_address}:{s.translated_port}"))
             continue
-        holder = by_reply.get(reply_tuple(s))
+        holder = by_reply.get(s.reply_key)
         if holder is not None:
             conflicts.append(Conflict(s.key, f"its public {s.protocol} {s.translated_address}:{s.translated_port} towards {s.dst_address}:{s.dst_port} is held on the target by {format_key(holder)}"))
     if conflicts:

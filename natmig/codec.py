@@ -224,7 +224,6 @@ class Codec:
         self._by_name = {s.name: s for s in schema.leaves}
         self._keys = schema.keys
         self._key_set = frozenset(schema.keys)
-        self._key_specs = [self._by_name[k] for k in schema.keys]
         self._mandatory = [s.name for s in schema.leaves if s.mandatory and not s.is_key]
         self._mandatory_set = frozenset(self._mandatory)
         self._when = [(s.name, s.when) for s in schema.leaves if s.when]
