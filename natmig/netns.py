@@ -170,6 +170,18 @@ def sysctl(netns: str | None, key: str, value: object) -> None:
     run(["sysctl", "-q", "-w", f"{key}={value}"], netns)
 
 
+def ensure_conntrack_capacity(entries: int) -> None:
+    """Raise the machine-wide conntrack limit to at least ``entries`` (never lowers it).
+
+    nf_conntrack_max is global (set from the root namespace only); raising it
+    is harmless for everyone else on the machine.  Benchmarks and tests call
+    this explicitly; the library never does it behind anyone's back.
+    """
+    current = int(open("/proc/sys/net/netfilter/nf_conntrack_max").read())
+    if current < entries:
+        sysctl(None, "net.netfilter.nf_conntrack_max", entries)
+
+
 def add_veth(a: str, b: str, netns_a: str | None, netns_b: str | None, *, mtu: int | None = None) -> None:
     """Create a veth pair a<->b with each end in its namespace, offloads off, both up.
 
