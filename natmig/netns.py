@@ -12,7 +12,7 @@ import os
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .errors import NatmigError
 
@@ -110,12 +110,13 @@ def run(
     input: str | bytes | None = None,
     check: bool = True,
     timeout: float = 30.0,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run a command (in a namespace) and return it; :class:`CommandError` on failure."""
+    """Run a command (in a namespace; with ``env`` as its whole environment when given) and return it; :class:`CommandError` on failure."""
     argv = ns_cmd(cmd, netns)
     text = not isinstance(input, bytes)
     try:
-        cp = subprocess.run(argv, input=input, capture_output=True, text=text, timeout=timeout)
+        cp = subprocess.run(argv, input=input, capture_output=True, text=text, timeout=timeout, env=env)
     except FileNotFoundError as e:
         raise CommandError(argv, 127, f"{argv[0]}: not installed ({e})") from e
     except subprocess.TimeoutExpired as e:
