@@ -137,7 +137,7 @@ class ConntrackProvider(SessionProvider):
         self._lock = threading.Lock()
         self._defaults: dict[tuple[str, object], int] | None = None
         # One socket for every lookup: opening one in the namespace costs a
-        # setns pair per call, and a lookup is meant to take well under a millisecond.
+        # switch there and back per call, and a lookup is meant to take well under a millisecond.
         self._reader = ctread.EntryReader(netns)
         # One socket for every write: the kernel stamps each event with the
         # port id of the socket whose request caused it, so the digest's

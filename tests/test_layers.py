@@ -41,3 +41,10 @@ def test_relative_imports_are_resolved() -> None:
     # The check above is only as good as the resolution of ``from ..x import y``.
     assert "natmig.credentials" in _imports(ROOT / "controller" / "demo.py")
     assert "natmig.agent.auth" in _imports(ROOT / "agent" / "server.py")
+
+
+def test_only_natmig_netns_enters_a_namespace():
+    # No other source file opens /run/netns/<name> or calls setns(2): one helper, one error type.
+    offenders = [str(p.relative_to(ROOT)) for d in ("natmig", "agent", "controller", "testbed") for p in sorted((ROOT / d).glob("*.py"))
+                 if p != ROOT / "natmig" / "netns.py" and ("/run/netns" in p.read_text() or "setns" in p.read_text())]
+    assert not offenders, offenders
