@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ControllerError
 
@@ -102,6 +102,11 @@ class _Stopper:
         return self.stop or time.monotonic() >= self.deadline
 
 
+def _errname(e: OSError) -> str:
+    """``ECONNRESET``: the errno's name, or the error's own words when it has none."""
+    return errno.errorcode.get(e.errno, str(e)) if e.errno is not None else str(e)
+
+
 def _write_json(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -165,7 +170,7 @@ def serve(addr: str, port: int, out: str, duration: float) -> int:
                     except OSError:
                         pass  # an echo lost is a UDP echo lost; the client sees the gap
             else:
-                s = key.fileobj
+                s = cast(socket.socket, key.fileobj)  # only sockets are registered
                 c = conns[s]
                 if mask & selectors.EVENT_WRITE and c["out"]:
                     try:
@@ -174,7 +179,7 @@ def serve(addr: str, port: int, out: str, duration: float) -> int:
                     except BlockingIOError:
                         pass
                     except OSError as e:
-                        close(s, f"send: {errno.errorcode.get(e.errno, e)}")
+                        close(s, f"send: {_errname(e)}")
                         continue
                 if not mask & selectors.EVENT_READ:
                     if not c["out"]:
@@ -185,7 +190,7 @@ def serve(addr: str, port: int, out: str, duration: float) -> int:
                 except BlockingIOError:
                     continue
                 except OSError as e:
-                    close(s, "reset" if e.errno == errno.ECONNRESET else f"recv: {errno.errorcode.get(e.errno, e)}")
+                    close(s, "reset" if e.errno == errno.ECONNRESET else f"recv: {_errname(e)}")
                     continue
                 if not data:
                     close(s, "eof")
@@ -206,7 +211,7 @@ def serve(addr: str, port: int, out: str, duration: float) -> int:
                 except BlockingIOError:
                     pass
                 except OSError as e:
-                    close(s, f"send: {errno.errorcode.get(e.errno, e)}")
+                    close(s, f"send: {_errname(e)}")
                     continue
                 if c["out"]:
                     sel.modify(s, selectors.EVENT_READ | selectors.EVENT_WRITE, "tcp")
@@ -304,7 +309,7 @@ def client(server: str, port: int, tcp: int, udp: int, interval: float, churn: f
             fail(f, "refused")
             return
         except OSError as e:
-            fail(f, "reset" if e.errno in (errno.ECONNRESET, errno.EPIPE) else f"send: {errno.errorcode.get(e.errno, e)}")
+            fail(f, "reset" if e.errno in (errno.ECONNRESET, errno.EPIPE) else f"send: {_errname(e)}")
             return
         f.seq += 1
         f.sent += 1
@@ -361,7 +366,7 @@ def client(server: str, port: int, tcp: int, udp: int, interval: float, churn: f
                 fail(f, "refused")
                 continue
             except OSError as e:
-                fail(f, "reset" if e.errno == errno.ECONNRESET else f"recv: {errno.errorcode.get(e.errno, e)}")
+                fail(f, "reset" if e.errno == errno.ECONNRESET else f"recv: {_errname(e)}")
                 continue
             if not data:
                 fail(f, "closed by the server")
@@ -401,7 +406,7 @@ def client(server: str, port: int, tcp: int, udp: int, interval: float, churn: f
             except (BlockingIOError, ConnectionRefusedError):
                 continue
             except OSError as e:
-                fail(f, "reset" if e.errno == errno.ECONNRESET else f"recv: {errno.errorcode.get(e.errno, e)}")
+                fail(f, "reset" if e.errno == errno.ECONNRESET else f"recv: {_errname(e)}")
                 continue
             if not data:
                 fail(f, "closed by the server")
