@@ -1,8 +1,8 @@
 """`natmig agent`: run the NETCONF agent of one NAT node; `natmig agent passwd`: manage its users.
 
 Namespaces: the agent enters the NAT node's network namespace itself, at
-start-up and before any thread exists, with setns(2) through ctypes (Python
-3.11 has no os.setns).  Everything the process opens afterwards -- the
+start-up and before any thread exists (:func:`natmig.netns.enter`, the one
+place natmig enters a namespace).  Everything the process opens afterwards -- the
 listening socket on the management address and the conntrack netlink
 sockets -- lives in that namespace.  Re-executing under ``ip netns exec``
 would work too, but would hide the agent behind another process image and

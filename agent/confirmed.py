@@ -213,7 +213,7 @@ class Journal:
             names = doc["fields"]
             created = {tuple(k) for k in doc["created"]}
             old = [NatSession(**dict(zip(names, row))) for row in doc["old"]]
-            undo = Undo(created, {s.key: s for s in old}, doc["admission"])  # type: ignore[arg-type]
+            undo = Undo(created, {s.key: s for s in old}, doc["admission"])
             return Record(undo, doc["persist-id"], float(doc["deadline"]))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise JournalError(f"cannot read the confirmed commit's undo record {path}: {e}") from e

@@ -44,7 +44,9 @@ deleted, replaced ones recreated, updated ones set back.
 
 from __future__ import annotations
 
+import builtins  # builtins.list in signatures: the class's own list() method shadows it there
 import errno
+import io
 import os
 import queue
 import socket
@@ -137,7 +139,7 @@ class ConntrackProvider(SessionProvider):
         self._lock = threading.Lock()
         self._defaults: dict[tuple[str, object], int] | None = None
         # One socket for every lookup: opening one in the namespace costs a
-        # setns pair per call, and a lookup is meant to take well under a millisecond.
+        # switch there and back per call, and a lookup is meant to take well under a millisecond.
         self._reader = ctread.EntryReader(netns)
         # One socket for every write: the kernel stamps each event with the
         # port id of the socket whose request caused it, so the digest's
@@ -162,7 +164,7 @@ class ConntrackProvider(SessionProvider):
         """:meth:`list`; with ``taken``, also the reply keys held by entries that are not sessions."""
         return self._finish_read(self._start_read(), taken)
 
-    def _start_read(self) -> subprocess.Popen | None:
+    def _start_read(self) -> subprocess.Popen[bytes] | None:
         """Start ``conntrack -L`` (apply starts it first and does its own checks meanwhile); None: the table is empty."""
         if self._known_empty():
             return None
@@ -186,7 +188,7 @@ class ConntrackProvider(SessionProvider):
         except OSError:
             return False
 
-    def _finish_read(self, proc: subprocess.Popen | None, taken: dict[cttext.ReplyKey, cttext.EntryTuple] | None) -> Snapshot:
+    def _finish_read(self, proc: subprocess.Popen[bytes] | None, taken: dict[cttext.ReplyKey, cttext.EntryTuple] | None) -> Snapshot:
         """Parse what a :meth:`_start_read` process prints, while it prints it."""
         sessions: list[NatSession] = []
         untranslated = 0
@@ -250,17 +252,17 @@ class ConntrackProvider(SessionProvider):
         self._stream(self._start_read(), take)
         return {"sessions": total.sessions, "untranslated": total.untranslated, "digest": format_digest(total.digest)}
 
-    def batches(self) -> Iterator[list[NatSession]]:
+    def batches(self) -> Iterator[builtins.list[NatSession]]:
         """:meth:`list`'s sessions, a batch per ~STREAM_BATCH bytes of ``conntrack -L`` output, each parsed as soon as it is printed."""
         for data in self._pieces(self._start_read(), STREAM_BATCH):
             yield cttext.parse_table(data).sessions
 
-    def _stream(self, proc: subprocess.Popen | None, take: Callable[[bytes], None]) -> None:
+    def _stream(self, proc: subprocess.Popen[bytes] | None, take: Callable[[bytes], None]) -> None:
         """Hand ``take`` what ``conntrack -L`` prints, in whole lines, while it prints them; then check its status."""
         for data in self._pieces(proc, 0):
             take(data)
 
-    def _pieces(self, proc: subprocess.Popen | None, at_least: int) -> Iterator[bytes]:
+    def _pieces(self, proc: subprocess.Popen[bytes] | None, at_least: int) -> Iterator[bytes]:
         """What a :meth:`_start_read` process prints, in whole lines of at least ``at_least`` bytes (but the last); then its status.
 
         Cyclic GC is paused meanwhile: a 100k dump makes some hundred
@@ -271,11 +273,12 @@ class ConntrackProvider(SessionProvider):
         """
         if proc is None:
             return  # an empty table (see _known_empty)
-        assert proc.stdout is not None and proc.stderr is not None
+        out = proc.stdout
+        assert isinstance(out, io.BufferedReader) and proc.stderr is not None  # a binary pipe, buffered (Popen's default)
         pending = b""
         try:
             with gc_paused():
-                while chunk := proc.stdout.read1(LIST_CHUNK):
+                while chunk := out.read1(LIST_CHUNK):
                     pending += chunk
                     if len(pending) < at_least:
                         continue
@@ -288,13 +291,13 @@ class ConntrackProvider(SessionProvider):
             err = proc.stderr.read().decode(errors="replace")
         finally:
             # Also when the reader stops early: the tool then ends on a closed pipe.
-            proc.stdout.close()
+            out.close()
             proc.stderr.close()
             rc = proc.wait()
         if rc != 0:
             raise ProviderError(f"conntrack -L in {self.netns} exited {rc}: {err.strip()}")
 
-    def lookup(self, keys: Iterable[SessionKey]) -> list[NatSession]:
+    def lookup(self, keys: Iterable[SessionKey]) -> builtins.list[NatSession]:
         """The sessions with these keys, as :meth:`list` would show them, in the order asked; missing keys are absent.
 
         One ctnetlink GET per key (the original tuple), so the cost does not
@@ -311,7 +314,7 @@ class ConntrackProvider(SessionProvider):
         valid, _ = _checked_keys(wanted, "look up")
         return self._get(valid)
 
-    def _get(self, keys: Sequence[SessionKey]) -> list[NatSession]:
+    def _get(self, keys: Sequence[SessionKey]) -> builtins.list[NatSession]:
         """:meth:`lookup` of valid, distinct keys by GET."""
         out: list[NatSession] = []
         for i, attrs in self._reader.read(keys):
@@ -388,14 +391,14 @@ class ConntrackProvider(SessionProvider):
                 return problems
             return self._check_by_key(batch, freed)
 
-    def _check_by_key(self, batch: list[NatSession], freed: Collection[SessionKey] = ()) -> dict[SessionKey, str]:
+    def _check_by_key(self, batch: builtins.list[NatSession], freed: Collection[SessionKey] = ()) -> dict[SessionKey, str]:
         """:meth:`check` by a GET of each entry's reply tuple: whatever the kernel holds it with is named."""
         holders, taken = self._holders(_without(batch, invalid_entries(batch)))
         problems = check_batch_by_holders(batch, holders, self.owned, freed)
         problems.update(held_elsewhere(_without(batch, problems), taken))
         return problems
 
-    def _holders(self, batch: list[NatSession]) -> tuple[dict[cttext.ReplyKey, SessionKey], dict[cttext.ReplyKey, cttext.EntryTuple]]:
+    def _holders(self, batch: builtins.list[NatSession]) -> tuple[dict[cttext.ReplyKey, SessionKey], dict[cttext.ReplyKey, cttext.EntryTuple]]:
         """Who holds each entry's reply tuple: sessions by key, and the original tuple of entries that are not sessions.
 
         The two halves are what check_batch and held_elsewhere know from a
@@ -427,7 +430,7 @@ class ConntrackProvider(SessionProvider):
             else:
                 self._apply_by_dump(batch)
 
-    def _apply_by_key(self, batch: list[NatSession]) -> None:
+    def _apply_by_key(self, batch: builtins.list[NatSession]) -> None:
         """apply reading only the batch's entries: the kernel refuses a reply tuple the table holds.
 
         Checked before writing: the entries themselves and the batch against
@@ -464,7 +467,7 @@ class ConntrackProvider(SessionProvider):
                 named.setdefault(k, why)  # refused for a reason no check sees (an untranslated entry with the key)
             raise ApplyError(named) from None
 
-    def _apply_by_dump(self, batch: list[NatSession]) -> None:
+    def _apply_by_dump(self, batch: builtins.list[NatSession]) -> None:
         """apply with one read of the whole table, for a batch about as large as the table (or larger)."""
         # The read of the table starts first and comes up while the entries are validated.
         reading = self._start_read()
@@ -484,7 +487,7 @@ class ConntrackProvider(SessionProvider):
                 reading.kill()
                 reading.communicate()
 
-    def _write(self, batch: list[NatSession], existing: dict[SessionKey, NatSession]) -> None:
+    def _write(self, batch: builtins.list[NatSession], existing: dict[SessionKey, NatSession]) -> None:
         plan = plan_apply(batch, existing, self._timeouts(batch))
         with self._writing() as log:
             undo = _Undo(self, existing, log)
@@ -511,11 +514,11 @@ class ConntrackProvider(SessionProvider):
                 undo.run()
                 raise
 
-    def _refuse_on(self, failed: dict[int, int], items: list[NatSession], what: str) -> None:
+    def _refuse_on(self, failed: dict[int, int], items: builtins.list[NatSession], what: str) -> None:
         if failed:
             raise ApplyError({items[i].key: f"{what}: {nl.describe(e)}" for i, e in failed.items()})
 
-    def _timeouts(self, batch: list[NatSession]) -> list[int]:
+    def _timeouts(self, batch: builtins.list[NatSession]) -> builtins.list[int]:
         """Each entry's timeout, the node's default for its protocol and state where absent."""
         if all(s.timeout is not None for s in batch):
             return [s.timeout for s in batch]  # type: ignore[misc]
@@ -572,12 +575,6 @@ class ConntrackProvider(SessionProvider):
         if self.node is None:
             raise ProviderError(f"ConntrackProvider({self.netns}): admission control needs the NatNode (pass node=)")
         return self.node
-
-    def _conntrack(self, args: list[str], **kw: object) -> subprocess.CompletedProcess:
-        try:
-            return self._run(["conntrack", *args], self.netns, **kw)
-        except nsmod.CommandError as e:
-            raise ProviderError(f"conntrack in {self.netns}: {e}") from e
 
 
 def _without(batch: list[NatSession], problems: dict[SessionKey, str]) -> list[NatSession]:

@@ -88,7 +88,9 @@ def invalid_entries(batch: Sequence[NatSession]) -> dict[SessionKey, str]:
     but the address match, each distinct address matched once): on a large
     batch this loop is a good part of apply's own time.
     """
-    good: set[str] = set()  # addresses already seen valid: a table repeats few of them
+    # Addresses already seen valid (a table repeats few of them); a dict, so
+    # that remembering one is an expression: setdefault returns the True it stores.
+    good: dict[str, bool] = {}
     ipv4 = _IPV4.fullmatch
     states = nl.TCP_STATE_NUMBERS
     fast = _FAST_PROTOCOLS
@@ -100,9 +102,9 @@ def invalid_entries(batch: Sequence[NatSession]) -> dict[SessionKey, str]:
         sp, dp, tp = s.src_port, s.dst_port, s.translated_port
         if not (
             p in fast
-            and type(a) is str and (a in good or (ipv4(a) is not None and not good.add(a)))
-            and type(b) is str and (b in good or (ipv4(b) is not None and not good.add(b)))
-            and type(c) is str and (c in good or (ipv4(c) is not None and not good.add(c)))
+            and type(a) is str and (a in good or (ipv4(a) is not None and good.setdefault(a, True)))
+            and type(b) is str and (b in good or (ipv4(b) is not None and good.setdefault(b, True)))
+            and type(c) is str and (c in good or (ipv4(c) is not None and good.setdefault(c, True)))
             and type(sp) is int and 0 <= sp <= 65535
             and type(dp) is int and 0 <= dp <= 65535
             and type(tp) is int and 1 <= tp <= 65535
@@ -130,7 +132,7 @@ def invalid_keys(keys: Sequence[object]) -> dict[int, str]:
     netlink messages (:class:`.ctnetlink.TupleEncoder` packs only valid
     ones); as in :func:`invalid_entries`, each distinct address is matched once.
     """
-    good: set[str] = set()
+    good: dict[str, bool] = {}  # as in invalid_entries
     ipv4 = _IPV4.fullmatch
     protocols = nl.PROTO_NUMBERS
     problems: dict[int, str] = {}
@@ -139,8 +141,8 @@ def invalid_keys(keys: Sequence[object]) -> dict[int, str]:
             p, a, sp, b, dp = k
             if (
                 p in protocols
-                and type(a) is str and (a in good or (ipv4(a) is not None and not good.add(a)))
-                and type(b) is str and (b in good or (ipv4(b) is not None and not good.add(b)))
+                and type(a) is str and (a in good or (ipv4(a) is not None and good.setdefault(a, True)))
+                and type(b) is str and (b in good or (ipv4(b) is not None and good.setdefault(b, True)))
                 and type(sp) is int and 0 <= sp <= 65535
                 and type(dp) is int and 0 <= dp <= 65535
                 and (dp == 0 or p != "ICMP")

@@ -38,6 +38,7 @@ node sets it to 1; without 1 the provider does not use this module).
 
 from __future__ import annotations
 
+import socket
 import threading
 import weakref
 from contextlib import contextmanager
@@ -150,9 +151,9 @@ class DigestTable:
         odd = [s for s in sessions if s.translated_address == s.src_address and s.translated_port == s.src_port]
         fresh = set(keys)
         if odd or len(fresh) != len(keys) or not self.held.keys().isdisjoint(fresh):
-            values = iter(digest_values([session_text(s) for s in sessions if not _untranslated(s)]))
+            each = iter(digest_values([session_text(s) for s in sessions if not _untranslated(s)]))
             for k, s in zip(keys, sessions):
-                self.put(k, None if _untranslated(s) else next(values))
+                self.put(k, None if _untranslated(s) else next(each))
             return keys
         values = digest_values(list(map(session_text, sessions)))
         self.held.update(zip(keys, values))
@@ -213,7 +214,7 @@ class LiveDigest:
         self.table: DigestTable | None = None
         self.valid = False
         self._events: ev.EventSocket | None = None
-        self._requests = None
+        self._requests: socket.socket | None = None
         self._lock = threading.RLock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -404,7 +405,7 @@ class LiveDigest:
             self._events.close()
             self._events = None
 
-    def _request_socket(self):  # type: ignore[no-untyped-def]
+    def _request_socket(self) -> socket.socket:
         if self._requests is None:
             self._requests = ev.request_socket(self.netns)
         return self._requests

@@ -38,7 +38,7 @@ import re
 import select
 import socket
 import struct
-from typing import Final, Union
+from typing import Any, Callable, Final, Union
 
 from .ctnetlink import (
     CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_MARK, CTA_PROTO_DST_PORT, CTA_PROTO_ICMP_CODE, CTA_PROTO_ICMP_ID,
@@ -135,10 +135,10 @@ _TCP_STATE = re.compile(
 )
 
 
-class _Memo(dict):
+class _Memo(dict[bytes, Any]):
     """Fills itself: ``memo[raw]`` converts once and then looks up (a table repeats its addresses and ports)."""
 
-    def __init__(self, convert) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, convert: Callable[[bytes], Any]) -> None:
         super().__init__()
         self.convert = convert
 

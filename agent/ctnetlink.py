@@ -14,13 +14,12 @@ encoders: the references the fast ones are tested against, and what the few
 updates and undos use.  Reading entries back is :mod:`.ctread`'s.
 
 The socket is opened inside the node's namespace by switching only the
-calling thread into it for the ``socket()`` call; a netlink socket stays in
-the namespace it was created in.
+calling thread into it for the ``socket()`` call (:func:`natmig.netns.socket_in`);
+a netlink socket stays in the namespace it was created in.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import queue
@@ -31,11 +30,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
+from .. import netns as nsmod
 from ..errors import ProviderError
 from ..model import NatSession
 
 NETLINK_NETFILTER = 12
-CLONE_NEWNET = 0x40000000
 
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW = 0
@@ -83,9 +82,6 @@ BATCH = 256
 
 _NL_HEAD = struct.Struct("=IHH")  # nlmsghdr: length, type, flags (then seq and port id)
 _SEQ = struct.Struct("!I")  # our sequence numbers, big-endian (see frame())
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_setns_lock = threading.Lock()
 
 
 class NetlinkError(ProviderError):
@@ -211,29 +207,13 @@ def delete_op(s: NatSession) -> Op:
 def socket_in(netns: str | None, family: int, kind: int, proto: int = 0) -> socket.socket:
     """A new socket made in the named namespace (the caller's when None); it stays there for life.
 
-    Only the calling thread enters the namespace, for the ``socket()`` call.
+    See :func:`natmig.netns.socket_in`; a namespace that cannot be entered
+    is a :class:`NetlinkError` here, as every failure to reach the kernel.
     """
-    if netns is None:
-        return socket.socket(family, kind, proto)
     try:
-        target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-    except OSError as e:
-        raise NetlinkError(f"namespace {netns}: {e.strerror}") from e
-    with _setns_lock:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        try:
-            if _libc.setns(target, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise NetlinkError(f"setns into {netns}: {os.strerror(err)}")
-            try:
-                return socket.socket(family, kind, proto)
-            finally:
-                # Always go home: this thread must not stay in the node's namespace.
-                if _libc.setns(home, CLONE_NEWNET) != 0:
-                    raise NetlinkError(f"setns back from {netns}: {os.strerror(ctypes.get_errno())}")
-        finally:
-            os.close(home)
-            os.close(target)
+        return nsmod.socket_in(netns, family, kind, proto)
+    except nsmod.NetnsError as e:
+        raise NetlinkError(str(e)) from e
 
 
 def open_socket(netns: str | None) -> socket.socket:

@@ -195,8 +195,9 @@ def _timeout(text: bytes) -> int | None:
 
 
 def _line_count(data: bytes | str) -> int:
-    nl = "\n" if isinstance(data, str) else b"\n"
-    return data.count(nl) + (1 if data and not data.endswith(nl) else 0)
+    if isinstance(data, str):
+        return data.count("\n") + (1 if data and not data.endswith("\n") else 0)
+    return data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
 
 
 def _icmp_sessions(data: bytes) -> list[NatSession]:

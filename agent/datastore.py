@@ -26,7 +26,7 @@ import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
 
 from ..codec import Codec, EditEntry
 from ..errors import AgentError, CodecError, ProviderError
@@ -381,7 +381,7 @@ class Datastore:
             # Reading nat-control of running asks the node (an nft call): skip it when not wanted.
             return sessions, self.running_control() if with_control else {}
 
-    def running_batches(self) -> Iterator[list[NatSession]]:
+    def running_batches(self) -> Generator[list[NatSession], None, None]:
         """Running's sessions in batches, each as soon as the provider has read it (a reply sent while it is read).
 
         The datastore stays locked until the iterator is exhausted or closed:
@@ -698,13 +698,6 @@ class Datastore:
         with self._mutex:
             self._check_write("candidate", sid)
             self._reset_candidate()
-
-    def copy_running_to_candidate(self, sid: int) -> None:
-        """Make the candidate a fresh copy of running (copy-config running -> candidate)."""
-        with self._mutex:
-            self._check_write("candidate", sid)
-            self._reset_candidate()
-            self._ensure_candidate(sessions=True)
 
 
 @contextmanager

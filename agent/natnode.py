@@ -250,18 +250,6 @@ table ip {TABLE} {{
 """
 
 
-def ensure_conntrack_capacity(entries: int) -> None:
-    """Raise the machine-wide conntrack limit to at least ``entries`` (never lowers it).
-
-    nf_conntrack_max is global (set from the root namespace only); raising it
-    is harmless for everyone else on the machine.  Benchmarks and tests call
-    this explicitly; the library never does it behind anyone's back.
-    """
-    current = int(open("/proc/sys/net/netfilter/nf_conntrack_max").read())
-    if current < entries:
-        netns.sysctl(None, "net.netfilter.nf_conntrack_max", entries)
-
-
 @dataclass
 class NatNode:
     """Sets up, queries and tears down one NAT node described by a :class:`NatNodeConfig`.

@@ -8,6 +8,7 @@ implementation is :class:`natmig.agent.conntrack.ConntrackProvider`;
 
 from __future__ import annotations
 
+import builtins  # builtins.list in signatures: the class's own list() method shadows it there
 import abc
 import queue
 import threading
@@ -68,7 +69,7 @@ class SessionProvider(abc.ABC):
     def list(self) -> Snapshot:
         """Read every translated session of the table."""
 
-    def batches(self) -> Iterator[list[NatSession]]:
+    def batches(self) -> Iterator[builtins.list[NatSession]]:
         """The sessions :meth:`list` returns, in batches, each as soon as it is read.
 
         This default reads the whole table as one batch; a provider that reads
@@ -88,7 +89,7 @@ class SessionProvider(abc.ABC):
         snap = self.list()
         return {"sessions": len(snap.sessions), "untranslated": snap.untranslated, "digest": table_digest(snap.sessions)}
 
-    def lookup(self, keys: Iterable[SessionKey]) -> list[NatSession]:
+    def lookup(self, keys: Iterable[SessionKey]) -> builtins.list[NatSession]:
         """The sessions with these keys, as :meth:`list` shows them, in the order asked; missing keys are absent.
 
         What a running edit reads: only the entries it names.  This default
@@ -322,7 +323,7 @@ class SessionTable(dict[SessionKey, NatSession]):
         self._unindex(k, self[k])
         super().__delitem__(k)
 
-    def pop(self, k: SessionKey, *default: Any) -> Any:  # type: ignore[override]
+    def pop(self, k: SessionKey, *default: Any) -> Any:
         if k in self:
             self._unindex(k, self[k])
         return super().pop(k, *default)
@@ -336,11 +337,11 @@ class SessionTable(dict[SessionKey, NatSession]):
         super().clear()
         self.holders.clear()
 
-    def update(self, *args: Any, **kw: Any) -> None:  # type: ignore[override]
+    def update(self, *args: Any, **kw: Any) -> None:
         for k, s in dict(*args, **kw).items():
             self[k] = s
 
-    def setdefault(self, k: SessionKey, s: NatSession) -> NatSession:  # type: ignore[override]
+    def setdefault(self, k: SessionKey, s: NatSession) -> NatSession:
         if k not in self:
             self[k] = s
         return self[k]
@@ -377,7 +378,7 @@ class MemoryProvider(SessionProvider):
         with self._lock:
             return Snapshot(list(self.table.values()), self.untranslated)
 
-    def lookup(self, keys: Iterable[SessionKey]) -> list[NatSession]:
+    def lookup(self, keys: Iterable[SessionKey]) -> builtins.list[NatSession]:
         with self._lock:
             get = self.table.get
             return [s for k in dict.fromkeys(keys) if (s := get(k)) is not None]

@@ -139,7 +139,7 @@ class StreamBroken(AgentError):
     """A reply failed after part of it was sent: the session must end (no rpc-error can follow data)."""
 
 
-class _Streamed(list):  # type: ignore[type-arg]
+class _Streamed(list[bytes]):
     """The rest of a reply whose start tag and first parts were already streamed."""
 
 
@@ -157,7 +157,7 @@ def _reply(attrs: str, body: bytes | list[bytes]) -> bytes:
 
 def _attrs_of(rpc: Any) -> str:
     # RFC 6241 4.2: every attribute of <rpc> comes back unchanged in <rpc-reply>.
-    out = []
+    out: list[str] = []
     for k, v in rpc.attrib.items():
         q = etree.QName(k)
         if q.namespace:
@@ -449,7 +449,7 @@ def _fast_entries(codec: Codec, config: Any) -> list[EditEntry] | None:
     ns = codec.ns
     # Tables repeat values (one public address, a few protocols, servers,
     # ports): each distinct text of a leaf is validated once per batch.
-    by_tag = {f"{{{ns}}}{spec.name}": (spec.name, spec.parse, {}) for spec in codec.schema.leaves}
+    by_tag: dict[str, tuple[str, Callable[[str], Any], dict[str, Any]]] = {f"{{{ns}}}{spec.name}": (spec.name, spec.parse, {}) for spec in codec.schema.leaves}
     list_tag = f"{{{ns}}}{codec.schema.list_name}"
     control_tag = f"{{{ns}}}{codec.schema.control_name}"
     op_attr = _NC + "operation"
@@ -478,7 +478,7 @@ def _fast_entries(codec: Codec, config: Any) -> list[EditEntry] | None:
                 return None  # a leaf given twice
             key = tuple([values[k] for k in keys])
             seen.add(key)
-            append(EditEntry(op, key, values))  # type: ignore[arg-type]
+            append(EditEntry(op, key, values))
     except (KeyError, LeafValueError, TypeError):
         return None
     if len(seen) != len(out):
@@ -958,7 +958,7 @@ def _parse_canonical(codec: Codec, message: bytes) -> tuple[Any, _Batches] | Non
     config = mark.getparent()
     edit = config.getparent() if config is not None else None
     rpc = edit.getparent() if edit is not None else None
-    if (rpc is None or rpc.getparent() is not None or rpc.tag != _NC + "rpc" or edit.tag != _NC + "edit-config"
+    if (rpc is None or edit is None or rpc.getparent() is not None or rpc.tag != _NC + "rpc" or edit.tag != _NC + "edit-config"
             or config.tag != _NC + "config" or len(config) != 1
             or (config.text or "").strip(_XML_SPACE) or (mark.tail or "").strip(_XML_SPACE)):
         return None
@@ -990,11 +990,11 @@ def parse_message(codec: Codec, message: bytes) -> tuple[Any, _Batches | None]:
     for i in range(0, len(message), step):
         parser.feed(bytes(view[i : i + step]))
         for _, el in parser.read_events():
-            config = el.getparent()
+            config = el.getparent()  # type: ignore[union-attr]  # lxml-stubs: events=("end",) yields only elements
             if config is None or config.tag != _NC + "config":
                 continue
             edit = config.getparent()
-            if edit is None or edit.tag != _NC + "edit-config" or edit.getparent() is None or edit.getparent().getparent() is not None:
+            if edit is None or edit.tag != _NC + "edit-config" or (rpc := edit.getparent()) is None or rpc.getparent() is not None:
                 continue
             batches.count += 1
             if batches.count % batches.SIZE == 0:

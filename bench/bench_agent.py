@@ -27,7 +27,7 @@ from common import print_table, verdict  # noqa: E402
 
 from natmig import netns  # noqa: E402
 from natmig.agent.lab import AgentLab  # noqa: E402
-from natmig.agent.natnode import ensure_conntrack_capacity  # noqa: E402
+from natmig.netns import ensure_conntrack_capacity  # noqa: E402
 from natmig.model import NatSession  # noqa: E402
 
 TARGETS = {("get-config", 10_000): 0.3, ("get-config", 100_000): 3.0, ("edit-config", 10_000): 0.4, ("edit-config", 100_000): 4.0}

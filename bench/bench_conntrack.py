@@ -63,7 +63,8 @@ from natmig.agent import cttext
 from natmig.agent.conntrack import ConntrackProvider
 from natmig.agent.ctdigest import LiveDigest, WriteLog
 from natmig.agent.datastore import Datastore, EditRequest
-from natmig.agent.natnode import NatNode, NatNodeConfig, ensure_conntrack_capacity
+from natmig.agent.natnode import NatNode, NatNodeConfig
+from natmig.netns import ensure_conntrack_capacity
 from natmig.codec import EditEntry, default_codec
 from natmig.gcpause import gc_paused
 from natmig.model import FIELD_NAMES, NatSession, table_digest

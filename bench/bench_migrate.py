@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 from natmig import netns
-from natmig.agent.natnode import ensure_conntrack_capacity
+from natmig.netns import ensure_conntrack_capacity
 from natmig.controller.demo import AgentFleet, control_plane_priority, load_sessions, synthetic_sessions
 from natmig.controller.migrate import MigrateOptions, Migration
 from natmig.controller.steering import TestbedSteering

@@ -49,7 +49,7 @@ class AgentFleet:
     """
 
     def __init__(self, tb: Any, workdir: str | Path, provider: str = "conntrack", port: int = AGENT_PORT, nice: int = 19) -> None:
-        from ..agent.auth import load_or_create_host_key, set_password
+        from ..credentials import load_or_create_host_key, set_password
 
         self.tb = tb
         self.dir = Path(workdir)
@@ -299,7 +299,6 @@ class Demo:
     def run(self) -> DemoResult:
         """All four steps, the report, and the teardown."""
         from ..testbed.bed import Testbed
-        from ..agent.natnode import ensure_conntrack_capacity
 
         o = self.opts
         prefix = o.prefix or netns.run_prefix("nd")
@@ -317,7 +316,7 @@ class Demo:
             t = time.perf_counter()
             self.say(f"[1/4] initial deployment: client, {src}, server, agent of {src} (testbed {prefix})")
             tb.up()
-            ensure_conntrack_capacity(2 * o.sessions + 65536)
+            netns.ensure_conntrack_capacity(2 * o.sessions + 65536)
             fleet = AgentFleet(tb, work, provider=o.provider)
             fleet.start(src)
             spec = TrafficSpec(tcp=o.tcp, udp=o.udp, interval=o.interval, churn=o.churn)

@@ -121,7 +121,7 @@ class TextRPC(RPC):
 
     REPLY_CLS = GetReply
 
-    def request(self, operation: str) -> Any:  # type: ignore[override]
+    def request(self, operation: str) -> Any:
         return self._request(operation)
 
     def _wrap(self, subele: Any) -> str:
@@ -133,6 +133,8 @@ class RawReply(GetReply):
     A 100k-session reply is a ~35 MB document whose tree alone takes ~0.4 s
     to build; :class:`TableReply` often needs none.
     """
+
+    _parsed: bool  # ncclient's RPCReply sets it; declared for the type checker (ncclient has no hints)
 
     def parse(self) -> None:
         if self._parsed:

@@ -9,6 +9,7 @@ I/O, so every decision is unit-tested without root.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
@@ -23,10 +24,6 @@ EVENT_KINDS: Mapping[str, str] = {
     "destroyed": "destroyed",
     "destroy": "destroyed",
 }
-
-#: The leaves that make a session "the same session with the same mapping".
-MAPPING_FIELDS = ("translated_address", "translated_port")
-
 
 #: TCP states of a connection still in its handshake when it was read.
 HANDSHAKE_STATES = frozenset({"SYN_SENT", "SYN_RECV", "SYN_SENT2"})
@@ -56,16 +53,6 @@ def for_target_text(entries: str) -> str:
     for state in sorted(HANDSHAKE_STATES):
         entries = entries.replace(f"<tcp_state>{state}</tcp_state>", "<tcp_state>ESTABLISHED</tcp_state>")
     return entries
-
-
-def reply_tuple(s: NatSession) -> tuple[str, str, int, str, int]:
-    """What must be unique on a NAT: the public endpoint together with the remote one.
-
-    Linux gives one public port to several sessions when their remote
-    endpoints differ (the reply tuples still differ), so the public port
-    alone is not a conflict.
-    """
-    return (s.protocol, s.translated_address, s.translated_port, s.dst_address, s.dst_port)
 
 
 def mapping(s: NatSession) -> tuple[str, int]:
@@ -132,7 +119,7 @@ def plan_copy(
     """
     conflicts = foreign_addresses(public_addresses(source), target_public)
     by_key = {s.key: s for s in target}
-    by_reply = {reply_tuple(s): s.key for s in target}
+    by_reply = {s.reply_key: s.key for s in target}
     already: set[SessionKey] = set()
     for s in source:
         t = by_key.get(s.key)
@@ -142,7 +129,7 @@ def plan_copy(
                 continue
             conflicts.append(Conflict(s.key, f"target maps it to {t.translated_address}:{t.translated_port}, source to {s.translated_address}:{s.translated_port}"))
             continue
-        holder = by_reply.get(reply_tuple(s))
+        holder = by_reply.get(s.reply_key)
         if holder is not None:
             conflicts.append(Conflict(s.key, f"its public {s.protocol} {s.translated_address}:{s.translated_port} towards {s.dst_address}:{s.dst_port} is held on the target by {format_key(holder)}"))
     if conflicts:
@@ -265,6 +252,14 @@ class NatPorts:
     inside: int
     outside: int
 
+    def leg(self, network: str) -> int:
+        """The port of the leg on ``network`` (``inside`` or ``public``)."""
+        return self.inside if network == "inside" else self.outside
+
+
+#: The two data networks a NAT joins, in the order their flows are planned.
+NETWORKS = ("inside", "public")
+
 
 @dataclass(frozen=True)
 class SwitchLayout:
@@ -276,6 +271,11 @@ class SwitchLayout:
     all times, so packets still in flight through the old NAT arrive.
     ``gateway_mac`` is the inside MAC the NATs share; given, the steering
     also hairpins what a NAT sends to it (see :func:`hairpin_flows`).
+
+    Each data network is a hub: with ``more_inside_hosts`` or
+    ``more_public_hosts`` (an emulated network with several clients), a
+    host's frames go to the other hosts of its network too.  ``cookie``,
+    given, marks every flow (a dump then shows whose flows they are).
     """
 
     bridge: str
@@ -284,6 +284,9 @@ class SwitchLayout:
     nats: Mapping[str, NatPorts]
     priority: int = 100
     gateway_mac: str | None = None
+    more_inside_hosts: tuple[int, ...] = ()
+    more_public_hosts: tuple[int, ...] = ()
+    cookie: int | None = None
 
     def nat(self, name: str) -> NatPorts:
         """Ports of a NAT by name; :class:`PlanError` naming the known ones otherwise."""
@@ -292,25 +295,53 @@ class SwitchLayout:
         except KeyError:
             raise PlanError([Conflict(("*", name, 0, "*", 0), f"no NAT named {name!r} on bridge {self.bridge} (known: {', '.join(sorted(self.nats)) or 'none'})")]) from None
 
+    def hosts(self, network: str) -> tuple[int, ...]:
+        """The host ports on ``network`` (``inside``: the client first; ``public``: the server first)."""
+        if network == "inside":
+            return (self.client_port, *self.more_inside_hosts)
+        return (self.server_port, *self.more_public_hosts)
+
+    def flow(self, rule: str) -> str:
+        """One flow in ovs-ofctl syntax: ``rule`` with the layout's cookie, if any."""
+        return rule if self.cookie is None else f"cookie={self.cookie:#x},{rule}"
+
+
+def _outputs(ports: Iterable[int]) -> str:
+    return ",".join(f"output:{p}" for p in ports)
+
+
+def _hub_flows(layout: SwitchLayout, network: str, active: NatPorts) -> list[str]:
+    """From each host of ``network``: to the other hosts and to the active NAT's leg there (the steering rules)."""
+    hosts = layout.hosts(network)
+    leg = active.leg(network)
+    return [layout.flow(f"priority={layout.priority},in_port={p},actions={_outputs(q for q in (*hosts, leg) if q != p)}") for p in hosts]
+
+
+def _return_flow(layout: SwitchLayout, network: str, nat: NatPorts) -> str:
+    """From a NAT's leg on ``network`` to every host there (a static rule)."""
+    return layout.flow(f"priority={layout.priority},in_port={nat.leg(network)},actions={_outputs(layout.hosts(network))}")
+
 
 def steering_flows(layout: SwitchLayout, nat: str) -> list[str]:
     """The rules that send both directions through ``nat`` (ovs-ofctl flow syntax).
 
-    Two rules, one per direction, and with a ``gateway_mac`` the
-    :func:`hairpin_flows` of every NAT.  Applied as one bundle, they replace
-    the rules of the same match, so the move is atomic: no packet sees one
-    direction moved and not the other, and a packet a NAT releases is sent
-    to the NAT that carries traffic at that instant.
+    One rule per host (the client's and the server's: one per direction),
+    and with a ``gateway_mac`` the :func:`hairpin_flows` of every NAT.
+    Applied as one bundle, they replace the rules of the same match, so the
+    move is atomic: no packet sees one direction moved and not the other,
+    and a packet a NAT releases is sent to the NAT that carries traffic at
+    that instant.
     """
-    p = layout.nat(nat)
-    pr = layout.priority
-    out = [
-        f"priority={pr},in_port={layout.client_port},actions=output:{p.inside}",
-        f"priority={pr},in_port={layout.server_port},actions=output:{p.outside}",
-    ]
-    if layout.gateway_mac is not None:
-        out += hairpin_flows({n: ports.inside for n, ports in layout.nats.items()}, nat, layout.gateway_mac, pr + 1)
-    return out
+    active = layout.nat(nat)
+    return [f for network in NETWORKS for f in _hub_flows(layout, network, active)] + _hairpins(layout, nat)
+
+
+def _hairpins(layout: SwitchLayout, active: str) -> list[str]:
+    """:func:`hairpin_flows` of the layout's NATs (none without a ``gateway_mac``), above the return rules."""
+    if layout.gateway_mac is None:
+        return []
+    inside = {n: ports.inside for n, ports in layout.nats.items()}
+    return [layout.flow(f) for f in hairpin_flows(inside, active, layout.gateway_mac, layout.priority + 1)]
 
 
 def hairpin_flows(inside_ports: Mapping[str, int], active: str, gateway_mac: str, priority: int) -> list[str]:
@@ -325,7 +356,6 @@ def hairpin_flows(inside_ports: Mapping[str, int], active: str, gateway_mac: str
     the switch, the NAT itself (``output:in_port``: OpenFlow never sends a
     packet back out of its input port otherwise) when it is the active one.
     ``priority`` must be above the static return rule of the same port.
-    Shared by the controller and the testbed's own flow table.
     """
     out = []
     for name in sorted(inside_ports):
@@ -337,12 +367,41 @@ def hairpin_flows(inside_ports: Mapping[str, int], active: str, gateway_mac: str
 
 def static_flows(layout: SwitchLayout) -> list[str]:
     """The return rules from every NAT to the hosts (set once, never changed)."""
+    return [_return_flow(layout, network, layout.nats[name]) for name in sorted(layout.nats) for network in NETWORKS]
+
+
+def flow_table(layout: SwitchLayout, active: str) -> list[str]:
+    """The bridge's whole flow table steering through ``active``: what a replace-flows bundle installs.
+
+    The :func:`static_flows`, the :func:`steering_flows` and a lowest rule
+    that drops what nothing matched (a bridge in secure fail mode drops a
+    miss anyway; with the rule a dump says so and counts it).  Moving traffic
+    is replacing this table with the one of another NAT: only the steering
+    rules differ.  Listed network by network, each host's rule before the
+    NATs' return rules.
+    """
+    ports = layout.nat(active)
     out = []
-    for name in sorted(layout.nats):
-        p = layout.nats[name]
-        out.append(f"priority={layout.priority},in_port={p.inside},actions=output:{layout.client_port}")
-        out.append(f"priority={layout.priority},in_port={p.outside},actions=output:{layout.server_port}")
+    for network in NETWORKS:
+        out += _hub_flows(layout, network, ports)
+        out += [_return_flow(layout, network, nat) for nat in layout.nats.values()]
+    out += _hairpins(layout, active)
+    out.append(layout.flow("priority=0,actions=drop"))
     return out
+
+
+_OUTPUT = re.compile(r"output:(\d+)")
+
+
+def nats_in_flows(layout: SwitchLayout, flows: Iterable[str]) -> list[str]:
+    """The NATs some flow sends traffic to (a port of theirs in an output action), in the layout's order.
+
+    Read from a dump (``ovs-ofctl dump-flows``): the NAT traffic goes
+    through is the one the hosts' rules output to.  A hairpin's
+    ``IN_PORT`` names no NAT, and return rules output to hosts only.
+    """
+    used = {int(m.group(1)) for line in flows for m in _OUTPUT.finditer(line)}
+    return [name for name, p in layout.nats.items() if p.inside in used or p.outside in used]
 
 
 class PlanError(ControllerError):

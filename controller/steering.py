@@ -2,20 +2,20 @@
 
 :class:`Steering` is the small interface the migration uses; the rules
 themselves are computed by :func:`natmig.controller.plan.steering_flows` and
-applied here as one ``ovs-ofctl --bundle`` transaction (atomic: no packet
-sees one direction moved and the other not).  :class:`TestbedSteering`
+applied here as one ``ovs-ofctl --bundle`` transaction (:mod:`natmig.ofctl`;
+atomic: no packet sees one direction moved and the other not).  :class:`TestbedSteering`
 delegates to an embedded testbed, which knows its own rules.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from typing import Any, Protocol
+from contextlib import contextmanager
+from typing import Any, Iterator, Protocol
 
-from .. import netns
 from ..errors import ControllerError
-from .plan import SwitchLayout, static_flows, steering_flows
+from ..netns import CommandError
+from ..ofctl import Ofctl
+from .plan import SwitchLayout, nats_in_flows, static_flows, steering_flows
 
 
 class SteeringError(ControllerError):
@@ -44,40 +44,30 @@ class OvsSteering:
         self.layout = layout
         self.rundir = rundir
         self.netns = netns_name
+        self.ofctl = Ofctl(layout.bridge, rundir, netns_name)
 
-    def _ofctl(self, *args: str, input: str | None = None) -> str:
-        env_args = ["env", f"OVS_RUNDIR={self.rundir}"] if self.rundir else []
+    @contextmanager
+    def _bridge(self) -> Iterator[None]:
         try:
-            return netns.run([*env_args, "ovs-ofctl", *args], self.netns, input=input).stdout
-        except netns.CommandError as e:
+            yield
+        except CommandError as e:
             raise SteeringError(f"bridge {self.layout.bridge}: {e}") from e
-
-    def _bundle(self, flows: list[str]) -> None:
-        # ovs-ofctl reads the bundle from a file; `-` (stdin) is not accepted
-        # by every version, a temporary file is.
-        fd, path = tempfile.mkstemp(prefix="natmig-flows-", suffix=".txt")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write("".join(f"add {fl}\n" for fl in flows))
-            self._ofctl("--bundle", "add-flows", self.layout.bridge, path)
-        finally:
-            os.unlink(path)
 
     def install(self, nat: str) -> None:
         """Install the static return rules of every NAT and point traffic at ``nat``, in one bundle."""
-        self._bundle(static_flows(self.layout) + steering_flows(self.layout, nat))
+        with self._bridge():
+            self.ofctl.add_flows(static_flows(self.layout) + steering_flows(self.layout, nat))
 
     def point_to(self, nat: str) -> None:
         """Replace the two steering rules so that both directions go through ``nat`` (one bundle)."""
-        self._bundle(steering_flows(self.layout, nat))
+        with self._bridge():
+            self.ofctl.add_flows(steering_flows(self.layout, nat))
 
     def active(self) -> str | None:
         """The NAT the client's traffic is sent to, read back from the bridge."""
-        out = self._ofctl("--no-names", "--no-stats", "dump-flows", self.layout.bridge, f"in_port={self.layout.client_port}")
-        for name, ports in self.layout.nats.items():
-            if f"output:{ports.inside}" in out:
-                return name
-        return None
+        with self._bridge():
+            dump = self.ofctl.dump_flows(f"in_port={self.layout.client_port}")
+        return next(iter(nats_in_flows(self.layout, dump)), None)
 
 
 class TestbedSteering:

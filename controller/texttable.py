@@ -96,7 +96,7 @@ class TextTable:
         names = self.codec.schema.keys
         pattern = "".join(f"<{k}>([^<&]*)</{k}>" for k in names)
         parse = [spec[k].parse for k in names]
-        return [tuple(p(t) for p, t in zip(parse, m)) for m in re.findall(pattern, self.raw[self.start:self.end])]  # type: ignore[misc]
+        return [tuple(p(t) for p, t in zip(parse, m)) for m in re.findall(pattern, self.raw[self.start:self.end])]
 
 
 _ADDRESS = re.compile(r"<translated_address>([^<&]*)</translated_address>")

@@ -32,7 +32,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ..errors import ControllerError
 
@@ -104,6 +104,11 @@ class _Stopper:
         return self.stop or time.monotonic() >= self.deadline
 
 
+def _errname(e: OSError) -> str:
+    """``ECONNRESET``: the errno's name, or the error's own words when it has none."""
+    return errno.errorcode.get(e.errno, str(e)) if e.errno is not None else str(e)
+
+
 def _write_json(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -167,7 +172,7 @@ def serve(addr: str, port: int, out: str, duration: float) -> int:
                     except OSError:
                         pass  # an echo lost is a UDP echo lost; the client sees the gap
             else:
-                s = key.fileobj
+                s = cast(socket.socket, key.fileobj)  # only sockets are registered
                 c = conns[s]
                 if mask & selectors.EVENT_WRITE and c["out"]:
                     try:
@@ -176,7 +181,7 @@ def serve(addr: str, port: int, out: str, duration: float) -> int:
                     except BlockingIOError:
                         pass
                     except OSError as e:
-                        close(s, f"send: {errno.errorcode.get(e.errno, e)}")
+                        close(s, f"send: {_errname(e)}")
                         continue
                 if not mask & selectors.EVENT_READ:
                     if not c["out"]:
@@ -187,7 +192,7 @@ def serve(addr: str, port: int, out: str, duration: float) -> int:
                 except BlockingIOError:
                     continue
                 except OSError as e:
-                    close(s, "reset" if e.errno == errno.ECONNRESET else f"recv: {errno.errorcode.get(e.errno, e)}")
+                    close(s, "reset" if e.errno == errno.ECONNRESET else f"recv: {_errname(e)}")
                     continue
                 if not data:
                     close(s, "eof")
@@ -208,7 +213,7 @@ def serve(addr: str, port: int, out: str, duration: float) -> int:
                 except BlockingIOError:
                     pass
                 except OSError as e:
-                    close(s, f"send: {errno.errorcode.get(e.errno, e)}")
+                    close(s, f"send: {_errname(e)}")
                     continue
                 if c["out"]:
                     sel.modify(s, selectors.EVENT_READ | selectors.EVENT_WRITE, "tcp")
@@ -306,7 +311,7 @@ def client(server: str, port: int, tcp: int, udp: int, interval: float, churn: f
             fail(f, "refused")
             return
         except OSError as e:
-            fail(f, "reset" if e.errno in (errno.ECONNRESET, errno.EPIPE) else f"send: {errno.errorcode.get(e.errno, e)}")
+            fail(f, "reset" if e.errno in (errno.ECONNRESET, errno.EPIPE) else f"send: {_errname(e)}")
             return
         f.seq += 1
         f.sent += 1
@@ -363,7 +368,7 @@ def client(server: str, port: int, tcp: int, udp: int, interval: float, churn: f
                 fail(f, "refused")
                 continue
             except OSError as e:
-                fail(f, "reset" if e.errno == errno.ECONNRESET else f"recv: {errno.errorcode.get(e.errno, e)}")
+                fail(f, "reset" if e.errno == errno.ECONNRESET else f"recv: {_errname(e)}")
                 continue
             if not data:
                 fail(f, "closed by the server")
@@ -403,7 +408,7 @@ def client(server: str, port: int, tcp: int, udp: int, interval: float, churn: f
             except (BlockingIOError, ConnectionRefusedError):
                 continue
             except OSError as e:
-                fail(f, "reset" if e.errno == errno.ECONNRESET else f"recv: {errno.errorcode.get(e.errno, e)}")
+                fail(f, "reset" if e.errno == errno.ECONNRESET else f"recv: {_errname(e)}")
                 continue
             if not data:
                 fail(f, "closed by the server")

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from functools import cached_property
 from operator import itemgetter
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, overload
 
 from lxml import etree
 
@@ -103,9 +103,9 @@ class CanonicalEntries:
         # addresses recur in every request.  Each stops growing at a small
         # size, so that a table's many distinct addresses and ports (validated
         # through the schema's own memo) do not stay in memory for ever.
-        self._leaves = [(i + 1, spec.name, spec.parse, {}) for i, spec in enumerate(schema.leaves)]
-        # itemgetter of one name gives the value, not a 1-tuple.
-        self._key_of = itemgetter(*schema.keys) if len(schema.keys) > 1 else (lambda v, k=schema.keys[0]: (v[k],))
+        self._leaves: list[tuple[int, str, Callable[[str], Any], dict[bytes, Any]]] = [
+            (i + 1, spec.name, spec.parse, {}) for i, spec in enumerate(schema.leaves)]
+        self._key_of = _key_getter(schema.keys)
 
     def span(self, data: bytes) -> tuple[int, int] | None:
         """(start, end): from the first canonical entry of ``data`` to the end of the last entry end tag; None without one.
@@ -224,7 +224,6 @@ class Codec:
         self._by_name = {s.name: s for s in schema.leaves}
         self._keys = schema.keys
         self._key_set = frozenset(schema.keys)
-        self._key_specs = [self._by_name[k] for k in schema.keys]
         self._mandatory = [s.name for s in schema.leaves if s.mandatory and not s.is_key]
         self._mandatory_set = frozenset(self._mandatory)
         self._when = [(s.name, s.when) for s in schema.leaves if s.when]
@@ -395,11 +394,17 @@ class Codec:
                 ok = False
         return ok and not bad & self._key_set
 
+    @overload
+    def complete(self, values: dict[str, Any]) -> NatSession: ...
+    @overload
+    def complete(self, values: dict[str, Any], errors: _Errors | None, bad: Iterable[str] = ()) -> NatSession | None: ...
+
     def complete(self, values: dict[str, Any], errors: _Errors | None = None, bad: Iterable[str] = ()) -> NatSession | None:
         """Apply defaults and `when`, check mandatory leaves; a full NatSession or None.
 
         ``bad`` names leaves already refused (reported, so not "missing").
-        With ``errors`` None a problem raises :class:`CodecError` at once.
+        With ``errors`` None a problem raises :class:`CodecError` at once (so
+        with neither ``errors`` nor ``bad`` the result is never None).
         """
         if not bad and values.keys() >= self._mandatory_set:
             # The common case, a complete entry: no error bookkeeping.
@@ -602,8 +607,8 @@ class Codec:
                 key = tuple(values[k] for k in self._keys)
                 if key in seen:
                     errors.add(format_key(key), "", "the same entry appears twice in the request", "bad-element")
-                seen[key] = 1  # type: ignore[index]
-                out.append(EditEntry(op, key, values))  # type: ignore[arg-type]
+                seen[key] = 1
+                out.append(EditEntry(op, key, values))
         errors.raise_if_any()
         return out
 
@@ -711,3 +716,11 @@ def encode_json(sessions: Iterable[NatSession], indent: int | None = None) -> by
 def decode_json(data: bytes | str | dict[str, Any], limit: int = DEFAULT_ERROR_LIMIT) -> list[NatSession]:
     """Parse and validate RFC 7951 JSON."""
     return default_codec().decode_json(data, limit)
+
+
+def _key_getter(keys: Sequence[str]) -> Callable[[dict[str, Any]], Any]:
+    """The key tuple of an entry's values (itemgetter of one name gives the value, not a 1-tuple)."""
+    if len(keys) > 1:
+        return itemgetter(*keys)
+    key = keys[0]
+    return lambda values: (values[key],)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import subprocess
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .errors import NatmigError
 
@@ -35,22 +36,83 @@ class CommandError(NatmigError):
         super().__init__(f"{' '.join(self.cmd)} exited {returncode}: {self.stderr}")
 
 
+def _setns(fd: int) -> None:
+    """setns(2) of the calling thread into the network namespace open as ``fd``; OSError on failure."""
+    if hasattr(os, "setns"):  # Python 3.12+
+        os.setns(fd, CLONE_NEWNET)
+    elif _libc().setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _libc() -> ctypes.CDLL:
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+_LIBC: ctypes.CDLL | None = None
+
+
+def _open(name: str) -> int:
+    """A descriptor of the named namespace; :class:`NetnsError` naming it when there is none."""
+    try:
+        return os.open(NETNS_DIR / name, os.O_RDONLY)
+    except OSError as e:
+        raise NetnsError(f"network namespace {name}: {e.strerror or e}") from e
+
+
 def enter(name: str) -> None:
     """Move the calling thread into network namespace ``name`` (setns(2)).
 
     setns moves only the calling thread: call it before any other thread
     exists to move a whole process (the agent), or in a thread of its own
-    (:func:`call_in`).  Python 3.11 has no os.setns, so it goes through libc.
+    (:func:`call_in`).  Python 3.11 has no os.setns, so there it goes through libc.
     """
+    fd = _open(name)
     try:
-        fd = os.open(NETNS_DIR / name, os.O_RDONLY)
+        _setns(fd)
     except OSError as e:
-        raise NetnsError(f"network namespace {name}: {e.strerror or e}") from e
-    try:
-        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
-            raise NetnsError(f"network namespace {name}: setns failed: {os.strerror(ctypes.get_errno())}")
+        raise NetnsError(f"network namespace {name}: setns failed: {e.strerror or e}") from e
     finally:
         os.close(fd)
+
+
+#: Serialises :func:`socket_in`'s visits: no two threads of one process are
+#: between entering a namespace and coming back at once.
+_visit_lock = threading.Lock()
+
+
+def socket_in(name: str | None, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A new socket made in namespace ``name`` (the caller's when None); it stays there for life.
+
+    The calling thread enters the namespace for the ``socket()`` call only
+    and comes back at once, cheaper than :func:`call_in`'s thread (the
+    agent opens its netlink sockets this way, some per request).
+    :class:`NetnsError` when the namespace cannot be entered or left.
+    """
+    if name is None:
+        return socket.socket(family, kind, proto)
+    target = _open(name)
+    with _visit_lock:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            try:
+                _setns(target)
+            except OSError as e:
+                raise NetnsError(f"network namespace {name}: setns failed: {e.strerror or e}") from e
+            try:
+                return socket.socket(family, kind, proto)
+            finally:
+                # Always go home: this thread must not stay in the other namespace.
+                try:
+                    _setns(home)
+                except OSError as e:
+                    raise NetnsError(f"network namespace {name}: setns back failed: {e.strerror or e}") from e
+        finally:
+            os.close(home)
+            os.close(target)
 
 
 def call_in(name: str, fn: Callable[[], Any]) -> Any:
@@ -110,12 +172,13 @@ def run(
     input: str | bytes | None = None,
     check: bool = True,
     timeout: float = 30.0,
+    env: Mapping[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run a command (in a namespace) and return it; :class:`CommandError` on failure."""
+    """Run a command (in a namespace; with ``env`` as its whole environment when given) and return it; :class:`CommandError` on failure."""
     argv = ns_cmd(cmd, netns)
     text = not isinstance(input, bytes)
     try:
-        cp = subprocess.run(argv, input=input, capture_output=True, text=text, timeout=timeout)
+        cp = subprocess.run(argv, input=input, capture_output=True, text=text, timeout=timeout, env=env)
     except FileNotFoundError as e:
         raise CommandError(argv, 127, f"{argv[0]}: not installed ({e})") from e
     except subprocess.TimeoutExpired as e:
@@ -168,6 +231,18 @@ def delete(name: str) -> None:
 def sysctl(netns: str | None, key: str, value: object) -> None:
     """Set a sysctl in a namespace."""
     run(["sysctl", "-q", "-w", f"{key}={value}"], netns)
+
+
+def ensure_conntrack_capacity(entries: int) -> None:
+    """Raise the machine-wide conntrack limit to at least ``entries`` (never lowers it).
+
+    nf_conntrack_max is global (set from the root namespace only); raising it
+    is harmless for everyone else on the machine.  Benchmarks and tests call
+    this explicitly; the library never does it behind anyone's back.
+    """
+    current = int(open("/proc/sys/net/netfilter/nf_conntrack_max").read())
+    if current < entries:
+        sysctl(None, "net.netfilter.nf_conntrack_max", entries)
 
 
 def add_veth(a: str, b: str, netns_a: str | None, netns_b: str | None, *, mtu: int | None = None) -> None:

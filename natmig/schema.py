@@ -178,16 +178,9 @@ def _string_checker(spec: Any) -> Callable[[str], str | None]:
     checks: list[Callable[[str], str | None]] = []
     while not isinstance(spec, types.StringTypeSpec):
         if isinstance(spec, types.PatternTypeSpec):
-            for pat in spec.res:
-                m = _compile_pattern(pat)
-                checks.append(lambda s, m=m, p=str(pat): None if m(s) else f"does not match pattern {p!r}")
+            checks += [_pattern_check(_compile_pattern(pat), str(pat)) for pat in spec.res]
         elif isinstance(spec, types.LengthTypeSpec):
-            lengths = [(a, b) for a, b in spec.length]
-            checks.append(
-                lambda s, L=lengths: None
-                if any((a == "min" or len(s) >= int(a)) and (b in ("max", None) and (b == "max" or len(s) == int(a)) or (b not in ("max", None) and len(s) <= int(b))) for a, b in L)
-                else "length out of range"
-            )
+            checks.append(_length_check([(a, b) for a, b in spec.length]))
         else:
             raise SchemaError(f"unsupported string restriction {type(spec).__name__}")
         spec = spec.base
@@ -200,6 +193,20 @@ def _string_checker(spec: Any) -> Callable[[str], str | None]:
         return None
 
     return check
+
+
+def _pattern_check(match: Callable[[str], Any], pattern: str) -> Callable[[str], str | None]:
+    """A check of one ``pattern`` restriction (``match``: its compiled matcher)."""
+    return lambda s: None if match(s) else f"does not match pattern {pattern!r}"
+
+
+def _length_check(lengths: list[tuple[Any, Any]]) -> Callable[[str], str | None]:
+    """A check of a ``length`` restriction: ``(min, max)`` pairs as pyang gives them ("min", "max", numbers or None)."""
+    return lambda s: (
+        None
+        if any((a == "min" or len(s) >= int(a)) and (b in ("max", None) and (b == "max" or len(s) == int(a)) or (b not in ("max", None) and len(s) <= int(b))) for a, b in lengths)
+        else "length out of range"
+    )
 
 
 def _typedef_name(type_stmt: Any) -> str:

@@ -32,8 +32,9 @@ from typing import Any, Iterator, Sequence
 from .. import netns
 from ..agent.natnode import NatNode, NatNodeConfig
 from ..errors import NatmigError, TestbedError
+from ..ofctl import PortStats
 from . import flows, mgmt, topology
-from .ovs import Ovs, PortStats
+from .ovs import Ovs
 
 #: Where every testbed keeps its state directory (one per prefix).
 STATE_ROOT = Path("/run/natmig")

@@ -1,4 +1,4 @@
-"""Private Open vSwitch daemons and OpenFlow through ovs-ofctl.
+"""Private Open vSwitch daemons, and OpenFlow on their bridge through :mod:`natmig.ofctl`.
 
 natmig never uses the system's Open vSwitch service (it does not start on a
 machine without the openvswitch kernel module, and other users may rely on
@@ -11,38 +11,29 @@ checking that the pid still is that daemon, never by process name.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from .. import netns
 from . import ovsdb
 from ..errors import TestbedError
+from ..ofctl import OF14, Ofctl, PortStats
 
 SCHEMA = Path("/usr/share/openvswitch/vswitch.ovsschema")
 #: The daemons, in start order (stopped in reverse).
 DAEMONS = ("ovsdb-server", "ovs-vswitchd")
 #: OpenFlow versions the bridge speaks; 1.4 is needed for bundles.
 PROTOCOLS = "OpenFlow10,OpenFlow13,OpenFlow14"
-OF_VERSION = "OpenFlow14"
+OF_VERSION = OF14
 
 
 class OvsError(TestbedError):
     """An Open vSwitch daemon or tool failed; the message carries its stderr."""
-
-
-@dataclass(frozen=True)
-class PortStats:
-    """Packet and byte counters of one switch port, as OpenFlow reports them."""
-
-    rx_packets: int
-    tx_packets: int
-    rx_bytes: int
-    tx_bytes: int
 
 
 @dataclass
@@ -100,9 +91,16 @@ class Ovs:
         """Run ovs-vsctl against these daemons; its stdout."""
         return self._run(["ovs-vsctl", "--timeout=10", *args], check=check).stdout
 
-    def ofctl(self, *args: str, input: str | None = None) -> str:
-        """Run ovs-ofctl (OpenFlow 1.4) against these daemons; its stdout."""
-        return self._run(["ovs-ofctl", "-O", OF_VERSION, *args], input=input).stdout
+    def openflow(self, bridge: str) -> Ofctl:
+        """ovs-ofctl (OpenFlow 1.4) against ``bridge`` of these daemons."""
+        return Ofctl(bridge, self.rundir, version=OF_VERSION)
+
+    @contextmanager
+    def _ofctl(self) -> Iterator[None]:
+        try:
+            yield
+        except netns.CommandError as e:
+            raise OvsError(str(e)) from e
 
     # -- life cycle -----------------------------------------------------
 
@@ -211,32 +209,19 @@ class Ovs:
         return ovsdb.bridge_ofports(self.db_sock, bridge)
 
     def replace_flows(self, bridge: str, flows: str) -> None:
-        """Make ``flows`` the bridge's whole flow table in one OpenFlow bundle (atomic)."""
-        self.ofctl("--bundle", "replace-flows", bridge, "-", input=flows)
+        """Make ``flows`` (one a line) the bridge's whole flow table in one OpenFlow bundle (atomic)."""
+        with self._ofctl():
+            self.openflow(bridge).replace_flows(flows.splitlines())
 
     def dump_flows(self, bridge: str) -> list[str]:
         """The bridge's flows, one ovs-ofctl line each, port numbers not names."""
-        out = self.ofctl("--no-names", "--no-stats", "dump-flows", bridge)
-        return [line.strip() for line in out.splitlines() if line.strip() and "reply" not in line]
+        with self._ofctl():
+            return self.openflow(bridge).dump_flows()
 
     def port_stats(self, bridge: str) -> dict[int, PortStats]:
         """OpenFlow port counters by port number (LOCAL left out)."""
-        out = self.ofctl("--no-names", "dump-ports", bridge)
-        return parse_port_stats(out)
-
-
-_PORT = re.compile(r"port\s+(\d+):\s*rx pkts=(\d+), bytes=(\d+).*?tx pkts=(\d+), bytes=(\d+)", re.S)
-
-
-def parse_port_stats(text: str) -> dict[int, PortStats]:
-    """Parse ``ovs-ofctl dump-ports`` output into counters by port number."""
-    stats = {}
-    for block in re.split(r"\n(?=\s*port\s)", text):
-        m = _PORT.search(block)
-        if m:
-            port, rxp, rxb, txp, txb = (int(g) for g in m.groups())
-            stats[port] = PortStats(rx_packets=rxp, tx_packets=txp, rx_bytes=rxb, tx_bytes=txb)
-    return stats
+        with self._ofctl():
+            return self.openflow(bridge).port_stats()
 
 
 def _read_pid(pidfile: Path) -> int | None:

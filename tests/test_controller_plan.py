@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 
 from natmig.controller.plan import (
-    CatchUp, NatPorts, PlanError, SwitchLayout, compare, expected_table, plan_copy, static_flows, steering_flows,
+    CatchUp, NatPorts, PlanError, SwitchLayout, compare, expected_table, flow_table, nats_in_flows, plan_copy, static_flows,
+    steering_flows,
 )
 from natmig.errors import ControllerError
 
@@ -114,6 +115,35 @@ def test_the_testbed_plans_the_same_hairpins_as_the_controller():
         table = {line.removeprefix(f"cookie={flows.COOKIE:#x},") for line in flows.plan(t, active).splitlines()}
         assert set(steering_flows(layout, active)) <= table
         assert set(static_flows(layout)) <= table
+
+
+def test_the_whole_table_is_the_static_and_the_steering_rules_and_a_drop():
+    layout = replace(LAYOUT, gateway_mac="02:6e:6d:00:00:01")
+    for active in ("nat1", "nat2"):
+        table = flow_table(layout, active)
+        assert len(table) == len(set(table)) and table[-1] == "priority=0,actions=drop"
+        assert set(table) == set(static_flows(layout)) | set(steering_flows(layout, active)) | {"priority=0,actions=drop"}
+    with pytest.raises(PlanError, match="nat9"):
+        flow_table(layout, "nat9")
+
+
+def test_a_network_with_several_hosts_is_a_hub_and_a_cookie_marks_every_rule():
+    layout = replace(LAYOUT, more_inside_hosts=(7,), cookie=0x6E6D)
+    assert steering_flows(layout, "nat2") == [
+        "cookie=0x6e6d,priority=100,in_port=1,actions=output:7,output:5",
+        "cookie=0x6e6d,priority=100,in_port=7,actions=output:1,output:5",
+        "cookie=0x6e6d,priority=100,in_port=2,actions=output:6",
+    ]
+    assert "cookie=0x6e6d,priority=100,in_port=3,actions=output:1,output:7" in static_flows(layout)
+    assert flow_table(layout, "nat1")[-1] == "cookie=0x6e6d,priority=0,actions=drop"
+
+
+def test_the_active_nat_is_read_back_from_a_dump_by_output_port():
+    dump = ["priority=100,in_port=1 actions=output:5", "priority=100,in_port=6 actions=output:2"]
+    assert nats_in_flows(LAYOUT, dump) == ["nat2"]
+    # A port number that merely starts like another NAT's (output:30 is not output:3) names none.
+    assert nats_in_flows(LAYOUT, ["priority=100,in_port=1 actions=output:30", "actions=IN_PORT"]) == []
+    assert nats_in_flows(LAYOUT, dump + ["in_port=2 actions=output:4"]) == ["nat1", "nat2"]
 
 
 def test_static_flows_return_from_every_nat():

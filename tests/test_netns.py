@@ -33,3 +33,35 @@ def test_call_in_runs_in_the_namespace_and_the_caller_stays_where_it_was(tmp_pat
         assert there == f"net:[{os.stat(netns.NETNS_DIR / name).st_ino}]"
     finally:
         netns.delete(name)
+
+
+def test_socket_in_a_namespace_that_does_not_exist_names_it_and_the_agent_says_netlink():
+    import socket
+
+    from natmig.agent.ctnetlink import NetlinkError, socket_in
+
+    with pytest.raises(netns.NetnsError, match="network namespace natmig-no-such-ns"):
+        netns.socket_in("natmig-no-such-ns", socket.AF_INET, socket.SOCK_DGRAM)
+    with pytest.raises(NetlinkError, match="natmig-no-such-ns"):
+        socket_in("natmig-no-such-ns", socket.AF_INET, socket.SOCK_DGRAM)
+    with netns.socket_in(None, socket.AF_INET, socket.SOCK_DGRAM) as s:  # the caller's own namespace
+        assert s.family == socket.AF_INET
+
+
+@pytest.mark.root
+def test_socket_in_makes_the_socket_there_and_the_thread_comes_back():
+    import os
+    import socket
+
+    name = netns.run_prefix("ns")
+    netns.add(name)
+    try:
+        here = os.readlink("/proc/thread-self/ns/net")
+        with netns.socket_in(name, socket.AF_INET, socket.SOCK_DGRAM) as s:
+            assert os.readlink("/proc/thread-self/ns/net") == here
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            # Seen from inside the namespace (by ss there), not from here.
+            assert f":{port} " in netns.run(["ss", "-Hlun"], name).stdout
+    finally:
+        netns.delete(name)

@@ -6,7 +6,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from natmig import netns
-from natmig.agent.natnode import ensure_conntrack_capacity
+from natmig.netns import ensure_conntrack_capacity
 from natmig.controller.demo import AgentFleet
 from natmig.controller.traffic import LiveTraffic, TrafficSpec
 from natmig.testbed.bed import Testbed, leftovers

@@ -1,0 +1,50 @@
+"""The import graph says what depends on what: checked on the source, without importing it.
+
+The controller reaches an agent over NETCONF only, so no controller module
+imports agent code (what both need lives in natmig/).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imports(path: Path) -> set[str]:
+    """Every module a source file imports, relative imports resolved against its installed package."""
+    pkg = {"natmig": "natmig", "agent": "natmig.agent", "controller": "natmig.controller", "testbed": "natmig.testbed"}[path.parent.name]
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg.split(".")
+            if node.level:
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join([*base, node.module] if node.module else base)
+            else:
+                mod = node.module or ""
+            out.add(mod)
+            out.update(f"{mod}.{a.name}" for a in node.names)
+    return out
+
+
+def test_the_controller_imports_no_agent_code() -> None:
+    offenders = {f"{p.name}: {m}" for p in sorted((ROOT / "controller").glob("*.py"))
+                 for m in _imports(p) if m == "natmig.agent" or m.startswith("natmig.agent.")}
+    assert not offenders, sorted(offenders)
+
+
+def test_relative_imports_are_resolved() -> None:
+    # The check above is only as good as the resolution of ``from ..x import y``.
+    assert "natmig.credentials" in _imports(ROOT / "controller" / "demo.py")
+    assert "natmig.agent.auth" in _imports(ROOT / "agent" / "server.py")
+
+
+def test_only_natmig_netns_enters_a_namespace():
+    # No other source file opens /run/netns/<name> or calls setns(2): one helper, one error type.
+    offenders = [str(p.relative_to(ROOT)) for d in ("natmig", "agent", "controller", "testbed") for p in sorted((ROOT / d).glob("*.py"))
+                 if p != ROOT / "natmig" / "netns.py" and ("/run/netns" in p.read_text() or "setns" in p.read_text())]
+    assert not offenders, offenders
