@@ -97,7 +97,8 @@ class AccessControl:
         access = NEEDS.get(operation, "exec")
         mine = self.groups_of(user)
         # An edit that touches several modules needs each of them: a rule for one is no licence for another.
-        for module in list(modules) or [None]:
+        targets: list[str | None] = [*modules] or [None]
+        for module in targets:
             d = self._decide(mine, operation, access, module)
             if not d.permitted or module is None:
                 return d

@@ -53,7 +53,7 @@ class StateProvider(abc.ABC):
 
     module: StateModule
     #: set by the agent: where created/deleted entries are reported.
-    on_change: OnChange = staticmethod(lambda lst, event, entry: None)  # type: ignore[assignment]
+    on_change: OnChange = staticmethod(lambda lst, event, entry: None)
 
     @abc.abstractmethod
     def read(self) -> Tables:

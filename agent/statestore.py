@@ -99,7 +99,7 @@ class StateStore:
 
     @on_change.setter
     def on_change(self, fn: Callable[[StateList, str, Entry], None]) -> None:
-        self.provider.on_change = fn  # type: ignore[method-assign]
+        self.provider.on_change = fn
 
     # ----------------------------------------------------------------- locks
 
