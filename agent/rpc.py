@@ -33,6 +33,8 @@ from .datastore import (
     DatastoreError,
     EditRequest,
     Problem,
+    cap_problems,
+    more_problems,
     problems_of_codec,
     refuse,
     select,
@@ -43,6 +45,7 @@ from .notifications import NOTIFICATION_NS, STREAMS, NotificationHub
 log = logging.getLogger(__name__)
 
 _NC = f"{{{NETCONF_NS}}}"
+_XML_NS = "http://www.w3.org/XML/1998/namespace"
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True, remove_blank_text=False)
 #: tags whose error-info names the element at fault (RFC 6241 appendix A).
 _BAD_ELEMENT_TAGS = {"unknown-element", "missing-element", "bad-element", "unknown-namespace", "bad-attribute", "missing-attribute", "unknown-attribute"}
@@ -155,7 +158,10 @@ def _attrs_of(rpc: Any) -> str:
     out = []
     for k, v in rpc.attrib.items():
         q = etree.QName(k)
-        if q.namespace:
+        if q.namespace == _XML_NS:
+            # The xml prefix is bound by definition and may not be declared again.
+            out.append(f" xml:{q.localname}={quoteattr(v)}")
+        elif q.namespace:
             prefix = "a" + str(len(out))
             out.append(f' xmlns:{prefix}="{escape(q.namespace)}" {prefix}:{q.localname}={quoteattr(v)}')
         else:
@@ -517,7 +523,7 @@ class _Batches:
             try:
                 entries = self.codec.decode_edit_xml(tmp)
             except CodecError as e:
-                self.problems.extend(problems_of_codec(e)[: max(0, 100 - len(self.problems))])
+                self.problems = cap_problems(self.problems + problems_of_codec(e))
                 entries = []
         self.req.entries.extend(entries)
         for child in done:
@@ -534,8 +540,10 @@ class _Batches:
             seen: set[Any] = set()
             dups = [k for k in keys if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
             problems += [Problem("bad-element", "the same entry appears twice in the request", format_key(k)) for k in dups[:10]]
+            if len(dups) > 10:
+                problems.append(more_problems(len(dups) - 10))
         if problems:
-            raise DatastoreError(problems)
+            raise DatastoreError(cap_problems(problems))
         return self.req
 
 
@@ -663,6 +671,9 @@ def op_close_session(server: Server, sess: SessionState, op: Any) -> bytes:
     return b"<ok/>"
 
 
+_SESSION_ID = re.compile(r"[0-9]{1,10}")
+
+
 def op_kill_session(server: Server, sess: SessionState, op: Any) -> bytes:
     """<kill-session>: end another session, releasing its locks."""
     _check_params(op, {"session-id"})
@@ -670,8 +681,10 @@ def op_kill_session(server: Server, sess: SessionState, op: Any) -> bytes:
     if el is None:
         raise refuse("missing-element", "<session-id> is required", type="protocol", info={"bad-element": "session-id"})
     text = (el.text or "").strip()
-    if not text.isdigit() or int(text) == 0:
-        raise refuse("invalid-value", f"session-id {text!r} is not a session number", type="protocol", info={"bad-element": "session-id"})
+    # session-id-type is a uint32 >= 1; str.isdigit() would let '²' (int() then
+    # fails) and '١' (int() reads 1) through, so only ASCII digits count.
+    if not _SESSION_ID.fullmatch(text) or not 1 <= int(text) <= 4294967295:
+        raise refuse("invalid-value", f"session-id {text[:40]!r} is not a session number", type="protocol", info={"bad-element": "session-id"})
     sid = int(text)
     if sid == sess.sid:
         raise refuse("invalid-value", "a session cannot kill itself (use close-session)", type="protocol", info={"bad-element": "session-id"})
@@ -836,8 +849,21 @@ def _parse_canonical(codec: Codec, message: bytes) -> tuple[Any, _Batches] | Non
     return root, batches
 
 
+def strip_leading_space(message: bytes) -> bytes:
+    """``message`` without the XML white space before its first markup.
+
+    Some clients (scrapli-netconf) send ``\\n<?xml ...?>``; an XML declaration
+    is only allowed at the very start of a document, so lxml would refuse
+    what RFC 6242 framing merely left a newline in front of.
+    """
+    if message[:1] in (b" ", b"\t", b"\r", b"\n"):
+        return message.lstrip(_XML_SPACE.encode())
+    return message
+
+
 def parse_message(codec: Codec, message: bytes) -> tuple[Any, _Batches | None]:
     """The message's element tree; entries of a large edit-config come decoded beside it."""
+    message = strip_leading_space(message)
     if len(message) >= CANONICAL_THRESHOLD:
         fast = _parse_canonical(codec, message)
         if fast is not None:
