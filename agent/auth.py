@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import os
 import secrets
 from pathlib import Path
@@ -22,6 +23,8 @@ from pathlib import Path
 import asyncssh
 
 from ..errors import AgentError
+
+log = logging.getLogger(__name__)
 
 HOST_KEY_ALGORITHMS = ("ecdsa-sha2-nistp256", "ssh-ed25519")
 _SCRYPT = (16384, 8, 1)  # n, r, p: ~50 ms per check, 16 MB of memory
@@ -123,7 +126,13 @@ class Authenticator:
         """Whether ``user`` / ``password`` is valid now."""
         if not self.passwords_path:
             return False
-        stored = read_passwords(self.passwords_path).get(user)
+        try:
+            stored = read_passwords(self.passwords_path).get(user)
+        except AuthError as e:
+            # Re-read per login: an operator's broken edit must say so in the
+            # log, or every login just fails with no reason anywhere.
+            log.error("login of %r refused: %s", user, e)
+            stored = None
         # Unknown users cost a hash too, so timing does not tell who exists.
         return check_password(stored or hash_password("x"), password) and stored is not None
 

@@ -22,14 +22,14 @@ from lxml import etree
 
 from ..codec import NETCONF_NS, Codec
 from ..errors import AgentError
-from .auth import Authenticator, load_or_create_host_key
+from .auth import Authenticator, AuthError, load_or_create_host_key
 from .confirmed import CAPABILITY as CONFIRMED_COMMIT_CAPABILITY, Journal
 from .datastore import Datastore, Problem
 from ..framing import EOM, Deframer, FramingError, MessageTooBig, frame
 from .monitoring import BASE_10, BASE_11, Catalog, SessionRecord
 from .notifications import INTERLEAVE_CAPABILITY, NOTIFICATION_CAPABILITY, NotificationHub
 from .provider import SessionProvider
-from .rpc import SessionState, StreamBroken, error_reply, handle_message
+from .rpc import SessionState, StreamBroken, error_reply, handle_message, strip_leading_space
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,11 @@ class _SSHServer(asyncssh.SSHServer):
         conn.set_extra_info(natmig_auth=self)
 
     def begin_auth(self, username: str) -> bool:
-        keys = self.auth.authorized_keys()
+        try:
+            keys = self.auth.authorized_keys()
+        except AuthError as e:
+            log.error("public keys of %r not loaded: %s", username, e)
+            keys = None
         if keys is not None and self.conn is not None:
             self.conn.set_authorized_keys(keys)
         return True  # authentication is always required
@@ -256,11 +260,11 @@ class _Session:
             return None  # a subscriber listens; silence is its normal state
         return self.agent.config.idle_timeout
 
-    async def _read_more(self, timeout: float | None) -> None:
+    async def _read_more(self, timeout: float | None, why: str = "") -> None:
         try:
             data = await asyncio.wait_for(self.process.stdin.read(1 << 18), timeout)
         except asyncio.TimeoutError:
-            raise _SessionEnd(f"idle for {timeout:.0f} s, closing") from None
+            raise _SessionEnd(why or f"idle for {timeout:.0f} s, closing") from None
         if not data:
             if self.deframer.pending:
                 raise _SessionEnd(f"client went away in the middle of a message ({self.deframer.pending} bytes unread)")
@@ -268,11 +272,17 @@ class _Session:
         self.deframer.feed(data)
 
     async def _hello(self) -> None:
-        deadline = self.agent.config.hello_timeout
+        # One deadline for the whole hello: a client trickling a byte every
+        # few seconds must not hold a session slot for ever.
+        limit = self.agent.config.hello_timeout
+        deadline = time.monotonic() + limit
         while (msg := self.deframer.next_message()) is None:
-            await self._read_more(deadline)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _SessionEnd(f"no hello within {limit:.0f} s, closing")
+            await self._read_more(left, f"no hello within {limit:.0f} s, closing")
         try:
-            root = etree.fromstring(msg, _HELLO_PARSER)
+            root = etree.fromstring(strip_leading_space(msg), _HELLO_PARSER)
         except etree.XMLSyntaxError as e:
             raise _SessionEnd(f"malformed hello: {e}") from None
         if root.tag != f"{{{NETCONF_NS}}}hello":
@@ -321,6 +331,12 @@ class Agent:
         sess = self.sessions.get(sid)
         if sess is None or self.loop is None:
             return False
+        sess.state.closing = True  # it handles no further request
+        # Released here, before the <ok/> leaves: a client that kills a session
+        # to take its lock must get the lock with its very next request, not
+        # once the event loop has got round to closing the channel.
+        self.hub.unsubscribe(sid)
+        self.datastore.release_session(sid)
         self.loop.call_soon_threadsafe(sess.kill)
         return True
 
