@@ -27,6 +27,7 @@ from .confirmed import CAPABILITY as CONFIRMED_COMMIT_CAPABILITY, Journal
 from .datastore import Datastore, Problem
 from ..framing import EOM, Deframer, FramingError, MessageTooBig, frame
 from .monitoring import BASE_10, BASE_11, Catalog, SessionRecord
+from .outbox import Outbox
 from .notifications import INTERLEAVE_CAPABILITY, NOTIFICATION_CAPABILITY, NotificationHub
 from .provider import SessionProvider
 from .rpc import MAX_ELEMENTS, SessionState, StreamBroken, TooManyElements, count_nodes, error_reply, handle_message, strip_leading_space
@@ -89,6 +90,8 @@ class AgentConfig:
     max_message: int = 64 << 20
     #: XML nodes one message's tree may hold at once (rpc.MAX_ELEMENTS: ~60 MB of tree at most).
     max_elements: int = MAX_ELEMENTS
+    #: notification bytes waiting for a subscriber that does not read, before it is given up (~13k events).
+    notify_backlog: int = 8 << 20
     max_sessions: int = 16
     idle_timeout: float = 1800.0
     hello_timeout: float = 30.0
@@ -157,10 +160,9 @@ class _Session:
                                   max_elements=agent.config.max_elements)
         self.deframer = Deframer(agent.config.max_message)
         self.chunked = False
-        self.notify_ready = False
         #: bytes of the current reply already streamed (see _piece_threadsafe)
         self.streamed = 0
-        self.pending: list[bytes] = []
+        self.outbox = Outbox(self.loop, self._write_notification, self._unsent, agent.config.notify_backlog, self._overflow)
         self.last_input = time.monotonic()
         self.ended = asyncio.Event()
 
@@ -203,16 +205,28 @@ class _Session:
         self.loop.call_soon_threadsafe(self._deliver, message)
 
     def _deliver(self, message: bytes) -> None:
-        # RFC 5277: no notification before the create-subscription reply.
-        if not self.notify_ready:
-            self.pending.append(message)
-            return
+        self.outbox.put(message)
+
+    def _write_notification(self, message: bytes) -> None:
         self.state.record.out_notifications += 1
         self._write(message)
 
+    def _unsent(self) -> int:
+        return self.process.channel.get_write_buffer_size()
+
+    def _overflow(self, count: int, limit: int) -> None:
+        log.warning("%s does not read its notifications: %d waiting, over the limit of %d bytes (--notify-backlog); closing the session",
+                    self.who, count, limit)
+        self._abort()
+
+    def _abort(self) -> None:
+        """End the channel now, dropping what it has not sent: a client that does not read would keep it buffered."""
+        self.state.closing = True
+        self.process.channel.abort()
+
     def kill(self) -> None:
         log.info("%s killed", self.who)
-        self.process.close()
+        self._abort()
 
     async def run(self) -> None:
         try:
@@ -221,7 +235,7 @@ class _Session:
             while not self.state.closing:
                 msg = self.deframer.next_message()
                 if msg is None:
-                    await self._read_more(self._idle_timeout())
+                    await self._wait_input()
                     continue
                 self.last_input = time.monotonic()
                 size = len(msg)
@@ -242,11 +256,8 @@ class _Session:
                 await self.process.stdout.drain()
                 if size > _TRIM_AFTER:
                     await self.loop.run_in_executor(None, _malloc_trim)
-                if self.state.subscribed and not self.notify_ready:
-                    self.notify_ready = True
-                    for m in self.pending:
-                        self._deliver(m)
-                    self.pending.clear()
+                if self.state.subscribed and self.outbox.held:
+                    self.outbox.open()  # RFC 5277: notifications only after the create-subscription reply
         except MessageTooBig as e:
             log.warning("%s: %s; closing the session", self.who, e)
             # RFC 6241 has no way to resync after an unread message: say why, then close.
@@ -276,7 +287,7 @@ class _Session:
         """
         held = self.deframer.pending
         self.deframer.clear()
-        self.pending.clear()
+        self.outbox.close()
         self.state.deliver = _drop
         self.state.stream = None
         self.state.batches = None
@@ -285,16 +296,34 @@ class _Session:
             # freed memory mapped unless asked to trim it.
             self.loop.run_in_executor(None, _malloc_trim)
 
-    def _idle_timeout(self) -> float | None:
-        if self.state.subscribed:
-            return None  # a subscriber listens; silence is its normal state
-        return self.agent.config.idle_timeout
+    async def _wait_input(self) -> None:
+        """Read more of the next message; the session ends after --idle-timeout without a request.
+
+        A subscriber's silence is its normal state, but it must still show
+        that it is there: notifications it takes count as activity.  Without
+        events, it sends a request now and then or is closed like any other,
+        so idle subscriptions cannot hold every --max-sessions slot.  The
+        timeout runs from the last whole request: bytes trickling in do not
+        count (a message started and never finished held a session for ever).
+        """
+        idle = self.agent.config.idle_timeout
+        while True:
+            last = max(self.last_input, self.outbox.last_taken) if self.state.subscribed else self.last_input
+            left = idle - (time.monotonic() - last)
+            if left <= 0:
+                raise _SessionEnd(f"idle for {idle:.0f} s, closing")
+            try:
+                return await self._read_more(left)
+            except _Timeout:
+                continue
 
     async def _read_more(self, timeout: float | None, why: str = "") -> None:
         try:
             data = await asyncio.wait_for(self.process.stdin.read(1 << 18), timeout)
         except asyncio.TimeoutError:
-            raise _SessionEnd(why or f"idle for {timeout:.0f} s, closing") from None
+            if why:
+                raise _SessionEnd(why) from None
+            raise _Timeout from None
         if not data:
             if self.deframer.pending:
                 raise _SessionEnd(f"client went away in the middle of a message ({self.deframer.pending} bytes unread)")
@@ -334,6 +363,10 @@ class _Session:
 
 class _SessionEnd(Exception):
     """The session ends normally or by policy; the message says why."""
+
+
+class _Timeout(Exception):
+    """No input within the time asked for."""
 
 
 class Agent:
