@@ -99,6 +99,7 @@ def run_agent(args: argparse.Namespace) -> int:
         host=host, port=port, host_key=args.host_key, passwords=args.passwords,
         authorized_keys=args.authorized_keys, max_message=args.max_message,
         max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, state_dir=args.state_dir,
+        max_elements=args.max_elements, notify_backlog=args.notify_backlog,
     )
     provider = PROVIDERS[args.provider](args)
     agent = Agent(cfg, provider, default_codec())
@@ -155,6 +156,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--passwords", metavar="FILE", help="password file (see `natmig agent passwd`)")
     p.add_argument("--authorized-keys", metavar="FILE", help="OpenSSH authorized_keys file")
     p.add_argument("--max-message", type=int, default=AgentConfig.max_message, metavar="BYTES", help="largest accepted message (default %(default)s)")
+    p.add_argument("--max-elements", type=int, default=AgentConfig.max_elements, metavar="N", help="XML nodes a message's tree may hold at once (default %(default)s)")
+    p.add_argument("--notify-backlog", type=int, default=AgentConfig.notify_backlog, metavar="BYTES", help="notifications queued for a subscriber that does not read before its session is ended (default %(default)s)")
     p.add_argument("--max-sessions", type=int, default=AgentConfig.max_sessions, metavar="N", help="concurrent NETCONF sessions (default %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=AgentConfig.idle_timeout, metavar="SECONDS", help="close sessions silent this long (default %(default)s)")
     p.add_argument("--ready-file", metavar="FILE", help="write 'PID PORT' here once listening")

@@ -100,3 +100,17 @@ def test_memory_of_closed_sessions_comes_back_without_a_collection(agent: AgentP
     assert held > base + 100  # the unfinished messages were held while the sessions lived
     after = agent.settle(base + BACK_WITHIN_MB)
     assert after <= base + BACK_WITHIN_MB, f"idle {base:.0f} MB, {held:.0f} MB with 4 open messages, {after:.0f} MB 5 s after they closed"
+
+
+def test_max_elements_is_set_from_the_command_line(tmp_path: Path) -> None:
+    with AgentProcess(tmp_path, "--max-elements", "1000", "--notify-backlog", "65536") as agent:
+        async def go(n: int) -> bytes:
+            ch = await Channel.open(agent.port)
+            try:
+                await ch.send(chunked(edit_config(b"<x/>" * n)))
+                return await ch.read_reply()
+            finally:
+                ch.close()
+
+        assert b"more than 1000 XML nodes" in asyncio.run(go(1000))
+        assert b"too-big" not in asyncio.run(go(900))
