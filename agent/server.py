@@ -22,7 +22,8 @@ from lxml import etree
 
 from ..codec import NETCONF_NS, Codec
 from ..errors import AgentError
-from .auth import Authenticator, AuthError, load_or_create_host_key
+from .auth import Authenticator, load_or_create_host_key
+from .login import Gate, Login
 from .confirmed import CAPABILITY as CONFIRMED_COMMIT_CAPABILITY, Journal
 from .datastore import Datastore, Problem
 from ..framing import EOM, Deframer, FramingError, MessageTooBig, frame
@@ -97,50 +98,6 @@ class AgentConfig:
     hello_timeout: float = 30.0
     #: where a pending confirmed commit's undo is kept across a restart (None: nowhere).
     state_dir: str | None = None
-
-
-class _SSHServer(asyncssh.SSHServer):
-    def __init__(self, auth: Authenticator) -> None:
-        self.auth = auth
-        self.conn: asyncssh.SSHServerConnection | None = None
-        self.method = "?"
-
-    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        self.conn = conn
-        conn.set_extra_info(natmig_auth=self)
-
-    def begin_auth(self, username: str) -> bool:
-        try:
-            keys = self.auth.authorized_keys()
-        except AuthError as e:
-            log.error("public keys of %r not loaded: %s", username, e)
-            keys = None
-        if keys is not None and self.conn is not None:
-            self.conn.set_authorized_keys(keys)
-        return True  # authentication is always required
-
-    def password_auth_supported(self) -> bool:
-        return self.auth.passwords_path is not None
-
-    def validate_password(self, username: str, password: str) -> bool:
-        ok = self.auth.check_password(username, password)
-        peer = self.conn.get_extra_info("peername") if self.conn else "?"
-        if ok:
-            self.method = "password"
-        else:
-            log.warning("password refused for %r from %s", username, peer)
-        return ok
-
-    def public_key_auth_supported(self) -> bool:
-        return self.auth.keys_path is not None
-
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        # Only reached for keys not in the authorized_keys set of begin_auth.
-        return False
-
-    def auth_completed(self) -> None:
-        if self.method == "?":
-            self.method = "publickey"
 
 
 def _drop(message: bytes) -> None:
@@ -383,6 +340,7 @@ class Agent:
         self.catalog = Catalog(codec.schema, OPTIONAL_CAPABILITIES)
         self.hub = NotificationHub(provider, codec)
         self.auth = Authenticator(config.passwords, config.authorized_keys)
+        self.gate = Gate(self.auth)
         self.host_key = load_or_create_host_key(config.host_key)
         self.started = time.time()
         self.sessions: dict[int, _Session] = {}
@@ -440,7 +398,7 @@ class Agent:
         self.loop = asyncio.get_running_loop()
         try:
             self._server = await asyncssh.create_server(
-                lambda: _SSHServer(self.auth), self.config.host, self.config.port,
+                lambda: Login(self.gate), self.config.host, self.config.port,
                 server_host_keys=[self.host_key], process_factory=self._process, encoding=None,
                 allow_pty=False, agent_forwarding=False, x11_forwarding=False, line_editor=False,
                 keepalive_interval=30, keepalive_count_max=4, login_timeout=30,
@@ -476,4 +434,5 @@ class Agent:
             s.kill()
         if self._server is not None:
             self._server.close()
+        self.gate.close()
         self.datastore.close()

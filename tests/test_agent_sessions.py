@@ -89,10 +89,10 @@ def test_a_broken_password_file_is_named_in_the_log(agent: RunningAgent, caplog:
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any(str(agent.tmp / "passwords") in m and "line 1" in m for m in lines), lines
     (agent.tmp / "passwords").chmod(0)
-    (agent.tmp / "authorized_keys").write_text("ssh-ed25519 garbage\n")
+    (agent.tmp / "authorized_keys.natmig").write_text("ssh-ed25519 garbage\n")
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="natmig.agent"):
         with pytest.raises(ConnectError):
             agent.client(password=None, key_filename=str(agent.tmp / "id_ed25519"))
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert any(str(agent.tmp / "authorized_keys") in m for m in lines), lines
+    assert any(str(agent.tmp / "authorized_keys.natmig") in m for m in lines), lines
