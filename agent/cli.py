@@ -24,10 +24,14 @@ from ..codec import default_codec
 from ..errors import AgentError, NatmigError
 from .. import netns
 from .auth import set_password
+from .exposure import check_listen
 from .provider import MemoryProvider, SessionProvider
 from .server import Agent, AgentConfig, limit_malloc_arenas
 
 log = logging.getLogger(__name__)
+
+#: The public address of --provider memory when none is given.
+MEMORY_PUBLIC = ["203.0.113.1"]
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -44,7 +48,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def _memory(args: argparse.Namespace) -> SessionProvider:
-    return MemoryProvider(owned=set(args.public_address or ["203.0.113.1"]))
+    return MemoryProvider(owned=set(args.public_address or MEMORY_PUBLIC))
 
 
 def _conntrack(args: argparse.Namespace) -> SessionProvider:
@@ -91,10 +95,16 @@ PROVIDERS: dict[str, Callable[[argparse.Namespace], SessionProvider]] = {
 
 def run_agent(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
+    if args.listen is None:
+        raise AgentError("--listen ADDR[:PORT] is required: the node's management address (the agent never picks one itself)")
     if args.netns:
         netns.enter(args.netns)
     limit_malloc_arenas()
     host, port = args.listen
+    if args.listen_anyway:
+        log.warning("--listen-anyway: listening on %s without checking the NAT's public and inside addresses", host)
+    else:
+        check_listen(host, args.public_address or MEMORY_PUBLIC, args.inside_if)
     cfg = AgentConfig(
         host=host, port=port, host_key=args.host_key, passwords=args.passwords,
         authorized_keys=args.authorized_keys, max_message=args.max_message,
@@ -147,7 +157,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run the NETCONF agent (SSH, subsystem netconf) of one NAT node: its nat-session data is the "
         "node's live conntrack table. `natmig agent passwd FILE USER` manages the password file.",
     )
-    p.add_argument("--listen", type=parse_listen, default=("0.0.0.0", 830), metavar="ADDR:PORT", help="address and port to listen on (default 0.0.0.0:830)")
+    p.add_argument("--listen", type=parse_listen, metavar="ADDR:PORT", help="the management address and port to listen on (required; port 830 "
+                   "if omitted); refused on the NAT's public or inside addresses and on 0.0.0.0")
+    p.add_argument("--listen-anyway", action="store_true", help="listen on --listen even where the NAT's public or inside side answers")
     p.add_argument("--netns", metavar="NAME", help="network namespace of the NAT node to run in")
     p.add_argument("--provider", choices=sorted(PROVIDERS), default="conntrack", help="where the session table lives (memory: protocol tests and demos)")
     p.add_argument("--public-address", action="append", metavar="A", help="public address of the NAT (repeatable)")

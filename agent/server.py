@@ -81,7 +81,7 @@ def _malloc_trim() -> None:
 class AgentConfig:
     """Where the agent listens, its credentials and its limits."""
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # never every address by default: the NAT's public side would answer
     port: int = 830
     host_key: str = "agent_host_key"
     passwords: str | None = None
