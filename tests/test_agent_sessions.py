@@ -96,3 +96,15 @@ def test_a_broken_password_file_is_named_in_the_log(agent: RunningAgent, caplog:
             agent.client(password=None, key_filename=str(agent.tmp / "id_ed25519"))
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any(str(agent.tmp / "authorized_keys.natmig") in m for m in lines), lines
+
+
+def test_a_hello_of_too_many_elements_is_refused_before_it_is_parsed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    a = RunningAgent(tmp_path, max_elements=1000)
+    try:
+        hello = CLIENT_HELLO_10.replace(b"</capabilities>", b"<x/>" * 2000 + b"</capabilities>")
+        with caplog.at_level(logging.INFO, logger="natmig.agent"):
+            out = raw(a.port, [rpc("<get/>") + EOM], hello=hello, read_for=2.0)
+        assert b"<rpc-reply" not in out
+        assert any("hello refused" in r.getMessage() and "1000 XML nodes" in r.getMessage() for r in caplog.records)
+    finally:
+        a.stop()
