@@ -70,3 +70,12 @@ def test_the_count_of_errors_left_out_is_exact(srv: FakeServer) -> None:
     more = [e for e in errs if e["error-message"].startswith("... and ")]
     assert len(listed) == 100 and len(more) == 1
     assert int(more[0]["error-message"].split()[2]) == bad - 100
+
+
+def test_a_confirm_timeout_of_5000_digits_is_an_invalid_value_naming_it(srv: FakeServer) -> None:
+    r = call(srv, f"<commit><confirmed/><confirm-timeout>{'9' * 5000}</confirm-timeout></commit>")
+    errs = errors(r)
+    assert [e["error-tag"] for e in errs] == ["invalid-value"]
+    assert "confirm-timeout" in errs[0]["error-message"] and "4300" not in errs[0]["error-message"]
+    r = call(srv, f"<commit><confirmed/><confirm-timeout>{'0' * 5000}7</confirm-timeout></commit>")
+    assert not errors(r)  # leading zeros are a number's lexical form
