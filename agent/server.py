@@ -171,9 +171,9 @@ class _Session:
     def _unsent(self) -> int:
         return self.process.channel.get_write_buffer_size()
 
-    def _overflow(self, count: int, limit: int) -> None:
-        log.warning("%s does not read its notifications: %d waiting, over the limit of %d bytes (--notify-backlog); closing the session",
-                    self.who, count, limit)
+    def _overflow(self, count: int, size: int) -> None:
+        log.warning("%s does not read its notifications: %d waiting (%d bytes, --notify-backlog %d); closing the session",
+                    self.who, count, size, self.agent.config.notify_backlog)
         self._abort()
 
     def _abort(self) -> None:

@@ -52,13 +52,14 @@ def test_a_subscriber_that_stops_reading_is_dropped_past_its_backlog(tmp_path: P
         sid = max(a.agent.sessions)
         with a.client() as listener, caplog.at_level(logging.WARNING, logger="natmig.agent"):
             sub = listener.subscribe()
-            # ~600 bytes an event: 4,000 events are ~2.4 MB, far past the window and the backlog.
-            for i in range(0, 4000, 500):
+            # ~600 bytes an event: 8,000 events are ~4.8 MB: past the window, 1 MiB
+            # unsent in the channel, and 8 x the backlog (its hard limit).
+            for i in range(0, 8000, 500):
                 a.provider.apply([S(1 + j) for j in range(i, i + 500)])
             assert _wait(lambda: sid not in a.agent.sessions, 10), "the subscriber that stopped reading is still served"
             assert any("does not read its notifications" in r.getMessage() for r in caplog.records)
             # The one that reads got every event.
-            got = [sub.get(timeout=10) for _ in range(4000)]
+            got = [sub.get(timeout=10) for _ in range(8000)]
             assert all(g is not None and g[0] == "created" for g in got)
         a.loop.call_soon_threadsafe(conn.close)
     finally:
@@ -105,7 +106,7 @@ def test_outbox_writes_while_the_client_keeps_up_and_gives_up_past_its_limit() -
     try:
         ch = _Channel()
         over: list[tuple[int, int]] = []
-        box = Outbox(loop, ch.out.append, lambda: ch.unsent, 1000, lambda n, lim: over.append((n, lim)))
+        box = Outbox(loop, ch.out.append, lambda: ch.unsent, 1000, lambda n, size: over.append((n, size)), stall=0.2)
         box.put(b"a" * 100)
         assert ch.out == [] and box.queued == 100  # held until the subscription's reply is out
         box.open()
@@ -114,10 +115,30 @@ def test_outbox_writes_while_the_client_keeps_up_and_gives_up_past_its_limit() -
         for _ in range(10):
             box.put(b"b" * 100)
         assert len(ch.out) == 1 and over == [] and box.queued == 1000
-        box.put(b"c")
-        assert over == [(11, 1000)] and box.closed and box.queued == 0
+        box.put(b"c")  # past the limit, but it took something 0.2 s ago at most: not yet
+        assert over == [] and box.queued == 1001
+        time.sleep(0.25)
         box.put(b"d")
+        assert over == [(12, 1002)] and box.closed and box.queued == 0
+        box.put(b"e")
         assert len(ch.out) == 1
+    finally:
+        loop.close()
+
+
+def test_outbox_gives_up_past_its_hard_limit_even_on_a_client_that_reads() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        ch = _Channel()
+        over: list[tuple[int, int]] = []
+        box = Outbox(loop, ch.out.append, lambda: ch.unsent, 1000, lambda n, size: over.append((n, size)), stall=60.0)
+        box.open()
+        ch.unsent = 2 << 20
+        for _ in range(80):
+            box.put(b"b" * 100)
+        assert over == [] and box.queued == 8000  # past the limit, but it took one just now
+        box.put(b"c")
+        assert over == [(81, 8001)]
     finally:
         loop.close()
 
