@@ -49,9 +49,11 @@ _XML_NS = "http://www.w3.org/XML/1998/namespace"
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True, remove_blank_text=False)
 #: tags whose error-info names the element at fault (RFC 6241 appendix A).
 _BAD_ELEMENT_TAGS = {"unknown-element", "missing-element", "bad-element", "unknown-namespace", "bad-attribute", "missing-attribute", "unknown-attribute"}
-#: Nodes (elements, comments, processing instructions) one message's tree may hold at once.
-#: An lxml element costs ~125 bytes, ~240 with the text between elements: a
-#: 32 MB message of ``<x/>`` is 8 million of them, 2.4 GB of tree.  A
+#: Nodes (elements, attributes, namespace declarations, comments, processing
+#: instructions) one message's tree may hold at once.  An lxml element costs
+#: ~125 bytes, ~240 with the text between elements, an attribute ~280: a
+#: 32 MB message of ``<x/>`` is 8 million of them, 2.4 GB of tree; 4 MB of
+#: attributes on one element took 114 MB and 1 s (more is worse than linear).  A
 #: 100k-session edit-config holds far fewer at once: its entries are read
 #: apart (canonical form) or dropped batch by batch (~80k nodes at most).
 MAX_ELEMENTS = 250_000
@@ -534,9 +536,13 @@ class _Batches:
                 self.problems = cap_problems(self.problems + problems_of_codec(e))
                 entries = []
         self.req.entries.extend(entries)
+        # What count_nodes counted for them: the entry, its leaves, its
+        # attributes and the namespaces it declares (an estimate that errs
+        # towards fewer, so the live count errs towards more).
+        inherited = len(config.nsmap)
         dropped = 0
         for child in done:
-            dropped += 1 + len(child)
+            dropped += 1 + len(child) + len(child.attrib) + max(0, len(child.nsmap) - inherited)
             config.remove(child)
         return dropped
 
@@ -882,12 +888,13 @@ class TooManyElements(AgentError):
 
 
 def count_nodes(data: bytes) -> int:
-    """An upper bound of the nodes lxml builds for ``data`` (elements, comments, PIs): one per '<' that opens no end tag.
+    """An upper bound of the nodes lxml builds for ``data``: one per '<' that opens no end tag
+    (elements, comments, PIs), one per '=' (attributes, namespace declarations).
 
-    Two C-speed scans (~10 ms for 32 MB), done before lxml builds anything.
-    Markup characters inside comments or CDATA only make it larger.
+    Three C-speed scans (~15 ms for 32 MB), done before lxml builds anything.
+    Markup characters inside text, comments or CDATA only make it larger.
     """
-    return data.count(b"<") - data.count(b"</")
+    return data.count(b"<") - data.count(b"</") + data.count(b"=")
 
 
 def parse_message(codec: Codec, message: bytes, max_elements: int = MAX_ELEMENTS) -> tuple[Any, _Batches | None]:

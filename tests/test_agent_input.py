@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from lxml import etree
 
 from natmig.agent.monitoring import SessionRecord
-from natmig.agent.rpc import SessionState, handle_message
+from natmig.agent.rpc import SessionState, TooManyElements, handle_message, parse_message
 from natmig.codec import NETCONF_NS
 
 from .test_agent_rpc import NC, NS, FakeServer, call, edit, errors, srv  # noqa: F401 - srv is a fixture
@@ -79,3 +80,13 @@ def test_a_confirm_timeout_of_5000_digits_is_an_invalid_value_naming_it(srv: Fak
     assert "confirm-timeout" in errs[0]["error-message"] and "4300" not in errs[0]["error-message"]
     r = call(srv, f"<commit><confirmed/><confirm-timeout>{'0' * 5000}7</confirm-timeout></commit>")
     assert not errors(r)  # leading zeros are a number's lexical form
+
+
+def test_attributes_and_namespace_declarations_count_as_nodes(srv: FakeServer) -> None:
+    # 4 MB of attributes on one element: 114 MB and 1 s of lxml (worse than linear beyond).
+    for attr in (b'a%d="1"', b'xmlns:p%d="u"'):
+        doc = b"<r " + b" ".join(attr % i for i in range(300_000)) + b"/>"
+        with pytest.raises(TooManyElements):
+            parse_message(srv.codec, doc)
+    r = call(srv, "<get-config><source><running/></source></get-config>", ' message-id="1" ' + " ".join(f'a{i}="1"' for i in range(300_000)))
+    assert [e["error-tag"] for e in errors(r)] == ["too-big"]
