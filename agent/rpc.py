@@ -41,6 +41,7 @@ from .datastore import (
 )
 from .monitoring import MONITORING_NS, WITH_DEFAULTS_NS, Catalog, SessionRecord, netconf_state
 from .notifications import NOTIFICATION_NS, STREAMS, NotificationHub
+from .xmlbounds import MAX_ELEMENTS, TooManyElements, count_nodes, strip_leading_space
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,6 @@ _XML_NS = "http://www.w3.org/XML/1998/namespace"
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True, remove_blank_text=False)
 #: tags whose error-info names the element at fault (RFC 6241 appendix A).
 _BAD_ELEMENT_TAGS = {"unknown-element", "missing-element", "bad-element", "unknown-namespace", "bad-attribute", "missing-attribute", "unknown-attribute"}
-#: Nodes (elements, attributes, namespace declarations, comments, processing
-#: instructions) one message's tree may hold at once.  An lxml element costs
-#: ~125 bytes, ~240 with the text between elements, an attribute ~280: a
-#: 32 MB message of ``<x/>`` is 8 million of them, 2.4 GB of tree; 4 MB of
-#: attributes on one element took 114 MB and 1 s (more is worse than linear).  A
-#: 100k-session edit-config holds far fewer at once: its entries are read
-#: apart (canonical form) or dropped batch by batch (~80k nodes at most).
-MAX_ELEMENTS = 250_000
 
 
 class Server(Protocol):
@@ -864,37 +857,6 @@ def _parse_canonical(codec: Codec, message: bytes) -> tuple[Any, _Batches] | Non
     batches.count = len(entries)
     batches.unique = True
     return root, batches
-
-
-def strip_leading_space(message: bytes) -> bytes:
-    """``message`` without the XML white space before its first markup.
-
-    Some clients (scrapli-netconf) send ``\\n<?xml ...?>``; an XML declaration
-    is only allowed at the very start of a document, so lxml would refuse
-    what RFC 6242 framing merely left a newline in front of.
-    """
-    if message[:1] in (b" ", b"\t", b"\r", b"\n"):
-        return message.lstrip(_XML_SPACE.encode())
-    return message
-
-
-class TooManyElements(AgentError):
-    """A message holds more XML nodes than the agent builds a tree for."""
-
-    def __init__(self, count: int, limit: int) -> None:
-        self.count = count
-        self.limit = limit
-        super().__init__(f"the message holds more than {limit} XML nodes at once (at least {count}); the agent's limit is --max-elements")
-
-
-def count_nodes(data: bytes) -> int:
-    """An upper bound of the nodes lxml builds for ``data``: one per '<' that opens no end tag
-    (elements, comments, PIs), one per '=' (attributes, namespace declarations).
-
-    Three C-speed scans (~15 ms for 32 MB), done before lxml builds anything.
-    Markup characters inside text, comments or CDATA only make it larger.
-    """
-    return data.count(b"<") - data.count(b"</") + data.count(b"=")
 
 
 def parse_message(codec: Codec, message: bytes, max_elements: int = MAX_ELEMENTS) -> tuple[Any, _Batches | None]:
