@@ -9,7 +9,7 @@ session, the only way RFC 5277 has to tell a client its subscription is
 over) when more than ``limit`` bytes wait and it has taken nothing for
 ``stall`` seconds, or when more than ``hard`` bytes wait whatever it does: a
 client that reads, only slower than a burst comes (a whole 100k-session
-table deleted is ~60 MB of events in ~1.5 s), is not mistaken for one that
+table deleted is ~53 MB of events in ~1.5 s), is not mistaken for one that
 stopped.
 
 Runs on the event loop only.
