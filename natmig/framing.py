@@ -128,16 +128,19 @@ class Deframer:
                 # event loop: 16 MB in 2-byte chunks stalled it for 26 s.
                 raise MessageTooBig(f"message in more than {self.max_chunks} chunks")
             first = self._chunks == 1
-            if size >= _SMALL_CHUNK or not self._parts or not isinstance(self._parts[-1], bytearray):
-                part: bytes | bytearray = _copy(buf, nl + 1, end) if size >= _SMALL_CHUNK else bytearray(buf[nl + 1 : end])
+            part: bytes | None = None
+            if size >= _SMALL_CHUNK:
+                part = _copy(buf, nl + 1, end)
                 self._parts.append(part)
-            else:
+            elif self._parts and isinstance(self._parts[-1], bytearray):
                 # Small chunks join the one before: a list of millions of tiny
                 # bytes objects took ~70 bytes per chunk (16 MB in 2-byte chunks: 1.1 GB).
                 self._parts[-1] += buf[nl + 1 : end]
+            else:
+                self._parts.append(bytearray(buf[nl + 1 : end]))
             self._size += size
             if self.on_chunk is not None:
-                self.on_chunk(bytes(buf[nl + 1 : end]), first)
+                self.on_chunk(part if part is not None else _copy(buf, nl + 1, end), first)
             if size > 1 << 16:
                 self._buf = buf = bytearray(buf[end:])  # drop the big buffer's capacity
             else:
