@@ -212,6 +212,7 @@ class _Session:
                 size += len(reply) + self.streamed
                 del reply
                 await self.process.stdout.drain()
+                self.last_input = time.monotonic()  # idle counts from the reply: a long request is no silence
                 if size > _TRIM_AFTER:
                     await self.loop.run_in_executor(None, _malloc_trim)
                 if self.state.subscribed and self.outbox.held:
@@ -261,8 +262,9 @@ class _Session:
         that it is there: notifications it takes count as activity.  Without
         events, it sends a request now and then or is closed like any other,
         so idle subscriptions cannot hold every --max-sessions slot.  The
-        timeout runs from the last whole request: bytes trickling in do not
-        count (a message started and never finished held a session for ever).
+        timeout runs from the last whole request or its reply: bytes trickling
+        in do not count (a message started and never finished held a session
+        for ever).
         """
         idle = self.agent.config.idle_timeout
         while True:
