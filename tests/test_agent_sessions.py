@@ -108,3 +108,42 @@ def test_a_hello_of_too_many_elements_is_refused_before_it_is_parsed(tmp_path: P
         assert any("hello refused" in r.getMessage() and "1000 XML nodes" in r.getMessage() for r in caplog.records)
     finally:
         a.stop()
+
+
+async def _trickle_request(port: int, every: float, for_s: float) -> float:
+    """After the hello, send a request one byte every ``every`` s; how long until the agent closes the channel."""
+    async with asyncssh.connect("127.0.0.1", port, username="natmig", password="secret", known_hosts=None) as conn:
+        proc = await conn.create_process(subsystem="netconf", encoding=None)
+        proc.stdin.write(CLIENT_HELLO_10 + EOM)
+        t0 = time.monotonic()
+        closed = asyncio.get_running_loop().create_future()
+
+        async def drain() -> None:
+            while await proc.stdout.read(1 << 16):
+                pass
+            closed.set_result(time.monotonic() - t0)
+
+        task = asyncio.create_task(drain())
+        for b in rpc("<get/>" + " " * 200):
+            if closed.done() or time.monotonic() - t0 > for_s:
+                break
+            try:
+                proc.stdin.write(bytes([b]))
+            except (BrokenPipeError, asyncssh.Error):
+                break
+            await asyncio.sleep(every)
+        try:
+            return await asyncio.wait_for(closed, 1.0)
+        except asyncio.TimeoutError:
+            return float("inf")
+        finally:
+            task.cancel()
+
+
+def test_bytes_trickling_into_a_request_do_not_keep_a_session_past_its_idle_timeout(tmp_path: Path) -> None:
+    a = RunningAgent(tmp_path, idle_timeout=1.0)
+    try:
+        took = asyncio.run(_trickle_request(a.port, 0.2, 4.0))
+        assert took < 2.0, f"a request trickling a byte every 0.2 s kept the session {took:.1f} s"
+    finally:
+        a.stop()
