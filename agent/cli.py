@@ -25,10 +25,14 @@ from ..errors import AgentError, NatmigError
 from .. import netns
 from .auth import set_password
 from .callhome import CallHomeTarget, call_home
+from .exposure import check_listen
 from .provider import MemoryProvider, SessionProvider
 from .server import Agent, AgentConfig, limit_malloc_arenas
 
 log = logging.getLogger(__name__)
+
+#: The public address of --provider memory when none is given.
+MEMORY_PUBLIC = ["203.0.113.1"]
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -52,7 +56,7 @@ def _call_home_target(text: str) -> CallHomeTarget:
 
 
 def _memory(args: argparse.Namespace) -> SessionProvider:
-    return MemoryProvider(owned=set(args.public_address or ["203.0.113.1"]))
+    return MemoryProvider(owned=set(args.public_address or MEMORY_PUBLIC))
 
 
 def _conntrack(args: argparse.Namespace) -> SessionProvider:
@@ -114,14 +118,21 @@ def _agent(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
 
 def run_agent(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
+    if args.listen is None:
+        raise AgentError("--listen ADDR[:PORT] is required: the node's management address (the agent never picks one itself)")
     if args.netns:
         netns.enter(args.netns)
     limit_malloc_arenas()
     host, port = args.listen
+    if args.listen_anyway:
+        log.warning("--listen-anyway: listening on %s without checking the NAT's public and inside addresses", host)
+    else:
+        check_listen(host, args.public_address or MEMORY_PUBLIC, args.inside_if)
     cfg = AgentConfig(
         host=host, port=port, host_key=args.host_key, passwords=args.passwords,
         authorized_keys=args.authorized_keys, max_message=args.max_message,
         max_sessions=args.max_sessions, idle_timeout=args.idle_timeout, state_dir=args.state_dir, nacm=args.nacm,
+        max_elements=args.max_elements, notify_backlog=args.notify_backlog,
     )
     agent = _agent(args, cfg)
 
@@ -171,7 +182,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Run the NETCONF agent (SSH, subsystem netconf) of one NAT node: its nat-session data is the "
         "node's live conntrack table. `natmig agent passwd FILE USER` manages the password file.",
     )
-    p.add_argument("--listen", type=parse_listen, default=("0.0.0.0", 830), metavar="ADDR:PORT", help="address and port to listen on (default 0.0.0.0:830)")
+    p.add_argument("--listen", type=parse_listen, metavar="ADDR:PORT", help="the management address and port to listen on (required; port 830 "
+                   "if omitted); refused on the NAT's public or inside addresses and on 0.0.0.0")
+    p.add_argument("--listen-anyway", action="store_true", help="listen on --listen even where the NAT's public or inside side answers")
     p.add_argument("--call-home", action="append", type=_call_home_target, metavar="HOST[:PORT]",
                    help="dial this controller (RFC 8071 call home, port 4334 by default) and keep dialling with a backoff; repeatable")
     p.add_argument("--netns", metavar="NAME", help="network namespace of the NAT node to run in")
@@ -184,6 +197,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--passwords", metavar="FILE", help="password file (see `natmig agent passwd`)")
     p.add_argument("--authorized-keys", metavar="FILE", help="OpenSSH authorized_keys file")
     p.add_argument("--max-message", type=int, default=AgentConfig.max_message, metavar="BYTES", help="largest accepted message (default %(default)s)")
+    p.add_argument("--max-elements", type=int, default=AgentConfig.max_elements, metavar="N", help="XML nodes a message's tree may hold at once (default %(default)s)")
+    p.add_argument("--notify-backlog", type=int, default=AgentConfig.notify_backlog, metavar="BYTES", help="notifications queued for a subscriber that does not read before its session is ended (default %(default)s)")
     p.add_argument("--max-sessions", type=int, default=AgentConfig.max_sessions, metavar="N", help="concurrent NETCONF sessions (default %(default)s)")
     p.add_argument("--idle-timeout", type=float, default=AgentConfig.idle_timeout, metavar="SECONDS", help="close sessions silent this long (default %(default)s)")
     p.add_argument("--nacm", metavar="FILE", help="access control (RFC 8341): users' groups and rule lists, TOML (docs/agent.md); "

@@ -47,9 +47,11 @@ class JournalError(AgentError):
 
 def parse_timeout(text: str) -> int:
     """A confirm-timeout's text as seconds; ValueError unless it is an integer in 1..2^32-1."""
-    t = text.strip()
-    if not (t.isascii() and t.isdigit()) or not 1 <= int(t) <= MAX_TIMEOUT:
-        raise ValueError(f"confirm-timeout {text!r} is not a number of seconds in 1..{MAX_TIMEOUT}")
+    # Leading zeros off and length first: int() raises its own ValueError past
+    # 4,300 digits, and 10 digits hold any uint32.
+    t = text.strip().lstrip("0")
+    if not (t.isascii() and t.isdigit()) or len(t) > 10 or not 1 <= int(t) <= MAX_TIMEOUT:
+        raise ValueError(f"confirm-timeout {text[:40]!r} is not a number of seconds in 1..{MAX_TIMEOUT}")
     return int(t)
 
 

@@ -74,11 +74,41 @@ def refuse(tag: str, message: str, **kw: Any) -> DatastoreError:
     return DatastoreError([Problem(tag, message, **kw)])
 
 
+@dataclass(frozen=True)
+class MoreProblems(Problem):
+    """Stands for ``count`` problems left out of a reply (past :data:`PROBLEM_LIMIT`)."""
+
+    count: int = 0
+
+
+#: rpc-errors listed in one reply; the rest are counted in a last "... and N more errors".
+PROBLEM_LIMIT = 100
+
+
+def more_problems(count: int, type_: str = "application") -> MoreProblems:
+    """The "... and N more errors" rpc-error."""
+    return MoreProblems("invalid-value", f"... and {count} more errors", type=type_, count=count)
+
+
+def cap_problems(problems: Sequence[Problem], limit: int = PROBLEM_LIMIT) -> list[Problem]:
+    """At most ``limit`` problems, then one :class:`MoreProblems` counting every other.
+
+    Problems gathered in parts (a large edit-config decoded batch by batch)
+    each carry their own count of what they left out; the counts add up here.
+    """
+    listed = [p for p in problems if not isinstance(p, MoreProblems)]
+    more = sum(p.count for p in problems if isinstance(p, MoreProblems)) + max(0, len(listed) - limit)
+    out = listed[:limit]
+    if more:
+        out.append(more_problems(more, next((p.type for p in problems if isinstance(p, MoreProblems)), "application")))
+    return out
+
+
 def problems_of_codec(e: CodecError, type_: str = "application") -> list[Problem]:
     """The codec's field errors as problems (the codec already chose each error-tag)."""
     out = [Problem(f.tag, f.message, f.path if f.path != "document" else "", f.leaf, "rpc" if f.tag == "malformed-message" else type_) for f in e.errors]
     if e.more:
-        out.append(Problem("invalid-value", f"... and {e.more} more errors", type=type_))
+        out.append(more_problems(e.more, type_))
     return out
 
 

@@ -35,6 +35,8 @@ from .datastore import (
     DatastoreError,
     EditRequest,
     Problem,
+    cap_problems,
+    more_problems,
     problems_of_codec,
     refuse,
     select,
@@ -42,10 +44,12 @@ from .datastore import (
 from .nacm import AccessControl
 from .monitoring import MONITORING_NS, WITH_DEFAULTS_NS, YANG_LIBRARY_NS, Catalog, SessionRecord, netconf_state
 from .notifications import NOTIFICATION_NS, STREAMS, NotificationHub
+from .xmlbounds import MAX_ELEMENTS, TooManyElements, count_nodes, strip_leading_space
 
 log = logging.getLogger(__name__)
 
 _NC = f"{{{NETCONF_NS}}}"
+_XML_NS = "http://www.w3.org/XML/1998/namespace"
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True, remove_blank_text=False)
 #: tags whose error-info names the element at fault (RFC 6241 appendix A).
 _BAD_ELEMENT_TAGS = {"unknown-element", "missing-element", "bad-element", "unknown-namespace", "bad-attribute", "missing-attribute", "unknown-attribute"}
@@ -85,6 +89,8 @@ class SessionState:
     stream: Callable[[bytes], None] | None = None
     #: the rpc-reply start tag of the request being handled (a streamed reply sends it first).
     reply_head: bytes = b""
+    #: the most XML nodes a message's tree may hold at once (see :func:`parse_message`).
+    max_elements: int = MAX_ELEMENTS
 
     @property
     def sid(self) -> int:
@@ -160,7 +166,10 @@ def _attrs_of(rpc: Any) -> str:
     out: list[str] = []
     for k, v in rpc.attrib.items():
         q = etree.QName(k)
-        if q.namespace:
+        if q.namespace == _XML_NS:
+            # The xml prefix is bound by definition and may not be declared again.
+            out.append(f" xml:{q.localname}={quoteattr(v)}")
+        elif q.namespace:
             prefix = "a" + str(len(out))
             out.append(f' xmlns:{prefix}="{escape(q.namespace)}" {prefix}:{q.localname}={quoteattr(v)}')
         else:
@@ -557,8 +566,8 @@ class _Batches:
         #: the entries are known to hold no key twice (the canonical reader checked).
         self.unique = False
 
-    def take(self, config: Any, last: Any) -> None:
-        """Decode the complete entries of <config> up to ``last``, then drop them from the tree.
+    def take(self, config: Any, last: Any) -> int:
+        """Decode the complete entries of <config> up to ``last``, then drop them from the tree; the nodes dropped.
 
         The parser may already hold the beginning of the next entry; it is
         left alone.  nat-control and whole-list elements stay for the final pass.
@@ -577,11 +586,18 @@ class _Batches:
             try:
                 entries = self.codec.decode_edit_xml(tmp)
             except CodecError as e:
-                self.problems.extend(problems_of_codec(e)[: max(0, 100 - len(self.problems))])
+                self.problems = cap_problems(self.problems + problems_of_codec(e))
                 entries = []
         self.req.entries.extend(entries)
+        # What count_nodes counted for them: the entry, its leaves, its
+        # attributes and the namespaces it declares (an estimate that errs
+        # towards fewer, so the live count errs towards more).
+        inherited = len(config.nsmap)
+        dropped = 0
         for child in done:
+            dropped += 1 + len(child) + len(child.attrib) + max(0, len(child.nsmap) - inherited)
             config.remove(child)
+        return dropped
 
     def finish(self, rest: EditRequest | None, problems: list[Problem]) -> EditRequest:
         """The whole request: the batches plus what the final pass decoded."""
@@ -594,8 +610,10 @@ class _Batches:
             seen: set[Any] = set()
             dups = [k for k in keys if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
             problems += [Problem("bad-element", "the same entry appears twice in the request", format_key(k)) for k in dups[:10]]
+            if len(dups) > 10:
+                problems.append(more_problems(len(dups) - 10))
         if problems:
-            raise DatastoreError(problems)
+            raise DatastoreError(cap_problems(problems))
         return self.req
 
 
@@ -783,6 +801,9 @@ def op_close_session(server: Server, sess: SessionState, op: Any) -> bytes:
     return b"<ok/>"
 
 
+_SESSION_ID = re.compile(r"[0-9]{1,10}")
+
+
 def op_kill_session(server: Server, sess: SessionState, op: Any) -> bytes:
     """<kill-session>: end another session, releasing its locks."""
     _check_params(op, {"session-id"})
@@ -790,8 +811,10 @@ def op_kill_session(server: Server, sess: SessionState, op: Any) -> bytes:
     if el is None:
         raise refuse("missing-element", "<session-id> is required", type="protocol", info={"bad-element": "session-id"})
     text = (el.text or "").strip()
-    if not text.isdigit() or int(text) == 0:
-        raise refuse("invalid-value", f"session-id {text!r} is not a session number", type="protocol", info={"bad-element": "session-id"})
+    # session-id-type is a uint32 >= 1; str.isdigit() would let '²' (int() then
+    # fails) and '١' (int() reads 1) through, so only ASCII digits count.
+    if not _SESSION_ID.fullmatch(text) or not 1 <= int(text) <= 4294967295:
+        raise refuse("invalid-value", f"session-id {text[:40]!r} is not a session number", type="protocol", info={"bad-element": "session-id"})
     sid = int(text)
     if sid == sess.sid:
         raise refuse("invalid-value", "a session cannot kill itself (use close-session)", type="protocol", info={"bad-element": "session-id"})
@@ -974,21 +997,37 @@ def _parse_canonical(codec: Codec, message: bytes) -> tuple[Any, _Batches] | Non
     return root, batches
 
 
-def parse_message(codec: Codec, message: bytes) -> tuple[Any, _Batches | None]:
-    """The message's element tree; entries of a large edit-config come decoded beside it."""
+def parse_message(codec: Codec, message: bytes, max_elements: int = MAX_ELEMENTS) -> tuple[Any, _Batches | None]:
+    """The message's element tree; entries of a large edit-config come decoded beside it.
+
+    :class:`TooManyElements` when the tree would hold more than
+    ``max_elements`` nodes at once (checked before lxml builds them).
+    """
+    message = strip_leading_space(message)
     if len(message) >= CANONICAL_THRESHOLD:
         fast = _parse_canonical(codec, message)
         if fast is not None:
             return fast
     if len(message) < STREAM_THRESHOLD:
+        if (n := count_nodes(message)) > max_elements:
+            raise TooManyElements(n, max_elements)
         return etree.fromstring(message, _PARSER), None
     list_tag = f"{{{codec.ns}}}{codec.schema.list_name}"
     parser = etree.XMLPullParser(events=("end",), tag=list_tag, resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True)
     batches = _Batches(codec)
     view = memoryview(message)
     step = 1 << 20
+    # Nodes fed to lxml and not yet dropped with a decoded batch: what the
+    # tree holds at most.  Checked before each piece is fed, so a refused
+    # message never costs more than this bound's worth of tree.
+    live = 0
     for i in range(0, len(message), step):
-        parser.feed(bytes(view[i : i + step]))
+        piece = bytes(view[i : i + step])
+        live += count_nodes(piece)
+        if live > max_elements:
+            raise TooManyElements(live, max_elements)
+        parser.feed(piece)
+        del piece
         for _, el in parser.read_events():
             config = el.getparent()  # type: ignore[union-attr]  # lxml-stubs: events=("end",) yields only elements
             if config is None or config.tag != _NC + "config":
@@ -998,7 +1037,7 @@ def parse_message(codec: Codec, message: bytes) -> tuple[Any, _Batches | None]:
                 continue
             batches.count += 1
             if batches.count % batches.SIZE == 0:
-                batches.take(config, el)
+                live -= batches.take(config, el)
     root = parser.close()
     return root, (batches if batches.count else None)
 
@@ -1013,7 +1052,12 @@ def _handle(server: Server, sess: SessionState, message: bytes) -> bytes:
     codec = server.codec
     rec = sess.record
     try:
-        root, sess.batches = parse_message(codec, message)
+        root, sess.batches = parse_message(codec, message, sess.max_elements)
+    except TooManyElements as e:
+        rec.in_bad_rpcs += 1
+        rec.out_rpc_errors += 1
+        log.warning("%s: message refused: %s", sess.who, e)
+        return error_reply(codec, [Problem("too-big", str(e), type="rpc")])
     except etree.XMLSyntaxError as e:
         rec.in_bad_rpcs += 1
         rec.out_rpc_errors += 1

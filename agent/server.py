@@ -24,13 +24,16 @@ from ..codec import NETCONF_NS, Codec
 from ..errors import AgentError
 from . import nacm
 from .auth import Authenticator, load_or_create_host_key
+from .login import Gate, Login
 from .confirmed import CAPABILITY as CONFIRMED_COMMIT_CAPABILITY, Journal
 from .datastore import Datastore, Problem
 from ..framing import EOM, Deframer, FramingError, MessageTooBig, frame
 from .monitoring import BASE_10, BASE_11, Catalog, SessionRecord
+from .outbox import Outbox
 from .notifications import INTERLEAVE_CAPABILITY, NOTIFICATION_CAPABILITY, NotificationHub
 from .provider import SessionProvider
 from .rpc import SessionState, StreamBroken, error_reply, handle_message
+from .xmlbounds import MAX_ELEMENTS, TooManyElements, count_nodes, strip_leading_space
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +83,18 @@ def _malloc_trim() -> None:
 class AgentConfig:
     """Where the agent listens, its credentials and its limits."""
 
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # never every address by default: the NAT's public side would answer
     port: int = 830
     host_key: str = "agent_host_key"
     passwords: str | None = None
     authorized_keys: str | None = None
-    max_message: int = 256 << 20  # a 100k-session edit-config is ~35 MB
+    #: A 100k-session edit-config is ~35 MB. A message is held twice while it
+    #: is taken out of the SSH stream: 64 MiB keeps one under ~200 MB of RSS.
+    max_message: int = 64 << 20
+    #: XML nodes one message's tree may hold at once (rpc.MAX_ELEMENTS: ~60 MB of tree at most).
+    max_elements: int = MAX_ELEMENTS
+    #: notification bytes waiting for a subscriber that does not read, before it is given up (~13k events).
+    notify_backlog: int = 8 << 20
     max_sessions: int = 16
     idle_timeout: float = 1800.0
     hello_timeout: float = 30.0
@@ -95,44 +104,8 @@ class AgentConfig:
     nacm: str | None = None
 
 
-class _SSHServer(asyncssh.SSHServer):
-    def __init__(self, auth: Authenticator) -> None:
-        self.auth = auth
-        self.conn: asyncssh.SSHServerConnection | None = None
-        self.method = "?"
-
-    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
-        self.conn = conn
-        conn.set_extra_info(natmig_auth=self)
-
-    def begin_auth(self, username: str) -> bool:
-        keys = self.auth.authorized_keys()
-        if keys is not None and self.conn is not None:
-            self.conn.set_authorized_keys(keys)
-        return True  # authentication is always required
-
-    def password_auth_supported(self) -> bool:
-        return self.auth.passwords_path is not None
-
-    def validate_password(self, username: str, password: str) -> bool:
-        ok = self.auth.check_password(username, password)
-        peer = self.conn.get_extra_info("peername") if self.conn else "?"
-        if ok:
-            self.method = "password"
-        else:
-            log.warning("password refused for %r from %s", username, peer)
-        return ok
-
-    def public_key_auth_supported(self) -> bool:
-        return self.auth.keys_path is not None
-
-    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        # Only reached for keys not in the authorized_keys set of begin_auth.
-        return False
-
-    def auth_completed(self) -> None:
-        if self.method == "?":
-            self.method = "publickey"
+def _drop(message: bytes) -> None:
+    """Where notifications for a closed session go."""
 
 
 class _Session:
@@ -144,13 +117,13 @@ class _Session:
         self.loop = asyncio.get_running_loop()
         peer = process.get_extra_info("peername") or ("?", 0)
         user = process.get_extra_info("username") or "?"
-        self.state = SessionState(SessionRecord(sid, user, str(peer[0]), time.time()), deliver=self._deliver_threadsafe, stream=self._piece_threadsafe)
+        self.state = SessionState(SessionRecord(sid, user, str(peer[0]), time.time()), deliver=self._deliver_threadsafe, stream=self._piece_threadsafe,
+                                  max_elements=agent.config.max_elements)
         self.deframer = Deframer(agent.config.max_message)
         self.chunked = False
-        self.notify_ready = False
         #: bytes of the current reply already streamed (see _piece_threadsafe)
         self.streamed = 0
-        self.pending: list[bytes] = []
+        self.outbox = Outbox(self.loop, self._write_notification, self._unsent, agent.config.notify_backlog, self._overflow)
         self.last_input = time.monotonic()
         self.ended = asyncio.Event()
 
@@ -193,16 +166,28 @@ class _Session:
         self.loop.call_soon_threadsafe(self._deliver, message)
 
     def _deliver(self, message: bytes) -> None:
-        # RFC 5277: no notification before the create-subscription reply.
-        if not self.notify_ready:
-            self.pending.append(message)
-            return
+        self.outbox.put(message)
+
+    def _write_notification(self, message: bytes) -> None:
         self.state.record.out_notifications += 1
         self._write(message)
 
+    def _unsent(self) -> int:
+        return self.process.channel.get_write_buffer_size()
+
+    def _overflow(self, count: int, size: int) -> None:
+        log.warning("%s does not read its notifications: %d waiting (%d bytes, --notify-backlog %d); closing the session",
+                    self.who, count, size, self.agent.config.notify_backlog)
+        self._abort()
+
+    def _abort(self) -> None:
+        """End the channel now, dropping what it has not sent: a client that does not read would keep it buffered."""
+        self.state.closing = True
+        self.process.channel.abort()
+
     def kill(self) -> None:
         log.info("%s killed", self.who)
-        self.process.close()
+        self._abort()
 
     async def run(self) -> None:
         try:
@@ -211,7 +196,7 @@ class _Session:
             while not self.state.closing:
                 msg = self.deframer.next_message()
                 if msg is None:
-                    await self._read_more(self._idle_timeout())
+                    await self._wait_input()
                     continue
                 self.last_input = time.monotonic()
                 size = len(msg)
@@ -230,13 +215,11 @@ class _Session:
                 size += len(reply) + self.streamed
                 del reply
                 await self.process.stdout.drain()
+                self.last_input = time.monotonic()  # idle counts from the reply: a long request is no silence
                 if size > _TRIM_AFTER:
                     await self.loop.run_in_executor(None, _malloc_trim)
-                if self.state.subscribed and not self.notify_ready:
-                    self.notify_ready = True
-                    for m in self.pending:
-                        self._deliver(m)
-                    self.pending.clear()
+                if self.state.subscribed and self.outbox.held:
+                    self.outbox.open()  # RFC 5277: notifications only after the create-subscription reply
         except MessageTooBig as e:
             log.warning("%s: %s; closing the session", self.who, e)
             # RFC 6241 has no way to resync after an unread message: say why, then close.
@@ -252,18 +235,58 @@ class _Session:
             self.agent.datastore.release_session(self.state.sid)
             if not self.process.is_closing():
                 self.process.exit(0)
+            self._release()
             log.info("%s closed", self.who)
 
-    def _idle_timeout(self) -> float | None:
-        if self.state.subscribed:
-            return None  # a subscriber listens; silence is its normal state
-        return self.agent.config.idle_timeout
+    def _release(self) -> None:
+        """Free what the session buffered, now rather than at the next full collection.
 
-    async def _read_more(self, timeout: float | None) -> None:
+        The session and its state refer to each other (the state's callbacks
+        are this session's methods): the cycle would keep a half-read 256 MB
+        message alive until the cyclic collector ran, which an idle agent
+        may not do for a long time (measured: 789 MB kept, 221 MB after
+        gc.collect()).
+        """
+        held = self.deframer.pending
+        self.deframer.clear()
+        self.outbox.close()
+        self.state.deliver = _drop
+        self.state.stream = None
+        self.state.batches = None
+        if held > _TRIM_AFTER:
+            # A message read in 256 KB pieces grew on glibc's heap, which keeps
+            # freed memory mapped unless asked to trim it.
+            self.loop.run_in_executor(None, _malloc_trim)
+
+    async def _wait_input(self) -> None:
+        """Read more of the next message; the session ends after --idle-timeout without a request.
+
+        A subscriber's silence is its normal state, but it must still show
+        that it is there: notifications it takes count as activity.  Without
+        events, it sends a request now and then or is closed like any other,
+        so idle subscriptions cannot hold every --max-sessions slot.  The
+        timeout runs from the last whole request or its reply: bytes trickling
+        in do not count (a message started and never finished held a session
+        for ever).
+        """
+        idle = self.agent.config.idle_timeout
+        while True:
+            last = max(self.last_input, self.outbox.last_taken) if self.state.subscribed else self.last_input
+            left = idle - (time.monotonic() - last)
+            if left <= 0:
+                raise _SessionEnd(f"idle for {idle:.0f} s, closing")
+            try:
+                return await self._read_more(left)
+            except _Timeout:
+                continue
+
+    async def _read_more(self, timeout: float | None, why: str = "") -> None:
         try:
             data = await asyncio.wait_for(self.process.stdin.read(1 << 18), timeout)
         except asyncio.TimeoutError:
-            raise _SessionEnd(f"idle for {timeout:.0f} s, closing") from None
+            if why:
+                raise _SessionEnd(why) from None
+            raise _Timeout from None
         if not data:
             if self.deframer.pending:
                 raise _SessionEnd(f"client went away in the middle of a message ({self.deframer.pending} bytes unread)")
@@ -271,11 +294,19 @@ class _Session:
         self.deframer.feed(data)
 
     async def _hello(self) -> None:
-        deadline = self.agent.config.hello_timeout
+        # One deadline for the whole hello: a client trickling a byte every
+        # few seconds must not hold a session slot for ever.
+        limit = self.agent.config.hello_timeout
+        deadline = time.monotonic() + limit
         while (msg := self.deframer.next_message()) is None:
-            await self._read_more(deadline)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _SessionEnd(f"no hello within {limit:.0f} s, closing")
+            await self._read_more(left, f"no hello within {limit:.0f} s, closing")
+        if (n := count_nodes(msg)) > self.agent.config.max_elements:
+            raise _SessionEnd(f"hello refused: {TooManyElements(n, self.agent.config.max_elements)}")
         try:
-            root = etree.fromstring(msg, _HELLO_PARSER)
+            root = etree.fromstring(strip_leading_space(msg), _HELLO_PARSER)
         except etree.XMLSyntaxError as e:
             raise _SessionEnd(f"malformed hello: {e}") from None
         if root.tag != f"{{{NETCONF_NS}}}hello":
@@ -295,6 +326,10 @@ class _Session:
 
 class _SessionEnd(Exception):
     """The session ends normally or by policy; the message says why."""
+
+
+class _Timeout(Exception):
+    """No input within the time asked for."""
 
 
 class Agent:
@@ -317,6 +352,7 @@ class Agent:
         self.hub = hub
         self.access = nacm.load(config.nacm) if config.nacm else nacm.OPEN
         self.auth = Authenticator(config.passwords, config.authorized_keys)
+        self.gate = Gate(self.auth)
         self.host_key = load_or_create_host_key(config.host_key)
         self.started = time.time()
         self.sessions: dict[int, _Session] = {}
@@ -338,6 +374,12 @@ class Agent:
         sess = self.sessions.get(sid)
         if sess is None or self.loop is None:
             return False
+        sess.state.closing = True  # it handles no further request
+        # Released here, before the <ok/> leaves: a client that kills a session
+        # to take its lock must get the lock with its very next request, not
+        # once the event loop has got round to closing the channel.
+        self.hub.unsubscribe(sid)
+        self.datastore.release_session(sid)
         self.loop.call_soon_threadsafe(sess.kill)
         return True
 
@@ -374,7 +416,7 @@ class Agent:
     def ssh_options(self) -> dict[str, Any]:
         """The SSH server's settings, for the listener and for call home (where the agent dials but is still the SSH server)."""
         return dict(
-            server_factory=lambda: _SSHServer(self.auth),
+            server_factory=lambda: Login(self.gate),
             server_host_keys=[self.host_key], process_factory=self._process, encoding=None,
             allow_pty=False, agent_forwarding=False, x11_forwarding=False, line_editor=False,
             keepalive_interval=30, keepalive_count_max=4, login_timeout=30,
@@ -416,4 +458,5 @@ class Agent:
             s.kill()
         if self._server is not None:
             self._server.close()
+        self.gate.close()
         self.datastore.close()

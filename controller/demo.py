@@ -73,8 +73,9 @@ class AgentFleet:
         fd = os.open(self.client_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(ckey.export_private_key("openssh"))
-        self.authorized_keys = self.dir / "authorized_keys"
-        self.authorized_keys.write_bytes(ckey.export_public_key("openssh"))
+        # One authorized_keys file per user (the agent's --authorized-keys has %u).
+        self.authorized_keys = self.dir / "authorized_keys.%u"
+        (self.dir / f"authorized_keys.{USER}").write_bytes(ckey.export_public_key("openssh"))
         self.known_hosts = self.dir / "known_hosts"
         lines = []
         for nat in tb.topology.nats:

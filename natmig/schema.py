@@ -49,6 +49,8 @@ MODULE_PATH = YANG_DIR / f"{MODULE_NAME}.yang"
 _MEMO_LIMIT = 1 << 16
 
 _INT_TEXT = re.compile(r"[+-]?[0-9]+\Z")
+#: digits of the largest YANG integer (uint64: 18446744073709551615, 20 digits).
+_INT_DIGITS = 20
 
 TextParser = Callable[[str], Any]
 
@@ -131,7 +133,15 @@ def _int_parser(lo: int, hi: int, ranges: list[tuple[int, int]], desc: str) -> T
         # YANG allows (sign, leading zeros) and refuses what int() would also take
         # ("1_000", " 7", unicode digits).
         if not (s.isascii() and s.isdigit()) and not _INT_TEXT.match(s):
-            raise LeafValueError(f"{s!r} is not an integer")
+            raise LeafValueError(f"{s[:40]!r} is not an integer")
+        if len(s) > _INT_DIGITS:
+            # No YANG integer type needs more than 20 digits, and int() refuses
+            # texts over 4,300 digits with a ValueError of its own; leading
+            # zeros are still a valid lexical form.
+            digits = s.lstrip("+-").lstrip("0")
+            if len(digits) > _INT_DIGITS:
+                raise LeafValueError(f"{s[:20]}... ({len(s)} characters) is not in range {desc}")
+            s = ("-" if s[0] == "-" else "") + (digits or "0")
         v = int(s)
         if single:
             if rlo <= v <= rhi:

@@ -61,13 +61,19 @@ def test_host_key_is_created_once_as_ecdsa(tmp_path: Path) -> None:
         load_or_create_host_key(tmp_path / "rsa", "ssh-rsa")
 
 
-def test_authorized_keys_file(tmp_path: Path) -> None:
+def test_authorized_keys_file_per_user(tmp_path: Path) -> None:
     key = asyncssh.generate_private_key("ssh-ed25519")
-    (tmp_path / "ak").write_bytes(key.export_public_key())
-    assert Authenticator(None, str(tmp_path / "ak")).authorized_keys() is not None
-    (tmp_path / "bad").write_text("not a key\n")
-    with pytest.raises(AuthError):
-        Authenticator(None, str(tmp_path / "bad"))
+    (tmp_path / "ak.natmig").write_bytes(key.export_public_key())
+    auth = Authenticator(None, str(tmp_path / "ak.%u"))
+    assert auth.authorized_keys("natmig") is not None
+    assert auth.authorized_keys("ops") is None  # no file: no keys
+    assert auth.keys_file("../etc") is None and auth.keys_file("") is None
+    (tmp_path / "ak.bad").write_text("not a key\n")
+    with pytest.raises(AuthError, match="ak.bad"):
+        auth.authorized_keys("bad")
+    # A path without %u would let a key stand for any user name.
+    with pytest.raises(AuthError, match="%u"):
+        Authenticator(None, str(tmp_path / "ak.natmig"))
 
 
 @pytest.mark.parametrize("text,want", [("192.0.2.11:830", ("192.0.2.11", 830)), ("192.0.2.11", ("192.0.2.11", 830)),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from natmig.framing import EOM, Deframer, FramingError, MessageTooBig, frame
+from natmig.framing import _SMALL_CHUNK, EOM, Deframer, FramingError, MessageTooBig, frame
 
 
 def _all(d: Deframer) -> list[bytes]:
@@ -95,3 +95,24 @@ def test_on_chunk_sees_each_chunk_of_a_message_as_it_arrives_and_which_one_start
     d.feed(b"\n##\n\n#1\nf")
     assert d.next_message() == b"abcde"
     assert d.next_message() is None and seen[-1] == (b"f", True)  # the next message's first chunk
+
+
+def test_small_chunks_are_merged_and_the_message_is_whole() -> None:
+    d = Deframer(max_message=1 << 20)
+    d.chunked = True
+    seen: list[tuple[bytes, bool]] = []
+    d.on_chunk = lambda part, first: seen.append((bytes(part), first))
+    big = b"B" * (_SMALL_CHUNK + 5)
+    pieces = [b"ab", b"c", big, b"d", b"ef"]
+    d.feed(b"".join(b"\n#%d\n%s" % (len(p), p) for p in pieces) + b"\n##\n")
+    assert d.next_message() == b"".join(pieces)
+    assert seen == [(p, i == 0) for i, p in enumerate(pieces)]
+    assert len(d._parts) == 0 and d.pending == 0
+
+
+def test_a_message_in_too_many_chunks_is_refused() -> None:
+    d = Deframer(max_message=1 << 20, max_chunks=100)
+    d.chunked = True
+    d.feed(b"\n#1\nx" * 101)
+    with pytest.raises(MessageTooBig, match="more than 100 chunks"):
+        d.next_message()
