@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from natmig.agent import auth as auth_mod
+from natmig import credentials as credentials_mod
 from natmig.agent.auth import Authenticator, set_password
 from natmig.agent.throttle import Throttle
 
@@ -110,7 +110,7 @@ def test_unknown_users_cost_one_hash_like_known_ones(tmp_path: Path, monkeypatch
         calls.append(1)
         return real(*a, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(auth_mod.hashlib, "scrypt", counting)
+    monkeypatch.setattr(credentials_mod.hashlib, "scrypt", counting)  # where the hash is computed
     assert not auth.check_password("natmig", "wrong")
     known = len(calls)
     calls.clear()
