@@ -81,6 +81,13 @@ CASES = [
     (["migrate", "-v", "-i", "{inv}"], EXIT_FAILED, "agents.nat1.netns"),
     (["recover", "-i", "{inv}", "--json", "-"], EXIT_ATTENTION, "NOT consistent"),
     (["migrate", "-i", "{inv}", "--json", "{dir}"], EXIT_USAGE, "cannot write"),
+    (["node", "nat9", "status", "-i", "{inv}"], EXIT_USAGE, "nat9"),
+    (["node", "nat1", "status", "-i", "{inv}"], EXIT_FAILED, "agents.nat1.netns"),
+    (["node", "nat1", "load", "{bad_json}", "-i", "{inv}"], EXIT_FAILED, "translated_port: 70000"),
+    (["node", "nat1", "load", "/nonexistent.xml", "-i", "{inv}"], EXIT_USAGE, "/nonexistent.xml"),
+    (["node", "nat1", "admission", "ajar", "-i", "{inv}"], EXIT_USAGE, "invalid choice"),
+    (["node", "nat1", "sessions", "--filter", "colour=red", "-i", "{inv}"], EXIT_USAGE, "colour"),
+    (["node", "nat1", "status"], EXIT_USAGE, "--inventory"),
 ]
 
 
@@ -94,6 +101,16 @@ def test_a_bad_invocation_exits_with_its_status_and_no_traceback(files: dict[str
     if code != EXIT_OK:
         # A line names the command, as other tools' errors do.
         assert any(line.startswith("natmig") for line in cp.stderr.splitlines()), cp.stderr
+
+
+def test_the_inventorys_plaintext_secret_and_the_agents_hashed_file_are_told_apart(tmp_path: Path) -> None:
+    from natmig.agent.auth import set_password
+
+    set_password(tmp_path / "agent.pw", "natmig", "secret")
+    inv = _inventory(tmp_path)
+    cp = run("node", "nat1", "status", "-i", str(inv), "--set", f"agents.nat1.password_file={tmp_path / 'agent.pw'}")
+    assert cp.returncode == EXIT_USAGE and "Traceback" not in cp.stderr
+    assert "hashed password file" in cp.stderr and "plaintext" in cp.stderr
 
 
 def test_json_dash_is_standard_output_alone(tmp_path: Path) -> None:
