@@ -74,5 +74,19 @@ lint: setup
 	$(PYANG) --lint -p yang yang/nat-session.yang yang/natmig-state.yang yang/natmig-controller.yang examples/lb-binding.yang
 	yanglint -p yang yang/nat-session.yang yang/natmig-state.yang yang/natmig-controller.yang examples/lb-binding.yang
 
+# The agent as a systemd service (docs/agent.md): the unit template, with this
+# checkout's natmig and the config directory filled in, and an example config.
+SYSTEMD_DIR ?= /etc/systemd/system
+SYSCONFDIR ?= /etc
+NATMIG ?= $(abspath $(VENV))/bin/natmig
+
+install-systemd: venv
+	install -d $(SYSTEMD_DIR) $(SYSCONFDIR)/natmig/agent
+	sed -e 's|@NATMIG@|$(NATMIG)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' systemd/natmig-agent@.service.in > $(SYSTEMD_DIR)/natmig-agent@.service
+	chmod 0644 $(SYSTEMD_DIR)/natmig-agent@.service
+	sed -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' systemd/agent.toml.example > $(SYSCONFDIR)/natmig/agent/agent.toml.example
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed $(SYSTEMD_DIR)/natmig-agent@.service; configure $(SYSCONFDIR)/natmig/agent/NAME.toml, then: systemctl enable --now natmig-agent@NAME"
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -88,6 +88,13 @@ CASES = [
     (["node", "nat1", "admission", "ajar", "-i", "{inv}"], EXIT_USAGE, "invalid choice"),
     (["node", "nat1", "sessions", "--filter", "colour=red", "-i", "{inv}"], EXIT_USAGE, "colour"),
     (["node", "nat1", "status"], EXIT_USAGE, "--inventory"),
+    (["agent", "--config", "/nonexistent.toml"], EXIT_USAGE, "/nonexistent.toml"),
+    (["agent", "--config", "{agent_toml}"], EXIT_USAGE, "no_such_key"),
+    (["agent", "--config", "{agent_type_toml}"], EXIT_USAGE, "max_sessions"),
+    (["agent", "--provider", "memory", "--listen", "127.0.0.1:99999"], EXIT_USAGE, "port must be"),
+    (["agent", "--provider", "memory", "--listen", "127.0.0.1:0", "--passwords", "{plain}", "--host-key", "{dir}/hk"],
+     EXIT_USAGE, "natmig agent passwd"),
+    (["agent", "keygen", "--host-key", "{plain}/key"], EXIT_USAGE, "cannot create"),
 ]
 
 
