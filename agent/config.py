@@ -57,6 +57,12 @@ def track_given(parser: argparse.ArgumentParser, tag: str = "") -> dict[str, arg
         # A subclass per action class, made once: argparse dispatches on the
         # action object's class, and the option's definition stays untouched.
         action.__class__ = _given_class(type(action), GIVEN + tag)
+        if action.required:
+            # A required flag may come from the config file instead: resolve()
+            # checks it once both are read (argparse would refuse first, and
+            # would refuse `natmig agent passwd` too).
+            action.required = False
+            action.natmig_required = True  # type: ignore[attr-defined]
         options[action.dest] = action
     return options
 
@@ -128,11 +134,13 @@ def load(path: str, options: dict[str, argparse.Action]) -> dict[str, Any]:
 def resolve(args: argparse.Namespace, options: dict[str, argparse.Action]) -> argparse.Namespace:
     """``args`` with the config file's settings applied under the flags given on the command line."""
     path = getattr(args, "config", None)
-    if not path:
-        return args
-    given: set[str] = set().union(*(v for k, v in vars(args).items() if k.startswith(GIVEN)))
-    for dest, v in load(path, options).items():
-        if dest not in given:
-            setattr(args, dest, v)
+    if path:
+        given: set[str] = set().union(*(v for k, v in vars(args).items() if k.startswith(GIVEN)))
+        for dest, v in load(path, options).items():
+            if dest not in given:
+                setattr(args, dest, v)
+    for dest, action in options.items():
+        if getattr(action, "natmig_required", False) and getattr(args, dest, None) is None:
+            raise UsageError(f"{action.option_strings[-1]} is required (on the command line, or as {dest} in the --config file)")
     return args
 

@@ -20,7 +20,7 @@ import sys
 from typing import Iterator, Sequence
 
 from . import __version__
-from .errors import EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_USAGE, NatmigError
+from .errors import EXIT_FAILED, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_STATUSES, EXIT_USAGE, NatmigError
 
 log = logging.getLogger("natmig")
 
@@ -32,14 +32,7 @@ COMMAND_MODULES = (
     "natmig.controller.node_cli",
 )
 
-EXIT_STATUS_EPILOG = """exit status:
-  0    success
-  1    failed; nothing was changed (or what was changed was rolled back, as read back)
-  2    usage: bad arguments, or a file (inventory, config, document) missing or invalid
-  3    failed, and the state needs attention: run the `natmig recover` command printed
-  70   internal error (a bug: run again with -vv for the traceback)
-  130  interrupted
-"""
+EXIT_STATUS_EPILOG = "exit status:\n" + "".join(f"  {code:<4} {text}\n" for code, text in EXIT_STATUSES)
 
 
 def _verbosity(parser: argparse.ArgumentParser, top: bool) -> None:

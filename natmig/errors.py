@@ -23,6 +23,16 @@ EXIT_INTERNAL = 70
 #: interrupted (Ctrl-C), as shells report SIGINT
 EXIT_INTERRUPTED = 130
 
+#: every exit status with its meaning: `natmig --help`, the man page and docs/cli.md say the same
+EXIT_STATUSES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "success"),
+    (EXIT_FAILED, "failed; nothing was changed (or what was changed was rolled back, as read back)"),
+    (EXIT_USAGE, "usage: bad arguments, or a file (inventory, config, document) missing or invalid"),
+    (EXIT_ATTENTION, "failed, and the state needs attention: run the `natmig recover` command printed"),
+    (EXIT_INTERNAL, "internal error (a bug: run again with -vv for the traceback)"),
+    (EXIT_INTERRUPTED, "interrupted"),
+)
+
 
 class NatmigError(Exception):
     """Root of every error natmig raises on purpose.

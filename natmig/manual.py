@@ -21,6 +21,7 @@ from argparse_manpage.manpage import Manpage
 
 from . import __version__
 from .cli import _subparsers, build_parser
+from .errors import EXIT_STATUSES
 
 ROOT = Path(__file__).resolve().parents[1]
 #: generated file -> what makes it
@@ -28,27 +29,13 @@ OUTPUTS = ("man/natmig.1", "completion/natmig", "completion/_natmig")
 #: options whose argument is a path: the shells complete file names there
 PATH_METAVARS = {"FILE", "DIR"}
 
-EXTRA_SECTIONS = """
-.SH EXIT STATUS
-.TP
-.B 0
-success
-.TP
-.B 1
-failed; nothing was changed (or what was changed was rolled back, as read back)
-.TP
-.B 2
-usage: bad arguments, or a file (inventory, config, document) missing or invalid
-.TP
-.B 3
-failed, and the state needs attention: run the \\fBnatmig recover\\fR command printed
-.TP
-.B 70
-internal error (a bug: run again with \\-vv for the traceback)
-.TP
-.B 130
-interrupted
-.SH ENVIRONMENT
+
+def _roff(text: str) -> str:
+    """Plain text as roff: backslashes and hyphens escaped."""
+    return text.replace("\\", "\\\\").replace("-", "\\-")
+
+
+EXTRA_SECTIONS = ".SH EXIT STATUS\n" + "".join(f".TP\n.B {code}\n{_roff(text)}\n" for code, text in EXIT_STATUSES) + """.SH ENVIRONMENT
 .TP
 .B NATMIG_INVENTORY
 the inventory \\fBnatmig node\\fR reads when \\-\\-inventory is not given
@@ -86,7 +73,7 @@ def man_page(date: str | None = None) -> str:
     })
     text = str(page).rstrip("\n")
     # The exit statuses and the rest go before the generated footer (AUTHORS/DISTRIBUTION), if any.
-    return text + "\n" + EXTRA_SECTIONS.lstrip("\n")
+    return text + "\n" + EXTRA_SECTIONS
 
 
 def completion(shell: str) -> str:

@@ -141,3 +141,15 @@ def test_the_example_config_is_valid() -> None:
     args = build_parser().parse_args(["agent"])
     got = agent_config.load(str(ROOT / "systemd" / "agent.toml.example"), args.agent_options)
     assert got["netns"] == "nat1" and got["listen"] == ("192.0.2.11", 830) and got["state_dir"] == "/run/natmig-agent/nat1"
+
+
+def test_a_required_flag_may_come_from_the_config_file(tmp_path: Path) -> None:
+    # Should a flag become required (--listen may), the config file can still give it, and passwd needs neither.
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--config")
+    options = agent_config.track_given(parser)
+    (tmp_path / "a.toml").write_text('listen = "127.0.0.1:1"\n')
+    assert agent_config.resolve(parser.parse_args(["--config", str(tmp_path / "a.toml")]), options).listen == "127.0.0.1:1"
+    with pytest.raises(UsageError, match="--listen is required"):
+        agent_config.resolve(parser.parse_args([]), options)
