@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,10 @@ from .steering import steering_from_spec
 
 def _migration_inventory(args: argparse.Namespace, command: str) -> Inventory | None:
     """The inventory with --from/--to/--set applied; None (the error printed) when it names no source, target or switch."""
+    if not args.inventory:
+        args.inventory = os.environ.get("NATMIG_INVENTORY")
+    if not args.inventory and not args.set:
+        raise UsageError("name the inventory: --inventory FILE (or NATMIG_INVENTORY)")
     overrides = list(args.set or [])
     if args.source:
         overrides.append(f"migration.source={args.source}")
@@ -168,7 +173,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _inventory_arguments(p: argparse.ArgumentParser, source: str, target: str) -> None:
     """The arguments :func:`_migration_inventory` reads: --inventory, --from, --to, --set."""
-    p.add_argument("--inventory", "-i", metavar="FILE", help="agents and switch (TOML or YAML; see docs/controller.md)")
+    p.add_argument("--inventory", "-i", metavar="FILE", help="agents and switch (TOML or YAML; see docs/controller.md; default $NATMIG_INVENTORY)")
     p.add_argument("--from", dest="source", metavar="NAT", help=f"{source} (overrides migration.source)")
     p.add_argument("--to", dest="target", metavar="NAT", help=f"{target} (overrides migration.target)")
     p.add_argument("--set", action="append", metavar="PATH=VALUE", help="override an inventory field, e.g. agents.nat2.host=192.0.2.12 (repeatable)")

@@ -45,7 +45,8 @@ def _inventory(tmp: Path, host: str = "127.0.0.1", port: int | None = None, extr
 
 
 def run(*argv: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "natmig.cli", *argv], input=stdin, capture_output=True, text=True, timeout=60)
+    env = {k: v for k, v in os.environ.items() if k != "NATMIG_INVENTORY"}  # the cases name their inventory
+    return subprocess.run([sys.executable, "-m", "natmig.cli", *argv], input=stdin, capture_output=True, text=True, timeout=60, env=env)
 
 
 @pytest.fixture
@@ -73,6 +74,8 @@ CASES = [
     (["convert", "{doc_json}"], EXIT_USAGE, "--to"),
     (["convert", "{doc_json}", "--to", "yaml"], EXIT_USAGE, "invalid choice"),
     (["nosuchcommand"], EXIT_USAGE, "invalid choice"),
+    (["testbed", "up", "--topology", "/nonexistent.toml", "--prefix", "nmbad"], EXIT_USAGE, "cannot read the file"),
+    (["recover"], EXIT_USAGE, "--inventory"),
     (["migrate", "-i", "/nonexistent.toml"], EXIT_USAGE, "cannot read"),
     (["migrate", "-i", "{bad_toml}", "-q"], EXIT_USAGE, "not valid TOML"),
     (["migrate", "-i", "{port_toml}"], EXIT_USAGE, "agents.nat1.port: 'x' is not an integer"),
