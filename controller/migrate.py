@@ -1001,7 +1001,10 @@ def endpoint_from_spec(spec: Any, timeout: float = 30.0) -> Endpoint:
             node.name = spec.name
             return node
         if spec.netns:
-            return netns.call_in(spec.netns, connect)
+            try:
+                return netns.call_in(spec.netns, connect)
+            except netns.NetnsError as e:
+                raise ConnectError(f"agents.{spec.name}.netns: {e} (ip netns list shows those that exist)") from e
         # Without netns the connection leaves from this namespace: refuse at
         # once when it has no route, and name the field either way.
         why = route_error(spec.host, spec.port)

@@ -91,6 +91,7 @@ CASES = [
     (["node", "nat1", "admission", "ajar", "-i", "{inv}"], EXIT_USAGE, "invalid choice"),
     (["node", "nat1", "sessions", "--filter", "colour=red", "-i", "{inv}"], EXIT_USAGE, "colour"),
     (["node", "nat1", "status"], EXIT_USAGE, "--inventory"),
+    (["node", "nat1", "status", "-i", "{inv}", "--set", "agents.nat1.netns=nmnosuchns"], EXIT_FAILED, "agents.nat1.netns: network namespace nmnosuchns"),
     (["agent", "--config", "/nonexistent.toml"], EXIT_USAGE, "/nonexistent.toml"),
     (["agent", "--config", "{agent_toml}"], EXIT_USAGE, "no_such_key"),
     (["agent", "--config", "{agent_type_toml}"], EXIT_USAGE, "max_sessions"),
