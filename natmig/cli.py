@@ -42,8 +42,12 @@ def _verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
     # reset a -v given before it.
     default = 0 if top else argparse.SUPPRESS
     group = parser.add_argument_group("output")
-    group.add_argument("-v", "--verbose", action="count", default=default, help="more logging (-vv: debug, and tracebacks of internal errors)")
-    group.add_argument("-q", "--quiet", action="count", default=default, help="less output: only errors (and, for migrate, no per-phase progress)")
+    for flags, dest, text in ((("-v", "--verbose"), "verbose", "more logging (-vv: debug, and tracebacks of internal errors)"),
+                              (("-q", "--quiet"), "quiet", "less output: only errors (and, for migrate, no per-phase progress)")):
+        # A subcommand that defines one of these itself keeps its own (its dest must be the same).
+        free = [f for f in flags if f not in parser._option_string_actions]
+        if free:
+            group.add_argument(*free, dest=dest, action="count", default=default, help=text)
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
