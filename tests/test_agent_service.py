@@ -52,6 +52,8 @@ def test_every_agent_flag_has_a_config_key(tmp_path: Path) -> None:
             text = sample[action.type]
         elif dest == "listen":
             text = '"127.0.0.1:1830"'
+        elif dest == "call_home":
+            text = '["192.0.2.254:4334"]'
         else:
             text = '"/x/y"' if dest != "public_address" else '["203.0.113.9"]'
         f = tmp_path / f"{dest}.toml"
