@@ -15,14 +15,27 @@ PYANG := $(VENV)/bin/pyang
 APT_PACKAGES := python3-venv libyang-tools conntrack nftables iptables openvswitch-switch \
 	iproute2 ethtool iputils-ping procps psmisc yangcli
 
-.PHONY: help setup system venv test test-unit typecheck faults bench demo bindings tree lint clean
+.PHONY: help setup system venv test test-unit typecheck faults bench demo bindings tree lint man install-man-venv install-systemd clean
 
+# Every target, with what it does: `make help` prints this list (a test checks it names every target).
 help:
-	@echo "make demo      set up and run the four-step live migration demo"
-	@echo "make test      set up, type-check (make typecheck) and run the test suite (root needed for functional tests)"
-	@echo "make faults    the fault-injection suite: migrations and agents killed anywhere (root, ~5 min)"
-	@echo "make bench     set up and run the benchmarks, printing their figures"
-	@echo "make bindings  regenerate bindings/ from yang/ with pyangbind"
+	@echo "make demo             set up and run the four-step live migration demo"
+	@echo "make test             set up, type-check (make typecheck) and run the test suite (root needed for functional tests)"
+	@echo "make typecheck        mypy on natmig's packages (a tree of links shaped as the installed package)"
+	@echo "make test-unit        the tests that need no root (no namespaces, no kernel)"
+	@echo "make faults           the fault-injection suite: migrations and agents killed anywhere (root, ~5 min)"
+	@echo "make bench            set up and run the benchmarks, printing their figures"
+	@echo "make setup            install the Debian packages (system) and the venv"
+	@echo "make system           install the Debian packages natmig needs (apt-get, only those missing)"
+	@echo "make venv             create .venv with natmig installed in editable mode"
+	@echo "make bindings         regenerate bindings/ from yang/ with pyangbind"
+	@echo "make tree             print the module's tree diagram (pyang -f tree)"
+	@echo "make lint             check the YANG modules (pyang --lint, yanglint)"
+	@echo "make man              regenerate man/natmig.1 and the bash/zsh completions from the parsers"
+	@echo "make install-man-venv put the man page and completions into .venv/share (make venv does it)"
+	@echo "make install-systemd  install the natmig-agent@.service unit and an example agent config"
+	@echo "make clean            remove .venv and build leftovers"
+	@echo "make help             this list"
 
 setup: system venv
 
@@ -41,8 +54,16 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,docs]'
+	@$(MAKE) -s install-man-venv
 	@touch $@
+
+# An editable install skips pyproject's data-files (a wheel has them): put the
+# manual page and completions where the venv's man and shells find them.
+install-man-venv:
+	install -D -m 0644 man/natmig.1 $(VENV)/share/man/man1/natmig.1
+	install -D -m 0644 completion/natmig $(VENV)/share/bash-completion/completions/natmig
+	install -D -m 0644 completion/_natmig $(VENV)/share/zsh/site-functions/_natmig
 
 test: setup typecheck
 	$(PY) -m pytest
@@ -84,6 +105,26 @@ tree: venv
 lint: setup
 	$(PYANG) --lint -p yang yang/nat-session.yang yang/natmig-state.yang yang/natmig-controller.yang examples/lb-binding.yang
 	yanglint -p yang yang/nat-session.yang yang/natmig-state.yang yang/natmig-controller.yang examples/lb-binding.yang
+
+# The manual page and completions are generated from the argparse parsers
+# (natmig/manual.py) and installed with the package (pyproject's data-files).
+man: venv
+	$(PY) -m natmig.manual
+	@$(MAKE) -s install-man-venv
+
+# The agent as a systemd service (docs/agent.md): the unit template, with this
+# checkout's natmig and the config directory filled in, and an example config.
+SYSTEMD_DIR ?= /etc/systemd/system
+SYSCONFDIR ?= /etc
+NATMIG ?= $(abspath $(VENV))/bin/natmig
+
+install-systemd: venv
+	install -d $(SYSTEMD_DIR) $(SYSCONFDIR)/natmig/agent
+	sed -e 's|@NATMIG@|$(NATMIG)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' systemd/natmig-agent@.service.in > $(SYSTEMD_DIR)/natmig-agent@.service
+	chmod 0644 $(SYSTEMD_DIR)/natmig-agent@.service
+	sed -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' systemd/agent.toml.example > $(SYSCONFDIR)/natmig/agent/agent.toml.example
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+	@echo "installed $(SYSTEMD_DIR)/natmig-agent@.service; configure $(SYSCONFDIR)/natmig/agent/NAME.toml, then: systemctl enable --now natmig-agent@NAME"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

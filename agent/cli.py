@@ -23,11 +23,13 @@ from typing import Callable
 from ..codec import default_codec
 from ..errors import AgentError, NatmigError
 from .. import netns
+from . import config as agent_config
 from .auth import set_password
 from .callhome import CallHomeTarget, call_home
 from .exposure import check_listen
 from .provider import MemoryProvider, SessionProvider
 from .server import Agent, AgentConfig, limit_malloc_arenas
+from .service import Notifier, PidFile, keygen, known_hosts_line
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +120,11 @@ def _agent(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
 
 def run_agent(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
+    args = agent_config.resolve(args, args.agent_options)
     if args.listen is None:
         raise AgentError("--listen ADDR[:PORT] is required: the node's management address (the agent never picks one itself)")
+    notifier = Notifier()  # before entering the namespace (see agent/service.py)
+    pidfile = PidFile(args.pidfile)
     if args.netns:
         netns.enter(args.netns)
     limit_malloc_arenas()
@@ -146,19 +151,45 @@ def run_agent(args: argparse.Namespace) -> int:
             # Tests and scripts wait for this file instead of polling the port.
             with open(args.ready_file, "w") as f:
                 f.write(f"{os.getpid()} {agent.port}\n")
-        print(f"natmig agent: listening on {host}:{agent.port}" + (f" in netns {args.netns}" if args.netns else ""), file=sys.stderr, flush=True)
+        where = f"listening on {host}:{agent.port}" + (f" in netns {args.netns}" if args.netns else "")
+        print(f"natmig agent: {where}", file=sys.stderr, flush=True)
+        pidfile.write()
+        notifier.notify("READY=1", f"STATUS={where}", f"MAINPID={os.getpid()}")
         try:
             await stop.wait()
         finally:
+            notifier.notify("STOPPING=1")
             for h in homes:
                 h.cancel()
             agent.close()
+            pidfile.remove()
             log.info("agent stopped")
 
     try:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    """Create the host key (unless it exists) and print the known_hosts line the controller needs."""
+    args = agent_config.resolve(args, args.agent_options)
+    key, created = keygen(args.host_key)
+    host, port = args.listen
+    if args.address:
+        text = args.address
+        with_port = "]:" in text if text.startswith("[") else text.count(":") == 1
+        host = parse_listen(text)[0]
+        if with_port:
+            port = parse_listen(text)[1]
+    if host in ("0.0.0.0", "::", ""):
+        host = "ADDRESS"
+        print("natmig agent keygen: the agent listens on every address: replace ADDRESS with the one the controller "
+              "connects to, or give --address", file=sys.stderr)
+    print(known_hosts_line(key, host, port))
+    print(f"natmig agent keygen: host key {args.host_key} {'created' if created else 'exists'} ({args.host_key}.pub beside it); "
+          "add the line above to the known_hosts file the inventory names", file=sys.stderr)
     return 0
 
 
@@ -176,7 +207,7 @@ def run_passwd(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add `natmig agent` (and `natmig agent passwd`)."""
+    """Add `natmig agent` (and `natmig agent passwd`, `natmig agent keygen`)."""
     p = sub.add_parser(
         "agent", help="run the NETCONF agent of a NAT node",
         description="Run the NETCONF agent (SSH, subsystem netconf) of one NAT node: its nat-session data is the "
@@ -194,7 +225,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--public-address", action="append", metavar="A", help="public address of the NAT (repeatable)")
     p.add_argument("--inside-if", default="inside0", metavar="IF", help="the NAT's inside interface, for admission control (default %(default)s)")
     p.add_argument("--host-key", default="agent_host_key", metavar="FILE", help="SSH host key, created (ECDSA) if missing")
-    p.add_argument("--passwords", metavar="FILE", help="password file (see `natmig agent passwd`)")
+    p.add_argument("--passwords", metavar="FILE", help="the agent's HASHED password file, USER:scrypt$... lines written by "
+                   "`natmig agent passwd` (not the inventory's plaintext password_file)")
     p.add_argument("--authorized-keys", metavar="FILE", help="OpenSSH authorized_keys file")
     p.add_argument("--max-message", type=int, default=AgentConfig.max_message, metavar="BYTES", help="largest accepted message (default %(default)s)")
     p.add_argument("--max-elements", type=int, default=AgentConfig.max_elements, metavar="N", help="XML nodes a message's tree may hold at once (default %(default)s)")
@@ -206,8 +238,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ready-file", metavar="FILE", help="write 'PID PORT' here once listening")
     p.add_argument("--state-dir", metavar="DIR", help="keep a pending confirmed commit's undo record here, so that a restarted agent "
                    "rolls it back (created mode 0700; best on /run, which a reboot empties along with the kernel's table)")
+    p.add_argument("--config", metavar="FILE", help="TOML file with a key per flag (max_sessions = 16); flags given here override it")
+    p.add_argument("--pidfile", metavar="FILE", help="write the agent's pid here once listening (removed at exit)")
     p.set_defaults(func=run_agent)
-    asub = p.add_subparsers(dest="agent_command", metavar="passwd")
+    # Every option above becomes a config key (agent/config.py).
+    p.set_defaults(agent_options=agent_config.track_given(p))
+    asub = p.add_subparsers(dest="agent_command", metavar="passwd|keygen")
+    kg = asub.add_parser("keygen", help="create the agent's SSH host key (--host-key, or the config's) and print its known_hosts line",
+                         description="Create the host key named by the agent's --host-key (or its --config file's host_key) "
+                         "unless it exists, with FILE.pub beside it, and print the OpenSSH known_hosts line for the controller: "
+                         "`natmig agent --config /etc/natmig/agent/nat1.toml keygen >> /etc/natmig/known_hosts`.")
+    kg.add_argument("--address", metavar="HOST[:PORT]", help="the address the controller connects to (default: the --listen address and port)")
+    # Also accepted after `keygen`; SUPPRESS keeps the agent's own value when they are not given here.
+    kg.add_argument("--host-key", default=argparse.SUPPRESS, metavar="FILE", help="the host key file (default: the agent's)")
+    kg.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help="the agent's config file, for host_key and listen")
+    agent_config.track_given(kg, tag="_keygen")
+    kg.set_defaults(func=run_keygen)
     pw = asub.add_parser("passwd", help="add or change a user in a password file")
     pw.add_argument("file", help="password file (created mode 0600)")
     pw.add_argument("user")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
 
+from ..errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
 from .inventory import Inventory, load
 from .migrate import MigrateOptions, Migration, endpoint_from_spec
 from .recover import recover
@@ -16,6 +18,10 @@ from .steering import steering_from_spec
 
 def _migration_inventory(args: argparse.Namespace, command: str) -> Inventory | None:
     """The inventory with --from/--to/--set applied; None (the error printed) when it names no source, target or switch."""
+    if not args.inventory:
+        args.inventory = os.environ.get("NATMIG_INVENTORY")
+    if not args.inventory and not args.set:
+        raise UsageError("name the inventory: --inventory FILE (or NATMIG_INVENTORY)")
     overrides = list(args.set or [])
     if args.source:
         overrides.append(f"migration.source={args.source}")
@@ -33,9 +39,10 @@ def _migration_inventory(args: argparse.Namespace, command: str) -> Inventory | 
 
 def run_migrate(args: argparse.Namespace) -> int:
     """Move a NAT's live sessions from a source agent to a target agent, then repoint traffic."""
+    _check_json_path(args.json)
     inv = _migration_inventory(args, "migrate")
     if inv is None:
-        return 2
+        return EXIT_USAGE
     assert inv.source is not None and inv.target is not None
     if args.controller is not None:
         return _run_via_controller(args, inv)
@@ -53,14 +60,21 @@ def run_migrate(args: argparse.Namespace) -> int:
             print(f"{ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}", file=sys.stderr, flush=True)
 
     report = Migration(src, dst, steering_from_spec(inv.switch), opts, progress).run()
-    print(format_report(report))
+    # With --json - standard output carries the JSON alone; the text goes to stderr.
+    print(format_report(report), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         _write_json(args.json, report.to_json())
-    if not report.ok:
-        print(f"natmig migrate: failed in phase {report.failed_phase}: {report.error}; traffic on {report.traffic_on}; "
-              + "; ".join(f"{n}: {s}" for n, s in report.node_state.items()), file=sys.stderr)
-        return 1
-    return 0
+    outcome = report.outcome
+    if outcome == "ok":
+        return EXIT_OK
+    print(f"natmig migrate: failed in phase {report.failed_phase}: {report.error}; traffic on {report.traffic_on}; "
+          + "; ".join(f"{n}: {s}" for n, s in report.node_state.items()), file=sys.stderr)
+    if outcome == "unchanged":
+        print("natmig migrate: nothing was changed (read back: traffic on the source, both nodes admit new sessions, "
+              "the target holds what it held)", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"natmig migrate: the state needs attention: run `{opts.recover_hint}`", file=sys.stderr)
+    return EXIT_ATTENTION
 
 
 def _run_state_migration(args: argparse.Namespace, inv: Inventory) -> int:
@@ -71,7 +85,7 @@ def _run_state_migration(args: argparse.Namespace, inv: Inventory) -> int:
     assert inv.source is not None and inv.target is not None
     if args.no_state or args.retire == "stop":
         print("natmig migrate: error: the generic engine moves state: --no-state and --retire stop do not apply", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     opts = EngineOptions(retire=args.retire or inv.retire, confirm_timeout=args.confirm_timeout,
                          recover_hint=f"natmig recover --inventory {args.inventory} --from {inv.source} --to {inv.target}")
 
@@ -87,10 +101,10 @@ def _run_state_migration(args: argparse.Namespace, inv: Inventory) -> int:
     steering = None if inv.switch.kind == "none" else steering_from_spec(inv.switch)
     report = EngineMigration(opener("source", inv.source), opener("target", inv.target), inv.source, inv.target, opts,
                              default_phases(steering), on_phase=progress).run()
-    print(report.text())
+    print(report.text(), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         _write_json(args.json, report.to_json())
-    return 0 if report.ok else 1
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _run_via_controller(args: argparse.Namespace, inv: Inventory) -> int:
@@ -109,23 +123,41 @@ def run_controller(args: argparse.Namespace) -> int:
 
 def run_recover(args: argparse.Namespace) -> int:
     """Read both nodes and the switch, then finish or undo an interrupted migration (see docs/controller.md)."""
+    _check_json_path(args.json)
     inv = _migration_inventory(args, "recover")
     if inv is None:
-        return 2
+        return EXIT_USAGE
     assert inv.source is not None and inv.target is not None and inv.switch is not None
     report = recover(endpoint_from_spec(inv.agent(inv.source, "source")), endpoint_from_spec(inv.agent(inv.target, "target")),
                      steering_from_spec(inv.switch), args.retire or inv.retire)
-    print(report.text())
+    print(report.text(), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         _write_json(args.json, report.to_json())
-    return 0 if report.ok else 1
+    if report.ok:
+        return EXIT_OK
+    # A recovery that did not end consistent leaves the state for the operator.
+    print("natmig recover: the state needs attention (see above); run recover again once the cause is fixed", file=sys.stderr)
+    return EXIT_ATTENTION
+
+
+def _check_json_path(path: str | None) -> None:
+    """Refuse a --json path that cannot be written before anything runs, not after a migration."""
+    if path is None or path == "-":
+        return
+    p = Path(path)
+    if p.is_dir() or not p.parent.is_dir():
+        raise UsageError(f"--json {path}: cannot write: {'is a directory' if p.is_dir() else 'no such directory ' + str(p.parent)}")
 
 
 def _write_json(path: str, text: str) -> None:
     if path == "-":
         sys.stdout.write(text + "\n")
-    else:
-        Path(path).write_text(text)
+        sys.stdout.flush()
+        return
+    try:
+        Path(path).write_text(text + "\n")
+    except OSError as e:
+        raise UsageError(f"--json {path}: cannot write: {e.strerror or e}") from e
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -150,7 +182,7 @@ def run_plot(args: argparse.Namespace) -> int:
 
 def _inventory_arguments(p: argparse.ArgumentParser, source: str, target: str) -> None:
     """The arguments :func:`_migration_inventory` reads: --inventory, --from, --to, --set."""
-    p.add_argument("--inventory", "-i", metavar="FILE", help="agents and switch (TOML or YAML; see docs/controller.md)")
+    p.add_argument("--inventory", "-i", metavar="FILE", help="agents and switch (TOML or YAML; see docs/controller.md; default $NATMIG_INVENTORY)")
     p.add_argument("--from", dest="source", metavar="NAT", help=f"{source} (overrides migration.source)")
     p.add_argument("--to", dest="target", metavar="NAT", help=f"{target} (overrides migration.target)")
     p.add_argument("--set", action="append", metavar="PATH=VALUE", help="override an inventory field, e.g. agents.nat2.host=192.0.2.12 (repeatable)")
@@ -169,7 +201,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--confirm-timeout", type=float, default=MigrateOptions.confirm_timeout, metavar="S",
                    help="seconds after which the agents undo by themselves what an interrupted migration left pending (default %(default)g)")
     m.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': standard output)")
-    m.add_argument("--quiet", "-q", action="store_true", help="no per-phase progress on stderr")
     m.add_argument("--controller", nargs="?", const="", metavar="HOST[:PORT]",
                    help="ask the controller service of the inventory's [controller] (at HOST[:PORT] when given) to run the migration")
     m.set_defaults(func=run_migrate)
@@ -197,7 +228,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--no-state", action="store_true", help="skip the copy: the negative control, flows must break")
     d.add_argument("--retire", choices=("delete", "keep", "stop"), default="delete", help="what becomes of nat1 (default delete)")
     d.add_argument("--after", type=float, default=1.5, metavar="S", help="seconds of traffic after the move (default 1.5)")
-    d.add_argument("--json", metavar="FILE", help="write the report as JSON")
+    d.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': standard output)")
     d.add_argument("--plot", metavar="FILE.png", help="draw each flow's gaps over time with the phases as bands (needs matplotlib)")
     d.add_argument("--prefix", help="testbed name prefix (default: unique per run)")
     d.add_argument("--topology", metavar="FILE", help="testbed topology (default: the demo topology)")

@@ -382,7 +382,9 @@ class Demo:
         ok = error is None and report is not None and report.ok and result is not None and result.all_survived
         res = DemoResult(report, result, self.steps, ok, error or (report.error if report and not report.ok else None))
         self.print_report(res)
-        if o.json_path:
+        if o.json_path == "-":
+            print(json.dumps(res.to_dict(), indent=2), flush=True)
+        elif o.json_path:
             Path(o.json_path).write_text(json.dumps(res.to_dict(), indent=2))
         if o.plot_path and res.migration is not None and res.traffic is not None:
             from .plot import plot
@@ -430,4 +432,5 @@ def _raise_interrupt(*_: object) -> None:
 
 def run(opts: DemoOptions) -> int:
     """Run the demo; exit status 0 only when every flow survived."""
-    return 0 if Demo(opts).run().ok else 1
+    # With --json - standard output carries the JSON alone; progress and the report go to stderr.
+    return 0 if Demo(opts, sys.stderr if opts.json_path == "-" else sys.stdout).run().ok else 1

@@ -44,6 +44,7 @@ are ``PATH=VALUE`` strings applied before the check (``agents.nat2.host=192.0.2.
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,12 +52,18 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from ..errors import ControllerError
+from ..errors import EXIT_USAGE, ControllerError
 from .plan import NatPorts, SwitchLayout
+
+
+#: a line of the agent's password file (agent/auth.py), which an inventory's password_file must not be
+_AGENT_PASSWORD_LINE = re.compile(r"^[^:\s]+:scrypt\$", re.M)
 
 
 class InventoryError(ControllerError):
     """The inventory is missing, unreadable, or has a bad field (named in the message)."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)
@@ -82,9 +89,16 @@ class AgentSpec:
         if self.password_file is None:
             return None
         try:
-            return Path(self.password_file).read_text().strip()
+            text = Path(self.password_file).read_text().strip()
         except OSError as e:
             raise InventoryError(f"agents.{self.name}.password_file: cannot read {self.password_file}: {e}") from e
+        if _AGENT_PASSWORD_LINE.match(text):
+            # The agent's own file (hashed) given where the plaintext secret belongs: sending the hash would only be refused.
+            raise InventoryError(
+                f"agents.{self.name}.password_file: {self.password_file} is an agent's hashed password file (USER:scrypt$...); "
+                "the inventory needs the plaintext password itself (a file holding only the password), the one set with "
+                "`natmig agent passwd` in the agent's --passwords file")
+        return text
 
 
 @dataclass(frozen=True)

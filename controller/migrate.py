@@ -64,6 +64,7 @@ from ..codec import default_codec
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession, SessionKey, table_digest
 from .plan import CatchUp, CopyPlan, PlanError, Verdict, compare, expected_table, for_target, for_target_text, foreign_addresses, plan_copy
+from .reach import netns_hint, route_error
 from .readback import read_node
 from .report import MigrationReport, PhaseClock, PhaseTiming
 from .steering import Steering
@@ -345,6 +346,8 @@ class Migration:
                     else:
                         self._target_before = tgt.get_sessions("running")
                         self._st.target_admission = tgt.get_admission()
+                    # What the exit status compares the read-back count with (report.outcome).
+                    self.report.target_sessions_before = len(self._target_before)
                 finally:
                     # Waited for even when the target failed: nothing runs on after the phase.
                     self._source_admits = fs.result()
@@ -987,7 +990,7 @@ def endpoint_from_spec(spec: Any, timeout: float = 30.0) -> Endpoint:
     Host keys are always checked (against ``spec.known_hosts``); the
     connection is opened from ``spec.netns`` when given.
     """
-    from .netconf import NodeClient
+    from .netconf import AuthenticationRefused, ConnectError, NodeClient
 
     def open_node() -> Node:
         def connect() -> Node:
@@ -997,7 +1000,22 @@ def endpoint_from_spec(spec: Any, timeout: float = 30.0) -> Endpoint:
             )
             node.name = spec.name
             return node
-        return netns.call_in(spec.netns, connect) if spec.netns else connect()
+        if spec.netns:
+            try:
+                return netns.call_in(spec.netns, connect)
+            except netns.NetnsError as e:
+                raise ConnectError(f"agents.{spec.name}.netns: {e} (ip netns list shows those that exist)") from e
+        # Without netns the connection leaves from this namespace: refuse at
+        # once when it has no route, and name the field either way.
+        why = route_error(spec.host, spec.port)
+        if why is not None:
+            raise ConnectError(f"{spec.host}:{spec.port}: {why}; {netns_hint(spec.name)}")
+        try:
+            return connect()
+        except AuthenticationRefused:
+            raise  # reached: the namespace was right
+        except ConnectError as e:
+            raise ConnectError(f"{e}; {netns_hint(spec.name)}") from e
 
     stop = None
     if spec.stop_command:

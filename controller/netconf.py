@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from xml.sax.saxutils import escape as xml_escape
 
 from lxml import etree
 from ncclient import manager as nc_manager
@@ -87,6 +88,10 @@ class HostKeyError(ControllerError):
 
 class ConnectError(ControllerError):
     """The agent could not be reached, or refused the credentials."""
+
+
+class AuthenticationRefused(ConnectError):
+    """The agent was reached and refused the user name, password or key."""
 
 
 class SessionLost(ControllerError):
@@ -332,7 +337,11 @@ class NodeClient:
                 f"(known_hosts: {known_hosts or '~/.ssh/known_hosts'}); refusing to talk to it"
             ) from e
         except nc_transport.AuthenticationError as e:
-            raise ConnectError(f"{where}: authentication refused ({e})") from e
+            # Two files are named "password" (docs/agent.md): say which one this side needs.
+            raise AuthenticationRefused(
+                f"{where}: authentication refused ({e}); the controller sends the plaintext password of the inventory's "
+                "password or password_file, which must be the one set in the agent's hashed --passwords file "
+                "(`natmig agent passwd FILE USER`), or a key the agent's --authorized-keys lists") from e
         except (nc_transport.TransportError, OSError) as e:
             if "no acceptable host key" in str(e):
                 # paramiko offers only the key types known_hosts holds for this
@@ -540,6 +549,18 @@ class NodeClient:
                 if spec is not None:
                     out[spec.name] = spec.parse(leaf.text or "")
         return out
+
+    def find_sessions(self, match: dict[str, str], source: str = "running") -> list[NatSession]:
+        """The entries of ``source`` whose leaves equal ``match`` (leaf name -> value as text): a subtree content match."""
+        ns = self.codec.ns
+        name = self.codec.schema.list_name
+        inner = "".join(f"<{k}>{xml_escape(v)}</{k}>" for k, v in match.items())
+        return self.codec.decode_xml(self._get_config(source, f'<{name} xmlns="{ns}">{inner}</{name}>'))
+
+    def get_monitoring(self, *parts: str) -> Any:
+        """The agent's netconf-state (RFC 6022) ``<data>`` element, limited to ``parts`` (e.g. "datastores", "sessions")."""
+        inner = "".join(f"<{p}/>" for p in parts)
+        return self._text("get", f'<get><filter type="subtree"><netconf-state xmlns="{MONITORING_NS}">{inner}</netconf-state></filter></get>').data_ele
 
     def get_admission(self, source: str = "running") -> bool:
         """nat-control/admit-new-sessions of ``source`` (True when absent: the default)."""

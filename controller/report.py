@@ -63,6 +63,31 @@ class MigrationReport:
     #: per NAT name, read back from the node at the end: admits (bool), sessions (count), carries_traffic (bool)
     readback: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: sessions the target held before the migration (read in preflight; None: not read)
+    target_sessions_before: int | None = None
+
+    @property
+    def outcome(self) -> str:
+        """"ok"; "unchanged": failed, and as read back nothing is changed; "attention": failed, the state needs recover.
+
+        Derived from what was read back at the end, never from what the code
+        meant to undo: traffic on the source, both nodes read and admitting
+        new sessions, and the target holding no more sessions than before
+        (nothing copied remains; its own may have expired meanwhile).
+        Preflight changes nothing (it reads, and takes locks that end with
+        the sessions), so a failure there is "unchanged" even when a node
+        could not be read.
+        """
+        if self.ok:
+            return "ok"
+        if self.failed_phase in (None, "preflight"):
+            return "unchanged"
+        src, tgt = self.readback.get(self.source), self.readback.get(self.target)
+        if (self.traffic_on == self.source and src is not None and tgt is not None and src.get("admits") and tgt.get("admits")
+                and self.target_sessions_before is not None and tgt.get("sessions") is not None
+                and tgt["sessions"] <= self.target_sessions_before):
+            return "unchanged"
+        return "attention"
 
     @property
     def total_seconds(self) -> float:
@@ -92,6 +117,7 @@ class MigrationReport:
         d = asdict(self)
         d["total_seconds"] = self.total_seconds
         d["blackout_seconds"] = self.blackout_seconds
+        d["outcome"] = self.outcome
         return d
 
     def to_json(self) -> str:

@@ -38,7 +38,8 @@ def migrate_via(args: argparse.Namespace, inv: Inventory) -> int:
     ok = reply.findtext(n + "ok") == "true"
     out = {"ok": ok, "failed_phase": reply.findtext(n + "failed-phase"), "error": reply.findtext(n + "error"),
            "report": reply.findtext(n + "report") or "", "controller": f"{host}:{port}"}
-    print(out["report"])
+    # With --json - standard output carries the JSON alone (docs/cli.md).
+    print(out["report"], file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         text = json.dumps(out, indent=2)
         if args.json == "-":

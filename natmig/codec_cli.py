@@ -7,13 +7,24 @@ import sys
 from pathlib import Path
 
 from .codec import decode_json, decode_xml, encode_json, encode_xml
+from .errors import UsageError
+from .model import NatSession
 
 
 def _read(path: str) -> bytes:
-    return sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read: {e.strerror or e}") from e
 
 
-def _decode(path: str, fmt: str | None):
+def read_document(path: str, fmt: str | None = None) -> list[NatSession]:
+    """The sessions of a nat-session document (XML or RFC 7951 JSON, guessed when ``fmt`` is None; ``-``: stdin).
+
+    All or nothing: a refused document raises CodecError naming every problem.
+    """
     data = _read(path)
     if fmt is None:
         fmt = "json" if data.lstrip()[:1] in (b"{", b"[") else "xml"
@@ -21,13 +32,13 @@ def _decode(path: str, fmt: str | None):
 
 
 def _validate(args: argparse.Namespace) -> int:
-    sessions = _decode(args.file, args.format)
+    sessions = read_document(args.file, args.format)
     print(f"{args.file}: {len(sessions)} valid nat-session entries")
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
-    sessions = _decode(args.file, args.format)
+    sessions = read_document(args.file, args.format)
     out = encode_json(sessions, indent=2) if args.to == "json" else encode_xml(sessions)
     sys.stdout.buffer.write(out + b"\n")
     return 0

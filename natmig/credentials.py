@@ -24,7 +24,7 @@ from pathlib import Path
 
 import asyncssh
 
-from .errors import AgentError
+from .errors import EXIT_USAGE, AgentError
 
 HOST_KEY_ALGORITHMS = ("ecdsa-sha2-nistp256", "ssh-ed25519")
 _SCRYPT = (16384, 8, 1)  # n, r, p: ~50 ms per check, 16 MB of memory
@@ -32,6 +32,8 @@ _SCRYPT = (16384, 8, 1)  # n, r, p: ~50 ms per check, 16 MB of memory
 
 class AuthError(AgentError):
     """A key or password file is missing, unreadable or malformed."""
+
+    exit_code = EXIT_USAGE
 
 
 def load_or_create_host_key(path: str | os.PathLike[str], algorithm: str = "ecdsa-sha2-nistp256") -> asyncssh.SSHKey:
@@ -87,7 +89,12 @@ def read_passwords(path: str | os.PathLike[str]) -> dict[str, str]:
             continue
         user, sep, stored = line.partition(":")
         if not sep or not user or not stored.startswith("scrypt$"):
-            raise AuthError(f"password file {path}, line {n}: expected USER:scrypt$..., got {line[:40]!r}")
+            # Never echo the line: it may be a plaintext password.  The usual
+            # mistake is the inventory's plaintext password_file given here.
+            raise AuthError(
+                f"password file {path}, line {n}: not a USER:scrypt$... line. The agent's --passwords file holds hashed "
+                "passwords written by `natmig agent passwd FILE USER`; a file holding only a plaintext password is the "
+                "controller's (the inventory's password_file), not the agent's")
         out[user] = stored
     return out
 

@@ -9,9 +9,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Exit statuses of the `natmig` command (docs/cli.md).  Scripts branch on
+# them, so each says what an operator must do next, not which code failed.
+EXIT_OK = 0
+#: the command failed and changed nothing (or rolled back what it changed, as read back)
+EXIT_FAILED = 1
+#: bad command line, or a file (inventory, config, document) missing, unreadable or invalid
+EXIT_USAGE = 2
+#: the command failed and what it read back is not where it started: run `natmig recover`
+EXIT_ATTENTION = 3
+#: a bug in natmig (the message asks for -vv, which logs the traceback)
+EXIT_INTERNAL = 70
+#: interrupted (Ctrl-C), as shells report SIGINT
+EXIT_INTERRUPTED = 130
+
+#: every exit status with its meaning: `natmig --help`, the man page and docs/cli.md say the same
+EXIT_STATUSES: tuple[tuple[int, str], ...] = (
+    (EXIT_OK, "success"),
+    (EXIT_FAILED, "failed; nothing was changed (or what was changed was rolled back, as read back)"),
+    (EXIT_USAGE, "usage: bad arguments, or a file (inventory, config, document) missing or invalid"),
+    (EXIT_ATTENTION, "failed, and the state needs attention: run the `natmig recover` command printed"),
+    (EXIT_INTERNAL, "internal error (a bug: run again with -vv for the traceback)"),
+    (EXIT_INTERRUPTED, "interrupted"),
+)
+
 
 class NatmigError(Exception):
-    """Root of every error natmig raises on purpose."""
+    """Root of every error natmig raises on purpose.
+
+    ``exit_code`` is the status `natmig` exits with when this error ends a
+    command; subclasses that mean "fix the input" say :data:`EXIT_USAGE`.
+    """
+
+    exit_code: int = EXIT_FAILED
+
+
+class UsageError(NatmigError):
+    """The command line, or a file it names, is missing, unreadable or invalid."""
+
+    exit_code = EXIT_USAGE
 
 
 class SchemaError(NatmigError):

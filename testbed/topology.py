@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import TestbedError
+from ..errors import EXIT_USAGE, TestbedError
 
 DEFAULT_TOPOLOGY = Path(__file__).parent / "topologies" / "demo.toml"
 
@@ -39,6 +39,8 @@ RESERVED = ("ovs", "mgmt")
 
 class TopologyError(TestbedError):
     """A topology file was refused; ``problems`` lists every "field: why" found."""
+
+    exit_code = EXIT_USAGE  # the file given is wrong: fix it, nothing was built
 
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source

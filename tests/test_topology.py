@@ -133,7 +133,7 @@ def test_yaml_topologies_read_like_toml_ones(tmp_path):
 def test_cli_refuses_a_bad_topology_file_naming_the_field(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text(topology.DEFAULT_TOPOLOGY.read_text().replace('address = "10.0.0.10"', 'address = "10.9.0.10"'))
-    assert main(["testbed", "up", "--topology", str(bad), "--prefix", "nmunit"]) == 1
+    assert main(["testbed", "up", "--topology", str(bad), "--prefix", "nmunit"]) == 2  # usage: the file is wrong
     err = capsys.readouterr().err
     assert "hosts.client.address: 10.9.0.10 is not in networks.inside.subnet 10.0.0.0/24" in err
 
