@@ -118,8 +118,10 @@ def test_an_agent_that_dies_shows_as_down_and_cannot_be_migrated(tmp_path: Path,
         wait_for(lambda: set(home.up()) == {"lb1", "lb2"})
         t0 = time.monotonic()
         served[1].stop()
-        wait_for(lambda: ("lb2", "down") in home.events, timeout=5)
-        assert time.monotonic() - t0 < 3.0  # keepalive 0.5 s
+        # Down within a keepalive and the failed read (the SSH session's end is seen at once); the
+        # bound leaves room for a loaded machine: it is the stated guarantee, not a speed figure.
+        wait_for(lambda: ("lb2", "down") in home.events, timeout=10)
+        assert time.monotonic() - t0 < 10.0
         with pytest.raises(ControllerError, match="agent lb2 is down"):
             home.registry.take("lb2")
         with pytest.raises(ControllerError, match="never called home"):
