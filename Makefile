@@ -11,9 +11,9 @@ PYANG := $(VENV)/bin/pyang
 # nftables; iptables for the one xtables NFQUEUE rule that holds new sessions
 # while admission is closed), Open vSwitch (userspace datapath; its service is
 # never started), the tools the tests probe with, and the third-party NETCONF
-# client yangcli.
+# client yangcli (and ssh, which scrapli-netconf's system transport runs).
 APT_PACKAGES := python3-venv libyang-tools conntrack nftables iptables openvswitch-switch \
-	iproute2 ethtool iputils-ping procps psmisc yangcli
+	iproute2 ethtool iputils-ping procps psmisc yangcli openssh-client
 
 .PHONY: help setup system venv test test-unit typecheck faults bench demo bindings tree lint man install-man-venv install-systemd clean
 

@@ -418,7 +418,10 @@ class Agent:
         return dict(
             server_factory=lambda: Login(self.gate),
             server_host_keys=[self.host_key], process_factory=self._process, encoding=None,
-            allow_pty=False, agent_forwarding=False, x11_forwarding=False, line_editor=False,
+            # A PTY request is granted but no terminal is made (no line editor: nothing is
+            # echoed or translated): OpenSSH's ssh asks for one when scrapli-netconf's system
+            # transport runs it, and refusing broke that client.
+            allow_pty=True, agent_forwarding=False, x11_forwarding=False, line_editor=False,
             keepalive_interval=30, keepalive_count_max=4, login_timeout=30,
             # A client may send the next request while this one is handled
             # (a migration streams a table as several edit-configs): a
