@@ -33,7 +33,7 @@ help:
 	@echo "make lint             check the YANG modules (pyang --lint, yanglint)"
 	@echo "make man              regenerate man/natmig.1 and the bash/zsh completions from the parsers"
 	@echo "make install-man-venv put the man page and completions into .venv/share (make venv does it)"
-	@echo "make install-systemd  install the natmig-agent@.service unit and an example agent config"
+	@echo "make install-systemd  install the natmig-agent@.service and natmig-controller.service units and an example agent config"
 	@echo "make clean            remove .venv and build leftovers"
 	@echo "make help             this list"
 
@@ -123,8 +123,11 @@ install-systemd: venv
 	sed -e 's|@NATMIG@|$(NATMIG)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' systemd/natmig-agent@.service.in > $(SYSTEMD_DIR)/natmig-agent@.service
 	chmod 0644 $(SYSTEMD_DIR)/natmig-agent@.service
 	sed -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' systemd/agent.toml.example > $(SYSCONFDIR)/natmig/agent/agent.toml.example
+	sed -e 's|@NATMIG@|$(NATMIG)|g' -e 's|@SYSCONFDIR@|$(SYSCONFDIR)|g' systemd/natmig-controller.service.in > $(SYSTEMD_DIR)/natmig-controller.service
+	chmod 0644 $(SYSTEMD_DIR)/natmig-controller.service
 	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 	@echo "installed $(SYSTEMD_DIR)/natmig-agent@.service; configure $(SYSCONFDIR)/natmig/agent/NAME.toml, then: systemctl enable --now natmig-agent@NAME"
+	@echo "installed $(SYSTEMD_DIR)/natmig-controller.service; configure $(SYSCONFDIR)/natmig/controller.toml, then: systemctl enable --now natmig-controller"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

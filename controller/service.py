@@ -22,6 +22,7 @@ from xml.sax.saxutils import escape
 
 from .. import netns
 from ..agent.server import AgentConfig
+from ..agent.service import Notifier
 from ..errors import ControllerError
 from . import txn
 from .callhome import CallHomeListener, load_allow_list
@@ -183,6 +184,7 @@ class Service:
 def run(config_path: str, ready_file: str | None = None) -> int:
     """Serve until SIGTERM or ^C."""
     config = load_config(config_path)
+    notifier = Notifier()  # before entering the namespace: systemd's socket is in the host's
     if config.netns:
         netns.enter(config.netns)
     service = Service(config)
@@ -193,12 +195,16 @@ def run(config_path: str, ready_file: str | None = None) -> int:
         await service.northbound.start()
         if ready_file:
             Path(ready_file).write_text(f"{os.getpid()} {service.northbound.port} {service.listener.port}\n")
-        print(f"natmig controller: call home on {config.call_home[0]}:{service.listener.port}, "
-              f"northbound on {config.northbound[0]}:{service.northbound.port}", file=sys.stderr, flush=True)
+        where = (f"call home on {config.call_home[0]}:{service.listener.port}, "
+                 f"northbound on {config.northbound[0]}:{service.northbound.port}")
+        print(f"natmig controller: {where}", file=sys.stderr, flush=True)
+        notifier.notify("READY=1", f"STATUS={where}", f"MAINPID={os.getpid()}")
         try:
             await stop.wait()
         finally:
+            notifier.notify("STOPPING=1")
             service.close()
+            notifier.close()
 
     try:
         asyncio.run(main())

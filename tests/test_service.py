@@ -144,3 +144,38 @@ def test_the_config_file_is_checked(tmp_path: Path) -> None:
     bad.write_text('[call_home]\nallow = "x"\n[northbound]\nlisten = "127.0.0.1:0"\n')
     with pytest.raises(ControllerError, match="give password_file or key"):
         load_config(bad)
+
+
+def test_the_controller_units_execstart_runs_and_notifies_readiness(tmp_path: Path) -> None:
+    import os
+    import shlex
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    unit = Path(__file__).resolve().parent.parent / "systemd" / "natmig-controller.service.in"
+    line = next(l for l in unit.read_text().splitlines() if l.startswith("ExecStart="))
+    argv = shlex.split(line.removeprefix("ExecStart=").replace("@NATMIG@", str(Path(sys.executable).parent / "natmig")).replace("@SYSCONFDIR@", str(tmp_path)))
+    (tmp_path / "natmig").mkdir()
+    (tmp_path / "allow").write_text("")
+    (tmp_path / "secret").write_text("s\n")
+    set_password(tmp_path / "nbpw", "ops", "x")
+    (tmp_path / "natmig" / "controller.toml").write_text(
+        f'[call_home]\nlisten = "127.0.0.1:0"\nallow = "{tmp_path / "allow"}"\npassword_file = "{tmp_path / "secret"}"\n'
+        f'[northbound]\nlisten = "127.0.0.1:0"\nhost_key = "{tmp_path / "nbkey"}"\npasswords = "{tmp_path / "nbpw"}"\n')
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    proc = subprocess.Popen(argv, env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        msg = notify.recv(4096).decode()
+        assert "READY=1" in msg.splitlines() and f"MAINPID={proc.pid}" in msg and "northbound on 127.0.0.1:" in msg, msg
+        os.kill(proc.pid, signal.SIGTERM)
+        assert "STOPPING=1" in notify.recv(4096).decode()
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        notify.close()
