@@ -176,7 +176,8 @@ def run_keygen(args: argparse.Namespace) -> int:
     """Create the host key (unless it exists) and print the known_hosts line the controller needs."""
     args = agent_config.resolve(args, args.agent_options)
     key, created = keygen(args.host_key)
-    host, port = args.listen
+    # --listen has no default (the agent never picks its address): without it the line needs --address.
+    host, port = args.listen or ("", 830)
     if args.address:
         text = args.address
         with_port = "]:" in text if text.startswith("[") else text.count(":") == 1

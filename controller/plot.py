@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import ControllerError
+from ..errors import EXIT_USAGE, ControllerError
 
 #: how much of the traffic before and after the migration is shown (ms).
 BEFORE_MS, AFTER_MS = 1000.0, 1500.0
@@ -26,16 +26,22 @@ _COLOURS = {"preflight": "#dddddd", "copy": "#cfe2f3", "catch-up": "#d9ead3", "s
             "verify": "#fff2cc", "admit": "#d9d2e9", "retire": "#eeeeee"}
 
 
+class ReportFileError(ControllerError):
+    """The report file given is missing, not JSON, or not a demo report: a usage error (exit status 2)."""
+
+    exit_code = EXIT_USAGE
+
+
 def load_report(path: str | Path) -> dict[str, Any]:
     """A demo report written by ``natmig demo --json``."""
     try:
         doc = json.loads(Path(path).read_text())
     except OSError as e:
-        raise ControllerError(f"cannot read the report {path}: {e}") from e
+        raise ReportFileError(f"cannot read the report {path}: {e.strerror or e}") from e
     except json.JSONDecodeError as e:
-        raise ControllerError(f"{path}: not JSON: {e}") from e
+        raise ReportFileError(f"{path}: not JSON: {e}") from e
     if not isinstance(doc, dict) or not isinstance(doc.get("migration"), dict) or not isinstance(doc.get("traffic"), dict):
-        raise ControllerError(f"{path}: not a demo report (no migration and traffic sections; write it with natmig demo --json)")
+        raise ReportFileError(f"{path}: not a demo report (no migration and traffic sections; write it with natmig demo --json)")
     return doc
 
 
@@ -50,7 +56,7 @@ def plot(doc: dict[str, Any], path: str | Path) -> None:
     phases = [p for p in doc["migration"].get("phases", []) if p.get("started")]
     flows = doc["traffic"].get("flows", [])
     if not phases:
-        raise ControllerError("the report has no timed phases to draw")
+        raise ReportFileError("the report has no timed phases to draw")
     t0 = min(p["started"] for p in phases)
     fig, ax = plt.subplots(figsize=(11, 5))
     from matplotlib.patches import Patch

@@ -155,3 +155,11 @@ def test_a_required_flag_may_come_from_the_config_file(tmp_path: Path) -> None:
     assert agent_config.resolve(parser.parse_args(["--config", str(tmp_path / "a.toml")]), options).listen == "127.0.0.1:1"
     with pytest.raises(UsageError, match="--listen is required"):
         agent_config.resolve(parser.parse_args([]), options)
+
+
+def test_keygen_without_a_listen_address_prints_a_placeholder(tmp_path: Path) -> None:
+    run = [sys.executable, "-m", "natmig.cli", "agent", "keygen", "--host-key", str(tmp_path / "hk")]
+    cp = subprocess.run(run, capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0 and cp.stdout.startswith("[ADDRESS]:830 ") and "give --address" in cp.stderr, cp.stderr
+    cp = subprocess.run(run + ["--address", "192.0.2.11"], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0 and cp.stdout.startswith("[192.0.2.11]:830 "), cp.stderr

@@ -74,6 +74,8 @@ CASES = [
     (["convert", "{doc_json}"], EXIT_USAGE, "--to"),
     (["convert", "{doc_json}", "--to", "yaml"], EXIT_USAGE, "invalid choice"),
     (["nosuchcommand"], EXIT_USAGE, "invalid choice"),
+    (["plot", "/nonexistent.json", "-o", "{dir}/x.png"], EXIT_USAGE, "cannot read the report /nonexistent.json"),
+    (["plot", "{bad_toml}", "-o", "{dir}/x.png"], EXIT_USAGE, "not JSON"),
     (["testbed", "up", "--topology", "/nonexistent.toml", "--prefix", "nmbad"], EXIT_USAGE, "cannot read the file"),
     (["recover"], EXIT_USAGE, "--inventory"),
     (["migrate", "-i", "/nonexistent.toml"], EXIT_USAGE, "cannot read"),
