@@ -80,7 +80,7 @@ typecheck: venv
 	@rm -rf $(TYPECHECK) && mkdir -p $(TYPECHECK)/natmig
 	@for f in natmig/*; do case $$f in */__pycache__) ;; *) ln -s $(CURDIR)/$$f $(TYPECHECK)/natmig/ ;; esac; done
 	@for d in agent controller testbed; do ln -s $(CURDIR)/$$d $(TYPECHECK)/natmig/$$d; done
-	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p natmig
+	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/build/mypy-cache -p natmig
 
 # The fault-injection suite (root): migrations killed anywhere, agents killed, two at once (~5 min).
 faults: setup

@@ -54,7 +54,7 @@ import subprocess
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Collection, Iterable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, cast
 
 from .. import netns as nsmod
 from ..errors import ProviderError
@@ -521,7 +521,7 @@ class ConntrackProvider(SessionProvider):
     def _timeouts(self, batch: builtins.list[NatSession]) -> builtins.list[int]:
         """Each entry's timeout, the node's default for its protocol and state where absent."""
         if all(s.timeout is not None for s in batch):
-            return [s.timeout for s in batch]  # type: ignore[misc]
+            return cast(builtins.list[int], [s.timeout for s in batch])  # none is None (all() above)
         defaults = self._default_timeouts()
         return [s.timeout if s.timeout is not None else defaults[timeout_key(s)] for s in batch]
 

@@ -38,6 +38,7 @@ node sets it to 1; without 1 the provider does not use this module).
 
 from __future__ import annotations
 
+import enum
 import socket
 import threading
 import weakref
@@ -45,7 +46,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import reduce
 from operator import attrgetter, xor
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Final, Iterable, Iterator, Sequence
 
 from ..gcpause import gc_paused
 from ..model import NatSession, SessionKey, digest_values
@@ -54,7 +55,14 @@ from .ctevents import DESTROY, UNSURE, Ident, Record
 from .ctnetlink import NetlinkError
 from .ctread import EntryReader
 
-_MISSING = object()
+
+class _Missing(enum.Enum):
+    """What ``held`` gives for an entry it lacks: an enum member, so that ``is`` narrows its type."""
+
+    MISSING = 0
+
+
+_MISSING: Final = _Missing.MISSING
 
 
 def session_text(s: NatSession) -> bytes:
@@ -98,7 +106,7 @@ class DigestTable:
             if old is None:
                 self.untranslated -= 1
             else:
-                self.acc ^= old  # type: ignore[operator]
+                self.acc ^= old
         self.held[ident] = value
         if value is None:
             self.untranslated += 1
@@ -119,7 +127,7 @@ class DigestTable:
             self.untranslated -= 1
             self.unsure.discard(ident)
         else:
-            self.acc ^= old  # type: ignore[operator]
+            self.acc ^= old
         return True
 
     def apply(self, records: Sequence[Record], watch: set | None = None) -> set[Ident]:

@@ -439,7 +439,7 @@ class MemoryProvider(SessionProvider):
 class _QueueWatch(Watch):
     def __init__(self, owner: MemoryProvider) -> None:
         self.owner = owner
-        self.q: queue.Queue[SessionEvent] = queue.Queue()
+        self.q: queue.Queue[SessionEvent | None] = queue.Queue()  # None: the end of the stream
 
     def get(self, timeout: float | None = None) -> SessionEvent | None:
         try:
@@ -452,4 +452,4 @@ class _QueueWatch(Watch):
         with self.owner._lock:
             if self in self.owner._watchers:
                 self.owner._watchers.remove(self)
-        self.q.put(None)  # type: ignore[arg-type]  # wakes a reader blocked in get()
+        self.q.put(None)  # wakes a reader blocked in get()

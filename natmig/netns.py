@@ -45,14 +45,14 @@ def _setns(fd: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+_LIBC: ctypes.CDLL | None = None
+
+
 def _libc() -> ctypes.CDLL:
     global _LIBC
     if _LIBC is None:
         _LIBC = ctypes.CDLL(None, use_errno=True)
     return _LIBC
-
-
-_LIBC: ctypes.CDLL | None = None
 
 
 def _open(name: str) -> int:
@@ -95,24 +95,26 @@ def socket_in(name: str | None, family: int, kind: int, proto: int = 0) -> socke
     if name is None:
         return socket.socket(family, kind, proto)
     target = _open(name)
-    with _visit_lock:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        try:
+    try:
+        with _visit_lock:
+            home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
             try:
-                _setns(target)
-            except OSError as e:
-                raise NetnsError(f"network namespace {name}: setns failed: {e.strerror or e}") from e
-            try:
-                return socket.socket(family, kind, proto)
-            finally:
-                # Always go home: this thread must not stay in the other namespace.
                 try:
-                    _setns(home)
+                    _setns(target)
                 except OSError as e:
-                    raise NetnsError(f"network namespace {name}: setns back failed: {e.strerror or e}") from e
-        finally:
-            os.close(home)
-            os.close(target)
+                    raise NetnsError(f"network namespace {name}: setns failed: {e.strerror or e}") from e
+                try:
+                    return socket.socket(family, kind, proto)
+                finally:
+                    # Always go home: this thread must not stay in the other namespace.
+                    try:
+                        _setns(home)
+                    except OSError as e:
+                        raise NetnsError(f"network namespace {name}: setns back failed: {e.strerror or e}") from e
+            finally:
+                os.close(home)
+    finally:
+        os.close(target)
 
 
 def call_in(name: str, fn: Callable[[], Any]) -> Any:
