@@ -121,8 +121,17 @@ def orig_tuple(s: NatSession) -> bytes:
     return _tuple(CTA_TUPLE_ORIG, s.src_address, s.dst_address, s.protocol, s.src_port, s.dst_port, ICMP_ECHO_REQUEST)
 
 
+def untranslated(s: NatSession) -> bool:
+    """Whether ``s`` is an entry without translation: its translated endpoint is its own source.
+
+    Such an entry (a firewall's session) is created with the inverse of its
+    original tuple as its reply tuple and no NAT attribute at all.
+    """
+    return s.translated_address == s.src_address and s.translated_port == s.src_port
+
+
 def create_attrs(s: NatSession, timeout: int) -> bytes:
-    """Attributes of a CT_NEW that creates ``s`` with its translation.
+    """Attributes of a CT_NEW that creates ``s`` with its translation (none: :func:`untranslated`).
 
     The reply tuple is the un-NATed one but already carries the public port
     (or echo identifier): the kernel derives the NAT mapping from the inverted
@@ -146,7 +155,7 @@ def create_attrs(s: NatSession, timeout: int) -> bytes:
     from .cttext import seen_reply  # local: cttext is the single place that decides the flags
 
     status = IPS_CONFIRMED | (IPS_SEEN_REPLY if seen_reply(s) else 0) | (IPS_ASSURED if s.assured else 0)
-    out = orig_tuple(s) + reply + nat + _attr(CTA_STATUS, struct.pack("!I", status))
+    out = orig_tuple(s) + reply + (b"" if untranslated(s) else nat) + _attr(CTA_STATUS, struct.pack("!I", status))
     out += _attr(CTA_TIMEOUT, struct.pack("!I", timeout)) + _attr(CTA_MARK, struct.pack("!I", s.mark))
     if s.protocol == "TCP":
         out += _protoinfo(s, liberal=True)
@@ -387,11 +396,11 @@ def _ltuple(kind: int, proto: str, names: tuple[str, str, str, str], icmp_type: 
     return _lnest(kind, ip, _lnest(CTA_TUPLE_PROTO, _lattr(CTA_PROTO_NUM, bytes([PROTO_NUMBERS[proto]])), l4))
 
 
-def _create_segments(proto: str) -> list[_Segment]:
-    """The whole CT_NEW create message of ``proto``, in the order create_attrs() writes it."""
+def _create_segments(proto: str, nat: bool = True) -> list[_Segment]:
+    """The whole CT_NEW create message of ``proto``, in the order create_attrs() writes it (``nat``: with CTA_NAT_SRC)."""
     attrs = _ltuple(CTA_TUPLE_ORIG, proto, ("src", "dst", "sport", "dport"), ICMP_ECHO_REQUEST)
     attrs += _ltuple(CTA_TUPLE_REPLY, proto, ("rsrc", "rdst", "rsport", "rdport"), ICMP_ECHO_REPLY)
-    attrs += _lnest(
+    attrs += [] if not nat else _lnest(
         CTA_NAT_SRC,
         _lattr(CTA_NAT_V4_MINIP, _Field("minip", "4s", 4)),
         _lattr(CTA_NAT_V4_MAXIP, _Field("maxip", "4s", 4)),
@@ -445,11 +454,16 @@ def _compile(segs: list[_Segment]) -> _Layout:
 
 
 _TCP, _UDP, _ICMP = (_compile(_create_segments(p)) for p in ("TCP", "UDP", "ICMP"))
+#: The same without CTA_NAT_SRC: entries that are not translated (:func:`untranslated`).
+_PLAIN_TCP, _PLAIN_UDP, _PLAIN_ICMP = (_compile(_create_segments(p, nat=False)) for p in ("TCP", "UDP", "ICMP"))
 # The encoder below passes the values in these orders; checked once, at import.
 _PORTS_ORDER = ("seq", "src", "dst", "sport", "dport", "rsrc", "rdst", "rsport", "rdport",
                 "minip", "maxip", "minport", "maxport", "status", "timeout", "mark")
 assert _TCP.names == _PORTS_ORDER + ("state",) and _UDP.names == _PORTS_ORDER
 assert _ICMP.names == tuple(n for n in _PORTS_ORDER if n not in ("dport", "rdport"))
+_PLAIN_ORDER = tuple(n for n in _PORTS_ORDER if n not in ("minip", "maxip", "minport", "maxport"))
+assert _PLAIN_TCP.names == _PLAIN_ORDER + ("state",) and _PLAIN_UDP.names == _PLAIN_ORDER
+assert _PLAIN_ICMP.names == tuple(n for n in _PLAIN_ORDER if n not in ("dport", "rdport"))
 #: The largest create message (TCP), what a batch buffer is sized by.
 CREATE_MAX = max(x.struct.size for x in (_TCP, _UDP, _ICMP))
 
@@ -499,7 +513,10 @@ class CreateEncoder:
             got = kinds.get(kind)
             status, state = got if got is not None else kinds.setdefault(kind, _create_status(s))
             sport, dport, tport = s.src_port, s.dst_port, s.translated_port
-            if proto == "TCP":
+            if c == a and tport == sport:
+                # Untranslated (a firewall's entry): the reply tuple is the original's inverse, no CTA_NAT_SRC.
+                off += _pack_plain(buf, off, proto, i + 1, src, dst, sport, dport, status, timeout, s.mark, state)
+            elif proto == "TCP":
                 tcp(buf, off, t0, i + 1, t1, src, t2, dst, t3, sport, t4, dport, t5, dst, t6, src, t7, dport, t8, tport,
                     t9, pub, t10, pub, t11, tport, t12, tport, t13, status, t14, timeout, t15, s.mark, t16, state, t17)
                 off += tcp_size
@@ -513,6 +530,24 @@ class CreateEncoder:
                      i7, pub, i8, pub, i9, tport, i10, tport, i11, status, i12, timeout, i13, s.mark, i14)
                 off += icmp_size
         return off
+
+
+_PLAIN = {"TCP": _PLAIN_TCP, "UDP": _PLAIN_UDP, "ICMP": _PLAIN_ICMP}
+
+
+def _pack_plain(buf: bytearray, off: int, proto: str, seq: int, src: bytes, dst: bytes, sport: int, dport: int,
+                status: int, timeout: int, mark: int, state: int) -> int:
+    """Pack one untranslated create message at ``off``; its size.  Values interleaved with the layout's constants."""
+    layout = _PLAIN[proto]
+    if proto == "ICMP":
+        values: tuple = (seq, src, dst, sport, dst, src, sport, status, timeout, mark)
+    else:
+        values = (seq, src, dst, sport, dport, dst, src, dport, sport, status, timeout, mark) + ((state,) if proto == "TCP" else ())
+    args: list = [None] * (2 * len(values) + 1)
+    args[0::2] = layout.consts
+    args[1::2] = values
+    layout.struct.pack_into(buf, off, *args)
+    return layout.struct.size
 
 
 def create_messages(items: Sequence[tuple[NatSession, int]]) -> bytes:

@@ -23,7 +23,7 @@ from .ctnetlink import (
     CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE, CTA_STATUS, CTA_TIMEOUT,
     CTA_TUPLE_IP, CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_TUPLE_REPLY, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPCTNL_MSG_CT_GET,
     IPCTNL_MSG_CT_NEW, IPS_ASSURED, NFNL_SUBSYS_CTNETLINK, NLM_F_ACK, NLMSG_ERROR, PROTO_NAMES, PROTO_NUMBERS,
-    TCP_STATE_NAMES, NetlinkError, Op, TupleEncoder, Tuple5, describe, frame, open_socket, parse_attrs,
+    TCP_STATE_NAMES, NetlinkError, Op, TupleEncoder, Tuple5, describe, frame, open_socket, parse_attrs, untranslated,
 )
 
 
@@ -70,25 +70,25 @@ def _tcp_state(attrs: dict[int, bytes]) -> str | None:
     return TCP_STATE_NAMES.get(st[0]) if st else None
 
 
-def entry_session(attrs: dict[int, bytes]) -> NatSession | None:
-    """The session of one ctnetlink entry (its top-level attributes), by the rules of ``conntrack -L`` parsing.
+def entry_flow(attrs: dict[int, bytes]) -> NatSession | None:
+    """One ctnetlink entry (its top-level attributes) as a session record, translated or not.
 
-    None for what :meth:`ConntrackProvider.list` leaves out: not source-NATed
-    (the reply comes back to the original source), destination-NATed (the
-    reply comes from elsewhere), ICMP other than echo, TCP without a known
-    state, other protocols, IPv6.  Must agree with :func:`.cttext.parse_table`
-    (the functional test compares the two on the same table).
+    An entry whose reply comes back to its original source is returned as
+    :func:`.ctnetlink.untranslated` (translated endpoint = source): a
+    firewall's session.  None for what no such record holds: the reply
+    coming from elsewhere than the original destination (destination NAT),
+    ICMP other than echo, TCP without a known state, other protocols, IPv6.
     """
     o, r = parse_tuple(attrs.get(CTA_TUPLE_ORIG, b"")), parse_tuple(attrs.get(CTA_TUPLE_REPLY, b""))
     if o is None or r is None or o.proto != r.proto or o.proto not in PROTO_NAMES:
         return None
     proto = PROTO_NAMES[o.proto]
     if proto == "ICMP":
-        if o.itype != ICMP_ECHO_REQUEST or r.src != o.dst or (r.dst == o.src and r.sport == o.sport):
+        if o.itype != ICMP_ECHO_REQUEST or r.src != o.dst:
             return None
         dst_port, translated_port = 0, r.sport
     else:
-        if (r.dst == o.src and r.dport == o.sport) or r.src != o.dst or r.sport != o.dport:
+        if r.src != o.dst or r.sport != o.dport:
             return None
         dst_port, translated_port = o.dport, r.dport
     tcp_state = None
@@ -104,6 +104,18 @@ def entry_session(attrs: dict[int, bytes]) -> NatSession | None:
     )
 
 
+def entry_session(attrs: dict[int, bytes]) -> NatSession | None:
+    """The session of one ctnetlink entry (its top-level attributes), by the rules of ``conntrack -L`` parsing.
+
+    None for what :meth:`ConntrackProvider.list` leaves out: not source-NATed
+    (the reply comes back to the original source), and whatever
+    :func:`entry_flow` leaves out.  Must agree with :func:`.cttext.parse_table`
+    (the functional test compares the two on the same table).
+    """
+    s = entry_flow(attrs)
+    return None if s is None or untranslated(s) else s
+
+
 def entry_tuple(attrs: dict[int, bytes]) -> Tuple5 | None:
     """The original tuple of one ctnetlink entry in :data:`Tuple5` form (protocol by name), as :func:`.cttext.parse_table` records an entry that is not a session."""
     o = parse_tuple(attrs.get(CTA_TUPLE_ORIG, b""))
@@ -117,6 +129,8 @@ _ANSWER = struct.Struct("=IHH4sI")  # nlmsghdr: length, type, flags, seq as sent
 _SEQ = struct.Struct("!I")  # how ctnetlink.frame and the encoders write sequence numbers
 _CT_NEW_ANSWER = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
 IPCTNL_MSG_CT_GET_STATS = 5
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
 CTA_STATS_GLOBAL_ENTRIES = 1
 
 
@@ -188,6 +202,41 @@ class EntryReader:
             except OSError as e:
                 self._drop()
                 raise NetlinkError(f"ctnetlink GET_STATS in {self.netns}: {e}") from e
+
+    def dump(self) -> list[dict[int, bytes]]:
+        """Every IPv4 entry of the table (top-level attributes), from one dump; entries that expired are removed, not listed.
+
+        What a reader of untranslated entries needs that ``conntrack -L``
+        parsing (:mod:`.cttext`) leaves out: the NAT's list counts those
+        entries, a firewall's list is made of them.
+        """
+        out: list[dict[int, bytes]] = []
+        with self._lock:
+            try:
+                sock = self._socket()
+                seq = self._seq = (self._seq + 1) & 0x7FFFFFFF
+                sock.sendto(frame(Op(IPCTNL_MSG_CT_GET, NLM_F_DUMP, b""), seq), (0, 0))
+                while True:
+                    data = sock.recv(1 << 20)
+                    off = 0
+                    while off + 16 <= len(data):
+                        ln, typ, _flags, raw_seq, _pid = _ANSWER.unpack_from(data, off)
+                        if ln < 16:
+                            break
+                        if _SEQ.unpack(raw_seq)[0] == seq:
+                            if typ == NLMSG_DONE:
+                                return out
+                            if typ == NLMSG_ERROR:
+                                (code,) = struct.unpack_from("=i", data, off + 16)
+                                if code:
+                                    raise NetlinkError(f"ctnetlink dump in {self.netns}: {describe(-code)}")
+                                return out
+                            if typ == _CT_NEW_ANSWER:
+                                out.append(parse_attrs(data, off + 20, off + ln))
+                        off += (ln + 3) & ~3
+            except OSError as e:
+                self._drop()
+                raise NetlinkError(f"ctnetlink dump in {self.netns}: {e}") from e
 
     def _socket(self) -> socket.socket:
         if self._sock is None:
