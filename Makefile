@@ -71,8 +71,8 @@ tree: venv
 	@$(PYANG) -f tree yang/nat-session.yang
 
 lint: setup
-	$(PYANG) --lint -p yang yang/nat-session.yang yang/natmig-state.yang examples/lb-binding.yang
-	yanglint -p yang yang/nat-session.yang yang/natmig-state.yang examples/lb-binding.yang
+	$(PYANG) --lint -p yang yang/nat-session.yang yang/natmig-state.yang yang/fw-state.yang examples/lb-binding.yang
+	yanglint -p yang yang/nat-session.yang yang/natmig-state.yang yang/fw-state.yang examples/lb-binding.yang
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PYANG = str(Path(sys.executable).with_name("pyang"))
 
 
-#: every module natmig ships: nat-session, the common natmig-state, the example state module.
-MODULES = [MODULE_PATH, ROOT / "yang" / "natmig-state.yang", ROOT / "examples" / "lb-binding.yang"]
+#: every module natmig ships: nat-session, the common natmig-state, the firewall's fw-state, the example state module.
+MODULES = [MODULE_PATH, ROOT / "yang" / "natmig-state.yang", ROOT / "yang" / "fw-state.yang", ROOT / "examples" / "lb-binding.yang"]
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
