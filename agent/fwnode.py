@@ -191,7 +191,9 @@ def admission_rule(cfg: FwNodeConfig) -> str:
     packet without an entry (invalid) does not match and meets the forward
     chain's drop.  The management leg is not held: the agent stays reachable.
     """
-    return f'iifname {{ "{cfg.inside_if}", "{cfg.outside_if}" }} ct status & confirmed == 0 counter meta mark set {HOLD_MARK:#x}'
+    # Unicast to this node's MAC only: a multicast or broadcast frame (an IGMP report) is no connection to hold.
+    return (f'iifname {{ "{cfg.inside_if}", "{cfg.outside_if}" }} meta pkttype host ct status & confirmed == 0 '
+            f'counter meta mark set {HOLD_MARK:#x}')
 
 
 def hold_rules(cfg: FwNodeConfig) -> list[list[str]]:
