@@ -238,6 +238,29 @@ class EntryReader:
                 self._drop()
                 raise NetlinkError(f"ctnetlink dump in {self.netns}: {e}") from e
 
+    def flows(self) -> list[NatSession]:
+        """:func:`entry_flow` of every IPv4 entry of zone 0 in one dump, translated or not (entries of other zones left out).
+
+        IPv4 TCP and UDP entries, nearly all of a table, are read by
+        ctevents' precompiled pattern over both tuples and a walk of the
+        few attributes after them; the rest by :func:`entry_flow`.
+        Measured on 10k entries: 1.2 s through parse_attrs and entry_flow
+        for every entry, 0.25 s so (the dump itself ~0.2 s).
+        """
+        out: list[NatSession] = []
+        with self._lock:
+            try:
+                sock = self._socket()
+                seq = self._seq = (self._seq + 1) & 0x7FFFFFFF
+                sock.sendto(frame(Op(IPCTNL_MSG_CT_GET, NLM_F_DUMP, b""), seq), (0, 0))
+                while True:
+                    data = sock.recv(1 << 20)
+                    if _flows_of(data, seq, out, self.netns):
+                        return out
+            except OSError as e:
+                self._drop()
+                raise NetlinkError(f"ctnetlink dump in {self.netns}: {e}") from e
+
     def _socket(self) -> socket.socket:
         if self._sock is None:
             self._sock = open_socket(self.netns)
@@ -286,3 +309,71 @@ class EntryReader:
         """Close the socket (a later read opens a new one)."""
         with self._lock:
             self._drop()
+
+
+_TOP = struct.Struct("=HH")
+_PROTO_OF_BYTE = {b"\x06": "TCP", b"\x11": "UDP"}
+
+
+def _flows_of(data: bytes, seq: int, out: list[NatSession], netns: str | None) -> bool:
+    """Append the flows of one buffer of dump answers numbered ``seq``; whether the dump ended."""
+    from .ctevents import _ADDR, _PORT, _V4_PORTS, CTA_ZONE  # the digest's pattern: one definition of the layout
+
+    off, end = 0, len(data)
+    match = _V4_PORTS.match
+    while off + 16 <= end:
+        ln, typ, _flags, raw_seq, _pid = _ANSWER.unpack_from(data, off)
+        if ln < 16:
+            break
+        stop = off + ln
+        if _SEQ.unpack(raw_seq)[0] == seq:
+            if typ == NLMSG_DONE:
+                return True
+            if typ == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", data, off + 16)
+                if code:
+                    raise NetlinkError(f"ctnetlink dump in {netns}: {describe(-code)}")
+                return True
+            if typ == _CT_NEW_ANSWER:
+                m = match(data, off + 20, stop)
+                if m is None:  # not IPv4 TCP/UDP, or a zone follows the tuples
+                    attrs = parse_attrs(data, off + 20, stop)
+                    zone = attrs.get(CTA_ZONE)
+                    if zone is None or zone == b"\0\0":
+                        f = entry_flow(attrs)
+                        if f is not None:
+                            out.append(f)
+                else:
+                    src, dst, p, sp, dp, rsrc, rdst, rsp, rdp = m.groups()
+                    if rsrc == dst and rsp == dp:  # else destination-NATed: no flow (entry_flow's rule)
+                        f = _rest(data, m.end(), stop, _PROTO_OF_BYTE[p], _ADDR[src], _PORT[sp], _ADDR[dst], _PORT[dp], _ADDR[rdst], _PORT[rdp])
+                        if f is not None:
+                            out.append(f)
+        off += (ln + 3) & ~3
+    return False
+
+
+def _rest(buf: bytes, off: int, end: int, proto: str, src: str, sport: int, dst: str, dport: int, rdst: str, rdport: int) -> NatSession | None:
+    """The flow of an IPv4 TCP/UDP entry whose tuples were matched: status, timeout, mark and TCP state from the attributes after them."""
+    status = mark = 0
+    timeout = None
+    state = None
+    unpack, be32 = _TOP.unpack_from, struct.Struct("!I").unpack_from
+    while off + 4 <= end:
+        ln, kind = unpack(buf, off)
+        if ln < 4:
+            break
+        kind &= 0x3FFF
+        if kind == CTA_STATUS:
+            status = be32(buf, off + 4)[0]
+        elif kind == CTA_TIMEOUT:
+            timeout = be32(buf, off + 4)[0]
+        elif kind == CTA_MARK:
+            mark = be32(buf, off + 4)[0]
+        elif kind == CTA_PROTOINFO:
+            state = _tcp_state({CTA_PROTOINFO: buf[off + 4:off + ln]})
+        off += (ln + 3) & ~3
+    if proto == "TCP" and state is None:
+        return None
+    return NatSession(proto, src, sport, dst, dport, rdst, rdport, state if proto == "TCP" else None,
+                      None if timeout is None else max(1, timeout), bool(status & IPS_ASSURED), mark)

@@ -29,7 +29,6 @@ docs/firewall.md).
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import select
 import socket
@@ -52,7 +51,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two reads of the blocked set for its events (a read of 1k elements: a few ms).
 POLL_INTERVAL = 1.0
-_LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
+#: A lookup of K keys reads the whole table instead of a GET per key once K * this >= the table's size.
+KEYS_PER_DUMP_ENTRY = 4
 _SESSION_LEAVES = {
     "protocol": "protocol", "src-address": "src_address", "src-port": "src_port", "dst-address": "dst_address",
     "dst-port": "dst_port", "tcp-state": "tcp_state", "timeout": "timeout", "assured": "assured", "mark": "mark",
@@ -106,8 +106,7 @@ class FirewallProvider(StateProvider):
 
     def _host_own(self, s: NatSession) -> bool:
         own = self._own
-        return (s.src_address in own or s.dst_address in own or ipaddress.IPv4Address(s.src_address) in _LOOPBACK
-                or ipaddress.IPv4Address(s.dst_address) in _LOOPBACK)
+        return s.src_address in own or s.dst_address in own or s.src_address.startswith("127.") or s.dst_address.startswith("127.")
 
     # -- reading ------------------------------------------------------------
 
@@ -115,12 +114,12 @@ class FirewallProvider(StateProvider):
         return {self.sessions: self._read_sessions(), self.blocked: self._read_blocked()}
 
     def _read_sessions(self) -> dict[Key, Entry]:
-        out: dict[Key, Entry] = {}
-        for attrs in self._reader.dump():
-            s = self._is_session(attrs)
-            if s is not None:
-                out[s.key] = self._entry(s)
-        return out
+        return {s.key: self._entry(s) for s in self._flows()}
+
+    def _flows(self) -> list[NatSession]:
+        """The sessions of one dump (:meth:`.ctread.EntryReader.flows`): untranslated, not the host's own."""
+        untranslated, own = nl.untranslated, self._host_own
+        return [s for s in self._reader.flows() if untranslated(s) and not own(s)]
 
     def _read_blocked(self) -> dict[Key, Entry]:
         try:
@@ -143,6 +142,10 @@ class FirewallProvider(StateProvider):
     def lookup_sessions(self, keys: Iterable[SessionKey]) -> dict[SessionKey, NatSession]:
         """The sessions with these keys now (a GET each; missing keys, and entries that are no session, absent)."""
         wanted = list(dict.fromkeys(keys))
+        if len(wanted) * KEYS_PER_DUMP_ENTRY >= max(1, self._reader.count()):
+            # As many keys as a quarter of the table: one dump costs less than a GET each (10k: ~0.25 s vs ~1 s).
+            have = {s.key: s for s in self._reader.flows()}
+            return {k: have[k] for k in wanted if k in have}
         found: dict[SessionKey, NatSession] = {}
         for i, attrs in self._reader.read(wanted):
             s = ctread.entry_flow(attrs)

@@ -7,6 +7,7 @@ nodes' namespaces; ``hold=True`` makes this process hold for admission).
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -186,3 +187,26 @@ def test_closed_admission_holds_new_connections_and_opening_releases_them(net: F
     # SYN's retransmit (1 s after the attempt).
     assert done.get("ok") and done["at"] - opened < 0.2
     assert a.admission() is True and sum(h.released for h in a.node.hold_stats()) == 1
+
+
+def test_the_fast_dump_reads_what_the_attribute_walk_reads(net: FwNet) -> None:
+    from natmig.agent import ctread
+
+    net.tcp_server(net.outside, OUTSIDE, 8080)
+    assert exchange(net.connect(net.inside, CLIENT, OUTSIDE, 8080))
+    net.udp_burst(net.outside, ATTACKER, SERVICE, 53, 10)
+    fw = net.nodes["a"].name
+    netns.run(["ping", "-c", "1", "-W", "1", "192.0.2.1"], net.switch)
+    for extra in (["-p", "tcp", "--sport", "1", "--dport", "2", "--state", "SYN_SENT"], ["-p", "udp", "--sport", "3", "--dport", "4", "--zone", "5"],
+                  ["-p", "tcp", "--sport", "5", "--dport", "6", "--state", "CLOSE", "--mark", "9"]):
+        netns.run(["conntrack", "-I", "-s", "10.0.0.99", "-d", "203.0.113.99", "-t", "50", *extra], fw)
+    r = ctread.EntryReader(fw)
+    try:
+        walked = [f for a in r.dump() if a.get(18, b"\0\0") == b"\0\0" and (f := ctread.entry_flow(a)) is not None]
+        fast = r.flows()
+    finally:
+        r.close()
+    def same(flows: list) -> list:  # two dumps a moment apart: a timeout may have ticked between them
+        return sorted((dataclasses.replace(f, timeout=None) for f in flows), key=str)
+
+    assert len(fast) >= 14 and same(fast) == same(walked)
