@@ -345,10 +345,10 @@ class FwNode:
         return "meta mark set" not in self.nft(f"list chain ip {TABLE} {ADMISSION_CHAIN}\n")
 
     def addresses(self) -> set[str]:
-        """Every IPv4 address of the namespace's interfaces, and the configured ones: the host's own."""
+        """Every IPv4 address of the namespace's interfaces: the host's own (an agent's config knows only the interface names)."""
         out = self._run(["ip", "-o", "-4", "addr", "show"]).stdout
         # One line per address: "2: outside0    inet 203.0.113.1/24 brd ... scope global outside0".
-        return {line.split("inet ", 1)[1].split("/", 1)[0] for line in out.splitlines() if "inet " in line} | set(self.cfg.own_addresses)
+        return {line.split("inet ", 1)[1].split("/", 1)[0] for line in out.splitlines() if "inet " in line}
 
     def hold_stats(self) -> list[HoldStats]:
         """Each leg's holder's counters (empty when this process holds nothing)."""

@@ -137,3 +137,44 @@ def test_migrate_moves_sessions_and_the_blocked_source_with_its_remaining_timeou
     assert all(exchange(f) for f in flows)
     with pytest.raises(OSError):
         net.connect(net.outside, ATTACKER, SERVICE, 80, timeout=1.0)
+
+
+def test_a_subscriber_hears_the_firewalls_sessions_and_blocks_as_state_change(agents: Agents) -> None:
+    from lxml import etree
+
+    from natmig.controller.netconf import NodeClient
+
+    net = agents.net
+
+    def connect() -> NodeClient:
+        return NodeClient.connect(MGMT["a"], 830, "natmig", password="secret", known_hosts=str(agents.tmp / "known_hosts"), timeout=10)
+
+    client = netns.call_in(net.switch, connect)
+    try:
+        mgr = client._mgr
+        mgr.create_subscription()
+        net.tcp_server(net.outside, OUTSIDE, 8080)
+        c = net.connect(net.inside, CLIENT, OUTSIDE, 8080)
+        assert exchange(c)
+        net.udp_burst(net.outside, ATTACKER, SERVICE, 53, 40)
+        seen: list[tuple[str, str, dict[str, str]]] = []
+        deadline = time.monotonic() + 5
+        want = {("fw-state:session", "created", ("TCP", CLIENT, str(c.getsockname()[1]), OUTSIDE, "8080")),
+                ("fw-state:blocked", "created", (ATTACKER,))}
+        got: set = set()
+        while time.monotonic() < deadline and not want <= got:
+            n = mgr.take_notification(block=True, timeout=1.0)
+            if n is None:
+                continue
+            root = n.notification_ele
+            change = next(e for e in root.iter() if etree.QName(e).localname == "state-change")
+            f = {etree.QName(e).localname: (e.text or "").strip() for e in change.iter() if isinstance(e.tag, str)}
+            seen.append((f.get("table", ""), f.get("event", ""), f))
+            key = ((f["protocol"], f["src-address"], f["src-port"], f["dst-address"], f["dst-port"]) if f.get("table") == "fw-state:session"
+                   else (f.get("address"),))
+            got.add((f["table"], f["event"], key))
+        assert want <= got, seen
+        # The agent's own management session (this very NETCONF connection) was never reported.
+        assert not any("192.0.2." in " ".join(s[2].values()) for s in seen)
+    finally:
+        client.close()
