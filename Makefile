@@ -66,6 +66,8 @@ demo: setup
 bindings: venv
 	$(PYANG) --plugindir $$($(PY) -c 'import os, pyangbind; print(os.path.dirname(pyangbind.__file__))')/plugin \
 		-f pybind -o bindings/nat_session.py yang/nat-session.yang
+	$(PYANG) --plugindir $$($(PY) -c 'import os, pyangbind; print(os.path.dirname(pyangbind.__file__))')/plugin \
+		-f pybind -p yang -o bindings/fw_state.py yang/fw-state.yang
 
 tree: venv
 	@$(PYANG) -f tree yang/nat-session.yang

@@ -62,14 +62,15 @@ def test_readme_tree_diagram_matches_module() -> None:
     assert m.group(1).strip() == tree.strip(), "README tree diagram is stale: paste `make tree` output"
 
 
-def test_bindings_are_up_to_date(tmp_path: Path) -> None:
-    out = tmp_path / "nat_session.py"
+@pytest.mark.parametrize("module, name", [(MODULE_PATH, "nat_session.py"), (ROOT / "yang" / "fw-state.yang", "fw_state.py")], ids=["nat-session", "fw-state"])
+def test_bindings_are_up_to_date(tmp_path: Path, module: Path, name: str) -> None:
+    out = tmp_path / name
     plugin = Path(pyangbind.__file__).parent / "plugin"
     subprocess.run(
-        [PYANG, "--plugindir", str(plugin), "-f", "pybind", "-o", str(out), str(MODULE_PATH)],
+        [PYANG, "--plugindir", str(plugin), "-f", "pybind", "-p", str(ROOT / "yang"), "-o", str(out), str(module)],
         check=True, capture_output=True, env={**os.environ},
     )
-    committed = ROOT / "bindings" / "nat_session.py"
+    committed = ROOT / "bindings" / name
     assert filecmp.cmp(out, committed, shallow=False), "bindings/ is out of date with yang/: run `make bindings`"
 
 
