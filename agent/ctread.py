@@ -371,7 +371,11 @@ def _rest(buf: bytes, off: int, end: int, proto: str, src: str, sport: int, dst:
         elif kind == CTA_MARK:
             mark = be32(buf, off + 4)[0]
         elif kind == CTA_PROTOINFO:
-            state = _tcp_state({CTA_PROTOINFO: buf[off + 4:off + ln]})
+            # The kernel writes the TCP state first in CTA_PROTOINFO_TCP (as ctevents' pattern reads it); else walk.
+            if ln >= 13 and unpack(buf, off + 4)[1] & 0x3FFF == CTA_PROTOINFO_TCP and unpack(buf, off + 8) == (5, CTA_PROTOINFO_TCP_STATE):
+                state = TCP_STATE_NAMES.get(buf[off + 12])
+            else:
+                state = _tcp_state({CTA_PROTOINFO: buf[off + 4:off + ln]})
         off += (ln + 3) & ~3
     if proto == "TCP" and state is None:
         return None

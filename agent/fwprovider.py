@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import operator
 import select
 import socket
 import threading
@@ -38,11 +39,12 @@ from typing import Iterable
 
 from .. import netns as nsmod
 from ..errors import ProviderError
+from ..gcpause import gc_paused
 from ..model import NatSession, SessionKey
 from ..statemodel import Entry, Key, StateList, StateModule
 from . import ctnetlink as nl
 from . import ctread, nftables
-from .ctbatch import DEFAULT_TIMEOUT_SYSCTL, timeout_key, validate
+from .ctbatch import DEFAULT_TIMEOUT_SYSCTL, invalid_entries, timeout_key
 from .ctevents import CTA_ZONE, DESTROY, NEW, EventSocket, EventsLost
 from .fwnode import BLOCKED_SET, TABLE, FwNode
 from .stateprovider import Change, OnChange, StateProvider, StateRefused, Tables
@@ -72,6 +74,11 @@ class FirewallProvider(StateProvider):
         if unknown:
             raise ProviderError(f"FirewallProvider: module {module.name} has leaves this provider does not know: {', '.join(unknown)}")
         self._own = node.addresses()
+        #: an entry of the session list from a NatSession, in the module's leaf order (one C call).
+        self._fields = operator.attrgetter(*(_SESSION_LEAVES[leaf.name] for leaf in self.sessions.leaves))
+        #: where each NatSession field is in an entry of the session list (the module's leaf order).
+        self._positions = tuple(self.sessions.index[leaf] for leaf in
+                                ("protocol", "src-address", "src-port", "dst-address", "dst-port", "tcp-state", "timeout", "assured", "mark"))
         self._reader = ctread.EntryReader(self.netns)
         self._wsock: socket.socket | None = None
         self._lock = threading.RLock()
@@ -85,16 +92,14 @@ class FirewallProvider(StateProvider):
     # -- entries <-> kernel records -----------------------------------------
 
     def _entry(self, s: NatSession) -> Entry:
-        return tuple(getattr(s, _SESSION_LEAVES[leaf.name]) for leaf in self.sessions.leaves)
+        return self._fields(s)
 
     def _session(self, e: Entry) -> NatSession:
-        v = {_SESSION_LEAVES[leaf.name]: x for leaf, x in zip(self.sessions.leaves, e)}
-        v["assured"] = bool(v.get("assured") or False)
-        v["mark"] = v.get("mark") or 0
-        if v["protocol"] == "TCP" and v.get("tcp_state") is None:
-            v["tcp_state"] = "ESTABLISHED"
+        p, src, sport, dst, dport, state, timeout, assured, mark = (e[i] for i in self._positions)
+        if p == "TCP" and state is None:
+            state = "ESTABLISHED"
         # Untranslated: the translated endpoint is the source itself (ctnetlink.untranslated).
-        return NatSession(translated_address=v["src_address"], translated_port=v["src_port"], **v)
+        return NatSession(p, src, sport, dst, dport, src, sport, state, timeout, bool(assured), mark or 0)
 
     def _is_session(self, attrs: dict[int, bytes]) -> NatSession | None:
         if (z := attrs.get(CTA_ZONE)) is not None and z != b"\0\0":
@@ -119,7 +124,8 @@ class FirewallProvider(StateProvider):
     def _flows(self) -> list[NatSession]:
         """The sessions of one dump (:meth:`.ctread.EntryReader.flows`): untranslated, not the host's own."""
         untranslated, own = nl.untranslated, self._host_own
-        return [s for s in self._reader.flows() if untranslated(s) and not own(s)]
+        with gc_paused():  # a 100k dump makes some hundred thousand records and nothing cyclic (see conntrack._pieces)
+            return [s for s in self._reader.flows() if untranslated(s) and not own(s)]
 
     def _read_blocked(self) -> dict[Key, Entry]:
         try:
@@ -157,15 +163,16 @@ class FirewallProvider(StateProvider):
     # -- writing ------------------------------------------------------------
 
     def apply(self, changes: dict[StateList, Change]) -> None:
-        with self._lock:
+        with self._lock, gc_paused():
             self._apply(changes.get(self.sessions, Change()), changes.get(self.blocked, Change()))
 
     def _apply(self, sess: Change, blk: Change) -> None:
         problems: dict[tuple[StateList, Key], str] = {}
         upserts = [self._session(e) for e in sess.upserts]
         keys = {s.key for s in upserts}
+        invalid = invalid_entries(upserts)
         for s in upserts:
-            why = validate(s)
+            why = invalid.get(s.key)
             if why is None and self._host_own(s):
                 why = "it names an address of the node itself: the host's own connections are not sessions"
             if why is None and s.protocol != "ICMP" and (s.protocol, s.dst_address, s.dst_port, s.src_address, s.src_port) in keys:
@@ -196,7 +203,8 @@ class FirewallProvider(StateProvider):
             raise
         # Own changes are reported here (the kernel's events of them are filtered out): entries gained or lost.
         events: list[tuple[StateList, str, Entry]] = [(self.sessions, "deleted", self._entry(existing[k])) for k in deleted]
-        events += [(self.sessions, "created", self._entry(s)) for s in created]
+        new_keys = {s.key for s in created}
+        events += [(self.sessions, "created", e) for e in sess.upserts if self.sessions.key_of(e) in new_keys]
         after = dict(blocked_before)
         for k in blk.deletes:
             if (old := after.pop(tuple(k), None)) is not None:
