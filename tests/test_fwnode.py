@@ -110,3 +110,43 @@ def test_translated_and_untranslated_creates_pack_in_one_batch() -> None:
         items.append((s, 100 + i))
         items.append((dataclasses.replace(s, translated_address="203.0.113.1", translated_port=20000 + i), 50))
     assert nl.create_messages(items) == b"".join(nl.frame(nl.create_op(s, t), i + 1) for i, (s, t) in enumerate(items))
+
+
+class _Ran:
+    stdout = "1: lo    inet 127.0.0.1/8 scope host lo\n2: mgmt0    inet 192.0.2.1/24 scope global mgmt0\n"
+    returncode = 0
+
+
+def _provider():  # type: ignore[no-untyped-def]
+    from natmig.agent.fwnode import FwNode
+    from natmig.agent.fwprovider import FirewallProvider
+
+    module = load_module(YANG_DIR / "fw-state.yang")
+    return FirewallProvider(module, FwNode(cfg(), run=lambda *a, **k: _Ran())), module
+
+
+def test_provider_entries_and_kernel_records_convert_both_ways() -> None:
+    p, m = _provider()
+    e = ("TCP", "10.0.0.2", 40000, "203.0.113.2", 80, None, None, False, 0)
+    s = p._session(e)
+    assert nl.untranslated(s) and s.tcp_state == "ESTABLISHED"  # absent state: written as ESTABLISHED
+    assert p._entry(s) == ("TCP", "10.0.0.2", 40000, "203.0.113.2", 80, "ESTABLISHED", None, False, 0)
+    u = ("UDP", "10.0.0.2", 5353, "203.0.113.2", 53, None, 30, True, 7)
+    assert p._entry(p._session(u)) == u
+    assert p._host_own(p._session(("UDP", "192.0.2.100", 1, "192.0.2.1", 830, None, 5, False, 0)))  # the namespace's address
+
+
+def test_provider_refuses_before_touching_the_kernel_and_names_every_offender() -> None:
+    from natmig.agent.stateprovider import Change, StateRefused
+
+    p, m = _provider()
+    sess = m.list("session")
+    ok = ("TCP", "10.0.0.2", 40000, "203.0.113.2", 80, "ESTABLISHED", 60, False, 0)
+    reverse = ("TCP", "203.0.113.2", 80, "10.0.0.2", 40000, "ESTABLISHED", 60, False, 0)  # its reply tuple is ok's key
+    icmp_port = ("ICMP", "10.0.0.2", 7, "203.0.113.2", 9, None, 60, False, 0)
+    own = ("UDP", "192.0.2.1", 5000, "203.0.113.2", 53, None, 60, False, 0)
+    with pytest.raises(StateRefused) as e:
+        p.apply({sess: Change([ok, reverse, icmp_port, own])})  # no namespace exists: any kernel call would fail otherwise
+    why = {k: v for (lst, k), v in e.value.problems.items()}
+    assert set(why) == {ok[:5], reverse[:5], icmp_port[:5], own[:5]}
+    assert "reply tuple" in why[ok[:5]] and "dst_port 9 must be 0 for ICMP" in why[icmp_port[:5]] and "node itself" in why[own[:5]]
