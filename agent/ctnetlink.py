@@ -502,6 +502,12 @@ class CreateEncoder:
         t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15, t16, t17 = _TCP.consts
         u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15, u16 = _UDP.consts
         i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, i13, i14 = _ICMP.consts
+        # Untranslated entries (a firewall's): no CTA_NAT_SRC, the reply tuple the original's inverse.
+        ptcp, pudp, picmp = _PLAIN_TCP.struct.pack_into, _PLAIN_UDP.struct.pack_into, _PLAIN_ICMP.struct.pack_into
+        ptcp_size, pudp_size, picmp_size = _PLAIN_TCP.struct.size, _PLAIN_UDP.struct.size, _PLAIN_ICMP.struct.size
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13 = _PLAIN_TCP.consts
+        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12 = _PLAIN_UDP.consts
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10 = _PLAIN_ICMP.consts
         off = 0
         for i in range(start, stop):
             s, timeout = items[i]
@@ -514,8 +520,18 @@ class CreateEncoder:
             status, state = got if got is not None else kinds.setdefault(kind, _create_status(s))
             sport, dport, tport = s.src_port, s.dst_port, s.translated_port
             if c == a and tport == sport:
-                # Untranslated (a firewall's entry): the reply tuple is the original's inverse, no CTA_NAT_SRC.
-                off += _pack_plain(buf, off, proto, i + 1, src, dst, sport, dport, status, timeout, s.mark, state)
+                if proto == "TCP":
+                    ptcp(buf, off, a0, i + 1, a1, src, a2, dst, a3, sport, a4, dport, a5, dst, a6, src, a7, dport, a8, sport,
+                         a9, status, a10, timeout, a11, s.mark, a12, state, a13)
+                    off += ptcp_size
+                elif proto == "UDP":
+                    pudp(buf, off, b0, i + 1, b1, src, b2, dst, b3, sport, b4, dport, b5, dst, b6, src, b7, dport, b8, sport,
+                         b9, status, b10, timeout, b11, s.mark, b12)
+                    off += pudp_size
+                else:
+                    picmp(buf, off, c0, i + 1, c1, src, c2, dst, c3, sport, c4, dst, c5, src, c6, sport,
+                          c7, status, c8, timeout, c9, s.mark, c10)
+                    off += picmp_size
             elif proto == "TCP":
                 tcp(buf, off, t0, i + 1, t1, src, t2, dst, t3, sport, t4, dport, t5, dst, t6, src, t7, dport, t8, tport,
                     t9, pub, t10, pub, t11, tport, t12, tport, t13, status, t14, timeout, t15, s.mark, t16, state, t17)
@@ -530,24 +546,6 @@ class CreateEncoder:
                      i7, pub, i8, pub, i9, tport, i10, tport, i11, status, i12, timeout, i13, s.mark, i14)
                 off += icmp_size
         return off
-
-
-_PLAIN = {"TCP": _PLAIN_TCP, "UDP": _PLAIN_UDP, "ICMP": _PLAIN_ICMP}
-
-
-def _pack_plain(buf: bytearray, off: int, proto: str, seq: int, src: bytes, dst: bytes, sport: int, dport: int,
-                status: int, timeout: int, mark: int, state: int) -> int:
-    """Pack one untranslated create message at ``off``; its size.  Values interleaved with the layout's constants."""
-    layout = _PLAIN[proto]
-    if proto == "ICMP":
-        values: tuple = (seq, src, dst, sport, dst, src, sport, status, timeout, mark)
-    else:
-        values = (seq, src, dst, sport, dport, dst, src, dport, sport, status, timeout, mark) + ((state,) if proto == "TCP" else ())
-    args: list = [None] * (2 * len(values) + 1)
-    args[0::2] = layout.consts
-    args[1::2] = values
-    layout.struct.pack_into(buf, off, *args)
-    return layout.struct.size
 
 
 def create_messages(items: Sequence[tuple[NatSession, int]]) -> bytes:

@@ -77,8 +77,8 @@ class FirewallProvider(StateProvider):
         #: an entry of the session list from a NatSession, in the module's leaf order (one C call).
         self._fields = operator.attrgetter(*(_SESSION_LEAVES[leaf.name] for leaf in self.sessions.leaves))
         #: where each NatSession field is in an entry of the session list (the module's leaf order).
-        self._positions = tuple(self.sessions.index[leaf] for leaf in
-                                ("protocol", "src-address", "src-port", "dst-address", "dst-port", "tcp-state", "timeout", "assured", "mark"))
+        self._positions = operator.itemgetter(*(self.sessions.index[leaf] for leaf in
+                                                ("protocol", "src-address", "src-port", "dst-address", "dst-port", "tcp-state", "timeout", "assured", "mark")))
         self._reader = ctread.EntryReader(self.netns)
         self._wsock: socket.socket | None = None
         self._lock = threading.RLock()
@@ -95,7 +95,7 @@ class FirewallProvider(StateProvider):
         return self._fields(s)
 
     def _session(self, e: Entry) -> NatSession:
-        p, src, sport, dst, dport, state, timeout, assured, mark = (e[i] for i in self._positions)
+        p, src, sport, dst, dport, state, timeout, assured, mark = self._positions(e)
         if p == "TCP" and state is None:
             state = "ESTABLISHED"
         # Untranslated: the translated endpoint is the source itself (ctnetlink.untranslated).
@@ -169,23 +169,26 @@ class FirewallProvider(StateProvider):
     def _apply(self, sess: Change, blk: Change) -> None:
         problems: dict[tuple[StateList, Key], str] = {}
         upserts = [self._session(e) for e in sess.upserts]
-        keys = {s.key for s in upserts}
+        # An entry's key is its first five leaves, in NatSession.key's order: sliced once, not rebuilt per use.
+        ukeys: list[SessionKey] = [e[:5] for e in sess.upserts]  # type: ignore[misc]
+        keys = set(ukeys)
         invalid = invalid_entries(upserts)
-        for s in upserts:
-            why = invalid.get(s.key)
-            if why is None and self._host_own(s):
+        own = self._host_own
+        for s, k in zip(upserts, ukeys):
+            why = invalid.get(k)
+            if why is None and own(s):
                 why = "it names an address of the node itself: the host's own connections are not sessions"
             if why is None and s.protocol != "ICMP" and (s.protocol, s.dst_address, s.dst_port, s.src_address, s.src_port) in keys:
                 why = "its reply tuple is the key of another session of the change"
             if why is not None:
-                problems[(self.sessions, s.key)] = why
+                problems[(self.sessions, k)] = why
         if problems:
             raise StateRefused(problems)
-        existing = self.lookup_sessions([*keys, *(tuple(k) for k in sess.deletes)])
-        for s in upserts:
-            old = existing.get(s.key)
+        existing = self.lookup_sessions([*ukeys, *(tuple(k) for k in sess.deletes)])
+        for k in ukeys if existing else ():
+            old = existing.get(k)
             if old is not None and not nl.untranslated(old):
-                problems[(self.sessions, s.key)] = f"a translated entry holds the key (-> {old.translated_address}:{old.translated_port})"
+                problems[(self.sessions, k)] = f"a translated entry holds the key (-> {old.translated_address}:{old.translated_port})"
         for k in sess.deletes:
             old = existing.get(tuple(k))
             if old is not None and self._host_own(old):
@@ -197,14 +200,13 @@ class FirewallProvider(StateProvider):
         blocked_before = self._read_blocked() if blk else {}
         self._write_blocked(blk, blocked_before)
         try:
-            created, deleted = self._write_sessions(upserts, [tuple(k) for k in sess.deletes], existing)
+            created, deleted = self._write_sessions(upserts, ukeys, [tuple(k) for k in sess.deletes], existing)
         except StateRefused:
             self._restore_blocked(blk, blocked_before)
             raise
         # Own changes are reported here (the kernel's events of them are filtered out): entries gained or lost.
         events: list[tuple[StateList, str, Entry]] = [(self.sessions, "deleted", self._entry(existing[k])) for k in deleted]
-        new_keys = {s.key for s in created}
-        events += [(self.sessions, "created", e) for e in sess.upserts if self.sessions.key_of(e) in new_keys]
+        events += [(self.sessions, "created", e) for e, k in zip(sess.upserts, ukeys) if k in created]
         after = dict(blocked_before)
         for k in blk.deletes:
             if (old := after.pop(tuple(k), None)) is not None:
@@ -258,12 +260,15 @@ class FirewallProvider(StateProvider):
     def _element_delete(addr: str) -> str:
         return f"delete element ip {TABLE} {BLOCKED_SET} {{ {addr} }}"
 
-    def _write_sessions(self, upserts: list[NatSession], deletes: list[SessionKey],
-                        existing: dict[SessionKey, NatSession]) -> tuple[list[NatSession], list[SessionKey]]:
-        """Deletes, in-place updates, creates; all or none (the kernel's refusals undone, then raised). (created, deleted)."""
+    def _write_sessions(self, upserts: list[NatSession], ukeys: list[SessionKey], deletes: list[SessionKey],
+                        existing: dict[SessionKey, NatSession]) -> tuple[set[SessionKey], list[SessionKey]]:
+        """Deletes, in-place updates, creates; all or none (the kernel's refusals undone, then raised). (keys created, keys deleted)."""
         timeouts = self._timeouts(upserts)
-        creates = [(s, t) for s, t in zip(upserts, timeouts) if s.key not in existing]
-        updates = [(s, t) for s, t in zip(upserts, timeouts) if s.key in existing]
+        if existing:
+            creates = [(s, t) for s, t, k in zip(upserts, timeouts, ukeys) if k not in existing]
+            updates = [(s, t) for s, t, k in zip(upserts, timeouts, ukeys) if k in existing]
+        else:  # an idle target: every upsert is a create
+            creates, updates = list(zip(upserts, timeouts)), []
         gone = [k for k in deletes if k in existing]
         sock = self._writer()
         done_deletes: list[SessionKey] = []
@@ -293,7 +298,7 @@ class FirewallProvider(StateProvider):
             if isinstance(e, StateRefused):
                 raise
             raise StateRefused({(self.sessions, s.key): f"netlink failed part way: {e}" for s in upserts}) from e
-        return [s for s, _ in creates], done_deletes
+        return {k for k in ukeys if k not in existing}, done_deletes
 
     def _undo_sessions(self, created: list[NatSession], updated: list[NatSession], deleted: list[SessionKey],
                        existing: dict[SessionKey, NatSession]) -> None:
