@@ -98,13 +98,15 @@ demo: setup
 bindings: venv
 	$(PYANG) --plugindir $$($(PY) -c 'import os, pyangbind; print(os.path.dirname(pyangbind.__file__))')/plugin \
 		-f pybind -o bindings/nat_session.py yang/nat-session.yang
+	$(PYANG) --plugindir $$($(PY) -c 'import os, pyangbind; print(os.path.dirname(pyangbind.__file__))')/plugin \
+		-f pybind -p yang -o bindings/fw_state.py yang/fw-state.yang
 
 tree: venv
 	@$(PYANG) -f tree yang/nat-session.yang
 
 lint: setup
-	$(PYANG) --lint -p yang yang/nat-session.yang yang/natmig-state.yang yang/natmig-controller.yang examples/lb-binding.yang
-	yanglint -p yang yang/nat-session.yang yang/natmig-state.yang yang/natmig-controller.yang examples/lb-binding.yang
+	$(PYANG) --lint -p yang yang/nat-session.yang yang/natmig-state.yang yang/natmig-controller.yang yang/fw-state.yang examples/lb-binding.yang
+	yanglint -p yang yang/nat-session.yang yang/natmig-state.yang yang/natmig-controller.yang yang/fw-state.yang examples/lb-binding.yang
 
 # The manual page and completions are generated from the argparse parsers
 # (natmig/manual.py) and installed with the package (pyproject's data-files).

@@ -103,8 +103,29 @@ PROVIDERS: dict[str, Callable[[argparse.Namespace], SessionProvider]] = {
 }
 
 
+def _firewall(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
+    """The agent of a firewall node: fw-state over the namespace's conntrack table and blocked set."""
+    from ..schema import YANG_DIR
+    from ..statemodel import load_module
+    from .fwnode import FwNode, FwNodeConfig
+    from .fwprovider import FirewallProvider
+    from .stateagent import StateAgent
+
+    if not args.netns:
+        raise AgentError("--provider firewall needs --netns (the firewall node's namespace)")
+    node = FwNode(FwNodeConfig(name=args.netns, inside_if=args.inside_if, outside_if=args.outside_if))
+    netns.sysctl(args.netns, "net.netfilter.nf_conntrack_events", 1)  # every entry reports its end (see fwnode.sysctls)
+    if not node.admission():
+        log.warning("firewall node %s: admission is closed; holding new connections until it opens", args.netns)
+        node.set_admission(False)
+    module = load_module(YANG_DIR / "fw-state.yang")
+    return StateAgent(cfg, module, FirewallProvider(module, node))
+
+
 def _agent(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
     """The NAT agent over its provider, or, with --module, the agent of that state module."""
+    if args.provider == "firewall":
+        return _firewall(args, cfg)
     if args.module is None:
         return Agent(cfg, PROVIDERS[args.provider](args), default_codec())
     if args.provider != "memory":
@@ -220,11 +241,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--call-home", action="append", type=_call_home_target, metavar="HOST[:PORT]",
                    help="dial this controller (RFC 8071 call home, port 4334 by default) and keep dialling with a backoff; repeatable")
     p.add_argument("--netns", metavar="NAME", help="network namespace of the NAT node to run in")
-    p.add_argument("--provider", choices=sorted(PROVIDERS), default="conntrack", help="where the session table lives (memory: protocol tests and demos)")
+    p.add_argument("--provider", choices=sorted([*PROVIDERS, "firewall"]), default="conntrack",
+                   help="where the session table lives (memory: protocol tests and demos; firewall: a firewall node's fw-state)")
     p.add_argument("--module", metavar="FILE.yang", help="serve the state lists of this YANG module from memory, with natmig-state "
                    "(needs --provider memory): an agent of any network function's state, for the migration engine")
     p.add_argument("--public-address", action="append", metavar="A", help="public address of the NAT (repeatable)")
     p.add_argument("--inside-if", default="inside0", metavar="IF", help="the NAT's inside interface, for admission control (default %(default)s)")
+    p.add_argument("--outside-if", default="outside0", metavar="IF", help="a firewall's outside interface, for admission control (default %(default)s)")
     p.add_argument("--host-key", default="agent_host_key", metavar="FILE", help="SSH host key, created (ECDSA) if missing")
     p.add_argument("--passwords", metavar="FILE", help="the agent's HASHED password file, USER:scrypt$... lines written by "
                    "`natmig agent passwd` (not the inventory's plaintext password_file)")

@@ -385,6 +385,35 @@ class EventSocket:
             parse(data, records, self.own)
         return n
 
+    def read_entries(self, out: list[tuple[int, dict[int, bytes]]], limit: int | None = None) -> int:
+        """Append (NEW or DESTROY, the entry's top-level attributes) of the events queued now; how many messages were read.
+
+        :meth:`read` keeps what the digest needs; a reader that wants the
+        entries themselves (the firewall's sessions, whose timeout, state and
+        mark the records leave out) takes this.  Raises :class:`EventsLost`
+        as :meth:`read` does.
+        """
+        recv, n = self.sock.recv, 0
+        while limit is None or n < limit:
+            try:
+                data = recv(65536)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == errno.ENOBUFS:
+                    raise EventsLost("ctnetlink events were dropped (the receive queue overflowed)") from None
+                raise
+            n += 1
+            off = 0
+            while off + 16 <= len(data):
+                ln, typ, _flags, _seq, pid = _HEAD.unpack_from(data, off)
+                if ln < 16:
+                    break
+                if (typ == _NEW_TYPE or typ == _DELETE_TYPE) and pid != self.own:
+                    out.append((NEW if typ == _NEW_TYPE else DESTROY, parse_attrs(data, off + 20, off + ln)))
+                off += (ln + 3) & ~3
+        return n
+
     def wait(self, timeout: float) -> bool:
         """Whether events are queued, waiting at most ``timeout`` seconds."""
         return bool(select.select([self.sock], [], [], timeout)[0])

@@ -117,8 +117,17 @@ def orig_tuple(s: NatSession) -> bytes:
     return _tuple(CTA_TUPLE_ORIG, s.src_address, s.dst_address, s.protocol, s.src_port, s.dst_port, ICMP_ECHO_REQUEST)
 
 
+def untranslated(s: NatSession) -> bool:
+    """Whether ``s`` is an entry without translation: its translated endpoint is its own source.
+
+    Such an entry (a firewall's session) is created with the inverse of its
+    original tuple as its reply tuple and no NAT attribute at all.
+    """
+    return s.translated_address == s.src_address and s.translated_port == s.src_port
+
+
 def create_attrs(s: NatSession, timeout: int) -> bytes:
-    """Attributes of a CT_NEW that creates ``s`` with its translation.
+    """Attributes of a CT_NEW that creates ``s`` with its translation (none: :func:`untranslated`).
 
     The reply tuple is the un-NATed one but already carries the public port
     (or echo identifier): the kernel derives the NAT mapping from the inverted
@@ -142,7 +151,7 @@ def create_attrs(s: NatSession, timeout: int) -> bytes:
     from .cttext import seen_reply  # local: cttext is the single place that decides the flags
 
     status = IPS_CONFIRMED | (IPS_SEEN_REPLY if seen_reply(s) else 0) | (IPS_ASSURED if s.assured else 0)
-    out = orig_tuple(s) + reply + nat + _attr(CTA_STATUS, struct.pack("!I", status))
+    out = orig_tuple(s) + reply + (b"" if untranslated(s) else nat) + _attr(CTA_STATUS, struct.pack("!I", status))
     out += _attr(CTA_TIMEOUT, struct.pack("!I", timeout)) + _attr(CTA_MARK, struct.pack("!I", s.mark))
     if s.protocol == "TCP":
         out += _protoinfo(s, liberal=True)
@@ -367,11 +376,11 @@ def _ltuple(kind: int, proto: str, names: tuple[str, str, str, str], icmp_type: 
     return _lnest(kind, ip, _lnest(CTA_TUPLE_PROTO, _lattr(CTA_PROTO_NUM, bytes([PROTO_NUMBERS[proto]])), l4))
 
 
-def _create_segments(proto: str) -> list[_Segment]:
-    """The whole CT_NEW create message of ``proto``, in the order create_attrs() writes it."""
+def _create_segments(proto: str, nat: bool = True) -> list[_Segment]:
+    """The whole CT_NEW create message of ``proto``, in the order create_attrs() writes it (``nat``: with CTA_NAT_SRC)."""
     attrs = _ltuple(CTA_TUPLE_ORIG, proto, ("src", "dst", "sport", "dport"), ICMP_ECHO_REQUEST)
     attrs += _ltuple(CTA_TUPLE_REPLY, proto, ("rsrc", "rdst", "rsport", "rdport"), ICMP_ECHO_REPLY)
-    attrs += _lnest(
+    attrs += [] if not nat else _lnest(
         CTA_NAT_SRC,
         _lattr(CTA_NAT_V4_MINIP, _Field("minip", "4s", 4)),
         _lattr(CTA_NAT_V4_MAXIP, _Field("maxip", "4s", 4)),
@@ -425,11 +434,16 @@ def _compile(segs: list[_Segment]) -> _Layout:
 
 
 _TCP, _UDP, _ICMP = (_compile(_create_segments(p)) for p in ("TCP", "UDP", "ICMP"))
+#: The same without CTA_NAT_SRC: entries that are not translated (:func:`untranslated`).
+_PLAIN_TCP, _PLAIN_UDP, _PLAIN_ICMP = (_compile(_create_segments(p, nat=False)) for p in ("TCP", "UDP", "ICMP"))
 # The encoder below passes the values in these orders; checked once, at import.
 _PORTS_ORDER = ("seq", "src", "dst", "sport", "dport", "rsrc", "rdst", "rsport", "rdport",
                 "minip", "maxip", "minport", "maxport", "status", "timeout", "mark")
 assert _TCP.names == _PORTS_ORDER + ("state",) and _UDP.names == _PORTS_ORDER
 assert _ICMP.names == tuple(n for n in _PORTS_ORDER if n not in ("dport", "rdport"))
+_PLAIN_ORDER = tuple(n for n in _PORTS_ORDER if n not in ("minip", "maxip", "minport", "maxport"))
+assert _PLAIN_TCP.names == _PLAIN_ORDER + ("state",) and _PLAIN_UDP.names == _PLAIN_ORDER
+assert _PLAIN_ICMP.names == tuple(n for n in _PLAIN_ORDER if n not in ("dport", "rdport"))
 #: The largest create message (TCP), what a batch buffer is sized by.
 CREATE_MAX = max(x.struct.size for x in (_TCP, _UDP, _ICMP))
 
@@ -468,6 +482,12 @@ class CreateEncoder:
         t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14, t15, t16, t17 = _TCP.consts
         u0, u1, u2, u3, u4, u5, u6, u7, u8, u9, u10, u11, u12, u13, u14, u15, u16 = _UDP.consts
         i0, i1, i2, i3, i4, i5, i6, i7, i8, i9, i10, i11, i12, i13, i14 = _ICMP.consts
+        # Untranslated entries (a firewall's): no CTA_NAT_SRC, the reply tuple the original's inverse.
+        ptcp, pudp, picmp = _PLAIN_TCP.struct.pack_into, _PLAIN_UDP.struct.pack_into, _PLAIN_ICMP.struct.pack_into
+        ptcp_size, pudp_size, picmp_size = _PLAIN_TCP.struct.size, _PLAIN_UDP.struct.size, _PLAIN_ICMP.struct.size
+        a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13 = _PLAIN_TCP.consts
+        b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12 = _PLAIN_UDP.consts
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10 = _PLAIN_ICMP.consts
         off = 0
         for i in range(start, stop):
             s, timeout = items[i]
@@ -479,7 +499,20 @@ class CreateEncoder:
             got = kinds.get(kind)
             status, state = got if got is not None else kinds.setdefault(kind, _create_status(s))
             sport, dport, tport = s.src_port, s.dst_port, s.translated_port
-            if proto == "TCP":
+            if c == a and tport == sport:
+                if proto == "TCP":
+                    ptcp(buf, off, a0, i + 1, a1, src, a2, dst, a3, sport, a4, dport, a5, dst, a6, src, a7, dport, a8, sport,
+                         a9, status, a10, timeout, a11, s.mark, a12, state, a13)
+                    off += ptcp_size
+                elif proto == "UDP":
+                    pudp(buf, off, b0, i + 1, b1, src, b2, dst, b3, sport, b4, dport, b5, dst, b6, src, b7, dport, b8, sport,
+                         b9, status, b10, timeout, b11, s.mark, b12)
+                    off += pudp_size
+                else:
+                    picmp(buf, off, c0, i + 1, c1, src, c2, dst, c3, sport, c4, dst, c5, src, c6, sport,
+                          c7, status, c8, timeout, c9, s.mark, c10)
+                    off += picmp_size
+            elif proto == "TCP":
                 tcp(buf, off, t0, i + 1, t1, src, t2, dst, t3, sport, t4, dport, t5, dst, t6, src, t7, dport, t8, tport,
                     t9, pub, t10, pub, t11, tport, t12, tport, t13, status, t14, timeout, t15, s.mark, t16, state, t17)
                 off += tcp_size

@@ -23,7 +23,7 @@ from .ctnetlink import (
     CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE, CTA_STATUS, CTA_TIMEOUT,
     CTA_TUPLE_IP, CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_TUPLE_REPLY, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPCTNL_MSG_CT_GET,
     IPCTNL_MSG_CT_NEW, IPS_ASSURED, NFNL_SUBSYS_CTNETLINK, NLM_F_ACK, NLMSG_ERROR, PROTO_NAMES, PROTO_NUMBERS,
-    TCP_STATE_NAMES, NetlinkError, Op, TupleEncoder, Tuple5, describe, frame, open_socket, parse_attrs,
+    TCP_STATE_NAMES, NetlinkError, Op, TupleEncoder, Tuple5, describe, frame, open_socket, parse_attrs, untranslated,
 )
 
 
@@ -70,25 +70,25 @@ def _tcp_state(attrs: dict[int, bytes]) -> str | None:
     return TCP_STATE_NAMES.get(st[0]) if st else None
 
 
-def entry_session(attrs: dict[int, bytes]) -> NatSession | None:
-    """The session of one ctnetlink entry (its top-level attributes), by the rules of ``conntrack -L`` parsing.
+def entry_flow(attrs: dict[int, bytes]) -> NatSession | None:
+    """One ctnetlink entry (its top-level attributes) as a session record, translated or not.
 
-    None for what :meth:`ConntrackProvider.list` leaves out: not source-NATed
-    (the reply comes back to the original source), destination-NATed (the
-    reply comes from elsewhere), ICMP other than echo, TCP without a known
-    state, other protocols, IPv6.  Must agree with :func:`.cttext.parse_table`
-    (the functional test compares the two on the same table).
+    An entry whose reply comes back to its original source is returned as
+    :func:`.ctnetlink.untranslated` (translated endpoint = source): a
+    firewall's session.  None for what no such record holds: the reply
+    coming from elsewhere than the original destination (destination NAT),
+    ICMP other than echo, TCP without a known state, other protocols, IPv6.
     """
     o, r = parse_tuple(attrs.get(CTA_TUPLE_ORIG, b"")), parse_tuple(attrs.get(CTA_TUPLE_REPLY, b""))
     if o is None or r is None or o.proto != r.proto or o.proto not in PROTO_NAMES:
         return None
     proto = PROTO_NAMES[o.proto]
     if proto == "ICMP":
-        if o.itype != ICMP_ECHO_REQUEST or r.src != o.dst or (r.dst == o.src and r.sport == o.sport):
+        if o.itype != ICMP_ECHO_REQUEST or r.src != o.dst:
             return None
         dst_port, translated_port = 0, r.sport
     else:
-        if (r.dst == o.src and r.dport == o.sport) or r.src != o.dst or r.sport != o.dport:
+        if r.src != o.dst or r.sport != o.dport:
             return None
         dst_port, translated_port = o.dport, r.dport
     tcp_state = None
@@ -104,6 +104,18 @@ def entry_session(attrs: dict[int, bytes]) -> NatSession | None:
     )
 
 
+def entry_session(attrs: dict[int, bytes]) -> NatSession | None:
+    """The session of one ctnetlink entry (its top-level attributes), by the rules of ``conntrack -L`` parsing.
+
+    None for what :meth:`ConntrackProvider.list` leaves out: not source-NATed
+    (the reply comes back to the original source), and whatever
+    :func:`entry_flow` leaves out.  Must agree with :func:`.cttext.parse_table`
+    (the functional test compares the two on the same table).
+    """
+    s = entry_flow(attrs)
+    return None if s is None or untranslated(s) else s
+
+
 def entry_tuple(attrs: dict[int, bytes]) -> Tuple5 | None:
     """The original tuple of one ctnetlink entry in :data:`Tuple5` form (protocol by name), as :func:`.cttext.parse_table` records an entry that is not a session."""
     o = parse_tuple(attrs.get(CTA_TUPLE_ORIG, b""))
@@ -117,6 +129,8 @@ _ANSWER = struct.Struct("=IHH4sI")  # nlmsghdr: length, type, flags, seq as sent
 _SEQ = struct.Struct("!I")  # how ctnetlink.frame and the encoders write sequence numbers
 _CT_NEW_ANSWER = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_NEW
 IPCTNL_MSG_CT_GET_STATS = 5
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
 CTA_STATS_GLOBAL_ENTRIES = 1
 
 
@@ -189,6 +203,64 @@ class EntryReader:
                 self._drop()
                 raise NetlinkError(f"ctnetlink GET_STATS in {self.netns}: {e}") from e
 
+    def dump(self) -> list[dict[int, bytes]]:
+        """Every IPv4 entry of the table (top-level attributes), from one dump; entries that expired are removed, not listed.
+
+        What a reader of untranslated entries needs that ``conntrack -L``
+        parsing (:mod:`.cttext`) leaves out: the NAT's list counts those
+        entries, a firewall's list is made of them.
+        """
+        out: list[dict[int, bytes]] = []
+        with self._lock:
+            try:
+                sock = self._socket()
+                seq = self._seq = (self._seq + 1) & 0x7FFFFFFF
+                sock.sendto(frame(Op(IPCTNL_MSG_CT_GET, NLM_F_DUMP, b""), seq), (0, 0))
+                while True:
+                    data = sock.recv(1 << 20)
+                    off = 0
+                    while off + 16 <= len(data):
+                        ln, typ, _flags, raw_seq, _pid = _ANSWER.unpack_from(data, off)
+                        if ln < 16:
+                            break
+                        if _SEQ.unpack(raw_seq)[0] == seq:
+                            if typ == NLMSG_DONE:
+                                return out
+                            if typ == NLMSG_ERROR:
+                                (code,) = struct.unpack_from("=i", data, off + 16)
+                                if code:
+                                    raise NetlinkError(f"ctnetlink dump in {self.netns}: {describe(-code)}")
+                                return out
+                            if typ == _CT_NEW_ANSWER:
+                                out.append(parse_attrs(data, off + 20, off + ln))
+                        off += (ln + 3) & ~3
+            except OSError as e:
+                self._drop()
+                raise NetlinkError(f"ctnetlink dump in {self.netns}: {e}") from e
+
+    def flows(self) -> list[NatSession]:
+        """:func:`entry_flow` of every IPv4 entry of zone 0 in one dump, translated or not (entries of other zones left out).
+
+        IPv4 TCP and UDP entries, nearly all of a table, are read by
+        ctevents' precompiled pattern over both tuples and a walk of the
+        few attributes after them; the rest by :func:`entry_flow`.
+        Measured on 10k entries: 1.2 s through parse_attrs and entry_flow
+        for every entry, 0.25 s so (the dump itself ~0.2 s).
+        """
+        out: list[NatSession] = []
+        with self._lock:
+            try:
+                sock = self._socket()
+                seq = self._seq = (self._seq + 1) & 0x7FFFFFFF
+                sock.sendto(frame(Op(IPCTNL_MSG_CT_GET, NLM_F_DUMP, b""), seq), (0, 0))
+                while True:
+                    data = sock.recv(1 << 20)
+                    if _flows_of(data, seq, out, self.netns):
+                        return out
+            except OSError as e:
+                self._drop()
+                raise NetlinkError(f"ctnetlink dump in {self.netns}: {e}") from e
+
     def _socket(self) -> socket.socket:
         if self._sock is None:
             self._sock = open_socket(self.netns)
@@ -237,3 +309,75 @@ class EntryReader:
         """Close the socket (a later read opens a new one)."""
         with self._lock:
             self._drop()
+
+
+_TOP = struct.Struct("=HH")
+_PROTO_OF_BYTE = {b"\x06": "TCP", b"\x11": "UDP"}
+
+
+def _flows_of(data: bytes, seq: int, out: list[NatSession], netns: str | None) -> bool:
+    """Append the flows of one buffer of dump answers numbered ``seq``; whether the dump ended."""
+    from .ctevents import _ADDR, _PORT, _V4_PORTS, CTA_ZONE  # the digest's pattern: one definition of the layout
+
+    off, end = 0, len(data)
+    match = _V4_PORTS.match
+    while off + 16 <= end:
+        ln, typ, _flags, raw_seq, _pid = _ANSWER.unpack_from(data, off)
+        if ln < 16:
+            break
+        stop = off + ln
+        if _SEQ.unpack(raw_seq)[0] == seq:
+            if typ == NLMSG_DONE:
+                return True
+            if typ == NLMSG_ERROR:
+                (code,) = struct.unpack_from("=i", data, off + 16)
+                if code:
+                    raise NetlinkError(f"ctnetlink dump in {netns}: {describe(-code)}")
+                return True
+            if typ == _CT_NEW_ANSWER:
+                m = match(data, off + 20, stop)
+                if m is None:  # not IPv4 TCP/UDP, or a zone follows the tuples
+                    attrs = parse_attrs(data, off + 20, stop)
+                    zone = attrs.get(CTA_ZONE)
+                    if zone is None or zone == b"\0\0":
+                        f = entry_flow(attrs)
+                        if f is not None:
+                            out.append(f)
+                else:
+                    src, dst, p, sp, dp, rsrc, rdst, rsp, rdp = m.groups()
+                    if rsrc == dst and rsp == dp:  # else destination-NATed: no flow (entry_flow's rule)
+                        f = _rest(data, m.end(), stop, _PROTO_OF_BYTE[p], _ADDR[src], _PORT[sp], _ADDR[dst], _PORT[dp], _ADDR[rdst], _PORT[rdp])
+                        if f is not None:
+                            out.append(f)
+        off += (ln + 3) & ~3
+    return False
+
+
+def _rest(buf: bytes, off: int, end: int, proto: str, src: str, sport: int, dst: str, dport: int, rdst: str, rdport: int) -> NatSession | None:
+    """The flow of an IPv4 TCP/UDP entry whose tuples were matched: status, timeout, mark and TCP state from the attributes after them."""
+    status = mark = 0
+    timeout = None
+    state = None
+    unpack, be32 = _TOP.unpack_from, struct.Struct("!I").unpack_from
+    while off + 4 <= end:
+        ln, kind = unpack(buf, off)
+        if ln < 4:
+            break
+        kind &= 0x3FFF
+        if kind == CTA_STATUS:
+            status = be32(buf, off + 4)[0]
+        elif kind == CTA_TIMEOUT:
+            timeout = be32(buf, off + 4)[0]
+        elif kind == CTA_MARK:
+            mark = be32(buf, off + 4)[0]
+        elif kind == CTA_PROTOINFO:
+            # The kernel writes the TCP state first in CTA_PROTOINFO_TCP (as ctevents' pattern reads it); else walk.
+            if ln >= 13 and unpack(buf, off + 4)[1] & 0x3FFF == CTA_PROTOINFO_TCP and unpack(buf, off + 8) == (5, CTA_PROTOINFO_TCP_STATE):
+                state = TCP_STATE_NAMES.get(buf[off + 12])
+            else:
+                state = _tcp_state({CTA_PROTOINFO: buf[off + 4:off + ln]})
+        off += (ln + 3) & ~3
+    if proto == "TCP" and state is None:
+        return None
+    return NatSession(proto, src, sport, dst, dport, rdst, rdport, state if proto == "TCP" else None,
+                      None if timeout is None else max(1, timeout), bool(status & IPS_ASSURED), mark)

@@ -20,8 +20,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PYANG = str(Path(sys.executable).with_name("pyang"))
 
 
-#: every module natmig ships: nat-session, the common natmig-state, the example state module.
-MODULES = [MODULE_PATH, ROOT / "yang" / "natmig-state.yang", ROOT / "yang" / "natmig-controller.yang", ROOT / "examples" / "lb-binding.yang"]
+#: every module natmig ships: nat-session, the common natmig-state, the controller's northbound, the firewall's fw-state, the example state module.
+MODULES = [MODULE_PATH, ROOT / "yang" / "natmig-state.yang", ROOT / "yang" / "natmig-controller.yang", ROOT / "yang" / "fw-state.yang",
+           ROOT / "examples" / "lb-binding.yang"]
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
@@ -62,14 +63,15 @@ def test_readme_tree_diagram_matches_module() -> None:
     assert m.group(1).strip() == tree.strip(), "README tree diagram is stale: paste `make tree` output"
 
 
-def test_bindings_are_up_to_date(tmp_path: Path) -> None:
-    out = tmp_path / "nat_session.py"
+@pytest.mark.parametrize("module, name", [(MODULE_PATH, "nat_session.py"), (ROOT / "yang" / "fw-state.yang", "fw_state.py")], ids=["nat-session", "fw-state"])
+def test_bindings_are_up_to_date(tmp_path: Path, module: Path, name: str) -> None:
+    out = tmp_path / name
     plugin = Path(pyangbind.__file__).parent / "plugin"
     subprocess.run(
-        [PYANG, "--plugindir", str(plugin), "-f", "pybind", "-o", str(out), str(MODULE_PATH)],
+        [PYANG, "--plugindir", str(plugin), "-f", "pybind", "-p", str(ROOT / "yang"), "-o", str(out), str(module)],
         check=True, capture_output=True, env={**os.environ},
     )
-    committed = ROOT / "bindings" / "nat_session.py"
+    committed = ROOT / "bindings" / name
     assert filecmp.cmp(out, committed, shallow=False), "bindings/ is out of date with yang/: run `make bindings`"
 
 
