@@ -35,7 +35,7 @@ import select
 import socket
 import threading
 import time
-from typing import Iterable
+from typing import Iterable, cast
 
 from .. import netns as nsmod
 from ..errors import ProviderError
@@ -136,8 +136,8 @@ class FirewallProvider(StateProvider):
         for item in got.get("nftables", []):
             for elem in item.get("set", {}).get("elem", []):
                 if isinstance(elem, dict):
-                    e = elem.get("elem", {})
-                    addr, expires = e.get("val"), e.get("expires")
+                    inner = elem.get("elem", {})
+                    addr, expires = inner.get("val"), inner.get("expires")
                     timeout = max(1, int(expires)) if expires is not None else None
                 else:
                     addr, timeout = elem, None
@@ -170,7 +170,7 @@ class FirewallProvider(StateProvider):
         problems: dict[tuple[StateList, Key], str] = {}
         upserts = [self._session(e) for e in sess.upserts]
         # An entry's key is its first five leaves, in NatSession.key's order: sliced once, not rebuilt per use.
-        ukeys: list[SessionKey] = [e[:5] for e in sess.upserts]  # type: ignore[misc]
+        ukeys: list[SessionKey] = [e[:5] for e in sess.upserts]
         keys = set(ukeys)
         invalid = invalid_entries(upserts)
         own = self._host_own
@@ -190,7 +190,7 @@ class FirewallProvider(StateProvider):
             if old is not None and not nl.untranslated(old):
                 problems[(self.sessions, k)] = f"a translated entry holds the key (-> {old.translated_address}:{old.translated_port})"
         for k in sess.deletes:
-            old = existing.get(tuple(k))
+            old = existing.get(cast(SessionKey, tuple(k)))
             if old is not None and self._host_own(old):
                 problems[(self.sessions, k)] = "it names an address of the node itself: the host's own connections are not sessions"
             elif old is not None and not nl.untranslated(old):
@@ -209,8 +209,8 @@ class FirewallProvider(StateProvider):
         events += [(self.sessions, "created", e) for e, k in zip(sess.upserts, ukeys) if k in created]
         after = dict(blocked_before)
         for k in blk.deletes:
-            if (old := after.pop(tuple(k), None)) is not None:
-                events.append((self.blocked, "deleted", old))
+            if (gone := after.pop(tuple(k), None)) is not None:
+                events.append((self.blocked, "deleted", gone))
         for e in blk.upserts:
             if tuple(e[:1]) not in after:
                 events.append((self.blocked, "created", e))
@@ -336,7 +336,7 @@ class FirewallProvider(StateProvider):
 
     # -- events -------------------------------------------------------------
 
-    @property  # type: ignore[override]
+    @property
     def on_change(self) -> OnChange:
         return self._on_change
 
