@@ -45,7 +45,7 @@ from ..statemodel import Entry, Key, StateList, StateModule
 from . import ctnetlink as nl
 from . import ctread, nftables
 from .ctbatch import DEFAULT_TIMEOUT_SYSCTL, invalid_entries, timeout_key
-from .ctevents import CTA_ZONE, DESTROY, NEW, EventSocket, EventsLost
+from .ctevents import CTA_ZONE, NEW, EventSocket, EventsLost
 from .fwnode import BLOCKED_SET, TABLE, FwNode
 from .stateprovider import Change, OnChange, StateProvider, StateRefused, Tables
 
@@ -119,7 +119,9 @@ class FirewallProvider(StateProvider):
         return {self.sessions: self._read_sessions(), self.blocked: self._read_blocked()}
 
     def _read_sessions(self) -> dict[Key, Entry]:
-        return {s.key: self._entry(s) for s in self._flows()}
+        entry = self._entry
+        with gc_paused():
+            return {s.key: entry(s) for s in self._flows()}
 
     def _flows(self) -> list[NatSession]:
         """The sessions of one dump (:meth:`.ctread.EntryReader.flows`): untranslated, not the host's own."""
