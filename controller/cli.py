@@ -104,7 +104,15 @@ def _run_state_migration(args: argparse.Namespace, inv: Inventory) -> int:
     print(report.text(), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         _write_json(args.json, report.to_json())
-    return EXIT_OK if report.ok else EXIT_FAILED
+    if report.outcome == "ok":
+        return EXIT_OK
+    if report.outcome == "unchanged":
+        print("natmig migrate: nothing was changed (read back: the source admits new entries, the target's copy was undone)", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"natmig migrate: the state needs attention: the agents roll back what this migration left pending within "
+          f"{opts.confirm_timeout:g} s by themselves (persistent confirmed commits); then read both with `natmig node NAME status`",
+          file=sys.stderr)
+    return EXIT_ATTENTION
 
 
 def _run_via_controller(args: argparse.Namespace, inv: Inventory) -> int:

@@ -48,6 +48,22 @@ class EngineReport:
     readback: dict[str, NodeReadback] = field(default_factory=dict)
 
     @property
+    def outcome(self) -> str:
+        """"ok"; "unchanged" when it failed and what was read back says nothing is left changed; else "attention".
+
+        Unchanged: the target's copy was never confirmed, every undo ran, both
+        nodes were read back, the source admits new entries, and traffic (when
+        there is a switch) is on the source.
+        """
+        if self.ok:
+            return "ok"
+        clean = (not self.committed and not any("undo failed" in u for u in self.undone)
+                 and len(self.readback) == 2 and all(rb.error is None for rb in self.readback.values())
+                 and self.readback.get(self.source, NodeReadback(self.source)).admission is True
+                 and self.traffic_on in ("", self.source))
+        return "unchanged" if clean else "attention"
+
+    @property
     def total_seconds(self) -> float:
         return self.connect_seconds + sum(p.seconds for p in self.phases)
 
@@ -77,7 +93,7 @@ class EngineReport:
         return json.dumps({
             "source": self.source, "target": self.target, "ok": self.ok, "error": self.error or None,
             "failed_phase": self.failed_phase or None, "modules": self.modules, "copied": self.copied,
-            "switch": self.switch or None, "traffic_on": self.traffic_on or None, "retire": self.retire, "committed": self.committed, "undone": self.undone,
+            "switch": self.switch or None, "traffic_on": self.traffic_on or None, "retire": self.retire, "outcome": self.outcome, "committed": self.committed, "undone": self.undone,
             "phases": [{"name": p.name, "seconds": round(p.seconds, 6), "ok": p.ok, "detail": p.detail} for p in self.phases],
             "readback": {n: {"admission": rb.admission, "tables": {t: {"entries": c, "digest": d} for t, (c, d) in rb.tables.items()},
                              "error": rb.error} for n, rb in self.readback.items()},

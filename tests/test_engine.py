@@ -92,7 +92,7 @@ def test_the_state_moves_and_the_report_is_what_the_nodes_say(pair: tuple[Served
     a.load(*entries(300), '<backend xmlns="urn:natmig:yang:example:lb-binding"><address>198.51.100.10</address><port>80</port><weight>5</weight></backend>')
     before = a.node().statistics()
     r = migration(a, b).run()
-    assert r.ok, r.text()
+    assert r.ok and r.outcome == "ok", r.text()
     assert r.modules == ["lb-binding@2026-12-03"]
     assert r.copied == {"lb-binding:backend": 1, "lb-binding:binding": 300}
     assert r.switch.startswith("none")
@@ -347,3 +347,13 @@ def test_traffic_not_on_the_source_refuses_before_anything_changes(pair: tuple[S
     r = migration(a, b, default_phases(sw), recover_hint="natmig recover ...").run()
     assert not r.ok and r.failed_phase == "traffic" and "not through the source lb1" in r.error and sw.moves == []
     assert r.readback["lb1"].admission is True
+
+
+def test_the_outcome_says_whether_anything_is_left_changed(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(10))
+    b.load(binding("203.0.113.9", 5555, snat=1024))  # lb1's first binding uses snat-port 1024 to the same backend
+    r = migration(a, b).run()
+    assert not r.ok and r.outcome == "unchanged", r.text()  # refused in copy, undone, both read back
+    r = migration(a, b, [Preflight(), Freeze(), _StopTarget(b), Copy(WholeLists()), CatchUp(), Verify(), NoSwitch()]).run()
+    assert not r.ok and r.outcome == "attention"  # the target could not be read back: nobody knows what it holds
