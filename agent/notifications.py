@@ -40,6 +40,44 @@ def wrap_notification(body: bytes, when: datetime | None = None) -> bytes:
     return (f'<notification xmlns="{NOTIFICATION_NS}"><eventTime>{event_time(when)}</eventTime>').encode() + body + b"</notification>"
 
 
+class Fanout:
+    """Sessions subscribed to stream NETCONF, and one notification sent to all of them."""
+
+    def __init__(self) -> None:
+        self._subs: dict[int, Deliver] = {}
+        self._mutex = threading.Lock()
+        self.sent = 0
+
+    def subscribe(self, sid: int, deliver: Deliver) -> None:
+        with self._mutex:
+            self._subs[sid] = deliver
+
+    def subscribed(self, sid: int) -> bool:
+        return sid in self._subs
+
+    def unsubscribe(self, sid: int) -> None:
+        with self._mutex:
+            self._subs.pop(sid, None)
+
+    def close(self) -> None:
+        with self._mutex:
+            self._subs.clear()
+
+    def send(self, body: bytes) -> None:
+        """Wrap ``body`` in a <notification> and deliver it to every subscriber."""
+        with self._mutex:
+            targets = list(self._subs.values())
+        if not targets:
+            return
+        msg = wrap_notification(body)
+        for deliver in targets:
+            try:
+                deliver(msg)
+                self.sent += 1
+            except Exception as e:  # noqa: BLE001 - one broken subscriber must not stop the others
+                log.warning("notification not delivered: %s", e)
+
+
 class NotificationHub:
     """Fans the provider's session events out to subscribed sessions."""
 

@@ -13,7 +13,6 @@ those are here.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -30,7 +29,7 @@ from natmig.statewire import CONTROL, STATISTICS, Config, Wire
 from . import rpc
 from .datastore import DEFAULT_OPERATIONS, ERROR_OPTIONS, TEST_OPTIONS, DatastoreError, Problem, problems_of_codec, refuse
 from .monitoring import MONITORING_NS, YANG_LIBRARY_NS, Catalog, netconf_state
-from .notifications import NOTIFICATION_NS, Deliver, wrap_notification
+from .notifications import NOTIFICATION_NS, Fanout
 from .server import OPTIONAL_CAPABILITIES, Agent, AgentConfig
 from .stateprovider import StateProvider
 from .statestore import StateStore
@@ -41,42 +40,13 @@ _NC = f"{{{NETCONF_NS}}}"
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True)
 
 
-class StateHub:
-    """Sends state-change notifications to subscribed sessions."""
-
-    def __init__(self) -> None:
-        self._subs: dict[int, Deliver] = {}
-        self._mutex = threading.Lock()
-        self.sent = 0
-
-    def subscribe(self, sid: int, deliver: Deliver) -> None:
-        with self._mutex:
-            self._subs[sid] = deliver
-
-    def subscribed(self, sid: int) -> bool:
-        return sid in self._subs
-
-    def unsubscribe(self, sid: int) -> None:
-        with self._mutex:
-            self._subs.pop(sid, None)
-
-    def close(self) -> None:
-        with self._mutex:
-            self._subs.clear()
+class StateHub(Fanout):
+    """state-change notifications of a state agent's running lists."""
 
     def publish(self, lst: StateList, event: str, entry: Entry) -> None:
         """One entry created or deleted on running (called with the store's lock held: keep it short)."""
-        with self._mutex:
-            targets = list(self._subs.values())
-        if not targets:
-            return
-        msg = wrap_notification(Wire.change_xml(lst, event, entry).encode())
-        for deliver in targets:
-            try:
-                deliver(msg)
-                self.sent += 1
-            except Exception as e:  # one broken subscriber must not stop the others
-                log.warning("notification not delivered: %s", e)
+        if self._subs:
+            self.send(Wire.change_xml(lst, event, entry).encode())
 
 
 @dataclass

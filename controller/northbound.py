@@ -21,7 +21,7 @@ from lxml import etree
 from ..agent import rpc
 from ..agent.datastore import DatastoreError, Problem, refuse
 from ..agent.monitoring import MONITORING_NS, YANG_LIBRARY_NS, Catalog, SchemaEntry, netconf_state
-from ..agent.notifications import Deliver, wrap_notification
+from ..agent.notifications import Fanout
 from ..agent.server import Agent, AgentConfig
 from ..codec import NETCONF_NS
 from ..schema import YANG_DIR
@@ -70,41 +70,6 @@ def result_xml(r: EngineReport) -> bytes:
         parts.append(f'<error xmlns="{NS}">{escape(r.error)}</error>')
     parts.append(f'<report xmlns="{NS}">{escape(r.text())}</report>')
     return "".join(parts).encode()
-
-
-class Hub:
-    """Notifications of the northbound to its subscribed sessions."""
-
-    def __init__(self) -> None:
-        self._subs: dict[int, Deliver] = {}
-        self._mutex = threading.Lock()
-        self.sent = 0
-
-    def subscribe(self, sid: int, deliver: Deliver) -> None:
-        with self._mutex:
-            self._subs[sid] = deliver
-
-    def subscribed(self, sid: int) -> bool:
-        return sid in self._subs
-
-    def unsubscribe(self, sid: int) -> None:
-        with self._mutex:
-            self._subs.pop(sid, None)
-
-    def close(self) -> None:
-        with self._mutex:
-            self._subs.clear()
-
-    def publish(self, body: str) -> None:
-        msg = wrap_notification(body.encode())
-        with self._mutex:
-            targets = list(self._subs.values())
-        for deliver in targets:
-            try:
-                deliver(msg)
-                self.sent += 1
-            except Exception as e:  # noqa: BLE001 - one broken subscriber must not stop the others
-                log.warning("notification not delivered: %s", e)
 
 
 class _NoData:
@@ -160,7 +125,7 @@ class Northbound(Agent):
         self.service = service
         text = (YANG_DIR / f"{MODULE}.yang").read_text()
         own = SchemaEntry(MODULE, "2026-12-03", NS, text)
-        self._serve(config, _NoData(), Catalog([own], [], CAPABILITIES), Hub())
+        self._serve(config, _NoData(), Catalog([own], [], CAPABILITIES), Fanout())
         self.table: dict[tuple[str, str], Callable[..., Any]] = {
             **{k: v for k, v in rpc.TABLE.items() if k[1] in ("lock", "unlock", "close-session", "kill-session", "get-schema", "create-subscription")},
             (NETCONF_NS, "get"): self.op_get,
@@ -205,7 +170,7 @@ class Northbound(Agent):
 
     def notify(self, body: str) -> None:
         """Send a notification of natmig-controller to every subscriber."""
-        self.hub.publish(body)
+        self.hub.send(body.encode())
 
     def error_reply(self, problems: list[Problem], attrs: str = "") -> bytes:
         body = "".join(
