@@ -63,7 +63,7 @@ def agents_xml(entries: list[AgentEntry]) -> str:
 
 def result_xml(r: EngineReport) -> bytes:
     """A migrate or recover RPC's output."""
-    parts = [f'<ok xmlns="{NS}">{"true" if r.ok else "false"}</ok>']
+    parts = [f'<ok xmlns="{NS}">{"true" if r.ok else "false"}</ok>', f'<outcome xmlns="{NS}">{r.outcome}</outcome>']
     if r.failed_phase:
         parts.append(f'<failed-phase xmlns="{NS}">{escape(r.failed_phase)}</failed-phase>')
     if r.error:
