@@ -30,6 +30,7 @@ from .. import netns
 from ..credentials import set_password
 from ..errors import ControllerError
 from .demo import USER, AgentFleet, Demo, DemoOptions
+from .inventory import dump_toml, parse
 from .northbound import NS
 from .report import PhaseTiming
 
@@ -63,8 +64,9 @@ class ControllerService:
     The process is a child of this one, stopped by its pid.
     """
 
-    def __init__(self, tb: Any, fleet_dir: Path, client_key: Path, host_keys: dict[str, Path], keepalive: float = 1.0) -> None:
+    def __init__(self, tb: Any, fleet_dir: Path, client_key: Path, host_keys: dict[str, Path], keepalive: float = 1.0, nice: int = 19) -> None:
         self.tb = tb
+        self.nice = nice
         self.dir = fleet_dir
         self.address = tb.controller_address
         self.ns = tb.mgmt_netns
@@ -81,6 +83,13 @@ class ControllerService:
             f'[northbound]\nlisten = "{self.address}:{NORTHBOUND_PORT}"\nhost_key = "{self.dir / "controller-host-key"}"\n'
             f'passwords = "{self.dir / "northbound-passwords"}"\n')
 
+    @classmethod
+    def for_fleet(cls, tb: Any, fleet: AgentFleet, keepalive: float = 1.0) -> "ControllerService":
+        """The controller of ``fleet``'s agents: it trusts their host keys and signs in with the fleet's key; the agents will call it home."""
+        service = cls(tb, fleet.dir, fleet.client_key, {n: fleet.host_key(n) for n in tb.topology.nats}, keepalive)
+        fleet.call_home = service.call_home
+        return service
+
     @property
     def call_home(self) -> str:
         """What the agents are given as --call-home."""
@@ -91,8 +100,11 @@ class ControllerService:
         ready = self.dir / "controller.ready"
         ready.unlink(missing_ok=True)
         with open(self.dir / "controller.log", "ab") as log:
+            # Niced like the agents and the one-shot controller (demo.control_plane_priority): on this one
+            # machine the userspace switch and the hosts stand in for hardware the control plane must not starve.
             self.proc = subprocess.Popen([sys.executable, "-m", "natmig.cli", "controller", "--config", str(self.dir / "controller.toml"),
-                                          "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT)
+                                          "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=lambda: os.setpriority(os.PRIO_PROCESS, 0, self.nice))
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if self.proc.poll() is not None:
@@ -101,6 +113,21 @@ class ControllerService:
                 raise ControllerError(f"the controller is not listening after {timeout} s: {self.log_tail()}")
             time.sleep(0.02)
         return self.proc.pid
+
+    def write_inventory(self, source: str, target: str) -> Path:
+        """An inventory for `natmig migrate --controller` (its [controller] table), from the testbed's management namespace."""
+        secret = self.dir / "northbound-secret"
+        secret.write_text(self.password + "\n")
+        secret.chmod(0o600)
+        key = (self.dir / "controller-host-key.pub").read_text().split()
+        (self.dir / "controller-known-hosts").write_text(f"[{self.address}]:{NORTHBOUND_PORT} {key[0]} {key[1]}\n")
+        doc = {"controller": {"host": self.address, "port": NORTHBOUND_PORT, "username": OPERATOR, "password_file": str(secret),
+                              "known_hosts": str(self.dir / "controller-known-hosts"), "netns": self.ns},
+               "migration": {"source": source, "target": target}}
+        parse(doc)  # what we write must load
+        p = self.dir / "controller-inventory.toml"
+        p.write_text(dump_toml(doc))
+        return p
 
     def log_tail(self, n: int = 1500) -> str:
         """The end of the controller's log (for error messages)."""
@@ -263,13 +290,12 @@ class ServiceDemo(Demo):
         return "natmig migrate --controller, through the northbound"
 
     def fleet(self, tb: Any, work: Path) -> AgentFleet:
-        probe = AgentFleet(tb, work, provider=self.opts.provider)
-        self.service = ControllerService(tb, work, probe.client_key, {n: probe.host_key(n) for n in tb.topology.nats})
-        probe.call_home = self.service.call_home
+        fleet = AgentFleet(tb, work, provider=self.opts.provider)
+        self.service = ControllerService.for_fleet(tb, fleet)
         pid = self.service.start()
         self.say(f"      controller service: pid {pid}, call home on {self.service.call_home}, "
                  f"northbound on {self.service.address}:{NORTHBOUND_PORT} (namespace {self.service.ns})")
-        return probe
+        return fleet
 
     def migrate(self, tb: Any, fleet: AgentFleet, src: str, dst: str, on_phase: Callable[[PhaseTiming], None]) -> RemoteMove:
         assert self.service is not None
