@@ -43,6 +43,10 @@ from natmig.controller.demoservice import ControllerService
 from natmig.testbed.bed import Testbed
 
 NATMIG = [sys.executable, "-m", "natmig.cli"]
+#: Both commands get the same confirm timeout, longer than the default 10 s: at 100,000 sessions the
+#: generic engine's read of the NAT's list alone can outlast 10 s on a loaded two-core machine, and
+#: the source's freeze would roll back under the copy (docs/engine.md).
+CONFIRM_TIMEOUT = "60"
 #: the service's preflight against the one-shot's, at most.
 PREFLIGHT_RATIO = 0.2
 
@@ -74,9 +78,9 @@ def measure(fleet: AgentFleet, service: ControllerService, tb: Testbed, n: int, 
     doc["migration"]["engine"] = "generic"
     oneshot_inv = work / "oneshot.toml"
     oneshot_inv.write_text(dump_toml(doc))
-    one_wall, one_out = _run([*NATMIG, "migrate", "-i", str(oneshot_inv)], f"one-shot migrate of {n}")
+    one_wall, one_out = _run([*NATMIG, "migrate", "-i", str(oneshot_inv), "--confirm-timeout", CONFIRM_TIMEOUT], f"one-shot migrate of {n}")
     ctl_inv = service.write_inventory("nat2", "nat1")
-    svc_wall, svc_out = _run([*NATMIG, "migrate", "-i", str(ctl_inv), "--controller"], f"migrate --controller of {n}")
+    svc_wall, svc_out = _run([*NATMIG, "migrate", "-i", str(ctl_inv), "--controller", "--confirm-timeout", CONFIRM_TIMEOUT], f"migrate --controller of {n}")
     row = {"sessions": n,
            "oneshot": {"wall": one_wall, "preflight_ms": _phase_ms(one_out, "preflight"), "total_ms": _total_ms(one_out)},
            "service": {"wall": svc_wall, "preflight_ms": _phase_ms(svc_out, "preflight"), "total_ms": _total_ms(svc_out)}}

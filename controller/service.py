@@ -136,9 +136,9 @@ class Service:
 
     def _agent_event(self, name: str, event: str, entry: AgentEntry) -> None:
         if event == "up":
-            self.northbound.notify(f'<agent-up xmlns="{NS}"><name>{escape(name)}</name></agent-up>')
+            self.northbound.notify("agent-up", f'<agent-up xmlns="{NS}"><name>{escape(name)}</name></agent-up>')
         else:
-            self.northbound.notify(f'<agent-down xmlns="{NS}"><name>{escape(name)}</name><error>{escape(entry.error)}</error></agent-down>')
+            self.northbound.notify("agent-down", f'<agent-down xmlns="{NS}"><name>{escape(name)}</name><error>{escape(entry.error)}</error></agent-down>')
 
     def migrate(self, source: str, target: str, retire: str = "delete", confirm_timeout: float = 10.0) -> EngineReport:
         """A migration on the registered sessions; an agent that is down, unknown or busy refuses it before anything changes."""
@@ -147,7 +147,7 @@ class Service:
             return r
 
         def phase(p: PhaseTiming) -> None:
-            self.northbound.notify(f'<migration-phase xmlns="{NS}"><source>{escape(source)}</source><target>{escape(target)}</target>'
+            self.northbound.notify("migration-phase", f'<migration-phase xmlns="{NS}"><source>{escape(source)}</source><target>{escape(target)}</target>'
                                    f"<phase>{p.name}</phase><seconds>{p.seconds:.6f}</seconds><ok>{'true' if p.ok else 'false'}</ok></migration-phase>")
 
         taken: list[str] = []

@@ -151,8 +151,8 @@ class StateNode:
         return any(c.startswith(NOTIFICATION_CAPABILITY) for c in self.capabilities)
 
     def subscribe(self) -> None:
-        """Start receiving state-change notifications on this session."""
-        self.client.create_subscription()
+        """Start receiving state-change notifications on this session (only those: a filter selects them)."""
+        self.client.create_subscription((COMMON_NS, CHANGE))
 
     def changes(self, timeout: float = 0) -> list[tuple[StateList, str, Entry]]:
         """state-change notifications received so far, oldest first (waiting up to ``timeout`` for the first):
