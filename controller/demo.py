@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Callable, Iterator, TextIO
 
 from .. import netns
 from ..errors import ControllerError, NatmigError
@@ -93,10 +93,12 @@ class AgentFleet:
         ready = self.dir / f"{nat}.ready"
         ready.unlink(missing_ok=True)
         log = open(self.dir / f"{nat}-agent.log", "ab")
+        # A firewall translates nothing: it has no public address to serve.
+        public = [] if self.provider == "firewall" else ["--public-address", self.tb.public_address]
         argv = [
             sys.executable, "-m", "natmig.cli", "agent", "--netns", self.tb.netns(nat),
             "--listen", f"{self.tb.mgmt_address(nat)}:{self.port}", "--provider", self.provider,
-            "--public-address", self.tb.public_address, "--host-key", str(self.host_key(nat)),
+            *public, "--host-key", str(self.host_key(nat)),
             "--passwords", str(self.passwords), "--authorized-keys", str(self.authorized_keys), "--ready-file", str(ready),
             # A restarted agent undoes what it had pending (an interrupted migration's confirmed commits).
             "--state-dir", str(self.dir / f"{nat}-state"),
@@ -227,6 +229,33 @@ def control_plane_priority(nice: int = 19) -> Iterator[None]:
         os.setpriority(os.PRIO_PROCESS, 0, old)
 
 
+def tear_down(say: Callable[[str], None], parts: list[tuple[str, Callable[[], object] | None]]) -> None:
+    """Run each part's teardown in order, going on past failures (each one said)."""
+    for what, fn in parts:
+        if fn is None:
+            continue
+        try:
+            fn()
+        except Exception as e:  # keep tearing down the rest
+            say(f"teardown of {what} failed: {e}")
+
+
+def phase_line(ph: PhaseTiming) -> str:
+    """One phase of a migration as the demos print it while it runs."""
+    steps = ", ".join(f"{k} {ms(v)}" for k, v in ph.steps.items())
+    return f"      {ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}" + (f"  ({steps})" if steps else "")
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM interrupts like Ctrl-C while a demo runs, so its teardown runs too."""
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 @dataclass
 class DemoOptions:
     """What `natmig demo` runs."""
@@ -245,6 +274,8 @@ class DemoOptions:
     after: float = 1.5
     retire: str = "delete"
     provider: str = "conntrack"
+    #: the network function: "nat" (this module's demo) or "firewall" (:mod:`.fwdemo`).
+    nf: str = "nat"
 
 
 @dataclass
@@ -347,8 +378,7 @@ class Demo:
             marks: dict[str, float] = {}
 
             def on_phase(ph: PhaseTiming) -> None:
-                steps = ", ".join(f"{k} {ms(v)}" for k, v in ph.steps.items())
-                self.say(f"      {ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}" + (f"  ({steps})" if steps else ""))
+                self.say(phase_line(ph))
                 if ph.name in ("catch-up", "preflight") and (ph.name == "catch-up" or o.no_state) and ph.ok:
                     marks["3"] = time.perf_counter()
                     self.say(f"[4/4] upgrading the graph: traffic to {dst}, {src} retired")
@@ -371,13 +401,7 @@ class Demo:
         finally:
             signal.signal(signal.SIGTERM, old)
             self.say("teardown: traffic, agents, testbed")
-            for what, fn in (("traffic", traffic.close if traffic else None), ("agents", fleet.close if fleet else None), ("testbed", tb.down)):
-                if fn is None:
-                    continue
-                try:
-                    fn()
-                except Exception as e:  # keep tearing down the rest
-                    self.say(f"teardown of {what} failed: {e}")
+            tear_down(self.say, [("traffic", traffic.close if traffic else None), ("agents", fleet.close if fleet else None), ("testbed", tb.down)])
             shutil.rmtree(work, ignore_errors=True)
         ok = error is None and report is not None and report.ok and result is not None and result.all_survived
         res = DemoResult(report, result, self.steps, ok, error or (report.error if report and not report.ok else None))
@@ -431,6 +455,11 @@ def _raise_interrupt(*_: object) -> None:
 
 
 def run(opts: DemoOptions) -> int:
-    """Run the demo; exit status 0 only when every flow survived."""
+    """Run the demo of ``opts.nf``; exit status 0 only when every flow survived (and, for the firewall, the block was carried)."""
     # With --json - standard output carries the JSON alone; progress and the report go to stderr.
-    return 0 if Demo(opts, sys.stderr if opts.json_path == "-" else sys.stdout).run().ok else 1
+    out = sys.stderr if opts.json_path == "-" else sys.stdout
+    if opts.nf == "firewall":
+        from .fwdemo import FirewallDemo
+
+        return 0 if FirewallDemo(opts, out).run().ok else 1
+    return 0 if Demo(opts, out).run().ok else 1
