@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from xml.sax.saxutils import escape
 
 from lxml import etree
@@ -201,7 +201,7 @@ TABLE: dict[tuple[str, str], Callable[..., Any]] = {
 def _error_path(store: StateStore, pr: Problem) -> tuple[str, str]:
     """(XPath, namespace declarations) of a problem's entry and leaf, when it names one."""
     name, _, rest = pr.path.partition("[")
-    lst = next((l for l in store.module.lists if l.name == name), None)
+    lst = next((l for l in store.lists if l.name == name), None)
     if lst is None:
         return "", ""
     p = lst.prefix
@@ -234,14 +234,15 @@ def error_xml(store: StateStore, pr: Problem) -> str:
 
 
 class StateAgent(Agent):
-    """The agent of one state module, its running lists in ``provider`` (default: memory)."""
+    """The agent of one state module (or several over one provider), its running lists in ``provider`` (default: memory)."""
 
-    def __init__(self, config: AgentConfig, module: StateModule, provider: StateProvider | None = None) -> None:
-        self.module = module
+    def __init__(self, config: AgentConfig, module: StateModule | Sequence[StateModule], provider: StateProvider | None = None) -> None:
         self.store = StateStore(module, provider)
+        self.modules = self.store.modules
+        self.module = self.store.module
         hub = StateHub()
         self.store.on_change = hub.publish
-        self._serve(config, self.store, Catalog.for_module(module, common_module(), OPTIONAL_CAPABILITIES), hub)
+        self._serve(config, self.store, Catalog.for_modules(self.modules, common_module(), OPTIONAL_CAPABILITIES), hub)
 
     def error_reply(self, problems: list[Problem], attrs: str = "") -> bytes:
         body = "".join(error_xml(self.store, p) for p in problems)

@@ -97,7 +97,8 @@ class AgentFleet:
         ready = self.dir / f"{nat}.ready"
         ready.unlink(missing_ok=True)
         log = open(self.dir / f"{nat}-agent.log", "ab")
-        public = [arg for a in self.tb.public_addresses(nat) for arg in ("--public-address", a)]
+        # A firewall translates nothing: it has no public address to serve.
+        public = [] if self.provider == "firewall" else [arg for a in self.tb.public_addresses(nat) for arg in ("--public-address", a)]
         argv = [
             sys.executable, "-m", "natmig.cli", "agent", "--netns", self.tb.netns(nat),
             "--listen", f"{self.tb.mgmt_address(nat)}:{self.port}", "--provider", self.provider,
@@ -278,6 +279,33 @@ def control_plane_priority(nice: int = 19) -> Iterator[None]:
         os.setpriority(os.PRIO_PROCESS, 0, old)
 
 
+def tear_down(say: Callable[[str], None], parts: list[tuple[str, Callable[[], object] | None]]) -> None:
+    """Run each part's teardown in order, going on past failures (each one said)."""
+    for what, fn in parts:
+        if fn is None:
+            continue
+        try:
+            fn()
+        except Exception as e:  # keep tearing down the rest
+            say(f"teardown of {what} failed: {e}")
+
+
+def phase_line(ph: PhaseTiming) -> str:
+    """One phase of a migration as the demos print it while it runs."""
+    steps = ", ".join(f"{k} {ms(v)}" for k, v in ph.steps.items())
+    return f"      {ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}" + (f"  ({steps})" if steps else "")
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM interrupts like Ctrl-C while a demo runs, so its teardown runs too."""
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 @dataclass
 class DemoOptions:
     """What `natmig demo` runs."""
@@ -296,6 +324,8 @@ class DemoOptions:
     after: float = 1.5
     retire: str = "delete"
     provider: str = "conntrack"
+    #: the network function: "nat" (this module's demo) or "firewall" (:mod:`.fwdemo`).
+    nf: str = "nat"
 
 
 @dataclass
@@ -408,8 +438,7 @@ class Demo:
             marks: dict[str, float] = {}
 
             def on_phase(ph: PhaseTiming) -> None:
-                steps = ", ".join(f"{k} {ms(v)}" for k, v in ph.steps.items())
-                self.say(f"      {ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}" + (f"  ({steps})" if steps else ""))
+                self.say(phase_line(ph))
                 if ph.name in ("catch-up", "preflight") and (ph.name == "catch-up" or o.no_state) and ph.ok:
                     marks["3"] = time.perf_counter()
                     self.say(f"[4/4] upgrading the graph: traffic to {dst}, {src} retired")
@@ -434,14 +463,8 @@ class Demo:
         finally:
             signal.signal(signal.SIGTERM, old)
             self.say("teardown: traffic, agents, testbed")
-            for what, fn in (("traffic", traffic.close if traffic else None), ("agents", fleet.close if fleet else None),
-                             ("controller", self.teardown_extra), ("testbed", tb.down)):
-                if fn is None:
-                    continue
-                try:
-                    fn()
-                except Exception as e:  # keep tearing down the rest
-                    self.say(f"teardown of {what} failed: {e}")
+            tear_down(self.say, [("traffic", traffic.close if traffic else None), ("agents", fleet.close if fleet else None),
+                                 ("controller", self.teardown_extra), ("testbed", tb.down)])
             shutil.rmtree(work, ignore_errors=True)
         moved_ok = (report is not None and report.ok) or (remote is not None and remote.ok)
         ok = error is None and moved_ok and result is not None and result.all_survived
@@ -519,6 +542,11 @@ def _raise_interrupt(*_: object) -> None:
 
 
 def run(opts: DemoOptions) -> int:
-    """Run the demo; exit status 0 only when every flow survived."""
+    """Run the demo of ``opts.nf``; exit status 0 only when every flow survived (and, for the firewall, the block was carried)."""
     # With --json - standard output carries the JSON alone; progress and the report go to stderr.
-    return 0 if Demo(opts, sys.stderr if opts.json_path == "-" else sys.stdout).run().ok else 1
+    out = sys.stderr if opts.json_path == "-" else sys.stdout
+    if opts.nf == "firewall":
+        from .fwdemo import FirewallDemo
+
+        return 0 if FirewallDemo(opts, out).run().ok else 1
+    return 0 if Demo(opts, out).run().ok else 1

@@ -368,6 +368,11 @@ def default_phases(steering: Steering | None = None) -> list[Phase]:
     return [Preflight(), TrafficOnSource(steering), Freeze(), Copy(WholeLists()), CatchUp(), Verify(), OvsSwitch(steering), Finish()]
 
 
+def switch_only_phases(steering: Steering) -> list[Phase]:
+    """preflight, traffic on the source, switch: traffic moved and no state copied (the negative control of a demo)."""
+    return [Preflight(), TrafficOnSource(steering), OvsSwitch(steering)]
+
+
 def missing_needs(phases: list[Phase], node: StateNode) -> list[str]:
     """Capabilities the phases declare that ``node`` does not announce."""
     have = set(node.capabilities)

@@ -37,6 +37,9 @@ _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _BRIDGE = re.compile(r"^[a-z][a-z0-9_-]{0,14}$")
 #: Namespace names the testbed itself uses (``<prefix>-ovs``, ``<prefix>-mgmt``).
 RESERVED = ("ovs", "mgmt")
+#: What the nodes between the two networks run: a NAT (the default), or a stateful firewall (agent/fwnode.py).
+FUNCTIONS = ("nat", "firewall")
+_SERVICE = re.compile(r"^(tcp|udp) ([0-9.]+):([0-9]+)$")
 
 
 class TopologyError(TestbedError):
@@ -90,6 +93,16 @@ class Nat:
 
 
 @dataclass(frozen=True)
+class FirewallPolicy:
+    """What a firewall node admits: inbound ``services`` (protocol, inside address, port), and its flood limit."""
+
+    services: tuple[tuple[str, str, int], ...] = ()
+    new_rate: int = 20
+    new_burst: int = 40
+    block_timeout: int = 60
+
+
+@dataclass(frozen=True)
 class Management:
     """The management network: its subnet and the address of the place the controller runs."""
 
@@ -111,6 +124,9 @@ class Topology:
     source: str = "<memory>"
     #: The TOML text it was read from (kept so a running testbed can be re-attached).
     text: str = ""
+    #: What the nodes run (one of FUNCTIONS); a firewall's policy in ``firewall``.
+    function: str = "nat"
+    firewall: FirewallPolicy | None = None
 
     @property
     def public_address(self) -> str:
@@ -215,6 +231,53 @@ def _port_range(value: Any) -> tuple[int, int]:
     return (low, high)
 
 
+def _service(value: Any) -> tuple[str, str, int]:
+    m = _SERVICE.match(_str(value))
+    if not m:
+        raise ValueError("")
+    port = int(m.group(3))
+    if not 1 <= port <= 65535:
+        raise ValueError("port not in 1..65535")
+    return (m.group(1), str(ipaddress.IPv4Address(m.group(2))), port)
+
+
+def _positive(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError("")
+    return value
+
+
+def _firewall(ck: _Checker, doc: dict[str, Any], function: str | None, inside: Network | None) -> FirewallPolicy | None:
+    """The ``[firewall]`` table: only with ``function = "firewall"``, its services on the inside network."""
+    raw = doc.get("firewall")
+    if function != "firewall":
+        if raw is not None:
+            ck.bad("firewall", 'only with function = "firewall"')
+        return None
+    if raw is None:
+        return FirewallPolicy()
+    if not isinstance(raw, dict):
+        ck.bad("firewall", f"must be a table, not {type(raw).__name__}")
+        return None
+    ck.keys(raw, {"services", "new_rate", "new_burst", "block_timeout"}, "firewall")
+    services = []
+    listed = raw.get("services", [])
+    if not isinstance(listed, list):
+        ck.bad("firewall.services", "must be a list of strings like \"tcp 10.0.0.20:5001\"")
+        listed = []
+    for i, v in enumerate(listed):
+        svc = ck.field({"s": v}, "s", f"firewall.services[{i}]", _service, 'a service like "tcp 10.0.0.20:5001"')
+        if svc is not None and inside is not None and ipaddress.IPv4Address(svc[1]) not in inside.subnet:
+            ck.bad(f"firewall.services[{i}]", f"{svc[1]} is not in networks.inside.subnet {inside.subnet}")
+        elif svc is not None:
+            services.append(svc)
+    limits = {k: ck.field(raw, k, f"firewall.{k}", _positive, "a positive integer", default=d)
+              for k, d in (("new_rate", 20), ("new_burst", 40), ("block_timeout", 60))}
+    if any(v is None for v in limits.values()):
+        return None
+    return FirewallPolicy(tuple(services), **limits)
+
+
 def _check_in(ck: _Checker, where: str, addr: ipaddress.IPv4Address | None, net: ipaddress.IPv4Network | None, net_where: str) -> None:
     """A host address must be a usable address of its subnet."""
     if addr is None or net is None:
@@ -254,8 +317,12 @@ def _pool(
 def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topology:
     """Validate a decoded topology document; :class:`TopologyError` lists every problem."""
     ck = _Checker()
-    ck.keys(doc, {"name", "bridge", "active_nat", "networks", "hosts", "nats", "management"}, "")
+    ck.keys(doc, {"name", "bridge", "active_nat", "networks", "hosts", "nats", "management", "function", "firewall"}, "")
     name = ck.field(doc, "name", "name", _str, "a string", default="testbed")
+    function = ck.field(doc, "function", "function", _str, "a string", default="nat")
+    if function is not None and function not in FUNCTIONS:
+        ck.bad("function", f"{function!r} is not one of {', '.join(FUNCTIONS)}")
+        function = None
     bridge = ck.field(doc, "bridge", "bridge", lambda v: _name(_BRIDGE, v), "a bridge name (a-z, then a-z 0-9 _ -, at most 15)", default="br0")
 
     networks: dict[str, Network] = {}
@@ -358,10 +425,12 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
     if active is not None and raw_nats and active not in raw_nats:
         ck.bad("active_nat", f"{active!r} is not a NAT node (one of: {', '.join(raw_nats)})")
 
+    policy = _firewall(ck, doc, function, networks.get("inside"))
+
     if ck.problems:
         raise TopologyError(source, ck.problems)
-    assert mgmt is not None and active is not None  # guaranteed when no problem was found
-    return Topology(name, bridge, networks, hosts, nats, mgmt, active, source, text)
+    assert mgmt is not None and active is not None and function is not None  # guaranteed when no problem was found
+    return Topology(name, bridge, networks, hosts, nats, mgmt, active, source, text, function, policy)
 
 
 def loads(text: str, source: str = "<string>") -> Topology:
