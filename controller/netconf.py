@@ -465,6 +465,15 @@ class NodeClient:
             raise ControllerError(f"get-config: source {source!r} is not running or candidate")
         return self._text("get-config", f'<get-config><source><{source}/></source><filter type="subtree">{filter_body}</filter></get-config>').data_ele
 
+    @property
+    def reply_timeout(self) -> float:
+        """Seconds an RPC waits for its reply (the connect timeout until set)."""
+        return float(self._mgr.timeout)
+
+    @reply_timeout.setter
+    def reply_timeout(self, seconds: float) -> None:
+        self._mgr.timeout = seconds
+
     def call(self, operation: str, body: str) -> Any:
         """Any RPC given as XML text (the operation element); the <rpc-reply> element."""
         reply = self._text(operation, body)

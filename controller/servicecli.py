@@ -15,6 +15,10 @@ from .netconf import NodeClient
 from .northbound import NS
 
 
+#: How long `natmig migrate --controller` waits for the migrate RPC's reply, in seconds.
+MIGRATE_REPLY_TIMEOUT = 3600.0
+
+
 def migrate_via(args: argparse.Namespace, inv: Inventory) -> int:
     """Connect to the controller named by the inventory, call its migrate RPC, print the report it returns."""
     spec = inv.controller
@@ -32,6 +36,9 @@ def migrate_via(args: argparse.Namespace, inv: Inventory) -> int:
     client = netns.call_in(spec.netns, connect) if spec.netns else connect()
     body = (f'<migrate xmlns="{NS}"><source>{escape(str(inv.source))}</source><target>{escape(str(inv.target))}</target>'
             f"<retire>{escape(args.retire or inv.retire)}</retire><confirm-timeout>{int(args.confirm_timeout)}</confirm-timeout></migrate>")
+    # The reply comes when the migration has ended: at 100,000 sessions on a loaded machine that took
+    # minutes.  Waiting is safe for the agents: what the migration leaves pending undoes itself.
+    client.reply_timeout = MIGRATE_REPLY_TIMEOUT
     with client:
         reply = client.call("migrate", body)
     n = f"{{{NS}}}"
