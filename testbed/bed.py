@@ -454,9 +454,12 @@ class Testbed:
         self._write_state(phase="up", active_nat=nat)
         return elapsed
 
-    def restart_switch(self, down: float = 0.0) -> None:
-        """Restart the switch daemon (ovs-vswitchd) keeping its flows, as an operator's restart does."""
-        self.ovs.restart_vswitchd(self.bridge, down)
+    def restart_switch(self, down: float = 0.0, machine: str | None = None) -> None:
+        """Restart a switch daemon (ovs-vswitchd) keeping its flows, as an operator's restart does (with machines: ``machine``'s, default the first)."""
+        ovs = self.ovs if machine is None else self.switches.get(machine)
+        if ovs is None:
+            raise TestbedError(f"{machine!r} is not a machine of topology {self.topology.name} (one of: {', '.join(self.topology.machines) or 'none'})")
+        ovs.restart_vswitchd(self.bridge, down)
 
     def active_nat(self) -> str | None:
         """The NAT node the switch's flows point at, read from the switch (None when none); with machines, from every switch."""

@@ -24,7 +24,12 @@ def _up(args: argparse.Namespace) -> int:
     built = tb.up()
     took = time.perf_counter() - t0
     if built:
-        print(f"testbed {tb.prefix} up in {took:.2f} s: traffic through {tb.topology.active_nat}; switch rundir {tb.rundir}")
+        if tb.topology.multi_machine:
+            rundirs = ", ".join(f"{m} {ovs.rundir}" for m, ovs in tb.switches.items())
+            print(f"testbed {tb.prefix} up in {took:.2f} s: {len(tb.switches)} machines joined by {tb.topology.underlay.tunnel if tb.topology.underlay else ''} tunnels;"
+                  f" traffic through {tb.topology.active_nat}; switch rundirs: {rundirs}")
+        else:
+            print(f"testbed {tb.prefix} up in {took:.2f} s: traffic through {tb.topology.active_nat}; switch rundir {tb.rundir}")
     else:
         print(f"testbed {tb.prefix} already up (nothing changed)")
     return 0

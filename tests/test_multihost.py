@@ -79,6 +79,16 @@ def test_a_machine_named_without_machines_is_refused():
         topology.parse(doc)
 
 
+def test_cli_refuses_a_misplaced_node_naming_the_field(tmp_path, capsys):
+    from natmig.cli import main
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TWO.read_text().replace('machine = "B"\n\n# Separate', 'machine = "C"\n\n# Separate'))
+    assert main(["testbed", "up", "--topology", str(bad), "--prefix", "nmunit"]) == 2  # usage: the file is wrong
+    err = capsys.readouterr().err
+    assert "hosts.server.machine: 'C' is not a machine (one of: A, B)" in err and "Traceback" not in err
+
+
 def test_tunnel_ports_carry_one_key_per_network_and_direction_the_same_on_both_ends():
     t = topology.load(TWO)
     a, b = flows.tunnel_ports(t, "A"), flows.tunnel_ports(t, "B")
