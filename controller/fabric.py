@@ -137,39 +137,54 @@ def _outputs(ports: Iterable[int]) -> str:
     return out or "drop"
 
 
-def machine_flows(fabric: Fabric, machine: str, active: str) -> list[Flow]:
-    """Every rule of ``machine``'s switch with traffic through ``active`` (the drop-all rule aside)."""
-    m = fabric.machines[machine]
+#: Every role a rule can have (see the module's docstring).
+ROLES = frozenset({"return", "ingress", "tunnel-in", "neighbour"})
+
+
+def machine_flows(fabric: Fabric, machine: str, active: str, roles: frozenset[str] = ROLES) -> list[Flow]:
+    """The rules of ``machine``'s switch with traffic through ``active`` (the drop-all rule aside), those of ``roles`` only."""
     where = fabric.machine_of(active)
-    act = fabric.nat_ports(active)
+    return _flows(fabric, machine, active, where, fabric.machines[where].nats[active], roles)
+
+
+def _flows(fabric: Fabric, machine: str, active: str, where: str, act: NatPorts, roles: frozenset[str]) -> list[Flow]:
+    # ``where`` and ``act`` (the active NAT's machine and ports) are given, so
+    # that planning a move looks them up once, not once per switch.
+    m = fabric.machines[machine]
     prio = fabric.priority
-    peers = [p for p in fabric.machines if p != machine]
+    # Only the return, tunnel-in and neighbour rules have one rule per peer:
+    # skipping them keeps the ingress rules of a switch O(its own ports).
+    peers = [p for p in fabric.machines if p != machine] if roles - {"ingress"} else []
     out: list[Flow] = []
     for network in NETWORKS:
         hosts = m.local_hosts(network)
-        towards = act.leg(network) if where == machine else m.tunnels[(where, network, "nat")]
-        for p in hosts:
-            out.append(Flow(f"priority={prio},in_port={p}", _outputs([*(q for q in hosts if q != p), towards]), "ingress"))
-        remote = [m.tunnels[(q, network, "hosts")] for q in peers if fabric.machines[q].local_hosts(network)]
-        for nat in m.nats.values():
-            out.append(Flow(f"priority={prio},in_port={nat.leg(network)}", _outputs([*hosts, *remote]), "return"))
-        for q in peers:
-            out.append(Flow(f"priority={prio},in_port={m.tunnels[(q, network, 'hosts')]}", _outputs(hosts), "return"))
-        for q in peers:
+        if "ingress" in roles:
+            towards = act.leg(network) if where == machine else m.tunnels[(where, network, "nat")]
+            for p in hosts:
+                out.append(Flow(f"priority={prio},in_port={p}", _outputs([*(q for q in hosts if q != p), towards]), "ingress"))
+        if "return" in roles:
+            remote = [m.tunnels[(q, network, "hosts")] for q in peers if fabric.machines[q].local_hosts(network)]
+            for nat in m.nats.values():
+                out.append(Flow(f"priority={prio},in_port={nat.leg(network)}", _outputs([*hosts, *remote]), "return"))
+            for q in peers:
+                out.append(Flow(f"priority={prio},in_port={m.tunnels[(q, network, 'hosts')]}", _outputs(hosts), "return"))
+        if "tunnel-in" in roles:
             legs = [act.leg(network)] if where == machine else []
-            out.append(Flow(f"priority={prio},in_port={m.tunnels[(q, network, 'nat')]}", _outputs(legs), "tunnel-in"))
-        # Neighbour resolution reaches every NAT at all times: between two
-        # ingress steps a host may still send to the old NAT while the new one
-        # resolves it (its ARP reply would go to the old NAT and the new one
-        # would wait a second to retry); so every NAT sees every host's ARP.
-        nat_machines = [q for q in peers if fabric.machines[q].nats]
-        legs_here = [nat.leg(network) for nat in m.nats.values()]
-        for p in hosts:
-            out.append(Flow(f"priority={prio + 1},arp,in_port={p}",
-                            _outputs([*(q for q in hosts if q != p), *legs_here, *(m.tunnels[(q, network, "nat")] for q in nat_machines)]), "neighbour"))
-        for q in peers:
-            out.append(Flow(f"priority={prio + 1},arp,in_port={m.tunnels[(q, network, 'nat')]}", _outputs(legs_here), "neighbour"))
-    if fabric.gateway_mac is not None:
+            for q in peers:
+                out.append(Flow(f"priority={prio},in_port={m.tunnels[(q, network, 'nat')]}", _outputs(legs), "tunnel-in"))
+        if "neighbour" in roles:
+            # Neighbour resolution reaches every NAT at all times: between two
+            # ingress steps a host may still send to the old NAT while the new
+            # one resolves it (its ARP reply would go to the old NAT and the new
+            # one would wait a second to retry); so every NAT sees every host's ARP.
+            nat_machines = [q for q in peers if fabric.machines[q].nats]
+            legs_here = [nat.leg(network) for nat in m.nats.values()]
+            for p in hosts:
+                out.append(Flow(f"priority={prio + 1},arp,in_port={p}",
+                                _outputs([*(q for q in hosts if q != p), *legs_here, *(m.tunnels[(q, network, "nat")] for q in nat_machines)]), "neighbour"))
+            for q in peers:
+                out.append(Flow(f"priority={prio + 1},arp,in_port={m.tunnels[(q, network, 'nat')]}", _outputs(legs_here), "neighbour"))
+    if fabric.gateway_mac is not None and "ingress" in roles:
         # As plan.hairpin_flows: a NAT's released packets go to whichever NAT is active.
         for name in sorted(m.nats):
             port = m.nats[name].inside
@@ -183,15 +198,6 @@ def machine_table(fabric: Fabric, machine: str, active: str) -> list[str]:
     return [f.line(fabric) for f in machine_flows(fabric, machine, active)] + [fabric.flow("priority=0,actions=drop")]
 
 
-def _changes(fabric: Fabric, machine: str, frm: str | None, to: str, roles: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    new = [f for f in machine_flows(fabric, machine, to) if f.role in roles]
-    if frm is None:
-        return tuple(f.line(fabric) for f in new), ()
-    old = {f.match: f for f in machine_flows(fabric, machine, frm) if f.role in roles}
-    changed = [(f, old[f.match]) for f in new if old[f.match].actions != f.actions]
-    return tuple(f.line(fabric) for f, _ in changed), tuple(o.line(fabric) for _, o in changed)
-
-
 def plan_move(fabric: Fabric, frm: str | None, to: str) -> list[Step]:
     """The ordered per-switch changes that move traffic from ``frm`` to ``to``, make-before-break.
 
@@ -202,27 +208,37 @@ def plan_move(fabric: Fabric, frm: str | None, to: str) -> list[Step]:
     ``frm`` None (the switches disagree or are unknown): every steering
     rule is rewritten, and there is nothing to undo to.
     """
-    fabric.machine_of(to)
-    if frm is not None:
-        fabric.machine_of(frm)
     target = fabric.machine_of(to)
+    new_at = (target, fabric.machines[target].nats[to])
+    source = fabric.machine_of(frm) if frm is not None else None
+    old_at = (source, fabric.machines[source].nats[frm]) if frm is not None and source is not None else None
     # Both NATs on one machine: what reaches it through tunnels moves in the
     # same bundle as its own hosts (one switch, atomic, as without machines).
-    same = frm is not None and fabric.machine_of(frm) == target
+    same = source == target
     steps: list[Step] = []
 
-    def add(machine: str, stage: str, roles: set[str]) -> None:
-        flows, undo = _changes(fabric, machine, frm, to, roles)
+    def add(machine: str, stage: str, roles: frozenset[str]) -> None:
+        new = _flows(fabric, machine, to, *new_at, roles)
+        flows: tuple[str, ...]
+        undo: tuple[str, ...]
+        if frm is None or old_at is None:
+            flows, undo = tuple(f.line(fabric) for f in new), ()
+        else:
+            old = {f.match: f for f in _flows(fabric, machine, frm, *old_at, roles)}
+            changed = [(f, old[f.match]) for f in new if old[f.match].actions != f.actions]
+            flows, undo = tuple(f.line(fabric) for f, _ in changed), tuple(o.line(fabric) for _, o in changed)
         if flows:
             steps.append(Step(machine, stage, flows, undo))
 
+    tunnel_in, ingress = frozenset({"tunnel-in"}), frozenset({"ingress"})
     if not same:
-        add(target, "prepare", {"tunnel-in"})
+        add(target, "prepare", tunnel_in)
     for machine in fabric.machines:
-        add(machine, "ingress", {"ingress", "tunnel-in"} if same and machine == target else {"ingress"})
-    for machine in fabric.machines:
+        add(machine, "ingress", ingress | tunnel_in if same and machine == target else ingress)
+    # Tunnel-in rules differ only where the active NAT was or will be.
+    for machine in ([source] if source is not None and not same else [] if same else fabric.machines):
         if machine != target:
-            add(machine, "retire", {"tunnel-in"})
+            add(machine, "retire", tunnel_in)
     return steps
 
 
