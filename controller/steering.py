@@ -28,8 +28,12 @@ class SteeringError(ControllerError):
     """The bridge could not be read or changed."""
 
 
+class SwitchesDisagree(SteeringError):
+    """Several switches send traffic to different NATs: a move across switches was interrupted between two of them."""
+
+
 class Steering(Protocol):
-    """Moves both directions of traffic to a named NAT in one atomic change."""
+    """Moves both directions of traffic to a named NAT: in one atomic change on one switch; across several, make-before-break (:class:`FabricSteering`)."""
 
     def point_to(self, nat: str) -> None:
         """Send traffic through ``nat`` (atomic)."""
@@ -142,7 +146,7 @@ class FabricSteering:
         reached = set(r.values())
         if len(reached) > 1:
             detail = ", ".join(f"{net} hosts on {m} -> {nat or 'nowhere'}" for (m, net), nat in r.items())
-            raise SteeringError(f"the switches disagree: {detail}")
+            raise SwitchesDisagree(f"the switches disagree: {detail}")
         return next(iter(reached), None)
 
 

@@ -327,3 +327,60 @@ def test_a_step_that_fails_undoes_the_steps_done_in_reverse_and_says_so():
     assert sws["A"].table == before["A"]
     sws["B"].fail = False
     assert FabricSteering(f, sws).active() == "nat1"
+
+
+def test_recover_after_a_controller_died_between_two_switches_points_back_to_the_source():
+    from natmig.controller.migrate import Endpoint, MigrateOptions, Migration
+    from natmig.controller.recover import recover
+
+    from .test_controller_faults import Died, mapping, setup
+
+    src, tgt, _ = setup(30)
+    before = mapping(src)
+    f = flows.fabric(topology.load(TWO))
+    sws = switches(f, "nat1")
+    opened: list = []
+    dead: list = []
+
+    def opener(base):
+        def open_():
+            s = base.session()
+            opened.append(s)
+            s.closed = bool(dead)
+            return s
+        return open_
+
+    class Driver:
+        """The dead controller's hold on a switch: nothing it sends arrives once it died."""
+
+        def __init__(self, sw):
+            self.sw = sw
+
+        def add_flows(self, lines):
+            if dead:
+                raise Died()
+            self.sw.add_flows(lines)
+
+        def dump_flows(self, match=None):
+            return self.sw.dump_flows(match)
+
+    def die(step):
+        if step.stage == "ingress":  # the first switch moved, the second not: the controller dies here
+            for s in opened:
+                s.closed = True
+            dead.append(step)
+            raise Died()
+
+    with pytest.raises(Died):
+        Migration(Endpoint("nat1", opener(src)), Endpoint("nat2", opener(tgt)),
+                  FabricSteering(f, {m: Driver(sw) for m, sw in sws.items()}, on_step=die), MigrateOptions(verify_source="read")).run()
+    for s in opened:
+        s.close()  # its connections dropped: the agents release its locks
+    with pytest.raises(SteeringError, match="disagree"):
+        FabricSteering(f, sws).active()
+    r = recover(Endpoint("nat1", src.session), Endpoint("nat2", tgt.session), FabricSteering(f, sws), retire="delete")
+    assert r.ok, r.text()
+    assert r.found_traffic_on == "nat1" and r.traffic_on == "nat1" and FabricSteering(f, sws).active() == "nat1"
+    assert any("interrupted between switches" in d and "pointed back to nat1" in d for d in r.did), r.did
+    assert mapping(src) == before and mapping(tgt) == {}
+    assert src.provider.admission() and tgt.provider.admission()
