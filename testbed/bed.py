@@ -121,6 +121,8 @@ class Testbed:
             {m: Ovs(self.home / f"ovs-{m}", netns=self.machine_netns(m)) for m in topo.machines}
             if topo.multi_machine else {"": Ovs(self.home / "ovs", netns=self.switch_netns)})
         self.ovs = next(iter(self.switches.values()))
+        #: The steps of the last point_to across machines: (machine, stage, seconds).
+        self.last_steps: list[tuple[str, str, float]] = []
 
     # -- construction ---------------------------------------------------
 
@@ -440,14 +442,18 @@ class Testbed:
 
         Both directions change in the same bundle: there is no instant where
         one direction goes through the old node and the other through the new.
+        With machines, one bundle per switch, make-before-break
+        (:class:`FabricSteering`); :attr:`last_steps` then says which, with
+        seconds each.
         """
         t0 = time.perf_counter()
         if self.topology.multi_machine:
-            # Several switches: one bundle each, make-before-break (see FabricSteering).
+            steering = self.steering()
             try:
-                self.steering().point_to(self._nat(nat).name)
+                steering.point_to(self._nat(nat).name)
             except NatmigError as e:
                 raise TestbedError(f"testbed {self.prefix}: {e}") from e
+            self.last_steps = [(step.switch, step.stage, secs) for step, secs in steering.steps]
         else:
             self.ovs.replace_flows(self.bridge, self.flows_for(self._nat(nat).name))
         elapsed = time.perf_counter() - t0

@@ -50,7 +50,8 @@ def _down(args: argparse.Namespace) -> int:
 def _point_to(args: argparse.Namespace) -> int:
     tb = _testbed(args)
     took = tb.point_to(args.nat)
-    how = "one OpenFlow bundle" if not tb.topology.multi_machine else f"one bundle per switch, {len(tb.topology.machines)} switches"
+    how = "one OpenFlow bundle" if not tb.topology.multi_machine else (
+        "one bundle per switch: " + (", ".join(f"{stage} {m} {secs * 1000:.1f} ms" for m, stage, secs in tb.last_steps) or "nothing to change"))
     print(f"testbed {tb.prefix}: traffic now through {tb.active_nat()} ({took * 1000:.1f} ms, {how})")
     return 0
 
