@@ -9,7 +9,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from .. import netns
-from ..errors import ControllerError
+from ..errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, ControllerError
 from .inventory import Inventory
 from .netconf import NodeClient
 from .northbound import NS
@@ -36,7 +36,9 @@ def migrate_via(args: argparse.Namespace, inv: Inventory) -> int:
         reply = client.call("migrate", body)
     n = f"{{{NS}}}"
     ok = reply.findtext(n + "ok") == "true"
-    out = {"ok": ok, "failed_phase": reply.findtext(n + "failed-phase"), "error": reply.findtext(n + "error"),
+    # A controller that predates the outcome leaf: a failure is taken as needing attention.
+    outcome = reply.findtext(n + "outcome") or ("ok" if ok else "attention")
+    out = {"ok": ok, "outcome": outcome, "failed_phase": reply.findtext(n + "failed-phase"), "error": reply.findtext(n + "error"),
            "report": reply.findtext(n + "report") or "", "controller": f"{host}:{port}"}
     # With --json - standard output carries the JSON alone (docs/cli.md).
     print(out["report"], file=sys.stderr if args.json == "-" else sys.stdout)
@@ -46,4 +48,11 @@ def migrate_via(args: argparse.Namespace, inv: Inventory) -> int:
             sys.stdout.write(text + "\n")
         else:
             Path(args.json).write_text(text)
-    return 0 if ok else 1
+    if outcome == "ok":
+        return EXIT_OK
+    if outcome == "unchanged":
+        print("natmig migrate: nothing was changed (the controller read both agents back as they were)", file=sys.stderr)
+        return EXIT_FAILED
+    print("natmig migrate: the state needs attention: the agents roll back what this migration left pending by themselves "
+          "(persistent confirmed commits); the controller's recover RPC cancels it at once", file=sys.stderr)
+    return EXIT_ATTENTION

@@ -37,7 +37,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from .. import netns
+from .. import netns, pool
+from ..agent.fwnode import FwNode, FwNodeConfig, Service
 from ..controller.fabric import Step, tunnel_code
 from ..controller.steering import FabricSteering
 from ..agent.natnode import NatNode, NatNodeConfig
@@ -203,6 +204,11 @@ class Testbed:
         """The public address sessions are translated to (shared by every NAT node)."""
         return self.topology.public_address
 
+    def public_addresses(self, nat: str) -> list[str]:
+        """The addresses of NAT node ``nat``'s public pool (its agent's --public-address)."""
+        self._nat(nat)
+        return pool.addresses(self.topology.public_pool(nat))
+
     @property
     def controller_address(self) -> str:
         """The controller's address on the management network (in :attr:`mgmt_netns`)."""
@@ -236,6 +242,7 @@ class Testbed:
             public_address=str(public.gateway),
             inside_subnet=str(inside.subnet),
             port_range=n.port_range,
+            pool=n.pool,
             inside_mac=inside.gateway_mac,
             outside_mac=public.gateway_mac,
             mgmt_if=NAT_MGMT_IF,
@@ -245,6 +252,24 @@ class Testbed:
     def nat_node(self, nat: str) -> NatNode:
         """The :class:`NatNode` of ``nat`` (for admission control, addresses, ...)."""
         return NatNode(self.nat_config(nat))
+
+    def fw_config(self, nat: str) -> FwNodeConfig:
+        """The :class:`FwNodeConfig` the testbed gives node ``nat`` of a firewall topology (its legs as a NAT's)."""
+        c = self.nat_config(nat)
+        policy = self.topology.firewall
+        if policy is None:
+            raise TestbedError(f"topology {self.topology.name}: its nodes are {self.topology.function} nodes, not firewalls")
+        return FwNodeConfig(
+            name=c.name, inside_if=c.inside_if, outside_if=c.outside_if,
+            inside_address=c.inside_address, outside_address=c.outside_address,
+            services=tuple(Service(*s) for s in policy.services),
+            new_rate=policy.new_rate, new_burst=policy.new_burst, block_timeout=policy.block_timeout,
+            inside_mac=c.inside_mac, outside_mac=c.outside_mac, mgmt_if=c.mgmt_if, mgmt_address=c.mgmt_address,
+        )
+
+    def fw_node(self, nat: str) -> FwNode:
+        """The :class:`FwNode` of node ``nat`` of a firewall topology."""
+        return FwNode(self.fw_config(nat))
 
     def switch_ports(self, machine: str = "") -> dict[str, int]:
         """Switch port name -> OpenFlow port number (hosts by name, NAT legs ``<nat>-in``/``<nat>-out``); with machines, of ``machine``'s switch."""
@@ -336,6 +361,9 @@ class Testbed:
                 # One route, to the public subnet through the NAT gateway: no
                 # default route, nothing that could leave the machine.
                 cmds.append(f"route add {topo.networks['public'].subnet} via {net.gateway}")
+            elif topo.function == "firewall":
+                # Nothing is translated: the public side reaches the inside network through the firewall.
+                cmds.append(f"route add {topo.networks['inside'].subnet} via {net.gateway}")
             _ip_batch(ns, cmds)
         for nat in topo.nats:
             ns = self.netns(nat)
@@ -344,7 +372,7 @@ class Testbed:
             netns.add_veth(flows.nat_port(nat, "public"), NAT_OUTSIDE_IF, sw, ns)
             netns.add_veth(f"m-{nat}", NAT_MGMT_IF, mg, ns)
             _ip_batch(mg, [f"link set m-{nat} master {MGMT_BRIDGE}"])
-            self.nat_node(nat).configure()
+            (self.fw_node(nat) if topo.function == "firewall" else self.nat_node(nat)).configure()
         if not topo.multi_machine:
             self.ovs.add_bridge(self.bridge, self.switch_ports())
             self.ovs.replace_flows(self.bridge, self.flows_for(topo.active_nat))

@@ -27,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import pool as public_pool
 from ..errors import EXIT_USAGE, TestbedError
+from ..pool import PublicRange
 
 DEFAULT_TOPOLOGY = Path(__file__).parent / "topologies" / "demo.toml"
 
@@ -46,6 +48,9 @@ RESERVED = ("ovs", "mgmt", "underlay")
 _MACHINE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,7}$")
 #: Tunnel types Open vSwitch's userspace datapath carries (GRE: the original deployment's).
 TUNNELS = ("gre", "vxlan", "geneve")
+#: What the nodes between the two networks run: a NAT (the default), or a stateful firewall (agent/fwnode.py).
+FUNCTIONS = ("nat", "firewall")
+_SERVICE = re.compile(r"^(tcp|udp) ([0-9.]+):([0-9]+)$")
 
 
 class TopologyError(TestbedError):
@@ -86,12 +91,28 @@ class Host:
 
 @dataclass(frozen=True)
 class Nat:
-    """A NAT node: inside and public legs on the data networks, a management address, a port range."""
+    """A NAT node: inside and public legs on the data networks, a management address, a port range.
+
+    ``pool`` is its public address pool when the file declares one (each
+    address on the public network, ports defaulting to ``port_range``);
+    empty, the node translates to the public gateway with ``port_range``.
+    """
 
     name: str
     mgmt_address: ipaddress.IPv4Address
     port_range: tuple[int, int]
+    pool: tuple[PublicRange, ...] = ()
     machine: str = ""
+
+
+@dataclass(frozen=True)
+class FirewallPolicy:
+    """What a firewall node admits: inbound ``services`` (protocol, inside address, port), and its flood limit."""
+
+    services: tuple[tuple[str, str, int], ...] = ()
+    new_rate: int = 20
+    new_burst: int = 40
+    block_timeout: int = 60
 
 
 @dataclass(frozen=True)
@@ -132,6 +153,9 @@ class Topology:
     source: str = "<memory>"
     #: The TOML text it was read from (kept so a running testbed can be re-attached).
     text: str = ""
+    #: What the nodes run (one of FUNCTIONS); a firewall's policy in ``firewall``.
+    function: str = "nat"
+    firewall: FirewallPolicy | None = None
     #: Declared machines, in file order; empty: everything on one machine.
     machines: dict[str, Machine] = field(default_factory=dict)
     underlay: Underlay | None = None
@@ -149,6 +173,24 @@ class Topology:
     def public_address(self) -> str:
         """The address sessions are translated to (the shared public gateway)."""
         return str(self.networks["public"].gateway)
+
+    def public_pool(self, nat: str) -> tuple[PublicRange, ...]:
+        """The public address pool of NAT node ``nat``: its declared pool, or the public gateway with its ports."""
+        n = self.nats[nat]
+        return n.pool or (PublicRange(self.public_address, n.port_range),)
+
+    def spare_addresses(self, network: str, count: int, start: int = 200) -> list[str]:
+        """Up to ``count`` addresses of ``network`` that no host, gateway or pool uses, from host number ``start`` up.
+
+        For made-up peers (the synthetic sessions' servers): nothing answers
+        there, and nothing of the testbed is mistaken for them.
+        """
+        net = self.networks[network].subnet
+        taken = {str(self.networks[network].gateway), *(str(h.address) for h in self.hosts.values())}
+        taken |= {e.address for n in self.nats.values() for e in n.pool}
+        hosts = list(net.hosts())
+        order = hosts[start - 1:] + hosts[:start - 1]
+        return [str(a) for a in order if str(a) not in taken][:count]
 
     def hosts_on(self, network: str) -> list[Host]:
         """The hosts linked to a data network, in file order."""
@@ -230,6 +272,53 @@ def _port_range(value: Any) -> tuple[int, int]:
     return (low, high)
 
 
+def _service(value: Any) -> tuple[str, str, int]:
+    m = _SERVICE.match(_str(value))
+    if not m:
+        raise ValueError("")
+    port = int(m.group(3))
+    if not 1 <= port <= 65535:
+        raise ValueError("port not in 1..65535")
+    return (m.group(1), str(ipaddress.IPv4Address(m.group(2))), port)
+
+
+def _positive(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError("")
+    return value
+
+
+def _firewall(ck: _Checker, doc: dict[str, Any], function: str | None, inside: Network | None) -> FirewallPolicy | None:
+    """The ``[firewall]`` table: only with ``function = "firewall"``, its services on the inside network."""
+    raw = doc.get("firewall")
+    if function != "firewall":
+        if raw is not None:
+            ck.bad("firewall", 'only with function = "firewall"')
+        return None
+    if raw is None:
+        return FirewallPolicy()
+    if not isinstance(raw, dict):
+        ck.bad("firewall", f"must be a table, not {type(raw).__name__}")
+        return None
+    ck.keys(raw, {"services", "new_rate", "new_burst", "block_timeout"}, "firewall")
+    services = []
+    listed = raw.get("services", [])
+    if not isinstance(listed, list):
+        ck.bad("firewall.services", "must be a list of strings like \"tcp 10.0.0.20:5001\"")
+        listed = []
+    for i, v in enumerate(listed):
+        svc = ck.field({"s": v}, "s", f"firewall.services[{i}]", _service, 'a service like "tcp 10.0.0.20:5001"')
+        if svc is not None and inside is not None and ipaddress.IPv4Address(svc[1]) not in inside.subnet:
+            ck.bad(f"firewall.services[{i}]", f"{svc[1]} is not in networks.inside.subnet {inside.subnet}")
+        elif svc is not None:
+            services.append(svc)
+    limits = {k: ck.field(raw, k, f"firewall.{k}", _positive, "a positive integer", default=d)
+              for k, d in (("new_rate", 20), ("new_burst", 40), ("block_timeout", 60))}
+    if any(v is None for v in limits.values()):
+        return None
+    return FirewallPolicy(tuple(services), **limits)
+
+
 def _check_in(ck: _Checker, where: str, addr: ipaddress.IPv4Address | None, net: ipaddress.IPv4Network | None, net_where: str) -> None:
     """A host address must be a usable address of its subnet."""
     if addr is None or net is None:
@@ -240,11 +329,41 @@ def _check_in(ck: _Checker, where: str, addr: ipaddress.IPv4Address | None, net:
         ck.bad(where, f"{addr} is the network or broadcast address of {net}")
 
 
+def _pool(
+    ck: _Checker, raw: dict[str, Any], where: str, ports: tuple[int, int] | None,
+    public: Network | None, taken: dict[ipaddress.IPv4Address, str],
+) -> tuple[PublicRange, ...]:
+    """A NAT's ``pool`` (a list of ``ADDRESS[-LAST][:LOW-HIGH]``, natmig.pool), each address usable on the public network."""
+    if "pool" not in raw:
+        return ()
+    value = raw["pool"]
+    if not isinstance(value, list) or not value:
+        ck.bad(where, f"{value!r} is not a non-empty list of entries like \"203.0.113.2:20000-29999\"")
+        return ()
+    try:
+        pool = public_pool.parse(where, value, ports)
+    except public_pool.PoolError as err:
+        ck.problems.append(str(err))
+        return ()
+    for e in pool:
+        a = ipaddress.IPv4Address(e.address)
+        if public is not None:
+            # Servers reach a pool address on their own link: it must be on it.
+            _check_in(ck, where, a, public.subnet, "networks.public.subnet")
+        if a in taken and a != (public.gateway if public else None):
+            ck.bad(where, f"{a} is already used by {taken[a]}")
+    return pool
+
+
 def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topology:
     """Validate a decoded topology document; :class:`TopologyError` lists every problem."""
     ck = _Checker()
-    ck.keys(doc, {"name", "bridge", "active_nat", "networks", "hosts", "nats", "management", "machines", "underlay"}, "")
+    ck.keys(doc, {"name", "bridge", "active_nat", "networks", "hosts", "nats", "management", "function", "firewall", "machines", "underlay"}, "")
     name = ck.field(doc, "name", "name", _str, "a string", default="testbed")
+    function = ck.field(doc, "function", "function", _str, "a string", default="nat")
+    if function is not None and function not in FUNCTIONS:
+        ck.bad("function", f"{function!r} is not one of {', '.join(FUNCTIONS)}")
+        function = None
     bridge = ck.field(doc, "bridge", "bridge", lambda v: _name(_BRIDGE, v), "a bridge name (a-z, then a-z 0-9 _ -, at most 15)", default="br0")
 
     networks: dict[str, Network] = {}
@@ -333,10 +452,11 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
         if not isinstance(raw, dict):
             ck.bad(where, f"must be a table, not {type(raw).__name__}")
             continue
-        ck.keys(raw, {"management", "ports", "machine"}, where)
+        ck.keys(raw, {"management", "ports", "pool", "machine"}, where)
         machine = _placed(ck, raw, where, machines, "machines" in doc)
         maddr = ck.field(raw, "management", f"{where}.management", _address, "an IPv4 address")
         ports = ck.field(raw, "ports", f"{where}.ports", _port_range, "a port range like \"20000-29999\"")
+        pool = _pool(ck, raw, f"{where}.pool", ports, networks.get("public"), taken)
         if mgmt is not None:
             _check_in(ck, f"{where}.management", maddr, mgmt.subnet, "management.subnet")
         if maddr is not None and maddr in mgmt_taken:
@@ -344,7 +464,7 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
         elif maddr is not None:
             mgmt_taken[maddr] = f"{where}.management"
         if maddr is not None and ports is not None:
-            nats[nat_name] = Nat(nat_name, maddr, ports, machine)
+            nats[nat_name] = Nat(nat_name, maddr, ports, pool, machine)
     if not raw_nats and "nats" in doc:
         ck.bad("nats", "no NAT node (at least one is needed)")
 
@@ -352,10 +472,12 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
     if active is not None and raw_nats and active not in raw_nats:
         ck.bad("active_nat", f"{active!r} is not a NAT node (one of: {', '.join(raw_nats)})")
 
+    policy = _firewall(ck, doc, function, networks.get("inside"))
+
     if ck.problems:
         raise TopologyError(source, ck.problems)
-    assert mgmt is not None and active is not None  # guaranteed when no problem was found
-    return Topology(name, bridge, networks, hosts, nats, mgmt, active, source, text, machines, underlay)
+    assert mgmt is not None and active is not None and function is not None  # guaranteed when no problem was found
+    return Topology(name, bridge, networks, hosts, nats, mgmt, active, source, text, function, policy, machines, underlay)
 
 
 def _machines(ck: _Checker, doc: dict[str, Any], networks: dict[str, Network]) -> tuple[dict[str, Machine], Underlay | None]:

@@ -14,7 +14,7 @@ from natmig.testbed.bed import Testbed, leftovers
 
 @contextmanager
 def bed(tmp_path: Any, tag: str, topology: Any = None) -> Iterator[tuple[Testbed, AgentFleet]]:
-    """A testbed (of ``topology``, a file; None: the demo) with both agents running (nat1 active), torn down afterwards, also on failure."""
+    """A testbed (of ``topology``, default the demo's) with both agents running (nat1 active), torn down afterwards, also on failure."""
     ensure_conntrack_capacity(200_000)
     tb = Testbed.from_file(topology, prefix=netns.run_prefix(tag))
     fleet = None
