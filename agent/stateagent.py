@@ -24,7 +24,7 @@ from natmig.codec import NETCONF_NS
 from natmig.errors import CodecError
 from natmig.schema import LeafValueError
 from natmig.statemodel import COMMON_NS, Entry, StateList, StateModule, common_module
-from natmig.statewire import CONTROL, STATISTICS, Config, Wire
+from natmig.statewire import CHANGE, CONTROL, STATISTICS, Config, Wire
 
 from . import rpc
 from .datastore import DEFAULT_OPERATIONS, ERROR_OPTIONS, TEST_OPTIONS, DatastoreError, Problem, problems_of_codec, refuse
@@ -43,10 +43,12 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=Fals
 class StateHub(Fanout):
     """state-change notifications of a state agent's running lists."""
 
+    notifications = frozenset({(COMMON_NS, CHANGE)})
+
     def publish(self, lst: StateList, event: str, entry: Entry) -> None:
         """One entry created or deleted on running (called with the store's lock held: keep it short)."""
         if self._subs:
-            self.send(Wire.change_xml(lst, event, entry).encode())
+            self.send(Wire.change_xml(lst, event, entry).encode(), (COMMON_NS, CHANGE))
 
 
 @dataclass

@@ -170,14 +170,17 @@ def _write_json(path: str, text: str) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     """The four-step demo with live traffic on the embedded testbed."""
-    from .demo import DemoOptions, run
+    from . import demo, demoservice
 
     if args.nf == "firewall":
         # The firewall's demo moves fw-state with the generic engine: its report has no NAT phases to draw or stop.
-        for given, flag in ((args.plot, "--plot"), (args.churn, "--churn"), (args.retire == "stop", "--retire stop")):
+        for given, flag in ((args.plot, "--plot"), (args.churn, "--churn"), (args.retire == "stop", "--retire stop"),
+                            (args.via_controller, "--via-controller")):
             if given:
                 raise UsageError(f"{flag}: the NAT demo's alone; not with --nf firewall")
-    return run(DemoOptions(
+    if args.via_controller and (args.no_state or args.retire == "stop"):
+        raise UsageError("--via-controller: the controller service's engine moves state: --no-state and --retire stop do not apply")
+    return (demoservice.run if args.via_controller else demo.run)(demo.DemoOptions(
         sessions=args.sessions, tcp=args.tcp, udp=args.udp, interval=args.interval / 1000, churn=args.churn,
         no_state=args.no_state, json_path=args.json, plot_path=args.plot, prefix=args.prefix, topology=args.topology,
         after=args.after, retire=args.retire, nf=args.nf,
@@ -247,6 +250,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--plot", metavar="FILE.png", help="draw each flow's gaps over time with the phases as bands (needs matplotlib)")
     d.add_argument("--prefix", help="testbed name prefix (default: unique per run)")
     d.add_argument("--topology", metavar="FILE", help="testbed topology (default: the demo topology; with --nf firewall, testbed/topologies/firewall.toml)")
+    d.add_argument("--via-controller", action="store_true",
+                   help="agents call home to a controller service; the move is asked of its NETCONF northbound (netconf-console2)")
     d.set_defaults(func=run_demo)
 
     pl = sub.add_parser("plot", help="draw a saved demo report: each flow's gaps over time, the phases as bands",

@@ -27,11 +27,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
-from .. import netns
+from .. import netns, pool
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession
+from ..pool import PublicRange
 from .inventory import AgentSpec, dump_toml, parse
 from .migrate import Endpoint, MigrateOptions, Migration, endpoint_from_spec
 from .report import MigrationReport, PhaseTiming, format_report, ms
@@ -48,7 +49,8 @@ class AgentFleet:
     Agents are child processes of this one, stopped by their own pid.
     """
 
-    def __init__(self, tb: Any, workdir: str | Path, provider: str = "conntrack", port: int = AGENT_PORT, nice: int = 19) -> None:
+    def __init__(self, tb: Any, workdir: str | Path, provider: str = "conntrack", port: int = AGENT_PORT, nice: int = 19,
+                 call_home: str | None = None) -> None:
         from ..credentials import load_or_create_host_key, set_password
 
         self.tb = tb
@@ -57,6 +59,8 @@ class AgentFleet:
         self.provider = provider
         self.port = port
         self.nice = nice
+        #: HOST[:PORT] of a controller service the agents call home to (RFC 8071), or None.
+        self.call_home = call_home
         self.procs: dict[str, subprocess.Popen] = {}
         self.password = os.urandom(12).hex()
         self.passwords = self.dir / "agent-passwords"
@@ -94,7 +98,7 @@ class AgentFleet:
         ready.unlink(missing_ok=True)
         log = open(self.dir / f"{nat}-agent.log", "ab")
         # A firewall translates nothing: it has no public address to serve.
-        public = [] if self.provider == "firewall" else ["--public-address", self.tb.public_address]
+        public = [] if self.provider == "firewall" else [arg for a in self.tb.public_addresses(nat) for arg in ("--public-address", a)]
         argv = [
             sys.executable, "-m", "natmig.cli", "agent", "--netns", self.tb.netns(nat),
             "--listen", f"{self.tb.mgmt_address(nat)}:{self.port}", "--provider", self.provider,
@@ -103,6 +107,8 @@ class AgentFleet:
             # A restarted agent undoes what it had pending (an interrupted migration's confirmed commits).
             "--state-dir", str(self.dir / f"{nat}-state"),
         ]
+        if self.call_home:
+            argv += ["--call-home", self.call_home]
         # The agents run niced: on this one machine the switch (a userspace
         # OVS) and the hosts stand in for hardware and other machines, and a
         # control plane busy serialising 100k sessions must not starve them;
@@ -144,8 +150,13 @@ class AgentFleet:
         return AgentSpec(
             name=nat, host=self.tb.mgmt_address(nat), port=self.port, username=USER,
             key=str(self.client_key), known_hosts=str(self.known_hosts),
-            public_address=self.tb.public_address, netns=self.tb.mgmt_netns,
+            public_address=self._public(nat), netns=self.tb.mgmt_netns,
         )
+
+    def _public(self, nat: str) -> str | list[str]:
+        """The inventory's public_address of ``nat``: its address, or its pool's as a list."""
+        addrs = self.tb.public_addresses(nat)
+        return addrs[0] if len(addrs) == 1 else addrs
 
     def endpoint(self, nat: str) -> Endpoint:
         """A migration endpoint for ``nat``; ``stop`` stops its agent."""
@@ -178,27 +189,66 @@ class AgentFleet:
             self.stop(nat)
 
 
-def synthetic_sessions(n: int, public: str, nat_ports: tuple[int, int], server: str = "203.0.113.200") -> list[NatSession]:
+#: Made-up inside hosts are 10.0.0.100 and up, 50,000 source ports each.
+_FIRST_HOST, _LAST_HOST, _PORTS_PER_HOST = 100, 254, 50_000
+
+
+def synthetic_sessions(
+    n: int,
+    public: str | Sequence[PublicRange],
+    nat_ports: tuple[int, int] | None = None,
+    servers: Sequence[str] = ("203.0.113.200",),
+) -> list[NatSession]:
     """``n`` established sessions of made-up inside hosts, for a table to move.
 
-    Their public ports lie outside the NAT's own range, so they never collide
-    with a mapping the NAT gives live traffic; TCP and UDP alternate so that
-    up to ~110,000 fit on one public address.
+    ``public`` is the NAT's public address with ``nat_ports`` its port range,
+    or its pool (each address with its ranges).  The sessions' public ports
+    lie outside the NAT's own ranges of their address, so they never collide
+    with a mapping the NAT gives live traffic.  They are spread over the
+    pool's addresses in turn, TCP and UDP alternate, and a public port is
+    used again towards the next of ``servers`` once every free port of every
+    address is taken, as Linux SNAT reuses a public port across destinations:
+    2 x (free ports of the pool) x (servers) fit, ~109,000 per address and server
+    beside a 10,000-port range.
     """
-    lo, hi = nat_ports
-    free = [p for p in range(1024, 65536) if not lo <= p <= hi]
-    if n > 2 * len(free):
-        raise ControllerError(f"--sessions {n}: at most {2 * len(free)} synthetic sessions fit beside the NAT's port range")
+    if isinstance(public, str):
+        if nat_ports is None:
+            raise ControllerError("synthetic sessions: give the NAT's port range with its public address")
+        public = (PublicRange(public, nat_ports),)
+    entries = pool.check("synthetic sessions: pool", list(public))
+    if not servers:
+        raise ControllerError("synthetic sessions: no server address to open them towards")
+    slots = _free_slots(entries)
+    fit = 2 * len(slots) * len(servers)
+    most_inside = 2 * (_LAST_HOST - _FIRST_HOST + 1) * _PORTS_PER_HOST
+    if n > min(fit, most_inside):
+        raise ControllerError(
+            f"--sessions {n}: at most {min(fit, most_inside)} synthetic sessions fit beside the NAT's port ranges "
+            f"({len(pool.addresses(entries))} public address(es), {len(slots)} free public ports in all, "
+            f"{len(servers)} server(s), TCP and UDP); give the NAT a larger pool or the sessions more servers")
     out = []
     for i in range(n):
         proto = "TCP" if i % 2 == 0 else "UDP"
         j = i // 2
-        host = 100 + j // 50000
+        addr, port = slots[j % len(slots)]
         out.append(NatSession(
-            proto, f"10.0.0.{host}", 1024 + j % 50000, server, 443, public, free[j],
+            proto, f"10.0.0.{_FIRST_HOST + j // _PORTS_PER_HOST}", 1024 + j % _PORTS_PER_HOST,
+            servers[j // len(slots)], 443, addr, port,
             "ESTABLISHED" if proto == "TCP" else None, 900, True,
         ))
     return out
+
+
+def _free_slots(entries: Sequence[PublicRange]) -> list[tuple[str, int]]:
+    """Every (address, port) of the pool outside the NAT's own ranges, ports 1024 and up, the addresses taking turns."""
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for e in entries:
+        ranges.setdefault(e.address, []).append(e.ports)
+    free = {a: [p for p in range(1024, 65536) if not any(lo <= p <= hi for lo, hi in rs)] for a, rs in ranges.items()}
+    slots: list[tuple[str, int]] = []
+    for k in range(max(map(len, free.values()))):
+        slots += [(a, ports[k]) for a, ports in free.items() if k < len(ports)]
+    return slots
 
 
 def load_sessions(ep: Endpoint, sessions: list[NatSession], chunk: int = 50_000) -> None:
@@ -287,13 +337,21 @@ class DemoResult:
     steps: dict[str, float]
     ok: bool
     error: str | None = None
+    #: the move as a controller service's northbound reported it (--via-controller), instead of ``migration``.
+    remote: Any = None
+
+    def phases(self) -> list[PhaseTiming]:
+        """The move's phases, from the migration's report or the northbound's notifications."""
+        if self.migration is not None:
+            return self.migration.phases
+        return list(self.remote.phases) if self.remote is not None else []
 
     def switch_gap(self) -> tuple[float, bool]:
         """The largest live-flow gap overlapping the switch phase (seconds), and whether it is exact."""
-        if self.migration is None or self.traffic is None:
+        if self.traffic is None:
             return 0.0, True
-        for p in self.migration.phases:
-            if p.name == "switch":
+        for p in self.phases():
+            if p.name == "switch" and p.started:
                 return self.traffic.largest_gap_during(p.started, p.started + p.seconds)
         return 0.0, True
 
@@ -312,6 +370,7 @@ class DemoResult:
             "error": self.error,
             "steps_seconds": self.steps,
             "migration": self.migration.to_dict() if self.migration else None,
+            "via_controller": self.remote.to_dict() if self.remote is not None else None,
             "traffic": self.traffic.summary() if self.traffic else None,
         }
 
@@ -340,6 +399,7 @@ class Demo:
         traffic: LiveTraffic | None = None
         report: MigrationReport | None = None
         result: TrafficResult | None = None
+        remote: Any = None
         error = None
         nats = list(tb.topology.nats)
         src, dst = tb.topology.active_nat, next(n for n in nats if n != tb.topology.active_nat)
@@ -349,7 +409,7 @@ class Demo:
             self.say(f"[1/4] initial deployment: client, {src}, server, agent of {src} (testbed {prefix})")
             tb.up()
             netns.ensure_conntrack_capacity(2 * o.sessions + 65536)
-            fleet = AgentFleet(tb, work, provider=o.provider)
+            fleet = self.fleet(tb, work)
             fleet.start(src)
             spec = TrafficSpec(tcp=o.tcp, udp=o.udp, interval=o.interval, churn=o.churn)
             traffic = LiveTraffic(tb.netns("client"), tb.netns("server"), tb.address("server"), spec, str(work))
@@ -357,7 +417,7 @@ class Demo:
             self.say(f"      live traffic: {o.tcp} TCP connections + {o.udp} UDP flows, one message every {ms(o.interval)} each"
                      + (f", {o.churn:g} new connections/s" if o.churn else ""))
             if o.sessions:
-                extra = synthetic_sessions(o.sessions, tb.public_address, tb.topology.nats[src].port_range)
+                extra = synthetic_sessions(o.sessions, tb.topology.public_pool(src), servers=tb.topology.spare_addresses("public", 16))
                 load_sessions(fleet.endpoint(src), extra)
             time.sleep(o.before)
             n_src = len(_read_table(fleet.endpoint(src)))
@@ -373,7 +433,7 @@ class Demo:
 
             inv = fleet.write_inventory(src, dst)
             self.say(f"[3/4] migrating state {src} -> {dst}" + ("  (--no-state: NOT copying sessions)" if o.no_state else "")
-                     + f"  [same as: natmig migrate --inventory {inv}]")
+                     + f"  [same as: {self.same_as(inv)}]")
             t3 = time.perf_counter()
             marks: dict[str, float] = {}
 
@@ -383,10 +443,12 @@ class Demo:
                     marks["3"] = time.perf_counter()
                     self.say(f"[4/4] upgrading the graph: traffic to {dst}, {src} retired")
 
-            mig = Migration(fleet.endpoint(src), fleet.endpoint(dst), TestbedSteering(tb),
-                            MigrateOptions(copy_state=not o.no_state, retire=o.retire), on_phase)
             with control_plane_priority():
-                report = mig.run()
+                moved = self.migrate(tb, fleet, src, dst, on_phase)
+            if isinstance(moved, MigrationReport):
+                report = moved
+            else:
+                remote = moved
             end = time.perf_counter()
             self.steps["3 migrating state"] = marks.get("3", end) - t3
             self.steps["4 upgrading the graph"] = end - marks.get("3", end)
@@ -401,10 +463,13 @@ class Demo:
         finally:
             signal.signal(signal.SIGTERM, old)
             self.say("teardown: traffic, agents, testbed")
-            tear_down(self.say, [("traffic", traffic.close if traffic else None), ("agents", fleet.close if fleet else None), ("testbed", tb.down)])
+            tear_down(self.say, [("traffic", traffic.close if traffic else None), ("agents", fleet.close if fleet else None),
+                                 ("controller", self.teardown_extra), ("testbed", tb.down)])
             shutil.rmtree(work, ignore_errors=True)
-        ok = error is None and report is not None and report.ok and result is not None and result.all_survived
-        res = DemoResult(report, result, self.steps, ok, error or (report.error if report and not report.ok else None))
+        moved_ok = (report is not None and report.ok) or (remote is not None and remote.ok)
+        ok = error is None and moved_ok and result is not None and result.all_survived
+        failure = report.error if report and not report.ok else remote.error if remote and not remote.ok else None
+        res = DemoResult(report, result, self.steps, ok, error or failure, remote)
         self.print_report(res)
         if o.json_path == "-":
             print(json.dumps(res.to_dict(), indent=2), flush=True)
@@ -417,20 +482,42 @@ class Demo:
             self.say(f"picture of the move: {o.plot_path}")
         return res
 
+    def same_as(self, inventory: Path) -> str:
+        """The command line that makes the same move."""
+        return f"natmig migrate --inventory {inventory}"
+
+    def fleet(self, tb: Any, work: Path) -> AgentFleet:
+        """The agents of the NAT nodes (not started yet)."""
+        return AgentFleet(tb, work, provider=self.opts.provider)
+
+    def migrate(self, tb: Any, fleet: AgentFleet, src: str, dst: str, on_phase: Callable[[PhaseTiming], None]) -> Any:
+        """Step 3 and 4: the live migration (this process is the controller); returns its report."""
+        o = self.opts
+        return Migration(fleet.endpoint(src), fleet.endpoint(dst), TestbedSteering(tb),
+                         MigrateOptions(copy_state=not o.no_state, retire=o.retire), on_phase).run()
+
+    def teardown_extra(self) -> None:
+        """What a variant of the demo started beside the agents (nothing here)."""
+
     def print_report(self, r: DemoResult) -> None:
         """The final report: sessions moved, phase times, largest gap, flows that survived."""
         self.say("")
         self.say("=" * 72)
         if r.migration is not None:
             self.say(format_report(r.migration))
+        if r.remote is not None:
+            self.say(f"the controller's northbound replied: ok {str(r.remote.ok).lower()}, outcome {r.remote.outcome}"
+                     + (f", failed in {r.remote.failed_phase}: {r.remote.error}" if not r.remote.ok else ""))
+            self.say(r.remote.report)
         for name, secs in r.steps.items():
             self.say(f"  step {name:<24} {ms(secs):>11}")
         if r.traffic is not None:
             s = r.traffic.summary()
-            self.say(f"  sessions moved: {r.migration.copied + r.migration.caught_up + r.migration.reconciled if r.migration else 0}"
-                     f" (verified {r.migration.verified if r.migration else 0})")
+            if r.migration is not None:
+                self.say(f"  sessions moved: {r.migration.copied + r.migration.caught_up + r.migration.reconciled}"
+                         f" (verified {r.migration.verified})")
             self.say(f"  largest gap seen by a live flow: {s['largest_gap_ms']:.1f} ms (send interval {ms(r.traffic.interval)})"
-                     + (f"; across the switch: {r.switch_gap_text()}" if r.migration else ""))
+                     + (f"; across the switch: {r.switch_gap_text()}" if any(p.name == "switch" for p in r.phases()) else ""))
             self.say(f"  flows that survived with the same public port: {s['live_survived']}/{s['live_flows']}"
                      f"  (TCP {s['tcp']['survived']}/{s['tcp']['total']}, UDP {s['udp']['survived']}/{s['udp']['total']})")
             if s["new_connections"]:
