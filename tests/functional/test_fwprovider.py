@@ -184,8 +184,8 @@ def test_closed_admission_holds_new_connections_and_opening_releases_them(net: F
     a.set_admission(True)
     th.join(5)
     # Released to the switch, hairpinned back and forwarded: connected right after the opening, not at the
-    # SYN's retransmit (1 s after the attempt).
-    assert done.get("ok") and done["at"] - opened < 0.2
+    # SYN's retransmit (1 s after the attempt, so >= 0.5 s after the opening); 0.4 s leaves room for a loaded machine.
+    assert done.get("ok") and done["at"] - opened < 0.4
     assert a.admission() is True and sum(h.released for h in a.node.hold_stats()) == 1
 
 
