@@ -152,9 +152,9 @@ class AgentFleet:
         addrs = self.tb.public_addresses(nat)
         return addrs[0] if len(addrs) == 1 else addrs
 
-    def endpoint(self, nat: str) -> Endpoint:
-        """A migration endpoint for ``nat``; ``stop`` stops its agent."""
-        ep = endpoint_from_spec(self.spec(nat))
+    def endpoint(self, nat: str, timeout: float = 30.0) -> Endpoint:
+        """A migration endpoint for ``nat`` (``timeout``: of each RPC, in seconds); ``stop`` stops its agent."""
+        ep = endpoint_from_spec(self.spec(nat), timeout=timeout)
         ep.stop = lambda: self.stop(nat)
         return ep
 
