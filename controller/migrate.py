@@ -661,8 +661,9 @@ class Migration:
         if self.opt.copy_state:
             # Checked again at the last moment: a node lost since the catch-up ended must not get traffic.
             self._check_alive()
-        # Marked switched before the call: if the bundle fails half-way
-        # (it cannot: a bundle is atomic) recovery still points back.
+        # Marked switched before the call: if the switch fails half-way (one
+        # bundle cannot; across several switches the steering undoes its
+        # steps) the rollback still points back.
         self._st.switched = True
         self.steering.point_to(self.target.name)
 
