@@ -11,9 +11,11 @@ PYANG := $(VENV)/bin/pyang
 # nftables; iptables for the one xtables NFQUEUE rule that holds new sessions
 # while admission is closed), Open vSwitch (userspace datapath; its service is
 # never started), the tools the tests probe with, and the third-party NETCONF
-# client yangcli (and ssh, which scrapli-netconf's system transport runs).
+# client yangcli (and ssh, which scrapli-netconf's system transport runs),
+# and conntrackd, the peer the migration benchmark measures natmig against
+# (its service is never started either: see `system`).
 APT_PACKAGES := python3-venv libyang-tools conntrack nftables iptables openvswitch-switch \
-	iproute2 ethtool iputils-ping procps psmisc yangcli openssh-client
+	iproute2 ethtool iputils-ping procps psmisc yangcli openssh-client conntrackd
 
 .PHONY: help setup system venv test test-unit typecheck faults bench demo bindings tree lint man install-man-venv install-systemd clean
 
@@ -39,13 +41,22 @@ help:
 
 setup: system venv
 
+# Packaged services must never start (Open vSwitch's, conntrackd's): natmig
+# runs its own daemons with private files.  invoke-rc.d asks policy-rc.d;
+# one that exits 101 ("action forbidden") is put in place for the install
+# when the machine has none, and removed afterwards (one already there is
+# left as it is).
 system:
 	@missing=$$(for p in $(APT_PACKAGES); do \
 		dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:" $$missing; \
 		export DEBIAN_FRONTEND=noninteractive; \
-		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; \
+		policy=/usr/sbin/policy-rc.d; own=; \
+		if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 0755 $$policy && own=1; fi; \
+		apt-get update -q && apt-get install -y -q --no-install-recommends $$missing; rc=$$?; \
+		if [ -n "$$own" ]; then rm -f $$policy; fi; \
+		exit $$rc; \
 	fi
 
 # The venv is rebuilt only when pyproject.toml changes.
