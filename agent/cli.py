@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..codec import default_codec
 from ..errors import AgentError, NatmigError
-from .. import netns
+from .. import netns, pool
 from . import config as agent_config
 from .auth import set_password
 from .callhome import CallHomeTarget, call_home
@@ -57,6 +57,30 @@ def _call_home_target(text: str) -> CallHomeTarget:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _public_address(text: str) -> str:
+    """One --public-address, checked: an address or a range FIRST-LAST of the NAT's pool (natmig.pool)."""
+    try:
+        pool.parse_addresses("--public-address", text)
+    except pool.PoolError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def public_addresses(given: list[str] | None) -> list[str]:
+    """The addresses every --public-address names (ranges expanded), in order.
+
+    :class:`AgentError` when one address is given twice: a pool whose
+    entries overlap is a typo, not a bigger pool.
+    """
+    out: dict[str, int] = {}
+    for i, item in enumerate(given or []):
+        for a in pool.parse_addresses("--public-address", item):
+            if a in out:
+                raise AgentError(f"--public-address: {a} is given twice (in values {out[a] + 1} and {i + 1}); the pool's addresses must not overlap")
+            out[a] = i
+    return list(out)
+
+
 def _memory(args: argparse.Namespace) -> SessionProvider:
     return MemoryProvider(owned=set(args.public_address or MEMORY_PUBLIC))
 
@@ -71,8 +95,10 @@ def _conntrack(args: argparse.Namespace) -> SessionProvider:
         # The root namespace's table belongs to the machine, never to natmig.
         raise AgentError("--provider conntrack needs --netns (the NAT node's namespace)")
     # Admission control rewrites the node's nftables admission chain, which
-    # only needs the namespace, the inside interface and the public address.
-    node = NatNode(NatNodeConfig(name=args.netns, inside_if=args.inside_if, public_address=args.public_address[0]))
+    # only needs the namespace, the inside interface and the public addresses
+    # (the ports are the SNAT rule's business, which the agent never writes).
+    ports = NatNodeConfig.port_range
+    node = NatNode(NatNodeConfig(name=args.netns, inside_if=args.inside_if, pool=tuple(pool.PublicRange(a, ports) for a in args.public_address)))
     # Measured: with the kernel default nf_conntrack_events=2 ("auto"), an entry
     # created while nobody listened never reports its DESTROY, so a controller
     # subscribing after the copy would miss sessions closed during the move.
@@ -142,6 +168,7 @@ def _agent(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
 def run_agent(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     args = agent_config.resolve(args, args.agent_options)
+    args.public_address = public_addresses(args.public_address)
     if args.listen is None:
         raise AgentError("--listen ADDR[:PORT] is required: the node's management address (the agent never picks one itself)")
     notifier = Notifier()  # before entering the namespace (see agent/service.py)
@@ -245,7 +272,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="where the session table lives (memory: protocol tests and demos; firewall: a firewall node's fw-state)")
     p.add_argument("--module", metavar="FILE.yang", help="serve the state lists of this YANG module from memory, with natmig-state "
                    "(needs --provider memory): an agent of any network function's state, for the migration engine")
-    p.add_argument("--public-address", action="append", metavar="A", help="public address of the NAT (repeatable)")
+    p.add_argument("--public-address", action="append", type=_public_address, metavar="A[-B]",
+                   help="public address of the NAT, or a range FIRST-LAST of its address pool (repeatable): "
+                   "the translated addresses it owns")
     p.add_argument("--inside-if", default="inside0", metavar="IF", help="the NAT's inside interface, for admission control (default %(default)s)")
     p.add_argument("--outside-if", default="outside0", metavar="IF", help="a firewall's outside interface, for admission control (default %(default)s)")
     p.add_argument("--host-key", default="agent_host_key", metavar="FILE", help="SSH host key, created (ECDSA) if missing")

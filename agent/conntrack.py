@@ -131,7 +131,7 @@ class ConntrackProvider(SessionProvider):
         if public_addresses is None:
             if node is None:
                 raise ProviderError("ConntrackProvider: give public_addresses or a NatNode to take them from")
-            public_addresses = {node.cfg.public_address}
+            public_addresses = set(node.cfg.public_addresses)
         self.netns = netns
         self.owned = set(public_addresses)
         self.node = node

@@ -2,8 +2,8 @@
 
 The node is a namespace with an inside interface (the clients' gateway), an
 outside interface (the public side), IPv4 forwarding, and an nftables table
-``natmig`` that translates the inside subnet to one public address and a port
-range.  Everything the node needs is in :class:`NatNodeConfig`; the commands
+``natmig`` that translates the inside subnet to a public address pool: one
+address and a port range, or several (:mod:`natmig.pool`).  Everything the node needs is in :class:`NatNodeConfig`; the commands
 it runs are built from that data by small pure functions (:func:`ruleset`,
 :func:`sysctls`) so they can be checked without root.
 
@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import netns
+from .. import pool as public_pool
+from ..pool import PublicRange
 from . import nftables
 from .nfqueue import Holder, HoldStats, NfqueueError
 from ..errors import ProviderError
@@ -91,6 +93,13 @@ class NatNodeConfig:
     outside interface as a /32 when it is not ``outside_address`` itself);
     ``inside_subnet`` the source addresses that get translated;
     ``port_range`` the public ports (and ICMP echo identifiers) to use.
+
+    ``pool``, when given, is the node's public address pool (several
+    addresses, each with its port range; :mod:`natmig.pool`), and
+    ``public_address`` and ``port_range`` become its first entry's.  Without
+    it the pool is the one entry ``public_address:port_range``, so a
+    single-address node is a pool of one.  :attr:`public_pool` is the pool
+    either way.
     """
 
     name: str
@@ -105,6 +114,7 @@ class NatNodeConfig:
     outside_mac: str | None = None
     mgmt_if: str | None = None
     mgmt_address: str | None = None
+    pool: tuple[PublicRange, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NSNAME.match(self.name):
@@ -133,6 +143,19 @@ class NatNodeConfig:
             or not 1 <= pr[0] <= pr[1] <= 65535
         ):
             raise NatNodeError(f"NatNodeConfig.port_range: {pr!r} is not a (low, high) pair with 1 <= low <= high <= 65535")
+        if self.pool:
+            try:
+                pool = public_pool.check("NatNodeConfig.pool", self.pool)
+            except public_pool.PoolError as err:
+                raise NatNodeError(str(err)) from None
+            # Frozen, but these two are derived: code that knows one address reads the pool's first.
+            object.__setattr__(self, "pool", pool)
+            object.__setattr__(self, "public_address", pool[0].address)
+            object.__setattr__(self, "port_range", pool[0].ports)
+        for i, entry in enumerate(self.public_pool):
+            if ipaddress.IPv4Address(entry.address) in subnet:
+                # Translating to an inside address would send the replies back inside.
+                raise NatNodeError(f"NatNodeConfig.pool[{i}].address: {entry.address} is in inside_subnet {self.inside_subnet}")
         _check_mac("inside_mac", self.inside_mac)
         _check_mac("outside_mac", self.outside_mac)
         if (self.mgmt_if is None) != (self.mgmt_address is None):
@@ -147,6 +170,16 @@ class NatNodeConfig:
     def public_is_outside(self) -> bool:
         """Whether the public address is the outside interface's own address."""
         return str(ipaddress.IPv4Interface(self.outside_address).ip) == self.public_address
+
+    @property
+    def public_pool(self) -> tuple[PublicRange, ...]:
+        """The public address pool: ``pool``, or the one entry ``public_address:port_range``."""
+        return self.pool or (PublicRange(self.public_address, self.port_range),)
+
+    @property
+    def public_addresses(self) -> list[str]:
+        """The pool's distinct addresses, first ``public_address`` (what the node translates to and owns)."""
+        return public_pool.addresses(self.public_pool)
 
 
 def sysctls(cfg: NatNodeConfig) -> dict[str, int]:
@@ -211,13 +244,34 @@ def admission_input_rule(cfg: NatNodeConfig) -> str:
     ICMP unreachable, which kills the connection.  Dropped, it is
     retransmitted and finds the session once the state has arrived.
     """
-    return f'iifname "{cfg.outside_if}" ip daddr {cfg.public_address} ct status & confirmed == 0 counter drop'
+    addrs = cfg.public_addresses
+    daddr = addrs[0] if len(addrs) == 1 else "{ " + ", ".join(addrs) + " }"
+    return f'iifname "{cfg.outside_if}" ip daddr {daddr} ct status & confirmed == 0 counter drop'
+
+
+def snat_target(cfg: NatNodeConfig) -> str:
+    """What the SNAT rule translates to: ``ADDR:LO-HI`` for one address, a map over the pool for several.
+
+    nftables 1.0.6 on kernel 6.18 (measured) takes both ``snat to
+    A-B:LO-HI`` (an address range, one port range) and a map whose data is
+    ``address . port-range``; the map is used because a pool's addresses need
+    not be contiguous nor share one port range.  It is keyed by a hash of the
+    inside source address, so one inside host always gets the same public
+    address ("paired" pooling, RFC 4787 REQ-2): servers that tie a client to
+    its address keep seeing one.  Entries are chosen evenly, whatever their
+    sizes.  The map is only read for a session's first packet.
+    """
+    pool = cfg.public_pool
+    if len(pool) == 1:
+        lo, hi = pool[0].ports
+        return f"to {pool[0].address}:{lo}-{hi}"
+    items = ", ".join(f"{i} : {e.address} . {e.ports[0]}-{e.ports[1]}" for i, e in enumerate(pool))
+    return f"ip to jhash ip saddr mod {len(pool)} map {{ {items} }}"
 
 
 def ruleset(cfg: NatNodeConfig, *, admit: bool = True) -> str:
     """The nftables script that (re)creates the node's ``natmig`` table."""
-    lo, hi = cfg.port_range
-    nat_to = f"{cfg.public_address}:{lo}-{hi}"
+    nat_to = snat_target(cfg)
     adm = "" if admit else f"\n    {admission_rule(cfg)}"
     adm_in = "" if admit else f"\n    {admission_input_rule(cfg)}"
     # `table ... {}` then `delete table` makes the script idempotent: it
@@ -243,8 +297,8 @@ table ip {TABLE} {{
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    oifname "{cfg.outside_if}" ip saddr {cfg.inside_subnet} meta l4proto {{ tcp, udp }} snat to {nat_to}
-    oifname "{cfg.outside_if}" ip saddr {cfg.inside_subnet} meta l4proto icmp snat to {nat_to}
+    oifname "{cfg.outside_if}" ip saddr {cfg.inside_subnet} meta l4proto {{ tcp, udp }} snat {nat_to}
+    oifname "{cfg.outside_if}" ip saddr {cfg.inside_subnet} meta l4proto icmp snat {nat_to}
   }}
 }}
 """
@@ -300,8 +354,10 @@ class NatNode:
             ["ip", "addr", "replace", c.inside_address, "dev", c.inside_if],
             ["ip", "addr", "replace", c.outside_address, "dev", c.outside_if],
         ]
-        if not c.public_is_outside:
-            steps.append(["ip", "addr", "replace", f"{c.public_address}/32", "dev", c.outside_if])
+        outside_ip = str(ipaddress.IPv4Interface(c.outside_address).ip)
+        for addr in c.public_addresses:
+            if addr != outside_ip:
+                steps.append(["ip", "addr", "replace", f"{addr}/32", "dev", c.outside_if])
         if c.mgmt_if is not None:
             steps.append(["ip", "addr", "replace", str(c.mgmt_address), "dev", c.mgmt_if])
             steps.append(["ip", "link", "set", c.mgmt_if, "up"])

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
+from .. import pool
 from ..errors import ProviderError
 from ..model import NatSession, SessionKey, format_key, index_by_key, table_digest
 
@@ -259,7 +260,8 @@ _TWICE = "appears twice in the batch"
 
 
 def _foreign(s: NatSession, owned: set[str]) -> str:
-    return f"translated_address {s.translated_address} is not an address of this node ({', '.join(sorted(owned)) or 'none'})"
+    return f"translated_address {s.translated_address} is not an address of this node ({pool.describe(owned)})"
+
 
 
 def _used(s: NatSession, other: SessionKey) -> str:

@@ -58,6 +58,7 @@ from natmig.controller.demo import AgentFleet, control_plane_priority, load_sess
 from natmig.controller.migrate import MigrateOptions, Migration
 from natmig.controller.steering import TestbedSteering
 from natmig.controller.traffic import LiveTraffic, TrafficSpec
+from natmig.testbed import topology
 from natmig.testbed.bed import Testbed
 
 from common import in_child, reset_peak_rss, vm_hwm_mb  # noqa: E402
@@ -92,7 +93,9 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path) -> dict:
     # texts take (hundreds of MB at 1M) must not be resident in this process,
     # the controller, when its peak RSS over the move is read.
     if n:
-        in_child(lambda: load_sessions(fleet.endpoint("nat1"), synthetic_sessions(n, tb.public_address, tb.topology.nats["nat1"].port_range)))
+        # Spread over nat1's public address pool and made-up servers, so a million fit (docs/testbed.md).
+        in_child(lambda: load_sessions(fleet.endpoint("nat1"), synthetic_sessions(
+            n, tb.topology.public_pool("nat1"), servers=tb.topology.spare_addresses("public", 16))))
     load_s = time.perf_counter() - t
     in_table = ct_count(tb, "nat1")
     floor = in_child(lambda: tool_floor(tb))
@@ -370,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ensure_conntrack_capacity(2 * max(sizes, default=0) + 65536)
     work = Path(tempfile.mkdtemp(prefix="natmig-bench-"))
-    tb = Testbed.from_file(None, prefix=netns.run_prefix("bm"))
+    # Two public addresses per NAT node (topologies/pool.toml): a table of 1,000,000 needs a pool.
+    tb = Testbed.from_file(topology.DEFAULT_TOPOLOGY.with_name("pool.toml"), prefix=netns.run_prefix("bm"))
     fleet = None
     rows = []
     try:

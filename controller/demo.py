@@ -27,11 +27,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator, Sequence, TextIO
 
-from .. import netns
+from .. import netns, pool
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession
+from ..pool import PublicRange
 from .inventory import AgentSpec, dump_toml, parse
 from .migrate import Endpoint, MigrateOptions, Migration, endpoint_from_spec
 from .report import MigrationReport, PhaseTiming, format_report, ms
@@ -93,10 +94,11 @@ class AgentFleet:
         ready = self.dir / f"{nat}.ready"
         ready.unlink(missing_ok=True)
         log = open(self.dir / f"{nat}-agent.log", "ab")
+        public = [arg for a in self.tb.public_addresses(nat) for arg in ("--public-address", a)]
         argv = [
             sys.executable, "-m", "natmig.cli", "agent", "--netns", self.tb.netns(nat),
             "--listen", f"{self.tb.mgmt_address(nat)}:{self.port}", "--provider", self.provider,
-            "--public-address", self.tb.public_address, "--host-key", str(self.host_key(nat)),
+            *public, "--host-key", str(self.host_key(nat)),
             "--passwords", str(self.passwords), "--authorized-keys", str(self.authorized_keys), "--ready-file", str(ready),
             # A restarted agent undoes what it had pending (an interrupted migration's confirmed commits).
             "--state-dir", str(self.dir / f"{nat}-state"),
@@ -142,8 +144,13 @@ class AgentFleet:
         return AgentSpec(
             name=nat, host=self.tb.mgmt_address(nat), port=self.port, username=USER,
             key=str(self.client_key), known_hosts=str(self.known_hosts),
-            public_address=self.tb.public_address, netns=self.tb.mgmt_netns,
+            public_address=self._public(nat), netns=self.tb.mgmt_netns,
         )
+
+    def _public(self, nat: str) -> str | list[str]:
+        """The inventory's public_address of ``nat``: its address, or its pool's as a list."""
+        addrs = self.tb.public_addresses(nat)
+        return addrs[0] if len(addrs) == 1 else addrs
 
     def endpoint(self, nat: str) -> Endpoint:
         """A migration endpoint for ``nat``; ``stop`` stops its agent."""
@@ -176,27 +183,66 @@ class AgentFleet:
             self.stop(nat)
 
 
-def synthetic_sessions(n: int, public: str, nat_ports: tuple[int, int], server: str = "203.0.113.200") -> list[NatSession]:
+#: Made-up inside hosts are 10.0.0.100 and up, 50,000 source ports each.
+_FIRST_HOST, _LAST_HOST, _PORTS_PER_HOST = 100, 254, 50_000
+
+
+def synthetic_sessions(
+    n: int,
+    public: str | Sequence[PublicRange],
+    nat_ports: tuple[int, int] | None = None,
+    servers: Sequence[str] = ("203.0.113.200",),
+) -> list[NatSession]:
     """``n`` established sessions of made-up inside hosts, for a table to move.
 
-    Their public ports lie outside the NAT's own range, so they never collide
-    with a mapping the NAT gives live traffic; TCP and UDP alternate so that
-    up to ~110,000 fit on one public address.
+    ``public`` is the NAT's public address with ``nat_ports`` its port range,
+    or its pool (each address with its ranges).  The sessions' public ports
+    lie outside the NAT's own ranges of their address, so they never collide
+    with a mapping the NAT gives live traffic.  They are spread over the
+    pool's addresses in turn, TCP and UDP alternate, and a public port is
+    used again towards the next of ``servers`` once every free port of every
+    address is taken, as Linux SNAT reuses a public port across destinations:
+    2 x (free ports of the pool) x (servers) fit, ~109,000 per address and server
+    beside a 10,000-port range.
     """
-    lo, hi = nat_ports
-    free = [p for p in range(1024, 65536) if not lo <= p <= hi]
-    if n > 2 * len(free):
-        raise ControllerError(f"--sessions {n}: at most {2 * len(free)} synthetic sessions fit beside the NAT's port range")
+    if isinstance(public, str):
+        if nat_ports is None:
+            raise ControllerError("synthetic sessions: give the NAT's port range with its public address")
+        public = (PublicRange(public, nat_ports),)
+    entries = pool.check("synthetic sessions: pool", list(public))
+    if not servers:
+        raise ControllerError("synthetic sessions: no server address to open them towards")
+    slots = _free_slots(entries)
+    fit = 2 * len(slots) * len(servers)
+    most_inside = 2 * (_LAST_HOST - _FIRST_HOST + 1) * _PORTS_PER_HOST
+    if n > min(fit, most_inside):
+        raise ControllerError(
+            f"--sessions {n}: at most {min(fit, most_inside)} synthetic sessions fit beside the NAT's port ranges "
+            f"({len(pool.addresses(entries))} public address(es), {len(slots)} free public ports in all, "
+            f"{len(servers)} server(s), TCP and UDP); give the NAT a larger pool or the sessions more servers")
     out = []
     for i in range(n):
         proto = "TCP" if i % 2 == 0 else "UDP"
         j = i // 2
-        host = 100 + j // 50000
+        addr, port = slots[j % len(slots)]
         out.append(NatSession(
-            proto, f"10.0.0.{host}", 1024 + j % 50000, server, 443, public, free[j],
+            proto, f"10.0.0.{_FIRST_HOST + j // _PORTS_PER_HOST}", 1024 + j % _PORTS_PER_HOST,
+            servers[j // len(slots)], 443, addr, port,
             "ESTABLISHED" if proto == "TCP" else None, 900, True,
         ))
     return out
+
+
+def _free_slots(entries: Sequence[PublicRange]) -> list[tuple[str, int]]:
+    """Every (address, port) of the pool outside the NAT's own ranges, ports 1024 and up, the addresses taking turns."""
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for e in entries:
+        ranges.setdefault(e.address, []).append(e.ports)
+    free = {a: [p for p in range(1024, 65536) if not any(lo <= p <= hi for lo, hi in rs)] for a, rs in ranges.items()}
+    slots: list[tuple[str, int]] = []
+    for k in range(max(map(len, free.values()))):
+        slots += [(a, ports[k]) for a, ports in free.items() if k < len(ports)]
+    return slots
 
 
 def load_sessions(ep: Endpoint, sessions: list[NatSession], chunk: int = 50_000) -> None:
@@ -326,7 +372,7 @@ class Demo:
             self.say(f"      live traffic: {o.tcp} TCP connections + {o.udp} UDP flows, one message every {ms(o.interval)} each"
                      + (f", {o.churn:g} new connections/s" if o.churn else ""))
             if o.sessions:
-                extra = synthetic_sessions(o.sessions, tb.public_address, tb.topology.nats[src].port_range)
+                extra = synthetic_sessions(o.sessions, tb.topology.public_pool(src), servers=tb.topology.spare_addresses("public", 16))
                 load_sessions(fleet.endpoint(src), extra)
             time.sleep(o.before)
             n_src = len(_read_table(fleet.endpoint(src)))

@@ -8,7 +8,8 @@ Example (TOML; the YAML form has the same structure)::
     username = "natmig"
     password_file = "/etc/natmig/nat1.pw"   # or password = "...", or key = "/path/id_ed25519"
     known_hosts = "/etc/natmig/known_hosts" # host keys are always checked
-    public_address = "203.0.113.1"          # optional: checked in preflight
+    public_address = "203.0.113.1"          # optional: checked in preflight; a pool is a list
+                                            # of addresses and ranges: ["203.0.113.1-203.0.113.4"]
 
     [agents.nat2]
     host = "192.0.2.12"
@@ -52,6 +53,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from .. import pool
 from ..errors import EXIT_USAGE, ControllerError
 from .plan import NatPorts, SwitchLayout
 
@@ -78,9 +80,22 @@ class AgentSpec:
     password_file: str | None = None
     key: str | None = None
     known_hosts: str | None = None
-    public_address: str | None = None
+    #: an address, or a pool as a list of addresses and ranges FIRST-LAST (see :attr:`public_addresses`)
+    public_address: str | list[str] | None = None
     stop_command: list[str] | None = None
     netns: str | None = None
+
+    @property
+    def public_addresses(self) -> set[str] | None:
+        """Every address of ``public_address`` (ranges expanded); None when the inventory does not say."""
+        if self.public_address is None:
+            return None
+        items = [self.public_address] if isinstance(self.public_address, str) else self.public_address
+        out: set[str] = set()
+        for i, item in enumerate(items):
+            where = f"agents.{self.name}.public_address" + (f"[{i}]" if not isinstance(self.public_address, str) else "")
+            out.update(_public_entry(where, item))
+        return out
 
     def secret(self) -> str | None:
         """The password (read from ``password_file`` when that is given)."""
@@ -164,6 +179,32 @@ def _ip(where: str, v: Any) -> str:
     return v
 
 
+def _public_entry(where: str, v: Any) -> list[str]:
+    """One address (IPv4 or IPv6), or an IPv4 range FIRST-LAST of a pool, as the addresses it names."""
+    if isinstance(v, str) and "-" in v:
+        try:
+            return pool.parse_addresses(where, v)
+        except pool.PoolError as e:
+            raise InventoryError(str(e)) from None
+    return [_ip(where, v)]
+
+
+def _public(where: str, v: Any) -> str | list[str]:
+    """An address, or a pool: a non-empty list of addresses and ranges whose addresses do not overlap."""
+    if isinstance(v, str):
+        _public_entry(where, v)
+        return v
+    if not isinstance(v, list) or not v:
+        raise InventoryError(f"{where}: {v!r} is not an address or a non-empty list of addresses and ranges (a pool)")
+    seen: dict[str, int] = {}
+    for i, item in enumerate(v):
+        for a in _public_entry(f"{where}[{i}]", item):
+            if a in seen:
+                raise InventoryError(f"{where}[{i}]: {a} is also in entry [{seen[a]}]; a pool's addresses must not overlap")
+            seen[a] = i
+    return list(v)
+
+
 def _host(where: str, v: Any) -> str:
     # A host is an IP address or a name; names are resolved by SSH.
     return _str(where, v)
@@ -199,7 +240,7 @@ AGENT_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
     "password_file": (_str, False),
     "key": (_str, False),
     "known_hosts": (_str, False),
-    "public_address": (_ip, False),
+    "public_address": (_public, False),
     "stop_command": (_argv, False),
     "netns": (_str, False),
 }

@@ -1024,5 +1024,4 @@ def endpoint_from_spec(spec: Any, timeout: float = 30.0) -> Endpoint:
                 netns.run(spec.stop_command)
             except netns.CommandError as e:
                 raise ControllerError(f"stopping {spec.name}: {e}") from e
-    public = {spec.public_address} if spec.public_address else None
-    return Endpoint(spec.name, open_node, public=public, stop=stop)
+    return Endpoint(spec.name, open_node, public=spec.public_addresses, stop=stop)

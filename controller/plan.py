@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
 
+from .. import pool
 from ..errors import ControllerError
 from ..model import NatSession, SessionKey, format_key
 
@@ -99,7 +100,7 @@ def foreign_addresses(source_public: set[str], target_public: set[str] | None) -
     """A conflict for each translated address of the source the target does not own (none when that is unknown)."""
     if target_public is None:
         return []
-    owned = ", ".join(sorted(target_public)) or "none"
+    owned = pool.describe(target_public)
     return [Conflict(("*", addr, 0, "*", 0), f"source translates to {addr}, which the target does not own ({owned})")
             for addr in sorted(source_public - set(target_public))]
 

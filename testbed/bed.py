@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from .. import netns
+from .. import netns, pool
 from ..agent.natnode import NatNode, NatNodeConfig
 from ..errors import NatmigError, TestbedError
 from ..ofctl import PortStats
@@ -160,6 +160,11 @@ class Testbed:
         """The public address sessions are translated to (shared by every NAT node)."""
         return self.topology.public_address
 
+    def public_addresses(self, nat: str) -> list[str]:
+        """The addresses of NAT node ``nat``'s public pool (its agent's --public-address)."""
+        self._nat(nat)
+        return pool.addresses(self.topology.public_pool(nat))
+
     @property
     def controller_address(self) -> str:
         """The controller's address on the management network (in :attr:`mgmt_netns`)."""
@@ -193,6 +198,7 @@ class Testbed:
             public_address=str(public.gateway),
             inside_subnet=str(inside.subnet),
             port_range=n.port_range,
+            pool=n.pool,
             inside_mac=inside.gateway_mac,
             outside_mac=public.gateway_mac,
             mgmt_if=NAT_MGMT_IF,

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import pool as public_pool
 from ..errors import EXIT_USAGE, TestbedError
+from ..pool import PublicRange
 
 DEFAULT_TOPOLOGY = Path(__file__).parent / "topologies" / "demo.toml"
 
@@ -74,11 +76,17 @@ class Host:
 
 @dataclass(frozen=True)
 class Nat:
-    """A NAT node: inside and public legs on the data networks, a management address, a port range."""
+    """A NAT node: inside and public legs on the data networks, a management address, a port range.
+
+    ``pool`` is its public address pool when the file declares one (each
+    address on the public network, ports defaulting to ``port_range``);
+    empty, the node translates to the public gateway with ``port_range``.
+    """
 
     name: str
     mgmt_address: ipaddress.IPv4Address
     port_range: tuple[int, int]
+    pool: tuple[PublicRange, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,24 @@ class Topology:
     def public_address(self) -> str:
         """The address sessions are translated to (the shared public gateway)."""
         return str(self.networks["public"].gateway)
+
+    def public_pool(self, nat: str) -> tuple[PublicRange, ...]:
+        """The public address pool of NAT node ``nat``: its declared pool, or the public gateway with its ports."""
+        n = self.nats[nat]
+        return n.pool or (PublicRange(self.public_address, n.port_range),)
+
+    def spare_addresses(self, network: str, count: int, start: int = 200) -> list[str]:
+        """Up to ``count`` addresses of ``network`` that no host, gateway or pool uses, from host number ``start`` up.
+
+        For made-up peers (the synthetic sessions' servers): nothing answers
+        there, and nothing of the testbed is mistaken for them.
+        """
+        net = self.networks[network].subnet
+        taken = {str(self.networks[network].gateway), *(str(h.address) for h in self.hosts.values())}
+        taken |= {e.address for n in self.nats.values() for e in n.pool}
+        hosts = list(net.hosts())
+        order = hosts[start - 1:] + hosts[:start - 1]
+        return [str(a) for a in order if str(a) not in taken][:count]
 
     def hosts_on(self, network: str) -> list[Host]:
         """The hosts linked to a data network, in file order."""
@@ -199,6 +225,32 @@ def _check_in(ck: _Checker, where: str, addr: ipaddress.IPv4Address | None, net:
         ck.bad(where, f"{addr} is the network or broadcast address of {net}")
 
 
+def _pool(
+    ck: _Checker, raw: dict[str, Any], where: str, ports: tuple[int, int] | None,
+    public: Network | None, taken: dict[ipaddress.IPv4Address, str],
+) -> tuple[PublicRange, ...]:
+    """A NAT's ``pool`` (a list of ``ADDRESS[-LAST][:LOW-HIGH]``, natmig.pool), each address usable on the public network."""
+    if "pool" not in raw:
+        return ()
+    value = raw["pool"]
+    if not isinstance(value, list) or not value:
+        ck.bad(where, f"{value!r} is not a non-empty list of entries like \"203.0.113.2:20000-29999\"")
+        return ()
+    try:
+        pool = public_pool.parse(where, value, ports)
+    except public_pool.PoolError as err:
+        ck.problems.append(str(err))
+        return ()
+    for e in pool:
+        a = ipaddress.IPv4Address(e.address)
+        if public is not None:
+            # Servers reach a pool address on their own link: it must be on it.
+            _check_in(ck, where, a, public.subnet, "networks.public.subnet")
+        if a in taken and a != (public.gateway if public else None):
+            ck.bad(where, f"{a} is already used by {taken[a]}")
+    return pool
+
+
 def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topology:
     """Validate a decoded topology document; :class:`TopologyError` lists every problem."""
     ck = _Checker()
@@ -287,9 +339,10 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
         if not isinstance(raw, dict):
             ck.bad(where, f"must be a table, not {type(raw).__name__}")
             continue
-        ck.keys(raw, {"management", "ports"}, where)
+        ck.keys(raw, {"management", "ports", "pool"}, where)
         maddr = ck.field(raw, "management", f"{where}.management", _address, "an IPv4 address")
         ports = ck.field(raw, "ports", f"{where}.ports", _port_range, "a port range like \"20000-29999\"")
+        pool = _pool(ck, raw, f"{where}.pool", ports, networks.get("public"), taken)
         if mgmt is not None:
             _check_in(ck, f"{where}.management", maddr, mgmt.subnet, "management.subnet")
         if maddr is not None and maddr in mgmt_taken:
@@ -297,7 +350,7 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
         elif maddr is not None:
             mgmt_taken[maddr] = f"{where}.management"
         if maddr is not None and ports is not None:
-            nats[nat_name] = Nat(nat_name, maddr, ports)
+            nats[nat_name] = Nat(nat_name, maddr, ports, pool)
     if not raw_nats and "nats" in doc:
         ck.bad("nats", "no NAT node (at least one is needed)")
 

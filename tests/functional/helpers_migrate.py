@@ -13,10 +13,10 @@ from natmig.testbed.bed import Testbed, leftovers
 
 
 @contextmanager
-def bed(tmp_path: Any, tag: str) -> Iterator[tuple[Testbed, AgentFleet]]:
-    """A testbed with both agents running (nat1 active), torn down afterwards, also on failure."""
+def bed(tmp_path: Any, tag: str, topology: Any = None) -> Iterator[tuple[Testbed, AgentFleet]]:
+    """A testbed (of ``topology``, default the demo's) with both agents running (nat1 active), torn down afterwards, also on failure."""
     ensure_conntrack_capacity(200_000)
-    tb = Testbed.from_file(None, prefix=netns.run_prefix(tag))
+    tb = Testbed.from_file(topology, prefix=netns.run_prefix(tag))
     fleet = None
     try:
         tb.up()

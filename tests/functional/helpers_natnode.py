@@ -25,6 +25,7 @@ from typing import Iterator
 
 from natmig import netns
 from natmig.agent.natnode import NatNode, NatNodeConfig
+from natmig.pool import PublicRange
 
 FLOWS = Path(__file__).with_name("flows_natnode.py")
 CLIENT_IP = "10.0.0.2"
@@ -42,6 +43,8 @@ class TwoNatNet:
     nats: dict[str, NatNode] = field(default_factory=dict)
     procs: list[subprocess.Popen] = field(default_factory=list)
     attached: str | None = None
+    #: the NAT nodes' public address pool (empty: PUBLIC_IP with ports 20000-29999)
+    pool: tuple[PublicRange, ...] = ()
 
     @property
     def client(self) -> str:
@@ -83,7 +86,7 @@ class TwoNatNet:
                 name=self.prefix + "nat" + n, inside_if="inside0", outside_if="outside0",
                 inside_address="10.0.0.1/24", outside_address=f"{PUBLIC_IP}/24", public_address=PUBLIC_IP,
                 inside_subnet="10.0.0.0/24", port_range=(20000, 29999),
-                inside_mac=GATEWAY_MAC, outside_mac=PUBLIC_MAC,
+                inside_mac=GATEWAY_MAC, outside_mac=PUBLIC_MAC, pool=self.pool,
             )
             node = NatNode(cfg)
             self.nats[n] = node
@@ -151,9 +154,9 @@ def wait_replies(p: subprocess.Popen, seconds: float) -> None:
 
 
 @contextmanager
-def built(tag: str, nats: tuple[str, ...] | None = None) -> Iterator[TwoNatNet]:
+def built(tag: str, nats: tuple[str, ...] | None = None, pool: tuple[PublicRange, ...] = ()) -> Iterator[TwoNatNet]:
     """A TwoNatNet with the given NAT nodes (all when None), always torn down; the teardown must leave no namespace."""
-    n = TwoNatNet(netns.run_prefix(tag))
+    n = TwoNatNet(netns.run_prefix(tag), pool=pool)
     try:
         if nats is None:
             n.build()
