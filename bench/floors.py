@@ -65,7 +65,8 @@ def conntrackd_floor(tb: Testbed, entries: int) -> tuple[dict[str, Any] | None, 
     """conntrackd between nat1 and nat2: (figures, None), or (None, why it could not run).
 
     Started after the table is loaded, each daemon reads its own kernel's
-    table (``startup``: until nat1's daemon holds ``entries``); ``sync`` is
+    table (``startup``: the sync veth, both daemons, until nat1's daemon
+    holds ``entries``; a running peer has done it long before); ``sync`` is
     a bulk from nat1's daemon (``conntrackd -B``) until nat2's external cache
     holds ``entries``: what its sync needs to bring the table over.  Then
     from "sync complete" to "committed and switched": ``commit``
@@ -78,8 +79,10 @@ def conntrackd_floor(tb: Testbed, entries: int) -> tuple[dict[str, Any] | None, 
         return None, "conntrackd is not installed (make system installs it)"
     pair = ConntrackdPair(tb.netns("nat1"), tb.netns("nat2"), tb.home / "conntrackd", ignore=(str(tb.topology.management.subnet),))
     try:
+        t0 = time.perf_counter()
         with pair:
-            startup = pair.wait_internal("a", entries, timeout=600)
+            pair.wait_internal("a", entries, timeout=600)
+            startup = time.perf_counter() - t0
             sync = pair.sync(entries, timeout=600)
             commit, committed, logged = pair.commit(timeout=600)
             t = time.perf_counter()
