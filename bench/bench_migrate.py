@@ -53,6 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from natmig import netns
+from natmig.errors import NatmigError
 from natmig.netns import ensure_conntrack_capacity
 from natmig.controller.demo import AgentFleet, control_plane_priority, load_sessions, synthetic_sessions
 from natmig.controller.migrate import MigrateOptions, Migration
@@ -377,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     tb = Testbed.from_file(topology.DEFAULT_TOPOLOGY.with_name("pool.toml"), prefix=netns.run_prefix("bm"))
     fleet = None
     rows = []
+    failed = None
     try:
         tb.up()
         fleet = AgentFleet(tb, work / "agents")
@@ -384,12 +386,22 @@ def main(argv: list[str] | None = None) -> int:
         fleet.start("nat2")
         for n in sizes:
             print(f"== {n} sessions", flush=True)
-            rows.append(measure(tb, fleet, n, work))
+            try:
+                rows.append(measure(tb, fleet, n, work))
+            except (NatmigError, RuntimeError) as e:  # RuntimeError: what failed in a child (in_child)
+                failed = f"{n} sessions: {e}"
+                break
+    except NatmigError as e:
+        failed = f"testbed or agents: {e}"
     finally:
         if fleet is not None:
             fleet.close()
         tb.down()
         shutil.rmtree(work, ignore_errors=True)
+    if failed:
+        print(f"bench_migrate: stopped at {failed}")
+        if not rows:
+            return 1
     if a.merge:
         rows = merged(out / "bench_migrate.json", rows)
     print_table(rows)
@@ -399,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     missed = check_targets(rows)
     for m in missed:
         print(f"TARGET MISSED: {m}")
-    return 1 if missed else 0
+    return 1 if missed or failed else 0
 
 
 if __name__ == "__main__":
