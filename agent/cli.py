@@ -148,10 +148,32 @@ def _firewall(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
     return StateAgent(cfg, module, FirewallProvider(module, node))
 
 
+def _chain(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
+    """The agent of a chained node (firewall then NAT, one conntrack table): fw-state and nat-session over one provider."""
+    from ..schema import YANG_DIR
+    from ..statemodel import load_module
+    from .chainprovider import ChainProvider
+    from .fwnode import FwNode, FwNodeConfig
+    from .stateagent import StateAgent
+
+    if not args.netns:
+        raise AgentError("--provider chain needs --netns (the chained node's namespace)")
+    node = FwNode(FwNodeConfig(name=args.netns, inside_if=args.inside_if, outside_if=args.outside_if))
+    netns.sysctl(args.netns, "net.netfilter.nf_conntrack_events", 1)
+    if not node.admission():
+        log.warning("chained node %s: admission is closed; holding new connections until it opens", args.netns)
+        node.set_admission(False)
+    fw, nat = load_module(YANG_DIR / "fw-state.yang"), load_module(YANG_DIR / "nat-session.yang")
+    # One store over both modules: a commit hands the provider both lists' changes at once.
+    return StateAgent(cfg, [fw, nat], ChainProvider(fw, nat, node))
+
+
 def _agent(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
     """The NAT agent over its provider, or, with --module, the agent of that state module."""
     if args.provider == "firewall":
         return _firewall(args, cfg)
+    if args.provider == "chain":
+        return _chain(args, cfg)
     if args.module is None:
         return Agent(cfg, PROVIDERS[args.provider](args), default_codec())
     if args.provider != "memory":
@@ -268,8 +290,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--call-home", action="append", type=_call_home_target, metavar="HOST[:PORT]",
                    help="dial this controller (RFC 8071 call home, port 4334 by default) and keep dialling with a backoff; repeatable")
     p.add_argument("--netns", metavar="NAME", help="network namespace of the NAT node to run in")
-    p.add_argument("--provider", choices=sorted([*PROVIDERS, "firewall"]), default="conntrack",
-                   help="where the session table lives (memory: protocol tests and demos; firewall: a firewall node's fw-state)")
+    p.add_argument("--provider", choices=sorted([*PROVIDERS, "firewall", "chain"]), default="conntrack",
+                   help="where the session table lives (memory: protocol tests and demos; firewall: a firewall node's fw-state; "
+                   "chain: a firewall then a NAT in one namespace, fw-state and nat-session over one table)")
     p.add_argument("--module", metavar="FILE.yang", help="serve the state lists of this YANG module from memory, with natmig-state "
                    "(needs --provider memory): an agent of any network function's state, for the migration engine")
     p.add_argument("--public-address", action="append", type=_public_address, metavar="A[-B]",

@@ -65,7 +65,7 @@ from . import ctread, cttext
 from .natnode import NatNode
 from .ctbatch import ApplyPlan, DEFAULT_TIMEOUT_SYSCTL, held_elsewhere, invalid_entries, invalid_keys, plan_apply, timeout_key, validate
 from .ctdigest import LiveDigest, WriteLog
-from .provider import ApplyError, SessionEvent, SessionProvider, Snapshot, Watch, check_batch, check_batch_by_holders
+from .provider import ApplyError, SessionEvent, SessionProvider, Snapshot, Watch, as_written, check_batch, check_batch_by_holders
 
 __all__ = ["ApplyPlan", "ConntrackProvider", "invalid_entries", "plan_apply", "validate"]
 
@@ -422,8 +422,8 @@ class ConntrackProvider(SessionProvider):
         return holders, taken
 
     def apply(self, sessions: Sequence[NatSession]) -> None:
-        """Create or replace a batch, all or nothing (see the module docstring)."""
-        batch = list(sessions)
+        """Create or replace a batch, all or nothing (see the module docstring); handshake states are written as ESTABLISHED (:func:`as_written`)."""
+        batch = list(as_written(sessions))
         with self._lock, gc_paused():
             if self._reads_by_key(len(batch)):
                 self._apply_by_key(batch)

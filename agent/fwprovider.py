@@ -359,6 +359,10 @@ class FirewallProvider(StateProvider):
             self._thread = threading.Thread(target=self._follow, name=f"fw-events-{self.netns}", daemon=True)
             self._thread.start()
 
+    def _session_events(self, event: str, s: NatSession) -> list[tuple[StateList, str, Entry]]:
+        """What one kernel entry created or destroyed is to the module's lists: one session."""
+        return [(self.sessions, event, self._entry(s))]
+
     def _emit(self, lst: StateList, event: str, entry: Entry) -> None:
         try:
             self._on_change(lst, event, entry)
@@ -378,7 +382,8 @@ class FirewallProvider(StateProvider):
                     for kind, attrs in got:
                         s = self._is_session(attrs)
                         if s is not None:
-                            self._emit(self.sessions, "created" if kind == NEW else "deleted", self._entry(s))
+                            for change in self._session_events("created" if kind == NEW else "deleted", s):
+                                self._emit(*change)
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + POLL_INTERVAL
                     self._poll_blocked()

@@ -15,6 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 from xml.sax.saxutils import escape
 
 import pyang
@@ -99,8 +100,16 @@ class Catalog:
     @classmethod
     def for_module(cls, module: StateModule, common: StateModule, optional_capabilities: list[str]) -> "Catalog":
         """A state agent's catalog: its state module, natmig-state, and every module they import."""
-        own = [SchemaEntry(m.name, m.revision, m.namespace, m.texts[m.name]) for m in (module, common)]
-        served = [SchemaEntry(n, *_revision_and_ns(t), t) for m in (module, common) for n, t in m.texts.items() if n != m.name]
+        return cls.for_modules([module], common, optional_capabilities)
+
+    @classmethod
+    def for_modules(cls, modules: Sequence[StateModule], common: StateModule, optional_capabilities: list[str]) -> "Catalog":
+        """A state agent's catalog: its state modules, natmig-state, and every module they import (each once)."""
+        mods = [*modules, common]
+        names = {m.name for m in mods}
+        own = [SchemaEntry(m.name, m.revision, m.namespace, m.texts[m.name]) for m in mods]
+        imported = {n: t for m in mods for n, t in m.texts.items() if n not in names}
+        served = [SchemaEntry(n, *_revision_and_ns(t), t) for n, t in imported.items()]
         return cls(own, served, optional_capabilities)
 
     def find(self, identifier: str, version: str | None) -> list[SchemaEntry]:

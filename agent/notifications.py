@@ -1,4 +1,7 @@
-"""RFC 5277 event notifications: nat-session-event for every session created or destroyed.
+"""RFC 5277 event notifications: nat-session-event for every session created or destroyed, and natmig-state's state-change.
+
+A subscription's subtree filter selects either form or both (no filter: both);
+the NAT's own migration follows nat-session-event, the generic engine state-change.
 
 One provider watch is shared by all subscribed NETCONF sessions (one netlink
 event socket however many controllers listen); it starts with the first
@@ -16,6 +19,8 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from ..codec import Codec
+from ..statemodel import COMMON_NS
+from ..statewire import CHANGE, change_body
 from .provider import SessionProvider, Watch
 
 log = logging.getLogger(__name__)
@@ -26,6 +31,8 @@ INTERLEAVE_CAPABILITY = "urn:ietf:params:netconf:capability:interleave:1.0"
 STREAMS = ("NETCONF",)
 #: provider event kind -> the module's event enum.
 EVENT_NAMES = {"new": "created", "destroy": "destroyed"}
+#: The same events in natmig-state's state-change (what the generic engine follows).
+CHANGE_NAMES = {"new": "created", "destroy": "deleted"}
 
 Deliver = Callable[[bytes], None]
 
@@ -41,16 +48,20 @@ def wrap_notification(body: bytes, when: datetime | None = None) -> bytes:
 
 
 class Fanout:
-    """Sessions subscribed to stream NETCONF, and one notification sent to all of them."""
+    """Sessions subscribed to stream NETCONF, and one notification sent to those whose filter selects it."""
+
+    #: (namespace, name) of the notifications this hub sends: what a subscription's filter may select.
+    notifications: frozenset[tuple[str, str]] = frozenset()
 
     def __init__(self) -> None:
-        self._subs: dict[int, Deliver] = {}
+        self._subs: dict[int, tuple[Deliver, frozenset[tuple[str, str]] | None]] = {}
         self._mutex = threading.Lock()
         self.sent = 0
 
-    def subscribe(self, sid: int, deliver: Deliver) -> None:
+    def subscribe(self, sid: int, deliver: Deliver, select: frozenset[tuple[str, str]] | None = None) -> None:
+        """Send to ``deliver`` the notifications ``select`` names (None: every one)."""
         with self._mutex:
-            self._subs[sid] = deliver
+            self._subs[sid] = (deliver, select)
 
     def subscribed(self, sid: int) -> bool:
         return sid in self._subs
@@ -63,10 +74,11 @@ class Fanout:
         with self._mutex:
             self._subs.clear()
 
-    def send(self, body: bytes) -> None:
-        """Wrap ``body`` in a <notification> and deliver it to every subscriber."""
+    def send(self, body: bytes, which: tuple[str, str]) -> None:
+        """Wrap ``body`` (the notification ``which``: namespace, name) in a <notification> and deliver it to every
+        subscriber that selected it."""
         with self._mutex:
-            targets = list(self._subs.values())
+            targets = [d for d, select in self._subs.values() if select is None or which in select]
         if not targets:
             return
         msg = wrap_notification(body)
@@ -84,16 +96,17 @@ class NotificationHub:
     def __init__(self, provider: SessionProvider, codec: Codec) -> None:
         self.provider = provider
         self.codec = codec
-        self._subs: dict[int, Deliver] = {}
+        self.notifications = frozenset({(codec.ns, "nat-session-event"), (COMMON_NS, CHANGE)})
+        self._subs: dict[int, tuple[Deliver, frozenset[tuple[str, str]]]] = {}
         self._mutex = threading.Lock()
         self._watch: Watch | None = None
         self._thread: threading.Thread | None = None
         self.sent = 0
 
-    def subscribe(self, sid: int, deliver: Deliver) -> None:
-        """Start sending events to ``deliver`` for session ``sid``."""
+    def subscribe(self, sid: int, deliver: Deliver, select: "frozenset[tuple[str, str]] | None" = None) -> None:
+        """Start sending events to ``deliver`` for session ``sid``: as nat-session-event, state-change, or both (``select``)."""
         with self._mutex:
-            self._subs[sid] = deliver
+            self._subs[sid] = (deliver, self.notifications if select is None else select)
             if self._watch is None:
                 # Opened here, before the create-subscription reply leaves, so
                 # no event after the reply is missed.
@@ -136,16 +149,24 @@ class NotificationHub:
             name = EVENT_NAMES.get(ev.kind)
             if name is None:
                 continue
-            try:
-                msg = wrap_notification(self.codec.encode_event_xml(name, ev.session))
-            except Exception as e:  # one odd event must not end the stream
-                log.error("cannot encode %s event of %s: %s", name, ev.session, e)
-                continue
             with self._mutex:
                 targets = list(self._subs.values())
-            for deliver in targets:
-                try:
-                    deliver(msg)
-                    self.sent += 1
-                except Exception as e:  # one broken subscriber must not stop the others
-                    log.warning("notification not delivered: %s", e)
+            msgs: dict[tuple[str, str], bytes | None] = {}  # each form encoded once, only when a subscriber wants it
+            for deliver, select in targets:
+                for which in select:
+                    if which not in msgs:
+                        try:
+                            msgs[which] = wrap_notification(self.codec.encode_event_xml(name, ev.session) if which[1] != CHANGE
+                                                            else change_body(self.codec.json_name, CHANGE_NAMES[ev.kind],
+                                                                             self.codec.encode_xml([ev.session], root=None).decode()).encode())
+                        except Exception as e:  # one odd event must not end the stream
+                            log.error("cannot encode %s event of %s: %s", name, ev.session, e)
+                            msgs[which] = None
+                    msg = msgs[which]
+                    if msg is None:
+                        continue
+                    try:
+                        deliver(msg)
+                        self.sent += 1
+                    except Exception as e:  # one broken subscriber must not stop the others
+                        log.warning("notification not delivered: %s", e)

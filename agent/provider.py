@@ -12,7 +12,7 @@ import builtins  # builtins.list in signatures: the class's own list() method sh
 import abc
 import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
@@ -176,6 +176,28 @@ class Watch(abc.ABC):
 
 
 _TRANSLATED = attrgetter("translated_address")
+
+
+#: TCP states of a connection still in its handshake.
+HANDSHAKE_STATES = frozenset({"SYN_SENT", "SYN_RECV", "SYN_SENT2"})
+
+
+def as_written(sessions: Sequence[NatSession]) -> Sequence[NatSession]:
+    """Sessions as the node writes them into its table: handshake states become ESTABLISHED.
+
+    A state written here was read on another node a moment ago: a connection
+    seen in SYN_SENT completes its handshake through that node before traffic
+    moves.  Recreated in SYN_SENT, its next data packets are invalid for the
+    kernel's TCP state machine (an ACK from the inside in SYN_SENT) and are
+    dropped or leave untranslated until the connection stalls out.
+    ESTABLISHED accepts both the rest of the handshake (a late SYN-ACK is
+    ignored, not refused) and the data; the entry's own timeout is kept.
+    This is the node's business, not the writer's: any controller, the
+    generic engine too, writes what it read.
+    """
+    if not any(s.tcp_state in HANDSHAKE_STATES for s in sessions):
+        return sessions
+    return [replace(s, tcp_state="ESTABLISHED") if s.tcp_state in HANDSHAKE_STATES else s for s in sessions]
 
 
 def check_batch(
@@ -400,6 +422,7 @@ class MemoryProvider(SessionProvider):
         return check_batch_by_holders(sessions, holders, self.owned, freed)
 
     def apply(self, sessions: Sequence[NatSession]) -> None:
+        sessions = as_written(sessions)
         with self._lock:
             problems = self._check(sessions)
             if problems:

@@ -845,6 +845,36 @@ def op_get_schema(server: Server, sess: SessionState, op: Any) -> bytes:
     return f'<data xmlns="{MONITORING_NS}">{escape(found[0].text)}</data>'.encode()
 
 
+def _notification_filter(offered: frozenset[tuple[str, str]], flt: Any) -> frozenset[tuple[str, str]] | None:
+    """A create-subscription's subtree filter (RFC 5277 3.6): which of the notifications the agent sends it selects.
+
+    Only whole notifications are selected (a top-level element, no content
+    match): that is what a controller asks, and what the hub can send without
+    evaluating each event against a tree.
+    """
+    if flt is None:
+        return None
+    if flt.get("type", "subtree") != "subtree":
+        raise refuse("operation-not-supported", "only subtree filters are supported (no :xpath capability)", type="protocol",
+                     info={"bad-attribute": "type", "bad-element": "filter"})
+    named = {n: ns for ns, n in offered}
+    chosen = set()
+    for c in flt:
+        if not isinstance(c.tag, str):
+            continue
+        q = etree.QName(c)
+        if (q.namespace, q.localname) not in offered:
+            raise refuse("invalid-value", f"the filter selects <{q.localname}> ({q.namespace}): this agent sends "
+                         + ", ".join(f"<{n}> ({ns})" for n, ns in sorted(named.items())), type="protocol", info={"bad-element": "filter"})
+        if len(c) or (c.text or "").strip():
+            raise refuse("operation-not-supported", f"the filter's <{q.localname}> has content: only whole notifications are selected",
+                         type="protocol", info={"bad-element": q.localname})
+        chosen.add((q.namespace, q.localname))
+    if not chosen:
+        raise refuse("invalid-value", "the filter selects no notification", type="protocol", info={"bad-element": "filter"})
+    return frozenset(chosen)
+
+
 def op_create_subscription(server: Server, sess: SessionState, op: Any) -> bytes:
     """<create-subscription> (RFC 5277) on stream NETCONF, without replay."""
     n = f"{{{NOTIFICATION_NS}}}"
@@ -852,7 +882,8 @@ def op_create_subscription(server: Server, sess: SessionState, op: Any) -> bytes
         if not isinstance(c.tag, str):
             continue
         q = etree.QName(c)
-        if q.namespace != NOTIFICATION_NS or q.localname not in ("stream", "filter", "startTime", "stopTime"):
+        # The filter in the base namespace too: ncclient sends it there (RFC 5277's schema puts it in the notification one).
+        if (q.namespace != NOTIFICATION_NS or q.localname not in ("stream", "filter", "startTime", "stopTime")) and c.tag != _NC + "filter":
             raise refuse("unknown-element", f"<create-subscription> takes no parameter <{q.localname}>", type="protocol", info={"bad-element": q.localname})
     stream = (op.findtext(n + "stream") or "NETCONF").strip()
     if stream not in STREAMS:
@@ -861,12 +892,12 @@ def op_create_subscription(server: Server, sess: SessionState, op: Any) -> bytes
         raise refuse("operation-failed", "replay is not supported (no :replay capability): startTime is not allowed", type="protocol", info={"bad-element": "startTime"})
     if op.find(n + "stopTime") is not None:
         raise refuse("bad-element", "stopTime without startTime", type="protocol", info={"bad-element": "stopTime"})
-    if op.find(n + "filter") is not None:
-        raise refuse("operation-not-supported", "notification filters are not supported: every nat-session-event is sent", type="protocol", info={"bad-element": "filter"})
+    flt = op.find(n + "filter")
+    select = _notification_filter(server.hub.notifications, flt if flt is not None else op.find(_NC + "filter"))
     if server.hub.subscribed(sess.sid):
         raise refuse("in-use", "this session already has a subscription", type="protocol")
     sess.subscribed = True
-    server.hub.subscribe(sess.sid, sess.deliver)
+    server.hub.subscribe(sess.sid, sess.deliver, select)
     log.info("%s subscribed to stream %s", sess.who, stream)
     return b"<ok/>"
 

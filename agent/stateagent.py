@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from xml.sax.saxutils import escape
 
 from lxml import etree
@@ -24,7 +24,7 @@ from natmig.codec import NETCONF_NS
 from natmig.errors import CodecError
 from natmig.schema import LeafValueError
 from natmig.statemodel import COMMON_NS, Entry, StateList, StateModule, common_module
-from natmig.statewire import CONTROL, STATISTICS, Config, Wire
+from natmig.statewire import CHANGE, CONTROL, STATISTICS, Config, Wire
 
 from . import rpc
 from .datastore import DEFAULT_OPERATIONS, ERROR_OPTIONS, TEST_OPTIONS, DatastoreError, Problem, problems_of_codec, refuse
@@ -43,10 +43,12 @@ _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=Fals
 class StateHub(Fanout):
     """state-change notifications of a state agent's running lists."""
 
+    notifications = frozenset({(COMMON_NS, CHANGE)})
+
     def publish(self, lst: StateList, event: str, entry: Entry) -> None:
         """One entry created or deleted on running (called with the store's lock held: keep it short)."""
         if self._subs:
-            self.send(Wire.change_xml(lst, event, entry).encode())
+            self.send(Wire.change_xml(lst, event, entry).encode(), (COMMON_NS, CHANGE))
 
 
 @dataclass
@@ -199,7 +201,7 @@ TABLE: dict[tuple[str, str], Callable[..., Any]] = {
 def _error_path(store: StateStore, pr: Problem) -> tuple[str, str]:
     """(XPath, namespace declarations) of a problem's entry and leaf, when it names one."""
     name, _, rest = pr.path.partition("[")
-    lst = next((l for l in store.module.lists if l.name == name), None)
+    lst = next((l for l in store.lists if l.name == name), None)
     if lst is None:
         return "", ""
     p = lst.prefix
@@ -232,14 +234,15 @@ def error_xml(store: StateStore, pr: Problem) -> str:
 
 
 class StateAgent(Agent):
-    """The agent of one state module, its running lists in ``provider`` (default: memory)."""
+    """The agent of one state module (or several over one provider), its running lists in ``provider`` (default: memory)."""
 
-    def __init__(self, config: AgentConfig, module: StateModule, provider: StateProvider | None = None) -> None:
-        self.module = module
+    def __init__(self, config: AgentConfig, module: StateModule | Sequence[StateModule], provider: StateProvider | None = None) -> None:
         self.store = StateStore(module, provider)
+        self.modules = self.store.modules
+        self.module = self.store.module
         hub = StateHub()
         self.store.on_change = hub.publish
-        self._serve(config, self.store, Catalog.for_module(module, common_module(), OPTIONAL_CAPABILITIES), hub)
+        self._serve(config, self.store, Catalog.for_modules(self.modules, common_module(), OPTIONAL_CAPABILITIES), hub)
 
     def error_reply(self, problems: list[Problem], attrs: str = "") -> bytes:
         body = "".join(error_xml(self.store, p) for p in problems)

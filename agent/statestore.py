@@ -17,10 +17,10 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from natmig.codec import _Errors
-from natmig.errors import CodecError
+from natmig.errors import CodecError, ProviderError
 from natmig.statemodel import Entry, Key, StateList, StateModule
 from natmig.statewire import Config, Wire
 
@@ -72,17 +72,25 @@ def _not_unique(lst: StateList, table: dict[Key, Entry]) -> list[Problem]:
 
 
 class StateStore:
-    """The datastores of one state module over its provider; thread-safe.
+    """The datastores of one or more state modules over their one provider; thread-safe.
 
     Entries created or deleted on running are reported by the provider
     (``provider.on_change``): the agent turns them into state-change
-    notifications.
+    notifications.  Several modules share one provider when their lists
+    are views of the same state (a chained node's one conntrack table): an
+    edit may touch lists of each, and a commit hands the provider all of
+    them in one change, so that it writes each kernel entry once.
     """
 
-    def __init__(self, module: StateModule, provider: StateProvider | None = None) -> None:
-        self.module = module
-        self.provider = provider or MemoryStateProvider(module)
-        self.wire = Wire(module.lists)
+    def __init__(self, module: StateModule | Sequence[StateModule], provider: StateProvider | None = None) -> None:
+        self.modules: tuple[StateModule, ...] = (module,) if isinstance(module, StateModule) else tuple(module)
+        self.module = self.modules[0]
+        #: every state list of every module, in module then schema order.
+        self.lists: tuple[StateList, ...] = tuple(l for m in self.modules for l in m.lists)
+        if provider is None and len(self.modules) != 1:
+            raise ProviderError("a StateStore of several modules needs the one provider that holds them all")
+        self.provider = provider or MemoryStateProvider(self.module)
+        self.wire = Wire(list(self.lists))
         self.describe: Callable[[int], str] = lambda sid: f"session {sid}"
         self._mutex = threading.RLock()
         #: the candidate (None: the same as running), and running as it was when the candidate was taken.
@@ -336,7 +344,7 @@ class StateStore:
         """<validate>: whether ``source`` or an inline config would be accepted (unique constraints)."""
         with self._mutex:
             if cfg is not None:
-                self._plan({lst: {} for lst in self.module.lists}, True, cfg, "replace")
+                self._plan({lst: {} for lst in self.lists}, True, cfg, "replace")
                 return
             self._check_name(source or "")
             tables = self._cand if source == "candidate" and self._cand is not None else self.provider.read()

@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from .. import netns, pool
 from ..errors import ControllerError, NatmigError
@@ -49,7 +49,8 @@ class AgentFleet:
     Agents are child processes of this one, stopped by their own pid.
     """
 
-    def __init__(self, tb: Any, workdir: str | Path, provider: str = "conntrack", port: int = AGENT_PORT, nice: int = 19) -> None:
+    def __init__(self, tb: Any, workdir: str | Path, provider: str = "conntrack", port: int = AGENT_PORT, nice: int = 19,
+                 call_home: str | None = None) -> None:
         from ..credentials import load_or_create_host_key, set_password
 
         self.tb = tb
@@ -58,6 +59,8 @@ class AgentFleet:
         self.provider = provider
         self.port = port
         self.nice = nice
+        #: HOST[:PORT] of a controller service the agents call home to (RFC 8071), or None.
+        self.call_home = call_home
         self.procs: dict[str, subprocess.Popen] = {}
         self.password = os.urandom(12).hex()
         self.passwords = self.dir / "agent-passwords"
@@ -94,7 +97,8 @@ class AgentFleet:
         ready = self.dir / f"{nat}.ready"
         ready.unlink(missing_ok=True)
         log = open(self.dir / f"{nat}-agent.log", "ab")
-        public = [arg for a in self.tb.public_addresses(nat) for arg in ("--public-address", a)]
+        # A firewall translates nothing: it has no public address to serve.
+        public = [] if self.provider == "firewall" else [arg for a in self.tb.public_addresses(nat) for arg in ("--public-address", a)]
         argv = [
             sys.executable, "-m", "natmig.cli", "agent", "--netns", self.tb.netns(nat),
             "--listen", f"{self.tb.mgmt_address(nat)}:{self.port}", "--provider", self.provider,
@@ -103,6 +107,8 @@ class AgentFleet:
             # A restarted agent undoes what it had pending (an interrupted migration's confirmed commits).
             "--state-dir", str(self.dir / f"{nat}-state"),
         ]
+        if self.call_home:
+            argv += ["--call-home", self.call_home]
         # The agents run niced: on this one machine the switch (a userspace
         # OVS) and the hosts stand in for hardware and other machines, and a
         # control plane busy serialising 100k sessions must not starve them;
@@ -273,6 +279,33 @@ def control_plane_priority(nice: int = 19) -> Iterator[None]:
         os.setpriority(os.PRIO_PROCESS, 0, old)
 
 
+def tear_down(say: Callable[[str], None], parts: list[tuple[str, Callable[[], object] | None]]) -> None:
+    """Run each part's teardown in order, going on past failures (each one said)."""
+    for what, fn in parts:
+        if fn is None:
+            continue
+        try:
+            fn()
+        except Exception as e:  # keep tearing down the rest
+            say(f"teardown of {what} failed: {e}")
+
+
+def phase_line(ph: PhaseTiming) -> str:
+    """One phase of a migration as the demos print it while it runs."""
+    steps = ", ".join(f"{k} {ms(v)}" for k, v in ph.steps.items())
+    return f"      {ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}" + (f"  ({steps})" if steps else "")
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM interrupts like Ctrl-C while a demo runs, so its teardown runs too."""
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 @dataclass
 class DemoOptions:
     """What `natmig demo` runs."""
@@ -291,6 +324,8 @@ class DemoOptions:
     after: float = 1.5
     retire: str = "delete"
     provider: str = "conntrack"
+    #: the network function: "nat" (this module's demo) or "firewall" (:mod:`.fwdemo`).
+    nf: str = "nat"
 
 
 @dataclass
@@ -302,13 +337,21 @@ class DemoResult:
     steps: dict[str, float]
     ok: bool
     error: str | None = None
+    #: the move as a controller service's northbound reported it (--via-controller), instead of ``migration``.
+    remote: Any = None
+
+    def phases(self) -> list[PhaseTiming]:
+        """The move's phases, from the migration's report or the northbound's notifications."""
+        if self.migration is not None:
+            return self.migration.phases
+        return list(self.remote.phases) if self.remote is not None else []
 
     def switch_gap(self) -> tuple[float, bool]:
         """The largest live-flow gap overlapping the switch phase (seconds), and whether it is exact."""
-        if self.migration is None or self.traffic is None:
+        if self.traffic is None:
             return 0.0, True
-        for p in self.migration.phases:
-            if p.name == "switch":
+        for p in self.phases():
+            if p.name == "switch" and p.started:
                 return self.traffic.largest_gap_during(p.started, p.started + p.seconds)
         return 0.0, True
 
@@ -327,6 +370,7 @@ class DemoResult:
             "error": self.error,
             "steps_seconds": self.steps,
             "migration": self.migration.to_dict() if self.migration else None,
+            "via_controller": self.remote.to_dict() if self.remote is not None else None,
             "traffic": self.traffic.summary() if self.traffic else None,
         }
 
@@ -355,6 +399,7 @@ class Demo:
         traffic: LiveTraffic | None = None
         report: MigrationReport | None = None
         result: TrafficResult | None = None
+        remote: Any = None
         error = None
         nats = list(tb.topology.nats)
         src, dst = tb.topology.active_nat, next(n for n in nats if n != tb.topology.active_nat)
@@ -364,7 +409,7 @@ class Demo:
             self.say(f"[1/4] initial deployment: client, {src}, server, agent of {src} (testbed {prefix})")
             tb.up()
             netns.ensure_conntrack_capacity(2 * o.sessions + 65536)
-            fleet = AgentFleet(tb, work, provider=o.provider)
+            fleet = self.fleet(tb, work)
             fleet.start(src)
             spec = TrafficSpec(tcp=o.tcp, udp=o.udp, interval=o.interval, churn=o.churn)
             traffic = LiveTraffic(tb.netns("client"), tb.netns("server"), tb.address("server"), spec, str(work))
@@ -388,21 +433,22 @@ class Demo:
 
             inv = fleet.write_inventory(src, dst)
             self.say(f"[3/4] migrating state {src} -> {dst}" + ("  (--no-state: NOT copying sessions)" if o.no_state else "")
-                     + f"  [same as: natmig migrate --inventory {inv}]")
+                     + f"  [same as: {self.same_as(inv)}]")
             t3 = time.perf_counter()
             marks: dict[str, float] = {}
 
             def on_phase(ph: PhaseTiming) -> None:
-                steps = ", ".join(f"{k} {ms(v)}" for k, v in ph.steps.items())
-                self.say(f"      {ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}" + (f"  ({steps})" if steps else ""))
+                self.say(phase_line(ph))
                 if ph.name in ("catch-up", "preflight") and (ph.name == "catch-up" or o.no_state) and ph.ok:
                     marks["3"] = time.perf_counter()
                     self.say(f"[4/4] upgrading the graph: traffic to {dst}, {src} retired")
 
-            mig = Migration(fleet.endpoint(src), fleet.endpoint(dst), TestbedSteering(tb),
-                            MigrateOptions(copy_state=not o.no_state, retire=o.retire), on_phase)
             with control_plane_priority():
-                report = mig.run()
+                moved = self.migrate(tb, fleet, src, dst, on_phase)
+            if isinstance(moved, MigrationReport):
+                report = moved
+            else:
+                remote = moved
             end = time.perf_counter()
             self.steps["3 migrating state"] = marks.get("3", end) - t3
             self.steps["4 upgrading the graph"] = end - marks.get("3", end)
@@ -417,16 +463,13 @@ class Demo:
         finally:
             signal.signal(signal.SIGTERM, old)
             self.say("teardown: traffic, agents, testbed")
-            for what, fn in (("traffic", traffic.close if traffic else None), ("agents", fleet.close if fleet else None), ("testbed", tb.down)):
-                if fn is None:
-                    continue
-                try:
-                    fn()
-                except Exception as e:  # keep tearing down the rest
-                    self.say(f"teardown of {what} failed: {e}")
+            tear_down(self.say, [("traffic", traffic.close if traffic else None), ("agents", fleet.close if fleet else None),
+                                 ("controller", self.teardown_extra), ("testbed", tb.down)])
             shutil.rmtree(work, ignore_errors=True)
-        ok = error is None and report is not None and report.ok and result is not None and result.all_survived
-        res = DemoResult(report, result, self.steps, ok, error or (report.error if report and not report.ok else None))
+        moved_ok = (report is not None and report.ok) or (remote is not None and remote.ok)
+        ok = error is None and moved_ok and result is not None and result.all_survived
+        failure = report.error if report and not report.ok else remote.error if remote and not remote.ok else None
+        res = DemoResult(report, result, self.steps, ok, error or failure, remote)
         self.print_report(res)
         if o.json_path == "-":
             print(json.dumps(res.to_dict(), indent=2), flush=True)
@@ -439,20 +482,42 @@ class Demo:
             self.say(f"picture of the move: {o.plot_path}")
         return res
 
+    def same_as(self, inventory: Path) -> str:
+        """The command line that makes the same move."""
+        return f"natmig migrate --inventory {inventory}"
+
+    def fleet(self, tb: Any, work: Path) -> AgentFleet:
+        """The agents of the NAT nodes (not started yet)."""
+        return AgentFleet(tb, work, provider=self.opts.provider)
+
+    def migrate(self, tb: Any, fleet: AgentFleet, src: str, dst: str, on_phase: Callable[[PhaseTiming], None]) -> Any:
+        """Step 3 and 4: the live migration (this process is the controller); returns its report."""
+        o = self.opts
+        return Migration(fleet.endpoint(src), fleet.endpoint(dst), TestbedSteering(tb),
+                         MigrateOptions(copy_state=not o.no_state, retire=o.retire), on_phase).run()
+
+    def teardown_extra(self) -> None:
+        """What a variant of the demo started beside the agents (nothing here)."""
+
     def print_report(self, r: DemoResult) -> None:
         """The final report: sessions moved, phase times, largest gap, flows that survived."""
         self.say("")
         self.say("=" * 72)
         if r.migration is not None:
             self.say(format_report(r.migration))
+        if r.remote is not None:
+            self.say(f"the controller's northbound replied: ok {str(r.remote.ok).lower()}, outcome {r.remote.outcome}"
+                     + (f", failed in {r.remote.failed_phase}: {r.remote.error}" if not r.remote.ok else ""))
+            self.say(r.remote.report)
         for name, secs in r.steps.items():
             self.say(f"  step {name:<24} {ms(secs):>11}")
         if r.traffic is not None:
             s = r.traffic.summary()
-            self.say(f"  sessions moved: {r.migration.copied + r.migration.caught_up + r.migration.reconciled if r.migration else 0}"
-                     f" (verified {r.migration.verified if r.migration else 0})")
+            if r.migration is not None:
+                self.say(f"  sessions moved: {r.migration.copied + r.migration.caught_up + r.migration.reconciled}"
+                         f" (verified {r.migration.verified})")
             self.say(f"  largest gap seen by a live flow: {s['largest_gap_ms']:.1f} ms (send interval {ms(r.traffic.interval)})"
-                     + (f"; across the switch: {r.switch_gap_text()}" if r.migration else ""))
+                     + (f"; across the switch: {r.switch_gap_text()}" if any(p.name == "switch" for p in r.phases()) else ""))
             self.say(f"  flows that survived with the same public port: {s['live_survived']}/{s['live_flows']}"
                      f"  (TCP {s['tcp']['survived']}/{s['tcp']['total']}, UDP {s['udp']['survived']}/{s['udp']['total']})")
             if s["new_connections"]:
@@ -477,6 +542,11 @@ def _raise_interrupt(*_: object) -> None:
 
 
 def run(opts: DemoOptions) -> int:
-    """Run the demo; exit status 0 only when every flow survived."""
+    """Run the demo of ``opts.nf``; exit status 0 only when every flow survived (and, for the firewall, the block was carried)."""
     # With --json - standard output carries the JSON alone; progress and the report go to stderr.
-    return 0 if Demo(opts, sys.stderr if opts.json_path == "-" else sys.stdout).run().ok else 1
+    out = sys.stderr if opts.json_path == "-" else sys.stdout
+    if opts.nf == "firewall":
+        from .fwdemo import FirewallDemo
+
+        return 0 if FirewallDemo(opts, out).run().ok else 1
+    return 0 if Demo(opts, out).run().ok else 1

@@ -70,6 +70,25 @@ class Context:
     #: the source's state-change notifications are followed (from before its lists were read).
     follows: bool = False
     locks: list[txn.Locks] = field(default_factory=list)
+    #: nodes with this migration's confirmed commit pending, and when it was last (re)armed (time.monotonic()).
+    pending: dict[str, tuple[StateNode, float]] = field(default_factory=dict)
+
+    def confirmed(self, node: StateNode) -> None:
+        """``node`` committed with this migration's token: its timeout runs from now."""
+        node.commit(confirmed=True, timeout=self.options.confirm_timeout, persist=self.token)
+        self.pending[node.name] = (node, time.monotonic())
+
+    def renew(self) -> None:
+        """Re-arm the pending confirmed commits that have run a third of their timeout (RFC 6241 8.4: a follow-up
+        confirmed commit with the persist-id).  The timeout bounds how long a node waits for a controller that died,
+        not how long a migration may take: on a loaded machine a 100k-session copy can outlast it, and the source's
+        freeze would roll back under a live migration."""
+        now = time.monotonic()
+        for name, (node, armed) in list(self.pending.items()):
+            if now - armed >= self.options.confirm_timeout / 3:
+                # The follow-up keeps the token (persist-id alone: ncclient refuses persist beside it).
+                node.commit(confirmed=True, timeout=self.options.confirm_timeout, persist_id=self.token)
+                self.pending[name] = (node, time.monotonic())
 
 
 class Phase(abc.ABC):
@@ -109,7 +128,9 @@ class WholeLists(CopyStrategy):
         out = {}
         for lst in ctx.lists:
             entries = ctx.source.read(lst)
+            ctx.renew()
             ctx.target.write(lst, entries)
+            ctx.renew()
             out[lst] = entries
         return out
 
@@ -144,7 +165,8 @@ class Freeze(Phase):
     name = "freeze"
 
     def run(self, ctx: Context) -> str:
-        txn.confirmed_admission(ctx.source, False, ctx.token, ctx.options.confirm_timeout)
+        ctx.source.set_admission(False, target="candidate")
+        ctx.confirmed(ctx.source)
         return f"{ctx.source.name}: admit-new false, rolled back in {ctx.options.confirm_timeout:g} s unless confirmed"
 
     def undo(self, ctx: Context) -> str | None:
@@ -207,7 +229,7 @@ class CatchUp(Phase):
                 for lst in differ:
                     reread += self._reread(ctx, lst)
                 break
-        ctx.target.commit(confirmed=True, timeout=ctx.options.confirm_timeout, persist=ctx.token)
+        ctx.confirmed(ctx.target)
         return f"{applied} changes from events, {reread} from a re-read; target committed (confirmed, {ctx.options.confirm_timeout:g} s)"
 
     @staticmethod
@@ -255,6 +277,7 @@ class Verify(Phase):
             if got != want:
                 raise ControllerError(f"{ctx.source.name}: {lst.qname} changed while frozen: the target got {want[0]} entries, digest {want[1]}; "
                                       f"the source now reports {got[0] if got else 'no'} entries, digest {got[1] if got else '-'}")
+        ctx.renew()
         for lst, table in ctx.expected.items():
             entries = list(table.values())
             # The key and mandatory leaves (the digest's): others may change on a live node by themselves.
@@ -327,11 +350,14 @@ class Finish(Phase):
 
     def run(self, ctx: Context) -> str:
         ctx.target.commit(persist_id=ctx.token)
+        ctx.pending.pop(ctx.target.name, None)
         ctx.report.committed = True
+        ctx.renew()  # the source's freeze, before its candidate takes the deletions
         if ctx.options.retire == "delete":
             for lst, table in ctx.expected.items():
                 ctx.source.remove(lst, table)
         txn.confirm_admission(ctx.source, True, ctx.token)
+        ctx.pending.pop(ctx.source.name, None)
         return f"{ctx.target.name}: copy confirmed; {ctx.source.name}: entries {'deleted' if ctx.options.retire == 'delete' else 'kept'}, admission reopened"
 
 
@@ -340,6 +366,11 @@ def default_phases(steering: Steering | None = None) -> list[Phase]:
     if steering is None:
         return [Preflight(), Freeze(), Copy(WholeLists()), CatchUp(), Verify(), NoSwitch(), Finish()]
     return [Preflight(), TrafficOnSource(steering), Freeze(), Copy(WholeLists()), CatchUp(), Verify(), OvsSwitch(steering), Finish()]
+
+
+def switch_only_phases(steering: Steering) -> list[Phase]:
+    """preflight, traffic on the source, switch: traffic moved and no state copied (the negative control of a demo)."""
+    return [Preflight(), TrafficOnSource(steering), OvsSwitch(steering)]
 
 
 def missing_needs(phases: list[Phase], node: StateNode) -> list[str]:
@@ -379,6 +410,7 @@ class EngineMigration:
             for phase in self.phases:
                 timing = PhaseTiming(phase.name, started=time.perf_counter())
                 r.phases.append(timing)
+                ctx.renew()
                 timing.detail = phase.run(ctx)
                 timing.seconds = time.perf_counter() - timing.started
                 timing.ok = True

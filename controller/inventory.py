@@ -293,6 +293,26 @@ def _fields(where: str, table: Any, spec: Mapping[str, tuple[Callable[[str, Any]
     return out
 
 
+def parse_switch(where: str, raw: Any) -> SwitchSpec:
+    """A ``switch`` section: "none", ``{testbed = PREFIX}``, or a bridge with its ports (errors start with ``where``)."""
+    if isinstance(raw, str):
+        if raw != "none":
+            raise InventoryError(f"{where}: {raw!r}: the one switch given by a word is \"none\" (state transfer only); "
+                                 "an Open vSwitch bridge is a [switch] table")
+        return SwitchSpec(None, kind="none")
+    if isinstance(raw, dict) and "testbed" in raw:
+        # An embedded testbed knows its own bridge, ports and flows.
+        f = _fields(where, raw, {"testbed": (_str, True)})
+        return SwitchSpec(None, testbed=f["testbed"])
+    f = _fields(where, raw, SWITCH_FIELDS, allow=("nats",))
+    nats_raw = raw.get("nats")
+    if not isinstance(nats_raw, dict) or not nats_raw:
+        raise InventoryError(f"{where}.nats: missing or empty (one table per NAT, e.g. [switch.nats.nat1])")
+    nats = {n: NatPorts(**_fields(f"{where}.nats.{n}", t, PORT_FIELDS)) for n, t in nats_raw.items()}
+    layout = SwitchLayout(f["bridge"], f["client_port"], f["server_port"], nats, f.get("priority", 100), f.get("gateway_mac"))
+    return SwitchSpec(layout, f.get("ovs_rundir"), f.get("netns"))
+
+
 def parse(data: Any, path: str = "<inventory>") -> Inventory:
     """Check a loaded inventory document and build an :class:`Inventory`."""
     if not isinstance(data, dict):
@@ -309,25 +329,7 @@ def parse(data: Any, path: str = "<inventory>") -> Inventory:
         if "password" not in f and "password_file" not in f and "key" not in f:
             raise InventoryError(f"{path}: agents.{name}: give password, password_file or key")
         agents[name] = AgentSpec(name=str(name), **f)
-    switch = None
-    if isinstance(data.get("switch"), str):
-        if data["switch"] != "none":
-            raise InventoryError(f"{path}: switch: {data['switch']!r}: the one switch given by a word is \"none\" (state transfer only); "
-                                 "an Open vSwitch bridge is a [switch] table")
-        switch = SwitchSpec(None, kind="none")
-    elif isinstance(data.get("switch"), dict) and "testbed" in data["switch"]:
-        # An embedded testbed knows its own bridge, ports and flows.
-        f = _fields(f"{path}: switch", data["switch"], {"testbed": (_str, True)})
-        switch = SwitchSpec(None, testbed=f["testbed"])
-    elif "switch" in data:
-        raw = data["switch"]
-        f = _fields(f"{path}: switch", raw, SWITCH_FIELDS, allow=("nats",))
-        nats_raw = raw.get("nats")
-        if not isinstance(nats_raw, dict) or not nats_raw:
-            raise InventoryError(f"{path}: switch.nats: missing or empty (one table per NAT, e.g. [switch.nats.nat1])")
-        nats = {n: NatPorts(**_fields(f"{path}: switch.nats.{n}", t, PORT_FIELDS)) for n, t in nats_raw.items()}
-        layout = SwitchLayout(f["bridge"], f["client_port"], f["server_port"], nats, f.get("priority", 100), f.get("gateway_mac"))
-        switch = SwitchSpec(layout, f.get("ovs_rundir"), f.get("netns"))
+    switch = parse_switch(f"{path}: switch", data["switch"]) if "switch" in data else None
     mig = _fields(f"{path}: migration", data.get("migration", {}), MIGRATION_FIELDS)
     controller = None
     if "controller" in data:

@@ -63,7 +63,7 @@ from .. import netns
 from ..codec import default_codec
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession, SessionKey, table_digest
-from .plan import CatchUp, CopyPlan, PlanError, Verdict, compare, expected_table, for_target, for_target_text, foreign_addresses, plan_copy
+from .plan import CatchUp, CopyPlan, PlanError, Verdict, compare, expected_table, foreign_addresses, plan_copy
 from .reach import netns_hint, route_error
 from .readback import read_node
 from .report import MigrationReport, PhaseClock, PhaseTiming
@@ -443,7 +443,7 @@ class Migration:
                         return False  # refused below, before this slice is sent
                     # Two requests in flight: the target's agent handles them
                     # in order, and reads the next while it handles one.
-                    writes.append(pool.submit(tgt.edit_text, for_target_text(part), "candidate"))
+                    writes.append(pool.submit(tgt.edit_text, part, "candidate"))
                     if any(w.done() and w.exception() is not None for w in writes):
                         return False  # the target refused a slice: no use sending on
                 return True
@@ -530,11 +530,10 @@ class Migration:
                 writes = []
                 for part in parts:
                     self._snapshot += part
-                    ss = for_target(part)
-                    sent += ss
+                    sent += part
                     # Recorded before the write: a write whose reply is lost may still have happened.
-                    self._st.added += [s.key for s in ss]
-                    writes.append(pool.submit(tgt.edit_sessions, ss, target="candidate", operation="merge"))
+                    self._st.added += [s.key for s in part]
+                    writes.append(pool.submit(tgt.edit_sessions, part, target="candidate", operation="merge"))
                     if any(w.done() and w.exception() is not None for w in writes):
                         break  # the target refused a slice: no use decoding on
                 for w in writes:
@@ -661,8 +660,9 @@ class Migration:
         if self.opt.copy_state:
             # Checked again at the last moment: a node lost since the catch-up ended must not get traffic.
             self._check_alive()
-        # Marked switched before the call: if the bundle fails half-way
-        # (it cannot: a bundle is atomic) recovery still points back.
+        # Marked switched before the call: if the switch fails half-way (one
+        # bundle cannot; across several switches the steering undoes its
+        # steps) the rollback still points back.
         self._st.switched = True
         self.steering.point_to(self.target.name)
 
@@ -733,7 +733,7 @@ class Migration:
             # The target still drops unknown sessions' packets, so a missing
             # session has not been re-mapped yet: write it now.
             with ph.step("reconcile"):
-                self._write(tgt, for_target(verdict.missing), [])
+                self._write(tgt, verdict.missing, [])
                 self._st.added += [s.key for s in verdict.missing]
                 self.report.reconciled = len(verdict.missing)
                 on_target = tgt.get_sessions("running")

@@ -465,6 +465,15 @@ class NodeClient:
             raise ControllerError(f"get-config: source {source!r} is not running or candidate")
         return self._text("get-config", f'<get-config><source><{source}/></source><filter type="subtree">{filter_body}</filter></get-config>').data_ele
 
+    @property
+    def reply_timeout(self) -> float:
+        """Seconds an RPC waits for its reply (the connect timeout until set)."""
+        return float(self._mgr.timeout)
+
+    @reply_timeout.setter
+    def reply_timeout(self, seconds: float) -> None:
+        self._mgr.timeout = seconds
+
     def call(self, operation: str, body: str) -> Any:
         """Any RPC given as XML text (the operation element); the <rpc-reply> element."""
         reply = self._text(operation, body)
@@ -726,17 +735,22 @@ class NodeClient:
     # --------------------------------------------------------- notifications
 
     def subscribe(self) -> Subscription:
-        """create-subscription on stream NETCONF; nat-session-events then queue up in the result."""
-        self.create_subscription()
+        """create-subscription on stream NETCONF, selecting nat-session-event; those events then queue up in the result."""
+        self.create_subscription((self.codec.ns, "nat-session-event"))
         return Subscription(self)
 
-    def create_subscription(self) -> None:
-        """create-subscription on stream NETCONF, once per session (RFC 5277); notifications then queue up."""
+    def create_subscription(self, select: tuple[str, str] | None = None) -> None:
+        """create-subscription on stream NETCONF, once per session (RFC 5277); notifications then queue up.
+
+        ``select`` (namespace, name): a subtree filter that selects that notification only (an agent
+        may send the same event in two forms: the NAT's nat-session-event and natmig-state's state-change).
+        """
         if not any(c.startswith(NOTIFICATION_CAPABILITY) for c in self._mgr.server_capabilities):
             raise ControllerError(f"{self.name}: the agent does not offer notifications")
+        flt = None if select is None else ("subtree", f'<{select[1]} xmlns="{select[0]}"/>')
         with self._lock:
             if not self._subscribed:
-                self._call("create-subscription", self._mgr.create_subscription)
+                self._call("create-subscription", self._mgr.create_subscription, filter=flt)
                 self._subscribed = True
 
     def take_notification(self, timeout: float | None = None) -> Any:

@@ -63,7 +63,7 @@ def agents_xml(entries: list[AgentEntry]) -> str:
 
 def result_xml(r: EngineReport) -> bytes:
     """A migrate or recover RPC's output."""
-    parts = [f'<ok xmlns="{NS}">{"true" if r.ok else "false"}</ok>']
+    parts = [f'<ok xmlns="{NS}">{"true" if r.ok else "false"}</ok>', f'<outcome xmlns="{NS}">{r.outcome}</outcome>']
     if r.failed_phase:
         parts.append(f'<failed-phase xmlns="{NS}">{escape(r.failed_phase)}</failed-phase>')
     if r.error:
@@ -125,7 +125,9 @@ class Northbound(Agent):
         self.service = service
         text = (YANG_DIR / f"{MODULE}.yang").read_text()
         own = SchemaEntry(MODULE, "2026-12-03", NS, text)
-        self._serve(config, _NoData(), Catalog([own], [], CAPABILITIES), Fanout())
+        hub = Fanout()
+        hub.notifications = frozenset((NS, n) for n in ("agent-up", "agent-down", "migration-phase"))
+        self._serve(config, _NoData(), Catalog([own], [], CAPABILITIES), hub)
         self.table: dict[tuple[str, str], Callable[..., Any]] = {
             **{k: v for k, v in rpc.TABLE.items() if k[1] in ("lock", "unlock", "close-session", "kill-session", "get-schema", "create-subscription")},
             (NETCONF_NS, "get"): self.op_get,
@@ -168,9 +170,9 @@ class Northbound(Agent):
 
     # -------------------------------------------------------------- serving
 
-    def notify(self, body: str) -> None:
-        """Send a notification of natmig-controller to every subscriber."""
-        self.hub.send(body.encode())
+    def notify(self, name: str, body: str) -> None:
+        """Send the natmig-controller notification ``name`` (its element, ``body``) to every subscriber that selected it."""
+        self.hub.send(body.encode(), (NS, name))
 
     def error_reply(self, problems: list[Problem], attrs: str = "") -> bytes:
         body = "".join(

@@ -10,7 +10,7 @@ I/O, so every decision is unit-tested without root.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 from .. import pool
@@ -25,36 +25,6 @@ EVENT_KINDS: Mapping[str, str] = {
     "destroyed": "destroyed",
     "destroy": "destroyed",
 }
-
-#: TCP states of a connection still in its handshake when it was read.
-HANDSHAKE_STATES = frozenset({"SYN_SENT", "SYN_RECV", "SYN_SENT2"})
-
-
-def for_target(sessions: Iterable[NatSession]) -> list[NatSession]:
-    """Sessions as they are written into the target: handshake states become ESTABLISHED.
-
-    A state read from the source is a moment's state: a connection seen in
-    SYN_SENT completes its handshake through the source before the switch.
-    Recreated in SYN_SENT on the target, its next data packets are invalid
-    for the kernel's TCP state machine (an ACK from the inside in SYN_SENT)
-    and are dropped or leave untranslated until the connection stalls out.
-    ESTABLISHED accepts both the rest of the handshake (a late SYN-ACK is
-    ignored, not refused) and the data; the entry's own timeout is kept.
-    """
-    out = []
-    for s in sessions:
-        if s.tcp_state in HANDSHAKE_STATES:
-            s = replace(s, tcp_state="ESTABLISHED")
-        out.append(s)
-    return out
-
-
-def for_target_text(entries: str) -> str:
-    """:func:`for_target` on entries in the codec's own XML form (see :mod:`.texttable`): handshake states become ESTABLISHED."""
-    for state in sorted(HANDSHAKE_STATES):
-        entries = entries.replace(f"<tcp_state>{state}</tcp_state>", "<tcp_state>ESTABLISHED</tcp_state>")
-    return entries
-
 
 def mapping(s: NatSession) -> tuple[str, int]:
     """The public side of a session: what must not change across a migration."""
@@ -135,7 +105,7 @@ def plan_copy(
             conflicts.append(Conflict(s.key, f"its public {s.protocol} {s.translated_address}:{s.translated_port} towards {s.dst_address}:{s.dst_port} is held on the target by {format_key(holder)}"))
     if conflicts:
         raise PlanError(conflicts)
-    return CopyPlan(for_target(source), frozenset(already), len(target))
+    return CopyPlan(list(source), frozenset(already), len(target))
 
 
 @dataclass
@@ -173,8 +143,8 @@ class CatchUp:
         return self
 
     def take(self) -> tuple[list[NatSession], list[SessionKey]]:
-        """The pending writes (as :func:`for_target` writes them) and deletes, leaving this empty."""
-        ups, dels = for_target(self.upserts.values()), sorted(self.deletes, key=_sort_key)
+        """The pending writes and deletes, leaving this empty."""
+        ups, dels = list(self.upserts.values()), sorted(self.deletes, key=_sort_key)
         self.upserts.clear()
         self.deletes.clear()
         return ups, dels

@@ -13,6 +13,9 @@ itself: which node carries traffic.
   Whatever is pending on either node is cancelled (the target's
   unconfirmed copy goes, the freeze ends); a copy the target had already
   confirmed (sessions equal to the source's, same mapping) is removed.
+- Traffic on **both** (several switches that disagree: a move across
+  machines interrupted between two switches): it cannot have been admitted
+  yet, so traffic is pointed back to the source, then as above.
 - Either way, a node whose admission is still closed afterwards is opened.
 
 Recovery locks both nodes like a migration: it is refused, naming the
@@ -28,7 +31,7 @@ from ..errors import ControllerError, NatmigError
 from ..model import NatSession, SessionKey
 from .migrate import WRITABLE_RUNNING, Endpoint, Node
 from .readback import NodeView, read_node
-from .steering import Steering
+from .steering import Steering, SwitchesDisagree
 from .txn import Locks, cancel_pending, confirm_admission, describe_error, nothing_pending, persist_token
 
 
@@ -92,6 +95,8 @@ class Recovery:
         self.nodes: dict[str, Node | None] = {}
         self.why: dict[str, str] = {}
         self.locks: list[Locks] = []
+        #: Why the switches could not name one carrier, when they disagree.
+        self.mixed: str | None = None
 
     def run(self) -> RecoveryReport:
         """Read, act, read back; never raises for a node's or the switch's failure (it is reported)."""
@@ -139,6 +144,9 @@ class Recovery:
     def _active(self) -> str | None:
         try:
             return self.steering.active()
+        except SwitchesDisagree as e:
+            self.mixed = str(e)
+            return None
         except NatmigError as e:
             self.report.did.append(f"switch: could not be read ({describe_error(e)})")
             return None
@@ -149,6 +157,14 @@ class Recovery:
 
     def _act(self) -> None:
         on = self.report.found_traffic_on
+        if on is None and self.mixed:
+            # A move across several switches interrupted between two of them:
+            # no node carries all the traffic.  It cannot have been admitted
+            # yet (admit comes after the whole switch), and the frozen source
+            # holds every session: pointing back to it is the safe end.
+            self.steering.point_to(self.source.name)
+            self.report.did.append(f"switch: {self.mixed} (a move interrupted between switches); traffic pointed back to {self.source.name}")
+            on = self.report.found_traffic_on = self._active()
         if on not in (self.source.name, self.target.name):
             raise ControllerError(f"traffic goes through {on or 'no known NAT'}, neither {self.source.name} nor {self.target.name}: "
                                   "nothing to finish or undo between these two")

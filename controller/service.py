@@ -26,11 +26,13 @@ from ..agent.service import Notifier
 from ..errors import ControllerError
 from . import txn
 from .callhome import CallHomeListener, load_allow_list
-from .engine import EngineMigration, EngineOptions, read_back
+from .engine import EngineMigration, EngineOptions, default_phases, read_back
 from .enginereport import EngineReport
+from .inventory import SwitchSpec, parse_switch
 from .northbound import NS, Northbound
 from .registry import AgentEntry, Registry
 from .report import PhaseTiming
+from .steering import steering_from_spec
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class ServiceConfig:
     authorized_keys: str | None
     netns: str | None
     nacm: str | None = None
+    #: the switch a migration points at the target (an inventory's ``[switch]``); None: state transfer only.
+    switch: SwitchSpec | None = None
 
     def password(self) -> str | None:
         if self.password_file is None:
@@ -78,7 +82,7 @@ def load_config(path: str | Path) -> ServiceConfig:
         raise ControllerError(f"cannot read {path}: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ControllerError(f"{path}: not TOML: {e}") from e
-    known = {"netns": None, "call_home": {"listen", "allow", "username", "password_file", "key", "keepalive"},
+    known = {"netns": None, "switch": None, "call_home": {"listen", "allow", "username", "password_file", "key", "keepalive"},
              "northbound": {"listen", "host_key", "passwords", "authorized_keys", "nacm"}}
     for k, v in data.items():
         if k not in known:
@@ -107,7 +111,13 @@ def load_config(path: str | Path) -> ServiceConfig:
         northbound=_addr(f"{path}: northbound.listen", nb["listen"], 830),
         host_key=str(nb.get("host_key", "controller_host_key")), passwords=nb.get("passwords"),
         authorized_keys=nb.get("authorized_keys"), netns=data.get("netns"), nacm=nb.get("nacm"),
+        switch=_switch(f"{path}: switch", data["switch"]) if "switch" in data else None,
     )
+
+
+def _switch(where: str, raw: Any) -> SwitchSpec | None:
+    spec = parse_switch(where, raw)  # an InventoryError is a ControllerError
+    return None if spec.kind == "none" else spec
 
 
 class Service:
@@ -126,9 +136,9 @@ class Service:
 
     def _agent_event(self, name: str, event: str, entry: AgentEntry) -> None:
         if event == "up":
-            self.northbound.notify(f'<agent-up xmlns="{NS}"><name>{escape(name)}</name></agent-up>')
+            self.northbound.notify("agent-up", f'<agent-up xmlns="{NS}"><name>{escape(name)}</name></agent-up>')
         else:
-            self.northbound.notify(f'<agent-down xmlns="{NS}"><name>{escape(name)}</name><error>{escape(entry.error)}</error></agent-down>')
+            self.northbound.notify("agent-down", f'<agent-down xmlns="{NS}"><name>{escape(name)}</name><error>{escape(entry.error)}</error></agent-down>')
 
     def migrate(self, source: str, target: str, retire: str = "delete", confirm_timeout: float = 10.0) -> EngineReport:
         """A migration on the registered sessions; an agent that is down, unknown or busy refuses it before anything changes."""
@@ -137,7 +147,7 @@ class Service:
             return r
 
         def phase(p: PhaseTiming) -> None:
-            self.northbound.notify(f'<migration-phase xmlns="{NS}"><source>{escape(source)}</source><target>{escape(target)}</target>'
+            self.northbound.notify("migration-phase", f'<migration-phase xmlns="{NS}"><source>{escape(source)}</source><target>{escape(target)}</target>'
                                    f"<phase>{p.name}</phase><seconds>{p.seconds:.6f}</seconds><ok>{'true' if p.ok else 'false'}</ok></migration-phase>")
 
         taken: list[str] = []
@@ -148,8 +158,13 @@ class Service:
             return node
 
         try:
+            steering = steering_from_spec(self.config.switch) if self.config.switch is not None else None
+        except ControllerError as e:
+            return EngineReport(source, target, error=str(e), failed_phase="connect")
+        try:
             m = EngineMigration(lambda: take(source), lambda: take(target), source, target,
-                                EngineOptions(retire=retire, confirm_timeout=confirm_timeout), on_phase=phase, close_nodes=False)
+                                EngineOptions(retire=retire, confirm_timeout=confirm_timeout), default_phases(steering),
+                                on_phase=phase, close_nodes=False)
             return m.run()
         finally:
             for name in taken:

@@ -9,10 +9,14 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from .. import netns
-from ..errors import ControllerError
+from ..errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, ControllerError
 from .inventory import Inventory
 from .netconf import NodeClient
 from .northbound import NS
+
+
+#: How long `natmig migrate --controller` waits for the migrate RPC's reply, in seconds.
+MIGRATE_REPLY_TIMEOUT = 3600.0
 
 
 def migrate_via(args: argparse.Namespace, inv: Inventory) -> int:
@@ -32,11 +36,16 @@ def migrate_via(args: argparse.Namespace, inv: Inventory) -> int:
     client = netns.call_in(spec.netns, connect) if spec.netns else connect()
     body = (f'<migrate xmlns="{NS}"><source>{escape(str(inv.source))}</source><target>{escape(str(inv.target))}</target>'
             f"<retire>{escape(args.retire or inv.retire)}</retire><confirm-timeout>{int(args.confirm_timeout)}</confirm-timeout></migrate>")
+    # The reply comes when the migration has ended: at 100,000 sessions on a loaded machine that took
+    # minutes.  Waiting is safe for the agents: what the migration leaves pending undoes itself.
+    client.reply_timeout = MIGRATE_REPLY_TIMEOUT
     with client:
         reply = client.call("migrate", body)
     n = f"{{{NS}}}"
     ok = reply.findtext(n + "ok") == "true"
-    out = {"ok": ok, "failed_phase": reply.findtext(n + "failed-phase"), "error": reply.findtext(n + "error"),
+    # A controller that predates the outcome leaf: a failure is taken as needing attention.
+    outcome = reply.findtext(n + "outcome") or ("ok" if ok else "attention")
+    out = {"ok": ok, "outcome": outcome, "failed_phase": reply.findtext(n + "failed-phase"), "error": reply.findtext(n + "error"),
            "report": reply.findtext(n + "report") or "", "controller": f"{host}:{port}"}
     # With --json - standard output carries the JSON alone (docs/cli.md).
     print(out["report"], file=sys.stderr if args.json == "-" else sys.stdout)
@@ -46,4 +55,11 @@ def migrate_via(args: argparse.Namespace, inv: Inventory) -> int:
             sys.stdout.write(text + "\n")
         else:
             Path(args.json).write_text(text)
-    return 0 if ok else 1
+    if outcome == "ok":
+        return EXIT_OK
+    if outcome == "unchanged":
+        print("natmig migrate: nothing was changed (the controller read both agents back as they were)", file=sys.stderr)
+        return EXIT_FAILED
+    print("natmig migrate: the state needs attention: the agents roll back what this migration left pending by themselves "
+          "(persistent confirmed commits); the controller's recover RPC cancels it at once", file=sys.stderr)
+    return EXIT_ATTENTION

@@ -43,6 +43,8 @@ class StateNode:
         self.name = client.name
         self.announced: list[Announced] = []
         self.modules: list[StateModule] = []
+        #: the yang-library content-id the modules were compiled for (RFC 8525: it changes whenever the library does).
+        self.content_id: str | None = None
 
     # --------------------------------------------------------- txn.Writer
 
@@ -84,6 +86,11 @@ class StateNode:
     def discover(self) -> list[StateModule]:
         """Read the yang-library, fetch and compile every state module; refuse an agent without natmig-state."""
         data = self.client.get_filtered(f'<yang-library xmlns="{YANG_LIBRARY_NS}"/>')
+        content_id = data.findtext(f".//{_YL}content-id")
+        if self.modules and content_id is not None and content_id == self.content_id:
+            # A session kept by a controller service: the library is the one already compiled, so the
+            # preflight costs one small get instead of get-schema and a compile of every module.
+            return self.modules
         self.announced = [
             Announced(m.findtext(_YL + "name") or "", m.findtext(_YL + "revision") or "", m.tag == _YL + "module")
             for m in data.iter(_YL + "module", _YL + "import-only-module")
@@ -107,7 +114,7 @@ class StateNode:
                 modules.append(m)
         if not modules:
             raise ControllerError(f"{self.name}: none of the modules the agent implements ({', '.join(map(str, wanted)) or 'none'}) has a state list")
-        self.modules = modules
+        self.modules, self.content_id = modules, content_id
         return modules
 
     @property
@@ -144,8 +151,8 @@ class StateNode:
         return any(c.startswith(NOTIFICATION_CAPABILITY) for c in self.capabilities)
 
     def subscribe(self) -> None:
-        """Start receiving state-change notifications on this session."""
-        self.client.create_subscription()
+        """Start receiving state-change notifications on this session (only those: a filter selects them)."""
+        self.client.create_subscription((COMMON_NS, CHANGE))
 
     def changes(self, timeout: float = 0) -> list[tuple[StateList, str, Entry]]:
         """state-change notifications received so far, oldest first (waiting up to ``timeout`` for the first):

@@ -5,16 +5,22 @@ themselves are computed by :func:`natmig.controller.plan.steering_flows` and
 applied here as one ``ovs-ofctl --bundle`` transaction (:mod:`natmig.ofctl`;
 atomic: no packet sees one direction moved and the other not).  :class:`TestbedSteering`
 delegates to an embedded testbed, which knows its own rules.
+:class:`FabricSteering` steers several switches joined by tunnels (NATs on
+several machines): one bundle per switch, in the make-before-break order
+:func:`natmig.controller.fabric.plan_move` gives, undone in reverse when a
+step fails; callers see the same two methods.
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 from ..errors import ControllerError
 from ..netns import CommandError
 from ..ofctl import Ofctl
+from .fabric import Fabric, Step, plan_move, rollback, routes
 from .plan import SwitchLayout, nats_in_flows, static_flows, steering_flows
 
 
@@ -22,8 +28,12 @@ class SteeringError(ControllerError):
     """The bridge could not be read or changed."""
 
 
+class SwitchesDisagree(SteeringError):
+    """Several switches send traffic to different NATs: a move across switches was interrupted between two of them."""
+
+
 class Steering(Protocol):
-    """Moves both directions of traffic to a named NAT in one atomic change."""
+    """Moves both directions of traffic to a named NAT: in one atomic change on one switch; across several, make-before-break (:class:`FabricSteering`)."""
 
     def point_to(self, nat: str) -> None:
         """Send traffic through ``nat`` (atomic)."""
@@ -68,6 +78,76 @@ class OvsSteering:
         with self._bridge():
             dump = self.ofctl.dump_flows(f"in_port={self.layout.client_port}")
         return next(iter(nats_in_flows(self.layout, dump)), None)
+
+
+class FabricSteering:
+    """Steering over the switches of several machines (``switches``: machine -> its bridge's :class:`Ofctl`).
+
+    :meth:`point_to` applies the planned steps one bundle per switch; each
+    switch's change is atomic, the whole is make-before-break (see
+    :mod:`.fabric`).  When a step fails, the steps done are undone in
+    reverse before :class:`SteeringError` is raised.  ``on_step`` is called
+    after each step applied (progress, or a fault test's hook); ``steps``
+    holds what the last :meth:`point_to` applied, with seconds each.
+    """
+
+    def __init__(self, fabric: Fabric, switches: Mapping[str, Ofctl], on_step: Callable[[Step], None] | None = None) -> None:
+        self.fabric = fabric
+        self.switches = dict(switches)
+        self.on_step = on_step
+        self.steps: list[tuple[Step, float]] = []
+
+    def _apply(self, step: Step) -> None:
+        try:
+            self.switches[step.switch].add_flows(step.flows)
+        except CommandError as e:
+            raise SteeringError(f"switch of machine {step.switch} ({step.stage}): {e}") from e
+
+    def point_to(self, nat: str) -> None:
+        """Move traffic to ``nat``: prepare its machine, move each switch's ingress, retire the old machine."""
+        try:
+            frm = self.active()
+        except SteeringError:
+            frm = None  # switches disagree or one is unreadable: rewrite every steering rule
+        self.steps = []
+        done: list[Step] = []
+        for step in plan_move(self.fabric, frm, nat):
+            t0 = time.perf_counter()
+            try:
+                self._apply(step)
+            except SteeringError as e:
+                undone, failed = [], []
+                for back in rollback(done):
+                    try:
+                        self._apply(back)
+                        undone.append(f"{back.stage} on {back.switch}")
+                    except SteeringError as e2:
+                        failed.append(str(e2))
+                what = f"; undone: {', '.join(undone)}" if undone else "; nothing to undo"
+                raise SteeringError(f"moving traffic to {nat}: {e}{what}" + (f"; could NOT undo: {'; '.join(failed)}" if failed else "")) from e
+            done.append(step)
+            self.steps.append((step, time.perf_counter() - t0))
+            if self.on_step is not None:
+                self.on_step(step)
+
+    def routes(self) -> dict[tuple[str, str], str | None]:
+        """(machine, network) -> the NAT those hosts' traffic reaches, read back from every switch."""
+        dumps = {}
+        for machine, ofctl in self.switches.items():
+            try:
+                dumps[machine] = ofctl.dump_flows()
+            except CommandError as e:
+                raise SteeringError(f"switch of machine {machine}: {e}") from e
+        return routes(self.fabric, dumps)
+
+    def active(self) -> str | None:
+        """The NAT every switch sends its hosts' traffic to, read back; :class:`SteeringError` when they disagree."""
+        r = self.routes()
+        reached = set(r.values())
+        if len(reached) > 1:
+            detail = ", ".join(f"{net} hosts on {m} -> {nat or 'nowhere'}" for (m, net), nat in r.items())
+            raise SwitchesDisagree(f"the switches disagree: {detail}")
+        return next(iter(reached), None)
 
 
 class TestbedSteering:

@@ -46,20 +46,22 @@ class PublicRange:
 
 
 def check_address(where: str, value: object) -> ipaddress.IPv4Address:
-    """``value`` as an IPv4 address a NAT can translate to (unicast, routable on a link), else :class:`PoolError`."""
+    """``value`` as an IPv4 unicast address (what a NAT can translate to), else :class:`PoolError`.
+
+    Loopback and link-local addresses are unicast and pass: a protocol test's
+    agent owns 127.0.0.1, and a lab may translate to 169.254/16.
+    """
     if not isinstance(value, str):
         raise PoolError(f"{where}: {value!r} is not an IPv4 address")
     try:
         a = ipaddress.IPv4Address(value.strip())
     except ValueError:
         raise PoolError(f"{where}: {value!r} is not an IPv4 address") from None
-    # Each of these is a destination no peer can answer to: a session
-    # translated to it could never see its replies.
+    # None of these names one host: a session translated to it could never
+    # see its replies.
     why = (
         "multicast" if a.is_multicast
         else "unspecified (0.0.0.0/8)" if a in _THIS_NETWORK
-        else "loopback" if a.is_loopback
-        else "link-local" if a.is_link_local
         else "broadcast or reserved (240.0.0.0/4)" if a.is_reserved or a == _BROADCAST
         else None
     )

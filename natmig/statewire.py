@@ -58,6 +58,12 @@ def _root(data: bytes | str | Any) -> Any:
     return data
 
 
+def change_body(table: str, event: str, entry_xml: str) -> str:
+    """A state-change notification body around one entry already in its list's XML (``table``: module:list)."""
+    return (f'<{CHANGE} xmlns="{COMMON_NS}"><table>{escape(table)}</table><event>{event}</event>'
+            f"<entry>{entry_xml}</entry></{CHANGE}>")
+
+
 class Wire:
     """Reader and writer of the state lists of a set of modules, and of natmig-state's containers."""
 
@@ -65,6 +71,8 @@ class Wire:
         self.lists = tuple(lists)
         self._by_tag = {f"{{{l.namespace}}}{l.name}": l for l in self.lists}
         self._control_tag = f"{{{COMMON_NS}}}{CONTROL}"
+        #: per list, its leaves by qualified tag (built once: an entry's decode is the hot loop of a copy).
+        self._specs = {l: {f"{{{l.namespace}}}{s.name}": s for s in l.leaves} for l in self.lists}
 
     def list_by_qname(self, qname: str) -> StateList | None:
         """A list by ``module:list``."""
@@ -113,8 +121,7 @@ class Wire:
     @staticmethod
     def change_xml(lst: StateList, event: str, entry: Entry) -> str:
         """A state-change notification body."""
-        return (f'<{CHANGE} xmlns="{COMMON_NS}"><table>{lst.qname}</table><event>{event}</event>'
-                f"<entry>{Wire.entries_xml(lst, [entry])}</entry></{CHANGE}>")
+        return change_body(lst.qname, event, Wire.entries_xml(lst, [entry]))
 
     # ------------------------------------------------------------------- read
 
@@ -164,16 +171,16 @@ class Wire:
     def _entry(self, lst: StateList, el: Any, with_operations: bool, errors: _Errors) -> Edit | None:
         ok, op = self._operation(el, lst.name, errors, with_operations)
         values: dict[str, Any] = {}
-        specs = {f"{{{lst.namespace}}}{s.name}": s for s in lst.leaves}
+        specs = self._specs[lst]
         for child in el:
-            if not isinstance(child.tag, str):
-                continue
             spec = specs.get(child.tag)
+            if spec is None and not isinstance(child.tag, str):  # a comment or processing instruction
+                continue
             if spec is None:
                 errors.add(lst.name, etree.QName(child).localname, f"not a leaf of {lst.name}", "unknown-element")
                 ok = False
                 continue
-            if child.get(_OP) is not None:
+            if child.attrib and child.get(_OP) is not None:
                 errors.add(lst.name, spec.name, "an operation on a single leaf is not supported; give it on the entry", "bad-attribute")
                 ok = False
             if spec.name in values or len(child):

@@ -9,6 +9,14 @@ A testbed with prefix ``P`` is made of, and only of:
   controller's address, with a veth to each NAT node's management interface;
 - the state directory ``/run/natmig/P/`` (OVS files, pidfiles, state.json).
 
+A topology with machines (docs/multihost.md) has, instead of ``P-ovs``, a
+namespace ``P-machine-<M>`` per machine running that machine's own OVS
+daemons (files under ``/run/natmig/P/ovs-<M>/``): a bridge ``br-phy``
+holding the machine's underlay address, and the data bridge with the
+machine's hosts, NAT legs and tunnel ports; and ``P-underlay``, a Linux
+bridge joining the machines' underlay veths (MTU 1600, so that a 1500-byte
+frame fits in a tunnel).
+
 Nothing is created in the root namespace, so nothing there gets an address
 on the data or management networks, and no namespace has a route leaving
 the machine (inside hosts get one route, to the public subnet via the NAT
@@ -27,9 +35,12 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .. import netns, pool
+from ..agent.fwnode import FwNode, FwNodeConfig, Service
+from ..controller.fabric import Step, tunnel_code
+from ..controller.steering import FabricSteering
 from ..agent.natnode import NatNode, NatNodeConfig
 from ..errors import NatmigError, TestbedError
 from ..ofctl import PortStats
@@ -49,6 +60,12 @@ NAT_INSIDE_IF = "inside0"
 NAT_OUTSIDE_IF = "outside0"
 NAT_MGMT_IF = "mgmt0"
 MGMT_BRIDGE = "mgmtbr"
+#: The underlay: its Linux bridge, each machine's veth end and OVS bridge, and their MTU
+#: (1600: a 1500-byte inner frame plus the tunnel header fits; with 1500 TCP stalls).
+UNDERLAY_BRIDGE = "ulbr"
+UNDERLAY_IF = "phy0"
+PHY_BRIDGE = "br-phy"
+UNDERLAY_MTU = 1600
 
 
 def check_prefix(prefix: str) -> str:
@@ -67,7 +84,7 @@ def leftovers(prefix: str, state_root: Path = STATE_ROOT) -> dict[str, list]:
     return {
         "namespaces": netns.list_netns(f"{prefix}-"),
         "root_links": root_links,
-        "processes": sorted(Ovs(home / "ovs").pids().values()),
+        "processes": sorted(pid for d in sorted(home.glob("ovs*")) for pid in Ovs(d).pids().values()),
         "state_dir": [str(home)] if home.exists() else [],
         "lock_file": [str(lock)] if (lock := state_root / f".{prefix}.lock").exists() else [],
     }
@@ -100,7 +117,13 @@ class Testbed:
         self.topology = topo
         self.prefix = check_prefix(prefix or DEFAULT_PREFIX)
         self.home = state_root / self.prefix
-        self.ovs = Ovs(self.home / "ovs", netns=self.switch_netns)
+        #: Each machine's switch daemons (one machine, named "", without [machines]).
+        self.switches: dict[str, Ovs] = (
+            {m: Ovs(self.home / f"ovs-{m}", netns=self.machine_netns(m)) for m in topo.machines}
+            if topo.multi_machine else {"": Ovs(self.home / "ovs", netns=self.switch_netns)})
+        self.ovs = next(iter(self.switches.values()))
+        #: The steps of the last point_to across machines: (machine, stage, seconds).
+        self.last_steps: list[tuple[str, str, float]] = []
 
     # -- construction ---------------------------------------------------
 
@@ -133,8 +156,29 @@ class Testbed:
 
     @property
     def switch_netns(self) -> str:
-        """The namespace the OVS daemons and the switch-side veth ends live in."""
+        """The namespace the OVS daemons and the switch-side veth ends live in (the first machine's, with machines)."""
+        if self.topology.multi_machine:
+            return self.machine_netns(next(iter(self.topology.machines)))
         return f"{self.prefix}-ovs"
+
+    def machine_netns(self, machine: str) -> str:
+        """The namespace of an emulated machine: its OVS daemons and its nodes' switch-side veth ends."""
+        if machine not in self.topology.machines:
+            raise TestbedError(f"{machine!r} is not a machine of topology {self.topology.name} (one of: {', '.join(self.topology.machines) or 'none'})")
+        return f"{self.prefix}-machine-{machine}"
+
+    @property
+    def underlay_netns(self) -> str:
+        """The namespace of the underlay network between machines."""
+        return f"{self.prefix}-underlay"
+
+    def _node_switch(self, node: str) -> str:
+        """The namespace holding the switch side of ``node``'s links."""
+        topo = self.topology
+        if not topo.multi_machine:
+            return self.switch_netns
+        placed = topo.hosts[node].machine if node in topo.hosts else topo.nats[node].machine
+        return self.machine_netns(placed)
 
     @property
     def mgmt_netns(self) -> str:
@@ -209,9 +253,36 @@ class Testbed:
         """The :class:`NatNode` of ``nat`` (for admission control, addresses, ...)."""
         return NatNode(self.nat_config(nat))
 
-    def switch_ports(self) -> dict[str, int]:
-        """Switch port name -> OpenFlow port number (hosts by name, NAT legs ``<nat>-in``/``<nat>-out``)."""
+    def fw_config(self, nat: str) -> FwNodeConfig:
+        """The :class:`FwNodeConfig` the testbed gives node ``nat`` of a firewall topology (its legs as a NAT's)."""
+        c = self.nat_config(nat)
+        policy = self.topology.firewall
+        if policy is None:
+            raise TestbedError(f"topology {self.topology.name}: its nodes are {self.topology.function} nodes, not firewalls")
+        return FwNodeConfig(
+            name=c.name, inside_if=c.inside_if, outside_if=c.outside_if,
+            inside_address=c.inside_address, outside_address=c.outside_address,
+            services=tuple(Service(*s) for s in policy.services),
+            new_rate=policy.new_rate, new_burst=policy.new_burst, block_timeout=policy.block_timeout,
+            inside_mac=c.inside_mac, outside_mac=c.outside_mac, mgmt_if=c.mgmt_if, mgmt_address=c.mgmt_address,
+        )
+
+    def fw_node(self, nat: str) -> FwNode:
+        """The :class:`FwNode` of node ``nat`` of a firewall topology."""
+        return FwNode(self.fw_config(nat))
+
+    def switch_ports(self, machine: str = "") -> dict[str, int]:
+        """Switch port name -> OpenFlow port number (hosts by name, NAT legs ``<nat>-in``/``<nat>-out``); with machines, of ``machine``'s switch."""
+        if self.topology.multi_machine:
+            return flows.machine_ports(self.topology, machine)
         return flows.port_names(self.topology)
+
+    def steering(self, on_step: Callable[[Step], None] | None = None) -> FabricSteering:
+        """The steering of a testbed with machines: every machine's switch (see :class:`FabricSteering`)."""
+        if not self.topology.multi_machine:
+            raise TestbedError(f"topology {self.topology.name} has one switch; use point_to")
+        ofctls = {m: ovs.openflow(self.bridge) for m, ovs in self.switches.items()}
+        return FabricSteering(flows.fabric(self.topology), ofctls, on_step)
 
     def flows_for(self, nat: str) -> str:
         """The flow table steering all traffic through ``nat`` (what :meth:`point_to` installs)."""
@@ -257,12 +328,21 @@ class Testbed:
             self._write_state(phase="up", active_nat=self.topology.active_nat)
             return True
 
+    def _namespaces(self) -> list[str]:
+        """Every namespace the topology needs."""
+        topo = self.topology
+        own = [self.machine_netns(m) for m in topo.machines] + [self.underlay_netns] if topo.multi_machine else [self.switch_netns]
+        return [*own, self.mgmt_netns, *(self.netns(n) for n in (*topo.hosts, *topo.nats))]
+
     def _build(self) -> None:
         topo = self.topology
-        sw, mg = self.switch_netns, self.mgmt_netns
-        for ns in (sw, mg, *(self.netns(n) for n in (*topo.hosts, *topo.nats))):
+        mg = self.mgmt_netns
+        for ns in self._namespaces():
             netns.add(ns)
-        self.ovs.start()
+        for ovs in self.switches.values():
+            ovs.start()
+        if topo.multi_machine:
+            self._build_underlay()
         # The management network: a bridge holding the controller's address.
         msub = topo.management.subnet
         _ip_batch(mg, [
@@ -274,34 +354,64 @@ class Testbed:
         # far end placed in the node, so no name is ever taken in the root namespace.
         for host in topo.hosts.values():
             ns = self.netns(host.name)
-            netns.add_veth(host.name, HOST_IF, sw, ns)
+            netns.add_veth(host.name, HOST_IF, self._node_switch(host.name), ns)
             net = topo.networks[host.network]
             cmds = [f"addr add {host.address}/{net.subnet.prefixlen} dev {HOST_IF}"]
             if host.network == "inside":
                 # One route, to the public subnet through the NAT gateway: no
                 # default route, nothing that could leave the machine.
                 cmds.append(f"route add {topo.networks['public'].subnet} via {net.gateway}")
+            elif topo.function == "firewall":
+                # Nothing is translated: the public side reaches the inside network through the firewall.
+                cmds.append(f"route add {topo.networks['inside'].subnet} via {net.gateway}")
             _ip_batch(ns, cmds)
         for nat in topo.nats:
             ns = self.netns(nat)
+            sw = self._node_switch(nat)
             netns.add_veth(flows.nat_port(nat, "inside"), NAT_INSIDE_IF, sw, ns)
             netns.add_veth(flows.nat_port(nat, "public"), NAT_OUTSIDE_IF, sw, ns)
             netns.add_veth(f"m-{nat}", NAT_MGMT_IF, mg, ns)
             _ip_batch(mg, [f"link set m-{nat} master {MGMT_BRIDGE}"])
-            self.nat_node(nat).configure()
-        self.ovs.add_bridge(self.bridge, self.switch_ports())
-        self.ovs.replace_flows(self.bridge, self.flows_for(topo.active_nat))
+            (self.fw_node(nat) if topo.function == "firewall" else self.nat_node(nat)).configure()
+        if not topo.multi_machine:
+            self.ovs.add_bridge(self.bridge, self.switch_ports())
+            self.ovs.replace_flows(self.bridge, self.flows_for(topo.active_nat))
+            return
+        assert topo.underlay is not None
+        for m, ovs in self.switches.items():
+            # One tunnel key per network and direction (fabric.tunnel_code): a port each, so rules match on the port alone.
+            tunnels = {name: [f"type={topo.underlay.tunnel}", f"options:remote_ip={topo.machines[peer].underlay}", f"options:key={tunnel_code(net, towards)}"]
+                       for name, (peer, net, towards, _) in flows.tunnel_ports(topo, m).items()}
+            ovs.add_bridge(self.bridge, self.switch_ports(m), tunnels)
+            ovs.replace_flows(self.bridge, flows.machine_plan(topo, m, topo.active_nat))
+
+    def _build_underlay(self) -> None:
+        """The machines' underlay: a Linux bridge in its own namespace, a veth to each machine's ``br-phy``."""
+        topo = self.topology
+        assert topo.underlay is not None
+        ul = self.underlay_netns
+        _ip_batch(ul, [f"link add {UNDERLAY_BRIDGE} type bridge", f"link set {UNDERLAY_BRIDGE} mtu {UNDERLAY_MTU}", f"link set {UNDERLAY_BRIDGE} up"])
+        for m, machine in topo.machines.items():
+            ns = self.machine_netns(m)
+            netns.add_veth(f"u-{m}", UNDERLAY_IF, ul, ns, mtu=UNDERLAY_MTU)
+            _ip_batch(ul, [f"link set u-{m} master {UNDERLAY_BRIDGE}"])
+            # The machine's tunnel endpoint: an OVS bridge holding the address
+            # (Open vSwitch's userspace tunnels route and resolve through it).
+            self.switches[m].add_phy_bridge(PHY_BRIDGE, UNDERLAY_IF, UNDERLAY_MTU)
+            netns.disable_offloads(PHY_BRIDGE, ns)
+            _ip_batch(ns, [f"addr add {machine.underlay}/{topo.underlay.subnet.prefixlen} dev {PHY_BRIDGE}", f"link set {PHY_BRIDGE} up"])
 
     def healthy(self) -> bool:
         """Whether the testbed is up and whole: state says up, every namespace exists, daemons run, ports attached."""
         state = _read_json(self.home / "state.json")
         if not state or state.get("phase") != "up":
             return False
-        wanted = {self.switch_netns, self.mgmt_netns, *(self.netns(n) for n in (*self.topology.hosts, *self.topology.nats))}
-        if not wanted <= set(netns.list_netns(f"{self.prefix}-")) or not self.ovs.running():
+        if not set(self._namespaces()) <= set(netns.list_netns(f"{self.prefix}-")):
+            return False
+        if not all(ovs.running() for ovs in self.switches.values()):
             return False
         try:
-            return self.ovs.ofports(self.bridge) == self.switch_ports()
+            return all(ovs.ofports(self.bridge) == self.switch_ports(m) for m, ovs in self.switches.items())
         except TestbedError:
             return False
 
@@ -320,8 +430,10 @@ class Testbed:
         found = leftovers(self.prefix, self.home.parent)
         found.pop("lock_file")  # ours, held right now; down() removes it
         # Daemons first, by pidfile, so they exit cleanly before their
-        # namespace (and the ports they hold) disappears.
-        self.ovs.stop()
+        # namespace (and the ports they hold) disappears; every machine's,
+        # also those of a topology other than the one given now.
+        for home in sorted(self.home.glob("ovs*")):
+            Ovs(home).stop()
         for ns in found["namespaces"]:
             netns.delete(ns)  # also kills anything else still running in it
         for link in found["root_links"]:
@@ -358,20 +470,38 @@ class Testbed:
 
         Both directions change in the same bundle: there is no instant where
         one direction goes through the old node and the other through the new.
+        With machines, one bundle per switch, make-before-break
+        (:class:`FabricSteering`); :attr:`last_steps` then says which, with
+        seconds each.
         """
-        table = self.flows_for(self._nat(nat).name)
         t0 = time.perf_counter()
-        self.ovs.replace_flows(self.bridge, table)
+        if self.topology.multi_machine:
+            steering = self.steering()
+            try:
+                steering.point_to(self._nat(nat).name)
+            except NatmigError as e:
+                raise TestbedError(f"testbed {self.prefix}: {e}") from e
+            self.last_steps = [(step.switch, step.stage, secs) for step, secs in steering.steps]
+        else:
+            self.ovs.replace_flows(self.bridge, self.flows_for(self._nat(nat).name))
         elapsed = time.perf_counter() - t0
         self._write_state(phase="up", active_nat=nat)
         return elapsed
 
-    def restart_switch(self, down: float = 0.0) -> None:
-        """Restart the switch daemon (ovs-vswitchd) keeping its flows, as an operator's restart does."""
-        self.ovs.restart_vswitchd(self.bridge, down)
+    def restart_switch(self, down: float = 0.0, machine: str | None = None) -> None:
+        """Restart a switch daemon (ovs-vswitchd) keeping its flows, as an operator's restart does (with machines: ``machine``'s, default the first)."""
+        ovs = self.ovs if machine is None else self.switches.get(machine)
+        if ovs is None:
+            raise TestbedError(f"{machine!r} is not a machine of topology {self.topology.name} (one of: {', '.join(self.topology.machines) or 'none'})")
+        ovs.restart_vswitchd(self.bridge, down)
 
     def active_nat(self) -> str | None:
-        """The NAT node the switch's flows point at, read from the switch (None when none)."""
+        """The NAT node the switch's flows point at, read from the switch (None when none); with machines, from every switch."""
+        if self.topology.multi_machine:
+            try:
+                return self.steering().active()
+            except NatmigError as e:
+                raise TestbedError(f"testbed {self.prefix}: {e}") from e
         nats = flows.nats_in_flows(self.topology, self.ovs.dump_flows(self.bridge))
         if len(nats) > 1:
             raise TestbedError(f"testbed {self.prefix}: flows point at several NAT nodes: {', '.join(sorted(nats))}")
@@ -379,6 +509,14 @@ class Testbed:
 
     def port_counters(self) -> dict[str, PortStats]:
         """OpenFlow counters by switch port name: proof of which NAT node carries traffic."""
+        if self.topology.multi_machine:
+            # Host and NAT-leg names are unique across machines; tunnel ports get their machine's name first.
+            out = {}
+            for m, ovs in self.switches.items():
+                names = {n: (name if name in self.topology.hosts or name.rsplit("-", 1)[0] in self.topology.nats else f"{m}/{name}")
+                         for name, n in self.switch_ports(m).items()}
+                out.update({names[n]: s for n, s in ovs.port_stats(self.bridge).items() if n in names})
+            return out
         names = {n: name for name, n in self.switch_ports().items()}
         return {names[n]: s for n, s in self.ovs.port_stats(self.bridge).items() if n in names}
 
@@ -408,17 +546,29 @@ class Testbed:
             nodes[name] = {"kind": kind, "netns": ns, "exists": ns in existing, "addresses": _addresses(ns) if ns in existing else {}}
             if kind == "nat":
                 nodes[name]["mgmt_address"] = self.mgmt_address(name)
-        pids = self.ovs.pids()
-        ports: dict[str, Any] = {}
+        switches: dict[str, Any] = {}
         active = None
-        if len(pids) == 2:
+        for m, ovs in self.switches.items():
+            pids = ovs.pids()
+            ports: dict[str, Any] = {}
+            if len(pids) == 2:
+                try:
+                    counters = {n: c for n, c in ovs.port_stats(self.bridge).items()}
+                    ofports = ovs.ofports(self.bridge)
+                    ports = {name: {"ofport": ofports.get(name), **(vars(counters[n]) if n in counters else {})} for name, n in self.switch_ports(m).items()}
+                except TestbedError as e:
+                    ports = {"error": str(e)}
+            ns = ovs.netns or ""
+            switches[m] = {"netns": ns, "exists": ns in existing, "bridge": self.bridge, "rundir": str(ovs.rundir), "daemons": pids, "ports": ports}
+            if m:
+                switches[m]["underlay"] = str(self.topology.machines[m].underlay)
+                switches[m]["nodes"] = self.topology.on_machine(m)
+        if all(len(ovs.pids()) == 2 for ovs in self.switches.values()):
             try:
-                counters = self.port_counters()
-                ofports = self.ovs.ofports(self.bridge)
-                ports = {name: {"ofport": ofports.get(name), **(vars(counters[name]) if name in counters else {})} for name in self.switch_ports()}
                 active = self.active_nat()
             except TestbedError as e:
-                ports = {"error": str(e)}
+                active = f"unknown ({e})"
+        multi = self.topology.multi_machine
         return {
             "prefix": self.prefix,
             "topology": self.topology.source,
@@ -427,7 +577,10 @@ class Testbed:
             "active_nat": active,
             "public_address": self.public_address,
             "nodes": nodes,
-            "switch": {"netns": self.switch_netns, "exists": self.switch_netns in existing, "bridge": self.bridge, "rundir": str(self.rundir), "daemons": pids, "ports": ports},
+            **({"machines": switches, "underlay": {"netns": self.underlay_netns, "exists": self.underlay_netns in existing,
+                                                   "subnet": str(self.topology.underlay.subnet) if self.topology.underlay else None,
+                                                   "tunnel": self.topology.underlay.tunnel if self.topology.underlay else None}}
+               if multi else {"switch": switches[""]}),
             "management": {"netns": self.mgmt_netns, "exists": self.mgmt_netns in existing, "subnet": str(self.topology.management.subnet), "controller": self.controller_address},
         }
 

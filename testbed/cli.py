@@ -24,7 +24,12 @@ def _up(args: argparse.Namespace) -> int:
     built = tb.up()
     took = time.perf_counter() - t0
     if built:
-        print(f"testbed {tb.prefix} up in {took:.2f} s: traffic through {tb.topology.active_nat}; switch rundir {tb.rundir}")
+        if tb.topology.multi_machine:
+            rundirs = ", ".join(f"{m} {ovs.rundir}" for m, ovs in tb.switches.items())
+            print(f"testbed {tb.prefix} up in {took:.2f} s: {len(tb.switches)} machines joined by {tb.topology.underlay.tunnel if tb.topology.underlay else ''} tunnels;"
+                  f" traffic through {tb.topology.active_nat}; switch rundirs: {rundirs}")
+        else:
+            print(f"testbed {tb.prefix} up in {took:.2f} s: traffic through {tb.topology.active_nat}; switch rundir {tb.rundir}")
     else:
         print(f"testbed {tb.prefix} already up (nothing changed)")
     return 0
@@ -45,7 +50,9 @@ def _down(args: argparse.Namespace) -> int:
 def _point_to(args: argparse.Namespace) -> int:
     tb = _testbed(args)
     took = tb.point_to(args.nat)
-    print(f"testbed {tb.prefix}: traffic now through {tb.active_nat()} ({took * 1000:.1f} ms, one OpenFlow bundle)")
+    how = "one OpenFlow bundle" if not tb.topology.multi_machine else (
+        "one bundle per switch: " + (", ".join(f"{stage} {m} {secs * 1000:.1f} ms" for m, stage, secs in tb.last_steps) or "nothing to change"))
+    print(f"testbed {tb.prefix}: traffic now through {tb.active_nat()} ({took * 1000:.1f} ms, {how})")
     return 0
 
 
@@ -81,17 +88,27 @@ def format_status(st: dict[str, Any]) -> str:
     for name, n in st["nodes"].items():
         addrs = "  ".join(f"{ifname} {','.join(a)}" for ifname, a in n["addresses"].items()) or ("(no namespace)" if not n["exists"] else "-")
         lines.append(f"    {name:<10} {n['kind']:<4} {n['netns']:<20} {addrs}")
-    sw = st["switch"]
+    if "machines" in st:
+        u = st["underlay"]
+        lines.append(f"  underlay: {u['subnet']} in {u['netns']}{'' if u['exists'] else ' (missing)'}, {u['tunnel']} tunnels")
+        for m, sw in st["machines"].items():
+            lines += _switch_lines(f"machine {m} ({sw['underlay']}: {', '.join(sw['nodes'])})", sw)
+    else:
+        lines += _switch_lines("switch", st["switch"])
+    m = st["management"]
+    lines.append(f"  management: {m['subnet']} in {m['netns']}{'' if m['exists'] else ' (missing)'}, controller {m['controller']}")
+    return "\n".join(lines)
+
+
+def _switch_lines(title: str, sw: dict[str, Any]) -> list[str]:
     daemons = ", ".join(f"{d} pid {p}" for d, p in sw["daemons"].items()) or "not running"
-    lines.append(f"  switch: bridge {sw['bridge']} in {sw['netns']}, {daemons}; OVS_RUNDIR={sw['rundir']}")
+    lines = [f"  {title}: bridge {sw['bridge']} in {sw['netns']}, {daemons}; OVS_RUNDIR={sw['rundir']}"]
     for port, p in sw["ports"].items():
         if isinstance(p, dict):
             lines.append(f"    {port:<10} ofport {p.get('ofport')}  rx {p.get('rx_packets', '-')} pkts  tx {p.get('tx_packets', '-')} pkts")
         else:
             lines.append(f"    {port}: {p}")
-    m = st["management"]
-    lines.append(f"  management: {m['subnet']} in {m['netns']}{'' if m['exists'] else ' (missing)'}, controller {m['controller']}")
-    return "\n".join(lines)
+    return lines
 
 
 _COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {

@@ -17,11 +17,17 @@ differ, and both directions change in the same bundle.  Among them are the
 rules the controller installs): what a NAT node sends to the inside gateway
 MAC, packets it held while its admission was closed, goes to the active
 node's inside leg.
+
+With machines declared (docs/multihost.md) each machine has its own switch
+holding its local hosts and NAT legs (the same port numbers as on one
+switch) and four tunnel ports to each other machine; their flows are
+planned by :mod:`natmig.controller.fabric`.
 """
 
 from __future__ import annotations
 
-from ..controller.plan import NatPorts, SwitchLayout, flow_table
+from ..controller.fabric import DIRECTIONS, Fabric, MachinePorts, machine_table, tunnel_code
+from ..controller.plan import NETWORKS, NatPorts, SwitchLayout, flow_table
 from ..controller.plan import nats_in_flows as _nats_in_flows
 from .topology import Topology
 
@@ -69,3 +75,50 @@ def plan(topo: Topology, active: str) -> str:
 def nats_in_flows(topo: Topology, flows: list[str]) -> set[str]:
     """The NAT nodes a dumped flow table sends traffic to (a port of theirs in an output action)."""
     return set(_nats_in_flows(layout(topo), flows))
+
+
+def tunnel_ports(topo: Topology, machine: str) -> dict[str, tuple[str, str, str, int]]:
+    """Tunnel port name -> (peer machine, network, direction, OpenFlow port) on ``machine``'s switch.
+
+    Named ``t<peer>-<key>`` (the tunnel key, 1..4, see
+    :func:`natmig.controller.fabric.tunnel_code`) and numbered
+    ``200 + 10 * <peer's index> + <key>``: the same key on both ends, so a
+    frame sent into ``tB-1`` on A arrives on B's ``tA-1``.
+    """
+    out = {}
+    for i, peer in enumerate(topo.machines):
+        if peer == machine:
+            continue
+        for network in NETWORKS:
+            for towards in DIRECTIONS:
+                code = tunnel_code(network, towards)
+                out[f"t{peer}-{code}"] = (peer, network, towards, 200 + 10 * i + code)
+    return out
+
+
+def machine_ports(topo: Topology, machine: str) -> dict[str, int]:
+    """Switch port name -> OpenFlow port number on ``machine``'s switch: local hosts, local NAT legs, tunnels."""
+    local = set(topo.on_machine(machine))
+    ports = {name: n for name, n in port_names(topo).items() if name.rsplit("-", 1)[0] in local or name in local}
+    ports.update({name: t[3] for name, t in tunnel_ports(topo, machine).items()})
+    return ports
+
+
+def fabric(topo: Topology) -> Fabric:
+    """The switches of a topology with machines, as the fabric planner sees them."""
+    ports = port_names(topo)
+    machines = {}
+    for name in topo.machines:
+        hosts = {net: tuple(ports[h.name] for h in topo.hosts_on(net) if h.machine == name) for net in NETWORKS}
+        nats = {n.name: NatPorts(ports[nat_port(n.name, "inside")], ports[nat_port(n.name, "public")])
+                for n in topo.nats.values() if n.machine == name}
+        tunnels = {(peer, net, towards): ofport for peer, net, towards, ofport in tunnel_ports(topo, name).values()}
+        machines[name] = MachinePorts(name, hosts, nats, tunnels)
+    return Fabric(topo.bridge, machines, topo.networks["inside"].gateway_mac, _PRIORITY, COOKIE)
+
+
+def machine_plan(topo: Topology, machine: str, active: str) -> str:
+    """The whole flow table of ``machine``'s switch steering through ``active`` (one flow a line)."""
+    if active not in topo.nats:
+        raise ValueError(f"{active!r} is not a NAT node of topology {topo.name} (one of: {', '.join(topo.nats)})")
+    return "".join(f"{line}\n" for line in machine_table(fabric(topo), machine, active))

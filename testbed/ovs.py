@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from .. import netns
 from . import ovsdb
@@ -188,11 +188,13 @@ class Ovs:
 
     # -- the bridge -----------------------------------------------------
 
-    def add_bridge(self, bridge: str, ports: dict[str, int]) -> None:
+    def add_bridge(self, bridge: str, ports: dict[str, int], settings: Mapping[str, Sequence[str]] | None = None) -> None:
         """Create a userspace-datapath bridge in secure fail mode with ``ports`` (name -> ofport), in one transaction.
 
         Secure fail mode: with no flow the bridge drops, it never falls back
         to a learning switch that would leak traffic between the NAT nodes.
+        ``settings``: more Interface columns of some ports (a tunnel's
+        ``type=gre``, ``options:remote_ip=...``).
         """
         args = [
             "--may-exist", "add-br", bridge, "--",
@@ -201,8 +203,20 @@ class Ovs:
             "other-config:disable-in-band=true",
         ]
         for name, ofport in ports.items():
-            args += ["--", "--may-exist", "add-port", bridge, name, "--", "set", "interface", name, f"ofport_request={ofport}"]
+            args += ["--", "--may-exist", "add-port", bridge, name, "--", "set", "interface", name, f"ofport_request={ofport}",
+                     *(settings or {}).get(name, ())]
         self.vsctl(*args)
+
+    def add_phy_bridge(self, bridge: str, port: str, mtu: int) -> None:
+        """A userspace-datapath learning bridge on ``port`` whose own interface carries a machine's underlay address.
+
+        Open vSwitch's userspace tunnels leave through the bridge that holds
+        the route to the remote endpoint; a plain learning switch (standalone
+        fail mode) is all the underlay needs.
+        """
+        self.vsctl("--may-exist", "add-br", bridge, "--", "set", "bridge", bridge, "datapath_type=netdev",
+                   "other-config:disable-in-band=true", "--", "set", "interface", bridge, f"mtu_request={mtu}",
+                   "--", "--may-exist", "add-port", bridge, port)
 
     def ofports(self, bridge: str) -> dict[str, int]:
         """Port name -> OpenFlow port number of the bridge (the bridge's own port excluded), read over OVSDB."""

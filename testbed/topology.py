@@ -9,6 +9,13 @@ once, each naming the field at fault, e.g.
 
 Links are given by each host's ``network`` (one switch port per host) and by
 the NAT nodes (an inside and a public switch port each); see docs/testbed.md.
+
+A topology may also declare machines (``[machines.A]``, each with its
+underlay address) and an ``[underlay]`` (subnet and tunnel type): each end
+host and NAT node then names the ``machine`` it runs on, every machine has
+its own switch, and the switches are joined by tunnels over the underlay
+(docs/multihost.md).  Without ``[machines]`` everything is on one machine,
+as in the demo.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,8 +42,15 @@ NETWORKS = ("inside", "public")
 _NODE_NAME = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _BRIDGE = re.compile(r"^[a-z][a-z0-9_-]{0,14}$")
-#: Namespace names the testbed itself uses (``<prefix>-ovs``, ``<prefix>-mgmt``).
-RESERVED = ("ovs", "mgmt")
+#: Namespace names the testbed itself uses (``<prefix>-ovs``, ``<prefix>-mgmt``, ``<prefix>-underlay``).
+RESERVED = ("ovs", "mgmt", "underlay")
+# Machine names are parts of tunnel-port names ("t<machine>-<n>", at most 15).
+_MACHINE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,7}$")
+#: Tunnel types Open vSwitch's userspace datapath carries (GRE: the original deployment's).
+TUNNELS = ("gre", "vxlan", "geneve")
+#: What the nodes between the two networks run: a NAT (the default), or a stateful firewall (agent/fwnode.py).
+FUNCTIONS = ("nat", "firewall")
+_SERVICE = re.compile(r"^(tcp|udp) ([0-9.]+):([0-9]+)$")
 
 
 class TopologyError(TestbedError):
@@ -67,11 +81,12 @@ class Network:
 
 @dataclass(frozen=True)
 class Host:
-    """An end host: a namespace with one interface on one data network."""
+    """An end host: a namespace with one interface on one data network (on ``machine``, when machines are declared)."""
 
     name: str
     network: str
     address: ipaddress.IPv4Address
+    machine: str = ""
 
 
 @dataclass(frozen=True)
@@ -87,6 +102,17 @@ class Nat:
     mgmt_address: ipaddress.IPv4Address
     port_range: tuple[int, int]
     pool: tuple[PublicRange, ...] = ()
+    machine: str = ""
+
+
+@dataclass(frozen=True)
+class FirewallPolicy:
+    """What a firewall node admits: inbound ``services`` (protocol, inside address, port), and its flood limit."""
+
+    services: tuple[tuple[str, str, int], ...] = ()
+    new_rate: int = 20
+    new_burst: int = 40
+    block_timeout: int = 60
 
 
 @dataclass(frozen=True)
@@ -95,6 +121,22 @@ class Management:
 
     subnet: ipaddress.IPv4Network
     controller: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True)
+class Machine:
+    """An emulated machine: its own switch, reached by the others at ``underlay`` (its tunnel endpoint)."""
+
+    name: str
+    underlay: ipaddress.IPv4Address
+
+
+@dataclass(frozen=True)
+class Underlay:
+    """The network between machines, and the tunnel type their switches are joined by."""
+
+    subnet: ipaddress.IPv4Network
+    tunnel: str = "gre"
 
 
 @dataclass(frozen=True)
@@ -111,6 +153,21 @@ class Topology:
     source: str = "<memory>"
     #: The TOML text it was read from (kept so a running testbed can be re-attached).
     text: str = ""
+    #: What the nodes run (one of FUNCTIONS); a firewall's policy in ``firewall``.
+    function: str = "nat"
+    firewall: FirewallPolicy | None = None
+    #: Declared machines, in file order; empty: everything on one machine.
+    machines: dict[str, Machine] = field(default_factory=dict)
+    underlay: Underlay | None = None
+
+    @property
+    def multi_machine(self) -> bool:
+        """Whether the topology places its nodes on several machines joined by tunnels."""
+        return bool(self.machines)
+
+    def on_machine(self, machine: str) -> list[str]:
+        """Names of the hosts and NAT nodes placed on ``machine``, hosts first, in file order."""
+        return [h.name for h in self.hosts.values() if h.machine == machine] + [n.name for n in self.nats.values() if n.machine == machine]
 
     @property
     def public_address(self) -> str:
@@ -215,6 +272,53 @@ def _port_range(value: Any) -> tuple[int, int]:
     return (low, high)
 
 
+def _service(value: Any) -> tuple[str, str, int]:
+    m = _SERVICE.match(_str(value))
+    if not m:
+        raise ValueError("")
+    port = int(m.group(3))
+    if not 1 <= port <= 65535:
+        raise ValueError("port not in 1..65535")
+    return (m.group(1), str(ipaddress.IPv4Address(m.group(2))), port)
+
+
+def _positive(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError("")
+    return value
+
+
+def _firewall(ck: _Checker, doc: dict[str, Any], function: str | None, inside: Network | None) -> FirewallPolicy | None:
+    """The ``[firewall]`` table: only with ``function = "firewall"``, its services on the inside network."""
+    raw = doc.get("firewall")
+    if function != "firewall":
+        if raw is not None:
+            ck.bad("firewall", 'only with function = "firewall"')
+        return None
+    if raw is None:
+        return FirewallPolicy()
+    if not isinstance(raw, dict):
+        ck.bad("firewall", f"must be a table, not {type(raw).__name__}")
+        return None
+    ck.keys(raw, {"services", "new_rate", "new_burst", "block_timeout"}, "firewall")
+    services = []
+    listed = raw.get("services", [])
+    if not isinstance(listed, list):
+        ck.bad("firewall.services", "must be a list of strings like \"tcp 10.0.0.20:5001\"")
+        listed = []
+    for i, v in enumerate(listed):
+        svc = ck.field({"s": v}, "s", f"firewall.services[{i}]", _service, 'a service like "tcp 10.0.0.20:5001"')
+        if svc is not None and inside is not None and ipaddress.IPv4Address(svc[1]) not in inside.subnet:
+            ck.bad(f"firewall.services[{i}]", f"{svc[1]} is not in networks.inside.subnet {inside.subnet}")
+        elif svc is not None:
+            services.append(svc)
+    limits = {k: ck.field(raw, k, f"firewall.{k}", _positive, "a positive integer", default=d)
+              for k, d in (("new_rate", 20), ("new_burst", 40), ("block_timeout", 60))}
+    if any(v is None for v in limits.values()):
+        return None
+    return FirewallPolicy(tuple(services), **limits)
+
+
 def _check_in(ck: _Checker, where: str, addr: ipaddress.IPv4Address | None, net: ipaddress.IPv4Network | None, net_where: str) -> None:
     """A host address must be a usable address of its subnet."""
     if addr is None or net is None:
@@ -254,8 +358,12 @@ def _pool(
 def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topology:
     """Validate a decoded topology document; :class:`TopologyError` lists every problem."""
     ck = _Checker()
-    ck.keys(doc, {"name", "bridge", "active_nat", "networks", "hosts", "nats", "management"}, "")
+    ck.keys(doc, {"name", "bridge", "active_nat", "networks", "hosts", "nats", "management", "function", "firewall", "machines", "underlay"}, "")
     name = ck.field(doc, "name", "name", _str, "a string", default="testbed")
+    function = ck.field(doc, "function", "function", _str, "a string", default="nat")
+    if function is not None and function not in FUNCTIONS:
+        ck.bad("function", f"{function!r} is not one of {', '.join(FUNCTIONS)}")
+        function = None
     bridge = ck.field(doc, "bridge", "bridge", lambda v: _name(_BRIDGE, v), "a bridge name (a-z, then a-z 0-9 _ -, at most 15)", default="br0")
 
     networks: dict[str, Network] = {}
@@ -279,6 +387,8 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
     if len(set(macs)) != len(macs):
         ck.bad("networks.public.gateway_mac", "is the same as networks.inside.gateway_mac; each network needs its own")
 
+    machines, underlay = _machines(ck, doc, networks)
+
     hosts: dict[str, Host] = {}
     raw_hosts = ck.table(doc, "hosts", "hosts")
     taken: dict[ipaddress.IPv4Address, str] = {n.gateway: f"networks.{n.name}.gateway" for n in networks.values()}
@@ -291,7 +401,8 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
         if not isinstance(raw, dict):
             ck.bad(where, f"must be a table, not {type(raw).__name__}")
             continue
-        ck.keys(raw, {"network", "address"}, where)
+        ck.keys(raw, {"network", "address", "machine"}, where)
+        machine = _placed(ck, raw, where, machines, "machines" in doc)
         net = ck.field(raw, "network", f"{where}.network", _str, "a network name")
         if net is not None and net not in NETWORKS:
             ck.bad(f"{where}.network", f"{net!r} is not a network (one of: {', '.join(NETWORKS)})")
@@ -304,7 +415,7 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
         elif addr is not None:
             taken[addr] = f"{where}.address"
         if net is not None and addr is not None:
-            hosts[host_name] = Host(host_name, net, addr)
+            hosts[host_name] = Host(host_name, net, addr, machine)
     # Judged on what the file declares, so one bad address does not also
     # report its network as empty.
     declared = {raw.get("network") for raw in raw_hosts.values() if isinstance(raw, dict)}
@@ -322,6 +433,8 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
         for n in networks.values():
             if msub is not None and msub.overlaps(n.subnet):
                 ck.bad("management.subnet", f"{msub} overlaps networks.{n.name}.subnet {n.subnet}; the management network is separate")
+        if msub is not None and underlay is not None and msub.overlaps(underlay.subnet):
+            ck.bad("management.subnet", f"{msub} overlaps underlay.subnet {underlay.subnet}; the management network is separate")
         if msub is not None and mctl is not None:
             mgmt = Management(msub, mctl)
 
@@ -339,7 +452,8 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
         if not isinstance(raw, dict):
             ck.bad(where, f"must be a table, not {type(raw).__name__}")
             continue
-        ck.keys(raw, {"management", "ports", "pool"}, where)
+        ck.keys(raw, {"management", "ports", "pool", "machine"}, where)
+        machine = _placed(ck, raw, where, machines, "machines" in doc)
         maddr = ck.field(raw, "management", f"{where}.management", _address, "an IPv4 address")
         ports = ck.field(raw, "ports", f"{where}.ports", _port_range, "a port range like \"20000-29999\"")
         pool = _pool(ck, raw, f"{where}.pool", ports, networks.get("public"), taken)
@@ -350,7 +464,7 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
         elif maddr is not None:
             mgmt_taken[maddr] = f"{where}.management"
         if maddr is not None and ports is not None:
-            nats[nat_name] = Nat(nat_name, maddr, ports, pool)
+            nats[nat_name] = Nat(nat_name, maddr, ports, pool, machine)
     if not raw_nats and "nats" in doc:
         ck.bad("nats", "no NAT node (at least one is needed)")
 
@@ -358,10 +472,69 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
     if active is not None and raw_nats and active not in raw_nats:
         ck.bad("active_nat", f"{active!r} is not a NAT node (one of: {', '.join(raw_nats)})")
 
+    policy = _firewall(ck, doc, function, networks.get("inside"))
+
     if ck.problems:
         raise TopologyError(source, ck.problems)
-    assert mgmt is not None and active is not None  # guaranteed when no problem was found
-    return Topology(name, bridge, networks, hosts, nats, mgmt, active, source, text)
+    assert mgmt is not None and active is not None and function is not None  # guaranteed when no problem was found
+    return Topology(name, bridge, networks, hosts, nats, mgmt, active, source, text, function, policy, machines, underlay)
+
+
+def _machines(ck: _Checker, doc: dict[str, Any], networks: dict[str, Network]) -> tuple[dict[str, Machine], Underlay | None]:
+    """The ``[machines]`` and the ``[underlay]`` joining them: both or neither."""
+    if "machines" not in doc and "underlay" not in doc:
+        return {}, None
+    raw_under = ck.table(doc, "underlay", "underlay")
+    underlay = None
+    if raw_under:
+        ck.keys(raw_under, {"subnet", "tunnel"}, "underlay")
+        usub = ck.field(raw_under, "subnet", "underlay.subnet", _subnet, "an IPv4 network like 198.51.100.0/24")
+        tunnel = ck.field(raw_under, "tunnel", "underlay.tunnel", _str, "a tunnel type", default="gre")
+        if tunnel is not None and tunnel not in TUNNELS:
+            ck.bad("underlay.tunnel", f"{tunnel!r} is not a tunnel type (one of: {', '.join(TUNNELS)})")
+            tunnel = None
+        for n in networks.values():
+            if usub is not None and usub.overlaps(n.subnet):
+                ck.bad("underlay.subnet", f"{usub} overlaps networks.{n.name}.subnet {n.subnet}; the underlay is separate from the data networks")
+        if usub is not None and tunnel is not None:
+            underlay = Underlay(usub, tunnel)
+    machines: dict[str, Machine] = {}
+    raw_machines = ck.table(doc, "machines", "machines")
+    taken: dict[ipaddress.IPv4Address, str] = {}
+    for name, raw in raw_machines.items():
+        where = f"machines.{name}"
+        if not _MACHINE_NAME.match(name):
+            ck.bad(where, "name must be a letter then letters or digits, at most 8 characters (it names tunnel ports)")
+        if not isinstance(raw, dict):
+            ck.bad(where, f"must be a table, not {type(raw).__name__}")
+            continue
+        ck.keys(raw, {"underlay"}, where)
+        addr = ck.field(raw, "underlay", f"{where}.underlay", _address, "an IPv4 address")
+        if underlay is not None:
+            _check_in(ck, f"{where}.underlay", addr, underlay.subnet, "underlay.subnet")
+        if addr is not None and addr in taken:
+            ck.bad(f"{where}.underlay", f"{addr} is already used by {taken[addr]}")
+        elif addr is not None:
+            taken[addr] = f"{where}.underlay"
+            machines[name] = Machine(name, addr)
+    if "machines" in doc and not raw_machines:
+        ck.bad("machines", "no machine (declare at least one, or leave [machines] out for one machine)")
+    return machines, underlay
+
+
+def _placed(ck: _Checker, raw: dict[str, Any], where: str, machines: dict[str, Machine], declared: bool) -> str:
+    """The machine a node is placed on: required when machines are declared, refused otherwise."""
+    if not declared:
+        if "machine" in raw:
+            ck.bad(f"{where}.machine", "no [machines] are declared (declare them, or leave machine out)")
+        return ""
+    machine = ck.field(raw, "machine", f"{where}.machine", _str, "a machine name")
+    if machine is None:
+        return ""
+    if machine not in machines:
+        ck.bad(f"{where}.machine", f"{machine!r} is not a machine (one of: {', '.join(machines) or 'none'})")
+        return ""
+    return machine
 
 
 def loads(text: str, source: str = "<string>") -> Topology:

@@ -158,3 +158,49 @@ def test_outbox_sends_what_waited_once_the_client_catches_up() -> None:
         return ch.out
 
     assert asyncio.run(go()) == [b"x", b"y"]
+
+
+def test_a_filter_selects_the_events_form_state_change_or_nat_session_event(tmp_path: Path) -> None:
+    """One event, two forms: the generic engine selects natmig-state's state-change, the NAT migration its own event."""
+    from natmig.controller.statenode import StateNode
+
+    def tags(c: object, n: int) -> list[str]:
+        out = []
+        while len(out) < n and (note := c.take_notification(2.0)) is not None:  # type: ignore[attr-defined]
+            out += [e.tag.split("}")[1] for e in note if not e.tag.endswith("eventTime")]
+        time.sleep(0.2)
+        while (note := c.take_notification(0)) is not None:  # type: ignore[attr-defined]
+            out += [e.tag.split("}")[1] for e in note if not e.tag.endswith("eventTime")]
+        return out
+
+    a = RunningAgent(tmp_path)
+    try:
+        with a.client() as generic_c, a.client() as nat_c, a.client() as both_c, a.client() as decoding_c:
+            StateNode(generic_c).subscribe()
+            nat_c.subscribe()
+            both_c.create_subscription()
+            decoding = StateNode(decoding_c)
+            decoding.discover()
+            decoding.subscribe()
+            a.provider.apply([S(7)])
+            assert tags(generic_c, 1) == ["state-change"]
+            assert tags(nat_c, 1) == ["nat-session-event"]
+            assert sorted(tags(both_c, 2)) == ["nat-session-event", "state-change"]
+            # and the state-change is the entry as get-config gives it, in the list the agent's yang-library names
+            [(lst, kind, entry)] = decoding.changes(timeout=5)
+            assert (lst.qname, kind) == ("nat-session:nat-session", "created")
+            assert dict(zip((s.name for s in lst.leaves), entry))["src_port"] == 7
+    finally:
+        a.stop()
+
+
+def test_a_filter_that_selects_what_the_agent_does_not_send_is_refused_by_name(tmp_path: Path) -> None:
+    from natmig.errors import ControllerError
+
+    a = RunningAgent(tmp_path)
+    try:
+        with a.client() as c:
+            with pytest.raises(ControllerError, match=r"the filter selects <agent-up> .*this agent sends <nat-session-event>"):
+                c.create_subscription(("urn:natmig:yang:natmig-controller", "agent-up"))
+    finally:
+        a.stop()

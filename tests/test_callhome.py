@@ -152,5 +152,23 @@ def test_a_migration_on_the_registered_sessions_connects_to_nothing(tmp_path: Pa
         assert after["lb1"].up and after["lb2"].up  # the sessions stay open
         with pytest.raises(ControllerError, match="in a migration already"):
             reg.take("lb1"), reg.take("lb1")
+        reg.give_back("lb1")
+        # The way back, on the same sessions: the agents' libraries are the ones compiled at registration
+        # (same content-id), so the preflight fetches and compiles nothing.
+        fetched: list[str] = []
+        for name in ("lb1", "lb2"):
+            client = reg.take(name).client
+            reg.give_back(name)
+            real = client.get_schema
+            client.get_schema = lambda ident, version=None, real=real: fetched.append(ident) or real(ident, version)  # type: ignore[method-assign]
+        m = EngineMigration(lambda: reg.take("lb2"), lambda: reg.take("lb1"), "lb2", "lb1", EngineOptions(), close_nodes=False)
+        try:
+            back = m.run()
+        finally:
+            reg.give_back("lb1")
+            reg.give_back("lb2")
+        assert back.ok, back.text()
+        assert fetched == []
+        assert {e.name: e for e in reg.entries()}["lb1"].tables["lb-binding:binding"][0] == 100
     finally:
         home.close()

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natmig.codec import NETCONF_NS, default_codec
-from natmig.controller.plan import HANDSHAKE_STATES, for_target, for_target_text
 from natmig.controller.texttable import GROWTH, EntryStream, TextTable
 
 from .controller_fakes import sessions
@@ -98,13 +97,6 @@ def test_a_reply_without_a_plain_data_element_or_with_an_error_is_not_a_table():
     assert TextTable.of(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="3"><data xmlns="{NETCONF_NS}"></data></rpc-reply>', CODEC) is None
     assert TextTable.of(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="3"><ok/></rpc-reply>', CODEC) is None
     assert TextTable.of(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="3"><rpc-error><data/></rpc-error></rpc-reply>', CODEC) is None
-
-
-def test_handshake_states_in_text_become_established_exactly_as_for_target_does():
-    table = mixed(40)
-    assert any(s.tcp_state in HANDSHAKE_STATES for s in table)
-    got = CODEC.decode_xml(f'<data xmlns="{NETCONF_NS}">{for_target_text(text_of(table))}</data>')
-    assert got == for_target(table)
 
 
 # ------------------------------------------------ EntryStream: cut while it arrives

@@ -206,6 +206,38 @@ def test_a_controller_dead_after_the_copy_is_undone_by_the_agents_themselves(pai
         assert tgt.statistics()["lb-binding:binding"] == (0, "0000000000000000")
 
 
+class _SlowCopy(WholeLists):
+    """A copy slower than the confirm timeout (a loaded machine, a big table)."""
+
+    def copy(self, ctx: Context) -> dict:
+        time.sleep(0.7)
+        ctx.renew()
+        time.sleep(0.7)
+        return super().copy(ctx)
+
+
+def test_a_migration_longer_than_the_confirm_timeout_keeps_its_freeze_armed(pair: tuple[Served, Served]) -> None:
+    """The timeout bounds how long an agent waits for a dead controller, not how long a live migration may take."""
+    a, b = pair
+    a.load(*entries(40))
+    before = a.node().statistics()
+    m = migration(a, b, [Preflight(), Freeze(), Copy(_SlowCopy()), CatchUp(), Verify(), _Sleep(0.6), _Sleep(0.6), NoSwitch(), Finish()], confirm_timeout=1)
+    r = m.run()
+    assert r.ok, r.text()  # without renewal the source's freeze rolls back after 1 s and finish is refused
+    assert r.readback["lb2"].tables == before and r.readback["lb1"].admission is True
+
+
+class _Sleep(Phase):
+    name = "sleep"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def run(self, ctx: Context) -> str:
+        time.sleep(self.seconds)
+        return ""
+
+
 def test_phases_declare_what_they_need_and_a_missing_capability_stops_before_any_change(pair: tuple[Served, Served]) -> None:
     a, b = pair
 

@@ -15,6 +15,8 @@ def test_parse_expands_ranges_and_takes_default_ports() -> None:
     assert pool == (A, PublicRange("203.0.113.2", (1024, 2047)), PublicRange("203.0.113.3", (1024, 2047)))
     assert addresses(pool) == ["203.0.113.1", "203.0.113.2", "203.0.113.3"]
     assert parse("p", "198.51.100.7:1-65535") == (PublicRange("198.51.100.7", (1, 65535)),)
+    # Loopback and link-local are unicast: a protocol test's agent owns 127.0.0.1.
+    assert addresses(parse("p", ["127.0.0.1:1-9", "169.254.1.1:1-9"])) == ["127.0.0.1", "169.254.1.1"]
     assert parse_addresses("a", "203.0.113.1") == ["203.0.113.1"]
     # One address in two entries with disjoint ports is one address, two ranges.
     same = check("p", [A, PublicRange(A.address, (40000, 40009))])
@@ -32,8 +34,6 @@ def test_parse_expands_ranges_and_takes_default_ports() -> None:
         (["203.0.113.1-203.0.113.2:1-9", "203.0.113.2:5-6"], r"pool\[1\]: 203\.0\.113\.2:5-6 overlaps .* of pool\[0\]"),
         (["224.0.0.1:1-9"], r"pool\[0\]: 224\.0\.0\.1 is multicast"),
         (["0.0.0.0:1-9"], r"pool\[0\]: 0\.0\.0\.0 is unspecified"),
-        (["127.0.0.1:1-9"], r"loopback"),
-        (["169.254.1.1:1-9"], r"link-local"),
         (["255.255.255.255:1-9"], r"broadcast"),
         (["203.0.113.300:1-9"], r"pool\[0\]: '203\.0\.113\.300' is not an IPv4 address"),
         (["203.0.113.9-203.0.113.1:1-9"], r"empty range"),

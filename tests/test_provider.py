@@ -178,3 +178,23 @@ def test_memory_lookup_reads_only_the_keys_asked() -> None:
     p.apply([s(1000), s(1001, tport=20001)])
     missing = s(7).key
     assert p.lookup([s(1001).key, missing, s(1000).key, s(1001).key]) == [s(1001, tport=20001), s(1000)]
+
+
+def test_handshake_states_are_written_as_established_by_the_node():
+    """What a migration writes was read a moment ago on another node: the node writes handshakes as ESTABLISHED."""
+    from dataclasses import replace
+
+    from natmig.agent.provider import MemoryProvider, as_written
+
+    base = NatSession("TCP", "10.0.0.2", 4000, "198.51.100.7", 80, "203.0.113.1", 20001, "ESTABLISHED", 300)
+    table = [replace(base, src_port=4000 + i, translated_port=20001 + i, tcp_state=st, timeout=100 + i)
+             for i, st in enumerate(["SYN_SENT", "SYN_RECV", "SYN_SENT2", "FIN_WAIT", "ESTABLISHED"])]
+    udp = replace(base, protocol="UDP", tcp_state=None, src_port=5000)
+    out = as_written([*table, udp])
+    assert [s.tcp_state for s in out] == ["ESTABLISHED", "ESTABLISHED", "ESTABLISHED", "FIN_WAIT", "ESTABLISHED", None]
+    assert [s.timeout for s in out[:5]] == [100, 101, 102, 103, 104]
+    quiet = [table[3], udp]
+    assert as_written(quiet) is quiet  # nothing to change: the batch itself, no copy
+    p = MemoryProvider(owned={"203.0.113.1"})
+    p.apply(table)
+    assert sorted(s.tcp_state for s in p.list().sessions) == ["ESTABLISHED"] * 4 + ["FIN_WAIT"]

@@ -243,3 +243,37 @@ def test_testbed_names_and_nat_configs_follow_the_topology():
         tb.point_to("nat3")
     with pytest.raises(TestbedError, match="'router' is neither"):
         tb.netns("router")
+
+
+def test_the_firewall_topology_gives_firewall_nodes_their_policy():
+    t = topology.load(topology.DEFAULT_TOPOLOGY.parent / "firewall.toml")
+    assert t.function == "firewall" and list(t.nats) == ["fw1", "fw2"]
+    assert set(t.hosts) == {"client", "web", "server", "attacker"}
+    assert t.firewall is not None and ("tcp", "10.0.0.20", 5001) in t.firewall.services
+    c = Testbed(t, "nm1").fw_config("fw2")
+    assert c.name == "nm1-fw2" and c.inside_address == "10.0.0.1/24" and c.mgmt_address == "192.0.2.2/24"
+    assert c.inside_mac == "02:66:77:00:00:01" and c.new_burst == 100 and c.block_timeout == 120
+    assert topology.load(None).function == "nat"
+    with pytest.raises(TestbedError, match="not firewalls"):
+        Testbed(topology.load(None), "nm1").fw_config("nat1")
+
+
+@pytest.mark.parametrize("changes, field, why", [
+    ({"function": "router"}, "function", "'router' is not one of nat, firewall"),
+    ({"firewall": {"services": []}}, "firewall", 'only with function = "firewall"'),
+    ({"function": "firewall", "firewall": {"services": ["tcp 10.0.0.20"]}}, "firewall.services[0]", "is not a service"),
+    ({"function": "firewall", "firewall": {"services": ["udp 203.0.113.5:53"]}}, "firewall.services[0]", "not in networks.inside.subnet"),
+    ({"function": "firewall", "firewall": {"new_rate": 0}}, "firewall.new_rate", "not a positive integer"),
+    ({"function": "firewall", "firewall": {"colour": 1}}, "firewall.colour", "unknown field"),
+])
+def test_a_bad_firewall_topology_is_refused_naming_the_field(changes, field, why):
+    doc = copy.deepcopy(DEMO)
+    doc.update(changes)
+    with pytest.raises(TopologyError) as e:
+        topology.parse(doc)
+    assert any(p.startswith(f"{field}:") and why in p for p in e.value.problems), e.value.problems
+
+
+def test_demo_refuses_the_nat_demos_options_with_the_firewall(capsys):
+    assert main(["demo", "--nf", "firewall", "--plot", "x.png"]) == 2
+    assert "--plot: the NAT demo's alone" in capsys.readouterr().err

@@ -261,7 +261,8 @@ def test_on_20k_sessions_a_later_call_after_100_changes_reads_no_table(net: TwoN
         later = sorted(times)[2]
         print(f"20k: first statistics() {first * 1000:.1f} ms (a full read), later {later * 1000:.1f} ms")
         # Most of a later call is the kernel walking its hash table for what has
-        # expired (ctevents.expire: ~13 ms here for 262,144 buckets).
-        assert later < 0.1 and later < first / 4
+        # expired (ctevents.expire: ~13 ms here for 262,144 buckets).  What this test
+        # holds is that no table is read (dumps == [] above); the times are printed,
+        # not asserted: a speed is a benchmark's figure (bench/bench_conntrack.py).
     finally:
         a.close()

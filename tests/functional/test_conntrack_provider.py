@@ -477,3 +477,14 @@ def test_from_inside_the_namespace_an_empty_table_is_read_without_a_process_and_
     # From outside (this test process) the count is not ours to read: the process path is taken.
     assert ConntrackProvider(b, node=net.nats["b"])._known_empty() is False
     assert len(ConntrackProvider(b, node=net.nats["b"]).list().sessions) == 3
+
+
+def test_handshake_states_are_written_as_established(net: TwoNatNet) -> None:
+    """A migrated SYN_SENT entry would make the connection's next packets invalid: the node writes it ESTABLISHED."""
+    a, _ = providers(net)
+    syn = NatSession("TCP", "10.0.0.9", 1234, SERVER_IP, 80, PUBLIC_IP, 26000, "SYN_SENT", 100, False, 0)
+    fin = dataclasses.replace(syn, src_port=1235, translated_port=26001, tcp_state="FIN_WAIT")
+    a.apply([syn, fin])
+    got = {s.src_port: s for s in a.list().sessions}
+    assert got[1234].tcp_state == "ESTABLISHED" and got[1234].translated_port == 26000 and got[1234].timeout <= 100
+    assert got[1235].tcp_state == "FIN_WAIT"

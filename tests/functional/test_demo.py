@@ -44,3 +44,23 @@ def test_demo_without_state_breaks_the_flows(tmp_path):
     assert not any(f.survived for f in udp), [f.why for f in udp]
     assert "NOT every flow survived" in out.getvalue()
     assert not any(leftovers(prefix).values())
+
+
+def test_demo_via_the_controller_service_moves_live_flows_and_every_one_survives(tmp_path):
+    """Agents call home to a `natmig controller` process; netconf-console2 asks its northbound for the move."""
+    from natmig.controller.demoservice import ServiceDemo
+
+    prefix = netns.run_prefix("dv")
+    out = io.StringIO()
+    res = ServiceDemo(DemoOptions(sessions=500, tcp=10, udp=10, prefix=prefix, json_path=str(tmp_path / "r.json"), after=1.0), out).run()
+    text = out.getvalue()
+    assert res.ok, text
+    assert res.migration is None and res.remote.ok and res.remote.outcome == "ok"
+    # The phases came as the northbound's notifications, in the engine's order, and the report is what it read back.
+    assert [p.name for p in res.remote.phases] == ["preflight", "traffic", "freeze", "copy", "catch-up", "verify", "switch", "finish"]
+    assert "traffic on: nat2 (read back from the switch)" in res.remote.report
+    assert "nat-session:nat-session 0 " in res.remote.report  # nat1's table after retire = delete
+    assert res.traffic.live_total == 20 and res.traffic.live_survived == 20
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["via_controller"]["ok"] and doc["traffic"]["live_survived"] == 20
+    assert not any(leftovers(prefix).values())

@@ -52,7 +52,7 @@ def sessions(ns: str) -> set[tuple[str, ...]]:
 
 
 class Agents:
-    def __init__(self, net: FwNet, tmp: Path) -> None:
+    def __init__(self, net: FwNet, tmp: Path, provider: str = "firewall") -> None:
         self.net, self.tmp = net, tmp
         self.procs: list[subprocess.Popen] = []
         subprocess.run([*NATMIG, "agent", "passwd", str(tmp / "passwords"), "natmig", "--password-stdin"], input=b"secret\n",
@@ -62,7 +62,7 @@ class Agents:
         for name, node in net.nodes.items():
             ready = tmp / f"{name}.ready"
             self.procs.append(subprocess.Popen(
-                [*NATMIG, "agent", "--provider", "firewall", "--netns", node.name, "--listen", f"{MGMT[name]}:830",
+                [*NATMIG, "agent", "--provider", provider, "--netns", node.name, "--listen", f"{MGMT[name]}:830",
                  "--passwords", str(tmp / "passwords"), "--host-key", str(tmp / f"{name}.key"), "--ready-file", str(ready)],
                 stdout=subprocess.DEVNULL, stderr=open(tmp / f"{name}.log", "wb")))
             deadline = time.monotonic() + 20
