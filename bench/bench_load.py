@@ -1,0 +1,116 @@
+"""Benchmark: load a large table into a pooled NAT node through its agent, and what it costs.
+
+On the pool testbed (testbed/topologies/pool.toml: two public addresses per
+NAT node), N synthetic sessions spread over the pool and several made-up
+servers are written into nat1's kernel table with natmig's own apply path
+(edit-config into the candidate + commit, 50,000 a request, as
+``natmig node nat1 load`` does), then the table is read back.  Prints and
+writes (JSON) the load time, the entries the kernel holds, the agent's peak
+RSS (VmHWM of its process) and the kernel's conntrack limits.
+
+Run as root: ``.venv/bin/python bench/bench_load.py [--sessions 1000000] [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from natmig import netns
+from natmig.controller.demo import AgentFleet, load_sessions, synthetic_sessions
+from natmig.errors import NatmigError
+from natmig.netns import ensure_conntrack_capacity
+from natmig.testbed import topology
+from natmig.testbed.bed import Testbed
+
+POOL_FILE = topology.DEFAULT_TOPOLOGY.with_name("pool.toml")
+
+
+def status_kb(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` figure in kB (VmHWM: peak resident set; VmRSS: now)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise NatmigError(f"/proc/{pid}/status has no {field}")
+
+
+def sysctl_value(key: str) -> int:
+    """A sysctl of the root namespace."""
+    return int(Path("/proc/sys/" + key.replace(".", "/")).read_text())
+
+
+def measure(n: int, out: Path) -> dict:
+    """Bring up the pool testbed and nat1's agent, load ``n`` sessions, read back; always torn down."""
+    # nf_conntrack_max is one machine-wide value (read-only in a namespace on
+    # this kernel), compared with each namespace's own count.
+    ensure_conntrack_capacity(n + 65536)
+    tb = Testbed.from_file(POOL_FILE, prefix=netns.run_prefix("bl"))
+    work = Path(tempfile.mkdtemp(prefix="natmig-bench-load-"))
+    fleet = None
+    try:
+        tb.up()
+        fleet = AgentFleet(tb, work / "agents")
+        pid = fleet.start("nat1")
+        idle_kb = status_kb(pid, "VmHWM")
+        t = time.perf_counter()
+        table = synthetic_sessions(n, tb.topology.public_pool("nat1"), servers=tb.topology.spare_addresses("public", 16))
+        made = time.perf_counter() - t
+        servers = len({s.dst_address for s in table})
+        t = time.perf_counter()
+        load_sessions(fleet.endpoint("nat1"), table)
+        loaded = time.perf_counter() - t
+        del table
+        count = int(tb.exec("nat1", ["conntrack", "-C"]).stdout.strip() or 0)
+        per_address = {}
+        for a in tb.public_addresses("nat1"):
+            # Counted by wc: the listing of half a million entries is ~100 MB of text.
+            cp = tb.exec("nat1", ["sh", "-c", f"conntrack -L --reply-dst {a} 2>/dev/null | wc -l"], timeout=600)
+            per_address[a] = int(cp.stdout.strip() or 0)
+        return {
+            "sessions": n,
+            "servers": servers,
+            "generate_seconds": made,
+            "load_seconds": loaded,
+            "kernel_entries": count,
+            "kernel_entries_per_address": per_address,
+            "agent_idle_rss_mb": idle_kb / 1024,
+            "agent_peak_rss_mb": status_kb(pid, "VmHWM") / 1024,
+            "agent_rss_after_mb": status_kb(pid, "VmRSS") / 1024,
+            "nf_conntrack_max": sysctl_value("net.netfilter.nf_conntrack_max"),
+            "nf_conntrack_buckets": sysctl_value("net.netfilter.nf_conntrack_buckets"),
+        }
+    finally:
+        if fleet is not None:
+            fleet.close()
+        tb.down()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the measurement, print it, write bench_load.json."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sessions", type=int, default=1_000_000, help="sessions to load (default %(default)s)")
+    ap.add_argument("--out", default=".", help="directory for bench_load.json")
+    args = ap.parse_args(argv)
+    try:
+        r = measure(args.sessions, Path(args.out))
+    except NatmigError as e:
+        print(f"bench_load: {e}", file=sys.stderr)
+        return 1
+    for k, v in r.items():
+        print(f"{k:28} {v:.2f}" if isinstance(v, float) else f"{k:28} {v}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_load.json").write_text(json.dumps(r, indent=2) + "\n")
+    ok = r["kernel_entries"] >= args.sessions
+    print(f"{'OK' if ok else 'FAILED'}: {r['kernel_entries']} entries in the kernel for {args.sessions} loaded")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
