@@ -95,10 +95,8 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path) -> dict:
     # the controller, when its peak RSS over the move is read.
     if n:
         # Spread over nat1's public address pool and made-up servers, so a million fit (docs/testbed.md).
-        # Chunks of 20,000: at 1M on a loaded machine a niced agent took more
-        # than the client's 60 s per RPC over chunks of 50,000.
         in_child(lambda: load_sessions(fleet.endpoint("nat1"), synthetic_sessions(
-            n, tb.topology.public_pool("nat1"), servers=tb.topology.spare_addresses("public", 16)), chunk=20_000))
+            n, tb.topology.public_pool("nat1"), servers=tb.topology.spare_addresses("public", 16))))
     load_s = time.perf_counter() - t
     in_table = ct_count(tb, "nat1")
     floor = in_child(lambda: tool_floor(tb))
