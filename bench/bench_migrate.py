@@ -139,7 +139,8 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path) -> dict:
         "conntrackd": peer,
         "conntrackd_error": peer_error,
         "blackout": report.blackout_seconds,
-        "ratio_kernel": report.total_seconds / kernel["total"] if kernel["total"] else None,
+        # A move that failed part way is no time to compare with a floor.
+        "ratio_kernel": report.total_seconds / kernel["total"] if kernel["total"] and report.ok else None,
         "agent_peak_rss_mb": agent_rss,
         "controller_peak_rss_mb": controller_rss,
         "controller_rss_before_mb": controller_rss_before,
