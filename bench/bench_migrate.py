@@ -313,7 +313,7 @@ def plot(rows: list[dict], path: Path) -> None:
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, **kw)
 
-    series([r["natmig_total"] for r in rows], "o-", "natmig (all phases)")
+    series([r["natmig_total"] if r["natmig_ok"] else None for r in rows], "o-", "natmig (all phases; a failed move is left out)")
     series([r["floor"]["total"] for r in rows], "s-", "tool floor (save | restore, bundle)")
     series([r["kernel_floor"]["total"] for r in rows], "^-", "kernel floor (ctnetlink dump, creates, bundle)")
     series([(r["conntrackd"] or {}).get("total") for r in rows], "v-", "conntrackd: commit + bundle")
