@@ -61,15 +61,21 @@ class Outbox:
         self.queue.append(message)
         self.queued += len(message)
         self.flush()
-        if self.queued > self.limit and (self.queued > self.hard or time.monotonic() - self.last_taken > self.stall):
+        # While held the client is not the one who is slow: only the hard limit applies.
+        if self.queued > self.limit and (self.queued > self.hard or (not self.held and time.monotonic() - self.last_taken > self.stall)):
             n, size = len(self.queue), self.queued
             self.close()
             self.on_overflow(n, size)
 
     def open(self) -> None:
-        """The create-subscription reply is out: notifications may follow."""
+        """The create-subscription reply is out (or a streamed reply has ended): notifications may follow."""
         self.held = False
+        self.last_taken = time.monotonic()  # the hold was the agent's doing, not a client's stall
         self.flush()
+
+    def hold(self) -> None:
+        """A reply is being streamed: nothing may come between its pieces until :meth:`open`."""
+        self.held = True
 
     def flush(self) -> None:
         """Write what is queued while the client keeps up; look again soon if some is left."""

@@ -371,7 +371,8 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
     if sel.sessions and all(all(k in m for k in key_names) for m in sel.sessions):
         # Every alternative names a whole key: only those entries are needed.
         keys = list(dict.fromkeys(tuple(m[k] for k in key_names) for m in sel.sessions))
-    if (sess.stream is not None and not sess.subscribed and source == "running" and not state and not report_all
+    # A subscribed session too: its notifications wait while the reply streams (server._Session holds its outbox).
+    if (sess.stream is not None and source == "running" and not state and not report_all
             and not sel.everything and not sel.control and sel.leaves is None
             and sel.sessions is not None and any(not m for m in sel.sessions)):
         # The whole list and nothing else (what a migration reads): sent while it is read.

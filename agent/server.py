@@ -151,6 +151,9 @@ class _Session:
         """One more piece of the reply being streamed: a chunk of its own, or raw bytes before end-of-message."""
         if self.process.is_closing() or not piece:
             return
+        if not self.streamed:
+            # A notification written now would land inside the reply's message (RFC 6242 frames are not nested).
+            self.outbox.hold()
         self.streamed += len(piece)
         if self.chunked:
             self.process.stdout.write(b"\n#%d\n" % len(piece))
@@ -210,6 +213,8 @@ class _Session:
                 del msg
                 if self.streamed:
                     self._end_streamed(reply)
+                    if self.state.subscribed:
+                        self.outbox.open()
                 else:
                     self._write(reply)
                 size += len(reply) + self.streamed

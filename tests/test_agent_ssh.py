@@ -38,14 +38,14 @@ def S(port: int) -> NatSession:
 class RunningAgent:
     """An Agent on 127.0.0.1 (free port) served by a private event loop thread."""
 
-    def __init__(self, tmp: Path, **limits: object) -> None:
+    def __init__(self, tmp: Path, provider: MemoryProvider | None = None, **limits: object) -> None:
         set_password(tmp / "passwords", "natmig", "secret")
         self.client_key = asyncssh.generate_private_key("ssh-ed25519")
         (tmp / "id_ed25519").write_bytes(self.client_key.export_private_key("openssh"))
         (tmp / "id_ed25519").chmod(0o600)
         (tmp / "authorized_keys.natmig").write_bytes(self.client_key.export_public_key())
         cfg = AgentConfig(host="127.0.0.1", port=0, host_key=str(tmp / "host_key"), passwords=str(tmp / "passwords"), authorized_keys=str(tmp / "authorized_keys.%u"), **limits)
-        self.provider = MemoryProvider(owned={"203.0.113.1"})
+        self.provider = provider or MemoryProvider(owned={"203.0.113.1"})
         self.agent = Agent(cfg, self.provider, default_codec())
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

@@ -204,3 +204,38 @@ def test_a_filter_that_selects_what_the_agent_does_not_send_is_refused_by_name(t
                 c.create_subscription(("urn:natmig:yang:natmig-controller", "agent-up"))
     finally:
         a.stop()
+
+
+def test_a_subscribed_session_gets_its_whole_table_streamed_with_the_notifications_after_it(tmp_path: Path) -> None:
+    """The generic engine reads a source it follows: notifications wait while the reply streams, then come."""
+    from natmig.agent.provider import MemoryProvider
+
+    class Busy(MemoryProvider):
+        """Sessions created while the table is read out, between two of its batches."""
+
+        def batches(self):  # type: ignore[no-untyped-def]
+            table = self.list().sessions
+            for i in range(0, len(table), 100):
+                yield table[i:i + 100]
+                if i == 0:
+                    for j in range(20):
+                        self._emit("new", S(30000 + j))
+                    time.sleep(0.3)  # the events reach the session while its reply is half sent
+
+    p = Busy(owned={"203.0.113.1"})
+    p.apply([S(1 + i) for i in range(500)])
+    a = RunningAgent(tmp_path, provider=p)
+    try:
+        with a.client() as c:
+            sub = c.subscribe()
+            got = c.get_config_filtered("running", f'<nat-session xmlns="{c.codec.ns}"/>')
+            assert len(got) == 500  # one well-formed reply, nothing inside it
+            events = []
+            while len(events) < 20 and (ev := sub.get(timeout=5)) is not None:
+                events.append(ev)
+            assert len(events) == 20 and {e[1].src_port for e in events} == {30000 + j for j in range(20)}
+            assert c.get_sessions("running")  # the session goes on
+            sid = max(a.agent.sessions)
+            assert a.agent.sessions[sid].state.record.out_notifications >= 20
+    finally:
+        a.stop()

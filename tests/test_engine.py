@@ -100,9 +100,23 @@ def test_the_state_moves_and_the_report_is_what_the_nodes_say(pair: tuple[Served
     assert r.readback["lb1"].tables["lb-binding:binding"][0] == 0 and r.readback["lb1"].admission is True
     assert r.readback["lb2"].admission is True
     assert "no traffic was moved" in r.text()
+    verify = next(p for p in r.phases if p.name == "verify")
+    assert "by the target's own digest" in verify.detail  # lb2 held nothing: its digest is the read-back
     # retire keep: the source keeps its entries, and is open again
     r2 = migration(b, a, retire="keep").run()
     assert r2.ok and r2.readback["lb2"].tables == before and r2.readback["lb1"].tables == before
+
+
+def test_a_target_that_held_entries_of_its_own_is_verified_by_reading_it_back(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(30))
+    b.load(binding("203.0.113.9", 6000, snat=3000))  # its own, in no conflict with lb1's
+    r = migration(a, b).run()
+    assert r.ok, r.text()
+    verify = next(p for p in r.phases if p.name == "verify")
+    # backend: empty on both, so by digest; binding: lb2 had one of its own, so read back
+    assert verify.detail.endswith("by the target's digest (lb-binding:backend) or read back"), verify.detail
+    assert r.readback["lb2"].tables["lb-binding:binding"][0] == 31
 
 
 def test_a_conflict_with_the_targets_own_entries_is_refused_and_nothing_changes(pair: tuple[Served, Served]) -> None:
