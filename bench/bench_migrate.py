@@ -48,6 +48,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,7 +87,15 @@ def reset(tb: Testbed) -> None:
         tb.nat_node(nat).set_admission(True)
 
 
-def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path) -> dict:
+@dataclass(frozen=True)
+class Timeouts:
+    """The migration's RPC timeout and confirm timeout, in seconds (natmig's defaults unless given)."""
+
+    rpc: float = 30.0
+    confirm: float = 10.0
+
+
+def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeouts = Timeouts()) -> dict:
     """One table size: load, the three floors, natmig with the 1 ms probe (then again with new connections)."""
     reset(tb)
     t = time.perf_counter()
@@ -118,7 +127,7 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path) -> dict:
     for pid in (*agents.values(), os.getpid()):
         reset_peak_rss(pid)
     controller_rss_before = vm_hwm_mb(os.getpid())
-    report, traffic = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001))
+    report, traffic = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001), timeouts)
     agent_rss = {role: vm_hwm_mb(pid) for role, pid in agents.items()}
     controller_rss = vm_hwm_mb(os.getpid())
     # The same move again with 100 new TCP connections per second beside the
@@ -128,7 +137,7 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path) -> dict:
     # the copy took several times longer, which is not the move's own cost.
     tb.point_to("nat1")
     flush(tb, "nat2")
-    held_report, held_traffic = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001, churn=100, churn_life=0.1))
+    held_report, held_traffic = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001, churn=100, churn_life=0.1), timeouts)
     return {
         "sessions": n,
         "conntrack_entries": in_table,
@@ -163,13 +172,14 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path) -> dict:
     }
 
 
-def _migrate(tb: Testbed, fleet: AgentFleet, work: Path, spec: TrafficSpec) -> tuple:
+def _migrate(tb: Testbed, fleet: AgentFleet, work: Path, spec: TrafficSpec, timeouts: Timeouts) -> tuple:
     """natmig nat1 -> nat2 (retire=keep) with ``spec``'s traffic running; the report and what the traffic saw."""
     probe = LiveTraffic(tb.netns("client"), tb.netns("server"), tb.address("server"), spec, str(work))
     with probe:
         time.sleep(0.5)
         with control_plane_priority():
-            report = Migration(fleet.endpoint("nat1"), fleet.endpoint("nat2"), TestbedSteering(tb), MigrateOptions(retire="keep")).run()
+            report = Migration(fleet.endpoint("nat1", timeout=timeouts.rpc), fleet.endpoint("nat2", timeout=timeouts.rpc), TestbedSteering(tb),
+                               MigrateOptions(retire="keep", confirm_timeout=timeouts.confirm)).run()
         time.sleep(0.5)
         return report, probe.stop()
 
@@ -364,7 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=".", help="directory for bench_migrate.json and bench_migrate.png")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other sizes of an existing bench_migrate.json (this run's sizes replace theirs): how make bench-large adds 1,000,000")
+    ap.add_argument("--rpc-timeout", type=float, default=30.0,
+                    help="seconds each of the migration's RPCs may take (default %(default)s; a get-config of 1,000,000 takes minutes)")
+    ap.add_argument("--confirm-timeout", type=float, default=10.0, help="the migration's confirm timeout, seconds (default %(default)s)")
     a = ap.parse_args(argv)
+    if a.rpc_timeout <= 0:
+        ap.error(f"--rpc-timeout {a.rpc_timeout}: must be more than 0 seconds")
     try:
         sizes = [int(x) for x in a.sizes.split(",") if x.strip()]
     except ValueError:
@@ -388,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             print(f"== {n} sessions", flush=True)
             try:
-                rows.append(measure(tb, fleet, n, work))
+                rows.append(measure(tb, fleet, n, work, Timeouts(a.rpc_timeout, a.confirm_timeout)))
             except (NatmigError, RuntimeError) as e:  # RuntimeError: what failed in a child (in_child)
                 failed = f"{n} sessions: {e}"
                 break
