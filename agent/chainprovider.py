@@ -89,6 +89,21 @@ class ChainProvider(FirewallProvider):
                 nats[s.key] = nat_entry(s)
         return {self.sessions: sessions, self.nat: nats, self.blocked: self._read_blocked()}
 
+    def read_lists(self, lists: list[StateList]) -> Tables:
+        if self.sessions in lists or self.nat in lists:
+            out = self.read()  # one dump serves both views
+            return {lst: t for lst, t in out.items() if lst in lists}
+        return {self.blocked: self._read_blocked()} if self.blocked in lists else {}
+
+    def lookup(self, lst: StateList, keys: list[Key]) -> dict[Key, Entry]:
+        if lst is self.nat:
+            found = self.lookup_sessions(cast(list[SessionKey], [tuple(k) for k in keys]))
+            return {k: self._nat_entry(s) for k, s in found.items() if not nl.untranslated(s) and not self._host_own(s)}
+        return super().lookup(lst, keys)
+
+    def _is_flow_of(self, s: NatSession) -> bool:
+        return not self._host_own(s)
+
     def _session_events(self, event: str, s: NatSession) -> list[tuple[StateList, str, Entry]]:
         out = [(self.sessions, event, self._entry(s))]
         if not nl.untranslated(s):

@@ -118,6 +118,25 @@ class FirewallProvider(StateProvider):
     def read(self) -> Tables:
         return {self.sessions: self._read_sessions(), self.blocked: self._read_blocked()}
 
+    def read_lists(self, lists: list[StateList]) -> Tables:
+        out: Tables = {}
+        if self.sessions in lists:
+            out[self.sessions] = self._read_sessions()
+        if self.blocked in lists:
+            out[self.blocked] = self._read_blocked()
+        return out
+
+    def lookup(self, lst: StateList, keys: list[Key]) -> dict[Key, Entry]:
+        if lst is self.blocked:
+            have = self._read_blocked()  # the set is small (its size is bounded): one read
+            return {k: have[k] for k in keys if k in have}
+        found = self.lookup_sessions(cast(list[SessionKey], [tuple(k) for k in keys]))
+        return {k: self._entry(s) for k, s in found.items() if self._is_flow_of(s)}
+
+    def _is_flow_of(self, s: NatSession) -> bool:
+        """Whether a kernel entry found by key is a session of this module: untranslated, not the host's own."""
+        return nl.untranslated(s) and not self._host_own(s)
+
     def _read_sessions(self) -> dict[Key, Entry]:
         entry = self._entry
         with gc_paused():

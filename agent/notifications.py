@@ -96,7 +96,9 @@ class NotificationHub:
     def __init__(self, provider: SessionProvider, codec: Codec) -> None:
         self.provider = provider
         self.codec = codec
-        self.notifications = frozenset({(codec.ns, "nat-session-event"), (COMMON_NS, CHANGE)})
+        #: the forms of an event, in the order a subscriber of both gets them: the NAT's own first.
+        self._forms = ((codec.ns, "nat-session-event"), (COMMON_NS, CHANGE))
+        self.notifications = frozenset(self._forms)
         self._subs: dict[int, tuple[Deliver, frozenset[tuple[str, str]]]] = {}
         self._mutex = threading.Lock()
         self._watch: Watch | None = None
@@ -153,7 +155,7 @@ class NotificationHub:
                 targets = list(self._subs.values())
             msgs: dict[tuple[str, str], bytes | None] = {}  # each form encoded once, only when a subscriber wants it
             for deliver, select in targets:
-                for which in select:
+                for which in (f for f in self._forms if f in select):
                     if which not in msgs:
                         try:
                             msgs[which] = wrap_notification(self.codec.encode_event_xml(name, ev.session) if which[1] != CHANGE

@@ -422,7 +422,6 @@ class MemoryProvider(SessionProvider):
         return check_batch_by_holders(sessions, holders, self.owned, freed)
 
     def apply(self, sessions: Sequence[NatSession]) -> None:
-        sessions = as_written(sessions)
         with self._lock:
             problems = self._check(sessions)
             if problems:

@@ -115,7 +115,8 @@ def _matches(lst: StateList, entry: Entry, alts: list[dict[str, Any]]) -> bool:
 def _read(server: "StateAgent", op: Any, source: str, state: bool) -> bytes:
     f = _filter(server.store.wire, op)
     report_all = rpc.with_defaults(op) != "trim"
-    tables, admit = server.store.read(source)
+    # Only the lists the filter selects are read: admission or statistics alone read no table.
+    tables, admit = server.store.read(source, None if f.everything else list(f.lists))
     parts: list[str] = []
     for lst, entries in tables.items():
         if f.everything:

@@ -59,6 +59,19 @@ class StateProvider(abc.ABC):
     def read(self) -> Tables:
         """Every list's entries, as they are now (a copy the caller may keep)."""
 
+    def read_lists(self, lists: list[StateList]) -> Tables:
+        """The entries of ``lists`` only (a provider whose lists live apart reads only those asked for)."""
+        return {lst: t for lst, t in self.read().items() if lst in lists}
+
+    def lookup(self, lst: StateList, keys: list[Key]) -> dict[Key, Entry]:
+        """The entries of ``lst`` with these keys, those that exist.
+
+        The datastore asks this of every edit, for the keys it names: a
+        provider over a large table answers without reading all of it.
+        """
+        table = self.read_lists([lst]).get(lst, {})
+        return {k: table[k] for k in keys if k in table}
+
     @abc.abstractmethod
     def apply(self, changes: dict[StateList, Change]) -> None:
         """Apply every change or none: raise :class:`StateRefused` naming the entries refused."""
@@ -91,6 +104,15 @@ class MemoryStateProvider(StateProvider):
     def read(self) -> Tables:
         with self._mutex:
             return {lst: dict(t) for lst, t in self._tables.items()}
+
+    def read_lists(self, lists: list[StateList]) -> Tables:
+        with self._mutex:
+            return {lst: dict(t) for lst, t in self._tables.items() if lst in lists}
+
+    def lookup(self, lst: StateList, keys: list[Key]) -> dict[Key, Entry]:
+        with self._mutex:
+            t = self._tables[lst]
+            return {k: t[k] for k in keys if k in t}
 
     def apply(self, changes: dict[StateList, Change]) -> None:
         with self._mutex:

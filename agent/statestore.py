@@ -9,6 +9,16 @@ too.  So commit applies what the candidate changed since it was copied
 from running (not "running := candidate"), and a confirmed commit's
 rollback undoes what the commits changed, leaving alone entries that
 something else created or removed meanwhile.
+
+The candidate is running plus a *delta* (per list, key -> entry, or None
+for a delete), not a copy of running: an edit of K entries looks up those
+K keys in running (:meth:`~.stateprovider.StateProvider.lookup`) and
+changes K entries of the delta in place (undone, should the edit be
+refused), a commit hands the provider the delta, and a confirmed commit
+remembers the running values of the keys it touches only.  So writing K
+entries costs O(K) however large running is; only a whole-datastore
+replace, a read, and a list with `unique` constraints (checked over the
+whole list) cost O(table).
 """
 
 from __future__ import annotations
@@ -40,6 +50,10 @@ class Plan:
     control: dict[str, Any] | None = None
 
 
+#: The candidate as running plus this: per list, each key changed -> its entry, or None when deleted.
+Delta = dict[StateList, dict[Key, "Entry | None"]]
+
+
 @dataclass
 class _Pending:
     owner: int
@@ -51,19 +65,47 @@ class _Pending:
     timer: threading.Timer | None = None
 
 
-def _copy(tables: Tables) -> Tables:
-    return {lst: dict(t) for lst, t in tables.items()}
-
-
-def _diff(base: Tables, new: Tables) -> dict[StateList, Change]:
-    """What turns ``base`` into ``new``, per list (lists without a change left out)."""
-    out = {}
+def _diff(base: Tables, new: Tables) -> Delta:
+    """What turns ``base`` into ``new``, per list, as a delta (lists without a change left out)."""
+    out: Delta = {}
     for lst, t in new.items():
         old = base.get(lst, {})
-        ch = Change([e for k, e in t.items() if old.get(k) != e], [k for k in old if k not in t])
+        d: dict[Key, Entry | None] = {k: e for k, e in t.items() if old.get(k) != e}
+        d.update((k, None) for k in old if k not in t)
+        if d:
+            out[lst] = d
+    return out
+
+
+def _changes(delta: Delta) -> dict[StateList, Change]:
+    """A delta as the provider's changes (lists without a change left out)."""
+    out = {}
+    for lst, d in delta.items():
+        ch = Change([e for e in d.values() if e is not None], [k for k, e in d.items() if e is None])
         if ch:
             out[lst] = ch
     return out
+
+
+def _overlay(tables: Tables, delta: Delta) -> Tables:
+    """Running's ``tables`` with the delta applied (the candidate), for the lists in ``tables``."""
+    out = {lst: dict(t) for lst, t in tables.items()}
+    for lst, d in delta.items():
+        if lst in out:
+            t = out[lst]
+            for k, e in d.items():
+                if e is None:
+                    t.pop(k, None)
+                else:
+                    t[k] = e
+    return out
+
+
+def _set(table: dict[Key, Entry], k: Key, e: Entry | None) -> None:
+    if e is None:
+        table.pop(k, None)
+    else:
+        table[k] = e
 
 
 def _not_unique(lst: StateList, table: dict[Key, Entry]) -> list[Problem]:
@@ -93,9 +135,8 @@ class StateStore:
         self.wire = Wire(list(self.lists))
         self.describe: Callable[[int], str] = lambda sid: f"session {sid}"
         self._mutex = threading.RLock()
-        #: the candidate (None: the same as running), and running as it was when the candidate was taken.
-        self._cand: Tables | None = None
-        self._cand_base: Tables = {}
+        #: the candidate's changes to running (None: the candidate is running), and admission there and when it was taken.
+        self._delta: Delta | None = None
         self._cand_admit = True
         self._cand_base_admit = True
         self._locks: dict[str, int] = {}
@@ -118,7 +159,7 @@ class StateStore:
             holder = self._locks.get(name)
             if holder is not None:
                 raise refuse("lock-denied", f"{name} is locked by {self.describe(holder)}", type="protocol", info={"session-id": str(holder)})
-            if name == "candidate" and self._cand is not None:
+            if name == "candidate" and self._delta is not None:
                 raise refuse("lock-denied", "the candidate has uncommitted changes; discard-changes or commit first", type="protocol", info={"session-id": "0"})
             self._locks[name] = sid
 
@@ -138,7 +179,7 @@ class StateStore:
             for name in [n for n, h in self._locks.items() if h == sid]:
                 del self._locks[name]
                 if name == "candidate":
-                    self._cand = None
+                    self._delta = None
             p = self._pending
             if p is not None and p.persist is None and p.owner == sid:
                 self._roll_back(f"session {sid}, which issued it without <persist>, ended")
@@ -162,13 +203,15 @@ class StateStore:
 
     # ----------------------------------------------------------------- reads
 
-    def read(self, source: str) -> tuple[Tables, bool]:
-        """(entries by list, admit-new) of a datastore, copied."""
+    def read(self, source: str, lists: list[StateList] | None = None) -> tuple[Tables, bool]:
+        """(entries by list, admit-new) of a datastore, copied; only ``lists`` when given (none read: admission alone)."""
         self._check_name(source)
         with self._mutex:
-            if source == "candidate" and self._cand is not None:
-                return _copy(self._cand), self._cand_admit
-            return self.provider.read(), self.provider.admission()
+            wanted = list(self.lists) if lists is None else [l for l in self.lists if l in lists]
+            tables = self.provider.read_lists(wanted) if wanted else {}
+            if source == "candidate" and self._delta is not None:
+                return _overlay(tables, self._delta), self._cand_admit
+            return tables, self.provider.admission()
 
     def admission(self) -> bool:
         """Running's state-control/admit-new."""
@@ -185,31 +228,80 @@ class StateStore:
         self._check_name(target)
         with self._mutex:
             self._check_write(target, sid)
-            if target == "running" or self._cand is None:
-                base, admit = self.provider.read(), self.provider.admission()
+            on_cand = target == "candidate" and not test_only
+            if target == "candidate" and self._delta is not None:
+                delta, admit = self._delta, self._cand_admit
             else:
-                base, admit = self._cand, self._cand_admit
-            tables, new_admit = self._plan(base, admit, cfg, default_operation)
+                delta, admit = {}, self.provider.admission()
+            if test_only and delta:
+                delta = {lst: dict(d) for lst, d in delta.items()}  # a test changes nothing
+            new_admit = self._plan(delta, admit, cfg, default_operation)
             if test_only:
                 return
-            if target == "running":
-                self._apply(_diff(base, tables), new_admit)
+            if not on_cand:
+                self._apply(_changes(delta), new_admit)
             else:
-                if self._cand is None:
-                    self._cand_base, self._cand_base_admit = base, admit
-                self._cand, self._cand_admit = tables, new_admit
+                if self._delta is None:
+                    self._cand_base_admit = self.provider.admission()
+                self._delta, self._cand_admit = delta, new_admit
 
-    def _plan(self, base: Tables, admit: bool, cfg: Config, default_operation: str) -> tuple[Tables, bool]:
-        tables = {lst: {} for lst in base} if default_operation == "replace" else _copy(base)
+    def _plan(self, delta: Delta, admit: bool, cfg: Config, default_operation: str) -> bool:
+        """The edit onto ``delta`` in place (put back as it was when refused); the new admit-new."""
         if default_operation == "replace":
             admit = True  # state-control absent from a replacing config is at its default
         if cfg.control is not None and "admit-new" in cfg.control:
             admit = cfg.control["admit-new"]
+        if default_operation == "replace":
+            # The config is the whole datastore: what is not in it goes (every list read: O(table)).
+            now = _overlay(self.provider.read(), delta)
+            tables: Tables = {lst: {} for lst in self.lists}
+            problems = self._edits(cfg, "replace", lambda lst, k: tables[lst].get(k), lambda lst, k, e: _set(tables[lst], k, e))
+            problems += [p for lst in {ed.list for ed in cfg.edits} for p in _not_unique(lst, tables[lst])]
+            if problems:
+                raise DatastoreError(problems)
+            delta.clear()
+            delta.update(_diff(now, tables))
+            return admit
+        # Running's entries of the keys edited (the delta's own take precedence): K lookups, not a read.
+        wanted: dict[StateList, list[Key]] = {}
+        for ed in cfg.edits:
+            if ed.key not in delta.get(ed.list, {}):
+                wanted.setdefault(ed.list, []).append(ed.key)
+        running = {lst: self.provider.lookup(lst, keys) for lst, keys in wanted.items()}
+        undo: list[tuple[StateList, Key, bool, Entry | None]] = []
+
+        def current(lst: StateList, k: Key) -> Entry | None:
+            d = delta.get(lst)
+            if d is not None and k in d:
+                return d[k]
+            return running.get(lst, {}).get(k)
+
+        def put(lst: StateList, k: Key, e: Entry | None) -> None:
+            d = delta.setdefault(lst, {})
+            undo.append((lst, k, k in d, d.get(k)))
+            d[k] = e
+
+        problems = self._edits(cfg, default_operation, current, put)
+        for lst in {ed.list for ed in cfg.edits if ed.list.uniques}:
+            # A `unique` binds the whole list: checked over the candidate as it would be.
+            problems += _not_unique(lst, _overlay(self.provider.read_lists([lst]), {lst: delta.get(lst, {})})[lst])
+        if problems:
+            for lst, k, had, old in reversed(undo):
+                if had:
+                    delta[lst][k] = old
+                else:
+                    delta[lst].pop(k, None)
+            raise DatastoreError(problems)
+        return admit
+
+    @staticmethod
+    def _edits(cfg: Config, default_operation: str, current: Callable[[StateList, Key], Entry | None],
+               put: Callable[[StateList, Key, Entry | None], None]) -> list[Problem]:
+        """Each edit's operation (RFC 6241 7.2) through ``current`` and ``put``; the problems found."""
         problems: list[Problem] = []
         errors = _Errors(100)
         for ed in cfg.edits:
-            table = tables[ed.list]
-            old = table.get(ed.key)
+            old = current(ed.list, ed.key)
             op = ed.operation or default_operation
             where = ed.list.describe(ed.key)
             if op in ("delete", "remove"):
@@ -217,7 +309,7 @@ class StateStore:
                     if op == "delete":
                         problems.append(Problem("data-missing", "delete of an entry that does not exist", where))
                     continue
-                del table[ed.key]
+                put(ed.list, ed.key, None)
             elif op == "create" and old is not None:
                 problems.append(Problem("data-exists", "create of an entry that already exists", where))
             elif op == "none":
@@ -228,15 +320,11 @@ class StateStore:
                 if op == "merge" and old is not None:
                     values = {s.name: v for s, v in zip(ed.list.leaves, old) if v is not None} | ed.values
                 entry = Wire.complete(ed.list, values, errors)
-                if entry is not None:
-                    table[ed.key] = entry
+                if entry is not None and entry != old:
+                    put(ed.list, ed.key, entry)
         if errors:
             problems += problems_of_codec(CodecError(errors.items, errors.more))
-        for lst in {ed.list for ed in cfg.edits}:
-            problems += _not_unique(lst, tables[lst])
-        if problems:
-            raise DatastoreError(problems)
-        return tables, admit
+        return problems
 
     def _apply(self, changes: dict[StateList, Change], admit: bool) -> None:
         """Changes onto running through the provider (all or nothing), then admission."""
@@ -259,13 +347,14 @@ class StateStore:
             self._check_confirm_rights(sid, persist_id)
             if not 1 <= timeout <= MAX_TIMEOUT:
                 raise refuse("invalid-value", f"confirm-timeout {timeout} is not a number of seconds in 1..{MAX_TIMEOUT}", type="protocol", info={"bad-element": "confirm-timeout"})
-            changes = _diff(self._cand_base, self._cand) if self._cand is not None else {}
-            admit = self._cand_admit if self._cand is not None and self._cand_admit != self._cand_base_admit else self.provider.admission()
+            changes = _changes(self._delta) if self._delta is not None else {}
+            admit = self._cand_admit if self._delta is not None and self._cand_admit != self._cand_base_admit else self.provider.admission()
             plan = Plan({(l.name, l.key_of(e)): e for l, ch in changes.items() for e in ch.upserts},
                         {(l.name, k) for l, ch in changes.items() for k in ch.deletes},
                         {"admit-new": admit} if admit != self.provider.admission() else None)
             if confirmed:
-                running = self.provider.read()
+                # Running's values of the keys this commit touches (K lookups): what a rollback restores.
+                running = {lst: self.provider.lookup(lst, [*(lst.key_of(e) for e in ch.upserts), *ch.deletes]) for lst, ch in changes.items()}
                 p = self._pending
                 before = p.before if p is not None else {}
                 for lst, ch in changes.items():  # the first value of each key the series touches is what a rollback restores
@@ -288,7 +377,7 @@ class StateStore:
                         self._pending.timer.cancel()
                     log.info("confirmed commit of session %d confirmed by session %d", self._pending.owner, sid)
                     self._pending = None
-            self._cand = None
+            self._delta = None
             return plan
 
     def _check_confirm_rights(self, sid: int, persist_id: str | None) -> None:
@@ -331,23 +420,30 @@ class StateStore:
         except DatastoreError as e:
             log.error("confirmed commit of session %d: rollback refused (%s): %s", p.owner, why, e)
             return
-        self._cand = None
+        self._delta = None
         log.warning("confirmed commit of session %d rolled back: %s", p.owner, why)
 
     def discard(self, sid: int) -> None:
         """<discard-changes>: the candidate back to running."""
         with self._mutex:
             self._check_write("candidate", sid)
-            self._cand = None
+            self._delta = None
 
     def validate(self, source: str | None, cfg: Config | None = None) -> None:
         """<validate>: whether ``source`` or an inline config would be accepted (unique constraints)."""
         with self._mutex:
             if cfg is not None:
-                self._plan({lst: {} for lst in self.lists}, True, cfg, "replace")
+                tables: Tables = {lst: {} for lst in self.lists}
+                problems = self._edits(cfg, "replace", lambda lst, k: tables[lst].get(k), lambda lst, k, e: _set(tables[lst], k, e))
+                problems += [p for lst in {ed.list for ed in cfg.edits} for p in _not_unique(lst, tables[lst])]
+                if problems:
+                    raise DatastoreError(problems)
                 return
             self._check_name(source or "")
-            tables = self._cand if source == "candidate" and self._cand is not None else self.provider.read()
+            with_unique = [l for l in self.lists if l.uniques]
+            tables = self.provider.read_lists(with_unique) if with_unique else {}
+            if source == "candidate" and self._delta is not None:
+                tables = _overlay(tables, self._delta)
             problems = [p for lst, t in tables.items() for p in _not_unique(lst, t)]
             if problems:
                 raise DatastoreError(problems)

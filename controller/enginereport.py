@@ -57,6 +57,10 @@ class EngineReport:
         """
         if self.ok:
             return "ok"
+        if not self.phases:
+            # Refused before its first phase (an agent down, unknown, busy; a connection that failed):
+            # this migration wrote nothing, on either node.
+            return "unchanged"
         clean = (not self.committed and not any("undo failed" in u for u in self.undone)
                  and len(self.readback) == 2 and all(rb.error is None for rb in self.readback.values())
                  and self.readback.get(self.source, NodeReadback(self.source)).admission is True

@@ -55,6 +55,8 @@ BLOCKED = "fw-state:blocked"
 FLOOD_PORT = 5002
 #: Datagrams the attacker sends, each from a new source port: more than any burst the topology allows.
 FLOOD = 400
+#: Seconds an agent may take to listen: agents run niced, and at load average 16 one took more than 30.
+AGENT_START = 90.0
 #: How long a connection attempt of the attacker may take before it counts as dropped.
 PROBE_TIMEOUT = 1.0
 
@@ -153,7 +155,7 @@ class FirewallDemo:
                 tb.up()
                 netns.ensure_conntrack_capacity(2 * o.sessions + 65536)
                 fleet = AgentFleet(tb, work, provider="firewall")
-                fleet.start(src)
+                fleet.start(src, AGENT_START)
                 spec = TrafficSpec(tcp=o.tcp, udp=o.udp, interval=o.interval, port=web_port)
                 (work / "out").mkdir()
                 (work / "in").mkdir()
@@ -178,7 +180,7 @@ class FirewallDemo:
 
                 t = time.perf_counter()
                 self.say(f"[2/4] another firewall: {dst} and its agent, idle")
-                fleet.start(dst)
+                fleet.start(dst, AGENT_START)
                 stats = self._stats(fleet, dst)
                 self.say(f"      {dst} holds {stats.get(SESSIONS, (0, ''))[0]} sessions, {stats.get(BLOCKED, (0, ''))[0]} blocked; "
                          f"traffic goes through {tb.active_nat()}")

@@ -17,7 +17,7 @@ import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
-from ..errors import ControllerError
+from ..errors import ControllerError, NatmigError
 from ..netns import CommandError
 from ..ofctl import Ofctl
 from .fabric import Fabric, Step, plan_move, rollback, routes
@@ -89,18 +89,27 @@ class FabricSteering:
     reverse before :class:`SteeringError` is raised.  ``on_step`` is called
     after each step applied (progress, or a fault test's hook); ``steps``
     holds what the last :meth:`point_to` applied, with seconds each.
+    ``settle`` (by machine): called after each bundle on that switch, to
+    return only once the change is in effect in its datapath (cached flows
+    of the old rules revalidated): make-before-break needs each step in
+    effect before the next.
     """
 
-    def __init__(self, fabric: Fabric, switches: Mapping[str, Ofctl], on_step: Callable[[Step], None] | None = None) -> None:
+    def __init__(self, fabric: Fabric, switches: Mapping[str, Ofctl], on_step: Callable[[Step], None] | None = None,
+                 settle: Mapping[str, Callable[[], None]] | None = None) -> None:
         self.fabric = fabric
         self.switches = dict(switches)
         self.on_step = on_step
+        self.settle = dict(settle or {})
         self.steps: list[tuple[Step, float]] = []
 
     def _apply(self, step: Step) -> None:
         try:
             self.switches[step.switch].add_flows(step.flows)
-        except CommandError as e:
+            wait = self.settle.get(step.switch)
+            if wait is not None:
+                wait()
+        except NatmigError as e:  # ovs-ofctl's CommandError, or the settle's own layer
             raise SteeringError(f"switch of machine {step.switch} ({step.stage}): {e}") from e
 
     def point_to(self, nat: str) -> None:

@@ -60,6 +60,15 @@ class StateList:
         return {s.name: i for i, s in enumerate(self.leaves)}
 
     @cached_property
+    def _hash(self) -> int:
+        return hash((self.module, self.namespace, self.name, self.keys, self.leaves, self.uniques))
+
+    def __hash__(self) -> int:
+        # Lists key every table and change: the generated hash walked every leaf's spec on each lookup
+        # (10k edits: 0.9 s of 1.9 s in one edit-config); the fields are frozen, so once is enough.
+        return self._hash
+
+    @cached_property
     def _key_idx(self) -> tuple[int, ...]:
         return tuple(range(len(self.keys)))
 

@@ -282,7 +282,8 @@ class Testbed:
         if not self.topology.multi_machine:
             raise TestbedError(f"topology {self.topology.name} has one switch; use point_to")
         ofctls = {m: ovs.openflow(self.bridge) for m, ovs in self.switches.items()}
-        return FabricSteering(flows.fabric(self.topology), ofctls, on_step)
+        settle = {m: ovs.revalidated for m, ovs in self.switches.items()}
+        return FabricSteering(flows.fabric(self.topology), ofctls, on_step, settle)
 
     def flows_for(self, nat: str) -> str:
         """The flow table steering all traffic through ``nat`` (what :meth:`point_to` installs)."""

@@ -139,6 +139,17 @@ class Ovs:
             in_netns=True,
         )
 
+    def revalidated(self, timeout: float = 10.0) -> None:
+        """Wait until ovs-vswitchd's revalidators have run once (``revalidator/wait``).
+
+        A bundle returns when the OpenFlow tables changed; packets keep
+        following the datapath's cached flows of the old rules until the
+        revalidators have been through them, which a loaded machine delays.
+        A change that must be in effect before the next (a move across
+        switches, make-before-break) waits for this.
+        """
+        self._run(["ovs-appctl", f"--timeout={int(timeout)}", "-t", str(self.rundir / "ovs-vswitchd.ctl"), "revalidator/wait"])
+
     def restart_vswitchd(self, bridge: str, down: float = 0.0, timeout: float = 10.0) -> None:
         """Restart ovs-vswitchd as `ovs-ctl restart` does: flows saved, the daemon stopped by its pid and started again, flows restored.
 

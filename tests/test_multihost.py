@@ -384,3 +384,22 @@ def test_recover_after_a_controller_died_between_two_switches_points_back_to_the
     assert any("interrupted between switches" in d and "pointed back to nat1" in d for d in r.did), r.did
     assert mapping(src) == before and mapping(tgt) == {}
     assert src.provider.admission() and tgt.provider.admission()
+
+
+def test_each_step_waits_for_its_switch_to_settle_before_the_next():
+    from natmig.errors import TestbedError
+
+    f = flows.fabric(topology.load(TWO))
+    sws = switches(f, "nat1")
+    log = []
+    for m, sw in sws.items():
+        real = sw.add_flows
+        sw.add_flows = lambda lines, m=m, real=real: (log.append(("bundle", m)), real(lines))[1]
+    settle = {m: (lambda m=m: log.append(("settled", m))) for m in sws}
+    FabricSteering(f, sws, settle=settle).point_to("nat2")
+    assert log == [(w, m) for m in ("B", "A", "B", "A") for w in ("bundle", "settled")]
+
+    def stuck():
+        raise TestbedError("ovs-appctl revalidator/wait timed out")
+    with pytest.raises(SteeringError, match="switch of machine B \\(ingress\\): ovs-appctl revalidator/wait timed out"):
+        FabricSteering(f, sws, settle={"B": stuck}).point_to("nat1")

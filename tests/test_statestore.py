@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from natmig.agent.datastore import DatastoreError
+from natmig.agent.stateprovider import Change, MemoryStateProvider
 from natmig.agent.statestore import StateStore
 from natmig.statemodel import load_module
-from natmig.statewire import Config
+from natmig.statewire import Config, Edit
 
 from .test_statemodel import LB, NC, binding, config
 
@@ -179,3 +180,51 @@ def test_the_provider_refuses_a_change_whole() -> None:
     with pytest.raises(StateRefused, match=r"binding\[192.0.2.2 2\]"):
         s.provider.apply({BINDING: Change([e1, e2])})
     assert keys(s) == set()
+
+
+class _Counting(MemoryStateProvider):
+    """A memory provider that counts whole reads and keys looked up (a kernel table's costs)."""
+
+    def __init__(self, module) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(module)
+        self.reads = 0
+        self.looked_up = 0
+
+    def read(self):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        return super().read()
+
+    def read_lists(self, lists):  # type: ignore[no-untyped-def]
+        self.reads += 1
+        return super().read_lists(lists)
+
+    def lookup(self, lst, keys):  # type: ignore[no-untyped-def]
+        self.looked_up += len(keys)
+        return super().lookup(lst, keys)
+
+
+def test_writing_k_entries_reads_k_keys_not_the_table() -> None:
+    from natmig.schema import YANG_DIR
+
+    module = load_module(YANG_DIR / "fw-state.yang")  # no `unique`: nothing binds the whole list
+    p = _Counting(module)
+    s = StateStore(module, p)
+    sess = module.list("session")
+    big = [("TCP", "10.0.0.2", 1024 + i, "203.0.113.2", 80, "ESTABLISHED", 60, True, 0) for i in range(5000)]
+    p.apply({sess: Change(big)})
+
+    def edit(i: int) -> Config:
+        return Config([Edit(sess, None, ("UDP", "10.0.0.3", i, "203.0.113.2", 53), {"protocol": "UDP", "src-address": "10.0.0.3",
+                       "src-port": i, "dst-address": "203.0.113.2", "dst-port": 53})], None)
+
+    p.reads = p.looked_up = 0
+    s.edit("running", edit(1), sid=1)
+    s.edit("candidate", edit(2), sid=1)
+    s.edit("candidate", edit(3), sid=1)
+    s.commit(1, confirmed=True, timeout=60)
+    s.commit(1)
+    assert p.reads == 0 and p.looked_up == 5  # one key per edit, two for the confirmed commit's undo
+    assert len(p.read()[sess]) == 5003
+    # Admission alone reads no list.
+    p.reads = 0
+    assert s.read("running", [])[1] is True and p.reads == 0
