@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import resource
 import statistics
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterable, TypeVar
 
 from natmig.model import NatSession
+
+T = TypeVar("T")
 
 
 def synthetic_table(n: int, public: str = "203.0.113.1") -> list[NatSession]:
@@ -66,3 +69,47 @@ def print_table(title: str, header: Iterable[str], rows: Iterable[Iterable[objec
 def verdict(value: float, target: float) -> str:
     """'ok' when value <= target, else 'OVER'."""
     return "ok" if value <= target else "OVER"
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start ``pid``'s peak RSS (VmHWM) afresh from its RSS now (clear_refs 5), so a later read is the peak of what ran since."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+def vm_hwm_mb(pid: int) -> float:
+    """``pid``'s peak resident set size (VmHWM of /proc/PID/status), in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/{pid}/status has no VmHWM")
+
+
+def in_child(fn: Callable[[], T]) -> T:
+    """``fn()`` run in a forked child; its result (pickled back) or a RuntimeError with the child's error.
+
+    For work whose memory must not count in this process's peak RSS: Python
+    keeps freed memory in its arenas, so a table of a million sessions built
+    here would still be resident when the controller's peak is read.
+    """
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+
+    def run() -> None:
+        try:
+            send.send((True, fn()))
+        except BaseException as e:  # noqa: BLE001 -- handed to the parent as text
+            send.send((False, f"{type(e).__name__}: {e}"))
+
+    p = ctx.Process(target=run)
+    p.start()
+    send.close()
+    try:
+        ok, value = recv.recv()
+    except EOFError:
+        ok, value = False, "the child exited without an answer"
+    p.join()
+    if not ok:
+        raise RuntimeError(value)
+    return value

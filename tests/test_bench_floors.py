@@ -1,0 +1,64 @@
+"""The migration benchmark's floors table, targets and merge of sizes, on made-up rows (no root, nothing run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_migrate.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_migrate_under_test", BENCH)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def row(n: int, natmig: float = 1.0, kernel: float = 0.4, blackout: float | None = 0.1, peer: dict | None = None, rss: float = 80.0) -> dict:
+    """A row as measure() writes it, with only what the floors' table and targets read."""
+    return {
+        "sessions": n, "floor": {"dump": 0.1, "restore": 0.1, "bundle": 0.01, "total": natmig / 2.5, "entries": n},
+        "kernel_floor": {"dump": kernel / 2, "create": kernel / 2 - 0.01, "bundle": 0.01, "total": kernel, "entries": n},
+        "conntrackd": peer, "conntrackd_error": None if peer else "conntrackd is not installed (make system installs it)",
+        "blackout": blackout, "blackout_ms": None, "ratio_kernel": natmig / kernel, "ratio": 2.5, "natmig_total": natmig,
+        "natmig_ok": True, "natmig_error": None, "probe_survived": True, "probe_gap_ms": 5.0, "churn_run_ok": True,
+        "connect_max_ms_in_hold": 0.0, "agent_peak_rss_mb": {"source": rss, "target": rss}, "controller_peak_rss_mb": 70.0,
+    }
+
+
+PEER = {"sync": 0.03, "commit": 0.05, "bundle": 0.012, "total": 0.062, "entries": 10000}
+
+
+def test_floors_table_shows_each_floor_and_why_conntrackd_is_missing(bench, capsys) -> None:
+    bench.print_floors([row(10_000, peer=PEER), row(1000)])
+    out = capsys.readouterr().out
+    assert "   62.0 " in out and "2.50" in out  # conntrackd's commit + bundle; natmig / kernel floor
+    assert "conntrackd could not run: conntrackd is not installed" in out
+
+
+def test_targets_against_the_kernel_floor_and_conntrackd(bench) -> None:
+    assert bench.check_targets([row(100_000, natmig=0.8, kernel=0.4, blackout=0.05, peer=PEER)]) == []
+    missed = bench.check_targets([row(100_000, natmig=1.0, kernel=0.4, blackout=0.1, peer=PEER)])
+    assert any("2.50x the kernel floor" in m for m in missed)
+    assert any("blackout 100.0 ms above conntrackd's commit + bundle 62.0 ms" in m for m in missed)
+    # No conntrackd figure, no comparison with it (and no crash).
+    assert not any("conntrackd" in m for m in bench.check_targets([row(100_000, natmig=0.8, peer=None)]))
+    big = bench.check_targets([row(1_000_000, natmig=0.8, peer=None, rss=1600.0)])
+    assert any("agent peak RSS 1600 MB" in m for m in big)
+
+
+def test_merge_keeps_other_sizes_and_drops_rows_without_the_floors(bench, tmp_path: Path) -> None:
+    path = tmp_path / "bench_migrate.json"
+    assert bench.merged(path, [row(1_000_000)]) == [row(1_000_000)]
+    old = [row(1000), row(1_000_000, natmig=9.0), {"sessions": 10_000, "floor": {}}]
+    path.write_text(json.dumps(old))
+    got = bench.merged(path, [row(1_000_000)])
+    assert [r["sessions"] for r in got] == [1000, 1_000_000] and got[1]["natmig_total"] == 1.0
