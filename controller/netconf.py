@@ -456,6 +456,10 @@ class NodeClient:
             raise SessionLost(f"{self.name}: {operation}: the NETCONF session ended ({e})") from e
         except nc_ops.TimeoutExpiredError as e:
             raise ControllerError(f"{self.name}: {operation}: no reply in time ({e})") from e
+        except OSError as e:
+            # paramiko's "Socket is closed" when the session died between the connected check and the send
+            # (seen in a rollback after a 1,000,000-session move): a lost session, not a traceback.
+            raise SessionLost(f"{self.name}: {operation}: the NETCONF session ended ({e})") from e
 
     def _text(self, operation: str, body: str) -> Any:
         return self._call(operation, self._mgr.execute, TextRPC, body)

@@ -333,3 +333,13 @@ def test_an_agent_started_over_a_leftover_undo_record_rolls_it_back(tmp_path: Pa
     finally:
         a.stop()  # a stopping agent rolls its pending commit back
     assert a.provider.table == {} and not (state / Journal.NAME).exists()
+
+
+def test_a_socket_closed_under_a_request_is_a_lost_session_not_a_traceback(agent: RunningAgent, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session died between the connected check and the send (paramiko raises OSError): SessionLost, named."""
+    with agent.client() as c:
+        def closed(*_a: object, **_k: object) -> None:
+            raise OSError("Socket is closed")
+        monkeypatch.setattr(c._mgr, "execute", closed)
+        with pytest.raises(SessionLost, match="get-config: the NETCONF session ended .Socket is closed"):
+            c.get_sessions()
