@@ -76,6 +76,9 @@ class EngineReport:
         lines = [f"state migration {self.source} -> {self.target}: {'OK' if self.ok else 'FAILED in ' + self.failed_phase}"]
         if self.modules:
             lines.append(f"  modules: {', '.join(self.modules)}")
+        if self.phases:
+            # Opening both agents' sessions: SSH and hello for a one-shot command, nothing for a kept session.
+            lines.append(f"  {'connect':<10} {ms(self.connect_seconds):>10}")
         for p in self.phases:
             lines.append(f"  {p.name:<10} {ms(p.seconds):>10}  {'ok' if p.ok else 'FAILED'}  {p.detail}")
         if self.traffic_on:
