@@ -14,14 +14,13 @@ clients with ``ip netns exec``.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .. import netns
+from .. import children, netns
 from ..errors import AgentError
 from .auth import load_or_create_host_key, set_password
 from .natnode import NatNode, NatNodeConfig
@@ -97,25 +96,12 @@ class AgentLab:
         ]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self.proc.poll() is not None:
-                raise AgentError(f"agent exited with {self.proc.returncode}: {self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise AgentError(f"agent not listening after {timeout} s: {self.log_tail()}")
-            time.sleep(0.02)
+        children.wait_ready(self.proc, ready, timeout, "agent", self.log_tail, AgentError)
 
     def stop_agent(self) -> None:
         """SIGTERM the agent (by its pid) and wait; SIGKILL if it does not go."""
         p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
+        children.stop(p)
 
     def down(self) -> None:
         """Stop the agent and delete both namespaces (idempotent)."""

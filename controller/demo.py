@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
-from .. import netns, pool
+from .. import children, netns, pool
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession
 from ..pool import PublicRange
@@ -117,13 +117,7 @@ class AgentFleet:
                              preexec_fn=lambda: os.setpriority(os.PRIO_PROCESS, 0, self.nice))
         log.close()
         self.procs[nat] = p
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if p.poll() is not None:
-                raise ControllerError(f"agent of {nat} exited with {p.returncode}: {self.log_tail(nat)}")
-            if time.monotonic() > deadline:
-                raise ControllerError(f"agent of {nat} not listening after {timeout} s: {self.log_tail(nat)}")
-            time.sleep(0.02)
+        children.wait_ready(p, ready, timeout, f"agent of {nat}", lambda: self.log_tail(nat), ControllerError)
         return p.pid
 
     def log_tail(self, nat: str, n: int = 1500) -> str:
@@ -135,15 +129,7 @@ class AgentFleet:
 
     def stop(self, nat: str, kill: bool = False) -> None:
         """Stop ``nat``'s agent (SIGTERM, or SIGKILL with ``kill``) and wait for it."""
-        p = self.procs.pop(nat, None)
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
+        children.stop(self.procs.pop(nat, None), kill)
 
     def spec(self, nat: str) -> AgentSpec:
         """How the controller reaches ``nat``'s agent."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 from xml.sax.saxutils import escape
 
-from .. import netns
+from .. import children
 from ..credentials import set_password
 from ..errors import ControllerError
 from .demo import USER, AgentFleet, Demo, DemoOptions
@@ -105,13 +104,7 @@ class ControllerService:
             self.proc = subprocess.Popen([sys.executable, "-m", "natmig.cli", "controller", "--config", str(self.dir / "controller.toml"),
                                           "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT,
                                          preexec_fn=lambda: os.setpriority(os.PRIO_PROCESS, 0, self.nice))
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self.proc.poll() is not None:
-                raise ControllerError(f"the controller exited with {self.proc.returncode}: {self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise ControllerError(f"the controller is not listening after {timeout} s: {self.log_tail()}")
-            time.sleep(0.02)
+        children.wait_ready(self.proc, ready, timeout, "the controller", self.log_tail, ControllerError)
         return self.proc.pid
 
     def write_inventory(self, source: str, target: str) -> Path:
@@ -189,14 +182,7 @@ class ControllerService:
     def close(self) -> None:
         """Stop the controller (SIGTERM, then SIGKILL) by its pid."""
         p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
+        children.stop(p)
 
 
 def _payload(out: str) -> str:
@@ -264,13 +250,7 @@ class _PhaseWatcher:
                     return
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        children.stop(self.proc, grace=5)
         self._thread.join(5)
 
 
