@@ -207,15 +207,4 @@ class ChainProvider(FirewallProvider):
         for s, k in zip(upserts, ukeys):
             if k in created:
                 events += self._session_events("created", s)
-        after = dict(blocked_before)
-        for k in blk.deletes:
-            if (gone := after.pop(tuple(k), None)) is not None:
-                events.append((self.blocked, "deleted", gone))
-        for e in blk.upserts:
-            if tuple(e[:1]) not in after:
-                events.append((self.blocked, "created", e))
-            after[tuple(e[:1])] = e
-        if self._known_blocked is not None and blk:
-            self._known_blocked = self._read_blocked()
-        for ev in events:
-            self._emit(*ev)
+        self._report(events, blk, blocked_before)

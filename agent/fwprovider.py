@@ -228,6 +228,10 @@ class FirewallProvider(StateProvider):
         # Own changes are reported here (the kernel's events of them are filtered out): entries gained or lost.
         events: list[tuple[StateList, str, Entry]] = [(self.sessions, "deleted", self._entry(existing[k])) for k in deleted]
         events += [(self.sessions, "created", e) for e, k in zip(sess.upserts, ukeys) if k in created]
+        self._report(events, blk, blocked_before)
+
+    def _report(self, events: list[tuple[StateList, str, Entry]], blk: Change, blocked_before: dict[Key, Entry]) -> None:
+        """Emit a write's own changes: ``events`` of the sessions, then the blocked sources gained or lost by ``blk``."""
         after = dict(blocked_before)
         for k in blk.deletes:
             if (gone := after.pop(tuple(k), None)) is not None:
