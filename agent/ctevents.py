@@ -38,7 +38,7 @@ import re
 import select
 import socket
 import struct
-from typing import Any, Callable, Final, Union
+from typing import Any, Callable, Final, Iterator, Union
 
 from .ctnetlink import (
     CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_MARK, CTA_PROTO_DST_PORT, CTA_PROTO_ICMP_CODE, CTA_PROTO_ICMP_ID,
@@ -371,19 +371,26 @@ class EventSocket:
 
         Raises :class:`EventsLost` when the kernel dropped events since the last read.
         """
+        n = 0
+        for data in self._queued(limit):
+            n += 1
+            parse(data, records, self.own)
+        return n
+
+    def _queued(self, limit: int | None) -> Iterator[bytes]:
+        """The messages queued now, up to ``limit``; :class:`EventsLost` when the kernel dropped some."""
         recv, n = self.sock.recv, 0
         while limit is None or n < limit:
             try:
                 data = recv(65536)
             except BlockingIOError:
-                break
+                return
             except OSError as e:
                 if e.errno == errno.ENOBUFS:
                     raise EventsLost("ctnetlink events were dropped (the receive queue overflowed)") from None
                 raise
             n += 1
-            parse(data, records, self.own)
-        return n
+            yield data
 
     def read_entries(self, out: list[tuple[int, dict[int, bytes]]], limit: int | None = None) -> int:
         """Append (NEW or DESTROY, the entry's top-level attributes) of the events queued now; how many messages were read.
@@ -393,16 +400,8 @@ class EventSocket:
         mark the records leave out) takes this.  Raises :class:`EventsLost`
         as :meth:`read` does.
         """
-        recv, n = self.sock.recv, 0
-        while limit is None or n < limit:
-            try:
-                data = recv(65536)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno == errno.ENOBUFS:
-                    raise EventsLost("ctnetlink events were dropped (the receive queue overflowed)") from None
-                raise
+        n = 0
+        for data in self._queued(limit):
             n += 1
             off = 0
             while off + 16 <= len(data):
