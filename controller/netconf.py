@@ -455,7 +455,9 @@ class NodeClient:
         except nc_transport.TransportError as e:
             raise SessionLost(f"{self.name}: {operation}: the NETCONF session ended ({e})") from e
         except nc_ops.TimeoutExpiredError as e:
-            raise ControllerError(f"{self.name}: {operation}: no reply in time ({e})") from e
+            # The timeout is named: a whole-table RPC scales with the table, and 30 s is short at 1,000,000.
+            raise ControllerError(f"{self.name}: {operation}: no reply in time (the RPC timeout is {self.reply_timeout:g} s; "
+                                  f"a larger table needs a longer one) ({e})") from e
         except OSError as e:
             # paramiko's "Socket is closed" when the session died between the connected check and the send
             # (seen in a rollback after a 1,000,000-session move): a lost session, not a traceback.

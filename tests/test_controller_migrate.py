@@ -639,3 +639,68 @@ def test_chunks_that_differ_from_the_reply_commit_nothing():
     assert not r.ok and r.failed_phase == "copy" and "differs from the chunks" in r.error
     assert "commit" not in tgt.calls and "discard" in tgt.calls
     assert keys_map(tgt) == {} and sw.moves == [] and r.traffic_on == "nat1"
+
+
+def expire(nodes, victims, clock=None):
+    """A hook: ``victims`` time out on every node (their timers ran out), as a large table's oldest entries do during a long verify."""
+    def hook():
+        if clock is not None:
+            clock[0] += 100.0  # their 30 s ran out meanwhile
+        for node in nodes:
+            node.provider.delete([s.key for s in victims])
+    return hook
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """perf_counter moved on by the seconds added to the returned list (a long read, without waiting for it)."""
+    import time
+    real, offset = time.perf_counter, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + offset[0])
+    return offset
+
+
+def aging_setup(n: int, short: int):
+    """``n`` sessions, the first ``short`` of them with 30 s left, the rest with a day."""
+    table = [replace(s, timeout=30 if i < short else 86400) for i, s in enumerate(sessions(n))]
+    src = CountingNode("nat1", MemoryProvider(table={s.key: s for s in table}))
+    return src, CountingNode("nat2", MemoryProvider()), FakeSteering("nat1"), table[:short]
+
+
+@pytest.mark.parametrize("lost_events", [True, False], ids=["source-re-read", "snapshot-and-events"])
+def test_sessions_that_time_out_on_both_nodes_during_verify_are_not_missing(clock, lost_events):
+    # At 1,000,000 sessions a benchmark table's oldest entries timed out while
+    # verify read the two tables a minute apart: each one was reported missing.
+    src, tgt, sw, victims = aging_setup(20, 6)
+    src.drop_events = lost_events  # lost: the source's digest differs too, and it is re-read
+    late = replace(sessions(1, base_port=29500)[0], timeout=86400)
+    tgt.hooks["commit"] = lambda: src.provider.apply([late])
+    if not lost_events:
+        # Only the target's digest differs (it lost one copied session), so its table is read.
+        tgt.hooks["set-admission:False"] = lambda: tgt.provider.delete([sessions(20)[10].key])
+    # Before the target's table is read, the six short ones time out on both nodes.
+    tgt.hooks["get-config:running"] = expire((src, tgt), victims, clock)
+    r = run(src, tgt, sw, retire="keep")
+    assert r.ok, r.error
+    assert r.expired == 6 and r.reconciled == 1 and r.verified == 20 + 1 - 6
+    assert keys_map(tgt) == keys_map(src)
+    assert "ended on the source" in " ".join(p.detail for p in r.phases)
+
+
+def test_a_session_missing_on_the_target_but_alive_on_the_source_is_written(clock):
+    src, tgt, sw, victims = aging_setup(20, 4)
+    tgt.hooks["set-admission:False"] = lambda: tgt.provider.delete([sessions(20)[10].key])
+    # The target alone loses four short-lived copies while its table is read: the source still holds them.
+    tgt.hooks["get-config:running"] = expire((tgt,), victims, clock)
+    r = run(src, tgt, sw, retire="keep")
+    assert r.ok, r.error
+    assert r.expired == 0 and r.reconciled == 5 and r.verified == 20
+    assert "re-read-source" in r.phases[4].steps  # their timers said "ended"; the source said otherwise
+    assert keys_map(tgt) == keys_map(src)
+
+
+def test_a_reconciled_session_whose_time_ran_out_is_not_missing():
+    from natmig.controller.migrate import ran_out
+    s = sessions(1)[0]
+    assert ran_out(replace(s, timeout=2), 10.0, 13.0) and not ran_out(replace(s, timeout=2), 10.0, 12.5)
+    assert not ran_out(replace(s, timeout=None), 0.0, 1e9)
