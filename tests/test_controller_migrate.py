@@ -680,6 +680,9 @@ def test_sessions_that_time_out_on_both_nodes_during_verify_are_not_missing(cloc
         tgt.hooks["set-admission:False"] = lambda: tgt.provider.delete([sessions(20)[10].key])
     # Before the target's table is read, the six short ones time out on both nodes.
     tgt.hooks["get-config:running"] = expire((src, tgt), victims, clock)
+    # Written back (as verify did before), they had no time left: gone again
+    # before the target's re-read, and reported "6 missing on the target".
+    tgt.hooks["edit-config:running"] = lambda: tgt.hooks.setdefault("get-config:running", expire((tgt,), victims))
     r = run(src, tgt, sw, retire="keep")
     assert r.ok, r.error
     assert r.expired == 6 and r.reconciled == 1 and r.verified == 20 + 1 - 6
