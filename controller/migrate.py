@@ -52,10 +52,11 @@ up the same way.  The report names the failed phase and each NAT's state.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -68,12 +69,16 @@ from .reach import netns_hint, route_error
 from .readback import read_node
 from .report import MigrationReport, PhaseClock, PhaseTiming
 from .steering import Steering
-from .texttable import EntryStream, TextTable
+from .texttable import EntryStream, ForwardedEntries, TextTable
 from .txn import Locks, already_pending, cancel_pending, confirm_admission, confirmed_admission, describe_error, missing_capabilities, nothing_pending, persist_token
 
 log = logging.getLogger(__name__)
 
 WRITABLE_RUNNING = "urn:ietf:params:netconf:capability:writable-running:1.0"
+#: Chunks of the source's reply that may wait for the copy at once (the agent sends ~64 KB a chunk).
+CHUNKS_QUEUED = 64
+#: Slices sent to the target and not yet answered (each up to copy_chunk entries, ~9 MB at 25,000).
+WRITES_AHEAD = 3
 RETIRE_MODES = ("delete", "keep", "stop")
 VERIFY_SOURCE = ("digest", "read")
 
@@ -182,7 +187,7 @@ class _State:
     target_candidate_dirty: bool = False
     added: list[SessionKey] = field(default_factory=list)
     #: a copy forwarded as text adds every entry of this table (its keys are read from the text only if a rollback needs them)
-    added_table: TextTable | None = None
+    added_table: ForwardedEntries | None = None
     target_admission: bool | None = None  # the value before we changed it
     source_admission: bool | None = None
     switched: bool = False
@@ -220,6 +225,8 @@ class Migration:
         self._snapshot_at: float | None = None
         #: the snapshot as the source's text, when the copy forwarded it undecoded (self._snapshot then stays empty until needed)
         self._snapshot_text: Any = None
+        #: the copy forwarded the snapshot without keeping it: verify re-reads the source when it needs its table
+        self._snapshot_lost = False
         self._target_before: list[NatSession] = []
         self._plan: CopyPlan | None = None
         self._catch = CatchUp()
@@ -423,92 +430,118 @@ class Migration:
         validates every entry, and nothing reaches its running datastore
         before the commit.  A reply in another form than the codec's own is
         decoded in full instead, as the streamed copy does.
+
+        The reply is not kept here (only its count, public addresses and
+        keys: :class:`.texttable.ForwardedEntries`), and at most
+        :data:`CHUNKS_QUEUED` chunks and :data:`WRITES_AHEAD` slices wait at
+        once: when the target falls behind, the rest of the reply waits in
+        the source's SSH window, not in this process.  At 1,000,000 sessions
+        the controller held the reply as bytes, as text and as queued
+        slices: 1.5 GB.
         """
         codec = getattr(src, "codec", None) or default_codec()
         stream = EntryStream(codec, first=min(1000, self.opt.copy_chunk), most=self.opt.copy_chunk)
-        chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        addresses: set[str] = set()
+        chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=CHUNKS_QUEUED)
+        sent = ForwardedEntries(codec)
         plain = True
         # Set before any write: a failure from here on discards the candidate.
         self._st.target_candidate_dirty = True
         with ThreadPoolExecutor(2) as pool:
-            writes: list[Any] = []
+            writes: collections.deque[Any] = collections.deque()
+
+            def refused() -> bool:
+                return any(w.done() and w.exception() is not None for w in writes)
 
             def send(parts: list[str]) -> bool:
                 """Check and send slices; False once nothing more may be sent."""
                 nonlocal plain
                 for part in parts:
-                    if not TextTable.plain_in(codec, part):
+                    if not TextTable.plain_in(codec, part) or not sent.add(part):
                         plain = False
                         return False
-                    addresses.update(TextTable.public_addresses(part))
-                    if foreign_addresses(addresses, self.target.public):
+                    if foreign_addresses(sent.addresses, self.target.public):
                         return False  # refused below, before this slice is sent
+                    while len(writes) >= WRITES_AHEAD and not refused():
+                        wait([writes[0]])
+                        if writes[0].exception() is None:
+                            writes.popleft()
+                    if refused():
+                        return False  # the target refused a slice: no use sending on
                     # Two requests in flight: the target's agent handles them
                     # in order, and reads the next while it handles one.
                     writes.append(pool.submit(tgt.edit_text, part, "candidate"))
-                    if any(w.done() and w.exception() is not None for w in writes):
-                        return False  # the target refused a slice: no use sending on
                 return True
 
+            failure: BaseException | None = None
             with ph.step("get-config"):
                 with ThreadPoolExecutor(1, thread_name_prefix="natmig-read") as reader:
-                    reading = reader.submit(src.read_table, "running", chunks.put)
+                    reading = reader.submit(src.read_table, "running", chunks.put, keep=False)
                     reading.add_done_callback(lambda _f: chunks.put(None))
                     going = True
                     while (chunk := chunks.get()) is not None:
                         if going:
-                            going = send(stream.feed(chunk))
+                            try:
+                                going = send(stream.feed(chunk))
+                            except BaseException as e:  # noqa: BLE001 - the reader must still be drained (it waits on the queue); raised below
+                                failure, going = e, False
                         else:
                             stream.fed += len(chunk)
                     reply = reading.result()
+                if failure is not None:
+                    raise failure
                 self._snapshot_at = time.perf_counter()
                 if not reply.tapped:
                     going = send(stream.feed(reply.raw.encode()))
-                elif stream.fed != (len(reply.raw) if reply.raw.isascii() else len(reply.raw.encode())):
+                elif stream.fed != reply.received:
                     raise ControllerError("the source's reply differs from the chunks it arrived in; nothing committed")
-                table = TextTable.of(reply.raw, codec)
-            if table is None:
-                # No plain <data> element (another agent's spelling): decode it all.
-                for w in writes:
-                    w.result()
-                self._copy_decoded(ph, reply, tgt)
-                return
-            self._snapshot_text = reply
             # Recorded before the commit: what a failure after it removes.
-            self._st.added_table = table
+            self._st.added_table = sent
+            whole = None if reply.elided else reply
             with ph.step("edit-config"):
                 if going:
                     rest = stream.finish()
-                    # None: the body was not cut while it arrived (e.g. an empty <data/>): cut it now.
-                    send(rest if rest is not None else table.slices(4, self.opt.copy_chunk))
+                    if rest is None:
+                        # The body was not cut while it arrived (an empty <data/>, another spelling): from the whole reply.
+                        whole = whole or src.read_table("running")
+                        table = TextTable.of(whole.raw, codec)
+                        if table is None:
+                            plain = False
+                        else:
+                            send(table.slices(4, self.opt.copy_chunk))
+                    else:
+                        send(rest)
                 for w in writes:
                     w.result()
         if not plain:
-            # Another spelling than the codec's: decode the whole reply and
-            # write it all again (a merge of what is already in the candidate
-            # changes nothing); its keys are then known decoded.
+            # Another spelling than the codec's: decode the whole reply (read
+            # again when it was not kept) and write it all again (a merge of
+            # what is already in the candidate changes nothing); its keys are
+            # then known decoded.
             self._st.added_table = None
-            self._snapshot_text = None
-            self._copy_decoded(ph, reply, tgt)
+            self._copy_decoded(ph, whole or src.read_table("running"), tgt)
             return
+        # The snapshot as text, for verify when the digests differ; not kept when it was only forwarded.
+        self._snapshot_text = whole
+        self._snapshot_lost = whole is None
         with ph.step("plan"):
             # The whole snapshot's plan, before anything is committed.
-            conflicts = foreign_addresses(addresses, self.target.public)
+            conflicts = foreign_addresses(sent.addresses, self.target.public)
             if conflicts:
                 raise PlanError(conflicts)
             self._plan = CopyPlan([], frozenset(), 0)
         with ph.step("commit"):
             self._commit_copy(tgt)
-        self.report.copied = table.count
+        self.report.copied = sent.count
 
     def _copy_decoded(self, ph: Any, reply: Any, tgt: Any) -> None:
         """The streamed copy of a reply decoded whole by the codec (a form the text copy does not forward)."""
         sessions = reply.sessions()
         self._copy_streamed(ph, lambda _src, size, pieces=1: (sessions[i:i + size] for i in range(0, len(sessions), size)), tgt)
 
-    def _source_snapshot(self) -> list[NatSession]:
-        """The snapshot, decoded (once) when the copy forwarded it as text."""
+    def _source_snapshot(self) -> list[NatSession] | None:
+        """The snapshot, decoded (once) when the copy forwarded it as text; None when it was forwarded and not kept."""
+        if self._snapshot_lost:
+            return None
         if self._snapshot_text is not None:
             self._snapshot, self._snapshot_text = self._snapshot_text.sessions(), None
         return self._snapshot
@@ -806,10 +839,11 @@ class Migration:
         late = self._sub.drain() if self._sub is not None else []
         self._events += late
         self.report.events += len(late)
-        if stats is None or "sessions" not in stats:
+        snapshot = self._source_snapshot()
+        if stats is None or "sessions" not in stats or snapshot is None:
             self.report.source_check = "read"
             return None
-        implied = expected_table(self._source_snapshot(), self._events)
+        implied = expected_table(snapshot, self._events)
         # The count alone would miss a created and a destroyed notification
         # both still on their way (they cancel out); the digest covers every
         # key and mapping, so only an equal table passes.

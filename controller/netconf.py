@@ -41,7 +41,7 @@ from ncclient import transport as nc_transport
 from ..codec import NETCONF_NS, Codec, default_codec
 from ..errors import CodecError, ControllerError
 from ..model import NatSession, SessionKey
-from .ncpatch import RawTextRPC, SSHSession, TextRPC, install_parser, tap_next_reply
+from .ncpatch import RawTextRPC, SSHSession, TextRPC, install_parser, tap_next_reply, tapped_reply
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,10 @@ class TableReply:
         self.codec = codec
         #: whether the reply was also handed out chunk by chunk as it arrived (see NodeClient.read_table)
         self.tapped = False
+        #: the reply's size in bytes as it arrived (when tapped)
+        self.received = len(raw) if raw.isascii() else len(raw.encode())
+        #: True when only the reply's root element was kept (read_table with keep=False): its entries went to the tap alone
+        self.elided = False
         self._decoded: list[NatSession] | None = None
         self._found: dict[tuple[str, ...], tuple[str, ...]] | None = None
 
@@ -122,7 +126,12 @@ class TableReply:
         by_name = {s.name: s for s in self.codec.schema.leaves}
         return [by_name[n] for n in (*self.codec.schema.keys, *self.MAPPING)]
 
+    def _whole(self) -> None:
+        if self.elided:
+            raise ControllerError("this get-config reply was forwarded as it arrived and not kept: read the table again")
+
     def _scan(self) -> dict[tuple[str, ...], tuple[str, ...]]:
+        self._whole()
         if self._found is None:
             # Only entries in exactly the codec's own form match; anything
             # else is simply not found, and holds() says no (never a false yes).
@@ -159,6 +168,7 @@ class TableReply:
 
     def sessions(self) -> list[NatSession]:
         """The whole table, decoded and validated by the codec."""
+        self._whole()
         if self._decoded is None:
             from ncclient.xml_ import to_ele
 
@@ -504,7 +514,7 @@ class NodeClient:
         inner = "" if key is None else "".join(f"<{k}>{v}</{k}>" for k, v in zip(self.codec.schema.keys, key))
         return self.codec.decode_xml(self._get_config(source, f'<{name} xmlns="{ns}">{inner}</{name}>'))
 
-    def read_table(self, source: str = "running", on_chunk: Callable[[bytes], None] | None = None) -> TableReply:
+    def read_table(self, source: str = "running", on_chunk: Callable[[bytes], None] | None = None, keep: bool = True) -> TableReply:
         """The whole nat-session list of ``source``, kept as text (see :class:`TableReply`).
 
         With ``on_chunk``, each chunk of the reply is also handed to it as it
@@ -512,15 +522,21 @@ class NodeClient:
         agent that streams its table sends it in many chunks); returns
         ``TableReply.tapped`` True then.  Only the reply to this request is
         tapped: nothing else may be in flight on this session meanwhile.
+        ``keep`` False (with ``on_chunk``): the chunks are the table's only
+        copy; a long reply is then not kept (``TableReply.elided``: its
+        text is the reply's empty root element), and ``received`` says how
+        many bytes it had.
         """
         if source not in ("running", "candidate"):
             raise ControllerError(f"get-config: source {source!r} is not running or candidate")
         ns = self.codec.ns
         name = self.codec.schema.list_name
         body = f'<get-config><source><{source}/></source><filter type="subtree"><{name} xmlns="{ns}"/></filter></get-config>'
-        tapped = on_chunk is not None and tap_next_reply(self._mgr, on_chunk)
+        tapped = on_chunk is not None and tap_next_reply(self._mgr, on_chunk, keep)
         reply = TableReply(self._call("get-config", self._mgr.execute, RawTextRPC, body)._raw, self.codec)
         reply.tapped = tapped
+        if tapped:
+            reply.received, reply.elided = tapped_reply(self._mgr)
         return reply
 
     def session_chunks(self, source: str = "running", size: int = 25_000, pieces: int = 1) -> Iterator[list[NatSession]]:

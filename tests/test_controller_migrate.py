@@ -281,20 +281,23 @@ class CountingNode(FakeNode):
     #: bytes per chunk a tapped read_table hands out (as an agent streaming its table sends them); 0: not tapped
     stream_chunk = 700
 
-    def read_table(self, source: str = "running", on_chunk=None) -> TableReply:
+    def read_table(self, source: str = "running", on_chunk=None, keep: bool = True) -> TableReply:
         table = self.get_sessions(source)
         body = CODEC.encode_xml(table, root=None).decode()
         reply = TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body}</data></rpc-reply>', CODEC)
-        return tapped(reply, on_chunk, self.stream_chunk)
+        return tapped(reply, on_chunk, self.stream_chunk, keep)
 
 
-def tapped(reply: TableReply, on_chunk, size: int = 700) -> TableReply:
-    """Hand out the reply's bytes in chunks first, as NodeClient.read_table does for a streamed reply."""
+def tapped(reply: TableReply, on_chunk, size: int = 700, keep: bool = True) -> TableReply:
+    """Hand out the reply's bytes in chunks first, as NodeClient.read_table does for a streamed reply (not kept: only its root element stays)."""
     if on_chunk is not None and size:
         data = reply.raw.encode()
         for i in range(0, len(data), size):
             on_chunk(data[i:i + size])
         reply.tapped = True
+        reply.received = len(data)
+        if not keep:
+            reply.raw, reply.elided = f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"></rpc-reply>', True
     return reply
 
 
@@ -532,9 +535,9 @@ def test_forwarded_text_carries_handshake_states_as_read():
 def test_a_reply_in_another_form_is_decoded_and_copied_all_the_same():
     src, tgt, sw = text_setup(30)
 
-    def spaced(source: str = "running", on_chunk=None) -> TableReply:
+    def spaced(source: str = "running", on_chunk=None, keep: bool = True) -> TableReply:
         body = CODEC.encode_xml(src.get_sessions(source), root=None).decode().replace("</nat-session>", "</nat-session>\n")
-        return tapped(TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body}</data></rpc-reply>', CODEC), on_chunk)
+        return tapped(TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body}</data></rpc-reply>', CODEC), on_chunk, keep=keep)
     src.read_table = spaced
     r = run(src, tgt, sw, retire="keep", copy_chunk=10)
     assert r.ok, r.error
@@ -588,10 +591,10 @@ def test_unequal_digests_after_a_forwarded_copy_fall_back_to_decoding_and_reconc
 def test_a_reply_spoiled_only_near_its_end_is_forwarded_then_decoded_and_still_copied_whole():
     src, tgt, sw = text_setup(40)
 
-    def late_comment(source: str = "running", on_chunk=None) -> TableReply:
+    def late_comment(source: str = "running", on_chunk=None, keep: bool = True) -> TableReply:
         body = CODEC.encode_xml(src.get_sessions(source), root=None).decode()
         cut = body.rindex("<nat-session ")
-        return tapped(TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body[:cut]}<!-- x -->{body[cut:]}</data></rpc-reply>', CODEC), on_chunk)
+        return tapped(TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body[:cut]}<!-- x -->{body[cut:]}</data></rpc-reply>', CODEC), on_chunk, keep=keep)
     src.read_table = late_comment
     r = run(src, tgt, sw, retire="keep", copy_chunk=10)
     assert r.ok, r.error
@@ -613,8 +616,8 @@ def test_the_target_gets_slices_while_the_sources_reply_still_arrives():
     tgt.edit_text = edit_text
     seen = {}
 
-    def read_table(source="running", on_chunk=None):
-        reply = TextNode.read_table(src, source, on_chunk)
+    def read_table(source="running", on_chunk=None, keep=True):
+        reply = TextNode.read_table(src, source, on_chunk, keep)
         # Every chunk is out, the reply not yet returned: a slice must already be on its way.
         seen["written"] = written.wait(5)
         return reply
@@ -628,7 +631,7 @@ def test_the_target_gets_slices_while_the_sources_reply_still_arrives():
 def test_chunks_that_differ_from_the_reply_commit_nothing():
     src, tgt, sw = text_setup(40)
 
-    def read_table(source="running", on_chunk=None):
+    def read_table(source="running", on_chunk=None, keep=True):
         reply = TextNode.read_table(src, source, None)
         data = reply.raw.encode()
         on_chunk(data[: len(data) // 2])  # the rest of the message never came through the tap
