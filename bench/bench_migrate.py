@@ -134,8 +134,9 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
     tb.point_to("nat1")
     flush(tb, "nat2")
     at_move = ct_count(tb, "nat1")
-    if at_move != in_table:
+    if at_move < min(n, in_table):
         # Entries timed out (or were removed) while the floors ran: natmig's move would compare other tables.
+        # (A few more is the testbed's own traffic: the agents' management connections, the probe.)
         raise NatmigError(f"nat1 held {in_table} entries after the load and {at_move} before natmig's move "
                           f"(the sessions are loaded with {SESSION_TIMEOUT} s to live: did the run take longer?)")
     # Peak RSS over the move alone: each process's high-water mark starts

@@ -710,3 +710,33 @@ def test_a_reconciled_session_whose_time_ran_out_is_not_missing():
     s = sessions(1)[0]
     assert ran_out(replace(s, timeout=2), 10.0, 13.0) and not ran_out(replace(s, timeout=2), 10.0, 12.5)
     assert not ran_out(replace(s, timeout=None), 0.0, 1e9)
+
+
+def test_a_slow_target_holds_back_the_sources_reply_instead_of_queueing_it_here(monkeypatch):
+    """At most WRITES_AHEAD slices wait for the target, at most CHUNKS_QUEUED chunks for the copy: nothing deadlocks, all arrives."""
+    import time as _time
+
+    from natmig.controller import migrate as mig
+
+    monkeypatch.setattr(mig, "WRITES_AHEAD", 1)
+    monkeypatch.setattr(mig, "CHUNKS_QUEUED", 2)
+    src, tgt, sw = text_setup(300)
+    busy, most = [0], [0]
+    real_edit = tgt.edit_text
+    lock = threading.Lock()
+
+    def slow_edit(entries, target="candidate"):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        _time.sleep(0.01)
+        try:
+            real_edit(entries, target)
+        finally:
+            with lock:
+                busy[0] -= 1
+    tgt.edit_text = slow_edit
+    r = run(src, tgt, sw, retire="keep", copy_chunk=20)
+    assert r.ok, r.error
+    assert most[0] == 1 and tgt.calls.count("edit-text") >= 300 // 20
+    assert keys_map(tgt) == keys_map(src) and r.copied == 300
