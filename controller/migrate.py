@@ -55,6 +55,7 @@ from __future__ import annotations
 import collections
 import logging
 import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -473,19 +474,34 @@ class Migration:
                 return True
 
             failure: BaseException | None = None
+            drained = threading.Event()
+
+            def put(chunk: bytes | None) -> None:
+                # Waits while the copy is behind, but never once it has stopped taking chunks
+                # (a chunk after the end mark, in ncclient's transport thread, would hang the session).
+                while not drained.is_set():
+                    try:
+                        chunks.put(chunk, timeout=0.1)
+                        return
+                    except queue.Full:
+                        pass
+
             with ph.step("get-config"):
                 with ThreadPoolExecutor(1, thread_name_prefix="natmig-read") as reader:
-                    reading = reader.submit(src.read_table, "running", chunks.put, keep=False)
-                    reading.add_done_callback(lambda _f: chunks.put(None))
+                    reading = reader.submit(src.read_table, "running", put, keep=False)
+                    reading.add_done_callback(lambda _f: put(None))
                     going = True
-                    while (chunk := chunks.get()) is not None:
-                        if going:
-                            try:
-                                going = send(stream.feed(chunk))
-                            except BaseException as e:  # noqa: BLE001 - the reader must still be drained (it waits on the queue); raised below
-                                failure, going = e, False
-                        else:
-                            stream.fed += len(chunk)
+                    try:
+                        while (chunk := chunks.get()) is not None:
+                            if going:
+                                try:
+                                    going = send(stream.feed(chunk))
+                                except BaseException as e:  # noqa: BLE001 - the reader must still be drained (it waits on the queue); raised below
+                                    failure, going = e, False
+                            else:
+                                stream.fed += len(chunk)
+                    finally:
+                        drained.set()
                     reply = reading.result()
                 if failure is not None:
                     raise failure

@@ -740,3 +740,21 @@ def test_a_slow_target_holds_back_the_sources_reply_instead_of_queueing_it_here(
     assert r.ok, r.error
     assert most[0] == 1 and tgt.calls.count("edit-text") >= 300 // 20
     assert keys_map(tgt) == keys_map(src) and r.copied == 300
+
+
+def test_a_source_read_that_fails_half_way_through_a_full_queue_fails_the_copy_and_hangs_nothing(monkeypatch):
+    from natmig.controller import migrate as mig
+
+    monkeypatch.setattr(mig, "CHUNKS_QUEUED", 2)
+    src, tgt, sw = text_setup(200)
+
+    def read_table(source="running", on_chunk=None, keep=True):
+        reply = TextNode.read_table(src, source, None)
+        data = reply.raw.encode()
+        for i in range(0, len(data) // 2, 300):
+            on_chunk(data[i:i + 300])
+        raise ControllerError("nat1: get-config: no reply in time (the RPC timeout is 30 s; a larger table needs a longer one)")
+    src.read_table = read_table
+    r = run(src, tgt, sw, copy_chunk=20)
+    assert not r.ok and r.failed_phase == "copy" and "RPC timeout is 30 s" in r.error
+    assert "commit" not in tgt.calls and keys_map(tgt) == {} and r.traffic_on == "nat1"
