@@ -664,7 +664,8 @@ class Migration:
         # bundle cannot; across several switches the steering undoes its
         # steps) the rollback still points back.
         self._st.switched = True
-        self.steering.point_to(self.target.name)
+        with ph.step("flows"):
+            self.steering.point_to(self.target.name)
 
     def _verify(self, ph: Any) -> None:
         src, tgt = self._src, self._tgt
