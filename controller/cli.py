@@ -97,7 +97,7 @@ def _run_state_migration(args: argparse.Namespace, inv: Inventory) -> int:
     assert inv.switch is not None
     steering = None if inv.switch.kind == "none" else steering_from_spec(inv.switch)
     report = EngineMigration(opener("source", inv.source), opener("target", inv.target), inv.source, inv.target, opts,
-                             default_phases(steering), on_phase=progress).run()
+                             default_phases(steering), on_phase=progress, source_events=opener("source", inv.source)).run()
     print(report.text(), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         _write_json(args.json, report.to_json())

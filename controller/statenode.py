@@ -117,6 +117,10 @@ class StateNode:
         self.modules, self.content_id = modules, content_id
         return modules
 
+    def adopt(self, other: "StateNode") -> None:
+        """Take what ``other`` discovered (another session to the same agent: no second get-schema and compile)."""
+        self.announced, self.modules, self.content_id = other.announced, other.modules, other.content_id
+
     @property
     def lists(self) -> list[StateList]:
         """Every state list of every state module, in module then schema order."""

@@ -349,6 +349,31 @@ def test_changes_of_the_frozen_source_after_the_read_reach_the_target(pair: tupl
     assert ("192.0.2.250", 9) in keys and len(keys) == 28
 
 
+def test_events_followed_on_a_session_of_their_own_which_is_closed_once_caught_up(pair: tuple[Served, Served]) -> None:
+    # A session subscribed stays subscribed: on the migration's own, the retire's deletions
+    # would all stream back to the controller ahead of the unlock's reply.
+    a, b = pair
+    a.load(*entries(30))
+    opened: list[StateNode] = []
+
+    def events() -> StateNode:
+        opened.append(a.node())
+        return opened[-1]
+
+    class Closed(Phase):
+        name = "closed"
+
+        def run(self, ctx: Context) -> str:
+            assert ctx.events is None and len(opened) == 1 and not opened[0].connected and ctx.source.connected
+            return "the event session is closed"
+
+    phases = [Preflight(), Freeze(), Copy(WholeLists()), _Traffic(a), CatchUp(), Closed(), Verify(), NoSwitch(), Finish()]
+    r = EngineMigration(a.node, b.node, a.name, b.name, EngineOptions(), phases, source_events=events).run()  # type: ignore[arg-type]
+    assert r.ok, r.text()
+    assert "4 changes from events" in next(p for p in r.phases if p.name == "catch-up").detail
+    assert r.readback["lb2"].tables["lb-binding:binding"][0] == 28
+
+
 class FakeSteering:
     """A switch in memory: which node traffic goes through, and whether it obeys."""
 
