@@ -25,7 +25,7 @@ from ..gcpause import gc_paused
 from ..model import FIELD_NAMES, NatSession, format_key
 from ..schema import LeafValueError
 from ..statemodel import COMMON_NS
-from ..statewire import CONTROL, STATISTICS, Wire
+from ..wire.state import CONTROL, STATISTICS, Wire
 from .confirmed import DEFAULT_TIMEOUT, parse_timeout
 from .datastore import (
     DEFAULT_OPERATIONS,

@@ -24,7 +24,7 @@ from natmig.codec import NETCONF_NS
 from natmig.errors import CodecError
 from natmig.schema import LeafValueError
 from natmig.statemodel import COMMON_NS, Entry, StateList, StateModule, common_module
-from natmig.statewire import CHANGE, CONTROL, STATISTICS, Config, Wire
+from natmig.wire.state import CHANGE, CONTROL, STATISTICS, Config, Wire
 
 from . import rpc
 from .datastore import DEFAULT_OPERATIONS, ERROR_OPTIONS, TEST_OPTIONS, DatastoreError, Problem, problems_of_codec, refuse

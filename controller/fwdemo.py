@@ -37,7 +37,7 @@ from typing import Any, TextIO
 from .. import netns
 from ..errors import ControllerError, NatmigError
 from ..statemodel import Entry, StateList
-from ..statewire import Wire
+from ..wire.state import Wire
 from ..testbed.topology import DEFAULT_TOPOLOGY
 from .demo import AgentFleet, DemoOptions, control_plane_priority, phase_line, sigterm_interrupts, tear_down
 from .engine import EngineMigration, EngineOptions, default_phases, switch_only_phases

@@ -11,7 +11,7 @@ Phases (each timed with :func:`time.perf_counter`, see :mod:`.report`):
     get-config the source, plan (the target must be idle or compatible), and
     edit-config the snapshot into the target's candidate and commit it.
     Into an idle target the source's entries are forwarded as the text it
-    sent, undecoded (see :mod:`.texttable`).
+    sent, undecoded (see :mod:`natmig.wire.nattext`).
 ``catch-up``
     Close admission on the target (a packet of an unknown session must never
     create a mapping there) and on the source (it stops creating sessions;
@@ -68,7 +68,7 @@ from .reach import netns_hint, route_error
 from .readback import read_node
 from .report import MigrationReport, PhaseClock, PhaseTiming
 from .steering import Steering
-from .texttable import EntryStream, TextTable
+from ..wire.nattext import EntryStream, TextTable
 from .txn import Locks, already_pending, cancel_pending, confirm_admission, confirmed_admission, describe_error, missing_capabilities, nothing_pending, persist_token
 
 log = logging.getLogger(__name__)
@@ -411,12 +411,12 @@ class Migration:
         self._st.target_candidate_dirty = False
 
     def _copy_text(self, ph: Any, src: Any, tgt: Any) -> None:
-        """The copy into an idle target, the source's entries forwarded as the text it sent (see :mod:`.texttable`).
+        """The copy into an idle target, the source's entries forwarded as the text it sent (see :mod:`natmig.wire.nattext`).
 
         The source's agent sends its table while it reads it from the kernel
         (a reply in many chunks); slices of whole entries go on to the target
         as they arrive, so the source's read, the transfer and the target's
-        checks overlap (:class:`.texttable.EntryStream`).  The target's agent
+        checks overlap (:class:`natmig.wire.nattext.EntryStream`).  The target's agent
         validates every entry, and nothing reaches its running datastore
         before the commit.  A reply in another form than the codec's own is
         decoded in full instead, as the streamed copy does.

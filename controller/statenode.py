@@ -14,7 +14,7 @@ from typing import Iterable
 
 from ..errors import CodecError, ControllerError, SchemaError
 from ..statemodel import COMMON_MODULE, COMMON_NS, Entry, Key, StateList, StateModule, compile_fetched
-from ..statewire import CHANGE, CONTROL, STATISTICS, Wire, read_admission, read_statistics
+from ..wire.state import CHANGE, CONTROL, STATISTICS, Wire, read_admission, read_statistics
 from .netconf import NOTIFICATION_CAPABILITY, NodeClient
 
 YANG_LIBRARY_NS = "urn:ietf:params:xml:ns:yang:ietf-yang-library"

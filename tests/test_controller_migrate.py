@@ -10,7 +10,8 @@ import pytest
 from natmig.agent.provider import MemoryProvider
 from natmig.controller.migrate import Endpoint, MigrateOptions, Migration, MigrationError, migrate
 from natmig.codec import NETCONF_NS, default_codec
-from natmig.controller.netconf import ConnectError, HostKeyError, TableReply
+from natmig.controller.netconf import ConnectError, HostKeyError
+from natmig.wire.natreply import TableReply
 from natmig.errors import ControllerError
 from natmig.model import table_digest
 

@@ -24,7 +24,7 @@ from natmig.controller.engine import (CatchUp, Context, Copy, EngineMigration, E
 from natmig.controller.netconf import NodeClient
 from natmig.controller.statenode import StateNode
 from natmig.statemodel import load_module
-from natmig.statewire import Wire
+from natmig.wire.state import Wire
 
 from .test_statemodel import LB, binding
 
