@@ -33,7 +33,7 @@ from .outbox import Outbox
 from .notifications import INTERLEAVE_CAPABILITY, NOTIFICATION_CAPABILITY, NotificationHub
 from .provider import SessionProvider
 from .rpc import SessionState, StreamBroken, error_reply, handle_message
-from .xmlbounds import MAX_ELEMENTS, TooManyElements, count_nodes, strip_leading_space
+from ..wire.xmlbounds import MAX_ELEMENTS, TooManyElements, count_nodes, strip_leading_space
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,14 @@ Where each byte-level format lives (one home each):
   every leaf validated by the compiled schema);
 - :mod:`natmig.framing`: RFC 6242 framing of whole messages.
 
-The agent's reader of incoming edit-config (canonical fast path and
-batches) is still in :mod:`natmig.agent.rpc`.
+- :mod:`.natread`: the agent's reader of messages: bytes to an element
+  tree, and a large edit-config of nat-session entries to a decoded
+  :class:`~.problems.EditRequest` (canonical fast path, batches);
+- :mod:`.problems`: what a refused request is (one problem per rpc-error)
+  and what a decoded edit-config is: the seam between reader and datastore;
+- :mod:`.xmlbounds`: how large a message's tree may grow, counted before
+  lxml builds it.
+
+The agent's writers of replies (rpc-reply, rpc-error, nat-session with
+with-defaults) are in :mod:`natmig.agent.rpc` still.
 """
