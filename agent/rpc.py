@@ -14,17 +14,19 @@ import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import escape
 
 from lxml import etree
 
 from ..codec import NETCONF_NS, Codec, EditEntry
 from ..errors import AgentError
 from ..gcpause import gc_paused
-from ..model import FIELD_NAMES, NatSession
+from ..model import FIELD_NAMES
 from ..schema import LeafValueError
 from ..statemodel import COMMON_NS
 from ..wire.natread import Batches, edit_request, parse_message
+from ..wire.natwrite import encode_control, encode_sessions
+from ..wire.reply import Streamed, attrs_of, error_reply, reply, reply_head
 from ..wire.state import CONTROL, STATISTICS, Wire
 from ..wire.xmlbounds import MAX_ELEMENTS, TooManyElements
 from .confirmed import DEFAULT_TIMEOUT, parse_timeout
@@ -46,9 +48,6 @@ from .notifications import NOTIFICATION_NS, STREAMS, NotificationHub
 log = logging.getLogger(__name__)
 
 _NC = f"{{{NETCONF_NS}}}"
-_XML_NS = "http://www.w3.org/XML/1998/namespace"
-#: tags whose error-info names the element at fault (RFC 6241 appendix A).
-_BAD_ELEMENT_TAGS = {"unknown-element", "missing-element", "bad-element", "unknown-namespace", "bad-attribute", "missing-attribute", "unknown-attribute"}
 
 
 class Server(Protocol):
@@ -102,80 +101,8 @@ class SessionState:
 # ----------------------------------------------------------------- replies
 
 
-def _xpath(codec: Codec, path: str, leaf: str) -> str:
-    """An error-path in XPath, prefixes bound on the element (see :func:`_error_xml`)."""
-    p = codec.schema.prefix
-    name = codec.schema.list_name
-    out = ""
-    if path.startswith(name + "["):
-        out = f"/{p}:{name}"
-        values = path[len(name) + 1 : -1].split(" ")
-        for k, v in zip(codec.schema.keys, values):
-            if v != "?":
-                out += f"[{p}:{k}='{v}']"  # key values (addresses, numbers, enums) hold no quotes
-    elif path in (codec.schema.control_name, codec.schema.stats_name, name):
-        out = f"/{p}:{path}"
-    if leaf and out:
-        out += f"/{p}:{leaf}"
-    return out
-
-
-def _error_xml(codec: Codec, pr: Problem) -> str:
-    path = _xpath(codec, pr.path, pr.leaf)
-    info = dict(pr.info)
-    if pr.leaf and pr.tag in _BAD_ELEMENT_TAGS and "bad-element" not in info:
-        info["bad-element"] = pr.leaf
-    parts = [f"<error-type>{pr.type}</error-type><error-tag>{pr.tag}</error-tag><error-severity>error</error-severity>"]
-    if pr.app_tag:
-        parts.append(f"<error-app-tag>{escape(pr.app_tag)}</error-app-tag>")
-    if path:
-        parts.append(f'<error-path xmlns:{codec.schema.prefix}="{codec.ns}">{escape(path)}</error-path>')
-    where = f"{pr.path}/{pr.leaf}: " if pr.path and pr.leaf else (f"{pr.path}: " if pr.path else "")
-    parts.append(f'<error-message xml:lang="en">{escape(where + pr.message)}</error-message>')
-    if info:
-        parts.append("<error-info>" + "".join(f"<{k}>{escape(v)}</{k}>" for k, v in info.items()) + "</error-info>")
-    return "<rpc-error>" + "".join(parts) + "</rpc-error>"
-
-
 class StreamBroken(AgentError):
     """A reply failed after part of it was sent: the session must end (no rpc-error can follow data)."""
-
-
-class _Streamed(list[bytes]):
-    """The rest of a reply whose start tag and first parts were already streamed."""
-
-
-def _reply_head(attrs: str) -> bytes:
-    return f'<rpc-reply xmlns="{NETCONF_NS}"{attrs}>'.encode()
-
-
-def _reply(attrs: str, body: bytes | list[bytes]) -> bytes:
-    # One join: a 100k-session reply is ~30 MB, and every copy of it counts.
-    parts = body if isinstance(body, list) else [body]
-    if isinstance(body, _Streamed):
-        return b"".join([*body, b"</rpc-reply>"])
-    return b"".join([_reply_head(attrs), *parts, b"</rpc-reply>"])
-
-
-def _attrs_of(rpc: Any) -> str:
-    # RFC 6241 4.2: every attribute of <rpc> comes back unchanged in <rpc-reply>.
-    out: list[str] = []
-    for k, v in rpc.attrib.items():
-        q = etree.QName(k)
-        if q.namespace == _XML_NS:
-            # The xml prefix is bound by definition and may not be declared again.
-            out.append(f" xml:{q.localname}={quoteattr(v)}")
-        elif q.namespace:
-            prefix = "a" + str(len(out))
-            out.append(f' xmlns:{prefix}="{escape(q.namespace)}" {prefix}:{q.localname}={quoteattr(v)}')
-        else:
-            out.append(f" {k}={quoteattr(v)}")
-    return "".join(out)
-
-
-def error_reply(codec: Codec, problems: list[Problem], attrs: str = "") -> bytes:
-    """An rpc-reply carrying one rpc-error per problem."""
-    return _reply(attrs, "".join(_error_xml(codec, p) for p in problems).encode())
 
 
 # ------------------------------------------------------------------ parsing
@@ -297,9 +224,6 @@ def parse_filter(codec: Codec, op: Any) -> Selection:
 
 #: RFC 6243's modes; trim is this agent's basic mode.
 WITH_DEFAULTS_MODES = ("trim", "report-all", "report-all-tagged", "explicit")
-#: the attribute report-all-tagged puts on a leaf at its default (RFC 6243 6).
-_WD = "urn:ietf:params:xml:ns:netconf:default:1.0"
-_TAG = f' xmlns:wd="{_WD}" wd:default="true"'
 
 
 def with_defaults(op: Any) -> str:
@@ -323,39 +247,6 @@ def _with_defaults(op: Any) -> bool:
     return with_defaults(op) != "trim"
 
 
-def _leaf_xml(spec: Any, v: Any, tagged: bool) -> str:
-    tag = _TAG if tagged and not spec.is_key and v == spec.default else ""
-    return f"<{spec.name}{tag}>{spec.text(v)}</{spec.name}>"
-
-
-def _encode_sessions(codec: Codec, sessions: list[NatSession], leaves: set[str] | None, report_all: bool, tagged: bool = False) -> bytes:
-    if leaves is None and not report_all:
-        return codec.encode_xml(sessions, root=None)
-    # The slow, general path: chosen leaves only, or every leaf with defaults.
-    name = codec.schema.list_name
-    specs = [s for s in codec.schema.leaves if leaves is None or s.name in leaves]
-    parts = []
-    for s in sessions:
-        inner = []
-        for spec in specs:
-            v = getattr(s, spec.name)
-            if v is None or (not report_all and not spec.is_key and not spec.mandatory and v == spec.default):
-                continue
-            inner.append(_leaf_xml(spec, v, tagged))
-        parts.append(f'<{name} xmlns="{codec.ns}">{"".join(inner)}</{name}>')
-    return "".join(parts).encode()
-
-
-def _encode_control(codec: Codec, values: dict[str, Any], report_all: bool, tagged: bool = False) -> bytes:
-    if report_all:
-        name = codec.schema.control_name
-        inner = "".join(_leaf_xml(s, values.get(s.name, s.default), tagged) for s in codec.schema.control_leaves)
-        return f'<{name} xmlns="{codec.ns}">{inner}</{name}>'.encode()
-    if all(values.get(s.name, s.default) == s.default for s in codec.schema.control_leaves):
-        return b""  # trim: a container holding only defaults is not shown
-    return codec.encode_control_xml(values)
-
-
 def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool) -> list[bytes]:
     codec = server.codec
     sel = parse_filter(codec, op)
@@ -377,9 +268,9 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
     parts = []
     if want_sessions:
         picked = select(sessions, None if sel.everything else sel.sessions)
-        parts.append(_encode_sessions(codec, picked, sel.leaves, report_all, tagged))
+        parts.append(encode_sessions(codec, picked, sel.leaves, report_all, tagged))
     if sel.everything or sel.control:
-        parts.append(_encode_control(codec, control, report_all, tagged))
+        parts.append(encode_control(codec, control, report_all, tagged))
     if state and (sel.everything or sel.statistics):
         parts.append(codec.encode_statistics_xml(server.datastore.statistics()))
     if state and (sel.everything or sel.monitoring_selected):
@@ -396,7 +287,7 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
     return [b"<data>", *parts, b"</data>"]
 
 
-def _stream_sessions(server: Server, sess: SessionState) -> _Streamed:
+def _stream_sessions(server: Server, sess: SessionState) -> Streamed:
     """Running's whole nat-session list, each batch sent as soon as the provider has read it.
 
     A 10k-session table takes the conntrack tool ~55 ms to print; the client
@@ -418,7 +309,7 @@ def _stream_sessions(server: Server, sess: SessionState) -> _Streamed:
             raise StreamBroken(str(e)) from e
     finally:
         batches.close()
-    return _Streamed([b"</data>"])
+    return Streamed([b"</data>"])
 
 
 # --------------------------------------------------------------- operations
@@ -776,7 +667,7 @@ def _handle(server: Server, sess: SessionState, message: bytes) -> bytes:
         rec.in_bad_rpcs += 1
         rec.out_rpc_errors += 1
         return error_reply(codec, [Problem("malformed-message", f"expected <rpc> in namespace {NETCONF_NS}, got {root.tag}", type="rpc")])
-    attrs = _attrs_of(root)
+    attrs = attrs_of(root)
     if root.get("message-id") is None:
         rec.in_bad_rpcs += 1
         rec.out_rpc_errors += 1
@@ -792,8 +683,8 @@ def _handle(server: Server, sess: SessionState, message: bytes) -> bytes:
         if handler is None:
             raise refuse("operation-not-supported", f"operation <{q.localname}> in namespace {q.namespace!r} is not supported", type="protocol", info={"bad-element": q.localname})
         authorize(server, sess, op)
-        sess.reply_head = _reply_head(attrs)
-        return _reply(attrs, handler(server, sess, op))
+        sess.reply_head = reply_head(attrs)
+        return reply(attrs, handler(server, sess, op))
     except StreamBroken:
         rec.out_rpc_errors += 1
         raise  # part of the reply is out: the server ends the session

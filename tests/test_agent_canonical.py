@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from natmig.agent import rpc
-from natmig.wire import natread
+from natmig.wire import natread, natwrite
 from natmig.agent.datastore import Datastore
 from natmig.agent.nacm import OPEN
 from natmig.agent.monitoring import Catalog, SessionRecord
@@ -135,7 +135,7 @@ def test_canonical_documents_take_the_fast_path_and_agree(monkeypatch: pytest.Mo
 def test_get_config_output_forwarded_as_is_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     # What a source agent's get-config reply holds, wrapped in <config> unchanged.
     table = table_of(50)
-    inner = rpc._encode_sessions(CODEC, table, None, False).decode()
+    inner = natwrite.encode_sessions(CODEC, table, None, False).decode()
     msg = rpc_message(inner, target="running")
     entries = fast_entries(msg)
     assert entries is not None and [e.key for e in entries] == [s.key for s in table]

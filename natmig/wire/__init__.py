@@ -20,8 +20,10 @@ Where each byte-level format lives (one home each):
 - :mod:`.problems`: what a refused request is (one problem per rpc-error)
   and what a decoded edit-config is: the seam between reader and datastore;
 - :mod:`.xmlbounds`: how large a message's tree may grow, counted before
-  lxml builds it.
-
-The agent's writers of replies (rpc-reply, rpc-error, nat-session with
-with-defaults) are in :mod:`natmig.agent.rpc` still.
+  lxml builds it;
+- :mod:`.reply`: rpc-reply and rpc-error as bytes (the one writer of
+  rpc-errors: the NAT agent, the state agent and the controller's
+  northbound);
+- :mod:`.natwrite`: the nat-session list and nat-control in the agent's
+  get and get-config replies (with-defaults modes).
 """
