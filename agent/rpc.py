@@ -108,7 +108,7 @@ class StreamBroken(AgentError):
 # ------------------------------------------------------------------ parsing
 
 
-def _text_param(op: Any, name: str, allowed: tuple[str, ...], default: str) -> str:
+def text_param(op: Any, name: str, allowed: tuple[str, ...], default: str) -> str:
     el = op.find(_NC + name)
     if el is None:
         return default
@@ -118,7 +118,7 @@ def _text_param(op: Any, name: str, allowed: tuple[str, ...], default: str) -> s
     return v
 
 
-def _datastore_param(op: Any, name: str, allowed: tuple[str, ...] = ("running", "candidate")) -> str:
+def datastore_param(op: Any, name: str, allowed: tuple[str, ...] = ("running", "candidate")) -> str:
     el = op.find(_NC + name)
     if el is None:
         raise refuse("missing-element", f"<{name}> is required", type="protocol", info={"bad-element": name})
@@ -133,7 +133,7 @@ def _datastore_param(op: Any, name: str, allowed: tuple[str, ...] = ("running", 
     return q.localname
 
 
-def _check_params(op: Any, allowed: set[str]) -> None:
+def check_params(op: Any, allowed: set[str]) -> None:
     """unknown-element for any parameter the operation does not take (RFC 6241 appendix A)."""
     for c in op:
         if not isinstance(c.tag, str):
@@ -317,23 +317,23 @@ def _stream_sessions(server: Server, sess: SessionState) -> Streamed:
 
 def op_get(server: Server, sess: SessionState, op: Any) -> list[bytes]:
     """<get>: running config and state (nat-statistics, netconf-state)."""
-    _check_params(op, {"filter", "with-defaults"})
+    check_params(op, {"filter", "with-defaults"})
     return _read(server, sess, op, "running", state=True)
 
 
 def op_get_config(server: Server, sess: SessionState, op: Any) -> list[bytes]:
     """<get-config>: one datastore's configuration, optionally filtered."""
-    _check_params(op, {"source", "filter", "with-defaults"})
-    return _read(server, sess, op, _datastore_param(op, "source"), state=False)
+    check_params(op, {"source", "filter", "with-defaults"})
+    return _read(server, sess, op, datastore_param(op, "source"), state=False)
 
 
 def op_edit_config(server: Server, sess: SessionState, op: Any) -> bytes:
     """<edit-config> with every operation, default-operation, test-option and error-option."""
-    _check_params(op, {"target", "default-operation", "test-option", "error-option", "config", "url"})
-    target = _datastore_param(op, "target")
-    default_op = _text_param(op, "default-operation", DEFAULT_OPERATIONS, "merge")
-    test_option = _text_param(op, "test-option", TEST_OPTIONS, "test-then-set")
-    error_option = _text_param(op, "error-option", ERROR_OPTIONS, "stop-on-error")
+    check_params(op, {"target", "default-operation", "test-option", "error-option", "config", "url"})
+    target = datastore_param(op, "target")
+    default_op = text_param(op, "default-operation", DEFAULT_OPERATIONS, "merge")
+    test_option = text_param(op, "test-option", TEST_OPTIONS, "test-then-set")
+    error_option = text_param(op, "error-option", ERROR_OPTIONS, "stop-on-error")
     config = op.find(_NC + "config")
     if config is None:
         if op.find(_NC + "url") is not None:
@@ -369,7 +369,7 @@ def _config_source(op: Any) -> tuple[str | None, Any]:
         return None, inline
     if src.find(_NC + "url") is not None:
         raise refuse("operation-not-supported", "the :url capability is not supported", type="protocol", info={"bad-element": "url"})
-    return _datastore_param(op, "source"), None
+    return datastore_param(op, "source"), None
 
 
 def _whole(req: EditRequest) -> EditRequest:
@@ -389,8 +389,8 @@ def op_copy_config(server: Server, sess: SessionState, op: Any) -> bytes:
     the source are deleted (it is what copy-config means; commit is the
     operation that applies only what the candidate changed).
     """
-    _check_params(op, {"target", "source", "with-defaults"})
-    target = _datastore_param(op, "target")
+    check_params(op, {"target", "source", "with-defaults"})
+    target = datastore_param(op, "target")
     source, inline = _config_source(op)
     if source == target:
         raise refuse("invalid-value", f"copy-config of {target} onto itself", type="protocol", info={"bad-element": "source"})
@@ -410,8 +410,8 @@ def op_copy_config(server: Server, sess: SessionState, op: Any) -> bytes:
 
 def op_delete_config(server: Server, sess: SessionState, op: Any) -> bytes:
     """<delete-config> (RFC 6241 7.4): the candidate emptied; running cannot be deleted."""
-    _check_params(op, {"target"})
-    target = _datastore_param(op, "target")
+    check_params(op, {"target"})
+    target = datastore_param(op, "target")
     if target == "running":
         raise refuse("operation-failed", "running cannot be deleted (RFC 6241 7.4); delete its entries with edit-config", type="protocol", info={"bad-element": "running"})
     server.datastore.edit(target, _whole(EditRequest()), sess.sid, "merge")
@@ -421,8 +421,8 @@ def op_delete_config(server: Server, sess: SessionState, op: Any) -> bytes:
 
 def op_lock(server: Server, sess: SessionState, op: Any) -> bytes:
     """<lock> of running or candidate."""
-    _check_params(op, {"target"})
-    name = _datastore_param(op, "target")
+    check_params(op, {"target"})
+    name = datastore_param(op, "target")
     server.datastore.lock(name, sess.sid)
     log.info("%s locked %s", sess.who, name)
     return b"<ok/>"
@@ -430,8 +430,8 @@ def op_lock(server: Server, sess: SessionState, op: Any) -> bytes:
 
 def op_unlock(server: Server, sess: SessionState, op: Any) -> bytes:
     """<unlock> of a datastore this session locked."""
-    _check_params(op, {"target"})
-    name = _datastore_param(op, "target")
+    check_params(op, {"target"})
+    name = datastore_param(op, "target")
     server.datastore.unlock(name, sess.sid)
     log.info("%s unlocked %s", sess.who, name)
     return b"<ok/>"
@@ -445,7 +445,7 @@ def _string_param(op: Any, name: str) -> str | None:
 
 def op_commit(server: Server, sess: SessionState, op: Any) -> bytes:
     """<commit>: the candidate's changes onto running, all or nothing; confirmed or confirming (:confirmed-commit:1.1)."""
-    _check_params(op, {"confirmed", "confirm-timeout", "persist", "persist-id"})
+    check_params(op, {"confirmed", "confirm-timeout", "persist", "persist-id"})
     confirmed = op.find(_NC + "confirmed") is not None
     persist = _string_param(op, "persist")
     persist_id = _string_param(op, "persist-id")
@@ -471,7 +471,7 @@ def op_commit(server: Server, sess: SessionState, op: Any) -> bytes:
 
 def op_cancel_commit(server: Server, sess: SessionState, op: Any) -> bytes:
     """<cancel-commit> (:confirmed-commit:1.1): roll the pending confirmed commit back now."""
-    _check_params(op, {"persist-id"})
+    check_params(op, {"persist-id"})
     server.datastore.cancel_commit(sess.sid, _string_param(op, "persist-id"))
     log.info("%s cancel-commit", sess.who)
     return b"<ok/>"
@@ -479,7 +479,7 @@ def op_cancel_commit(server: Server, sess: SessionState, op: Any) -> bytes:
 
 def op_discard(server: Server, sess: SessionState, op: Any) -> bytes:
     """<discard-changes>: the candidate back to running."""
-    _check_params(op, set())
+    check_params(op, set())
     server.datastore.discard(sess.sid)
     log.info("%s discard-changes", sess.who)
     return b"<ok/>"
@@ -487,13 +487,13 @@ def op_discard(server: Server, sess: SessionState, op: Any) -> bytes:
 
 def op_validate(server: Server, sess: SessionState, op: Any) -> bytes:
     """<validate> of running, candidate or an inline <config> (the :validate:1.1 capability)."""
-    _check_params(op, {"source"})
+    check_params(op, {"source"})
     src = op.find(_NC + "source")
     inline = src.find(_NC + "config") if src is not None else None
     if inline is not None:
         server.datastore.validate(None, edit_request(server.codec, inline))
     else:
-        server.datastore.validate(_datastore_param(op, "source"))
+        server.datastore.validate(datastore_param(op, "source"))
     return b"<ok/>"
 
 
@@ -508,7 +508,7 @@ _SESSION_ID = re.compile(r"[0-9]{1,10}")
 
 def op_kill_session(server: Server, sess: SessionState, op: Any) -> bytes:
     """<kill-session>: end another session, releasing its locks."""
-    _check_params(op, {"session-id"})
+    check_params(op, {"session-id"})
     el = op.find(_NC + "session-id")
     if el is None:
         raise refuse("missing-element", "<session-id> is required", type="protocol", info={"bad-element": "session-id"})

@@ -142,14 +142,14 @@ def _read(server: "StateAgent", op: Any, source: str, state: bool) -> bytes:
 
 def op_get(server: "StateAgent", sess: rpc.SessionState, op: Any) -> bytes:
     """<get>: running's state lists and state-control, state-statistics, netconf-state, yang-library."""
-    rpc._check_params(op, {"filter", "with-defaults"})
+    rpc.check_params(op, {"filter", "with-defaults"})
     return _read(server, op, "running", state=True)
 
 
 def op_get_config(server: "StateAgent", sess: rpc.SessionState, op: Any) -> bytes:
     """<get-config> of running or candidate."""
-    rpc._check_params(op, {"source", "filter", "with-defaults"})
-    return _read(server, op, rpc._datastore_param(op, "source"), state=False)
+    rpc.check_params(op, {"source", "filter", "with-defaults"})
+    return _read(server, op, rpc.datastore_param(op, "source"), state=False)
 
 
 def _config(server: "StateAgent", el: Any) -> Config:
@@ -161,11 +161,11 @@ def _config(server: "StateAgent", el: Any) -> Config:
 
 def op_edit_config(server: "StateAgent", sess: rpc.SessionState, op: Any) -> bytes:
     """<edit-config>: every operation, default-operation and test-option; all or nothing."""
-    rpc._check_params(op, {"target", "default-operation", "test-option", "error-option", "config", "url"})
-    target = rpc._datastore_param(op, "target")
-    default_op = rpc._text_param(op, "default-operation", DEFAULT_OPERATIONS, "merge")
-    test_option = rpc._text_param(op, "test-option", TEST_OPTIONS, "test-then-set")
-    rpc._text_param(op, "error-option", ERROR_OPTIONS, "stop-on-error")  # every edit is all or nothing
+    rpc.check_params(op, {"target", "default-operation", "test-option", "error-option", "config", "url"})
+    target = rpc.datastore_param(op, "target")
+    default_op = rpc.text_param(op, "default-operation", DEFAULT_OPERATIONS, "merge")
+    test_option = rpc.text_param(op, "test-option", TEST_OPTIONS, "test-then-set")
+    rpc.text_param(op, "error-option", ERROR_OPTIONS, "stop-on-error")  # every edit is all or nothing
     config = op.find(_NC + "config")
     if config is None:
         raise refuse("missing-element", "<config> is required", type="protocol", info={"bad-element": "config"})
@@ -178,13 +178,13 @@ def op_edit_config(server: "StateAgent", sess: rpc.SessionState, op: Any) -> byt
 
 def op_validate(server: "StateAgent", sess: rpc.SessionState, op: Any) -> bytes:
     """<validate> of running, candidate or an inline <config>."""
-    rpc._check_params(op, {"source"})
+    rpc.check_params(op, {"source"})
     src = op.find(_NC + "source")
     inline = src.find(_NC + "config") if src is not None else None
     if inline is not None:
         server.store.validate(None, _config(server, inline))
     else:
-        server.store.validate(rpc._datastore_param(op, "source"))
+        server.store.validate(rpc.datastore_param(op, "source"))
     return b"<ok/>"
 
 
