@@ -27,7 +27,7 @@ import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 from xml.sax.saxutils import escape as xml_escape
 
 from lxml import etree
@@ -41,6 +41,7 @@ from ..errors import CodecError, ControllerError
 from ..model import NatSession, SessionKey
 from ..wire import natedit
 from ..wire.natreply import TableReply, slices
+from .nodeproto import ALL_FEATURES
 from .ncpatch import RawTextRPC, SSHSession, TextRPC, install_parser, tap_next_reply
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,9 @@ class Subscription:
 
 class NodeClient:
     """A NETCONF session with one NAT node's agent; use :meth:`connect`."""
+
+    #: every optional feature the NAT migration can use (controller/nodeproto.py)
+    features: ClassVar[frozenset[str]] = ALL_FEATURES
 
     def __init__(self, mgr: Any, codec: Codec | None = None, name: str = "") -> None:
         self._mgr = mgr
