@@ -635,6 +635,13 @@ class NodeClient:
                 self._call("create-subscription", self._mgr.create_subscription, filter=flt)
                 self._subscribed = True
 
+    def drop_notifications(self) -> int:
+        """Discard the notifications received so far; how many."""
+        n = 0
+        while self._mgr.take_notification(block=False) is not None:
+            n += 1
+        return n
+
     def take_notification(self, timeout: float | None = None) -> Any:
         """The next notification's element, or None when ``timeout`` passes first (0: only what has arrived; None: wait)."""
         n = self._mgr.take_notification(block=timeout != 0, timeout=timeout or None)

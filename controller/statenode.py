@@ -155,8 +155,18 @@ class StateNode:
         return any(c.startswith(NOTIFICATION_CAPABILITY) for c in self.capabilities)
 
     def subscribe(self) -> None:
-        """Start receiving state-change notifications on this session (only those: a filter selects them)."""
+        """Follow state-change notifications on this session from now on (a filter selects only those).
+
+        A session kept open (a controller service's) stays subscribed after a
+        migration, and what arrived since is dropped here: every such change
+        happened before this call, so the read that follows it contains it.
+        """
         self.client.create_subscription((COMMON_NS, CHANGE))
+        self.client.drop_notifications()
+
+    def forget_changes(self) -> int:
+        """Drop the state-change notifications queued on an idle session (a kept session must not grow); how many."""
+        return self.client.drop_notifications()
 
     def changes(self, timeout: float = 0) -> list[tuple[StateList, str, Entry]]:
         """state-change notifications received so far, oldest first (waiting up to ``timeout`` for the first):

@@ -374,6 +374,40 @@ def test_events_followed_on_a_session_of_their_own_which_is_closed_once_caught_u
     assert r.readback["lb2"].tables["lb-binding:binding"][0] == 28
 
 
+def test_a_kept_session_migrated_from_again_drops_what_queued_since_and_the_registry_keeps_it_empty(pair: tuple[Served, Served]) -> None:
+    # A controller service keeps one session per agent: the first migration leaves it subscribed.
+    from natmig.controller.registry import AgentEntry, Registry
+
+    a, b = pair
+    a.load(*entries(20))
+    na, nb = a.node(), b.node()
+    try:
+        keep = {"close_nodes": False}
+        r = EngineMigration(lambda: na, lambda: nb, "lb1", "lb2", EngineOptions(retire="delete"), **keep).run()  # type: ignore[arg-type]
+        assert r.ok, r.text()
+        r = EngineMigration(lambda: nb, lambda: na, "lb2", "lb1", EngineOptions(retire="delete"), **keep).run()  # type: ignore[arg-type]
+        assert r.ok, r.text()
+        # lb1's session has been subscribed since the first move; 30 changes queue on it while idle.
+        a.load(*entries(30, base=100))
+        deadline = time.monotonic() + 5
+        while na.client._mgr._session._notification_q.qsize() < 30 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.02)
+        reg = Registry(keepalive=3600)
+        try:
+            entry = AgentEntry("lb1", "", True, 0, 0, [], node=na)
+            reg._check(entry)  # what its keepalive does to an idle agent
+        finally:
+            reg._stop.set()
+        assert na.changes() == []  # dropped, not piled up for the next migration
+        r = EngineMigration(lambda: na, lambda: nb, "lb1", "lb2", EngineOptions(retire="delete"), **keep).run()  # type: ignore[arg-type]
+        assert r.ok, r.text()
+        assert "0 changes from events" in next(p for p in r.phases if p.name == "catch-up").detail
+        assert r.readback["lb2"].tables["lb-binding:binding"][0] == 50
+    finally:
+        na.close()
+        nb.close()
+
+
 class FakeSteering:
     """A switch in memory: which node traffic goes through, and whether it obeys."""
 
