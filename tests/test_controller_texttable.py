@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natmig.codec import NETCONF_NS, default_codec
-from natmig.controller.texttable import GROWTH, EntryStream, TextTable
+from natmig.wire.nattext import GROWTH, EntryStream, TextTable
 
 from .controller_fakes import sessions
 
@@ -163,7 +163,7 @@ def test_entry_stream_takes_a_chunk_that_ends_inside_a_character():
 
 
 def test_forwarded_entries_keep_count_addresses_and_keys_of_each_slice() -> None:
-    from natmig.controller.texttable import ForwardedEntries
+    from natmig.wire.nattext import ForwardedEntries
 
     table = mixed(30) + [replace(s, translated_address="203.0.113.2") for s in sessions(5, base_port=40000, first=900)]
     log = ForwardedEntries(CODEC)
