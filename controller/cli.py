@@ -59,7 +59,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"{ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}", file=sys.stderr, flush=True)
 
-    report = Migration(src, dst, steering_from_spec(inv.switch), opts, progress).run()
+    report = Migration(src, dst, steering_from_spec(inv.switch, inv.source), opts, progress).run()
     # With --json - standard output carries the JSON alone; the text goes to stderr.
     print(format_report(report), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
@@ -137,7 +137,7 @@ def run_recover(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     assert inv.source is not None and inv.target is not None and inv.switch is not None
     report = recover(endpoint_from_spec(inv.agent(inv.source, "source")), endpoint_from_spec(inv.agent(inv.target, "target")),
-                     steering_from_spec(inv.switch), args.retire or inv.retire)
+                     steering_from_spec(inv.switch, inv.source), args.retire or inv.retire)
     print(report.text(), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         _write_json(args.json, report.to_json())
