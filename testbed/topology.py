@@ -399,7 +399,7 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
         function = None
     bridge = ck.field(doc, "bridge", "bridge", lambda v: _name(_BRIDGE, v), "a bridge name (a-z, then a-z 0-9 _ -, at most 15)", default="br0")
 
-    raw_nats_doc = doc.get("nats") if isinstance(doc.get("nats"), dict) else {}
+    raw_nats_doc: dict[str, Any] = doc["nats"] if isinstance(doc.get("nats"), dict) else {}
     networks = _networks(ck, doc, raw_nats_doc)
 
     machines, underlay = _machines(ck, doc, networks)
