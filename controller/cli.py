@@ -140,8 +140,8 @@ def run_drain(args: argparse.Namespace) -> int:
     if inv.switch is None or inv.switch.kind == "none":
         raise UsageError(f"{args.inventory}: a drain moves traffic: the inventory needs a [switch] (an Open vSwitch bridge or a testbed)")
     moves = pair_moves(inv, args.host, args.to)
-    opts = MigrateOptions(retire=args.retire or inv.retire, confirm_timeout=args.confirm_timeout,
-                          recover_hint=f"natmig recover --inventory {args.inventory} --from SOURCE --to TARGET")
+    opts = MigrateOptions(retire=args.retire or inv.retire, confirm_timeout=args.confirm_timeout)
+    hint = f"natmig recover --inventory {args.inventory} --from {{source}} --to {{target}}"
     out = sys.stderr if args.json == "-" else sys.stdout
     print(f"draining machine {args.host} to {args.to}: {len(moves)} NAT instance(s), {args.parallel} at a time: "
           + ", ".join(f"{m.source} -> {m.target}" for m in moves), file=out, flush=True)
@@ -152,7 +152,7 @@ def run_drain(args: argparse.Namespace) -> int:
 
     switch = inv.switch
     report = Drain(moves, lambda name: endpoint_from_spec(inv.agent(name, "agent")), lambda src: steering_from_spec(switch, src),
-                   DrainOptions(args.parallel, opts), on_done=done).run(args.host, args.to)
+                   DrainOptions(args.parallel, opts, hint), on_done=done).run(args.host, args.to)
     print(report.text(), file=out)
     if args.json:
         _write_json(args.json, report.to_json())

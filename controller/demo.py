@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from .. import children, netns, pool
-from ..errors import ControllerError, NatmigError
+from ..errors import ControllerError, NatmigError, UsageError
 from ..model import NatSession
 from ..pool import PublicRange
 from .inventory import AgentSpec, dump_toml, parse
@@ -411,8 +411,11 @@ class Demo:
         result: TrafficResult | None = None
         remote: Any = None
         error = None
-        nats = list(tb.topology.nats)
-        src, dst = tb.topology.active_nat, next(n for n in nats if n != tb.topology.active_nat)
+        if len(tb.topology.pairs()) > 1:
+            raise UsageError(f"--topology {tb.topology.source}: {len(tb.topology.pairs())} NAT instances; the demo moves one "
+                             "(natmig drain moves every instance of a machine, docs/multihost.md)")
+        src = tb.topology.active_nat
+        dst = tb.topology.twins(src)[0]
         old = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             t = time.perf_counter()

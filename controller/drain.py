@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from .inventory import Inventory, InventoryError
@@ -82,10 +82,21 @@ def pair_moves(inv: Inventory, host: str, to: str) -> list[Move]:
 
 @dataclass
 class DrainOptions:
-    """How a drain runs: ``parallel`` moves at once, each with ``migrate`` options."""
+    """How a drain runs: ``parallel`` moves at once, each with ``migrate`` options.
+
+    ``recover_hint``, given, is each move's repair command with ``{source}``
+    and ``{target}`` in it (a failed move's report names its own).
+    """
 
     parallel: int = 1
     migrate: MigrateOptions = field(default_factory=MigrateOptions)
+    recover_hint: str | None = None
+
+    def for_move(self, move: "Move") -> MigrateOptions:
+        """The migration options of one move."""
+        if self.recover_hint is None:
+            return self.migrate
+        return replace(self.migrate, recover_hint=self.recover_hint.replace("{source}", move.source).replace("{target}", move.target))
 
 
 @dataclass
@@ -205,7 +216,7 @@ class Drain:
 
         try:
             report = Migration(self.endpoint(move.source), self.endpoint(move.target), self.steering(move.source),
-                               self.opt.migrate, phase).run()
+                               self.opt.for_move(move), phase).run()
             result = MoveResult(move, report, None, t0, time.perf_counter())
         except Exception as e:  # noqa: BLE001 - one move's failure (even a bug) must not stop the others; it is reported
             result = MoveResult(move, None, f"{type(e).__name__}: {e}", t0, time.perf_counter())

@@ -8,22 +8,28 @@ applies them, and each must end where it was sent without touching another.
 from __future__ import annotations
 
 import copy
+import random
 import re
+import threading
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from natmig.agent.provider import MemoryProvider
 from natmig.cli import main
 from natmig.controller import fabric as fb
-from natmig.controller.drain import PairingError, pair_moves
+from natmig.controller.drain import Drain, DrainOptions, Move, PairingError, pair_moves
 from natmig.controller.inventory import InventoryError, dump_toml, parse
+from natmig.controller.migrate import Endpoint, MigrateOptions
 from natmig.controller.plan import PlanError
 from natmig.controller.steering import FabricSteering, SteeringError
 from natmig.testbed import flows, topology
 from natmig.testbed.bed import Testbed
 from natmig.testbed.topology import TopologyError
 
+from .controller_fakes import FakeNode, sessions
 from .test_multihost import Switch
 
 TOPOS = Path(topology.__file__).parent / "topologies"
@@ -182,8 +188,6 @@ def test_moves_of_several_instances_interleaved_on_the_same_switches_each_land_a
     moving = [2, 5, 7, 8]
     plans = {i: fb.plan_move(f, f"a{i}", f"b{i}") for i in moving}
     # Every interleaving keeps each move's own order (as its thread does): a seeded shuffle of the merge.
-    import random
-
     rnd = random.Random(seed)
     cursors = {i: 0 for i in moving}
     while any(cursors[i] < len(plans[i]) for i in moving):
@@ -306,3 +310,53 @@ def test_drain_refuses_bad_input_with_status_2(tmp_path, capsys):
     assert main(["drain", "-i", str(none), "--host", "A", "--to", "B"]) == 2
     assert "needs a [switch]" in capsys.readouterr().err
 
+
+
+# ------------------------------------------------------------ the drain itself, over in-memory nodes
+
+
+class _SlowSteering:
+    """One instance's switch: its active NAT; each move takes a moment, and the greatest number in flight at once is recorded."""
+
+    def __init__(self, active: str, shared: dict, fail_to: str | None = None) -> None:
+        self._active, self.shared, self.fail_to = active, shared, fail_to
+
+    def point_to(self, nat: str) -> None:
+        with self.shared["lock"]:
+            self.shared["now"] += 1
+            self.shared["most"] = max(self.shared["most"], self.shared["now"])
+        time.sleep(0.3)  # long beside the fake nodes' work: moves in flight together overlap here
+        with self.shared["lock"]:
+            self.shared["now"] -= 1
+        if nat == self.fail_to:
+            raise SteeringError(f"bundle to {nat} refused")
+        self._active = nat
+
+    def active(self) -> str | None:
+        return self._active
+
+
+@pytest.mark.parametrize("parallel", [1, 2, 4])
+def test_a_drain_runs_each_move_as_its_own_migration_n_at_a_time_and_a_failed_one_rolls_back_alone(parallel):
+    nodes = {}
+    for i in range(1, 5):
+        nodes[f"a{i}"] = FakeNode(f"a{i}", MemoryProvider(table={s.key: s for s in sessions(20)}))
+        nodes[f"b{i}"] = FakeNode(f"b{i}", MemoryProvider(table={}))
+    shared = {"lock": threading.Lock(), "now": 0, "most": 0}
+    steer = {f"a{i}": _SlowSteering(f"a{i}", shared, fail_to="b3" if i == 3 else None) for i in range(1, 5)}
+    moves = [Move(f"a{i}", f"b{i}", (f"inside{i}", "public")) for i in range(1, 5)]
+    done = []
+    report = Drain(moves, lambda n: Endpoint(n, nodes[n].session), lambda s: steer[s],
+                   DrainOptions(parallel, MigrateOptions(), "natmig recover --inventory i.toml --from {source} --to {target}"),
+                   on_done=lambda r: done.append(r.move.source)).run("A", "B")
+    assert [r.move.source for r in report.results] == ["a1", "a2", "a3", "a4"] and sorted(done) == ["a1", "a2", "a3", "a4"]
+    assert [r.ok for r in report.results] == [True, True, False, True] and report.moved == 3 and not report.ok
+    assert shared["most"] == min(parallel, 4)
+    failed = report.results[2]
+    assert failed.report is not None and failed.report.failed_phase == "switch" and failed.report.traffic_on == "a3"
+    # The failed move's own rollback: its copy gone from b3, a3 still holds its sessions; the others are on their twins.
+    assert len(nodes["b3"].provider.table) == 0 and len(nodes["a3"].provider.table) == 20
+    assert all(len(nodes[f"b{i}"].provider.table) == 20 and steer[f"a{i}"].active() == f"b{i}" for i in (1, 2, 4))
+    text = report.text()
+    assert "total: 3/4 moved" in text and "a3         b3         FAILED" in text
+    assert report.to_dict()["results"][2]["outcome"] == "unchanged"
