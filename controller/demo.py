@@ -403,7 +403,6 @@ class Demo:
 
         o = self.opts
         prefix = o.prefix or netns.run_prefix("nd")
-        work = Path(tempfile.mkdtemp(prefix="natmig-demo-"))
         tb = Testbed.from_file(o.topology, prefix)
         fleet: AgentFleet | None = None
         traffic: LiveTraffic | None = None
@@ -416,6 +415,8 @@ class Demo:
                              "(natmig drain moves every instance of a machine, docs/multihost.md)")
         src = tb.topology.active_nat
         dst = tb.topology.twins(src)[0]
+        # Made once the topology is known good: a refused one leaves nothing behind.
+        work = Path(tempfile.mkdtemp(prefix="natmig-demo-"))
         old = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             t = time.perf_counter()

@@ -360,3 +360,8 @@ def test_a_drain_runs_each_move_as_its_own_migration_n_at_a_time_and_a_failed_on
     text = report.text()
     assert "total: 3/4 moved" in text and "a3         b3         FAILED" in text
     assert report.to_dict()["results"][2]["outcome"] == "unchanged"
+
+
+def test_the_demo_refuses_a_topology_of_several_instances_before_making_anything(capsys):
+    assert main(["demo", "--topology", str(EIGHT), "--prefix", "nmunit"]) == 2
+    assert "8 NAT instances; the demo moves one" in capsys.readouterr().err
