@@ -278,10 +278,15 @@ class Testbed:
             return flows.machine_ports(self.topology, machine)
         return flows.port_names(self.topology)
 
+    @property
+    def per_instance(self) -> bool:
+        """Whether the switches are steered by the fabric planner, instance by instance: with machines, or several NAT instances on one switch."""
+        return self.topology.multi_machine or len(self.topology.pairs()) > 1
+
     def steering(self, on_step: Callable[[Step], None] | None = None, instance: str | None = None) -> FabricSteering:
-        """The steering of a testbed with machines: every machine's switch (see :class:`FabricSteering`); ``instance``: a NAT of the instance it moves."""
-        if not self.topology.multi_machine:
-            raise TestbedError(f"topology {self.topology.name} has one switch; use point_to")
+        """The steering of a testbed with machines or NAT instances: every switch (see :class:`FabricSteering`); ``instance``: a NAT of the instance it moves."""
+        if not self.per_instance:
+            raise TestbedError(f"topology {self.topology.name} has one switch and one NAT instance; use point_to")
         if instance is not None:
             self._nat(instance)
         ofctls = {m: ovs.openflow(self.bridge) for m, ovs in self.switches.items()}
@@ -380,7 +385,7 @@ class Testbed:
             (self.fw_node(nat) if topo.function == "firewall" else self.nat_node(nat)).configure()
         if not topo.multi_machine:
             self.ovs.add_bridge(self.bridge, self.switch_ports())
-            self.ovs.replace_flows(self.bridge, self.flows_for(topo.active_nat))
+            self.ovs.replace_flows(self.bridge, flows.machine_plan(topo, "", topo.active_nats) if self.per_instance else self.flows_for(topo.active_nat))
             return
         assert topo.underlay is not None
         for m, ovs in self.switches.items():
@@ -480,7 +485,7 @@ class Testbed:
         seconds each.
         """
         t0 = time.perf_counter()
-        if self.topology.multi_machine:
+        if self.per_instance:
             # Only nat's instance is moved: other instances' moves may be in flight on the same switches.
             steering = self.steering(instance=self._nat(nat).name)
             try:
@@ -506,7 +511,7 @@ class Testbed:
 
         With several NAT instances, ``of`` names a NAT of the instance asked about.
         """
-        if self.topology.multi_machine:
+        if self.per_instance:
             try:
                 return self.steering(instance=of).active()
             except NatmigError as e:

@@ -123,11 +123,15 @@ def machine_ports(topo: Topology, machine: str) -> dict[str, int]:
 
 
 def fabric(topo: Topology) -> Fabric:
-    """The switches of a topology with machines, as the fabric planner sees them."""
+    """The switches of a topology with machines, as the fabric planner sees them.
+
+    Without machines, the one switch is the machine named "" (no tunnels):
+    how one switch steers several NAT instances, each on its own.
+    """
     ports = port_names(topo)
     nets = networks(topo)
     machines = {}
-    for name in topo.machines:
+    for name in topo.machines or [""]:
         hosts = {net: tuple(ports[h.name] for h in topo.hosts_on(net) if h.machine == name) for net in nets}
         nats = {n.name: NatPorts(ports[nat_port(n.name, "inside")], ports[nat_port(n.name, "public")])
                 for n in topo.nats.values() if n.machine == name}

@@ -487,7 +487,7 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
             nats[nat_name] = Nat(nat_name, maddr, ports, pool, machine, legs["inside"], legs["public"])
     if not raw_nats and "nats" in doc:
         ck.bad("nats", "no NAT node (at least one is needed)")
-    _check_pairs(ck, nats, networks, machines, function)
+    _check_pairs(ck, nats, networks, function)
 
     actives = ck.field(doc, "active_nat", "active_nat", _names, "a NAT node name, or a list of them (one per network pair)")
     active = actives[0] if actives else None
@@ -561,7 +561,7 @@ def _roles(raw_nats: dict[str, Any], networks: dict[str, Network]) -> dict[str, 
     return {n: used[n] for n in networks if n in used}
 
 
-def _check_pairs(ck: _Checker, nats: dict[str, Nat], networks: dict[str, Network], machines: dict[str, Machine], function: str | None) -> None:
+def _check_pairs(ck: _Checker, nats: dict[str, Nat], networks: dict[str, Network], function: str | None) -> None:
     """Network pairs: each network on one side only; twins share both networks; instances sharing a public network own distinct addresses."""
     side_of: dict[str, tuple[str, str]] = {}
     public_of: dict[str, str] = {}
@@ -577,8 +577,6 @@ def _check_pairs(ck: _Checker, nats: dict[str, Nat], networks: dict[str, Network
     pairs: dict[tuple[str, str], list[str]] = {}
     for n in nats.values():
         pairs.setdefault(n.pair, []).append(n.name)
-    if len(pairs) > 1 and not machines:
-        ck.bad("nats", f"{len(pairs)} network pairs; several NAT instances need [machines] (the one-switch planner steers one pair)")
     if len(pairs) > 1 and function == "firewall":
         ck.bad("nats", f"{len(pairs)} network pairs; a firewall topology has one")
     owner: dict[tuple[str, str], str] = {}

@@ -105,13 +105,33 @@ def test_a_bad_instance_layout_is_refused_naming_the_field(changes, field, why):
     assert any(why in p for p in matching), exc.value.problems
 
 
-def test_several_instances_need_machines():
+def one_machine(k: int = 3) -> topology.Topology:
+    """eight-nats.toml's first ``k`` instances, all on one machine (no [machines]): one switch steers them."""
     doc = _eight(machines=None, underlay=None)
     for section in ("hosts", "nats"):
         for node in doc[section].values():
             del node["machine"]
-    with pytest.raises(TopologyError, match="8 network pairs; several NAT instances need \\[machines\\]"):
-        topology.parse(doc)
+    for i in range(k + 1, 9):
+        del doc["networks"][f"inside{i}"], doc["hosts"][f"c{i}"], doc["nats"][f"a{i}"], doc["nats"][f"b{i}"]
+    doc["active_nat"] = doc["active_nat"][:k]
+    return topology.loads(dump_toml(doc), "one-machine.toml")
+
+
+def test_on_one_switch_each_instance_is_steered_and_moved_on_its_own():
+    t = one_machine()
+    f = flows.fabric(t)
+    assert list(f.machines) == [""] and not f.machines[""].tunnels
+    sws = {"": Switch(fb.machine_table(f, "", t.active_nats)[:-1])}
+    ports = flows.port_names(t)
+    steps = fb.plan_move(f, "a2", "b2")
+    # One switch: one bundle, atomic, as without instances.
+    assert [(s.switch, s.stage) for s in steps] == [("", "ingress")]
+    sws[""].add_flows(steps[0].flows)
+    for i, want in ((1, "a1"), (2, "b2"), (3, "a3")):
+        assert reaches(f, sws, "", ports[f"c{i}"], f"inside{i}", "203.0.113.100") == {want}
+        assert reaches(f, sws, "", ports["server"], "public", f"203.0.113.{i}") == {want}
+    # A testbed of it is steered per instance; one of one instance keeps its one-bundle table.
+    assert Testbed(t, "nm1").per_instance and not Testbed(topology.load(None), "nm1").per_instance
 
 
 # ------------------------------------------------------------ per-instance planning

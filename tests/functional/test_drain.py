@@ -6,7 +6,8 @@ an idle twin of each; real agents over SSH, conntrack, each machine's own
 Open vSwitch.  The drain runs through the command line, as an operator
 runs it, on the inventory the fleet writes.  The 8-instance drain, four at
 a time, takes ~40 s here (15 s of it starting 16 agents); a drain of 3
-instances with one target down shows the others move all the same.
+instances with one target down shows the others move all the same; and
+on one switch (no machines) one instance moves alone with `natmig migrate`.
 """
 
 from __future__ import annotations
@@ -45,17 +46,27 @@ def instances(k: int) -> topology.Topology:
     return topology.loads(dump_toml(doc), f"eight-nats-{k}.toml")
 
 
+def one_machine(k: int) -> topology.Topology:
+    """The first ``k`` instances on one machine: no [machines], one switch."""
+    doc = tomllib.loads(instances(k).text)
+    del doc["machines"], doc["underlay"]
+    for section in ("hosts", "nats"):
+        for node in doc[section].values():
+            del node["machine"]
+    return topology.loads(dump_toml(doc), f"one-machine-{k}.toml")
+
+
 @contextmanager
-def drain_bed(tmp_path: Any, tag: str, k: int) -> Iterator[tuple[Testbed, AgentFleet]]:
-    """The K-instance testbed with every agent running, torn down afterwards (also on failure): nothing may remain."""
+def drain_bed(tmp_path: Any, tag: str, k: int, topo: topology.Topology | None = None, agents: list[str] | None = None) -> Iterator[tuple[Testbed, AgentFleet]]:
+    """The K-instance testbed with every agent running (or those of ``agents``), torn down afterwards (also on failure): nothing may remain."""
     netns.ensure_conntrack_capacity(200_000)
-    tb = Testbed(instances(k), netns.run_prefix(tag))
+    tb = Testbed(topo or instances(k), netns.run_prefix(tag))
     fleet = None
     try:
         t0 = time.perf_counter()
         tb.up()
         fleet = AgentFleet(tb, tmp_path / "agents")
-        fleet.start_all(list(tb.topology.nats))
+        fleet.start_all(agents or list(tb.topology.nats))
         print(f"{k} instances up with {len(tb.topology.nats)} agents in {time.perf_counter() - t0:.1f} s")
         yield tb, fleet
     finally:
@@ -140,3 +151,20 @@ def test_a_drain_with_one_target_down_moves_the_others_and_leaves_that_instance_
 
 def test_draining_eight_instances_four_at_a_time_keeps_every_flow_with_its_public_port(tmp_path):
     check_drained(tmp_path, 8, 4)
+
+
+def test_on_one_switch_one_instance_moves_alone_with_every_flow_of_every_instance_alive(tmp_path):
+    with drain_bed(tmp_path, "d1", 3, one_machine(3), ["a2", "b2"]) as (tb, fleet):
+        moved = load(tb, fleet, "a2")
+        inv = fleet.write_inventory("a2", "b2")
+        with live_flows(tb, tmp_path, 3) as flows:
+            time.sleep(0.5)
+            assert main(["migrate", "-i", str(inv)]) == 0
+            time.sleep(0.8)
+            results = {i: f.stop() for i, f in flows.items()}
+        assert [tb.active_nat(f"a{i}") for i in (1, 2, 3)] == ["a1", "b2", "a3"]
+        for i, res in results.items():
+            assert res.all_survived, (i, [f.why for f in res.broken()])
+            assert {e.split(":")[0] for f in res.flows for e in f.endpoints} == {f"203.0.113.{i}"}
+        held = table(fleet, "b2")
+        assert all(held.get(key) == m for key, m in moved.items())
