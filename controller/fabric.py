@@ -39,6 +39,13 @@ the new NAT retries a second later (a 2 s gap was measured); hence the
 ``neighbour`` rules.  With one machine the table is
 :func:`~natmig.controller.plan.flow_table`'s plus those rules (a unit test
 holds them equal otherwise).
+
+Several NAT *instances* (each a pair of networks with its own active NAT,
+:attr:`Fabric.pairs`) share the switches: every steering rule belongs to
+one instance (on a public network they share, the rules match the
+instance's own public addresses, ``nw_dst``), and a move plans the rules of
+its own instance only, so moves of different instances in flight at once
+never rewrite each other's rules (docs/multihost.md).
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ node's inside leg.
 With machines declared (docs/multihost.md) each machine has its own switch
 holding its local hosts and NAT legs (the same port numbers as on one
 switch) and four tunnel ports to each other machine; their flows are
-planned by :mod:`natmig.controller.fabric`.
+planned by :mod:`natmig.controller.fabric`, which also plans one switch
+holding several NAT instances (a machine named "", without tunnels).
 """
 
 from __future__ import annotations
