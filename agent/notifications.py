@@ -20,7 +20,7 @@ from typing import Callable
 
 from ..codec import Codec
 from ..statemodel import COMMON_NS
-from ..statewire import CHANGE, change_body
+from ..wire.state import CHANGE, change_body
 from .provider import SessionProvider, Watch
 
 log = logging.getLogger(__name__)

@@ -9,23 +9,26 @@ codec; the provider is reached only through :class:`~.datastore.Datastore`.
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import escape
 
 from lxml import etree
 
-from ..codec import EDIT_OPERATIONS, NETCONF_NS, Codec, EditEntry
-from ..errors import AgentError, CodecError
+from ..codec import NETCONF_NS, Codec, EditEntry
+from ..errors import AgentError
 from ..gcpause import gc_paused
-from ..model import FIELD_NAMES, NatSession, format_key
+from ..model import FIELD_NAMES
 from ..schema import LeafValueError
 from ..statemodel import COMMON_NS
-from ..statewire import CONTROL, STATISTICS, Wire
+from ..wire.natread import Batches, edit_request, parse_message
+from ..wire.natwrite import encode_control, encode_sessions
+from ..wire.reply import Streamed, attrs_of, error_reply, reply, reply_head
+from ..wire.state import CONTROL, STATISTICS, Wire
+from ..wire.xmlbounds import MAX_ELEMENTS, TooManyElements
 from .confirmed import DEFAULT_TIMEOUT, parse_timeout
 from .datastore import (
     DEFAULT_OPERATIONS,
@@ -35,24 +38,16 @@ from .datastore import (
     DatastoreError,
     EditRequest,
     Problem,
-    cap_problems,
-    more_problems,
-    problems_of_codec,
     refuse,
     select,
 )
 from .nacm import AccessControl
 from .monitoring import MONITORING_NS, WITH_DEFAULTS_NS, YANG_LIBRARY_NS, Catalog, SessionRecord, netconf_state
 from .notifications import NOTIFICATION_NS, STREAMS, NotificationHub
-from .xmlbounds import MAX_ELEMENTS, TooManyElements, count_nodes, strip_leading_space
 
 log = logging.getLogger(__name__)
 
 _NC = f"{{{NETCONF_NS}}}"
-_XML_NS = "http://www.w3.org/XML/1998/namespace"
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True, remove_blank_text=False)
-#: tags whose error-info names the element at fault (RFC 6241 appendix A).
-_BAD_ELEMENT_TAGS = {"unknown-element", "missing-element", "bad-element", "unknown-namespace", "bad-attribute", "missing-attribute", "unknown-attribute"}
 
 
 class Server(Protocol):
@@ -82,7 +77,7 @@ class SessionState:
     deliver: Callable[[bytes], None] = lambda b: None
     closing: bool = False
     subscribed: bool = False
-    #: entries of a large edit-config decoded during parsing (see _Batches).
+    #: entries of a large edit-config decoded during parsing (see Batches).
     batches: Any = None
     #: called (from the handler's thread) with each piece of a reply sent while
     #: it is still being made (see _stream_sessions); None: replies go whole.
@@ -106,86 +101,14 @@ class SessionState:
 # ----------------------------------------------------------------- replies
 
 
-def _xpath(codec: Codec, path: str, leaf: str) -> str:
-    """An error-path in XPath, prefixes bound on the element (see :func:`_error_xml`)."""
-    p = codec.schema.prefix
-    name = codec.schema.list_name
-    out = ""
-    if path.startswith(name + "["):
-        out = f"/{p}:{name}"
-        values = path[len(name) + 1 : -1].split(" ")
-        for k, v in zip(codec.schema.keys, values):
-            if v != "?":
-                out += f"[{p}:{k}='{v}']"  # key values (addresses, numbers, enums) hold no quotes
-    elif path in (codec.schema.control_name, codec.schema.stats_name, name):
-        out = f"/{p}:{path}"
-    if leaf and out:
-        out += f"/{p}:{leaf}"
-    return out
-
-
-def _error_xml(codec: Codec, pr: Problem) -> str:
-    path = _xpath(codec, pr.path, pr.leaf)
-    info = dict(pr.info)
-    if pr.leaf and pr.tag in _BAD_ELEMENT_TAGS and "bad-element" not in info:
-        info["bad-element"] = pr.leaf
-    parts = [f"<error-type>{pr.type}</error-type><error-tag>{pr.tag}</error-tag><error-severity>error</error-severity>"]
-    if pr.app_tag:
-        parts.append(f"<error-app-tag>{escape(pr.app_tag)}</error-app-tag>")
-    if path:
-        parts.append(f'<error-path xmlns:{codec.schema.prefix}="{codec.ns}">{escape(path)}</error-path>')
-    where = f"{pr.path}/{pr.leaf}: " if pr.path and pr.leaf else (f"{pr.path}: " if pr.path else "")
-    parts.append(f'<error-message xml:lang="en">{escape(where + pr.message)}</error-message>')
-    if info:
-        parts.append("<error-info>" + "".join(f"<{k}>{escape(v)}</{k}>" for k, v in info.items()) + "</error-info>")
-    return "<rpc-error>" + "".join(parts) + "</rpc-error>"
-
-
 class StreamBroken(AgentError):
     """A reply failed after part of it was sent: the session must end (no rpc-error can follow data)."""
-
-
-class _Streamed(list[bytes]):
-    """The rest of a reply whose start tag and first parts were already streamed."""
-
-
-def _reply_head(attrs: str) -> bytes:
-    return f'<rpc-reply xmlns="{NETCONF_NS}"{attrs}>'.encode()
-
-
-def _reply(attrs: str, body: bytes | list[bytes]) -> bytes:
-    # One join: a 100k-session reply is ~30 MB, and every copy of it counts.
-    parts = body if isinstance(body, list) else [body]
-    if isinstance(body, _Streamed):
-        return b"".join([*body, b"</rpc-reply>"])
-    return b"".join([_reply_head(attrs), *parts, b"</rpc-reply>"])
-
-
-def _attrs_of(rpc: Any) -> str:
-    # RFC 6241 4.2: every attribute of <rpc> comes back unchanged in <rpc-reply>.
-    out: list[str] = []
-    for k, v in rpc.attrib.items():
-        q = etree.QName(k)
-        if q.namespace == _XML_NS:
-            # The xml prefix is bound by definition and may not be declared again.
-            out.append(f" xml:{q.localname}={quoteattr(v)}")
-        elif q.namespace:
-            prefix = "a" + str(len(out))
-            out.append(f' xmlns:{prefix}="{escape(q.namespace)}" {prefix}:{q.localname}={quoteattr(v)}')
-        else:
-            out.append(f" {k}={quoteattr(v)}")
-    return "".join(out)
-
-
-def error_reply(codec: Codec, problems: list[Problem], attrs: str = "") -> bytes:
-    """An rpc-reply carrying one rpc-error per problem."""
-    return _reply(attrs, "".join(_error_xml(codec, p) for p in problems).encode())
 
 
 # ------------------------------------------------------------------ parsing
 
 
-def _text_param(op: Any, name: str, allowed: tuple[str, ...], default: str) -> str:
+def text_param(op: Any, name: str, allowed: tuple[str, ...], default: str) -> str:
     el = op.find(_NC + name)
     if el is None:
         return default
@@ -195,7 +118,7 @@ def _text_param(op: Any, name: str, allowed: tuple[str, ...], default: str) -> s
     return v
 
 
-def _datastore_param(op: Any, name: str, allowed: tuple[str, ...] = ("running", "candidate")) -> str:
+def datastore_param(op: Any, name: str, allowed: tuple[str, ...] = ("running", "candidate")) -> str:
     el = op.find(_NC + name)
     if el is None:
         raise refuse("missing-element", f"<{name}> is required", type="protocol", info={"bad-element": name})
@@ -210,7 +133,7 @@ def _datastore_param(op: Any, name: str, allowed: tuple[str, ...] = ("running", 
     return q.localname
 
 
-def _check_params(op: Any, allowed: set[str]) -> None:
+def check_params(op: Any, allowed: set[str]) -> None:
     """unknown-element for any parameter the operation does not take (RFC 6241 appendix A)."""
     for c in op:
         if not isinstance(c.tag, str):
@@ -301,9 +224,6 @@ def parse_filter(codec: Codec, op: Any) -> Selection:
 
 #: RFC 6243's modes; trim is this agent's basic mode.
 WITH_DEFAULTS_MODES = ("trim", "report-all", "report-all-tagged", "explicit")
-#: the attribute report-all-tagged puts on a leaf at its default (RFC 6243 6).
-_WD = "urn:ietf:params:xml:ns:netconf:default:1.0"
-_TAG = f' xmlns:wd="{_WD}" wd:default="true"'
 
 
 def with_defaults(op: Any) -> str:
@@ -327,39 +247,6 @@ def _with_defaults(op: Any) -> bool:
     return with_defaults(op) != "trim"
 
 
-def _leaf_xml(spec: Any, v: Any, tagged: bool) -> str:
-    tag = _TAG if tagged and not spec.is_key and v == spec.default else ""
-    return f"<{spec.name}{tag}>{spec.text(v)}</{spec.name}>"
-
-
-def _encode_sessions(codec: Codec, sessions: list[NatSession], leaves: set[str] | None, report_all: bool, tagged: bool = False) -> bytes:
-    if leaves is None and not report_all:
-        return codec.encode_xml(sessions, root=None)
-    # The slow, general path: chosen leaves only, or every leaf with defaults.
-    name = codec.schema.list_name
-    specs = [s for s in codec.schema.leaves if leaves is None or s.name in leaves]
-    parts = []
-    for s in sessions:
-        inner = []
-        for spec in specs:
-            v = getattr(s, spec.name)
-            if v is None or (not report_all and not spec.is_key and not spec.mandatory and v == spec.default):
-                continue
-            inner.append(_leaf_xml(spec, v, tagged))
-        parts.append(f'<{name} xmlns="{codec.ns}">{"".join(inner)}</{name}>')
-    return "".join(parts).encode()
-
-
-def _encode_control(codec: Codec, values: dict[str, Any], report_all: bool, tagged: bool = False) -> bytes:
-    if report_all:
-        name = codec.schema.control_name
-        inner = "".join(_leaf_xml(s, values.get(s.name, s.default), tagged) for s in codec.schema.control_leaves)
-        return f'<{name} xmlns="{codec.ns}">{inner}</{name}>'.encode()
-    if all(values.get(s.name, s.default) == s.default for s in codec.schema.control_leaves):
-        return b""  # trim: a container holding only defaults is not shown
-    return codec.encode_control_xml(values)
-
-
 def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool) -> list[bytes]:
     codec = server.codec
     sel = parse_filter(codec, op)
@@ -381,9 +268,9 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
     parts = []
     if want_sessions:
         picked = select(sessions, None if sel.everything else sel.sessions)
-        parts.append(_encode_sessions(codec, picked, sel.leaves, report_all, tagged))
+        parts.append(encode_sessions(codec, picked, sel.leaves, report_all, tagged))
     if sel.everything or sel.control:
-        parts.append(_encode_control(codec, control, report_all, tagged))
+        parts.append(encode_control(codec, control, report_all, tagged))
     if state and (sel.everything or sel.statistics):
         parts.append(codec.encode_statistics_xml(server.datastore.statistics()))
     if state and (sel.everything or sel.monitoring_selected):
@@ -400,7 +287,7 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
     return [b"<data>", *parts, b"</data>"]
 
 
-def _stream_sessions(server: Server, sess: SessionState) -> _Streamed:
+def _stream_sessions(server: Server, sess: SessionState) -> Streamed:
     """Running's whole nat-session list, each batch sent as soon as the provider has read it.
 
     A 10k-session table takes the conntrack tool ~55 ms to print; the client
@@ -422,7 +309,7 @@ def _stream_sessions(server: Server, sess: SessionState) -> _Streamed:
             raise StreamBroken(str(e)) from e
     finally:
         batches.close()
-    return _Streamed([b"</data>"])
+    return Streamed([b"</data>"])
 
 
 # --------------------------------------------------------------- operations
@@ -430,221 +317,35 @@ def _stream_sessions(server: Server, sess: SessionState) -> _Streamed:
 
 def op_get(server: Server, sess: SessionState, op: Any) -> list[bytes]:
     """<get>: running config and state (nat-statistics, netconf-state)."""
-    _check_params(op, {"filter", "with-defaults"})
+    check_params(op, {"filter", "with-defaults"})
     return _read(server, sess, op, "running", state=True)
 
 
 def op_get_config(server: Server, sess: SessionState, op: Any) -> list[bytes]:
     """<get-config>: one datastore's configuration, optionally filtered."""
-    _check_params(op, {"source", "filter", "with-defaults"})
-    return _read(server, sess, op, _datastore_param(op, "source"), state=False)
-
-
-_LEAF_OPERATIONS = etree.XPath("*/*/@nc:operation", namespaces={"nc": NETCONF_NS})
-_NESTED = etree.XPath("*/*/*")
-
-
-def _fast_entries(codec: Codec, config: Any) -> list[EditEntry] | None:
-    """The list entries of a clean <config> (or list of entry elements) in one pass; None at the first oddity.
-
-    The common case (a table written into a node) needs no per-entry error
-    bookkeeping; anything unusual -- unknown or repeated leaves, bad values,
-    missing keys, duplicates, leaf-level operations, leaves with children --
-    returns None and the codec's :meth:`~natmig.codec.Codec.decode_edit_xml`
-    decodes again and names every problem.  The leaf validators are the
-    codec's own.
-    """
-    if not isinstance(config, list) and (_LEAF_OPERATIONS(config) or _NESTED(config)):
-        return None  # a batch (a list) was checked by its caller, on the whole <config>
-    ns = codec.ns
-    # Tables repeat values (one public address, a few protocols, servers,
-    # ports): each distinct text of a leaf is validated once per batch.
-    by_tag: dict[str, tuple[str, Callable[[str], Any], dict[str, Any]]] = {f"{{{ns}}}{spec.name}": (spec.name, spec.parse, {}) for spec in codec.schema.leaves}
-    list_tag = f"{{{ns}}}{codec.schema.list_name}"
-    control_tag = f"{{{ns}}}{codec.schema.control_name}"
-    op_attr = _NC + "operation"
-    keys = codec.schema.keys
-    out: list[EditEntry] = []
-    append = out.append
-    seen: set[Any] = set()
-    try:
-        for entry in config:
-            if entry.tag != list_tag:
-                if entry.tag == control_tag:
-                    continue
-                return None
-            op = entry.get(op_attr)
-            if op is not None and op not in EDIT_OPERATIONS:
-                return None
-            values: dict[str, Any] = {}
-            for child in entry:
-                name, parse, memo = by_tag[child.tag]
-                text = child.text or ""
-                v = memo.get(text, memo)
-                if v is memo:
-                    v = memo[text] = parse(text)
-                values[name] = v
-            if len(values) != len(entry):
-                return None  # a leaf given twice
-            key = tuple([values[k] for k in keys])
-            seen.add(key)
-            append(EditEntry(op, key, values))
-    except (KeyError, LeafValueError, TypeError):
-        return None
-    if len(seen) != len(out):
-        return None  # the same entry twice
-    return out
-
-
-_STATE_CONTROL = f"{{{COMMON_NS}}}{CONTROL}"
-
-
-def _as_nat_control(codec: Codec, el: Any) -> None:
-    """natmig-state's state-control/admit-new is nat-control/admit-new-sessions under its common name: renamed in place."""
-    el.tag = f"{{{codec.ns}}}{codec.schema.control_name}"
-    for leaf in el:
-        if leaf.tag == f"{{{COMMON_NS}}}admit-new":
-            leaf.tag = f"{{{codec.ns}}}admit-new-sessions"
-
-
-def _edit_request(codec: Codec, config: Any) -> EditRequest:
-    """Split a <config> into list entries, whole-list operations and nat-control."""
-    op_attr = _NC + "operation"
-    req = EditRequest()
-    problems: list[Problem] = []
-    list_tag = f"{{{codec.ns}}}{codec.schema.list_name}"
-    control_tag = f"{{{codec.ns}}}{codec.schema.control_name}"
-    for child in config:
-        if child.tag == _STATE_CONTROL:
-            _as_nat_control(codec, child)
-    for child in list(config):
-        if child.tag == list_tag and not any(isinstance(c.tag, str) for c in child):
-            # <nat-session nc:operation="remove"/>: the whole list.
-            op = child.get(op_attr)
-            if op not in ("delete", "remove"):
-                problems.append(Problem("missing-element", "a list entry needs its key leaves (only delete/remove may name the whole list)", codec.schema.list_name, codec.schema.keys[0], "application"))
-            req.list_operation = op
-            config.remove(child)
-        elif child.tag == control_tag:
-            op = child.get(op_attr)
-            if op is not None and op not in ("merge", "replace", "create", "delete", "remove"):
-                problems.append(Problem("bad-attribute", f"unknown operation {op!r}", codec.schema.control_name, "", "protocol", info={"bad-attribute": "operation", "bad-element": codec.schema.control_name}))
-            req.control_operation = op
-    try:
-        req.control = codec.decode_control_xml(config)
-    except CodecError as e:
-        problems.extend(problems_of_codec(e))
-    fast = _fast_entries(codec, config) if not problems else None
-    if fast is not None:
-        req.entries = fast
-    else:
-        try:
-            req.entries = codec.decode_edit_xml(config)
-        except CodecError as e:
-            problems.extend(problems_of_codec(e))
-    if problems:
-        raise DatastoreError(problems)
-    return req
-
-
-class _Batches:
-    """An edit-config decoded while it is parsed, a few thousand entries at a time.
-
-    A 100k-entry request is a ~30 MB document whose lxml tree alone takes
-    ~230 MB; decoding entries as they complete and dropping their elements
-    keeps the tree small.  The result is the same as decoding the whole
-    <config> at once: batches are merged, duplicates across batches refused.
-    """
-
-    SIZE = 4096
-
-    def __init__(self, codec: Codec) -> None:
-        self.codec = codec
-        self.list_tag = f"{{{codec.ns}}}{codec.schema.list_name}"
-        self.req = EditRequest()
-        self.problems: list[Problem] = []
-        self.count = 0
-        #: the entries are known to hold no key twice (the canonical reader checked).
-        self.unique = False
-
-    def take(self, config: Any, last: Any) -> int:
-        """Decode the complete entries of <config> up to ``last``, then drop them from the tree; the nodes dropped.
-
-        The parser may already hold the beginning of the next entry; it is
-        left alone.  nat-control and whole-list elements stay for the final pass.
-        """
-        done = []
-        for child in config:
-            if child.tag == self.list_tag and len(child):
-                done.append(child)
-            if child is last:
-                break
-        entries = None if _LEAF_OPERATIONS(config) or _NESTED(config) else _fast_entries(self.codec, done)
-        if entries is None:
-            # Something is wrong in this batch: let the codec name every problem.
-            tmp = etree.Element(_NC + "config")
-            tmp.extend(copy.deepcopy(c) for c in done)
-            try:
-                entries = self.codec.decode_edit_xml(tmp)
-            except CodecError as e:
-                self.problems = cap_problems(self.problems + problems_of_codec(e))
-                entries = []
-        self.req.entries.extend(entries)
-        # What count_nodes counted for them: the entry, its leaves, its
-        # attributes and the namespaces it declares (an estimate that errs
-        # towards fewer, so the live count errs towards more).
-        inherited = len(config.nsmap)
-        dropped = 0
-        for child in done:
-            dropped += 1 + len(child) + len(child.attrib) + max(0, len(child.nsmap) - inherited)
-            config.remove(child)
-        return dropped
-
-    def finish(self, rest: EditRequest | None, problems: list[Problem]) -> EditRequest:
-        """The whole request: the batches plus what the final pass decoded."""
-        if rest is not None:
-            self.unique = self.unique and not rest.entries
-            _merge(self.req, rest)
-        problems = self.problems + problems
-        keys = [] if self.unique else [e.key for e in self.req.entries]
-        if len(set(keys)) != len(keys):
-            seen: set[Any] = set()
-            dups = [k for k in keys if k in seen or seen.add(k)]  # type: ignore[func-returns-value]
-            problems += [Problem("bad-element", "the same entry appears twice in the request", format_key(k)) for k in dups[:10]]
-            if len(dups) > 10:
-                problems.append(more_problems(len(dups) - 10))
-        if problems:
-            raise DatastoreError(cap_problems(problems))
-        return self.req
-
-
-def _merge(into: EditRequest, part: EditRequest) -> None:
-    into.entries.extend(part.entries)
-    if part.list_operation is not None:
-        into.list_operation = part.list_operation
-    if part.control is not None or part.control_operation is not None:
-        into.control, into.control_operation = part.control, part.control_operation
+    check_params(op, {"source", "filter", "with-defaults"})
+    return _read(server, sess, op, datastore_param(op, "source"), state=False)
 
 
 def op_edit_config(server: Server, sess: SessionState, op: Any) -> bytes:
     """<edit-config> with every operation, default-operation, test-option and error-option."""
-    _check_params(op, {"target", "default-operation", "test-option", "error-option", "config", "url"})
-    target = _datastore_param(op, "target")
-    default_op = _text_param(op, "default-operation", DEFAULT_OPERATIONS, "merge")
-    test_option = _text_param(op, "test-option", TEST_OPTIONS, "test-then-set")
-    error_option = _text_param(op, "error-option", ERROR_OPTIONS, "stop-on-error")
+    check_params(op, {"target", "default-operation", "test-option", "error-option", "config", "url"})
+    target = datastore_param(op, "target")
+    default_op = text_param(op, "default-operation", DEFAULT_OPERATIONS, "merge")
+    test_option = text_param(op, "test-option", TEST_OPTIONS, "test-then-set")
+    error_option = text_param(op, "error-option", ERROR_OPTIONS, "stop-on-error")
     config = op.find(_NC + "config")
     if config is None:
         if op.find(_NC + "url") is not None:
             raise refuse("operation-not-supported", "the :url capability is not supported", type="protocol", info={"bad-element": "url"})
         raise refuse("missing-element", "<config> is required", type="protocol", info={"bad-element": "config"})
-    batches: _Batches | None = sess.batches
+    batches: Batches | None = sess.batches
     sess.batches = None
     if batches is None:
-        req = _edit_request(server.codec, config)
+        req = edit_request(server.codec, config)
     else:
         try:
-            rest: EditRequest | None = _edit_request(server.codec, config)
+            rest: EditRequest | None = edit_request(server.codec, config)
             problems: list[Problem] = []
         except DatastoreError as e:
             rest, problems = None, e.problems
@@ -668,7 +369,7 @@ def _config_source(op: Any) -> tuple[str | None, Any]:
         return None, inline
     if src.find(_NC + "url") is not None:
         raise refuse("operation-not-supported", "the :url capability is not supported", type="protocol", info={"bad-element": "url"})
-    return _datastore_param(op, "source"), None
+    return datastore_param(op, "source"), None
 
 
 def _whole(req: EditRequest) -> EditRequest:
@@ -688,8 +389,8 @@ def op_copy_config(server: Server, sess: SessionState, op: Any) -> bytes:
     the source are deleted (it is what copy-config means; commit is the
     operation that applies only what the candidate changed).
     """
-    _check_params(op, {"target", "source", "with-defaults"})
-    target = _datastore_param(op, "target")
+    check_params(op, {"target", "source", "with-defaults"})
+    target = datastore_param(op, "target")
     source, inline = _config_source(op)
     if source == target:
         raise refuse("invalid-value", f"copy-config of {target} onto itself", type="protocol", info={"bad-element": "source"})
@@ -697,7 +398,7 @@ def op_copy_config(server: Server, sess: SessionState, op: Any) -> bytes:
         server.datastore.discard(sess.sid)  # the candidate: running's content again
     else:
         if inline is not None:
-            req = _edit_request(server.codec, inline)
+            req = edit_request(server.codec, inline)
         else:
             sessions, control = server.datastore.read("candidate")
             entries = [EditEntry(None, s.key, {n: v for n in FIELD_NAMES if (v := getattr(s, n)) is not None}) for s in sessions]
@@ -709,8 +410,8 @@ def op_copy_config(server: Server, sess: SessionState, op: Any) -> bytes:
 
 def op_delete_config(server: Server, sess: SessionState, op: Any) -> bytes:
     """<delete-config> (RFC 6241 7.4): the candidate emptied; running cannot be deleted."""
-    _check_params(op, {"target"})
-    target = _datastore_param(op, "target")
+    check_params(op, {"target"})
+    target = datastore_param(op, "target")
     if target == "running":
         raise refuse("operation-failed", "running cannot be deleted (RFC 6241 7.4); delete its entries with edit-config", type="protocol", info={"bad-element": "running"})
     server.datastore.edit(target, _whole(EditRequest()), sess.sid, "merge")
@@ -720,8 +421,8 @@ def op_delete_config(server: Server, sess: SessionState, op: Any) -> bytes:
 
 def op_lock(server: Server, sess: SessionState, op: Any) -> bytes:
     """<lock> of running or candidate."""
-    _check_params(op, {"target"})
-    name = _datastore_param(op, "target")
+    check_params(op, {"target"})
+    name = datastore_param(op, "target")
     server.datastore.lock(name, sess.sid)
     log.info("%s locked %s", sess.who, name)
     return b"<ok/>"
@@ -729,8 +430,8 @@ def op_lock(server: Server, sess: SessionState, op: Any) -> bytes:
 
 def op_unlock(server: Server, sess: SessionState, op: Any) -> bytes:
     """<unlock> of a datastore this session locked."""
-    _check_params(op, {"target"})
-    name = _datastore_param(op, "target")
+    check_params(op, {"target"})
+    name = datastore_param(op, "target")
     server.datastore.unlock(name, sess.sid)
     log.info("%s unlocked %s", sess.who, name)
     return b"<ok/>"
@@ -744,7 +445,7 @@ def _string_param(op: Any, name: str) -> str | None:
 
 def op_commit(server: Server, sess: SessionState, op: Any) -> bytes:
     """<commit>: the candidate's changes onto running, all or nothing; confirmed or confirming (:confirmed-commit:1.1)."""
-    _check_params(op, {"confirmed", "confirm-timeout", "persist", "persist-id"})
+    check_params(op, {"confirmed", "confirm-timeout", "persist", "persist-id"})
     confirmed = op.find(_NC + "confirmed") is not None
     persist = _string_param(op, "persist")
     persist_id = _string_param(op, "persist-id")
@@ -770,7 +471,7 @@ def op_commit(server: Server, sess: SessionState, op: Any) -> bytes:
 
 def op_cancel_commit(server: Server, sess: SessionState, op: Any) -> bytes:
     """<cancel-commit> (:confirmed-commit:1.1): roll the pending confirmed commit back now."""
-    _check_params(op, {"persist-id"})
+    check_params(op, {"persist-id"})
     server.datastore.cancel_commit(sess.sid, _string_param(op, "persist-id"))
     log.info("%s cancel-commit", sess.who)
     return b"<ok/>"
@@ -778,7 +479,7 @@ def op_cancel_commit(server: Server, sess: SessionState, op: Any) -> bytes:
 
 def op_discard(server: Server, sess: SessionState, op: Any) -> bytes:
     """<discard-changes>: the candidate back to running."""
-    _check_params(op, set())
+    check_params(op, set())
     server.datastore.discard(sess.sid)
     log.info("%s discard-changes", sess.who)
     return b"<ok/>"
@@ -786,13 +487,13 @@ def op_discard(server: Server, sess: SessionState, op: Any) -> bytes:
 
 def op_validate(server: Server, sess: SessionState, op: Any) -> bytes:
     """<validate> of running, candidate or an inline <config> (the :validate:1.1 capability)."""
-    _check_params(op, {"source"})
+    check_params(op, {"source"})
     src = op.find(_NC + "source")
     inline = src.find(_NC + "config") if src is not None else None
     if inline is not None:
-        server.datastore.validate(None, _edit_request(server.codec, inline))
+        server.datastore.validate(None, edit_request(server.codec, inline))
     else:
-        server.datastore.validate(_datastore_param(op, "source"))
+        server.datastore.validate(datastore_param(op, "source"))
     return b"<ok/>"
 
 
@@ -807,7 +508,7 @@ _SESSION_ID = re.compile(r"[0-9]{1,10}")
 
 def op_kill_session(server: Server, sess: SessionState, op: Any) -> bytes:
     """<kill-session>: end another session, releasing its locks."""
-    _check_params(op, {"session-id"})
+    check_params(op, {"session-id"})
     el = op.find(_NC + "session-id")
     if el is None:
         raise refuse("missing-element", "<session-id> is required", type="protocol", info={"bad-element": "session-id"})
@@ -941,139 +642,6 @@ TABLE: dict[tuple[str, str], Handler] = {
 }
 
 
-#: Messages larger than this are parsed incrementally (see _Batches).
-STREAM_THRESHOLD = 1 << 20
-#: Messages at least this large first try the canonical reader (see _parse_canonical).
-CANONICAL_THRESHOLD = 1 << 15
-
-#: Stands in for the entries cut out of an edit-config while lxml reads the rest.
-_MARK_NS = "urn:natmig:agent:entries-read-apart"
-_MARK_TAG = f"{{{_MARK_NS}}}entries"
-_MARK = f'<entries xmlns="{_MARK_NS}"/>'.encode()
-_DECLARED_ENCODING = re.compile(rb"""\A(?:\xef\xbb\xbf)?<\?xml\s[^>]*?\bencoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
-_XML_SPACE = " \t\r\n"
-#: The most the rest of such a message may weigh: it is parsed whole, not streamed.
-_ENVELOPE_LIMIT = 1 << 16
-
-
-def _entry_operation(codec: Codec, nsmap: dict[str | None, str], attrs: bytes) -> str | None:
-    """The nc:operation of an entry start tag with attribute text ``attrs``, read in the scope of its <config>.
-
-    lxml reads the start tag alone, wrapped in the namespace declarations in
-    scope where it stands, so prefixes, quoting and references mean what they
-    mean in the whole document.  ValueError unless the tag is the list in
-    the module's namespace with no attribute but a known nc:operation.
-    """
-    decls = "".join(f" xmlns:{p}={quoteattr(u)}" if p else f" xmlns={quoteattr(u)}" for p, u in nsmap.items())
-    doc = f"<scope{decls}><{codec.schema.list_name}".encode() + attrs + b"/></scope>"
-    try:
-        el = etree.fromstring(doc, _PARSER)[0]
-    except etree.XMLSyntaxError as e:
-        raise ValueError(f"entry start tag: {e}") from None
-    attrib = dict(el.attrib)
-    op = attrib.pop(_NC + "operation", None)
-    if el.tag != f"{{{codec.ns}}}{codec.schema.list_name}" or attrib or (op is not None and op not in EDIT_OPERATIONS):
-        raise ValueError("not a plain entry start tag")
-    return op
-
-
-def _parse_canonical(codec: Codec, message: bytes) -> tuple[Any, _Batches] | None:
-    """An edit-config whose <config> holds nothing but entries in the codec's own form; None for any other message.
-
-    The entries are read by :class:`~natmig.codec.CanonicalEntries` (~2.5x
-    less CPU than lxml building elements for them) and lxml parses the rest of
-    the message, with a marker element where the entries were: the marker
-    must come out as the only child of rpc/edit-config/config, which proves
-    the entries stood in element content there (not in a comment, CDATA or
-    another element) and gives the namespaces in scope for their start tags.
-    Everything else -- a bad value, a duplicate, another element beside the
-    entries, a DTD, a foreign encoding -- returns None and the message takes
-    the general path, which refuses or accepts it exactly as before.
-    """
-    reader = codec.canonical
-    span = reader.span(message)
-    if span is None:
-        return None
-    start, end = span
-    head, tail = message[:start], message[end:]
-    if len(head) + len(tail) > _ENVELOPE_LIMIT or b"<!" in head or not tail.lstrip().startswith(b"</"):
-        return None  # other elements beside the entries, or a DTD (entities, default attributes)
-    if b"encoding" in head:
-        m = _DECLARED_ENCODING.match(head)
-        if m is None or m.group(1).lower() not in (b"utf-8", b"us-ascii", b"ascii"):
-            return None  # the entries' bytes were read as ASCII
-    try:
-        root = etree.fromstring(head + _MARK + tail, _PARSER)
-    except etree.XMLSyntaxError:
-        return None  # the general path words the error for the whole message
-    marks = list(root.iter(_MARK_TAG))
-    if len(marks) != 1:
-        return None
-    mark = marks[0]
-    config = mark.getparent()
-    edit = config.getparent() if config is not None else None
-    rpc = edit.getparent() if edit is not None else None
-    if (rpc is None or edit is None or rpc.getparent() is not None or rpc.tag != _NC + "rpc" or edit.tag != _NC + "edit-config"
-            or config.tag != _NC + "config" or len(config) != 1
-            or (config.text or "").strip(_XML_SPACE) or (mark.tail or "").strip(_XML_SPACE)):
-        return None
-    nsmap = config.nsmap
-    entries = reader.decode(message, start, end, lambda attrs: _entry_operation(codec, nsmap, attrs))
-    if entries is None:
-        return None
-    config.remove(mark)
-    batches = _Batches(codec)
-    batches.req.entries = entries
-    batches.count = len(entries)
-    batches.unique = True
-    return root, batches
-
-
-def parse_message(codec: Codec, message: bytes, max_elements: int = MAX_ELEMENTS) -> tuple[Any, _Batches | None]:
-    """The message's element tree; entries of a large edit-config come decoded beside it.
-
-    :class:`TooManyElements` when the tree would hold more than
-    ``max_elements`` nodes at once (checked before lxml builds them).
-    """
-    message = strip_leading_space(message)
-    if len(message) >= CANONICAL_THRESHOLD:
-        fast = _parse_canonical(codec, message)
-        if fast is not None:
-            return fast
-    if len(message) < STREAM_THRESHOLD:
-        if (n := count_nodes(message)) > max_elements:
-            raise TooManyElements(n, max_elements)
-        return etree.fromstring(message, _PARSER), None
-    list_tag = f"{{{codec.ns}}}{codec.schema.list_name}"
-    parser = etree.XMLPullParser(events=("end",), tag=list_tag, resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True)
-    batches = _Batches(codec)
-    view = memoryview(message)
-    step = 1 << 20
-    # Nodes fed to lxml and not yet dropped with a decoded batch: what the
-    # tree holds at most.  Checked before each piece is fed, so a refused
-    # message never costs more than this bound's worth of tree.
-    live = 0
-    for i in range(0, len(message), step):
-        piece = bytes(view[i : i + step])
-        live += count_nodes(piece)
-        if live > max_elements:
-            raise TooManyElements(live, max_elements)
-        parser.feed(piece)
-        del piece
-        for _, el in parser.read_events():
-            config = el.getparent()  # type: ignore[union-attr]  # lxml-stubs: events=("end",) yields only elements
-            if config is None or config.tag != _NC + "config":
-                continue
-            edit = config.getparent()
-            if edit is None or edit.tag != _NC + "edit-config" or (rpc := edit.getparent()) is None or rpc.getparent() is not None:
-                continue
-            batches.count += 1
-            if batches.count % batches.SIZE == 0:
-                live -= batches.take(config, el)
-    root = parser.close()
-    return root, (batches if batches.count else None)
-
-
 def handle_message(server: Server, sess: SessionState, message: bytes) -> bytes:
     """One framed message in, one rpc-reply out (never raises for bad input)."""
     with gc_paused():
@@ -1099,7 +667,7 @@ def _handle(server: Server, sess: SessionState, message: bytes) -> bytes:
         rec.in_bad_rpcs += 1
         rec.out_rpc_errors += 1
         return error_reply(codec, [Problem("malformed-message", f"expected <rpc> in namespace {NETCONF_NS}, got {root.tag}", type="rpc")])
-    attrs = _attrs_of(root)
+    attrs = attrs_of(root)
     if root.get("message-id") is None:
         rec.in_bad_rpcs += 1
         rec.out_rpc_errors += 1
@@ -1115,8 +683,8 @@ def _handle(server: Server, sess: SessionState, message: bytes) -> bytes:
         if handler is None:
             raise refuse("operation-not-supported", f"operation <{q.localname}> in namespace {q.namespace!r} is not supported", type="protocol", info={"bad-element": q.localname})
         authorize(server, sess, op)
-        sess.reply_head = _reply_head(attrs)
-        return _reply(attrs, handler(server, sess, op))
+        sess.reply_head = reply_head(attrs)
+        return reply(attrs, handler(server, sess, op))
     except StreamBroken:
         rec.out_rpc_errors += 1
         raise  # part of the reply is out: the server ends the session

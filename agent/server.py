@@ -32,8 +32,9 @@ from .monitoring import BASE_10, BASE_11, Catalog, SessionRecord
 from .outbox import Outbox
 from .notifications import INTERLEAVE_CAPABILITY, NOTIFICATION_CAPABILITY, NotificationHub
 from .provider import SessionProvider
-from .rpc import SessionState, StreamBroken, error_reply, handle_message
-from .xmlbounds import MAX_ELEMENTS, TooManyElements, count_nodes, strip_leading_space
+from ..wire.reply import error_reply
+from .rpc import SessionState, StreamBroken, handle_message
+from ..wire.xmlbounds import MAX_ELEMENTS, TooManyElements, count_nodes, strip_leading_space
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
-from xml.sax.saxutils import escape
 
 from lxml import etree
 
@@ -24,7 +23,8 @@ from natmig.codec import NETCONF_NS
 from natmig.errors import CodecError
 from natmig.schema import LeafValueError
 from natmig.statemodel import COMMON_NS, Entry, StateList, StateModule, common_module
-from natmig.statewire import CHANGE, CONTROL, STATISTICS, Config, Wire
+from natmig.wire.reply import attrs_of, errors_reply, rpc_error
+from natmig.wire.state import CHANGE, CONTROL, STATISTICS, Config, Wire
 
 from . import rpc
 from .datastore import DEFAULT_OPERATIONS, ERROR_OPTIONS, TEST_OPTIONS, DatastoreError, Problem, problems_of_codec, refuse
@@ -142,14 +142,14 @@ def _read(server: "StateAgent", op: Any, source: str, state: bool) -> bytes:
 
 def op_get(server: "StateAgent", sess: rpc.SessionState, op: Any) -> bytes:
     """<get>: running's state lists and state-control, state-statistics, netconf-state, yang-library."""
-    rpc._check_params(op, {"filter", "with-defaults"})
+    rpc.check_params(op, {"filter", "with-defaults"})
     return _read(server, op, "running", state=True)
 
 
 def op_get_config(server: "StateAgent", sess: rpc.SessionState, op: Any) -> bytes:
     """<get-config> of running or candidate."""
-    rpc._check_params(op, {"source", "filter", "with-defaults"})
-    return _read(server, op, rpc._datastore_param(op, "source"), state=False)
+    rpc.check_params(op, {"source", "filter", "with-defaults"})
+    return _read(server, op, rpc.datastore_param(op, "source"), state=False)
 
 
 def _config(server: "StateAgent", el: Any) -> Config:
@@ -161,11 +161,11 @@ def _config(server: "StateAgent", el: Any) -> Config:
 
 def op_edit_config(server: "StateAgent", sess: rpc.SessionState, op: Any) -> bytes:
     """<edit-config>: every operation, default-operation and test-option; all or nothing."""
-    rpc._check_params(op, {"target", "default-operation", "test-option", "error-option", "config", "url"})
-    target = rpc._datastore_param(op, "target")
-    default_op = rpc._text_param(op, "default-operation", DEFAULT_OPERATIONS, "merge")
-    test_option = rpc._text_param(op, "test-option", TEST_OPTIONS, "test-then-set")
-    rpc._text_param(op, "error-option", ERROR_OPTIONS, "stop-on-error")  # every edit is all or nothing
+    rpc.check_params(op, {"target", "default-operation", "test-option", "error-option", "config", "url"})
+    target = rpc.datastore_param(op, "target")
+    default_op = rpc.text_param(op, "default-operation", DEFAULT_OPERATIONS, "merge")
+    test_option = rpc.text_param(op, "test-option", TEST_OPTIONS, "test-then-set")
+    rpc.text_param(op, "error-option", ERROR_OPTIONS, "stop-on-error")  # every edit is all or nothing
     config = op.find(_NC + "config")
     if config is None:
         raise refuse("missing-element", "<config> is required", type="protocol", info={"bad-element": "config"})
@@ -178,13 +178,13 @@ def op_edit_config(server: "StateAgent", sess: rpc.SessionState, op: Any) -> byt
 
 def op_validate(server: "StateAgent", sess: rpc.SessionState, op: Any) -> bytes:
     """<validate> of running, candidate or an inline <config>."""
-    rpc._check_params(op, {"source"})
+    rpc.check_params(op, {"source"})
     src = op.find(_NC + "source")
     inline = src.find(_NC + "config") if src is not None else None
     if inline is not None:
         server.store.validate(None, _config(server, inline))
     else:
-        server.store.validate(rpc._datastore_param(op, "source"))
+        server.store.validate(rpc.datastore_param(op, "source"))
     return b"<ok/>"
 
 
@@ -219,19 +219,7 @@ def _error_path(store: StateStore, pr: Problem) -> tuple[str, str]:
 def error_xml(store: StateStore, pr: Problem) -> str:
     """One rpc-error (RFC 6241 4.3)."""
     path, decl = _error_path(store, pr)
-    info = dict(pr.info)
-    if pr.leaf and pr.tag in rpc._BAD_ELEMENT_TAGS and "bad-element" not in info:
-        info["bad-element"] = pr.leaf
-    parts = [f"<error-type>{pr.type}</error-type><error-tag>{pr.tag}</error-tag><error-severity>error</error-severity>"]
-    if pr.app_tag:
-        parts.append(f"<error-app-tag>{escape(pr.app_tag)}</error-app-tag>")
-    if path:
-        parts.append(f"<error-path{decl}>{escape(path)}</error-path>")
-    where = f"{pr.path}/{pr.leaf}: " if pr.path and pr.leaf else (f"{pr.path}: " if pr.path else "")
-    parts.append(f'<error-message xml:lang="en">{escape(where + pr.message)}</error-message>')
-    if info:
-        parts.append("<error-info>" + "".join(f"<{k}>{escape(v)}</{k}>" for k, v in info.items()) + "</error-info>")
-    return "<rpc-error>" + "".join(parts) + "</rpc-error>"
+    return rpc_error(pr, path, decl)
 
 
 class StateAgent(Agent):
@@ -246,8 +234,7 @@ class StateAgent(Agent):
         self._serve(config, self.store, Catalog.for_modules(self.modules, common_module(), OPTIONAL_CAPABILITIES), hub)
 
     def error_reply(self, problems: list[Problem], attrs: str = "") -> bytes:
-        body = "".join(error_xml(self.store, p) for p in problems)
-        return f'<rpc-reply xmlns="{NETCONF_NS}"{attrs}>{body}</rpc-reply>'.encode()
+        return errors_reply([error_xml(self.store, p) for p in problems], attrs)
 
     def handle(self, state: rpc.SessionState, message: bytes) -> bytes:
         rec = state.record
@@ -257,7 +244,7 @@ class StateAgent(Agent):
             rec.in_bad_rpcs += 1
             rec.out_rpc_errors += 1
             return self.error_reply([Problem("malformed-message", f"malformed XML: {e}", type="rpc")])
-        attrs = rpc._attrs_of(root)
+        attrs = attrs_of(root)
         if root.tag != _NC + "rpc" or root.get("message-id") is None:
             rec.in_bad_rpcs += 1
             rec.out_rpc_errors += 1

@@ -1,6 +1,6 @@
 """Running and candidate of a state agent of any state module, over a :class:`~.stateprovider.StateProvider`.
 
-No XML here (that is :mod:`natmig.statewire`'s), no network function
+No XML here (that is :mod:`natmig.wire.state`'s), no network function
 either: the lists, keys and `unique` constraints come from the compiled
 module.  Locks, edit-config operations, commit and confirmed commit follow
 RFC 6241 as :class:`~.datastore.Datastore` does for the NAT's live table,
@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 from natmig.codec import _Errors
 from natmig.errors import CodecError, ProviderError
 from natmig.statemodel import Entry, Key, StateList, StateModule
-from natmig.statewire import Config, Wire
+from natmig.wire.state import Config, Wire
 
 from .confirmed import DEFAULT_TIMEOUT, MAX_TIMEOUT
 from .datastore import DATASTORES, DatastoreError, Problem, problems_of_codec, refuse

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError
+from ..errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, UsageError, outcome_exit
 from .inventory import Inventory, load
 from .migrate import MigrateOptions, Migration, endpoint_from_spec
 from .recover import recover
@@ -67,17 +67,14 @@ def run_migrate(args: argparse.Namespace) -> int:
     print(format_report(report), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         _write_json(args.json, report.to_json())
-    outcome = report.outcome
-    if outcome == "ok":
-        return EXIT_OK
-    print(f"natmig migrate: failed in phase {report.failed_phase}: {report.error}; traffic on {report.traffic_on}; "
-          + "; ".join(f"{n}: {s}" for n, s in report.node_state.items()), file=sys.stderr)
-    if outcome == "unchanged":
-        print("natmig migrate: nothing was changed (read back: traffic on the source, both nodes admit new sessions, "
-              "the target holds what it held)", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"natmig migrate: the state needs attention: run `{opts.recover_hint}`", file=sys.stderr)
-    return EXIT_ATTENTION
+    if report.outcome != "ok":
+        print(f"natmig migrate: failed in phase {report.failed_phase}: {report.error}; traffic on {report.traffic_on}; "
+              + "; ".join(f"{n}: {s}" for n, s in report.node_state.items()), file=sys.stderr)
+    return outcome_exit(report.outcome, "read back: traffic on the source, both nodes admit new sessions, the target holds what it held",
+                        f"run `{opts.recover_hint}`", _to_stderr)
+
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _run_state_migration(args: argparse.Namespace, inv: Inventory) -> int:
@@ -103,20 +100,13 @@ def _run_state_migration(args: argparse.Namespace, inv: Inventory) -> int:
     assert inv.switch is not None
     steering = None if inv.switch.kind == "none" else steering_from_spec(inv.switch)
     report = EngineMigration(opener("source", inv.source), opener("target", inv.target), inv.source, inv.target, opts,
-                             default_phases(steering), on_phase=progress).run()
+                             default_phases(steering), on_phase=progress, source_events=opener("source", inv.source)).run()
     print(report.text(), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         _write_json(args.json, report.to_json())
-    if report.outcome == "ok":
-        return EXIT_OK
-    if report.outcome == "unchanged":
-        print("natmig migrate: nothing was changed (read back: the source admits new entries, the target's copy was undone)", file=sys.stderr)
-        return EXIT_FAILED
-    print(f"natmig migrate: the state needs attention: the agents roll back what this migration left pending within "
-          f"{opts.confirm_timeout:g} s by themselves (persistent confirmed commits); then read both with `natmig node NAME status`",
-          file=sys.stderr)
-    return EXIT_ATTENTION
-
+    return outcome_exit(report.outcome, "read back: the source admits new entries, the target's copy was undone",
+                        f"the agents roll back what this migration left pending within {opts.confirm_timeout:g} s by themselves "
+                        "(persistent confirmed commits); then read both with `natmig node NAME status`", _to_stderr)
 
 def _run_via_controller(args: argparse.Namespace, inv: Inventory) -> int:
     """The migration asked of a controller service (its northbound), which runs it on the agents' registered sessions."""

@@ -37,7 +37,7 @@ from typing import Any, TextIO
 from .. import netns
 from ..errors import ControllerError, NatmigError
 from ..statemodel import Entry, StateList
-from ..statewire import Wire
+from ..wire.state import Wire
 from ..testbed.topology import DEFAULT_TOPOLOGY
 from .demo import AgentFleet, DemoOptions, control_plane_priority, phase_line, sigterm_interrupts, tear_down
 from .engine import EngineMigration, EngineOptions, default_phases, switch_only_phases
@@ -200,7 +200,8 @@ class FirewallDemo:
                 steering = TestbedSteering(tb)
                 mig = EngineMigration(lambda: StateNode(fleet.endpoint(src).open()), lambda: StateNode(fleet.endpoint(dst).open()),  # type: ignore[arg-type]
                                       src, dst, EngineOptions(retire=o.retire),
-                                      switch_only_phases(steering) if o.no_state else default_phases(steering), on_phase)
+                                      switch_only_phases(steering) if o.no_state else default_phases(steering), on_phase,
+                                      source_events=lambda: StateNode(fleet.endpoint(src).open()))  # type: ignore[arg-type]
                 with control_plane_priority():
                     res.migration = mig.run()
                 end = time.perf_counter()

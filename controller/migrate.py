@@ -11,7 +11,7 @@ Phases (each timed with :func:`time.perf_counter`, see :mod:`.report`):
     get-config the source, plan (the target must be idle or compatible), and
     edit-config the snapshot into the target's candidate and commit it.
     Into an idle target the source's entries are forwarded as the text it
-    sent, undecoded (see :mod:`.texttable`).
+    sent, undecoded (see :mod:`natmig.wire.nattext`).
 ``catch-up``
     Close admission on the target (a packet of an unknown session must never
     create a mapping there) and on the source (it stops creating sessions;
@@ -57,18 +57,18 @@ import queue
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Sequence, cast
 
 from .. import netns
-from ..codec import default_codec
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession, SessionKey, table_digest
+from .nodeproto import SESSIONS_AND_ADMISSION, CHUNKS, STATISTICS, TABLE_TEXT, TEXT_EDIT, BothReader, ChunkSource, Counter, Node, TableReader, TextTarget, has
 from .plan import CatchUp, CopyPlan, PlanError, Verdict, compare, expected_table, foreign_addresses, plan_copy
 from .reach import netns_hint, route_error
 from .readback import read_node
 from .report import MigrationReport, PhaseClock, PhaseTiming
 from .steering import Steering
-from .texttable import EntryStream, TextTable
+from ..wire.nattext import EntryStream, TextTable
 from .txn import Locks, already_pending, cancel_pending, confirm_admission, confirmed_admission, describe_error, missing_capabilities, nothing_pending, persist_token
 
 log = logging.getLogger(__name__)
@@ -88,34 +88,6 @@ class MigrationError(ControllerError):
             f"migration {report.source} -> {report.target} failed in phase {report.failed_phase}: {report.error}. "
             f"Traffic on {report.traffic_on}. {states}"
         )
-
-
-class Node(Protocol):
-    """What the migration needs of a NAT node's NETCONF client (see controller.netconf.NodeClient)."""
-
-    name: str
-
-    @property
-    def capabilities(self) -> list[str]: ...
-    def module_revision(self, module: str | None = None) -> str | None: ...
-    def get_sessions(self, source: str = "running") -> list[NatSession]: ...
-    # Optional: get_statistics() -> {"sessions": n, ...} (nat-statistics); without it verify re-reads the source.
-    # Optional: read_table(source) -> TableReply (netconf.TableReply); without it verify decodes get_sessions().
-    # Optional: session_chunks(source, size, pieces) -> iterator of slices; with it the copy into an idle target is streamed.
-    # Optional: edit_text(entries, target) (and read_table on the source): the copy into an idle target forwards the source's text.
-    def edit_sessions(self, sessions: Iterable[NatSession], target: str = "candidate", operation: str | None = "merge") -> None: ...
-    def delete_sessions(self, keys: Iterable[SessionKey] | None = None, target: str = "candidate") -> None: ...
-    def set_admission(self, admit: bool, target: str = "running") -> None: ...
-    def get_admission(self, source: str = "running") -> bool: ...
-    def commit(self, confirmed: bool = False, timeout: float | None = None, persist: str | None = None, persist_id: str | None = None) -> None: ...
-    def cancel_commit(self, persist_id: str | None = None) -> None: ...
-    def lock(self, target: str = "running") -> None: ...
-    def unlock(self, target: str = "running") -> None: ...
-    def discard(self) -> None: ...
-    def subscribe(self) -> Any: ...
-    def close(self) -> None: ...
-    @property
-    def connected(self) -> bool: ...
 
 
 @dataclass
@@ -340,9 +312,8 @@ class Migration:
                 fw = pool.submit(self.steering.active)
                 fe = pool.submit(self._events_node.subscribe) if self.opt.copy_state and self._events_node is not None else None
                 try:
-                    both = getattr(tgt, "get_sessions_and_admission", None)
-                    if both is not None:
-                        self._target_before, self._st.target_admission = both("running")
+                    if has(tgt, SESSIONS_AND_ADMISSION):
+                        self._target_before, self._st.target_admission = cast(BothReader, tgt).get_sessions_and_admission("running")
                     else:
                         self._target_before = tgt.get_sessions("running")
                         self._st.target_admission = tgt.get_admission()
@@ -373,12 +344,11 @@ class Migration:
         src, tgt = self._src, self._tgt
         assert src is not None and tgt is not None
         assert self._sub is not None  # subscribed in preflight, before the snapshot
-        if not self._target_before and hasattr(src, "read_table") and hasattr(tgt, "edit_text"):
-            self._copy_text(ph, src, tgt)
+        if not self._target_before and has(src, TABLE_TEXT) and has(tgt, TEXT_EDIT):
+            self._copy_text(ph, cast(TableReader, src), cast(TextTarget, tgt))
             return
-        chunks = getattr(src, "session_chunks", None)
-        if chunks is not None and not self._target_before:
-            self._copy_streamed(ph, chunks, tgt)
+        if has(src, CHUNKS) and not self._target_before:
+            self._copy_streamed(ph, cast(ChunkSource, src).session_chunks, tgt)
             return
         with ph.step("get-config"):
             self._snapshot = src.get_sessions("running")
@@ -411,17 +381,17 @@ class Migration:
         self._st.target_candidate_dirty = False
 
     def _copy_text(self, ph: Any, src: Any, tgt: Any) -> None:
-        """The copy into an idle target, the source's entries forwarded as the text it sent (see :mod:`.texttable`).
+        """The copy into an idle target, the source's entries forwarded as the text it sent (see :mod:`natmig.wire.nattext`).
 
         The source's agent sends its table while it reads it from the kernel
         (a reply in many chunks); slices of whole entries go on to the target
         as they arrive, so the source's read, the transfer and the target's
-        checks overlap (:class:`.texttable.EntryStream`).  The target's agent
+        checks overlap (:class:`natmig.wire.nattext.EntryStream`).  The target's agent
         validates every entry, and nothing reaches its running datastore
         before the commit.  A reply in another form than the codec's own is
         decoded in full instead, as the streamed copy does.
         """
-        codec = getattr(src, "codec", None) or default_codec()
+        codec = src.codec
         stream = EntryStream(codec, first=min(1000, self.opt.copy_chunk), most=self.opt.copy_chunk)
         chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         addresses: set[str] = set()
@@ -642,11 +612,11 @@ class Migration:
         slow (an earlier measurement: 17 -> 28 ms at 10k).
         """
         src, tgt = self._src, self._tgt
-        if self.opt.verify_source != "digest" or not hasattr(src, "get_statistics") or not hasattr(tgt, "get_statistics"):
+        if self.opt.verify_source != "digest" or src is None or tgt is None or not has(src, STATISTICS) or not has(tgt, STATISTICS):
             return
         self._digest_pool = ThreadPoolExecutor(2)
-        self._source_digest = self._digest_pool.submit(src.get_statistics)  # type: ignore[union-attr]
-        self._target_digest = self._digest_pool.submit(tgt.get_statistics)  # type: ignore[union-attr]
+        self._source_digest = self._digest_pool.submit(cast(Counter, src).get_statistics)
+        self._target_digest = self._digest_pool.submit(cast(Counter, tgt).get_statistics)
         self._digest_pool.shutdown(wait=False)
 
     def _freeze(self, src: Node) -> None:
@@ -664,14 +634,15 @@ class Migration:
         # bundle cannot; across several switches the steering undoes its
         # steps) the rollback still points back.
         self._st.switched = True
-        self.steering.point_to(self.target.name)
+        with ph.step("flows"):
+            self.steering.point_to(self.target.name)
 
     def _verify(self, ph: Any) -> None:
         src, tgt = self._src, self._tgt
         assert src is not None and tgt is not None
-        count = getattr(src, "get_statistics", None) if self.opt.verify_source == "digest" else None
-        read_table = getattr(tgt, "read_table", None)
-        target_stats = getattr(tgt, "get_statistics", None) if count is not None else None
+        count = cast(Counter, src).get_statistics if self.opt.verify_source == "digest" and has(src, STATISTICS) else None
+        read_table = cast(TableReader, tgt).read_table if has(tgt, TABLE_TEXT) else None
+        target_stats = cast(Counter, tgt).get_statistics if count is not None and has(tgt, STATISTICS) else None
         with ph.step("digests" if target_stats is not None else "read"):
             # Of the frozen source only its digest (nat-statistics): its table
             # is the snapshot folded with the events, and an equal digest

@@ -23,13 +23,11 @@ import base64
 import binascii
 import hashlib
 import logging
-import re
 import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from operator import attrgetter
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 from xml.sax.saxutils import escape as xml_escape
 
 from lxml import etree
@@ -41,6 +39,9 @@ from ncclient import transport as nc_transport
 from ..codec import NETCONF_NS, Codec, default_codec
 from ..errors import CodecError, ControllerError
 from ..model import NatSession, SessionKey
+from ..wire import natedit
+from ..wire.natreply import TableReply, slices
+from .nodeproto import ALL_FEATURES
 from .ncpatch import RawTextRPC, SSHSession, TextRPC, install_parser, tap_next_reply
 
 log = logging.getLogger(__name__)
@@ -96,109 +97,6 @@ class AuthenticationRefused(ConnectError):
 
 class SessionLost(ControllerError):
     """The NETCONF session ended (closed, killed, or the agent went away)."""
-
-
-class TableReply:
-    """A get-config reply of the whole nat-session list, kept as text.
-
-    :meth:`holds` answers "does this table hold every one of these sessions,
-    with the same key and mapping?" from the text alone (~0.2 s at 100k
-    entries, against ~1.1 s to build and decode the tree); :meth:`sessions`
-    decodes it fully, through the codec, when the answer is not a plain yes.
-    """
-
-    #: leaves read from the text: the keys, then the mapping (the codec writes them first, in this order).
-    MAPPING = ("translated_address", "translated_port")
-
-    def __init__(self, raw: str, codec: Codec) -> None:
-        self.raw = raw
-        self.codec = codec
-        #: whether the reply was also handed out chunk by chunk as it arrived (see NodeClient.read_table)
-        self.tapped = False
-        self._decoded: list[NatSession] | None = None
-        self._found: dict[tuple[str, ...], tuple[str, ...]] | None = None
-
-    def _leaves(self) -> list[Any]:
-        by_name = {s.name: s for s in self.codec.schema.leaves}
-        return [by_name[n] for n in (*self.codec.schema.keys, *self.MAPPING)]
-
-    def _scan(self) -> dict[tuple[str, ...], tuple[str, ...]]:
-        if self._found is None:
-            # Only entries in exactly the codec's own form match; anything
-            # else is simply not found, and holds() says no (never a false yes).
-            leaves = "".join(f"<{s.name}>([^<&]*)</{s.name}>" for s in self._leaves())
-            entry = re.compile(f'<{self.codec.schema.list_name} xmlns="{re.escape(self.codec.ns)}">{leaves}')
-            k = len(self.codec.schema.keys)
-            self._found = {m[:k]: m[k:] for m in entry.findall(self.raw)}
-        return self._found
-
-    def holds(self, sessions: Iterable[NatSession]) -> bool:
-        """True when every one of ``sessions`` is in the table with the same key and mapping (False: not proven)."""
-        found = self._scan()
-        specs = self._leaves()
-        k = len(self.codec.schema.keys)
-        fields = attrgetter(*(spec.name for spec in specs))
-        texts = [spec.text for spec in specs]
-        if all(t is str for t in texts):
-            # The usual leaves (enum, addresses, ports) print with str: one map per entry.
-            for s in sessions:
-                v = tuple(map(str, fields(s)))
-                if found.get(v[:k]) != v[k:]:
-                    return False
-            return True
-        for s in sessions:
-            v = tuple(t(x) for t, x in zip(texts, fields(s)))
-            if found.get(v[:k]) != v[k:]:
-                return False
-        return True
-
-    @property
-    def size(self) -> int:
-        """Entries found in the text (meaningful after a successful :meth:`holds`)."""
-        return len(self._scan())
-
-    def sessions(self) -> list[NatSession]:
-        """The whole table, decoded and validated by the codec."""
-        if self._decoded is None:
-            from ncclient.xml_ import to_ele
-
-            data = to_ele(self.raw, huge_tree=True).find(f"{{{NETCONF_NS}}}data")
-            self._decoded = self.codec.decode_xml(data) if data is not None else []
-        return self._decoded
-
-
-def _slices(reply: "TableReply", size: int, pieces: int = 1) -> Iterator[list[NatSession]]:
-    """The entries of a get-config reply's text, decoded by the codec at most ``size`` at a time (see NodeClient.session_chunks)."""
-    raw, codec = reply.raw, reply.codec
-    start, end = raw.find("<data>"), raw.rfind("</data>")
-    close = f"</{codec.schema.list_name}>"
-    if pieces > 1:
-        size = max(1, min(size, -(-raw.count(close) // pieces)))
-    done = 0
-    if 0 <= start < end:
-        pos = start + len("<data>")
-        try:
-            while pos < end:
-                cut = pos
-                for _ in range(size):
-                    i = raw.find(close, cut, end)
-                    if i < 0:
-                        cut = end
-                        break
-                    cut = i + len(close)
-                # Each slice is a document of its own, decoded and validated by
-                # the codec; an entry the slice would cut wrongly fails there.
-                part = codec.decode_xml(f'<data xmlns="{NETCONF_NS}">{raw[pos:cut]}</data>')
-                pos = cut
-                done += len(part)
-                if part:
-                    yield part
-            return
-        except CodecError:
-            pass  # not a plain sequence of entries: decode the whole reply below
-    rest = reply.sessions()[done:]
-    for i in range(0, len(rest), size):
-        yield rest[i:i + size]
 
 
 #: The host name a call-home session is checked under (see :meth:`NodeClient.accept`).
@@ -279,6 +177,9 @@ class Subscription:
 
 class NodeClient:
     """A NETCONF session with one NAT node's agent; use :meth:`connect`."""
+
+    #: every optional feature the NAT migration can use (controller/nodeproto.py)
+    features: ClassVar[frozenset[str]] = ALL_FEATURES
 
     def __init__(self, mgr: Any, codec: Codec | None = None, name: str = "") -> None:
         self._mgr = mgr
@@ -540,7 +441,7 @@ class NodeClient:
         ns = self.codec.ns
         name = self.codec.schema.list_name
         body = f'<get-config><source><{source}/></source><filter type="subtree"><{name} xmlns="{ns}"/></filter></get-config>'
-        return _slices(TableReply(self._call("get-config", self._mgr.execute, RawTextRPC, body)._raw, self.codec), size, pieces)
+        return slices(TableReply(self._call("get-config", self._mgr.execute, RawTextRPC, body)._raw, self.codec), size, pieces)
 
     def get_sessions_and_admission(self, source: str = "running") -> tuple[list[NatSession], bool]:
         """The nat-session table and nat-control/admit-new-sessions of ``source``, in one get-config."""
@@ -598,20 +499,18 @@ class NodeClient:
         The agent applies the whole request or nothing; a refusal raises
         :class:`NetconfError` naming the offending entries.
         """
-        if operation is not None and operation not in EDIT_OPERATIONS:
-            raise ControllerError(f"edit_sessions: operation {operation!r} is not one of {', '.join(EDIT_OPERATIONS)}")
-        body = self.codec.encode_xml(sessions, root=None).decode()
-        if operation is not None:
-            tag = f"<{self.codec.schema.list_name} "
-            body = body.replace(tag, f'{tag}xmlns:nc="{NETCONF_NS}" nc:operation="{operation}" ')
-        self._edit(f'<config xmlns="{NETCONF_NS}">{body}</config>', target, default_operation, test_option, error_option)
+        try:
+            body = natedit.sessions(self.codec, sessions, operation)
+        except CodecError as e:
+            raise ControllerError(f"edit_sessions: {e}") from e
+        self._edit(natedit.config(body), target, default_operation, test_option, error_option)
 
     def edit_text(self, entries: str, target: str = "candidate") -> None:
-        """edit-config (merge) of list entries given as XML text, each carrying its namespace (see :mod:`.texttable`).
+        """edit-config (merge) of list entries given as XML text, each carrying its namespace (see :mod:`natmig.wire.nattext`).
 
         The agent validates every entry, as for :meth:`edit_sessions`; nothing is decoded here.
         """
-        self._edit(f'<config xmlns="{NETCONF_NS}">{entries}</config>', target)
+        self._edit(natedit.config(entries), target)
 
     def _edit(self, config: str, target: str, default_operation: str | None = None, test_option: str | None = None, error_option: str | None = None) -> None:
         if target not in ("running", "candidate"):
@@ -630,51 +529,30 @@ class NodeClient:
         delete and remove; e.g. a catch-up that creates some sessions and
         deletes others in one step.
         """
-        name = self.codec.schema.list_name
-        ns = self.codec.ns
-        parts = []
-        for op, item in changes:
-            if op not in EDIT_OPERATIONS:
-                raise ControllerError(f"edit_mixed: operation {op!r} is not one of {', '.join(EDIT_OPERATIONS)}")
-            if isinstance(item, NatSession):
-                inner = self.codec.encode_xml([item], root=None).decode()
-                inner = inner[inner.index(">") + 1 : inner.rindex("<")]
-            else:
-                inner = "".join(f"<{k}>{v}</{k}>" for k, v in zip(self.codec.schema.keys, item))
-            parts.append(f'<{name} xmlns="{ns}" xmlns:nc="{NETCONF_NS}" nc:operation="{op}">{inner}</{name}>')
-        if parts:
-            self._edit(f'<config xmlns="{NETCONF_NS}">{"".join(parts)}</config>', target)
+        try:
+            body = natedit.mixed(self.codec, changes)
+        except CodecError as e:
+            raise ControllerError(f"edit_mixed: {e}") from e
+        if body:
+            self._edit(natedit.config(body), target)
 
     def replace_table(self, sessions: Iterable[NatSession], target: str = "candidate") -> None:
         """Make ``target`` hold exactly ``sessions`` (default-operation replace of the whole list)."""
-        body = self.codec.encode_xml(sessions, root=None).decode()
+        body = natedit.sessions(self.codec, sessions)
         if not body:
             self.delete_sessions(None, target=target)
             return
-        self._edit(f'<config xmlns="{NETCONF_NS}">{body}</config>', target, default_operation="replace")
+        self._edit(natedit.config(body), target, default_operation="replace")
 
     def delete_sessions(self, keys: Iterable[SessionKey] | None = None, target: str = "candidate") -> None:
         """Remove entries by key (missing ones ignored: nc:operation remove), or every entry when None."""
-        name = self.codec.schema.list_name
-        ns = self.codec.ns
-        if keys is None:
-            body = f'<{name} xmlns="{ns}" xmlns:nc="{NETCONF_NS}" nc:operation="remove"/>'
-        else:
-            body = "".join(
-                f'<{name} xmlns="{ns}" xmlns:nc="{NETCONF_NS}" nc:operation="remove">'
-                + "".join(f"<{k}>{v}</{k}>" for k, v in zip(self.codec.schema.keys, key))
-                + f"</{name}>"
-                for key in keys
-            )
-            if not body:
-                return
-        self._edit(f'<config xmlns="{NETCONF_NS}">{body}</config>', target)
+        body = natedit.removals(self.codec, keys)
+        if body:
+            self._edit(natedit.config(body), target)
 
     def set_admission(self, admit: bool, target: str = "running") -> None:
         """Set nat-control/admit-new-sessions (False: the node drops packets of unknown sessions)."""
-        name = self.codec.schema.control_name
-        body = f'<{name} xmlns="{self.codec.ns}"><admit-new-sessions>{"true" if admit else "false"}</admit-new-sessions></{name}>'
-        self._edit(f'<config xmlns="{NETCONF_NS}">{body}</config>', target)
+        self._edit(natedit.config(natedit.admission(self.codec, admit)), target)
 
     def commit(self, confirmed: bool = False, timeout: float | None = None, persist: str | None = None, persist_id: str | None = None) -> None:
         """Apply the candidate to running (all or nothing).
@@ -756,6 +634,13 @@ class NodeClient:
             if not self._subscribed:
                 self._call("create-subscription", self._mgr.create_subscription, filter=flt)
                 self._subscribed = True
+
+    def drop_notifications(self) -> int:
+        """Discard the notifications received so far; how many."""
+        n = 0
+        while self._mgr.take_notification(block=False) is not None:
+            n += 1
+        return n
 
     def take_notification(self, timeout: float | None = None) -> Any:
         """The next notification's element, or None when ``timeout`` passes first (0: only what has arrived; None: wait)."""

@@ -25,6 +25,7 @@ from ..agent.notifications import Fanout
 from ..agent.server import Agent, AgentConfig
 from ..codec import NETCONF_NS
 from ..schema import YANG_DIR
+from ..wire.reply import attrs_of, errors_reply, rpc_error
 from .enginereport import EngineReport
 from .registry import AgentEntry
 
@@ -175,14 +176,7 @@ class Northbound(Agent):
         self.hub.send(body.encode(), (NS, name))
 
     def error_reply(self, problems: list[Problem], attrs: str = "") -> bytes:
-        body = "".join(
-            f"<rpc-error><error-type>{p.type}</error-type><error-tag>{p.tag}</error-tag><error-severity>error</error-severity>"
-            + (f"<error-app-tag>{escape(p.app_tag)}</error-app-tag>" if p.app_tag else "")
-            + f'<error-message xml:lang="en">{escape(p.message)}</error-message>'
-            + ("<error-info>" + "".join(f"<{k}>{escape(v)}</{k}>" for k, v in p.info.items()) + "</error-info>" if p.info else "")
-            + "</rpc-error>"
-            for p in problems)
-        return f'<rpc-reply xmlns="{NETCONF_NS}"{attrs}>{body}</rpc-reply>'.encode()
+        return errors_reply([rpc_error(p) for p in problems], attrs)
 
     def handle(self, state: rpc.SessionState, message: bytes) -> bytes:
         rec = state.record
@@ -191,7 +185,7 @@ class Northbound(Agent):
         except etree.XMLSyntaxError as e:
             rec.in_bad_rpcs += 1
             return self.error_reply([Problem("malformed-message", f"malformed XML: {e}", type="rpc")])
-        attrs = rpc._attrs_of(root)
+        attrs = attrs_of(root)
         if root.tag != _NC + "rpc" or root.get("message-id") is None:
             rec.in_bad_rpcs += 1
             return self.error_reply([Problem("malformed-message", "expected <rpc> with a message-id", type="rpc")], attrs)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import NatmigError
+from .nodeproto import STATISTICS, has
 from .txn import describe_error
 
 
@@ -40,8 +41,7 @@ def read_node(name: str, role: str, node: Any, unreachable: str = "unreachable")
     try:
         admits = node.get_admission()
         # nat-statistics counts without shipping the table; a node without it is read whole.
-        stats = getattr(node, "get_statistics", None)
-        count = int(stats()["sessions"]) if stats is not None else len(node.get_sessions("running"))
+        count = int(node.get_statistics()["sessions"]) if has(node, STATISTICS) else len(node.get_sessions("running"))
         return NodeView(name, role, True, admits, count)
     except NatmigError as e:
         return NodeView(name, role, error=f"could not be read ({describe_error(e)})")

@@ -127,6 +127,12 @@ class Registry:
             if not node.connected:
                 raise ControllerError("its session closed")
             tables, admission = node.statistics(), node.admission()
+            with self._mutex:
+                # A session a migration subscribed stays so (RFC 5277 has no unsubscribe): between
+                # migrations nobody reads its events, and a busy function's would pile up here.
+                # Under the mutex, so never once a migration has taken the session (take()).
+                if not e.busy:
+                    node.forget_changes()
         except Exception as ex:  # noqa: BLE001 - any failure to read means down
             with self._mutex:
                 was_up, e.up, e.error = e.up, False, str(ex).splitlines()[0] if str(ex) else type(ex).__name__

@@ -9,7 +9,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from .. import netns
-from ..errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, ControllerError
+from ..errors import ControllerError, outcome_exit
 from .inventory import Inventory
 from .netconf import NodeClient
 from .northbound import NS
@@ -55,11 +55,6 @@ def migrate_via(args: argparse.Namespace, inv: Inventory) -> int:
             sys.stdout.write(text + "\n")
         else:
             Path(args.json).write_text(text)
-    if outcome == "ok":
-        return EXIT_OK
-    if outcome == "unchanged":
-        print("natmig migrate: nothing was changed (the controller read both agents back as they were)", file=sys.stderr)
-        return EXIT_FAILED
-    print("natmig migrate: the state needs attention: the agents roll back what this migration left pending by themselves "
-          "(persistent confirmed commits); the controller's recover RPC cancels it at once", file=sys.stderr)
-    return EXIT_ATTENTION
+    return outcome_exit(outcome, "the controller read both agents back as they were",
+                        "the agents roll back what this migration left pending by themselves (persistent confirmed commits); "
+                        "the controller's recover RPC cancels it at once", lambda line: print(line, file=sys.stderr))

@@ -14,7 +14,7 @@ from typing import Iterable
 
 from ..errors import CodecError, ControllerError, SchemaError
 from ..statemodel import COMMON_MODULE, COMMON_NS, Entry, Key, StateList, StateModule, compile_fetched
-from ..statewire import CHANGE, CONTROL, STATISTICS, Wire, read_admission, read_statistics
+from ..wire.state import CHANGE, CONTROL, STATISTICS, Wire, read_admission, read_statistics
 from .netconf import NOTIFICATION_CAPABILITY, NodeClient
 
 YANG_LIBRARY_NS = "urn:ietf:params:xml:ns:yang:ietf-yang-library"
@@ -117,6 +117,10 @@ class StateNode:
         self.modules, self.content_id = modules, content_id
         return modules
 
+    def adopt(self, other: "StateNode") -> None:
+        """Take what ``other`` discovered (another session to the same agent: no second get-schema and compile)."""
+        self.announced, self.modules, self.content_id = other.announced, other.modules, other.content_id
+
     @property
     def lists(self) -> list[StateList]:
         """Every state list of every state module, in module then schema order."""
@@ -151,8 +155,18 @@ class StateNode:
         return any(c.startswith(NOTIFICATION_CAPABILITY) for c in self.capabilities)
 
     def subscribe(self) -> None:
-        """Start receiving state-change notifications on this session (only those: a filter selects them)."""
+        """Follow state-change notifications on this session from now on (a filter selects only those).
+
+        A session kept open (a controller service's) stays subscribed after a
+        migration, and what arrived since is dropped here: every such change
+        happened before this call, so the read that follows it contains it.
+        """
         self.client.create_subscription((COMMON_NS, CHANGE))
+        self.client.drop_notifications()
+
+    def forget_changes(self) -> int:
+        """Drop the state-change notifications queued on an idle session (a kept session must not grow); how many."""
+        return self.client.drop_notifications()
 
     def changes(self, timeout: float = 0) -> list[tuple[StateList, str, Entry]]:
         """state-change notifications received so far, oldest first (waiting up to ``timeout`` for the first):

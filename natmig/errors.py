@@ -8,6 +8,7 @@ that cares about the layer catches the subclass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 # Exit statuses of the `natmig` command (docs/cli.md).  Scripts branch on
 # them, so each says what an operator must do next, not which code failed.
@@ -32,6 +33,24 @@ EXIT_STATUSES: tuple[tuple[int, str], ...] = (
     (EXIT_INTERNAL, "internal error (a bug: run again with -vv for the traceback)"),
     (EXIT_INTERRUPTED, "interrupted"),
 )
+
+#: a migration's outcome (read back from the nodes) -> the exit status it ends `natmig migrate` with
+OUTCOME_EXIT = {"ok": EXIT_OK, "unchanged": EXIT_FAILED, "attention": EXIT_ATTENTION}
+
+
+def outcome_exit(outcome: str, unchanged: str, attention: str, say: Callable[[str], None]) -> int:
+    """The exit status of a migration's ``outcome``, after telling the user what it means (``say``).
+
+    ``unchanged`` and ``attention`` are what to read back or run next, which
+    differs by how the migration ran (one-shot NAT, generic engine, through
+    a controller service); an unknown outcome counts as needing attention.
+    """
+    code = OUTCOME_EXIT.get(outcome, EXIT_ATTENTION)
+    if code == EXIT_FAILED:
+        say(f"natmig migrate: nothing was changed ({unchanged})")
+    elif code == EXIT_ATTENTION:
+        say(f"natmig migrate: the state needs attention: {attention}")
+    return code
 
 
 class NatmigError(Exception):

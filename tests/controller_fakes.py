@@ -8,7 +8,7 @@ notifications fed by the provider's own change stream.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, ClassVar, Iterable
 
 from natmig.agent.provider import MemoryProvider
 from natmig.controller.netconf import NetconfError, RpcErrorInfo, SessionLost
@@ -49,6 +49,9 @@ class FakeSubscription:
 @dataclass
 class FakeNode:
     """A NodeClient look-alike over a MemoryProvider; ``fail`` maps an operation name to an error to raise."""
+
+    #: none of the optional features (controller/nodeproto.py): the migration's plainest paths
+    features: ClassVar[frozenset[str]] = frozenset()
 
     name: str
     provider: MemoryProvider

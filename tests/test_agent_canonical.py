@@ -1,6 +1,6 @@
 """The canonical reader of edit-config entries must agree with lxml on every document.
 
-``rpc._parse_canonical`` reads entries written exactly as the codec writes
+``natread.parse_canonical`` reads entries written exactly as the codec writes
 them without building elements; anything else must fall back to the general
 path.  Each test sends the same message to two agents, one with the
 canonical reader and one without, and requires the same reply and the same
@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from natmig.agent import rpc
+from natmig.wire import natread, natwrite
 from natmig.agent.datastore import Datastore
 from natmig.agent.nacm import OPEN
 from natmig.agent.monitoring import Catalog, SessionRecord
@@ -54,9 +55,9 @@ class Agent:
 
 def _send(monkeypatch: pytest.MonkeyPatch, message: bytes, canonical: bool, stream: bool, table: list[NatSession]) -> tuple[bytes, object]:
     with monkeypatch.context() as m:
-        m.setattr(rpc, "CANONICAL_THRESHOLD", 0 if canonical else OFF)
-        m.setattr(rpc, "STREAM_THRESHOLD", 200 if stream else OFF)
-        m.setattr(rpc._Batches, "SIZE", 3)
+        m.setattr(natread, "CANONICAL_THRESHOLD", 0 if canonical else OFF)
+        m.setattr(natread, "STREAM_THRESHOLD", 200 if stream else OFF)
+        m.setattr(natread.Batches, "SIZE", 3)
         agent = Agent({s.translated_address for s in table} | {"203.0.113.1"})
         sess = rpc.SessionState(SessionRecord(1, "natmig", "127.0.0.1", 0.0))
         reply = rpc.handle_message(agent, sess, message)
@@ -102,7 +103,7 @@ def table_of(n: int, start: int = 0) -> list[NatSession]:
 
 
 def fast_entries(message: bytes):
-    got = rpc._parse_canonical(CODEC, message)
+    got = natread.parse_canonical(CODEC, message)
     return None if got is None else got[1].req.entries
 
 
@@ -124,17 +125,17 @@ def test_canonical_documents_take_the_fast_path_and_agree(monkeypatch: pytest.Mo
     fast = fast_entries(msg)
     assert fast is not None, msg[:500]
     with monkeypatch.context() as m:
-        m.setattr(rpc, "CANONICAL_THRESHOLD", OFF)
-        root, _ = rpc.parse_message(CODEC, msg)
+        m.setattr(natread, "CANONICAL_THRESHOLD", OFF)
+        root, _ = natread.parse_message(CODEC, msg)
     config = root.find(f"{{{NETCONF_NS}}}edit-config/{{{NETCONF_NS}}}config")
-    assert fast == rpc._edit_request(CODEC, config).entries
+    assert fast == natread.edit_request(CODEC, config).entries
     same_outcome(monkeypatch, msg, table)
 
 
 def test_get_config_output_forwarded_as_is_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
     # What a source agent's get-config reply holds, wrapped in <config> unchanged.
     table = table_of(50)
-    inner = rpc._encode_sessions(CODEC, table, None, False).decode()
+    inner = natwrite.encode_sessions(CODEC, table, None, False).decode()
     msg = rpc_message(inner, target="running")
     entries = fast_entries(msg)
     assert entries is not None and [e.key for e in entries] == [s.key for s in table]
@@ -147,7 +148,7 @@ def test_large_request_by_parse_message(monkeypatch: pytest.MonkeyPatch) -> None
     # Big enough for several chunks of the reader and for the streaming path it replaces.
     table = table_of(9000)
     msg = rpc_message(entries_text(table, ["merge"]), head='<?xml version="1.0" encoding="UTF-8"?>\n')
-    root, batches = rpc.parse_message(CODEC, msg)
+    root, batches = natread.parse_message(CODEC, msg)
     assert batches is not None and batches.unique and len(batches.req.entries) == len(table)
     assert root.find(f"{{{NETCONF_NS}}}edit-config/{{{NETCONF_NS}}}config") is not None
     assert len(root.find(f"{{{NETCONF_NS}}}edit-config/{{{NETCONF_NS}}}config")) == 0  # the marker is gone
@@ -300,12 +301,12 @@ def test_bad_entries_are_named_as_before(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_plan_outcomes_match_for_existing_entries(monkeypatch: pytest.MonkeyPatch) -> None:
     # create of an entry that exists, delete of one that does not, merge over an existing one.
     first = table_of(4)
-    monkeypatch.setattr(rpc, "CANONICAL_THRESHOLD", 0)
+    monkeypatch.setattr(natread, "CANONICAL_THRESHOLD", 0)
     for ops in (["create"], ["delete"], ["merge"], ["replace"], ["remove"]):
         for extra in (first[:2], table_of(3, start=2)):
             # Each agent first gets `first` (by the general path), then the edit under test.
             def run(canonical: bool):
-                monkeypatch.setattr(rpc, "CANONICAL_THRESHOLD", 0 if canonical else OFF)
+                monkeypatch.setattr(natread, "CANONICAL_THRESHOLD", 0 if canonical else OFF)
                 agent = Agent({"203.0.113.1"})
                 sess = rpc.SessionState(SessionRecord(1, "natmig", "127.0.0.1", 0.0))
                 assert b"<ok/>" in rpc.handle_message(agent, sess, rpc_message(entries_text(first), target="running"))

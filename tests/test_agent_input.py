@@ -8,8 +8,9 @@ import pytest
 from lxml import etree
 
 from natmig.agent.monitoring import SessionRecord
-from natmig.agent.rpc import SessionState, handle_message, parse_message
-from natmig.agent.xmlbounds import TooManyElements
+from natmig.agent.rpc import SessionState, handle_message
+from natmig.wire.natread import parse_message
+from natmig.wire.xmlbounds import TooManyElements
 from natmig.codec import NETCONF_NS
 
 from .test_agent_rpc import NC, NS, FakeServer, call, edit, errors, srv  # noqa: F401 - srv is a fixture

@@ -205,10 +205,10 @@ def _entry(i: int, pub: int | None = None, extra: str = "") -> str:
 @pytest.fixture
 def streaming(monkeypatch: pytest.MonkeyPatch) -> None:
     # Exercise the incremental path of large requests on small ones.
-    import natmig.agent.rpc as rpc
+    from natmig.wire import natread
 
-    monkeypatch.setattr(rpc, "STREAM_THRESHOLD", 100)
-    monkeypatch.setattr(rpc._Batches, "SIZE", 3)
+    monkeypatch.setattr(natread, "STREAM_THRESHOLD", 100)
+    monkeypatch.setattr(natread.Batches, "SIZE", 3)
 
 
 def test_large_edit_is_decoded_in_batches_with_the_same_result(srv: FakeServer, streaming: None) -> None:
@@ -233,7 +233,7 @@ def test_large_edit_with_a_bad_entry_in_an_early_batch_applies_nothing(srv: Fake
 
 
 def test_fast_and_careful_decoders_agree(srv: FakeServer) -> None:
-    from natmig.agent.rpc import _fast_entries
+    from natmig.wire.natread import fast_entries as _fast_entries
 
     codec = srv.codec
     good = etree.fromstring(f'<config xmlns="{NETCONF_NS}">' + _entry(1) + _entry(2, extra="<mark>5</mark>") + "</config>")

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from natmig.agent import rpc
+from natmig.wire import natread
 from natmig.codec import NETCONF_NS, default_codec
 from natmig.model import NatSession
 
@@ -21,7 +21,7 @@ def _table(n: int) -> list[NatSession]:
 
 def test_streamed_edit_config_loses_nothing_wherever_reads_split_it(monkeypatch: pytest.MonkeyPatch) -> None:
     # The canonical reader would take these entries whole (test_agent_canonical): off, to test streaming.
-    monkeypatch.setattr(rpc, "CANONICAL_THRESHOLD", 1 << 62)
+    monkeypatch.setattr(natread, "CANONICAL_THRESHOLD", 1 << 62)
     codec = default_codec()
     table = _table(12_000)
     body = codec.encode_xml(table, root=None).decode().replace(
@@ -32,11 +32,11 @@ def test_streamed_edit_config_loses_nothing_wherever_reads_split_it(monkeypatch:
         pad = " " * rnd.randrange(1 << 20)
         msg = (f'<rpc xmlns="{NETCONF_NS}" message-id="1"><edit-config><target><candidate/></target>'
                f'<config>{pad}{body}</config></edit-config></rpc>').encode()
-        assert len(msg) > rpc.STREAM_THRESHOLD  # the streaming path is the one under test
-        root, batches = rpc.parse_message(codec, msg)
+        assert len(msg) > natread.STREAM_THRESHOLD  # the streaming path is the one under test
+        root, batches = natread.parse_message(codec, msg)
         assert batches is not None and not batches.problems
         config = root.find(f"{{{NETCONF_NS}}}edit-config/{{{NETCONF_NS}}}config")
-        rest = rpc._fast_entries(codec, config)
+        rest = natread.fast_entries(codec, config)
         assert rest is not None
         got = {e.key: e.values for e in [*batches.req.entries, *rest]}
         assert len(got) == len(table) == len(batches.req.entries) + len(rest)
@@ -54,7 +54,7 @@ def test_canonical_reader_takes_the_same_message_whole() -> None:
         "<nat-session ", f'<nat-session xmlns:nc="{NETCONF_NS}" nc:operation="merge" ')
     msg = (f'<rpc xmlns="{NETCONF_NS}" message-id="1"><edit-config><target><candidate/></target>'
            f'<config>{" " * 5000}{body}</config></edit-config></rpc>').encode()
-    root, batches = rpc.parse_message(codec, msg)
+    root, batches = natread.parse_message(codec, msg)
     assert batches is not None and batches.unique and not batches.problems
     config = root.find(f"{{{NETCONF_NS}}}edit-config/{{{NETCONF_NS}}}config")
     assert len(config) == 0  # every entry was read apart from the tree

@@ -10,7 +10,9 @@ import pytest
 from natmig.agent.provider import MemoryProvider
 from natmig.controller.migrate import Endpoint, MigrateOptions, Migration, MigrationError, migrate
 from natmig.codec import NETCONF_NS, default_codec
-from natmig.controller.netconf import ConnectError, HostKeyError, TableReply
+from natmig.controller.netconf import ConnectError, HostKeyError
+from natmig.controller.nodeproto import ALL_FEATURES, CHUNKS, SESSIONS_AND_ADMISSION, STATISTICS, TABLE_TEXT
+from natmig.wire.natreply import TableReply
 from natmig.errors import ControllerError
 from natmig.model import table_digest
 
@@ -262,7 +264,10 @@ def test_copy_goes_in_chunks_into_the_candidate_and_one_commit():
 
 
 class CountingNode(FakeNode):
-    """A node that also answers nat-statistics (as the real client's get_statistics does)."""
+    """A node that also answers nat-statistics (as the real client's get_statistics does), and reads as NodeClient does."""
+
+    features = frozenset({STATISTICS, CHUNKS, SESSIONS_AND_ADMISSION, TABLE_TEXT})
+    codec = default_codec()
 
     def get_statistics(self) -> dict[str, object]:
         self._enter("get-statistics")
@@ -486,6 +491,8 @@ def test_streamed_copy_whose_plan_fails_commits_nothing():
 class TextNode(CountingNode):
     """A node that also takes entries as XML text (as NodeClient.edit_text does), decoding them as an agent would."""
 
+    features = ALL_FEATURES
+
     def edit_text(self, entries: str, target: str = "candidate") -> None:
         from lxml import etree
 
@@ -518,6 +525,19 @@ def test_copy_into_an_idle_target_forwards_the_sources_text_and_is_verified_by_b
     assert keys_map(tgt) == before and r.copied == 90 and r.verified == 90
     assert r.source_check == r.target_check == "digest"
     assert "edit-config" in r.phases[1].steps and "decode+edit-config" not in r.phases[1].steps
+
+
+def test_the_strategy_follows_what_a_node_declares_not_the_methods_it_happens_to_have():
+    class Undeclared(TextNode):
+        features = frozenset()  # every method is there, no feature declared
+
+    src = Undeclared("nat1", MemoryProvider(table={s.key: s for s in sessions(30)}))
+    tgt = Undeclared("nat2", MemoryProvider())
+    r = run(src, tgt, FakeSteering("nat1"), retire="keep", copy_chunk=20)
+    assert r.ok, r.error
+    assert "edit-text" not in tgt.calls and "decode+edit-config" not in r.phases[1].steps
+    assert r.source_check != "digest"  # no nat-statistics declared: verify read the table
+    assert keys_map(tgt) == keys_map(src) and r.copied == 30
 
 
 def test_forwarded_text_carries_handshake_states_as_read():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from natmig.codec import NETCONF_NS, default_codec
-from natmig.controller.netconf import TableReply
+from natmig.wire.natreply import TableReply
 
 from .controller_fakes import sessions
 
@@ -76,7 +76,7 @@ def test_a_reply_kept_as_text_still_surfaces_its_rpc_error():
 
 import pytest  # noqa: E402
 
-from natmig.controller.netconf import _slices  # noqa: E402
+from natmig.wire.natreply import slices as _slices  # noqa: E402
 from natmig.errors import CodecError  # noqa: E402
 
 

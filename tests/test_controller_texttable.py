@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natmig.codec import NETCONF_NS, default_codec
-from natmig.controller.texttable import GROWTH, EntryStream, TextTable
+from natmig.wire.nattext import GROWTH, EntryStream, TextTable
 
 from .controller_fakes import sessions
 

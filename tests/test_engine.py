@@ -24,7 +24,7 @@ from natmig.controller.engine import (CatchUp, Context, Copy, EngineMigration, E
 from natmig.controller.netconf import NodeClient
 from natmig.controller.statenode import StateNode
 from natmig.statemodel import load_module
-from natmig.statewire import Wire
+from natmig.wire.state import Wire
 
 from .test_statemodel import LB, binding
 
@@ -347,6 +347,65 @@ def test_changes_of_the_frozen_source_after_the_read_reach_the_target(pair: tupl
         n.discover()
         keys = {n.lists[1].key_of(e) for e in n.read(n.lists[1])}
     assert ("192.0.2.250", 9) in keys and len(keys) == 28
+
+
+def test_events_followed_on_a_session_of_their_own_which_is_closed_once_caught_up(pair: tuple[Served, Served]) -> None:
+    # A session subscribed stays subscribed: on the migration's own, the retire's deletions
+    # would all stream back to the controller ahead of the unlock's reply.
+    a, b = pair
+    a.load(*entries(30))
+    opened: list[StateNode] = []
+
+    def events() -> StateNode:
+        opened.append(a.node())
+        return opened[-1]
+
+    class Closed(Phase):
+        name = "closed"
+
+        def run(self, ctx: Context) -> str:
+            assert ctx.events is None and len(opened) == 1 and not opened[0].connected and ctx.source.connected
+            return "the event session is closed"
+
+    phases = [Preflight(), Freeze(), Copy(WholeLists()), _Traffic(a), CatchUp(), Closed(), Verify(), NoSwitch(), Finish()]
+    r = EngineMigration(a.node, b.node, a.name, b.name, EngineOptions(), phases, source_events=events).run()  # type: ignore[arg-type]
+    assert r.ok, r.text()
+    assert "4 changes from events" in next(p for p in r.phases if p.name == "catch-up").detail
+    assert r.readback["lb2"].tables["lb-binding:binding"][0] == 28
+
+
+def test_a_kept_session_migrated_from_again_drops_what_queued_since_and_the_registry_keeps_it_empty(pair: tuple[Served, Served]) -> None:
+    # A controller service keeps one session per agent: the first migration leaves it subscribed.
+    from natmig.controller.registry import AgentEntry, Registry
+
+    a, b = pair
+    a.load(*entries(20))
+    na, nb = a.node(), b.node()
+    try:
+        keep = {"close_nodes": False}
+        r = EngineMigration(lambda: na, lambda: nb, "lb1", "lb2", EngineOptions(retire="delete"), **keep).run()  # type: ignore[arg-type]
+        assert r.ok, r.text()
+        r = EngineMigration(lambda: nb, lambda: na, "lb2", "lb1", EngineOptions(retire="delete"), **keep).run()  # type: ignore[arg-type]
+        assert r.ok, r.text()
+        # lb1's session has been subscribed since the first move; 30 changes queue on it while idle.
+        a.load(*entries(30, base=100))
+        deadline = time.monotonic() + 5
+        while na.client._mgr._session._notification_q.qsize() < 30 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.02)
+        reg = Registry(keepalive=3600)
+        try:
+            entry = AgentEntry("lb1", "", True, 0, 0, [], node=na)
+            reg._check(entry)  # what its keepalive does to an idle agent
+        finally:
+            reg._stop.set()
+        assert na.changes() == []  # dropped, not piled up for the next migration
+        r = EngineMigration(lambda: na, lambda: nb, "lb1", "lb2", EngineOptions(retire="delete"), **keep).run()  # type: ignore[arg-type]
+        assert r.ok, r.text()
+        assert "0 changes from events" in next(p for p in r.phases if p.name == "catch-up").detail
+        assert r.readback["lb2"].tables["lb-binding:binding"][0] == 50
+    finally:
+        na.close()
+        nb.close()
 
 
 class FakeSteering:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _imports(path: Path) -> set[str]:
     """Every module a source file imports, relative imports resolved against its installed package."""
-    pkg = {"natmig": "natmig", "agent": "natmig.agent", "controller": "natmig.controller", "testbed": "natmig.testbed"}[path.parent.name]
+    pkg = {"natmig": "natmig", "wire": "natmig.wire", "agent": "natmig.agent", "controller": "natmig.controller", "testbed": "natmig.testbed"}[path.parent.name]
     out: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
@@ -60,14 +60,14 @@ def test_relative_imports_are_resolved() -> None:
 
 def test_only_natmig_netns_enters_a_namespace():
     # No other source file opens /run/netns/<name> or calls setns(2): one helper, one error type.
-    offenders = [str(p.relative_to(ROOT)) for d in ("natmig", "agent", "controller", "testbed") for p in sorted((ROOT / d).glob("*.py"))
+    offenders = [str(p.relative_to(ROOT)) for d in ("natmig", "natmig/wire", "agent", "controller", "testbed") for p in sorted((ROOT / d).glob("*.py"))
                  if p != ROOT / "natmig" / "netns.py" and ("/run/netns" in p.read_text() or "setns" in p.read_text())]
     assert not offenders, offenders
 
 
 #: The generic engine and what it is made of: none may know a network function.
 ENGINE = ["controller/engine.py", "controller/statenode.py", "controller/enginereport.py", "controller/registry.py",
-          "controller/callhome.py", "natmig/statemodel.py", "natmig/statewire.py"]
+          "controller/callhome.py", "natmig/statemodel.py", "natmig/wire/state.py"]
 #: Names of network functions, of their modules and of their kernel state.
 _NF = __import__("re").compile(r"(?i)(?<![a-z])(nat|nats|snat|dnat|natsession|nat_session|nat-session|nat-control|nat-statistics|"
                                r"firewall|fw|fw-state|fwnode|conntrack|ctnetlink|nftables|lb-binding)(?![a-z])")
@@ -110,3 +110,10 @@ def test_the_check_finds_a_network_function_name(tmp_path: Path) -> None:
     # The check above must be able to fail: the NAT's own migration is full of such names.
     words = {w for s in _identifiers_and_strings(ROOT / "controller" / "migrate.py") for w in __import__("re").split(r"[^A-Za-z-]+|_|\.", s) if w}
     assert any(_NF.fullmatch(w) for w in words)
+
+
+def test_the_wire_layer_imports_neither_side() -> None:
+    # Both the agent and the controller read and write through natmig/wire: it may know neither.
+    offenders = {f"{p.name}: {m}" for p in sorted((ROOT / "natmig" / "wire").glob("*.py"))
+                 for m in _imports(p) if m.startswith(("natmig.agent", "natmig.controller", "natmig.testbed"))}
+    assert not offenders, sorted(offenders)

@@ -66,3 +66,16 @@ def test_a_controller_cut_off_before_confirming_the_copy_needs_attention() -> No
     r = Migration(Endpoint("nat1", open_src), Endpoint("nat2", open_tgt), sw, MigrateOptions()).run()
     assert not r.ok and tgt.shared["pending"] is not None
     assert r.outcome == "attention", r.node_state
+
+
+def test_each_outcome_has_one_exit_status_and_says_what_to_do_next() -> None:
+    from natmig.errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, outcome_exit
+
+    said: list[str] = []
+    assert outcome_exit("ok", "U", "A", said.append) == EXIT_OK and said == []
+    assert outcome_exit("unchanged", "read back: as before", "A", said.append) == EXIT_FAILED
+    assert said == ["natmig migrate: nothing was changed (read back: as before)"]
+    assert outcome_exit("attention", "U", "run `natmig recover`", said.append) == EXIT_ATTENTION
+    assert said[-1] == "natmig migrate: the state needs attention: run `natmig recover`"
+    # An outcome this client does not know (a newer controller's) is never taken for success.
+    assert outcome_exit("half-done", "U", "A", said.append) == EXIT_ATTENTION

@@ -1,4 +1,4 @@
-"""Any state module compiled (natmig.statemodel) and its XML (natmig.statewire): lists, keys, unique, digest, errors."""
+"""Any state module compiled (natmig.statemodel) and its XML (natmig.wire.state): lists, keys, unique, digest, errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 from natmig.errors import CodecError, SchemaError
 from natmig.model import NatSession, table_digest
 from natmig.statemodel import compile_fetched, load_module
-from natmig.statewire import Wire, read_admission, read_statistics
+from natmig.wire.state import Wire, read_admission, read_statistics
 
 ROOT = Path(__file__).resolve().parent.parent
 LB = ROOT / "examples" / "lb-binding.yang"

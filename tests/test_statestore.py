@@ -11,7 +11,7 @@ from natmig.agent.datastore import DatastoreError
 from natmig.agent.stateprovider import Change, MemoryStateProvider
 from natmig.agent.statestore import StateStore
 from natmig.statemodel import load_module
-from natmig.statewire import Config, Edit
+from natmig.wire.state import Config, Edit
 
 from .test_statemodel import LB, NC, binding, config
 

@@ -19,10 +19,10 @@ from xml.sax.saxutils import escape
 
 from lxml import etree
 
-from .codec import DEFAULT_ERROR_LIMIT, EDIT_OPERATIONS, NETCONF_NS, _Errors
-from .errors import CodecError, FieldError
-from .schema import LeafValueError
-from .statemodel import COMMON_NS, Entry, Key, StateList
+from ..codec import DEFAULT_ERROR_LIMIT, EDIT_OPERATIONS, NETCONF_NS, _Errors
+from ..errors import CodecError, FieldError
+from ..schema import LeafValueError
+from ..statemodel import COMMON_NS, Entry, Key, StateList
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True)
 _OP = f"{{{NETCONF_NS}}}operation"
