@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, UsageError, outcome_exit
+from ..errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, outcome_exit
 from .inventory import Inventory, load
 from .migrate import MigrateOptions, Migration, endpoint_from_spec
 from .recover import recover

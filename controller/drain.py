@@ -108,6 +108,8 @@ class MoveResult:
     error: str | None = None
     started: float = 0.0
     ended: float = 0.0
+    #: the command that repairs what this move left, when it needs it
+    recover_hint: str = ""
 
     @property
     def ok(self) -> bool:
@@ -170,6 +172,8 @@ class DrainReport:
                 why = r.error or (f"failed in {rep.failed_phase}: {rep.error}" if rep is not None else "")
                 state = "; ".join(f"{n}: {s}" for n, s in rep.node_state.items()) if rep is not None else ""
                 lines.append(f"    {why}" + (f" ({state})" if state else ""))
+                if rep is None or rep.outcome == "attention":
+                    lines.append(f"    the state needs attention: run `{r.recover_hint}`")
         lines.append(f"total: {self.moved}/{len(self.results)} moved in {ms(self.seconds)} wall time")
         return "\n".join(lines)
 
@@ -215,11 +219,12 @@ class Drain:
                 self.on_phase(move, ph)
 
         try:
+            options = self.opt.for_move(move)
             report = Migration(self.endpoint(move.source), self.endpoint(move.target), self.steering(move.source),
-                               self.opt.for_move(move), phase).run()
-            result = MoveResult(move, report, None, t0, time.perf_counter())
+                               options, phase).run()
+            result = MoveResult(move, report, None, t0, time.perf_counter(), options.recover_hint)
         except Exception as e:  # noqa: BLE001 - one move's failure (even a bug) must not stop the others; it is reported
-            result = MoveResult(move, None, f"{type(e).__name__}: {e}", t0, time.perf_counter())
+            result = MoveResult(move, None, f"{type(e).__name__}: {e}", t0, time.perf_counter(), self.opt.for_move(move).recover_hint)
         if self.on_done is not None:
             self.on_done(result)
         return result
