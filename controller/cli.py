@@ -146,7 +146,10 @@ def run_drain(args: argparse.Namespace) -> int:
     print(report.text(), file=out)
     if args.json:
         _write_json(args.json, report.to_json())
-    return EXIT_OK if report.ok else EXIT_FAILED
+    if report.ok:
+        return EXIT_OK
+    # As for one migration: 1 when every failed move was read back unchanged (rolled back), 3 when one needs recover.
+    return EXIT_ATTENTION if report.attention else EXIT_FAILED
 
 
 def run_controller(args: argparse.Namespace) -> int:

@@ -154,6 +154,11 @@ class DrainReport:
         return all(r.ok for r in self.results)
 
     @property
+    def attention(self) -> bool:
+        """Some failed move's state needs `natmig recover` (read back changed, or unknown: its move raised)."""
+        return any(not r.ok and (r.report is None or r.report.outcome == "attention") for r in self.results)
+
+    @property
     def moved(self) -> int:
         """How many moves succeeded."""
         return sum(r.ok for r in self.results)

@@ -371,6 +371,7 @@ def test_a_drain_runs_each_move_as_its_own_migration_n_at_a_time_and_a_failed_on
                    on_done=lambda r: done.append(r.move.source)).run("A", "B")
     assert [r.move.source for r in report.results] == ["a1", "a2", "a3", "a4"] and sorted(done) == ["a1", "a2", "a3", "a4"]
     assert [r.ok for r in report.results] == [True, True, False, True] and report.moved == 3 and not report.ok
+    assert not report.attention  # the failed move was read back unchanged: exit 1, not 3
     assert shared["most"] == min(parallel, 4)
     failed = report.results[2]
     assert failed.report is not None and failed.report.failed_phase == "switch" and failed.report.traffic_on == "a3"
