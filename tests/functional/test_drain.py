@@ -6,8 +6,10 @@ an idle twin of each; real agents over SSH, conntrack, each machine's own
 Open vSwitch.  The drain runs through the command line, as an operator
 runs it, on the inventory the fleet writes.  The 8-instance drain, four at
 a time, takes ~40 s here (15 s of it starting 16 agents); a drain of 3
-instances with one target down shows the others move all the same; and
-on one switch (no machines) one instance moves alone with `natmig migrate`.
+instances with one target down shows the others move all the same; one
+whose target dies half-way through its switch is rolled back while the two
+others switch on the same two switches; and on one switch (no machines)
+one instance moves alone with `natmig migrate`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import pytest
 from natmig import netns
 from natmig.cli import main
 from natmig.controller.demo import AgentFleet, load_sessions, synthetic_sessions
+from natmig.controller.drain import Drain, DrainOptions, Move
+from natmig.controller.migrate import MigrateOptions
 from natmig.controller.inventory import dump_toml
 from natmig.controller.traffic import LiveTraffic, TrafficSpec
 from natmig.testbed import topology
@@ -168,3 +172,37 @@ def test_on_one_switch_one_instance_moves_alone_with_every_flow_of_every_instanc
             assert {e.split(":")[0] for f in res.flows for e in f.endpoints} == {f"203.0.113.{i}"}
         held = table(fleet, "b2")
         assert all(held.get(key) == m for key, m in moved.items())
+
+
+def test_a_move_rolled_back_mid_switch_while_others_switch_on_the_same_switches_leaves_each_instance_whole(tmp_path):
+    """Instance 2's target dies after its first ingress bundle; instances 1 and 3 move at the same time on the same two switches."""
+    with drain_bed(tmp_path, "dm", 3) as (tb, fleet):
+        died: list[str] = []
+
+        def on_step(step):
+            if step.stage == "ingress" and not died:
+                fleet.stop("b2", kill=True)
+                for ifname in ("inside0", "outside0"):
+                    tb.exec("b2", ["ip", "link", "set", ifname, "down"])
+                died.append(step.switch)
+
+        steering = {f"a{i}": tb.steering(on_step=on_step if i == 2 else None, instance=f"a{i}") for i in (1, 2, 3)}
+        moves = [Move(f"a{i}", f"b{i}", (f"inside{i}", "public")) for i in (1, 2, 3)]
+        try:
+            with live_flows(tb, tmp_path, 3) as flows:
+                time.sleep(0.5)
+                report = Drain(moves, fleet.endpoint, steering.__getitem__, DrainOptions(3, MigrateOptions(confirm_timeout=3))).run("A", "B")
+                time.sleep(2.0)
+                results = {i: f.stop() for i, f in flows.items()}
+        finally:
+            for ifname in ("inside0", "outside0"):
+                tb.exec("b2", ["ip", "link", "set", ifname, "up"])
+        assert died, "the target was never killed: the test proves nothing"
+        by = {r.move.source: r for r in report.results}
+        assert by["a1"].ok and by["a3"].ok and not by["a2"].ok, report.text()
+        assert by["a2"].report is not None and "pointed back" in by["a2"].report.node_state["a2"], report.text()
+        # Read back from both switches: 1 and 3 moved, 2 pointed back, none clobbered by another's bundles.
+        assert [tb.active_nat(f"a{i}") for i in (1, 2, 3)] == ["b1", "a2", "b3"]
+        assert tb.nat_node("a2").admission()
+        for i, res in results.items():
+            assert res.all_survived, (i, [f.why for f in res.broken()])
