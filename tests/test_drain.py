@@ -8,6 +8,7 @@ applies them, and each must end where it was sent without touching another.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import random
 import re
 import threading
@@ -65,7 +66,7 @@ def test_eight_nats_has_eight_instances_each_with_its_client_network_public_addr
         assert t.public_addresses_of(f"a{i}") == t.public_addresses_of(f"b{i}") == [f"203.0.113.{i}"]
         assert t.hosts[f"c{i}"].address in t.networks[f"inside{i}"].subnet
         assert t.active_of(f"b{i}") == f"a{i}"
-    assert all(n.subnet.subnet_of(topology.ipaddress.IPv4Network("10.0.0.0/24")) for n in t.networks.values() if n.name != "public")
+    assert all(n.subnet.subnet_of(ipaddress.IPv4Network("10.0.0.0/24")) for n in t.networks.values() if n.name != "public")
 
 
 @pytest.mark.parametrize("name", ["demo.toml", "two-hosts.toml", "firewall.toml", "pool.toml"])
