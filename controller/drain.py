@@ -219,6 +219,7 @@ class Drain:
 
     def _one(self, move: Move) -> MoveResult:
         t0 = time.perf_counter()
+
         def phase(ph: PhaseTiming) -> None:
             if self.on_phase is not None:
                 self.on_phase(move, ph)
