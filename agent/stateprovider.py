@@ -17,9 +17,10 @@ from __future__ import annotations
 import abc
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from natmig.errors import ProviderError
+from natmig.model import format_digest
 from natmig.statemodel import Entry, Key, StateList, StateModule
 
 #: list -> key -> entry
@@ -84,6 +85,19 @@ class StateProvider(abc.ABC):
     def set_admission(self, admit: bool) -> None:
         """Open or close admission of new entries."""
 
+    def unique_clashes(self, lst: StateList, plan: dict[Key, Entry | None]) -> list[tuple[Key, str]]:
+        """The entries of ``plan`` (key -> entry, None: deleted) that would break a ``unique`` of ``lst`` over running.
+
+        This reads the whole list; a provider that indexes its unique values answers in O(len(plan)).
+        """
+        table = dict(self.read_lists([lst]).get(lst, {}))
+        for k, e in plan.items():
+            if e is None:
+                table.pop(k, None)
+            else:
+                table[k] = e
+        return lst.clashes(table.values())
+
     def statistics(self) -> list[tuple[str, int, str]]:
         """(module:list, entries, digest) per list; a provider that follows its table may answer without reading it."""
         return [(lst.qname, len(t), lst.digest(t.values())) for lst, t in self.read().items()]
@@ -93,11 +107,20 @@ class StateProvider(abc.ABC):
 
 
 class MemoryStateProvider(StateProvider):
-    """Running in this process's memory: nothing else writes it, so every change comes through :meth:`apply`."""
+    """Running in this process's memory: nothing else writes it, so every change comes through :meth:`apply`.
+
+    A change of K entries costs O(K) at any table size: each list keeps an
+    index per ``unique`` constraint (values -> key) and its digest's
+    accumulator, each entry XORed in when it comes and out when it goes, so
+    state-statistics is answered without reading the table.
+    """
 
     def __init__(self, module: StateModule) -> None:
         self.module = module
         self._tables: Tables = {lst: {} for lst in module.lists}
+        #: list -> one index per unique constraint: the constraint's values -> the key holding them
+        self._unique: dict[StateList, list[dict[tuple[Any, ...], Key]]] = {lst: [{} for _ in lst.uniques] for lst in module.lists}
+        self._acc: dict[StateList, int] = {lst: 0 for lst in module.lists}
         self._admit = True
         self._mutex = threading.Lock()
 
@@ -114,26 +137,70 @@ class MemoryStateProvider(StateProvider):
             t = self._tables[lst]
             return {k: t[k] for k in keys if k in t}
 
+    def statistics(self) -> list[tuple[str, int, str]]:
+        with self._mutex:
+            return [(lst.qname, len(t), format_digest(self._acc[lst])) for lst, t in self._tables.items()]
+
     def apply(self, changes: dict[StateList, Change]) -> None:
         with self._mutex:
-            # Checked before anything is written: unique over each list as it would be.
-            after = {lst: dict(self._tables[lst]) for lst in changes}
+            # Each list's outcome for the keys it names (the last word on a key wins), checked
+            # before anything is written: unique over the list as it would be.
+            plans: dict[StateList, dict[Key, Entry | None]] = {}
+            problems: dict[tuple[StateList, Key], str] = {}
             for lst, ch in changes.items():
-                for k in ch.deletes:
-                    after[lst].pop(k, None)
+                plan: dict[Key, Entry | None] = {k: None for k in ch.deletes}
                 for e in ch.upserts:
-                    after[lst][lst.key_of(e)] = e
-            problems = {(lst, k): why for lst, t in after.items() for k, why in lst.clashes(t.values())}
+                    plan[lst.key_of(e)] = e
+                plans[lst] = plan
+                problems.update(self._clashes(lst, plan))
             if problems:
                 raise StateRefused(problems)
             events: list[tuple[StateList, str, Entry]] = []
-            for lst, t in after.items():
-                old = self._tables[lst]
-                events += [(lst, "deleted", e) for k, e in old.items() if t.get(k) != e]
-                events += [(lst, "created", e) for k, e in t.items() if old.get(k) != e]
-                self._tables[lst] = t
+            for lst, plan in plans.items():
+                table, indexes = self._tables[lst], self._unique[lst]
+                gone = [old for k, e in plan.items() if (old := table.get(k)) is not None and old != e]
+                came = [e for k, e in plan.items() if e is not None and table.get(k) != e]
+                for old in gone:
+                    del table[lst.key_of(old)]
+                    for index, idx in zip(indexes, lst.unique_idx):
+                        index.pop(tuple(old[i] for i in idx), None)
+                for e in came:
+                    k = lst.key_of(e)
+                    table[k] = e
+                    for index, idx in zip(indexes, lst.unique_idx):
+                        values = tuple(e[i] for i in idx)
+                        if None not in values:
+                            index[values] = k
+                self._acc[lst] ^= lst.digest_acc(gone) ^ lst.digest_acc(came)
+                events += [(lst, "deleted", e) for e in gone] + [(lst, "created", e) for e in came]
         for ev in events:
             self.on_change(*ev)
+
+    def unique_clashes(self, lst: StateList, plan: dict[Key, Entry | None]) -> list[tuple[Key, str]]:
+        with self._mutex:
+            return [(k, why) for (_, k), why in self._clashes(lst, plan).items()]
+
+    def _clashes(self, lst: StateList, plan: dict[Key, Entry | None]) -> dict[tuple[StateList, Key], str]:
+        """The entries of ``plan`` that would break a unique constraint of ``lst`` (plan: key -> entry, None to delete)."""
+        out: dict[tuple[StateList, Key], str] = {}
+        for names, idx, index in zip(lst.uniques, lst.unique_idx, self._unique[lst]):
+            taken: dict[tuple[Any, ...], Key] = {}  # values the plan's own entries hold
+            for k, e in plan.items():
+                if e is None:
+                    continue
+                values = tuple(e[i] for i in idx)
+                if None in values:
+                    continue  # a constraint binds only entries that have all its leaves
+                holder = taken.setdefault(values, k)
+                if holder == k:
+                    holder = index.get(values, k)
+                    if holder != k and holder in plan:
+                        # The holder is changed by this plan too: free unless its new entry keeps the values.
+                        new = plan[holder]
+                        holder = holder if new is not None and tuple(new[i] for i in idx) == values else k
+                if holder != k:
+                    out[(lst, k)] = lst.clash(names, idx, values, holder)
+        return out
 
     def admission(self) -> bool:
         return self._admit

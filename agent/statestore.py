@@ -284,7 +284,9 @@ class StateStore:
         problems = self._edits(cfg, default_operation, current, put)
         for lst in {ed.list for ed in cfg.edits if ed.list.uniques}:
             # A `unique` binds the whole list: checked over the candidate as it would be.
-            problems += _not_unique(lst, _overlay(self.provider.read_lists([lst]), {lst: delta.get(lst, {})})[lst])
+            # Of the entries this candidate changes, over running: O(changes) when the provider indexes them.
+            problems += [Problem("operation-failed", why, lst.describe(key), app_tag="data-not-unique")
+                         for key, why in self.provider.unique_clashes(lst, delta.get(lst, {}))]
         if problems:
             for lst, k, had, old in reversed(undo):
                 if had:

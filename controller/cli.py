@@ -1,4 +1,4 @@
-"""`natmig migrate` and `natmig demo`."""
+"""`natmig migrate`, `natmig drain` and `natmig demo`."""
 
 from __future__ import annotations
 
@@ -6,14 +6,17 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from ..errors import EXIT_ATTENTION, EXIT_OK, EXIT_USAGE, UsageError, outcome_exit
+from ..errors import EXIT_ATTENTION, EXIT_FAILED, EXIT_OK, EXIT_USAGE, UsageError, outcome_exit
 from .inventory import Inventory, load
 from .migrate import MigrateOptions, Migration, endpoint_from_spec
 from .recover import recover
 from .report import PhaseTiming, format_report, ms
 from .steering import steering_from_spec
+
+if TYPE_CHECKING:
+    from .drain import MoveResult
 
 
 def _migration_inventory(args: argparse.Namespace, command: str) -> Inventory | None:
@@ -59,7 +62,7 @@ def run_migrate(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"{ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}", file=sys.stderr, flush=True)
 
-    report = Migration(src, dst, steering_from_spec(inv.switch), opts, progress).run()
+    report = Migration(src, dst, steering_from_spec(inv.switch, inv.source), opts, progress).run()
     # With --json - standard output carries the JSON alone; the text goes to stderr.
     print(format_report(report), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
@@ -112,6 +115,43 @@ def _run_via_controller(args: argparse.Namespace, inv: Inventory) -> int:
     return migrate_via(args, inv)
 
 
+def run_drain(args: argparse.Namespace) -> int:
+    """Move every NAT instance on one machine to its twin on another (the agent serving the same networks), N at a time, each as its own migration."""
+    from .drain import Drain, DrainOptions, pair_moves
+
+    _check_json_path(args.json)
+    if args.parallel < 1:
+        raise UsageError(f"--parallel {args.parallel}: at least 1 move at a time")
+    if not args.inventory:
+        args.inventory = os.environ.get("NATMIG_INVENTORY")
+    if not args.inventory:
+        raise UsageError("name the inventory: --inventory FILE (or NATMIG_INVENTORY)")
+    inv = load(args.inventory, list(args.set or []))
+    if inv.switch is None or inv.switch.kind == "none":
+        raise UsageError(f"{args.inventory}: a drain moves traffic: the inventory needs a [switch] (an Open vSwitch bridge or a testbed)")
+    moves = pair_moves(inv, args.host, args.to)
+    opts = MigrateOptions(retire=args.retire or inv.retire, confirm_timeout=args.confirm_timeout)
+    hint = f"natmig recover --inventory {args.inventory} --from {{source}} --to {{target}}"
+    out = sys.stderr if args.json == "-" else sys.stdout
+    print(f"draining machine {args.host} to {args.to}: {len(moves)} NAT instance(s), {args.parallel} at a time: "
+          + ", ".join(f"{m.source} -> {m.target}" for m in moves), file=out, flush=True)
+
+    def done(r: "MoveResult") -> None:
+        if not args.quiet:
+            print(f"  {r.move.source} -> {r.move.target}: {'ok' if r.ok else 'FAILED'} ({ms(r.ended - r.started)})", file=out, flush=True)
+
+    switch = inv.switch
+    report = Drain(moves, lambda name: endpoint_from_spec(inv.agent(name, "agent")), lambda src: steering_from_spec(switch, src),
+                   DrainOptions(args.parallel, opts, hint), on_done=done).run(args.host, args.to)
+    print(report.text(), file=out)
+    if args.json:
+        _write_json(args.json, report.to_json())
+    if report.ok:
+        return EXIT_OK
+    # As for one migration: 1 when every failed move was read back unchanged (rolled back), 3 when one needs recover.
+    return EXIT_ATTENTION if report.attention else EXIT_FAILED
+
+
 def run_controller(args: argparse.Namespace) -> int:
     """Run the controller service: agents call home to it, NETCONF clients ask it for migrations."""
     from .service import run
@@ -127,7 +167,7 @@ def run_recover(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     assert inv.source is not None and inv.target is not None and inv.switch is not None
     report = recover(endpoint_from_spec(inv.agent(inv.source, "source")), endpoint_from_spec(inv.agent(inv.target, "target")),
-                     steering_from_spec(inv.switch), args.retire or inv.retire)
+                     steering_from_spec(inv.switch, inv.source), args.retire or inv.retire)
     print(report.text(), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         _write_json(args.json, report.to_json())
@@ -210,6 +250,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--controller", nargs="?", const="", metavar="HOST[:PORT]",
                    help="ask the controller service of the inventory's [controller] (at HOST[:PORT] when given) to run the migration")
     m.set_defaults(func=run_migrate)
+
+    dr = sub.add_parser("drain", help="move every NAT instance on one machine to its twin on another, N at a time",
+                        description=run_drain.__doc__)
+    dr.add_argument("--inventory", "-i", metavar="FILE", help="agents (each with its machine and networks) and switch (default $NATMIG_INVENTORY)")
+    dr.add_argument("--host", required=True, metavar="MACHINE", help="the machine to drain (agents.NAME.machine)")
+    dr.add_argument("--to", required=True, metavar="MACHINE", help="the machine whose NAT nodes take over (each the twin serving the same networks)")
+    dr.add_argument("--parallel", type=int, default=1, metavar="N", help="moves in flight at once (default 1)")
+    dr.add_argument("--retire", choices=("delete", "keep", "stop"), help="what becomes of each source (default: inventory, else delete)")
+    dr.add_argument("--confirm-timeout", type=float, default=MigrateOptions.confirm_timeout, metavar="S",
+                    help="seconds after which the agents undo by themselves what an interrupted move left pending (default %(default)g)")
+    dr.add_argument("--set", action="append", metavar="PATH=VALUE", help="override an inventory field, e.g. agents.a1.machine=A (repeatable)")
+    dr.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': standard output)")
+    dr.set_defaults(func=run_drain)
 
     c = sub.add_parser("controller", help="run the controller service that agents call home to (RFC 8071)",
                        description=run_controller.__doc__)

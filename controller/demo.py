@@ -26,11 +26,12 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from .. import children, netns, pool
-from ..errors import ControllerError, NatmigError
+from ..errors import ControllerError, NatmigError, UsageError
 from ..model import NatSession
 from ..pool import PublicRange
 from .inventory import AgentSpec, dump_toml, parse
@@ -94,6 +95,17 @@ class AgentFleet:
 
     def start(self, nat: str, timeout: float = 30.0) -> int:
         """Start ``nat``'s agent in its namespace; returns its pid once it listens."""
+        return self.start_all([nat], timeout)[nat]
+
+    def start_all(self, nats: Sequence[str], timeout: float = 60.0) -> dict[str, int]:
+        """Start the agents of ``nats`` all at once (their start-ups overlap), then wait until each listens; their pids."""
+        ready = {nat: self._spawn(nat) for nat in nats}
+        for nat, path in ready.items():
+            children.wait_ready(self.procs[nat], path, timeout, f"agent of {nat}", partial(self.log_tail, nat), ControllerError)
+        return {nat: self.procs[nat].pid for nat in nats}
+
+    def _spawn(self, nat: str) -> Path:
+        """Start ``nat``'s agent process; the file it writes once it listens."""
         ready = self.dir / f"{nat}.ready"
         ready.unlink(missing_ok=True)
         log = open(self.dir / f"{nat}-agent.log", "ab")
@@ -117,8 +129,7 @@ class AgentFleet:
                              preexec_fn=lambda: os.setpriority(os.PRIO_PROCESS, 0, self.nice))
         log.close()
         self.procs[nat] = p
-        children.wait_ready(p, ready, timeout, f"agent of {nat}", lambda: self.log_tail(nat), ControllerError)
-        return p.pid
+        return ready
 
     def log_tail(self, nat: str, n: int = 1500) -> str:
         """The end of an agent's log (for error messages)."""
@@ -153,11 +164,15 @@ class AgentFleet:
     def inventory_doc(self, source: str, target: str) -> dict[str, Any]:
         """The inventory (as a document) that `natmig migrate --inventory` takes for this testbed."""
         agents = {}
-        for nat in self.tb.topology.nats:
+        topo = self.tb.topology
+        for nat in topo.nats:
             s = self.spec(nat)
             agents[nat] = {k: v for k, v in (
                 ("host", s.host), ("port", s.port), ("username", s.username), ("key", s.key),
                 ("known_hosts", s.known_hosts), ("public_address", s.public_address), ("netns", s.netns),
+                # Where each NAT runs and which instance it is a node of: what a drain selects and pairs by.
+                ("machine", topo.nats[nat].machine or None),
+                ("networks", list(topo.nats[nat].pair) if topo.nats[nat].pair != ("inside", "public") else None),
             ) if v is not None}
         doc = {"agents": agents, "switch": {"testbed": self.tb.prefix}, "migration": {"source": source, "target": target}}
         parse(doc)  # what we write must load
@@ -393,7 +408,6 @@ class Demo:
 
         o = self.opts
         prefix = o.prefix or netns.run_prefix("nd")
-        work = Path(tempfile.mkdtemp(prefix="natmig-demo-"))
         tb = Testbed.from_file(o.topology, prefix)
         fleet: AgentFleet | None = None
         traffic: LiveTraffic | None = None
@@ -401,8 +415,13 @@ class Demo:
         result: TrafficResult | None = None
         remote: Any = None
         error = None
-        nats = list(tb.topology.nats)
-        src, dst = tb.topology.active_nat, next(n for n in nats if n != tb.topology.active_nat)
+        if len(tb.topology.pairs()) > 1:
+            raise UsageError(f"--topology {tb.topology.source}: {len(tb.topology.pairs())} NAT instances; the demo moves one "
+                             "(natmig drain moves every instance of a machine, docs/multihost.md)")
+        src = tb.topology.active_nat
+        dst = tb.topology.twins(src)[0]
+        # Made once the topology is known good: a refused one leaves nothing behind.
+        work = Path(tempfile.mkdtemp(prefix="natmig-demo-"))
         old = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             t = time.perf_counter()

@@ -39,6 +39,13 @@ the new NAT retries a second later (a 2 s gap was measured); hence the
 ``neighbour`` rules.  With one machine the table is
 :func:`~natmig.controller.plan.flow_table`'s plus those rules (a unit test
 holds them equal otherwise).
+
+Several NAT *instances* (each a pair of networks with its own active NAT,
+:attr:`Fabric.pairs`) share the switches: every steering rule belongs to
+one instance (on a public network they share, the rules match the
+instance's own public addresses, ``nw_dst``), and a move plans the rules of
+its own instance only, so moves of different instances in flight at once
+never rewrite each other's rules (docs/multihost.md).
 """
 
 from __future__ import annotations
@@ -55,9 +62,9 @@ DIRECTIONS = ("nat", "hosts")
 STAGES = ("prepare", "ingress", "retire")
 
 
-def tunnel_code(network: str, towards: str) -> int:
-    """The tunnel key (and port-number offset) of a network and direction: 1..4."""
-    return 1 + 2 * NETWORKS.index(network) + DIRECTIONS.index(towards)
+def tunnel_code(network: str, towards: str, networks: Sequence[str] = NETWORKS) -> int:
+    """The tunnel key (and port-number offset) of a network and direction: 1..4 for the two networks of one pair, 1..2n for n networks."""
+    return 1 + 2 * list(networks).index(network) + DIRECTIONS.index(towards)
 
 
 @dataclass(frozen=True)
@@ -80,13 +87,47 @@ class MachinePorts:
 
 @dataclass(frozen=True)
 class Fabric:
-    """Every machine's switch, in order, and the flow conventions they share."""
+    """Every machine's switch, in order, and the flow conventions they share.
+
+    Several NAT *instances* (docs/multihost.md) each serve their own pair of
+    networks: ``pairs`` gives each NAT's (inside, public) networks (absent:
+    the one pair ``inside``/``public``), ``networks`` every network in order
+    (their tunnel keys follow it), ``addresses`` the public addresses of each
+    pair by its inside network (what tells the instances apart on a public
+    network they share), ``gateway_macs`` each inside network's gateway MAC
+    (absent: ``gateway_mac``).  Each pair's steering rules are its own: a
+    move of one instance never rewrites another's.
+    """
 
     bridge: str
     machines: Mapping[str, MachinePorts]
     gateway_mac: str | None = None
     priority: int = 100
     cookie: int | None = None
+    pairs: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    networks: tuple[str, ...] = NETWORKS
+    addresses: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    gateway_macs: Mapping[str, str] = field(default_factory=dict)
+
+    def pair(self, nat: str) -> tuple[str, str]:
+        """The (inside, public) networks ``nat`` serves."""
+        return tuple(self.pairs.get(nat, NETWORKS))  # type: ignore[return-value]
+
+    def leg(self, nat: str, ports: NatPorts, network: str) -> int | None:
+        """The port of ``nat``'s leg on ``network`` (None: it does not join it)."""
+        inside, public = self.pair(nat)
+        return ports.inside if network == inside else ports.outside if network == public else None
+
+    def shared(self, network: str) -> bool:
+        """Whether several instances (pairs) join ``network`` (a public network they share): their traffic is told apart by address."""
+        return len({p for n in self._nats() if network in (p := self.pair(n))}) > 1
+
+    def _nats(self) -> list[str]:
+        return [n for m in self.machines.values() for n in m.nats]
+
+    def inside_mac(self, inside: str) -> str | None:
+        """The gateway MAC of an inside network (what a NAT's released packets are addressed to)."""
+        return self.gateway_macs.get(inside, self.gateway_mac)
 
     def machine_of(self, nat: str) -> str:
         """The machine a NAT runs on; :class:`PlanError` naming the known NATs otherwise."""
@@ -138,62 +179,104 @@ def _outputs(ports: Iterable[int]) -> str:
 
 
 #: Every role a rule can have (see the module's docstring).
-ROLES = frozenset({"return", "ingress", "tunnel-in", "neighbour"})
+ROLES = frozenset({"return", "ingress", "tunnel-in", "neighbour", "hub"})
 
 
-def machine_flows(fabric: Fabric, machine: str, active: str, roles: frozenset[str] = ROLES) -> list[Flow]:
-    """The rules of ``machine``'s switch with traffic through ``active`` (the drop-all rule aside), those of ``roles`` only."""
-    where = fabric.machine_of(active)
-    return _flows(fabric, machine, active, where, fabric.machines[where].nats[active], roles)
+#: What steers one pair: (the active NAT, its machine, its ports).
+_Active = tuple[str, str, NatPorts]
 
 
-def _flows(fabric: Fabric, machine: str, active: str, where: str, act: NatPorts, roles: frozenset[str]) -> list[Flow]:
-    # ``where`` and ``act`` (the active NAT's machine and ports) are given, so
-    # that planning a move looks them up once, not once per switch.
+def machine_flows(fabric: Fabric, machine: str, active: str | Iterable[str], roles: frozenset[str] = ROLES) -> list[Flow]:
+    """The rules of ``machine``'s switch with traffic through ``active`` (the drop-all rule aside), those of ``roles`` only.
+
+    ``active``: one NAT, or one per pair (a pair with none named gets no steering rules).
+    """
+    names = [active] if isinstance(active, str) else list(active)
+    return _flows(fabric, machine, _actives(fabric, names), roles)
+
+
+def _actives(fabric: Fabric, names: Iterable[str]) -> dict[tuple[str, str], _Active]:
+    out: dict[tuple[str, str], _Active] = {}
+    for nat in names:
+        where = fabric.machine_of(nat)
+        out[fabric.pair(nat)] = (nat, where, fabric.machines[where].nats[nat])
+    return out
+
+
+def _flows(fabric: Fabric, machine: str, actives: Mapping[tuple[str, str], _Active], roles: frozenset[str]) -> list[Flow]:
+    # The active NATs' machines and ports are given, so that planning a move
+    # looks them up once, not once per switch.
     m = fabric.machines[machine]
     prio = fabric.priority
     # Only the return, tunnel-in and neighbour rules have one rule per peer:
     # skipping them keeps the ingress rules of a switch O(its own ports).
     peers = [p for p in fabric.machines if p != machine] if roles - {"ingress"} else []
     out: list[Flow] = []
-    for network in NETWORKS:
+    for network in fabric.networks:
         hosts = m.local_hosts(network)
+        shared = fabric.shared(network)
+        steer = [(pair, a) for pair, a in actives.items() if network in pair]
+        legs_here = [leg for name, ports in m.nats.items() if (leg := fabric.leg(name, ports, network)) is not None]
         if "ingress" in roles:
-            towards = act.leg(network) if where == machine else m.tunnels[(where, network, "nat")]
+            for pair, (active, where, act) in steer:
+                leg = fabric.leg(active, act, network)
+                assert leg is not None
+                towards = leg if where == machine else m.tunnels[(where, network, "nat")]
+                for p in hosts:
+                    if not shared:
+                        out.append(Flow(f"priority={prio},in_port={p}", _outputs([*(q for q in hosts if q != p), towards]), "ingress"))
+                        continue
+                    # A public network several instances share: each instance's
+                    # packets are those addressed to its own public addresses.
+                    for addr in fabric.addresses.get(pair[0], ()):
+                        out.append(Flow(f"priority={prio + 1},ip,in_port={p},nw_dst={addr}", _outputs([towards]), "ingress"))
+        if shared and "hub" in roles:
             for p in hosts:
-                out.append(Flow(f"priority={prio},in_port={p}", _outputs([*(q for q in hosts if q != p), towards]), "ingress"))
+                out.append(Flow(f"priority={prio},in_port={p}", _outputs(q for q in hosts if q != p), "hub"))
         if "return" in roles:
             remote = [m.tunnels[(q, network, "hosts")] for q in peers if fabric.machines[q].local_hosts(network)]
-            for nat in m.nats.values():
-                out.append(Flow(f"priority={prio},in_port={nat.leg(network)}", _outputs([*hosts, *remote]), "return"))
+            for leg in legs_here:
+                out.append(Flow(f"priority={prio},in_port={leg}", _outputs([*hosts, *remote]), "return"))
             for q in peers:
                 out.append(Flow(f"priority={prio},in_port={m.tunnels[(q, network, 'hosts')]}", _outputs(hosts), "return"))
         if "tunnel-in" in roles:
-            legs = [act.leg(network)] if where == machine else []
+            for pair, (active, where, act) in steer:
+                legs = [leg] if where == machine and (leg := fabric.leg(active, act, network)) is not None else []
+                for q in peers:
+                    tun = m.tunnels[(q, network, "nat")]
+                    if not shared:
+                        out.append(Flow(f"priority={prio},in_port={tun}", _outputs(legs), "tunnel-in"))
+                        continue
+                    for addr in fabric.addresses.get(pair[0], ()):
+                        out.append(Flow(f"priority={prio + 1},ip,in_port={tun},nw_dst={addr}", _outputs(legs), "tunnel-in"))
+        if shared and "hub" in roles:
             for q in peers:
-                out.append(Flow(f"priority={prio},in_port={m.tunnels[(q, network, 'nat')]}", _outputs(legs), "tunnel-in"))
+                out.append(Flow(f"priority={prio},in_port={m.tunnels[(q, network, 'nat')]}", "drop", "hub"))
         if "neighbour" in roles:
             # Neighbour resolution reaches every NAT at all times: between two
             # ingress steps a host may still send to the old NAT while the new
             # one resolves it (its ARP reply would go to the old NAT and the new
             # one would wait a second to retry); so every NAT sees every host's ARP.
-            nat_machines = [q for q in peers if fabric.machines[q].nats]
-            legs_here = [nat.leg(network) for nat in m.nats.values()]
+            nat_machines = [q for q in peers if any(fabric.leg(n, ports, network) is not None for n, ports in fabric.machines[q].nats.items())]
             for p in hosts:
                 out.append(Flow(f"priority={prio + 1},arp,in_port={p}",
                                 _outputs([*(q for q in hosts if q != p), *legs_here, *(m.tunnels[(q, network, "nat")] for q in nat_machines)]), "neighbour"))
             for q in peers:
                 out.append(Flow(f"priority={prio + 1},arp,in_port={m.tunnels[(q, network, 'nat')]}", _outputs(legs_here), "neighbour"))
-    if fabric.gateway_mac is not None and "ingress" in roles:
-        # As plan.hairpin_flows: a NAT's released packets go to whichever NAT is active.
+    if "ingress" in roles:
+        # As plan.hairpin_flows: a NAT's released packets go to whichever NAT of its pair is active.
         for name in sorted(m.nats):
-            port = m.nats[name].inside
-            dest = "in_port" if name == active else (str(act.inside) if where == machine else str(m.tunnels[(where, "inside", "nat")]))
-            out.append(Flow(f"priority={prio + 1},in_port={port},dl_dst={fabric.gateway_mac}", f"output:{dest}", "ingress"))
+            pair = fabric.pair(name)
+            mac = fabric.inside_mac(pair[0])
+            if pair not in actives or mac is None:
+                continue
+            active, where, act = actives[pair]
+            dest = "in_port" if name == active else (str(act.inside) if where == machine else str(m.tunnels[(where, pair[0], "nat")]))
+            out.append(Flow(f"priority={prio + 1},in_port={m.nats[name].inside},dl_dst={mac}", f"output:{dest}", "ingress"))
     return out
 
 
-def machine_table(fabric: Fabric, machine: str, active: str) -> list[str]:
+def machine_table(fabric: Fabric, machine: str, active: str | Iterable[str]) -> list[str]:
     """The whole flow table of ``machine``'s switch (what a replace-flows bundle installs at bring-up)."""
     return [f.line(fabric) for f in machine_flows(fabric, machine, active)] + [fabric.flow("priority=0,actions=drop")]
 
@@ -203,28 +286,33 @@ def plan_move(fabric: Fabric, frm: str | None, to: str) -> list[Step]:
 
     Prepare ``to``'s machine, move the ingress of each switch (in the
     fabric's machine order), retire ``frm``'s machine.  Only rules that
-    change are in a step, and each step's ``undo`` holds the rules it
+    change are in a step, and only rules of ``to``'s pair of networks (its
+    instance): moves of other instances, even in flight on the same
+    switches, are not touched.  Each step's ``undo`` holds the rules it
     replaces, so undoing the steps done, in reverse, is the rollback.
     ``frm`` None (the switches disagree or are unknown): every steering
-    rule is rewritten, and there is nothing to undo to.
+    rule of the pair is rewritten, and there is nothing to undo to.
     """
-    target = fabric.machine_of(to)
-    new_at = (target, fabric.machines[target].nats[to])
-    source = fabric.machine_of(frm) if frm is not None else None
-    old_at = (source, fabric.machines[source].nats[frm]) if frm is not None and source is not None else None
+    new_at = _actives(fabric, [to])
+    if frm is not None and fabric.pair(frm) != fabric.pair(to):
+        raise PlanError([Conflict(("*", frm, 0, "*", 0), f"{frm} serves networks {'/'.join(fabric.pair(frm))}, {to} serves "
+                                                        f"{'/'.join(fabric.pair(to))}: a move is between twins of one instance")])
+    old_at = _actives(fabric, [frm]) if frm is not None else None
+    target = new_at[fabric.pair(to)][1]
+    source = old_at[fabric.pair(to)][1] if old_at is not None else None
     # Both NATs on one machine: what reaches it through tunnels moves in the
     # same bundle as its own hosts (one switch, atomic, as without machines).
     same = source == target
     steps: list[Step] = []
 
     def add(machine: str, stage: str, roles: frozenset[str]) -> None:
-        new = _flows(fabric, machine, to, *new_at, roles)
+        new = _flows(fabric, machine, new_at, roles)
         flows: tuple[str, ...]
         undo: tuple[str, ...]
-        if frm is None or old_at is None:
+        if old_at is None:
             flows, undo = tuple(f.line(fabric) for f in new), ()
         else:
-            old = {f.match: f for f in _flows(fabric, machine, frm, *old_at, roles)}
+            old = {f.match: f for f in _flows(fabric, machine, old_at, roles)}
             changed = [(f, old[f.match]) for f in new if old[f.match].actions != f.actions]
             flows, undo = tuple(f.line(fabric) for f, _ in changed), tuple(o.line(fabric) for _, o in changed)
         if flows:
@@ -249,41 +337,54 @@ def rollback(done: Sequence[Step]) -> list[Step]:
 
 _IN_PORT = re.compile(r"in_port=(\d+)")
 _OUTPUT = re.compile(r"output:(\d+)")
+_NW_DST = re.compile(r"nw_dst=([0-9.]+)")
 
 
-def _rule_outputs(dump: Iterable[str], port: int) -> list[int] | None:
-    """The output ports of the rule matching on input ``port`` alone (no dl_dst), from a dump; None when absent."""
+def _rule_outputs(dump: Iterable[str], port: int, address: str | None = None) -> list[int] | None:
+    """The output ports of the rule matching on input ``port`` alone (no dl_dst), or with ``address`` on it and its ``nw_dst``, from a dump; None when absent."""
     for line in dump:
         m = _IN_PORT.search(line)
         if m is None or int(m.group(1)) != port or "dl_dst=" in line or ",arp," in line:
+            continue
+        dst = _NW_DST.search(line)
+        if (dst.group(1) if dst else None) != address:
             continue
         _, _, actions = line.partition("actions=")
         return [int(p) for p in _OUTPUT.findall(actions)]
     return None
 
 
-def routes(fabric: Fabric, dumps: Mapping[str, Sequence[str]]) -> dict[tuple[str, str], str | None]:
+def routes(fabric: Fabric, dumps: Mapping[str, Sequence[str]], of: str | None = None) -> dict[tuple[str, str], str | None]:
     """For each machine and network with local hosts, the NAT its hosts' traffic reaches (None: none), read from dumped flows.
 
     Followed across a tunnel: a host rule's output to a ``nat`` tunnel is
-    resolved on the peer's switch by that tunnel's rule there.
+    resolved on the peer's switch by that tunnel's rule there.  ``of``: the
+    pair of that NAT only.  On a public network several instances share,
+    each instance's route is that of its first public address, keyed
+    ``"<network> of <inside network>"``.
     """
+    pairs = [fabric.pair(of)] if of is not None else list(dict.fromkeys(fabric.pair(n) for n in fabric._nats()))
     out: dict[tuple[str, str], str | None] = {}
-    for name, m in fabric.machines.items():
-        for network in NETWORKS:
-            hosts = m.local_hosts(network)
-            if not hosts:
-                continue
-            reached: str | None = None
-            ports = _rule_outputs(dumps.get(name, ()), hosts[0]) or []
-            for nat, legs in m.nats.items():
-                if legs.leg(network) in ports:
-                    reached = nat
-            for (peer, net, towards), tport in m.tunnels.items():
-                if net != network or towards != "nat" or tport not in ports:
+    for pair in pairs:
+        twins = {n for n in fabric._nats() if fabric.pair(n) == pair}
+        for network in pair:
+            shared = fabric.shared(network)
+            address = fabric.addresses.get(pair[0], (None,))[0] if shared else None
+            key = f"{network} of {pair[0]}" if shared else network
+            for name, m in fabric.machines.items():
+                hosts = m.local_hosts(network)
+                if not hosts:
                     continue
-                far = fabric.machines[peer]
-                there = _rule_outputs(dumps.get(peer, ()), far.tunnels[(name, network, "nat")]) or []
-                reached = next((nat for nat, legs in far.nats.items() if legs.leg(network) in there), None)
-            out[(name, network)] = reached
+                reached: str | None = None
+                ports = _rule_outputs(dumps.get(name, ()), hosts[0], address) or []
+                for nat, legs in m.nats.items():
+                    if nat in twins and fabric.leg(nat, legs, network) in ports:
+                        reached = nat
+                for (peer, net, towards), tport in m.tunnels.items():
+                    if net != network or towards != "nat" or tport not in ports:
+                        continue
+                    far = fabric.machines[peer]
+                    there = _rule_outputs(dumps.get(peer, ()), far.tunnels[(name, network, "nat")], address) or []
+                    reached = next((nat for nat, legs in far.nats.items() if nat in twins and fabric.leg(nat, legs, network) in there), None)
+                out[(name, key)] = reached
     return out

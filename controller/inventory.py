@@ -32,6 +32,11 @@ Example (TOML; the YAML form has the same structure)::
     target = "nat2"
     retire = "delete"               # delete | keep | stop
 
+An agent may name the ``machine`` (host) its NAT node runs on and the
+``networks = [INSIDE, PUBLIC]`` it serves (its NAT instance; default
+``["inside", "public"]``): `natmig drain --host A --to B` moves every NAT
+on machine A to its twin on B, the one serving the same networks.
+
 An agent may name ``netns``: the namespace its management network is reached
 from (the connection is opened there; the controller stays where it is).
 Instead of a bridge, ``[switch] testbed = "PREFIX"`` names an embedded
@@ -84,6 +89,10 @@ class AgentSpec:
     public_address: str | list[str] | None = None
     stop_command: list[str] | None = None
     netns: str | None = None
+    #: the machine (host) the NAT node runs on: what `natmig drain --host` selects by
+    machine: str | None = None
+    #: the (inside, public) networks it serves, its NAT instance (default ``inside``, ``public``): a drain pairs twins by them
+    networks: tuple[str, str] = ("inside", "public")
 
     @property
     def public_addresses(self) -> set[str] | None:
@@ -218,6 +227,12 @@ def _mac(where: str, v: Any) -> str:
     return v.lower()
 
 
+def _networks(where: str, v: Any) -> tuple[str, str]:
+    if not isinstance(v, list) or len(v) != 2 or not all(isinstance(x, str) and x for x in v):
+        raise InventoryError(f"{where}: {v!r} is not the two networks the NAT serves, [INSIDE, PUBLIC] (e.g. [\"inside3\", \"public\"])")
+    return (v[0], v[1])
+
+
 def _argv(where: str, v: Any) -> list[str]:
     if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
         raise InventoryError(f"{where}: {v!r} is not a command as a list of strings")
@@ -243,6 +258,8 @@ AGENT_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
     "public_address": (_public, False),
     "stop_command": (_argv, False),
     "netns": (_str, False),
+    "machine": (_str, False),
+    "networks": (_networks, False),
 }
 SWITCH_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
     "bridge": (_str, True),
@@ -334,7 +351,7 @@ def parse(data: Any, path: str = "<inventory>") -> Inventory:
     controller = None
     if "controller" in data:
         # The controller service's northbound: reached like an agent (host key checked, credentials, namespace).
-        f = _fields(f"{path}: controller", data["controller"], {k: v for k, v in AGENT_FIELDS.items() if k not in ("public_address", "stop_command")})
+        f = _fields(f"{path}: controller", data["controller"], {k: v for k, v in AGENT_FIELDS.items() if k not in ("public_address", "stop_command", "machine", "networks")})
         if "password" not in f and "password_file" not in f and "key" not in f:
             raise InventoryError(f"{path}: controller: give password, password_file or key")
         controller = AgentSpec(name="controller", **f)

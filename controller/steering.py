@@ -21,7 +21,7 @@ from ..errors import ControllerError, NatmigError
 from ..netns import CommandError
 from ..ofctl import Ofctl
 from .fabric import Fabric, Step, plan_move, rollback, routes
-from .plan import SwitchLayout, nats_in_flows, static_flows, steering_flows
+from .plan import PlanError, SwitchLayout, nats_in_flows, static_flows, steering_flows
 
 
 class SteeringError(ControllerError):
@@ -93,15 +93,21 @@ class FabricSteering:
     return only once the change is in effect in its datapath (cached flows
     of the old rules revalidated): make-before-break needs each step in
     effect before the next.
+
+    With several NAT instances (pairs of networks), ``instance`` names a NAT
+    of the one this steering reads and moves: :meth:`active` is that
+    instance's active NAT, and :meth:`point_to` rewrites only its rules, so
+    moves of different instances may run at once on the same switches.
     """
 
     def __init__(self, fabric: Fabric, switches: Mapping[str, Ofctl], on_step: Callable[[Step], None] | None = None,
-                 settle: Mapping[str, Callable[[], None]] | None = None) -> None:
+                 settle: Mapping[str, Callable[[], None]] | None = None, instance: str | None = None) -> None:
         self.fabric = fabric
         self.switches = dict(switches)
         self.on_step = on_step
         self.settle = dict(settle or {})
         self.steps: list[tuple[Step, float]] = []
+        self.instance = instance
 
     def _apply(self, step: Step) -> None:
         try:
@@ -113,9 +119,9 @@ class FabricSteering:
             raise SteeringError(f"switch of machine {step.switch} ({step.stage}): {e}") from e
 
     def point_to(self, nat: str) -> None:
-        """Move traffic to ``nat``: prepare its machine, move each switch's ingress, retire the old machine."""
+        """Move traffic of ``nat``'s instance to ``nat``: prepare its machine, move each switch's ingress, retire the old machine."""
         try:
-            frm = self.active()
+            frm = self._active(nat)
         except SteeringError:
             frm = None  # switches disagree or one is unreadable: rewrite every steering rule
         self.steps = []
@@ -139,19 +145,40 @@ class FabricSteering:
             if self.on_step is not None:
                 self.on_step(step)
 
-    def routes(self) -> dict[tuple[str, str], str | None]:
-        """(machine, network) -> the NAT those hosts' traffic reaches, read back from every switch."""
+    def routes(self, of: str | None = None) -> dict[tuple[str, str], str | None]:
+        """(machine, network) -> the NAT those hosts' traffic reaches, read back from every switch (``of``: that NAT's instance only)."""
         dumps = {}
         for machine, ofctl in self.switches.items():
             try:
                 dumps[machine] = ofctl.dump_flows()
             except CommandError as e:
                 raise SteeringError(f"switch of machine {machine}: {e}") from e
-        return routes(self.fabric, dumps)
+        try:
+            return routes(self.fabric, dumps, of)
+        except PlanError as e:
+            raise SteeringError(str(e)) from e
 
     def active(self) -> str | None:
-        """The NAT every switch sends its hosts' traffic to, read back; :class:`SteeringError` when they disagree."""
-        r = self.routes()
+        """The NAT every switch sends its hosts' traffic to (of :attr:`instance`), read back; :class:`SteeringError` when they disagree."""
+        if self.instance is None and len({self.fabric.pair(n) for m in self.fabric.machines.values() for n in m.nats}) > 1:
+            raise SteeringError("several NAT instances (network pairs) share these switches: each has its own active NAT; name the instance")
+        return self._active(self.instance)
+
+    def actives(self) -> dict[tuple[str, str], str | None]:
+        """Each instance's (network pair's) active NAT, read back from every switch; None where its switches disagree or send nowhere."""
+        out: dict[tuple[str, str], str | None] = {}
+        for m in self.fabric.machines.values():
+            for nat in m.nats:
+                pair = self.fabric.pair(nat)
+                if pair not in out:
+                    try:
+                        out[pair] = self._active(nat)
+                    except SwitchesDisagree:
+                        out[pair] = None
+        return out
+
+    def _active(self, of: str | None) -> str | None:
+        r = self.routes(of)
         reached = set(r.values())
         if len(reached) > 1:
             detail = ", ".join(f"{net} hosts on {m} -> {nat or 'nowhere'}" for (m, net), nat in r.items())
@@ -164,8 +191,10 @@ class TestbedSteering:
 
     __test__ = False
 
-    def __init__(self, testbed: Any) -> None:
+    def __init__(self, testbed: Any, instance: str | None = None) -> None:
         self.tb = testbed
+        #: with several NAT instances, a NAT of the one this steering reads (see :class:`FabricSteering`)
+        self.instance = instance
 
     def point_to(self, nat: str) -> None:
         """Send traffic through ``nat`` with the testbed's atomic bundle."""
@@ -179,18 +208,18 @@ class TestbedSteering:
     def active(self) -> str | None:
         """The testbed's active NAT."""
         try:
-            return self.tb.active_nat()
+            return self.tb.active_nat(self.instance) if self.instance is not None else self.tb.active_nat()
         except Exception as e:
             raise SteeringError(f"testbed could not tell the active NAT: {e}") from e
 
 
-def steering_from_spec(spec: Any) -> Steering:
-    """The steering an inventory's ``[switch]`` describes (a bridge, or an embedded testbed)."""
+def steering_from_spec(spec: Any, instance: str | None = None) -> Steering:
+    """The steering an inventory's ``[switch]`` describes (a bridge, or an embedded testbed); ``instance``: a NAT of the instance it moves."""
     if spec.testbed:
         from ..testbed.bed import Testbed
 
         try:
-            return TestbedSteering(Testbed.attach(spec.testbed))
+            return TestbedSteering(Testbed.attach(spec.testbed), instance)
         except Exception as e:
             raise SteeringError(f"switch.testbed {spec.testbed}: {e}") from e
     return OvsSteering(spec.layout, spec.ovs_rundir, spec.netns)

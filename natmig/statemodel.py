@@ -91,10 +91,18 @@ class StateList:
 
     def digest(self, entries: Iterable[Entry]) -> str:
         """natmig-state's digest of the list (see state-statistics/table/digest)."""
+        return format_digest(self.digest_acc(entries))
+
+    def digest_acc(self, entries: Iterable[Entry]) -> int:
+        """The digest's accumulator: XOR of each entry's value, so an entry is XORed in when it comes and out when it goes."""
         idx = self._digest_idx
         specs = [self.leaves[i].text for i in idx]
-        texts = (" ".join(t(e[i]) for t, i in zip(specs, idx)).encode() for e in entries)
-        return format_digest(digest_xor(texts))
+        return digest_xor(" ".join(t(e[i]) for t, i in zip(specs, idx)).encode() for e in entries)
+
+    def clash(self, names: tuple[str, ...], idx: tuple[int, ...], values: tuple[Any, ...], other: Key) -> str:
+        """Why an entry with ``values`` of unique ``names`` is refused: ``other`` holds them already."""
+        shown = " ".join(f"{n}={self.leaves[i].text(v)}" for n, i, v in zip(names, idx, values))
+        return f"unique \"{' '.join(names)}\" violated: {shown} is already used by {self.describe(other)}"
 
     def clashes(self, entries: Iterable[Entry]) -> list[tuple[Key, str]]:
         """Every violation of the list's `unique` constraints among ``entries`` (RFC 7950 7.8.3): (key of the entry, why)."""
@@ -107,8 +115,7 @@ class StateList:
                     continue  # a constraint binds only entries that have all its leaves
                 other = seen.setdefault(values, self.key_of(e))
                 if other != self.key_of(e):
-                    shown = " ".join(f"{n}={self.leaves[i].text(v)}" for n, i, v in zip(names, idx, values))
-                    out.append((self.key_of(e), f"unique \"{' '.join(names)}\" violated: {shown} is already used by {self.describe(other)}"))
+                    out.append((self.key_of(e), self.clash(names, idx, values, other)))
         return out
 
 

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,7 +40,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from .. import netns, pool
 from ..agent.fwnode import FwNode, FwNodeConfig, Service
-from ..controller.fabric import Step, tunnel_code
+from ..controller.fabric import Step
 from ..controller.steering import FabricSteering
 from ..agent.natnode import NatNode, NatNodeConfig
 from ..errors import NatmigError, TestbedError
@@ -231,7 +232,7 @@ class Testbed:
     def nat_config(self, nat: str) -> NatNodeConfig:
         """The :class:`NatNodeConfig` the testbed gives NAT node ``nat``."""
         n = self._nat(nat)
-        inside, public = self.topology.networks["inside"], self.topology.networks["public"]
+        inside, public = self.topology.networks[n.inside], self.topology.networks[n.public]
         mprefix = self.topology.management.subnet.prefixlen
         return NatNodeConfig(
             name=self.netns(nat),
@@ -277,13 +278,20 @@ class Testbed:
             return flows.machine_ports(self.topology, machine)
         return flows.port_names(self.topology)
 
-    def steering(self, on_step: Callable[[Step], None] | None = None) -> FabricSteering:
-        """The steering of a testbed with machines: every machine's switch (see :class:`FabricSteering`)."""
-        if not self.topology.multi_machine:
-            raise TestbedError(f"topology {self.topology.name} has one switch; use point_to")
+    @property
+    def per_instance(self) -> bool:
+        """Whether the switches are steered by the fabric planner, instance by instance: with machines, or several NAT instances on one switch."""
+        return self.topology.multi_machine or len(self.topology.pairs()) > 1
+
+    def steering(self, on_step: Callable[[Step], None] | None = None, instance: str | None = None) -> FabricSteering:
+        """The steering of a testbed with machines or NAT instances: every switch (see :class:`FabricSteering`); ``instance``: a NAT of the instance it moves."""
+        if not self.per_instance:
+            raise TestbedError(f"topology {self.topology.name} has one switch and one NAT instance; use point_to")
+        if instance is not None:
+            self._nat(instance)
         ofctls = {m: ovs.openflow(self.bridge) for m, ovs in self.switches.items()}
         settle = {m: ovs.revalidated for m, ovs in self.switches.items()}
-        return FabricSteering(flows.fabric(self.topology), ofctls, on_step, settle)
+        return FabricSteering(flows.fabric(self.topology), ofctls, on_step, settle, instance)
 
     def flows_for(self, nat: str) -> str:
         """The flow table steering all traffic through ``nat`` (what :meth:`point_to` installs)."""
@@ -358,13 +366,14 @@ class Testbed:
             netns.add_veth(host.name, HOST_IF, self._node_switch(host.name), ns)
             net = topo.networks[host.network]
             cmds = [f"addr add {host.address}/{net.subnet.prefixlen} dev {HOST_IF}"]
-            if host.network == "inside":
-                # One route, to the public subnet through the NAT gateway: no
-                # default route, nothing that could leave the machine.
-                cmds.append(f"route add {topo.networks['public'].subnet} via {net.gateway}")
-            elif topo.function == "firewall":
+            pair = next((p for p in topo.pairs() if host.network in p), None)
+            if pair is not None and host.network == pair[0]:
+                # One route, to its instance's public subnet through the NAT
+                # gateway: no default route, nothing that could leave the machine.
+                cmds.append(f"route add {topo.networks[pair[1]].subnet} via {net.gateway}")
+            elif pair is not None and topo.function == "firewall":
                 # Nothing is translated: the public side reaches the inside network through the firewall.
-                cmds.append(f"route add {topo.networks['inside'].subnet} via {net.gateway}")
+                cmds.append(f"route add {topo.networks[pair[0]].subnet} via {net.gateway}")
             _ip_batch(ns, cmds)
         for nat in topo.nats:
             ns = self.netns(nat)
@@ -376,15 +385,15 @@ class Testbed:
             (self.fw_node(nat) if topo.function == "firewall" else self.nat_node(nat)).configure()
         if not topo.multi_machine:
             self.ovs.add_bridge(self.bridge, self.switch_ports())
-            self.ovs.replace_flows(self.bridge, self.flows_for(topo.active_nat))
+            self.ovs.replace_flows(self.bridge, flows.machine_plan(topo, "", topo.active_nats) if self.per_instance else self.flows_for(topo.active_nat))
             return
         assert topo.underlay is not None
         for m, ovs in self.switches.items():
             # One tunnel key per network and direction (fabric.tunnel_code): a port each, so rules match on the port alone.
-            tunnels = {name: [f"type={topo.underlay.tunnel}", f"options:remote_ip={topo.machines[peer].underlay}", f"options:key={tunnel_code(net, towards)}"]
+            tunnels = {name: [f"type={topo.underlay.tunnel}", f"options:remote_ip={topo.machines[peer].underlay}", f"options:key={flows.tunnel_key(topo, net, towards)}"]
                        for name, (peer, net, towards, _) in flows.tunnel_ports(topo, m).items()}
             ovs.add_bridge(self.bridge, self.switch_ports(m), tunnels)
-            ovs.replace_flows(self.bridge, flows.machine_plan(topo, m, topo.active_nat))
+            ovs.replace_flows(self.bridge, flows.machine_plan(topo, m, topo.active_nats))
 
     def _build_underlay(self) -> None:
         """The machines' underlay: a Linux bridge in its own namespace, a veth to each machine's ``br-phy``."""
@@ -476,10 +485,11 @@ class Testbed:
         seconds each.
         """
         t0 = time.perf_counter()
-        if self.topology.multi_machine:
-            steering = self.steering()
+        if self.per_instance:
+            # Only nat's instance is moved: other instances' moves may be in flight on the same switches.
+            steering = self.steering(instance=self._nat(nat).name)
             try:
-                steering.point_to(self._nat(nat).name)
+                steering.point_to(nat)
             except NatmigError as e:
                 raise TestbedError(f"testbed {self.prefix}: {e}") from e
             self.last_steps = [(step.switch, step.stage, secs) for step, secs in steering.steps]
@@ -496,11 +506,14 @@ class Testbed:
             raise TestbedError(f"{machine!r} is not a machine of topology {self.topology.name} (one of: {', '.join(self.topology.machines) or 'none'})")
         ovs.restart_vswitchd(self.bridge, down)
 
-    def active_nat(self) -> str | None:
-        """The NAT node the switch's flows point at, read from the switch (None when none); with machines, from every switch."""
-        if self.topology.multi_machine:
+    def active_nat(self, of: str | None = None) -> str | None:
+        """The NAT node the switch's flows point at, read from the switch (None when none); with machines, from every switch.
+
+        With several NAT instances, ``of`` names a NAT of the instance asked about.
+        """
+        if self.per_instance:
             try:
-                return self.steering().active()
+                return self.steering(instance=of).active()
             except NatmigError as e:
                 raise TestbedError(f"testbed {self.prefix}: {e}") from e
         nats = flows.nats_in_flows(self.topology, self.ovs.dump_flows(self.bridge))
@@ -566,8 +579,11 @@ class Testbed:
                 switches[m]["nodes"] = self.topology.on_machine(m)
         if all(len(ovs.pids()) == 2 for ovs in self.switches.values()):
             try:
-                active = self.active_nat()
-            except TestbedError as e:
+                if len(self.topology.pairs()) > 1:
+                    active = ", ".join(n or "none" for n in self.steering().actives().values())
+                else:
+                    active = self.active_nat()
+            except NatmigError as e:
                 active = f"unknown ({e})"
         multi = self.topology.multi_machine
         return {
@@ -594,7 +610,8 @@ class Testbed:
             "topology_text": self.topology.text,
             **fields,
         }
-        tmp = self.home / "state.json.tmp"
+        # Moves of several instances may write at once: each its own temporary file.
+        tmp = self.home / f"state.json.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(self.home / "state.json")
 

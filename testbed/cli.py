@@ -52,7 +52,8 @@ def _point_to(args: argparse.Namespace) -> int:
     took = tb.point_to(args.nat)
     how = "one OpenFlow bundle" if not tb.topology.multi_machine else (
         "one bundle per switch: " + (", ".join(f"{stage} {m} {secs * 1000:.1f} ms" for m, stage, secs in tb.last_steps) or "nothing to change"))
-    print(f"testbed {tb.prefix}: traffic now through {tb.active_nat()} ({took * 1000:.1f} ms, {how})")
+    # With several NAT instances only args.nat's moved: read that instance back.
+    print(f"testbed {tb.prefix}: traffic now through {tb.active_nat(args.nat)} ({took * 1000:.1f} ms, {how})")
     return 0
 
 

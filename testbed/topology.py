@@ -103,6 +103,14 @@ class Nat:
     port_range: tuple[int, int]
     pool: tuple[PublicRange, ...] = ()
     machine: str = ""
+    #: The networks it joins: its client network and its public network (the NAT *instance* it is a node of).
+    inside: str = "inside"
+    public: str = "public"
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        """The (inside, public) networks it serves: NAT nodes serving the same pair are twins, one of them active."""
+        return (self.inside, self.public)
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,31 @@ class Topology:
     #: Declared machines, in file order; empty: everything on one machine.
     machines: dict[str, Machine] = field(default_factory=dict)
     underlay: Underlay | None = None
+    #: The active NAT node of each network pair (``active_nat`` is the first).
+    active_nats: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.active_nats:
+            object.__setattr__(self, "active_nats", (self.active_nat,))
+
+    def pairs(self) -> dict[tuple[str, str], list[str]]:
+        """Each (inside, public) network pair, in file order, with the NAT nodes that serve it (twins)."""
+        out: dict[tuple[str, str], list[str]] = {}
+        for n in self.nats.values():
+            out.setdefault(n.pair, []).append(n.name)
+        return out
+
+    def twins(self, nat: str) -> list[str]:
+        """The other NAT nodes serving ``nat``'s networks."""
+        return [n for n in self.pairs()[self.nats[nat].pair] if n != nat]
+
+    def active_of(self, nat: str) -> str:
+        """The active NAT node of ``nat``'s network pair, as the file declares it."""
+        return next(a for a in self.active_nats if self.nats[a].pair == self.nats[nat].pair)
+
+    def public_addresses_of(self, nat: str) -> list[str]:
+        """The addresses ``nat`` translates to (its pool's, or its public network's gateway)."""
+        return public_pool.addresses(self.public_pool(nat))
 
     @property
     def multi_machine(self) -> bool:
@@ -171,13 +204,13 @@ class Topology:
 
     @property
     def public_address(self) -> str:
-        """The address sessions are translated to (the shared public gateway)."""
-        return str(self.networks["public"].gateway)
+        """The address sessions are translated to (the public gateway of the active NAT's public network)."""
+        return str(self.networks[self.nats[self.active_nat].public].gateway)
 
     def public_pool(self, nat: str) -> tuple[PublicRange, ...]:
-        """The public address pool of NAT node ``nat``: its declared pool, or the public gateway with its ports."""
+        """The public address pool of NAT node ``nat``: its declared pool, or its public network's gateway with its ports."""
         n = self.nats[nat]
-        return n.pool or (PublicRange(self.public_address, n.port_range),)
+        return n.pool or (PublicRange(str(self.networks[n.public].gateway), n.port_range),)
 
     def spare_addresses(self, network: str, count: int, start: int = 200) -> list[str]:
         """Up to ``count`` addresses of ``network`` that no host, gateway or pool uses, from host number ``start`` up.
@@ -349,7 +382,7 @@ def _pool(
         a = ipaddress.IPv4Address(e.address)
         if public is not None:
             # Servers reach a pool address on their own link: it must be on it.
-            _check_in(ck, where, a, public.subnet, "networks.public.subnet")
+            _check_in(ck, where, a, public.subnet, f"networks.{public.name}.subnet")
         if a in taken and a != (public.gateway if public else None):
             ck.bad(where, f"{a} is already used by {taken[a]}")
     return pool
@@ -366,26 +399,8 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
         function = None
     bridge = ck.field(doc, "bridge", "bridge", lambda v: _name(_BRIDGE, v), "a bridge name (a-z, then a-z 0-9 _ -, at most 15)", default="br0")
 
-    networks: dict[str, Network] = {}
-    raw_nets = ck.table(doc, "networks", "networks")
-    ck.keys(raw_nets, set(NETWORKS), "networks")
-    for net_name in NETWORKS:
-        where = f"networks.{net_name}"
-        raw = ck.table(raw_nets, net_name, where) if raw_nets else {}
-        if not raw:
-            continue
-        ck.keys(raw, {"subnet", "gateway", "gateway_mac"}, where)
-        subnet = ck.field(raw, "subnet", f"{where}.subnet", _subnet, "an IPv4 network like 10.0.0.0/24")
-        gw = ck.field(raw, "gateway", f"{where}.gateway", _address, "an IPv4 address")
-        mac = ck.field(raw, "gateway_mac", f"{where}.gateway_mac", _mac, "a unicast MAC like 02:00:00:00:00:01")
-        _check_in(ck, f"{where}.gateway", gw, subnet, f"{where}.subnet")
-        if subnet is not None and gw is not None and mac is not None:
-            networks[net_name] = Network(net_name, subnet, gw, mac)
-    if len(networks) == 2 and networks["inside"].subnet.overlaps(networks["public"].subnet):
-        ck.bad("networks.public.subnet", f"{networks['public'].subnet} overlaps networks.inside.subnet {networks['inside'].subnet}")
-    macs = [n.gateway_mac for n in networks.values()]
-    if len(set(macs)) != len(macs):
-        ck.bad("networks.public.gateway_mac", "is the same as networks.inside.gateway_mac; each network needs its own")
+    raw_nats_doc: dict[str, Any] = doc["nats"] if isinstance(doc.get("nats"), dict) else {}
+    networks = _networks(ck, doc, raw_nats_doc)
 
     machines, underlay = _machines(ck, doc, networks)
 
@@ -404,8 +419,9 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
         ck.keys(raw, {"network", "address", "machine"}, where)
         machine = _placed(ck, raw, where, machines, "machines" in doc)
         net = ck.field(raw, "network", f"{where}.network", _str, "a network name")
-        if net is not None and net not in NETWORKS:
-            ck.bad(f"{where}.network", f"{net!r} is not a network (one of: {', '.join(NETWORKS)})")
+        known = [n for n in _declared_networks(doc) if n in networks] or list(NETWORKS)
+        if net is not None and net not in _declared_networks(doc):
+            ck.bad(f"{where}.network", f"{net!r} is not a network (one of: {', '.join(known)})")
             net = None
         addr = ck.field(raw, "address", f"{where}.address", _address, "an IPv4 address")
         if net in networks:
@@ -419,9 +435,9 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
     # Judged on what the file declares, so one bad address does not also
     # report its network as empty.
     declared = {raw.get("network") for raw in raw_hosts.values() if isinstance(raw, dict)}
-    for net_name, role in (("inside", "a client"), ("public", "a server")):
+    for net_name, role in _roles(raw_nats_doc, networks).items():
         if raw_hosts and net_name not in declared:
-            ck.bad("hosts", f"no host on the {net_name} network ({role} is needed)")
+            ck.bad("hosts", f"no host on the {net_name} network ({'a client' if role == 'inside' else 'a server'} is needed)")
 
     mgmt = None
     raw_mgmt = ck.table(doc, "management", "management")
@@ -452,32 +468,141 @@ def parse(doc: dict[str, Any], source: str = "<memory>", text: str = "") -> Topo
         if not isinstance(raw, dict):
             ck.bad(where, f"must be a table, not {type(raw).__name__}")
             continue
-        ck.keys(raw, {"management", "ports", "pool", "machine"}, where)
+        ck.keys(raw, {"management", "ports", "pool", "machine", "inside", "public"}, where)
         machine = _placed(ck, raw, where, machines, "machines" in doc)
+        legs = {side: ck.field(raw, side, f"{where}.{side}", _str, "a network name", default=side) for side in NETWORKS}
+        for side, net in legs.items():
+            if net is not None and net not in _declared_networks(doc):
+                ck.bad(f"{where}.{side}", f"{net!r} is not a network (one of: {', '.join(networks) or 'none'})")
         maddr = ck.field(raw, "management", f"{where}.management", _address, "an IPv4 address")
         ports = ck.field(raw, "ports", f"{where}.ports", _port_range, "a port range like \"20000-29999\"")
-        pool = _pool(ck, raw, f"{where}.pool", ports, networks.get("public"), taken)
+        pool = _pool(ck, raw, f"{where}.pool", ports, networks.get(legs["public"] or ""), taken)
         if mgmt is not None:
             _check_in(ck, f"{where}.management", maddr, mgmt.subnet, "management.subnet")
         if maddr is not None and maddr in mgmt_taken:
             ck.bad(f"{where}.management", f"{maddr} is already used by {mgmt_taken[maddr]}")
         elif maddr is not None:
             mgmt_taken[maddr] = f"{where}.management"
-        if maddr is not None and ports is not None:
-            nats[nat_name] = Nat(nat_name, maddr, ports, pool, machine)
+        if maddr is not None and ports is not None and legs["inside"] in networks and legs["public"] in networks:
+            nats[nat_name] = Nat(nat_name, maddr, ports, pool, machine, legs["inside"], legs["public"])
     if not raw_nats and "nats" in doc:
         ck.bad("nats", "no NAT node (at least one is needed)")
+    _check_pairs(ck, nats, networks, function)
 
-    active = ck.field(doc, "active_nat", "active_nat", _str, "a NAT node name")
-    if active is not None and raw_nats and active not in raw_nats:
-        ck.bad("active_nat", f"{active!r} is not a NAT node (one of: {', '.join(raw_nats)})")
+    actives = ck.field(doc, "active_nat", "active_nat", _names, "a NAT node name, or a list of them (one per network pair)")
+    active = actives[0] if actives else None
+    for name in actives or []:
+        if raw_nats and name not in raw_nats:
+            ck.bad("active_nat", f"{name!r} is not a NAT node (one of: {', '.join(raw_nats)})")
+    if actives and all(a in nats for a in actives) and not ck.problems:
+        _check_actives(ck, nats, actives)
 
     policy = _firewall(ck, doc, function, networks.get("inside"))
 
     if ck.problems:
         raise TopologyError(source, ck.problems)
     assert mgmt is not None and active is not None and function is not None  # guaranteed when no problem was found
-    return Topology(name, bridge, networks, hosts, nats, mgmt, active, source, text, function, policy, machines, underlay)
+    return Topology(name, bridge, networks, hosts, nats, mgmt, active, source, text, function, policy, machines, underlay, tuple(actives))
+
+
+def _names(value: Any) -> list[str]:
+    """``active_nat``: one NAT node's name, or a non-empty list of names."""
+    if isinstance(value, list) and value:
+        return [_str(v) for v in value]
+    return [_str(value)]
+
+
+def _declared_networks(doc: dict[str, Any]) -> list[str]:
+    raw = doc.get("networks")
+    return list(raw) if isinstance(raw, dict) else []
+
+
+def _networks(ck: _Checker, doc: dict[str, Any], raw_nats: dict[str, Any]) -> dict[str, Network]:
+    """The ``[networks]``: ``inside`` and ``public`` (required while a NAT node joins them by default), and any others NATs name."""
+    networks: dict[str, Network] = {}
+    raw_nets = ck.table(doc, "networks", "networks")
+    # A NAT node that names no network joins the default one of that side: those must exist.
+    implied = {side for side in NETWORKS if not raw_nats or any(not isinstance(r, dict) or side not in r for r in raw_nats.values())}
+    names = [n for n in NETWORKS if n in implied or n in raw_nets] + [n for n in raw_nets if n not in NETWORKS]
+    for net_name in names:
+        where = f"networks.{net_name}"
+        if not _NODE_NAME.match(net_name):
+            ck.bad(where, "name must be a-z then a-z 0-9, at most 10 characters")
+        raw = ck.table(raw_nets, net_name, where) if raw_nets else {}
+        if not raw:
+            continue
+        ck.keys(raw, {"subnet", "gateway", "gateway_mac"}, where)
+        subnet = ck.field(raw, "subnet", f"{where}.subnet", _subnet, "an IPv4 network like 10.0.0.0/24")
+        gw = ck.field(raw, "gateway", f"{where}.gateway", _address, "an IPv4 address")
+        mac = ck.field(raw, "gateway_mac", f"{where}.gateway_mac", _mac, "a unicast MAC like 02:00:00:00:00:01")
+        _check_in(ck, f"{where}.gateway", gw, subnet, f"{where}.subnet")
+        if subnet is not None and gw is not None and mac is not None:
+            networks[net_name] = Network(net_name, subnet, gw, mac)
+    seen: list[Network] = []
+    for n in networks.values():
+        for a in seen:
+            if n.subnet.overlaps(a.subnet):
+                ck.bad(f"networks.{n.name}.subnet", f"{n.subnet} overlaps networks.{a.name}.subnet {a.subnet}")
+            if n.gateway_mac == a.gateway_mac:
+                ck.bad(f"networks.{n.name}.gateway_mac", f"is the same as networks.{a.name}.gateway_mac; each network needs its own")
+        seen.append(n)
+    return networks
+
+
+def _roles(raw_nats: dict[str, Any], networks: dict[str, Network]) -> dict[str, str]:
+    """Each network some NAT node joins (by default or by name) -> "inside" or "public", in network order."""
+    used: dict[str, str] = {}
+    for raw in raw_nats.values():
+        if isinstance(raw, dict):
+            for side in NETWORKS:
+                used.setdefault(str(raw.get(side, side)), side)
+    if not raw_nats:
+        used = {side: side for side in NETWORKS}
+    return {n: used[n] for n in networks if n in used}
+
+
+def _check_pairs(ck: _Checker, nats: dict[str, Nat], networks: dict[str, Network], function: str | None) -> None:
+    """Network pairs: each network on one side only; twins share both networks; instances sharing a public network own distinct addresses."""
+    side_of: dict[str, tuple[str, str]] = {}
+    public_of: dict[str, str] = {}
+    for n in nats.values():
+        for side, net in (("inside", n.inside), ("public", n.public)):
+            other = side_of.setdefault(net, (side, n.name))
+            if other[0] != side:
+                ck.bad(f"nats.{n.name}.{side}", f"{net!r} is the {other[0]} network of nats.{other[1]}; a network is on one side only")
+        first = public_of.setdefault(n.inside, n.public)
+        if first != n.public:
+            ck.bad(f"nats.{n.name}.public", f"{n.public!r}, but the other NAT nodes on inside network {n.inside!r} join {first!r}: "
+                                            "the NAT nodes of one client network are twins and share its public network too")
+    pairs: dict[tuple[str, str], list[str]] = {}
+    for n in nats.values():
+        pairs.setdefault(n.pair, []).append(n.name)
+    if len(pairs) > 1 and function == "firewall":
+        ck.bad("nats", f"{len(pairs)} network pairs; a firewall topology has one")
+    owner: dict[tuple[str, str], str] = {}
+    for pair, names in pairs.items():
+        for name in names:
+            n = nats[name]
+            for e in n.pool or (PublicRange(str(networks[n.public].gateway), n.port_range),):
+                for a in public_pool.addresses((e,)):
+                    had = owner.setdefault((n.public, a), name)
+                    if nats[had].pair != pair:
+                        ck.bad(f"nats.{name}.pool", f"{a} is also translated to by nats.{had} (inside network {nats[had].inside}): NAT instances "
+                                                   f"sharing public network {n.public} each need their own public addresses (a pool)")
+
+
+def _check_actives(ck: _Checker, nats: dict[str, Nat], actives: list[str]) -> None:
+    """One active NAT node per network pair, no more."""
+    by_pair: dict[tuple[str, str], str] = {}
+    for a in actives:
+        had = by_pair.setdefault(nats[a].pair, a)
+        if had != a:
+            ck.bad("active_nat", f"{had} and {a} both serve networks {'/'.join(nats[a].pair)}: name one active NAT node per network pair")
+    for n in nats.values():
+        if n.pair not in by_pair:
+            twins = [m.name for m in nats.values() if m.pair == n.pair]
+            ck.bad("active_nat", f"no active NAT node for networks {'/'.join(n.pair)} (one of: {', '.join(twins)})")
+            by_pair[n.pair] = n.name
 
 
 def _machines(ck: _Checker, doc: dict[str, Any], networks: dict[str, Network]) -> tuple[dict[str, Machine], Underlay | None]:

@@ -122,3 +122,33 @@ def test_modules_the_engine_cannot_move_are_refused(tmp_path: Path) -> None:
         load_module(none)
     with pytest.raises(SchemaError, match="cannot read"):
         load_module(tmp_path / "missing.yang")
+
+
+_ODD_DOCS = {
+    "plain": [binding("10.0.0.1", 1), binding("10.0.0.2", 2, snat=5001)],
+    "a bad value": [binding("10.0.0.1", 1), binding("10.0.0.300", 2)],
+    "an unknown leaf": [binding("10.0.0.1", 1), binding("10.0.0.2", 2).replace("</binding>", "<colour>red</colour></binding>")],
+    "a leaf twice": [binding("10.0.0.1", 1).replace("</binding>", "<snat-port>7</snat-port></binding>")],
+    "a comment": [binding("10.0.0.1", 1).replace("<snat-port>", "<!-- x --><snat-port>")],
+    "no key": [binding("10.0.0.1", 1).replace("<client-port>1</client-port>", "")],
+    "another namespace": [binding("10.0.0.1", 1).replace("<snat-port>", '<snat-port xmlns="urn:other">')],
+    "a leaf operation": [binding("10.0.0.1", 1).replace("<snat-port>", f'<snat-port xmlns:nc="{NC}" nc:operation="delete">')],
+}
+
+
+@pytest.mark.parametrize("case", list(_ODD_DOCS))
+def test_the_plain_leaves_path_decodes_exactly_as_the_general_one(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = load_module(LB)
+    doc = config(*_ODD_DOCS[case])
+
+    def outcome() -> object:
+        try:
+            return Wire(m.lists).decode(doc)
+        except CodecError as e:
+            return str(e)
+
+    fast = outcome()
+    monkeypatch.setattr(Wire, "_plain_leaves", staticmethod(lambda *a: None))
+    assert fast == outcome()
+    if case == "plain":
+        assert not isinstance(fast, str) and len(fast.edits) == 2  # type: ignore[attr-defined]

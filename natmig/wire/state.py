@@ -26,6 +26,9 @@ from ..statemodel import COMMON_NS, Entry, Key, StateList
 
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True, load_dtd=False, huge_tree=True)
 _OP = f"{{{NETCONF_NS}}}operation"
+#: an operation on a leaf, and an element inside a leaf: either sends a document down the general path
+_LEAF_OPERATIONS = etree.XPath("*/*/@nc:operation", namespaces={"nc": NETCONF_NS})
+_NESTED = etree.XPath("*/*/*")
 CONTROL = "state-control"
 STATISTICS = "state-statistics"
 CHANGE = "state-change"
@@ -136,12 +139,15 @@ class Wire:
         errors = _Errors(limit)
         edits: list[Edit] = []
         control: dict[str, Any] | None = None
+        # No leaf of the whole document has an operation or a child (two C-level scans): each
+        # leaf then needs only its tag and text (a 100k-entry copy: ~2x less CPU in the loop).
+        plain = not _LEAF_OPERATIONS(root) and not _NESTED(root)
         for el in root:
             if not isinstance(el.tag, str):
                 continue
             lst = self._by_tag.get(el.tag)
             if lst is not None:
-                edit = self._entry(lst, el, with_operations, errors)
+                edit = self._entry(lst, el, with_operations, errors, plain)
                 if edit is not None:
                     edits.append(edit)
             elif el.tag == self._control_tag:
@@ -168,10 +174,15 @@ class Wire:
             return False, None
         return True, op
 
-    def _entry(self, lst: StateList, el: Any, with_operations: bool, errors: _Errors) -> Edit | None:
+    def _entry(self, lst: StateList, el: Any, with_operations: bool, errors: _Errors, plain: bool = False) -> Edit | None:
         ok, op = self._operation(el, lst.name, errors, with_operations)
         values: dict[str, Any] = {}
         specs = self._specs[lst]
+        if plain:
+            fast = self._plain_leaves(lst, specs, el, values)
+            if fast is not None:
+                return Edit(lst, op, fast, values) if ok else None
+            values = {}  # something to report: the general loop below names it
         for child in el:
             spec = specs.get(child.tag)
             if spec is None and not isinstance(child.tag, str):  # a comment or processing instruction
@@ -180,7 +191,7 @@ class Wire:
                 errors.add(lst.name, etree.QName(child).localname, f"not a leaf of {lst.name}", "unknown-element")
                 ok = False
                 continue
-            if child.attrib and child.get(_OP) is not None:
+            if child.get(_OP) is not None:
                 errors.add(lst.name, spec.name, "an operation on a single leaf is not supported; give it on the entry", "bad-attribute")
                 ok = False
             if spec.name in values or len(child):
@@ -198,6 +209,22 @@ class Wire:
         if not ok or missing:
             return None
         return Edit(lst, op, tuple(values[k] for k in lst.keys), values)
+
+    @staticmethod
+    def _plain_leaves(lst: StateList, specs: dict[str, Any], el: Any, values: dict[str, Any]) -> tuple[Any, ...] | None:
+        """An entry's leaves into ``values`` when each is a known leaf, given once, with a valid value: its key; else None.
+
+        None leaves the naming of what is wrong to the general loop.
+        """
+        try:
+            for child in el:
+                spec = specs[child.tag]
+                if spec.name in values:
+                    return None
+                values[spec.name] = spec.parse(child.text or "")
+            return tuple([values[k] for k in lst.keys])
+        except (KeyError, LeafValueError, TypeError):
+            return None
 
     @staticmethod
     def _control(el: Any, errors: _Errors) -> dict[str, Any]:
@@ -224,18 +251,17 @@ class Wire:
         added there and None returned.
         """
         own = errors if errors is not None else _Errors(DEFAULT_ERROR_LIMIT)
-        path = lst.describe(values.get(k) for k in lst.keys)
         row: list[Any] = []
         ok = True
         for spec in lst.leaves:
             v = values.get(spec.name, spec.default)
             if spec.when is not None and values.get(spec.when[0]) != spec.when[1]:
                 if spec.name in values:
-                    own.add(path, spec.name, f"only allowed when {spec.when[0]} = '{spec.when[1]}'", "unknown-element")
+                    own.add(lst.describe(values.get(k) for k in lst.keys), spec.name, f"only allowed when {spec.when[0]} = '{spec.when[1]}'", "unknown-element")
                     ok = False
                 v = None
             elif spec.mandatory and spec.name not in values:
-                own.add(path, spec.name, "missing mandatory leaf", "missing-element")
+                own.add(lst.describe(values.get(k) for k in lst.keys), spec.name, "missing mandatory leaf", "missing-element")
                 ok = False
             row.append(v)
         if not ok:
