@@ -110,7 +110,7 @@ bench: setup
 # with the default 30 s the source's get-config of the whole table times out.
 bench-large: setup
 	@mkdir -p bench/out
-	cd bench/out && $(CURDIR)/$(PY) $(CURDIR)/bench/bench_migrate.py --sizes 1000000 --merge --rpc-timeout 600 --confirm-timeout 900
+	cd bench/out && $(CURDIR)/$(PY) $(CURDIR)/bench/bench_migrate.py --sizes 1000000 --merge
 
 demo: setup
 	$(VENV)/bin/natmig demo

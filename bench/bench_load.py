@@ -34,6 +34,9 @@ from natmig.netns import ensure_conntrack_capacity
 from natmig.testbed import topology
 from natmig.testbed.bed import Testbed
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import SESSION_TIMEOUT  # noqa: E402
+
 POOL_FILE = topology.DEFAULT_TOPOLOGY.with_name("pool.toml")
 
 
@@ -64,7 +67,8 @@ def measure(n: int, out: Path, migrate: bool = False, rpc_timeout: float = 600.0
         pid = fleet.start("nat1")
         idle_kb = status_kb(pid, "VmHWM")
         t = time.perf_counter()
-        table = synthetic_sessions(n, tb.topology.public_pool("nat1"), servers=tb.topology.spare_addresses("public", 16))
+        table = synthetic_sessions(n, tb.topology.public_pool("nat1"), servers=tb.topology.spare_addresses("public", 16),
+                                    timeout=SESSION_TIMEOUT)
         made = time.perf_counter() - t
         servers = len({s.dst_address for s in table})
         t = time.perf_counter()

@@ -63,7 +63,7 @@ from natmig.controller.traffic import LiveTraffic, TrafficSpec
 from natmig.testbed import topology
 from natmig.testbed.bed import Testbed
 
-from common import in_child, reset_peak_rss, vm_hwm_mb  # noqa: E402
+from common import SESSION_TIMEOUT, in_child, reset_peak_rss, vm_hwm_mb  # noqa: E402
 from floors import conntrackd_floor, kernel_floor, tool_floor  # noqa: E402
 
 PHASES = ("preflight", "copy", "catch-up", "switch", "verify", "admit", "retire")
@@ -86,13 +86,25 @@ def reset(tb: Testbed) -> None:
         flush(tb, nat)
         tb.nat_node(nat).set_admission(True)
 
-
 @dataclass(frozen=True)
 class Timeouts:
     """The migration's RPC timeout and confirm timeout, in seconds (natmig's defaults unless given)."""
 
     rpc: float = 30.0
     confirm: float = 10.0
+
+    @classmethod
+    def for_table(cls, n: int, rpc: float | None = None, confirm: float | None = None) -> "Timeouts":
+        """The timeouts a table of ``n`` sessions needs, unless given: both scale with it.
+
+        A whole-table get-config of 1,000,000 took 54 s and more on a loaded
+        machine against the 30 s default; 600 s (RPC) and 900 s (confirm,
+        which a verify that has to read both tables needs) moved it.  So:
+        0.6 ms per session for an RPC, 0.9 ms for the confirm timeout, never
+        below natmig's defaults.
+        """
+        return cls(rpc if rpc is not None else max(cls.rpc, n * 0.0006),
+                   confirm if confirm is not None else max(cls.confirm, n * 0.0009))
 
 
 def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeouts = Timeouts()) -> dict:
@@ -105,7 +117,7 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
     if n:
         # Spread over nat1's public address pool and made-up servers, so a million fit (docs/testbed.md).
         in_child(lambda: load_sessions(fleet.endpoint("nat1"), synthetic_sessions(
-            n, tb.topology.public_pool("nat1"), servers=tb.topology.spare_addresses("public", 16))))
+            n, tb.topology.public_pool("nat1"), servers=tb.topology.spare_addresses("public", 16), timeout=SESSION_TIMEOUT)))
     load_s = time.perf_counter() - t
     in_table = ct_count(tb, "nat1")
     floor = in_child(lambda: tool_floor(tb))
@@ -121,6 +133,12 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
         peer["in_target"] = ct_count(tb, "nat2")
     tb.point_to("nat1")
     flush(tb, "nat2")
+    at_move = ct_count(tb, "nat1")
+    if at_move < min(n, in_table):
+        # Entries timed out (or were removed) while the floors ran: natmig's move would compare other tables.
+        # (A few more is the testbed's own traffic: the agents' management connections, the probe.)
+        raise NatmigError(f"nat1 held {in_table} entries after the load and {at_move} before natmig's move "
+                          f"(the sessions are loaded with {SESSION_TIMEOUT} s to live: did the run take longer?)")
     # Peak RSS over the move alone: each process's high-water mark starts
     # afresh from its RSS now (the load's peak is not the migration's).
     agents = {"source": fleet.procs["nat1"].pid, "target": fleet.procs["nat2"].pid}
@@ -137,7 +155,10 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
     # the copy took several times longer, which is not the move's own cost.
     tb.point_to("nat1")
     flush(tb, "nat2")
+    # Its own controller peak too: with new connections the target's digest differs and verify reads both tables.
+    reset_peak_rss(os.getpid())
     held_report, held_traffic = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001, churn=100, churn_life=0.1), timeouts)
+    churn_controller_rss = vm_hwm_mb(os.getpid())
     return {
         "sessions": n,
         "conntrack_entries": in_table,
@@ -169,6 +190,9 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
         **_new_connections(held_report, held_traffic),
         "churn_run_ok": held_report.ok and held_traffic.all_survived,
         "churn_run_total": held_report.total_seconds,
+        "churn_run_verify": {"source_check": held_report.source_check, "target_check": held_report.target_check,
+                             "seconds": held_report.phase_seconds("verify")},
+        "churn_controller_peak_rss_mb": churn_controller_rss,
     }
 
 
@@ -374,12 +398,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=".", help="directory for bench_migrate.json and bench_migrate.png")
     ap.add_argument("--merge", action="store_true",
                     help="keep the other sizes of an existing bench_migrate.json (this run's sizes replace theirs): how make bench-large adds 1,000,000")
-    ap.add_argument("--rpc-timeout", type=float, default=30.0,
-                    help="seconds each of the migration's RPCs may take (default %(default)s; a get-config of 1,000,000 takes minutes)")
-    ap.add_argument("--confirm-timeout", type=float, default=10.0, help="the migration's confirm timeout, seconds (default %(default)s)")
+    ap.add_argument("--rpc-timeout", type=float, default=None,
+                    help="seconds each of the migration's RPCs may take (default: 0.6 ms per session, at least 30; "
+                         "a get-config of 1,000,000 takes minutes)")
+    ap.add_argument("--confirm-timeout", type=float, default=None,
+                    help="the migration's confirm timeout, seconds (default: 0.9 ms per session, at least 10)")
     a = ap.parse_args(argv)
-    if a.rpc_timeout <= 0:
+    if a.rpc_timeout is not None and a.rpc_timeout <= 0:
         ap.error(f"--rpc-timeout {a.rpc_timeout}: must be more than 0 seconds")
+    if a.confirm_timeout is not None and not 1 <= a.confirm_timeout <= 3600:
+        ap.error(f"--confirm-timeout {a.confirm_timeout}: must be within 1..3600 seconds")
     try:
         sizes = [int(x) for x in a.sizes.split(",") if x.strip()]
     except ValueError:
@@ -403,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             print(f"== {n} sessions", flush=True)
             try:
-                rows.append(measure(tb, fleet, n, work, Timeouts(a.rpc_timeout, a.confirm_timeout)))
+                timeouts = Timeouts.for_table(n, a.rpc_timeout, a.confirm_timeout)
+                print(f"   RPC timeout {timeouts.rpc:g} s, confirm timeout {timeouts.confirm:g} s", flush=True)
+                rows.append(measure(tb, fleet, n, work, timeouts))
             except (NatmigError, RuntimeError) as e:  # RuntimeError: what failed in a child (in_child)
                 failed = f"{n} sessions: {e}"
                 break

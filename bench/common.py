@@ -10,6 +10,14 @@ from typing import Callable, Iterable, TypeVar
 
 from natmig.model import NatSession
 
+
+#: Seconds each synthetic session has left when loaded.  A run at 1,000,000
+#: spends ~15 minutes loading and measuring the floors before natmig's move
+#: starts; with the generator's 900 s the first entries loaded timed out
+#: during the move's verify (~300,000 of them between the two nodes' reads,
+#: every one reported missing).  A day outlives any run here.
+SESSION_TIMEOUT = 86_400
+
 T = TypeVar("T")
 
 

@@ -199,6 +199,7 @@ def synthetic_sessions(
     public: str | Sequence[PublicRange],
     nat_ports: tuple[int, int] | None = None,
     servers: Sequence[str] = ("203.0.113.200",),
+    timeout: int = 900,
 ) -> list[NatSession]:
     """``n`` established sessions of made-up inside hosts, for a table to move.
 
@@ -210,8 +211,12 @@ def synthetic_sessions(
     used again towards the next of ``servers`` once every free port of every
     address is taken, as Linux SNAT reuses a public port across destinations:
     2 x (free ports of the pool) x (servers) fit, ~109,000 per address and server
-    beside a 10,000-port range.
+    beside a 10,000-port range.  ``timeout``: each session's remaining
+    lifetime in seconds; a table must outlive what is measured on it (the
+    kernel removes each entry when its timer runs out).
     """
+    if not 1 <= timeout <= 0xFFFFFFFF:
+        raise ControllerError(f"synthetic sessions: timeout {timeout} s is not within 1..{0xFFFFFFFF} (nat-session's timeout leaf)")
     if isinstance(public, str):
         if nat_ports is None:
             raise ControllerError("synthetic sessions: give the NAT's port range with its public address")
@@ -235,7 +240,7 @@ def synthetic_sessions(
         out.append(NatSession(
             proto, f"10.0.0.{_FIRST_HOST + j // _PORTS_PER_HOST}", 1024 + j % _PORTS_PER_HOST,
             servers[j // len(slots)], 443, addr, port,
-            "ESTABLISHED" if proto == "TCP" else None, 900, True,
+            "ESTABLISHED" if proto == "TCP" else None, timeout, True,
         ))
     return out
 

@@ -52,10 +52,12 @@ up the same way.  The report names the failed phase and each NAT's state.
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Sequence, cast
 
@@ -68,12 +70,16 @@ from .reach import netns_hint, route_error
 from .readback import read_node
 from .report import MigrationReport, PhaseClock, PhaseTiming
 from .steering import Steering
-from ..wire.nattext import EntryStream, TextTable
+from ..wire.nattext import EntryStream, ForwardedEntries, TextTable
 from .txn import Locks, already_pending, cancel_pending, confirm_admission, confirmed_admission, describe_error, missing_capabilities, nothing_pending, persist_token
 
 log = logging.getLogger(__name__)
 
 WRITABLE_RUNNING = "urn:ietf:params:netconf:capability:writable-running:1.0"
+#: Chunks of the source's reply that may wait for the copy at once (the agent sends ~64 KB a chunk).
+CHUNKS_QUEUED = 64
+#: Slices sent to the target and not yet answered (each up to copy_chunk entries, ~9 MB at 25,000).
+WRITES_AHEAD = 3
 RETIRE_MODES = ("delete", "keep", "stop")
 VERIFY_SOURCE = ("digest", "read")
 
@@ -154,7 +160,7 @@ class _State:
     target_candidate_dirty: bool = False
     added: list[SessionKey] = field(default_factory=list)
     #: a copy forwarded as text adds every entry of this table (its keys are read from the text only if a rollback needs them)
-    added_table: TextTable | None = None
+    added_table: ForwardedEntries | None = None
     target_admission: bool | None = None  # the value before we changed it
     source_admission: bool | None = None
     switched: bool = False
@@ -188,8 +194,12 @@ class Migration:
         self._sub: Any = None
         self._st = _State()
         self._snapshot: list[NatSession] = []
+        #: when the source's snapshot had been read (perf_counter): its timeouts were read before
+        self._snapshot_at: float | None = None
         #: the snapshot as the source's text, when the copy forwarded it undecoded (self._snapshot then stays empty until needed)
         self._snapshot_text: Any = None
+        #: the copy forwarded the snapshot without keeping it: verify re-reads the source when it needs its table
+        self._snapshot_lost = False
         self._target_before: list[NatSession] = []
         self._plan: CopyPlan | None = None
         self._catch = CatchUp()
@@ -352,6 +362,7 @@ class Migration:
             return
         with ph.step("get-config"):
             self._snapshot = src.get_sessions("running")
+        self._snapshot_at = time.perf_counter()
         with ph.step("plan"):
             self._plan = plan_copy(self._snapshot, self._target_before, self.target.public)
             self._st.added = self._plan.added_keys
@@ -390,91 +401,133 @@ class Migration:
         validates every entry, and nothing reaches its running datastore
         before the commit.  A reply in another form than the codec's own is
         decoded in full instead, as the streamed copy does.
+
+        The reply is not kept here (only its count, public addresses and
+        keys: :class:`natmig.wire.nattext.ForwardedEntries`), and at most
+        :data:`CHUNKS_QUEUED` chunks and :data:`WRITES_AHEAD` slices wait at
+        once: when the target falls behind, the rest of the reply waits in
+        the source's SSH window, not in this process.  At 1,000,000 sessions
+        the controller held the reply as bytes, as text and as queued
+        slices: 1.5 GB.
         """
         codec = src.codec
         stream = EntryStream(codec, first=min(1000, self.opt.copy_chunk), most=self.opt.copy_chunk)
-        chunks: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        addresses: set[str] = set()
+        chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=CHUNKS_QUEUED)
+        sent = ForwardedEntries(codec)
         plain = True
         # Set before any write: a failure from here on discards the candidate.
         self._st.target_candidate_dirty = True
         with ThreadPoolExecutor(2) as pool:
-            writes: list[Any] = []
+            writes: collections.deque[Any] = collections.deque()
+
+            def refused() -> bool:
+                return any(w.done() and w.exception() is not None for w in writes)
 
             def send(parts: list[str]) -> bool:
                 """Check and send slices; False once nothing more may be sent."""
                 nonlocal plain
                 for part in parts:
-                    if not TextTable.plain_in(codec, part):
+                    if not TextTable.plain_in(codec, part) or not sent.add(part):
                         plain = False
                         return False
-                    addresses.update(TextTable.public_addresses(part))
-                    if foreign_addresses(addresses, self.target.public):
+                    if foreign_addresses(sent.addresses, self.target.public):
                         return False  # refused below, before this slice is sent
+                    while len(writes) >= WRITES_AHEAD and not refused():
+                        wait([writes[0]])
+                        if writes[0].exception() is None:
+                            writes.popleft()
+                    if refused():
+                        return False  # the target refused a slice: no use sending on
                     # Two requests in flight: the target's agent handles them
                     # in order, and reads the next while it handles one.
                     writes.append(pool.submit(tgt.edit_text, part, "candidate"))
-                    if any(w.done() and w.exception() is not None for w in writes):
-                        return False  # the target refused a slice: no use sending on
                 return True
+
+            failure: BaseException | None = None
+            drained = threading.Event()
+
+            def put(chunk: bytes | None) -> None:
+                # Waits while the copy is behind, but never once it has stopped taking chunks
+                # (a chunk after the end mark, in ncclient's transport thread, would hang the session).
+                while not drained.is_set():
+                    try:
+                        chunks.put(chunk, timeout=0.1)
+                        return
+                    except queue.Full:
+                        pass
 
             with ph.step("get-config"):
                 with ThreadPoolExecutor(1, thread_name_prefix="natmig-read") as reader:
-                    reading = reader.submit(src.read_table, "running", chunks.put)
-                    reading.add_done_callback(lambda _f: chunks.put(None))
+                    reading = reader.submit(src.read_table, "running", put, keep=False)
+                    reading.add_done_callback(lambda _f: put(None))
                     going = True
-                    while (chunk := chunks.get()) is not None:
-                        if going:
-                            going = send(stream.feed(chunk))
-                        else:
-                            stream.fed += len(chunk)
+                    try:
+                        while (chunk := chunks.get()) is not None:
+                            if going:
+                                try:
+                                    going = send(stream.feed(chunk))
+                                except BaseException as e:  # noqa: BLE001 - the reader must still be drained (it waits on the queue); raised below
+                                    failure, going = e, False
+                            else:
+                                stream.fed += len(chunk)
+                    finally:
+                        drained.set()
                     reply = reading.result()
+                if failure is not None:
+                    raise failure
+                self._snapshot_at = time.perf_counter()
                 if not reply.tapped:
                     going = send(stream.feed(reply.raw.encode()))
-                elif stream.fed != (len(reply.raw) if reply.raw.isascii() else len(reply.raw.encode())):
+                elif stream.fed != reply.received:
                     raise ControllerError("the source's reply differs from the chunks it arrived in; nothing committed")
-                table = TextTable.of(reply.raw, codec)
-            if table is None:
-                # No plain <data> element (another agent's spelling): decode it all.
-                for w in writes:
-                    w.result()
-                self._copy_decoded(ph, reply, tgt)
-                return
-            self._snapshot_text = reply
             # Recorded before the commit: what a failure after it removes.
-            self._st.added_table = table
+            self._st.added_table = sent
+            whole = None if reply.elided else reply
             with ph.step("edit-config"):
                 if going:
                     rest = stream.finish()
-                    # None: the body was not cut while it arrived (e.g. an empty <data/>): cut it now.
-                    send(rest if rest is not None else table.slices(4, self.opt.copy_chunk))
+                    if rest is None:
+                        # The body was not cut while it arrived (an empty <data/>, another spelling): from the whole reply.
+                        whole = whole or src.read_table("running")
+                        table = TextTable.of(whole.raw, codec)
+                        if table is None:
+                            plain = False
+                        else:
+                            send(table.slices(4, self.opt.copy_chunk))
+                    else:
+                        send(rest)
                 for w in writes:
                     w.result()
         if not plain:
-            # Another spelling than the codec's: decode the whole reply and
-            # write it all again (a merge of what is already in the candidate
-            # changes nothing); its keys are then known decoded.
+            # Another spelling than the codec's: decode the whole reply (read
+            # again when it was not kept) and write it all again (a merge of
+            # what is already in the candidate changes nothing); its keys are
+            # then known decoded.
             self._st.added_table = None
-            self._snapshot_text = None
-            self._copy_decoded(ph, reply, tgt)
+            self._copy_decoded(ph, whole or src.read_table("running"), tgt)
             return
+        # The snapshot as text, for verify when the digests differ; not kept when it was only forwarded.
+        self._snapshot_text = whole
+        self._snapshot_lost = whole is None
         with ph.step("plan"):
             # The whole snapshot's plan, before anything is committed.
-            conflicts = foreign_addresses(addresses, self.target.public)
+            conflicts = foreign_addresses(sent.addresses, self.target.public)
             if conflicts:
                 raise PlanError(conflicts)
             self._plan = CopyPlan([], frozenset(), 0)
         with ph.step("commit"):
             self._commit_copy(tgt)
-        self.report.copied = table.count
+        self.report.copied = sent.count
 
     def _copy_decoded(self, ph: Any, reply: Any, tgt: Any) -> None:
         """The streamed copy of a reply decoded whole by the codec (a form the text copy does not forward)."""
         sessions = reply.sessions()
         self._copy_streamed(ph, lambda _src, size, pieces=1: (sessions[i:i + size] for i in range(0, len(sessions), size)), tgt)
 
-    def _source_snapshot(self) -> list[NatSession]:
-        """The snapshot, decoded (once) when the copy forwarded it as text."""
+    def _source_snapshot(self) -> list[NatSession] | None:
+        """The snapshot, decoded (once) when the copy forwarded it as text; None when it was forwarded and not kept."""
+        if self._snapshot_lost:
+            return None
         if self._snapshot_text is not None:
             self._snapshot, self._snapshot_text = self._snapshot_text.sessions(), None
         return self._snapshot
@@ -493,6 +546,7 @@ class Migration:
             # A table smaller than four chunks is still cut in four: the
             # overlap then pays at 10k too (copy ~590 -> ~535 ms).
             parts = chunks("running", self.opt.copy_chunk, pieces=4)
+        self._snapshot_at = time.perf_counter()
         sent: list[NatSession] = []
         with ph.step("decode+edit-config"):
             self._st.target_candidate_dirty = True
@@ -676,9 +730,15 @@ class Migration:
             ph.note(f"all {self.report.verified} source sessions on the target with the same mapping (the two nodes' digests are equal)")
             return
         at_switch = self._source_final(stats)
+        # Folded: the timeouts in at_switch are the snapshot's and the events' (traffic before the switch may have renewed them since).
+        folded = at_switch is not None
         if at_switch is None:
             with ph.step("read-source"):
                 at_switch = src.get_sessions("running")
+        # Every timeout in at_switch was read before this moment.  Folded, most
+        # came with the snapshot: its time picks which ones to ask the source
+        # about again (a session an event renewed is among them at worst).
+        known_at = self._snapshot_at if folded and self._snapshot_at is not None else time.perf_counter()
         if target_stats is not None:
             if got.get("digest") == table_digest(at_switch):
                 self.report.verified = len(at_switch)
@@ -701,18 +761,57 @@ class Migration:
                 # Not a plain yes: decode the whole reply (the codec's checks) and say exactly what differs.
                 verdict = compare(at_switch, got.sessions())
         if verdict.missing and not verdict.remapped:
+            missing, ended = self._not_ended(ph, src, verdict.missing, folded, known_at)
             # The target still drops unknown sessions' packets, so a missing
             # session has not been re-mapped yet: write it now.
             with ph.step("reconcile"):
-                self._write(tgt, verdict.missing, [])
-                self._st.added += [s.key for s in verdict.missing]
-                self.report.reconciled = len(verdict.missing)
-                on_target = tgt.get_sessions("running")
-            verdict = compare(at_switch, on_target)
+                written_at = time.perf_counter()
+                self._write(tgt, missing, [])
+                self._st.added += [s.key for s in missing]
+                self.report.reconciled = len(missing)
+                reread_at = time.perf_counter()
+                on_target = tgt.get_sessions("running") if missing else []
+            after = compare(missing, on_target)
+            # Written with the few seconds they had left, some may have run
+            # out by their own timer before the target was read again.
+            lapsed = [s for s in after.missing if ran_out(s, written_at, reread_at)]
+            ended += len(lapsed)
+            verdict = Verdict([s for s in after.missing if not ran_out(s, written_at, reread_at)], after.remapped,
+                              verdict.extra, verdict.checked - ended)
+            if ended:
+                self.report.expired = ended
+                ph.note(f"{ended} source session(s) ended on the source (timed out) before the target was read: nothing to move")
         if not verdict.ok:
             raise ControllerError(f"verification failed: {verdict.describe()}")
         self.report.verified = verdict.checked
         ph.note(verdict.describe() + (" (source: its digest matched the snapshot and events)" if self.report.source_check == "digest" else " (source: re-read)"))
+
+    def _not_ended(self, ph: Any, src: Node, missing: list[NatSession], folded: bool, known_at: float) -> tuple[list[NatSession], int]:
+        """Of the sessions the target was found without, those still to write (fresh when re-read), and how many have ended.
+
+        A session whose remaining timeout, as the source last gave it, has run
+        out by now has ended on the source, and so would its copy on the
+        target, made with the same remaining lifetime: nothing to move,
+        whether the target lost it before or after its table was read.  That
+        is exact when the source was read after the switch (it is frozen and
+        carries no traffic since); when its table is the snapshot folded with
+        the events, traffic before the switch may have renewed those timers,
+        so the source is asked again and only those gone from it count.
+        At 1,000,000 sessions a table read takes a minute, and a benchmark
+        table loaded 900 s earlier lost ~300,000 entries to their timers
+        between the source's read and the target's: every one was reported
+        missing, and the reconcile wrote them back with the second they had left.
+        """
+        now = time.perf_counter()
+        lapsed = {s.key for s in missing if ran_out(s, known_at, now)}
+        if not lapsed:
+            return missing, 0
+        fresh: dict[SessionKey, NatSession] = {}
+        if folded:
+            with ph.step("re-read-source"):
+                fresh = {s.key: s for s in src.get_sessions("running") if s.key in lapsed}
+            lapsed -= fresh.keys()
+        return [fresh.get(s.key, s) for s in missing if s.key not in lapsed], len(lapsed)
 
     def _source_final(self, stats: dict[str, Any] | None) -> list[NatSession] | None:
         """The frozen source's table as the snapshot and every event imply it, when its digest proves it; else None.
@@ -727,10 +826,11 @@ class Migration:
         late = self._sub.drain() if self._sub is not None else []
         self._events += late
         self.report.events += len(late)
-        if stats is None or "sessions" not in stats:
+        snapshot = self._source_snapshot()
+        if stats is None or "sessions" not in stats or snapshot is None:
             self.report.source_check = "read"
             return None
-        implied = expected_table(self._source_snapshot(), self._events)
+        implied = expected_table(snapshot, self._events)
         # The count alone would miss a created and a destroyed notification
         # both still on their way (they cancel out); the digest covers every
         # key and mapping, so only an equal table passes.
@@ -942,6 +1042,14 @@ class Migration:
                     node.close()
                 except Exception:  # closing a dead session must not hide the real outcome
                     pass
+
+
+def ran_out(s: NatSession, read_at: float, checked_at: float) -> bool:
+    """Whether ``s``, read with its remaining ``timeout`` before ``read_at``, had certainly timed out by ``checked_at`` (perf_counter times).
+
+    One second of slack: the kernel counts timeouts in whole seconds.
+    """
+    return s.timeout is not None and read_at + s.timeout + 1 <= checked_at
 
 
 def migrate(source: Endpoint, target: Endpoint, steering: Steering, options: MigrateOptions | None = None, on_phase: Callable[[PhaseTiming], None] | None = None) -> MigrationReport:

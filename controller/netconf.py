@@ -42,7 +42,7 @@ from ..model import NatSession, SessionKey
 from ..wire import natedit
 from ..wire.natreply import TableReply, slices
 from .nodeproto import ALL_FEATURES
-from .ncpatch import RawTextRPC, SSHSession, TextRPC, install_parser, tap_next_reply
+from .ncpatch import RawTextRPC, SSHSession, TextRPC, install_parser, tap_next_reply, tapped_reply
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,9 @@ class NodeClient:
         except nc_transport.TransportError as e:
             raise SessionLost(f"{self.name}: {operation}: the NETCONF session ended ({e})") from e
         except nc_ops.TimeoutExpiredError as e:
-            raise ControllerError(f"{self.name}: {operation}: no reply in time ({e})") from e
+            # The timeout is named: a whole-table RPC scales with the table, and 30 s is short at 1,000,000.
+            raise ControllerError(f"{self.name}: {operation}: no reply in time (the RPC timeout is {self.reply_timeout:g} s; "
+                                  f"a larger table needs a longer one) ({e})") from e
         except OSError as e:
             # paramiko's "Socket is closed" when the session died between the connected check and the send
             # (seen in a rollback after a 1,000,000-session move): a lost session, not a traceback.
@@ -403,7 +405,7 @@ class NodeClient:
         inner = "" if key is None else "".join(f"<{k}>{v}</{k}>" for k, v in zip(self.codec.schema.keys, key))
         return self.codec.decode_xml(self._get_config(source, f'<{name} xmlns="{ns}">{inner}</{name}>'))
 
-    def read_table(self, source: str = "running", on_chunk: Callable[[bytes], None] | None = None) -> TableReply:
+    def read_table(self, source: str = "running", on_chunk: Callable[[bytes], None] | None = None, keep: bool = True) -> TableReply:
         """The whole nat-session list of ``source``, kept as text (see :class:`TableReply`).
 
         With ``on_chunk``, each chunk of the reply is also handed to it as it
@@ -411,15 +413,21 @@ class NodeClient:
         agent that streams its table sends it in many chunks); returns
         ``TableReply.tapped`` True then.  Only the reply to this request is
         tapped: nothing else may be in flight on this session meanwhile.
+        ``keep`` False (with ``on_chunk``): the chunks are the table's only
+        copy; a long reply is then not kept (``TableReply.elided``: its
+        text is the reply's empty root element), and ``received`` says how
+        many bytes it had.
         """
         if source not in ("running", "candidate"):
             raise ControllerError(f"get-config: source {source!r} is not running or candidate")
         ns = self.codec.ns
         name = self.codec.schema.list_name
         body = f'<get-config><source><{source}/></source><filter type="subtree"><{name} xmlns="{ns}"/></filter></get-config>'
-        tapped = on_chunk is not None and tap_next_reply(self._mgr, on_chunk)
+        tapped = on_chunk is not None and tap_next_reply(self._mgr, on_chunk, keep)
         reply = TableReply(self._call("get-config", self._mgr.execute, RawTextRPC, body)._raw, self.codec)
         reply.tapped = tapped
+        if tapped:
+            reply.received, reply.elided = tapped_reply(self._mgr)
         return reply
 
     def session_chunks(self, source: str = "running", size: int = 25_000, pieces: int = 1) -> Iterator[list[NatSession]]:

@@ -77,7 +77,7 @@ class TableReader(Node, Protocol):
 
     codec: Codec
 
-    def read_table(self, source: str = "running", on_chunk: Callable[[bytes], None] | None = None) -> TableReply: ...
+    def read_table(self, source: str = "running", on_chunk: Callable[[bytes], None] | None = None, keep: bool = True) -> TableReply: ...
 
 
 class ChunkSource(Node, Protocol):

@@ -46,6 +46,8 @@ class MigrationReport:
     caught_up: int = 0
     caught_up_deleted: int = 0
     reconciled: int = 0
+    #: source sessions that timed out on the source before verify found them missing on the target (nothing to move)
+    expired: int = 0
     verified: int = 0
     #: how verify knew the frozen source's table: "digest" (its nat-statistics
     #: digest matched the snapshot folded with the events) or "read" (re-read).
@@ -188,7 +190,7 @@ def format_report(r: MigrationReport) -> str:
         lines.append(f"  error: {r.error}")
     lines.append(
         f"  sessions: copied {r.copied}, events {r.events} (written {r.caught_up}, deleted {r.caught_up_deleted}), "
-        f"reconciled {r.reconciled}, verified {r.verified}, retired {r.retired}"
+        f"reconciled {r.reconciled}, verified {r.verified}, retired {r.retired}" + (f", ended on the source before verify {r.expired}" if r.expired else "")
     )
     lines.append("  phases:")
     for p in r.phases:

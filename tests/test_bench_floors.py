@@ -62,3 +62,18 @@ def test_merge_keeps_other_sizes_and_drops_rows_without_the_floors(bench, tmp_pa
     path.write_text(json.dumps(old))
     got = bench.merged(path, [row(1_000_000)])
     assert [r["sessions"] for r in got] == [1000, 1_000_000] and got[1]["natmig_total"] == 1.0
+
+
+def test_timeouts_scale_with_the_table_unless_given(bench) -> None:
+    # 30 s was what a 1,000,000-session get-config outlasted; 600 / 900 s moved it.
+    assert bench.Timeouts.for_table(1000) == bench.Timeouts(30.0, 10.0)
+    assert bench.Timeouts.for_table(1_000_000) == bench.Timeouts(600.0, 900.0)
+    assert bench.Timeouts.for_table(1_000_000, rpc=45.0, confirm=20.0) == bench.Timeouts(45.0, 20.0)
+
+
+def test_the_benchmark_table_outlives_a_long_run(bench) -> None:
+    # The 1,000,000 run spent ~15 min loading and on the floors, then its move
+    # read both tables a minute apart: with 900 s the oldest entries timed out between.
+    assert bench.SESSION_TIMEOUT >= 6 * 3600
+    with pytest.raises(SystemExit):
+        bench.main(["--confirm-timeout", "0"])

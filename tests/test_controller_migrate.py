@@ -286,20 +286,23 @@ class CountingNode(FakeNode):
     #: bytes per chunk a tapped read_table hands out (as an agent streaming its table sends them); 0: not tapped
     stream_chunk = 700
 
-    def read_table(self, source: str = "running", on_chunk=None) -> TableReply:
+    def read_table(self, source: str = "running", on_chunk=None, keep: bool = True) -> TableReply:
         table = self.get_sessions(source)
         body = CODEC.encode_xml(table, root=None).decode()
         reply = TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body}</data></rpc-reply>', CODEC)
-        return tapped(reply, on_chunk, self.stream_chunk)
+        return tapped(reply, on_chunk, self.stream_chunk, keep)
 
 
-def tapped(reply: TableReply, on_chunk, size: int = 700) -> TableReply:
-    """Hand out the reply's bytes in chunks first, as NodeClient.read_table does for a streamed reply."""
+def tapped(reply: TableReply, on_chunk, size: int = 700, keep: bool = True) -> TableReply:
+    """Hand out the reply's bytes in chunks first, as NodeClient.read_table does for a streamed reply (not kept: only its root element stays)."""
     if on_chunk is not None and size:
         data = reply.raw.encode()
         for i in range(0, len(data), size):
             on_chunk(data[i:i + size])
         reply.tapped = True
+        reply.received = len(data)
+        if not keep:
+            reply.raw, reply.elided = f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"></rpc-reply>', True
     return reply
 
 
@@ -552,9 +555,9 @@ def test_forwarded_text_carries_handshake_states_as_read():
 def test_a_reply_in_another_form_is_decoded_and_copied_all_the_same():
     src, tgt, sw = text_setup(30)
 
-    def spaced(source: str = "running", on_chunk=None) -> TableReply:
+    def spaced(source: str = "running", on_chunk=None, keep: bool = True) -> TableReply:
         body = CODEC.encode_xml(src.get_sessions(source), root=None).decode().replace("</nat-session>", "</nat-session>\n")
-        return tapped(TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body}</data></rpc-reply>', CODEC), on_chunk)
+        return tapped(TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body}</data></rpc-reply>', CODEC), on_chunk, keep=keep)
     src.read_table = spaced
     r = run(src, tgt, sw, retire="keep", copy_chunk=10)
     assert r.ok, r.error
@@ -608,10 +611,10 @@ def test_unequal_digests_after_a_forwarded_copy_fall_back_to_decoding_and_reconc
 def test_a_reply_spoiled_only_near_its_end_is_forwarded_then_decoded_and_still_copied_whole():
     src, tgt, sw = text_setup(40)
 
-    def late_comment(source: str = "running", on_chunk=None) -> TableReply:
+    def late_comment(source: str = "running", on_chunk=None, keep: bool = True) -> TableReply:
         body = CODEC.encode_xml(src.get_sessions(source), root=None).decode()
         cut = body.rindex("<nat-session ")
-        return tapped(TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body[:cut]}<!-- x -->{body[cut:]}</data></rpc-reply>', CODEC), on_chunk)
+        return tapped(TableReply(f'<rpc-reply xmlns="{NETCONF_NS}" message-id="1"><data>{body[:cut]}<!-- x -->{body[cut:]}</data></rpc-reply>', CODEC), on_chunk, keep=keep)
     src.read_table = late_comment
     r = run(src, tgt, sw, retire="keep", copy_chunk=10)
     assert r.ok, r.error
@@ -633,8 +636,8 @@ def test_the_target_gets_slices_while_the_sources_reply_still_arrives():
     tgt.edit_text = edit_text
     seen = {}
 
-    def read_table(source="running", on_chunk=None):
-        reply = TextNode.read_table(src, source, on_chunk)
+    def read_table(source="running", on_chunk=None, keep=True):
+        reply = TextNode.read_table(src, source, on_chunk, keep)
         # Every chunk is out, the reply not yet returned: a slice must already be on its way.
         seen["written"] = written.wait(5)
         return reply
@@ -648,7 +651,7 @@ def test_the_target_gets_slices_while_the_sources_reply_still_arrives():
 def test_chunks_that_differ_from_the_reply_commit_nothing():
     src, tgt, sw = text_setup(40)
 
-    def read_table(source="running", on_chunk=None):
+    def read_table(source="running", on_chunk=None, keep=True):
         reply = TextNode.read_table(src, source, None)
         data = reply.raw.encode()
         on_chunk(data[: len(data) // 2])  # the rest of the message never came through the tap
@@ -659,3 +662,119 @@ def test_chunks_that_differ_from_the_reply_commit_nothing():
     assert not r.ok and r.failed_phase == "copy" and "differs from the chunks" in r.error
     assert "commit" not in tgt.calls and "discard" in tgt.calls
     assert keys_map(tgt) == {} and sw.moves == [] and r.traffic_on == "nat1"
+
+
+def expire(nodes, victims, clock=None):
+    """A hook: ``victims`` time out on every node (their timers ran out), as a large table's oldest entries do during a long verify."""
+    def hook():
+        if clock is not None:
+            clock[0] += 100.0  # their 30 s ran out meanwhile
+        for node in nodes:
+            node.provider.delete([s.key for s in victims])
+    return hook
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """perf_counter moved on by the seconds added to the returned list (a long read, without waiting for it)."""
+    import time
+    real, offset = time.perf_counter, [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: real() + offset[0])
+    return offset
+
+
+def aging_setup(n: int, short: int):
+    """``n`` sessions, the first ``short`` of them with 30 s left, the rest with a day."""
+    table = [replace(s, timeout=30 if i < short else 86400) for i, s in enumerate(sessions(n))]
+    src = CountingNode("nat1", MemoryProvider(table={s.key: s for s in table}))
+    return src, CountingNode("nat2", MemoryProvider()), FakeSteering("nat1"), table[:short]
+
+
+@pytest.mark.parametrize("lost_events", [True, False], ids=["source-re-read", "snapshot-and-events"])
+def test_sessions_that_time_out_on_both_nodes_during_verify_are_not_missing(clock, lost_events):
+    # At 1,000,000 sessions a benchmark table's oldest entries timed out while
+    # verify read the two tables a minute apart: each one was reported missing.
+    src, tgt, sw, victims = aging_setup(20, 6)
+    src.drop_events = lost_events  # lost: the source's digest differs too, and it is re-read
+    late = replace(sessions(1, base_port=29500)[0], timeout=86400)
+    tgt.hooks["commit"] = lambda: src.provider.apply([late])
+    if not lost_events:
+        # Only the target's digest differs (it lost one copied session), so its table is read.
+        tgt.hooks["set-admission:False"] = lambda: tgt.provider.delete([sessions(20)[10].key])
+    # Before the target's table is read, the six short ones time out on both nodes.
+    tgt.hooks["get-config:running"] = expire((src, tgt), victims, clock)
+    # Written back (as verify did before), they had no time left: gone again
+    # before the target's re-read, and reported "6 missing on the target".
+    tgt.hooks["edit-config:running"] = lambda: tgt.hooks.setdefault("get-config:running", expire((tgt,), victims))
+    r = run(src, tgt, sw, retire="keep")
+    assert r.ok, r.error
+    assert r.expired == 6 and r.reconciled == 1 and r.verified == 20 + 1 - 6
+    assert keys_map(tgt) == keys_map(src)
+    assert "ended on the source" in " ".join(p.detail for p in r.phases)
+
+
+def test_a_session_missing_on_the_target_but_alive_on_the_source_is_written(clock):
+    src, tgt, sw, victims = aging_setup(20, 4)
+    tgt.hooks["set-admission:False"] = lambda: tgt.provider.delete([sessions(20)[10].key])
+    # The target alone loses four short-lived copies while its table is read: the source still holds them.
+    tgt.hooks["get-config:running"] = expire((tgt,), victims, clock)
+    r = run(src, tgt, sw, retire="keep")
+    assert r.ok, r.error
+    assert r.expired == 0 and r.reconciled == 5 and r.verified == 20
+    assert "re-read-source" in r.phases[4].steps  # their timers said "ended"; the source said otherwise
+    assert keys_map(tgt) == keys_map(src)
+
+
+def test_a_reconciled_session_whose_time_ran_out_is_not_missing():
+    from natmig.controller.migrate import ran_out
+    s = sessions(1)[0]
+    assert ran_out(replace(s, timeout=2), 10.0, 13.0) and not ran_out(replace(s, timeout=2), 10.0, 12.5)
+    assert not ran_out(replace(s, timeout=None), 0.0, 1e9)
+
+
+def test_a_slow_target_holds_back_the_sources_reply_instead_of_queueing_it_here(monkeypatch):
+    """At most WRITES_AHEAD slices wait for the target, at most CHUNKS_QUEUED chunks for the copy: nothing deadlocks, all arrives."""
+    import time as _time
+
+    from natmig.controller import migrate as mig
+
+    monkeypatch.setattr(mig, "WRITES_AHEAD", 1)
+    monkeypatch.setattr(mig, "CHUNKS_QUEUED", 2)
+    src, tgt, sw = text_setup(300)
+    busy, most = [0], [0]
+    real_edit = tgt.edit_text
+    lock = threading.Lock()
+
+    def slow_edit(entries, target="candidate"):
+        with lock:
+            busy[0] += 1
+            most[0] = max(most[0], busy[0])
+        _time.sleep(0.01)
+        try:
+            real_edit(entries, target)
+        finally:
+            with lock:
+                busy[0] -= 1
+    tgt.edit_text = slow_edit
+    r = run(src, tgt, sw, retire="keep", copy_chunk=20)
+    assert r.ok, r.error
+    assert most[0] == 1 and tgt.calls.count("edit-text") >= 300 // 20
+    assert keys_map(tgt) == keys_map(src) and r.copied == 300
+
+
+def test_a_source_read_that_fails_half_way_through_a_full_queue_fails_the_copy_and_hangs_nothing(monkeypatch):
+    from natmig.controller import migrate as mig
+
+    monkeypatch.setattr(mig, "CHUNKS_QUEUED", 2)
+    src, tgt, sw = text_setup(200)
+
+    def read_table(source="running", on_chunk=None, keep=True):
+        reply = TextNode.read_table(src, source, None)
+        data = reply.raw.encode()
+        for i in range(0, len(data) // 2, 300):
+            on_chunk(data[i:i + 300])
+        raise ControllerError("nat1: get-config: no reply in time (the RPC timeout is 30 s; a larger table needs a longer one)")
+    src.read_table = read_table
+    r = run(src, tgt, sw, copy_chunk=20)
+    assert not r.ok and r.failed_phase == "copy" and "RPC timeout is 30 s" in r.error
+    assert "commit" not in tgt.calls and keys_map(tgt) == {} and r.traffic_on == "nat1"

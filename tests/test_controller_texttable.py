@@ -160,3 +160,19 @@ def test_entry_stream_takes_a_chunk_that_ends_inside_a_character():
     stream = EntryStream(CODEC, first=1, most=1)
     parts = stream.feed(raw[:cut]) + stream.feed(raw[cut:])
     assert "".join(parts + (stream.finish() or [])) == body
+
+
+def test_forwarded_entries_keep_count_addresses_and_keys_of_each_slice() -> None:
+    from natmig.wire.nattext import ForwardedEntries
+
+    table = mixed(30) + [replace(s, translated_address="203.0.113.2") for s in sessions(5, base_port=40000, first=900)]
+    log = ForwardedEntries(CODEC)
+    text = text_of(table)
+    t = TextTable.of(reply(text), CODEC)
+    assert t is not None
+    for part in t.slices(4, 10):
+        assert log.add(part)
+    assert log.count == len(table) and log.addresses == {"203.0.113.1", "203.0.113.2"}
+    assert log.keys() == [s.key for s in table]
+    # An entry whose leaves are not keys-then-address is not taken (the caller decodes instead).
+    assert not log.add(text.replace("<translated_address>", "<x>", 1)) and log.count == len(table)

@@ -116,3 +116,33 @@ def test_a_message_in_too_many_chunks_is_refused() -> None:
     d.feed(b"\n#1\nx" * 101)
     with pytest.raises(MessageTooBig, match="more than 100 chunks"):
         d.next_message()
+
+
+def test_an_elided_message_keeps_its_head_and_tail_and_its_chunks_all_go_to_the_reader() -> None:
+    d = Deframer(max_message=1 << 30)
+    d.chunked = True
+    seen: list[bytes] = []
+
+    def on_chunk(part: bytes, first: bool) -> None:
+        seen.append(bytes(part))
+        if first:
+            d.elide = 10  # set by the reader on the first chunk, as the controller's parser does
+    d.on_chunk = on_chunk
+    pieces = [b"<head>0123", *(b"%05d" % i * 1000 for i in range(300)), b"</head>"]
+    d.feed(b"".join(b"\n#%d\n%s" % (len(p), p) for p in pieces) + b"\n##\n")
+    msg = d.next_message()
+    assert b"".join(seen) == b"".join(pieces)  # every byte reached the reader
+    total = sum(map(len, pieces))
+    assert d.size == total and d.cut == 10 and msg is not None and msg[:10] == b"<head>0123"
+    assert msg.endswith(b"</head>") and 17 <= len(msg) <= 10 + 10 + (1 << 20) and d.elided == total - len(msg)
+    # Only that message: the next is whole again.
+    d.feed(b"\n#3\nabc\n##\n")
+    assert d.next_message() == b"abc" and d.elided == 0 and d.elide is None
+
+
+def test_a_message_shorter_than_what_is_kept_is_not_elided() -> None:
+    d = Deframer()
+    d.chunked = True
+    d.on_chunk = lambda part, first: setattr(d, "elide", 1000) if first else None
+    d.feed(b"\n#5\nabcde\n#3\nfgh\n##\n")
+    assert d.next_message() == b"abcdefgh" and d.elided == 0

@@ -98,3 +98,10 @@ def test_bad_generator_input_is_refused() -> None:
         synthetic_sessions(1, POOL, servers=())
     with pytest.raises(PoolError, match=r"synthetic sessions: pool\[1\]: .* overlaps"):
         synthetic_sessions(1, (POOL[0], PublicRange(A1, (29999, 30000))))
+
+
+def test_synthetic_sessions_take_their_remaining_lifetime_and_refuse_one_out_of_range() -> None:
+    assert {s.timeout for s in synthetic_sessions(4, A1, (20000, 29999), timeout=86400)} == {86400}
+    assert {s.timeout for s in synthetic_sessions(2, A1, (20000, 29999))} == {900}
+    with pytest.raises(ControllerError, match=r"timeout 0 s is not within 1\.\."):
+        synthetic_sessions(1, A1, (20000, 29999), timeout=0)

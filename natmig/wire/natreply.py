@@ -14,7 +14,7 @@ from operator import attrgetter
 from typing import Any, Iterable, Iterator
 
 from ..codec import NETCONF_NS, Codec
-from ..errors import CodecError
+from ..errors import CodecError, ControllerError
 from ..model import NatSession
 
 
@@ -35,6 +35,10 @@ class TableReply:
         self.codec = codec
         #: whether the reply was also handed out chunk by chunk as it arrived (see NodeClient.read_table)
         self.tapped = False
+        #: the reply's size in bytes as it arrived (when tapped)
+        self.received = len(raw) if raw.isascii() else len(raw.encode())
+        #: True when only the reply's root element was kept (read_table with keep=False): its entries went to the tap alone
+        self.elided = False
         self._decoded: list[NatSession] | None = None
         self._found: dict[tuple[str, ...], tuple[str, ...]] | None = None
 
@@ -42,7 +46,12 @@ class TableReply:
         by_name = {s.name: s for s in self.codec.schema.leaves}
         return [by_name[n] for n in (*self.codec.schema.keys, *self.MAPPING)]
 
+    def _whole(self) -> None:
+        if self.elided:
+            raise ControllerError("this get-config reply was forwarded as it arrived and not kept: read the table again")
+
     def _scan(self) -> dict[tuple[str, ...], tuple[str, ...]]:
+        self._whole()
         if self._found is None:
             # Only entries in exactly the codec's own form match; anything
             # else is simply not found, and holds() says no (never a false yes).
@@ -79,6 +88,7 @@ class TableReply:
 
     def sessions(self) -> list[NatSession]:
         """The whole table, decoded and validated by the codec."""
+        self._whole()
         if self._decoded is None:
             from ncclient.xml_ import to_ele
 

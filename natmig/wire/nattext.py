@@ -202,3 +202,40 @@ class EntryStream:
 
 #: a <data> element spelled otherwise than plain <data> (empty, attributes, a prefix)
 _OTHER_DATA = re.compile(r"<data[\s/]|<\w+:data[\s/>]")
+
+
+class ForwardedEntries:
+    """What the controller keeps of a table it forwarded slice by slice: the count, the public addresses and the keys, compactly.
+
+    Forwarded as it arrives, the table itself is not kept (1,000,000
+    sessions: a 350 MB reply).  The keys are what a rollback after the
+    copy's commit deletes; kept as one line of text per entry (~45 bytes:
+    as NatSession objects or tuples they took ~300), parsed only when a
+    rollback needs them.  One pass of one expression per slice reads the
+    keys and the public address together.
+    """
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.count = 0
+        self.addresses: set[str] = set()
+        names = codec.schema.keys
+        self._entry = re.compile("".join(f"<{k}>([^<&]*)</{k}>" for k in names) + "<translated_address>([^<&]*)</translated_address>")
+        self._close = f"</{codec.schema.list_name}>"
+        self._keys: list[str] = []
+
+    def add(self, part: str) -> bool:
+        """Take one slice (already :meth:`TextTable.plain_in`); False when an entry does not read as keys then address (nothing taken)."""
+        found = self._entry.findall(part)
+        if len(found) != part.count(self._close):
+            return False
+        self.count += len(found)
+        self.addresses.update(m[-1] for m in found)
+        self._keys.append("\n".join("\t".join(m[:-1]) for m in found))
+        return True
+
+    def keys(self) -> list[SessionKey]:
+        """Every entry's key, typed by the module (what a rollback deletes)."""
+        spec = {s.name: s for s in self.codec.schema.leaves}
+        parse = [spec[k].parse for k in self.codec.schema.keys]
+        return [tuple(p(t) for p, t in zip(parse, line.split("\t"))) for block in self._keys if block for line in block.split("\n")]

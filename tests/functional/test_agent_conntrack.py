@@ -18,6 +18,7 @@ import pytest
 from natmig.agent.lab import AgentLab
 from natmig.agent.natnode import HOLD_QUEUE
 from natmig.controller.netconf import ConnectError, HostKeyError, NetconfError, NodeClient, SessionLost
+from natmig.errors import ControllerError
 from natmig.model import NatSession
 
 pytestmark = pytest.mark.root
@@ -233,6 +234,14 @@ def test_a_whole_table_is_sent_in_chunks_while_the_kernel_table_is_read(lab: Age
     # The same session, untapped, reads the same table (the tap took only that one reply).
     again = node.read_table("running")
     assert not again.tapped and again.raw.count("</nat-session>") == 3000
+    # Read by its tap alone (a migration's copy): the reply's body reaches the tap, and is not kept.
+    chunks.clear()
+    alone = node.read_table("running", on_chunk=chunks.append, keep=False)
+    assert alone.tapped and alone.elided and alone.received == sum(map(len, chunks))
+    assert b"".join(chunks).decode().count("</nat-session>") == 3000 and "<data>" not in alone.raw and 'message-id="' in alone.raw
+    with pytest.raises(ControllerError, match="not kept"):
+        alone.sessions()
+    assert len(node.get_sessions()) == 3000  # the session goes on
 
 
 def ssh_lines(lab: AgentLab) -> list[str]:
