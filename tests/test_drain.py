@@ -7,7 +7,6 @@ applies them, and each must end where it was sent without touching another.
 
 from __future__ import annotations
 
-import copy
 import ipaddress
 import random
 import re
@@ -32,6 +31,7 @@ from natmig.testbed.topology import TopologyError
 
 from .controller_fakes import FakeNode, sessions
 from .test_multihost import Switch
+from .test_topology import edited
 
 TOPOS = Path(topology.__file__).parent / "topologies"
 EIGHT = TOPOS / "eight-nats.toml"
@@ -39,17 +39,7 @@ EIGHT_DOC = tomllib.loads(EIGHT.read_text())
 
 
 def _eight(**changes):
-    doc = copy.deepcopy(EIGHT_DOC)
-    for path, value in changes.items():
-        *parents, leaf = path.split("__")
-        node = doc
-        for p in parents:
-            node = node[p]
-        if value is None:
-            del node[leaf]
-        else:
-            node[leaf] = value
-    return doc
+    return edited(EIGHT_DOC, **changes)
 
 
 # ------------------------------------------------------------ the topology

@@ -7,7 +7,6 @@ checked for where each host's traffic ends up.
 
 from __future__ import annotations
 
-import copy
 import re
 import tomllib
 from pathlib import Path
@@ -22,22 +21,14 @@ from natmig.testbed import flows, topology
 from natmig.testbed.bed import Testbed
 from natmig.testbed.topology import TopologyError
 
+from .test_topology import edited
+
 TWO = Path(topology.__file__).parent / "topologies" / "two-hosts.toml"
 TWO_DOC = tomllib.loads(TWO.read_text())
 
 
 def _two(**changes):
-    doc = copy.deepcopy(TWO_DOC)
-    for path, value in changes.items():
-        *parents, leaf = path.split("__")
-        node = doc
-        for p in parents:
-            node = node[p]
-        if value is None:
-            del node[leaf]
-        else:
-            node[leaf] = value
-    return doc
+    return edited(TWO_DOC, **changes)
 
 
 # ------------------------------------------------------------ topologies

@@ -17,9 +17,9 @@ from natmig.testbed.topology import TopologyError
 DEMO = tomllib.loads(topology.DEFAULT_TOPOLOGY.read_text())
 
 
-def _doc(**changes):
-    """The demo document with dotted-path changes applied (value None deletes the key)."""
-    doc = copy.deepcopy(DEMO)
+def edited(doc: dict, **changes: object) -> dict:
+    """A copy of a topology document with dotted-path changes (``nats__nat1__ports``; value None deletes the key)."""
+    doc = copy.deepcopy(doc)
     for path, value in changes.items():
         *parents, leaf = path.split("__")
         node = doc
@@ -30,6 +30,11 @@ def _doc(**changes):
         else:
             node[leaf] = value
     return doc
+
+
+def _doc(**changes):
+    """The demo document with changes (see :func:`edited`)."""
+    return edited(DEMO, **changes)
 
 
 def test_the_default_topology_is_the_original_demo():
