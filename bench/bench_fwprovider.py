@@ -135,8 +135,7 @@ def nat_migrations(sizes: list[int], work: Path) -> dict[int, dict]:
     try:
         tb.up()
         fleet = AgentFleet(tb, work / "nat-agents")
-        fleet.start("nat1")
-        fleet.start("nat2")
+        fleet.start_all(["nat1", "nat2"])
         for n in sizes:
             print(f"== NAT, {n} sessions", flush=True)
             t = time.perf_counter()

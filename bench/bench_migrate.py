@@ -426,8 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tb.up()
         fleet = AgentFleet(tb, work / "agents")
-        fleet.start("nat1")
-        fleet.start("nat2")
+        fleet.start_all(["nat1", "nat2"])
         for n in sizes:
             print(f"== {n} sessions", flush=True)
             try:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import heapq
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from natmig.controller import fabric as fb
 from natmig.controller.plan import NatPorts
