@@ -35,6 +35,8 @@ from natmig.agent.stateprovider import Change
 from natmig.schema import YANG_DIR
 from natmig.statemodel import load_module
 
+from common import agents_on  # noqa: E402 -- bench/ is the script's directory
+
 REPEAT = 3
 #: The firewall migrations' confirm-timeout: a move of 100k on a loaded 2-core machine takes longer than the default 10 s.
 CONFIRM_TIMEOUT = 120.0
@@ -69,7 +71,7 @@ def synthetic(n: int, blocked: int) -> tuple[list[tuple], list[tuple]]:
 
 def firewall_migrations(sizes: list[int], blocked: int, work: Path) -> dict[int, dict]:
     """The generic engine moving fw-state fw1 -> fw2 on the firewall testbed, once per size."""
-    from natmig.controller.demo import AgentFleet, control_plane_priority
+    from natmig.controller.demo import control_plane_priority
     from natmig.controller.engine import EngineMigration, EngineOptions, default_phases
     from natmig.controller.fwdemo import FIREWALL_TOPOLOGY
     from natmig.controller.migrate import endpoint_from_spec
@@ -80,13 +82,8 @@ def firewall_migrations(sizes: list[int], blocked: int, work: Path) -> dict[int,
     module = load_module(YANG_DIR / "fw-state.yang")
     sess, blk = module.list("session"), module.list("blocked")
     tb = Testbed.from_file(FIREWALL_TOPOLOGY, netns.run_prefix("fwm"))
-    fleet = None
     out: dict[int, dict] = {}
-    try:
-        tb.up()
-        fleet = AgentFleet(tb, work / "fw-agents", provider="firewall")
-        fleet.start("fw1")
-        fleet.start("fw2")
+    with agents_on(tb, work / "fw-agents", ["fw1", "fw2"], provider="firewall") as fleet:
         loader = FirewallProvider(module, FwNode(tb.fw_config("fw1"), hold=False))
         try:
             for n in sizes:
@@ -115,27 +112,19 @@ def firewall_migrations(sizes: list[int], blocked: int, work: Path) -> dict[int,
                 tb.exec("fw2", ["nft", "flush", "set", "ip", "natmig_fw", "blocked"], check=False)
         finally:
             loader.close()
-    finally:
-        if fleet is not None:
-            fleet.close()
-        tb.down()
     return out
 
 
 def nat_migrations(sizes: list[int], work: Path) -> dict[int, dict]:
     """The NAT's own migration nat1 -> nat2 on the NAT testbed, once per size (bench_migrate's setting, retire delete)."""
-    from natmig.controller.demo import AgentFleet, control_plane_priority, load_sessions, synthetic_sessions
+    from natmig.controller.demo import control_plane_priority, load_sessions, synthetic_sessions
     from natmig.controller.migrate import MigrateOptions, Migration, endpoint_from_spec
     from natmig.controller.steering import TestbedSteering
     from natmig.testbed.bed import Testbed
 
     tb = Testbed.from_file(None, netns.run_prefix("ntm"))
-    fleet = None
     out: dict[int, dict] = {}
-    try:
-        tb.up()
-        fleet = AgentFleet(tb, work / "nat-agents")
-        fleet.start_all(["nat1", "nat2"])
+    with agents_on(tb, work / "nat-agents", ["nat1", "nat2"]) as fleet:
         for n in sizes:
             print(f"== NAT, {n} sessions", flush=True)
             t = time.perf_counter()
@@ -150,10 +139,6 @@ def nat_migrations(sizes: list[int], work: Path) -> dict[int, dict]:
             for nat in ("nat1", "nat2"):
                 tb.exec(nat, ["conntrack", "-F"], check=False)
                 tb.nat_node(nat).set_admission(True)
-    finally:
-        if fleet is not None:
-            fleet.close()
-        tb.down()
     return out
 
 

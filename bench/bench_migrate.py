@@ -63,7 +63,7 @@ from natmig.controller.traffic import LiveTraffic, TrafficSpec
 from natmig.testbed import topology
 from natmig.testbed.bed import Testbed
 
-from common import SESSION_TIMEOUT, in_child, reset_peak_rss, vm_hwm_mb  # noqa: E402
+from common import SESSION_TIMEOUT, agents_on, in_child, reset_peak_rss, vm_hwm_mb  # noqa: E402
 from floors import conntrackd_floor, kernel_floor, tool_floor  # noqa: E402
 
 PHASES = ("preflight", "copy", "catch-up", "switch", "verify", "admit", "retire")
@@ -420,28 +420,22 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="natmig-bench-"))
     # Two public addresses per NAT node (topologies/pool.toml): a table of 1,000,000 needs a pool.
     tb = Testbed.from_file(topology.DEFAULT_TOPOLOGY.with_name("pool.toml"), prefix=netns.run_prefix("bm"))
-    fleet = None
     rows = []
     failed = None
     try:
-        tb.up()
-        fleet = AgentFleet(tb, work / "agents")
-        fleet.start_all(["nat1", "nat2"])
-        for n in sizes:
-            print(f"== {n} sessions", flush=True)
-            try:
-                timeouts = Timeouts.for_table(n, a.rpc_timeout, a.confirm_timeout)
-                print(f"   RPC timeout {timeouts.rpc:g} s, confirm timeout {timeouts.confirm:g} s", flush=True)
-                rows.append(measure(tb, fleet, n, work, timeouts))
-            except (NatmigError, RuntimeError) as e:  # RuntimeError: what failed in a child (in_child)
-                failed = f"{n} sessions: {e}"
-                break
+        with agents_on(tb, work / "agents", ["nat1", "nat2"]) as fleet:
+            for n in sizes:
+                print(f"== {n} sessions", flush=True)
+                try:
+                    timeouts = Timeouts.for_table(n, a.rpc_timeout, a.confirm_timeout)
+                    print(f"   RPC timeout {timeouts.rpc:g} s, confirm timeout {timeouts.confirm:g} s", flush=True)
+                    rows.append(measure(tb, fleet, n, work, timeouts))
+                except (NatmigError, RuntimeError) as e:  # RuntimeError: what failed in a child (in_child)
+                    failed = f"{n} sessions: {e}"
+                    break
     except NatmigError as e:
         failed = f"testbed or agents: {e}"
     finally:
-        if fleet is not None:
-            fleet.close()
-        tb.down()
         shutil.rmtree(work, ignore_errors=True)
     if failed:
         print(f"bench_migrate: stopped at {failed}")

@@ -6,7 +6,9 @@ import multiprocessing
 import resource
 import statistics
 import time
-from typing import Callable, Iterable, TypeVar
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from natmig.model import NatSession
 
@@ -121,3 +123,20 @@ def in_child(fn: Callable[[], T]) -> T:
     if not ok:
         raise RuntimeError(value)
     return value
+
+
+@contextmanager
+def agents_on(tb: Any, work: Path, nodes: Iterable[str], **fleet_options: Any) -> Iterator[Any]:
+    """The testbed ``tb`` up with an agent on each of ``nodes`` (an AgentFleet in ``work``); both taken down after, whatever happens."""
+    from natmig.controller.demo import AgentFleet
+
+    fleet = None
+    try:
+        tb.up()
+        fleet = AgentFleet(tb, work, **fleet_options)
+        fleet.start_all(list(nodes))
+        yield fleet
+    finally:
+        if fleet is not None:
+            fleet.close()
+        tb.down()
