@@ -25,7 +25,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .. import pool as public_pool
 from ..errors import EXIT_USAGE, TestbedError
@@ -209,8 +209,7 @@ class Topology:
 
     def public_pool(self, nat: str) -> tuple[PublicRange, ...]:
         """The public address pool of NAT node ``nat``: its declared pool, or its public network's gateway with its ports."""
-        n = self.nats[nat]
-        return n.pool or (PublicRange(str(self.networks[n.public].gateway), n.port_range),)
+        return _pool_of(self.nats[nat], self.networks)
 
     def spare_addresses(self, network: str, count: int, start: int = 200) -> list[str]:
         """Up to ``count`` addresses of ``network`` that no host, gateway or pool uses, from host number ``start`` up.
@@ -561,6 +560,11 @@ def _roles(raw_nats: dict[str, Any], networks: dict[str, Network]) -> dict[str, 
     return {n: used[n] for n in networks if n in used}
 
 
+def _pool_of(n: Nat, networks: Mapping[str, Network]) -> tuple[PublicRange, ...]:
+    """A NAT node's public address pool: its declared pool, or its public network's gateway with its ports."""
+    return n.pool or (PublicRange(str(networks[n.public].gateway), n.port_range),)
+
+
 def _check_pairs(ck: _Checker, nats: dict[str, Nat], networks: dict[str, Network], function: str | None) -> None:
     """Network pairs: each network on one side only; twins share both networks; instances sharing a public network own distinct addresses."""
     side_of: dict[str, tuple[str, str]] = {}
@@ -583,7 +587,7 @@ def _check_pairs(ck: _Checker, nats: dict[str, Nat], networks: dict[str, Network
     for pair, names in pairs.items():
         for name in names:
             n = nats[name]
-            for e in n.pool or (PublicRange(str(networks[n.public].gateway), n.port_range),):
+            for e in _pool_of(n, networks):
                 for a in public_pool.addresses((e,)):
                     had = owner.setdefault((n.public, a), name)
                     if nats[had].pair != pair:
