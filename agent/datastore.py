@@ -331,15 +331,16 @@ class Datastore:
             # Reading nat-control of running asks the node (an nft call): skip it when not wanted.
             return sessions, self.running_control() if with_control else {}
 
-    def running_batches(self) -> Generator[list[NatSession], None, None]:
-        """Running's sessions in batches, each as soon as the provider has read it (a reply sent while it is read).
+    def running_entries(self, codec: Codec) -> Generator[bytes, None, None]:
+        """Running's sessions in batches, each as the codec's XML entries as soon as the provider has read it (a reply sent while it is read).
 
-        The datastore stays locked until the iterator is exhausted or closed:
-        take it from one thread, and close it.
+        The provider writes the entries (:meth:`SessionProvider.entries_xml`):
+        conntrack's straight from its text.  The datastore stays locked until
+        the iterator is exhausted or closed: take it from one thread, and close it.
         """
         with self._mutex:
             with _reading_table():
-                yield from self.provider.batches()
+                yield from self.provider.entries_xml(codec)
 
     def statistics(self) -> dict[str, Any]:
         """The nat-statistics leaves, read now (the digest: see the module and model.table_digest).

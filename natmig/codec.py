@@ -243,6 +243,18 @@ class Codec:
             if v is not None and v != spec.default:
                 yield spec, v
 
+    @property
+    def optional_leaves(self) -> list[str]:
+        """The names of the entry's optional leaves, in the order :meth:`encode_xml` writes them (after the mandatory ones)."""
+        return [s.name for s in self._optional]
+
+    def optional_leaf_xml(self, name: str, value: Any) -> str:
+        """An optional leaf as :meth:`encode_xml` writes it inside an entry: "" when absent (None) or at its default."""
+        spec = self._by_name[name]
+        if value is None or value == spec.default:
+            return ""
+        return f"<{name}>{spec.text(value)}</{name}>"
+
     def encode_xml(self, sessions: Iterable[NatSession], root: str | None = "data") -> bytes:
         """Serialise sessions as XML list entries.
 
