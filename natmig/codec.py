@@ -86,14 +86,17 @@ class CanonicalEntries:
     def __init__(self, codec: "Codec") -> None:
         schema = codec.schema
         name = re.escape(schema.list_name.encode())
-        leaves = []
+        leaves, plain = [], []
         for spec in schema.leaves:
             n = re.escape(spec.name.encode())
-            leaf = rb"<" + n + rb">(" + _TEXT + rb")</" + n + rb">"
-            leaves.append(leaf if spec.is_key else rb"(?:" + leaf + rb")?")
+            for out, group in ((leaves, b"("), (plain, b"(?:")):
+                leaf = rb"<" + n + rb">" + group + _TEXT + rb")</" + n + rb">"
+                out.append(leaf if spec.is_key else rb"(?:" + leaf + rb")?")
         self._name = name
         #: the leaves and end tag of one entry, after its start tag
         self._body = b"".join(leaves) + rb"</" + name + rb">"
+        #: the same without capturing groups, for :meth:`is_run` (which reads no value): a 25k run in ~60 ms, not ~100
+        self._plain_body = b"".join(plain) + rb"</" + name + rb">"
         #: one entry; groups: the start tag's attribute text, then each leaf's text in module order.
         self.entry = re.compile(rb"<" + name + rb"(" + _ATTRS + rb")>" + self._body)
         self.end_tag = b"</" + schema.list_name.encode() + b">"
@@ -126,7 +129,7 @@ class CanonicalEntries:
         """
         run = self._runs.get(attrs)
         if run is None:
-            run = self._runs[attrs] = re.compile(rb"(?:<" + self._name + re.escape(attrs) + rb">" + self._body + rb")*")
+            run = self._runs[attrs] = re.compile(rb"(?:<" + self._name + re.escape(attrs) + rb">" + self._plain_body + rb")*")
         return run.fullmatch(data) is not None
 
     def decode(self, data: bytes, start: int, end: int, operation_of: Callable[[bytes], str | None], chunk: int = 1 << 20) -> list[EditEntry] | None:
