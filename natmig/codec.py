@@ -86,7 +86,8 @@ class CanonicalEntries:
     def __init__(self, codec: "Codec") -> None:
         schema = codec.schema
         name = re.escape(schema.list_name.encode())
-        leaves, plain = [], []
+        leaves: list[bytes] = []
+        plain: list[bytes] = []
         for spec in schema.leaves:
             n = re.escape(spec.name.encode())
             for out, group in ((leaves, b"("), (plain, b"(?:")):
