@@ -1,11 +1,8 @@
-"""The NAT migration's catch-up: the source frozen, its events settled and written into the target, the copy confirmed and the target held.
+"""The NAT migration's catch-up phase: the source frozen and its events written into the target, the copy confirmed and the target held.
 
-Close admission on the target (a packet of an unknown session must never
-create a mapping there) and on the source (it stops creating sessions;
-established ones keep flowing through it), wait until the source's event
-stream is quiet, and write what the events changed since the snapshot
-into the target.  From here until the switch the source's table cannot
-grow, so the target holds every session the source has.
+What it does and why the source is frozen before the switch: the module
+docstring of :mod:`.migrate` (``catch-up``).  Both digests verify compares
+are asked for at its end (:func:`start_digests`).
 """
 
 from __future__ import annotations

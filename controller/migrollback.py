@@ -1,12 +1,9 @@
 """The NAT migration's rollback: what has changed so far (:class:`State`), and how a failure undoes it (:func:`recover`).
 
-Before the switch, traffic stays on the source, the sessions this
-migration added to the target are removed and both admissions are
-restored.  After the switch, when catch-up or verification fails, traffic
-is pointed back to the source (which still holds every session: nothing is
-retired before verification) and the target is cleaned up the same way.
-What the agents hold pending (the copy, the freeze, the hold) is cancelled;
-what cannot be reached rolls back by itself within ``confirm_timeout``.
+What is undone before and after the switch: the module docstring of
+:mod:`.migrate` ("Failure handling").  What the agents hold pending (the
+copy, the freeze, the hold) is cancelled here; what cannot be reached rolls
+back by itself within ``confirm_timeout``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """The NAT migration's verify phase: the target holds every session of the frozen source, with the same mapping.
 
-Compare the two nodes' digests of their kernel tables (the source is
-frozen and carries no traffic, so its table is the table at the switch):
-equal, the target holds every source session with the same public
-address and port.  Otherwise read and compare the tables; a session an
-event did not bring (a late notification) is written now, before the
-target admits new sessions, so it can never be re-mapped.
+How (digests first, then the tables, a missing session written before the
+target admits): the module docstring of :mod:`.migrate` (``verify``).
 """
 
 from __future__ import annotations
