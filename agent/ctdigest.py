@@ -50,7 +50,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import reduce
 from operator import attrgetter, xor
-from typing import Callable, Final, Iterable, Iterator, Sequence
+from typing import Callable, Container, Final, Iterable, Iterator, Sequence
 
 from ..gcpause import gc_paused
 from ..model import NatSession, SessionKey, digest_values
@@ -211,11 +211,14 @@ class Deadlines:
     def __init__(self) -> None:
         self.slots: dict[int, list[Ident]] = {}
         self.heap: list[int] = []
+        #: identities in the slots, stale ones included
+        self.count = 0
 
     def add(self, items: Iterable[tuple[Ident, int]], now: float) -> None:
         """Schedule each (identity, remaining seconds)."""
         slots, heap = self.slots, self.heap
         base = math.ceil(now) + 1
+        n = 0
         for ident, secs in items:
             slot = base + secs if secs < _FINE else -(-(base + secs) // _COARSE) * _COARSE
             held = slots.get(slot)
@@ -224,6 +227,8 @@ class Deadlines:
                 heapq.heappush(heap, slot)
             else:
                 held.append(ident)
+            n += 1
+        self.count += n
 
     def due(self, now: float) -> list[Ident]:
         """The entries whose deadline has passed by ``now``, taken out of the schedule."""
@@ -231,10 +236,29 @@ class Deadlines:
         heap, slots = self.heap, self.slots
         while heap and heap[0] <= now:
             out += slots.pop(heapq.heappop(heap))
+        self.count -= len(out)
         return out
 
+    def compact(self, held: Container[Ident]) -> None:
+        """Keep one slot per entry still ``held`` (its earliest), none for the others.
+
+        An entry removed, or told a new timeout, leaves its old slot behind
+        until that comes due: a NAT closing thousands of connections a
+        second, each scheduled days ahead once established, would pile them
+        up.  Called when the stale ones outnumber the table (amortised O(1) an add).
+        """
+        first: dict[Ident, int] = {}
+        for slot in sorted(self.slots):
+            for ident in self.slots[slot]:
+                if ident in held and ident not in first:
+                    first[ident] = slot
+        slots: dict[int, list[Ident]] = {}
+        for ident, slot in first.items():
+            slots.setdefault(slot, []).append(ident)
+        self.slots, self.heap, self.count = slots, sorted(slots), len(first)
+
     def __len__(self) -> int:
-        return sum(map(len, self.slots.values()))
+        return self.count
 
 
 class WriteLog:
@@ -274,6 +298,8 @@ class LiveDigest:
     RCVBUF = ev.BURST * ev.EVENT_TRUESIZE
     #: Own events dropped by the kernel (a socket filter) rather than read and skipped by their header.
     DROP_OWN_IN_KERNEL = True
+    #: Stale deadlines kept beyond twice the table before they are dropped (:meth:`Deadlines.compact`).
+    STALE = 100_000
 
     def __init__(self, netns: str | None, reader: EntryReader, own: Callable[[], int | None]) -> None:
         self.netns = netns
@@ -383,6 +409,8 @@ class LiveDigest:
         assert self.table is not None
         held, now = self.table.held, time.monotonic()
         self.deadlines.add(((i, t) for i, t in timeouts.items() if i in held and _gettable(i)), now)
+        if self.deadlines.count > 2 * len(held) + self.STALE:
+            self.deadlines.compact(held)
         far = [t for i, t in timeouts.items() if i in held and not _gettable(i)]
         if far:
             self._walk_at = min(self._walk_at, now + min(far) + 1)

@@ -586,3 +586,15 @@ def test_far_deadlines_share_coarse_slots_and_never_come_early() -> None:
     assert len(d.slots) < 40  # one slot per second would be 1,000
     assert d.due(5.5 + 432_000) == []
     assert len(d.due(5.5 + 432_000 + 1000 + 2 + ctdigest._COARSE)) == 1000
+
+
+def test_the_schedule_keeps_one_deadline_per_entry_held_once_stale_ones_outnumber_the_table() -> None:
+    d = ctdigest.Deadlines()
+    keys = [("TCP", "10.0.0.2", i, "198.51.100.7", 80) for i in range(100)]
+    d.add([(k, 432_000) for k in keys], now=0.0)  # established: days ahead
+    d.add([(k, 120) for k in keys[:10]], now=0.0)  # ten told again, sooner
+    assert len(d) == 110
+    d.compact(set(keys[:10]) | set(keys[50:60]))  # the others closed
+    assert len(d) == 20
+    assert sorted(d.due(200.0)) == sorted(keys[:10])  # the earlier slot kept
+    assert sorted(d.due(10**7)) == sorted(keys[50:60]) and len(d) == 0
