@@ -187,6 +187,20 @@ class _Memo(dict):
         return value
 
 
+class _KeptMemo(_Memo):
+    """A :class:`_Memo` kept across chunks, which stops growing at ``limit`` texts (then converts each new one every time)."""
+
+    def __init__(self, convert: Callable[[bytes], object], limit: int) -> None:
+        super().__init__(convert)
+        self.limit = limit
+
+    def __missing__(self, key: bytes) -> object:
+        value = self.convert(key)
+        if len(self) < self.limit:
+            self[key] = value
+        return value
+
+
 _PROTOCOL = {b"tcp": "TCP", b"": "UDP"}
 _PROTOCOL_TEXT = {b"tcp": b"TCP", b"": b"UDP"}
 _STATE = {b"": None, **{k.encode(): v for k, v in TCP_STATES.items()}}
@@ -267,6 +281,10 @@ def _leaf_xml(codec: "Codec", leaf: str) -> Callable[[bytes], bytes]:
     return lambda text: codec.optional_leaf_xml(leaf, value(text)).encode()
 
 
+#: Column texts each of :func:`entries_xml`'s memos keeps at most (every port number).
+_KEPT = 1 << 16
+
+
 class _EntryWriter:
     """What :func:`entries_xml` needs of one codec: the text between the columns, and each optional leaf's XML per column text."""
 
@@ -279,9 +297,11 @@ class _EntryWriter:
         ]
         self.tail = f"</{name}>".encode()
         self.optional = codec.optional_leaves
-        self.leaf = {leaf: _Memo(_leaf_xml(codec, leaf)) for leaf in self.optional if leaf in _OPTIONAL_VALUES}
-        # Column texts that are no canonical decimal (leading zeros) are normalised as int() then str() would.
-        self.port = _Memo(lambda text: b"%d" % int(text))
+        # Kept for the agent's life, each at most _KEPT texts (every port; a
+        # table's timeouts are many, ~100 bytes each): a memo per chunk would
+        # convert most of a chunk's timeouts anew.
+        self.leaf = {leaf: _KeptMemo(_leaf_xml(codec, leaf), _KEPT) for leaf in self.optional if leaf in _OPTIONAL_VALUES}
+        self.port = _KeptMemo(_port_text, _KEPT)
 
     @property
     def usable(self) -> bool:
@@ -289,11 +309,16 @@ class _EntryWriter:
         return len(self.leaf) == len(self.optional)
 
 
+def _port_text(text: bytes) -> bytes:
+    # A column text that is no canonical decimal (leading zeros) is normalised as int() then str() would.
+    return b"%d" % int(text)
+
+
 _WRITERS: dict[int, tuple["Codec", _EntryWriter]] = {}
 
 
 def _writer(codec: "Codec") -> _EntryWriter:
-    # One per codec (an agent has one): its memos of column texts live as long as it does.
+    # One per codec (an agent has one).
     held = _WRITERS.get(id(codec))
     if held is None or held[0] is not codec:
         held = _WRITERS[id(codec)] = (codec, _EntryWriter(codec))
