@@ -230,11 +230,11 @@ class Deadlines:
             n += 1
         self.count += n
 
-    def due(self, now: float) -> list[Ident]:
-        """The entries whose deadline has passed by ``now``, taken out of the schedule."""
+    def due(self, now: float, limit: int | None = None) -> list[Ident]:
+        """The entries whose deadline has passed by ``now``, taken out of the schedule (whole slots until ``limit`` is reached)."""
         out: list[Ident] = []
         heap, slots = self.heap, self.slots
-        while heap and heap[0] <= now:
+        while heap and heap[0] <= now and (limit is None or len(out) < limit):
             out += slots.pop(heapq.heappop(heap))
         self.count -= len(out)
         return out
@@ -345,9 +345,10 @@ class LiveDigest:
             return self._rebuild()
         return self.table.summary()
 
-    def _expire_due(self, also: Iterable[Ident] = ()) -> bool:
+    def _expire_due(self, also: Iterable[Ident] = (), limit: int | None = None) -> bool:
         """Look up by key the entries whose timeout may have passed (and ``also``): the kernel removes those that expired.
 
+        ``limit``: about how many to look up (the event thread's turn).
         False when one cannot be read by key (the table must be read again).
         """
         assert self.table is not None
@@ -356,7 +357,7 @@ class LiveDigest:
             self._walk_at = math.inf
             ev.expire(self._request_socket())
         held = self.table.held
-        due = {i for i in self.deadlines.due(now) if i in held}
+        due = {i for i in self.deadlines.due(now, limit) if i in held}
         due.update(also)
         return self._recheck(due)
 
@@ -541,7 +542,7 @@ class LiveDigest:
                 with gc_paused():
                     if ready:
                         self._read(limit=self.TURN)
-                    if self._due_now() and not self._expire_due():
+                    if self._due_now() and not self._expire_due(limit=self.TURN):
                         self._lose()
             except (OSError, NetlinkError):  # EventsLost among them
                 self._lose()

@@ -578,6 +578,8 @@ def test_deadlines_come_due_after_the_timeout_they_were_told_and_once() -> None:
     assert d.due(102.0) == [("UDP", "10.0.0.2", 2, "198.51.100.7", 53)]
     assert d.due(131.9) == [] and len(d) == 1
     assert d.due(132.0) == [("UDP", "10.0.0.2", 1, "198.51.100.7", 53)] and d.due(10_000) == [] and len(d) == 0
+    d.add([(("UDP", "10.0.0.3", i, "198.51.100.7", 53), i % 3) for i in range(30)], now=0.0)
+    assert len(d.due(100.0, limit=5)) == 10 and len(d) == 20  # whole slots, until the limit is reached
 
 
 def test_far_deadlines_share_coarse_slots_and_never_come_early() -> None:
