@@ -57,6 +57,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, cast
 
 from .. import netns as nsmod
+from ..codec import Codec
 from ..errors import ProviderError
 from ..gcpause import gc_paused
 from ..model import NatSession, SessionKey, format_digest, format_key, index_by_key
@@ -256,6 +257,11 @@ class ConntrackProvider(SessionProvider):
         """:meth:`list`'s sessions, a batch per ~STREAM_BATCH bytes of ``conntrack -L`` output, each parsed as soon as it is printed."""
         for data in self._pieces(self._start_read(), STREAM_BATCH):
             yield cttext.parse_table(data).sessions
+
+    def entries_xml(self, codec: Codec) -> Iterator[bytes]:
+        """:meth:`batches` as the codec's XML entries, written straight from the ``conntrack -L`` text (:func:`.cttext.entries_xml`)."""
+        for data in self._pieces(self._start_read(), STREAM_BATCH):
+            yield cttext.entries_xml(data, codec)
 
     def _stream(self, proc: subprocess.Popen[bytes] | None, take: Callable[[bytes], None]) -> None:
         """Hand ``take`` what ``conntrack -L`` prints, in whole lines, while it prints them; then check its status."""

@@ -17,6 +17,7 @@ from operator import attrgetter
 from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 from .. import pool
+from ..codec import Codec
 from ..errors import ProviderError
 from ..model import NatSession, SessionKey, format_key, index_by_key, table_digest
 
@@ -78,6 +79,15 @@ class SessionProvider(abc.ABC):
         is still being read.
         """
         yield self.list().sessions
+
+    def entries_xml(self, codec: Codec) -> Iterator[bytes]:
+        """:meth:`batches`, each as the codec's bare XML entries (``codec.encode_xml(batch, root=None)``).
+
+        What a streamed get-config sends; a provider that reads its table as
+        text (conntrack) writes the XML from the text, without the records.
+        """
+        for batch in self.batches():
+            yield codec.encode_xml(batch, root=None)
 
     def statistics(self) -> dict[str, Any]:
         """The nat-statistics leaves, read now: ``{"sessions", "untranslated", "digest"}``.

@@ -298,13 +298,13 @@ def _stream_sessions(server: Server, sess: SessionState) -> Streamed:
     """
     assert sess.stream is not None
     codec = server.codec
-    batches = server.datastore.running_batches()
+    batches = server.datastore.running_entries(codec)
     try:
-        first = next(batches, [])  # a DatastoreError here is an ordinary rpc-error
-        sess.stream(sess.reply_head + b"<data>" + (codec.encode_xml(first, root=None) if first else b""))
+        first = next(batches, b"")  # a DatastoreError here is an ordinary rpc-error
+        sess.stream(sess.reply_head + b"<data>" + first)
         try:
             for batch in batches:
-                sess.stream(codec.encode_xml(batch, root=None))
+                sess.stream(batch)
         except Exception as e:
             raise StreamBroken(str(e)) from e
     finally:

@@ -15,6 +15,7 @@ import re
 from typing import Any, Callable
 
 import ncclient
+import paramiko
 import ncclient.transport.session as _nc_session
 from ncclient import transport as nc_transport
 from ncclient.operations.retrieve import GetReply
@@ -38,6 +39,18 @@ if getattr(ncclient, "__version__", None) != NCCLIENT_VERSION:
 # A 1 ms tick makes small RPCs take a few ms; the thread still sleeps in
 # select(), so the idle cost is ~1000 cheap wake-ups per second per session.
 _nc_session.TICK = 0.001
+
+# AES-GCM first among the ciphers the controller's SSH offers (paramiko
+# prefers aes128-ctr with hmac-sha2-256): one pass of an AEAD instead of a
+# cipher and a MAC.  A migration moves its table twice through this process
+# (in from the source, out to the target); measured moving 35 MB each way
+# between paramiko and the agent's asyncssh: 0.39 -> 0.28 s of this side's
+# CPU, 0.31 -> 0.23 s of the agent's.  ncclient makes the Transport and
+# starts it in one call, so the preference is the class's; an agent without
+# GCM still agrees on the next cipher offered.
+GCM = "aes128-gcm@openssh.com"
+if GCM in paramiko.Transport._preferred_ciphers:
+    paramiko.Transport._preferred_ciphers = (GCM, *(c for c in paramiko.Transport._preferred_ciphers if c != GCM))
 
 
 #: Bytes per read from the SSH channel (ncclient reads 4 KB at a time).

@@ -86,14 +86,18 @@ class CanonicalEntries:
     def __init__(self, codec: "Codec") -> None:
         schema = codec.schema
         name = re.escape(schema.list_name.encode())
-        leaves = []
+        leaves: list[bytes] = []
+        plain: list[bytes] = []
         for spec in schema.leaves:
             n = re.escape(spec.name.encode())
-            leaf = rb"<" + n + rb">(" + _TEXT + rb")</" + n + rb">"
-            leaves.append(leaf if spec.is_key else rb"(?:" + leaf + rb")?")
+            for out, group in ((leaves, b"("), (plain, b"(?:")):
+                leaf = rb"<" + n + rb">" + group + _TEXT + rb")</" + n + rb">"
+                out.append(leaf if spec.is_key else rb"(?:" + leaf + rb")?")
         self._name = name
         #: the leaves and end tag of one entry, after its start tag
         self._body = b"".join(leaves) + rb"</" + name + rb">"
+        #: the same without capturing groups, for :meth:`is_run` (which reads no value): a 25k run in ~60 ms, not ~100
+        self._plain_body = b"".join(plain) + rb"</" + name + rb">"
         #: one entry; groups: the start tag's attribute text, then each leaf's text in module order.
         self.entry = re.compile(rb"<" + name + rb"(" + _ATTRS + rb")>" + self._body)
         self.end_tag = b"</" + schema.list_name.encode() + b">"
@@ -126,7 +130,7 @@ class CanonicalEntries:
         """
         run = self._runs.get(attrs)
         if run is None:
-            run = self._runs[attrs] = re.compile(rb"(?:<" + self._name + re.escape(attrs) + rb">" + self._body + rb")*")
+            run = self._runs[attrs] = re.compile(rb"(?:<" + self._name + re.escape(attrs) + rb">" + self._plain_body + rb")*")
         return run.fullmatch(data) is not None
 
     def decode(self, data: bytes, start: int, end: int, operation_of: Callable[[bytes], str | None], chunk: int = 1 << 20) -> list[EditEntry] | None:
@@ -242,6 +246,18 @@ class Codec:
             v = getattr(s, spec.name)
             if v is not None and v != spec.default:
                 yield spec, v
+
+    @property
+    def optional_leaves(self) -> list[str]:
+        """The names of the entry's optional leaves, in the order :meth:`encode_xml` writes them (after the mandatory ones)."""
+        return [s.name for s in self._optional]
+
+    def optional_leaf_xml(self, name: str, value: Any) -> str:
+        """An optional leaf as :meth:`encode_xml` writes it inside an entry: "" when absent (None) or at its default."""
+        spec = self._by_name[name]
+        if value is None or value == spec.default:
+            return ""
+        return f"<{name}>{spec.text(value)}</{name}>"
 
     def encode_xml(self, sessions: Iterable[NatSession], root: str | None = "data") -> bytes:
         """Serialise sessions as XML list entries.

@@ -146,6 +146,13 @@ def test_ncclient_session_and_typed_client(agent: RunningAgent) -> None:
         assert "module nat-session" in c.get_schema()
 
 
+def test_the_controllers_session_encrypts_with_aes_gcm(agent: RunningAgent) -> None:
+    # One AEAD pass instead of AES-CTR and an HMAC: what a migration's table costs both ends (controller/ncpatch.py).
+    with agent.client() as c:
+        transport = c._mgr._session._transport
+        assert (transport.local_cipher, transport.remote_cipher) == ("aes128-gcm@openssh.com",) * 2
+
+
 def test_rpc_error_is_typed_and_session_stays_usable(agent: RunningAgent) -> None:
     with agent.client() as c:
         c.edit_sessions([S(1)], target="running")

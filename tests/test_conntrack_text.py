@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from natmig.agent import cttext
 from natmig.agent.ctbatch import invalid_entries, plan_apply, validate
+from natmig.codec import default_codec
 from natmig.model import NatSession, digest_xor, format_digest, table_digest
 
 from .strategies import ipv4, sessions
@@ -296,3 +297,43 @@ def test_digest_xor_is_table_digests_accumulator() -> None:
     texts = [f"{s.protocol} {s.src_address} {s.src_port} {s.dst_address} {s.dst_port} {s.translated_address} {s.translated_port}".encode() for s in ss]
     assert format_digest(digest_xor(texts)) == table_digest(ss) != format_digest(digest_xor(texts[:1]))
     assert format_digest(digest_xor([])) == table_digest([]) == "0" * 16
+
+
+# -- the XML entries written straight from the text, against the general path --
+
+def _general_xml(text: str) -> bytes:
+    return default_codec().encode_xml(cttext.parse_table(text.encode()).sessions, root=None)
+
+
+def _mark_in_place(line: str) -> bool:
+    return "mark=" in line and line.index("mark=") < line.index("use=1")
+
+
+@given(st.one_of(st.lists(dump_lines(), max_size=25),
+                 # Every line with its mark where conntrack prints it: the direct path, not the fallback.
+                 st.lists(dump_lines().filter(_mark_in_place), max_size=25)), st.booleans(), st.booleans())
+@settings(max_examples=600, deadline=None)
+def test_entries_xml_is_the_codec_encoding_of_the_parsed_sessions(lines: list[str], final_newline: bool, zeros: bool) -> None:
+    text = "\n".join(lines) + ("\n" if final_newline and lines else "")
+    if zeros:
+        # Ports and timeouts with leading zeros: written as the records' ints would be.
+        text = text.replace("port=", "port=00").replace(" 299 ", " 0299 ")
+    assert cttext.entries_xml(text.encode(), default_codec()) == _general_xml(text)
+
+
+@pytest.mark.parametrize("text", [REAL, HOLDERS, REAL + HOLDERS, REAL.rstrip("\n"), "",
+                                  REAL.replace("10.0.0.3", "10.0.0.\u00b3"), REAL.replace("mark=7 ", "")])
+def test_entries_xml_of_real_lines_and_odd_text_is_the_general_path(text: str) -> None:
+    assert cttext.entries_xml(text.encode(), default_codec()) == _general_xml(text)
+
+
+def test_entries_xml_of_conntracks_usual_lines_builds_no_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The lines conntrack prints for a table of sessions take the direct path
+    # (the general one would parse them into records first), and read back as those sessions.
+    usual = "".join(line + "\n" for line in REAL.splitlines() if "OFFLOAD" not in line)
+    want = cttext.parse_table(usual.encode()).sessions
+    codec = default_codec()
+    monkeypatch.setattr(cttext, "parse_table", lambda *a, **k: pytest.fail("took the general path"))
+    got = cttext.entries_xml(usual.encode(), codec)
+    assert codec.decode_xml(b'<data xmlns="urn:ietf:params:xml:ns:netconf:base:1.0">' + got + b"</data>") == want
+    assert len(want) == 5 and b"<tcp_state>SYN_SENT</tcp_state>" in got and b"<assured>true</assured><mark>7</mark>" in got

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -176,3 +177,17 @@ def test_forwarded_entries_keep_count_addresses_and_keys_of_each_slice() -> None
     assert log.keys() == [s.key for s in table]
     # An entry whose leaves are not keys-then-address is not taken (the caller decodes instead).
     assert not log.add(text.replace("<translated_address>", "<x>", 1)) and log.count == len(table)
+
+
+@given(n=st.integers(0, 12), cut=st.integers(0, 4000), drop=st.integers(0, 3),
+       snippet=st.sampled_from(["", " ", "<", ">", "&amp;", "<x/>", "</nat-session>", "<mark>1</mark>", "<protocol>TCP</protocol>", ' xmlns="a"']))
+@settings(max_examples=400, deadline=None)
+def test_the_plain_check_judges_as_the_entry_pattern_with_its_groups(n: int, cut: int, drop: int, snippet: str) -> None:
+    # is_run's pattern reads no values (no capturing groups); it must accept exactly what the entry pattern with them accepts.
+    body = text_of(mixed(n))
+    cut = min(cut, len(body))
+    damaged = (body[:cut] + snippet + body[cut + drop:]).encode()
+    canonical = CODEC.canonical
+    attrs = f' xmlns="{CODEC.ns}"'.encode()
+    with_groups = re.compile(rb"(?:<" + canonical._name + re.escape(attrs) + rb">" + canonical._body + rb")*")
+    assert canonical.is_run(damaged, attrs) == (with_groups.fullmatch(damaged) is not None)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from natmig.agent import datastore
 from natmig.agent.datastore import Datastore, DatastoreError, EditRequest, select
 from natmig.agent.provider import MemoryProvider
 from natmig.codec import EditEntry, default_codec
@@ -213,3 +216,70 @@ def test_select() -> None:
     assert select(rows, [{"protocol": "UDP"}]) == rows[2:]
     assert select(rows, [{"src_port": 1}, {"src_port": 2}]) == rows[:2]
     assert select(rows, [{"src_port": 1, "protocol": "UDP"}]) == []
+
+
+# -- the candidate's reply-tuple index against a check of the whole candidate --
+
+_OPS = ["merge", "replace", "create", "delete", "remove", None]
+
+
+@st.composite
+def candidate_edits(draw: st.DrawFn) -> list[tuple[list[EditEntry], str, str]]:
+    """Edits of a few sessions whose public ports often collide, with every operation and error option."""
+    out = []
+    for _ in range(draw(st.integers(1, 6))):
+        entries = []
+        for port in draw(st.lists(st.integers(1, 8), max_size=6)):
+            pub = draw(st.sampled_from([None, 20001, 20002, 20003]))
+            addr = draw(st.sampled_from(["203.0.113.1", "203.0.113.1", "203.0.113.9"]))
+            op = draw(st.sampled_from(_OPS))
+            entries.append(E(S(port, pub, addr=addr), op) if op not in ("delete", "remove") else E(S(port), op, ))
+        out.append((entries, draw(st.sampled_from(["merge", "replace", "none"])), draw(st.sampled_from(["stop-on-error", "continue-on-error"]))))
+    return out
+
+
+def _run_candidate_edits(edits: list[tuple[list[EditEntry], str, str]], indexed: bool, monkeypatch: pytest.MonkeyPatch) -> list:
+    p = MemoryProvider(owned={"203.0.113.1"})
+    p.apply([S(1), S(2), S(3)])
+    ds = Datastore(p, default_codec())
+    with monkeypatch.context() as m:
+        if not indexed:
+            m.setattr(Datastore, "_candidate_replies", lambda self: None)
+        seen: list = []
+        for entries, default, on_error in edits:
+            try:
+                ds.edit("candidate", EditRequest(list(entries)), sid=1, default_operation=default, error_option=on_error)
+                seen.append("ok")
+            except DatastoreError as e:
+                seen.append(sorted((pr.tag, pr.message) for pr in e.problems))
+            seen.append(table(ds, "candidate"))
+        try:
+            ds.commit(sid=1)
+            seen.append(table(ds))
+        except DatastoreError as e:
+            seen.append(sorted((pr.tag, pr.message) for pr in e.problems))
+    return seen
+
+
+@given(candidate_edits())
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_candidate_edits_checked_by_the_reply_index_as_by_the_whole_candidate(monkeypatch: pytest.MonkeyPatch, edits) -> None:
+    assert _run_candidate_edits(edits, True, monkeypatch) == _run_candidate_edits(edits, False, monkeypatch)
+
+
+def test_the_candidate_is_checked_by_its_reply_index(ds: Datastore, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Slices of a copy: each is checked against the index, not by a pass over the candidate.
+    ds.edit("candidate", EditRequest([E(S(10)), E(S(11))]), sid=1)
+    whole = datastore.check_batch
+
+    def batch_alone(sessions, existing, owned):  # noqa: ANN001, ANN202 - a spy
+        assert not existing, "checked the whole candidate"
+        return whole(sessions, existing, owned)
+
+    monkeypatch.setattr(datastore, "check_batch", batch_alone)
+    ds.edit("candidate", EditRequest([E(S(12)), E(S(13))]), sid=1)
+    with pytest.raises(DatastoreError) as e:
+        ds.edit("candidate", EditRequest([E(S(14, 20012))]), sid=1)  # S(12)'s public port
+    assert tags(e) == ["operation-failed"] and "already used" in e.value.problems[0].message
+    ds.edit("candidate", EditRequest([E(S(12), "delete"), E(S(14, 20012))]), sid=1)  # freed by the delete in the same edit
+    assert set(table(ds, "candidate")) == {S(p).key for p in (1, 2, 3, 10, 11, 13, 14)}
