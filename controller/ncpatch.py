@@ -49,8 +49,9 @@ _nc_session.TICK = 0.001
 # starts it in one call, so the preference is the class's; an agent without
 # GCM still agrees on the next cipher offered.
 GCM = "aes128-gcm@openssh.com"
-if GCM in paramiko.Transport._preferred_ciphers:
-    paramiko.Transport._preferred_ciphers = (GCM, *(c for c in paramiko.Transport._preferred_ciphers if c != GCM))
+_offered = getattr(paramiko.Transport, "_preferred_ciphers")  # private: getattr, typed the same with or without paramiko's stubs
+if GCM in _offered:
+    setattr(paramiko.Transport, "_preferred_ciphers", (GCM, *(c for c in _offered if c != GCM)))
 
 
 #: Bytes per read from the SSH channel (ncclient reads 4 KB at a time).
