@@ -64,8 +64,9 @@ from typing import Any, Callable, Iterator, Sequence, cast
 from .. import netns
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession, SessionKey, table_digest
-from .nodeproto import SESSIONS_AND_ADMISSION, CHUNKS, STATISTICS, TABLE_TEXT, TEXT_EDIT, BothReader, ChunkSource, Counter, Node, TableReader, TextTarget, has
+from .nodeproto import SESSIONS_AND_ADMISSION, CHUNKS, RANGES, STATISTICS, TABLE_TEXT, TEXT_EDIT, BothReader, ChunkSource, Counter, Node, RangeReader, TableReader, TextTarget, has
 from .plan import CatchUp, CopyPlan, PlanError, Verdict, compare, expected_table, foreign_addresses, plan_copy
+from .rangecheck import MAX_SHARE, RangeCheck, check_by_ranges
 from .reach import netns_hint, route_error
 from .readback import read_node
 from .report import MigrationReport, PhaseClock, PhaseTiming
@@ -729,6 +730,14 @@ class Migration:
             self.report.source_check = self.report.target_check = "digest"
             ph.note(f"all {self.report.verified} source sessions on the target with the same mapping (the two nodes' digests are equal)")
             return
+        if target_stats is not None and has(src, RANGES) and has(tgt, RANGES):
+            # Only the key ranges whose digests differ are read (see .rangecheck).
+            with ph.step("ranges"):
+                ranged = self._by_ranges(src, tgt)
+            if ranged is not None:
+                ph.note(ranged.describe())
+                self._settle_verdict(ph, src, tgt, ranged.verdict, False, ranged.read_at)
+                return
         at_switch = self._source_final(stats)
         # Folded: the timeouts in at_switch are the snapshot's and the events' (traffic before the switch may have renewed them since).
         folded = at_switch is not None
@@ -760,6 +769,24 @@ class Migration:
             else:
                 # Not a plain yes: decode the whole reply (the codec's checks) and say exactly what differs.
                 verdict = compare(at_switch, got.sessions())
+        self._settle_verdict(ph, src, tgt, verdict, folded, known_at)
+
+    def _by_ranges(self, src: Node, tgt: Node) -> RangeCheck | None:
+        """verify by key range (:mod:`.rangecheck`); None when too much differs (the tables are read whole then)."""
+        # Late notifications are counted as the other paths count them; the source is read after the switch, so they are not needed.
+        late = self._sub.drain() if self._sub is not None else []
+        self._events += late
+        self.report.events += len(late)
+        ranged = check_by_ranges(cast(RangeReader, src), cast(RangeReader, tgt))
+        if ranged is None:
+            log.info("more than %d%% of the two tables differ by key range: reading them whole", int(MAX_SHARE * 100))
+            return None
+        self.report.source_check = self.report.target_check = "ranges"
+        self.report.range_sessions_read = ranged.read_source + ranged.read_target
+        return ranged
+
+    def _settle_verdict(self, ph: Any, src: Node, tgt: Node, verdict: Verdict, folded: bool, known_at: float) -> None:
+        """Write what the target misses (unless a session is re-mapped, or has ended), and fail unless all is then there."""
         if verdict.missing and not verdict.remapped:
             missing, ended = self._not_ended(ph, src, verdict.missing, folded, known_at)
             # The target still drops unknown sessions' packets, so a missing
@@ -784,7 +811,8 @@ class Migration:
         if not verdict.ok:
             raise ControllerError(f"verification failed: {verdict.describe()}")
         self.report.verified = verdict.checked
-        ph.note(verdict.describe() + (" (source: its digest matched the snapshot and events)" if self.report.source_check == "digest" else " (source: re-read)"))
+        how = {"digest": " (source: its digest matched the snapshot and events)", "ranges": " (by key range: source and target read in the ranges that differ)"}
+        ph.note(verdict.describe() + how.get(self.report.source_check or "", " (source: re-read)"))
 
     def _not_ended(self, ph: Any, src: Node, missing: list[NatSession], folded: bool, known_at: float) -> tuple[list[NatSession], int]:
         """Of the sessions the target was found without, those still to write (fresh when re-read), and how many have ended.
