@@ -52,7 +52,7 @@ class RangeCheck:
 
     def describe(self) -> str:
         """One line for the phase's note."""
-        return (f"{self.differing} of {self.ranges} key ranges differ; read {self.read_source} source and "
+        return (f"{self.differing} of {self.ranges} non-empty key ranges differ; read {self.read_source} source and "
                 f"{self.read_target} target sessions of them")
 
 
