@@ -356,8 +356,8 @@ class Datastore:
             return dict(self.provider.range_digests())
 
     def range_sessions(self, ranges: Collection[int]) -> list[NatSession]:
-        """Running's sessions whose key is in one of these key ranges."""
-        with _reading_table():
+        """Running's sessions whose key is in one of these key ranges (read by key, as a keyed read is: under the datastore's lock)."""
+        with self._mutex, _reading_table():
             return self.provider.range_sessions(ranges)
 
     def _snapshot(self) -> Any:
