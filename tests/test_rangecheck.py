@@ -306,3 +306,15 @@ def test_a_node_without_the_feature_gets_the_whole_read() -> None:
     assert r.ok, r.error
     assert r.target_check == "read" and r.reconciled == 1 and r.range_sessions_read is None
     assert "get-range-digests" not in src.calls
+
+
+def test_a_read_only_user_may_read_by_range(tmp_path: Path) -> None:
+    """They read what get and get-config read: access "read", not "exec" or "write"."""
+    from natmig.agent.nacm import load
+
+    (tmp_path / "nacm.toml").write_text('[groups]\nadmin = ["natmig"]\n')
+    ac = load(tmp_path / "nacm.toml")
+    for op in ("get-range-digests", "get-range-sessions"):
+        assert ac.decide("bob", op).permitted, op
+    (tmp_path / "nacm.toml").write_text('read-default = "deny"\n')
+    assert not load(tmp_path / "nacm.toml").decide("bob", "get-range-sessions").permitted
