@@ -69,7 +69,7 @@ from ..errors import ControllerError, NatmigError
 from ..model import NatSession, SessionKey, key_range, table_digest
 from .nodeproto import SESSIONS_AND_ADMISSION, CHUNKS, RANGES, STATISTICS, TABLE_TEXT, TEXT_EDIT, BothReader, ChunkSource, Counter, Node, RangeReader, TableReader, TextTarget, has
 from .plan import CatchUp, CopyPlan, PlanError, Verdict, compare, expected_table, foreign_addresses, plan_copy
-from .rangecheck import MAX_SHARE, RangeCheck, check_by_ranges
+from .rangecheck import MAX_SHARE, RangeCheck, both_digests, check_ranges
 from .reach import netns_hint, route_error
 from .readback import read_node
 from .report import MigrationReport, PhaseClock, PhaseTiming
@@ -735,8 +735,7 @@ class Migration:
             return
         if target_stats is not None and has(src, RANGES) and has(tgt, RANGES):
             # Only the key ranges whose digests differ are read (see .rangecheck).
-            with ph.step("ranges"):
-                ranged = self._by_ranges(src, tgt)
+            ranged = self._by_ranges(ph, src, tgt)
             if ranged is not None:
                 ph.note(ranged.describe())
                 self._settle_verdict(ph, src, tgt, ranged.verdict, False, ranged.read_at)
@@ -774,13 +773,17 @@ class Migration:
                 verdict = compare(at_switch, got.sessions())
         self._settle_verdict(ph, src, tgt, verdict, folded, known_at)
 
-    def _by_ranges(self, src: Node, tgt: Node) -> RangeCheck | None:
+    def _by_ranges(self, ph: Any, src: Node, tgt: Node) -> RangeCheck | None:
         """verify by key range (:mod:`.rangecheck`); None when too much differs (the tables are read whole then)."""
         # Late notifications are counted as the other paths count them; the source is read after the switch, so they are not needed.
         late = self._sub.drain() if self._sub is not None else []
         self._events += late
         self.report.events += len(late)
-        ranged = check_by_ranges(cast(RangeReader, src), cast(RangeReader, tgt))
+        s, t = cast(RangeReader, src), cast(RangeReader, tgt)
+        with ph.step("range-digests"):
+            digests = both_digests(s, t)
+        with ph.step("range-sessions"):
+            ranged = check_ranges(s, t, *digests)
         if ranged is None:
             log.info("more than %d%% of the two tables differ by key range: reading them whole", int(MAX_SHARE * 100))
             return None

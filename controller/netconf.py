@@ -477,9 +477,12 @@ class NodeClient:
         ns = self.codec.ns
         reply = self.call("get-range-digests", f'<get-range-digests xmlns="{ns}"/>')
         out: dict[int, tuple[int, int]] = {}
+        tags = [f"{{{ns}}}{leaf}" for leaf in ("id", "sessions", "digest")]
         try:
+            # The leaves by a dict of each entry's children: findtext per leaf cost ~11 us each, 2 s for 65,536 ranges.
             for r in reply.iterchildren(f"{{{ns}}}range"):
-                rid, n, digest = (r.findtext(f"{{{ns}}}{leaf}") for leaf in ("id", "sessions", "digest"))
+                leaves = {c.tag: c.text for c in r}
+                rid, n, digest = (leaves.get(t) for t in tags)
                 if rid is None or n is None or digest is None or len(digest) != 16:
                     raise ValueError(etree.tostring(r, encoding="unicode")[:200])
                 out[int(rid)] = (int(n), int(digest, 16))

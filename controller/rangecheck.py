@@ -66,17 +66,27 @@ def sessions_in(digests: RangeDigests, ranges: list[int]) -> int:
     return sum(digests[r][0] for r in ranges if r in digests)
 
 
+def both_digests(src: RangeReader, tgt: RangeReader) -> tuple[RangeDigests, RangeDigests]:
+    """Both nodes' range digests, asked for at once (two agents)."""
+    with ThreadPoolExecutor(2) as pool:
+        fs, ft = pool.submit(src.get_range_digests), pool.submit(tgt.get_range_digests)
+        return fs.result(), ft.result()
+
+
 def check_by_ranges(src: RangeReader, tgt: RangeReader, max_share: float = MAX_SHARE) -> RangeCheck | None:
-    """Compare the source's table with the target's by key range; None when too much differs (read the tables whole then).
+    """Compare the source's table with the target's by key range; None when too much differs (read the tables whole then)."""
+    return check_ranges(src, tgt, *both_digests(src, tgt), max_share=max_share)
+
+
+def check_ranges(src: RangeReader, tgt: RangeReader, s_digests: RangeDigests, t_digests: RangeDigests,
+                 max_share: float = MAX_SHARE) -> RangeCheck | None:
+    """Given both nodes' range digests, read and compare the sessions of the ranges that differ; None when they are too many.
 
     The verdict is over the whole source table: ranges with equal digests
     hold the same sessions with the same mappings on both, so only the
     differing ranges' sessions can be missing or re-mapped, and are
     counted as checked by their digests' counts otherwise.
     """
-    with ThreadPoolExecutor(2) as pool:
-        fs, ft = pool.submit(src.get_range_digests), pool.submit(tgt.get_range_digests)
-        s_digests, t_digests = fs.result(), ft.result()
     diff = differing_ranges(s_digests, t_digests)
     s_total = sum(n for n, _ in s_digests.values())
     t_total = sum(n for n, _ in t_digests.values())

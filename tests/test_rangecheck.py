@@ -280,7 +280,7 @@ def test_verify_reads_only_the_differing_ranges_and_reconciles_what_the_target_l
     assert tgt.read == [sum(src.read) - 5, sum(src.read)] and src.read[0] < 20
     assert r.range_sessions_read == sum(src.read) + sum(tgt.read)
     verify = next(p for p in r.phases if p.name == "verify")
-    assert "ranges" in verify.steps
+    assert "range-digests" in verify.steps and "range-sessions" in verify.steps
 
 
 def test_verify_by_ranges_refuses_a_remapping_target_and_points_traffic_back() -> None:

@@ -45,7 +45,7 @@ def test_verify_reads_only_the_ranges_where_the_target_lost_sessions(tmp_path):
         ranges = {key_range(s.key) for s in lost}
         assert report.range_sessions_read is not None and len(lost) <= report.range_sessions_read <= 3 * len(ranges), report.range_sessions_read
         verify = next(p for p in report.phases if p.name == "verify")
-        assert "ranges" in verify.steps and "read" not in verify.steps, verify.steps
+        assert "range-sessions" in verify.steps and "read" not in verify.steps, verify.steps
         assert f"{len(ranges)} of " in verify.detail, verify.detail
         src, tgt = table(fleet, "nat1"), table(fleet, "nat2")
         assert all(tgt.get(k) == v for k, v in src.items()), "the target lacks or re-maps a source session"
