@@ -19,10 +19,11 @@ gives the table, whatever the race between subscribing and dumping.
   (:func:`.ctevents.read_table`), then the events queued meanwhile;
 * a thread reads the events as they come (see :func:`_follow`
   for why a thread rather than a read at each call);
-* each :meth:`LiveDigest.statistics` is a barrier: the kernel removes what
-  has expired (:func:`.ctevents.expire`), the socket is read until empty,
-  so every change the kernel made before the call is in; the UNSURE
-  entries are read again by key.  Then it answers from memory;
+* each :meth:`LiveDigest.statistics` is a barrier: the socket is read
+  until empty, so every change the kernel made before the call is in; the
+  entries whose timeout, as last told, has run out (:class:`Deadlines`) and
+  the UNSURE ones are read again by key, which makes the kernel remove
+  those that expired.  Then it answers from memory;
 * the agent's own writes reach the table by what the kernel confirmed
   (:meth:`LiveDigest.writing`); their events are dropped in the kernel;
 * an event lost (ENOBUFS), or a write whose outcome is not known, and the
@@ -39,14 +40,17 @@ node sets it to 1; without 1 the provider does not use this module).
 from __future__ import annotations
 
 import enum
+import heapq
+import math
 import socket
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import reduce
 from operator import attrgetter, xor
-from typing import Callable, Collection, Final, Iterable, Iterator, Sequence
+from typing import Callable, Collection, Container, Final, Iterable, Iterator, Sequence
 from zlib import crc32
 
 from ..gcpause import gc_paused
@@ -211,6 +215,86 @@ def _untranslated(s: NatSession) -> bool:
     return s.translated_address == s.src_address and s.translated_port == s.src_port
 
 
+#: Deadlines this many seconds away or more are kept on a coarser grid (an
+#: established TCP session lives 5 days: no slot per second for those).
+_FINE = 600
+_COARSE = 32
+
+
+class Deadlines:
+    """When each entry's timeout, as last told, runs out: the entries to look up again by key.
+
+    The kernel removes an entry whose timeout has passed only when its
+    collector comes by (seconds later, measured) or when something looks it
+    up: a GET by key of an expired entry removes it (a DESTROY event) and
+    finds nothing; of a live one it gives the timeout now (traffic renews a
+    timeout without an event), which is scheduled again.  So an entry is
+    looked up at most once per timeout it was told, and a call asks the
+    kernel about the entries due, not about the table: a dump that walks the
+    whole hash table for what has expired (ctevents.expire, 13-40 ms) runs
+    with the CPU's softirqs off and stalled every packet through the node
+    meanwhile (a 1 ms probe's gap went from 22 to 130 ms with one such walk
+    after another in two namespaces, measured).
+
+    Slots are whole seconds (of ``time.monotonic``), the deadline rounded
+    up, and one more second: the kernel tells whole seconds, rounded down.
+    An entry is in the slot of every deadline it was given; a stale one only
+    costs a lookup.
+    """
+
+    def __init__(self) -> None:
+        self.slots: dict[int, list[Ident]] = {}
+        self.heap: list[int] = []
+        #: identities in the slots, stale ones included
+        self.count = 0
+
+    def add(self, items: Iterable[tuple[Ident, int]], now: float) -> None:
+        """Schedule each (identity, remaining seconds)."""
+        slots, heap = self.slots, self.heap
+        base = math.ceil(now) + 1
+        n = 0
+        for ident, secs in items:
+            slot = base + secs if secs < _FINE else -(-(base + secs) // _COARSE) * _COARSE
+            held = slots.get(slot)
+            if held is None:
+                slots[slot] = [ident]
+                heapq.heappush(heap, slot)
+            else:
+                held.append(ident)
+            n += 1
+        self.count += n
+
+    def due(self, now: float, limit: int | None = None) -> list[Ident]:
+        """The entries whose deadline has passed by ``now``, taken out of the schedule (whole slots until ``limit`` is reached)."""
+        out: list[Ident] = []
+        heap, slots = self.heap, self.slots
+        while heap and heap[0] <= now and (limit is None or len(out) < limit):
+            out += slots.pop(heapq.heappop(heap))
+        self.count -= len(out)
+        return out
+
+    def compact(self, held: Container[Ident]) -> None:
+        """Keep one slot per entry still ``held`` (its earliest), none for the others.
+
+        An entry removed, or told a new timeout, leaves its old slot behind
+        until that comes due: a NAT closing thousands of connections a
+        second, each scheduled days ahead once established, would pile them
+        up.  Called when the stale ones outnumber the table (amortised O(1) an add).
+        """
+        first: dict[Ident, int] = {}
+        for slot in sorted(self.slots):
+            for ident in self.slots[slot]:
+                if ident in held and ident not in first:
+                    first[ident] = slot
+        slots: dict[int, list[Ident]] = {}
+        for ident, slot in first.items():
+            slots.setdefault(slot, []).append(ident)
+        self.slots, self.heap, self.count = slots, sorted(slots), len(first)
+
+    def __len__(self) -> int:
+        return self.count
+
+
 class WriteLog:
     """What one of the agent's writes did, as the kernel confirmed it, in the order it happened."""
 
@@ -248,12 +332,17 @@ class LiveDigest:
     RCVBUF = ev.BURST * ev.EVENT_TRUESIZE
     #: Own events dropped by the kernel (a socket filter) rather than read and skipped by their header.
     DROP_OWN_IN_KERNEL = True
+    #: Stale deadlines kept beyond twice the table before they are dropped (:meth:`Deadlines.compact`).
+    STALE = 100_000
 
     def __init__(self, netns: str | None, reader: EntryReader, own: Callable[[], int | None]) -> None:
         self.netns = netns
         self.reader = reader
         self.own = own
         self.table: DigestTable | None = None
+        self.deadlines = Deadlines()
+        #: when an entry a GET cannot reach (IPv6, zones) may have expired: the whole table is walked then (ctevents.expire)
+        self._walk_at = math.inf
         self.valid = False
         self._events: ev.EventSocket | None = None
         self._requests: socket.socket | None = None
@@ -292,15 +381,33 @@ class LiveDigest:
     def _statistics(self) -> Summary:
         if not self.valid or self.table is None:
             return self._rebuild()
-        ev.expire(self._request_socket())
         try:
+            # The events first: an entry they removed is not looked up.
+            self._read()
+            if not self._expire_due(self.table.unsure):
+                return self._rebuild()
+            # What the lookups removed (a DESTROY event each, already dropped here) and anything since.
             self._read()
         except ev.EventsLost:
             self._lose()
             return self._rebuild()
-        if not self._recheck(self.table.unsure):
-            return self._rebuild()
         return self.table.summary()
+
+    def _expire_due(self, also: Iterable[Ident] = (), limit: int | None = None) -> bool:
+        """Look up by key the entries whose timeout may have passed (and ``also``): the kernel removes those that expired.
+
+        ``limit``: about how many to look up (the event thread's turn).
+        False when one cannot be read by key (the table must be read again).
+        """
+        assert self.table is not None
+        now = time.monotonic()
+        if self._walk_at <= now:
+            self._walk_at = math.inf
+            ev.expire(self._request_socket())
+        held = self.table.held
+        due = {i for i in self.deadlines.due(now, limit) if i in held}
+        due.update(also)
+        return self._recheck(due)
 
     def _rebuild(self) -> Summary:
         """Subscribe, read the whole table, fold in what changed meanwhile."""
@@ -308,10 +415,14 @@ class LiveDigest:
         self.full_reads += 1
         self._events = ev.EventSocket(self.netns, self.own(), self.RCVBUF, self.DROP_OWN_IN_KERNEL)
         records: list[Record] = []
-        ev.read_table(self._request_socket(), records)
+        timeouts: ev.Timeouts = {}
+        ev.read_table(self._request_socket(), records, timeouts)
         table = DigestTable()
         table.apply(records)
         self.table = table
+        self.deadlines = Deadlines()
+        self._walk_at = math.inf
+        self._schedule(timeouts)
         try:
             self._read()
         except ev.EventsLost:
@@ -331,9 +442,27 @@ class LiveDigest:
         """Apply the events queued now; the identities among ``watch`` they touched.  Raises EventsLost."""
         assert self._events is not None and self.table is not None
         records: list[Record] = []
-        self._events.read(records, limit)
+        timeouts: ev.Timeouts = {}
+        self._events.read(records, limit, timeouts)
         ev.trim_memos()
-        return self.table.apply(records, watch) if records else set()
+        if not records:
+            return set()
+        hit = self.table.apply(records, watch)
+        self._schedule(timeouts)
+        return hit
+
+    def _schedule(self, timeouts: dict[Ident, int]) -> None:
+        """Deadlines for the entries held with the timeouts they were told."""
+        if not timeouts:
+            return
+        assert self.table is not None
+        held, now = self.table.held, time.monotonic()
+        self.deadlines.add(((i, t) for i, t in timeouts.items() if i in held and _gettable(i)), now)
+        if self.deadlines.count > 2 * len(held) + self.STALE:
+            self.deadlines.compact(held)
+        far = [t for i, t in timeouts.items() if i in held and not _gettable(i)]
+        if far:
+            self._walk_at = min(self._walk_at, now + min(far) + 1)
 
     def _recheck(self, idents: Iterable[Ident]) -> bool:
         """Read these entries again by key and hold them as the kernel has them now; False when one cannot be read by key."""
@@ -344,8 +473,12 @@ class LiveDigest:
         if not all(_gettable(k) for k in keys):
             return False
         found: dict[Ident, tuple] = {}
+        timeouts: ev.Timeouts = {}
         for i, attrs in self.reader.read(keys):
-            found[keys[i]] = ev.entry_record(attrs)
+            record = found[keys[i]] = ev.entry_record(attrs)
+            secs = ev.entry_timeout(attrs)
+            if secs is not None:
+                timeouts[record[0]] = secs
         for k in keys:
             got = found.get(k)
             if got is None:
@@ -357,6 +490,7 @@ class LiveDigest:
                 self.table.drop(k)
             value = digest_values([text])[0] if type(text) is bytes else None
             self.table.put(ident, value, text is UNSURE)
+        self._schedule(timeouts)
         return True
 
     # -- the agent's own writes -------------------------------------------------
@@ -409,7 +543,10 @@ class LiveDigest:
         touched: set[Ident] = set()
         for created, items in log.steps:
             if created:
-                touched.update(self.table.created(items))
+                keys = self.table.created(items)
+                touched.update(keys)
+                # A session written without a timeout got the node's default: looked up at the next call to learn it.
+                self._schedule({k: s.timeout if s.timeout is not None else 0 for k, s in zip(keys, items)})
                 continue
             for k in items:
                 if not self.table.drop(k):
@@ -438,16 +575,29 @@ class LiveDigest:
                                             name=f"ct-digest-{self.netns}", daemon=True)
             self._thread.start()
 
-    def _turn(self, sock: ev.EventSocket) -> None:
-        """One turn of the event thread: read what ``sock`` holds now, if it is still the one followed."""
+    def _turn(self, sock: ev.EventSocket, ready: bool = True) -> None:
+        """One turn of the event thread: read what ``sock`` holds now, if it is still the one followed; look up what is due.
+
+        The lookups run here too, a few at a time as their deadlines come,
+        so that a call (inside a migration's hold window) finds few due.
+        """
+        if not ready and not self._due_now():
+            return
         with self._lock:
             if sock is not self._events or not self.valid:
                 return
             try:
                 with gc_paused():
-                    self._read(limit=self.TURN)
+                    if ready:
+                        self._read(limit=self.TURN)
+                    if self._due_now() and not self._expire_due(limit=self.TURN):
+                        self._lose()
             except (OSError, NetlinkError):  # EventsLost among them
                 self._lose()
+
+    def _due_now(self) -> bool:
+        heap = self.deadlines.heap
+        return bool(heap) and heap[0] <= time.monotonic() or self._walk_at <= time.monotonic()
 
     # -- sockets ------------------------------------------------------------------
 
@@ -508,8 +658,7 @@ def _follow(ref: "weakref.ref[LiveDigest]", stop: threading.Event) -> None:
         digest = ref()
         if digest is None:
             return
-        if ready:
-            digest._turn(sock)
+        digest._turn(sock, ready)
         del digest
 
 

@@ -18,9 +18,12 @@ attributes -- and opens the sockets that read them.
   writer socket (the kernel stamps an event with the port id of the socket
   whose request caused it, 0 for its own: measured on 6.18).
 * :func:`read_table` dumps the whole table (the full read the digest starts
-  from); :func:`expire` asks for a dump that matches nothing, so that the
-  kernel walks its table, removing what has expired (a DESTROY event each)
-  and ships nothing.
+  from); with the events, it tells each entry's remaining timeout (when the
+  digest looks it up again).  :func:`expire` asks for a dump that matches
+  nothing, so that the kernel walks its table, removing what has expired (a
+  DESTROY event each) and ships nothing: only for entries a lookup by key
+  cannot reach, since the walk runs with the CPU's softirqs off (see
+  :class:`.ctdigest.Deadlines`).
 
 An identity (:data:`Ident`) is the session key (protocol, src, sport, dst,
 dport) for TCP and UDP (IPv4 and IPv6) and ICMP echo, extended by what else
@@ -43,7 +46,7 @@ from typing import Any, Callable, Final, Iterator, Union
 from .ctnetlink import (
     CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_MARK, CTA_PROTO_DST_PORT, CTA_PROTO_ICMP_CODE, CTA_PROTO_ICMP_ID,
     CTA_PROTO_ICMP_TYPE, CTA_PROTO_NUM, CTA_PROTO_SRC_PORT, CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE,
-    CTA_TUPLE_IP, CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_TUPLE_REPLY, IPCTNL_MSG_CT_DELETE, IPCTNL_MSG_CT_GET,
+    CTA_STATUS, CTA_TIMEOUT, CTA_TUPLE_IP, CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_TUPLE_REPLY, IPCTNL_MSG_CT_DELETE, IPCTNL_MSG_CT_GET,
     IPCTNL_MSG_CT_NEW, NETLINK_NETFILTER, NFNL_SUBSYS_CTNETLINK, NLA_F_NESTED, NLA_TYPE_MASK, NLM_F_REQUEST, NLMSG_ERROR,
     SO_RCVBUFFORCE, NetlinkError, _attr, parse_attrs, socket_in,
 )
@@ -135,6 +138,20 @@ _TCP_STATE = re.compile(
 )
 
 
+# The remaining timeout after the tuples: any 4-byte attributes the kernel
+# writes first (id, status, mark, use: their order differs between kernels),
+# then CTA_TIMEOUT (a dump's answer, an event other than DESTROY); otherwise
+# the attributes are walked (_walk_timeout).
+_TIMEOUT = re.compile(
+    b"(?:(?:" + b"|".join(re.escape(_h(8, k)) for k in (12, CTA_STATUS, CTA_MARK, 11)) + b").{4})*"  # id, status, mark, use
+    + re.escape(_h(8, CTA_TIMEOUT)) + b"(.{4})",
+    re.S,
+)
+_BE32 = struct.Struct("!I")
+#: What :func:`parse` fills when asked: the remaining timeout, in whole seconds, of each entry a message told one for.
+Timeouts = dict
+
+
 class _Memo(dict[bytes, Any]):
     """Fills itself: ``memo[raw]`` converts once and then looks up (a table repeats its addresses and ports)."""
 
@@ -164,9 +181,12 @@ def trim_memos() -> None:
             memo.clear()
 
 
-def parse(buf: bytes, records: list[Record], own: int = -1) -> int:
+def parse(buf: bytes, records: list[Record], own: int = -1, timeouts: Timeouts | None = None) -> int:
     """Append the records of every ctnetlink entry message in ``buf``; messages of port id ``own`` are skipped.
 
+    ``timeouts``, when given, gets each entry's remaining timeout (seconds)
+    by identity, for the entries whose message tells it (a dump's answers,
+    NEW events): when to look the entry up again (see :mod:`.ctdigest`).
     Returns NLMSG_DONE or NLMSG_ERROR when ``buf`` ends a dump (an error
     raises :class:`NetlinkError`), else 0.
     """
@@ -184,7 +204,7 @@ def parse(buf: bytes, records: list[Record], own: int = -1) -> int:
             kind = NEW if typ == _NEW_TYPE else DESTROY
             m = match(buf, off + 20, stop)
             if m is None:
-                append(_general(buf, off, stop, kind))
+                append(_general(buf, off, stop, kind, timeouts))
             else:
                 src, dst, p, sp, dp, rsrc, rdst, rsp, rdp = m.groups()
                 ident = (_PROTO_BYTE[p], addr[src], port[sp], addr[dst], port[dp])
@@ -196,6 +216,11 @@ def parse(buf: bytes, records: list[Record], own: int = -1) -> int:
                     text = b" ".join((_PROTO_BYTE_TEXT[p], addr_text[src], port_text[sp], addr_text[dst], port_text[dp],
                                       addr_text[rdst], port_text[rdp]))
                 append((kind, ident, text))
+                if timeouts is not None and kind == NEW:
+                    t = _TIMEOUT.match(buf, m.end(), stop)
+                    secs = _BE32.unpack(t.group(1))[0] if t is not None else _walk_timeout(buf, m.end(), stop)
+                    if secs is not None:
+                        timeouts[ident] = secs
         elif typ == NLMSG_DONE:
             return NLMSG_DONE
         elif typ == NLMSG_ERROR:
@@ -250,9 +275,25 @@ def _tuple(payload: bytes | None) -> tuple[int, str, str, dict[int, bytes], int]
     return num[0], src, dst, l4, _be16(a.get(CTA_TUPLE_ZONE))
 
 
-def _general(buf: bytes, off: int, end: int, kind: int) -> Record:
+def _walk_timeout(buf: bytes, off: int, end: int) -> int | None:
+    """The CTA_TIMEOUT among the top-level attributes of ``buf[off:end]``; None when none is told."""
+    return entry_timeout(parse_attrs(buf, off, end))
+
+
+def entry_timeout(attrs: dict[int, bytes]) -> int | None:
+    """The remaining timeout (seconds) among an entry's top-level attributes; None when none is told."""
+    raw = attrs.get(CTA_TIMEOUT)
+    return _BE32.unpack(raw[:4])[0] if raw is not None and len(raw) >= 4 else None
+
+
+def _general(buf: bytes, off: int, end: int, kind: int, timeouts: Timeouts | None = None) -> Record:
     """The record of any entry message, by walking its attributes: what :func:`parse`'s pattern does not take."""
-    ident, text = entry_record(parse_attrs(buf, off + 20, end), buf[off + 16])
+    attrs = parse_attrs(buf, off + 20, end)
+    ident, text = entry_record(attrs, buf[off + 16])
+    if timeouts is not None and kind == NEW:
+        secs = entry_timeout(attrs)
+        if secs is not None:
+            timeouts[ident] = secs
     return (kind, ident, None if kind == DESTROY else text)
 
 
@@ -366,15 +407,16 @@ class EventSocket:
         """The socket's descriptor (to wait on)."""
         return self.sock.fileno()
 
-    def read(self, records: list[Record], limit: int | None = None) -> int:
+    def read(self, records: list[Record], limit: int | None = None, timeouts: Timeouts | None = None) -> int:
         """Append the records of the events queued now (up to ``limit`` messages); how many messages were read.
 
-        Raises :class:`EventsLost` when the kernel dropped events since the last read.
+        ``timeouts``: as :func:`parse` fills it.  Raises :class:`EventsLost`
+        when the kernel dropped events since the last read.
         """
         n = 0
         for data in self._queued(limit):
             n += 1
-            parse(data, records, self.own)
+            parse(data, records, self.own, timeouts)
         return n
 
     def _queued(self, limit: int | None) -> Iterator[bytes]:
@@ -438,10 +480,13 @@ def _request(attrs: bytes, seq: int) -> bytes:
 _NOTHING = _attr(CTA_MARK, struct.pack("!I", 1)) + _attr(CTA_MARK_MASK, struct.pack("!I", 0))
 
 
-def read_table(sock: socket.socket, records: list[Record]) -> None:
-    """Dump the whole table of ``sock``'s namespace into ``records`` (entries that expired are removed, not listed)."""
+def read_table(sock: socket.socket, records: list[Record], timeouts: Timeouts | None = None) -> None:
+    """Dump the whole table of ``sock``'s namespace into ``records`` (entries that expired are removed, not listed).
+
+    ``timeouts``: as :func:`parse` fills it.
+    """
     sock.sendto(_request(b"", 1), (0, 0))
-    _answers(sock, records)
+    _answers(sock, records, timeouts)
 
 
 def expire(sock: socket.socket) -> None:
@@ -458,10 +503,10 @@ def expire(sock: socket.socket) -> None:
     _answers(sock, [])
 
 
-def _answers(sock: socket.socket, records: list[Record]) -> None:
+def _answers(sock: socket.socket, records: list[Record], timeouts: Timeouts | None = None) -> None:
     while True:
         data = sock.recv(1 << 20)
-        if parse(data, records):
+        if parse(data, records, -1, timeouts):
             return
 
 

@@ -24,11 +24,11 @@ import abc
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import Callable
 
 from ..errors import ControllerError
 from ..statemodel import Entry, Key, StateList
-from . import txn
+from . import phase as base, txn
 from .enginereport import EngineReport, NodeReadback
 from .report import PhaseTiming
 from .statenode import StateNode, same_modules
@@ -95,11 +95,8 @@ class Context:
                 self.pending[name] = (node, time.monotonic())
 
 
-class Phase(abc.ABC):
-    """One step of a migration; ``needs``: capabilities both agents must announce for it."""
-
-    name: ClassVar[str]
-    needs: ClassVar[frozenset[str]] = frozenset()
+class Phase(base.Phase):
+    """One step of a migration; ``needs``: capabilities both agents must announce for it (see :mod:`.phase`)."""
 
     @abc.abstractmethod
     def run(self, ctx: Context) -> str:
@@ -113,10 +110,8 @@ class Phase(abc.ABC):
         """At the end, run or not: put what this phase governs, as read from where it lives, into the report."""
 
 
-class CopyStrategy(abc.ABC):
+class CopyStrategy(base.CopyStrategy):
     """How the state lists get from the source into the target's candidate."""
-
-    name: ClassVar[str]
 
     @abc.abstractmethod
     def copy(self, ctx: Context) -> dict[StateList, list[Entry]]:
@@ -414,8 +409,7 @@ def switch_only_phases(steering: Steering) -> list[Phase]:
 
 def missing_needs(phases: list[Phase], node: StateNode) -> list[str]:
     """Capabilities the phases declare that ``node`` does not announce."""
-    have = set(node.capabilities)
-    return sorted({c.rsplit(":", 2)[-2] for p in phases for c in p.needs if c not in have})
+    return base.missing_needs(phases, node.capabilities)
 
 
 class EngineMigration:

@@ -29,7 +29,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from ..errors import ControllerError, NatmigError
 from ..model import NatSession, SessionKey
-from .migrate import WRITABLE_RUNNING, Endpoint
+from .migcontext import WRITABLE_RUNNING, Endpoint
 from .nodeproto import Node
 from .readback import NodeView, read_node
 from .steering import Steering, SwitchesDisagree

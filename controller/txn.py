@@ -60,12 +60,6 @@ def persist_token(source: str, target: str) -> str:
     return f"natmig-migration-{source}-to-{target}"
 
 
-def missing_capabilities(node: Writer) -> list[str]:
-    """The capabilities a migration needs that ``node`` does not announce."""
-    have = set(node.capabilities)
-    return [c.rsplit(":", 2)[-2] for c in (CANDIDATE, CONFIRMED_COMMIT) if c not in have]
-
-
 def _is_busy(e: Exception) -> bool:
     return getattr(e, "tag", None) in ("lock-denied", "in-use")
 

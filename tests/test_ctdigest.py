@@ -371,7 +371,7 @@ class FakeEvents:
         else:
             self.q.append(rec)
 
-    def read(self, records: list, limit: int | None = None) -> int:
+    def read(self, records: list, limit: int | None = None, timeouts: dict | None = None) -> int:
         if self.overflowed:
             self.overflowed = False
             raise ev.EventsLost("lost")
@@ -400,9 +400,10 @@ def kernel(monkeypatch: pytest.MonkeyPatch) -> FakeKernel:
     k = FakeKernel()
     monkeypatch.setattr(ev, "EventSocket", lambda netns, own, rcvbuf, drop: FakeEvents(k, own))
     monkeypatch.setattr(ev, "request_socket", lambda netns: object())
-    monkeypatch.setattr(ev, "read_table", lambda sock, records: k.dump(records))
+    monkeypatch.setattr(ev, "read_table", lambda sock, records, timeouts=None: k.dump(records))
     monkeypatch.setattr(ev, "expire", lambda sock: None)
     monkeypatch.setattr(ev, "entry_record", lambda attrs: attrs)
+    monkeypatch.setattr(ev, "entry_timeout", lambda attrs: None)
     monkeypatch.setattr(LiveDigest, "_start_thread", lambda self: None)  # the test reads at each call
     return k
 
@@ -495,9 +496,10 @@ def kernel_factory(monkeypatch: pytest.MonkeyPatch):
     holder: dict = {}
     monkeypatch.setattr(ev, "EventSocket", lambda netns, own, rcvbuf, drop: FakeEvents(holder["k"], own))
     monkeypatch.setattr(ev, "request_socket", lambda netns: object())
-    monkeypatch.setattr(ev, "read_table", lambda sock, records: holder["k"].dump(records))
+    monkeypatch.setattr(ev, "read_table", lambda sock, records, timeouts=None: holder["k"].dump(records))
     monkeypatch.setattr(ev, "expire", lambda sock: None)
     monkeypatch.setattr(ev, "entry_record", lambda attrs: attrs)
+    monkeypatch.setattr(ev, "entry_timeout", lambda attrs: None)
     monkeypatch.setattr(LiveDigest, "_start_thread", lambda self: None)
 
     def make() -> tuple[FakeKernel, FakeReader]:
@@ -563,3 +565,50 @@ def test_unsure_entries_are_read_again_at_each_call(kernel: FakeKernel) -> None:
     kernel.state[_key(1)] = _text(1, 20001)  # a packet moved it out of NONE: no event says so
     assert d.statistics() == kernel.summary() == ctdigest.Summary(1, 0, digest_values([_text(1, 20001)])[0])
     assert reader.gets == 1 and kernel.dumps == 1
+
+
+# -- deadlines: expired entries found by key, not by walking the table ----------
+
+
+@given(tables_of_entries, st.integers(0, 2))
+@settings(max_examples=200, deadline=None)
+def test_a_message_tells_each_new_entry_s_remaining_timeout(table: list[Entry], layout: int) -> None:
+    # The pattern after the tuples (layouts 0 and 1) and the walk (2: counters first) agree.
+    timeouts: dict = {}
+    records: list = []
+    ev.parse(b"".join(e.message(layout=layout) for e in table), records, timeouts=timeouts)
+    assert {ident for kind, ident, _ in records} == set(timeouts) and set(timeouts.values()) <= {299}
+    gone: dict = {}
+    ev.parse(b"".join(e.message(kind=ev.DESTROY, layout=layout) for e in table), [], timeouts=gone)
+    assert gone == {}  # a DESTROY tells no timeout
+
+
+def test_deadlines_come_due_after_the_timeout_they_were_told_and_once() -> None:
+    d = ctdigest.Deadlines()
+    d.add([(("UDP", "10.0.0.2", 1, "198.51.100.7", 53), 30), (("UDP", "10.0.0.2", 2, "198.51.100.7", 53), 0)], now=100.2)
+    assert d.due(101.9) == []  # the kernel rounds down: not before the told seconds and one more have passed
+    assert d.due(102.0) == [("UDP", "10.0.0.2", 2, "198.51.100.7", 53)]
+    assert d.due(131.9) == [] and len(d) == 1
+    assert d.due(132.0) == [("UDP", "10.0.0.2", 1, "198.51.100.7", 53)] and d.due(10_000) == [] and len(d) == 0
+    d.add([(("UDP", "10.0.0.3", i, "198.51.100.7", 53), i % 3) for i in range(30)], now=0.0)
+    assert len(d.due(100.0, limit=5)) == 10 and len(d) == 20  # whole slots, until the limit is reached
+
+
+def test_far_deadlines_share_coarse_slots_and_never_come_early() -> None:
+    d = ctdigest.Deadlines()
+    d.add([(("TCP", "10.0.0.2", i, "198.51.100.7", 80), 432_000 + i) for i in range(1000)], now=5.5)
+    assert len(d.slots) < 40  # one slot per second would be 1,000
+    assert d.due(5.5 + 432_000) == []
+    assert len(d.due(5.5 + 432_000 + 1000 + 2 + ctdigest._COARSE)) == 1000
+
+
+def test_the_schedule_keeps_one_deadline_per_entry_held_once_stale_ones_outnumber_the_table() -> None:
+    d = ctdigest.Deadlines()
+    keys = [("TCP", "10.0.0.2", i, "198.51.100.7", 80) for i in range(100)]
+    d.add([(k, 432_000) for k in keys], now=0.0)  # established: days ahead
+    d.add([(k, 120) for k in keys[:10]], now=0.0)  # ten told again, sooner
+    assert len(d) == 110
+    d.compact(set(keys[:10]) | set(keys[50:60]))  # the others closed
+    assert len(d) == 20
+    assert sorted(d.due(200.0)) == sorted(keys[:10])  # the earlier slot kept
+    assert sorted(d.due(10**7)) == sorted(keys[50:60]) and len(d) == 0

@@ -74,9 +74,9 @@ def _calls(log: Path) -> list[dict]:
 def test_a_bundle_of_adds_is_read_from_a_file_and_the_rundir_is_passed(calls: Path) -> None:
     Ofctl("br0", "/run/x").add_flows(["priority=1,actions=drop", "priority=2,in_port=1,actions=output:2"])
     (c,) = _calls(calls)
-    assert c["args"][:3] == ["--bundle", "add-flows", "br0"] and c["rundir"] == "/run/x"
+    assert c["args"][:4] == ["--no-names", "--bundle", "add-flows", "br0"] and c["rundir"] == "/run/x"
     assert c["given"] == "add priority=1,actions=drop\nadd priority=2,in_port=1,actions=output:2\n"
-    assert not Path(c["args"][3]).exists()  # the temporary file is gone
+    assert not Path(c["args"][4]).exists()  # the temporary file is gone
 
 
 def test_replace_flows_is_one_bundle_from_a_whole_file_never_stdin_in_the_chosen_version(calls: Path) -> None:
@@ -84,8 +84,8 @@ def test_replace_flows_is_one_bundle_from_a_whole_file_never_stdin_in_the_chosen
     # table to install as the switch's whole one; a file is whole before it starts.
     Ofctl("br0", version="OpenFlow14").replace_flows(["a", "b"])
     (c,) = _calls(calls)
-    assert c["args"][:5] == ["-O", "OpenFlow14", "--bundle", "replace-flows", "br0"] and c["given"] == "a\nb\n"
-    assert "-" not in c["args"] and not Path(c["args"][5]).exists()
+    assert c["args"][:6] == ["-O", "OpenFlow14", "--no-names", "--bundle", "replace-flows", "br0"] and c["given"] == "a\nb\n"
+    assert "-" not in c["args"] and not Path(c["args"][6]).exists()
     assert c["rundir"] is None or c["rundir"] == os.environ.get("OVS_RUNDIR")
 
 

@@ -1,0 +1,165 @@
+"""The copy into an idle target that forwards the source's entries as the text it sent (see :mod:`natmig.wire.nattext`)."""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any, cast
+
+from ..errors import ControllerError
+from .migcontext import Context
+from .migstrategy import SessionCopy, commit_copy, copy_decoded
+from .nodeproto import TABLE_TEXT, TEXT_EDIT, TableReader, TextTarget
+from .plan import CopyPlan, PlanError, foreign_addresses
+from ..wire.nattext import EntryStream, ForwardedEntries, TextTable
+
+#: Chunks of the source's reply that may wait for the copy at once (the agent sends ~64 KB a chunk).
+CHUNKS_QUEUED = 64
+#: Slices sent to the target and not yet answered (each up to copy_chunk entries, ~9 MB at 25,000).
+WRITES_AHEAD = 3
+
+
+class ForwardedText(SessionCopy):
+    """Into an idle target, the source's entries forwarded undecoded while they arrive (see :func:`copy_text`)."""
+
+    name = "forwarded-text"
+    source_features = frozenset({TABLE_TEXT})
+    target_features = frozenset({TEXT_EDIT})
+    idle_only = True
+
+    def copy(self, ctx: Context, ph: Any) -> None:
+        src, tgt = ctx.src, ctx.tgt
+        assert src is not None and tgt is not None
+        copy_text(ctx, ph, cast(TableReader, src), cast(TextTarget, tgt))
+
+
+def copy_text(ctx: Context, ph: Any, src: Any, tgt: Any) -> None:
+    """The copy into an idle target, the source's entries forwarded as the text it sent (see :mod:`natmig.wire.nattext`).
+
+    The source's agent sends its table while it reads it from the kernel
+    (a reply in many chunks); slices of whole entries go on to the target
+    as they arrive, so the source's read, the transfer and the target's
+    checks overlap (:class:`natmig.wire.nattext.EntryStream`).  The target's agent
+    validates every entry, and nothing reaches its running datastore
+    before the commit.  A reply in another form than the codec's own is
+    decoded in full instead, as the streamed copy does.
+
+    The reply is not kept here (only its count, public addresses and
+    keys: :class:`natmig.wire.nattext.ForwardedEntries`), and at most
+    :data:`CHUNKS_QUEUED` chunks and :data:`WRITES_AHEAD` slices wait at
+    once: when the target falls behind, the rest of the reply waits in
+    the source's SSH window, not in this process.  At 1,000,000 sessions
+    the controller held the reply as bytes, as text and as queued
+    slices: 1.5 GB.
+    """
+    codec = src.codec
+    stream = EntryStream(codec, first=min(1000, ctx.opt.copy_chunk), most=ctx.opt.copy_chunk)
+    chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=CHUNKS_QUEUED)
+    sent = ForwardedEntries(codec)
+    plain = True
+    # Set before any write: a failure from here on discards the candidate.
+    ctx.st.target_candidate_dirty = True
+    with ThreadPoolExecutor(2) as pool:
+        writes: collections.deque[Any] = collections.deque()
+
+        def refused() -> bool:
+            return any(w.done() and w.exception() is not None for w in writes)
+
+        def send(parts: list[str]) -> bool:
+            """Check and send slices; False once nothing more may be sent."""
+            nonlocal plain
+            for part in parts:
+                if not TextTable.plain_in(codec, part) or not sent.add(part):
+                    plain = False
+                    return False
+                if foreign_addresses(sent.addresses, ctx.target.public):
+                    return False  # refused below, before this slice is sent
+                while len(writes) >= WRITES_AHEAD and not refused():
+                    wait([writes[0]])
+                    if writes[0].exception() is None:
+                        writes.popleft()
+                if refused():
+                    return False  # the target refused a slice: no use sending on
+                # Two requests in flight: the target's agent handles them
+                # in order, and reads the next while it handles one.
+                writes.append(pool.submit(tgt.edit_text, part, "candidate"))
+            return True
+
+        failure: BaseException | None = None
+        drained = threading.Event()
+
+        def put(chunk: bytes | None) -> None:
+            # Waits while the copy is behind, but never once it has stopped taking chunks
+            # (a chunk after the end mark, in ncclient's transport thread, would hang the session).
+            while not drained.is_set():
+                try:
+                    chunks.put(chunk, timeout=0.1)
+                    return
+                except queue.Full:
+                    pass
+
+        with ph.step("get-config"):
+            with ThreadPoolExecutor(1, thread_name_prefix="natmig-read") as reader:
+                reading = reader.submit(src.read_table, "running", put, keep=False)
+                reading.add_done_callback(lambda _f: put(None))
+                going = True
+                try:
+                    while (chunk := chunks.get()) is not None:
+                        if going:
+                            try:
+                                going = send(stream.feed(chunk))
+                            except BaseException as e:  # noqa: BLE001 - the reader must still be drained (it waits on the queue); raised below
+                                failure, going = e, False
+                        else:
+                            stream.fed += len(chunk)
+                finally:
+                    drained.set()
+                reply = reading.result()
+            if failure is not None:
+                raise failure
+            ctx.snapshot_at = time.perf_counter()
+            if not reply.tapped:
+                going = send(stream.feed(reply.raw.encode()))
+            elif stream.fed != reply.received:
+                raise ControllerError("the source's reply differs from the chunks it arrived in; nothing committed")
+        # Recorded before the commit: what a failure after it removes.
+        ctx.st.added_table = sent
+        whole = None if reply.elided else reply
+        with ph.step("edit-config"):
+            if going:
+                rest = stream.finish()
+                if rest is None:
+                    # The body was not cut while it arrived (an empty <data/>, another spelling): from the whole reply.
+                    whole = whole or src.read_table("running")
+                    table = TextTable.of(whole.raw, codec)
+                    if table is None:
+                        plain = False
+                    else:
+                        send(table.slices(4, ctx.opt.copy_chunk))
+                else:
+                    send(rest)
+            for w in writes:
+                w.result()
+    if not plain:
+        # Another spelling than the codec's: decode the whole reply (read
+        # again when it was not kept) and write it all again (a merge of
+        # what is already in the candidate changes nothing); its keys are
+        # then known decoded.
+        ctx.st.added_table = None
+        copy_decoded(ctx, ph, whole or src.read_table("running"), tgt)
+        return
+    # The snapshot as text, for verify when the digests differ; not kept when it was only forwarded.
+    ctx.snapshot_text = whole
+    ctx.snapshot_lost = whole is None
+    with ph.step("plan"):
+        # The whole snapshot's plan, before anything is committed.
+        conflicts = foreign_addresses(sent.addresses, ctx.target.public)
+        if conflicts:
+            raise PlanError(conflicts)
+        ctx.plan = CopyPlan([], frozenset(), 0)
+    with ph.step("commit"):
+        commit_copy(ctx, tgt)
+    ctx.report.copied = sent.count
