@@ -16,7 +16,7 @@ from ..model import NatSession, SessionKey, key_range, table_digest
 from .migcontext import Context, MigrationPhase
 from .nodeproto import RANGES, STATISTICS, TABLE_TEXT, Counter, Node, RangeReader, TableReader, has
 from .plan import Verdict, compare, expected_table
-from .rangecheck import MAX_SHARE, RangeCheck, both_digests, check_ranges
+from .rangecheck import MAX_SHARE, RangeCheck, both_digests, check_ranges, served
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Verify(MigrationPhase):
             ctx.report.source_check = ctx.report.target_check = "digest"
             ph.note(f"all {ctx.report.verified} source sessions on the target with the same mapping (the two nodes' digests are equal)")
             return
-        if target_stats is not None and has(src, RANGES) and has(tgt, RANGES):
+        if target_stats is not None and has(src, RANGES) and has(tgt, RANGES) and served(src) and served(tgt):
             # Only the key ranges whose digests differ are read (see .rangecheck).
             ranged = by_ranges(ctx, ph, src, tgt)
             if ranged is not None:

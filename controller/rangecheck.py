@@ -23,8 +23,11 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ..model import NatSession
-from .nodeproto import RangeReader
+from .nodeproto import Node, RangeReader
 from .plan import Verdict, compare
+
+#: The nat-session revision that added get-range-digests and get-range-sessions.
+RANGES_REVISION = "2026-12-03"
 
 #: Read the differing ranges only while they hold at most this share of the
 #: two tables' sessions; beyond it the whole tables are read as before (a
@@ -54,6 +57,17 @@ class RangeCheck:
         """One line for the phase's note."""
         return (f"{self.differing} of {self.ranges} non-empty key ranges differ; read {self.read_source} source and "
                 f"{self.read_target} target sessions of them")
+
+
+def served(node: Node) -> bool:
+    """Whether the node's agent has the two operations: the nat-session revision it announced (its hello) is one that defines them.
+
+    The client declares ``RANGES`` (it can ask); the agent declares its
+    module's revision.  An agent of an earlier revision is verified by the
+    whole read, as before, rather than failing the move.
+    """
+    rev = node.module_revision()
+    return rev is not None and rev >= RANGES_REVISION
 
 
 def differing_ranges(source: RangeDigests, target: RangeDigests) -> list[int]:

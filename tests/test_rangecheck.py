@@ -318,3 +318,14 @@ def test_a_read_only_user_may_read_by_range(tmp_path: Path) -> None:
         assert ac.decide("bob", op).permitted, op
     (tmp_path / "nacm.toml").write_text('read-default = "deny"\n')
     assert not load(tmp_path / "nacm.toml").decide("bob", "get-range-sessions").permitted
+
+
+def test_an_agent_of_an_earlier_revision_gets_the_whole_read() -> None:
+    """The client can ask; an agent announcing nat-session 2026-11-24 has no such operations: verify reads the tables, the move succeeds."""
+    src, tgt, sw = range_setup(60)
+    src.revision = tgt.revision = "2026-11-24"
+    tgt.hooks["set-admission:False"] = lambda: tgt.provider.delete([sessions(60)[3].key])
+    r = run(src, tgt, sw, retire="keep")
+    assert r.ok, r.error
+    assert r.target_check == "read" and r.reconciled == 1 and r.range_sessions_read is None
+    assert "get-range-digests" not in src.calls + tgt.calls
