@@ -50,10 +50,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import reduce
 from operator import attrgetter, xor
-from typing import Callable, Container, Final, Iterable, Iterator, Sequence
+from typing import Callable, Collection, Container, Final, Iterable, Iterator, Sequence
+from zlib import crc32
 
 from ..gcpause import gc_paused
-from ..model import NatSession, SessionKey, digest_values
+from ..model import RANGES, NatSession, SessionKey, digest_values, session_text
 from . import ctevents as ev
 from .ctevents import DESTROY, UNSURE, Ident, Record
 from .ctnetlink import NetlinkError
@@ -69,9 +70,13 @@ class _Missing(enum.Enum):
 _MISSING: Final = _Missing.MISSING
 
 
-def session_text(s: NatSession) -> bytes:
-    """What model.table_digest hashes for ``s``."""
-    return f"{s.protocol} {s.src_address} {s.src_port} {s.dst_address} {s.dst_port} {s.translated_address} {s.translated_port}".encode()
+def _range(ident: Ident) -> int:
+    """The key range of an entry (model.key_range of its five key values; an identity may carry more after them)."""
+    # A format of the 5-tuple: ~0.6 us, against ~1.3 us for a join of str()s (run for every change followed).
+    return crc32(("%s %s %s %s %s" % ident[:5]).encode()) & _MASK
+
+
+_MASK: Final = RANGES - 1
 
 
 @dataclass(frozen=True)
@@ -92,6 +97,12 @@ class DigestTable:
         self.untranslated = 0
         #: entries counted untranslated only for their TCP state (UNSURE): read again by key.
         self.unsure: set[Ident] = set()
+        #: per key range (model.key_range): its sessions and the XOR of their
+        #: values, kept with every change as the whole count and XOR are (one
+        #: CRC-32 of the key a change), so that nat-range-digests is answered
+        #: from memory.  Untranslated entries are in no range.
+        self.range_count = [0] * RANGES
+        self.range_acc = [0] * RANGES
 
     def summary(self) -> Summary:
         """The counts and the XOR now."""
@@ -111,6 +122,9 @@ class DigestTable:
                 self.untranslated -= 1
             else:
                 self.acc ^= old
+                r = _range(ident)
+                self.range_count[r] -= 1
+                self.range_acc[r] ^= old
         self.held[ident] = value
         if value is None:
             self.untranslated += 1
@@ -121,6 +135,9 @@ class DigestTable:
         else:
             self.acc ^= value
             self.unsure.discard(ident)
+            r = _range(ident)
+            self.range_count[r] += 1
+            self.range_acc[r] ^= value
 
     def drop(self, ident: Ident) -> bool:
         """The entry ``ident`` is gone; whether it was held."""
@@ -132,7 +149,20 @@ class DigestTable:
             self.unsure.discard(ident)
         else:
             self.acc ^= old
+            r = _range(ident)
+            self.range_count[r] -= 1
+            self.range_acc[r] ^= old
         return True
+
+    def ranges(self) -> dict[int, tuple[int, int]]:
+        """Each non-empty key range's (sessions, XOR): what model.range_digests gives for the sessions held."""
+        count, acc = self.range_count, self.range_acc
+        return {r: (n, acc[r]) for r, n in enumerate(count) if n}
+
+    def in_ranges(self, ranges: Collection[int]) -> list[Ident]:
+        """The identities of the sessions held in these key ranges (a pass over the table: ~1 s at 1,000,000)."""
+        want = set(ranges)
+        return [i for i, v in self.held.items() if v is not None and _range(i) in want]
 
     def apply(self, records: Sequence[Record], watch: set | None = None) -> set[Ident]:
         """Apply records in order (their texts hashed first, in C); the identities among ``watch`` that they touched."""
@@ -170,6 +200,10 @@ class DigestTable:
         values = digest_values(list(map(session_text, sessions)))
         self.held.update(zip(keys, values))
         self.acc ^= reduce(xor, values, 0)
+        count, acc = self.range_count, self.range_acc
+        for r, v in zip(map(_range, keys), values):
+            count[r] += 1
+            acc[r] ^= v
         return keys
 
 
@@ -329,6 +363,20 @@ class LiveDigest:
                 self._lose()
                 self._close_requests()
                 raise NetlinkError(f"ctnetlink in {self.netns}: {e}") from e
+
+    def ranges(self) -> dict[int, tuple[int, int]]:
+        """Each non-empty key range's (sessions, XOR), with the same barrier as :meth:`statistics`."""
+        with self._lock:
+            self.statistics()
+            assert self.table is not None
+            return self.table.ranges()
+
+    def in_ranges(self, ranges: Collection[int]) -> list[Ident]:
+        """The identities of the sessions in these key ranges now (same barrier): what to read by key."""
+        with self._lock:
+            self.statistics()
+            assert self.table is not None
+            return self.table.in_ranges(ranges)
 
     def _statistics(self) -> Summary:
         if not self.valid or self.table is None:

@@ -26,7 +26,7 @@ import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterable, Iterator, Sequence
+from typing import Any, Callable, Collection, Generator, Iterable, Iterator, Sequence
 
 from ..codec import Codec, EditEntry
 from ..errors import CodecError, ProviderError
@@ -352,6 +352,16 @@ class Datastore:
         """
         with _reading_table():
             return dict(self.provider.statistics())
+
+    def range_digests(self) -> dict[int, tuple[int, int]]:
+        """nat-range-digests of running: each non-empty key range's (sessions, digest accumulator)."""
+        with _reading_table():
+            return dict(self.provider.range_digests())
+
+    def range_sessions(self, ranges: Collection[int]) -> list[NatSession]:
+        """Running's sessions whose key is in one of these key ranges (read by key, as a keyed read is: under the datastore's lock)."""
+        with self._mutex, _reading_table():
+            return self.provider.range_sessions(ranges)
 
     def _snapshot(self) -> Any:
         with _reading_table():

@@ -35,6 +35,8 @@ from ..errors import AgentError
 #: operation -> the access it needs.
 NEEDS: dict[str, str] = {
     "get": "read", "get-config": "read", "get-schema": "read", "validate": "read", "create-subscription": "read",
+    # nat-session's own: they read what get and get-config read, cut by key range.
+    "get-range-digests": "read", "get-range-sessions": "read",
     "edit-config": "write", "copy-config": "write", "delete-config": "write", "commit": "write",
     "discard-changes": "write", "cancel-commit": "write", "lock": "write", "unlock": "write", "kill-session": "write",
 }

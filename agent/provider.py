@@ -19,7 +19,7 @@ from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 from .. import pool
 from ..codec import Codec
 from ..errors import ProviderError
-from ..model import NatSession, SessionKey, format_key, index_by_key, table_digest
+from ..model import NatSession, SessionKey, format_key, index_by_key, key_range, range_digests, table_digest
 
 #: (protocol, translated address and port, remote address and port): :attr:`NatSession.reply_key`.
 ReplyKey = tuple[str, str, int, str, int]
@@ -99,6 +99,25 @@ class SessionProvider(abc.ABC):
         """
         snap = self.list()
         return {"sessions": len(snap.sessions), "untranslated": snap.untranslated, "digest": table_digest(snap.sessions)}
+
+    def range_digests(self) -> dict[int, tuple[int, int]]:
+        """nat-range-digests: each non-empty key range's (sessions, digest accumulator), read now.
+
+        :func:`natmig.model.range_digests` of what :meth:`list` returns: the
+        ranges' counts add up to ``statistics()["sessions"]`` and their
+        accumulators XOR to its digest.  This default reads the whole
+        table; a provider that follows its table answers from memory.
+        """
+        return range_digests(self.list().sessions)
+
+    def range_sessions(self, ranges: Collection[int]) -> builtins.list[NatSession]:
+        """The sessions whose key is in one of these key ranges (:func:`natmig.model.key_range`), as :meth:`list` shows them.
+
+        This default reads the whole table and keeps those; a provider that
+        knows which keys a range holds reads only them.
+        """
+        want = set(ranges)
+        return [s for s in self.list().sessions if key_range(s.key) in want]
 
     def lookup(self, keys: Iterable[SessionKey]) -> builtins.list[NatSession]:
         """The sessions with these keys, as :meth:`list` shows them, in the order asked; missing keys are absent.

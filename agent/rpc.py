@@ -41,6 +41,7 @@ from .datastore import (
     refuse,
     select,
 )
+from . import rangerpc as range_ops
 from .nacm import AccessControl
 from .monitoring import MONITORING_NS, WITH_DEFAULTS_NS, YANG_LIBRARY_NS, Catalog, SessionRecord, netconf_state
 from .notifications import NOTIFICATION_NS, STREAMS, NotificationHub
@@ -680,6 +681,8 @@ def _handle(server: Server, sess: SessionState, message: bytes) -> bytes:
         op = ops[0]
         q = etree.QName(op)
         handler = TABLE.get((q.namespace or "", q.localname))
+        if handler is None and q.namespace == codec.ns:
+            handler = range_ops.OPERATIONS.get(q.localname)
         if handler is None:
             raise refuse("operation-not-supported", f"operation <{q.localname}> in namespace {q.namespace!r} is not supported", type="protocol", info={"bad-element": q.localname})
         authorize(server, sess, op)

@@ -155,7 +155,7 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
     # the copy took several times longer, which is not the move's own cost.
     tb.point_to("nat1")
     flush(tb, "nat2")
-    # Its own controller peak too: with new connections the target's digest differs and verify reads both tables.
+    # Its own controller peak too: with new connections the target's digest differs, and verify reads the key ranges that differ.
     reset_peak_rss(os.getpid())
     held_report, held_traffic = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001, churn=100, churn_life=0.1), timeouts)
     churn_controller_rss = vm_hwm_mb(os.getpid())
@@ -191,7 +191,8 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
         "churn_run_ok": held_report.ok and held_traffic.all_survived,
         "churn_run_total": held_report.total_seconds,
         "churn_run_verify": {"source_check": held_report.source_check, "target_check": held_report.target_check,
-                             "seconds": held_report.phase_seconds("verify")},
+                             "seconds": held_report.phase_seconds("verify"), "steps": next((p.steps for p in held_report.phases if p.name == "verify"), {}),
+                             "range_sessions_read": held_report.range_sessions_read},
         "churn_controller_peak_rss_mb": churn_controller_rss,
     }
 

@@ -25,7 +25,10 @@ Phases (each timed with :func:`time.perf_counter`, see :mod:`.report`):
     Compare the two nodes' digests of their kernel tables (the source is
     frozen and carries no traffic, so its table is the table at the switch):
     equal, the target holds every source session with the same public
-    address and port.  Otherwise read and compare the tables; a session an
+    address and port.  Otherwise compare the two nodes' digests per key
+    range and read only the sessions of the ranges that differ
+    (:mod:`.rangecheck`), or, when a node cannot or most of the table
+    differs, read and compare the tables; a session an
     event did not bring (a late notification) is written now, before the
     target admits new sessions, so it can never be re-mapped.
 ``admit``

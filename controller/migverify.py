@@ -1,6 +1,6 @@
 """The NAT migration's verify phase: the target holds every session of the frozen source, with the same mapping.
 
-How (digests first, then the tables, a missing session written before the
+How (digests first, then by key range or the tables, a missing session written before the
 target admits): the module docstring of :mod:`.migrate` (``verify``).
 """
 
@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from ..errors import ControllerError
-from ..model import NatSession, SessionKey, table_digest
+from ..model import NatSession, SessionKey, key_range, table_digest
 from .migcontext import Context, MigrationPhase
-from .nodeproto import STATISTICS, TABLE_TEXT, Counter, Node, TableReader, has
+from .nodeproto import RANGES, STATISTICS, TABLE_TEXT, Counter, Node, RangeReader, TableReader, has
 from .plan import Verdict, compare, expected_table
+from .rangecheck import MAX_SHARE, RangeCheck, both_digests, check_ranges, served
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,13 @@ class Verify(MigrationPhase):
             ctx.report.source_check = ctx.report.target_check = "digest"
             ph.note(f"all {ctx.report.verified} source sessions on the target with the same mapping (the two nodes' digests are equal)")
             return
+        if target_stats is not None and has(src, RANGES) and has(tgt, RANGES) and served(src) and served(tgt):
+            # Only the key ranges whose digests differ are read (see .rangecheck).
+            ranged = by_ranges(ctx, ph, src, tgt)
+            if ranged is not None:
+                ph.note(ranged.describe())
+                settle_verdict(ctx, ph, src, tgt, ranged.verdict, False, ranged.read_at)
+                return
         at_switch = source_final(ctx, stats)
         # Folded: the timeouts in at_switch are the snapshot's and the events' (traffic before the switch may have renewed them since).
         folded = at_switch is not None
@@ -94,31 +102,63 @@ class Verify(MigrationPhase):
             else:
                 # Not a plain yes: decode the whole reply (the codec's checks) and say exactly what differs.
                 verdict = compare(at_switch, got.sessions())
-        if verdict.missing and not verdict.remapped:
-            missing, ended = not_ended(ph, src, verdict.missing, folded, known_at)
-            # The target still drops unknown sessions' packets, so a missing
-            # session has not been re-mapped yet: write it now.
-            with ph.step("reconcile"):
-                written_at = time.perf_counter()
-                ctx.write(tgt, missing, [])
-                ctx.st.added += [s.key for s in missing]
-                ctx.report.reconciled = len(missing)
-                reread_at = time.perf_counter()
-                on_target = tgt.get_sessions("running") if missing else []
-            after = compare(missing, on_target)
-            # Written with the few seconds they had left, some may have run
-            # out by their own timer before the target was read again.
-            lapsed = [s for s in after.missing if ran_out(s, written_at, reread_at)]
-            ended += len(lapsed)
-            verdict = Verdict([s for s in after.missing if not ran_out(s, written_at, reread_at)], after.remapped,
-                              verdict.extra, verdict.checked - ended)
-            if ended:
-                ctx.report.expired = ended
-                ph.note(f"{ended} source session(s) ended on the source (timed out) before the target was read: nothing to move")
-        if not verdict.ok:
-            raise ControllerError(f"verification failed: {verdict.describe()}")
-        ctx.report.verified = verdict.checked
-        ph.note(verdict.describe() + (" (source: its digest matched the snapshot and events)" if ctx.report.source_check == "digest" else " (source: re-read)"))
+        settle_verdict(ctx, ph, src, tgt, verdict, folded, known_at)
+
+
+def by_ranges(ctx: Context, ph: Any, src: Node, tgt: Node) -> RangeCheck | None:
+    """verify by key range (:mod:`.rangecheck`); None when too much differs (the tables are read whole then)."""
+    # Late notifications are counted as the other paths count them; the source is read after the switch, so they are not needed.
+    late = ctx.sub.drain() if ctx.sub is not None else []
+    ctx.events += late
+    ctx.report.events += len(late)
+    s, t = cast(RangeReader, src), cast(RangeReader, tgt)
+    with ph.step("range-digests"):
+        digests = both_digests(s, t)
+    with ph.step("range-sessions"):
+        ranged = check_ranges(s, t, *digests)
+    if ranged is None:
+        log.info("more than %d%% of the two tables differ by key range: reading them whole", int(MAX_SHARE * 100))
+        return None
+    ctx.report.source_check = ctx.report.target_check = "ranges"
+    ctx.report.range_sessions_read = ranged.read_source + ranged.read_target
+    return ranged
+
+
+def settle_verdict(ctx: Context, ph: Any, src: Node, tgt: Node, verdict: Verdict, folded: bool, known_at: float) -> None:
+    """Write what the target misses (unless a session is re-mapped, or has ended), and fail unless all is then there."""
+    if verdict.missing and not verdict.remapped:
+        missing, ended = not_ended(ph, src, verdict.missing, folded, known_at)
+        # The target still drops unknown sessions' packets, so a missing
+        # session has not been re-mapped yet: write it now.
+        with ph.step("reconcile"):
+            written_at = time.perf_counter()
+            ctx.write(tgt, missing, [])
+            ctx.st.added += [s.key for s in missing]
+            ctx.report.reconciled = len(missing)
+            reread_at = time.perf_counter()
+            if not missing:
+                on_target = []
+            elif ctx.report.target_check == "ranges":
+                # Only the ranges of what was written: at 1,000,000 a whole read here is what verify by range avoids.
+                on_target = cast(RangeReader, tgt).get_range_sessions({key_range(s.key) for s in missing})
+                ctx.report.range_sessions_read = (ctx.report.range_sessions_read or 0) + len(on_target)
+            else:
+                on_target = tgt.get_sessions("running")
+        after = compare(missing, on_target)
+        # Written with the few seconds they had left, some may have run
+        # out by their own timer before the target was read again.
+        lapsed = [s for s in after.missing if ran_out(s, written_at, reread_at)]
+        ended += len(lapsed)
+        verdict = Verdict([s for s in after.missing if not ran_out(s, written_at, reread_at)], after.remapped,
+                          verdict.extra, verdict.checked - ended)
+        if ended:
+            ctx.report.expired = ended
+            ph.note(f"{ended} source session(s) ended on the source (timed out) before the target was read: nothing to move")
+    if not verdict.ok:
+        raise ControllerError(f"verification failed: {verdict.describe()}")
+    ctx.report.verified = verdict.checked
+    how = {"digest": " (source: its digest matched the snapshot and events)", "ranges": " (by key range: source and target read in the ranges that differ)"}
+    ph.note(verdict.describe() + how.get(ctx.report.source_check or "", " (source: re-read)"))
 
 
 def not_ended(ph: Any, src: Node, missing: list[NatSession], folded: bool, known_at: float) -> tuple[list[NatSession], int]:

@@ -27,7 +27,7 @@ import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Collection, Iterable, Iterator, Mapping, Sequence
 from xml.sax.saxutils import escape as xml_escape
 
 from lxml import etree
@@ -471,6 +471,35 @@ class NodeClient:
                 if spec is not None:
                     out[spec.name] = spec.parse(leaf.text or "")
         return out
+
+    def get_range_digests(self) -> dict[int, tuple[int, int]]:
+        """get-range-digests: each non-empty key range's (sessions, digest accumulator) on the node's running table."""
+        ns = self.codec.ns
+        reply = self.call("get-range-digests", f'<get-range-digests xmlns="{ns}"/>')
+        out: dict[int, tuple[int, int]] = {}
+        tags = [f"{{{ns}}}{leaf}" for leaf in ("id", "sessions", "digest")]
+        try:
+            # The leaves by a dict of each entry's children: findtext per leaf cost ~11 us each, 2 s for 65,536 ranges.
+            for r in reply.iterchildren(f"{{{ns}}}range"):
+                leaves = {c.tag: c.text for c in r}
+                rid, n, digest = (leaves.get(t) for t in tags)
+                if rid is None or n is None or digest is None or len(digest) != 16:
+                    raise ValueError(etree.tostring(r, encoding="unicode")[:200])
+                out[int(rid)] = (int(n), int(digest, 16))
+        except ValueError as e:
+            raise ControllerError(f"{self.name}: get-range-digests: a range the module does not allow: {e}") from e
+        return out
+
+    def get_range_sessions(self, ranges: Collection[int]) -> list[NatSession]:
+        """get-range-sessions: the running table's sessions whose key is in one of ``ranges`` (none asked: none read)."""
+        if not ranges:
+            return []
+        ns = self.codec.ns
+        inner = "".join(f"<range>{r}</range>" for r in sorted(set(ranges)))
+        reply = self.call("get-range-sessions", f'<get-range-sessions xmlns="{ns}">{inner}</get-range-sessions>')
+        if reply.find(f"{{{NETCONF_NS}}}ok") is not None:
+            return []
+        return self.codec.decode_xml(reply)
 
     def find_sessions(self, match: dict[str, str], source: str = "running") -> list[NatSession]:
         """The entries of ``source`` whose leaves equal ``match`` (leaf name -> value as text): a subtree content match."""

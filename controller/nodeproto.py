@@ -13,14 +13,18 @@ verify strategies from that declaration, never by probing for methods:
 - ``TEXT_EDIT``: ``edit_text(entries, target)``: an idle target gets the
   source's text forwarded undecoded (with ``TABLE_TEXT`` on the source);
 - ``SESSIONS_AND_ADMISSION``: ``get_sessions_and_admission(source)`` in
-  one request.
+  one request;
+- ``RANGES``: ``get_range_digests()`` and ``get_range_sessions(ranges)``
+  (the nat-session module's get-range-digests and get-range-sessions): a
+  verify whose digests differ reads only the key ranges that differ
+  (:mod:`.rangecheck`); without it, the whole tables.
 
 :class:`~natmig.controller.netconf.NodeClient` declares them all.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Protocol
+from typing import Any, Callable, ClassVar, Collection, Iterable, Iterator, Protocol
 
 from ..codec import Codec
 from ..model import NatSession, SessionKey
@@ -31,8 +35,9 @@ TABLE_TEXT = "table-text"
 CHUNKS = "chunks"
 TEXT_EDIT = "text-edit"
 SESSIONS_AND_ADMISSION = "sessions-and-admission"
+RANGES = "ranges"
 #: every optional feature (NodeClient has them all)
-ALL_FEATURES = frozenset({STATISTICS, TABLE_TEXT, CHUNKS, TEXT_EDIT, SESSIONS_AND_ADMISSION})
+ALL_FEATURES = frozenset({STATISTICS, TABLE_TEXT, CHUNKS, TEXT_EDIT, SESSIONS_AND_ADMISSION, RANGES})
 
 
 class Node(Protocol):
@@ -96,3 +101,10 @@ class BothReader(Node, Protocol):
     """``SESSIONS_AND_ADMISSION``."""
 
     def get_sessions_and_admission(self, source: str = "running") -> tuple[list[NatSession], bool]: ...
+
+
+class RangeReader(Node, Protocol):
+    """``RANGES``."""
+
+    def get_range_digests(self) -> dict[int, tuple[int, int]]: ...
+    def get_range_sessions(self, ranges: Collection[int]) -> list[NatSession]: ...

@@ -50,11 +50,15 @@ class MigrationReport:
     expired: int = 0
     verified: int = 0
     #: how verify knew the frozen source's table: "digest" (its nat-statistics
-    #: digest matched the snapshot folded with the events) or "read" (re-read).
+    #: digest matched the snapshot folded with the events), "read" (re-read) or
+    #: "ranges" (its sessions read in the key ranges whose digests differ from the target's).
     source_check: str | None = None
     #: how verify checked the target: "digest" (its nat-statistics digest equals
-    #: the source's final table's) or "read" (its table read and compared).
+    #: the source's final table's), "read" (its table read and compared) or "ranges"
+    #: (only the key ranges whose digests differ from the source's read and compared).
     target_check: str | None = None
+    #: sessions verify read by key range, both nodes together (source_check "ranges"); None: not by range
+    range_sessions_read: int | None = None
     retired: int = 0
     #: the hold window (time.perf_counter, CLOCK_MONOTONIC): from the source's admission
     #: closing (the freeze) to the target's admission opening; None when it never closed

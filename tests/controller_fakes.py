@@ -16,7 +16,7 @@ from natmig.controller.migrate import WRITABLE_RUNNING
 from natmig.controller.txn import CANDIDATE, CONFIRMED_COMMIT
 from natmig.model import NatSession, SessionKey
 
-REVISION = "2026-11-24"
+REVISION = "2026-12-03"
 
 
 def sessions(n: int, public: str = "203.0.113.1", proto: str = "TCP", base_port: int = 20000, first: int | None = None) -> list[NatSession]:

@@ -127,7 +127,7 @@ def test_base11_chunked_framing_with_a_raw_client(agent: RunningAgent) -> None:
 
 def test_ncclient_session_and_typed_client(agent: RunningAgent) -> None:
     with agent.client() as c:
-        assert c.check_module() == "2026-11-24"
+        assert c.check_module() == "2026-12-03"
         assert c.has_candidate()
         c.edit_sessions([S(1), S(2)], target="running")
         assert sorted(s.src_port for s in c.get_sessions()) == [1, 2]

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from natmig.agent import ctdigest, ctevents as ev, cttext
 from natmig.agent import ctnetlink as nl
 from natmig.agent.ctdigest import DigestTable, LiveDigest, session_text
-from natmig.model import NatSession, digest_values, format_digest, table_digest
+from natmig.model import NatSession, digest_values, format_digest, key_range, range_digests, table_digest
 
 from .strategies import tables
 
@@ -292,6 +292,7 @@ def test_a_dump_read_during_changes_and_the_events_after_subscribing_give_the_fi
     assert format_digest(t.acc) == table_digest(sessions)
     assert t.summary().sessions == len(sessions) and t.untranslated == len(final) - len(sessions)
     assert set(t.held) == set(final)
+    assert t.ranges() == range_digests(sessions)  # the key ranges too, through the same race
 
 
 def test_put_and_drop_keep_counts_and_xor() -> None:
@@ -476,6 +477,17 @@ def test_the_follower_answers_the_kernels_table_after_any_mix_of_writers(kernel_
         else:
             assert d.statistics() == kernel.summary()
     assert d.statistics() == kernel.summary()
+    assert d.ranges() == _kernel_ranges(kernel)  # what get-range-digests answers: the kernel's table cut by key
+
+
+def _kernel_ranges(kernel: "FakeKernel") -> dict[int, tuple[int, int]]:
+    out: dict[int, tuple[int, int]] = {}
+    for k, text in kernel.state.items():
+        if type(text) is bytes:
+            r = key_range(k[:5])
+            n, acc = out.get(r, (0, 0))
+            out[r] = (n + 1, acc ^ digest_values([text])[0])
+    return out
 
 
 @pytest.fixture

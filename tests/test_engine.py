@@ -299,7 +299,7 @@ def test_the_engine_moves_nat_session_between_nat_agents_knowing_only_what_they_
             c.edit_sessions(sessions, target="running")
         r = migration(a, b).run()
         assert r.ok, r.text()
-        assert r.modules == ["nat-session@2026-11-24"] and r.copied == {"nat-session:nat-session": 250}
+        assert r.modules == ["nat-session@2026-12-03"] and r.copied == {"nat-session:nat-session": 250}
         assert r.readback["nat2"].tables == {"nat-session:nat-session": (250, table_digest(sessions))}
         assert r.readback["nat1"].tables == {"nat-session:nat-session": (0, "0000000000000000")} and r.readback["nat1"].admission is True
         with b.client() as c:  # through the NAT's own module, as the NAT controller reads it

@@ -93,7 +93,7 @@ def test_one_migration_moves_both_modules_writing_each_kernel_entry_once(chained
         out, _ = events.communicate(timeout=10)
     assert cp.returncode == 0, cp.stdout + cp.stderr
     print(cp.stdout)
-    assert report["ok"] and sorted(report["modules"]) == ["fw-state@2026-12-03", "nat-session@2026-11-24"], report
+    assert report["ok"] and sorted(report["modules"]) == ["fw-state@2026-12-03", "nat-session@2026-12-03"], report
     assert report["copied"]["fw-state:session"] == len(moved)
     assert report["copied"]["nat-session:nat-session"] == len(translated)
     assert "source digests match the copy" in next(p["detail"] for p in report["phases"] if p["name"] == "verify")

@@ -20,7 +20,7 @@ from natmig.agent import ctnetlink as nl
 from natmig.agent import cttext
 from natmig.agent.conntrack import ConntrackProvider
 from natmig.agent.provider import ApplyError
-from natmig.model import NatSession, format_digest
+from natmig.model import NatSession, format_digest, key_range, range_digests
 
 from .helpers_natnode import PUBLIC_IP, SERVER_IP, TwoNatNet, built, finish, wait_replies
 from .test_conntrack_provider import start_flows, synthetic
@@ -269,5 +269,30 @@ def test_on_20k_sessions_a_later_call_after_100_changes_reads_no_table(net: TwoN
         # expired (ctevents.expire: ~13 ms here for 262,144 buckets).  What this test
         # holds is that no table is read (dumps == [] above); the times are printed,
         # not asserted: a speed is a benchmark's figure (bench/bench_conntrack.py).
+    finally:
+        a.close()
+
+
+def test_key_ranges_equal_the_table_cut_by_key_and_a_ranges_sessions_are_read_by_key(net: TwoNatNet) -> None:
+    """get-range-digests and get-range-sessions at the provider: the live digest's ranges against list(), after every kind of change."""
+    rng = random.Random(11)
+    a = provider(net)
+    ns = a.netns
+    try:
+        agrees(a)
+        table = synthetic(600)
+        a.apply(table[:500])
+        a.delete([s.key for s in table[:30]])
+        a.apply([dataclasses.replace(s, translated_port=s.translated_port + 5000) for s in table[100:110]])
+        for i in range(12):
+            by_hand(rng, ns, i)
+        agrees(a)
+        listed = a.list().sessions
+        assert a.range_digests() == range_digests(listed)
+        want = sorted({key_range(s.key) for s in rng.sample(listed, 40)})
+        got = a.range_sessions(want)
+        expected = {s.key: (s.translated_address, s.translated_port) for s in listed if key_range(s.key) in want}
+        assert {s.key: (s.translated_address, s.translated_port) for s in got} == expected and len(got) == len(expected)
+        assert a._digest is not None and a._digest.full_reads == 1  # answered by the live digest, never a re-read
     finally:
         a.close()

@@ -47,7 +47,7 @@ def test_ncclient(lab: AgentLab) -> None:
 
     m = call_in_netns(lab.mgmt_ns, session)
     try:
-        assert f"{NS}?module=nat-session&revision=2026-11-24" in list(m.server_capabilities)
+        assert f"{NS}?module=nat-session&revision=2026-12-03" in list(m.server_capabilities)
         # test-only (ncclient sends it only to a server announcing :validate:1.1) changes nothing.
         m.edit_config(target="running", config=f'<config xmlns="{NETCONF_NS}">{entry(1001, 21001)}</config>', test_option="test-only")
         assert not in_kernel(lab, 1001, 21001)
@@ -97,7 +97,7 @@ def test_yangcli(lab: AgentLab, tmp_path: Path) -> None:
     script.write_text(
         f"edit-config target=running config=@{cfg}\n"
         "get-config source=running\n"
-        "get-schema identifier=nat-session version=2026-11-24 format=yang\n"
+        "get-schema identifier=nat-session version=2026-12-03 format=yang\n"
     )
     r = lab.cmd([yangcli, f"--server={lab.mgmt_address}", f"--ncport={lab.port}", "--user=natmig", f"--password={lab.password}",
                  "--batch-mode", f"--run-script={script}", f"--home={tmp_path}"], timeout=90)
