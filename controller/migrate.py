@@ -13,11 +13,12 @@ Phases (each timed with :func:`time.perf_counter`, see :mod:`.report`):
     Into an idle target the source's entries are forwarded as the text it
     sent, undecoded (see :mod:`natmig.wire.nattext`).
 ``catch-up``
-    Close admission on the target (a packet of an unknown session must never
+    Write into the target what the source's events changed during the copy
+    (the source still serving), then close admission on the target (a packet of an unknown session must never
     create a mapping there) and on the source (it stops creating sessions;
     established ones keep flowing through it), wait until the source's event
-    stream is quiet, and write what the events changed since the snapshot
-    into the target.  From here until the switch the source's table cannot
+    stream is quiet, and write what the events changed since into the
+    target.  From here until the switch the source's table cannot
     grow, so the target holds every session the source has.
 ``switch``
     One atomic OpenFlow bundle moves both directions to the target.
