@@ -26,6 +26,7 @@ from .errors import CodecError, FieldError
 from .gcpause import gc_paused
 from .model import FIELD_NAMES, NatSession, SessionKey, format_key
 from .schema import LeafValueError, Schema, load_schema
+from .slotinit import fast_init
 
 NETCONF_NS = "urn:ietf:params:xml:ns:netconf:base:1.0"
 DEFAULT_ERROR_LIMIT = 100
@@ -42,6 +43,7 @@ _PARSER = etree.XMLParser(
 EDIT_OPERATIONS = frozenset({"merge", "replace", "create", "delete", "remove"})
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class EditEntry:
     """One list entry of an edit-config: its operation and the leaves it names.

@@ -15,10 +15,13 @@ from functools import reduce
 from operator import methodcaller, xor
 from typing import Iterable
 
+from .slotinit import fast_init
+
 #: Key of a session: (protocol, src_address, src_port, dst_address, dst_port).
 SessionKey = tuple[str, str, int, str, int]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class NatSession:
     """One translated session: the inside 5-tuple and its public address and port.
