@@ -457,10 +457,19 @@ class LiveDigest:
             return
         assert self.table is not None
         held, now = self.table.held, time.monotonic()
-        self.deadlines.add(((i, t) for i, t in timeouts.items() if i in held and _gettable(i)), now)
+        # One pass sorting the entries held into those a GET reaches and the
+        # rest (_gettable, inlined: a commit of 100k schedules every entry).
+        near: list[tuple[Ident, int]] = []
+        far: list[int] = []
+        for i, t in timeouts.items():
+            if i in held:
+                if len(i) == 5 and i[0] in _GET_PROTOCOLS and ":" not in i[1]:
+                    near.append((i, t))
+                else:
+                    far.append(t)
+        self.deadlines.add(near, now)
         if self.deadlines.count > 2 * len(held) + self.STALE:
             self.deadlines.compact(held)
-        far = [t for i, t in timeouts.items() if i in held and not _gettable(i)]
         if far:
             self._walk_at = min(self._walk_at, now + min(far) + 1)
 
@@ -663,5 +672,8 @@ def _follow(ref: "weakref.ref[LiveDigest]", stop: threading.Event) -> None:
 
 
 def _gettable(ident: Ident) -> bool:
-    """Whether a GET by key reaches this entry: an IPv4 key of zone 0 (a 5-tuple with no extra)."""
-    return len(ident) == 5 and ident[0] in ("TCP", "UDP", "ICMP") and ":" not in ident[1]
+    """Whether a GET by key reaches this entry: an IPv4 key of zone 0 (a 5-tuple with no extra); LiveDigest._schedule inlines it."""
+    return len(ident) == 5 and ident[0] in _GET_PROTOCOLS and ":" not in ident[1]
+
+
+_GET_PROTOCOLS: Final = frozenset({"TCP", "UDP", "ICMP"})

@@ -580,7 +580,8 @@ class Datastore:
         cand, base = self._cand, self._cand_base
         if cand is not None:
             plan.deletes = {k for k in base if k not in cand}
-            plan.upserts = {k: s for k, s in cand.items() if base.get(k) != s}
+            # A key new to the base (all of a copy's) is written without an __eq__ call (a Python one for a dataclass).
+            plan.upserts = {k: s for k, s in cand.items() if (old := base.get(k)) is None or old != s}
         if self._cand_control is not None and self._cand_control != self._cand_base_control:
             plan.control = dict(self._cand_control)
         # Of running, only the sessions to delete are read (which of them

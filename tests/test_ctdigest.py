@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from dataclasses import dataclass
 
 import pytest
@@ -612,3 +613,22 @@ def test_the_schedule_keeps_one_deadline_per_entry_held_once_stale_ones_outnumbe
     assert len(d) == 20
     assert sorted(d.due(200.0)) == sorted(keys[:10])  # the earlier slot kept
     assert sorted(d.due(10**7)) == sorted(keys[50:60]) and len(d) == 0
+
+
+def test_schedule_sorts_entries_a_get_reaches_from_the_rest_in_one_pass() -> None:
+    # _schedule inlines _gettable: the same split as the function, held entries only.
+    d = LiveDigest("ns", FakeReader({}), lambda: OWN)  # type: ignore[arg-type]
+    d.table = ctdigest.DigestTable()
+    v4 = [("TCP", "10.0.0.2", i, "198.51.100.7", 80) for i in range(5)]
+    zoned = ("UDP", "10.0.0.3", 53, "198.51.100.7", 53, 7)  # a zone: no GET by key
+    v6 = ("TCP", "2001:db8::1", 1000, "2001:db8::2", 80)
+    other = ("SCTP", "10.0.0.4", 1, "198.51.100.7", 2)
+    not_held = ("TCP", "10.0.0.9", 9, "198.51.100.7", 80)
+    for i in (*v4, zoned, v6, other):
+        d.table.put(i, 1)
+    d._schedule({**{i: 120 + n for n, i in enumerate(v4)}, zoned: 300, v6: 200, other: 400, not_held: 5})
+    assert [ctdigest._gettable(i) for i in (*v4, zoned, v6, other)] == [True] * 5 + [False] * 3
+    assert len(d.deadlines) == 5  # the five IPv4 5-tuples, not the entry that is not held
+    assert sorted(d.deadlines.due(10**6)) == sorted(v4)
+    assert d._walk_at <= time.monotonic() + 200 + 1  # the soonest of the others (v6, 200 s)
+    assert d._walk_at > time.monotonic() + 100
