@@ -53,7 +53,6 @@ import socket
 import subprocess
 import threading
 import time
-from array import array
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, cast
@@ -67,7 +66,7 @@ from . import ctnetlink as nl
 from . import ctread, cttext
 from .natnode import NatNode
 from .ctbatch import ApplyPlan, DEFAULT_TIMEOUT_SYSCTL, held_elsewhere, invalid_entries, invalid_keys, plan_apply, timeout_key, validate
-from .ctdigest import LiveDigest, WriteLog, session_values
+from .ctdigest import LiveDigest, WriteLog
 from .provider import ApplyError, SessionEvent, SessionProvider, Snapshot, Watch, as_written, check_batch, check_batch_by_holders
 
 __all__ = ["ApplyPlan", "ConntrackProvider", "invalid_entries", "plan_apply", "validate"]
@@ -612,25 +611,11 @@ def _without(batch: list[NatSession], problems: dict[SessionKey, str]) -> list[N
 
 
 def _created(p: ConntrackProvider, items: list[tuple[NatSession, int]], log: WriteLog) -> dict[int, int]:
-    """Create (session, timeout) items through the provider's writer; the digest gets those the kernel took.
-
-    Their digest values are computed batch by batch while the kernel creates
-    them (create_sessions' ``beside``), in this thread, which otherwise waits
-    for the sender: at 100k, ~0.3 s the commit spent after the last create.
-    Used only when every item was sent and taken; otherwise the digest
-    computes what it needs itself.
-    """
+    """Create (session, timeout) items through the provider's writer; the digest gets those the kernel took."""
     sent: list[tuple[int, int]] = []
-    values = array("Q")
-
-    def digest(start: int, stop: int) -> None:
-        values.extend(session_values([s for s, _ in items[start:stop]]))
-
-    failed = nl.create_sessions(p.netns, items, p._writer(), sent, beside=digest)
+    failed = nl.create_sessions(p.netns, items, p._writer(), sent)
     if errno.ENOBUFS in failed.values():
         log.lost()  # some errors were dropped: which items exist is not known
-    elif not failed and sum(b - a for a, b in sent) == len(items) == len(values):
-        log.created([s for s, _ in items], values)
     else:
         log.created([items[i][0] for a, b in sent for i in range(a, b) if i not in failed])
     return failed

@@ -182,14 +182,12 @@ class DigestTable:
                 put(ident, next(values))
         return hit
 
-    def created(self, sessions: Sequence[NatSession], values: Sequence[int] | None = None) -> list[Ident]:
+    def created(self, sessions: Sequence[NatSession]) -> list[Ident]:
         """Sessions the kernel confirmed creating (each entry as cttext's rules count it); their keys.
 
         A copy of a table creates keys none of which is held: they go in by
         one dict update and one XOR over the values, computed in C (100k:
-        ~0.2 s put one by one, measured).  ``values``: each session's
-        :func:`session_value`, when the writer computed them already (while
-        the kernel created the sessions: see ConntrackProvider._write).
+        ~0.2 s put one by one, measured).
         """
         keys = list(map(_KEY, sessions))
         odd = [s for s in sessions if s.translated_address == s.src_address and s.translated_port == s.src_port]
@@ -199,8 +197,7 @@ class DigestTable:
             for k, s in zip(keys, sessions):
                 self.put(k, None if _untranslated(s) else next(each))
             return keys
-        if values is None or len(values) != len(keys):
-            values = session_values(sessions)
+        values = digest_values(list(map(session_text, sessions)))
         self.held.update(zip(keys, values))
         self.acc ^= reduce(xor, values, 0)
         count, acc = self.range_count, self.range_acc
@@ -211,11 +208,6 @@ class DigestTable:
 
 
 _KEY = attrgetter("protocol", "src_address", "src_port", "dst_address", "dst_port")
-
-
-def session_values(sessions: Sequence[NatSession]) -> Sequence[int]:
-    """Each session's value in the digest (what DigestTable.created XORs in for a translated one), in order."""
-    return digest_values(list(map(session_text, sessions)))
 
 
 def _untranslated(s: NatSession) -> bool:
@@ -308,14 +300,10 @@ class WriteLog:
 
     def __init__(self) -> None:
         self.steps: list[tuple[bool, list]] = []
-        #: by step index: the created sessions' digest values, where the writer computed them (session_values)
-        self.values: dict[int, Sequence[int]] = {}
         self.unknown = False
 
-    def created(self, sessions: Iterable[NatSession], values: Sequence[int] | None = None) -> None:
-        """These sessions were created (the kernel acknowledged each); ``values``: their session_values, when known."""
-        if values is not None:
-            self.values[len(self.steps)] = values
+    def created(self, sessions: Iterable[NatSession]) -> None:
+        """These sessions were created (the kernel acknowledged each)."""
         self.steps.append((True, list(sessions)))
 
     def deleted(self, keys: Iterable[SessionKey]) -> None:
@@ -562,9 +550,9 @@ class LiveDigest:
             self._lose()
             return
         touched: set[Ident] = set()
-        for step, (created, items) in enumerate(log.steps):
+        for created, items in log.steps:
             if created:
-                keys = self.table.created(items, log.values.get(step))
+                keys = self.table.created(items)
                 touched.update(keys)
                 # A session written without a timeout got the node's default: looked up at the next call to learn it.
                 self._schedule({k: s.timeout if s.timeout is not None else 0 for k, s in zip(keys, items)})

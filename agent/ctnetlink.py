@@ -28,7 +28,7 @@ import struct
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from .. import netns as nsmod
 from ..errors import ProviderError
@@ -540,7 +540,7 @@ CREATE_BATCH = 1024
 
 
 def create_sessions(netns: str | None, items: Sequence[tuple[NatSession, int]], sock: socket.socket | None = None,
-                    sent: list[tuple[int, int]] | None = None, beside: Callable[[int, int], None] | None = None) -> dict[int, int]:
+                    sent: list[tuple[int, int]] | None = None) -> dict[int, int]:
     """Create each (session, timeout) with NLM_F_CREATE|NLM_F_EXCL; errno by index of those refused.
 
     A thread sends batch k while this one packs batch k+1: the kernel does
@@ -550,17 +550,13 @@ def create_sessions(netns: str | None, items: Sequence[tuple[NatSession, int]], 
     what was created, so sending the rest would only create more to undo.
     ``sock``: as for :func:`run_ops`.  ``sent`` gets the (start, stop) index
     range of each batch the kernel took: an item outside them was never sent.
-    ``beside(start, stop)`` is called in this thread once each batch is
-    queued, while the kernel creates it: work of the caller's on those items
-    that would otherwise wait for the last create (the agent's digest of
-    what it writes), done on the core the packing leaves idle.
     """
     failed: dict[int, int] = {}
     if not items:
         return failed
     with _writer(netns, sock) as w:
         per_batch = max(1, _fit_send_buffer(w, CREATE_BATCH * CREATE_MAX) // CREATE_MAX)
-        _send_overlapped(w, _create_batches(items, per_batch, failed, beside), failed, sent=sent)
+        _send_overlapped(w, _create_batches(items, per_batch, failed), failed, sent=sent)
     return failed
 
 
@@ -580,9 +576,8 @@ def _fit_send_buffer(sock: socket.socket, want: int) -> int:
     return min(want, sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - 64)
 
 
-def _create_batches(items: Sequence[tuple[NatSession, int]], per_batch: int, failed: dict[int, int],
-                    beside: Callable[[int, int], None] | None = None) -> Iterator[tuple[int, int, memoryview]]:
-    """(index of the first, index past the last, packed messages) of each batch, until a batch was refused; ``beside`` as in create_sessions."""
+def _create_batches(items: Sequence[tuple[NatSession, int]], per_batch: int, failed: dict[int, int]) -> Iterator[tuple[int, int, memoryview]]:
+    """(index of the first, index past the last, packed messages) of each batch, until a batch was refused."""
     enc = CreateEncoder()
     for start in range(0, len(items), per_batch):
         if failed:
@@ -591,9 +586,6 @@ def _create_batches(items: Sequence[tuple[NatSession, int]], per_batch: int, fai
         # A new buffer per batch: the sender may still be reading the previous one.
         buf = bytearray((stop - start) * CREATE_MAX)
         yield start, stop, memoryview(buf)[:enc.pack(buf, items, start, stop)]
-        # Resumed once the batch is queued: the sender thread has it (or the one before) in the kernel.
-        if beside is not None:
-            beside(start, stop)
 
 
 def _send_overlapped(sock: socket.socket, batches: Iterator[tuple[int, int, memoryview]], failed: dict[int, int],

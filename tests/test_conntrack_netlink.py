@@ -262,21 +262,3 @@ def test_fast_key_check_is_key_problem(batch: list) -> None:
     good = [k for i, k in enumerate(batch) if i not in invalid_keys(batch)]
     enc = nl.TupleEncoder(nl.IPCTNL_MSG_CT_DELETE, 0)
     enc.pack(bytearray(len(good) * enc.max), good, 0, len(good))
-
-
-def test_create_batches_call_beside_for_each_batch_once_it_is_handed_on_in_order() -> None:
-    # beside(start, stop) runs when the consumer asks for the next batch: after it queued this one, while the kernel creates it.
-    items = [(NatSession("UDP", "10.0.0.1", 1000 + i, "198.51.100.1", 53, "203.0.113.1", 20000 + i, None, 30), 30) for i in range(10)]
-    calls: list[tuple[int, int]] = []
-    taken: list[tuple[int, int]] = []
-    for start, stop, data in nl._create_batches(items, 4, {}, lambda a, b: calls.append((a, b))):
-        assert calls == taken  # not yet called for the batch just handed over
-        taken.append((start, stop))
-        assert len(data) > 0
-    assert calls == taken == [(0, 4), (4, 8), (8, 10)]
-    # A refused batch stops the batches: beside runs for what was handed over, nothing after.
-    failed: dict[int, int] = {}
-    calls.clear()
-    for start, _stop, _data in nl._create_batches(items, 4, failed, lambda a, b: calls.append((a, b))):
-        failed[start] = errno.EEXIST
-    assert calls == [(0, 4)]

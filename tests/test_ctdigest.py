@@ -632,34 +632,3 @@ def test_schedule_sorts_entries_a_get_reaches_from_the_rest_in_one_pass() -> Non
     assert sorted(d.deadlines.due(10**6)) == sorted(v4)
     assert d._walk_at <= time.monotonic() + 200 + 1  # the soonest of the others (v6, 200 s)
     assert d._walk_at > time.monotonic() + 100
-
-
-@given(st.lists(st.builds(NatSession, protocol=st.sampled_from(["TCP", "UDP"]), src_address=st.sampled_from(_V4),
-                          src_port=st.integers(1, 9), dst_address=st.sampled_from(_V4), dst_port=st.sampled_from([53, 80]),
-                          translated_address=st.sampled_from(_V4), translated_port=st.integers(1, 9)),
-                max_size=12, unique_by=lambda s: s.key), st.booleans())
-@settings(max_examples=200, deadline=None)
-def test_values_the_writer_computed_give_the_same_table_as_values_computed_at_the_fold(sessions: list[NatSession], wrong: bool) -> None:
-    # ConntrackProvider computes session_values while the kernel creates; the fold must not depend on who computed them.
-    plain, given_values = DigestTable(), DigestTable()
-    plain.created(sessions)
-    values = ctdigest.session_values(sessions)
-    # Values that do not match the sessions in number are not used (the digest computes its own).
-    given_values.created(sessions, values[:-1] if wrong and sessions else values)
-    assert given_values.held == plain.held and given_values.summary() == plain.summary()
-    assert given_values.ranges() == plain.ranges()
-
-
-def test_a_write_log_carries_the_values_of_the_step_they_belong_to(kernel: FakeKernel) -> None:
-    reader = FakeReader(kernel)
-    d = LiveDigest("ns", reader, lambda: OWN)  # type: ignore[arg-type]
-    d.statistics()
-    with d.writing() as log:
-        kernel.change("new", _key(0), _text(0, 20000), by=OWN)
-        log.created([_session(0, 20000)])  # no values: computed at the fold
-        for i in (1, 2):
-            kernel.change("new", _key(i), _text(i, 20000 + i), by=OWN)
-        two = [_session(i, 20000 + i) for i in (1, 2)]
-        log.created(two, ctdigest.session_values(two))
-    assert list(log.values) == [1]
-    assert d.statistics() == kernel.summary() and reader.gets == 0
