@@ -212,6 +212,19 @@ _TRANSLATED = attrgetter("translated_address")
 HANDSHAKE_STATES = frozenset({"SYN_SENT", "SYN_RECV", "SYN_SENT2"})
 
 
+#: TCP states whose entry gives its public port up to a newer connection that
+#: wants it: Linux's NAT, when it maps a new connection onto a reply tuple held
+#: by such an entry, kills that entry (nf_nat_used_tuple_harder, kernel 6.4 on;
+#: the states from TIME_WAIT on).  A NAT under port pressure does so all the
+#: time, so a table read while it serves (a dump is no snapshot) may hold both.
+YIELDING_STATES = frozenset({"TIME_WAIT", "CLOSE", "SYN_SENT2"})
+
+
+def yields_port(s: NatSession) -> bool:
+    """Whether ``s`` gives its reply tuple up to another session that wants it (see :data:`YIELDING_STATES`)."""
+    return s.protocol == "TCP" and s.tcp_state in YIELDING_STATES
+
+
 def as_written(sessions: Sequence[NatSession]) -> Sequence[NatSession]:
     """Sessions as the node writes them into its table: handshake states become ESTABLISHED.
 
