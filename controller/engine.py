@@ -57,8 +57,7 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if self.retire not in RETIRE_MODES:
             raise ControllerError(f"retire: {self.retire!r} is not one of {', '.join(RETIRE_MODES)} for a state-only migration")
-        if not 1 <= self.confirm_timeout <= 3600:
-            raise ControllerError(f"confirm-timeout: {self.confirm_timeout:g} s is not in 1..3600")
+        txn.check_confirm_timeout(self.confirm_timeout)
 
 
 @dataclass

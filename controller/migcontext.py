@@ -23,7 +23,7 @@ from .phase import Phase
 from .plan import CatchUp, CopyPlan
 from .report import MigrationReport
 from .steering import Steering
-from .txn import Locks, cancel_pending
+from .txn import Locks, cancel_pending, check_confirm_timeout
 
 WRITABLE_RUNNING = "urn:ietf:params:netconf:capability:writable-running:1.0"
 RETIRE_MODES = ("delete", "keep", "stop")
@@ -83,8 +83,7 @@ class MigrateOptions:
             raise ControllerError(f"copy_chunk: {self.copy_chunk} must be at least 1")
         if self.verify_source not in VERIFY_SOURCE:
             raise ControllerError(f"verify_source: {self.verify_source!r} is not one of {', '.join(VERIFY_SOURCE)}")
-        if not 1 <= self.confirm_timeout <= 3600:
-            raise ControllerError(f"confirm_timeout: {self.confirm_timeout} s is not within 1..3600")
+        check_confirm_timeout(self.confirm_timeout)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from ..codec import NETCONF_NS
 from ..schema import YANG_DIR
 from ..wire.reply import attrs_of, errors_reply, rpc_error
 from .enginereport import EngineReport
+from . import txn
 from .registry import AgentEntry
 
 if TYPE_CHECKING:
@@ -156,8 +157,9 @@ class Northbound(Agent):
         source, target = _leaf(op, "source"), _leaf(op, "target")
         retire = _leaf(op, "retire", required=False) or "delete"
         timeout_text = _leaf(op, "confirm-timeout", required=False) or "10"
-        if not timeout_text.isascii() or not timeout_text.isdigit() or not 1 <= int(timeout_text) <= 3600:
-            raise refuse("invalid-value", f"confirm-timeout {timeout_text!r} is not a number of seconds in 1..3600", type="protocol", info={"bad-element": "confirm-timeout"})
+        low, high = txn.CONFIRM_TIMEOUT_RANGE
+        if not timeout_text.isascii() or not timeout_text.isdigit() or not low <= int(timeout_text) <= high:
+            raise refuse("invalid-value", f"confirm-timeout {timeout_text!r} is not a number of seconds in {low}..{high}", type="protocol", info={"bad-element": "confirm-timeout"})
         if retire not in ("delete", "keep"):
             raise refuse("invalid-value", f"retire {retire!r} is not delete or keep", type="protocol", info={"bad-element": "retire"})
         assert source is not None and target is not None

@@ -30,6 +30,18 @@ CANDIDATE = "urn:ietf:params:netconf:capability:candidate:1.0"
 LOCKED = ("running", "candidate")
 
 
+#: the bounds of ``confirm-timeout`` in seconds: long enough to outlast one
+#: phase, short enough that a dead controller cannot keep a node frozen for long.
+CONFIRM_TIMEOUT_RANGE = (1, 3600)
+
+
+def check_confirm_timeout(seconds: float) -> None:
+    """Refuse a ``confirm-timeout`` outside :data:`CONFIRM_TIMEOUT_RANGE`, naming it."""
+    low, high = CONFIRM_TIMEOUT_RANGE
+    if not low <= seconds <= high:
+        raise ControllerError(f"confirm-timeout: {seconds:g} s is not in {low}..{high}")
+
+
 class Writer(Protocol):
     """The part of a node's NETCONF client this module drives (see controller.netconf.NodeClient)."""
 

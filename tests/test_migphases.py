@@ -66,3 +66,18 @@ def test_preflight_refuses_an_agent_without_a_capability_a_later_phase_declares(
     assert "source nat1 does not announce :rollback-on-error" in r.error and r.traffic_on == "nat1"
     assert src.provider.statistics()["sessions"] == 10 and tgt.provider.statistics()["sessions"] == 0
     assert not any(c.startswith("lock") for c in src.calls + tgt.calls)  # refused before anything was locked or written
+
+
+@pytest.mark.parametrize("seconds", [0, 0.5, 3601, float("inf")])
+def test_both_engines_refuse_a_confirm_timeout_out_of_range_with_one_message(seconds: float) -> None:
+    from natmig.controller.engine import EngineOptions
+    from natmig.controller.migcontext import MigrateOptions
+    from natmig.errors import ControllerError
+
+    messages = set()
+    for options in (MigrateOptions, EngineOptions):
+        with pytest.raises(ControllerError) as e:
+            options(confirm_timeout=seconds)
+        messages.add(str(e.value))
+    assert messages == {f"confirm-timeout: {seconds:g} s is not in 1..3600"}
+    assert MigrateOptions(confirm_timeout=3600).confirm_timeout == EngineOptions(confirm_timeout=3600).confirm_timeout == 3600
