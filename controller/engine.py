@@ -437,14 +437,25 @@ class Finish(Phase):
         ctx.pending.pop(ctx.target.name, None)
         ctx.report.committed = True
         ctx.renew()  # the source's freeze, before its candidate takes the deletions
+        if ctx.target_held:
+            # Live traffic: the source reopens first, so that what it held since the freeze goes to the switch (and on
+            # to the target) now, not after the retire (500 deletions took 2.4 s on a loaded machine, and the held
+            # connections got through on their SYN's retransmission instead).  Traffic is on the target: nothing new
+            # reaches the source in between.  A controller dying there leaves the source open with its entries kept.
+            txn.confirm_admission(ctx.source, True, ctx.token)
+            ctx.pending.pop(ctx.source.name, None)
+            if ctx.options.retire == "delete":
+                for lst, table in ctx.expected.items():
+                    ctx.source.remove(lst, table)
+                ctx.source.commit()
+            return (f"{ctx.target.name}: copy confirmed and admission reopened; {ctx.source.name}: admission reopened, "
+                    f"then entries {'deleted' if ctx.options.retire == 'delete' else 'kept'}")
         if ctx.options.retire == "delete":
             for lst, table in ctx.expected.items():
                 ctx.source.remove(lst, table)
         txn.confirm_admission(ctx.source, True, ctx.token)
         ctx.pending.pop(ctx.source.name, None)
-        opened = " and admission reopened" if ctx.target_held else ""
-        return (f"{ctx.target.name}: copy confirmed{opened}; "
-                f"{ctx.source.name}: entries {'deleted' if ctx.options.retire == 'delete' else 'kept'}, admission reopened")
+        return f"{ctx.target.name}: copy confirmed; {ctx.source.name}: entries {'deleted' if ctx.options.retire == 'delete' else 'kept'}, admission reopened"
 
 
 def default_phases(steering: Steering | None = None) -> list[Phase]:
@@ -543,6 +554,6 @@ def read_back(node: StateNode) -> NodeReadback:
     if not node.connected:
         return NodeReadback(node.name, error="the NETCONF session is gone")
     try:
-        return NodeReadback(node.name, admission=node.admission(), tables=node.statistics())
+        return NodeReadback(node.name, admission=node.admission(), tables=node.statistics(), held=node.held())
     except Exception as e:  # noqa: BLE001 - a report must still be made
         return NodeReadback(node.name, error=txn.describe_error(e))

@@ -467,8 +467,10 @@ def test_with_a_switch_the_target_holds_new_entries_from_before_the_switch_until
     r = migration(a, b, default_phases(sw)).run()
     assert r.ok, r.text()
     assert sw.target_admits == [False]  # closed when traffic reached it
-    assert "admission reopened" in next(p for p in r.phases if p.name == "finish").detail
+    assert "copy confirmed and admission reopened" in next(p for p in r.phases if p.name == "finish").detail
     assert r.readback["lb2"].admission is True and r.readback["lb1"].admission is True
+    # Agents that keep their state in memory carry no traffic: they report no state-control/held.
+    assert r.readback["lb2"].held is None and "holds" not in r.readback["lb2"].line()
 
 
 def test_an_undone_switch_reopens_the_held_target_only_after_traffic_is_back_on_the_source(pair: tuple[Served, Served]) -> None:

@@ -35,6 +35,8 @@ FLOWS = Path(__file__).with_name("flows_natnode.py")
 SERVER_PORT = 5011
 #: A connection held on a node is released when that node's admission opens: it connects at most this long after.
 SLACK = 0.5
+#: Finish opens the target, then the source: a connection held on either connects within this long after finish begins.
+RELEASED = 1.0
 
 # Waits for "go", connects (timed, CLOCK_MONOTONIC), echoes a line; waits for "again", echoes another.
 _PROBE = r"""
@@ -161,6 +163,7 @@ def test_connections_opened_at_every_part_of_a_generic_move_complete_and_keep_wo
         print(report.text())
         assert report.ok, report.error
         assert tb.active_nat() == "nat2"
+        assert report.readback["nat1"].held == 0 and report.readback["nat2"].held == 0  # everything released
         for pt, r in records.items():
             print(pt, {k: v for k, v in r.items()}, f"opened {ended - probes[pt].opened:.3f} s before the end" if probes[pt].opened else "")
         bad = {pt: r for pt, r in records.items() if r.get("error") or "second" not in r}
@@ -170,8 +173,13 @@ def test_connections_opened_at_every_part_of_a_generic_move_complete_and_keep_wo
             assert r["connected"] <= ended + SLACK, f"{pt}: connected {r['connected'] - ended:.2f} s after the migration ended"
         # Traffic on the target, its admission still closed: held there until finish opened it, not admitted at once
         # (a switch undone then would have broken it; see the fault test below).
+        finish = ends["probe after:switch"]
         after_switch = records["after:switch"]
-        assert after_switch["connected"] > ends["probe after:switch"], after_switch
+        assert after_switch["connected"] > finish, after_switch
+        # Each one held (on the source or the target) was released when finish opened its node: connected right
+        # then, not on a retransmission of its SYN (1 s and more after the attempt).
+        late = {pt: round(r["connected"] - finish, 3) for pt, r in records.items() if r["connected"] - finish > RELEASED}
+        assert not late, f"connected that long (s) after finish began: {late}"
         assert all(r["first"][-2] == tb.public_address for r in records.values())
         assert len(result.of("churn")) >= 40
         assert not result.broken(), [f"{b.proto} {b.fid}: {b.why}" for b in result.broken()[:10]]
@@ -208,6 +216,22 @@ def _admits(fleet: Any, nat: str) -> bool:
         return n.admission()
 
 
+def _held(fleet: Any, nat: str) -> int | None:
+    with node_of(fleet, nat) as n:
+        return n.held()
+
+
+def _wait_held(fleet: Any, nat: str, timeout: float = 3.0) -> int | None:
+    """What ``nat``'s agent reports it holds, once it is at least 1 (or when ``timeout`` passed)."""
+    deadline = time.monotonic() + timeout
+    with node_of(fleet, nat) as n:
+        while True:
+            held = n.held()
+            if (held or 0) >= 1 or time.monotonic() > deadline:
+                return held
+            time.sleep(0.02)
+
+
 def test_a_switch_failing_after_the_target_held_leaves_nothing_held_and_the_held_connection_on_the_source(tmp_path: Path) -> None:
     with bed(tmp_path, "ef") as (tb, fleet):
         load_sessions(fleet.endpoint("nat1"), synthetic_sessions(500, tb.public_address, (20000, 29999)))
@@ -217,7 +241,13 @@ def test_a_switch_failing_after_the_target_held_leaves_nothing_held_and_the_held
             with traffic(tb, tmp_path) as t:
                 time.sleep(0.5)
                 before = table(fleet, "nat1")
-                sw = FailingSwitch(tb, "nat2", probe.go)
+                seen: dict[str, int | None] = {}
+
+                def while_on_target() -> None:
+                    probe.go()
+                    seen["nat2"] = _wait_held(fleet, "nat2")  # read back from the target's agent: its SYN is held there
+
+                sw = FailingSwitch(tb, "nat2", while_on_target, linger=0.1)
                 mig = EngineMigration(lambda: node_of(fleet, "nat1"), lambda: node_of(fleet, "nat2"), "nat1", "nat2",
                                       EngineOptions(), default_phases(sw), source_events=lambda: node_of(fleet, "nat1"))
                 report = mig.run()
@@ -232,6 +262,7 @@ def test_a_switch_failing_after_the_target_held_leaves_nothing_held_and_the_held
         print(record)
         assert not report.ok and report.failed_phase == "switch", report.error
         assert sw.moves == ["nat2", "nat1"]
+        assert (seen["nat2"] or 0) >= 1, seen
         # The connection attempted while traffic was on the target: held there, then made through the source
         # (admitted by the target instead, it was made there and reset once traffic was back on the source).
         assert not record.get("error") and "second" in record, record
@@ -241,7 +272,8 @@ def test_a_switch_failing_after_the_target_held_leaves_nothing_held_and_the_held
         # Read back from the switch and from both agents.
         assert report.traffic_on == "nat1" and tb.active_nat() == "nat1"
         assert report.readback["nat1"].admission is True and report.readback["nat2"].admission is True
-        assert _admits(fleet, "nat1") and _admits(fleet, "nat2")  # an agent holds only while its admission is closed
+        assert report.readback["nat1"].held == 0 and report.readback["nat2"].held == 0
+        assert _admits(fleet, "nat1") and _admits(fleet, "nat2") and _held(fleet, "nat1") == 0 and _held(fleet, "nat2") == 0
         after = table(fleet, "nat1")
         assert all(after.get(k) == v for k, v in before.items())  # nothing lost, nothing re-mapped
         assert report.readback["nat2"].tables["nat-session:nat-session"][0] == 0  # the copy cancelled
@@ -283,6 +315,7 @@ def test_the_target_dying_after_it_started_holding_leaves_traffic_and_every_conn
         assert report.readback["nat2"].error  # dead: nobody can say; restarted, its agent undoes what was pending
         fleet.start("nat2")
         assert _admits(fleet, "nat2") and _admits(fleet, "nat1")
+        assert _held(fleet, "nat2") == 0 and _held(fleet, "nat1") == 0
         assert table(fleet, "nat2") == {} or not set(before) & set(table(fleet, "nat2"))
         after = table(fleet, "nat1")
         assert all(after.get(k) == v for k, v in before.items())
