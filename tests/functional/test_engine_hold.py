@@ -182,7 +182,7 @@ def test_connections_opened_at_every_part_of_a_generic_move_complete_and_keep_wo
         assert not late, f"connected that long (s) after finish began: {late}"
         assert all(r["first"][-2] == tb.public_address for r in records.values())
         assert len(result.of("churn")) >= 40
-        assert not result.broken(), [f"{b.proto} {b.fid}: {b.why}" for b in result.broken()[:10]]
+        assert not result.broken(), [f"{b.proto} {b.fid}: {b.why} (sent {b.sent}, echoed {b.echoed}, largest gap {b.max_gap:.2f} s)" for b in result.broken()[:10]]
         assert result.live_survived == result.live_total == 10
 
 
@@ -277,7 +277,7 @@ def test_a_switch_failing_after_the_target_held_leaves_nothing_held_and_the_held
         after = table(fleet, "nat1")
         assert all(after.get(k) == v for k, v in before.items())  # nothing lost, nothing re-mapped
         assert report.readback["nat2"].tables["nat-session:nat-session"][0] == 0  # the copy cancelled
-        assert not result.broken(), [f"{b.proto} {b.fid}: {b.why}" for b in result.broken()[:10]]
+        assert not result.broken(), [f"{b.proto} {b.fid}: {b.why} (sent {b.sent}, echoed {b.echoed}, largest gap {b.max_gap:.2f} s)" for b in result.broken()[:10]]
         assert result.live_survived == result.live_total == 10
 
 
@@ -322,5 +322,5 @@ def test_the_target_dying_after_it_started_holding_leaves_traffic_and_every_conn
         # Sent to a target that had died, the SYN was lost there; its retransmission went to the source.
         assert not record.get("error") and "second" in record, record
         assert record["first"][-1] == record["second"][-1]
-        assert not result.broken(), [f"{b.proto} {b.fid}: {b.why}" for b in result.broken()[:10]]
+        assert not result.broken(), [f"{b.proto} {b.fid}: {b.why} (sent {b.sent}, echoed {b.echoed}, largest gap {b.max_gap:.2f} s)" for b in result.broken()[:10]]
         assert result.live_survived == result.live_total == 10
