@@ -58,31 +58,50 @@ def _call_home_target(text: str) -> CallHomeTarget:
 
 
 def _public_address(text: str) -> str:
-    """One --public-address, checked: an address or a range FIRST-LAST of the NAT's pool (natmig.pool)."""
+    """One --public-address, checked: an address or a range FIRST-LAST of the NAT's pool, with its ports :LOW-HIGH or not (natmig.pool)."""
     try:
-        pool.parse_addresses("--public-address", text)
+        pool.parse_entry("--public-address", text, default_ports=_ANY_PORT)
     except pool.PoolError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
-def public_addresses(given: list[str] | None) -> list[str]:
-    """The addresses every --public-address names (ranges expanded), in order.
+#: what an address given without ports owns (see :class:`natmig.pool.Owned`)
+_ANY_PORT = (1, 65535)
 
-    :class:`AgentError` when one address is given twice: a pool whose
-    entries overlap is a typo, not a bigger pool.
+
+def public_addresses(given: list[str] | None) -> list[str]:
+    """The addresses every --public-address names (ranges expanded, ports left out), in order.
+
+    :class:`AgentError` when one address is given twice, but for disjoint
+    ports of it: a pool whose entries overlap is a typo, not a bigger pool.
     """
-    out: dict[str, int] = {}
+    return list(dict.fromkeys(r.address for _, r in _entries(given)))
+
+
+def public_pool(given: list[str] | None) -> pool.Owned:
+    """What the --public-address values own: each address, and its ports where a value gave them (``A:LOW-HIGH``)."""
+    return pool.Owned(r if ports else r.address for ports, r in _entries(given))
+
+
+def _entries(given: list[str] | None) -> list[tuple[bool, pool.PublicRange]]:
+    """Each address of the values, with whether its value gave ports; checked as one pool."""
+    first: dict[str, tuple[int, bool]] = {}
+    out: list[tuple[bool, pool.PublicRange]] = []
     for i, item in enumerate(given or []):
-        for a in pool.parse_addresses("--public-address", item):
-            if a in out:
-                raise AgentError(f"--public-address: {a} is given twice (in values {out[a] + 1} and {i + 1}); the pool's addresses must not overlap")
-            out[a] = i
-    return list(out)
+        ports = ":" in item
+        for r in pool.parse_entry("--public-address", item, default_ports=_ANY_PORT):
+            seen = first.setdefault(r.address, (i, ports))
+            if seen != (i, ports) and not (ports and seen[1]):
+                raise AgentError(f"--public-address: {r.address} is given twice (in values {seen[0] + 1} and {i + 1}); the pool's addresses must not overlap")
+            out.append((ports, r))
+    if out:
+        pool.check("--public-address", [r for _, r in out])  # two port ranges of one address must be disjoint
+    return out
 
 
 def _memory(args: argparse.Namespace) -> SessionProvider:
-    return MemoryProvider(owned=set(args.public_address or MEMORY_PUBLIC))
+    return MemoryProvider(owned=args.public_pool or pool.Owned(MEMORY_PUBLIC))
 
 
 def _conntrack(args: argparse.Namespace) -> SessionProvider:
@@ -97,8 +116,10 @@ def _conntrack(args: argparse.Namespace) -> SessionProvider:
     # Admission control rewrites the node's nftables admission chain, which
     # only needs the namespace, the inside interface and the public addresses
     # (the ports are the SNAT rule's business, which the agent never writes).
-    ports = NatNodeConfig.port_range
-    node = NatNode(NatNodeConfig(name=args.netns, inside_if=args.inside_if, pool=tuple(pool.PublicRange(a, ports) for a in args.public_address)))
+    owned: pool.Owned = args.public_pool
+    default = NatNodeConfig.port_range
+    node = NatNode(NatNodeConfig(name=args.netns, inside_if=args.inside_if,
+                                 pool=tuple(pool.PublicRange(a, p) for a in args.public_address for p in owned.ports.get(a, (default,)))))
     # Measured: with the kernel default nf_conntrack_events=2 ("auto"), an entry
     # created while nobody listened never reports its DESTROY, so a controller
     # subscribing after the copy would miss sessions closed during the move.
@@ -110,7 +131,8 @@ def _conntrack(args: argparse.Namespace) -> SessionProvider:
         # this process hold the packets the kernel would otherwise drop.
         log.warning("NAT node %s: admission is closed; holding new sessions until it opens", args.netns)
         node.set_admission(False)
-    provider = ConntrackProvider(args.netns, public_addresses=set(args.public_address), node=node)
+    # Ports given (A:LOW-HIGH) are checked: a session outside them is one this node's SNAT would never make.
+    provider = ConntrackProvider(args.netns, public_addresses=owned, node=node)
     # The first statistics() reads the table whole and starts following its
     # events (ctdigest); made here, the one a migration asks for inside its
     # hold window costs only what changed since (10k: ~20 ms, 100k: ~45 ms,
@@ -190,6 +212,7 @@ def _agent(args: argparse.Namespace, cfg: AgentConfig) -> Agent:
 def run_agent(args: argparse.Namespace) -> int:
     """Serve until interrupted."""
     args = agent_config.resolve(args, args.agent_options)
+    args.public_pool = public_pool(args.public_address)
     args.public_address = public_addresses(args.public_address)
     if args.listen is None:
         raise AgentError("--listen ADDR[:PORT] is required: the node's management address (the agent never picks one itself)")
@@ -295,9 +318,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "chain: a firewall then a NAT in one namespace, fw-state and nat-session over one table)")
     p.add_argument("--module", metavar="FILE.yang", help="serve the state lists of this YANG module from memory, with natmig-state "
                    "(needs --provider memory): an agent of any network function's state, for the migration engine")
-    p.add_argument("--public-address", action="append", type=_public_address, metavar="A[-B]",
-                   help="public address of the NAT, or a range FIRST-LAST of its address pool (repeatable): "
-                   "the translated addresses it owns")
+    p.add_argument("--public-address", action="append", type=_public_address, metavar="A[-B][:LOW-HIGH]",
+                   help="public address of the NAT, or a range FIRST-LAST of its address pool, with the ports it gives out "
+                   "or not (repeatable): the translated addresses it owns; with ports, a session translated outside them is refused")
     p.add_argument("--inside-if", default="inside0", metavar="IF", help="the NAT's inside interface, for admission control (default %(default)s)")
     p.add_argument("--outside-if", default="outside0", metavar="IF", help="a firewall's outside interface, for admission control (default %(default)s)")
     p.add_argument("--host-key", default="agent_host_key", metavar="FILE", help="SSH host key, created (ECDSA) if missing")

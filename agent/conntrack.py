@@ -53,10 +53,11 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from typing import Any, Callable, Collection, Iterable, Iterator, Sequence, cast
 
-from .. import netns as nsmod
+from .. import netns as nsmod, pool
 from ..codec import Codec
 from ..errors import ProviderError
 from ..gcpause import gc_paused
@@ -117,7 +118,8 @@ class ConntrackProvider(SessionProvider):
     """The live conntrack table of the NAT node in namespace ``netns``.
 
     ``public_addresses`` are the addresses the node translates to (default:
-    the node's public address); ``node`` backs :meth:`set_admission` and
+    the node's public addresses), a :class:`~natmig.pool.Owned` when their
+    ports are checked too (the agent's ``--public-address A:LOW-HIGH``); ``node`` backs :meth:`set_admission` and
     :meth:`admission` (without one they raise :class:`ProviderError`).
     """
 
@@ -132,9 +134,9 @@ class ConntrackProvider(SessionProvider):
         if public_addresses is None:
             if node is None:
                 raise ProviderError("ConntrackProvider: give public_addresses or a NatNode to take them from")
-            public_addresses = set(node.cfg.public_addresses)
+            public_addresses = node.cfg.public_addresses
         self.netns = netns
-        self.owned = set(public_addresses)
+        self.owned: AbstractSet[str] = public_addresses if isinstance(public_addresses, pool.Owned) else frozenset(public_addresses)
         self.node = node
         self._run = run
         self._lock = threading.Lock()
@@ -394,9 +396,9 @@ class ConntrackProvider(SessionProvider):
         with self._digest.writing(complete=(ApplyError,)) as log:
             yield log
 
-    def public_addresses(self) -> set[str]:
-        """The addresses this node translates to."""
-        return set(self.owned)
+    def public_addresses(self) -> AbstractSet[str]:
+        """The addresses this node translates to (with their ports when it was given a pool)."""
+        return self.owned
 
     # -- writing -----------------------------------------------------------
 

@@ -14,6 +14,7 @@ import queue
 import threading
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
+from collections.abc import Set as AbstractSet
 from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
 
 from .. import pool
@@ -157,8 +158,8 @@ class SessionProvider(abc.ABC):
         """Start following table changes; use as a context manager and iterate."""
 
     @abc.abstractmethod
-    def public_addresses(self) -> set[str]:
-        """Addresses this node translates to (the only valid translated_address values)."""
+    def public_addresses(self) -> AbstractSet[str]:
+        """Addresses this node translates to (the only valid translated_address values); a :class:`~natmig.pool.Owned` also limits their ports."""
 
     @abc.abstractmethod
     def set_admission(self, admit: bool) -> None:
@@ -215,6 +216,19 @@ _TRANSLATED = attrgetter("translated_address")
 HANDSHAKE_STATES = frozenset({"SYN_SENT", "SYN_RECV", "SYN_SENT2"})
 
 
+#: TCP states whose entry gives its public port up to a newer connection that
+#: wants it: Linux's NAT, when it maps a new connection onto a reply tuple held
+#: by such an entry, kills that entry (nf_nat_used_tuple_harder, kernel 6.4 on;
+#: the states from TIME_WAIT on).  A NAT under port pressure does so all the
+#: time, so a table read while it serves (a dump is no snapshot) may hold both.
+YIELDING_STATES = frozenset({"TIME_WAIT", "CLOSE", "SYN_SENT2"})
+
+
+def yields_port(s: NatSession) -> bool:
+    """Whether ``s`` gives its reply tuple up to another session that wants it (see :data:`YIELDING_STATES`)."""
+    return s.protocol == "TCP" and s.tcp_state in YIELDING_STATES
+
+
 def as_written(sessions: Sequence[NatSession]) -> Sequence[NatSession]:
     """Sessions as the node writes them into its table: handshake states become ESTABLISHED.
 
@@ -236,7 +250,7 @@ def as_written(sessions: Sequence[NatSession]) -> Sequence[NatSession]:
 def check_batch(
     sessions: Sequence[NatSession],
     existing: dict[SessionKey, NatSession],
-    owned: set[str],
+    owned: AbstractSet[str],
 ) -> dict[SessionKey, str]:
     """Why each entry of a batch cannot be applied on top of ``existing``; empty when it can.
 
@@ -256,8 +270,9 @@ def check_batch(
             problems[k] = _TWICE
             continue
         keys_seen.add(k)
-        if s.translated_address not in owned:
-            problems[k] = _foreign(s, owned)
+        why = _not_owned(s, owned)
+        if why is not None:
+            problems[k] = why
             continue
         pub = s.reply_key
         other = held.get(pub) or seen.get(pub)
@@ -271,7 +286,7 @@ def check_batch(
 def check_batch_by_holders(
     sessions: Sequence[NatSession],
     holders: Mapping[ReplyKey, SessionKey],
-    owned: set[str],
+    owned: AbstractSet[str],
     freed: Collection[SessionKey] = (),
 ) -> dict[SessionKey, str]:
     """:func:`check_batch` without the table: what a write of K entries checks at any table size.
@@ -296,8 +311,9 @@ def check_batch_by_holders(
             problems[k] = _TWICE
             continue
         keys_seen.add(k)
-        if s.translated_address not in owned:
-            problems[k] = _foreign(s, owned)
+        why = _not_owned(s, owned)
+        if why is not None:
+            problems[k] = why
             continue
         pub = s.reply_key
         other = holders.get(pub)
@@ -314,8 +330,13 @@ def check_batch_by_holders(
 _TWICE = "appears twice in the batch"
 
 
-def _foreign(s: NatSession, owned: set[str]) -> str:
-    return f"translated_address {s.translated_address} is not an address of this node ({pool.describe(owned)})"
+def _not_owned(s: NatSession, owned: AbstractSet[str]) -> str | None:
+    """Why ``s`` translates to what this node does not own (an address, or a port of a :class:`~natmig.pool.Owned`), or None."""
+    if s.translated_address not in owned:
+        return f"translated_address {s.translated_address} is not an address of this node ({pool.describe(owned)})"
+    if isinstance(owned, pool.Owned):
+        return owned.port_problem(s.translated_address, s.translated_port)
+    return None
 
 
 
@@ -331,7 +352,7 @@ def _plainly_acceptable(
     sessions: Sequence[NatSession],
     batch_keys: set[SessionKey],
     existing: dict[SessionKey, NatSession],
-    owned: set[str],
+    owned: AbstractSet[str],
 ) -> bool:
     """Whether :func:`check_batch` finds nothing, decided with whole-batch set operations.
 
@@ -343,6 +364,8 @@ def _plainly_acceptable(
     names the offenders.
     """
     if len(batch_keys) != len(sessions) or not set(map(_TRANSLATED, sessions)) <= owned:
+        return False
+    if isinstance(owned, pool.Owned) and not owned.all_ports_inside((s.translated_address, s.translated_port) for s in sessions):
         return False
     replies = {s.reply_key for s in sessions}
     if len(replies) != len(sessions):
@@ -420,7 +443,8 @@ class MemoryProvider(SessionProvider):
     check (:func:`check_batch_by_holders`) without a pass over the table.
     """
 
-    owned: set[str] = field(default_factory=lambda: {"203.0.113.1"})
+    #: the public addresses (a set of them: every port), or a :class:`~natmig.pool.Owned` with their ports
+    owned: AbstractSet[str] = field(default_factory=lambda: {"203.0.113.1"})
     table: dict[SessionKey, NatSession] = field(default_factory=dict)
     untranslated: int = 0
     admit: bool = True
@@ -479,8 +503,8 @@ class MemoryProvider(SessionProvider):
             self._watchers.append(w)
         return w
 
-    def public_addresses(self) -> set[str]:
-        return set(self.owned)
+    def public_addresses(self) -> AbstractSet[str]:
+        return self.owned if isinstance(self.owned, pool.Owned) else frozenset(self.owned)
 
     def set_admission(self, admit: bool) -> None:
         self.admit = admit

@@ -282,8 +282,8 @@ class CatchUp(Phase):
         old = ctx.expected[lst]
         upserts = [e for k, e in now.items() if old.get(k) != e]
         gone = [k for k in old if k not in now]
+        ctx.target.remove(lst, gone)  # first, as in _apply: what a gone entry held (a unique value) is free for the writes
         ctx.target.write(lst, upserts)
-        ctx.target.remove(lst, gone)
         ctx.expected[lst] = now
         return len(upserts) + len(gone)
 

@@ -136,10 +136,13 @@ class Context:
             return
         direct = WRITABLE_RUNNING in node.capabilities
         where = "running" if direct else "candidate"
-        if ups:
-            node.edit_sessions(ups, target=where, operation="merge")
+        # Deletions first, as the source made them: a connection closed and
+        # its public port given to a new one (DESTROY then NEW) would else
+        # have the new one refused for the port the old one still held.
         if dels:
             node.delete_sessions(dels, target=where)
+        if ups:
+            node.edit_sessions(ups, target=where, operation="merge")
         if not direct:
             node.commit()
 

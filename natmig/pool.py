@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from .errors import UsageError
 
@@ -43,6 +43,50 @@ class PublicRange:
 
     def __str__(self) -> str:
         return f"{self.address}:{self.ports[0]}-{self.ports[1]}"
+
+
+class Owned(frozenset[str]):
+    """What a node owns: its public addresses (the set itself) and, for some, the ports each gives out.
+
+    Built from pool entries: a :class:`PublicRange` owns its ports of its
+    address, a bare address every port of it (an agent told only its
+    addresses cannot know the SNAT rule's ports: it never writes that rule).
+    A session translated to an owned address outside its ports is one the
+    node's SNAT would never have made; taking it could hand a public port
+    out twice once the pool's other users get it.
+    """
+
+    ports: Mapping[str, tuple[tuple[int, int], ...]]
+
+    def __new__(cls, entries: Iterable[PublicRange | str]) -> Owned:
+        ranges: dict[str, list[tuple[int, int]]] = {}
+        anyport: set[str] = set()
+        for e in entries:
+            if isinstance(e, PublicRange):
+                ranges.setdefault(e.address, []).append(e.ports)
+            else:
+                anyport.add(e)
+        self = super().__new__(cls, [*ranges, *anyport])
+        self.ports = {a: tuple(sorted(r)) for a, r in ranges.items() if a not in anyport}
+        return self
+
+    def port_problem(self, address: str, port: int) -> str | None:
+        """Why ``port`` of owned ``address`` is not the node's, or None when it is."""
+        ranges = self.ports.get(address)
+        if ranges is None or any(lo <= port <= hi for lo, hi in ranges):
+            return None
+        return f"translated_port {port} is outside the ports of {address} on this node ({', '.join(f'{lo}-{hi}' for lo, hi in ranges)})"
+
+    def all_ports_inside(self, pairs: Iterable[tuple[str, int]]) -> bool:
+        """Whether every (address, port) is inside its address's ports (addresses assumed owned)."""
+        ports = self.ports
+        if not ports:
+            return True
+        for address, port in pairs:
+            ranges = ports.get(address)
+            if ranges is not None and not any(lo <= port <= hi for lo, hi in ranges):
+                return False
+        return True
 
 
 def check_address(where: str, value: object) -> ipaddress.IPv4Address:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -233,7 +235,8 @@ def candidate_edits(draw: st.DrawFn) -> list[tuple[list[EditEntry], str, str]]:
             pub = draw(st.sampled_from([None, 20001, 20002, 20003]))
             addr = draw(st.sampled_from(["203.0.113.1", "203.0.113.1", "203.0.113.9"]))
             op = draw(st.sampled_from(_OPS))
-            entries.append(E(S(port, pub, addr=addr), op) if op not in ("delete", "remove") else E(S(port), op, ))
+            state = draw(st.sampled_from(["ESTABLISHED", "ESTABLISHED", "TIME_WAIT"]))
+            entries.append(E(replace(S(port, pub, addr=addr), tcp_state=state), op) if op not in ("delete", "remove") else E(S(port), op, ))
         out.append((entries, draw(st.sampled_from(["merge", "replace", "none"])), draw(st.sampled_from(["stop-on-error", "continue-on-error"]))))
     return out
 
@@ -283,3 +286,45 @@ def test_the_candidate_is_checked_by_its_reply_index(ds: Datastore, monkeypatch:
     assert tags(e) == ["operation-failed"] and "already used" in e.value.problems[0].message
     ds.edit("candidate", EditRequest([E(S(12), "delete"), E(S(14, 20012))]), sid=1)  # freed by the delete in the same edit
     assert set(table(ds, "candidate")) == {S(p).key for p in (1, 2, 3, 10, 11, 13, 14)}
+
+
+def W(port: int, pub: int) -> NatSession:
+    """A closed TCP connection (TIME_WAIT) of public port ``pub``."""
+    return replace(S(port, pub), tcp_state="TIME_WAIT")
+
+
+@pytest.mark.parametrize("slices", ["one edit", "two edits"])
+def test_a_closed_connection_gives_its_public_port_up_to_a_live_one_in_the_candidate(ds: Datastore, slices: str) -> None:
+    # A copy read while the source served: the kernel gave a closed
+    # connection's port to a new one between the two reads.  The closed one goes.
+    closed, live = W(50, 20060), S(60)
+    for first, second in ((closed, live), (live, closed)):
+        edits = [[E(first), E(second)]] if slices == "one edit" else [[E(first)], [E(second)]]
+        for entries in edits:
+            ds.edit("candidate", EditRequest(entries), sid=1)
+        cand = table(ds, "candidate")
+        assert live.key in cand and closed.key not in cand, (first, second)
+        ds.discard(sid=1)
+    ds.edit("candidate", EditRequest([E(closed), E(live)]), sid=1)
+    ds.commit(sid=1)
+    got = table(ds)
+    assert got[live.key].translated_port == 20060 and closed.key not in got
+
+
+def test_a_closed_connection_of_running_gives_its_port_up_at_commit_and_two_live_ones_still_clash(ds: Datastore) -> None:
+    closed = W(50, 20070)
+    ds.edit("running", EditRequest([E(closed)]), sid=1)
+    ds.edit("candidate", EditRequest([E(S(70))]), sid=1)          # S(70) wants port 20070
+    assert closed.key not in table(ds, "candidate")
+    ds.commit(sid=1)
+    assert closed.key not in table(ds) and table(ds)[S(70).key].translated_port == 20070
+    before = table(ds)
+    with pytest.raises(DatastoreError) as e:
+        ds.edit("candidate", EditRequest([E(S(80, 20070))]), sid=1)  # live against live
+    assert tags(e) == ["operation-failed"] and "already used by" in e.value.problems[0].message
+    udp = NatSession("UDP", "10.0.0.2", 90, "198.51.100.1", 80, "203.0.113.1", 20090, None, 30)
+    with pytest.raises(DatastoreError):
+        # Only TCP's closed states yield; a UDP mapping is kept until it times out.
+        ds.edit("candidate", EditRequest([E(udp, "merge", **{"protocol": "UDP", "src_address": "10.0.0.2", "src_port": 90, "dst_address": "198.51.100.1", "dst_port": 80, "translated_address": "203.0.113.1", "translated_port": 20090, "timeout": 30}),
+                                          E(replace(udp, src_port=91), "merge", **{"protocol": "UDP", "src_address": "10.0.0.2", "src_port": 91, "dst_address": "198.51.100.1", "dst_port": 80, "translated_address": "203.0.113.1", "translated_port": 20090, "timeout": 30})]), sid=1)
+    assert table(ds) == before

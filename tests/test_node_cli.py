@@ -29,14 +29,14 @@ DOC = {"nat-session:nat-session": [
 class AgentProcess:
     """`natmig agent --provider memory` on 127.0.0.1 (a free port), and an inventory naming it nat1."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, public: str = "203.0.113.1") -> None:
         self.tmp = tmp
         set_password(tmp / "agent.passwords", "natmig", "secret")   # the agent's hashed file
         (tmp / "nat1.secret").write_text("secret\n")                  # the controller's plaintext secret
         ready = tmp / "ready"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "natmig.cli", "agent", "--provider", "memory", "--listen", "127.0.0.1:0",
-             "--public-address", "203.0.113.1", "--passwords", str(tmp / "agent.passwords"),
+             "--public-address", public, "--passwords", str(tmp / "agent.passwords"),
              "--host-key", str(tmp / "host_key"), "--ready-file", str(ready)],
             stdout=subprocess.DEVNULL, stderr=open(tmp / "agent.log", "w"))
         deadline = time.monotonic() + 30
@@ -148,3 +148,20 @@ def test_a_wrong_host_key_is_refused(agent: AgentProcess, tmp_path: Path) -> Non
     (tmp_path / "known_hosts").write_text(f"[127.0.0.1]:{agent.port} {' '.join(other)}\n")
     cp = agent.natmig("status")
     assert cp.returncode == EXIT_FAILED and "host key" in cp.stderr
+
+
+def test_an_agent_given_its_ports_refuses_a_session_outside_them_and_writes_nothing(tmp_path: Path) -> None:
+    a = AgentProcess(tmp_path, public="203.0.113.1:20000-20003")
+    try:
+        doc = {"nat-session:nat-session": DOC["nat-session:nat-session"][:4]}   # ports 20000-20003: the node's
+        (tmp_path / "doc.json").write_text(json.dumps(doc))
+        cp = a.natmig("load", str(tmp_path / "doc.json"))
+        assert cp.returncode == EXIT_OK and "holds 4" in cp.stdout, cp.stderr
+        (tmp_path / "all.json").write_text(json.dumps(DOC))                   # and the UDP session at 30000
+        cp = a.natmig("load", str(tmp_path / "all.json"), "--replace")
+        assert cp.returncode == EXIT_FAILED
+        assert "nat-session[UDP 10.0.0.3 53 198.51.100.2 53]" in cp.stderr, cp.stderr
+        assert "translated_port 30000 is outside the ports of 203.0.113.1 on this node (20000-20003)" in cp.stderr, cp.stderr
+        assert json.loads(a.natmig("status", "--json").stdout)["sessions"] == 4
+    finally:
+        a.stop()

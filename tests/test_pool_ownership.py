@@ -14,7 +14,7 @@ from natmig.cli import build_parser
 from natmig.controller.inventory import InventoryError, parse
 from natmig.controller.migrate import endpoint_from_spec
 from natmig.controller.plan import PlanError, plan_copy
-from natmig.errors import AgentError, UsageError
+from natmig.errors import AgentError, NatmigError, UsageError
 from natmig.model import NatSession
 from natmig.pool import describe
 
@@ -105,3 +105,44 @@ def test_the_inventory_takes_a_pool_and_the_endpoint_owns_all_of_it() -> None:
 def test_a_bad_inventory_pool_names_the_field(public: object, says: str) -> None:
     with pytest.raises(InventoryError, match=re.escape(says)):
         parse(_inventory(public))
+
+
+def test_ports_given_with_an_address_are_owned_and_a_session_outside_them_is_refused() -> None:
+    from natmig.agent.cli import public_pool
+    from natmig.agent.provider import check_batch
+
+    owned = public_pool(["203.0.113.1:20000-20099", "203.0.113.2", "203.0.113.3:40000-40009", "203.0.113.3:50000-50000"])
+    assert owned == {"203.0.113.1", "203.0.113.2", "203.0.113.3"}
+    assert dict(owned.ports) == {"203.0.113.1": ((20000, 20099),), "203.0.113.3": ((40000, 40009), (50000, 50000))}
+    p = MemoryProvider(owned=owned)
+    ok = [session(1, "203.0.113.1", 20099), session(2, "203.0.113.2", 65000), session(3, "203.0.113.3", 50000)]
+    assert p.check(ok) == {}
+    outside = [session(4, "203.0.113.1", 20100), session(5, "203.0.113.3", 40010)]
+    problems = p.check([*ok, *outside])
+    assert problems == {
+        outside[0].key: "translated_port 20100 is outside the ports of 203.0.113.1 on this node (20000-20099)",
+        outside[1].key: "translated_port 40010 is outside the ports of 203.0.113.3 on this node (40000-40009, 50000-50000)",
+    }
+    # The whole-batch shortcut and the entry-by-entry loop decide the same.
+    big = [session(100 + i, "203.0.113.1", 20000 + i) for i in range(100)]
+    assert check_batch(big, {}, owned) == {}
+    assert set(check_batch([*big, outside[0]], {}, owned)) == {outside[0].key}
+    assert p.apply(ok) is None and p.public_addresses() is owned
+
+
+@pytest.mark.parametrize("values, says", [
+    (["203.0.113.1:20000-20099", "203.0.113.1:20050-20199"], "overlaps 203.0.113.1:20000-20099"),
+    (["203.0.113.1", "203.0.113.1:20000-20099"], "203.0.113.1 is given twice (in values 1 and 2)"),
+])
+def test_ports_of_one_address_given_twice_must_be_disjoint(values: list[str], says: str) -> None:
+    from natmig.agent.cli import public_pool
+
+    with pytest.raises(NatmigError, match=re.escape(says)):
+        public_pool(values)
+
+
+def test_a_bad_port_range_in_the_flag_names_it(capsys) -> None:
+    with pytest.raises(SystemExit):
+        agent_args("--public-address", "203.0.113.1:9-1")
+    assert "--public-address: 9-1 is empty (low above high)" in capsys.readouterr().err
+    assert public_addresses(agent_args("--public-address", "203.0.113.1-203.0.113.2:20000-29999").public_address) == ["203.0.113.1", "203.0.113.2"]

@@ -220,3 +220,28 @@ def test_a_running_edit_on_20k_sessions_starts_no_table_dump(net: TwoNatNet, mon
         assert {s.key for s in new} <= got and not got & {s.key for s in gone} and len(got) == 20_000 + 50
     finally:
         a.close()
+
+
+def test_a_copy_holding_a_closed_connection_and_the_live_one_that_took_its_port_commits_the_live_one(net: TwoNatNet) -> None:
+    # A source read while it served: between the two reads its kernel gave
+    # the closed connection's public port to a new connection (and killed it).
+    a = provider(net)
+    ds = Datastore(a, default_codec())
+    try:
+        table = fill(a, 300)
+        closed = NatSession("TCP", "10.0.0.230", 4000, SERVER_IP, 443, PUBLIC_IP, 29500, "TIME_WAIT", 100)
+        live = NatSession("TCP", "10.0.0.231", 4001, SERVER_IP, 443, PUBLIC_IP, 29500, "ESTABLISHED", 300)
+        other = NatSession("TCP", "10.0.0.232", 4002, SERVER_IP, 443, PUBLIC_IP, 29501, "ESTABLISHED", 300)
+        ds.edit("candidate", EditRequest([entry(closed, "merge"), entry(other, "merge")]), sid=1)   # one slice
+        ds.edit("candidate", EditRequest([entry(live, "merge")]), sid=1)                          # a later one
+        ds.commit(sid=1)
+        got = {s.key: s for s in a.list().sessions}
+        assert live.key in got and got[live.key].translated_port == 29500 and other.key in got
+        assert closed.key not in got and len(got) == 300 + 2
+        # Two live connections on one public port are still a conflict, refused whole.
+        with pytest.raises(DatastoreError) as e:
+            ds.edit("candidate", EditRequest([entry(dataclasses.replace(live, src_port=4003), "merge")]), sid=1)
+        assert "already used by" in e.value.problems[0].message
+        assert {s.key for s in a.list().sessions} == set(got) and set(got) >= {s.key for s in table}
+    finally:
+        a.close()
