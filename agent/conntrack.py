@@ -599,6 +599,13 @@ class ConntrackProvider(SessionProvider):
         """Whether new sessions are admitted, read from the node's ruleset."""
         return self._need_node().admission()
 
+    def held(self) -> int | None:
+        """Packets this process holds for the node now (0 before it first held: nothing is)."""
+        if self.node is None:
+            return None
+        stats = self.node.hold_stats()
+        return stats.held if stats is not None else 0
+
     def _need_node(self) -> NatNode:
         if self.node is None:
             raise ProviderError(f"ConntrackProvider({self.netns}): admission control needs the NatNode (pass node=)")

@@ -359,6 +359,9 @@ class FirewallProvider(StateProvider):
     def set_admission(self, admit: bool) -> None:
         self.node.set_admission(admit)
 
+    def held(self) -> int | None:
+        return sum(s.held for s in self.node.hold_stats())
+
     # -- events -------------------------------------------------------------
 
     @property

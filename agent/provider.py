@@ -172,6 +172,10 @@ class SessionProvider(abc.ABC):
     def admission(self) -> bool:
         """Whether new sessions are admitted now."""
 
+    def held(self) -> int | None:
+        """Packets of new sessions held now while admission is closed (natmig-state's state-control/held); None: this node never holds."""
+        return None
+
 
 class Watch(abc.ABC):
     """A stream of :class:`SessionEvent`; iterate it, close it when done."""

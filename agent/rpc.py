@@ -280,7 +280,8 @@ def _read(server: Server, sess: SessionState, op: Any, source: str, state: bool)
     if state and (sel.everything or sel.yang_library):
         parts.append(server.catalog.yang_library())
     if sel.everything or sel.state_control:
-        parts.append(Wire.control_xml(control["admit-new-sessions"], report_all, tagged).encode())
+        held = server.datastore.provider.held() if state else None  # state (config false): a <get> only
+        parts.append(Wire.control_xml(control["admit-new-sessions"], report_all, tagged, held).encode())
     if state and (sel.everything or sel.state_statistics):
         st = server.datastore.statistics()
         lst = codec.schema

@@ -127,7 +127,8 @@ def _read(server: "StateAgent", op: Any, source: str, state: bool) -> bytes:
             continue
         parts.append(Wire.entries_xml(lst, chosen, report_all=report_all))
     if f.everything or f.control:
-        parts.append(Wire.control_xml(admit, report_all))
+        # held is state (config false): in a <get> only, from the provider.
+        parts.append(Wire.control_xml(admit, report_all, held=server.store.provider.held() if state else None))
     if state and (f.everything or f.statistics):
         parts.append(Wire.statistics_xml(server.store.statistics()))
     out = "<data>" + "".join(parts)

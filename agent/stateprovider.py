@@ -85,6 +85,13 @@ class StateProvider(abc.ABC):
     def set_admission(self, admit: bool) -> None:
         """Open or close admission of new entries."""
 
+    def held(self) -> int | None:
+        """What would create an entry, held now while admission is closed (natmig-state's state-control/held).
+
+        None (the default): the provider carries no traffic, so it never holds anything.
+        """
+        return None
+
     def unique_clashes(self, lst: StateList, plan: dict[Key, Entry | None]) -> list[tuple[Key, str]]:
         """The entries of ``plan`` (key -> entry, None: deleted) that would break a ``unique`` of ``lst`` over running.
 

@@ -16,11 +16,15 @@ class NodeReadback:
     admission: bool | None = None
     tables: dict[str, tuple[int, str]] = field(default_factory=dict)
     error: str | None = None
+    #: packets of new entries the node holds now (natmig-state's state-control/held); None: it reports none (holds nothing ever).
+    held: int | None = None
 
     def line(self) -> str:
         if self.error is not None:
             return f"{self.name}: not read back ({self.error})"
         adm = "admits new entries" if self.admission else "REFUSES new entries"
+        if self.held is not None:
+            adm += f" (holds {self.held} packet{'s' if self.held != 1 else ''} of new entries)" if self.held else ", holds nothing"
         lists = ", ".join(f"{n} {c} (digest {d})" for n, (c, d) in self.tables.items())
         return f"{self.name}: {adm}; {lists or 'no lists'}"
 
@@ -102,7 +106,8 @@ class EngineReport:
             "failed_phase": self.failed_phase or None, "modules": self.modules, "copied": self.copied,
             "switch": self.switch or None, "traffic_on": self.traffic_on or None, "retire": self.retire, "outcome": self.outcome, "committed": self.committed, "undone": self.undone,
             "phases": [{"name": p.name, "seconds": round(p.seconds, 6), "ok": p.ok, "detail": p.detail} for p in self.phases],
-            "readback": {n: {"admission": rb.admission, "tables": {t: {"entries": c, "digest": d} for t, (c, d) in rb.tables.items()},
+            "readback": {n: {"admission": rb.admission, "held": rb.held,
+                             "tables": {t: {"entries": c, "digest": d} for t, (c, d) in rb.tables.items()},
                              "error": rb.error} for n, rb in self.readback.items()},
             "total_seconds": round(self.total_seconds, 6),
         }, indent=2)

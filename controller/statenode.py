@@ -14,7 +14,7 @@ from typing import Iterable
 
 from ..errors import CodecError, ControllerError, SchemaError
 from ..statemodel import COMMON_MODULE, COMMON_NS, Entry, Key, StateList, StateModule, compile_fetched
-from ..wire.state import CHANGE, CONTROL, STATISTICS, Wire, read_admission, read_statistics
+from ..wire.state import CHANGE, CONTROL, STATISTICS, Wire, read_admission, read_held, read_statistics
 from .netconf import NOTIFICATION_CAPABILITY, NodeClient
 
 YANG_LIBRARY_NS = "urn:ietf:params:xml:ns:yang:ietf-yang-library"
@@ -139,6 +139,14 @@ class StateNode:
     def admission(self, source: str = "running") -> bool:
         """state-control/admit-new of ``source``."""
         return read_admission(self.client.get_config_filtered(source, f'<{CONTROL} xmlns="{COMMON_NS}"/>'))
+
+    def held(self) -> int | None:
+        """state-control/held: packets of new entries the agent holds now; None when it reports none (an agent
+        that carries no traffic, or one of natmig-state's first revision)."""
+        try:
+            return read_held(self.client.get_filtered(f'<{CONTROL} xmlns="{COMMON_NS}"/>'))
+        except CodecError as e:
+            raise ControllerError(f"{self.name}: its state-control does not decode: {e}") from e
 
     def statistics(self) -> dict[str, tuple[int, str]]:
         """state-statistics: module:list -> (entries, digest), as the agent reports them."""

@@ -429,7 +429,7 @@ def test_with_a_switch_traffic_moves_after_the_copy_and_is_read_back(pair: tuple
     sw = FakeSteering("lb1")
     r = migration(a, b, default_phases(sw)).run()
     assert r.ok, r.text()
-    assert [p.name for p in r.phases] == ["preflight", "traffic", "freeze", "copy", "catch-up", "verify", "switch", "finish"]
+    assert [p.name for p in r.phases] == ["preflight", "traffic", "freeze", "copy", "catch-up", "verify", "hold", "switch", "finish"]
     assert sw.moves == ["lb2"] and r.traffic_on == "lb2" and "traffic on: lb2 (read back from the switch)" in r.text()
 
 
@@ -444,6 +444,45 @@ def test_a_switch_that_does_not_obey_is_undone_and_the_state_stays_on_the_source
     assert r.traffic_on == "lb1"
     assert r.readback["lb1"].tables == before and r.readback["lb1"].admission is True
     assert r.readback["lb2"].tables["lb-binding:binding"][0] == 0  # the target's copy cancelled
+
+
+class WatchingSteering(FakeSteering):
+    """Reads the target's admission (on a session of its own) whenever the switch is told to move."""
+
+    def __init__(self, active: str, target: Served, broken: bool = False) -> None:
+        super().__init__(active, broken)
+        self.target = target
+        self.target_admits: list[bool] = []
+
+    def point_to(self, nat: str) -> None:
+        with self.target.node() as n:
+            self.target_admits.append(n.admission())
+        super().point_to(nat)
+
+
+def test_with_a_switch_the_target_holds_new_entries_from_before_the_switch_until_finish(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(20))
+    sw = WatchingSteering("lb1", b)
+    r = migration(a, b, default_phases(sw)).run()
+    assert r.ok, r.text()
+    assert sw.target_admits == [False]  # closed when traffic reached it
+    assert "copy confirmed and admission reopened" in next(p for p in r.phases if p.name == "finish").detail
+    assert r.readback["lb2"].admission is True and r.readback["lb1"].admission is True
+    # Agents that keep their state in memory carry no traffic: they report no state-control/held.
+    assert r.readback["lb2"].held is None and "holds" not in r.readback["lb2"].line()
+
+
+def test_an_undone_switch_reopens_the_held_target_only_after_traffic_is_back_on_the_source(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(20))
+    sw = WatchingSteering("lb1", b, broken=True)
+    r = migration(a, b, default_phases(sw)).run()
+    assert not r.ok and r.failed_phase == "switch"
+    assert sw.moves == ["lb2", "lb1"] and sw.target_admits == [False, False]  # still holding when pointed back
+    assert any("hold and copy cancelled" in u for u in r.undone), r.undone
+    assert r.readback["lb2"].admission is True and r.readback["lb2"].tables["lb-binding:binding"][0] == 0
+    assert r.readback["lb1"].admission is True and r.traffic_on == "lb1"
 
 
 def test_traffic_not_on_the_source_refuses_before_anything_changes(pair: tuple[Served, Served]) -> None:

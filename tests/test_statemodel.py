@@ -10,7 +10,7 @@ import pytest
 from natmig.errors import CodecError, SchemaError
 from natmig.model import NatSession, table_digest
 from natmig.statemodel import compile_fetched, load_module
-from natmig.wire.state import Wire, read_admission, read_statistics
+from natmig.wire.state import Wire, read_admission, read_held, read_statistics
 
 ROOT = Path(__file__).resolve().parent.parent
 LB = ROOT / "examples" / "lb-binding.yang"
@@ -105,6 +105,16 @@ def test_statistics_and_admission_read_back() -> None:
     assert read_statistics(data) == {"lb-binding:binding": (3, "00000000000000ff")}
     assert read_admission(data) is False
     assert read_admission(f'<data xmlns="{NC}">{Wire.control_xml(True)}</data>') is True  # trim: absent means open
+
+
+def test_held_is_state_read_back_when_the_node_reports_it_and_none_when_it_does_not() -> None:
+    assert read_held(f'<data xmlns="{NC}">{Wire.control_xml(False, held=3)}</data>') == 3
+    trimmed = Wire.control_xml(True, held=0)  # admit-new at its default is left out, held is not
+    assert "admit-new" not in trimmed and read_held(f'<data xmlns="{NC}">{trimmed}</data>') == 0
+    assert read_admission(f'<data xmlns="{NC}">{trimmed}</data>') is True
+    assert read_held(f'<data xmlns="{NC}">{Wire.control_xml(False)}</data>') is None
+    with pytest.raises(CodecError, match="held"):
+        read_held(f'<data xmlns="{NC}"><state-control xmlns="urn:natmig:yang:natmig-state"><held>x</held></state-control></data>')
 
 
 def test_modules_the_engine_cannot_move_are_refused(tmp_path: Path) -> None:

@@ -108,12 +108,16 @@ class Wire:
         return f'<{lst.name} xmlns="{lst.namespace}"{op}>{inner}</{lst.name}>'
 
     @staticmethod
-    def control_xml(admit: bool, report_all: bool = False, tagged: bool = False) -> str:
-        """state-control (trim: empty, so left out, while admission is at its default, open; tagged: RFC 6243's wd:default)."""
+    def control_xml(admit: bool, report_all: bool = False, tagged: bool = False, held: int | None = None) -> str:
+        """state-control (trim: admit-new left out while at its default, open; tagged: RFC 6243's wd:default).
+
+        ``held``: the state leaf of what the node holds now (a ``get``; None: the node holds nothing ever, left out).
+        """
+        held_xml = f"<held>{held}</held>" if held is not None else ""
         if admit and not report_all:
-            return ""
+            return f'<{CONTROL} xmlns="{COMMON_NS}">{held_xml}</{CONTROL}>' if held_xml else ""
         tag = ' xmlns:wd="urn:ietf:params:xml:ns:netconf:default:1.0" wd:default="true"' if tagged and admit else ""
-        return f'<{CONTROL} xmlns="{COMMON_NS}"><admit-new{tag}>{"true" if admit else "false"}</admit-new></{CONTROL}>'
+        return f'<{CONTROL} xmlns="{COMMON_NS}"><admit-new{tag}>{"true" if admit else "false"}</admit-new>{held_xml}</{CONTROL}>'
 
     @staticmethod
     def statistics_xml(tables: Sequence[tuple[str, int, str]]) -> str:
@@ -289,6 +293,17 @@ def read_statistics(data: Any) -> dict[str, tuple[int, str]]:
         except ValueError:
             raise CodecError([FieldError(STATISTICS, "entries", f"table {name}: not a number")]) from None
     return out
+
+
+def read_held(data: Any) -> int | None:
+    """state-control/held of a reply's <data>: packets the node holds now (None: it does not report any)."""
+    el = _root(data).find(f".//{{{COMMON_NS}}}held")
+    if el is None:
+        return None
+    try:
+        return int((el.text or "").strip())
+    except ValueError:
+        raise CodecError([FieldError(CONTROL, "held", f"{el.text!r} is not a number")]) from None
 
 
 def read_admission(data: Any) -> bool:
