@@ -281,6 +281,7 @@ def test_a_switch_failing_after_the_target_held_leaves_nothing_held_and_the_held
         assert result.live_survived == result.live_total == 10
 
 
+@pytest.mark.faults
 def test_the_target_dying_after_it_started_holding_leaves_traffic_and_every_connection_on_the_source(tmp_path: Path) -> None:
     with bed(tmp_path, "ed") as (tb, fleet):
         load_sessions(fleet.endpoint("nat1"), synthetic_sessions(500, tb.public_address, (20000, 29999)))
