@@ -96,7 +96,7 @@ typecheck: venv
 
 # The fault-injection suite (root): migrations killed anywhere, agents killed, two at once (~5 min).
 faults: setup
-	$(PY) -m pytest -m faults tests/functional/test_faults.py
+	$(PY) -m pytest -m faults tests/functional
 
 # Benchmarks run from bench/out/, where those that write files (JSON, PNG) leave them.
 # Every benchmark runs; the exit status says whether any missed a target or failed.
