@@ -15,8 +15,9 @@ import json
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import pytest
 
@@ -126,11 +127,19 @@ def node_of(fleet: Any, nat: str) -> StateNode:
     return StateNode(fleet.endpoint(nat).open())  # type: ignore[arg-type]
 
 
-def _server(tb: Testbed) -> subprocess.Popen[str]:
+@contextmanager
+def _serving(tb: Testbed, probes: Iterable[Probe]) -> Iterator[None]:
+    """The echo server in the server's namespace while the block runs; then the probes and the server stopped, by pid."""
     p = subprocess.Popen(netns.ns_cmd([sys.executable, str(FLOWS), "tcp-server", str(SERVER_PORT)], tb.netns("server")),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert p.stdout is not None and p.stdout.readline().strip() == "ready"
-    return p
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        yield
+    finally:
+        for probe in probes:
+            probe.kill()
+        p.kill()
+        p.wait()
 
 
 POINTS = ("after:freeze", "after:copy", "after:catch-up", "after:verify", "after:switch")
@@ -139,9 +148,8 @@ POINTS = ("after:freeze", "after:copy", "after:catch-up", "after:verify", "after
 def test_connections_opened_at_every_part_of_a_generic_move_complete_and_keep_working(tmp_path: Path) -> None:
     with bed(tmp_path, "eg") as (tb, fleet):
         load_sessions(fleet.endpoint("nat1"), synthetic_sessions(2000, tb.public_address, (20000, 29999)))
-        server = _server(tb)
         probes = {pt: Probe(tb, pt, 42000 + i) for i, pt in enumerate(POINTS)}
-        try:
+        with _serving(tb, probes.values()):
             steering = TestbedSteering(tb)
             phases = with_probes(default_phases(steering), probes)
             with traffic(tb, tmp_path, churn=40, churn_life=0.2) as t:
@@ -155,11 +163,6 @@ def test_connections_opened_at_every_part_of_a_generic_move_complete_and_keep_wo
                 time.sleep(2.0)
                 result = t.stop()
             records = {pt: p.again() for pt, p in probes.items()}
-        finally:
-            for p in probes.values():
-                p.kill()
-            server.kill()
-            server.wait()
         print(report.text())
         assert report.ok, report.error
         assert tb.active_nat() == "nat2"
@@ -235,9 +238,8 @@ def _wait_held(fleet: Any, nat: str, timeout: float = 3.0) -> int | None:
 def test_a_switch_failing_after_the_target_held_leaves_nothing_held_and_the_held_connection_on_the_source(tmp_path: Path) -> None:
     with bed(tmp_path, "ef") as (tb, fleet):
         load_sessions(fleet.endpoint("nat1"), synthetic_sessions(500, tb.public_address, (20000, 29999)))
-        server = _server(tb)
         probe = Probe(tb, "while traffic is on the target", 42100)
-        try:
+        with _serving(tb, [probe]):
             with traffic(tb, tmp_path) as t:
                 time.sleep(0.5)
                 before = table(fleet, "nat1")
@@ -254,10 +256,6 @@ def test_a_switch_failing_after_the_target_held_leaves_nothing_held_and_the_held
                 time.sleep(1.0)
                 result = t.stop()
             record = probe.again()
-        finally:
-            probe.kill()
-            server.kill()
-            server.wait()
         print(report.text())
         print(record)
         assert not report.ok and report.failed_phase == "switch", report.error
@@ -285,9 +283,8 @@ def test_a_switch_failing_after_the_target_held_leaves_nothing_held_and_the_held
 def test_the_target_dying_after_it_started_holding_leaves_traffic_and_every_connection_on_the_source(tmp_path: Path) -> None:
     with bed(tmp_path, "ed") as (tb, fleet):
         load_sessions(fleet.endpoint("nat1"), synthetic_sessions(500, tb.public_address, (20000, 29999)))
-        server = _server(tb)
         probe = Probe(tb, "after:switch", 42200)
-        try:
+        with _serving(tb, [probe]):
             with traffic(tb, tmp_path) as t:
                 time.sleep(0.5)
                 before = table(fleet, "nat1")
@@ -304,10 +301,6 @@ def test_the_target_dying_after_it_started_holding_leaves_traffic_and_every_conn
                 time.sleep(1.0)
                 result = t.stop()
             record = probe.again()
-        finally:
-            probe.kill()
-            server.kill()
-            server.wait()
         print(report.text())
         print(record)
         assert not report.ok and report.failed_phase == "finish", report.error
