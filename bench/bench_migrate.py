@@ -59,7 +59,7 @@ from natmig.netns import ensure_conntrack_capacity
 from natmig.controller.demo import AgentFleet, control_plane_priority, load_sessions, synthetic_sessions
 from natmig.controller.migrate import MigrateOptions, Migration
 from natmig.controller.steering import TestbedSteering
-from natmig.controller.traffic import LiveTraffic, TrafficSpec
+from natmig.controller.traffic import MAX_DURATION, LiveTraffic, TrafficSpec
 from natmig.testbed import topology
 from natmig.testbed.bed import Testbed
 
@@ -105,6 +105,15 @@ class Timeouts:
         """
         return cls(rpc if rpc is not None else max(cls.rpc, n * 0.0006),
                    confirm if confirm is not None else max(cls.confirm, n * 0.0009))
+
+    @property
+    def traffic(self) -> float:
+        """How long the probe's traffic may run: as long as a move may (its confirm timeout), at least 300 s.
+
+        A fixed 300 s ended the churn run's traffic before a move of 1,000,000
+        under churn had switched (~350 s here): no connection was held then.
+        """
+        return min(MAX_DURATION, max(300.0, self.confirm))
 
 
 def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeouts = Timeouts()) -> dict:
@@ -152,7 +161,7 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
     for pid in (*agents.values(), os.getpid()):
         reset_peak_rss(pid)
     controller_rss_before = vm_hwm_mb(os.getpid())
-    report, traffic = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001), timeouts)
+    report, traffic = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001, duration=timeouts.traffic), timeouts)
     agent_rss = {role: vm_hwm_mb(pid) for role, pid in agents.items()}
     controller_rss = vm_hwm_mb(os.getpid())
     # The same move again with 100 new TCP connections per second beside the
@@ -168,7 +177,8 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
     _caught_up(fleet, timeouts)
     # Its own controller peak too: with new connections the target's digest differs, and verify reads the key ranges that differ.
     reset_peak_rss(os.getpid())
-    held_report, held_traffic = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001, churn=100, churn_life=0.1), timeouts)
+    held_report, held_traffic = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001, churn=100, churn_life=0.1,
+                                                                     duration=timeouts.traffic), timeouts)
     churn_controller_rss = vm_hwm_mb(os.getpid())
     return {
         "sessions": n,
