@@ -42,7 +42,8 @@ from natmig.controller.drain import Drain, DrainOptions, DrainReport, pair_moves
 from natmig.controller.inventory import load  # noqa: E402
 from natmig.controller.migrate import endpoint_from_spec  # noqa: E402
 from natmig.controller.steering import steering_from_spec  # noqa: E402
-from natmig.controller.traffic import LiveTraffic, TrafficResult, TrafficSpec  # noqa: E402
+from natmig.controller.traffic import LiveTraffic, TrafficSpec  # noqa: E402
+from natmig.controller.trafficresult import TrafficResult  # noqa: E402
 from natmig.testbed import topology  # noqa: E402
 from natmig.testbed.bed import Testbed, leftovers  # noqa: E402
 

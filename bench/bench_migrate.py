@@ -59,7 +59,8 @@ from natmig.netns import ensure_conntrack_capacity
 from natmig.controller.demo import AgentFleet, control_plane_priority, load_sessions, synthetic_sessions
 from natmig.controller.migrate import MigrateOptions, Migration
 from natmig.controller.steering import TestbedSteering
-from natmig.controller.traffic import MAX_DURATION, LiveTraffic, TrafficSpec
+from natmig.controller.traffic import LiveTraffic, TrafficSpec
+from natmig.controller.trafficflow import MAX_DURATION
 from natmig.testbed import topology
 from natmig.testbed.bed import Testbed
 

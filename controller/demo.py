@@ -38,7 +38,8 @@ from .inventory import AgentSpec, dump_toml, parse
 from .migrate import Endpoint, MigrateOptions, Migration, endpoint_from_spec
 from .report import MigrationReport, PhaseTiming, format_report, ms
 from .steering import TestbedSteering
-from .traffic import LiveTraffic, TrafficResult, TrafficSpec
+from .traffic import LiveTraffic, TrafficSpec
+from .trafficresult import TrafficResult
 
 USER = "natmig"
 AGENT_PORT = 830

@@ -45,7 +45,8 @@ from .enginereport import EngineReport
 from .report import PhaseTiming, ms
 from .statenode import StateNode
 from .steering import TestbedSteering
-from .traffic import LiveTraffic, TrafficResult, TrafficSpec
+from .traffic import LiveTraffic, TrafficSpec
+from .trafficresult import TrafficResult
 
 #: The firewall demo's topology (beside the NAT demo's).
 FIREWALL_TOPOLOGY = DEFAULT_TOPOLOGY.parent / "firewall.toml"
