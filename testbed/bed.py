@@ -47,6 +47,7 @@ from ..errors import NatmigError, TestbedError
 from ..ofctl import PortStats
 from . import flows, mgmt, topology
 from .ovs import Ovs
+from .topomodel import Host, Nat, Topology
 
 #: Where every testbed keeps its state directory (one per prefix).
 STATE_ROOT = Path("/run/natmig")
@@ -106,7 +107,7 @@ def known_prefixes(state_root: Path = STATE_ROOT) -> list[str]:
 
 
 class Testbed:
-    """One emulated network built from a :class:`~natmig.testbed.topology.Topology`.
+    """One emulated network built from a :class:`~natmig.testbed.topomodel.Topology`.
 
     Use ``with Testbed.from_file(None, prefix) as tb:`` in tests: the network
     is brought up on entry and always torn down on exit.
@@ -114,7 +115,7 @@ class Testbed:
 
     __test__ = False  # not a pytest test class despite the name
 
-    def __init__(self, topo: topology.Topology, prefix: str | None = None, state_root: Path = STATE_ROOT) -> None:
+    def __init__(self, topo: Topology, prefix: str | None = None, state_root: Path = STATE_ROOT) -> None:
         self.topology = topo
         self.prefix = check_prefix(prefix or DEFAULT_PREFIX)
         self.home = state_root / self.prefix
@@ -297,13 +298,13 @@ class Testbed:
         """The flow table steering all traffic through ``nat`` (what :meth:`point_to` installs)."""
         return flows.plan(self.topology, nat)
 
-    def _host(self, host: str) -> topology.Host:
+    def _host(self, host: str) -> Host:
         try:
             return self.topology.hosts[host]
         except KeyError:
             raise TestbedError(f"{host!r} is not a host of topology {self.topology.name} (one of: {', '.join(self.topology.hosts)})") from None
 
-    def _nat(self, nat: str) -> topology.Nat:
+    def _nat(self, nat: str) -> Nat:
         try:
             return self.topology.nats[nat]
         except KeyError:

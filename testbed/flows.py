@@ -30,7 +30,7 @@ from __future__ import annotations
 from ..controller.fabric import DIRECTIONS, Fabric, MachinePorts, machine_table, tunnel_code
 from ..controller.plan import NatPorts, SwitchLayout, flow_table
 from ..controller.plan import nats_in_flows as _nats_in_flows
-from .topology import Topology
+from .topomodel import Topology
 
 #: Marks every flow natmig installs, so a dump shows whose flows they are.
 COOKIE = 0x6E6D

@@ -27,7 +27,7 @@ from natmig.controller.plan import PlanError
 from natmig.controller.steering import FabricSteering, SteeringError
 from natmig.testbed import flows, topology
 from natmig.testbed.bed import Testbed
-from natmig.testbed.topology import TopologyError
+from natmig.testbed.topomodel import Topology, TopologyError
 
 from .controller_fakes import FakeNode, sessions
 from .test_multihost import Switch
@@ -96,7 +96,7 @@ def test_a_bad_instance_layout_is_refused_naming_the_field(changes, field, why):
     assert any(why in p for p in matching), exc.value.problems
 
 
-def one_machine(k: int = 3) -> topology.Topology:
+def one_machine(k: int = 3) -> Topology:
     """eight-nats.toml's first ``k`` instances, all on one machine (no [machines]): one switch steers them."""
     doc = _eight(machines=None, underlay=None)
     for section in ("hosts", "nats"):
@@ -161,7 +161,7 @@ def reaches(f: fb.Fabric, sws: dict[str, Switch], machine: str, port: int, netwo
     return out
 
 
-def check_instances(f: fb.Fabric, t: topology.Topology, sws: dict[str, Switch], actives: dict[int, str]) -> None:
+def check_instances(f: fb.Fabric, t: Topology, sws: dict[str, Switch], actives: dict[int, str]) -> None:
     """Each client reaches exactly its instance's active NAT; the server's packets to 203.0.113.i reach it too."""
     ports = flows.port_names(t)
     for i, active in actives.items():

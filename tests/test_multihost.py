@@ -19,7 +19,7 @@ from natmig.controller.steering import FabricSteering, SteeringError
 from natmig.netns import CommandError
 from natmig.testbed import flows, topology
 from natmig.testbed.bed import Testbed
-from natmig.testbed.topology import TopologyError
+from natmig.testbed.topomodel import TopologyError
 
 from .test_topology import edited
 

@@ -12,7 +12,7 @@ from natmig.errors import ControllerError
 from natmig.pool import PoolError, PublicRange
 from natmig.testbed import topology
 from natmig.testbed.bed import Testbed
-from natmig.testbed.topology import TopologyError
+from natmig.testbed.topomodel import TopologyError
 
 POOL_FILE = topology.DEFAULT_TOPOLOGY.with_name("pool.toml")
 A1, A2 = "203.0.113.1", "203.0.113.2"

@@ -12,7 +12,7 @@ from natmig.errors import TestbedError
 from natmig.ofctl import PortStats, parse_port_stats
 from natmig.testbed import flows, topology
 from natmig.testbed.bed import Testbed, check_prefix
-from natmig.testbed.topology import TopologyError
+from natmig.testbed.topomodel import TopologyError
 
 DEMO = tomllib.loads(topology.DEFAULT_TOPOLOGY.read_text())
 

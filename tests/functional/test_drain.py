@@ -30,6 +30,7 @@ from natmig.controller.migrate import MigrateOptions
 from natmig.controller.inventory import dump_toml
 from natmig.controller.traffic import LiveTraffic, TrafficSpec
 from natmig.testbed import topology
+from natmig.testbed.topomodel import Topology
 from natmig.testbed.bed import Testbed, leftovers
 
 from .helpers_migrate import table
@@ -40,7 +41,7 @@ EIGHT = topology.DEFAULT_TOPOLOGY.parent / "eight-nats.toml"
 SESSIONS = 200
 
 
-def instances(k: int) -> topology.Topology:
+def instances(k: int) -> Topology:
     """eight-nats.toml cut to its first ``k`` instances (their networks, clients, NAT nodes and twins)."""
     doc = tomllib.loads(EIGHT.read_text())
     keep = range(k + 1, 9)
@@ -50,7 +51,7 @@ def instances(k: int) -> topology.Topology:
     return topology.loads(dump_toml(doc), f"eight-nats-{k}.toml")
 
 
-def one_machine(k: int) -> topology.Topology:
+def one_machine(k: int) -> Topology:
     """The first ``k`` instances on one machine: no [machines], one switch."""
     doc = tomllib.loads(instances(k).text)
     del doc["machines"], doc["underlay"]
@@ -61,7 +62,7 @@ def one_machine(k: int) -> topology.Topology:
 
 
 @contextmanager
-def drain_bed(tmp_path: Any, tag: str, k: int, topo: topology.Topology | None = None, agents: list[str] | None = None) -> Iterator[tuple[Testbed, AgentFleet]]:
+def drain_bed(tmp_path: Any, tag: str, k: int, topo: Topology | None = None, agents: list[str] | None = None) -> Iterator[tuple[Testbed, AgentFleet]]:
     """The K-instance testbed with every agent running (or those of ``agents``), torn down afterwards (also on failure): nothing may remain."""
     netns.ensure_conntrack_capacity(200_000)
     tb = Testbed(topo or instances(k), netns.run_prefix(tag))
