@@ -227,4 +227,3 @@ def client(server: str, port: int, tcp: int, udp: int, interval: float, churn: f
         if not f.closed:
             f.sock.close()
     return 0
-

@@ -161,4 +161,3 @@ def merge(client_doc: dict[str, Any], server_doc: dict[str, Any]) -> TrafficResu
             c.get("born"), c.get("connect_time"),
         ))
     return TrafficResult(out, interval)
-

@@ -122,4 +122,3 @@ def serve(addr: str, port: int, out: str, duration: float) -> int:
     for s in list(conns):
         s.close()
     return 0
-
