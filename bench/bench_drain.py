@@ -37,7 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table  # noqa: E402
 
 from natmig import netns  # noqa: E402
-from natmig.controller.demo import AgentFleet, control_plane_priority, load_sessions, synthetic_sessions  # noqa: E402
+from natmig.controller.agentfleet import AgentFleet  # noqa: E402
+from natmig.controller.demorun import control_plane_priority  # noqa: E402
+from natmig.controller.demosessions import load_sessions, synthetic_sessions  # noqa: E402
 from natmig.controller.drain import Drain, DrainOptions, DrainReport, pair_moves  # noqa: E402
 from natmig.controller.inventory import load  # noqa: E402
 from natmig.controller.migrate import endpoint_from_spec  # noqa: E402

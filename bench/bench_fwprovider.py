@@ -71,7 +71,7 @@ def synthetic(n: int, blocked: int) -> tuple[list[tuple], list[tuple]]:
 
 def firewall_migrations(sizes: list[int], blocked: int, work: Path) -> dict[int, dict]:
     """The generic engine moving fw-state fw1 -> fw2 on the firewall testbed, once per size."""
-    from natmig.controller.demo import control_plane_priority
+    from natmig.controller.demorun import control_plane_priority
     from natmig.controller.engine import EngineMigration, EngineOptions, default_phases
     from natmig.controller.fwdemo import FIREWALL_TOPOLOGY
     from natmig.controller.migrate import endpoint_from_spec
@@ -117,7 +117,8 @@ def firewall_migrations(sizes: list[int], blocked: int, work: Path) -> dict[int,
 
 def nat_migrations(sizes: list[int], work: Path) -> dict[int, dict]:
     """The NAT's own migration nat1 -> nat2 on the NAT testbed, once per size (bench_migrate's setting, retire delete)."""
-    from natmig.controller.demo import control_plane_priority, load_sessions, synthetic_sessions
+    from natmig.controller.demorun import control_plane_priority
+    from natmig.controller.demosessions import load_sessions, synthetic_sessions
     from natmig.controller.migrate import MigrateOptions, Migration, endpoint_from_spec
     from natmig.controller.steering import TestbedSteering
     from natmig.testbed.bed import Testbed

@@ -56,7 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from natmig import netns
 from natmig.errors import NatmigError
 from natmig.netns import ensure_conntrack_capacity
-from natmig.controller.demo import AgentFleet, control_plane_priority, load_sessions, synthetic_sessions
+from natmig.controller.agentfleet import AgentFleet
+from natmig.controller.demorun import control_plane_priority
+from natmig.controller.demosessions import load_sessions, synthetic_sessions
 from natmig.controller.migrate import MigrateOptions, Migration
 from natmig.controller.steering import TestbedSteering
 from natmig.controller.traffic import LiveTraffic, TrafficSpec

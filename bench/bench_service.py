@@ -39,7 +39,9 @@ from pathlib import Path
 from common import print_table, verdict
 
 from natmig import netns
-from natmig.controller.demo import AgentFleet, dump_toml, load_sessions, synthetic_sessions
+from natmig.controller.agentfleet import AgentFleet
+from natmig.controller.demosessions import load_sessions, synthetic_sessions
+from natmig.controller.inventory import dump_toml
 from natmig.controller.demoservice import ControllerService
 from natmig.testbed.bed import Testbed
 

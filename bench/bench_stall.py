@@ -38,12 +38,12 @@ from natmig import netns  # noqa: E402
 from natmig.agent import ctevents, ctnetlink  # noqa: E402
 from natmig.agent.ctdigest import LiveDigest  # noqa: E402
 from natmig.agent.ctread import EntryReader  # noqa: E402
-from natmig.controller.demo import synthetic_sessions  # noqa: E402
+from natmig.controller.demosessions import synthetic_sessions  # noqa: E402
 from natmig.controller.traffic import LiveTraffic, TrafficSpec  # noqa: E402
 from natmig.testbed import topology  # noqa: E402
 from natmig.testbed.bed import Testbed  # noqa: E402
 
-NICE = 10  # what the agents run at in the benchmarks (controller.demo.AgentFleet)
+NICE = 10  # what the agents run at in the benchmarks (controller.agentfleet.AgentFleet)
 KINDS = ("idle", "walk", "digest")
 #: Seconds between two calls of a caller: a call now and then, as a controller asks, not a busy loop.
 EVERY = 0.1

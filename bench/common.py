@@ -128,7 +128,7 @@ def in_child(fn: Callable[[], T]) -> T:
 @contextmanager
 def agents_on(tb: Any, work: Path, nodes: Iterable[str], **fleet_options: Any) -> Iterator[Any]:
     """The testbed ``tb`` up with an agent on each of ``nodes`` (an AgentFleet in ``work``); both taken down after, whatever happens."""
-    from natmig.controller.demo import AgentFleet
+    from natmig.controller.agentfleet import AgentFleet
 
     fleet = None
     try:

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from natmig import netns  # noqa: E402
 from natmig.agent.ctnetlink import delete_sessions  # noqa: E402
-from natmig.controller.demo import load_sessions, synthetic_sessions  # noqa: E402
+from natmig.controller.demosessions import load_sessions, synthetic_sessions  # noqa: E402
 from natmig.controller.migrate import MigrateOptions, Migration  # noqa: E402
 from natmig.controller.steering import TestbedSteering  # noqa: E402
 from natmig.errors import NatmigError  # noqa: E402

@@ -30,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from natmig import netns
-from natmig.controller.demo import control_plane_priority, load_sessions, synthetic_sessions
+from natmig.controller.demorun import control_plane_priority
+from natmig.controller.demosessions import load_sessions, synthetic_sessions
 from natmig.controller.migrate import MigrateOptions, Migration
 from natmig.controller.steering import TestbedSteering
 from natmig.errors import NatmigError

@@ -10,316 +10,34 @@ optional new connections every second) runs from before step 1 ends until
 after step 4, and the report says how many flows survived with the same
 public port and the largest gap any saw.  Everything the demo makes (the
 testbed, the agents, the traffic programs, a work directory) is removed at
-the end, also on failure or Ctrl-C.  :class:`AgentFleet` is reused by the
-functional tests and the benchmark.
+the end, also on failure or Ctrl-C.  The agents are an
+:class:`~natmig.controller.agentfleet.AgentFleet`, the table moved
+:mod:`.demosessions`' made-up sessions.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TextIO
+from typing import Any, Callable, TextIO
 
-from .. import children, netns, pool
-from ..errors import ControllerError, NatmigError, UsageError
+from .. import netns
+from ..errors import NatmigError, UsageError
 from ..model import NatSession
-from ..pool import PublicRange
-from .inventory import AgentSpec, dump_toml, parse
-from .migrate import Endpoint, MigrateOptions, Migration, endpoint_from_spec
+from .agentfleet import AgentFleet
+from .demorun import control_plane_priority, phase_line, raise_interrupt, tear_down
+from .demosessions import load_sessions, synthetic_sessions
+from .migrate import Endpoint, MigrateOptions, Migration
 from .report import MigrationReport, PhaseTiming, format_report, ms
 from .steering import TestbedSteering
 from .traffic import LiveTraffic, TrafficSpec
 from .trafficresult import TrafficResult
-
-USER = "natmig"
-AGENT_PORT = 830
-
-
-class AgentFleet:
-    """One natmig agent per NAT node of a testbed, with fresh credentials, and the inventory to reach them.
-
-    Agents are child processes of this one, stopped by their own pid.
-    """
-
-    def __init__(self, tb: Any, workdir: str | Path, provider: str = "conntrack", port: int = AGENT_PORT, nice: int = 19,
-                 call_home: str | None = None) -> None:
-        from ..credentials import load_or_create_host_key, set_password
-
-        self.tb = tb
-        self.dir = Path(workdir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.provider = provider
-        self.port = port
-        self.nice = nice
-        #: HOST[:PORT] of a controller service the agents call home to (RFC 8071), or None.
-        self.call_home = call_home
-        self.procs: dict[str, subprocess.Popen] = {}
-        self.password = os.urandom(12).hex()
-        self.passwords = self.dir / "agent-passwords"
-        set_password(self.passwords, USER, self.password)
-        self.secret = self.dir / "controller-password"
-        self.secret.write_text(self.password + "\n")
-        self.secret.chmod(0o600)
-        # The controller signs in with a key (a password check is a ~50 ms
-        # scrypt on the agent); the password stays valid for people.
-        import asyncssh
-
-        ckey = asyncssh.generate_private_key("ssh-ed25519")
-        self.client_key = self.dir / "controller-key"
-        fd = os.open(self.client_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(ckey.export_private_key("openssh"))
-        # One authorized_keys file per user (the agent's --authorized-keys has %u).
-        self.authorized_keys = self.dir / "authorized_keys.%u"
-        (self.dir / f"authorized_keys.{USER}").write_bytes(ckey.export_public_key("openssh"))
-        self.known_hosts = self.dir / "known_hosts"
-        lines = []
-        for nat in tb.topology.nats:
-            key = load_or_create_host_key(self.host_key(nat))
-            pub = " ".join(key.export_public_key("openssh").decode().split()[:2])
-            lines.append(f"[{tb.mgmt_address(nat)}]:{port} {pub}")
-        self.known_hosts.write_text("\n".join(lines) + "\n")
-
-    def host_key(self, nat: str) -> Path:
-        """Where ``nat``'s agent keeps its host key."""
-        return self.dir / f"{nat}-host-key"
-
-    def start(self, nat: str, timeout: float = 30.0) -> int:
-        """Start ``nat``'s agent in its namespace; returns its pid once it listens."""
-        return self.start_all([nat], timeout)[nat]
-
-    def start_all(self, nats: Sequence[str], timeout: float = 60.0) -> dict[str, int]:
-        """Start the agents of ``nats`` all at once (their start-ups overlap), then wait until each listens; their pids."""
-        ready = {nat: self._spawn(nat) for nat in nats}
-        for nat, path in ready.items():
-            children.wait_ready(self.procs[nat], path, timeout, f"agent of {nat}", partial(self.log_tail, nat), ControllerError)
-        return {nat: self.procs[nat].pid for nat in nats}
-
-    def _spawn(self, nat: str) -> Path:
-        """Start ``nat``'s agent process; the file it writes once it listens."""
-        ready = self.dir / f"{nat}.ready"
-        ready.unlink(missing_ok=True)
-        log = open(self.dir / f"{nat}-agent.log", "ab")
-        # A firewall translates nothing: it has no public address to serve.
-        public = [] if self.provider == "firewall" else [arg for a in self.tb.public_addresses(nat) for arg in ("--public-address", a)]
-        argv = [
-            sys.executable, "-m", "natmig.cli", "agent", "--netns", self.tb.netns(nat),
-            "--listen", f"{self.tb.mgmt_address(nat)}:{self.port}", "--provider", self.provider,
-            *public, "--host-key", str(self.host_key(nat)),
-            "--passwords", str(self.passwords), "--authorized-keys", str(self.authorized_keys), "--ready-file", str(ready),
-            # A restarted agent undoes what it had pending (an interrupted migration's confirmed commits).
-            "--state-dir", str(self.dir / f"{nat}-state"),
-        ]
-        if self.call_home:
-            argv += ["--call-home", self.call_home]
-        # The agents run niced: on this one machine the switch (a userspace
-        # OVS) and the hosts stand in for hardware and other machines, and a
-        # control plane busy serialising 100k sessions must not starve them;
-        # on a real node the kernel datapath preempts the agent anyway.
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                             preexec_fn=lambda: os.setpriority(os.PRIO_PROCESS, 0, self.nice))
-        log.close()
-        self.procs[nat] = p
-        return ready
-
-    def log_tail(self, nat: str, n: int = 1500) -> str:
-        """The end of an agent's log (for error messages)."""
-        try:
-            return (self.dir / f"{nat}-agent.log").read_text(errors="replace")[-n:].strip()
-        except OSError:
-            return ""
-
-    def stop(self, nat: str, kill: bool = False) -> None:
-        """Stop ``nat``'s agent (SIGTERM, or SIGKILL with ``kill``) and wait for it."""
-        children.stop(self.procs.pop(nat, None), kill)
-
-    def spec(self, nat: str) -> AgentSpec:
-        """How the controller reaches ``nat``'s agent."""
-        return AgentSpec(
-            name=nat, host=self.tb.mgmt_address(nat), port=self.port, username=USER,
-            key=str(self.client_key), known_hosts=str(self.known_hosts),
-            public_address=self._public(nat), netns=self.tb.mgmt_netns,
-        )
-
-    def _public(self, nat: str) -> str | list[str]:
-        """The inventory's public_address of ``nat``: its address, or its pool's as a list."""
-        addrs = self.tb.public_addresses(nat)
-        return addrs[0] if len(addrs) == 1 else addrs
-
-    def endpoint(self, nat: str, timeout: float = 30.0) -> Endpoint:
-        """A migration endpoint for ``nat`` (``timeout``: of each RPC, in seconds); ``stop`` stops its agent."""
-        ep = endpoint_from_spec(self.spec(nat), timeout=timeout)
-        ep.stop = lambda: self.stop(nat)
-        return ep
-
-    def inventory_doc(self, source: str, target: str) -> dict[str, Any]:
-        """The inventory (as a document) that `natmig migrate --inventory` takes for this testbed."""
-        agents = {}
-        topo = self.tb.topology
-        for nat in topo.nats:
-            s = self.spec(nat)
-            agents[nat] = {k: v for k, v in (
-                ("host", s.host), ("port", s.port), ("username", s.username), ("key", s.key),
-                ("known_hosts", s.known_hosts), ("public_address", s.public_address), ("netns", s.netns),
-                # Where each NAT runs and which instance it is a node of: what a drain selects and pairs by.
-                ("machine", topo.nats[nat].machine or None),
-                ("networks", list(topo.nats[nat].pair) if topo.nats[nat].pair != ("inside", "public") else None),
-            ) if v is not None}
-        doc = {"agents": agents, "switch": {"testbed": self.tb.prefix}, "migration": {"source": source, "target": target}}
-        parse(doc)  # what we write must load
-        return doc
-
-    def write_inventory(self, source: str, target: str) -> Path:
-        """Write the inventory as TOML in the work directory; returns its path."""
-        p = self.dir / "inventory.toml"
-        p.write_text(dump_toml(self.inventory_doc(source, target)))
-        return p
-
-    def close(self) -> None:
-        """Stop every agent this fleet started."""
-        for nat in list(self.procs):
-            self.stop(nat)
-
-
-#: Made-up inside hosts are 10.0.0.100 and up, 50,000 source ports each.
-_FIRST_HOST, _LAST_HOST, _PORTS_PER_HOST = 100, 254, 50_000
-
-
-def synthetic_sessions(
-    n: int,
-    public: str | Sequence[PublicRange],
-    nat_ports: tuple[int, int] | None = None,
-    servers: Sequence[str] = ("203.0.113.200",),
-    timeout: int = 900,
-) -> list[NatSession]:
-    """``n`` established sessions of made-up inside hosts, for a table to move.
-
-    ``public`` is the NAT's public address with ``nat_ports`` its port range,
-    or its pool (each address with its ranges).  The sessions' public ports
-    lie outside the NAT's own ranges of their address, so they never collide
-    with a mapping the NAT gives live traffic.  They are spread over the
-    pool's addresses in turn, TCP and UDP alternate, and a public port is
-    used again towards the next of ``servers`` once every free port of every
-    address is taken, as Linux SNAT reuses a public port across destinations:
-    2 x (free ports of the pool) x (servers) fit, ~109,000 per address and server
-    beside a 10,000-port range.  ``timeout``: each session's remaining
-    lifetime in seconds; a table must outlive what is measured on it (the
-    kernel removes each entry when its timer runs out).
-    """
-    if not 1 <= timeout <= 0xFFFFFFFF:
-        raise ControllerError(f"synthetic sessions: timeout {timeout} s is not within 1..{0xFFFFFFFF} (nat-session's timeout leaf)")
-    if isinstance(public, str):
-        if nat_ports is None:
-            raise ControllerError("synthetic sessions: give the NAT's port range with its public address")
-        public = (PublicRange(public, nat_ports),)
-    entries = pool.check("synthetic sessions: pool", list(public))
-    if not servers:
-        raise ControllerError("synthetic sessions: no server address to open them towards")
-    slots = _free_slots(entries)
-    fit = 2 * len(slots) * len(servers)
-    most_inside = 2 * (_LAST_HOST - _FIRST_HOST + 1) * _PORTS_PER_HOST
-    if n > min(fit, most_inside):
-        raise ControllerError(
-            f"--sessions {n}: at most {min(fit, most_inside)} synthetic sessions fit beside the NAT's port ranges "
-            f"({len(pool.addresses(entries))} public address(es), {len(slots)} free public ports in all, "
-            f"{len(servers)} server(s), TCP and UDP); give the NAT a larger pool or the sessions more servers")
-    out = []
-    for i in range(n):
-        proto = "TCP" if i % 2 == 0 else "UDP"
-        j = i // 2
-        addr, port = slots[j % len(slots)]
-        out.append(NatSession(
-            proto, f"10.0.0.{_FIRST_HOST + j // _PORTS_PER_HOST}", 1024 + j % _PORTS_PER_HOST,
-            servers[j // len(slots)], 443, addr, port,
-            "ESTABLISHED" if proto == "TCP" else None, timeout, True,
-        ))
-    return out
-
-
-def _free_slots(entries: Sequence[PublicRange]) -> list[tuple[str, int]]:
-    """Every (address, port) of the pool outside the NAT's own ranges, ports 1024 and up, the addresses taking turns."""
-    ranges: dict[str, list[tuple[int, int]]] = {}
-    for e in entries:
-        ranges.setdefault(e.address, []).append(e.ports)
-    free = {a: [p for p in range(1024, 65536) if not any(lo <= p <= hi for lo, hi in rs)] for a, rs in ranges.items()}
-    slots: list[tuple[str, int]] = []
-    for k in range(max(map(len, free.values()))):
-        slots += [(a, ports[k]) for a, ports in free.items() if k < len(ports)]
-    return slots
-
-
-def load_sessions(ep: Endpoint, sessions: list[NatSession], chunk: int = 50_000, target: str = "running") -> None:
-    """Write sessions into a node's table through its agent, ``chunk`` an edit-config.
-
-    Into running by default: the agent then reads only the entries an edit
-    names (a ctnetlink GET each).  An edit of the candidate copies the whole
-    running table first, and a commit compares it whole, so loading in
-    chunks that way costs O(table) per chunk: at 1,000,000 sessions the 11th
-    chunk of 50,000 outlasted the 30 s RPC timeout (measured, contended).
-    ``target="candidate"`` commits after each chunk.
-    """
-    node = ep.open()
-    try:
-        for i in range(0, len(sessions), chunk):
-            node.edit_sessions(sessions[i:i + chunk], target=target, operation="merge")
-            if target == "candidate":
-                node.commit()
-    finally:
-        node.close()
-
-
-@contextmanager
-def control_plane_priority(nice: int = 19) -> Iterator[None]:
-    """Run the calling process (the controller) niced, and restore its priority afterwards.
-
-    On this one machine the userspace switch and the hosts stand in for
-    hardware and other machines; a controller parsing 100k-session replies
-    must not take their CPU.  Call it after the testbed is up, so the switch
-    daemons it starts are not niced.
-    """
-    old = os.getpriority(os.PRIO_PROCESS, 0)
-    os.setpriority(os.PRIO_PROCESS, 0, nice)
-    try:
-        yield
-    finally:
-        os.setpriority(os.PRIO_PROCESS, 0, old)
-
-
-def tear_down(say: Callable[[str], None], parts: list[tuple[str, Callable[[], object] | None]]) -> None:
-    """Run each part's teardown in order, going on past failures (each one said)."""
-    for what, fn in parts:
-        if fn is None:
-            continue
-        try:
-            fn()
-        except Exception as e:  # keep tearing down the rest
-            say(f"teardown of {what} failed: {e}")
-
-
-def phase_line(ph: PhaseTiming) -> str:
-    """One phase of a migration as the demos print it while it runs."""
-    steps = ", ".join(f"{k} {ms(v)}" for k, v in ph.steps.items())
-    return f"      {ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}" + (f"  ({steps})" if steps else "")
-
-
-@contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """SIGTERM interrupts like Ctrl-C while a demo runs, so its teardown runs too."""
-    old = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 @dataclass
@@ -423,7 +141,7 @@ class Demo:
         dst = tb.topology.twins(src)[0]
         # Made once the topology is known good: a refused one leaves nothing behind.
         work = Path(tempfile.mkdtemp(prefix="natmig-demo-"))
-        old = signal.signal(signal.SIGTERM, _raise_interrupt)
+        old = signal.signal(signal.SIGTERM, raise_interrupt)
         try:
             t = time.perf_counter()
             self.say(f"[1/4] initial deployment: client, {src}, server, agent of {src} (testbed {prefix})")
@@ -555,10 +273,6 @@ def _read_table(ep: Endpoint) -> list[NatSession]:
         return node.get_sessions("running")
     finally:
         node.close()
-
-
-def _raise_interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
 
 
 def run(opts: DemoOptions) -> int:

@@ -28,7 +28,8 @@ from xml.sax.saxutils import escape
 from .. import children
 from ..credentials import set_password
 from ..errors import ControllerError
-from .demo import USER, AgentFleet, Demo, DemoOptions
+from .agentfleet import USER, AgentFleet
+from .demo import Demo, DemoOptions
 from .inventory import dump_toml, parse
 from .northbound import NS
 from .report import PhaseTiming

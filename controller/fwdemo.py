@@ -39,7 +39,9 @@ from ..errors import ControllerError, NatmigError
 from ..statemodel import Entry, StateList
 from ..wire.state import Wire
 from ..testbed.topology import DEFAULT_TOPOLOGY
-from .demo import AgentFleet, DemoOptions, control_plane_priority, phase_line, sigterm_interrupts, tear_down
+from .agentfleet import AgentFleet
+from .demo import DemoOptions
+from .demorun import control_plane_priority, phase_line, sigterm_interrupts, tear_down
 from .engine import EngineMigration, EngineOptions, default_phases, switch_only_phases
 from .enginereport import EngineReport
 from .report import PhaseTiming, ms

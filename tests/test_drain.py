@@ -299,7 +299,7 @@ def test_pairing_problems_are_named(changes, host, to, why):
 
 
 def test_the_fleet_inventory_says_where_each_nat_runs_and_what_it_serves(tmp_path):
-    from natmig.controller.demo import AgentFleet
+    from natmig.controller.agentfleet import AgentFleet
 
     tb = Testbed(topology.load(EIGHT), "nm1")
     doc = AgentFleet(tb, tmp_path).inventory_doc("a1", "b1")

@@ -56,7 +56,7 @@ def test_the_migration_engines_do_not_import_the_controller_service() -> None:
 
 def test_relative_imports_are_resolved() -> None:
     # The check above is only as good as the resolution of ``from ..x import y``.
-    assert "natmig.credentials" in _imports(ROOT / "controller" / "demo.py")
+    assert "natmig.credentials" in _imports(ROOT / "controller" / "agentfleet.py")
     assert "natmig.agent.auth" in _imports(ROOT / "agent" / "server.py")
 
 

@@ -7,7 +7,7 @@ import tomllib
 
 import pytest
 
-from natmig.controller.demo import synthetic_sessions
+from natmig.controller.demosessions import synthetic_sessions
 from natmig.errors import ControllerError
 from natmig.pool import PoolError, PublicRange
 from natmig.testbed import topology

@@ -7,7 +7,7 @@ from typing import Any, Iterator
 
 from natmig import netns
 from natmig.netns import ensure_conntrack_capacity
-from natmig.controller.demo import AgentFleet
+from natmig.controller.agentfleet import AgentFleet
 from natmig.controller.traffic import LiveTraffic, TrafficSpec
 from natmig.testbed.bed import Testbed, leftovers
 

@@ -451,7 +451,7 @@ INSIDE_SCRIPT = """
 import json, sys
 from natmig.agent.conntrack import ConntrackProvider
 from natmig.agent.natnode import NatNode, NatNodeConfig
-from natmig.controller.demo import synthetic_sessions
+from natmig.controller.demosessions import synthetic_sessions
 ns = sys.argv[1]
 p = ConntrackProvider(ns, public_addresses={"%s"})
 out = {"empty_known": p._known_empty(), "list": len(p.list().sessions), "stats": p.statistics()}

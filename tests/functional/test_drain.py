@@ -24,7 +24,8 @@ import pytest
 
 from natmig import netns
 from natmig.cli import main
-from natmig.controller.demo import AgentFleet, load_sessions, synthetic_sessions
+from natmig.controller.agentfleet import AgentFleet
+from natmig.controller.demosessions import load_sessions, synthetic_sessions
 from natmig.controller.drain import Drain, DrainOptions, Move
 from natmig.controller.migrate import MigrateOptions
 from natmig.controller.inventory import dump_toml

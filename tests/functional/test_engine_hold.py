@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator
 import pytest
 
 from natmig import netns
-from natmig.controller.demo import load_sessions, synthetic_sessions
+from natmig.controller.demosessions import load_sessions, synthetic_sessions
 from natmig.controller.engine import Context, EngineMigration, EngineOptions, Phase, default_phases
 from natmig.controller.statenode import StateNode
 from natmig.controller.steering import SteeringError, TestbedSteering

@@ -282,7 +282,7 @@ def test_admission_closed_by_another_process_drops_instead_of_sending_round(tb: 
 
 def test_an_agent_started_on_a_closed_node_holds_from_its_start(tb: Testbed, tmp_path: Path) -> None:
     """Admission left closed (an agent killed mid-move, no state directory): the next agent holds, not the kernel drops."""
-    from natmig.controller.demo import AgentFleet
+    from natmig.controller.agentfleet import AgentFleet
 
     outsider = NatNode(tb.nat_config("nat1"), hold=False)
     outsider.set_admission(False)  # closed by a process that holds nothing: the kernel drops

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from natmig.controller.demo import load_sessions, synthetic_sessions
+from natmig.controller.demosessions import load_sessions, synthetic_sessions
 from natmig.controller.migrate import MigrateOptions, Migration
 from natmig.controller.steering import TestbedSteering
 

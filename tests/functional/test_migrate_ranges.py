@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from natmig import netns
-from natmig.controller.demo import load_sessions, synthetic_sessions
+from natmig.controller.demosessions import load_sessions, synthetic_sessions
 from natmig.controller.migrate import MigrateOptions, Migration
 from natmig.controller.steering import TestbedSteering
 from natmig.model import key_range
