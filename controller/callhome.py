@@ -17,7 +17,8 @@ from typing import Callable
 
 from .. import netns
 from ..errors import ControllerError
-from .netconf import NodeClient, key_fingerprint
+from .ncsession import key_fingerprint
+from .netconf import NodeClient
 
 log = logging.getLogger(__name__)
 

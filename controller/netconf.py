@@ -3,8 +3,13 @@
 The controller and the benches talk to agents only through :class:`NodeClient`:
 sessions go in and out as :class:`~natmig.model.NatSession` records (the
 codec does the XML), and every NETCONF ``rpc-error`` surfaces as
-:class:`NetconfError`, a :class:`~natmig.errors.ControllerError` carrying the
-error's own fields.  This module depends on nothing else in ``controller/``.
+:class:`~.ncerrors.NetconfError`, a :class:`~natmig.errors.ControllerError` carrying the
+error's own fields.  What any NETCONF session does (capabilities, RPCs,
+get, edit-config, commits, locks) is :class:`~.ncsession.NetconfSession`'s,
+which it extends with connecting (SSH, call home), the nat-session module's
+reads and writes, and notifications; its errors are in :mod:`.ncerrors`.
+This module depends on nothing else in ``controller/`` but those,
+``ncpatch`` and ``nodeproto``.
 
 Example::
 
@@ -19,132 +24,33 @@ Example::
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import logging
 import socket
 import threading
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Collection, Iterable, Iterator, Mapping, Self
 from xml.sax.saxutils import escape as xml_escape
 
 from lxml import etree
 from ncclient import manager as nc_manager
-from ncclient import operations as nc_ops
 from ncclient import transport as nc_transport
 
-
-from ..codec import NETCONF_NS, Codec, default_codec
+from ..codec import NETCONF_NS, Codec
 from ..errors import CodecError, ControllerError
 from ..model import NatSession, SessionKey
 from ..wire import natedit
 from ..wire.natreply import TableReply, slices
+from .ncerrors import AuthenticationRefused, ConnectError, HostKeyError, SessionLost
+from .ncpatch import RawTextRPC, SSHSession, install_parser, tap_next_reply, tapped_reply
+from .ncsession import NetconfSession, tcp_socket
 from .nodeproto import ALL_FEATURES
-from .ncpatch import RawTextRPC, SSHSession, TextRPC, install_parser, tap_next_reply, tapped_reply
 
 log = logging.getLogger(__name__)
 
-
 NOTIFICATION_CAPABILITY = "urn:ietf:params:netconf:capability:notification:1.0"
-CANDIDATE_CAPABILITY = "urn:ietf:params:netconf:capability:candidate:1.0"
-CONFIRMED_COMMIT_CAPABILITY = "urn:ietf:params:netconf:capability:confirmed-commit:1.1"
-MONITORING_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
-EDIT_OPERATIONS = ("merge", "replace", "create", "delete", "remove")
-
-
-@dataclass(frozen=True)
-class RpcErrorInfo:
-    """One ``rpc-error`` of a reply (RFC 6241 4.3), field by field."""
-
-    tag: str | None
-    severity: str | None
-    type: str | None
-    path: str | None
-    message: str | None
-    info: str | None
-
-
-class NetconfError(ControllerError):
-    """The agent answered with ``rpc-error`` (first error's fields; all of them in ``errors``)."""
-
-    def __init__(self, operation: str, errors: Sequence[RpcErrorInfo]) -> None:
-        self.operation = operation
-        self.errors = list(errors)
-        first = self.errors[0] if self.errors else RpcErrorInfo(None, None, None, None, None, None)
-        self.tag = first.tag
-        self.severity = first.severity
-        self.type = first.type
-        self.path = first.path
-        self.message = first.message
-        self.info = first.info
-        lines = [f"{e.tag}: {e.message or ''}" + (f" (at {e.path})" if e.path else "") for e in self.errors]
-        super().__init__(f"{operation} refused by the agent: " + "; ".join(lines))
-
-
-class HostKeyError(ControllerError):
-    """The agent's SSH host key is not the one known for it: nothing was sent."""
-
-
-class ConnectError(ControllerError):
-    """The agent could not be reached, or refused the credentials."""
-
-
-class AuthenticationRefused(ConnectError):
-    """The agent was reached and refused the user name, password or key."""
-
-
-class SessionLost(ControllerError):
-    """The NETCONF session ended (closed, killed, or the agent went away)."""
 
 
 #: The host name a call-home session is checked under (see :meth:`NodeClient.accept`).
 CALL_HOME_LABEL = "natmig-call-home"
-
-
-def key_fingerprint(public_key_line: str) -> str:
-    """The fingerprint ncclient reports for a host key (MD5 of the key blob, colon-separated hex), from a
-    ``TYPE BASE64 [comment]`` line (a ``.pub`` file, or a known_hosts line without its host field)."""
-    parts = public_key_line.split()
-    if len(parts) < 2:
-        raise ControllerError(f"not a public key line: {public_key_line[:60]!r}")
-    try:
-        blob = base64.b64decode(parts[1], validate=True)
-    except (ValueError, binascii.Error) as e:
-        raise ControllerError(f"public key {parts[1][:20]}...: not base64 ({e})") from None
-    digest = hashlib.md5(blob, usedforsecurity=False).hexdigest()
-    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
-
-
-def _tcp_socket(host: str, port: int, timeout: float, where: str) -> socket.socket:
-    """A connected TCP socket with Nagle's algorithm off.
-
-    ncclient's own socket keeps it on: a small SSH message written while the
-    previous one is unacknowledged then waits for the peer's delayed ACK
-    (~40 ms).  Measured: opening a session took ~90 ms in most tries and
-    ~7 ms in the others; with TCP_NODELAY, ~7 ms each time.
-    """
-    last: OSError | None = None
-    for af, socktype, proto, _, sa in socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM):
-        sock = socket.socket(af, socktype, proto)
-        try:
-            sock.settimeout(timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.connect(sa)
-            return sock
-        except OSError as e:
-            sock.close()
-            last = e
-    raise ConnectError(f"{where}: cannot open a NETCONF session: {last or 'no address'}")
-
-
-def _rpc_error(operation: str, e: nc_ops.RPCError) -> NetconfError:
-    errs = getattr(e, "errors", None) or [e]
-    return NetconfError(
-        operation,
-        [RpcErrorInfo(x.tag, x.severity, x.type, (x.path or "").strip() or None, (x.message or "").strip() or None, x.info) for x in errs],
-    )
 
 
 class Subscription:
@@ -175,16 +81,14 @@ class Subscription:
                 yield ev
 
 
-class NodeClient:
+class NodeClient(NetconfSession):
     """A NETCONF session with one NAT node's agent; use :meth:`connect`."""
 
     #: every optional feature the NAT migration can use (controller/nodeproto.py)
     features: ClassVar[frozenset[str]] = ALL_FEATURES
 
     def __init__(self, mgr: Any, codec: Codec | None = None, name: str = "") -> None:
-        self._mgr = mgr
-        self.codec = codec or default_codec()
-        self.name = name
+        super().__init__(mgr, codec, name)
         self._subscribed = False
         self._lock = threading.Lock()
 
@@ -203,7 +107,7 @@ class NodeClient:
         timeout: float = 60.0,
         sock: socket.socket | None = None,
         unknown_host_cb: Callable[[str, str], bool] | None = None,
-    ) -> "NodeClient":
+    ) -> Self:
         """Open a NETCONF session over SSH.
 
         The host key is checked against ``known_hosts`` (an OpenSSH
@@ -230,7 +134,7 @@ class NodeClient:
             session.connect(
                 host, port, timeout=timeout, username=username, password=password,
                 key_filename=key_filename, allow_agent=False, look_for_keys=False,
-                hostkey_verify=hostkey_verify, sock=sock or _tcp_socket(host, port, timeout, where), **extra,
+                hostkey_verify=hostkey_verify, sock=sock or tcp_socket(host, port, timeout, where), **extra,
             )
         except nc_transport.SSHUnknownHostError as e:
             raise HostKeyError(
@@ -260,7 +164,7 @@ class NodeClient:
 
     @classmethod
     def accept(cls, sock: socket.socket, allowed: Mapping[str, str], username: str = "natmig", password: str | None = None,
-               key_filename: str | None = None, timeout: float = 60.0) -> "NodeClient":
+               key_filename: str | None = None, timeout: float = 60.0) -> Self:
         """A NETCONF session over a call-home connection (RFC 8071): an agent dialled us on ``sock``.
 
         The agent is known by its host key alone (its address says nothing:
@@ -287,116 +191,7 @@ class NodeClient:
         client.name = found[0] if found else peer
         return client
 
-    def close(self) -> None:
-        """Send close-session and drop the connection (idempotent)."""
-        if self._mgr.connected:
-            try:
-                self._mgr.close_session()
-            except Exception:  # the session may already be gone; closing must not fail
-                pass
-
-    def __enter__(self) -> "NodeClient":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ---------------------------------------------------------- capabilities
-
-    @property
-    def session_id(self) -> int:
-        """The agent's id of this NETCONF session."""
-        return int(self._mgr.session_id)
-
-    @property
-    def capabilities(self) -> list[str]:
-        """The capability URIs the agent announced in its hello."""
-        return list(self._mgr.server_capabilities)
-
-    def module_revision(self, module: str | None = None) -> str | None:
-        """The revision of ``module`` (default: nat-session) the agent announced, or None."""
-        module = module or self.codec.schema.module
-        for uri in self._mgr.server_capabilities:
-            if f"module={module}" in uri:
-                for part in uri.split("?", 1)[-1].split("&"):
-                    if part.startswith("revision="):
-                        return part.split("=", 1)[1]
-                return ""
-        return None
-
-    def check_module(self, revision: str | None = None) -> str:
-        """Fail unless the agent speaks nat-session at ``revision`` (default: ours); returns it."""
-        want = revision or self.codec.schema.revision
-        got = self.module_revision()
-        if got is None:
-            raise ControllerError(f"{self.name}: the agent does not announce module {self.codec.schema.module}")
-        if got != want:
-            raise ControllerError(f"{self.name}: the agent has {self.codec.schema.module} revision {got}, expected {want}")
-        return got
-
-    def has_candidate(self) -> bool:
-        """Whether the agent offers the candidate datastore."""
-        return any(c.startswith(CANDIDATE_CAPABILITY) for c in self._mgr.server_capabilities)
-
-    # ----------------------------------------------------------------- reads
-
-    @property
-    def connected(self) -> bool:
-        """Whether the NETCONF session is still up (False once closed, killed or lost)."""
-        return bool(self._mgr.connected)
-
-    def _call(self, operation: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self._mgr.connected:
-            # ncclient would queue the request on a dead session and wait out its timeout.
-            raise SessionLost(f"{self.name}: {operation}: the NETCONF session is closed")
-        try:
-            return fn(*args, **kwargs)
-        except nc_ops.RPCError as e:
-            raise _rpc_error(operation, e) from e
-        except nc_transport.TransportError as e:
-            raise SessionLost(f"{self.name}: {operation}: the NETCONF session ended ({e})") from e
-        except nc_ops.TimeoutExpiredError as e:
-            # The timeout is named: a whole-table RPC scales with the table, and 30 s is short at 1,000,000.
-            raise ControllerError(f"{self.name}: {operation}: no reply in time (the RPC timeout is {self.reply_timeout:g} s; "
-                                  f"a larger table needs a longer one) ({e})") from e
-        except OSError as e:
-            # paramiko's "Socket is closed" when the session died between the connected check and the send
-            # (seen in a rollback after a 1,000,000-session move): a lost session, not a traceback.
-            raise SessionLost(f"{self.name}: {operation}: the NETCONF session ended ({e})") from e
-
-    def _text(self, operation: str, body: str) -> Any:
-        return self._call(operation, self._mgr.execute, TextRPC, body)
-
-    def _get_config(self, source: str, filter_body: str) -> Any:
-        if source not in ("running", "candidate"):
-            raise ControllerError(f"get-config: source {source!r} is not running or candidate")
-        return self._text("get-config", f'<get-config><source><{source}/></source><filter type="subtree">{filter_body}</filter></get-config>').data_ele
-
-    @property
-    def reply_timeout(self) -> float:
-        """Seconds an RPC waits for its reply (the connect timeout until set)."""
-        return float(self._mgr.timeout)
-
-    @reply_timeout.setter
-    def reply_timeout(self, seconds: float) -> None:
-        self._mgr.timeout = seconds
-
-    def call(self, operation: str, body: str) -> Any:
-        """Any RPC given as XML text (the operation element); the <rpc-reply> element."""
-        reply = self._text(operation, body)
-        return etree.fromstring(reply.xml.encode() if isinstance(reply.xml, str) else reply.xml)
-
-    def get_filtered(self, filter_body: str) -> Any:
-        """<get> (config and state) with a subtree filter: the reply's <data> element."""
-        return self._text("get", f'<get><filter type="subtree">{filter_body}</filter></get>').data_ele
-
-    def get_config_filtered(self, source: str, filter_body: str) -> Any:
-        """<get-config> of ``source`` with a subtree filter: the reply's <data> element."""
-        return self._get_config(source, filter_body)
-
-    def edit_config(self, body: str, target: str = "candidate", default_operation: str | None = None) -> None:
-        """<edit-config> of ``target`` with ``body`` (the elements inside <config>), all or nothing."""
-        self._edit(f'<config xmlns="{NETCONF_NS}">{body}</config>', target, default_operation)
+    # ------------------------------------------------------ nat-session reads
 
     def get_sessions(self, source: str = "running", key: SessionKey | None = None) -> list[NatSession]:
         """The nat-session table of ``source`` ("running" or "candidate"); one entry when ``key`` is given."""
@@ -508,11 +303,6 @@ class NodeClient:
         inner = "".join(f"<{k}>{xml_escape(v)}</{k}>" for k, v in match.items())
         return self.codec.decode_xml(self._get_config(source, f'<{name} xmlns="{ns}">{inner}</{name}>'))
 
-    def get_monitoring(self, *parts: str) -> Any:
-        """The agent's netconf-state (RFC 6022) ``<data>`` element, limited to ``parts`` (e.g. "datastores", "sessions")."""
-        inner = "".join(f"<{p}/>" for p in parts)
-        return self._text("get", f'<get><filter type="subtree"><netconf-state xmlns="{MONITORING_NS}">{inner}</netconf-state></filter></get>').data_ele
-
     def get_admission(self, source: str = "running") -> bool:
         """nat-control/admit-new-sessions of ``source`` (True when absent: the default)."""
         ns = self.codec.ns
@@ -520,7 +310,7 @@ class NodeClient:
         values = self.codec.decode_control_xml(self._get_config(source, f'<{name} xmlns="{ns}"/>')) or {}
         return bool(values.get("admit-new-sessions", True))
 
-    # ---------------------------------------------------------------- writes
+    # ----------------------------------------------------- nat-session writes
 
     def edit_sessions(
         self,
@@ -548,16 +338,6 @@ class NodeClient:
         The agent validates every entry, as for :meth:`edit_sessions`; nothing is decoded here.
         """
         self._edit(natedit.config(entries), target)
-
-    def _edit(self, config: str, target: str, default_operation: str | None = None, test_option: str | None = None, error_option: str | None = None) -> None:
-        if target not in ("running", "candidate"):
-            raise ControllerError(f"edit-config: target {target!r} is not running or candidate")
-        params = "".join(
-            f"<{name}>{value}</{name}>"
-            for name, value in (("default-operation", default_operation), ("test-option", test_option), ("error-option", error_option))
-            if value is not None
-        )
-        self._text("edit-config", f"<edit-config><target><{target}/></target>{params}{config}</edit-config>")
 
     def edit_mixed(self, changes: Iterable[tuple[str, NatSession | SessionKey]], target: str = "candidate") -> None:
         """One all-or-nothing edit-config of entries with their own operations.
@@ -590,66 +370,6 @@ class NodeClient:
     def set_admission(self, admit: bool, target: str = "running") -> None:
         """Set nat-control/admit-new-sessions (False: the node drops packets of unknown sessions)."""
         self._edit(natedit.config(natedit.admission(self.codec, admit)), target)
-
-    def commit(self, confirmed: bool = False, timeout: float | None = None, persist: str | None = None, persist_id: str | None = None) -> None:
-        """Apply the candidate to running (all or nothing).
-
-        ``confirmed``: a confirmed commit (RFC 6241 8.4) that the agent rolls
-        back by itself unless confirmed within ``timeout`` seconds; with
-        ``persist`` it survives this session's end and any session may
-        confirm or cancel it by that token.  ``persist_id`` confirms (or, with
-        ``confirmed``, extends) a pending persistent confirmed commit.
-        """
-        kwargs: dict[str, Any] = {}
-        if confirmed:
-            kwargs["confirmed"] = True
-            if timeout is not None:
-                kwargs["timeout"] = str(max(1, int(round(timeout))))
-            if persist is not None:
-                kwargs["persist"] = persist
-        if persist_id is not None:
-            kwargs["persist_id"] = persist_id
-        self._call("commit", self._mgr.commit, **kwargs)
-
-    def cancel_commit(self, persist_id: str | None = None) -> None:
-        """Roll back a pending confirmed commit now (RFC 6241 8.4.9)."""
-        self._call("cancel-commit", self._mgr.cancel_commit, persist_id=persist_id)
-
-    def has_confirmed_commit(self) -> bool:
-        """Whether the agent announces :confirmed-commit:1.1."""
-        return CONFIRMED_COMMIT_CAPABILITY in self._mgr.server_capabilities
-
-    def discard(self) -> None:
-        """Reset the candidate to running (discard-changes)."""
-        self._call("discard-changes", self._mgr.discard_changes)
-
-    def lock(self, target: str = "running") -> None:
-        """Lock a datastore for this session (lock-denied NetconfError when another holds it)."""
-        self._call("lock", self._mgr.lock, target)
-
-    def unlock(self, target: str = "running") -> None:
-        """Release a lock this session holds."""
-        self._call("unlock", self._mgr.unlock, target)
-
-    @contextmanager
-    def locked(self, target: str = "running") -> Iterator[None]:
-        """Hold the lock of ``target`` for the duration of a with-block."""
-        self.lock(target)
-        try:
-            yield
-        finally:
-            if self._mgr.connected:
-                self.unlock(target)
-
-    def kill_session(self, session_id: int) -> None:
-        """End another NETCONF session of the agent (releasing its locks)."""
-        self._call("kill-session", self._mgr.kill_session, str(session_id))
-
-    def get_schema(self, identifier: str | None = None, version: str | None = None) -> str:
-        """The YANG text of a module the agent serves (RFC 6022 get-schema)."""
-        identifier = identifier or self.codec.schema.module
-        reply = self._call("get-schema", self._mgr.get_schema, identifier, version=version, format="yang")
-        return reply.data if isinstance(reply.data, str) else str(reply.data)
 
     # --------------------------------------------------------- notifications
 

@@ -17,7 +17,7 @@ from ..codec import Codec, default_codec
 from ..errors import UsageError
 from ..model import NatSession
 from ..schema import LeafValueError
-from .netconf import MONITORING_NS
+from .ncsession import MONITORING_NS
 
 WRITABLE_RUNNING = "urn:ietf:params:netconf:capability:writable-running:1.0"
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable
 
 from natmig.agent.provider import MemoryProvider
-from natmig.controller.netconf import NetconfError, RpcErrorInfo, SessionLost
+from natmig.controller.ncerrors import NetconfError, RpcErrorInfo, SessionLost
 from natmig.controller.migrate import WRITABLE_RUNNING
 from natmig.controller.txn import CANDIDATE, CONFIRMED_COMMIT
 from natmig.model import NatSession, SessionKey

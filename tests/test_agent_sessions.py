@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from natmig.controller.netconf import ConnectError
+from natmig.controller.ncerrors import ConnectError
 from natmig.framing import EOM
 
 from .test_agent_ssh import CLIENT_HELLO_10, RunningAgent, agent, raw, rpc  # noqa: F401 - agent is a fixture

@@ -25,7 +25,8 @@ from natmig.framing import EOM, frame
 from natmig.agent.provider import MemoryProvider
 from natmig.agent.server import Agent, AgentConfig
 from natmig.codec import NETCONF_NS, default_codec
-from natmig.controller.netconf import ConnectError, HostKeyError, NetconfError, NodeClient, SessionLost
+from natmig.controller.ncerrors import ConnectError, HostKeyError, NetconfError, SessionLost
+from natmig.controller.netconf import NodeClient
 from natmig.model import NatSession, table_digest
 
 CLIENT_HELLO_10 = f'<hello xmlns="{NETCONF_NS}"><capabilities><capability>urn:ietf:params:netconf:base:1.0</capability></capabilities></hello>'.encode()

@@ -14,7 +14,7 @@ import pytest
 
 from natmig.agent.provider import MemoryProvider
 from natmig.controller.migrate import Endpoint, MigrateOptions, Migration
-from natmig.controller.netconf import SessionLost
+from natmig.controller.ncerrors import SessionLost
 from natmig.controller.steering import SteeringError
 
 from .controller_fakes import FakeNode, FakeSteering, sessions

@@ -10,7 +10,7 @@ import pytest
 from natmig.agent.provider import MemoryProvider
 from natmig.controller.migrate import Endpoint, MigrateOptions, Migration, MigrationError, migrate
 from natmig.codec import NETCONF_NS, default_codec
-from natmig.controller.netconf import ConnectError, HostKeyError
+from natmig.controller.ncerrors import ConnectError, HostKeyError
 from natmig.controller.nodeproto import ALL_FEATURES, CHUNKS, RANGES, SESSIONS_AND_ADMISSION, STATISTICS, TABLE_TEXT
 from natmig.wire.natreply import TableReply
 from natmig.errors import ControllerError

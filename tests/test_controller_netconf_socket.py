@@ -6,7 +6,8 @@ import socket
 
 import pytest
 
-from natmig.controller.netconf import ConnectError, _tcp_socket
+from natmig.controller.ncerrors import ConnectError
+from natmig.controller.ncsession import tcp_socket
 
 
 def test_the_socket_is_connected_with_nagle_off():
@@ -14,7 +15,7 @@ def test_the_socket_is_connected_with_nagle_off():
         srv.bind(("127.0.0.1", 0))
         srv.listen(1)
         port = srv.getsockname()[1]
-        s = _tcp_socket("127.0.0.1", port, 5.0, f"natmig@127.0.0.1:{port}")
+        s = tcp_socket("127.0.0.1", port, 5.0, f"natmig@127.0.0.1:{port}")
         try:
             assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
             assert s.getpeername() == ("127.0.0.1", port)
@@ -27,4 +28,4 @@ def test_a_refused_connection_is_a_connect_error_naming_the_agent():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # bound, not listening: connections are refused
         with pytest.raises(ConnectError, match=f"127.0.0.1:{port}"):
-            _tcp_socket("127.0.0.1", port, 5.0, f"natmig@127.0.0.1:{port}")
+            tcp_socket("127.0.0.1", port, 5.0, f"natmig@127.0.0.1:{port}")

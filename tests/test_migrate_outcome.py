@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from natmig.controller.migrate import Endpoint, MigrateOptions, Migration
-from natmig.controller.netconf import SessionLost
+from natmig.controller.ncerrors import SessionLost
 from natmig.controller.report import MigrationReport
 
 from .test_controller_faults import kill_at, migration, setup

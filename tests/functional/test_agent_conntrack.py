@@ -17,7 +17,8 @@ import pytest
 
 from natmig.agent.lab import AgentLab
 from natmig.agent.natnode import HOLD_QUEUE
-from natmig.controller.netconf import ConnectError, HostKeyError, NetconfError, NodeClient, SessionLost
+from natmig.controller.ncerrors import ConnectError, HostKeyError, NetconfError, SessionLost
+from natmig.controller.netconf import NodeClient
 from natmig.errors import ControllerError
 from natmig.model import NatSession
 
