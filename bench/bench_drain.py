@@ -47,7 +47,8 @@ from natmig.controller.steering import steering_from_spec  # noqa: E402
 from natmig.controller.traffic import LiveTraffic, TrafficSpec  # noqa: E402
 from natmig.controller.trafficresult import TrafficResult  # noqa: E402
 from natmig.testbed import topology  # noqa: E402
-from natmig.testbed.bed import Testbed, leftovers  # noqa: E402
+from natmig.testbed.bed import Testbed  # noqa: E402
+from natmig.testbed.prefix import leftovers  # noqa: E402
 
 EIGHT = topology.DEFAULT_TOPOLOGY.parent / "eight-nats.toml"
 PHASES = ("preflight", "copy", "catch-up", "switch", "verify", "admit", "retire")

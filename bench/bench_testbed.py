@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from natmig import netns
-from natmig.testbed.bed import Testbed, leftovers
+from natmig.testbed.bed import Testbed
+from natmig.testbed.prefix import leftovers
 from natmig.testbed.ovs import Ovs
 
 RUNS = 5

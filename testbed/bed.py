@@ -24,19 +24,15 @@ gateway).  :meth:`Testbed.down` finds all of it again by prefix, even after
 a crashed or killed run.
 """
 
-from __future__ import annotations
 
-import fcntl
 import json
 import os
-import re
 import shutil
 import socket
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 from .. import netns, pool
 from ..agent.fwnode import FwNode, FwNodeConfig, Service
@@ -46,64 +42,11 @@ from ..agent.natnode import NatNode, NatNodeConfig
 from ..errors import NatmigError, TestbedError
 from ..ofctl import PortStats
 from . import flows, mgmt, topology
+from .build import NAT_INSIDE_IF, NAT_MGMT_IF, NAT_OUTSIDE_IF, build
 from .ovs import Ovs
+from .prefix import DEFAULT_PREFIX, STATE_ROOT, check_prefix, held, leftovers, lock_file, read_json
+from .status import read_status
 from .topomodel import Host, Nat, Topology
-
-#: Where every testbed keeps its state directory (one per prefix).
-STATE_ROOT = Path("/run/natmig")
-#: The prefix used when none is given, so `natmig testbed up` and a later
-#: `natmig migrate` or `natmig testbed down` find the same testbed.
-DEFAULT_PREFIX = "natmig"
-_PREFIX = re.compile(r"^[a-z][a-z0-9]{0,9}$")
-
-#: Interface names inside the namespaces (the switch side is named by flows.port_names).
-HOST_IF = "eth0"
-NAT_INSIDE_IF = "inside0"
-NAT_OUTSIDE_IF = "outside0"
-NAT_MGMT_IF = "mgmt0"
-MGMT_BRIDGE = "mgmtbr"
-#: The underlay: its Linux bridge, each machine's veth end and OVS bridge, and their MTU
-#: (1600: a 1500-byte inner frame plus the tunnel header fits; with 1500 TCP stalls).
-UNDERLAY_BRIDGE = "ulbr"
-UNDERLAY_IF = "phy0"
-PHY_BRIDGE = "br-phy"
-UNDERLAY_MTU = 1600
-
-
-def check_prefix(prefix: str) -> str:
-    """Return ``prefix`` if it can prefix namespace names, else raise :class:`TestbedError`."""
-    if not isinstance(prefix, str) or not _PREFIX.match(prefix):
-        raise TestbedError(f"prefix {prefix!r}: must be a-z then a-z 0-9, at most 10 characters (e.g. nm4711)")
-    return prefix
-
-
-def leftovers(prefix: str, state_root: Path = STATE_ROOT) -> dict[str, list]:
-    """What of a testbed with this prefix still exists: namespaces, root-namespace links, daemons, state dir."""
-    check_prefix(prefix)
-    home = state_root / prefix
-    links = netns.run(["ip", "-o", "link", "show"], check=False).stdout
-    root_links = sorted({m.group(1) for m in re.finditer(r"^\d+:\s+([^:@\s]+)", links, re.M) if m.group(1).startswith(f"{prefix}-")})
-    return {
-        "namespaces": netns.list_netns(f"{prefix}-"),
-        "root_links": root_links,
-        "processes": sorted(pid for d in sorted(home.glob("ovs*")) for pid in Ovs(d).pids().values()),
-        "state_dir": [str(home)] if home.exists() else [],
-        "lock_file": [str(lock)] if (lock := state_root / f".{prefix}.lock").exists() else [],
-    }
-
-
-def known_prefixes(state_root: Path = STATE_ROOT) -> list[str]:
-    """Prefixes that look like testbeds here: a state dir, or a ``P-ovs``/``P-mgmt`` namespace.
-
-    For finding the leftovers of crashed runs; it only lists, and the
-    namespace rule may also match namespaces of another tool.
-    """
-    found = {p.name for p in state_root.iterdir() if p.is_dir() and _PREFIX.match(p.name)} if state_root.is_dir() else set()
-    for ns in netns.list_netns():
-        head, _, tail = ns.rpartition("-")
-        if tail in ("ovs", "mgmt") and _PREFIX.match(head):
-            found.add(head)
-    return sorted(found)
 
 
 class Testbed:
@@ -138,7 +81,7 @@ class Testbed:
     def attach(cls, prefix: str | None = None, state_root: Path = STATE_ROOT) -> "Testbed":
         """The testbed that ``up`` built with this prefix, with the topology it was built from."""
         prefix = check_prefix(prefix or DEFAULT_PREFIX)
-        state = _read_json(state_root / prefix / "state.json")
+        state = read_json(state_root / prefix / "state.json")
         if not state or "topology_text" not in state:
             raise TestbedError(f"no testbed with prefix {prefix} (no state in {state_root / prefix})")
         return cls(topology.load_text(state["topology_text"], state.get("topology_file", "<state>")), prefix, state_root)
@@ -174,7 +117,7 @@ class Testbed:
         """The namespace of the underlay network between machines."""
         return f"{self.prefix}-underlay"
 
-    def _node_switch(self, node: str) -> str:
+    def node_switch(self, node: str) -> str:
         """The namespace holding the switch side of ``node``'s links."""
         topo = self.topology
         if not topo.multi_machine:
@@ -318,7 +261,7 @@ class Testbed:
         A half-built or damaged testbed of the same prefix is removed first,
         so ``up`` always ends with the whole network or an exception.
         """
-        with self._lock():
+        with held(self.home.parent, self.prefix):
             if self.healthy():
                 return False
             if any(v for k, v in leftovers(self.prefix, self.home.parent).items() if k != "lock_file"):
@@ -326,98 +269,30 @@ class Testbed:
             self.home.mkdir(parents=True, exist_ok=True)
             self._write_state(phase="building")
             try:
-                self._build()
+                build(self)
             except BaseException as e:
                 # Half a network helps nobody and would only collide with the
                 # next run: remove it, then report why it failed.
                 self._teardown()
-                self._lockfile.unlink(missing_ok=True)
+                lock_file(self.home.parent, self.prefix).unlink(missing_ok=True)
                 if isinstance(e, NatmigError) and not isinstance(e, TestbedError):
                     raise TestbedError(f"testbed {self.prefix}: {e}") from e
                 raise
             self._write_state(phase="up", active_nat=self.topology.active_nat)
             return True
 
-    def _namespaces(self) -> list[str]:
+    def namespaces(self) -> list[str]:
         """Every namespace the topology needs."""
         topo = self.topology
         own = [self.machine_netns(m) for m in topo.machines] + [self.underlay_netns] if topo.multi_machine else [self.switch_netns]
         return [*own, self.mgmt_netns, *(self.netns(n) for n in (*topo.hosts, *topo.nats))]
 
-    def _build(self) -> None:
-        topo = self.topology
-        mg = self.mgmt_netns
-        for ns in self._namespaces():
-            netns.add(ns)
-        for ovs in self.switches.values():
-            ovs.start()
-        if topo.multi_machine:
-            self._build_underlay()
-        # The management network: a bridge holding the controller's address.
-        msub = topo.management.subnet
-        _ip_batch(mg, [
-            f"link add {MGMT_BRIDGE} type bridge",
-            f"addr add {topo.management.controller}/{msub.prefixlen} dev {MGMT_BRIDGE}",
-            f"link set {MGMT_BRIDGE} up",
-        ])
-        # veths are made from the switch (or management) namespace with the
-        # far end placed in the node, so no name is ever taken in the root namespace.
-        for host in topo.hosts.values():
-            ns = self.netns(host.name)
-            netns.add_veth(host.name, HOST_IF, self._node_switch(host.name), ns)
-            net = topo.networks[host.network]
-            cmds = [f"addr add {host.address}/{net.subnet.prefixlen} dev {HOST_IF}"]
-            pair = next((p for p in topo.pairs() if host.network in p), None)
-            if pair is not None and host.network == pair[0]:
-                # One route, to its instance's public subnet through the NAT
-                # gateway: no default route, nothing that could leave the machine.
-                cmds.append(f"route add {topo.networks[pair[1]].subnet} via {net.gateway}")
-            elif pair is not None and topo.function == "firewall":
-                # Nothing is translated: the public side reaches the inside network through the firewall.
-                cmds.append(f"route add {topo.networks[pair[0]].subnet} via {net.gateway}")
-            _ip_batch(ns, cmds)
-        for nat in topo.nats:
-            ns = self.netns(nat)
-            sw = self._node_switch(nat)
-            netns.add_veth(flows.nat_port(nat, "inside"), NAT_INSIDE_IF, sw, ns)
-            netns.add_veth(flows.nat_port(nat, "public"), NAT_OUTSIDE_IF, sw, ns)
-            netns.add_veth(f"m-{nat}", NAT_MGMT_IF, mg, ns)
-            _ip_batch(mg, [f"link set m-{nat} master {MGMT_BRIDGE}"])
-            (self.fw_node(nat) if topo.function == "firewall" else self.nat_node(nat)).configure()
-        if not topo.multi_machine:
-            self.ovs.add_bridge(self.bridge, self.switch_ports())
-            self.ovs.replace_flows(self.bridge, flows.machine_plan(topo, "", topo.active_nats) if self.per_instance else self.flows_for(topo.active_nat))
-            return
-        assert topo.underlay is not None
-        for m, ovs in self.switches.items():
-            # One tunnel key per network and direction (fabric.tunnel_code): a port each, so rules match on the port alone.
-            tunnels = {name: [f"type={topo.underlay.tunnel}", f"options:remote_ip={topo.machines[peer].underlay}", f"options:key={flows.tunnel_key(topo, net, towards)}"]
-                       for name, (peer, net, towards, _) in flows.tunnel_ports(topo, m).items()}
-            ovs.add_bridge(self.bridge, self.switch_ports(m), tunnels)
-            ovs.replace_flows(self.bridge, flows.machine_plan(topo, m, topo.active_nats))
-
-    def _build_underlay(self) -> None:
-        """The machines' underlay: a Linux bridge in its own namespace, a veth to each machine's ``br-phy``."""
-        topo = self.topology
-        assert topo.underlay is not None
-        ul = self.underlay_netns
-        _ip_batch(ul, [f"link add {UNDERLAY_BRIDGE} type bridge", f"link set {UNDERLAY_BRIDGE} mtu {UNDERLAY_MTU}", f"link set {UNDERLAY_BRIDGE} up"])
-        for m, machine in topo.machines.items():
-            ns = self.machine_netns(m)
-            netns.add_veth(f"u-{m}", UNDERLAY_IF, ul, ns, mtu=UNDERLAY_MTU)
-            _ip_batch(ul, [f"link set u-{m} master {UNDERLAY_BRIDGE}"])
-            # The machine's tunnel endpoint: an OVS bridge holding the address
-            # (Open vSwitch's userspace tunnels route and resolve through it).
-            self.switches[m].add_phy_bridge(PHY_BRIDGE, UNDERLAY_IF, UNDERLAY_MTU)
-            netns.disable_offloads(PHY_BRIDGE, ns)
-            _ip_batch(ns, [f"addr add {machine.underlay}/{topo.underlay.subnet.prefixlen} dev {PHY_BRIDGE}", f"link set {PHY_BRIDGE} up"])
-
     def healthy(self) -> bool:
         """Whether the testbed is up and whole: state says up, every namespace exists, daemons run, ports attached."""
-        state = _read_json(self.home / "state.json")
+        state = read_json(self.home / "state.json")
         if not state or state.get("phase") != "up":
             return False
-        if not set(self._namespaces()) <= set(netns.list_netns(f"{self.prefix}-")):
+        if not set(self.namespaces()) <= set(netns.list_netns(f"{self.prefix}-")):
             return False
         if not all(ovs.running() for ovs in self.switches.values()):
             return False
@@ -430,11 +305,11 @@ class Testbed:
 
     def down(self) -> dict[str, list]:
         """Remove everything of this prefix, including leftovers of a crashed run; returns what was removed."""
-        with self._lock():
+        with held(self.home.parent, self.prefix):
             found = self._teardown()
             # Removed while held: a waiter on the old file still gets its turn,
             # and nothing of this prefix stays behind.
-            self._lockfile.unlink(missing_ok=True)
+            lock_file(self.home.parent, self.prefix).unlink(missing_ok=True)
             return found
 
     def _teardown(self) -> dict[str, list]:
@@ -451,28 +326,6 @@ class Testbed:
             netns.delete_link(link)
         shutil.rmtree(self.home, ignore_errors=True)
         return found
-
-    @property
-    def _lockfile(self) -> Path:
-        return self.home.parent / f".{self.prefix}.lock"
-
-    @contextmanager
-    def _lock(self) -> Iterator[None]:
-        # One up/down at a time per prefix, across processes.  The lock file
-        # sits beside the state dir so that down can remove the dir itself.
-        self.home.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            with open(self._lockfile, "a") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                # down() unlinks the file while holding it; a waiter that got
-                # the lock of an unlinked file must take the new one instead.
-                try:
-                    same = os.fstat(f.fileno()).st_ino == os.stat(self._lockfile).st_ino
-                except FileNotFoundError:
-                    same = False
-                if same:
-                    yield
-                    return
 
     # -- steering -------------------------------------------------------
 
@@ -551,56 +404,8 @@ class Testbed:
         return mgmt.connect(self.mgmt_netns, self.mgmt_address(nat), port, timeout)
 
     def status(self) -> dict[str, Any]:
-        """What exists now: nodes with namespaces and addresses, switch ports, daemons, the active NAT."""
-        state = _read_json(self.home / "state.json") or {}
-        existing = set(netns.list_netns(f"{self.prefix}-"))
-        nodes: dict[str, Any] = {}
-        for name in (*self.topology.hosts, *self.topology.nats):
-            ns = self.netns(name)
-            kind = "host" if name in self.topology.hosts else "nat"
-            nodes[name] = {"kind": kind, "netns": ns, "exists": ns in existing, "addresses": _addresses(ns) if ns in existing else {}}
-            if kind == "nat":
-                nodes[name]["mgmt_address"] = self.mgmt_address(name)
-        switches: dict[str, Any] = {}
-        active = None
-        for m, ovs in self.switches.items():
-            pids = ovs.pids()
-            ports: dict[str, Any] = {}
-            if len(pids) == 2:
-                try:
-                    counters = {n: c for n, c in ovs.port_stats(self.bridge).items()}
-                    ofports = ovs.ofports(self.bridge)
-                    ports = {name: {"ofport": ofports.get(name), **(vars(counters[n]) if n in counters else {})} for name, n in self.switch_ports(m).items()}
-                except TestbedError as e:
-                    ports = {"error": str(e)}
-            ns = ovs.netns or ""
-            switches[m] = {"netns": ns, "exists": ns in existing, "bridge": self.bridge, "rundir": str(ovs.rundir), "daemons": pids, "ports": ports}
-            if m:
-                switches[m]["underlay"] = str(self.topology.machines[m].underlay)
-                switches[m]["nodes"] = self.topology.on_machine(m)
-        if all(len(ovs.pids()) == 2 for ovs in self.switches.values()):
-            try:
-                if len(self.topology.pairs()) > 1:
-                    active = ", ".join(n or "none" for n in self.steering().actives().values())
-                else:
-                    active = self.active_nat()
-            except NatmigError as e:
-                active = f"unknown ({e})"
-        multi = self.topology.multi_machine
-        return {
-            "prefix": self.prefix,
-            "topology": self.topology.source,
-            "phase": state.get("phase", "down"),
-            "healthy": self.healthy(),
-            "active_nat": active,
-            "public_address": self.public_address,
-            "nodes": nodes,
-            **({"machines": switches, "underlay": {"netns": self.underlay_netns, "exists": self.underlay_netns in existing,
-                                                   "subnet": str(self.topology.underlay.subnet) if self.topology.underlay else None,
-                                                   "tunnel": self.topology.underlay.tunnel if self.topology.underlay else None}}
-               if multi else {"switch": switches[""]}),
-            "management": {"netns": self.mgmt_netns, "exists": self.mgmt_netns in existing, "subnet": str(self.topology.management.subnet), "controller": self.controller_address},
-        }
+        """What exists now: nodes with namespaces and addresses, switch ports, daemons, the active NAT (see :mod:`.status`)."""
+        return read_status(self)
 
     # -- state ----------------------------------------------------------
 
@@ -615,25 +420,3 @@ class Testbed:
         tmp = self.home / f"state.json.{os.getpid()}.{threading.get_ident()}.tmp"
         tmp.write_text(json.dumps(state, indent=1))
         tmp.replace(self.home / "state.json")
-
-
-def _ip_batch(ns: str, cmds: list[str]) -> None:
-    """Run several `ip` commands in one process (``ip -n NS -batch -``): one fork instead of many."""
-    netns.run(["ip", "-n", ns, "-batch", "-"], input="\n".join(cmds) + "\n")
-
-
-def _addresses(ns: str) -> dict[str, list[str]]:
-    out = netns.run(["ip", "-o", "-4", "addr", "show"], ns, check=False).stdout
-    addrs: dict[str, list[str]] = {}
-    for line in out.splitlines():
-        parts = line.split()
-        if len(parts) > 3 and parts[1] != "lo":
-            addrs.setdefault(parts[1], []).append(parts[3])
-    return addrs
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

@@ -8,7 +8,8 @@ import time
 from typing import Any, Callable
 
 from ..errors import TestbedError
-from .bed import DEFAULT_PREFIX, STATE_ROOT, Testbed, known_prefixes, leftovers
+from .bed import Testbed
+from .prefix import DEFAULT_PREFIX, STATE_ROOT, known_prefixes, leftovers
 
 
 def _testbed(args: argparse.Namespace) -> Testbed:

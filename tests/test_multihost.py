@@ -94,7 +94,7 @@ def test_testbed_names_of_machines():
     tb = Testbed(topology.load(TWO), "nm1")
     assert tb.machine_netns("A") == "nm1-machine-A" and tb.underlay_netns == "nm1-underlay"
     assert tb.switches["B"].netns == "nm1-machine-B" and str(tb.switches["B"].home).endswith("nm1/ovs-B")
-    assert tb._node_switch("server") == "nm1-machine-B"
+    assert tb.node_switch("server") == "nm1-machine-B"
 
 
 # ------------------------------------------------------------ in-memory switches

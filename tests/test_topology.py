@@ -11,7 +11,8 @@ from natmig.cli import main
 from natmig.errors import TestbedError
 from natmig.ofctl import PortStats, parse_port_stats
 from natmig.testbed import flows, topology
-from natmig.testbed.bed import Testbed, check_prefix
+from natmig.testbed.bed import Testbed
+from natmig.testbed.prefix import check_prefix
 from natmig.testbed.topomodel import TopologyError
 
 DEMO = tomllib.loads(topology.DEFAULT_TOPOLOGY.read_text())

@@ -9,7 +9,8 @@ from natmig import netns
 from natmig.netns import ensure_conntrack_capacity
 from natmig.controller.agentfleet import AgentFleet
 from natmig.controller.traffic import LiveTraffic, TrafficSpec
-from natmig.testbed.bed import Testbed, leftovers
+from natmig.testbed.bed import Testbed
+from natmig.testbed.prefix import leftovers
 
 
 @contextmanager

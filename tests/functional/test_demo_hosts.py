@@ -14,7 +14,7 @@ import pytest
 
 from natmig import netns
 from natmig.controller.demo import Demo, DemoOptions
-from natmig.testbed.bed import leftovers
+from natmig.testbed.prefix import leftovers
 
 pytestmark = pytest.mark.root
 

@@ -32,7 +32,8 @@ from natmig.controller.inventory import dump_toml
 from natmig.controller.traffic import LiveTraffic, TrafficSpec
 from natmig.testbed import topology
 from natmig.testbed.topomodel import Topology
-from natmig.testbed.bed import Testbed, leftovers
+from natmig.testbed.bed import Testbed
+from natmig.testbed.prefix import leftovers
 
 from .helpers_migrate import table
 

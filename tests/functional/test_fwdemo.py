@@ -11,7 +11,7 @@ import pytest
 from natmig import netns
 from natmig.controller.demo import DemoOptions
 from natmig.controller.fwdemo import FirewallDemo
-from natmig.testbed.bed import leftovers
+from natmig.testbed.prefix import leftovers
 
 pytestmark = pytest.mark.root
 

@@ -23,7 +23,8 @@ import pytest
 from natmig import netns
 from natmig.agent.conntrack import ConntrackProvider
 from natmig.agent.natnode import HOLD_LIMIT, NatNode
-from natmig.testbed.bed import Testbed, leftovers
+from natmig.testbed.bed import Testbed
+from natmig.testbed.prefix import leftovers
 
 pytestmark = pytest.mark.root
 

@@ -13,7 +13,9 @@ import pytest
 
 from natmig import netns
 from natmig.testbed import topology
-from natmig.testbed.bed import UNDERLAY_MTU, Testbed, leftovers
+from natmig.testbed.bed import Testbed
+from natmig.testbed.build import UNDERLAY_MTU
+from natmig.testbed.prefix import leftovers
 
 from .test_testbed import _alive, _exchange
 

@@ -15,7 +15,8 @@ import time
 import pytest
 
 from natmig import netns
-from natmig.testbed.bed import Testbed, leftovers
+from natmig.testbed.bed import Testbed
+from natmig.testbed.prefix import leftovers
 
 pytestmark = pytest.mark.root
 
