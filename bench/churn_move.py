@@ -37,7 +37,7 @@ from natmig.netns import ensure_conntrack_capacity
 from natmig.testbed import topology
 from natmig.testbed.bed import Testbed
 
-from bench_migrate import Timeouts, _caught_up, _migrate, _new_connections, reset  # noqa: E402
+from bench_migrate import Timeouts, _caught_up, _migrate, _new_connections, flush, reset  # noqa: E402
 from common import SESSION_TIMEOUT, agents_on, in_child  # noqa: E402
 
 #: Flows listed by name in the output (the count is always given).
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sessions", type=int, default=1_000_000, help="sessions loaded into nat1 (default 1000000)")
     ap.add_argument("--keep-logs", default=None, help="copy the two agents' logs into this directory")
+    ap.add_argument("--after-move", action="store_true",
+                    help="first a move without churn, then traffic pointed back and nat2 emptied (bench_migrate's order)")
     a = ap.parse_args(argv)
     if a.sessions < 0:
         ap.error(f"--sessions {a.sessions}: give a table of 0 or more sessions")
@@ -66,11 +68,20 @@ def main(argv: list[str] | None = None) -> int:
             load_s = time.perf_counter() - t
             timeouts = Timeouts.for_table(n)
             _caught_up(fleet, timeouts)
+            first = None
+            if a.after_move:
+                # As bench_migrate's churn run: its probe-only move kept the source's entries (retire=keep).
+                first, _ = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001, duration=timeouts.traffic), timeouts)
+                tb.point_to("nat1")
+                flush(tb, "nat2")
+                _caught_up(fleet, timeouts)
             spec = TrafficSpec(tcp=1, udp=0, interval=0.001, churn=100, churn_life=0.1, duration=timeouts.traffic)
             report, traffic = _migrate(tb, fleet, work, spec, timeouts)
             lost = [f for f in traffic.flows if not f.survived]
             row = {
-                "sessions": n, "load_seconds": load_s, "ok": report.ok, "error": report.error,
+                "sessions": n, "load_seconds": load_s,
+                "first_move": None if first is None else {"ok": first.ok, "error": first.error, "total": first.total_seconds},
+                "ok": report.ok, "error": report.error,
                 "total": report.total_seconds,
                 "phases": {p.name: {"seconds": p.seconds, **p.steps} for p in report.phases},
                 "copied": report.copied, "caught_up": report.caught_up, "reconciled": report.reconciled,
