@@ -223,6 +223,7 @@ def test_a_confirmed_create_counts_as_the_event_of_the_entry_the_kernel_makes(se
     evented = DigestTable()
     evented.apply(records)
     assert fed.held == evented.held and fed.summary() == evented.summary()
+    assert fed.ranges() == evented.ranges()  # each key's range too (created computes it from the key's text once)
 
 
 # -- the table's algebra against table_digest, read the way the race reads it ---
