@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from natmig import netns
-from natmig.controller.demo import load_sessions, synthetic_sessions
+from natmig.controller.demosessions import load_sessions, synthetic_sessions
 from natmig.controller.traffic import TrafficSpec
 from natmig.errors import NatmigError
 from natmig.netns import ensure_conntrack_capacity
