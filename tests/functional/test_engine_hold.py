@@ -142,7 +142,7 @@ def _serving(tb: Testbed, probes: Iterable[Probe]) -> Iterator[None]:
         p.wait()
 
 
-POINTS = ("after:freeze", "after:copy", "after:catch-up", "after:verify", "after:switch")
+POINTS = ("after:copy", "after:freeze", "after:catch-up", "after:verify", "after:switch")
 
 
 def test_connections_opened_at_every_part_of_a_generic_move_complete_and_keep_working(tmp_path: Path) -> None:
