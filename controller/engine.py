@@ -109,7 +109,7 @@ class Freeze(Phase):
     name = "freeze"
 
     def run(self, ctx: Context) -> str:
-        ctx.frozen = True  # before the change: a failure half-way still counts as frozen for what follows
+        ctx.frozen = True
         ctx.source.set_admission(False, target="candidate")
         ctx.confirmed(ctx.source)
         return f"{ctx.source.name}: admit-new false, rolled back in {ctx.options.confirm_timeout:g} s unless confirmed"
