@@ -91,10 +91,12 @@ class CatchUp(Phase):
                     again += reread(ctx, lst)
                 break
         close_events(ctx)  # the source is frozen and caught up: verify compares its digests, no event is needed
+        settled = time.monotonic()
         ctx.confirmed(ctx.target)
+        # The commit is timed on its own: it applies the whole copy on the target, inside the source's freeze.
         early = f" (and {ctx.early} before the freeze, in copy)" if ctx.early else ""
         return (f"{applied} changes from events{early}, {again} from a re-read; "
-                f"target committed (confirmed, {ctx.options.confirm_timeout:g} s)")
+                f"target committed in {(time.monotonic() - settled) * 1000:.0f} ms (confirmed, {ctx.options.confirm_timeout:g} s)")
 
     def undo(self, ctx: Context) -> str | None:
         ctx.target.client.discard()

@@ -207,9 +207,11 @@ class ProbeInCopy(WholeLists):
         return out
 
 
-#: A connection not held connects in a round trip; held, it would wait for the rest of the copy (this much at least).
-NOT_HELD = 0.2
-LARGE = 20_000
+#: A connection not held connects in a round trip: well under this even while the copy keeps both cores busy (0.23 s
+#: measured so, with the switch's and the agents' processes contended; 1 ms right after the copy).  Held, it would
+#: wait for the rest of the copy, which the test requires to be several times longer.
+NOT_HELD = 0.5
+LARGE = 30_000
 
 
 def test_a_connection_opened_while_a_large_table_is_copied_connects_at_once_and_survives_the_move(tmp_path: Path) -> None:
@@ -248,10 +250,11 @@ def test_a_connection_opened_while_a_large_table_is_copied_connects_at_once_and_
         connect = record["connected"] - record["start"]
         print(f"copy {timing['copy']:.3f} s (after the probe opened: {rest_of_copy:.3f} s), catch-up {timing['catch-up']:.3f} s; "
               f"the probe opened during the copy connected in {connect * 1000:.1f} ms")
-        # The copy is long enough that a held connection could not connect in time: the test can fail.
+        # The copy went on long enough after the probe opened that a held connection could not connect in time.
         assert rest_of_copy > 2 * NOT_HELD and timing["copy"] > timing["catch-up"], (rest_of_copy, timing)
         assert not record.get("error") and "second" in record, record
         assert connect < NOT_HELD, f"the connection opened during the copy took {connect:.3f} s to connect (held?)"
+        assert record["connected"] < ends["copy"], "connected only after the copy ended"  # held ones connect in finish
         # ... and it was caught up from the source's events: the same public endpoint after the move, through nat2.
         assert record["first"][-2:] == record["second"][-2:] and record["first"][-2] == tb.public_address, record
         assert report.readback["nat1"].held == 0 and report.readback["nat2"].held == 0
