@@ -266,13 +266,25 @@ def _switch_gap(report, traffic) -> tuple[float, bool]:
 
 
 def _gap_phase(report, end: float | None, gap: float) -> str:
-    """The phase(s) the largest gap overlapped."""
+    """The phase(s) the largest gap overlapped, each with its step(s): ``copy/commit``.
+
+    A phase's steps run one after the other from its start (``ph.step``), so
+    each step's window is the sum of those before it; time a phase spent
+    outside its steps shows as the phase's name alone.  A step that ran twice
+    is one sum (report.py), so its window is then approximate.
+    """
     if end is None:
         return "-"
     names = []
     for p in report.phases:
-        if p.started <= end and end - gap <= p.started + p.seconds:
-            names.append(p.name)
+        if not (p.started <= end and end - gap <= p.started + p.seconds):
+            continue
+        at, steps = p.started, []
+        for step, seconds in p.steps.items():
+            if at <= end and end - gap <= at + seconds:
+                steps.append(f"{p.name}/{step}")
+            at += seconds
+        names += steps or [p.name]
     return "+".join(names) or "outside"
 
 
