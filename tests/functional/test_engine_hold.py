@@ -208,10 +208,11 @@ class ProbeInCopy(WholeLists):
 
 
 #: A connection not held connects in a round trip: well under this even while the copy keeps both cores busy (0.23 s
-#: measured so, with the switch's and the agents' processes contended; 1 ms right after the copy).  Held, it would
-#: wait for the rest of the copy, which the test requires to be several times longer.
+#: measured so, with the switch's and the agents' processes contended; 1 ms on a quiet machine).  Held, it would
+#: connect only in finish, after the copy.
 NOT_HELD = 0.5
-LARGE = 30_000
+#: The write of the copy after the probe opened: ~0.8 s at 30,000 on a quiet machine, too close to NOT_HELD.
+LARGE = 50_000
 
 
 def test_a_connection_opened_while_a_large_table_is_copied_connects_at_once_and_survives_the_move(tmp_path: Path) -> None:
@@ -250,8 +251,9 @@ def test_a_connection_opened_while_a_large_table_is_copied_connects_at_once_and_
         connect = record["connected"] - record["start"]
         print(f"copy {timing['copy']:.3f} s (after the probe opened: {rest_of_copy:.3f} s), catch-up {timing['catch-up']:.3f} s; "
               f"the probe opened during the copy connected in {connect * 1000:.1f} ms")
-        # The copy went on long enough after the probe opened that a held connection could not connect in time.
-        assert rest_of_copy > 2 * NOT_HELD and timing["copy"] > timing["catch-up"], (rest_of_copy, timing)
+        # The copy went on for longer than a connection may take after the probe opened, and took longer than the
+        # catch-up: what a held connection would have waited for.  Whether it was held is read from when it connected.
+        assert rest_of_copy > NOT_HELD and timing["copy"] > timing["catch-up"], (rest_of_copy, timing)
         assert not record.get("error") and "second" in record, record
         assert connect < NOT_HELD, f"the connection opened during the copy took {connect:.3f} s to connect (held?)"
         assert record["connected"] < ends["copy"], "connected only after the copy ended"  # held ones connect in finish
