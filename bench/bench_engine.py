@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NATMIG = [sys.executable, "-m", "natmig.cli"]
 NS = "urn:natmig:yang:example:lb-binding"
 ADDRS = {"lb1": "192.0.2.1", "lb2": "192.0.2.2"}
-PHASES = ("preflight", "freeze", "copy", "catch-up", "verify", "switch", "finish")
+PHASES = ("preflight", "copy", "freeze", "catch-up", "verify", "switch", "finish")
 
 
 def binding(i: int) -> str:

@@ -8,10 +8,23 @@ each declaring the capabilities it needs from both agents (checked against
 their hellos before anything changes, never probed), each with an undo;
 the copy itself is a :class:`CopyStrategy`.
 
+The default order copies while the source still serves: preflight,
+(traffic,) copy, freeze, catch-up, verify, (hold,) switch, finish.  The
+copy subscribes to the source's state-change first, then reads it and
+writes the target's candidate, and writes what the events said meanwhile;
+only then is the source frozen, and the catch-up writes the last changes
+(:mod:`.enginecatchup`).  What would create an entry waits for those last
+changes only, not for the copy of the whole table.  A source whose hello
+announces no notifications cannot be followed while it serves: for it the
+freeze comes before the copy (:func:`arranged`, from the hello, never
+probed), and the catch-up re-reads what its digests show changed.
+
 Crash safety is the NAT migration's (:mod:`.txn`): both nodes locked from
 preflight to the end, and every change a dead controller must not leave
 behind a persistent confirmed commit under the pair's token, rolled back
-by the agents themselves when ``confirm_timeout`` passes.
+by the agents themselves when ``confirm_timeout`` passes.  A copy while the
+source serves changes nothing but the target's candidate (discarded by its
+undo, and with the session).
 
 The switch of traffic is :class:`OvsSwitch` (any :class:`~.steering.Steering`:
 point it at the target, read it back) or :class:`NoSwitch` (state transfer
@@ -27,105 +40,26 @@ the engine's.
 
 from __future__ import annotations
 
-import abc
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import ControllerError
-from ..statemodel import Entry, Key, StateList
+from ..statemodel import Entry, StateList
 from . import phase as base, txn
+from .enginecatchup import CatchUp, apply_changes
+from .enginecontext import RETIRE_MODES, Context, CopyStrategy, EngineOptions, Phase, close_events
 from .enginereport import EngineReport, NodeReadback
+from .netconf import NOTIFICATION_CAPABILITY
 from .report import PhaseTiming
 from .statenode import StateNode, same_modules
 from .steering import Steering
 
+__all__ = ["RETIRE_MODES", "CatchUp", "Context", "Copy", "CopyStrategy", "EngineMigration", "EngineOptions", "Finish", "Freeze",
+           "HoldTarget", "NoSwitch", "OvsSwitch", "Phase", "Preflight", "TrafficOnSource", "Verify", "WholeLists", "arranged",
+           "close_events", "default_phases", "missing_needs", "read_back", "switch_only_phases"]
+
 log = logging.getLogger(__name__)
-
-RETIRE_MODES = ("delete", "keep")
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """``retire``: delete the moved entries from the source, or keep them there (both with admission reopened)."""
-
-    retire: str = "delete"
-    confirm_timeout: float = 10.0
-    recover_hint: str = ""
-
-    def __post_init__(self) -> None:
-        if self.retire not in RETIRE_MODES:
-            raise ControllerError(f"retire: {self.retire!r} is not one of {', '.join(RETIRE_MODES)} for a state-only migration")
-        txn.check_confirm_timeout(self.confirm_timeout)
-
-
-@dataclass
-class Context:
-    """What the phases share."""
-
-    source: StateNode
-    target: StateNode
-    options: EngineOptions
-    token: str
-    report: EngineReport
-    lists: list[StateList] = field(default_factory=list)
-    copied: dict[StateList, list[Entry]] = field(default_factory=dict)
-    #: what the target must hold when the copy is committed: the copy, with the source's changes since its read.
-    expected: dict[StateList, dict[Key, Entry]] = field(default_factory=dict)
-    #: the session the source's state-change notifications are followed on (from before its lists were read), None when not.
-    events: StateNode | None = None
-    #: opens another session to the source for its events (None: they ride on the migration's own session).
-    open_events: Callable[[], StateNode] | None = None
-    locks: list[txn.Locks] = field(default_factory=list)
-    #: the target's lists as it reported them in preflight (entries, digest), before anything was written.
-    target_before: dict[str, tuple[int, str]] = field(default_factory=dict)
-    #: nodes with this migration's confirmed commit pending, and when it was last (re)armed (time.monotonic()).
-    pending: dict[str, tuple[StateNode, float]] = field(default_factory=dict)
-    #: the target's admission is closed by this migration (:class:`HoldTarget`): finish reopens it with its confirm.
-    target_held: bool = False
-    #: the target's pending confirmed commit (copy and hold) was cancelled by an undo already.
-    target_cancelled: bool = False
-
-    def confirmed(self, node: StateNode) -> None:
-        """``node`` committed with this migration's token: its timeout runs from now."""
-        node.commit(confirmed=True, timeout=self.options.confirm_timeout, persist=self.token)
-        self.pending[node.name] = (node, time.monotonic())
-
-    def renew(self) -> None:
-        """Re-arm the pending confirmed commits that have run a third of their timeout (RFC 6241 8.4: a follow-up
-        confirmed commit with the persist-id).  The timeout bounds how long a node waits for a controller that died,
-        not how long a migration may take: on a loaded machine a 100k-session copy can outlast it, and the source's
-        freeze would roll back under a live migration."""
-        now = time.monotonic()
-        for name, (node, armed) in list(self.pending.items()):
-            if now - armed >= self.options.confirm_timeout / 3:
-                # The follow-up keeps the token (persist-id alone: ncclient refuses persist beside it).
-                node.commit(confirmed=True, timeout=self.options.confirm_timeout, persist_id=self.token)
-                self.pending[name] = (node, time.monotonic())
-
-
-class Phase(base.Phase):
-    """One step of a migration; ``needs``: capabilities both agents must announce for it (see :mod:`.phase`)."""
-
-    @abc.abstractmethod
-    def run(self, ctx: Context) -> str:
-        """Do the step; returns a line of detail for the report."""
-
-    def undo(self, ctx: Context) -> str | None:
-        """Take the step back after a later failure; what was undone, or None when nothing needs it."""
-        return None
-
-    def read_back(self, ctx: Context) -> None:
-        """At the end, run or not: put what this phase governs, as read from where it lives, into the report."""
-
-
-class CopyStrategy(base.CopyStrategy):
-    """How the state lists get from the source into the target's candidate."""
-
-    @abc.abstractmethod
-    def copy(self, ctx: Context) -> dict[StateList, list[Entry]]:
-        """Read the (frozen) source, write the target's candidate; the entries copied per list."""
 
 
 class WholeLists(CopyStrategy):
@@ -175,6 +109,7 @@ class Freeze(Phase):
     name = "freeze"
 
     def run(self, ctx: Context) -> str:
+        ctx.frozen = True
         ctx.source.set_admission(False, target="candidate")
         ctx.confirmed(ctx.source)
         return f"{ctx.source.name}: admit-new false, rolled back in {ctx.options.confirm_timeout:g} s unless confirmed"
@@ -184,9 +119,17 @@ class Freeze(Phase):
 
 
 class Copy(Phase):
-    """The source's lists into the target's candidate; its state-change notifications followed from before the read."""
+    """The source's lists into the target's candidate; its state-change notifications followed from before the read.
+
+    Before :class:`Freeze` (the default), the source still serves while it is
+    read: what its events said meanwhile is written into the candidate at the
+    end, so that the catch-up under the freeze writes only the last changes.
+    After it, the source is frozen and the events are the catch-up's.
+    """
 
     name = "copy"
+    #: what the source must announce for a copy while it serves: its changes are followed (RFC 5277), or they are lost.
+    serving_needs = frozenset({NOTIFICATION_CAPABILITY})
 
     def __init__(self, strategy: CopyStrategy) -> None:
         self.strategy = strategy
@@ -203,102 +146,25 @@ class Copy(Phase):
                 ctx.events = ctx.open_events()
                 ctx.events.adopt(ctx.source)
             ctx.events.subscribe()
+        serving = not ctx.frozen
         ctx.copied = self.strategy.copy(ctx)
         ctx.expected = {l: {l.key_of(e): e for e in es} for l, es in ctx.copied.items()}
         ctx.report.copied = {l.qname: len(e) for l, e in ctx.copied.items()}
-        return f"{self.strategy.name}: " + ", ".join(f"{l.qname} {len(e)}" for l, e in ctx.copied.items())
+        lists = ", ".join(f"{l.qname} {len(e)}" for l, e in ctx.copied.items())
+        if not serving:
+            return f"{self.strategy.name}, {ctx.source.name} frozen: {lists}"
+        if ctx.events is None:
+            return f"{self.strategy.name}, while {ctx.source.name} serves (its changes not followed: it announces no notifications): {lists}"
+        # Still serving: what changed during the copy is written now, outside the freeze.
+        ctx.early = apply_changes(ctx, ctx.events.changes(0))
+        return (f"{self.strategy.name}, while {ctx.source.name} serves: {lists}; "
+                f"{ctx.early} changes since the read written from its events")
 
     def undo(self, ctx: Context) -> str | None:
         # Also after a copy that failed half-way: what the candidate got must not outlive
         # the session (unlocking the candidate keeps its changes, RFC 6241 8.3.5.2).
         ctx.target.client.discard()
         return f"{ctx.target.name}: candidate discarded"
-
-
-class CatchUp(Phase):
-    """The frozen source's changes since the read (its state-change events) onto the target's candidate, until its
-    digests agree; then the target's persistent confirmed commit.
-
-    A frozen source creates no entries, but entries still end (closed, expired) and a function
-    may change what it holds by itself.  Its own digest says when the copy is complete; when
-    the events do not explain a difference within ``settle_max`` (an agent that does not send
-    state-change), the lists that differ are read again.
-    """
-
-    name = "catch-up"
-
-    def __init__(self, settle: float = 0.02, settle_max: float = 0.5) -> None:
-        self.settle, self.settle_max = settle, settle_max
-
-    def run(self, ctx: Context) -> str:
-        applied = reread = 0
-        deadline = time.monotonic() + self.settle_max
-        while True:
-            events = ctx.events.changes(self.settle) if ctx.events is not None else []
-            if events:
-                applied += self._apply(ctx, events)
-                continue  # until the source is quiet for `settle`
-            stats = ctx.source.statistics()
-            differ = [l for l, t in ctx.expected.items() if stats.get(l.qname) != (len(t), l.digest(t.values()))]
-            if not differ:
-                break
-            if time.monotonic() >= deadline:
-                for lst in differ:
-                    reread += self._reread(ctx, lst)
-                break
-        close_events(ctx)  # the source is frozen and caught up: verify compares its digests, no event is needed
-        ctx.confirmed(ctx.target)
-        return f"{applied} changes from events, {reread} from a re-read; target committed (confirmed, {ctx.options.confirm_timeout:g} s)"
-
-    @staticmethod
-    def _apply(ctx: Context, events: list[tuple[StateList, str, Entry]]) -> int:
-        # Folded per key (the last event wins), then one write and one remove per list: a burst of
-        # events costs a few edit-configs, not one each (1,000 blocked sources at once: 30 s one by one).
-        ups: dict[StateList, dict[Key, Entry]] = {}
-        gone: dict[StateList, dict[Key, None]] = {}
-        n = 0
-        for lst, kind, entry in events:
-            if lst not in ctx.expected:
-                continue
-            key = lst.key_of(entry)
-            if kind == "created":
-                ctx.expected[lst][key] = entry
-                ups.setdefault(lst, {})[key] = entry
-                gone.get(lst, {}).pop(key, None)
-            else:
-                ctx.expected[lst].pop(key, None)
-                ups.get(lst, {}).pop(key, None)
-                gone.setdefault(lst, {})[key] = None
-            n += 1
-        for lst, keys in gone.items():
-            ctx.target.remove(lst, list(keys))
-        for lst, entries in ups.items():
-            ctx.target.write(lst, list(entries.values()))
-        return n
-
-    @staticmethod
-    def _reread(ctx: Context, lst: StateList) -> int:
-        now = {lst.key_of(e): e for e in ctx.source.read(lst)}
-        old = ctx.expected[lst]
-        upserts = [e for k, e in now.items() if old.get(k) != e]
-        gone = [k for k in old if k not in now]
-        ctx.target.remove(lst, gone)  # first, as in _apply: what a gone entry held (a unique value) is free for the writes
-        ctx.target.write(lst, upserts)
-        ctx.expected[lst] = now
-        return len(upserts) + len(gone)
-
-    def undo(self, ctx: Context) -> str | None:
-        ctx.target.client.discard()
-        if ctx.target_cancelled:
-            return None  # with the hold (HoldTarget's undo): one series, one cancel
-        return f"{ctx.target.name}: copy cancelled" if txn.cancel_pending(ctx.target, ctx.token) else None
-
-
-def close_events(ctx: Context) -> None:
-    """Close the source's event session if it is one of its own."""
-    if ctx.events is not None and ctx.events is not ctx.source:
-        ctx.events.close()
-    ctx.events = None
 
 
 class Verify(Phase):
@@ -459,11 +325,24 @@ class Finish(Phase):
 
 
 def default_phases(steering: Steering | None = None) -> list[Phase]:
-    """preflight, (traffic on the source,) freeze, copy (whole lists), catch-up, verify, (hold on the target,) switch (Open vSwitch, or none), finish."""
+    """preflight, (traffic on the source,) copy (whole lists, while the source serves), freeze, catch-up, verify,
+    (hold on the target,) switch (Open vSwitch, or none), finish.  For a source that announces no notifications the
+    engine runs the freeze before the copy (:func:`arranged`)."""
     if steering is None:
-        return [Preflight(), Freeze(), Copy(WholeLists()), CatchUp(), Verify(), NoSwitch(), Finish()]
-    return [Preflight(), TrafficOnSource(steering), Freeze(), Copy(WholeLists()), CatchUp(), Verify(), HoldTarget(),
+        return [Preflight(), Copy(WholeLists()), Freeze(), CatchUp(), Verify(), NoSwitch(), Finish()]
+    return [Preflight(), TrafficOnSource(steering), Copy(WholeLists()), Freeze(), CatchUp(), Verify(), HoldTarget(),
             OvsSwitch(steering), Finish()]
+
+
+def arranged(phases: list[Phase], source: StateNode) -> list[Phase]:
+    """``phases`` in the order ``source`` allows: a copy before the freeze runs while the source serves, which needs what
+    :attr:`Copy.serving_needs` declares; a source whose hello does not announce it is frozen first (the freeze moved
+    to just before the copy, everything else in place)."""
+    copy = next((i for i, p in enumerate(phases) if isinstance(p, Copy)), None)
+    freeze = next((i for i, p in enumerate(phases) if isinstance(p, Freeze)), None)
+    if copy is None or freeze is None or freeze < copy or not base.missing(Copy.serving_needs, source.capabilities):
+        return list(phases)
+    return [*phases[:copy], phases[freeze], *phases[copy:freeze], *phases[freeze + 1:]]
 
 
 def switch_only_phases(steering: Steering) -> list[Phase]:
@@ -497,6 +376,7 @@ class EngineMigration:
         r = self.report
         nodes: list[StateNode] = []
         ctx: Context | None = None
+        phases = self.phases
         done: list[Phase] = []
         try:
             t0 = time.perf_counter()
@@ -505,9 +385,11 @@ class EngineMigration:
             for node in nodes:
                 if missing := missing_needs(self.phases, node):
                     raise ControllerError(f"{node.name}: the agent does not announce {', '.join(missing)}, which this migration needs")
+            # The order is the source's declared capabilities' (its hello), decided before anything changes.
+            phases = arranged(self.phases, src)
             ctx = Context(src, tgt, self.options, txn.persist_token(r.source, r.target), r, open_events=self.open_events)
             r.connect_seconds = time.perf_counter() - t0
-            for phase in self.phases:
+            for phase in phases:
                 timing = PhaseTiming(phase.name, started=time.perf_counter())
                 r.phases.append(timing)
                 ctx.renew()
@@ -527,7 +409,7 @@ class EngineMigration:
                 log.exception("migration failed")
             if ctx is not None and not r.committed:
                 # The phase that failed may have done part of its work: its undo runs too.
-                failed = [p for p in self.phases if p.name == r.failed_phase and p not in done][:1]
+                failed = [p for p in phases if p.name == r.failed_phase and p not in done][:1]
                 for phase in [*failed, *reversed(done)]:
                     try:
                         if (what := phase.undo(ctx)) is not None:
@@ -537,7 +419,7 @@ class EngineMigration:
         finally:
             if ctx is not None:
                 close_events(ctx)
-                for phase in self.phases:
+                for phase in phases:
                     phase.read_back(ctx)
                 for lock in ctx.locks:
                     if lock.node.connected:

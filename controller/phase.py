@@ -28,7 +28,12 @@ class CopyStrategy(abc.ABC):
     name: ClassVar[str]
 
 
+def missing(needs: Iterable[str], capabilities: Iterable[str]) -> list[str]:
+    """The capabilities of ``needs`` that are not among ``capabilities``, by short name (``candidate``), sorted."""
+    have = set(capabilities)
+    return sorted({c.rsplit(":", 2)[-2] for c in needs if c not in have})
+
+
 def missing_needs(phases: Iterable[Phase], capabilities: Iterable[str]) -> list[str]:
     """The capabilities the phases declare that are not among ``capabilities``, by short name (``candidate``), sorted."""
-    have = set(capabilities)
-    return sorted({c.rsplit(":", 2)[-2] for p in phases for c in p.needs if c not in have})
+    return missing({c for p in phases for c in p.needs}, capabilities)

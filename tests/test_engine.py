@@ -21,7 +21,7 @@ from natmig.agent.stateagent import StateAgent
 from natmig.codec import default_codec
 from natmig.controller.engine import (CatchUp, Context, Copy, EngineMigration, EngineOptions, Finish, Freeze, NoSwitch, Phase, Preflight, Verify,
                                       WholeLists, default_phases)
-from natmig.controller.netconf import NodeClient
+from natmig.controller.netconf import NOTIFICATION_CAPABILITY, NodeClient
 from natmig.controller.statenode import StateNode
 from natmig.statemodel import load_module
 from natmig.wire.state import Wire
@@ -130,7 +130,8 @@ def test_a_conflict_with_the_targets_own_entries_is_refused_and_nothing_changes(
     assert 'unique "backend-address backend-port snat-port" violated' in r.error and "binding[203.0.113.9 5555]" in r.error
     assert r.readback["lb1"].tables == src_before and r.readback["lb1"].admission is True
     assert r.readback["lb2"].tables == tgt_before
-    assert any("freeze cancelled" in u for u in r.undone)
+    # The copy ran while lb1 served: it failed before any freeze, and only the target's candidate is undone.
+    assert [p.name for p in r.phases] == ["preflight", "copy"] and r.undone == ["lb2: candidate discarded"]
     # the target's candidate was discarded: the next migration can lock it
     with b.client() as c:
         c.lock("candidate")
@@ -206,11 +207,13 @@ class _ControllerDies(Phase):
         raise SystemExit("the controller dies here")  # not an Exception: no undo runs, as when the process is killed
 
 
-def test_a_controller_dead_after_the_copy_is_undone_by_the_agents_themselves(pair: tuple[Served, Served]) -> None:
+@pytest.mark.parametrize("serving", [True, False], ids=["copy-while-serving", "frozen-copy"])
+def test_a_controller_dead_after_the_copy_is_undone_by_the_agents_themselves(pair: tuple[Served, Served], serving: bool) -> None:
     a, b = pair
     a.load(*entries(40))
     before = a.node().statistics()
-    m = migration(a, b, [Preflight(), Freeze(), Copy(WholeLists()), CatchUp(), _ControllerDies()], confirm_timeout=1)
+    order: list[Phase] = [Copy(WholeLists()), Freeze()] if serving else [Freeze(), Copy(WholeLists())]
+    m = migration(a, b, [Preflight(), *order, CatchUp(), _ControllerDies()], confirm_timeout=1)
     with pytest.raises(SystemExit):
         m.run()
     with a.node() as src, b.node() as tgt:  # right after: frozen source, copy on the target, both pending
@@ -349,6 +352,148 @@ def test_changes_of_the_frozen_source_after_the_read_reach_the_target(pair: tupl
     assert ("192.0.2.250", 9) in keys and len(keys) == 28
 
 
+class _ChangesWhileCopying(WholeLists):
+    """The copy, with the source's own traffic between the read of its binding list and the write of it.
+
+    It reads the source's admission back from its agent first (on a session
+    of its own), then deletes 3 entries, creates 2 and changes 2 (a leaf the
+    digest covers, and one it does not): 9 state-change events, a changed
+    entry being deleted then created.
+    """
+
+    def __init__(self, served: Served) -> None:
+        self.served = served
+        self.admits: list[bool] = []
+
+    def copy(self, ctx: Context) -> dict:
+        out = {}
+        for lst in ctx.lists:
+            got = ctx.source.read(lst)
+            if lst.name == "binding":
+                with self.served.node() as n:
+                    self.admits.append(n.admission())
+                self.traffic()
+            ctx.target.write(lst, got)
+            out[lst] = got
+        return out
+
+    def traffic(self) -> None:
+        from natmig.agent.stateprovider import Change
+
+        store = self.served.agent.store  # type: ignore[attr-defined]
+        lst = store.module.list("binding")
+        table = store.provider.read()[lst]
+        keys = sorted(table)
+        names = [leaf.name for leaf in lst.leaves]
+
+        def changed(key: tuple, **leaves: object) -> tuple:
+            return Wire.complete(lst, {**{n: v for n, v in zip(names, table[key]) if v is not None}, **leaves})
+
+        born = [Wire.complete(lst, {"client-address": "192.0.2.250", "client-port": p, "backend-address": "198.51.100.10",
+                                    "backend-port": 80, "snat-port": p}) for p in (9, 10)]
+        store.provider.apply({lst: Change([*born, changed(keys[3], **{"snat-port": 9999}), changed(keys[4], **{"idle-timeout": 7})], keys[:3])})
+
+
+def _served_copy(strategy: WholeLists, phases: list[Phase]) -> list[Phase]:
+    return [Copy(strategy) if isinstance(p, Copy) else p for p in phases]
+
+
+def _same_lists(a: Served, b: Served) -> None:
+    """Every entry of every list, every leaf, the same on both agents."""
+    with a.node() as na, b.node() as nb:
+        na.discover()
+        nb.discover()
+        for la, lb in zip(na.lists, nb.lists):
+            assert sorted(na.read(la)) == sorted(nb.read(lb)), la.qname
+
+
+def _count(detail: str, what: str) -> int:
+    import re
+
+    m = re.search(rf"(\d+) {what}", detail)
+    return int(m.group(1)) if m else 0
+
+
+def test_entries_created_deleted_and_changed_while_the_serving_source_is_copied_end_up_on_the_target(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(40))
+    strategy = _ChangesWhileCopying(a)
+    r = migration(a, b, _served_copy(strategy, default_phases()), retire="keep").run()
+    assert r.ok, r.text()
+    assert strategy.admits == [True]  # read back from the source's agent during the copy: it still admitted new entries
+    assert [p.name for p in r.phases] == ["preflight", "copy", "freeze", "catch-up", "verify", "switch", "finish"]
+    copy, catch = (next(p for p in r.phases if p.name == n) for n in ("copy", "catch-up"))
+    assert "while lb1 serves" in copy.detail and "lb-binding:binding 40" in copy.detail
+    # 3 deleted, 2 created, 2 changed (each deleted then created): written from events, before or after the freeze
+    assert _count(copy.detail, "changes since the read") + _count(catch.detail, "changes from events") == 9, (copy.detail, catch.detail)
+    assert "0 from a re-read" in catch.detail
+    assert r.readback["lb2"].tables["lb-binding:binding"][0] == 39 and r.readback["lb2"].tables == r.readback["lb1"].tables
+    _same_lists(a, b)  # exactly: the changed idle-timeout too, which no digest covers
+
+
+class _Unannounced(StateNode):
+    """A session to an agent whose hello, as this controller reads it, announces no notifications."""
+
+    @property
+    def capabilities(self) -> list[str]:
+        return [c for c in self.client.capabilities if c != NOTIFICATION_CAPABILITY]
+
+
+def test_a_source_that_announces_no_notifications_is_frozen_before_the_copy(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(40))
+    strategy = _ChangesWhileCopying(a)
+    m = EngineMigration(lambda: _Unannounced(a.client()), b.node, a.name, b.name, EngineOptions(retire="keep"),
+                        _served_copy(strategy, default_phases()))
+    r = m.run()
+    assert r.ok, r.text()
+    assert strategy.admits == [False]  # its changes could not be followed while it served: frozen first
+    assert [p.name for p in r.phases] == ["preflight", "freeze", "copy", "catch-up", "verify", "switch", "finish"]
+    copy, catch = (next(p for p in r.phases if p.name == n) for n in ("copy", "catch-up"))
+    assert "lb1 frozen" in copy.detail
+    assert "0 changes from events, 7 from a re-read" in catch.detail  # 2 created, 2 changed, 3 deleted
+    _same_lists(a, b)
+
+
+def test_the_engine_follows_the_nat_agents_state_change_while_it_serves(tmp_path: Path) -> None:
+    """The NAT agent sends natmig-state's state-change beside its own event: the engine needs nothing of the NAT's."""
+    from dataclasses import replace
+
+    from natmig.model import NatSession
+
+    a, b = Served(tmp_path / "nat1", "nat1", module=None), Served(tmp_path / "nat2", "nat2", module=None)
+    try:
+        sessions = [NatSession("TCP", "10.0.0.2", 1000 + i, "198.51.100.1", 80, "203.0.113.1", 20000 + i, "ESTABLISHED", 300) for i in range(100)]
+        with a.client() as c:
+            c.edit_sessions(sessions, target="running")
+        provider = a.agent.provider
+
+        class During(WholeLists):
+            def copy(self, ctx: Context) -> dict:
+                out = {}
+                for lst in ctx.lists:
+                    got = ctx.source.read(lst)
+                    provider.delete([s.key for s in sessions[:2]])
+                    provider.apply([NatSession("UDP", "10.0.0.3", 53000, "198.51.100.2", 53, "203.0.113.1", 30000, None, 30),
+                                    replace(sessions[2], translated_port=31000), replace(sessions[3], timeout=77)])
+                    ctx.target.write(lst, got)
+                    out[lst] = got
+                return out
+
+        r = migration(a, b, _served_copy(During(), default_phases()), retire="keep").run()
+        assert r.ok, r.text()
+        copy, catch = (next(p for p in r.phases if p.name == n) for n in ("copy", "catch-up"))
+        assert "while nat1 serves" in copy.detail
+        # 2 deleted, 1 created, 2 changed (each: destroyed, then new)
+        assert _count(copy.detail, "changes since the read") + _count(catch.detail, "changes from events") == 7, (copy.detail, catch.detail)
+        with a.client() as ca, b.client() as cb:
+            want = sorted(ca.get_sessions(), key=lambda s: s.key)
+            assert len(want) == 99 and sorted(cb.get_sessions(), key=lambda s: s.key) == want
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_events_followed_on_a_session_of_their_own_which_is_closed_once_caught_up(pair: tuple[Served, Served]) -> None:
     # A session subscribed stays subscribed: on the migration's own, the retire's deletions
     # would all stream back to the controller ahead of the unlock's reply.
@@ -429,7 +574,7 @@ def test_with_a_switch_traffic_moves_after_the_copy_and_is_read_back(pair: tuple
     sw = FakeSteering("lb1")
     r = migration(a, b, default_phases(sw)).run()
     assert r.ok, r.text()
-    assert [p.name for p in r.phases] == ["preflight", "traffic", "freeze", "copy", "catch-up", "verify", "hold", "switch", "finish"]
+    assert [p.name for p in r.phases] == ["preflight", "traffic", "copy", "freeze", "catch-up", "verify", "hold", "switch", "finish"]
     assert sw.moves == ["lb2"] and r.traffic_on == "lb2" and "traffic on: lb2 (read back from the switch)" in r.text()
 
 

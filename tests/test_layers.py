@@ -49,7 +49,7 @@ def test_the_migration_engines_do_not_import_the_controller_service() -> None:
     # The service uses the engines; the engines know nothing of it (nor of the server layer).
     nat = sorted(p.name for p in (ROOT / "controller").glob("mig*.py"))
     assert "migrate.py" in nat and "migverify.py" in nat  # the NAT migration's modules are found
-    for name in ("engine.py", "phase.py", *nat, "statenode.py", "txn.py", "plan.py"):
+    for name in ("engine.py", "enginecontext.py", "enginecatchup.py", "phase.py", *nat, "statenode.py", "txn.py", "plan.py"):
         bad = {m for m in _imports(ROOT / "controller" / name) if m.split(".")[-1] in {"service", "northbound", "registry"} or m.startswith("natmig.agent")}
         assert not bad, (name, sorted(bad))
 
@@ -68,7 +68,7 @@ def test_only_natmig_netns_enters_a_namespace():
 
 
 #: The generic engine and what it is made of: none may know a network function.
-ENGINE = ["controller/engine.py", "controller/phase.py", "controller/statenode.py", "controller/enginereport.py", "controller/registry.py",
+ENGINE = ["controller/engine.py", "controller/enginecontext.py", "controller/enginecatchup.py", "controller/phase.py", "controller/statenode.py", "controller/enginereport.py", "controller/registry.py",
           "controller/callhome.py", "natmig/statemodel.py", "natmig/wire/state.py"]
 #: Names of network functions, of their modules and of their kernel state.
 _NF = __import__("re").compile(r"(?i)(?<![a-z])(nat|nats|snat|dnat|natsession|nat_session|nat-session|nat-control|nat-statistics|"

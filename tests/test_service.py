@@ -99,7 +99,7 @@ def test_a_third_party_client_lists_the_agents_starts_a_migration_and_watches_it
             n = m.take_notification(block=True, timeout=1)
             if n is not None and n.notification_ele.find(f".//{{{NS}}}phase") is not None:
                 phases.append(n.notification_ele.findtext(f".//{{{NS}}}phase"))
-        assert phases == ["preflight", "freeze", "copy", "catch-up", "verify", "switch", "finish"]
+        assert phases == ["preflight", "copy", "freeze", "catch-up", "verify", "switch", "finish"]
     finally:
         m.close_session()
 

@@ -57,7 +57,7 @@ def test_demo_via_the_controller_service_moves_live_flows_and_every_one_survives
     assert res.ok, text
     assert res.migration is None and res.remote.ok and res.remote.outcome == "ok"
     # The phases came as the northbound's notifications, in the engine's order, and the report is what it read back.
-    assert [p.name for p in res.remote.phases] == ["preflight", "traffic", "freeze", "copy", "catch-up", "verify", "hold", "switch", "finish"]
+    assert [p.name for p in res.remote.phases] == ["preflight", "traffic", "copy", "freeze", "catch-up", "verify", "hold", "switch", "finish"]
     assert "traffic on: nat2 (read back from the switch)" in res.remote.report
     assert "nat-session:nat-session 0 " in res.remote.report  # nat1's table after retire = delete
     assert res.traffic.live_total == 20 and res.traffic.live_survived == 20

@@ -25,7 +25,7 @@ def test_firewall_demo_moves_live_flows_both_ways_and_the_block(tmp_path: Path) 
     m = res.migration
     assert m is not None and m.ok and m.traffic_on == "fw2"
     assert m.copied["fw-state:session"] >= 520 and m.copied["fw-state:blocked"] == 1
-    assert [p.name for p in m.phases] == ["preflight", "traffic", "freeze", "copy", "catch-up", "verify", "hold", "switch", "finish"]
+    assert [p.name for p in m.phases] == ["preflight", "traffic", "copy", "freeze", "catch-up", "verify", "hold", "switch", "finish"]
     # Read back: the target holds what was copied, the source nothing.
     assert m.readback["fw2"].tables["fw-state:session"][0] == m.copied["fw-state:session"]
     assert m.readback["fw1"].tables["fw-state:session"][0] == 0

@@ -1,0 +1,113 @@
+"""What the generic engine's phases share: the options, the context, and the bases of a phase and a copy strategy.
+
+The phases themselves are in :mod:`.engine` (and the catch-up in
+:mod:`.enginecatchup`); nothing here knows a network function.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import ControllerError
+from ..statemodel import Entry, Key, StateList
+from . import phase as base, txn
+from .enginereport import EngineReport
+from .statenode import StateNode
+
+RETIRE_MODES = ("delete", "keep")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """``retire``: delete the moved entries from the source, or keep them there (both with admission reopened)."""
+
+    retire: str = "delete"
+    confirm_timeout: float = 10.0
+    recover_hint: str = ""
+
+    def __post_init__(self) -> None:
+        if self.retire not in RETIRE_MODES:
+            raise ControllerError(f"retire: {self.retire!r} is not one of {', '.join(RETIRE_MODES)} for a state-only migration")
+        txn.check_confirm_timeout(self.confirm_timeout)
+
+
+@dataclass
+class Context:
+    """What the phases share."""
+
+    source: StateNode
+    target: StateNode
+    options: EngineOptions
+    token: str
+    report: EngineReport
+    lists: list[StateList] = field(default_factory=list)
+    copied: dict[StateList, list[Entry]] = field(default_factory=dict)
+    #: what the target must hold when the copy is committed: the copy, with the source's changes since its read.
+    expected: dict[StateList, dict[Key, Entry]] = field(default_factory=dict)
+    #: the session the source's state-change notifications are followed on (from before its lists were read), None when not.
+    events: StateNode | None = None
+    #: opens another session to the source for its events (None: they ride on the migration's own session).
+    open_events: Callable[[], StateNode] | None = None
+    locks: list[txn.Locks] = field(default_factory=list)
+    #: the target's lists as it reported them in preflight (entries, digest), before anything was written.
+    target_before: dict[str, tuple[int, str]] = field(default_factory=dict)
+    #: nodes with this migration's confirmed commit pending, and when it was last (re)armed (time.monotonic()).
+    pending: dict[str, tuple[StateNode, float]] = field(default_factory=dict)
+    #: the source's admission is closed by this migration (from the start of :class:`~.engine.Freeze`).
+    frozen: bool = False
+    #: changes from the source's events written into the target's candidate while the source still served.
+    early: int = 0
+    #: the target's admission is closed by this migration (:class:`HoldTarget`): finish reopens it with its confirm.
+    target_held: bool = False
+    #: the target's pending confirmed commit (copy and hold) was cancelled by an undo already.
+    target_cancelled: bool = False
+
+    def confirmed(self, node: StateNode) -> None:
+        """``node`` committed with this migration's token: its timeout runs from now."""
+        node.commit(confirmed=True, timeout=self.options.confirm_timeout, persist=self.token)
+        self.pending[node.name] = (node, time.monotonic())
+
+    def renew(self) -> None:
+        """Re-arm the pending confirmed commits that have run a third of their timeout (RFC 6241 8.4: a follow-up
+        confirmed commit with the persist-id).  The timeout bounds how long a node waits for a controller that died,
+        not how long a migration may take: on a loaded machine a 100k-session copy can outlast it, and the source's
+        freeze would roll back under a live migration."""
+        now = time.monotonic()
+        for name, (node, armed) in list(self.pending.items()):
+            if now - armed >= self.options.confirm_timeout / 3:
+                # The follow-up keeps the token (persist-id alone: ncclient refuses persist beside it).
+                node.commit(confirmed=True, timeout=self.options.confirm_timeout, persist_id=self.token)
+                self.pending[name] = (node, time.monotonic())
+
+
+class Phase(base.Phase):
+    """One step of a migration; ``needs``: capabilities both agents must announce for it (see :mod:`.phase`)."""
+
+    @abc.abstractmethod
+    def run(self, ctx: Context) -> str:
+        """Do the step; returns a line of detail for the report."""
+
+    def undo(self, ctx: Context) -> str | None:
+        """Take the step back after a later failure; what was undone, or None when nothing needs it."""
+        return None
+
+    def read_back(self, ctx: Context) -> None:
+        """At the end, run or not: put what this phase governs, as read from where it lives, into the report."""
+
+
+class CopyStrategy(base.CopyStrategy):
+    """How the state lists get from the source into the target's candidate."""
+
+    @abc.abstractmethod
+    def copy(self, ctx: Context) -> dict[StateList, list[Entry]]:
+        """Read the source (serving, or frozen), write the target's candidate; the entries copied per list."""
+
+
+def close_events(ctx: Context) -> None:
+    """Close the source's event session if it is one of its own."""
+    if ctx.events is not None and ctx.events is not ctx.source:
+        ctx.events.close()
+    ctx.events = None
