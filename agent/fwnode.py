@@ -37,7 +37,7 @@ from typing import Callable
 from .. import netns
 from ..errors import ProviderError
 from . import nftables
-from .nfqueue import Holder, HoldStats, NfqueueError
+from .nfqueue import HOLD_LIMIT, Holder, HoldStats, NfqueueError
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,6 @@ HOLD_MARK = 0x66770001
 #: NFQUEUE numbers of held packets, per leg (queues are per namespace).
 HOLD_QUEUE_INSIDE = 0x6677
 HOLD_QUEUE_OUTSIDE = 0x6678
-#: Packets held at most per leg while admission is closed (as the NAT node).
-HOLD_LIMIT = 4096
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _NSNAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -269,6 +267,8 @@ class FwNode:
     cfg: FwNodeConfig
     run: Callable[..., object] = field(default=netns.run, repr=False)
     hold: bool | None = None
+    #: packets held at most while admission is closed (per queue), beyond that dropped and counted
+    hold_limit: int = HOLD_LIMIT
     _holders: list[Holder] | None = field(default=None, init=False, repr=False, compare=False)
     _holder_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
@@ -369,7 +369,7 @@ class FwNode:
                 made: list[Holder] = []
                 try:
                     for ifname, q in ((self.cfg.inside_if, HOLD_QUEUE_INSIDE), (self.cfg.outside_if, HOLD_QUEUE_OUTSIDE)):
-                        made.append(Holder(self.cfg.name, q, ifname, limit=HOLD_LIMIT))
+                        made.append(Holder(self.cfg.name, q, ifname, limit=self.hold_limit))
                 except (NfqueueError, OSError) as e:
                     for h in made:
                         h.close()

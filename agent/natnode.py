@@ -31,7 +31,7 @@ from .. import netns
 from .. import pool as public_pool
 from ..pool import PublicRange
 from . import nftables
-from .nfqueue import Holder, HoldStats, NfqueueError
+from .nfqueue import HOLD_LIMIT, Holder, HoldStats, NfqueueError
 from ..errors import ProviderError
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,6 @@ HOLD_GUARD_CHAIN = "hold_guard"
 HOLD_MARK = 0x6E6D0001
 #: The NFQUEUE number held packets go to (queues are per namespace; "nm").
 HOLD_QUEUE = 0x6E6D
-#: Packets a node holds at most while admission is closed; beyond that they are dropped and counted.
-HOLD_LIMIT = 4096
 
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -318,6 +316,8 @@ class NatNode:
     cfg: NatNodeConfig
     run: Callable[..., object] = field(default=netns.run, repr=False)
     hold: bool | None = None
+    #: packets held at most while admission is closed (per queue), beyond that dropped and counted
+    hold_limit: int = HOLD_LIMIT
     _holder: Holder | None = field(default=None, init=False, repr=False, compare=False)
     _holder_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
@@ -426,7 +426,7 @@ class NatNode:
         with self._holder_lock:
             if self._holder is None:
                 try:
-                    self._holder = Holder(self.cfg.name, HOLD_QUEUE, self.cfg.inside_if, limit=HOLD_LIMIT)
+                    self._holder = Holder(self.cfg.name, HOLD_QUEUE, self.cfg.inside_if, limit=self.hold_limit)
                 except (NfqueueError, OSError) as e:
                     if self.hold:
                         raise NatNodeError(f"NAT node {self.cfg.name}: cannot hold packets: {e}") from e

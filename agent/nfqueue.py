@@ -57,6 +57,10 @@ ETH_P_IP = 0x0800
 
 #: Bytes of each packet copied to us: all of it (an IPv4 packet is at most 65,535).
 COPY_RANGE = 0xFFFF
+#: Packets a holder keeps at most while admission is closed (per queue).  A held TCP SYN's
+#: retransmissions are not kept (:func:`syn_key`), so this is about one packet a connection
+#: attempted: 100 new connections a second for 10 minutes; each is ~0.3 KB here.
+HOLD_LIMIT = 65536
 #: The kernel queue's length: packets wait there only until the reader thread gets them.
 KERNEL_QUEUE_MAXLEN = 4096
 #: Receive buffer of the netlink socket: a burst of full-size packets while the thread is descheduled.
@@ -166,6 +170,24 @@ def parse(data: bytes) -> Iterator[QueuedPacket | NetlinkAck]:
         off += (ln + 3) & ~3
 
 
+def syn_key(payload: bytes) -> bytes | None:
+    """For an IPv4 TCP SYN (without ACK): its addresses, ports and initial sequence number; None for any other packet.
+
+    A client whose SYN is held sends it again (after 1, 3, 7 ... s) with the
+    same sequence number: the same attempt.  Releasing the first is enough,
+    so a holder keeps one, and a hold of minutes does not fill the bound
+    with retransmissions.
+    """
+    if len(payload) < 20 or payload[0] >> 4 != 4 or payload[9] != 6:
+        return None
+    ihl = (payload[0] & 0x0F) * 4
+    if struct.unpack_from("!H", payload, 6)[0] & 0x1FFF or len(payload) < ihl + 14:
+        return None  # a fragment after the first, or cut short: no TCP header to read
+    if payload[ihl + 13] & 0x12 != 0x02:  # SYN set, ACK clear
+        return None
+    return payload[12:20] + payload[ihl:ihl + 8]  # source and destination addresses; ports, sequence number
+
+
 def ethernet_frame(dst: bytes, src: bytes, ethertype: int, payload: bytes) -> bytes:
     """An Ethernet II frame (no FCS: the driver adds it)."""
     return dst + src + struct.pack("!H", ethertype) + payload
@@ -184,8 +206,9 @@ class HoldStats:
     """What a holder has done since it started.
 
     Packets held now, held in all, released (sent back to the switch), dropped
-    over the bound, not sendable, and dropped while not holding (queued
-    after the release grace: admission closed by another process).
+    over the bound, not sendable, dropped while not holding (queued after
+    the release grace: admission closed by another process), and SYNs not
+    kept because the same one was held already (a client's retransmission).
     """
 
     held: int
@@ -194,6 +217,7 @@ class HoldStats:
     over_limit: int
     unsendable: int
     not_holding: int
+    repeated: int = 0
 
 
 class Holder:
@@ -202,7 +226,8 @@ class Holder:
     ``inside_if`` is the interface released packets leave by, addressed to
     its own MAC (the gateway's, which both NATs of a migration share), from
     the MAC of the host that sent them.  At most ``limit`` packets are held;
-    beyond that each is dropped, counted and logged.  Right after
+    beyond that each is dropped, counted and logged; a SYN already held is
+    not kept again (:func:`syn_key`).  Right after
     :meth:`release` a packet still read from the queue (one marked just
     before admission opened) is sent on at once, after those held (see
     :data:`RELEASE_GRACE`).
@@ -210,16 +235,17 @@ class Holder:
     test can hold for a node it does not live in.  Thread-safe.
     """
 
-    def __init__(self, netns: str | None, queue: int, inside_if: str, *, limit: int = 4096) -> None:
+    def __init__(self, netns: str | None, queue: int, inside_if: str, *, limit: int = HOLD_LIMIT) -> None:
         self.netns = netns
         self.queue = queue
         self.inside_if = inside_if
         self.limit = limit
         self._lock = threading.Lock()
         self._held: list[QueuedPacket] = []
+        self._syns: set[bytes] = set()  # syn_key of each SYN held now
         self._holding = False
         self._pass_until = 0.0
-        self._held_total = self._released = self._over = self._unsendable = self._not_holding = 0
+        self._held_total = self._released = self._over = self._unsendable = self._not_holding = self._repeated = 0
         self._nl = open_socket(netns)  # bound: the queue is bound to its port id
         try:
             self._nl.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
@@ -275,6 +301,7 @@ class Holder:
             self._holding = False
             self._pass_until = time.monotonic() + RELEASE_GRACE
             held, self._held = self._held, []
+            self._syns.clear()
             for i, p in enumerate(held, 1):
                 self._emit(p)
                 if i % RELEASE_BURST == 0:
@@ -284,7 +311,8 @@ class Holder:
     def stats(self) -> HoldStats:
         """The counters (see :class:`HoldStats`)."""
         with self._lock:
-            return HoldStats(len(self._held), self._held_total, self._released, self._over, self._unsendable, self._not_holding)
+            return HoldStats(len(self._held), self._held_total, self._released, self._over, self._unsendable, self._not_holding,
+                             self._repeated)
 
     def _emit(self, p: QueuedPacket) -> None:
         """Send one packet out of the inside interface to the gateway's MAC (called under the lock)."""
@@ -309,9 +337,13 @@ class Holder:
                     if self._not_holding % 1000 == 1:
                         log.warning("NFQUEUE %s: queued while this process does not hold (admission closed elsewhere?): "
                                     "%d dropped so far", self.netns, self._not_holding)
+            elif (syn := syn_key(p.payload)) is not None and syn in self._syns:
+                self._repeated += 1
             elif len(self._held) < self.limit:
                 self._held.append(p)
                 self._held_total += 1
+                if syn is not None:
+                    self._syns.add(syn)
             else:
                 self._over += 1
                 # One line for the first and then every 1,000th: a flood must not flood the log too.

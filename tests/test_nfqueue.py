@@ -76,3 +76,22 @@ def test_a_released_packet_is_framed_to_the_gateway_from_its_sender() -> None:
     frame = q.ethernet_frame(bytes.fromhex("026e6d000001"), bytes.fromhex("02aabbccddee"), 0x0800, b"IP")
     assert frame == bytes.fromhex("026e6d000001" "02aabbccddee" "0800") + b"IP"
     assert q.format_mac(bytes.fromhex("026e6d000001")) == "02:6e:6d:00:00:01"
+
+
+def _tcp(flags: int, seq: int = 0x01020304, sport: int = 40000, frag: int = 0) -> bytes:
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, frag, 64, 6, 0, bytes([10, 0, 0, 10]), bytes([203, 0, 113, 100]))
+    return ip + struct.pack("!HHIIBBHHH", sport, 5001, seq, 0, 0x50, flags, 64240, 0, 0)
+
+
+def test_syn_key_names_one_connection_attempt() -> None:
+    syn = _tcp(0x02)
+    assert q.syn_key(syn) == q.syn_key(_tcp(0x02)) is not None  # a retransmission: the same attempt
+    assert q.syn_key(_tcp(0x02, seq=5)) != q.syn_key(syn)  # a new attempt from the same port
+    assert q.syn_key(_tcp(0x02, sport=40001)) != q.syn_key(syn)
+    assert q.syn_key(_tcp(0x12)) is None  # SYN-ACK
+    assert q.syn_key(_tcp(0x10)) is None  # ACK
+    assert q.syn_key(_tcp(0x02, frag=5)) is None  # a later fragment: no TCP header
+    assert q.syn_key(syn[:30]) is None  # cut short
+    udp = bytearray(syn)
+    udp[9] = 17
+    assert q.syn_key(bytes(udp)) is None

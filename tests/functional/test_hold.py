@@ -22,7 +22,8 @@ import pytest
 
 from natmig import netns
 from natmig.agent.conntrack import ConntrackProvider
-from natmig.agent.natnode import HOLD_LIMIT, NatNode
+from natmig.agent.natnode import NatNode
+from natmig.agent.nfqueue import HOLD_LIMIT
 from natmig.testbed.bed import Testbed
 from natmig.testbed.prefix import leftovers
 
@@ -100,9 +101,9 @@ def tb() -> Iterator[Testbed]:
 
 
 @contextmanager
-def holding(tb: Testbed) -> Iterator[dict[str, NatNode]]:
-    """Both NAT nodes held by this process; afterwards admission open, holders closed, traffic on nat1."""
-    nodes = {nat: NatNode(tb.nat_config(nat), hold=True) for nat in tb.topology.nats}
+def holding(tb: Testbed, limit: int = HOLD_LIMIT) -> Iterator[dict[str, NatNode]]:
+    """Both NAT nodes held by this process (at most ``limit`` packets each); afterwards admission open, holders closed, traffic on nat1."""
+    nodes = {nat: NatNode(tb.nat_config(nat), hold=True, hold_limit=limit) for nat in tb.topology.nats}
     try:
         yield nodes
     finally:
@@ -181,6 +182,27 @@ def test_a_connection_attempted_while_admission_is_closed_is_held_not_retransmit
     assert released >= 1
 
 
+def test_a_syn_retransmitted_during_a_long_hold_is_kept_once(tb: Testbed) -> None:
+    # Closed for 3.5 s: the client sends its SYN again after 1 s and 3 s (the same attempt).
+    with holding(tb) as nodes, client(tb, _TCP_CLIENT, 41006, SERVER, TCP_PORT) as c:
+        nat1 = nodes["nat1"]
+        nat1.set_admission(False)
+        c.go()
+        time.sleep(3.5)
+        during = nat1.hold_stats()
+        opened = time.monotonic()
+        nat1.set_admission(True)
+        r = c.result()
+        after = nat1.hold_stats()
+    print(f"while closed: {during}; connected {1000 * (r['connected'] - opened):.1f} ms after admission opened")
+    assert during is not None and after is not None
+    # One packet held for the attempt, its two retransmissions counted and not kept.
+    assert during.held == 1 and during.repeated >= 2, during
+    assert after.released - during.released == 1 and after.held == 0, after
+    assert opened < r["connected"] < opened + SLACK, "not made on the release of the held SYN"
+    assert 20000 <= r["public_port"] <= 29999
+
+
 def test_a_udp_flow_started_while_admission_is_closed_loses_no_datagram(tb: Testbed) -> None:
     with holding(tb) as nodes, client(tb, _UDP_CLIENT, 41002, SERVER, UDP_PORT, 5, 0.02, 1.0) as c:
         nat1 = nodes["nat1"]
@@ -222,10 +244,14 @@ def queued_by_kernel(tb: Testbed, nat: str) -> int:
     return sum(int(line.split("packets ")[1].split()[0]) for line in rules.splitlines() if "queue num" in line)
 
 
+#: The bound the next test fills: the agent's (HOLD_LIMIT) would take two minutes of datagrams.
+SMALL_LIMIT = 4096
+
+
 def test_beyond_the_bound_packets_are_dropped_and_counted(tb: Testbed) -> None:
     # Twice the bound, in bursts of 64 (the userspace switch loses much of one long burst).
-    sent = 2 * HOLD_LIMIT
-    with holding(tb) as nodes:
+    sent = 2 * SMALL_LIMIT
+    with holding(tb, SMALL_LIMIT) as nodes:
         nat1 = nodes["nat1"]
         before = queued_by_kernel(tb, "nat1")
         nat1.set_admission(False)
@@ -239,15 +265,15 @@ def test_beyond_the_bound_packets_are_dropped_and_counted(tb: Testbed) -> None:
                 quiet = quiet + 1 if s == last else 0
                 last = s
             assert last is not None
-            assert last.held == HOLD_LIMIT, last
+            assert last.held == SMALL_LIMIT, last
             # Nothing lost unseen: what the kernel queued was held or counted over the bound.
-            assert last.held + last.over_limit == queued_by_kernel(tb, "nat1") - before > HOLD_LIMIT, last
+            assert last.held + last.over_limit == queued_by_kernel(tb, "nat1") - before > SMALL_LIMIT, last
             t0 = time.monotonic()
             nat1.set_admission(True)
             print(f"{last.held} held, {last.over_limit} over the limit; opened and released in {1000 * (time.monotonic() - t0):.1f} ms")
             c.result()
         after = nat1.hold_stats()
-        assert after.held == 0 and after.released == HOLD_LIMIT and after.unsendable == 0, after
+        assert after.held == 0 and after.released == SMALL_LIMIT and after.unsendable == 0, after
         # Still working: closed and opened again, a new connection is held and released.
         with client(tb, _TCP_CLIENT, 41005, SERVER, TCP_PORT) as c2:
             nat1.set_admission(False)
