@@ -355,6 +355,8 @@ class LiveDigest:
         self._events: ev.EventSocket | None = None
         self._requests: socket.socket | None = None
         self._lock = threading.RLock()
+        #: writes of ours under way (:meth:`writing`), whose outcome the table does not hold yet
+        self._writes = 0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         #: full reads so far (the first, and one after each loss): what tests and benchmarks look at.
@@ -378,6 +380,22 @@ class LiveDigest:
             self.statistics()
             assert self.table is not None
             return self.table.ranges()
+
+    def few_entries(self, limit: int) -> list[Ident] | None:
+        """Every entry's identity, as up to date as :meth:`statistics`, when there are at most ``limit`` and a GET reaches each; else None.
+
+        What the provider reads by key instead of dumping a small table
+        (``ConntrackProvider._read_few``).
+        """
+        with self._lock:
+            if self._writes:
+                return None  # inside a write of ours (this thread: the lock is held): what it did is not folded in yet
+            self.statistics()
+            table = self.table
+            if not self.valid or table is None or len(table.held) > limit:
+                return None
+            keys = list(table.held)
+        return keys if all(map(_gettable, keys)) else None
 
     def in_ranges(self, ranges: Collection[int]) -> list[Ident]:
         """The identities of the sessions in these key ranges now (same barrier): what to read by key."""
@@ -552,6 +570,7 @@ class LiveDigest:
                 except ev.EventsLost as e:
                     self._lose(str(e))
                     following = False
+            self._writes += 1
             try:
                 yield log
             except complete:
@@ -560,6 +579,7 @@ class LiveDigest:
                 log.lost()
                 raise
             finally:
+                self._writes -= 1
                 if following and self.valid:
                     self._fold(log)
 

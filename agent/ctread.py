@@ -116,6 +116,26 @@ def entry_session(attrs: dict[int, bytes]) -> NatSession | None:
     return None if s is None or untranslated(s) else s
 
 
+def entry_holds(attrs: dict[int, bytes]) -> list[tuple[Tuple5, Tuple5]]:
+    """What an entry that is not a session holds, as :func:`.cttext.parse_table` records it in ``taken``: (reply key, holder).
+
+    TCP and UDP: both of its tuples, each in the form of a session's reply
+    key, held by its original tuple; an ICMP echo: its reply tuple.  What
+    apply checks a new session's reply tuple against.  Nothing for other
+    protocols or ICMP types (they hold no session's reply key).
+    """
+    o, r = parse_tuple(attrs.get(CTA_TUPLE_ORIG, b"")), parse_tuple(attrs.get(CTA_TUPLE_REPLY, b""))
+    if o is None or r is None or o.proto != r.proto:
+        return []
+    p = PROTO_NAMES.get(o.proto)
+    if p in ("TCP", "UDP"):
+        holder = (p, o.src, o.sport, o.dst, o.dport)
+        return [((p, o.dst, o.dport, o.src, o.sport), holder), ((p, r.dst, r.dport, r.src, r.sport), holder)]
+    if p == "ICMP" and o.itype == ICMP_ECHO_REQUEST:
+        return [(("ICMP", r.dst, r.sport, r.src, 0), ("ICMP", o.src, o.sport, o.dst, 0))]
+    return []
+
+
 def entry_tuple(attrs: dict[int, bytes]) -> Tuple5 | None:
     """The original tuple of one ctnetlink entry in :data:`Tuple5` form (protocol by name), as :func:`.cttext.parse_table` records an entry that is not a session."""
     o = parse_tuple(attrs.get(CTA_TUPLE_ORIG, b""))

@@ -335,6 +335,33 @@ def test_reply_tuple_held_by_an_untranslated_connection_is_refused_not_remapped(
     assert {s.key: got[s.key].public for s in ok} == {s.key: s.public for s in ok}
 
 
+def test_a_small_table_read_by_key_is_the_dump_read(net: TwoNatNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Sessions of every protocol and state, and entries that are not sessions (inbound,
+    # the node's own UDP and ping, a destination-NATed one): what the dump's parse makes
+    # of them, the reads by key must make too, the holds included.
+    a, _ = providers(net)
+    for args in (["-p", "tcp", "-s", "198.51.100.1", "-d", PUBLIC_IP, "--sport", "80", "--dport", "20005", "--state", "ESTABLISHED"],
+                 ["-p", "udp", "-s", PUBLIC_IP, "-d", "198.51.100.2", "--sport", "20006", "--dport", "53", "-u", "SEEN_REPLY"],
+                 ["-p", "icmp", "-s", PUBLIC_IP, "-d", "198.51.100.4", "--icmp-type", "8", "--icmp-code", "0", "--icmp-id", "20008"],
+                 ["-p", "tcp", "-s", CLIENT_IP, "-d", "198.51.100.9", "--sport", "4000", "--dport", "80", "--state", "ESTABLISHED",
+                  "--reply-src", "10.0.0.77", "--reply-dst", CLIENT_IP, "--reply-port-src", "8080", "--reply-port-dst", "4000"]):
+        netns.run(["conntrack", "-I", *args, "-t", "200"], a.netns)
+    a.apply(synthetic(30))
+    a.statistics()  # the live digest now follows the table
+    taken_by_key: dict = {}
+    taken_by_dump: dict = {}
+    by_key = a._read_few(taken_by_key)
+    by_dump = a._finish_read(a._start_read(), taken_by_dump)
+    assert by_key is not None, "the live digest did not name the entries"
+    assert comparable(by_key.sessions) == comparable(by_dump.sessions) and len(by_dump.sessions) == 30
+    assert by_key.untranslated == by_dump.untranslated >= 4
+    assert taken_by_key == taken_by_dump and len(taken_by_dump) >= 5
+    # Beyond the bound the table is dumped as before.
+    monkeypatch.setattr("natmig.agent.conntrack.FEW_ENTRIES", 10)
+    assert a._read_few({}) is None
+    assert comparable(a.list().sessions) == comparable(by_dump.sessions)
+
+
 def test_apply_replaces_existing_keys_and_fills_default_timeouts(net: TwoNatNet) -> None:
     a, _ = providers(net)
     s = NatSession("TCP", "10.0.0.9", 1234, SERVER_IP, 80, PUBLIC_IP, 26000, "ESTABLISHED", 500, False, 1)
