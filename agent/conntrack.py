@@ -63,6 +63,7 @@ from ..errors import ProviderError
 from ..gcpause import gc_paused
 from ..model import NatSession, SessionKey, format_digest, format_key, index_by_key
 from . import ctnetlink as nl
+from .ctbulk import create_sessions, delete_tuples
 from . import ctread, cttext
 from .natnode import NatNode
 from .ctbatch import ApplyPlan, DEFAULT_TIMEOUT_SYSCTL, held_elsewhere, invalid_entries, invalid_keys, plan_apply, timeout_key, validate
@@ -620,7 +621,7 @@ def _without(batch: list[NatSession], problems: dict[SessionKey, str]) -> list[N
 def _created(p: ConntrackProvider, items: list[tuple[NatSession, int]], log: WriteLog) -> dict[int, int]:
     """Create (session, timeout) items through the provider's writer; the digest gets those the kernel took."""
     sent: list[tuple[int, int]] = []
-    failed = nl.create_sessions(p.netns, items, p._writer(), sent)
+    failed = create_sessions(p.netns, items, p._writer(), sent)
     if errno.ENOBUFS in failed.values():
         log.lost()  # some errors were dropped: which items exist is not known
     else:
@@ -630,7 +631,7 @@ def _created(p: ConntrackProvider, items: list[tuple[NatSession, int]], log: Wri
 
 def _deleted(p: ConntrackProvider, keys: Sequence[SessionKey], log: WriteLog) -> dict[int, int]:
     """Delete by key through the provider's writer; every errno by index (ENOENT: there was none); the digest gets the rest."""
-    failed = nl.delete_tuples(p.netns, keys, p._writer())
+    failed = delete_tuples(p.netns, keys, p._writer())
     if errno.ENOBUFS in failed.values():
         log.lost()
     else:
