@@ -67,7 +67,8 @@ from .ctbulk import create_sessions, delete_tuples
 from . import ctread, cttext
 from .natnode import NatNode
 from .ctbatch import ApplyPlan, DEFAULT_TIMEOUT_SYSCTL, held_elsewhere, invalid_entries, invalid_keys, plan_apply, timeout_key, validate
-from .ctdigest import LiveDigest, WriteLog
+from .ctdigest import LiveDigest
+from .ctdigesttable import WriteLog
 from .provider import ApplyError, SessionEvent, SessionProvider, Snapshot, Watch, as_written, check_batch, check_batch_by_holders
 
 __all__ = ["ApplyPlan", "ConntrackProvider", "invalid_entries", "plan_apply", "validate"]

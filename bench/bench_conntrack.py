@@ -62,7 +62,8 @@ from natmig.agent import ctnetlink as nl
 from natmig.agent import ctbulk, ctlayout
 from natmig.agent import cttext
 from natmig.agent.conntrack import ConntrackProvider
-from natmig.agent.ctdigest import LiveDigest, WriteLog
+from natmig.agent.ctdigest import LiveDigest
+from natmig.agent.ctdigesttable import WriteLog
 from natmig.agent.datastore import Datastore, EditRequest
 from natmig.agent.natnode import NatNode, NatNodeConfig
 from natmig.netns import ensure_conntrack_capacity
