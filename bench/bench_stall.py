@@ -6,7 +6,7 @@ expired.  It used to do that with a ctnetlink dump that matches nothing
 (``ctevents.expire``): the kernel walks its whole hash table in one go,
 removing what has expired.  The walk runs with the CPU's softirqs off, so
 every packet through the machine waits for it.  Now the digest looks up by
-key only the entries whose timeout has run out (``ctdigest.Deadlines``).
+key only the entries whose timeout has run out (``ctdeadlines.Deadlines``).
 
 On the pool testbed, with ``--sessions`` synthetic sessions created in each
 NAT namespace and a 1 ms TCP probe through nat1, for ``--seconds`` each:
