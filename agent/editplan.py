@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..codec import Codec, EditEntry
+from ..codec import Codec
+from ..editentry import EditEntry
 from ..errors import CodecError
 from ..model import FIELD_NAMES, NatSession, SessionKey, format_key
 from ..wire.problems import EditRequest, Problem, problems_of_codec
