@@ -146,7 +146,7 @@ class FirewallProvider(StateProvider):
     def _flows(self) -> list[NatSession]:
         """The sessions of one dump (:meth:`.ctread.EntryReader.flows`): untranslated, not the host's own."""
         untranslated, own = nl.untranslated, self._host_own
-        with gc_paused():  # a 100k dump makes some hundred thousand records and nothing cyclic (see conntrack._pieces)
+        with gc_paused():  # a 100k dump makes some hundred thousand records and nothing cyclic (see conntrackbase._pieces)
             return [s for s in self._reader.flows() if untranslated(s) and not own(s)]
 
     def _read_blocked(self) -> dict[Key, Entry]:
