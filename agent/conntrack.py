@@ -14,13 +14,16 @@ How each operation reaches the kernel (measured, see docs/provider.md):
   (:class:`.ctread.EntryReader`): no process start, no table dump.
 * check: one GET per reply tuple of the batch: who holds it, a session or
   an entry that is not one.
-* apply: :mod:`.ctnetlink`: new sessions (one precompiled struct per
-  protocol packs each create message; some three times faster than the
-  tool's own ``conntrack -R``), in-place updates and the deletes of
-  replaced sessions.
-* delete: :mod:`.ctnetlink`, one message per key (one struct packs it),
+* apply: :mod:`.ctbulk` and :mod:`.ctnetlink`: new sessions (one
+  precompiled struct per protocol, :mod:`.ctlayout`, packs each create
+  message; some three times faster than the tool's own ``conntrack -R``),
+  in-place updates and the deletes of replaced sessions.
+* delete: :mod:`.ctbulk`, one message per key (one struct packs it),
   batched; all: one dump, then the same.
-* watch: ``conntrack -E`` in the namespace, read by a thread.
+* watch: ``conntrack -E`` in the namespace, read by a thread (:mod:`.ctwatch`).
+
+The reading side (list, statistics, lookup, streamed reads) is
+:class:`.conntrackbase.ConntrackBase`'s; the writes, events and admission are here.
 
 Writing or deleting K sessions costs O(K) at any table size: lookup, check
 and apply read the K entries by key, unless K is about as large as the
