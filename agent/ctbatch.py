@@ -129,7 +129,7 @@ def invalid_keys(keys: Sequence[object]) -> dict[int, str]:
     """:func:`key_problem` of each key, by index; a fast pre-check spares the common TCP/UDP/ICMP key.
 
     What a lookup or a delete of K keys checks before the keys become
-    netlink messages (:class:`.ctnetlink.TupleEncoder` packs only valid
+    netlink messages (:class:`.ctlayout.TupleEncoder` packs only valid
     ones); as in :func:`invalid_entries`, each distinct address is matched once.
     """
     good: dict[str, bool] = {}  # as in invalid_entries
@@ -159,7 +159,7 @@ class ApplyPlan:
     """How a checked batch reaches the kernel: each entry with the timeout it gets.
 
     ``create``: new sessions, every protocol (one ctnetlink create each,
-    :func:`.ctnetlink.create_sessions`); ``update``: keys that exist with
+    :func:`.ctbulk.create_sessions`); ``update``: keys that exist with
     the same translation, changed in place so that a live flow never meets
     a moment without its session; ``replace``: the existing sessions
     deleted first because the batch gives their key another translation

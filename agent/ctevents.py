@@ -23,7 +23,7 @@ attributes -- and opens the sockets that read them.
   nothing, so that the kernel walks its table, removing what has expired (a
   DESTROY event each) and ships nothing: only for entries a lookup by key
   cannot reach, since the walk runs with the CPU's softirqs off (see
-  :class:`.ctdigest.Deadlines`).
+  :class:`.ctdeadlines.Deadlines`).
 
 An identity (:data:`Ident`) is the session key (protocol, src, sport, dst,
 dport) for TCP and UDP (IPv4 and IPv6) and ICMP echo, extended by what else

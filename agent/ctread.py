@@ -23,8 +23,9 @@ from .ctnetlink import (
     CTA_IP_V4_DST, CTA_IP_V4_SRC, CTA_PROTOINFO, CTA_PROTOINFO_TCP, CTA_PROTOINFO_TCP_STATE, CTA_STATUS, CTA_TIMEOUT,
     CTA_TUPLE_IP, CTA_TUPLE_ORIG, CTA_TUPLE_PROTO, CTA_TUPLE_REPLY, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, IPCTNL_MSG_CT_GET,
     IPCTNL_MSG_CT_NEW, IPS_ASSURED, NFNL_SUBSYS_CTNETLINK, NLM_F_ACK, NLMSG_ERROR, PROTO_NAMES, PROTO_NUMBERS,
-    TCP_STATE_NAMES, NetlinkError, Op, TupleEncoder, Tuple5, describe, frame, open_socket, parse_attrs, untranslated,
+    TCP_STATE_NAMES, NetlinkError, Op, Tuple5, describe, frame, open_socket, parse_attrs, untranslated,
 )
+from .ctlayout import TupleEncoder
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ from ..gcpause import gc_paused
 from ..model import NatSession, SessionKey
 from ..statemodel import Entry, Key, StateList, StateModule
 from . import ctnetlink as nl
+from .ctbulk import create_sessions, delete_tuples
 from . import ctread, nftables
 from .ctbatch import DEFAULT_TIMEOUT_SYSCTL, invalid_entries, timeout_key
 from .ctevents import CTA_ZONE, NEW, EventSocket, EventsLost
@@ -145,7 +146,7 @@ class FirewallProvider(StateProvider):
     def _flows(self) -> list[NatSession]:
         """The sessions of one dump (:meth:`.ctread.EntryReader.flows`): untranslated, not the host's own."""
         untranslated, own = nl.untranslated, self._host_own
-        with gc_paused():  # a 100k dump makes some hundred thousand records and nothing cyclic (see conntrack._pieces)
+        with gc_paused():  # a 100k dump makes some hundred thousand records and nothing cyclic (see conntrackbase._pieces)
             return [s for s in self._reader.flows() if untranslated(s) and not own(s)]
 
     def _read_blocked(self) -> dict[Key, Entry]:
@@ -300,7 +301,7 @@ class FirewallProvider(StateProvider):
         done_updates: list[NatSession] = []
         done_creates: list[NatSession] = []
         try:
-            failed = nl.delete_tuples(self.netns, gone, sock)
+            failed = delete_tuples(self.netns, gone, sock)
             done_deletes = [k for i, k in enumerate(gone) if i not in failed]
             bad = {i: e for i, e in failed.items() if e != errno.ENOENT}
             if bad:
@@ -310,7 +311,7 @@ class FirewallProvider(StateProvider):
             if failed:
                 raise StateRefused({(self.sessions, updates[i][0].key): f"kernel refused to update it: {nl.describe(e)}" for i, e in failed.items()})
             sent: list[tuple[int, int]] = []
-            failed = nl.create_sessions(self.netns, creates, sock, sent)
+            failed = create_sessions(self.netns, creates, sock, sent)
             done_creates = [creates[i][0] for a, b in sent for i in range(a, b) if i not in failed]
             if errno.ENOBUFS in failed.values():
                 done_creates = [s for s, _ in creates]  # which ones exist is unknown: the undo deletes all of them
@@ -328,11 +329,11 @@ class FirewallProvider(StateProvider):
     def _undo_sessions(self, created: list[NatSession], updated: list[NatSession], deleted: list[SessionKey],
                        existing: dict[SessionKey, NatSession]) -> None:
         sock = self._writer()
-        nl.delete_tuples(self.netns, [s.key for s in created], sock)
+        delete_tuples(self.netns, [s.key for s in created], sock)
         olds = [existing[s.key] for s in updated]
         nl.run_ops(self.netns, [nl.update_op(o, o.timeout or 1) for o in olds], sock)
         back = [existing[k] for k in deleted]
-        nl.create_sessions(self.netns, [(o, o.timeout or 1) for o in back], sock)
+        create_sessions(self.netns, [(o, o.timeout or 1) for o in back], sock)
 
     def _timeouts(self, batch: list[NatSession]) -> list[int]:
         if all(s.timeout is not None for s in batch):

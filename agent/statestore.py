@@ -35,7 +35,8 @@ from natmig.statemodel import Entry, Key, StateList, StateModule
 from natmig.wire.state import Config, Wire
 
 from .confirmed import DEFAULT_TIMEOUT, MAX_TIMEOUT
-from .datastore import DATASTORES, DatastoreError, Problem, problems_of_codec, refuse
+from .datastore import DatastoreError, Problem, problems_of_codec, refuse
+from .datastorebase import DATASTORES
 from .stateprovider import Change, MemoryStateProvider, StateProvider, StateRefused, Tables
 
 log = logging.getLogger(__name__)

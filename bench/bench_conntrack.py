@@ -9,7 +9,7 @@ in one run (median of REPEAT):
   model.table_digest (what the default SessionProvider.statistics() does)
 * apply: ConntrackProvider.apply() into an empty table  vs  `conntrack -R` of the
   same table's `-o save` dump; beside it, what packing the create messages
-  alone costs (ctnetlink.CreateEncoder) and what the readable reference
+  alone costs (ctlayout.CreateEncoder) and what the readable reference
   encoder (create_attrs, one message at a time) would cost
 * lookup: ConntrackProvider.lookup() of one key in the full table (p50 of
   LOOKUPS)  vs  the tool's own `conntrack -G` of that key; its target is what
@@ -59,9 +59,11 @@ from typing import Iterator
 from natmig import netns
 from natmig.agent import ctevents
 from natmig.agent import ctnetlink as nl
+from natmig.agent import ctbulk, ctlayout
 from natmig.agent import cttext
 from natmig.agent.conntrack import ConntrackProvider
-from natmig.agent.ctdigest import LiveDigest, WriteLog
+from natmig.agent.ctdigest import LiveDigest
+from natmig.agent.ctdigesttable import WriteLog
 from natmig.agent.datastore import Datastore, EditRequest
 from natmig.agent.natnode import NatNode, NatNodeConfig
 from natmig.netns import ensure_conntrack_capacity
@@ -167,7 +169,7 @@ def bench_size(n: int, src: str, dst: str) -> dict[str, float]:
         r["apply"].append(timed(lambda: b.apply(ss)))
         assert count(dst) == n
     items = [(s, s.timeout) for s in ss]
-    r["encode"] = [timed(lambda: nl.create_messages(items)) for _ in range(REPEAT)]
+    r["encode"] = [timed(lambda: ctlayout.create_messages(items)) for _ in range(REPEAT)]
     r["encode_ref"] = [timed(lambda: [nl.frame(nl.create_op(s, t), i + 1) for i, (s, t) in enumerate(items)])]
     k = ss[n // 2]
     assert [x.public for x in a.lookup([k.key])] == [k.public], "lookup did not find the session"
@@ -211,7 +213,7 @@ def bench_running(n: int, ns: str) -> dict[str, float]:
         p.delete([s.key for s in new])
         p.apply(gone)
         items = [(s, s.timeout) for s in new]
-        r["edit_floor"].append(timed(lambda: (nl.create_sessions(ns, items), nl.delete_keys(ns, [s.key for s in gone]))))
+        r["edit_floor"].append(timed(lambda: (ctbulk.create_sessions(ns, items), ctbulk.delete_keys(ns, [s.key for s in gone]))))
         p.delete([s.key for s in new])
         p.apply(gone)
         assert count(ns) == n

@@ -6,7 +6,7 @@ expired.  It used to do that with a ctnetlink dump that matches nothing
 (``ctevents.expire``): the kernel walks its whole hash table in one go,
 removing what has expired.  The walk runs with the CPU's softirqs off, so
 every packet through the machine waits for it.  Now the digest looks up by
-key only the entries whose timeout has run out (``ctdigest.Deadlines``).
+key only the entries whose timeout has run out (``ctdeadlines.Deadlines``).
 
 On the pool testbed, with ``--sessions`` synthetic sessions created in each
 NAT namespace and a 1 ms TCP probe through nat1, for ``--seconds`` each:
@@ -35,7 +35,7 @@ from typing import Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from natmig import netns  # noqa: E402
-from natmig.agent import ctevents, ctnetlink  # noqa: E402
+from natmig.agent import ctbulk, ctevents  # noqa: E402
 from natmig.agent.ctdigest import LiveDigest  # noqa: E402
 from natmig.agent.ctread import EntryReader  # noqa: E402
 from natmig.controller.demosessions import synthetic_sessions  # noqa: E402
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         tb.up()
         for nat in ("nat1", "nat2"):
             table = synthetic_sessions(a.sessions, tb.topology.public_pool(nat), servers=tb.topology.spare_addresses("public", 16), timeout=86_400)
-            refused = ctnetlink.create_sessions(tb.netns(nat), [(s, 86_400) for s in table])
+            refused = ctbulk.create_sessions(tb.netns(nat), [(s, 86_400) for s in table])
             if refused:
                 print(f"bench_stall: {len(refused)} of {a.sessions} sessions refused in {nat}")
                 return 1

@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 from natmig.agent import ctevents  # noqa: F401 -- the dump's decoder imports it at its first call: not inside the timed dump
-from natmig.agent.ctnetlink import create_sessions, untranslated
+from natmig.agent.ctbulk import create_sessions
+from natmig.agent.ctnetlink import untranslated
 from natmig.agent.ctread import EntryReader
 from natmig.errors import NatmigError
 from natmig.testbed.bed import Testbed

@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from natmig import netns  # noqa: E402
-from natmig.agent.ctnetlink import delete_sessions  # noqa: E402
+from natmig.agent.ctbulk import delete_sessions  # noqa: E402
 from natmig.controller.demosessions import load_sessions, synthetic_sessions  # noqa: E402
 from natmig.controller.migrate import MigrateOptions, Migration  # noqa: E402
 from natmig.controller.steering import TestbedSteering  # noqa: E402

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from natmig.agent.datastore import EditRequest, plan_edit
+from natmig.agent.datastore import EditRequest
+from natmig.agent.editplan import plan_edit
 from natmig.codec import EditEntry, default_codec
 from natmig.errors import CodecError
 from natmig.model import FIELD_NAMES, NatSession

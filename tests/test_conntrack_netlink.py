@@ -3,7 +3,7 @@
 Entries are encoded here the way the kernel sends them (the NATed reply
 tuple), decoded by :func:`ctread.entry_session`, and compared with what
 ``conntrack -L`` parsing gives for the same entry: lookup and list must agree.
-The fast create encoder (:class:`ctnetlink.CreateEncoder`) is compared byte
+The fast create encoder (:class:`ctlayout.CreateEncoder`) is compared byte
 for byte with :func:`ctnetlink.create_attrs`, its readable reference.
 """
 
@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natmig.agent import ctnetlink as nl
+from natmig.agent import ctlayout
 from natmig.agent import ctread, cttext
 from natmig.agent.ctbatch import validate
 from natmig.model import NatSession
@@ -126,7 +127,7 @@ def reference(items: list[tuple[NatSession, int]]) -> bytes:
 @settings(max_examples=300, deadline=None)
 def test_fast_create_messages_are_byte_for_byte_the_reference(items: list[tuple[NatSession, int]]) -> None:
     assert all(validate(s) is None for s, _ in items)
-    assert nl.create_messages(items) == reference(items)
+    assert ctlayout.create_messages(items) == reference(items)
 
 
 def test_fast_encoder_covers_every_kind_and_batches_pack_the_same_bytes() -> None:
@@ -142,10 +143,10 @@ def test_fast_encoder_covers_every_kind_and_batches_pack_the_same_bytes() -> Non
             states[(i // 3) % len(states)] if proto == "TCP" else None, None, bool((i // 2) % 2), (0, 2**32 - 1, i)[i % 3],
         )
         items.append((s, (1, 2**32 - 1, 300 + i)[i % 3]))
-    whole = nl.create_messages(items)
+    whole = ctlayout.create_messages(items)
     assert whole == reference(items)
-    enc = nl.CreateEncoder()  # one encoder over several batches keeps its caches and the numbering
-    buf = bytearray(100 * nl.CREATE_MAX)
+    enc = ctlayout.CreateEncoder()  # one encoder over several batches keeps its caches and the numbering
+    buf = bytearray(100 * ctlayout.CREATE_MAX)
     parts = b""
     for start in range(0, len(items), 100):
         parts += bytes(buf[:enc.pack(buf, items, start, min(start + 100, len(items)))])
@@ -156,7 +157,7 @@ def test_fast_create_message_says_what_the_kernel_needs() -> None:
     # Decoded from the fast bytes, not the reference: exclusive create, NAT
     # pinned to exactly the public port, liberal TCP both ways, the status.
     s = NatSession("TCP", "10.0.0.2", 4000, "198.51.100.7", 80, "203.0.113.1", 20001, "SYN_SENT", 77, False, 9)
-    msg = nl.create_messages([(s, 77)])
+    msg = ctlayout.create_messages([(s, 77)])
     ln, typ, flags = struct.unpack_from("=IHH", msg)
     assert (ln, typ) == (len(msg), nl.NFNL_SUBSYS_CTNETLINK << 8 | nl.IPCTNL_MSG_CT_NEW)
     assert flags == nl.NLM_F_REQUEST | nl.NLM_F_CREATE | nl.NLM_F_EXCL  # no NLM_F_ACK: errors only
@@ -172,7 +173,7 @@ def test_fast_create_message_says_what_the_kernel_needs() -> None:
     assert tcp[nl.CTA_PROTOINFO_TCP_STATE] == bytes([nl.TCP_STATE_NUMBERS["SYN_SENT"]])
     # SYN_SENT, not assured: confirmed only; as ESTABLISHED and assured: answered and assured.
     assert struct.unpack("!I", a[nl.CTA_STATUS]) == (nl.IPS_CONFIRMED,)
-    est = nl.parse_attrs(nl.create_messages([(dataclasses.replace(s, tcp_state="ESTABLISHED", assured=True), 77)]), 20)
+    est = nl.parse_attrs(ctlayout.create_messages([(dataclasses.replace(s, tcp_state="ESTABLISHED", assured=True), 77)]), 20)
     assert struct.unpack("!I", est[nl.CTA_STATUS]) == (nl.IPS_CONFIRMED | nl.IPS_SEEN_REPLY | nl.IPS_ASSURED,)
     assert (a[nl.CTA_TIMEOUT], a[nl.CTA_MARK]) == (struct.pack("!I", 77), struct.pack("!I", 9))
 
@@ -201,7 +202,7 @@ def error_message(seq_bytes: bytes, code: int) -> bytes:
 
 def test_errors_are_matched_back_by_the_sequence_number_the_encoder_wrote() -> None:
     items = [(NatSession("UDP", "10.0.0.2", p, "198.51.100.7", 53, "203.0.113.1", 20000 + p), 30) for p in range(1, 300)]
-    msgs = nl.create_messages(items)
+    msgs = ctlayout.create_messages(items)
     size = len(msgs) // len(items)
     seq_of = [msgs[i * size + 8:i * size + 12] for i in range(len(items))]  # as written, echoed as is
     failed: dict[int, int] = {}
@@ -230,7 +231,7 @@ def tuple_reference(msg: int, flags: int, tuples: list, icmp_type: int, seq0: in
 def test_fast_tuple_messages_are_byte_for_byte_the_reference(sessions: list[NatSession], kind: tuple[int, int], seq0: int) -> None:
     msg, flags = kind
     for icmp_type, tuples in ((nl.ICMP_ECHO_REQUEST, [s.key for s in sessions]), (nl.ICMP_ECHO_REPLY, [nl.reply_tuple(s) for s in sessions])):
-        enc = nl.TupleEncoder(msg, flags, icmp_type)
+        enc = ctlayout.TupleEncoder(msg, flags, icmp_type)
         buf = bytearray(len(tuples) * enc.max)
         got = bytes(buf[:enc.pack(buf, tuples, 0, len(tuples), seq0)])
         assert got == tuple_reference(msg, flags, tuples, icmp_type, seq0)
@@ -260,5 +261,5 @@ def test_fast_key_check_is_key_problem(batch: list) -> None:
     assert invalid_keys(batch) == {i: why for i, k in enumerate(batch) if (why := key_problem(k)) is not None}
     # What passes can be packed: the encoder never sees an invalid key.
     good = [k for i, k in enumerate(batch) if i not in invalid_keys(batch)]
-    enc = nl.TupleEncoder(nl.IPCTNL_MSG_CT_DELETE, 0)
+    enc = ctlayout.TupleEncoder(nl.IPCTNL_MSG_CT_DELETE, 0)
     enc.pack(bytearray(len(good) * enc.max), good, 0, len(good))

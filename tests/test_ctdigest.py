@@ -24,10 +24,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from natmig.agent import ctdigest, ctevents as ev, cttext
+from natmig.agent import ctdeadlines, ctdigest, ctdigesttable, ctevents as ev, cttext
 from natmig.agent import ctnetlink as nl
-from natmig.agent.ctdigest import DigestTable, LiveDigest, session_text
-from natmig.model import NatSession, digest_values, format_digest, key_range, range_digests, table_digest
+from natmig.agent.ctdigest import LiveDigest
+from natmig.agent.ctdigesttable import DigestTable
+from natmig.model import NatSession, digest_values, format_digest, key_range, range_digests, session_text, table_digest
 
 from .strategies import tables
 
@@ -304,15 +305,15 @@ def test_put_and_drop_keep_counts_and_xor() -> None:
     t = DigestTable()
     t.put(a.key, _value(a))
     t.put(a.key, _value(a))  # again, the same: nothing
-    assert t.summary() == ctdigest.Summary(1, 0, _value(a))
+    assert t.summary() == ctdigesttable.Summary(1, 0, _value(a))
     t.put(a.key, _value(b))  # re-mapped: replaced
     assert t.acc == _value(b)
     t.put(a.key, None, unsure=True)
-    assert t.summary() == ctdigest.Summary(0, 1, 0) and t.unsure == {a.key}
+    assert t.summary() == ctdigesttable.Summary(0, 1, 0) and t.unsure == {a.key}
     t.put(a.key, None)
     assert t.unsure == set()
     assert t.drop(a.key) and not t.drop(a.key)
-    assert t.summary() == ctdigest.Summary(0, 0, 0)
+    assert t.summary() == ctdigesttable.Summary(0, 0, 0)
 
 
 # -- the follower over a fake kernel ----------------------------------------------
@@ -353,12 +354,12 @@ class FakeKernel:
         for _, c in pending:
             self.change(*c)
 
-    def summary(self) -> ctdigest.Summary:
+    def summary(self) -> ctdigesttable.Summary:
         texts = [t for t in self.state.values() if type(t) is bytes]
         acc = 0
         for v in digest_values(texts):
             acc ^= v
-        return ctdigest.Summary(len(texts), len(self.state) - len(texts), acc)
+        return ctdigesttable.Summary(len(texts), len(self.state) - len(texts), acc)
 
 
 class FakeEvents:
@@ -568,9 +569,9 @@ def test_unsure_entries_are_read_again_at_each_call(kernel: FakeKernel) -> None:
     reader = FakeReader(kernel)
     kernel.change("new", _key(1), ev.UNSURE)
     d = LiveDigest("ns", reader, lambda: OWN)  # type: ignore[arg-type]
-    assert d.statistics() == kernel.summary() == ctdigest.Summary(0, 1, 0)
+    assert d.statistics() == kernel.summary() == ctdigesttable.Summary(0, 1, 0)
     kernel.state[_key(1)] = _text(1, 20001)  # a packet moved it out of NONE: no event says so
-    assert d.statistics() == kernel.summary() == ctdigest.Summary(1, 0, digest_values([_text(1, 20001)])[0])
+    assert d.statistics() == kernel.summary() == ctdigesttable.Summary(1, 0, digest_values([_text(1, 20001)])[0])
     assert reader.gets == 1 and kernel.dumps == 1
 
 
@@ -591,7 +592,7 @@ def test_a_message_tells_each_new_entry_s_remaining_timeout(table: list[Entry], 
 
 
 def test_deadlines_come_due_after_the_timeout_they_were_told_and_once() -> None:
-    d = ctdigest.Deadlines()
+    d = ctdeadlines.Deadlines()
     d.add([(("UDP", "10.0.0.2", 1, "198.51.100.7", 53), 30), (("UDP", "10.0.0.2", 2, "198.51.100.7", 53), 0)], now=100.2)
     assert d.due(101.9) == []  # the kernel rounds down: not before the told seconds and one more have passed
     assert d.due(102.0) == [("UDP", "10.0.0.2", 2, "198.51.100.7", 53)]
@@ -602,15 +603,15 @@ def test_deadlines_come_due_after_the_timeout_they_were_told_and_once() -> None:
 
 
 def test_far_deadlines_share_coarse_slots_and_never_come_early() -> None:
-    d = ctdigest.Deadlines()
+    d = ctdeadlines.Deadlines()
     d.add([(("TCP", "10.0.0.2", i, "198.51.100.7", 80), 432_000 + i) for i in range(1000)], now=5.5)
     assert len(d.slots) < 40  # one slot per second would be 1,000
     assert d.due(5.5 + 432_000) == []
-    assert len(d.due(5.5 + 432_000 + 1000 + 2 + ctdigest._COARSE)) == 1000
+    assert len(d.due(5.5 + 432_000 + 1000 + 2 + ctdeadlines._COARSE)) == 1000
 
 
 def test_the_schedule_keeps_one_deadline_per_entry_held_once_stale_ones_outnumber_the_table() -> None:
-    d = ctdigest.Deadlines()
+    d = ctdeadlines.Deadlines()
     keys = [("TCP", "10.0.0.2", i, "198.51.100.7", 80) for i in range(100)]
     d.add([(k, 432_000) for k in keys], now=0.0)  # established: days ahead
     d.add([(k, 120) for k in keys[:10]], now=0.0)  # ten told again, sooner
@@ -624,7 +625,7 @@ def test_the_schedule_keeps_one_deadline_per_entry_held_once_stale_ones_outnumbe
 def test_schedule_sorts_entries_a_get_reaches_from_the_rest_in_one_pass() -> None:
     # _schedule inlines _gettable: the same split as the function, held entries only.
     d = LiveDigest("ns", FakeReader({}), lambda: OWN)  # type: ignore[arg-type]
-    d.table = ctdigest.DigestTable()
+    d.table = ctdigesttable.DigestTable()
     v4 = [("TCP", "10.0.0.2", i, "198.51.100.7", 80) for i in range(5)]
     zoned = ("UDP", "10.0.0.3", 53, "198.51.100.7", 53, 7)  # a zone: no GET by key
     v6 = ("TCP", "2001:db8::1", 1000, "2001:db8::2", 80)

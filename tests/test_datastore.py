@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from natmig.agent import datastore
+from natmig.agent import datastoreedit
 from natmig.agent.datastore import Datastore, DatastoreError, EditRequest, select
 from natmig.agent.provider import MemoryProvider
 from natmig.codec import EditEntry, default_codec
@@ -273,13 +273,13 @@ def test_candidate_edits_checked_by_the_reply_index_as_by_the_whole_candidate(mo
 def test_the_candidate_is_checked_by_its_reply_index(ds: Datastore, monkeypatch: pytest.MonkeyPatch) -> None:
     # Slices of a copy: each is checked against the index, not by a pass over the candidate.
     ds.edit("candidate", EditRequest([E(S(10)), E(S(11))]), sid=1)
-    whole = datastore.check_batch
+    whole = datastoreedit.check_batch
 
     def batch_alone(sessions, existing, owned):  # noqa: ANN001, ANN202 - a spy
         assert not existing, "checked the whole candidate"
         return whole(sessions, existing, owned)
 
-    monkeypatch.setattr(datastore, "check_batch", batch_alone)
+    monkeypatch.setattr(datastoreedit, "check_batch", batch_alone)
     ds.edit("candidate", EditRequest([E(S(12)), E(S(13))]), sid=1)
     with pytest.raises(DatastoreError) as e:
         ds.edit("candidate", EditRequest([E(S(14, 20012))]), sid=1)  # S(12)'s public port

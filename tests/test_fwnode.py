@@ -9,6 +9,7 @@ import struct
 import pytest
 
 from natmig.agent import ctnetlink as nl
+from natmig.agent import ctlayout
 from natmig.agent import ctread
 from natmig.agent.fwnode import (
     BLOCKED_SET, HOLD_MARK, HOLD_QUEUE_INSIDE, HOLD_QUEUE_OUTSIDE, TABLE, FwNodeConfig, FwNodeError, Service,
@@ -91,7 +92,7 @@ def _session(proto: str, sport: int = 40000) -> NatSession:
 def test_an_untranslated_create_has_the_inverse_reply_tuple_and_no_nat(proto: str) -> None:
     s = _session(proto)
     assert nl.untranslated(s)
-    fast = nl.create_messages([(s, 300)])
+    fast = ctlayout.create_messages([(s, 300)])
     assert fast == nl.frame(nl.create_op(s, 300), 1)  # the fast encoder and the readable one agree
     a = nl.parse_attrs(fast, 20)
     assert nl.CTA_NAT_SRC not in a
@@ -109,7 +110,7 @@ def test_translated_and_untranslated_creates_pack_in_one_batch() -> None:
         s = _session(proto, 1000 + i)
         items.append((s, 100 + i))
         items.append((dataclasses.replace(s, translated_address="203.0.113.1", translated_port=20000 + i), 50))
-    assert nl.create_messages(items) == b"".join(nl.frame(nl.create_op(s, t), i + 1) for i, (s, t) in enumerate(items))
+    assert ctlayout.create_messages(items) == b"".join(nl.frame(nl.create_op(s, t), i + 1) for i, (s, t) in enumerate(items))
 
 
 class _Ran:

@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from natmig.agent.ctdigest import DigestTable
+from natmig.agent.ctdigesttable import DigestTable
 from natmig.agent.provider import MemoryProvider
 from natmig.agent.rpc import SessionState, handle_message
 from natmig.agent.monitoring import SessionRecord

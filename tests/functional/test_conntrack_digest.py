@@ -17,6 +17,7 @@ import pytest
 from natmig import netns
 from natmig.agent import ctdigest, ctevents
 from natmig.agent import ctnetlink as nl
+from natmig.agent import ctbulk
 from natmig.agent import cttext
 from natmig.agent.conntrack import ConntrackProvider
 from natmig.agent.provider import ApplyError
@@ -106,7 +107,7 @@ def test_statistics_equal_a_full_read_after_every_kind_of_change(net: TwoNatNet)
             else:
                 # Another process's ctnetlink socket: its events are no own writes.
                 extra = NatSession("UDP", "10.0.0.90", 2000 + i, SERVER_IP, 53, PUBLIC_IP, 45000 + i, None, 300)
-                nl.create_sessions(ns, [(extra, 300)])
+                ctbulk.create_sessions(ns, [(extra, 300)])
             agrees(a)
         assert a._digest is not None and a._digest.full_reads == 1
         a.delete()  # the whole list
@@ -147,11 +148,11 @@ def test_a_change_made_just_before_the_call_is_in_its_answer(net: TwoNatNet) -> 
             for i in range(100):
                 s = NatSession("TCP", "10.0.0.60", 3000 + i, SERVER_IP, 80, PUBLIC_IP, 46000 + i, "ESTABLISHED", 300)
                 before = a.statistics()
-                assert nl.create_sessions(ns, [(s, 300)], other) == {}
+                assert ctbulk.create_sessions(ns, [(s, 300)], other) == {}
                 after = a.statistics()  # no wait at all
                 assert after["sessions"] == before["sessions"] + 1 and after != before
                 if i % 2:
-                    assert nl.delete_keys(ns, [s.key], other)[0] == 1
+                    assert ctbulk.delete_keys(ns, [s.key], other)[0] == 1
                     assert a.statistics() == before
             tool(ns, "-I", "-p", "udp", "-s", "10.0.0.61", "-d", SERVER_IP, "--sport", "1", "--dport", "53", "-t", "300")
             got = a.statistics()  # the tool has exited: its change is made
@@ -197,11 +198,11 @@ def test_lost_events_make_the_next_call_read_the_table_again(net: TwoNatNet) -> 
         digest.RCVBUF = 4096  # a couple of events at most
         agrees(a)
         others = [NatSession("UDP", "10.0.0.80", 1000 + i, SERVER_IP, 53, PUBLIC_IP, 48000 + i, None, 300) for i in range(2000)]
-        assert nl.create_sessions(ns, [(s, 300) for s in others]) == {}  # 2,000 events at once: more than the queue holds
+        assert ctbulk.create_sessions(ns, [(s, 300) for s in others]) == {}  # 2,000 events at once: more than the queue holds
         got = agrees(a)
         assert got["sessions"] == 2000 and digest.full_reads == 2
         digest.RCVBUF = ctdigest.LiveDigest.RCVBUF
-        assert nl.delete_keys(ns, [s.key for s in others[:1500]])[0] == 1500
+        assert ctbulk.delete_keys(ns, [s.key for s in others[:1500]])[0] == 1500
         agrees(a)  # the small queue again (the table was re-read with it): lost again, read again
         digest.close()
         agrees(a)
@@ -255,7 +256,7 @@ def test_on_20k_sessions_a_later_call_after_100_changes_reads_no_table(net: TwoN
         new = [NatSession("UDP", "10.0.0.241", 1000 + i, SERVER_IP, 53, PUBLIC_IP, 50000 + i, None, 300) for i in range(50)]
         a.apply(new)
         a.delete([s.key for s in table[::800]])  # 25
-        nl.create_sessions(ns, [(NatSession("UDP", "10.0.0.242", 1000 + i, SERVER_IP, 53, PUBLIC_IP, 51000 + i, None, 300), 300)
+        ctbulk.create_sessions(ns, [(NatSession("UDP", "10.0.0.242", 1000 + i, SERVER_IP, 53, PUBLIC_IP, 51000 + i, None, 300), 300)
                                 for i in range(25)])
         times = []
         for _ in range(5):

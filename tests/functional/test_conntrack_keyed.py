@@ -17,7 +17,7 @@ import random
 import pytest
 
 from natmig import netns
-from natmig.agent import ctnetlink as nl
+from natmig.agent import ctbulk
 from natmig.agent.conntrack import ConntrackProvider
 from natmig.agent.datastore import Datastore, DatastoreError, EditRequest
 from natmig.agent.provider import ApplyError
@@ -130,10 +130,10 @@ def test_a_clash_left_to_the_kernel_is_named_as_the_check_names_it_and_rolled_ba
         table = fill(a, 3000)
         before = comparable(a.list().sessions)
         fresh = [NatSession("TCP", "10.0.0.240", 1000 + i, "198.51.100.9", 443, PUBLIC_IP, 30000 + i, "ESTABLISHED", 300)
-                 for i in range(nl.CREATE_BATCH * 3)]
+                 for i in range(ctbulk.CREATE_BATCH * 3)]
         t = next(s for s in table if s.protocol == "ICMP")
         clash = dataclasses.replace(t, src_address="10.0.0.250", src_port=65000)
-        at = nl.CREATE_BATCH * 2 + 5
+        at = ctbulk.CREATE_BATCH * 2 + 5
         batch = [*fresh[:at], clash, *fresh[at:], HELD[0]]
         by(monkeypatch, True)
         with pytest.raises(ApplyError) as ei:

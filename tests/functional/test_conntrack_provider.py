@@ -12,7 +12,7 @@ import time
 import pytest
 
 from natmig import netns
-from natmig.agent import ctnetlink as nl
+from natmig.agent import ctbulk
 from natmig.agent import cttext
 from natmig.agent.conntrack import ConntrackProvider
 from natmig.agent.provider import ApplyError
@@ -252,13 +252,13 @@ def test_kernel_refusal_in_a_later_netlink_batch_is_named_and_rolled_back(net: T
     taken = next(s for s in a.list().sessions if s.protocol == "TCP")
     fresh = [
         NatSession("TCP", f"10.1.{i // 250}.{i % 250}", 1000 + i, "198.51.100.9", 443, PUBLIC_IP, 30000 + i, "ESTABLISHED", 300, True, i % 3)
-        for i in range(nl.CREATE_BATCH * 3)
+        for i in range(ctbulk.CREATE_BATCH * 3)
     ]
     # The same public port towards the same remote as a session of the
     # table: check_batch names it; with the check off, the kernel must refuse
     # it (the port is pinned) rather than pick another port.
     clash = NatSession("TCP", "10.0.9.9", 999, taken.dst_address, taken.dst_port, PUBLIC_IP, taken.translated_port, "ESTABLISHED", 300)
-    at = nl.CREATE_BATCH * 2 + 5
+    at = ctbulk.CREATE_BATCH * 2 + 5
     batch = [*fresh[:at], clash, *fresh[at:]]
     with pytest.raises(ApplyError) as ei:
         a.apply(batch)
@@ -357,7 +357,7 @@ def test_a_small_table_read_by_key_is_the_dump_read(net: TwoNatNet, monkeypatch:
     assert by_key.untranslated == by_dump.untranslated >= 4
     assert taken_by_key == taken_by_dump and len(taken_by_dump) >= 5
     # Beyond the bound the table is dumped as before.
-    monkeypatch.setattr("natmig.agent.conntrack.FEW_ENTRIES", 10)
+    monkeypatch.setattr("natmig.agent.conntrackbase.FEW_ENTRIES", 10)
     assert a._read_few({}) is None
     assert comparable(a.list().sessions) == comparable(by_dump.sessions)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from natmig import netns
-from natmig.agent.ctnetlink import create_sessions
+from natmig.agent.ctbulk import create_sessions
 from natmig.agent.ctread import EntryReader
 from natmig.model import NatSession
 from natmig.testbed.conntrackd import SYNC_IF, ConntrackdError, ConntrackdPair, pids_of
