@@ -17,15 +17,13 @@ from ..errors import ProviderError
 from ..model import NatSession, SessionKey
 from ..wire.problems import DatastoreError, refuse
 from .confirmed import ConfirmedCommits, Journal
+from .dslocks import DatastoreLocks
 from .editplan import Plan, provider_problem
 from .provider import ApplyError, ReplyKey, SessionProvider
 
 log = logging.getLogger(__name__)
 
-DATASTORES = ("running", "candidate")
-
-
-class DatastoreBase:
+class DatastoreBase(DatastoreLocks):
     """Running (the provider's live table) and the candidate's copy, with locks, under one mutex.
 
     ``describe`` names a session in errors (the server sets it from its
@@ -50,71 +48,20 @@ class DatastoreBase:
         self._cand_base_control: dict[str, Any] = {}
         self.confirmed = ConfirmedCommits(provider, self.journal, self._mutex, self._reset_candidate)
 
-    # ----------------------------------------------------------------- locks
+    # ------------------------------------------------------ the locks' hooks
 
-    def lock(self, name: str, sid: int) -> None:
-        """Lock a datastore for session ``sid`` (lock-denied when held, RFC 6241 7.5)."""
-        self._check_name(name)
-        with self._mutex:
-            holder = self._locks.get(name)
-            if holder is not None:
-                raise refuse("lock-denied", f"{name} is locked by {self.describe(holder)}", type="protocol", info={"session-id": str(holder)})
-            if name == "candidate" and self._candidate_dirty():
-                raise refuse("lock-denied", "the candidate has uncommitted changes; discard-changes or commit first", type="protocol", info={"session-id": "0"})
-            self._locks[name] = sid
+    def _candidate_changed(self) -> bool:
+        return self._candidate_dirty()
 
-    def unlock(self, name: str, sid: int) -> None:
-        """Release a lock held by ``sid``."""
-        self._check_name(name)
-        with self._mutex:
-            holder = self._locks.get(name)
-            if holder != sid:
-                why = "it is not locked" if holder is None else f"it is locked by {self.describe(holder)}"
-                raise refuse("operation-failed", f"cannot unlock {name}: {why}", type="protocol", info={"session-id": str(holder or 0)})
-            del self._locks[name]
-            # RFC 6241 8.3.5.2: releasing the candidate lock... does not discard;
-            # only session termination does (see release_session).
+    def _drop_candidate(self) -> None:
+        self._reset_candidate()
 
-    def release_session(self, sid: int) -> None:
-        """A session ended: drop its locks; a candidate it had locked loses its changes.
-
-        A confirmed commit it issued without <persist> is rolled back now (RFC 6241 8.4.1).
-        """
-        with self._mutex:
-            for name in [n for n, h in self._locks.items() if h == sid]:
-                del self._locks[name]
-                if name == "candidate":
-                    self._reset_candidate()
-                log.info("session %d ended: released lock of %s", sid, name)
-            p = self.confirmed.pending
-            if p is not None and p.persist is None and p.owner == sid:
-                self.confirmed.roll_back(f"session {sid}, which issued it without <persist>, ended")
-
-    def lock_holder(self, name: str) -> int | None:
-        """The session holding the lock of ``name``, if any."""
-        return self._locks.get(name)
-
-    def _check_write(self, name: str, sid: int) -> None:
-        holder = self._locks.get(name)
-        if holder is not None and holder != sid:
-            raise refuse("in-use", f"{name} is locked by {self.describe(holder)}", type="protocol", info={"session-id": str(holder)})
-        self._check_not_pending_elsewhere(sid)
-
-    def _check_not_pending_elsewhere(self, sid: int) -> None:
-        """in-use while another session's confirmed commit without <persist> awaits confirmation.
-
-        Its session alone may confirm it, and a change made meanwhile by
-        another session would be mixed into what it confirms or rolls back.
-        """
+    def _unpersisted_owner(self) -> int | None:
         p = self.confirmed.pending
-        if p is not None and p.persist is None and p.owner != sid:
-            raise refuse("in-use", f"a confirmed commit of {self.describe(p.owner)} awaits confirmation; only that session may change the configuration until it is confirmed or cancelled",
-                         type="protocol", info={"session-id": str(p.owner)})
+        return p.owner if p is not None and p.persist is None else None
 
-    @staticmethod
-    def _check_name(name: str) -> None:
-        if name not in DATASTORES:
-            raise refuse("invalid-value", f"unknown datastore {name!r} (this agent has {', '.join(DATASTORES)})", type="protocol")
+    def _roll_back_pending(self, why: str) -> None:
+        self.confirmed.roll_back(why)
 
     # ----------------------------------------------------------------- reads
 

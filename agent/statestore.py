@@ -36,7 +36,7 @@ from natmig.wire.state import Config, Wire
 
 from .confirmed import DEFAULT_TIMEOUT, MAX_TIMEOUT
 from .datastore import DatastoreError, Problem, problems_of_codec, refuse
-from .datastorebase import DATASTORES
+from .dslocks import DatastoreLocks
 from .stateprovider import Change, MemoryStateProvider, StateProvider, StateRefused, Tables
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _not_unique(lst: StateList, table: dict[Key, Entry]) -> list[Problem]:
     return [Problem("operation-failed", why, lst.describe(key), app_tag="data-not-unique") for key, why in lst.clashes(table.values())]
 
 
-class StateStore:
+class StateStore(DatastoreLocks):
     """The datastores of one or more state modules over their one provider; thread-safe.
 
     Entries created or deleted on running are reported by the provider
@@ -151,56 +151,20 @@ class StateStore:
     def on_change(self, fn: Callable[[StateList, str, Entry], None]) -> None:
         self.provider.on_change = fn
 
-    # ----------------------------------------------------------------- locks
+    # ------------------------------------------------------ the locks' hooks
 
-    def lock(self, name: str, sid: int) -> None:
-        """Lock a datastore (lock-denied when held, or when the candidate has changes, RFC 6241 7.5)."""
-        self._check_name(name)
-        with self._mutex:
-            holder = self._locks.get(name)
-            if holder is not None:
-                raise refuse("lock-denied", f"{name} is locked by {self.describe(holder)}", type="protocol", info={"session-id": str(holder)})
-            if name == "candidate" and self._delta is not None:
-                raise refuse("lock-denied", "the candidate has uncommitted changes; discard-changes or commit first", type="protocol", info={"session-id": "0"})
-            self._locks[name] = sid
+    def _candidate_changed(self) -> bool:
+        return self._delta is not None
 
-    def unlock(self, name: str, sid: int) -> None:
-        """Release a lock ``sid`` holds."""
-        self._check_name(name)
-        with self._mutex:
-            holder = self._locks.get(name)
-            if holder != sid:
-                why = "it is not locked" if holder is None else f"it is locked by {self.describe(holder)}"
-                raise refuse("operation-failed", f"cannot unlock {name}: {why}", type="protocol", info={"session-id": str(holder or 0)})
-            del self._locks[name]
+    def _drop_candidate(self) -> None:
+        self._delta = None
 
-    def release_session(self, sid: int) -> None:
-        """A session ended: its locks go; a candidate it locked loses its changes; its unpersisted confirmed commit is rolled back."""
-        with self._mutex:
-            for name in [n for n, h in self._locks.items() if h == sid]:
-                del self._locks[name]
-                if name == "candidate":
-                    self._delta = None
-            p = self._pending
-            if p is not None and p.persist is None and p.owner == sid:
-                self._roll_back(f"session {sid}, which issued it without <persist>, ended")
-
-    def lock_holder(self, name: str) -> int | None:
-        """The session holding ``name``'s lock, if any."""
-        return self._locks.get(name)
-
-    def _check_write(self, name: str, sid: int) -> None:
-        holder = self._locks.get(name)
-        if holder is not None and holder != sid:
-            raise refuse("in-use", f"{name} is locked by {self.describe(holder)}", type="protocol", info={"session-id": str(holder)})
+    def _unpersisted_owner(self) -> int | None:
         p = self._pending
-        if p is not None and p.persist is None and p.owner != sid:
-            raise refuse("in-use", f"a confirmed commit of {self.describe(p.owner)} awaits confirmation", type="protocol", info={"session-id": str(p.owner)})
+        return p.owner if p is not None and p.persist is None else None
 
-    @staticmethod
-    def _check_name(name: str) -> None:
-        if name not in DATASTORES:
-            raise refuse("invalid-value", f"unknown datastore {name!r} (this agent has {', '.join(DATASTORES)})", type="protocol")
+    def _roll_back_pending(self, why: str) -> None:
+        self._roll_back(why)
 
     # ----------------------------------------------------------------- reads
 
