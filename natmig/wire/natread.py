@@ -261,7 +261,7 @@ def _entry_operation(codec: Codec, nsmap: dict[str | None, str], attrs: bytes) -
 def parse_canonical(codec: Codec, message: bytes) -> tuple[Any, Batches] | None:
     """An edit-config whose <config> holds nothing but entries in the codec's own form; None for any other message.
 
-    The entries are read by :class:`~natmig.codec.CanonicalEntries` (~2.5x
+    The entries are read by :class:`~natmig.canonical.CanonicalEntries` (~2.5x
     less CPU than lxml building elements for them) and lxml parses the rest of
     the message, with a marker element where the entries were: the marker
     must come out as the only child of rpc/edit-config/config, which proves
