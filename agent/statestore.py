@@ -332,7 +332,9 @@ class StateStore(DatastoreLocks):
                 self._apply(changes, admit)
                 if p is not None and p.timer is not None:
                     p.timer.cancel()
-                nxt = _Pending(sid, persist, time.monotonic() + timeout, before, first_admit)
+                # A follow-up without <persist> keeps the series' token (as the NAT datastore does): the
+                # controller's follow-ups send persist-id alone, and the series must still outlive its session.
+                nxt = _Pending(sid, persist if persist is not None or p is None else p.persist, time.monotonic() + timeout, before, first_admit)
                 nxt.timer = threading.Timer(timeout, self._expire, (nxt,))
                 nxt.timer.daemon = True
                 self._pending = nxt

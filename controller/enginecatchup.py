@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 
 from ..statemodel import Entry, Key, StateList
-from . import txn
 from .enginecontext import Context, Phase, close_events
 
 
@@ -60,7 +59,7 @@ def reread(ctx: Context, lst: StateList) -> int:
 
 class CatchUp(Phase):
     """The frozen source's changes since the read (its state-change events) onto the target's candidate, until its
-    digests agree; then the target's persistent confirmed commit.
+    digests agree; then a follow-up of the copy's persistent confirmed commit (the last changes only).
 
     A frozen source creates no entries, but entries still end (closed, expired) and a function
     may change what it holds by itself; after a copy while it served, the events of its last
@@ -91,15 +90,15 @@ class CatchUp(Phase):
                     again += reread(ctx, lst)
                 break
         close_events(ctx)  # the source is frozen and caught up: verify compares its digests, no event is needed
-        settled = time.monotonic()
-        ctx.confirmed(ctx.target)
-        # The commit is timed on its own: it applies the whole copy on the target, inside the source's freeze.
         early = f" (and {ctx.early} before the freeze, in copy)" if ctx.early else ""
-        return (f"{applied} changes from events{early}, {again} from a re-read; "
-                f"target committed in {(time.monotonic() - settled) * 1000:.0f} ms (confirmed, {ctx.options.confirm_timeout:g} s)")
+        done = f"{applied} changes from events{early}, {again} from a re-read"
+        if not applied and not again:
+            return f"{done}; nothing left to commit (the copy was committed in copy)"
+        settled = time.monotonic()
+        # The last changes only: the copy itself was committed by Copy (while the source served, by default).  A
+        # follow-up of its series: a dead controller's target still rolls back to what it held before the copy.
+        ctx.follow_up(ctx.target)
+        return f"{done}; target committed in {(time.monotonic() - settled) * 1000:.0f} ms (a follow-up of the copy's confirmed commit)"
 
     def undo(self, ctx: Context) -> str | None:
-        ctx.target.client.discard()
-        if ctx.target_cancelled:
-            return None  # with the hold (HoldTarget's undo): one series, one cancel
-        return f"{ctx.target.name}: copy cancelled" if txn.cancel_pending(ctx.target, ctx.token) else None
+        return f"{ctx.target.name}: copy and catch-up cancelled" if ctx.cancel_target() else None

@@ -62,13 +62,30 @@ class Context:
     early: int = 0
     #: the target's admission is closed by this migration (:class:`HoldTarget`): finish reopens it with its confirm.
     target_held: bool = False
-    #: the target's pending confirmed commit (copy and hold) was cancelled by an undo already.
+    #: the target's pending confirmed commit (copy, catch-up and hold) was cancelled by an undo already.
     target_cancelled: bool = False
 
     def confirmed(self, node: StateNode) -> None:
         """``node`` committed with this migration's token: its timeout runs from now."""
         node.commit(confirmed=True, timeout=self.options.confirm_timeout, persist=self.token)
         self.pending[node.name] = (node, time.monotonic())
+
+    def follow_up(self, node: StateNode) -> None:
+        """A follow-up confirmed commit of ``node``'s pending series (RFC 6241 8.4): what its candidate got since is
+        running now, and a rollback still restores what was there before the series' first commit."""
+        # persist-id alone: ncclient refuses persist beside it; the agent keeps the series' token.
+        node.commit(confirmed=True, timeout=self.options.confirm_timeout, persist_id=self.token)
+        self.pending[node.name] = (node, time.monotonic())
+
+    def cancel_target(self) -> bool:
+        """The target's candidate discarded and its pending series (copy, catch-up, hold) cancelled, once; whether
+        this call cancelled it."""
+        self.target.client.discard()
+        if self.target_cancelled or not txn.cancel_pending(self.target, self.token):
+            return False
+        self.target_cancelled = True
+        self.pending.pop(self.target.name, None)
+        return True
 
     def renew(self) -> None:
         """Re-arm the pending confirmed commits that have run a third of their timeout (RFC 6241 8.4: a follow-up
@@ -78,9 +95,7 @@ class Context:
         now = time.monotonic()
         for name, (node, armed) in list(self.pending.items()):
             if now - armed >= self.options.confirm_timeout / 3:
-                # The follow-up keeps the token (persist-id alone: ncclient refuses persist beside it).
-                node.commit(confirmed=True, timeout=self.options.confirm_timeout, persist_id=self.token)
-                self.pending[name] = (node, time.monotonic())
+                self.follow_up(node)
 
 
 class Phase(base.Phase):

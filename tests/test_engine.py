@@ -19,6 +19,7 @@ from natmig.agent.provider import MemoryProvider
 from natmig.agent.server import Agent, AgentConfig
 from natmig.agent.stateagent import StateAgent
 from natmig.codec import default_codec
+from natmig.errors import ControllerError
 from natmig.controller.engine import (CatchUp, Context, Copy, EngineMigration, EngineOptions, Finish, Freeze, NoSwitch, Phase, Preflight, Verify,
                                       WholeLists, default_phases)
 from natmig.controller.netconf import NOTIFICATION_CAPABILITY, NodeClient
@@ -221,6 +222,44 @@ def test_a_controller_dead_after_the_copy_is_undone_by_the_agents_themselves(pai
         time.sleep(1.6)
         assert src.admission() is True and src.statistics() == before
         assert tgt.statistics()["lb-binding:binding"] == (0, "0000000000000000")
+
+
+def test_a_controller_dead_between_the_copy_and_the_freeze_leaves_both_serving_and_the_copy_rolled_back(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(40))
+    before = a.node().statistics()
+    m = migration(a, b, [Preflight(), Copy(WholeLists()), _ControllerDies(), Freeze()], confirm_timeout=1)
+    with pytest.raises(SystemExit):
+        m.run()
+    with a.node() as src, b.node() as tgt:
+        # The copy was committed while the source served (not left for the catch-up under the freeze) ...
+        assert tgt.statistics()["lb-binding:binding"] == before["lb-binding:binding"]
+        assert src.admission() is True and tgt.admission() is True
+        time.sleep(1.6)
+        # ... and, its controller gone, rolled back by the target itself; the source never stopped serving.
+        assert tgt.statistics()["lb-binding:binding"] == (0, "0000000000000000")
+        assert src.admission() is True and src.statistics() == before and tgt.admission() is True
+
+
+class _Fails(Phase):
+    name = "fault"
+
+    def run(self, ctx: Context) -> str:
+        raise ControllerError("a later phase fails")
+
+
+def test_a_failure_after_the_committed_copy_cancels_it_at_once_and_the_catch_up_commits_only_the_last_changes(pair: tuple[Served, Served]) -> None:
+    a, b = pair
+    a.load(*entries(40))
+    r = migration(a, b, [Preflight(), Copy(WholeLists()), Freeze(), CatchUp(), _Fails()], confirm_timeout=60).run()
+    assert not r.ok and r.failed_phase == "fault"
+    copy, catch = (next(p for p in r.phases if p.name == n) for n in ("copy", "catch-up"))
+    assert "committed in" in copy.detail, copy.detail
+    assert "nothing left to commit" in catch.detail, catch.detail  # no change since the read: no commit under the freeze
+    assert any("copy" in u and "cancelled" in u for u in r.undone), r.undone
+    # Cancelled, not waiting for the 60 s timeout: the target is as before, the source open again.
+    assert r.readback["lb2"].tables["lb-binding:binding"] == (0, "0000000000000000")
+    assert r.readback["lb1"].tables["lb-binding:binding"][0] == 40 and r.readback["lb1"].admission is True
 
 
 class _SlowCopy(WholeLists):

@@ -127,6 +127,18 @@ def test_an_unpersisted_confirmed_commit_ends_with_its_session_and_cancel_undoes
         s.cancel_commit(4, persist_id="p")
 
 
+def test_a_follow_up_with_persist_id_alone_keeps_the_series_token_and_outlives_its_session() -> None:
+    s = store()
+    s.edit("candidate", cfg(s, binding("192.0.2.1", 1)), sid=1)
+    s.commit(1, confirmed=True, timeout=60, persist="t")
+    s.edit("candidate", cfg(s, binding("192.0.2.2", 2, snat=2)), sid=1)
+    s.commit(1, confirmed=True, timeout=60, persist_id="t")  # a follow-up as the controller sends it (no <persist>)
+    s.release_session(1)
+    assert keys(s) == {("192.0.2.1", 1), ("192.0.2.2", 2)}  # still pending: the session's end did not roll it back
+    s.cancel_commit(2, persist_id="t")  # another session, by the series' token (natmig recover)
+    assert keys(s) == set()
+
+
 def test_changes_of_running_are_reported_once_each() -> None:
     s = store()
     seen: list[tuple[str, tuple]] = []

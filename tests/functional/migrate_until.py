@@ -1,12 +1,16 @@
 """Run `natmig migrate` and SIGKILL this very process at a chosen point (the fault suite's controller).
 
-    python -m tests.functional.migrate_until INVENTORY POINT [CONFIRM_TIMEOUT]
+    python -m tests.functional.migrate_until INVENTORY POINT [CONFIRM_TIMEOUT [--set KEY=VALUE ...]]
 
 POINT is ``after:PHASE`` (the phase has just ended), ``in:STEP`` (a step of
 a phase is about to run) or ``in:STEP+MS`` (MS milliseconds after the step
 began, from a timer thread: the kill lands while the step's requests are on
 the wire).  The process exits 0/1 as `natmig migrate` does only if the point
-was never reached; the suite treats that as a failure of the test itself.
+was never reached; the suite treats that as a failure of the test itself.  With
+``--set migration.engine=generic`` the migration is the generic engine's
+(:mod:`natmig.controller.engine`): ``after:PHASE`` is then its phase of that
+name, ended (reported to its ``on_phase``); ``in:`` points are the NAT
+engine's steps only.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from natmig import cli
-from natmig.controller import report
+from natmig.controller import engine, report
 
 
 def _die() -> None:
@@ -52,6 +56,20 @@ def arm(point: str) -> None:
                 fire()
 
         report.PhaseClock.phase = phase_then_die  # type: ignore[method-assign]
+        init = engine.EngineMigration.__init__
+
+        def init_then_die(self: Any, *args: Any, **kw: Any) -> None:
+            init(self, *args, **kw)
+            told = self.on_phase
+
+            def on_phase(timing: Any) -> None:
+                told(timing)
+                if timing.ok and timing.name == name:
+                    fire()
+
+            self.on_phase = on_phase
+
+        engine.EngineMigration.__init__ = init_then_die  # type: ignore[method-assign]
     elif kind == "in":
         step = report._PhaseHandle.step
 
@@ -71,7 +89,7 @@ def main() -> int:
     inventory, point = sys.argv[1], sys.argv[2]
     timeout = sys.argv[3] if len(sys.argv) > 3 else "3"
     arm(point)
-    return cli.main(["migrate", "--inventory", inventory, "--confirm-timeout", timeout, "--quiet"])
+    return cli.main(["migrate", "--inventory", inventory, "--confirm-timeout", timeout, "--quiet", *sys.argv[4:]])
 
 
 if __name__ == "__main__":
