@@ -26,6 +26,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -51,11 +52,27 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
 
 
+def _move(engine: str, fleet: Any, tb: Testbed, timeouts: Timeouts) -> Any:
+    """One move nat1 -> nat2, retire=keep, by ``engine``; its report (both kinds have ok, error, total_seconds, phases)."""
+    if engine == "nat":
+        return Migration(fleet.endpoint("nat1", timeout=timeouts.rpc), fleet.endpoint("nat2", timeout=timeouts.rpc),
+                         TestbedSteering(tb), MigrateOptions(retire="keep", confirm_timeout=timeouts.confirm)).run()
+    from natmig.controller.engine import EngineMigration, EngineOptions, default_phases
+    from natmig.controller.statenode import StateNode
+
+    def opener(nat: str) -> Callable[[], StateNode]:
+        return lambda: StateNode(fleet.endpoint(nat, timeout=timeouts.rpc).open())
+    return EngineMigration(opener("nat1"), opener("nat2"), "nat1", "nat2", EngineOptions(retire="keep", confirm_timeout=timeouts.confirm),
+                           default_phases(TestbedSteering(tb)), source_events=opener("nat1")).run()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the moves; one JSON line each (and all of them in ``--out``)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sessions", type=int, default=100_000, help="sessions loaded into nat1 (default 100000)")
     ap.add_argument("--runs", type=int, default=2, help="moves of that table, nat2 emptied before each (default 2)")
+    ap.add_argument("--engine", choices=("nat", "generic"), default="nat",
+                    help="the NAT migration (default) or the generic engine (natmig-state, no NAT code), on the same table")
     ap.add_argument("--out", default=None, help="also write the lines as one JSON list to this file")
     a = ap.parse_args(argv)
     if a.sessions < 0 or a.runs < 1:
@@ -81,12 +98,11 @@ def main(argv: list[str] | None = None) -> int:
                 before = {role: cpu_seconds(pid) for role, pid in pids.items()}
                 own = os.times()
                 with control_plane_priority():
-                    report = Migration(fleet.endpoint("nat1", timeout=timeouts.rpc), fleet.endpoint("nat2", timeout=timeouts.rpc),
-                                       TestbedSteering(tb), MigrateOptions(retire="keep", confirm_timeout=timeouts.confirm)).run()
+                    report = _move(a.engine, fleet, tb, timeouts)
                 own_after = os.times()
                 after = {role: cpu_seconds(pid) for role, pid in pids.items()}
                 row = {
-                    "sessions": n, "ok": report.ok, "error": report.error, "total": report.total_seconds,
+                    "engine": a.engine, "sessions": n, "ok": report.ok, "error": report.error, "total": report.total_seconds,
                     "load": [load_before, os.getloadavg()[0]],
                     "phases": {p.name: {"seconds": p.seconds, **p.steps} for p in report.phases},
                     "cpu": {**{role: after[role][0] - before[role][0] for role in pids},

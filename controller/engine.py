@@ -49,35 +49,20 @@ from typing import Callable
 from ..errors import ControllerError
 from ..statemodel import Entry, StateList
 from . import phase as base, txn
-from .enginecatchup import CatchUp, apply_changes
+from .enginecatchup import CatchUp, apply_changes, reconcile
 from .enginecontext import RETIRE_MODES, Context, CopyStrategy, EngineOptions, Phase, close_events
+from .enginecopy import ForwardedLists, WholeLists, remove_moved
 from .enginereport import EngineReport, NodeReadback
 from .netconf import NOTIFICATION_CAPABILITY
 from .report import PhaseTiming
 from .statenode import StateNode, same_modules
 from .steering import Steering
 
-__all__ = ["RETIRE_MODES", "CatchUp", "Context", "Copy", "CopyStrategy", "EngineMigration", "EngineOptions", "Finish", "Freeze",
+__all__ = ["RETIRE_MODES", "CatchUp", "Context", "Copy", "CopyStrategy", "EngineMigration", "EngineOptions", "Finish", "ForwardedLists", "Freeze",
            "HoldTarget", "NoSwitch", "OvsSwitch", "Phase", "Preflight", "TrafficOnSource", "Verify", "WholeLists", "arranged",
            "close_events", "default_phases", "missing_needs", "read_back", "switch_only_phases"]
 
 log = logging.getLogger(__name__)
-
-
-class WholeLists(CopyStrategy):
-    """Each list read whole with get-config, written with one edit-config (merge of whole entries)."""
-
-    name = "whole-lists"
-
-    def copy(self, ctx: Context) -> dict[StateList, list[Entry]]:
-        out = {}
-        for lst in ctx.lists:
-            entries = ctx.source.read(lst)
-            ctx.renew()
-            ctx.target.write(lst, entries)
-            ctx.renew()
-            out[lst] = entries
-        return out
 
 
 class Preflight(Phase):
@@ -153,8 +138,10 @@ class Copy(Phase):
         serving = not ctx.frozen
         ctx.copied = self.strategy.copy(ctx)
         ctx.expected = {l: {l.key_of(e): e for e in es} for l, es in ctx.copied.items()}
-        ctx.report.copied = {l.qname: len(e) for l, e in ctx.copied.items()}
-        lists = ", ".join(f"{l.qname} {len(e)}" for l, e in ctx.copied.items())
+        counts = {l: len(ctx.copied[l]) if l in ctx.copied else ctx.forwarded[l].count
+                  for l in ctx.lists if l in ctx.copied or l in ctx.forwarded}
+        ctx.report.copied = {l.qname: n for l, n in counts.items()}
+        lists = ", ".join(f"{l.qname} {n}{' (forwarded)' if l in ctx.forwarded else ''}" for l, n in counts.items())
         if serving and ctx.events is not None:
             # What changed during the read and write, into the candidate before its commit.
             ctx.early = apply_changes(ctx, ctx.events.changes(0))
@@ -216,9 +203,13 @@ class Verify(Phase):
             if missing:
                 shown = ", ".join(lst.describe(lst.key_of(e)) for e in missing[:5])
                 raise ControllerError(f"{ctx.target.name}: {len(missing)} of {len(entries)} entries of {lst.qname} are not there as copied after the commit: {shown}")
-        how = (f"by the target's own digest ({', '.join(by_digest)})" if len(by_digest) == len(ctx.expected)
+        reconciled = {lst.qname: reconcile(ctx, lst, stats.get(lst.qname)) for lst in ctx.forwarded if stats.get(lst.qname) != target_now.get(lst.qname)}
+        by_digest += [lst.qname for lst in ctx.forwarded if lst.qname not in reconciled]
+        checked = len(ctx.expected) + len(ctx.forwarded)
+        how = (f"by the target's own digest ({', '.join(by_digest)})" if len(by_digest) == checked
                else "read back from the target" if not by_digest else f"by the target's digest ({', '.join(by_digest)}) or read back")
-        return f"source digests match the copy; every entry on the target, {how}"
+        fixed = "".join(f"; {q}: {n} entries the events did not bring written, then the digests matched" for q, n in reconciled.items())
+        return f"source digests match the copy; every entry on the target, {how}{fixed}"
 
 
 class TrafficOnSource(Phase):
@@ -326,26 +317,24 @@ class Finish(Phase):
             txn.confirm_admission(ctx.source, True, ctx.token)
             ctx.pending.pop(ctx.source.name, None)
             if ctx.options.retire == "delete":
-                for lst, table in ctx.expected.items():
-                    ctx.source.remove(lst, table)
+                remove_moved(ctx)
                 ctx.source.commit()
             return (f"{ctx.target.name}: copy confirmed and admission reopened; {ctx.source.name}: admission reopened, "
                     f"then entries {'deleted' if ctx.options.retire == 'delete' else 'kept'}")
         if ctx.options.retire == "delete":
-            for lst, table in ctx.expected.items():
-                ctx.source.remove(lst, table)
+            remove_moved(ctx)
         txn.confirm_admission(ctx.source, True, ctx.token)
         ctx.pending.pop(ctx.source.name, None)
         return f"{ctx.target.name}: copy confirmed; {ctx.source.name}: entries {'deleted' if ctx.options.retire == 'delete' else 'kept'}, admission reopened"
 
 
 def default_phases(steering: Steering | None = None) -> list[Phase]:
-    """preflight, (traffic on the source,) copy (whole lists, while the source serves), freeze, catch-up, verify,
+    """preflight, (traffic on the source,) copy (forwarded lists, while the source serves), freeze, catch-up, verify,
     (hold on the target,) switch (Open vSwitch, or none), finish.  For a source that announces no notifications the
     engine runs the freeze before the copy (:func:`arranged`)."""
     if steering is None:
-        return [Preflight(), Copy(WholeLists()), Freeze(), CatchUp(), Verify(), NoSwitch(), Finish()]
-    return [Preflight(), TrafficOnSource(steering), Copy(WholeLists()), Freeze(), CatchUp(), Verify(), HoldTarget(),
+        return [Preflight(), Copy(ForwardedLists()), Freeze(), CatchUp(), Verify(), NoSwitch(), Finish()]
+    return [Preflight(), TrafficOnSource(steering), Copy(ForwardedLists()), Freeze(), CatchUp(), Verify(), HoldTarget(),
             OvsSwitch(steering), Finish()]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 
+from ..errors import ControllerError
 from ..statemodel import Entry, Key, StateList
 from .enginecontext import Context, Phase, close_events
 
@@ -25,15 +26,23 @@ def apply_changes(ctx: Context, events: list[tuple[StateList, str, Entry]]) -> i
     gone: dict[StateList, dict[Key, None]] = {}
     n = 0
     for lst, kind, entry in events:
-        if lst not in ctx.expected:
+        # A forwarded list's entries are not kept here: only the keys a retire must remove beside the copy.
+        table = ctx.expected.get(lst)
+        if table is None and lst not in ctx.forwarded:
             continue
         key = lst.key_of(entry)
         if kind == "created":
-            ctx.expected[lst][key] = entry
+            if table is not None:
+                table[key] = entry
+            else:
+                ctx.created.setdefault(lst, {})[key] = None
             ups.setdefault(lst, {})[key] = entry
             gone.get(lst, {}).pop(key, None)
         else:
-            ctx.expected[lst].pop(key, None)
+            if table is not None:
+                table.pop(key, None)
+            else:
+                ctx.created.setdefault(lst, {}).pop(key, None)
             ups.get(lst, {}).pop(key, None)
             gone.setdefault(lst, {})[key] = None
         n += 1
@@ -55,6 +64,32 @@ def reread(ctx: Context, lst: StateList) -> int:
     ctx.target.write(lst, upserts)
     ctx.expected[lst] = now
     return len(upserts) + len(gone)
+
+
+def reconcile(ctx: Context, lst: StateList, want: tuple[int, str] | None) -> int:
+    """A forwarded list whose digest on the target is not the frozen source's (``want``): both read, and what the target
+    lacks or holds beyond the source written into its candidate and committed, a follow-up of the copy's series (an
+    event the catch-up never got, an entry that ended by itself while the source was frozen); how many entries.  Raises
+    when the digests still differ."""
+    src = {lst.key_of(e): e for e in ctx.source.read(lst)}
+    ctx.renew()
+    tgt = {lst.key_of(e): e for e in ctx.target.read(lst)}
+    # The key and mandatory leaves (the digest's): others may change on a live node by themselves.
+    idx = [i for i, s in enumerate(lst.leaves) if s.mandatory]
+    gone = [k for k in tgt if k not in src]
+    ups = [e for k, e in src.items() if k not in tgt or any(e[i] != tgt[k][i] for i in idx)]
+    ctx.target.remove(lst, gone)
+    ctx.target.write(lst, ups)
+    created = ctx.created.setdefault(lst, {})
+    created.update((lst.key_of(e), None) for e in ups)
+    if gone or ups:
+        ctx.follow_up(ctx.target)
+    got = ctx.target.statistics().get(lst.qname)
+    if got != want:
+        raise ControllerError(f"{ctx.target.name}: {lst.qname} is not the frozen source's after writing {len(ups)} and removing "
+                              f"{len(gone)} entries: the source reports {want[0] if want else 'no'} entries, digest {want[1] if want else '-'}; "
+                              f"the target {got[0] if got else 'no'}, digest {got[1] if got else '-'}")
+    return len(gone) + len(ups)
 
 
 class CatchUp(Phase):

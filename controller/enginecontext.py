@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..errors import ControllerError
 from ..statemodel import Entry, Key, StateList
+from ..wire.slices import ListText
 from . import phase as base, txn
 from .enginereport import EngineReport
 from .statenode import StateNode
@@ -47,6 +48,10 @@ class Context:
     copied: dict[StateList, list[Entry]] = field(default_factory=dict)
     #: what the target must hold when the copy is committed: the copy, with the source's changes since its read.
     expected: dict[StateList, dict[Key, Entry]] = field(default_factory=dict)
+    #: lists forwarded as text instead (:class:`~.enginecopy.ForwardedLists`): their count and removal, not their entries.
+    forwarded: dict[StateList, ListText] = field(default_factory=dict)
+    #: per forwarded list, the keys the source's events created since its read (what a retire removes beside the copy).
+    created: dict[StateList, dict[Key, None]] = field(default_factory=dict)
     #: the session the source's state-change notifications are followed on (from before its lists were read), None when not.
     events: StateNode | None = None
     #: opens another session to the source for its events (None: they ride on the migration's own session).

@@ -56,7 +56,7 @@ def copy_text(ctx: Context, ph: Any, src: Any, tgt: Any) -> None:
     slices: 1.5 GB.
     """
     codec = src.codec
-    stream = EntryStream(codec, first=min(1000, ctx.opt.copy_chunk), most=ctx.opt.copy_chunk)
+    stream = EntryStream(codec.schema.list_name, first=min(1000, ctx.opt.copy_chunk), most=ctx.opt.copy_chunk)
     chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=CHUNKS_QUEUED)
     sent = ForwardedEntries(codec)
     plain = True

@@ -18,7 +18,8 @@ import binascii
 import hashlib
 import socket
 from contextlib import contextmanager
-from typing import Any, Iterator, Self
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Self
 
 from lxml import etree
 from ncclient import operations as nc_ops
@@ -27,11 +28,24 @@ from ncclient import transport as nc_transport
 from ..codec import NETCONF_NS, Codec, default_codec
 from ..errors import ControllerError
 from .ncerrors import ConnectError, SessionLost, rpc_error
-from .ncpatch import TextRPC
+from .ncpatch import RawTextRPC, TextRPC, tap_next_reply, tapped_reply
 
 CANDIDATE_CAPABILITY = "urn:ietf:params:netconf:capability:candidate:1.0"
 CONFIRMED_COMMIT_CAPABILITY = "urn:ietf:params:netconf:capability:confirmed-commit:1.1"
 MONITORING_NS = "urn:ietf:params:xml:ns:yang:ietf-netconf-monitoring"
+
+@dataclass(frozen=True)
+class RawText:
+    """A reply kept as text (see :meth:`NetconfSession.get_config_text`)."""
+
+    raw: str
+    #: whether its chunks were also handed out as they arrived
+    tapped: bool
+    #: its size in bytes as it arrived
+    received: int
+    #: True when only its root element was kept: its content went to the tap alone
+    elided: bool
+
 
 def key_fingerprint(public_key_line: str) -> str:
     """The fingerprint ncclient reports for a host key (MD5 of the key blob, colon-separated hex), from a
@@ -183,6 +197,27 @@ class NetconfSession:
     def get_config_filtered(self, source: str, filter_body: str) -> Any:
         """<get-config> of ``source`` with a subtree filter: the reply's <data> element."""
         return self._get_config(source, filter_body)
+
+    def get_config_text(self, source: str, filter_body: str, on_chunk: Callable[[bytes], None] | None = None,
+                        keep: bool = True) -> RawText:
+        """<get-config> of ``source`` with a subtree filter, its reply kept as text (no tree is built unless it is an error).
+
+        With ``on_chunk``, each chunk of the reply is also handed to it as it
+        arrives, in the transport's thread, before the reply is complete (an
+        agent that streams a large list sends it in many chunks);
+        ``RawText.tapped`` says whether it was.  Only the reply to this
+        request is tapped: nothing else may be in flight on this session
+        meanwhile.  ``keep`` False (with ``on_chunk``): the chunks are the
+        reply's only copy, and a long reply's text is its empty root element
+        (``RawText.elided``).
+        """
+        if source not in ("running", "candidate"):
+            raise ControllerError(f"get-config: source {source!r} is not running or candidate")
+        body = f'<get-config><source><{source}/></source><filter type="subtree">{filter_body}</filter></get-config>'
+        tapped = on_chunk is not None and tap_next_reply(self._mgr, on_chunk, keep)
+        raw = self._call("get-config", self._mgr.execute, RawTextRPC, body)._raw
+        received, elided = tapped_reply(self._mgr) if tapped else (len(raw.encode()), False)
+        return RawText(raw, tapped, received, elided)
 
     def edit_config(self, body: str, target: str = "candidate", default_operation: str | None = None) -> None:
         """<edit-config> of ``target`` with ``body`` (the elements inside <config>), all or nothing."""

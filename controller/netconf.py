@@ -40,7 +40,7 @@ from ..model import NatSession, SessionKey
 from ..wire import natedit
 from ..wire.natreply import TableReply, slices
 from .ncerrors import AuthenticationRefused, ConnectError, HostKeyError, SessionLost
-from .ncpatch import RawTextRPC, SSHSession, install_parser, tap_next_reply, tapped_reply
+from .ncpatch import RawTextRPC, SSHSession, install_parser
 from .ncsession import NetconfSession, tcp_socket
 from .nodeproto import ALL_FEATURES
 
@@ -213,16 +213,11 @@ class NodeClient(NetconfSession):
         text is the reply's empty root element), and ``received`` says how
         many bytes it had.
         """
-        if source not in ("running", "candidate"):
-            raise ControllerError(f"get-config: source {source!r} is not running or candidate")
-        ns = self.codec.ns
-        name = self.codec.schema.list_name
-        body = f'<get-config><source><{source}/></source><filter type="subtree"><{name} xmlns="{ns}"/></filter></get-config>'
-        tapped = on_chunk is not None and tap_next_reply(self._mgr, on_chunk, keep)
-        reply = TableReply(self._call("get-config", self._mgr.execute, RawTextRPC, body)._raw, self.codec)
-        reply.tapped = tapped
-        if tapped:
-            reply.received, reply.elided = tapped_reply(self._mgr)
+        text = self.get_config_text(source, f'<{self.codec.schema.list_name} xmlns="{self.codec.ns}"/>', on_chunk, keep)
+        reply = TableReply(text.raw, self.codec)
+        reply.tapped = text.tapped
+        if text.tapped:
+            reply.received, reply.elided = text.received, text.elided
         return reply
 
     def session_chunks(self, source: str = "running", size: int = 25_000, pieces: int = 1) -> Iterator[list[NatSession]]:

@@ -10,11 +10,12 @@ in advance, and no network function.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ..errors import CodecError, ControllerError, SchemaError
 from ..statemodel import COMMON_MODULE, COMMON_NS, Entry, Key, StateList, StateModule, compile_fetched
 from ..wire.state import CHANGE, CONTROL, STATISTICS, Wire, read_admission, read_held, read_statistics
+from .ncsession import RawText
 from .netconf import NOTIFICATION_CAPABILITY, NodeClient
 
 YANG_LIBRARY_NS = "urn:ietf:params:xml:ns:yang:ietf-yang-library"
@@ -136,6 +137,11 @@ class StateNode:
         except CodecError as e:
             raise ControllerError(f"{self.name}: its {lst.qname} does not decode: {e}") from e
 
+    def read_text(self, lst: StateList, on_chunk: Callable[[bytes], None] | None = None, keep: bool = True) -> RawText:
+        """One list of running as the text the agent sent, its chunks handed to ``on_chunk`` as they arrive (see
+        :meth:`~.ncsession.NetconfSession.get_config_text`)."""
+        return self.client.get_config_text("running", f'<{lst.name} xmlns="{lst.namespace}"/>', on_chunk, keep)
+
     def admission(self, source: str = "running") -> bool:
         """state-control/admit-new of ``source``."""
         return read_admission(self.client.get_config_filtered(source, f'<{CONTROL} xmlns="{COMMON_NS}"/>'))
@@ -206,6 +212,11 @@ class StateNode:
         body = Wire.entries_xml(lst, entries, report_all=True)
         if body:
             self.client.edit_config(body, target)
+
+    def write_text(self, body: str, target: str = "candidate") -> None:
+        """An edit-config of list entries given as XML text, each declaring its namespace (:mod:`natmig.wire.slices`);
+        the agent validates every one, nothing is decoded here."""
+        self.client.edit_config(body, target)
 
     def remove(self, lst: StateList, keys: Iterable[Key], target: str = "candidate") -> None:
         """Remove entries by key (absent ones are fine)."""

@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natmig.codec import NETCONF_NS, default_codec
-from natmig.wire.nattext import GROWTH, EntryStream, TextTable
+from natmig.wire.nattext import TextTable
+from natmig.wire.slices import GROWTH, EntryStream
 
 from .controller_fakes import sessions
 
@@ -117,7 +118,7 @@ def feed_all(stream: EntryStream, raw: bytes, sizes: list[int]) -> list[str]:
 def test_entry_stream_cuts_the_body_into_growing_slices_of_whole_entries_for_any_chunking(n, sizes, first):
     body = text_of(mixed(n)) if n else ""
     raw = reply(body).encode()
-    stream = EntryStream(CODEC, first=first, most=4 * first)
+    stream = EntryStream(CODEC.schema.list_name, first=first, most=4 * first)
     early = feed_all(stream, raw, sizes)
     rest = stream.finish()
     assert rest is not None and stream.fed == len(raw)
@@ -136,7 +137,7 @@ def test_entry_stream_cuts_the_body_into_growing_slices_of_whole_entries_for_any
 def test_entry_stream_hands_out_the_first_slice_before_the_reply_is_complete():
     body = text_of(sessions(50))
     raw = reply(body).encode()
-    stream = EntryStream(CODEC, first=10, most=10)
+    stream = EntryStream(CODEC.schema.list_name, first=10, most=10)
     got = stream.feed(raw[: len(raw) // 2])
     assert got and got[0].count("</nat-session>") == 10 and body.startswith(got[0])
 
@@ -148,7 +149,7 @@ def test_entry_stream_hands_out_the_first_slice_before_the_reply_is_complete():
     reply(text_of(sessions(5)), '<data xmlns="urn:ietf:params:xml:ns:netconf:base:1.0">{}</data>'),
 ], ids=["empty", "rpc-error", "prefixed", "attribute"])
 def test_entry_stream_cuts_nothing_but_a_plain_data_body(raw):
-    stream = EntryStream(CODEC, first=1, most=2)
+    stream = EntryStream(CODEC.schema.list_name, first=1, most=2)
     assert feed_all(stream, raw.encode(), [3, 11]) == []
     assert stream.finish() is None
 
@@ -158,7 +159,7 @@ def test_entry_stream_takes_a_chunk_that_ends_inside_a_character():
     body = text_of(sessions(3))
     raw = f'<rpc-reply xmlns="{NETCONF_NS}" message-id="é">'.encode() + f"<data>{body}</data></rpc-reply>".encode()
     cut = raw.index("é".encode()) + 1
-    stream = EntryStream(CODEC, first=1, most=1)
+    stream = EntryStream(CODEC.schema.list_name, first=1, most=1)
     parts = stream.feed(raw[:cut]) + stream.feed(raw[cut:])
     assert "".join(parts + (stream.finish() or [])) == body
 

@@ -20,8 +20,8 @@ from natmig.agent.server import Agent, AgentConfig
 from natmig.agent.stateagent import StateAgent
 from natmig.codec import default_codec
 from natmig.errors import ControllerError
-from natmig.controller.engine import (CatchUp, Context, Copy, EngineMigration, EngineOptions, Finish, Freeze, NoSwitch, Phase, Preflight, Verify,
-                                      WholeLists, default_phases)
+from natmig.controller.engine import (CatchUp, Context, Copy, EngineMigration, EngineOptions, Finish, ForwardedLists, Freeze, NoSwitch, Phase,
+                                      Preflight, Verify, WholeLists, default_phases)
 from natmig.controller.netconf import NOTIFICATION_CAPABILITY, NodeClient
 from natmig.controller.statenode import StateNode
 from natmig.statemodel import load_module
@@ -389,6 +389,51 @@ def test_changes_of_the_frozen_source_after_the_read_reach_the_target(pair: tupl
         n.discover()
         keys = {n.lists[1].key_of(e) for e in n.read(n.lists[1])}
     assert ("192.0.2.250", 9) in keys and len(keys) == 28
+
+
+@pytest.mark.parametrize("events", [True, False], ids=["from-events", "reconciled"])
+def test_a_forwarded_list_gets_the_frozen_sources_changes_and_the_retire_removes_what_moved(pair: tuple[Served, Served], events: bool) -> None:
+    a, b = pair
+    a.load(*entries(30))
+    if not events:  # no state-change: the digests differ in verify, and the list is reconciled there
+        a.agent.store.on_change = lambda *args: None  # type: ignore[attr-defined]
+    phases = [Preflight(), Freeze(), Copy(ForwardedLists(first=4, most=8)), _Traffic(a), CatchUp(), Verify(), NoSwitch(), Finish()]
+    r = migration(a, b, phases).run()
+    assert r.ok, r.text()
+    copy = next(p for p in r.phases if p.name == "copy")
+    assert "lb-binding:binding 30 (forwarded)" in copy.detail, copy.detail
+    catch = next(p for p in r.phases if p.name == "catch-up")
+    verify = next(p for p in r.phases if p.name == "verify")
+    assert ("4 changes from events" in catch.detail) is events
+    assert ("lb-binding:binding: 4 entries the events did not bring written" in verify.detail) is (not events), verify.detail
+    assert r.readback["lb2"].tables["lb-binding:binding"][0] == 28  # 30 - 3 + 1
+    with b.node() as n:
+        n.discover()
+        keys = {n.lists[1].key_of(e) for e in n.read(n.lists[1])}
+    assert ("192.0.2.250", 9) in keys and len(keys) == 28
+    # retire delete: the forwarded entries by their keys as sent, and the one born after the read
+    assert r.readback["lb1"].tables["lb-binding:binding"][0] == 0
+
+
+def test_a_list_whose_text_is_not_plain_is_copied_decoded_instead(pair: tuple[Served, Served], monkeypatch: pytest.MonkeyPatch) -> None:
+    from natmig.wire.slices import ListText
+
+    a, b = pair
+    a.load(*entries(50))
+    sent: list[int] = []
+    plain = ListText.add
+
+    def refuse_the_third(self: ListText, part: str) -> bool:
+        sent.append(part.count("</binding>"))
+        return len(sent) < 3 and plain(self, part)
+
+    monkeypatch.setattr(ListText, "add", refuse_the_third)
+    r = migration(a, b, [Preflight(), Copy(ForwardedLists(first=5, most=5)), Freeze(), CatchUp(), Verify(), NoSwitch(), Finish()]).run()
+    assert r.ok, r.text()
+    copy = next(p for p in r.phases if p.name == "copy")
+    assert "lb-binding:binding 50;" in copy.detail, copy.detail  # not "(forwarded)"
+    assert len(sent) == 3  # two slices forwarded, the third refused: nothing more sent, then the list decoded
+    assert r.readback["lb2"].tables["lb-binding:binding"][0] == 50 and r.readback["lb1"].tables["lb-binding:binding"][0] == 0
 
 
 class _ChangesWhileCopying(WholeLists):

@@ -21,11 +21,13 @@ is sent, so the check of one overlaps the target's work on the previous one.
 
 from __future__ import annotations
 
-import codecs
 import re
 
 from ..codec import Codec
 from ..model import SessionKey
+from .slices import EntryStream
+
+__all__ = ["EntryStream", "ForwardedEntries", "TextTable"]
 
 
 class TextTable:
@@ -101,107 +103,6 @@ class TextTable:
 
 _ADDRESS = re.compile(r"<translated_address>([^<&]*)</translated_address>")
 
-
-
-#: How much larger each slice of an :class:`EntryStream` is than the one before.
-#: Measured at 10k sessions (get-config + edit-config, median of 5): 1 (slices
-#: of 1,000 throughout) 176-190 ms, 1.5 ~176 ms, 2 ~190 ms: with 2 the last
-#: slices are large, and the target works through them after the source is
-#: done; with 1 a 100k table would take a hundred requests.
-GROWTH = 1.5
-
-
-class EntryStream:
-    """The entries of a get-config reply cut into slices while the reply still arrives.
-
-    The agent streams a whole-table reply as the kernel's table is read; fed
-    the reply's chunks as they come (:meth:`feed`), this hands out slices of
-    whole entries, ready to forward, and :meth:`finish` the rest once the
-    reply is complete.  The first slice is small (``first`` entries), so the
-    receiver starts early; each next one is :data:`GROWTH` times as large,
-    up to ``most``, so that a large table goes in few requests (each
-    edit-config costs the target a pass over its candidate).  Only the body of a plain
-    ``<data>`` element is cut; a reply without one (an error, another
-    spelling) yields nothing here and is left to the caller, whole.
-    """
-
-    def __init__(self, codec: Codec, first: int = 1000, most: int = 25_000) -> None:
-        #: bytes fed so far
-        self.fed = 0
-        self._decoder = codecs.getincrementaldecoder("utf-8")()
-        self._close = f"</{codec.schema.list_name}>"
-        # What arrived and is not cut yet, as parts: joined only when a slice
-        # is due, so a 35 MB reply is copied once, not once per chunk.
-        self._parts: list[str] = []
-        self._held = 0
-        self._started = False  # <data> has arrived; the parts start inside its body
-        self._refused = False  # an error or another spelling: nothing is cut
-        self._entries = first
-        self._most = max(first, most)
-        self._entry_size = 0  # bytes of the first entry: slices are cut by length
-
-    def feed(self, chunk: bytes) -> list[str]:
-        """Take one more chunk of the reply; the slices now complete (maybe none)."""
-        self.fed += len(chunk)
-        if self._refused:
-            return []
-        text = self._decoder.decode(chunk)  # a chunk may end inside a multi-byte character
-        self._parts.append(text)
-        self._held += len(text)
-        if not self._started and not self._start():
-            return []
-        if not self._entry_size:
-            buf = self._join()
-            first_end = buf.find(self._close)
-            if first_end < 0:
-                return []
-            self._entry_size = first_end + len(self._close)
-        out: list[str] = []
-        while self._held >= self._entries * self._entry_size:
-            buf = self._join()
-            want = self._entries * self._entry_size
-            cut = buf.rfind(self._close, 0, want + len(self._close))
-            if cut < 0:
-                break
-            cut += len(self._close)
-            out.append(buf[:cut])
-            self._parts, self._held = [buf[cut:]], len(buf) - cut
-            self._entries = min(int(self._entries * GROWTH), self._most)
-        return out
-
-    def finish(self) -> list[str] | None:
-        """The entries after the last slice, once the whole reply was fed; None when its body was not cut here."""
-        if self._refused or not self._started:
-            return None
-        buf = self._join()
-        end = buf.rfind("</data>")
-        if end < 0:
-            return None
-        self._parts, self._held = [], 0
-        return [buf[:end]] if end else []
-
-    def _join(self) -> str:
-        if len(self._parts) > 1:
-            self._parts = ["".join(self._parts)]
-        return self._parts[0] if self._parts else ""
-
-    def _start(self) -> bool:
-        buf = self._join()
-        i = buf.find("<data>")
-        if i < 0:
-            # Not yet (the rpc-reply start tag is still arriving), or never a plain <data> body.
-            if "rpc-error" in buf or _OTHER_DATA.search(buf) or len(buf) > 4096:
-                self._refused = True
-                self._parts, self._held = [], 0
-            return False
-        body = buf[i + len("<data>"):]
-        self._parts, self._held = [body], len(body)
-        self._started = True
-        return True
-
-
-#: a <data> element spelled otherwise than plain <data> (empty, attributes, a prefix)
-_OTHER_DATA = re.compile(r"<data[\s/]|<\w+:data[\s/>]")
 
 
 class ForwardedEntries:

@@ -1,0 +1,170 @@
+"""How the generic engine's copy gets each state list from the source into the target's candidate, and back out of the
+source when it retires.
+
+Two strategies, each a class of its own:
+
+- :class:`WholeLists`: each list read whole with get-config, decoded, and
+  written with one edit-config (a merge of whole entries, every leaf sent);
+- :class:`ForwardedLists` (the default): a list the target holds none of
+  is forwarded as the text the source sent, slice by slice while it
+  arrives (:mod:`natmig.wire.slices`); any other list goes as above.
+
+Forwarding is exact only into an empty list: a merge of an entry in trim
+mode (RFC 6243: leaves at their default left out) would leave a leaf of an
+entry the target already holds as it was.  Whether the target's list is
+empty is what it reported in preflight, under the migration's locks.  The
+target's agent validates every entry either way; what the controller keeps
+of a forwarded list is its count and its keys as removal text (what a
+retire deletes), not its entries, so the catch-up and the verify of such a
+list rest on the agents' own digests (:mod:`.enginecatchup`, :mod:`.engine`).
+"""
+
+from __future__ import annotations
+
+import collections
+import queue
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Iterable
+
+from ..errors import ControllerError
+from ..statemodel import Entry, StateList
+from ..wire.slices import EntryStream, ListText
+from .enginecontext import Context, CopyStrategy
+
+#: Chunks of the source's reply that may wait for the copy at once (an agent sends ~64 KB a chunk).
+CHUNKS_QUEUED = 64
+#: Slices sent to the target and not yet answered.
+WRITES_AHEAD = 3
+
+
+class WholeLists(CopyStrategy):
+    """Each list read whole with get-config, written with one edit-config (merge of whole entries)."""
+
+    name = "whole-lists"
+
+    def copy(self, ctx: Context) -> dict[StateList, list[Entry]]:
+        return {lst: copy_whole(ctx, lst) for lst in ctx.lists}
+
+
+def copy_whole(ctx: Context, lst: StateList) -> list[Entry]:
+    """One list read and decoded, then written whole into the target's candidate; its entries."""
+    entries = ctx.source.read(lst)
+    ctx.renew()
+    ctx.target.write(lst, entries)
+    ctx.renew()
+    return entries
+
+
+class ForwardedLists(CopyStrategy):
+    """Into a target that holds none of a list, the list forwarded as the source's text, undecoded, while it arrives.
+
+    The source's agent sends a large list in many chunks while it reads it;
+    slices of whole entries go on to the target as they come (at most
+    :data:`WRITES_AHEAD` unanswered), so the source's read, the transfer and
+    the target's checks overlap.  The reply is not kept: at most
+    :data:`CHUNKS_QUEUED` chunks wait here, and when the target falls behind,
+    the rest waits in the source's SSH window.  A list whose text is not
+    plain (:class:`~natmig.wire.slices.ListText`), and a list the target
+    already holds entries of, is copied whole and decoded instead; what was
+    forwarded of it before is merged again, which changes nothing.
+    """
+
+    name = "forwarded"
+
+    def __init__(self, first: int = 1000, most: int = 25_000) -> None:
+        #: entries in the first slice (the target starts early) and in the largest (each edit-config costs it a pass)
+        self.first, self.most = first, most
+
+    def copy(self, ctx: Context) -> dict[StateList, list[Entry]]:
+        decoded: dict[StateList, list[Entry]] = {}
+        for lst in ctx.lists:
+            if ctx.target_before.get(lst.qname, (0, ""))[0] == 0 and ListText.forwardable(lst):
+                sent = self._forward(ctx, lst)
+                ctx.renew()
+                if sent is not None:
+                    ctx.forwarded[lst] = sent
+                    continue
+            decoded[lst] = copy_whole(ctx, lst)
+        return decoded
+
+    def _forward(self, ctx: Context, lst: StateList) -> ListText | None:
+        """``lst`` forwarded slice by slice; None when its text is not plain (the caller copies it decoded)."""
+        stream = EntryStream(lst.name, first=min(self.first, self.most), most=self.most)
+        sent = ListText(lst)
+        chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=CHUNKS_QUEUED)
+        drained = threading.Event()
+        plain = True
+        failure: BaseException | None = None
+        with ThreadPoolExecutor(2, thread_name_prefix="natmig-forward") as pool:
+            writes: collections.deque[Future[None]] = collections.deque()
+
+            def refused() -> bool:
+                return any(w.done() and w.exception() is not None for w in writes)
+
+            def send(parts: Iterable[str]) -> bool:
+                """Check and send slices; False once nothing more may be sent."""
+                nonlocal plain
+                for part in parts:
+                    if not sent.add(part):
+                        plain = False
+                        return False
+                    while len(writes) >= WRITES_AHEAD and not refused():
+                        wait([writes[0]])
+                        if writes[0].exception() is None:
+                            writes.popleft()
+                    if refused():
+                        return False  # the target refused a slice: raised below
+                    # Requests in flight: the target's agent handles them in order, and reads the next meanwhile.
+                    writes.append(pool.submit(ctx.target.write_text, part))
+                return True
+
+            def put(chunk: bytes | None) -> None:
+                # Waits while the copy is behind, never once it stopped taking chunks (a chunk
+                # after the end mark, in ncclient's transport thread, would hang the session).
+                while not drained.is_set():
+                    try:
+                        chunks.put(chunk, timeout=0.1)
+                        return
+                    except queue.Full:
+                        pass
+
+            with ThreadPoolExecutor(1, thread_name_prefix="natmig-read") as reader:
+                reading = reader.submit(ctx.source.read_text, lst, put, False)
+                reading.add_done_callback(lambda _f: put(None))
+                going = True
+                try:
+                    while (chunk := chunks.get()) is not None:
+                        if going:
+                            try:
+                                going = send(stream.feed(chunk))
+                            except BaseException as e:  # noqa: BLE001 - the reader must still be drained; raised below
+                                failure, going = e, False
+                        else:
+                            stream.fed += len(chunk)
+                finally:
+                    drained.set()
+                reply = reading.result()
+            if failure is not None:
+                raise failure
+            if not reply.tapped:
+                going = going and send(stream.feed(reply.raw.encode()))
+            elif stream.fed != reply.received:
+                raise ControllerError(f"{ctx.source.name}: its reply of {lst.qname} differs from the chunks it arrived in; nothing committed")
+            if going:
+                rest = stream.finish()
+                # None: the body was not cut (an empty <data/>, another spelling): the list goes decoded.
+                plain = plain and rest is not None and send(rest)
+            for w in writes:
+                w.result()
+        return sent if plain else None
+
+
+def remove_moved(ctx: Context) -> None:
+    """Into the source's candidate: the removal of every entry the migration moved (absent ones are fine)."""
+    for lst, table in ctx.expected.items():
+        ctx.source.remove(lst, table)
+    for lst, sent in ctx.forwarded.items():
+        for body in sent.removals():
+            ctx.source.write_text(body)
+        ctx.source.remove(lst, ctx.created.get(lst, {}))
