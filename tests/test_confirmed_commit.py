@@ -303,6 +303,36 @@ def test_a_restarted_agent_rolls_back_a_leftover_record(tmp_path: Path, caplog: 
     assert new.recover() is False
 
 
+@pytest.mark.parametrize("torn", [False, True], ids=["whole", "last-line-cut-short"])
+def test_follow_ups_append_their_own_undo_and_a_restart_rolls_back_the_whole_series(tmp_path: Path, torn: bool) -> None:
+    p = MemoryProvider(owned={"203.0.113.1"})
+    p.apply([S(1), S(2), S(3)])
+    before = dict(p.table)
+    old = Datastore(p, default_codec(), Journal(tmp_path))
+    change_everything(old)
+    old.commit(1, confirmed=True, persist="tok")
+    first = (tmp_path / Journal.NAME).read_text()
+    old.edit("candidate", EditRequest([E(S(30))]), sid=1)
+    old.commit(1, confirmed=True, persist_id="tok", timeout=300)
+    old.edit("candidate", EditRequest([E(S(31))]), sid=1)
+    old.commit(1, confirmed=True, persist_id="tok", timeout=400)
+    text = (tmp_path / Journal.NAME).read_text()
+    lines = text.splitlines()
+    # The first commit's line is kept as written; each follow-up adds only what it created.
+    assert text.startswith(first) and len(lines) == 3
+    assert [json.loads(line)["created"] for line in lines[1:]] == [[list(S(30).key)], [list(S(31).key)]]
+    old.confirmed.pending.timer.cancel()  # the agent dies: no timer, no close()
+    if torn:  # ... while it appended a third follow-up, before that commit changed anything
+        with (tmp_path / Journal.NAME).open("a") as f:
+            f.write(lines[2][: len(lines[2]) // 2])
+    rec = Journal(tmp_path).load()
+    assert rec is not None and rec.persist == "tok" and rec.deadline == json.loads(lines[2])["deadline"]
+    assert rec.undo.created == old.confirmed.pending.undo.created and rec.undo.old == old.confirmed.pending.undo.old
+    new = Datastore(p, default_codec(), Journal(tmp_path))
+    assert new.recover() is True
+    assert p.table == before and p.admit is True and not (tmp_path / Journal.NAME).exists()
+
+
 def test_an_unreadable_record_is_set_aside(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / Journal.NAME).write_text("{not json")
     ds = Datastore(MemoryProvider(), default_codec(), Journal(tmp_path))
