@@ -51,7 +51,7 @@ from ..statemodel import Entry, StateList
 from . import phase as base, txn
 from .enginecatchup import CatchUp, apply_changes, reconcile
 from .enginecontext import RETIRE_MODES, Context, CopyStrategy, EngineOptions, Phase, close_events
-from .enginecopy import ForwardedLists, WholeLists, remove_moved
+from .enginecopy import ForwardedLists, WholeLists
 from .enginereport import EngineReport, NodeReadback
 from .netconf import NOTIFICATION_CAPABILITY
 from .report import PhaseTiming
@@ -229,33 +229,42 @@ class TrafficOnSource(Phase):
 
 
 class HoldTarget(Phase):
-    """Just before the switch: the target holds new entries too, until finish (a follow-up of its copy's confirmed commit).
+    """Just before the switch: the target's copy confirmed for good, and the target holding new entries until finish.
 
-    From the switch on, what would create an entry reaches the target.  Held
-    there, it waits for the outcome: finish opens the target's admission and
-    the target sends it back to the switch, which hands it to the target
-    itself; an undo cancels the target's series (copy and hold) after
-    traffic was pointed back, and it goes to the source.  Admitted at once
-    instead, a connection would be made on the target and broken by an
-    undone switch (the source knows nothing of it).  The follow-up keeps the
-    series' rollback point: a dead controller's target reopens by itself
-    with its copy removed.
+    From the switch on, traffic may run through the target, and no rollback
+    may then take its entries away: a controller that died there would
+    leave connections on a target whose copy had rolled back by itself.  So
+    the copy's series (copy, catch-up) is confirmed here, and the hold is a
+    series of its own, whose rollback only reopens the target's admission.
+    Held there, what would create an entry waits for the outcome: finish
+    confirms the hold with admission open and the target sends what it held
+    back to the switch, which hands it to the target itself; an undo (after
+    traffic was pointed back) cancels the hold, so it goes to the source,
+    and removes the copy.  Admitted at once instead, a connection would be
+    made on the target and broken by an undone switch (the source knows
+    nothing of it).  A controller dead after this phase leaves, once the
+    agents' timeouts pass, both nodes admitting and the copy on the target:
+    `natmig recover` then removes the copy from the node that carries no
+    traffic.
     """
 
     name = "hold"
 
     def run(self, ctx: Context) -> str:
-        ctx.target.set_admission(False, target="candidate")
-        # A follow-up confirmed commit (RFC 6241 8.4): the copy's and the hold's undo are one series.
-        ctx.follow_up(ctx.target)
+        ctx.target.commit(persist_id=ctx.token)
+        ctx.pending.pop(ctx.target.name, None)
+        ctx.target_confirmed = True
+        txn.confirmed_admission(ctx.target, False, ctx.token, ctx.options.confirm_timeout)
+        ctx.pending[ctx.target.name] = (ctx.target, time.monotonic())
         ctx.target_held = True
-        return f"{ctx.target.name}: admit-new false (holds new entries until finish), with its copy rolled back in {ctx.options.confirm_timeout:g} s unless confirmed"
+        return (f"{ctx.target.name}: copy confirmed; admit-new false (holds new entries until finish), reopened in "
+                f"{ctx.options.confirm_timeout:g} s unless confirmed")
 
     def undo(self, ctx: Context) -> str | None:
         # After the switch's undo (reverse order): what the target held goes where traffic is again.
         if not ctx.cancel_target():
             return None
-        return f"{ctx.target.name}: hold and copy cancelled (admission reopened: what it held went back to the switch)"
+        return f"{ctx.target.name}: hold cancelled (admission reopened: what it held went back to the switch) and copy removed"
 
 
 class OvsSwitch(Phase):
@@ -317,12 +326,12 @@ class Finish(Phase):
             txn.confirm_admission(ctx.source, True, ctx.token)
             ctx.pending.pop(ctx.source.name, None)
             if ctx.options.retire == "delete":
-                remove_moved(ctx)
+                ctx.remove_moved(ctx.source)
                 ctx.source.commit()
             return (f"{ctx.target.name}: copy confirmed and admission reopened; {ctx.source.name}: admission reopened, "
                     f"then entries {'deleted' if ctx.options.retire == 'delete' else 'kept'}")
         if ctx.options.retire == "delete":
-            remove_moved(ctx)
+            ctx.remove_moved(ctx.source)
         txn.confirm_admission(ctx.source, True, ctx.token)
         ctx.pending.pop(ctx.source.name, None)
         return f"{ctx.target.name}: copy confirmed; {ctx.source.name}: entries {'deleted' if ctx.options.retire == 'delete' else 'kept'}, admission reopened"

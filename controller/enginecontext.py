@@ -67,7 +67,9 @@ class Context:
     early: int = 0
     #: the target's admission is closed by this migration (:class:`HoldTarget`): finish reopens it with its confirm.
     target_held: bool = False
-    #: the target's pending confirmed commit (copy, catch-up and hold) was cancelled by an undo already.
+    #: the target's copy is confirmed (by :class:`HoldTarget`, before the switch): no rollback of the target removes it.
+    target_confirmed: bool = False
+    #: the target's pending confirmed commit was cancelled, and a confirmed copy removed, by an undo already.
     target_cancelled: bool = False
 
     def confirmed(self, node: StateNode) -> None:
@@ -83,14 +85,31 @@ class Context:
         self.pending[node.name] = (node, time.monotonic())
 
     def cancel_target(self) -> bool:
-        """The target's candidate discarded and its pending series (copy, catch-up, hold) cancelled, once; whether
-        this call cancelled it."""
+        """The target's candidate discarded, its pending series cancelled (the copy and catch-up, or once the copy is
+        confirmed the hold alone) and a confirmed copy removed, once; whether this call undid anything."""
         self.target.client.discard()
-        if self.target_cancelled or not txn.cancel_pending(self.target, self.token):
+        if self.target_cancelled:
             return False
-        self.target_cancelled = True
+        cancelled = txn.cancel_pending(self.target, self.token)
         self.pending.pop(self.target.name, None)
-        return True
+        if self.target_confirmed:
+            # Confirmed before the switch, so that no rollback takes it from a target carrying traffic: removed here,
+            # with traffic on the source again (the switch's undo ran first), as the source would retire it.
+            self.remove_moved(self.target)
+            self.target.commit()
+            cancelled = True
+        self.target_cancelled = cancelled
+        return cancelled
+
+    def remove_moved(self, node: StateNode) -> None:
+        """Into ``node``'s candidate (the source when it retires, the target when a confirmed copy is undone): the
+        removal of every entry this migration moved (absent ones are fine)."""
+        for lst, table in self.expected.items():
+            node.remove(lst, table)
+        for lst, sent in self.forwarded.items():
+            for body in sent.removals():
+                node.write_text(body)
+            node.remove(lst, self.created.get(lst, {}))
 
     def renew(self) -> None:
         """Re-arm the pending confirmed commits that have run a third of their timeout (RFC 6241 8.4: a follow-up

@@ -158,13 +158,3 @@ class ForwardedLists(CopyStrategy):
             for w in writes:
                 w.result()
         return sent if plain else None
-
-
-def remove_moved(ctx: Context) -> None:
-    """Into the source's candidate: the removal of every entry the migration moved (absent ones are fine)."""
-    for lst, table in ctx.expected.items():
-        ctx.source.remove(lst, table)
-    for lst, sent in ctx.forwarded.items():
-        for body in sent.removals():
-            ctx.source.write_text(body)
-        ctx.source.remove(lst, ctx.created.get(lst, {}))

@@ -709,9 +709,31 @@ def test_an_undone_switch_reopens_the_held_target_only_after_traffic_is_back_on_
     r = migration(a, b, default_phases(sw)).run()
     assert not r.ok and r.failed_phase == "switch"
     assert sw.moves == ["lb2", "lb1"] and sw.target_admits == [False, False]  # still holding when pointed back
-    assert any("hold and copy cancelled" in u for u in r.undone), r.undone
+    assert any("hold cancelled" in u and "copy removed" in u for u in r.undone), r.undone
     assert r.readback["lb2"].admission is True and r.readback["lb2"].tables["lb-binding:binding"][0] == 0
     assert r.readback["lb1"].admission is True and r.traffic_on == "lb1"
+
+
+@pytest.mark.parametrize("dies", ["after-hold", "after-switch"])
+def test_a_controller_dead_once_the_target_held_never_takes_its_copy_away(pair: tuple[Served, Served], dies: str) -> None:
+    """From the switch on the target may carry traffic: a controller dying then must not leave its copy rolling back."""
+    a, b = pair
+    a.load(*entries(40))
+    before = a.node().statistics()
+    sw = FakeSteering("lb1")
+    phases = default_phases(sw)
+    at = next(i for i, p in enumerate(phases) if p.name == dies.split("-")[1]) + 1
+    m = migration(a, b, [*phases[:at], _ControllerDies(), *phases[at:]], confirm_timeout=1)
+    with pytest.raises(SystemExit):
+        m.run()
+    assert sw.active() == ("lb2" if dies == "after-switch" else "lb1")
+    with a.node() as src, b.node() as tgt:
+        assert src.admission() is False and tgt.admission() is False  # both hold, each a confirmed commit of its own
+        time.sleep(1.6)
+        # Both reopened by themselves; the target keeps the copy, the source its entries (`natmig recover` removes
+        # them from whichever node carries no traffic).
+        assert src.admission() is True and tgt.admission() is True
+        assert tgt.statistics()["lb-binding:binding"] == before["lb-binding:binding"] == src.statistics()["lb-binding:binding"]
 
 
 def test_traffic_not_on_the_source_refuses_before_anything_changes(pair: tuple[Served, Served]) -> None:
