@@ -8,9 +8,10 @@ began, from a timer thread: the kill lands while the step's requests are on
 the wire).  The process exits 0/1 as `natmig migrate` does only if the point
 was never reached; the suite treats that as a failure of the test itself.  With
 ``--set migration.engine=generic`` the migration is the generic engine's
-(:mod:`natmig.controller.engine`): ``after:PHASE`` is then its phase of that
-name, ended (reported to its ``on_phase``); ``in:`` points are the NAT
-engine's steps only.
+(:mod:`natmig.controller.engine`), which has phases and no steps:
+``after:PHASE`` is then its phase of that name, ended (reported to its
+``on_phase``), and ``in:PHASE[+MS]`` that phase as it begins (or MS
+milliseconds later).
 """
 
 from __future__ import annotations
@@ -45,6 +46,31 @@ def arm(point: str) -> None:
         else:
             _die()
 
+    if kind not in ("after", "in"):
+        raise SystemExit(f"point {point!r}: expected after:PHASE or in:STEP[+MS]")
+    init = engine.EngineMigration.__init__
+
+    def init_then_die(self: Any, *args: Any, **kw: Any) -> None:
+        init(self, *args, **kw)
+        if kind == "in":
+            for p in self.phases:
+                if p.name == name:
+                    def run_then_die(ctx: Any, run: Any = p.run) -> Any:
+                        fire()
+                        return run(ctx)
+
+                    p.run = run_then_die
+            return
+        told = self.on_phase
+
+        def on_phase(timing: Any) -> None:
+            told(timing)
+            if timing.ok and timing.name == name:
+                fire()
+
+        self.on_phase = on_phase
+
+    engine.EngineMigration.__init__ = init_then_die  # type: ignore[method-assign]
     if kind == "after":
         phase = report.PhaseClock.phase
 
@@ -56,21 +82,7 @@ def arm(point: str) -> None:
                 fire()
 
         report.PhaseClock.phase = phase_then_die  # type: ignore[method-assign]
-        init = engine.EngineMigration.__init__
-
-        def init_then_die(self: Any, *args: Any, **kw: Any) -> None:
-            init(self, *args, **kw)
-            told = self.on_phase
-
-            def on_phase(timing: Any) -> None:
-                told(timing)
-                if timing.ok and timing.name == name:
-                    fire()
-
-            self.on_phase = on_phase
-
-        engine.EngineMigration.__init__ = init_then_die  # type: ignore[method-assign]
-    elif kind == "in":
+    else:
         step = report._PhaseHandle.step
 
         @contextmanager
@@ -81,8 +93,6 @@ def arm(point: str) -> None:
                 yield
 
         report._PhaseHandle.step = die_in_step  # type: ignore[method-assign]
-    else:
-        raise SystemExit(f"point {point!r}: expected after:PHASE or in:STEP[+MS]")
 
 
 def main() -> int:
