@@ -41,7 +41,10 @@ def _migration_inventory(args: argparse.Namespace, command: str) -> Inventory | 
 
 
 def run_migrate(args: argparse.Namespace) -> int:
-    """Move a NAT's live sessions from a source agent to a target agent, then repoint traffic."""
+    """Move a network function's live state from a source agent to a target agent, then repoint traffic.
+
+    The generic engine runs by default: it moves the state lists of whatever modules both agents announce.  An inventory
+    with [migration] engine = "nat" runs the NAT's own migration instead."""
     _check_json_path(args.json)
     inv = _migration_inventory(args, "migrate")
     if inv is None:
@@ -78,15 +81,24 @@ def _to_stderr(line: str) -> None:
 
 
 def _run_state_migration(args: argparse.Namespace, inv: Inventory) -> int:
-    """The generic engine (switch = "none", or [migration] engine = "generic"): moves whatever state modules the two agents serve."""
-    from .engine import EngineMigration, EngineOptions, default_phases
+    """The generic engine (the default; the only one with switch = "none"): moves whatever state modules the two agents
+    serve, and with a switch the traffic."""
+    from .engine import EngineMigration, EngineOptions, default_phases, switch_only_phases
     from .statenode import StateNode
 
-    assert inv.source is not None and inv.target is not None
-    if args.no_state or args.retire == "stop":
-        print("natmig migrate: error: the generic engine moves state: --no-state and --retire stop do not apply", file=sys.stderr)
+    assert inv.source is not None and inv.target is not None and inv.switch is not None
+    retire = args.retire or inv.retire
+    nat_only = [what for what, given in (("--retire stop", retire == "stop"), ("--verify-source read", args.verify_source != "digest"))
+                if given]
+    if nat_only:
+        print(f"natmig migrate: error: {' and '.join(nat_only)} belong to the NAT's own migration: "
+              'set [migration] engine = "nat" in the inventory (or --set migration.engine=nat)', file=sys.stderr)
         return EXIT_USAGE
-    opts = EngineOptions(retire=args.retire or inv.retire, confirm_timeout=args.confirm_timeout,
+    steering = None if inv.switch.kind == "none" else steering_from_spec(inv.switch, inv.source)
+    if args.no_state and steering is None:
+        print('natmig migrate: error: --no-state moves traffic only, and this inventory\'s switch is "none"', file=sys.stderr)
+        return EXIT_USAGE
+    opts = EngineOptions(retire="delete" if args.no_state else retire, confirm_timeout=args.confirm_timeout,
                          recover_hint=f"natmig recover --inventory {args.inventory} --from {inv.source} --to {inv.target}")
 
     def opener(role: str, name: str) -> Callable[[], StateNode]:
@@ -97,13 +109,16 @@ def _run_state_migration(args: argparse.Namespace, inv: Inventory) -> int:
         if not args.quiet:
             print(f"{ph.name:<10} {ms(ph.seconds):>10}  {'ok' if ph.ok else 'FAILED'}", file=sys.stderr, flush=True)
 
-    assert inv.switch is not None
-    steering = None if inv.switch.kind == "none" else steering_from_spec(inv.switch)
+    # --no-state: the negative control, traffic moved and nothing copied (live flows break).
+    phases = switch_only_phases(steering) if args.no_state and steering is not None else default_phases(steering, args.settle / 1000)
     report = EngineMigration(opener("source", inv.source), opener("target", inv.target), inv.source, inv.target, opts,
-                             default_phases(steering), on_phase=progress, source_events=opener("source", inv.source)).run()
+                             phases, on_phase=progress, source_events=opener("source", inv.source)).run()
     print(report.text(), file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
         _write_json(args.json, report.to_json())
+    if not report.ok:
+        where = f"; traffic on {report.traffic_on} (read back from the switch)" if report.traffic_on else ""
+        print(f"natmig migrate: failed in phase {report.failed_phase}: {report.error}{where}", file=sys.stderr)
     return outcome_exit(report.outcome, "read back: the source admits new entries, the target's copy was undone",
                         f"the agents roll back what this migration left pending within {opts.confirm_timeout:g} s by themselves "
                         "(persistent confirmed commits); then read both with `natmig node NAME status`", _to_stderr)
@@ -236,14 +251,15 @@ def _inventory_arguments(p: argparse.ArgumentParser, source: str, target: str) -
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `natmig migrate` and `natmig demo`."""
-    m = sub.add_parser("migrate", help="move a NAT's live sessions to another node, then repoint traffic",
+    m = sub.add_parser("migrate", help="move a network function's live state to another node, then repoint traffic",
                        description=run_migrate.__doc__)
     _inventory_arguments(m, "source agent", "target agent")
-    m.add_argument("--retire", choices=("delete", "keep", "stop"), help="what becomes of the source (default: inventory, else delete)")
-    m.add_argument("--no-state", action="store_true", help="do not copy sessions (negative control: live flows break)")
+    m.add_argument("--retire", choices=("delete", "keep", "stop"),
+                   help="what becomes of the source (default: inventory, else delete; stop: the NAT engine's only)")
+    m.add_argument("--no-state", action="store_true", help="do not copy state (negative control: live flows break)")
     m.add_argument("--settle", type=float, default=10.0, metavar="MS", help="quiet time of the source's events before the switch (default 10)")
     m.add_argument("--verify-source", choices=("digest", "read"), default="digest",
-                   help="how verify knows the frozen source's table: its nat-statistics digest against the snapshot and events (default; re-read when they differ) or always re-read it")
+                   help="the NAT engine's: how verify knows the frozen source's table: its nat-statistics digest against the snapshot and events (default; re-read when they differ) or always re-read it")
     m.add_argument("--confirm-timeout", type=float, default=MigrateOptions.confirm_timeout, metavar="S",
                    help="seconds after which the agents undo by themselves what an interrupted migration left pending (default %(default)g)")
     m.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': standard output)")

@@ -70,6 +70,7 @@ class Preflight(Phase):
 
     name = "preflight"
     needs = frozenset({txn.CANDIDATE, txn.CONFIRMED_COMMIT})
+    changes = False  # it reads, and takes locks that end with its sessions
 
     def run(self, ctx: Context) -> str:
         for node in (ctx.source, ctx.target):
@@ -216,6 +217,7 @@ class TrafficOnSource(Phase):
     """Before anything changes: the switch sends the traffic through the source (read from the switch)."""
 
     name = "traffic"
+    changes = False
 
     def __init__(self, steering: Steering) -> None:
         self.steering = steering
@@ -337,13 +339,13 @@ class Finish(Phase):
         return f"{ctx.target.name}: copy confirmed; {ctx.source.name}: entries {'deleted' if ctx.options.retire == 'delete' else 'kept'}, admission reopened"
 
 
-def default_phases(steering: Steering | None = None) -> list[Phase]:
-    """preflight, (traffic on the source,) copy (forwarded lists, while the source serves), freeze, catch-up, verify,
-    (hold on the target,) switch (Open vSwitch, or none), finish.  For a source that announces no notifications the
-    engine runs the freeze before the copy (:func:`arranged`)."""
+def default_phases(steering: Steering | None = None, settle: float = 0.02) -> list[Phase]:
+    """preflight, (traffic on the source,) copy (forwarded lists, while the source serves), freeze, catch-up (until the
+    source's events are quiet for ``settle`` seconds), verify, (hold on the target,) switch (Open vSwitch, or none),
+    finish.  For a source that announces no notifications the engine runs the freeze before the copy (:func:`arranged`)."""
     if steering is None:
-        return [Preflight(), Copy(ForwardedLists()), Freeze(), CatchUp(), Verify(), NoSwitch(), Finish()]
-    return [Preflight(), TrafficOnSource(steering), Copy(ForwardedLists()), Freeze(), CatchUp(), Verify(), HoldTarget(),
+        return [Preflight(), Copy(ForwardedLists()), Freeze(), CatchUp(settle), Verify(), NoSwitch(), Finish()]
+    return [Preflight(), TrafficOnSource(steering), Copy(ForwardedLists()), Freeze(), CatchUp(settle), Verify(), HoldTarget(),
             OvsSwitch(steering), Finish()]
 
 
@@ -403,6 +405,7 @@ class EngineMigration:
             ctx = Context(src, tgt, self.options, txn.persist_token(r.source, r.target), r, open_events=self.open_events)
             r.connect_seconds = time.perf_counter() - t0
             for phase in phases:
+                r.changing = r.changing or phase.changes
                 timing = PhaseTiming(phase.name, started=time.perf_counter())
                 r.phases.append(timing)
                 ctx.renew()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 from ..errors import ControllerError
 from ..statemodel import Entry, Key, StateList
@@ -123,7 +123,13 @@ class Context:
 
 
 class Phase(base.Phase):
-    """One step of a migration; ``needs``: capabilities both agents must announce for it (see :mod:`.phase`)."""
+    """One step of a migration; ``needs``: capabilities both agents must announce for it (see :mod:`.phase`).
+
+    ``changes``: whether it may change a node or the switch.  A migration that failed before any such phase began
+    changed nothing, whatever the nodes read back then (another migration's, or an operator's, doing).
+    """
+
+    changes: ClassVar[bool] = True
 
     @abc.abstractmethod
     def run(self, ctx: Context) -> str:

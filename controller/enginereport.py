@@ -48,6 +48,8 @@ class EngineReport:
     traffic_on: str = ""
     #: the target's copy was confirmed: from then on nothing is undone.
     committed: bool = False
+    #: a phase that may change a node or the switch began (before one does, a failure changed nothing).
+    changing: bool = False
     undone: list[str] = field(default_factory=list)
     readback: dict[str, NodeReadback] = field(default_factory=dict)
 
@@ -55,14 +57,16 @@ class EngineReport:
     def outcome(self) -> str:
         """"ok"; "unchanged" when it failed and what was read back says nothing is left changed; else "attention".
 
-        Unchanged: the target's copy was never confirmed, every undo ran, both
-        nodes were read back, the source admits new entries, and traffic (when
-        there is a switch) is on the source.
+        Unchanged: it failed before any phase that changes something began; or
+        the target's copy was never confirmed, every undo ran, both nodes were
+        read back, the source admits new entries, and traffic (when there is a
+        switch) is on the source.
         """
         if self.ok:
             return "ok"
-        if not self.phases:
-            # Refused before its first phase (an agent down, unknown, busy; a connection that failed):
+        if not self.phases or not self.changing:
+            # Refused before its first phase (an agent down, unknown, busy; a connection that failed), or in one that
+            # only reads (preflight: a node locked by another migration, which may have frozen or switched it):
             # this migration wrote nothing, on either node.
             return "unchanged"
         clean = (not self.committed and not any("undo failed" in u for u in self.undone)

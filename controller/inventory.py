@@ -150,7 +150,7 @@ class Inventory:
     #: a controller service's northbound (natmig migrate --controller), when the inventory names one.
     controller: AgentSpec | None = None
     #: which migration engine (see ENGINES).
-    engine: str = "nat"
+    engine: str = "generic"
 
     def agent(self, name: str, role: str) -> AgentSpec:
         """An agent by name; the error says which role wanted it and which exist."""
@@ -282,7 +282,8 @@ def _engine(where: str, v: Any) -> str:
     return str(v)
 
 
-#: "nat": the live NAT migration (controller/migrate.py); "generic": the engine of any state module (controller/engine.py).
+#: "generic" (the default): the engine of any state module (controller/engine.py); "nat": the NAT's own migration
+#: (controller/migrate.py), kept for what only it has (--no-state's negative control aside: --retire stop, --verify-source).
 ENGINES = ("nat", "generic")
 
 MIGRATION_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
@@ -355,8 +356,8 @@ def parse(data: Any, path: str = "<inventory>") -> Inventory:
         if "password" not in f and "password_file" not in f and "key" not in f:
             raise InventoryError(f"{path}: controller: give password, password_file or key")
         controller = AgentSpec(name="controller", **f)
-    # A switch of "none" moves state only: that is the generic engine's alone.
-    engine = mig.get("engine", "generic" if switch is not None and switch.kind == "none" else "nat")
+    # The generic engine by default; a switch of "none" moves state only, which is the generic engine's alone.
+    engine = mig.get("engine", "generic")
     if engine == "nat" and switch is not None and switch.kind == "none":
         raise InventoryError(f"{path}: migration.engine: the NAT migration needs an Open vSwitch switch; with switch = \"none\" the engine is generic")
     inv = Inventory(agents, switch, mig.get("source"), mig.get("target"), mig.get("retire", "delete"), path, controller, engine)

@@ -126,12 +126,14 @@ def test_the_inventorys_plaintext_secret_and_the_agents_hashed_file_are_told_apa
     assert "hashed password file" in cp.stderr and "plaintext" in cp.stderr
 
 
-def test_json_dash_is_standard_output_alone(tmp_path: Path) -> None:
-    cp = run("migrate", "-i", str(_inventory(tmp_path)), "--json", "-")
+@pytest.mark.parametrize("engine,phase", [("generic", "connect"), ("nat", "preflight")])
+def test_json_dash_is_standard_output_alone(tmp_path: Path, engine: str, phase: str) -> None:
+    cp = run("migrate", "-i", str(_inventory(tmp_path)), "--json", "-", "--set", f"migration.engine={engine}")
     assert cp.returncode == EXIT_FAILED, cp.stderr
     report = json.loads(cp.stdout)  # nothing else on stdout
-    assert report["failed_phase"] == "preflight" and report["outcome"] == "unchanged"
-    assert "migration FAILED" in cp.stderr
+    assert report["failed_phase"] == phase and report["outcome"] == "unchanged"
+    assert "migration" in cp.stderr and f"FAILED in {phase}" in cp.stderr or "migration FAILED" in cp.stderr, cp.stderr
+    assert f"natmig migrate: failed in phase {phase}" in cp.stderr, cp.stderr
     assert not (Path.cwd() / "-").exists()
 
 

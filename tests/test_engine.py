@@ -150,6 +150,20 @@ def test_a_node_locked_by_another_session_is_refused_in_preflight(pair: tuple[Se
     assert not r.ok and r.failed_phase == "preflight"
     assert "target lb2 is in use" in r.error and "locked by session" in r.error
     assert r.readback["lb1"].tables["lb-binding:binding"][0] == 5 and r.readback["lb1"].admission is True
+    assert r.outcome == "unchanged"
+
+
+def test_refused_in_preflight_while_another_migration_has_frozen_the_source_is_still_unchanged(pair: tuple[Served, Served]) -> None:
+    """What is read back then is the other migration's doing: this one wrote nothing (exit 1, not 3)."""
+    a, b = pair
+    a.load(*entries(5))
+    with a.node() as other:
+        other.client.lock("running")
+        other.set_admission(False, target="running")  # the winner froze it
+        r = migration(a, b).run()
+        assert not r.ok and r.failed_phase == "preflight" and "locked by session" in r.error
+        assert r.readback["lb1"].admission is False and r.outcome == "unchanged", r.text()
+        other.set_admission(True, target="running")
 
 
 def test_a_source_already_closed_is_refused_with_the_recover_hint(pair: tuple[Served, Served]) -> None:

@@ -2,8 +2,10 @@
 
 Real parts throughout: agents over SSH in the NAT namespaces, conntrack,
 the testbed's Open vSwitch, live TCP and UDP flows with new connections
-opened during the move, and `natmig migrate` as its own process, SIGKILLed
-at a phase boundary or inside a phase (tests/functional/migrate_until.py).
+opened during the move, and `natmig migrate` (``migration.engine = "nat"``:
+the NAT's own migration; tests/functional/test_engine_faults.py has the same
+cases for the generic engine) as its own process, SIGKILLed at a phase
+boundary or inside a phase (tests/functional/migrate_until.py).
 
 After each fault, with nothing but the agents themselves acting (their
 confirmed commits roll back after ``CONFIRM`` seconds; a killed agent is
@@ -133,8 +135,8 @@ def test_the_controller_killed_at(point, tmp_path):
         inv = fleet.write_inventory("nat1", "nat2")
         with traffic(tb, tmp_path, churn=80 if "pre-apply" in point else 20, churn_life=0.2) as t:
             time.sleep(0.8)
-            cp = subprocess.run([sys.executable, "-m", "tests.functional.migrate_until", str(inv), point, str(CONFIRM)],
-                                capture_output=True, text=True, timeout=120)
+            cp = subprocess.run([sys.executable, "-m", "tests.functional.migrate_until", str(inv), point, str(CONFIRM),
+                                 "--set", "migration.engine=nat"], capture_output=True, text=True, timeout=120)
             assert cp.returncode == -9, f"the point {point} was never reached: {cp.returncode}\n{cp.stdout}{cp.stderr}"
             waited = wait_serving(tb, CONFIRM + 2)
             time.sleep(1.2)  # new connections after the rollback too
@@ -179,13 +181,14 @@ def test_an_agent_killed_after(victim, phase, tmp_path):
                recover_clean(tb, fleet, inv, tmp_path, moved, on))
 
 
-def test_two_migrations_at_once_one_runs_the_other_is_refused_naming_the_holder(tmp_path):
+@pytest.mark.parametrize("engine", ["nat", "generic"])
+def test_two_migrations_at_once_one_runs_the_other_is_refused_naming_the_holder(engine, tmp_path):
     with bed(tmp_path, "f2") as (tb, fleet):
         moved = load(tb, fleet)
         inv = fleet.write_inventory("nat1", "nat2")
         with traffic(tb, tmp_path, churn=20, churn_life=0.2) as t:
             time.sleep(0.8)
-            argv = [sys.executable, "-m", "natmig.cli", "migrate", "--inventory", str(inv), "--quiet"]
+            argv = [sys.executable, "-m", "natmig.cli", "migrate", "--inventory", str(inv), "--quiet", "--set", f"migration.engine={engine}"]
             procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
             outs = [p.communicate(timeout=120) for p in procs]
             time.sleep(1.0)
