@@ -60,17 +60,15 @@ from natmig.netns import ensure_conntrack_capacity
 from natmig.controller.agentfleet import AgentFleet
 from natmig.controller.demorun import control_plane_priority
 from natmig.controller.demosessions import load_sessions, synthetic_sessions
-from natmig.controller.migrate import MigrateOptions, Migration
-from natmig.controller.steering import TestbedSteering
 from natmig.controller.traffic import LiveTraffic, TrafficSpec
 from natmig.controller.trafficflow import MAX_DURATION
 from natmig.testbed import topology
 from natmig.testbed.bed import Testbed
 
 from common import SESSION_TIMEOUT, agents_on, in_child, reset_peak_rss, vm_hwm_mb  # noqa: E402
+from engines import ENGINES, PHASES, move  # noqa: E402
 from floors import conntrackd_floor, kernel_floor, tool_floor  # noqa: E402
 
-PHASES = ("preflight", "copy", "catch-up", "switch", "verify", "admit", "retire")
 #: Seconds the probe runs before the probe-only move: its largest gap there is the machine's own floor of the move's gap.
 IDLE_PROBE = 4.0
 
@@ -122,7 +120,7 @@ class Timeouts:
         return min(MAX_DURATION, max(300.0, self.confirm))
 
 
-def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeouts = Timeouts()) -> dict:
+def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeouts = Timeouts(), engine: str = "generic") -> dict:
     """One table size: load, the three floors, natmig with the 1 ms probe (then again with new connections)."""
     reset(tb)
     t = time.perf_counter()
@@ -168,7 +166,7 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
         reset_peak_rss(pid)
     controller_rss_before = vm_hwm_mb(os.getpid())
     report, traffic = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001, duration=timeouts.traffic), timeouts,
-                               idle=IDLE_PROBE)
+                               idle=IDLE_PROBE, engine=engine)
     idle_gap = _idle_gap(report, traffic)
     agent_rss = {role: vm_hwm_mb(pid) for role, pid in agents.items()}
     controller_rss = vm_hwm_mb(os.getpid())
@@ -186,10 +184,11 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
     # Its own controller peak too: with new connections the target's digest differs, and verify reads the key ranges that differ.
     reset_peak_rss(os.getpid())
     held_report, held_traffic = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001, churn=100, churn_life=0.1,
-                                                                     duration=timeouts.traffic), timeouts)
+                                                                     duration=timeouts.traffic), timeouts, engine=engine)
     churn_controller_rss = vm_hwm_mb(os.getpid())
     return {
         "sessions": n,
+        "engine": engine,
         "conntrack_entries": in_table,
         "load_seconds": load_s,
         "floor": floor,
@@ -205,7 +204,7 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
         "controller_rss_before_mb": controller_rss_before,
         "natmig_ok": report.ok,
         "natmig_error": report.error,
-        "natmig_phases": {p: report.phase_seconds(p) for p in PHASES},
+        "natmig_phases": {p: report.phase_seconds(p) for p in PHASES[engine]},
         "natmig_total": report.total_seconds,
         "natmig_steps": {p.name: p.steps for p in report.phases},
         "natmig_moved": report.copied + report.caught_up + report.reconciled,
@@ -240,14 +239,15 @@ def _caught_up(fleet: AgentFleet, timeouts: Timeouts) -> None:
             node.close()
 
 
-def _migrate(tb: Testbed, fleet: AgentFleet, work: Path, spec: TrafficSpec, timeouts: Timeouts, idle: float = 0.5) -> tuple:
-    """natmig nat1 -> nat2 (retire=keep) with ``spec``'s traffic running ``idle`` s before; the report and what the traffic saw."""
+def _migrate(tb: Testbed, fleet: AgentFleet, work: Path, spec: TrafficSpec, timeouts: Timeouts, idle: float = 0.5,
+             engine: str = "generic") -> tuple:
+    """natmig nat1 -> nat2 (retire=keep) by ``engine`` with ``spec``'s traffic running ``idle`` s before; the report and
+    what the traffic saw."""
     probe = LiveTraffic(tb.netns("client"), tb.netns("server"), tb.address("server"), spec, str(work))
     with probe:
         time.sleep(idle)
         with control_plane_priority():
-            report = Migration(fleet.endpoint("nat1", timeout=timeouts.rpc), fleet.endpoint("nat2", timeout=timeouts.rpc), TestbedSteering(tb),
-                               MigrateOptions(retire="keep", confirm_timeout=timeouts.confirm)).run()
+            report = move(engine, fleet, tb, timeouts.rpc, timeouts.confirm)
         time.sleep(0.5)
         return report, probe.stop()
 
@@ -307,12 +307,19 @@ def _gap_phase(report, end: float | None, gap: float) -> str:
 
 def print_table(rows: list[dict]) -> None:
     """The figures, one line per table size."""
-    head = f"{'sessions':>9} | {'floor: dump':>11} {'restore':>8} {'bundle':>7} {'total':>8} | " + " ".join(f"{p:>9}" for p in PHASES) + f" | {'natmig':>8} {'x floor':>7} | {'gap ms':>7} {'@switch':>7} {'idle':>6} ok"
+    for engine in dict.fromkeys(r.get("engine", "nat") for r in rows):
+        _print_engine_table(engine, [r for r in rows if r.get("engine", "nat") == engine])
+
+
+def _print_engine_table(engine: str, rows: list[dict]) -> None:
+    phases = PHASES[engine]
+    print(f"natmig migrate, {engine} engine")
+    head = f"{'sessions':>9} | {'floor: dump':>11} {'restore':>8} {'bundle':>7} {'total':>8} | " + " ".join(f"{p:>9}" for p in phases) + f" | {'natmig':>8} {'x floor':>7} | {'gap ms':>7} {'@switch':>7} {'idle':>6} ok"
     print(head)
     print("-" * len(head))
     for r in rows:
         f = r["floor"]
-        ph = " ".join(f"{r['natmig_phases'][p] * 1000:9.1f}" for p in PHASES)
+        ph = " ".join(f"{r['natmig_phases'][p] * 1000:9.1f}" for p in phases)
         ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
         print(f"{r['sessions']:>9} | {f['dump'] * 1000:11.1f} {f['restore'] * 1000:8.1f} {f['bundle'] * 1000:7.1f} {f['total'] * 1000:8.1f} | {ph} | "
               f"{r['natmig_total'] * 1000:8.1f} {ratio:>7} | {r['probe_gap_ms']:7.1f} {('' if r['probe_gap_at_switch_exact'] else '<') + format(r['probe_gap_at_switch_ms'], '.1f'):>7} {('' if r['probe_gap_idle_exact'] else '<') + format(r['probe_gap_idle_ms'], '.1f'):>6} {'yes' if r['natmig_ok'] and r['probe_survived'] else 'NO'} (gap in {r['probe_gap_phase']})")
@@ -426,8 +433,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(True, which="both", linewidth=0.3)
     ax.legend(fontsize=8)
     bottom = [0.0] * len(rows)
-    for p in PHASES:
-        share = [100 * r["natmig_phases"][p] / r["natmig_total"] if r["natmig_total"] else 0 for r in rows]
+    for p in dict.fromkeys(name for r in rows for name in PHASES[r.get("engine", "nat")]):
+        share = [100 * r["natmig_phases"].get(p, 0.0) / r["natmig_total"] if r["natmig_total"] else 0 for r in rows]
         bx.bar(xs, share, 0.6, bottom=bottom, label=p)
         bottom = [b + v for b, v in zip(bottom, share)]
     bx.set_xticks(xs, labels)
@@ -467,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                          "a get-config of 1,000,000 takes minutes)")
     ap.add_argument("--confirm-timeout", type=float, default=None,
                     help="the migration's confirm timeout, seconds (default: 0.9 ms per session, at least 10)")
+    ap.add_argument("--engine", choices=ENGINES, default="generic",
+                    help="the migration measured: natmig migrate's default, the generic engine (default), or the NAT's own")
     a = ap.parse_args(argv)
     if a.rpc_timeout is not None and a.rpc_timeout <= 0:
         ap.error(f"--rpc-timeout {a.rpc_timeout}: must be more than 0 seconds")
@@ -493,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     timeouts = Timeouts.for_table(n, a.rpc_timeout, a.confirm_timeout)
                     print(f"   RPC timeout {timeouts.rpc:g} s, confirm timeout {timeouts.confirm:g} s", flush=True)
-                    rows.append(measure(tb, fleet, n, work, timeouts))
+                    rows.append(measure(tb, fleet, n, work, timeouts, a.engine))
                 except (NatmigError, RuntimeError) as e:  # RuntimeError: what failed in a child (in_child)
                     failed = f"{n} sessions: {e}"
                     break

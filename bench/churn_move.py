@@ -38,6 +38,7 @@ from natmig.testbed import topology
 from natmig.testbed.bed import Testbed
 
 from bench_migrate import Timeouts, _caught_up, _migrate, _new_connections, flush, reset  # noqa: E402
+from engines import ENGINES  # noqa: E402
 from common import SESSION_TIMEOUT, agents_on, in_child  # noqa: E402
 
 #: Flows listed by name in the output (the count is always given).
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sessions", type=int, default=1_000_000, help="sessions loaded into nat1 (default 1000000)")
     ap.add_argument("--keep-logs", default=None, help="copy the two agents' logs into this directory")
+    ap.add_argument("--engine", choices=ENGINES, default="generic", help="natmig migrate's default, the generic engine (default), or the NAT's own")
     ap.add_argument("--after-move", action="store_true",
                     help="first a move without churn, then traffic pointed back and nat2 emptied (bench_migrate's order)")
     a = ap.parse_args(argv)
@@ -71,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
             first = None
             if a.after_move:
                 # As bench_migrate's churn run: its probe-only move kept the source's entries (retire=keep).
-                first, _ = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001, duration=timeouts.traffic), timeouts)
+                first, _ = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001, duration=timeouts.traffic), timeouts,
+                                    engine=a.engine)
                 tb.point_to("nat1")
                 flush(tb, "nat2")
                 _caught_up(fleet, timeouts)
             spec = TrafficSpec(tcp=1, udp=0, interval=0.001, churn=100, churn_life=0.1, duration=timeouts.traffic)
-            report, traffic = _migrate(tb, fleet, work, spec, timeouts)
+            report, traffic = _migrate(tb, fleet, work, spec, timeouts, engine=a.engine)
             lost = [f for f in traffic.flows if not f.survived]
             row = {
                 "sessions": n, "load_seconds": load_s,

@@ -26,21 +26,19 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from natmig import netns
 from natmig.controller.demorun import control_plane_priority
 from natmig.controller.demosessions import load_sessions, synthetic_sessions
-from natmig.controller.migrate import MigrateOptions, Migration
-from natmig.controller.steering import TestbedSteering
 from natmig.errors import NatmigError
 from natmig.netns import ensure_conntrack_capacity
 from natmig.testbed import topology
 from natmig.testbed.bed import Testbed
 
 from bench_migrate import Timeouts, _caught_up, flush, reset  # noqa: E402
+from engines import ENGINES, move  # noqa: E402
 from common import SESSION_TIMEOUT, agents_on, in_child  # noqa: E402
 
 
@@ -52,27 +50,13 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick
 
 
-def _move(engine: str, fleet: Any, tb: Testbed, timeouts: Timeouts) -> Any:
-    """One move nat1 -> nat2, retire=keep, by ``engine``; its report (both kinds have ok, error, total_seconds, phases)."""
-    if engine == "nat":
-        return Migration(fleet.endpoint("nat1", timeout=timeouts.rpc), fleet.endpoint("nat2", timeout=timeouts.rpc),
-                         TestbedSteering(tb), MigrateOptions(retire="keep", confirm_timeout=timeouts.confirm)).run()
-    from natmig.controller.engine import EngineMigration, EngineOptions, default_phases
-    from natmig.controller.statenode import StateNode
-
-    def opener(nat: str) -> Callable[[], StateNode]:
-        return lambda: StateNode(fleet.endpoint(nat, timeout=timeouts.rpc).open())
-    return EngineMigration(opener("nat1"), opener("nat2"), "nat1", "nat2", EngineOptions(retire="keep", confirm_timeout=timeouts.confirm),
-                           default_phases(TestbedSteering(tb)), source_events=opener("nat1")).run()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the moves; one JSON line each (and all of them in ``--out``)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sessions", type=int, default=100_000, help="sessions loaded into nat1 (default 100000)")
     ap.add_argument("--runs", type=int, default=2, help="moves of that table, nat2 emptied before each (default 2)")
-    ap.add_argument("--engine", choices=("nat", "generic"), default="nat",
-                    help="the NAT migration (default) or the generic engine (natmig-state, no NAT code), on the same table")
+    ap.add_argument("--engine", choices=ENGINES, default="generic",
+                    help="natmig migrate's default, the generic engine (default), or the NAT's own migration, on the same table")
     ap.add_argument("--out", default=None, help="also write the lines as one JSON list to this file")
     a = ap.parse_args(argv)
     if a.sessions < 0 or a.runs < 1:
@@ -98,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 before = {role: cpu_seconds(pid) for role, pid in pids.items()}
                 own = os.times()
                 with control_plane_priority():
-                    report = _move(a.engine, fleet, tb, timeouts)
+                    report = move(a.engine, fleet, tb, timeouts.rpc, timeouts.confirm)
                 own_after = os.times()
                 after = {role: cpu_seconds(pid) for role, pid in pids.items()}
                 row = {
