@@ -17,6 +17,7 @@ are enforced with no code of its own.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -206,11 +207,29 @@ def load_module(path: str | Path) -> StateModule:
     return sm
 
 
+#: modules compiled from fetched texts, by name and the texts' hash: both agents of a move serve the same module, and a
+#: compile of nat-session took ~25 ms, once per agent and move (the controller service's kept sessions skip it anyway).
+_fetched: dict[tuple[str, str], StateModule] = {}
+FETCHED_KEPT = 32
+
+
 def compile_fetched(texts: Mapping[str, str], name: str, where: str) -> StateModule:
-    """Compile module ``name`` from texts fetched with get-schema (name -> text), imports among them."""
+    """Compile module ``name`` from texts fetched with get-schema (name -> text), imports among them.
+
+    The same texts compile to the same module (nothing else is searched), so a compile is kept by their hash.
+    """
     if name not in texts:
         raise SchemaError(f"{where}: module {name} was not fetched")
-    return _compile(dict(texts), name, [], where)
+    key = (name, hashlib.sha256("\0".join(f"{n}\0{t}" for n, t in sorted(texts.items())).encode()).hexdigest())
+    with _cache_lock:
+        if (hit := _fetched.get(key)) is not None:
+            return hit
+    sm = _compile(dict(texts), name, [], where)
+    with _cache_lock:
+        if len(_fetched) >= FETCHED_KEPT:
+            _fetched.pop(next(iter(_fetched)))
+        _fetched[key] = sm
+    return sm
 
 
 def _module_name(text: str, where: str) -> str:

@@ -162,3 +162,13 @@ def test_the_plain_leaves_path_decodes_exactly_as_the_general_one(case: str, mon
     assert fast == outcome()
     if case == "plain":
         assert not isinstance(fast, str) and len(fast.edits) == 2  # type: ignore[attr-defined]
+
+
+def test_the_same_fetched_texts_compile_once_and_other_texts_anew() -> None:
+    from natmig.statemodel import compile_fetched
+
+    text = LB.read_text()
+    first = compile_fetched({"lb-binding": text}, "lb-binding", "a")
+    assert compile_fetched({"lb-binding": text}, "lb-binding", "b") is first  # the other agent of the move: no compile
+    other = compile_fetched({"lb-binding": text.replace('description', 'reference', 1)}, "lb-binding", "c")
+    assert other is not first and [(l.name, l.keys) for l in other.lists] == [(l.name, l.keys) for l in first.lists]
