@@ -352,7 +352,7 @@ def test_a_switch_failing_after_the_target_held_leaves_nothing_held_and_the_held
         assert not record.get("error") and "second" in record, record
         assert record["first"][-1] == record["second"][-1]
         assert (probe.opened or 0) < record["connected"]
-        assert any("hold and copy cancelled" in u for u in report.undone), report.undone
+        assert any("hold cancelled" in u and "copy removed" in u for u in report.undone), report.undone
         # Read back from the switch and from both agents.
         assert report.traffic_on == "nat1" and tb.active_nat() == "nat1"
         assert report.readback["nat1"].admission is True and report.readback["nat2"].admission is True
