@@ -221,8 +221,9 @@ class Demo:
         return res
 
     def same_as(self, inventory: Path) -> str:
-        """The command line that makes the same move."""
-        return f"natmig migrate --inventory {inventory}"
+        """The command line that makes the same move (this demo runs the NAT's own migration; `natmig migrate`'s default
+        is the generic engine)."""
+        return f"natmig migrate --inventory {inventory} --set migration.engine=nat"
 
     def fleet(self, tb: Any, work: Path) -> AgentFleet:
         """The agents of the NAT nodes (not started yet)."""
