@@ -222,6 +222,7 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
         "churn_run_ok": held_report.ok and held_traffic.all_survived,
         "churn_run_total": held_report.total_seconds,
         "churn_run_steps": {p.name: {"seconds": p.seconds, **p.steps} for p in held_report.phases},
+        "churn_run_details": {p.name: p.detail for p in held_report.phases if getattr(p, "detail", "")},
         "churn_run_verify": {"source_check": held_report.source_check, "target_check": held_report.target_check,
                              "seconds": held_report.phase_seconds("verify"), "steps": next((p.steps for p in held_report.phases if p.name == "verify"), {}),
                              "range_sessions_read": held_report.range_sessions_read},

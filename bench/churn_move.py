@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ok": report.ok, "error": report.error,
                 "total": report.total_seconds,
                 "phases": {p.name: {"seconds": p.seconds, **p.steps} for p in report.phases},
+                "details": {p.name: p.detail for p in report.phases if getattr(p, "detail", "")},
                 "copied": report.copied, "caught_up": report.caught_up, "reconciled": report.reconciled,
                 "verified": report.verified, "source_check": report.source_check, "target_check": report.target_check,
                 "range_sessions_read": report.range_sessions_read,

@@ -49,7 +49,7 @@ from typing import Callable
 from ..errors import ControllerError
 from ..statemodel import Entry, StateList
 from . import phase as base, txn
-from .enginecatchup import CatchUp, apply_changes, reconcile
+from .enginecatchup import CatchUp, apply_changes, commit_changes, reconcile
 from .enginecontext import RETIRE_MODES, Context, CopyStrategy, EngineOptions, Phase, close_events
 from .enginecopy import ForwardedLists, WholeLists
 from .enginereport import EngineReport, NodeReadback
@@ -152,16 +152,17 @@ class Copy(Phase):
         # target rolling its copy back by itself after confirm-timeout, and the source never stopped serving.
         started = time.monotonic()
         ctx.confirmed(ctx.target)
+        ctx.copy_committed = True
         commit = f"committed in {(time.monotonic() - started) * 1000:.0f} ms (confirmed, {ctx.options.confirm_timeout:g} s)"
         if not serving:
             return f"{self.strategy.name}, {ctx.source.name} frozen: {lists}; {commit}"
         if ctx.events is None:
             return (f"{self.strategy.name}, while {ctx.source.name} serves (its changes not followed: it announces no notifications): "
                     f"{lists}; {commit}")
-        # What changed during the commit: written now too, still outside the freeze (a follow-up of the same series).
+        # What changed during the commit: written now too, still outside the freeze.
         later = apply_changes(ctx, ctx.events.changes(0))
         if later:
-            ctx.follow_up(ctx.target)
+            commit_changes(ctx)
         ctx.early += later
         return (f"{self.strategy.name}, while {ctx.source.name} serves: {lists}; {commit}; "
                 f"{ctx.early} changes since the read written from its events")

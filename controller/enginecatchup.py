@@ -46,22 +46,43 @@ def apply_changes(ctx: Context, events: list[tuple[StateList, str, Entry]]) -> i
             ups.get(lst, {}).pop(key, None)
             gone.setdefault(lst, {})[key] = None
         n += 1
+    write(ctx, ups, gone)
+    return n
+
+
+def write(ctx: Context, ups: dict[StateList, dict[Key, Entry]], gone: dict[StateList, dict[Key, None]]) -> None:
+    """Removals, then writes, into the target where :meth:`~.enginecontext.Context.changes_to` says (what is created
+    straight in running is recorded for an undo)."""
+    where = ctx.changes_to()
     # Removals first: what a gone entry held (a unique value) is then free for the writes.
     for lst, keys in gone.items():
-        ctx.target.remove(lst, list(keys))
+        ctx.target.remove(lst, list(keys), target=where)
+        if where == "running":
+            for k in keys:
+                ctx.direct.get(lst, {}).pop(k, None)
     for lst, entries in ups.items():
-        ctx.target.write(lst, list(entries.values()))
-    return n
+        ctx.target.write(lst, list(entries.values()), target=where)
+        if where == "running":
+            ctx.direct.setdefault(lst, {}).update(dict.fromkeys(entries))
+
+
+def commit_changes(ctx: Context) -> str:
+    """What :func:`write` left in the target's candidate committed, as a follow-up of the copy's series; how, for the
+    report."""
+    if ctx.changes_to() == "running":
+        return f"written into {ctx.target.name}'s running (no commit)"
+    started = time.monotonic()
+    ctx.follow_up(ctx.target)
+    return f"target committed in {(time.monotonic() - started) * 1000:.0f} ms (a follow-up of the copy's confirmed commit)"
 
 
 def reread(ctx: Context, lst: StateList) -> int:
     """Read ``lst`` from the source again and write into the target's candidate how it differs; how many entries."""
     now = {lst.key_of(e): e for e in ctx.source.read(lst)}
     old = ctx.expected[lst]
-    upserts = [e for k, e in now.items() if old.get(k) != e]
-    gone = [k for k in old if k not in now]
-    ctx.target.remove(lst, gone)  # first, as in apply_changes
-    ctx.target.write(lst, upserts)
+    upserts = {k: e for k, e in now.items() if old.get(k) != e}
+    gone = dict.fromkeys(k for k in old if k not in now)
+    write(ctx, {lst: upserts}, {lst: gone})
     ctx.expected[lst] = now
     return len(upserts) + len(gone)
 
@@ -76,14 +97,12 @@ def reconcile(ctx: Context, lst: StateList, want: tuple[int, str] | None) -> int
     tgt = {lst.key_of(e): e for e in ctx.target.read(lst)}
     # The key and mandatory leaves (the digest's): others may change on a live node by themselves.
     idx = [i for i, s in enumerate(lst.leaves) if s.mandatory]
-    gone = [k for k in tgt if k not in src]
-    ups = [e for k, e in src.items() if k not in tgt or any(e[i] != tgt[k][i] for i in idx)]
-    ctx.target.remove(lst, gone)
-    ctx.target.write(lst, ups)
-    created = ctx.created.setdefault(lst, {})
-    created.update((lst.key_of(e), None) for e in ups)
+    gone = dict.fromkeys(k for k in tgt if k not in src)
+    ups = {k: e for k, e in src.items() if k not in tgt or any(e[i] != tgt[k][i] for i in idx)}
+    write(ctx, {lst: ups}, {lst: gone})
+    ctx.created.setdefault(lst, {}).update(dict.fromkeys(ups))
     if gone or ups:
-        ctx.follow_up(ctx.target)
+        commit_changes(ctx)
     got = ctx.target.statistics().get(lst.qname)
     if got != want:
         raise ControllerError(f"{ctx.target.name}: {lst.qname} is not the frozen source's after writing {len(ups)} and removing "
@@ -129,11 +148,8 @@ class CatchUp(Phase):
         done = f"{applied} changes from events{early}, {again} from a re-read"
         if not applied and not again:
             return f"{done}; nothing left to commit (the copy was committed in copy)"
-        settled = time.monotonic()
-        # The last changes only: the copy itself was committed by Copy (while the source served, by default).  A
-        # follow-up of its series: a dead controller's target still rolls back to what it held before the copy.
-        ctx.follow_up(ctx.target)
-        return f"{done}; target committed in {(time.monotonic() - settled) * 1000:.0f} ms (a follow-up of the copy's confirmed commit)"
+        # The last changes only: the copy itself was committed by Copy (while the source served, by default).
+        return f"{done}; {commit_changes(ctx)}"
 
     def undo(self, ctx: Context) -> str | None:
         return f"{ctx.target.name}: copy and catch-up cancelled" if ctx.cancel_target() else None

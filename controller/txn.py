@@ -26,6 +26,7 @@ from ..errors import ControllerError
 #: RFC 6241 8.4: what an agent must announce for a crash-safe migration.
 CONFIRMED_COMMIT = "urn:ietf:params:netconf:capability:confirmed-commit:1.1"
 CANDIDATE = "urn:ietf:params:netconf:capability:candidate:1.0"
+WRITABLE_RUNNING = "urn:ietf:params:netconf:capability:writable-running:1.0"
 #: the datastores a migration writes, locked in this order (RFC 6241 7.5 advises running first).
 LOCKED = ("running", "candidate")
 

@@ -276,6 +276,22 @@ def test_a_failure_after_the_committed_copy_cancels_it_at_once_and_the_catch_up_
     assert r.readback["lb1"].tables["lb-binding:binding"][0] == 40 and r.readback["lb1"].admission is True
 
 
+@pytest.mark.parametrize("strategy", [WholeLists, ForwardedLists])
+def test_changes_after_the_copys_commit_go_straight_into_running_and_an_undo_removes_them(pair: tuple[Served, Served], strategy: type) -> None:
+    """A candidate taken after a commit is the agent's whole table: the catch-up writes into running (:writable-running)
+    instead, outside the copy's confirmed series, so an undo must remove what it created there."""
+    a, b = pair
+    a.load(*entries(40))
+    r = migration(a, b, [Preflight(), Copy(strategy()), Freeze(), _Traffic(a), CatchUp(), _Fails()], confirm_timeout=60).run()
+    assert not r.ok and r.failed_phase == "fault"
+    catch = next(p for p in r.phases if p.name == "catch-up")
+    assert "4 changes from events" in catch.detail and "written into lb2's running (no commit)" in catch.detail, catch.detail
+    assert any("copy" in u and "cancelled" in u for u in r.undone), r.undone
+    # The copy's series cancelled and the entry the catch-up created in running removed: the target holds nothing.
+    assert r.readback["lb2"].tables["lb-binding:binding"] == (0, "0000000000000000")
+    assert r.readback["lb1"].tables["lb-binding:binding"][0] == 38 and r.readback["lb1"].admission is True
+
+
 class _SlowCopy(WholeLists):
     """A copy slower than the confirm timeout (a loaded machine, a big table)."""
 
