@@ -24,9 +24,16 @@ Crash safety is the NAT migration's (:mod:`.txn`): both nodes locked from
 preflight to the end, and every change a dead controller must not leave
 behind a persistent confirmed commit under the pair's token, rolled back
 by the agents themselves when ``confirm_timeout`` passes: the source's
-freeze, and the target's series (copy, catch-up, hold), whose undo is a
-cancel-commit.  A controller dying while the source serves leaves it
-serving, and the target's copy rolling back by itself.
+freeze, and the target's copy (and its catch-up when written through the
+candidate), whose undo is a cancel-commit.  A controller dying while the
+source serves leaves it serving, and the target's copy rolling back by
+itself.  With a switch, :class:`HoldTarget` confirms the copy before
+traffic can reach the target, and holds in a series of its own: no
+rollback ever empties a target that may carry traffic.  Changes written
+straight into the target's running after the copy's commit
+(:meth:`~.enginecontext.Context.changes_to`) are in no series: an undo
+removes what they created, and after a dead controller `natmig recover`
+does.
 
 The switch of traffic is :class:`OvsSwitch` (any :class:`~.steering.Steering`:
 point it at the target, read it back) or :class:`NoSwitch` (state transfer
