@@ -283,7 +283,7 @@ def _engine(where: str, v: Any) -> str:
 
 
 #: "generic" (the default): the engine of any state module (controller/engine.py); "nat": the NAT's own migration
-#: (controller/migrate.py), kept for what only it has (--no-state's negative control aside: --retire stop, --verify-source).
+#: (controller/migrate.py), kept for what only it has: --retire stop, --verify-source read, verify by key ranges.
 ENGINES = ("nat", "generic")
 
 MIGRATION_FIELDS: Mapping[str, tuple[Callable[[str, Any], Any], bool]] = {
