@@ -22,18 +22,15 @@ list rest on the agents' own digests (:mod:`.enginecatchup`, :mod:`.engine`).
 from __future__ import annotations
 
 import collections
-import queue
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Iterable
 
 from ..errors import ControllerError
 from ..statemodel import Entry, StateList
 from ..wire.slices import EntryStream, ListText
+from .chunkfeed import feed_chunks
 from .enginecontext import Context, CopyStrategy
 
-#: Chunks of the source's reply that may wait for the copy at once (an agent sends ~64 KB a chunk).
-CHUNKS_QUEUED = 64
 #: Slices sent to the target and not yet answered.
 WRITES_AHEAD = 3
 
@@ -63,8 +60,8 @@ class ForwardedLists(CopyStrategy):
     slices of whole entries go on to the target as they come (at most
     :data:`WRITES_AHEAD` unanswered), so the source's read, the transfer and
     the target's checks overlap.  The reply is not kept: at most
-    :data:`CHUNKS_QUEUED` chunks wait here, and when the target falls behind,
-    the rest waits in the source's SSH window.  A list whose text is not
+    :data:`~.chunkfeed.CHUNKS_QUEUED` chunks wait here, and when the target falls behind,
+    the rest waits in the source's SSH window (:mod:`.chunkfeed`).  A list whose text is not
     plain (:class:`~natmig.wire.slices.ListText`), and a list the target
     already holds entries of, is copied whole and decoded instead; what was
     forwarded of it before is merged again, which changes nothing.
@@ -92,10 +89,7 @@ class ForwardedLists(CopyStrategy):
         """``lst`` forwarded slice by slice; None when its text is not plain (the caller copies it decoded)."""
         stream = EntryStream(lst.name, first=min(self.first, self.most), most=self.most)
         sent = ListText(lst)
-        chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=CHUNKS_QUEUED)
-        drained = threading.Event()
         plain = True
-        failure: BaseException | None = None
         with ThreadPoolExecutor(2, thread_name_prefix="natmig-forward") as pool:
             writes: collections.deque[Future[None]] = collections.deque()
 
@@ -119,34 +113,16 @@ class ForwardedLists(CopyStrategy):
                     writes.append(pool.submit(ctx.target.write_text, part))
                 return True
 
-            def put(chunk: bytes | None) -> None:
-                # Waits while the copy is behind, never once it stopped taking chunks (a chunk
-                # after the end mark, in ncclient's transport thread, would hang the session).
-                while not drained.is_set():
-                    try:
-                        chunks.put(chunk, timeout=0.1)
-                        return
-                    except queue.Full:
-                        pass
+            going = True
 
-            with ThreadPoolExecutor(1, thread_name_prefix="natmig-read") as reader:
-                reading = reader.submit(ctx.source.read_text, lst, put, False)
-                reading.add_done_callback(lambda _f: put(None))
-                going = True
-                try:
-                    while (chunk := chunks.get()) is not None:
-                        if going:
-                            try:
-                                going = send(stream.feed(chunk))
-                            except BaseException as e:  # noqa: BLE001 - the reader must still be drained; raised below
-                                failure, going = e, False
-                        else:
-                            stream.fed += len(chunk)
-                finally:
-                    drained.set()
-                reply = reading.result()
-            if failure is not None:
-                raise failure
+            def take(chunk: bytes) -> None:
+                nonlocal going
+                if going:
+                    going = send(stream.feed(chunk))
+                else:
+                    stream.fed += len(chunk)  # counted still: the reply's size is checked below
+
+            reply = feed_chunks(lambda put: ctx.source.read_text(lst, put, False), take)
             if not reply.tapped:
                 going = going and send(stream.feed(reply.raw.encode()))
             elif stream.fed != reply.received:

@@ -3,21 +3,18 @@
 from __future__ import annotations
 
 import collections
-import queue
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, cast
 
 from ..errors import ControllerError
+from .chunkfeed import feed_chunks
 from .migcontext import Context
 from .migstrategy import SessionCopy, commit_copy, copy_decoded
 from .nodeproto import TABLE_TEXT, TEXT_EDIT, TableReader, TextTarget
 from .plan import CopyPlan, PlanError, foreign_addresses
 from ..wire.nattext import EntryStream, ForwardedEntries, TextTable
 
-#: Chunks of the source's reply that may wait for the copy at once (the agent sends ~64 KB a chunk).
-CHUNKS_QUEUED = 64
 #: Slices sent to the target and not yet answered (each up to copy_chunk entries, ~9 MB at 25,000).
 WRITES_AHEAD = 3
 
@@ -49,7 +46,7 @@ def copy_text(ctx: Context, ph: Any, src: Any, tgt: Any) -> None:
 
     The reply is not kept here (only its count, public addresses and
     keys: :class:`natmig.wire.nattext.ForwardedEntries`), and at most
-    :data:`CHUNKS_QUEUED` chunks and :data:`WRITES_AHEAD` slices wait at
+    :data:`~.chunkfeed.CHUNKS_QUEUED` chunks and :data:`WRITES_AHEAD` slices wait at
     once: when the target falls behind, the rest of the reply waits in
     the source's SSH window, not in this process.  At 1,000,000 sessions
     the controller held the reply as bytes, as text and as queued
@@ -57,7 +54,6 @@ def copy_text(ctx: Context, ph: Any, src: Any, tgt: Any) -> None:
     """
     codec = src.codec
     stream = EntryStream(codec.schema.list_name, first=min(1000, ctx.opt.copy_chunk), most=ctx.opt.copy_chunk)
-    chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=CHUNKS_QUEUED)
     sent = ForwardedEntries(codec)
     plain = True
     # Set before any write: a failure from here on discards the candidate.
@@ -88,38 +84,17 @@ def copy_text(ctx: Context, ph: Any, src: Any, tgt: Any) -> None:
                 writes.append(pool.submit(tgt.edit_text, part, "candidate"))
             return True
 
-        failure: BaseException | None = None
-        drained = threading.Event()
+        going = True
 
-        def put(chunk: bytes | None) -> None:
-            # Waits while the copy is behind, but never once it has stopped taking chunks
-            # (a chunk after the end mark, in ncclient's transport thread, would hang the session).
-            while not drained.is_set():
-                try:
-                    chunks.put(chunk, timeout=0.1)
-                    return
-                except queue.Full:
-                    pass
+        def take(chunk: bytes) -> None:
+            nonlocal going
+            if going:
+                going = send(stream.feed(chunk))
+            else:
+                stream.fed += len(chunk)  # counted still: the reply's size is checked below
 
         with ph.step("get-config"):
-            with ThreadPoolExecutor(1, thread_name_prefix="natmig-read") as reader:
-                reading = reader.submit(src.read_table, "running", put, keep=False)
-                reading.add_done_callback(lambda _f: put(None))
-                going = True
-                try:
-                    while (chunk := chunks.get()) is not None:
-                        if going:
-                            try:
-                                going = send(stream.feed(chunk))
-                            except BaseException as e:  # noqa: BLE001 - the reader must still be drained (it waits on the queue); raised below
-                                failure, going = e, False
-                        else:
-                            stream.fed += len(chunk)
-                finally:
-                    drained.set()
-                reply = reading.result()
-            if failure is not None:
-                raise failure
+            reply = feed_chunks(lambda put: src.read_table("running", put, keep=False), take)
             ctx.snapshot_at = time.perf_counter()
             if not reply.tapped:
                 going = send(stream.feed(reply.raw.encode()))

@@ -737,10 +737,10 @@ def test_a_slow_target_holds_back_the_sources_reply_instead_of_queueing_it_here(
     """At most WRITES_AHEAD slices wait for the target, at most CHUNKS_QUEUED chunks for the copy: nothing deadlocks, all arrives."""
     import time as _time
 
-    from natmig.controller import migcopytext as mig
+    from natmig.controller import chunkfeed, migcopytext as mig
 
     monkeypatch.setattr(mig, "WRITES_AHEAD", 1)
-    monkeypatch.setattr(mig, "CHUNKS_QUEUED", 2)
+    monkeypatch.setattr(chunkfeed, "CHUNKS_QUEUED", 2)
     src, tgt, sw = text_setup(300)
     busy, most = [0], [0]
     real_edit = tgt.edit_text
@@ -764,9 +764,9 @@ def test_a_slow_target_holds_back_the_sources_reply_instead_of_queueing_it_here(
 
 
 def test_a_source_read_that_fails_half_way_through_a_full_queue_fails_the_copy_and_hangs_nothing(monkeypatch):
-    from natmig.controller import migcopytext as mig
+    from natmig.controller import chunkfeed, migcopytext as mig
 
-    monkeypatch.setattr(mig, "CHUNKS_QUEUED", 2)
+    monkeypatch.setattr(chunkfeed, "CHUNKS_QUEUED", 2)
     src, tgt, sw = text_setup(200)
 
     def read_table(source="running", on_chunk=None, keep=True):
