@@ -25,7 +25,7 @@ help:
 	@echo "make test             set up, type-check (make typecheck) and run the test suite (root needed for functional tests)"
 	@echo "make typecheck        mypy on natmig's packages (a tree of links shaped as the installed package)"
 	@echo "make test-unit        the tests that need no root (no namespaces, no kernel)"
-	@echo "make faults           the fault-injection suite: migrations and agents killed anywhere (root, ~5 min)"
+	@echo "make faults           the fault-injection suite: migrations and agents killed anywhere, either engine (root, ~10 min)"
 	@echo "make bench            set up and run the benchmarks, printing their figures"
 	@echo "make bench-large      the migration benchmark at 1,000,000 sessions, added to bench/out/bench_migrate.json (root, long)"
 	@echo "make setup            install the Debian packages (system) and the venv"
@@ -94,7 +94,7 @@ typecheck: venv
 	@for d in agent controller testbed; do ln -s $(CURDIR)/$$d $(TYPECHECK)/natmig/$$d; done
 	cd $(TYPECHECK) && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml --cache-dir $(CURDIR)/build/mypy-cache -p natmig
 
-# The fault-injection suite (root): migrations killed anywhere, agents killed, two at once (~5 min).
+# The fault-injection suite (root): migrations killed anywhere, agents killed, two at once, either engine (~10 min).
 faults: setup
 	$(PY) -m pytest -m faults tests/functional
 
