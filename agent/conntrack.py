@@ -297,11 +297,22 @@ def _without(batch: list[NatSession], problems: dict[SessionKey, str]) -> list[N
 def _created(p: ConntrackProvider, items: list[tuple[NatSession, int]], log: WriteLog) -> dict[int, int]:
     """Create (session, timeout) items through the provider's writer; the digest gets those the kernel took."""
     sent: list[tuple[int, int]] = []
-    failed = create_sessions(p.netns, items, p._writer(), sent)
+    #: batches folded into the live digest while the kernel created the next (start -> stop)
+    folded: dict[int, int] = {}
+
+    def alongside(start: int, stop: int) -> None:
+        if log.created_early([s for s, _ in items[start:stop]]):
+            folded[start] = stop
+
+    failed = create_sessions(p.netns, items, p._writer(), sent, alongside if log.early is not None else None)
     if errno.ENOBUFS in failed.values():
         log.lost()  # some errors were dropped: which items exist is not known
-    else:
-        log.created([items[i][0] for a, b in sent for i in range(a, b) if i not in failed])
+        return failed
+    took = dict(sent)
+    if failed or folded.keys() != took.keys():
+        # What the early fold took of the kernel's refusals, and of batches it never got, goes out again.
+        log.not_created(items[i][0].key for a, b in folded.items() for i in range(a, b) if i in failed or a not in took)
+        log.created([items[i][0] for a, b in sent if a not in folded for i in range(a, b) if i not in failed])
     return failed
 
 

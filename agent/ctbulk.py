@@ -9,8 +9,10 @@ from __future__ import annotations
 import errno
 import queue
 import socket
+import sys
 import threading
-from typing import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator, Sequence
 
 from ..model import NatSession
 from .ctlayout import CREATE_MAX, CreateEncoder, TupleEncoder
@@ -23,7 +25,7 @@ CREATE_BATCH = 1024
 
 
 def create_sessions(netns: str | None, items: Sequence[tuple[NatSession, int]], sock: socket.socket | None = None,
-                    sent: list[tuple[int, int]] | None = None) -> dict[int, int]:
+                    sent: list[tuple[int, int]] | None = None, alongside: Callable[[int, int], None] | None = None) -> dict[int, int]:
     """Create each (session, timeout) with NLM_F_CREATE|NLM_F_EXCL; errno by index of those refused.
 
     A thread sends batch k while this one packs batch k+1: the kernel does
@@ -33,14 +35,53 @@ def create_sessions(netns: str | None, items: Sequence[tuple[NatSession, int]], 
     what was created, so sending the rest would only create more to undo.
     ``sock``: as for :func:`.ctnetlink.run_ops`.  ``sent`` gets the (start, stop) index
     range of each batch the kernel took: an item outside them was never sent.
+    ``alongside(start, stop)`` runs in this thread once each batch is
+    handed to the sender, while the kernel creates it: work on those items
+    that would otherwise wait for the last batch (the live digest's).
     """
     failed: dict[int, int] = {}
     if not items:
         return failed
-    with _writer(netns, sock) as w:
+    with _writer(netns, sock) as w, _handing_over_often(alongside is not None):
         per_batch = max(1, _fit_send_buffer(w, CREATE_BATCH * CREATE_MAX) // CREATE_MAX)
-        _send_overlapped(w, _create_batches(items, per_batch, failed), failed, sent=sent)
+        _send_overlapped(w, _create_batches(items, per_batch, failed), failed, sent=sent, alongside=alongside)
     return failed
+
+
+#: The interpreter's switch interval while work runs alongside the sender (seconds; Python's default is 0.005).
+HANDOVER = 0.0005
+_handover_lock = threading.Lock()
+#: writers inside _handing_over_often, and the interval before the first
+_handovers = 0
+_saved_interval = 0.005
+
+
+@contextmanager
+def _handing_over_often(needed: bool) -> Iterator[None]:
+    """A shorter switch interval while this thread works beside the sender, which needs the GIL between two sendto()s.
+
+    With the default 5 ms, the sender waits for this thread's turn to end
+    before each batch, and the kernel idles meanwhile (100k creates with
+    the live digest folded alongside: ~650-760 ms, against ~555-590 ms
+    with 0.5 ms, measured).  Process-wide, so counted: the last writer out
+    puts the interval back.
+    """
+    global _handovers, _saved_interval
+    if not needed:
+        yield
+        return
+    with _handover_lock:
+        if _handovers == 0:
+            _saved_interval = sys.getswitchinterval()
+            sys.setswitchinterval(HANDOVER)
+        _handovers += 1
+    try:
+        yield
+    finally:
+        with _handover_lock:
+            _handovers -= 1
+            if _handovers == 0:
+                sys.setswitchinterval(_saved_interval)
 
 
 def _fit_send_buffer(sock: socket.socket, want: int) -> int:
@@ -72,12 +113,14 @@ def _create_batches(items: Sequence[tuple[NatSession, int]], per_batch: int, fai
 
 
 def _send_overlapped(sock: socket.socket, batches: Iterator[tuple[int, int, memoryview]], failed: dict[int, int],
-                     what: str = "create", stop_on_error: bool = True, sent: list[tuple[int, int]] | None = None) -> None:
+                     what: str = "create", stop_on_error: bool = True, sent: list[tuple[int, int]] | None = None,
+                     alongside: Callable[[int, int], None] | None = None) -> None:
     """Send each batch from a thread and collect its errors into ``failed`` while the next is being packed.
 
     ``stop_on_error``: send nothing more once the kernel refused a message
     (creates: the caller undoes them anyway); deletes go on, a missing entry
     (ENOENT) being no failure.  ``sent`` gets (start, stop) of each batch sent.
+    ``alongside``: as for :func:`create_sessions`.
     """
     todo: queue.Queue[tuple[int, int, memoryview] | None] = queue.Queue(maxsize=1)
     broken: list[Exception] = []
@@ -103,6 +146,8 @@ def _send_overlapped(sock: socket.socket, batches: Iterator[tuple[int, int, memo
             if broken:
                 break
             todo.put(batch)
+            if alongside is not None:
+                alongside(batch[0], batch[1])
     finally:
         todo.put(None)
         sender.join()

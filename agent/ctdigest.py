@@ -291,7 +291,6 @@ class LiveDigest:
         whose undo is logged too).
         """
         with self._lock, gc_paused():
-            log = WriteLog()
             following = self.valid and self.table is not None
             if following:
                 try:
@@ -299,6 +298,7 @@ class LiveDigest:
                 except ev.EventsLost as e:
                     self._lose(str(e))
                     following = False
+            log = WriteLog(self._fold_created if following else None)
             self._writes += 1
             try:
                 yield log
@@ -312,6 +312,15 @@ class LiveDigest:
                 if following and self.valid:
                     self._fold(log)
 
+    def _fold_created(self, items: Sequence[NatSession]) -> list[Ident] | None:
+        """Sessions of ours being created, into the table now when none of their keys is held (WriteLog.early,
+        inside :meth:`writing`); their keys, or None (nothing done)."""
+        assert self.table is not None
+        keys = self.table.created_fresh(items)
+        if keys is not None:
+            self._schedule_created(keys, items)
+        return keys
+
     def _fold(self, log: WriteLog) -> None:
         try:
             self._fold_steps(log)
@@ -323,7 +332,7 @@ class LiveDigest:
         if log.unknown:
             self._lose("a write's outcome is not known (its errors were dropped)")
             return
-        touched: set[Ident] = set()
+        touched: set[Ident] = set(log.folded)
         for created, items in log.steps:
             if created:
                 keys = self.table.created(items)

@@ -22,7 +22,7 @@ import enum
 from dataclasses import dataclass
 from functools import reduce
 from operator import attrgetter, xor
-from typing import Collection, Final, Iterable, Sequence
+from typing import Callable, Collection, Final, Iterable, Sequence
 from zlib import crc32
 
 from ..model import RANGES, NatSession, SessionKey, digest_values, session_text
@@ -151,20 +151,27 @@ class DigestTable:
         return hit
 
     def created(self, sessions: Sequence[NatSession]) -> list[Ident]:
-        """Sessions the kernel confirmed creating (each entry as cttext's rules count it); their keys.
+        """Sessions the kernel confirmed creating (each entry as cttext's rules count it); their keys."""
+        keys = self.created_fresh(sessions)
+        if keys is not None:
+            return keys
+        keys = list(map(_KEY, sessions))
+        each = iter(digest_values([session_text(s) for s in sessions if not _untranslated(s)]))
+        for k, s in zip(keys, sessions):
+            self.put(k, None if _untranslated(s) else next(each))
+        return keys
 
-        A copy of a table creates keys none of which is held: they go in by
-        one dict update and one XOR over the values, computed in C (100k:
-        ~0.2 s put one by one, measured).
+    def created_fresh(self, sessions: Sequence[NatSession]) -> list[Ident] | None:
+        """:meth:`created` when no key is held and every session is translated (a copy of a table); else None, nothing done.
+
+        Those go in by one dict update and one XOR over the values, computed
+        in C (100k: ~0.2 s put one by one, measured); and as none replaced
+        an entry, a key taken out again with :meth:`drop` leaves the table
+        as before (a create the kernel then refused).
         """
         keys = list(map(_KEY, sessions))
-        odd = [s for s in sessions if s.translated_address == s.src_address and s.translated_port == s.src_port]
-        fresh = set(keys)
-        if odd or len(fresh) != len(keys) or not self.held.keys().isdisjoint(fresh):
-            each = iter(digest_values([session_text(s) for s in sessions if not _untranslated(s)]))
-            for k, s in zip(keys, sessions):
-                self.put(k, None if _untranslated(s) else next(each))
-            return keys
+        if any(map(_untranslated, sessions)) or len(set(keys)) != len(keys) or not self.held.keys().isdisjoint(keys):
+            return None
         # Each key's text once: its CRC-32 is the key's range (_range), and
         # with the translation after it, the session's text (session_text).
         # 100k: ~400 -> ~290 ms of CPU, measured (a copy's commit waits for it).
@@ -190,13 +197,35 @@ def _untranslated(s: NatSession) -> bool:
 class WriteLog:
     """What one of the agent's writes did, as the kernel confirmed it, in the order it happened."""
 
-    def __init__(self) -> None:
+    def __init__(self, early: Callable[[Sequence[NatSession]], list[Ident] | None] | None = None) -> None:
         self.steps: list[tuple[bool, list]] = []
         self.unknown = False
+        #: folds sessions none of whose keys the table holds into it now, giving their keys (None, nothing done,
+        #: for others); None: no table follows the write.  What a writer calls while the kernel creates the
+        #: next batch, where folding after the last one would wait for it (:meth:`created_early`).
+        self.early = early
+        #: keys folded by :attr:`early`
+        self.folded: list[Ident] = []
 
     def created(self, sessions: Iterable[NatSession]) -> None:
         """These sessions were created (the kernel acknowledged each)."""
         self.steps.append((True, list(sessions)))
+
+    def created_early(self, sessions: Sequence[NatSession]) -> bool:
+        """These sessions are being created: folded now, when :attr:`early` takes them (True).
+
+        The writer then tells :meth:`not_created` of any the kernel did not
+        create; those it does not take are told with :meth:`created` as usual.
+        """
+        keys = self.early(sessions) if self.early is not None else None
+        if keys is None:
+            return False
+        self.folded.extend(keys)
+        return True
+
+    def not_created(self, keys: Iterable[SessionKey]) -> None:
+        """Keys :meth:`created_early` folded whose create the kernel refused or never got: taken out of the table."""
+        self.steps.append((False, list(keys)))
 
     def deleted(self, keys: Iterable[SessionKey]) -> None:
         """The entries with these keys were deleted (the kernel acknowledged each)."""

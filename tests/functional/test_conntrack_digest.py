@@ -214,7 +214,7 @@ def test_lost_events_make_the_next_call_read_the_table_again(net: TwoNatNet) -> 
         a.close()
 
 
-def test_own_writes_reach_the_digest_by_what_the_kernel_confirmed_not_by_events(net: TwoNatNet) -> None:
+def test_own_writes_reach_the_digest_by_what_the_kernel_confirmed_not_by_events(net: TwoNatNet, monkeypatch: pytest.MonkeyPatch) -> None:
     a = provider(net)
     try:
         agrees(a)
@@ -229,10 +229,46 @@ def test_own_writes_reach_the_digest_by_what_the_kernel_confirmed_not_by_events(
             return n
 
         digest._events.read = counting  # type: ignore[method-assign]
+        # Folded batch by batch while the kernel creates the next, not after the last.
+        batches: list[int] = []
+        real_fold = digest._fold_created
+
+        def folding(items: list) -> list:
+            batches.append(len(items))
+            return real_fold(items)
+
+        monkeypatch.setattr(digest, "_fold_created", folding)
         a.apply(synthetic(3000))
+        assert sum(batches) == 3000 and len(batches) > 1, batches
         a.delete([s.key for s in synthetic(3000)[:1000]])
         agrees(a)
         assert sum(seen) == 0  # the kernel dropped our 4,000 events
+        assert digest.full_reads == 1
+    finally:
+        a.close()
+
+
+def test_a_bulk_create_the_kernel_refuses_part_way_leaves_the_digest_true_without_a_full_read(net: TwoNatNet, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches folded while the kernel creates the next: the refused one's sessions, and those of batches never sent, go out again."""
+    a = provider(net)
+    try:
+        a.apply(synthetic(2000))
+        agrees(a)
+        digest = a._digest
+        assert digest is not None
+        held = a.lookup([synthetic(2000)[0].key])[0]
+        # Checked by key (no dump), so that the kernel is the one to refuse: its EEXIST comes part way through the first batch.
+        monkeypatch.setattr(ConntrackProvider, "_reads_by_key", lambda self, k: True)
+        batch = [NatSession("UDP", "10.0.3.1", 1000 + i, SERVER_IP, 53, PUBLIC_IP, 50000 + i, None, 300) for i in range(5000)]
+        batch[10] = dataclasses.replace(held, src_address="10.0.3.2", src_port=999)  # the reply tuple ``held`` has
+        folds: list[int] = []
+        real_fold = digest._fold_created
+        monkeypatch.setattr(digest, "_fold_created", lambda items: folds.append(len(items)) or real_fold(items))
+        with pytest.raises(ApplyError):
+            a.apply(batch)
+        assert folds, "nothing was folded while the kernel created"
+        got = agrees(a)
+        assert got["sessions"] == 2000
         assert digest.full_reads == 1
     finally:
         a.close()
