@@ -62,7 +62,7 @@ from .conntrackbase import ConntrackBase, _checked_keys
 from .ctbatch import ApplyPlan, DEFAULT_TIMEOUT_SYSCTL, held_elsewhere, invalid_entries, plan_apply, timeout_key, validate
 from .ctdigesttable import WriteLog
 from .ctwatch import _ConntrackWatch
-from .provider import ApplyError, Watch, as_written, check_batch, check_batch_by_holders
+from .provider import ApplyError, BeforeCreate, Watch, as_written, check_batch, check_batch_by_holders
 
 __all__ = ["ApplyPlan", "ConntrackProvider", "invalid_entries", "plan_apply", "validate"]
 
@@ -125,16 +125,16 @@ class ConntrackProvider(ConntrackBase):
                 holders[r] = held.key
         return holders, taken
 
-    def apply(self, sessions: Sequence[NatSession]) -> None:
+    def apply(self, sessions: Sequence[NatSession], before_create: BeforeCreate | None = None) -> None:
         """Create or replace a batch, all or nothing (see the module docstring); handshake states are written as ESTABLISHED (:func:`as_written`)."""
         batch = list(as_written(sessions))
         with self._lock, gc_paused():
             if self._reads_by_key(len(batch)):
-                self._apply_by_key(batch)
+                self._apply_by_key(batch, before_create)
             else:
-                self._apply_by_dump(batch)
+                self._apply_by_dump(batch, before_create)
 
-    def _apply_by_key(self, batch: builtins.list[NatSession]) -> None:
+    def _apply_by_key(self, batch: builtins.list[NatSession], before_create: BeforeCreate | None = None) -> None:
         """apply reading only the batch's entries: the kernel refuses a reply tuple the table holds.
 
         Checked before writing: the entries themselves and the batch against
@@ -162,7 +162,7 @@ class ConntrackProvider(ConntrackBase):
             if problems:
                 raise ApplyError(problems)
         try:
-            self._write(batch, existing)
+            self._write(batch, existing, before_create)
         except ApplyError as e:
             # _write has undone what it wrote: the table is as before, and
             # its holders are the ones that made the kernel refuse.
@@ -171,7 +171,7 @@ class ConntrackProvider(ConntrackBase):
                 named.setdefault(k, why)  # refused for a reason no check sees (an untranslated entry with the key)
             raise ApplyError(named) from None
 
-    def _apply_by_dump(self, batch: builtins.list[NatSession]) -> None:
+    def _apply_by_dump(self, batch: builtins.list[NatSession], before_create: BeforeCreate | None = None) -> None:
         """apply with one read of the whole table, for a batch about as large as the table (or larger)."""
         taken: dict[cttext.ReplyKey, cttext.EntryTuple] = {}
         few = self._read_few(taken)
@@ -186,13 +186,13 @@ class ConntrackProvider(ConntrackBase):
             problems.update(held_elsewhere(_without(batch, problems), taken))
             if problems:
                 raise ApplyError(problems)
-            self._write(batch, existing)
+            self._write(batch, existing, before_create)
         finally:
             if reading is not None and reading.stdout is not None and not reading.stdout.closed:  # a check failed before the read
                 reading.kill()
                 reading.communicate()
 
-    def _write(self, batch: builtins.list[NatSession], existing: dict[SessionKey, NatSession]) -> None:
+    def _write(self, batch: builtins.list[NatSession], existing: dict[SessionKey, NatSession], before_create: BeforeCreate | None = None) -> None:
         plan = plan_apply(batch, existing, self._timeouts(batch))
         with self._writing() as log:
             undo = _Undo(self, existing, log)
@@ -204,7 +204,7 @@ class ConntrackProvider(ConntrackBase):
                                     "could not remove the session it replaces")
                 if plan.create:
                     undo.created = plan.create
-                    failed = _created(self, plan.create, log)
+                    failed = _created(self, plan.create, log, before_create)
                     if failed:
                         self._refuse_on(failed, [s for s, _ in plan.create], "kernel refused to create it")
                 if plan.update:
@@ -294,8 +294,11 @@ def _without(batch: list[NatSession], problems: dict[SessionKey, str]) -> list[N
     return [s for s in batch if s.key not in problems] if problems else batch
 
 
-def _created(p: ConntrackProvider, items: list[tuple[NatSession, int]], log: WriteLog) -> dict[int, int]:
-    """Create (session, timeout) items through the provider's writer; the digest gets those the kernel took."""
+def _created(p: ConntrackProvider, items: list[tuple[NatSession, int]], log: WriteLog, before_create: BeforeCreate | None = None) -> dict[int, int]:
+    """Create (session, timeout) items through the provider's writer; the digest gets those the kernel took.
+
+    ``before_create``: told each batch's keys before the kernel gets it (SessionProvider.apply).
+    """
     sent: list[tuple[int, int]] = []
     #: batches folded into the live digest while the kernel created the next (start -> stop)
     folded: dict[int, int] = {}
@@ -304,7 +307,8 @@ def _created(p: ConntrackProvider, items: list[tuple[NatSession, int]], log: Wri
         if log.created_early([s for s, _ in items[start:stop]]):
             folded[start] = stop
 
-    failed = create_sessions(p.netns, items, p._writer(), sent, alongside if log.early is not None else None)
+    before = (lambda start, stop: before_create([s.key for s, _ in items[start:stop]])) if before_create is not None else None
+    failed = create_sessions(p.netns, items, p._writer(), sent, alongside if log.early is not None else None, before)
     if errno.ENOBUFS in failed.values():
         log.lost()  # some errors were dropped: which items exist is not known
         return failed

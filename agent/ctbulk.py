@@ -25,7 +25,8 @@ CREATE_BATCH = 1024
 
 
 def create_sessions(netns: str | None, items: Sequence[tuple[NatSession, int]], sock: socket.socket | None = None,
-                    sent: list[tuple[int, int]] | None = None, alongside: Callable[[int, int], None] | None = None) -> dict[int, int]:
+                    sent: list[tuple[int, int]] | None = None, alongside: Callable[[int, int], None] | None = None,
+                    before: Callable[[int, int], None] | None = None) -> dict[int, int]:
     """Create each (session, timeout) with NLM_F_CREATE|NLM_F_EXCL; errno by index of those refused.
 
     A thread sends batch k while this one packs batch k+1: the kernel does
@@ -38,13 +39,15 @@ def create_sessions(netns: str | None, items: Sequence[tuple[NatSession, int]], 
     ``alongside(start, stop)`` runs in this thread once each batch is
     handed to the sender, while the kernel creates it: work on those items
     that would otherwise wait for the last batch (the live digest's).
+    ``before(start, stop)`` runs in this thread before each batch is handed
+    to the sender (a write-ahead journal's line for it).
     """
     failed: dict[int, int] = {}
     if not items:
         return failed
-    with _writer(netns, sock) as w, _handing_over_often(alongside is not None):
+    with _writer(netns, sock) as w, _handing_over_often(alongside is not None or before is not None):
         per_batch = max(1, _fit_send_buffer(w, CREATE_BATCH * CREATE_MAX) // CREATE_MAX)
-        _send_overlapped(w, _create_batches(items, per_batch, failed), failed, sent=sent, alongside=alongside)
+        _send_overlapped(w, _create_batches(items, per_batch, failed), failed, sent=sent, alongside=alongside, before=before)
     return failed
 
 
@@ -114,13 +117,13 @@ def _create_batches(items: Sequence[tuple[NatSession, int]], per_batch: int, fai
 
 def _send_overlapped(sock: socket.socket, batches: Iterator[tuple[int, int, memoryview]], failed: dict[int, int],
                      what: str = "create", stop_on_error: bool = True, sent: list[tuple[int, int]] | None = None,
-                     alongside: Callable[[int, int], None] | None = None) -> None:
+                     alongside: Callable[[int, int], None] | None = None, before: Callable[[int, int], None] | None = None) -> None:
     """Send each batch from a thread and collect its errors into ``failed`` while the next is being packed.
 
     ``stop_on_error``: send nothing more once the kernel refused a message
     (creates: the caller undoes them anyway); deletes go on, a missing entry
     (ENOENT) being no failure.  ``sent`` gets (start, stop) of each batch sent.
-    ``alongside``: as for :func:`create_sessions`.
+    ``alongside``, ``before``: as for :func:`create_sessions`.
     """
     todo: queue.Queue[tuple[int, int, memoryview] | None] = queue.Queue(maxsize=1)
     broken: list[Exception] = []
@@ -145,6 +148,8 @@ def _send_overlapped(sock: socket.socket, batches: Iterator[tuple[int, int, memo
         for batch in batches:
             if broken:
                 break
+            if before is not None:
+                before(batch[0], batch[1])
             todo.put(batch)
             if alongside is not None:
                 alongside(batch[0], batch[1])

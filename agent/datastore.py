@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from ..errors import ProviderError
 from ..model import NatSession, SessionKey
 # EditRequest, Problem and problems_of_codec are named here for agent/rpc.py and the tests,
 # which take the datastore's vocabulary from this module.
@@ -38,6 +39,8 @@ from .editplan import Plan
 log = logging.getLogger(__name__)
 
 DEFAULT_OPERATIONS = ("merge", "replace", "none")
+#: Created keys of a confirmed commit beyond which they are journalled as the writes go out (ConfirmedCommits.created).
+JOURNAL_AHEAD = 4096
 TEST_OPTIONS = ("test-then-set", "set", "test-only")
 ERROR_OPTIONS = ("stop-on-error", "continue-on-error", "rollback-on-error")
 
@@ -120,12 +123,22 @@ class Datastore(DatastoreEdits):
                 undo = Undo.of_commit(plan.upserts, plan.deletes, self._cand_base, current,
                                       control["admit-new-sessions"] if control is not None else None)
                 extended = self.confirmed.pending is not None
+                # A large commit's created keys go to the journal batch by batch, while the node creates the one
+                # before (ConfirmedCommits.created); a few go with the rest of its undo.
+                later = len(undo.created) > JOURNAL_AHEAD
                 try:
-                    nxt = self.confirmed.prepare(sid, undo, timeout, persist)
+                    nxt = self.confirmed.prepare(sid, undo, timeout, persist, created_later=later)
                 except JournalError as e:
                     raise refuse("operation-failed", f"{e}; nothing was committed") from e
+
+                def journalled(keys: list[SessionKey]) -> None:
+                    try:
+                        self.confirmed.created(nxt, [k for k in keys if k in undo.created])
+                    except JournalError as e:
+                        raise ProviderError(f"{e}: not created") from e
+
                 try:
-                    self._apply_running(plan, current, control)
+                    self._apply_running(plan, current, control, journalled if later else None)
                 except DatastoreError:
                     self.confirmed.abandon()
                     raise

@@ -19,7 +19,7 @@ from ..wire.problems import DatastoreError, refuse
 from .confirmed import ConfirmedCommits, Journal
 from .dslocks import DatastoreLocks
 from .editplan import Plan, provider_problem
-from .provider import ApplyError, ReplyKey, SessionProvider
+from .provider import ApplyError, BeforeCreate, ReplyKey, SessionProvider
 
 log = logging.getLogger(__name__)
 
@@ -150,11 +150,13 @@ class DatastoreBase(DatastoreLocks):
             plan.upserts.pop(k, None)
             plan.problems.append(provider_problem(k, why))
 
-    def _apply_running(self, plan: Plan, current: dict[SessionKey, NatSession], control: dict[str, Any] | None = None) -> None:
+    def _apply_running(self, plan: Plan, current: dict[SessionKey, NatSession], control: dict[str, Any] | None = None,
+                       before_create: BeforeCreate | None = None) -> None:
         """nat-control, then deletes, then writes; on a failure put back what was changed.
 
         apply() is all-or-nothing, so only the earlier steps can need undoing.
         ``control``: running's nat-control when the caller has just read it.
+        ``before_create``: as for SessionProvider.apply.
         """
         removed = [current[k] for k in plan.deletes if k in current]
         # What a rollback restores; read (an nft call) only when this edit changes it.
@@ -167,7 +169,7 @@ class DatastoreBase(DatastoreLocks):
             if plan.deletes:
                 self.provider.delete(list(plan.deletes))
             if plan.upserts:
-                self.provider.apply(list(plan.upserts.values()))
+                self.provider.apply(list(plan.upserts.values()), before_create)
         except ProviderError as e:
             self._rollback(removed, old_admit)
             if isinstance(e, ApplyError):

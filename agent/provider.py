@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
 from collections.abc import Set as AbstractSet
-from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 
 from .. import pool
 from ..codec import Codec
@@ -24,6 +24,9 @@ from ..model import NatSession, SessionKey, format_key, index_by_key, key_range,
 
 #: (protocol, translated address and port, remote address and port): :attr:`NatSession.reply_key`.
 ReplyKey = tuple[str, str, int, str, int]
+
+#: What a provider's apply tells of the keys it is about to create (see SessionProvider.apply).
+BeforeCreate = Callable[[list[SessionKey]], None]
 
 
 @dataclass(frozen=True)
@@ -143,8 +146,13 @@ class SessionProvider(abc.ABC):
         return check_batch(sessions, existing, self.public_addresses())
 
     @abc.abstractmethod
-    def apply(self, sessions: Sequence[NatSession]) -> None:
-        """Create or replace a batch of sessions, all or nothing."""
+    def apply(self, sessions: Sequence[NatSession], before_create: BeforeCreate | None = None) -> None:
+        """Create or replace a batch of sessions, all or nothing.
+
+        ``before_create(keys)`` is told the keys of sessions about to be
+        created, each before the node gets it (a confirmed commit's undo,
+        written ahead as the writes go out): a key told may still be refused.
+        """
 
     @abc.abstractmethod
     def delete(self, keys: Iterable[SessionKey] | None = None) -> int:
@@ -478,11 +486,13 @@ class MemoryProvider(SessionProvider):
                 holders[s.reply_key] = h
         return check_batch_by_holders(sessions, holders, self.owned, freed)
 
-    def apply(self, sessions: Sequence[NatSession]) -> None:
+    def apply(self, sessions: Sequence[NatSession], before_create: BeforeCreate | None = None) -> None:
         with self._lock:
             problems = self._check(sessions)
             if problems:
                 raise ApplyError(problems)
+            if before_create is not None:
+                before_create([s.key for s in sessions if s.key not in self.table])
             for s in sessions:
                 old = self.table.get(s.key)
                 if old is not None:

@@ -232,10 +232,10 @@ def test_a_provider_failure_during_rollback_is_logged_and_the_rest_still_done(ca
 
 def test_a_failed_apply_keeps_the_previous_series(tmp_path: Path) -> None:
     class RefusesPort9(MemoryProvider):
-        def apply(self, sessions):  # noqa: ANN001 - test double
+        def apply(self, sessions, before_create=None):  # noqa: ANN001 - test double
             if any(s.src_port == 9 for s in sessions):
                 raise ApplyError({S(9).key: "kernel said no"})
-            super().apply(sessions)
+            super().apply(sessions, before_create)
 
     p = RefusesPort9(owned={"203.0.113.1"})
     p.apply([S(1)])
@@ -485,3 +485,57 @@ def test_a_control_only_edit_config_and_commit_over_rpc_read_no_table() -> None:
     assert rpc(srv, "<commit><confirmed/></commit>") == []
     assert p.admit is False
     assert rpc(srv, "<commit/>") == [] and srv.datastore.pending_commit() is None
+
+
+class BatchedProvider(MemoryProvider):
+    """Creates in batches of 3, telling each batch's keys first (as ConntrackProvider does); can die before a batch."""
+
+    def __init__(self, **kw) -> None:  # noqa: ANN003 - test double
+        super().__init__(**kw)
+        self.told: list[list] = []
+        self.die_before: int | None = None  # the batch whose create never happens: the agent died
+
+    def apply(self, sessions, before_create=None):  # noqa: ANN001 - test double
+        with self._lock:
+            problems = self._check(sessions)
+            if problems:
+                raise ApplyError(problems)
+            for i in range(0, len(sessions), 3):
+                part = sessions[i:i + 3]
+                if before_create is not None:
+                    new = [s.key for s in part if s.key not in self.table]
+                    before_create(new)
+                    self.told.append(new)
+                if self.die_before == i // 3:
+                    raise SystemExit("the agent died")  # nothing of this batch or after reached the node
+                for s in part:
+                    self.table[s.key] = s
+
+
+@pytest.mark.parametrize("dies", [False, True], ids=["whole", "died-before-the-third-batch"])
+def test_a_large_commit_journals_its_creates_batch_by_batch_and_a_restart_rolls_back_those_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dies: bool) -> None:
+    monkeypatch.setattr("natmig.agent.datastore.JOURNAL_AHEAD", 4)
+    p = BatchedProvider(owned={"203.0.113.1"})
+    p.apply([S(1), S(2)])
+    before = dict(p.table)
+    old = Datastore(p, default_codec(), Journal(tmp_path))
+    old.edit("candidate", EditRequest([E(S(2), "delete")] + [E(S(i)) for i in range(10, 20)]), sid=1)
+    if dies:
+        p.die_before = 2
+        with pytest.raises(SystemExit):
+            old.commit(1, confirmed=True, persist="tok")
+        assert len(p.table) == 1 + 6  # S(1) and two batches of three: S(2) deleted, not recreated yet
+    else:
+        old.commit(1, confirmed=True, persist="tok")
+        old.confirmed.pending.timer.cancel()  # the agent dies: no timer, no close()
+        assert len(p.table) == 1 + 10
+    lines = (tmp_path / Journal.NAME).read_text().splitlines()
+    docs = [json.loads(line) for line in lines]
+    # The undo of what is not created first (the deleted S(2)), then each batch's keys, each before the node got it.
+    assert docs[0]["created"] == [] and [row[2] for row in docs[0]["old"]] == [2]
+    assert [sorted(k[2] for k in d["created"]) for d in docs[1:]] == [[10, 11, 12], [13, 14, 15], [16, 17, 18], [19]][:len(p.told)]
+    assert all(d["persist-id"] == "tok" for d in docs)
+    new = Datastore(p, default_codec(), Journal(tmp_path))
+    assert new.recover() is True
+    assert p.table == before and not (tmp_path / Journal.NAME).exists()

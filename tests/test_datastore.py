@@ -121,10 +121,10 @@ def test_foreign_translated_address_is_invalid_value(ds: Datastore) -> None:
 
 def test_provider_failure_half_way_rolls_back_the_deletes() -> None:
     class Failing(MemoryProvider):
-        def apply(self, sessions):  # noqa: ANN001 - test double
+        def apply(self, sessions, before_create=None):  # noqa: ANN001 - test double
             if any(s.src_port == 9 for s in sessions):
                 raise __import__("natmig.agent.provider", fromlist=["ApplyError"]).ApplyError({sessions[0].key: "kernel said no"})
-            return super().apply(sessions)
+            return super().apply(sessions, before_create)
 
     p = Failing(owned={"203.0.113.1"})
     p.apply([S(1), S(2)])

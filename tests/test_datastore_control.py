@@ -39,12 +39,12 @@ class AdmissionCountingProvider(CountingProvider):
         self.admission_reads += 1
         return super().admission()
 
-    def apply(self, sessions) -> None:
+    def apply(self, sessions, before_create=None) -> None:
         from natmig.agent.provider import ApplyError
 
         if self.refuse_apply and sessions:
             raise ApplyError({sessions[0].key: "kernel refused to create it"})
-        super().apply(sessions)
+        super().apply(sessions, before_create)
 
 
 S1 = NatSession("UDP", "10.0.0.2", 5000, "198.51.100.1", 53, "203.0.113.1", 20000)

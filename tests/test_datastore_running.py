@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from natmig.agent.datastore import Datastore, DatastoreError, EditRequest
-from natmig.agent.provider import ApplyError, MemoryProvider, SessionProvider, Snapshot, check_batch
+from natmig.agent.provider import ApplyError, BeforeCreate, MemoryProvider, SessionProvider, Snapshot, check_batch
 from natmig.codec import EditEntry, default_codec
 from natmig.model import FIELD_NAMES, NatSession, SessionKey
 
@@ -62,11 +62,13 @@ class WholeTable(MemoryProvider):
     def check(self, sessions: Sequence[NatSession], freed: Collection[SessionKey] = ()) -> dict[SessionKey, str]:
         return SessionProvider.check(self, sessions, freed)
 
-    def apply(self, sessions: Sequence[NatSession]) -> None:
+    def apply(self, sessions: Sequence[NatSession], before_create: BeforeCreate | None = None) -> None:
         with self._lock:
             problems = check_batch(sessions, dict(self.table), self.owned)
             if problems:
                 raise ApplyError(problems)
+            if before_create is not None:
+                before_create([s.key for s in sessions if s.key not in self.table])
             self.table.update({s.key: s for s in sessions})
 
 
