@@ -49,20 +49,20 @@ from __future__ import annotations
 
 import builtins  # builtins.list in signatures: the class's own list() method shadows it there
 import errno
-from typing import Collection, Iterable, Sequence, cast
+from typing import Callable, Collection, Iterable, Sequence, cast
 
 from ..errors import ProviderError
 from ..gcpause import gc_paused
 from ..model import NatSession, SessionKey, format_key, index_by_key
 from . import ctnetlink as nl
-from .ctbulk import create_sessions, delete_tuples
+from .ctbulk import CREATE_BATCH, create_sessions, delete_tuples
 from . import ctread, cttext
 from .natnode import NatNode
 from .conntrackbase import ConntrackBase, _checked_keys
 from .ctbatch import ApplyPlan, DEFAULT_TIMEOUT_SYSCTL, held_elsewhere, invalid_entries, plan_apply, timeout_key, validate
 from .ctdigesttable import WriteLog
 from .ctwatch import _ConntrackWatch
-from .provider import ApplyError, BeforeCreate, Watch, as_written, check_batch, check_batch_by_holders
+from .provider import ApplyError, BeforeCreate, PartsCheck, Watch, as_written, check_batch, check_batch_by_holders
 
 __all__ = ["ApplyPlan", "ConntrackProvider", "invalid_entries", "plan_apply", "validate"]
 
@@ -178,6 +178,21 @@ class ConntrackProvider(ConntrackBase):
         # Else the read of the table starts first and comes up while the entries are validated.
         reading = self._start_read() if few is None else None
         try:
+            if few is not None and len(batch) > 2 * CREATE_BATCH:
+                # Into a table of a few entries (a migration's target): checked part by part while the kernel
+                # creates the parts before, not all ahead of the first create (100k: ~140 ms).
+                existing = index_by_key(few.sessions)
+                parts = PartsCheck(existing, self.owned)
+
+                def check(part: builtins.list[NatSession]) -> None:
+                    if invalid_entries(part) or held_elsewhere(part, taken) or any(s.key in existing for s in part) or not parts.plainly_acceptable(part):
+                        raise _PartRefused()
+
+                try:
+                    self._write(batch, existing, before_create, check)
+                    return
+                except _PartRefused:
+                    pass  # undone: the whole batch is checked below, and its offenders named
             problems = invalid_entries(batch)
             existing = index_by_key((few if few is not None else self._finish_read(reading, taken)).sessions)
             problems.update(check_batch(_without(batch, problems), existing, self.owned))
@@ -192,7 +207,9 @@ class ConntrackProvider(ConntrackBase):
                 reading.kill()
                 reading.communicate()
 
-    def _write(self, batch: builtins.list[NatSession], existing: dict[SessionKey, NatSession], before_create: BeforeCreate | None = None) -> None:
+    def _write(self, batch: builtins.list[NatSession], existing: dict[SessionKey, NatSession], before_create: BeforeCreate | None = None,
+               check: Callable[[builtins.list[NatSession]], None] | None = None) -> None:
+        """Write a batch checked already (or, with ``check``, checked as its creates go out: see :func:`_created`)."""
         plan = plan_apply(batch, existing, self._timeouts(batch))
         with self._writing() as log:
             undo = _Undo(self, existing, log)
@@ -204,7 +221,7 @@ class ConntrackProvider(ConntrackBase):
                                     "could not remove the session it replaces")
                 if plan.create:
                     undo.created = plan.create
-                    failed = _created(self, plan.create, log, before_create)
+                    failed = _created(self, plan.create, log, before_create, check)
                     if failed:
                         self._refuse_on(failed, [s for s, _ in plan.create], "kernel refused to create it")
                 if plan.update:
@@ -294,10 +311,12 @@ def _without(batch: list[NatSession], problems: dict[SessionKey, str]) -> list[N
     return [s for s in batch if s.key not in problems] if problems else batch
 
 
-def _created(p: ConntrackProvider, items: list[tuple[NatSession, int]], log: WriteLog, before_create: BeforeCreate | None = None) -> dict[int, int]:
+def _created(p: ConntrackProvider, items: list[tuple[NatSession, int]], log: WriteLog, before_create: BeforeCreate | None = None,
+             check: Callable[[list[NatSession]], None] | None = None) -> dict[int, int]:
     """Create (session, timeout) items through the provider's writer; the digest gets those the kernel took.
 
     ``before_create``: told each batch's keys before the kernel gets it (SessionProvider.apply).
+    ``check``: run on each batch's sessions before that too, raising to stop (what was created is the caller's to undo).
     """
     sent: list[tuple[int, int]] = []
     #: batches folded into the live digest while the kernel created the next (start -> stop)
@@ -307,8 +326,20 @@ def _created(p: ConntrackProvider, items: list[tuple[NatSession, int]], log: Wri
         if log.created_early([s for s, _ in items[start:stop]]):
             folded[start] = stop
 
-    before = (lambda start, stop: before_create([s.key for s, _ in items[start:stop]])) if before_create is not None else None
-    failed = create_sessions(p.netns, items, p._writer(), sent, alongside if log.early is not None else None, before)
+    def before(start: int, stop: int) -> None:
+        part = [s for s, _ in items[start:stop]]
+        if check is not None:
+            check(part)
+        if before_create is not None:
+            before_create([s.key for s in part])
+
+    try:
+        failed = create_sessions(p.netns, items, p._writer(), sent, alongside if log.early is not None else None,
+                                 before if check is not None or before_create is not None else None)
+    except BaseException:
+        if folded:
+            log.lost()  # which of the batches folded early the kernel refused is not known here
+        raise
     if errno.ENOBUFS in failed.values():
         log.lost()  # some errors were dropped: which items exist is not known
         return failed
@@ -328,6 +359,10 @@ def _deleted(p: ConntrackProvider, keys: Sequence[SessionKey], log: WriteLog) ->
     else:
         log.deleted(k for i, k in enumerate(keys) if i not in failed)
     return failed
+
+
+class _PartRefused(ProviderError):
+    """A part of a batch checked as it went out (:meth:`ConntrackProvider._apply_by_dump`) would be refused."""
 
 
 class _Undo:

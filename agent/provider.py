@@ -356,6 +356,38 @@ def _used(s: NatSession, other: SessionKey) -> str:
     )
 
 
+class PartsCheck:
+    """:func:`check_batch` of a batch of creates taken part by part, in order, while earlier parts are written.
+
+    Each :meth:`plainly_acceptable` call answers for the batch so far, as
+    :func:`_plainly_acceptable` would for it whole: distinct keys, owned
+    translations, reply tuples distinct from each other and from those the
+    table's other sessions (``existing``) hold.  False names nobody: the
+    caller stops, undoes what it wrote, and names the offenders with
+    :func:`check_batch` over the whole batch, as before.  For creates only:
+    no key of the batch may be one of ``existing``'s.
+    """
+
+    def __init__(self, existing: Mapping[SessionKey, NatSession], owned: AbstractSet[str]) -> None:
+        self.owned = owned
+        self.keys: set[SessionKey] = set()
+        self.replies: set[ReplyKey] = {s.reply_key for s in existing.values()}
+
+    def plainly_acceptable(self, part: Sequence[NatSession]) -> bool:
+        """Whether the batch so far, with ``part``, is one check_batch finds nothing in (then ``part`` counts as checked)."""
+        keys = {s.key for s in part}
+        if len(keys) != len(part) or not self.keys.isdisjoint(keys) or not set(map(_TRANSLATED, part)) <= self.owned:
+            return False
+        if isinstance(self.owned, pool.Owned) and not self.owned.all_ports_inside((s.translated_address, s.translated_port) for s in part):
+            return False
+        replies = {s.reply_key for s in part}
+        if len(replies) != len(part) or not self.replies.isdisjoint(replies):
+            return False
+        self.keys |= keys
+        self.replies |= replies
+        return True
+
+
 def _plainly_acceptable(
     sessions: Sequence[NatSession],
     batch_keys: set[SessionKey],

@@ -17,7 +17,7 @@ import pytest
 from natmig import netns
 from natmig.agent import ctdigest, ctevents
 from natmig.agent import ctnetlink as nl
-from natmig.agent import ctbulk
+from natmig.agent import conntrack, ctbulk
 from natmig.agent import cttext
 from natmig.agent.conntrack import ConntrackProvider
 from natmig.agent.provider import ApplyError
@@ -270,6 +270,35 @@ def test_a_bulk_create_the_kernel_refuses_part_way_leaves_the_digest_true_withou
         got = agrees(a)
         assert got["sessions"] == 2000
         assert digest.full_reads == 1
+    finally:
+        a.close()
+
+
+@pytest.mark.parametrize("fault", ["not owned", "reply tuple twice", "same key twice"])
+def test_a_large_batch_checked_as_it_goes_out_is_refused_whole_and_names_its_offender(net: TwoNatNet, fault: str,
+                                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Into a table of a few entries a large batch is checked part by part while the parts before are created: a fault
+    in a late part leaves the table as it was, and the refusal names the offender as a check ahead would."""
+    a = provider(net)
+    parts: list[int] = []
+    real = conntrack.PartsCheck.plainly_acceptable
+    monkeypatch.setattr(conntrack.PartsCheck, "plainly_acceptable", lambda self, part: parts.append(len(part)) or real(self, part))
+    try:
+        agrees(a)
+        batch = [NatSession("UDP", "10.0.4.1", 1000 + i, SERVER_IP, 53, PUBLIC_IP, 30000 + i, None, 300) for i in range(5000)]
+        bad = batch[4000]
+        if fault == "not owned":
+            batch[4000] = dataclasses.replace(bad, translated_address="192.0.2.99")
+        elif fault == "reply tuple twice":
+            batch[4000] = dataclasses.replace(bad, translated_port=batch[10].translated_port)
+        else:
+            batch[4000] = batch[10]
+        with pytest.raises(ApplyError) as refused:
+            a.apply(batch)
+        assert batch[4000].key in refused.value.problems, refused.value.problems
+        assert sum(parts) >= 3000, parts  # refused in a late part: parts before it went out
+        got = agrees(a)
+        assert got["sessions"] == 0
     finally:
         a.close()
 
