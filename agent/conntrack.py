@@ -179,17 +179,18 @@ class ConntrackProvider(ConntrackBase):
         reading = self._start_read() if few is None else None
         try:
             if few is not None and len(batch) > 2 * CREATE_BATCH:
-                # Into a table of a few entries (a migration's target): checked part by part while the kernel
-                # creates the parts before, not all ahead of the first create (100k: ~140 ms).
-                existing = index_by_key(few.sessions)
-                parts = PartsCheck(existing, self.owned)
+                # Into a table of a few entries (a migration's target): creates only, checked part by part while
+                # the kernel creates the parts before, not all ahead of the first create (100k: ~140 ms).  A key
+                # the table holds stops it too: replacing one is the whole check's to plan.
+                held = index_by_key(few.sessions)
+                parts = PartsCheck(held, self.owned)
 
                 def check(part: builtins.list[NatSession]) -> None:
-                    if invalid_entries(part) or held_elsewhere(part, taken) or any(s.key in existing for s in part) or not parts.plainly_acceptable(part):
+                    if invalid_entries(part) or held_elsewhere(part, taken) or any(s.key in held for s in part) or not parts.plainly_acceptable(part):
                         raise _PartRefused()
 
                 try:
-                    self._write(batch, existing, before_create, check)
+                    self._write(batch, {}, before_create, check)
                     return
                 except _PartRefused:
                     pass  # undone: the whole batch is checked below, and its offenders named
