@@ -224,8 +224,9 @@ class WriteLog:
         return True
 
     def not_created(self, keys: Iterable[SessionKey]) -> None:
-        """Keys :meth:`created_early` folded whose create the kernel refused or never got: taken out of the table."""
-        self.steps.append((False, list(keys)))
+        """Keys :meth:`created_early` folded whose create the kernel refused or never got: taken out of the table, as
+        deleted ones are."""
+        self.deleted(keys)
 
     def deleted(self, keys: Iterable[SessionKey]) -> None:
         """The entries with these keys were deleted (the kernel acknowledged each)."""

@@ -376,12 +376,10 @@ class PartsCheck:
     def plainly_acceptable(self, part: Sequence[NatSession]) -> bool:
         """Whether the batch so far, with ``part``, is one check_batch finds nothing in (then ``part`` counts as checked)."""
         keys = {s.key for s in part}
-        if len(keys) != len(part) or not self.keys.isdisjoint(keys) or not set(map(_TRANSLATED, part)) <= self.owned:
+        if len(keys) != len(part) or not self.keys.isdisjoint(keys):
             return False
-        if isinstance(self.owned, pool.Owned) and not self.owned.all_ports_inside((s.translated_address, s.translated_port) for s in part):
-            return False
-        replies = {s.reply_key for s in part}
-        if len(replies) != len(part) or not self.replies.isdisjoint(replies):
+        replies = _owned_distinct_replies(part, self.owned)
+        if replies is None or not self.replies.isdisjoint(replies):
             return False
         self.keys |= keys
         self.replies |= replies
@@ -403,14 +401,22 @@ def _plainly_acceptable(
     decide them about four times faster.  False means: run the loop, which
     names the offenders.
     """
-    if len(batch_keys) != len(sessions) or not set(map(_TRANSLATED, sessions)) <= owned:
+    if len(batch_keys) != len(sessions):
         return False
-    if isinstance(owned, pool.Owned) and not owned.all_ports_inside((s.translated_address, s.translated_port) for s in sessions):
-        return False
-    replies = {s.reply_key for s in sessions}
-    if len(replies) != len(sessions):
+    replies = _owned_distinct_replies(sessions, owned)
+    if replies is None:
         return False
     return not any(s.reply_key in replies for k, s in existing.items() if k not in batch_keys)
+
+
+def _owned_distinct_replies(sessions: Sequence[NatSession], owned: AbstractSet[str]) -> set[ReplyKey] | None:
+    """The sessions' reply tuples, when every translation is owned and no two share one; else None."""
+    if not set(map(_TRANSLATED, sessions)) <= owned:
+        return None
+    if isinstance(owned, pool.Owned) and not owned.all_ports_inside((s.translated_address, s.translated_port) for s in sessions):
+        return None
+    replies = {s.reply_key for s in sessions}
+    return replies if len(replies) == len(sessions) else None
 
 
 class SessionTable(dict[SessionKey, NatSession]):

@@ -9,10 +9,13 @@ the rest of the reply waits in the source's SSH window, not in this process.
 
 from __future__ import annotations
 
+import collections
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, Callable, TypeVar
+
+from ..wire.slices import EntryStream
 
 T = TypeVar("T")
 
@@ -58,3 +61,53 @@ def feed_chunks(read: Callable[[Callable[[bytes | None], None]], T], take: Calla
     if failure is not None:
         raise failure
     return result
+
+
+class WriteWindow:
+    """Writes on ``pool`` with at most ``ahead`` unanswered; once one was refused, no more are sent.
+
+    Both forwarded copies send their slices this way: requests in flight, the
+    target's agent handles them in order and reads the next meanwhile.
+    """
+
+    def __init__(self, pool: ThreadPoolExecutor, ahead: int) -> None:
+        self.pool, self.ahead = pool, ahead
+        self.writes: collections.deque[Future[Any]] = collections.deque()
+
+    def refused(self) -> bool:
+        """Whether a write sent so far has failed."""
+        return any(w.done() and w.exception() is not None for w in self.writes)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """``fn(*args)`` on the pool once fewer than ``ahead`` wait; False (nothing sent) once a write was refused."""
+        while len(self.writes) >= self.ahead and not self.refused():
+            wait([self.writes[0]])
+            if self.writes[0].exception() is None:
+                self.writes.popleft()
+        if self.refused():
+            return False
+        self.writes.append(self.pool.submit(fn, *args))
+        return True
+
+    def finish(self) -> None:
+        """Wait for every write; the first refusal is raised."""
+        for w in self.writes:
+            w.result()
+
+
+class SliceFeed:
+    """``take`` of :func:`feed_chunks` for a copy that forwards slices: each chunk to ``stream``, its slices to ``send``.
+
+    Once ``send`` says nothing more may go (False), later chunks are only
+    counted, so that the reply's size can still be checked against what arrived.
+    """
+
+    def __init__(self, stream: EntryStream, send: Callable[[list[str]], bool]) -> None:
+        self.stream, self.send = stream, send
+        self.going = True
+
+    def take(self, chunk: bytes) -> None:
+        if self.going:
+            self.going = self.send(self.stream.feed(chunk))
+        else:
+            self.stream.fed += len(chunk)

@@ -21,14 +21,13 @@ list rest on the agents' own digests (:mod:`.enginecatchup`, :mod:`.engine`).
 
 from __future__ import annotations
 
-import collections
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 from ..errors import ControllerError
 from ..statemodel import Entry, StateList
 from ..wire.slices import EntryStream, ListText
-from .chunkfeed import feed_chunks
+from .chunkfeed import SliceFeed, WriteWindow, feed_chunks
 from .enginecontext import Context, CopyStrategy
 
 #: Slices sent to the target and not yet answered.
@@ -91,46 +90,28 @@ class ForwardedLists(CopyStrategy):
         sent = ListText(lst)
         plain = True
         with ThreadPoolExecutor(2, thread_name_prefix="natmig-forward") as pool:
-            writes: collections.deque[Future[None]] = collections.deque()
-
-            def refused() -> bool:
-                return any(w.done() and w.exception() is not None for w in writes)
+            window = WriteWindow(pool, WRITES_AHEAD)
 
             def send(parts: Iterable[str]) -> bool:
-                """Check and send slices; False once nothing more may be sent."""
+                """Check and send slices; False once nothing more may be sent (a refusal is raised below)."""
                 nonlocal plain
                 for part in parts:
                     if not sent.add(part):
                         plain = False
                         return False
-                    while len(writes) >= WRITES_AHEAD and not refused():
-                        wait([writes[0]])
-                        if writes[0].exception() is None:
-                            writes.popleft()
-                    if refused():
-                        return False  # the target refused a slice: raised below
-                    # Requests in flight: the target's agent handles them in order, and reads the next meanwhile.
-                    writes.append(pool.submit(ctx.target.write_text, part))
+                    if not window.submit(ctx.target.write_text, part):
+                        return False
                 return True
 
-            going = True
-
-            def take(chunk: bytes) -> None:
-                nonlocal going
-                if going:
-                    going = send(stream.feed(chunk))
-                else:
-                    stream.fed += len(chunk)  # counted still: the reply's size is checked below
-
-            reply = feed_chunks(lambda put: ctx.source.read_text(lst, put, False), take)
+            feed = SliceFeed(stream, send)
+            reply = feed_chunks(lambda put: ctx.source.read_text(lst, put, False), feed.take)
             if not reply.tapped:
-                going = going and send(stream.feed(reply.raw.encode()))
+                feed.going = feed.going and send(stream.feed(reply.raw.encode()))
             elif stream.fed != reply.received:
                 raise ControllerError(f"{ctx.source.name}: its reply of {lst.qname} differs from the chunks it arrived in; nothing committed")
-            if going:
+            if feed.going:
                 rest = stream.finish()
                 # None: the body was not cut (an empty <data/>, another spelling): the list goes decoded.
                 plain = plain and rest is not None and send(rest)
-            for w in writes:
-                w.result()
+            window.finish()
         return sent if plain else None

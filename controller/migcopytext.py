@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import collections
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from ..errors import ControllerError
-from .chunkfeed import feed_chunks
+from .chunkfeed import SliceFeed, WriteWindow, feed_chunks
 from .migcontext import Context
 from .migstrategy import SessionCopy, commit_copy, copy_decoded
 from .nodeproto import TABLE_TEXT, TEXT_EDIT, TableReader, TextTarget
@@ -59,10 +58,7 @@ def copy_text(ctx: Context, ph: Any, src: Any, tgt: Any) -> None:
     # Set before any write: a failure from here on discards the candidate.
     ctx.st.target_candidate_dirty = True
     with ThreadPoolExecutor(2) as pool:
-        writes: collections.deque[Any] = collections.deque()
-
-        def refused() -> bool:
-            return any(w.done() and w.exception() is not None for w in writes)
+        window = WriteWindow(pool, WRITES_AHEAD)
 
         def send(parts: list[str]) -> bool:
             """Check and send slices; False once nothing more may be sent."""
@@ -73,38 +69,23 @@ def copy_text(ctx: Context, ph: Any, src: Any, tgt: Any) -> None:
                     return False
                 if foreign_addresses(sent.addresses, ctx.target.public):
                     return False  # refused below, before this slice is sent
-                while len(writes) >= WRITES_AHEAD and not refused():
-                    wait([writes[0]])
-                    if writes[0].exception() is None:
-                        writes.popleft()
-                if refused():
+                if not window.submit(tgt.edit_text, part, "candidate"):
                     return False  # the target refused a slice: no use sending on
-                # Two requests in flight: the target's agent handles them
-                # in order, and reads the next while it handles one.
-                writes.append(pool.submit(tgt.edit_text, part, "candidate"))
             return True
 
-        going = True
-
-        def take(chunk: bytes) -> None:
-            nonlocal going
-            if going:
-                going = send(stream.feed(chunk))
-            else:
-                stream.fed += len(chunk)  # counted still: the reply's size is checked below
-
+        feed = SliceFeed(stream, send)
         with ph.step("get-config"):
-            reply = feed_chunks(lambda put: src.read_table("running", put, keep=False), take)
+            reply = feed_chunks(lambda put: src.read_table("running", put, keep=False), feed.take)
             ctx.snapshot_at = time.perf_counter()
             if not reply.tapped:
-                going = send(stream.feed(reply.raw.encode()))
+                feed.going = send(stream.feed(reply.raw.encode()))
             elif stream.fed != reply.received:
                 raise ControllerError("the source's reply differs from the chunks it arrived in; nothing committed")
         # Recorded before the commit: what a failure after it removes.
         ctx.st.added_table = sent
         whole = None if reply.elided else reply
         with ph.step("edit-config"):
-            if going:
+            if feed.going:
                 rest = stream.finish()
                 if rest is None:
                     # The body was not cut while it arrived (an empty <data/>, another spelling): from the whole reply.
@@ -116,8 +97,7 @@ def copy_text(ctx: Context, ph: Any, src: Any, tgt: Any) -> None:
                         send(table.slices(4, ctx.opt.copy_chunk))
                 else:
                     send(rest)
-            for w in writes:
-                w.result()
+            window.finish()
     if not plain:
         # Another spelling than the codec's: decode the whole reply (read
         # again when it was not kept) and write it all again (a merge of
