@@ -5,6 +5,8 @@ and the NAT engine's :mod:`.migcopytext`) read the source's reply this way:
 the agent streams a large table while it reads it, and the slices of it go on
 to the target before the reply is complete.  When the caller falls behind,
 the rest of the reply waits in the source's SSH window, not in this process.
+Their slices go on through a :class:`WriteWindow` (a few writes unanswered at
+once), fed by a :class:`SliceFeed`.
 """
 
 from __future__ import annotations
