@@ -26,8 +26,12 @@ Each size is migrated twice: with the probe alone (times, ratios, gap,
 blackout, RSS) and with 100 new TCP connections per second beside it (the
 hold window and what it costs a new connection).
 
+The tool and kernel floors are measured twice: on a quiet machine, and
+as natmig's move runs (beside the same 1 ms probe, niced like the control
+plane: "alike"); the ratio targets read the latter, both are printed.
+
 Targets: natmig total <= 3x the tool floor at 10,000 and 100,000 sessions,
-and <= 2x the kernel floor at 100,000 and more; largest probe gap <= 20 ms
+and <= 2x the kernel floor at 100,000 and more (each measured alike); largest probe gap <= 20 ms
 at 10,000 and 100,000 (beside it, the same probe's largest gap before the
 move: the machine's own floor); the blackout (the source's admission closed to the target's
 admission open) <= conntrackd's commit + bundle from 10,000 on; the hold
@@ -51,6 +55,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -141,6 +146,18 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
     kernel["created"] = ct_count(tb, "nat2")
     tb.point_to("nat1")
     flush(tb, "nat2")
+    # The same two floors again as natmig's move runs: beside the 1 ms probe
+    # (the userspace switch and the traffic programs, not niced, take ~0.3 of
+    # the two cores) and at the control plane's priority.  A floor measured
+    # on a quiet machine against a move measured beside that load compares
+    # two machines; both figures are kept (docs/controller.md).
+    floor_alike = _beside_probe(tb, work, timeouts, lambda: in_child(lambda: tool_floor(tb)))
+    tb.point_to("nat1")
+    flush(tb, "nat2")
+    kernel_alike = _beside_probe(tb, work, timeouts, lambda: in_child(lambda: kernel_floor(tb)))
+    kernel_alike["created"] = ct_count(tb, "nat2")
+    tb.point_to("nat1")
+    flush(tb, "nat2")
     peer, peer_error = conntrackd_floor(tb, int(kernel["entries"]))
     if peer is not None:
         peer["in_target"] = ct_count(tb, "nat2")
@@ -194,11 +211,14 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
         "floor": floor,
         "floor_restored": restored,
         "kernel_floor": kernel,
+        "floor_alike": floor_alike,
+        "kernel_floor_alike": kernel_alike,
         "conntrackd": peer,
         "conntrackd_error": peer_error,
         "blackout": report.blackout_seconds,
         # A move that failed part way is no time to compare with a floor.
         "ratio_kernel": report.total_seconds / kernel["total"] if kernel["total"] and report.ok else None,
+        "ratio_kernel_alike": report.total_seconds / kernel_alike["total"] if kernel_alike["total"] and report.ok else None,
         "agent_peak_rss_mb": agent_rss,
         "controller_peak_rss_mb": controller_rss,
         "controller_rss_before_mb": controller_rss_before,
@@ -210,6 +230,7 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
         "natmig_moved": report.copied + report.caught_up + report.reconciled,
         "natmig_verified": report.verified,
         "ratio": report.total_seconds / floor["total"] if floor["total"] else None,
+        "ratio_alike": report.total_seconds / floor_alike["total"] if floor_alike["total"] and report.ok else None,
         "probe_gap_ms": traffic.largest_gap * 1000,
         "probe_gap_at_switch_ms": _switch_gap(report, traffic)[0] * 1000,
         "probe_gap_at_switch_exact": _switch_gap(report, traffic)[1],
@@ -238,6 +259,23 @@ def _caught_up(fleet: AgentFleet, timeouts: Timeouts) -> None:
             node.get_statistics()  # NodeClient declares STATISTICS
         finally:
             node.close()
+
+
+def _beside_probe(tb: Testbed, work: Path, timeouts: Timeouts, floor: Callable[[], dict]) -> dict:
+    """``floor`` run as natmig's probe-only move runs: the same 1 ms TCP probe flowing, this process niced like the control plane.
+
+    The probe runs a second first (its connection set up and through the
+    switch); whether it survives the floor's bundle is not the floor's
+    concern (it has no hold), only the load it puts on the machine.
+    """
+    probe = LiveTraffic(tb.netns("client"), tb.netns("server"), tb.address("server"),
+                        TrafficSpec(tcp=1, udp=0, interval=0.001, duration=timeouts.traffic), str(work))
+    with probe:
+        time.sleep(1.0)
+        with control_plane_priority():
+            got = floor()
+        probe.stop()
+    return got
 
 
 def _migrate(tb: Testbed, fleet: AgentFleet, work: Path, spec: TrafficSpec, timeouts: Timeouts, idle: float = 0.5,
@@ -347,24 +385,41 @@ def _ms(v: float | None, width: int) -> str:
 
 def print_floors(rows: list[dict]) -> None:
     """natmig against the three floors, its blackout against conntrackd's commit + bundle, and peak RSS."""
-    head = (f"{'sessions':>9} | {'tool':>8} | {'kernel: dump':>12} {'create':>7} {'bundle':>7} {'total':>8} | "
-            f"{'conntrackd: sync':>16} {'commit':>7} {'bundle':>7} {'total':>7} | {'natmig':>8} {'x kernel':>8} {'blackout':>8} | "
+    head = (f"{'sessions':>9} | {'tool':>8} {'alike':>8} | {'kernel: dump':>12} {'create':>7} {'bundle':>7} {'total':>8} {'alike':>8} | "
+            f"{'conntrackd: sync':>16} {'commit':>7} {'bundle':>7} {'total':>7} | {'natmig':>8} {'x kernel':>8} {'x alike':>7} {'blackout':>8} | "
             f"{'RSS MB: agent src':>17} {'tgt':>6} {'ctl':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:
         k, c = r["kernel_floor"], r["conntrackd"] or {}
         ratio = "-" if r["ratio_kernel"] is None else f"{r['ratio_kernel']:.2f}"
+        alike = "-" if r.get("ratio_kernel_alike") is None else f"{r['ratio_kernel_alike']:.2f}"
         rss = r["agent_peak_rss_mb"]
-        print(f"{r['sessions']:>9} | {_ms(r['floor']['total'], 8)} | {_ms(k['dump'], 12)} {_ms(k['create'], 7)} {_ms(k['bundle'], 7)} {_ms(k['total'], 8)} | "
+        print(f"{r['sessions']:>9} | {_ms(r['floor']['total'], 8)} {_ms((r.get('floor_alike') or {}).get('total'), 8)} | "
+              f"{_ms(k['dump'], 12)} {_ms(k['create'], 7)} {_ms(k['bundle'], 7)} {_ms(k['total'], 8)} {_ms((r.get('kernel_floor_alike') or {}).get('total'), 8)} | "
               f"{_ms(c.get('sync'), 16)} {_ms(c.get('commit'), 7)} {_ms(c.get('bundle'), 7)} {_ms(c.get('total'), 7)} | "
-              f"{_ms(r['natmig_total'], 8)} {ratio:>8} {_ms(r['blackout'], 8)} | {rss['source']:>17.0f} {rss['target']:>6.0f} {r['controller_peak_rss_mb']:>6.0f}")
+              f"{_ms(r['natmig_total'], 8)} {ratio:>8} {alike:>7} {_ms(r['blackout'], 8)} | {rss['source']:>17.0f} {rss['target']:>6.0f} {r['controller_peak_rss_mb']:>6.0f}")
         if r["conntrackd"] is None:
             print(f"{'':>9}   conntrackd could not run: {r['conntrackd_error']}")
     print("(all times in ms; tool = conntrack -L -o save | conntrack -R + bundle; kernel = ctnetlink dump of nat1 + ctnetlink creates in nat2")
-    print(" + bundle; conntrackd = FTFW bulk sync until nat2 holds the table, then conntrackd -c + bundle (total: sync complete ->")
-    print(" committed and switched); x kernel = natmig / kernel total; blackout = natmig's admission closed -> open, probe-only run;")
+    print(" + bundle, both on a quiet machine; alike = the same floor measured as natmig's move runs: beside the 1 ms probe, niced like the")
+    print(" control plane; conntrackd = FTFW bulk sync until nat2 holds the table, then conntrackd -c + bundle (total: sync complete ->")
+    print(" committed and switched); x kernel = natmig / kernel total (quiet); x alike = natmig / kernel alike, the ratio the target")
+    print(" reads; blackout = natmig's admission closed -> open, probe-only run;")
     print(" RSS = peak over natmig's move (VmHWM, reset before it) of the source and target agents and the controller)")
+
+
+def _like_for_like(r: dict, quiet: str, floor: str) -> tuple[float | None, float, str]:
+    """(natmig / floor, the floor's seconds, which floor): the one measured beside the probe when the row has it, else the quiet one.
+
+    Rows written before the floors were measured beside the probe (an older
+    bench_migrate.json merged in) have only the quiet floor.
+    """
+    alike = r.get(floor + "_alike")
+    ratio = r.get(quiet + "_alike")
+    if alike and ratio is not None:
+        return ratio, alike["total"], "measured beside the probe"
+    return r[quiet], r[floor]["total"], "quiet"
 
 
 def check_targets(rows: list[dict]) -> list[str]:
@@ -375,8 +430,9 @@ def check_targets(rows: list[dict]) -> list[str]:
             missed.append(f"{r['sessions']}: the run with new connections failed or a connection did not survive")
         if not r["natmig_ok"] or not r["probe_survived"]:
             missed.append(f"{r['sessions']}: migration ok={r['natmig_ok']} ({r['natmig_error']}), probe survived={r['probe_survived']}")
-        if r["sessions"] in (10_000, 100_000) and r["ratio"] and r["ratio"] > 3:
-            missed.append(f"{r['sessions']}: natmig total {r['natmig_total']:.3f} s is {r['ratio']:.2f}x the floor {r['floor']['total']:.3f} s (target <= 3x)")
+        ratio, seconds, which = _like_for_like(r, "ratio", "floor")
+        if r["sessions"] in (10_000, 100_000) and ratio and ratio > 3:
+            missed.append(f"{r['sessions']}: natmig total {r['natmig_total']:.3f} s is {ratio:.2f}x the tool floor {seconds:.3f} s, {which} (target <= 3x)")
         if r["sessions"] in (10_000, 100_000) and r["probe_gap_ms"] > 20:
             missed.append(f"{r['sessions']}: largest probe gap {r['probe_gap_ms']:.1f} ms in {r['probe_gap_phase']}, "
                           f"{r['probe_gap_idle_ms']:.1f} ms before the move (target <= 20 ms)")
@@ -384,9 +440,10 @@ def check_targets(rows: list[dict]) -> list[str]:
         if limit is not None and r["blackout_ms"] is not None and r["blackout_ms"] > limit:
             missed.append(f"{r['sessions']}: blackout {r['blackout_ms']:.1f} ms (target <= {limit:.0f} ms)")
         # The targets measured against the kernel's floor and conntrackd.
-        if r["sessions"] >= 100_000 and r["ratio_kernel"] is not None and r["ratio_kernel"] > 2.0:
-            missed.append(f"{r['sessions']}: natmig total {r['natmig_total']:.3f} s is {r['ratio_kernel']:.2f}x the kernel floor "
-                          f"{r['kernel_floor']['total']:.3f} s (target <= 2x)")
+        ratio, seconds, which = _like_for_like(r, "ratio_kernel", "kernel_floor")
+        if r["sessions"] >= 100_000 and ratio is not None and ratio > 2.0:
+            missed.append(f"{r['sessions']}: natmig total {r['natmig_total']:.3f} s is {ratio:.2f}x the kernel floor "
+                          f"{seconds:.3f} s, {which} (target <= 2x)")
         peer = r["conntrackd"]
         if r["sessions"] >= 10_000 and peer is not None and r["blackout"] is not None and r["blackout"] > peer["total"]:
             missed.append(f"{r['sessions']}: blackout {r['blackout'] * 1000:.1f} ms above conntrackd's commit + bundle "
@@ -421,11 +478,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
     series([r["natmig_total"] if r["natmig_ok"] else None for r in rows], "o-", "natmig (all phases; a failed move is left out)")
     series([r["floor"]["total"] for r in rows], "s-", "tool floor (save | restore, bundle)")
-    series([r["kernel_floor"]["total"] for r in rows], "^-", "kernel floor (ctnetlink dump, creates, bundle)")
+    series([r["kernel_floor"]["total"] for r in rows], "^-", "kernel floor (ctnetlink dump, creates, bundle), quiet")
+    series([(r.get("kernel_floor_alike") or {}).get("total") for r in rows], "^:", "kernel floor beside the probe, niced (as natmig runs)")
     series([(r["conntrackd"] or {}).get("total") for r in rows], "v-", "conntrackd: commit + bundle")
     series([(r["conntrackd"] or {}).get("sync") for r in rows], "v:", "conntrackd: its sync of the table", color="grey")
     series([r["blackout"] for r in rows], "D-", "natmig blackout (admission closed -> open)")
-    series([2 * r["kernel_floor"]["total"] for r in rows], "k--", "2x kernel floor (target)", linewidth=0.8)
+    series([2 * _like_for_like(r, "ratio_kernel", "kernel_floor")[1] for r in rows], "k--", "2x kernel floor (target)", linewidth=0.8)
     ax.set_yscale("log")
     ax.set_xticks(xs, labels)
     ax.set_xlabel("sessions in the table")

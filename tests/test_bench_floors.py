@@ -55,6 +55,24 @@ def test_targets_against_the_kernel_floor_and_conntrackd(bench) -> None:
     assert any("agent peak RSS 1600 MB" in m for m in big)
 
 
+def test_ratio_targets_read_the_floors_measured_beside_the_probe_when_the_row_has_them(bench, capsys) -> None:
+    # Quiet floors alone (a row of an older JSON): the targets read them.
+    quiet = row(100_000, natmig=1.0, kernel=0.4, blackout=0.05, peer=PEER)
+    assert any("2.50x the kernel floor 0.400 s, quiet" in m for m in bench.check_targets([quiet]))
+    # The same move against floors measured as it ran: 1.0 / 0.55 and 1.0 / 0.5, both met.
+    alike = dict(quiet, floor_alike={"dump": 0.2, "restore": 0.2, "bundle": 0.01, "total": 0.5, "entries": 100_000},
+                 kernel_floor_alike={"dump": 0.3, "create": 0.24, "bundle": 0.01, "total": 0.55, "entries": 100_000},
+                 ratio_alike=2.0, ratio_kernel_alike=1.0 / 0.55)
+    assert bench.check_targets([alike]) == []
+    # Above 2x of the alike floor is missed, named as that floor.
+    worse = dict(alike, ratio_kernel_alike=2.2)
+    assert any("2.20x the kernel floor 0.550 s, measured beside the probe" in m for m in bench.check_targets([worse]))
+    # Both printed: the quiet ratio and the alike one.
+    bench.print_floors([alike])
+    out = capsys.readouterr().out
+    assert "    2.50    1.82 " in out and "   550.0 " in out and "   500.0 " in out
+
+
 def test_merge_keeps_other_sizes_and_drops_rows_without_the_floors(bench, tmp_path: Path) -> None:
     path = tmp_path / "bench_migrate.json"
     assert bench.merged(path, [row(1_000_000)]) == [row(1_000_000)]
