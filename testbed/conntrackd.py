@@ -40,6 +40,12 @@ SYNC_PORT = 3780
 #: default (131,072) is smaller than a bulk of 1,000,000, whose losses were then never made good
 #: (its sync held 494,305-995,656 of 1,000,000 entries after 600 s in earlier runs).
 RESEND_QUEUE = 2_097_152
+#: The sync socket's receive buffer, bytes (SO_RCVBUFFORCE: past net.core.rmem_max).  A bulk of
+#: 1,000,000 is ~67,000 datagrams sent in ~1.5 s, faster than the receiving daemon files them; with
+#: ~25 MB ~4% were dropped at its socket and FTFW never sent them again (the receiver counted 14,513
+#: lost messages and asked for them; the sender sent nothing more), so the sync stalled at 79-95%
+#: in one run of two.  Room for the whole bulk (truesize ~2.3 KB a datagram) takes the loss away.
+RCV_BUFFER = 268_435_456
 #: Addresses whose entries are never synced: loopback and the sync link itself
 #: (conntrackd's own UDP flow would otherwise be mirrored to the other side).
 ALWAYS_IGNORED = ("127.0.0.1", "198.51.100.0/24")
@@ -116,7 +122,7 @@ Sync {{
     Port {SYNC_PORT}
     Interface {SYNC_IF}
     SndSocketBuffer 24985600
-    RcvSocketBuffer 24985600
+    RcvSocketBuffer {RCV_BUFFER}
     Checksum on
   }}
 }}
