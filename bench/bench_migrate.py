@@ -88,6 +88,12 @@ def flush(tb: Testbed, nat: str) -> None:
     tb.exec(nat, ["conntrack", "-F"], check=False)
 
 
+def back_to_nat1(tb: Testbed) -> None:
+    """Undo a floor's or a move's switch: traffic back to nat1, nat2's table empty."""
+    tb.point_to("nat1")
+    flush(tb, "nat2")
+
+
 def reset(tb: Testbed) -> None:
     """Traffic back to nat1, both tables empty, both nodes admitting."""
     tb.point_to("nat1")
@@ -140,29 +146,24 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
     in_table = ct_count(tb, "nat1")
     floor = in_child(lambda: tool_floor(tb))
     restored = ct_count(tb, "nat2")
-    tb.point_to("nat1")
-    flush(tb, "nat2")
+    back_to_nat1(tb)
     kernel = in_child(lambda: kernel_floor(tb))
     kernel["created"] = ct_count(tb, "nat2")
-    tb.point_to("nat1")
-    flush(tb, "nat2")
+    back_to_nat1(tb)
     # The same two floors again as natmig's move runs: beside the 1 ms probe
     # (the userspace switch and the traffic programs, not niced, take ~0.3 of
     # the two cores) and at the control plane's priority.  A floor measured
     # on a quiet machine against a move measured beside that load compares
     # two machines; both figures are kept (docs/controller.md).
     floor_alike = _beside_probe(tb, work, timeouts, lambda: in_child(lambda: tool_floor(tb)))
-    tb.point_to("nat1")
-    flush(tb, "nat2")
+    back_to_nat1(tb)
     kernel_alike = _beside_probe(tb, work, timeouts, lambda: in_child(lambda: kernel_floor(tb)))
     kernel_alike["created"] = ct_count(tb, "nat2")
-    tb.point_to("nat1")
-    flush(tb, "nat2")
+    back_to_nat1(tb)
     peer, peer_error = conntrackd_floor(tb, int(kernel["entries"]))
     if peer is not None:
         peer["in_target"] = ct_count(tb, "nat2")
-    tb.point_to("nat1")
-    flush(tb, "nat2")
+    back_to_nat1(tb)
     at_move = ct_count(tb, "nat1")
     if at_move < min(n, in_table):
         # Entries timed out (or were removed) while the floors ran: natmig's move would compare other tables.
@@ -182,7 +183,7 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
     for pid in (*agents.values(), os.getpid()):
         reset_peak_rss(pid)
     controller_rss_before = vm_hwm_mb(os.getpid())
-    report, traffic = _migrate(tb, fleet, work, TrafficSpec(tcp=1, udp=0, interval=0.001, duration=timeouts.traffic), timeouts,
+    report, traffic = _migrate(tb, fleet, work, _probe(timeouts), timeouts,
                                idle=IDLE_PROBE, engine=engine)
     idle_gap = _idle_gap(report, traffic)
     agent_rss = {role: vm_hwm_mb(pid) for role, pid in agents.items()}
@@ -192,8 +193,7 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
     # at the admit.  A run of its own, since the churn's traffic programs (not
     # niced, as hardware would not be) slow the niced control plane: at 100k
     # the copy took several times longer, which is not the move's own cost.
-    tb.point_to("nat1")
-    flush(tb, "nat2")
+    back_to_nat1(tb)
     # As before the first move: nat2's agent follows the flush's DESTROY events
     # first (at 1,000,000 without this, this run's verify waited 47 s for the
     # two digests, against none in the first run).
@@ -261,6 +261,11 @@ def _caught_up(fleet: AgentFleet, timeouts: Timeouts) -> None:
             node.close()
 
 
+def _probe(timeouts: Timeouts) -> TrafficSpec:
+    """The probe-only move's traffic: one TCP flow sending every 1 ms (what the floors measured alike run beside too)."""
+    return TrafficSpec(tcp=1, udp=0, interval=0.001, duration=timeouts.traffic)
+
+
 def _beside_probe(tb: Testbed, work: Path, timeouts: Timeouts, floor: Callable[[], dict]) -> dict:
     """``floor`` run as natmig's probe-only move runs: the same 1 ms TCP probe flowing, this process niced like the control plane.
 
@@ -268,8 +273,7 @@ def _beside_probe(tb: Testbed, work: Path, timeouts: Timeouts, floor: Callable[[
     switch); whether it survives the floor's bundle is not the floor's
     concern (it has no hold), only the load it puts on the machine.
     """
-    probe = LiveTraffic(tb.netns("client"), tb.netns("server"), tb.address("server"),
-                        TrafficSpec(tcp=1, udp=0, interval=0.001, duration=timeouts.traffic), str(work))
+    probe = LiveTraffic(tb.netns("client"), tb.netns("server"), tb.address("server"), _probe(timeouts), str(work))
     with probe:
         time.sleep(1.0)
         with control_plane_priority():

@@ -37,7 +37,7 @@ from natmig.netns import ensure_conntrack_capacity
 from natmig.testbed import topology
 from natmig.testbed.bed import Testbed
 
-from bench_migrate import Timeouts, _caught_up, flush, reset  # noqa: E402
+from bench_migrate import Timeouts, _caught_up, back_to_nat1, reset  # noqa: E402
 from engines import ENGINES, move  # noqa: E402
 from common import SESSION_TIMEOUT, agents_on, in_child  # noqa: E402
 
@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             timeouts = Timeouts.for_table(n)
             pids = {"source": fleet.procs["nat1"].pid, "target": fleet.procs["nat2"].pid}
             for _ in range(a.runs):
-                tb.point_to("nat1")
-                flush(tb, "nat2")
+                back_to_nat1(tb)
                 _caught_up(fleet, timeouts)  # each agent's digest has followed the flush
                 load_before = os.getloadavg()[0]
                 before = {role: cpu_seconds(pid) for role, pid in pids.items()}

@@ -36,9 +36,9 @@ SYNC_IF = "ctsync0"
 SYNC_ADDRESSES = ("198.51.100.1", "198.51.100.2")
 SYNC_PREFIX = 24
 SYNC_PORT = 3780
-#: FTFW's resend queue, in objects: what a lost message can still be sent again from.  conntrackd's
-#: default (131,072) is smaller than a bulk of 1,000,000, whose losses were then never made good
-#: (its sync held 494,305-995,656 of 1,000,000 entries after 600 s in earlier runs).
+#: FTFW's resend queue, in objects: what a lost message can still be sent again from (conntrackd's
+#: default, 131,072, is smaller than a bulk of 1,000,000).  Raising it alone did not make a 1M bulk's
+#: losses good: the sender never sent them again (see RCV_BUFFER, which keeps them from happening).
 RESEND_QUEUE = 2_097_152
 #: The sync socket's receive buffer, bytes (SO_RCVBUFFORCE: past net.core.rmem_max).  A bulk of
 #: 1,000,000 is ~67,000 datagrams sent in ~1.5 s, faster than the receiving daemon files them; with
