@@ -30,8 +30,8 @@ from ..wire.slices import EntryStream, ListText
 from .chunkfeed import SliceFeed, WriteWindow, feed_chunks
 from .enginecontext import Context, CopyStrategy
 
-#: Slices sent to the target and not yet answered.
-WRITES_AHEAD = 3
+#: Slices sent to the target and not yet answered: one it works on, one waiting (see ForwardedLists).
+WRITES_AHEAD = 2
 
 
 class WholeLists(CopyStrategy):
@@ -68,8 +68,17 @@ class ForwardedLists(CopyStrategy):
 
     name = "forwarded"
 
-    def __init__(self, first: int = 1000, most: int = 25_000) -> None:
-        #: entries in the first slice (the target starts early) and in the largest (each edit-config costs it a pass)
+    def __init__(self, first: int = 1000, most: int = 6_000) -> None:
+        # The target is the copy's slowest stage: its checks (~8-9 us an
+        # entry) share two cores with the source's read and the controller,
+        # so it falls behind by what may wait for it, and what waits when the
+        # source is done it works through alone, the other core idle.  Slices
+        # of at most 6,000 with one waiting, instead of 25,000 with two: a
+        # 100k move 2,555 ms against 2,671 (bench_migrate, 8 runs each,
+        # alternating; docs/controller.md).  An edit-config costs the target
+        # its slice only (the candidate's reply index), so more of them cost
+        # little: 1M in 29.0 s against 28.2 (one run each).
+        #: entries in the first slice (the target starts early) and in the largest
         self.first, self.most = first, most
 
     def copy(self, ctx: Context) -> dict[StateList, list[Entry]]:

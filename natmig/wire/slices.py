@@ -45,8 +45,7 @@ class EntryStream:
     whole entries, ready to forward, and :meth:`finish` the rest once the
     reply is complete.  The first slice is small (``first`` entries), so the
     receiver starts early; each next one is :data:`GROWTH` times as large,
-    up to ``most``, so that a large table goes in few requests (each
-    edit-config costs the target a pass over its candidate).  Only the body of a plain
+    up to ``most``, so that a large table does not go in thousands of requests.  Only the body of a plain
     ``<data>`` element is cut; a reply without one (an error, another
     spelling) yields nothing here and is left to the caller, whole.
     """
