@@ -45,12 +45,14 @@ class EntryStream:
     whole entries, ready to forward, and :meth:`finish` the rest once the
     reply is complete.  The first slice is small (``first`` entries), so the
     receiver starts early; each next one is :data:`GROWTH` times as large,
-    up to ``most``, so that a large table does not go in thousands of requests.  Only the body of a plain
-    ``<data>`` element is cut; a reply without one (an error, another
-    spelling) yields nothing here and is left to the caller, whole.
+    up to ``most``, so that a large table does not go in thousands of
+    requests.  Both sizes are the caller's (each engine's copy has its own,
+    measured for it).  Only the body of a plain ``<data>`` element is cut; a
+    reply without one (an error, another spelling) yields nothing here and
+    is left to the caller, whole.
     """
 
-    def __init__(self, list_name: str, first: int = 1000, most: int = 25_000) -> None:
+    def __init__(self, list_name: str, *, first: int, most: int) -> None:
         #: bytes fed so far
         self.fed = 0
         self._decoder = codecs.getincrementaldecoder("utf-8")()
