@@ -33,7 +33,7 @@ class DatastoreEdits(DatastoreBase):
             # migration sends four times) needs no read of the table: at
             # 100k sessions that read is ~1 s of a node's time.  Into the
             # candidate, it leaves the candidate's sessions uncopied.
-            needs_table = bool(req.entries) or req.list_operation is not None
+            needs_table = bool(req.entry_count) or req.list_operation is not None
             if target == "candidate":
                 self._ensure_candidate(sessions=needs_table)
                 current = self._cand if needs_table and self._cand is not None else {}
@@ -46,7 +46,7 @@ class DatastoreEdits(DatastoreBase):
             plan = plan_edit(self.codec, current, control, req, default_operation)
             # The request is consumed: its per-entry dicts (~60 MB at 100k
             # entries) are freed before the provider builds its own batch.
-            req.entries.clear()
+            req.clear_entries()
             if target == "candidate":
                 self._check_against(plan, current)
             elif plan.deletes or plan.control is not None or error_option == "continue-on-error" or test_option == "test-only":
@@ -88,7 +88,7 @@ class DatastoreEdits(DatastoreBase):
         if req.list_operation is not None or default_operation == "replace":
             return {s.key: s for s in self._list()}
         with _reading_table():
-            return {s.key: s for s in self.provider.lookup([e.key for e in req.entries])}
+            return {s.key: s for s in self.provider.lookup(req.keys())}
 
     def _check_against(self, plan: Plan, current: dict[SessionKey, NatSession]) -> None:
         """Refuse entries the node could not hold on top of ``current`` (the candidate's table): check_batch.

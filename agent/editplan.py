@@ -114,7 +114,15 @@ def plan_edit(codec: Codec, current: dict[SessionKey, NatSession], control: dict
     get = current.get
     upserts = plan.upserts
     complete = codec.complete
-    for e in req.entries:
+    run = req.run
+    whole = run is not None and (run.operation or default_operation) in _WRITES and current.keys().isdisjoint(run.keys)
+    if whole:
+        # A copy's slice: every entry new (so none among the deletes either),
+        # each completed by its reader: all the loop below would do with them.
+        assert run is not None
+        upserts.update(zip(run.keys, run.sessions))
+    entries: list[EditEntry] = [] if whole else req.entries
+    for e in entries:
         op = e.operation or default_operation
         key = e.key
         if plan.deletes and key in plan.deletes and op not in ("delete", "remove"):
@@ -133,7 +141,7 @@ def plan_edit(codec: Codec, current: dict[SessionKey, NatSession], control: dict
             continue
         ENTRY_OPERATIONS[op](codec, e, old, plan)
     if default_operation == "replace":
-        named = {e.key for e in req.entries}
+        named = set(run.keys) if whole and run is not None else {e.key for e in entries}
         plan.deletes.update(k for k in current if k not in named)
     if _touches_control(req):
         assert control is not None, "nat-control is edited: its current values are needed"

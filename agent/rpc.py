@@ -353,7 +353,7 @@ def op_edit_config(server: Server, sess: SessionState, op: Any) -> bytes:
             rest, problems = None, e.problems
         req = batches.finish(rest, problems)
     t0 = time.perf_counter()
-    n_entries = len(req.entries)
+    n_entries = req.entry_count
     plan = server.datastore.edit(target, req, sess.sid, default_op, test_option, error_option)
     log.info("%s edit-config %s (%s%s): %d entries in request, %d written, %d deleted%s in %.3f s",
              sess.who, target, default_op, ", test-only" if test_option == "test-only" else "", n_entries,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-from operator import itemgetter
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
-from .editentry import EditEntry
-from .model import SessionKey
+from .editentry import CompletedRun, EditEntry
+from .model import NatSession
 
 if TYPE_CHECKING:  # the codec builds this reader: its type only, for the annotation
     from .codecencode import CodecEncoder
@@ -63,9 +62,11 @@ class CanonicalEntries:
         # addresses recur in every request.  Each stops growing at a small
         # size, so that a table's many distinct addresses and ports (validated
         # through the schema's own memo) do not stay in memory for ever.
-        self._leaves: list[tuple[int, str, Callable[[str], Any], dict[bytes, Any]]] = [
-            (i + 1, spec.name, spec.parse, {}) for i, spec in enumerate(schema.leaves)]
-        self._key_of = _key_getter(schema.keys)
+        self._leaves = schema.leaves
+        self._memos = [_LeafMemo(spec.parse) for spec in schema.leaves]
+        self._names = tuple(spec.name for spec in schema.leaves)
+        #: the key leaves' columns, in the key's order
+        self._key_columns = [self._names.index(k) for k in schema.keys]
 
     def span(self, data: bytes) -> tuple[int, int] | None:
         """(start, end): from the first canonical entry of ``data`` to the end of the last entry end tag; None without one.
@@ -89,7 +90,9 @@ class CanonicalEntries:
             run = self._runs[attrs] = re.compile(rb"(?:<" + self._name + re.escape(attrs) + rb">" + self._plain_body + rb")*")
         return run.fullmatch(data) is not None
 
-    def decode(self, data: bytes, start: int, end: int, operation_of: Callable[[bytes], str | None], chunk: int = 1 << 20) -> list[EditEntry] | None:
+    def decode(self, data: bytes, start: int, end: int, operation_of: Callable[[bytes], str | None],
+               complete: Callable[[list[list[Any]]], list[list[Any]] | None] | None = None,
+               chunk: int = 1 << 20) -> list[EditEntry] | CompletedRun | None:
         """The entries of ``data[start:end]``; None unless it is canonical entries and nothing else.
 
         ``operation_of`` turns a start tag's attribute text into the entry's
@@ -97,18 +100,19 @@ class CanonicalEntries:
         does not accept; it is asked once per distinct text.  A leaf value
         the module refuses, or the same key twice, also gives None.  The
         result equals what :meth:`~natmig.codec.Codec.decode_edit_xml` returns for the same
-        entries.
+        entries.  With ``complete`` (:meth:`~natmig.codec.Codec.complete_columns`),
+        entries that all carry one start tag and are each complete alone come
+        as a :class:`CompletedRun` instead, its :meth:`~CompletedRun.entries`
+        that same list.
         """
         split = self.entry.split
         end_tag = self.end_tag
         stride = len(self._leaves) + 2  # split gives: text before, the groups, then text after each entry
-        ops: dict[bytes, str | None] = {}
-        leaves = self._leaves
-        key_of = self._key_of
-        out: list[EditEntry] = []
-        append = out.append
-        seen: set[SessionKey] = set()
-        add = seen.add
+        # Leaf by leaf, each column's texts looked up in C (a miss, an absent
+        # leaf's None aside, parses it in _LeafMemo.__missing__); the entries'
+        # rows are only made where a caller needs them one by one.
+        columns: list[list[Any]] = [[] for _ in self._leaves]
+        attrs: list[bytes] = []
         view = memoryview(data)
         pos = start
         try:
@@ -120,34 +124,41 @@ class CanonicalEntries:
                 parts = split(view[pos:stop])
                 if any(parts[::stride]):
                     return None  # something between, before or after the entries
-                for g in zip(*[iter(parts[1:])] * stride):
-                    attrs = g[0]
-                    op = ops[attrs] if attrs in ops else ops.setdefault(attrs, operation_of(attrs))
-                    values: dict[str, Any] = {}
-                    for i, name, parse, memo in leaves:
-                        t = g[i]
-                        if t:  # None: an optional leaf that is absent
-                            v = memo.get(t, memo)
-                            if v is memo:
-                                # Tables repeat values: each distinct text is validated once.
-                                v = parse(t.decode("ascii"))
-                                if len(memo) < _MEMO_SIZE:
-                                    memo[t] = v
-                            values[name] = v
-                    key = key_of(values)
-                    add(key)
-                    append(EditEntry(op, key, values))
+                attrs.extend(parts[1::stride])
+                for i, memo in enumerate(self._memos):
+                    columns[i].extend(map(memo.__getitem__, parts[i + 2::stride]))
                 pos = stop
+            keys = list(zip(*(columns[i] for i in self._key_columns)))
+            if len(set(keys)) != len(keys):
+                return None  # the same entry twice
+            distinct = set(attrs)
+            ops = {a: operation_of(a) for a in distinct}
         except ValueError:  # LeafValueError, or an attribute text operation_of refused
             return None
-        if len(seen) != len(out):
-            return None  # the same entry twice
-        return out
+        if complete is not None and len(distinct) == 1:
+            done = complete(columns)
+            if done is not None:
+                return CompletedRun(ops[attrs[0]] if attrs else None, keys, list(map(NatSession, *done)), columns, self._names)
+        # Several operations, or an entry not complete alone (the planner's
+        # complete words its problem): the entries one by one.
+        names = self._names
+        return [EditEntry(ops[a], k, {n: v for n, v in zip(names, row) if v is not None}) for a, k, row in zip(attrs, keys, zip(*columns))]
 
 
-def _key_getter(keys: Sequence[str]) -> Callable[[dict[str, Any]], Any]:
-    """The key tuple of an entry's values (itemgetter of one name gives the value, not a 1-tuple)."""
-    if len(keys) > 1:
-        return itemgetter(*keys)
-    key = keys[0]
-    return lambda values: (values[key],)
+class _LeafMemo(dict[Any, Any]):
+    """One leaf's validated values by text (bytes), kept across documents up to a size; None (the leaf absent) gives None."""
+
+    __slots__ = ("parse",)
+
+    def __init__(self, parse: Callable[[str], Any]) -> None:
+        super().__init__({None: None})
+        self.parse = parse
+
+    def __missing__(self, text: bytes) -> Any:
+        # Tables repeat values: each distinct text is validated once while the memo has room.
+        v = self.parse(text.decode("ascii"))
+        if v is None:
+            raise ValueError("a leaf value the canonical reader cannot tell from an absent leaf")
+        if len(self) < _MEMO_SIZE:
+            self[text] = v
+        return v

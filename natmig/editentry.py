@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .model import SessionKey
+from .model import NatSession, SessionKey
 from .slotinit import fast_init
 
 #: Operations of an edit-config entry (RFC 6241 7.2).
@@ -26,3 +26,34 @@ class EditEntry:
     operation: str | None
     key: SessionKey
     values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CompletedRun:
+    """The entries of one edit-config that their reader completed on its own: one operation, a NatSession each.
+
+    The canonical reader gives this for a document of entries that all carry
+    the same start tag, each complete alone (its mandatory leaves there, no
+    leaf outside its ``when``), no key twice: what a migration forwards into
+    a target that holds none of them.  A planner writes ``sessions`` as they
+    are where the datastore holds none of the ``keys`` (a 100k copy:
+    ~0.25 s of the target's CPU less than completing and planning the
+    entries one by one); anything else takes :meth:`entries`, which equal
+    what the reader gives one by one for the same text.
+    """
+
+    operation: str | None
+    keys: list[SessionKey]
+    #: each entry completed: defaults filled in, ``when`` applied (what Codec.complete makes of its leaves)
+    sessions: list[NatSession]
+    #: per leaf in module order, the value each entry gave (None: the leaf was absent)
+    given: list[list[Any]]
+    names: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def entries(self) -> list[EditEntry]:
+        """The same entries one by one, each with only the leaves it gave."""
+        names, op = self.names, self.operation
+        return [EditEntry(op, k, {n: v for n, v in zip(names, row) if v is not None}) for k, row in zip(self.keys, zip(*self.given))]

@@ -24,6 +24,7 @@ from xml.sax.saxutils import quoteattr
 from lxml import etree
 
 from ..codec import EDIT_OPERATIONS, NETCONF_NS, Codec, EditEntry
+from ..editentry import CompletedRun
 from ..errors import CodecError
 from ..model import format_key
 from ..schema import LeafValueError
@@ -199,7 +200,7 @@ class Batches:
     def finish(self, rest: EditRequest | None, problems: list[Problem]) -> EditRequest:
         """The whole request: the batches plus what the final pass decoded."""
         if rest is not None:
-            self.unique = self.unique and not rest.entries
+            self.unique = self.unique and not rest.entry_count
             _merge(self.req, rest)
         problems = self.problems + problems
         keys = [] if self.unique else [e.key for e in self.req.entries]
@@ -215,7 +216,8 @@ class Batches:
 
 
 def _merge(into: EditRequest, part: EditRequest) -> None:
-    into.entries.extend(part.entries)
+    if part.entry_count:  # asked only then: a completed run of ``into`` stays whole
+        into.entries.extend(part.entries)
     if part.list_operation is not None:
         into.list_operation = part.list_operation
     if part.control is not None or part.control_operation is not None:
@@ -299,12 +301,12 @@ def parse_canonical(codec: Codec, message: bytes) -> tuple[Any, Batches] | None:
             or (config.text or "").strip(_XML_SPACE) or (mark.tail or "").strip(_XML_SPACE)):
         return None
     nsmap = config.nsmap
-    entries = reader.decode(message, start, end, lambda attrs: _entry_operation(codec, nsmap, attrs))
+    entries = reader.decode(message, start, end, lambda attrs: _entry_operation(codec, nsmap, attrs), codec.complete_columns)
     if entries is None:
         return None
     config.remove(mark)
     batches = Batches(codec)
-    batches.req.entries = entries
+    batches.req = EditRequest(run=entries) if isinstance(entries, CompletedRun) else EditRequest(entries)
     batches.count = len(entries)
     batches.unique = True
     return root, batches

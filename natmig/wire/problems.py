@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from ..codec import EditEntry
+from ..editentry import CompletedRun
+from ..model import SessionKey
 from ..errors import AgentError, CodecError
 
 
@@ -84,13 +86,67 @@ def problems_of_codec(e: CodecError, type_: str = "application") -> list[Problem
     return out
 
 
-@dataclass
 class EditRequest:
-    """An edit-config, decoded: list entries, whole-list operation, nat-control changes."""
+    """An edit-config, decoded: list entries, whole-list operation, nat-control changes.
 
-    entries: list[EditEntry] = field(default_factory=list)
-    #: delete/remove of the whole nat-session list (an entry element with no keys).
-    list_operation: str | None = None
-    #: nat-control leaves named in the request (None: nat-control not in it).
-    control: dict[str, Any] | None = None
-    control_operation: str | None = None
+    The entries may come as one :class:`~natmig.editentry.CompletedRun` (the
+    canonical reader's, for a document of plain entries): :attr:`run` hands
+    it to a planner that takes it whole, and :attr:`entries` expands it into
+    entries one by one at the first ask, so that no reader of the request
+    can miss one.
+    """
+
+    __slots__ = ("_entries", "_run", "list_operation", "control", "control_operation")
+
+    def __init__(self, entries: list[EditEntry] | None = None, list_operation: str | None = None,
+                 control: dict[str, Any] | None = None, control_operation: str | None = None, run: CompletedRun | None = None) -> None:
+        self._entries: list[EditEntry] = entries if entries is not None else []
+        self._run = run
+        #: delete/remove of the whole nat-session list (an entry element with no keys).
+        self.list_operation = list_operation
+        #: nat-control leaves named in the request (None: nat-control not in it).
+        self.control = control
+        self.control_operation = control_operation
+
+    @property
+    def entries(self) -> list[EditEntry]:
+        """The list entries one by one (a completed run is expanded into them here, once)."""
+        if self._run is not None:
+            run, self._run = self._run, None
+            self._entries[:0] = run.entries()
+        return self._entries
+
+    @entries.setter
+    def entries(self, entries: list[EditEntry]) -> None:
+        self._entries, self._run = entries, None
+
+    @property
+    def run(self) -> CompletedRun | None:
+        """The entries as one completed run, while that is all of them and none was asked for one by one."""
+        return self._run if not self._entries else None
+
+    @property
+    def entry_count(self) -> int:
+        """How many list entries the request names, without expanding a run."""
+        return len(self._entries) + (len(self._run) if self._run is not None else 0)
+
+    def keys(self) -> list[SessionKey]:
+        """The keys of the entries, in request order, without expanding a run."""
+        head = self._run.keys if self._run is not None else []
+        return [*head, *(e.key for e in self._entries)]
+
+    def clear_entries(self) -> None:
+        """Drop the entries (a datastore consumed the request; at 100k they are tens of MB)."""
+        self._entries, self._run = [], None
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.entries, self.list_operation, self.control, self.control_operation)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EditRequest) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass it replaced
+
+    def __repr__(self) -> str:
+        return (f"EditRequest(entries={self.entries!r}, list_operation={self.list_operation!r}, "
+                f"control={self.control!r}, control_operation={self.control_operation!r})")
