@@ -21,11 +21,11 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from functools import reduce
-from operator import attrgetter, xor
+from operator import xor
 from typing import Callable, Collection, Final, Iterable, Sequence
 from zlib import crc32
 
-from ..model import RANGES, NatSession, SessionKey, digest_values, session_text
+from ..model import KEY_OF, RANGES, NatSession, SessionKey, digest_values, session_text
 from .ctevents import DESTROY, UNSURE, Ident, Record
 
 
@@ -155,7 +155,7 @@ class DigestTable:
         keys = self.created_fresh(sessions)
         if keys is not None:
             return keys
-        keys = list(map(_KEY, sessions))
+        keys = list(map(KEY_OF, sessions))
         each = iter(digest_values([session_text(s) for s in sessions if not _untranslated(s)]))
         for k, s in zip(keys, sessions):
             self.put(k, None if _untranslated(s) else next(each))
@@ -169,7 +169,7 @@ class DigestTable:
         an entry, a key taken out again with :meth:`drop` leaves the table
         as before (a create the kernel then refused).
         """
-        keys = list(map(_KEY, sessions))
+        keys = list(map(KEY_OF, sessions))
         if any(map(_untranslated, sessions)) or len(set(keys)) != len(keys) or not self.held.keys().isdisjoint(keys):
             return None
         # Each key's text once: its CRC-32 is the key's range (_range), and
@@ -185,9 +185,6 @@ class DigestTable:
             count[r] += 1
             acc[r] ^= v
         return keys
-
-
-_KEY = attrgetter("protocol", "src_address", "src_port", "dst_address", "dst_port")
 
 
 def _untranslated(s: NatSession) -> bool:

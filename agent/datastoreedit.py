@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from ..model import NatSession, SessionKey, format_key
+from ..model import REPLY_KEY_OF, NatSession, SessionKey, format_key
 from ..wire.problems import DatastoreError, EditRequest
 from .datastorebase import DatastoreBase, _reading_table
 from .editplan import CONTROL_DEFAULTS, Plan, _touches_control, plan_edit
@@ -111,7 +111,7 @@ class DatastoreEdits(DatastoreBase):
         batch = list(plan.upserts.values())
         owned = self.provider.public_addresses()
         if replies is not None:
-            holders = {r: k for s in batch if (k := replies.get(r := s.reply_key)) is not None}
+            holders = {r: replies[r] for r in filter(replies.__contains__, map(REPLY_KEY_OF, batch))}
             # No reply tuple of the batch held (a copy's slices): only the batch against itself,
             # which check_batch decides by set operations in C when it finds nothing.
             return check_batch_by_holders(batch, holders, owned, plan.deletes) if holders else check_batch(batch, {}, owned)
@@ -183,7 +183,7 @@ class DatastoreEdits(DatastoreBase):
         if not plan.deletes and current.keys().isdisjoint(plan.upserts):
             # New sessions only (a copy's slices): their reply tuples are added at once.
             size = len(replies) + len(plan.upserts)
-            replies.update({s.reply_key: k for k, s in plan.upserts.items()})
+            replies.update(zip(map(REPLY_KEY_OF, plan.upserts.values()), plan.upserts))
             if len(replies) != size:
                 self._cand_replies = None  # two sessions with one reply tuple: check the candidate whole from now on
             return

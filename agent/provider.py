@@ -20,7 +20,7 @@ from typing import Any, Callable, Collection, Iterable, Iterator, Mapping, Seque
 from .. import pool
 from ..codec import Codec
 from ..errors import ProviderError
-from ..model import NatSession, SessionKey, format_key, index_by_key, key_range, range_digests, table_digest
+from ..model import KEY_OF, REPLY_KEY_OF, NatSession, SessionKey, format_key, index_by_key, key_range, range_digests, table_digest
 
 #: (protocol, translated address and port, remote address and port): :attr:`NatSession.reply_key`.
 ReplyKey = tuple[str, str, int, str, int]
@@ -218,6 +218,7 @@ class Watch(abc.ABC):
 
 
 _TRANSLATED = attrgetter("translated_address")
+_PORT = attrgetter("translated_port")
 
 
 #: TCP states of a connection still in its handshake.
@@ -264,7 +265,7 @@ def check_batch(
 
     Shared by every provider so that they refuse the same batches.
     """
-    batch_keys = {s.key for s in sessions}
+    batch_keys = set(map(KEY_OF, sessions))
     if _plainly_acceptable(sessions, batch_keys, existing, owned):
         return {}
     problems: dict[SessionKey, str] = {}
@@ -375,7 +376,7 @@ class PartsCheck:
 
     def plainly_acceptable(self, part: Sequence[NatSession]) -> bool:
         """Whether the batch so far, with ``part``, is one check_batch finds nothing in (then ``part`` counts as checked)."""
-        keys = {s.key for s in part}
+        keys = set(map(KEY_OF, part))
         if len(keys) != len(part) or not self.keys.isdisjoint(keys):
             return False
         replies = _owned_distinct_replies(part, self.owned)
@@ -411,11 +412,12 @@ def _plainly_acceptable(
 
 def _owned_distinct_replies(sessions: Sequence[NatSession], owned: AbstractSet[str]) -> set[ReplyKey] | None:
     """The sessions' reply tuples, when every translation is owned and no two share one; else None."""
-    if not set(map(_TRANSLATED, sessions)) <= owned:
+    addresses = list(map(_TRANSLATED, sessions))
+    if not set(addresses) <= owned:
         return None
-    if isinstance(owned, pool.Owned) and not owned.all_ports_inside((s.translated_address, s.translated_port) for s in sessions):
+    if isinstance(owned, pool.Owned) and not owned.all_ports_inside(addresses, list(map(_PORT, sessions))):
         return None
-    replies = {s.reply_key for s in sessions}
+    replies = set(map(REPLY_KEY_OF, sessions))
     return replies if len(replies) == len(sessions) else None
 
 

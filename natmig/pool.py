@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import eq
 from typing import Iterable, Mapping, Sequence
 
 from .errors import UsageError
@@ -77,14 +79,24 @@ class Owned(frozenset[str]):
             return None
         return f"translated_port {port} is outside the ports of {address} on this node ({', '.join(f'{lo}-{hi}' for lo, hi in ranges)})"
 
-    def all_ports_inside(self, pairs: Iterable[tuple[str, int]]) -> bool:
-        """Whether every (address, port) is inside its address's ports (addresses assumed owned)."""
-        ports = self.ports
-        if not ports:
+    def all_ports_inside(self, addresses: Sequence[str], ports: Sequence[int]) -> bool:
+        """Whether every port is inside the ports of the address beside it (addresses assumed owned).
+
+        Two columns, not pairs: a 100k batch is checked address by address
+        with C loops (the ports of one address picked out, then their lowest
+        and highest against one range), where a loop over the pairs took
+        ~0.1 s, twice in a copy (its edit-configs, then its commit).
+        """
+        if not self.ports:
             return True
-        for address, port in pairs:
-            ranges = ports.get(address)
-            if ranges is not None and not any(lo <= port <= hi for lo, hi in ranges):
+        for address, ranges in self.ports.items():
+            mine = list(compress(ports, map(eq, addresses, repeat(address))))
+            if not mine:
+                continue
+            lo, hi = min(mine), max(mine)
+            if any(a <= lo and hi <= b for a, b in ranges):
+                continue
+            if not all(any(a <= p <= b for a, b in ranges) for p in mine):
                 return False
         return True
 

@@ -7,7 +7,7 @@ import random
 
 from hypothesis import given, settings
 
-from natmig.model import NatSession, table_digest
+from natmig.model import KEY_OF, REPLY_KEY_OF, NatSession, table_digest
 
 from .strategies import tables
 
@@ -40,3 +40,11 @@ def test_digest_is_the_documented_function() -> None:
     want = hashlib.sha256(b"TCP 10.0.0.1 2526 203.0.113.100 80 203.0.113.79 5678").hexdigest()[:16]
     assert table_digest([s]) == want
     assert table_digest([s, s]) == "0000000000000000"  # XOR: a table holds a key once
+
+
+@settings(max_examples=40, deadline=None)
+@given(tables)
+def test_the_key_getters_are_the_key_properties(table: list[NatSession]) -> None:
+    # Batch passes use the getters (C), everything else the properties: they must give the same tuples.
+    assert list(map(KEY_OF, table)) == [s.key for s in table]
+    assert list(map(REPLY_KEY_OF, table)) == [s.reply_key for s in table]

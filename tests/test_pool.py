@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from natmig.agent.natnode import NatNodeConfig, NatNodeError, admission_input_rule, ruleset
-from natmig.pool import MAX_ADDRESSES, PoolError, PublicRange, addresses, check, parse, parse_addresses
+from natmig.pool import MAX_ADDRESSES, Owned, PoolError, PublicRange, addresses, check, parse, parse_addresses
 
 A, B = PublicRange("203.0.113.1", (20000, 29999)), PublicRange("203.0.113.2", (30000, 39999))
 
@@ -85,3 +87,15 @@ def test_a_node_with_a_pool_maps_to_every_address_and_owns_them() -> None:
 def test_a_bad_pool_in_a_node_config_names_the_field(pool: tuple, needle: str) -> None:
     with pytest.raises(NatNodeError, match=needle):
         NatNodeConfig(name="n", pool=pool)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ranges=st.lists(st.tuples(st.sampled_from(["203.0.113.1", "203.0.113.2"]), st.integers(1, 400), st.integers(0, 60)), min_size=1, max_size=4),
+       bare=st.booleans(),
+       pairs=st.lists(st.tuples(st.sampled_from(["203.0.113.1", "203.0.113.2", "203.0.113.3"]), st.integers(0, 500)), max_size=40))
+def test_all_ports_inside_is_every_pair_without_a_port_problem(ranges: list, bare: bool, pairs: list) -> None:
+    # Several ranges of one address, or none, or the address owned whole (every port): the columns'
+    # answer is what port_problem says pair by pair.
+    owned = Owned([PublicRange(a, (lo, lo + n)) for a, lo, n in ranges] + (["203.0.113.3"] if bare else []))
+    addresses_, ports = [a for a, _ in pairs], [p for _, p in pairs]
+    assert owned.all_ports_inside(addresses_, ports) == all(owned.port_problem(a, p) is None for a, p in pairs)
