@@ -227,6 +227,8 @@ def measure(tb: Testbed, fleet: AgentFleet, n: int, work: Path, timeouts: Timeou
         "natmig_phases": {p: report.phase_seconds(p) for p in PHASES[engine]},
         "natmig_total": report.total_seconds,
         "natmig_steps": {p.name: p.steps for p in report.phases},
+        # What each phase said of itself (the generic copy: its commit's own time, "committed in N ms").
+        "natmig_details": {p.name: p.detail for p in report.phases if getattr(p, "detail", "")},
         "natmig_moved": report.copied + report.caught_up + report.reconciled,
         "natmig_verified": report.verified,
         "ratio": report.total_seconds / floor["total"] if floor["total"] else None,
