@@ -57,14 +57,14 @@ class CanonicalEntries:
         self.entry = re.compile(rb"<" + name + rb"(" + _ATTRS + rb")>" + self._body)
         self.end_tag = b"</" + schema.list_name.encode() + b">"
         self._runs: dict[bytes, Any] = {}
+        self._leaves = schema.leaves
+        self._names = tuple(spec.name for spec in schema.leaves)
         # Validated values by leaf text (bytes: a hit needs no decoding), kept
         # across documents: protocols, states, timeouts, the node's public
         # addresses recur in every request.  Each stops growing at a small
         # size, so that a table's many distinct addresses and ports (validated
         # through the schema's own memo) do not stay in memory for ever.
-        self._leaves = schema.leaves
         self._memos = [_LeafMemo(spec.parse) for spec in schema.leaves]
-        self._names = tuple(spec.name for spec in schema.leaves)
         #: the key leaves' columns, in the key's order
         self._key_columns = [self._names.index(k) for k in schema.keys]
 
