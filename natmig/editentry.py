@@ -37,7 +37,7 @@ class CompletedRun:
     leaf outside its ``when``), no key twice: what a migration forwards into
     a target that holds none of them.  A planner writes ``sessions`` as they
     are where the datastore holds none of the ``keys`` (a 100k copy:
-    ~0.25 s of the target's CPU less than completing and planning the
+    ~0.2 s of the target's CPU less than completing and planning the
     entries one by one); anything else takes :meth:`entries`, which equal
     what the reader gives one by one for the same text.
     """
