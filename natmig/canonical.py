@@ -57,7 +57,6 @@ class CanonicalEntries:
         self.entry = re.compile(rb"<" + name + rb"(" + _ATTRS + rb")>" + self._body)
         self.end_tag = b"</" + schema.list_name.encode() + b">"
         self._runs: dict[bytes, Any] = {}
-        self._leaves = schema.leaves
         self._names = tuple(spec.name for spec in schema.leaves)
         # Validated values by leaf text (bytes: a hit needs no decoding), kept
         # across documents: protocols, states, timeouts, the node's public
@@ -107,11 +106,11 @@ class CanonicalEntries:
         """
         split = self.entry.split
         end_tag = self.end_tag
-        stride = len(self._leaves) + 2  # split gives: text before, the groups, then text after each entry
+        stride = len(self._names) + 2  # split gives: text before, the groups, then text after each entry
         # Leaf by leaf, each column's texts looked up in C (a miss, an absent
         # leaf's None aside, parses it in _LeafMemo.__missing__); the entries'
         # rows are only made where a caller needs them one by one.
-        columns: list[list[Any]] = [[] for _ in self._leaves]
+        columns: list[list[Any]] = [[] for _ in self._names]
         attrs: list[bytes] = []
         view = memoryview(data)
         pos = start
@@ -138,7 +137,7 @@ class CanonicalEntries:
         if complete is not None and len(distinct) == 1:
             done = complete(columns)
             if done is not None:
-                return CompletedRun(ops[attrs[0]] if attrs else None, keys, list(map(NatSession, *done)), columns, self._names)
+                return CompletedRun(ops[attrs[0]] if attrs else None, keys, list(map(NatSession, *done)), columns)
         # Several operations, or an entry not complete alone (the planner's
         # complete words its problem): the entries one by one.
         names = self._names

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .model import NatSession, SessionKey
+from .model import FIELD_NAMES, NatSession, SessionKey
 from .slotinit import fast_init
 
 #: Operations of an edit-config entry (RFC 6241 7.2).
@@ -46,14 +46,13 @@ class CompletedRun:
     keys: list[SessionKey]
     #: each entry completed: defaults filled in, ``when`` applied (what Codec.complete makes of its leaves)
     sessions: list[NatSession]
-    #: per leaf in module order, the value each entry gave (None: the leaf was absent)
+    #: per leaf in module order (NatSession's fields), the value each entry gave (None: the leaf was absent)
     given: list[list[Any]]
-    names: tuple[str, ...]
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def entries(self) -> list[EditEntry]:
         """The same entries one by one, each with only the leaves it gave."""
-        names, op = self.names, self.operation
-        return [EditEntry(op, k, {n: v for n, v in zip(names, row) if v is not None}) for k, row in zip(self.keys, zip(*self.given))]
+        op = self.operation
+        return [EditEntry(op, k, {n: v for n, v in zip(FIELD_NAMES, row) if v is not None}) for k, row in zip(self.keys, zip(*self.given))]

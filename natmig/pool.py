@@ -57,6 +57,8 @@ class Owned(frozenset[str]):
     """
 
     ports: Mapping[str, tuple[tuple[int, int], ...]]
+    #: the ports every owned address gives out, when they all give out the same (None otherwise, or with no ports)
+    shared_ports: tuple[tuple[int, int], ...] | None
 
     def __new__(cls, entries: Iterable[PublicRange | str]) -> Owned:
         ranges: dict[str, list[tuple[int, int]]] = {}
@@ -68,6 +70,8 @@ class Owned(frozenset[str]):
                 anyport.add(e)
         self = super().__new__(cls, [*ranges, *anyport])
         self.ports = {a: tuple(sorted(r)) for a, r in ranges.items() if a not in anyport}
+        distinct = set(self.ports.values())
+        self.shared_ports = distinct.pop() if len(distinct) == 1 and len(self.ports) == len(self) else None
         return self
 
     def port_problem(self, address: str, port: int) -> str | None:
@@ -89,10 +93,9 @@ class Owned(frozenset[str]):
         by_address = self.ports
         if not by_address or not ports:
             return True
-        shared = set(by_address.values())
-        if len(shared) == 1 and len(by_address) == len(self):
+        if self.shared_ports is not None:
             lo, hi = min(ports), max(ports)
-            if any(a <= lo and hi <= b for a, b in next(iter(shared))):
+            if any(a <= lo and hi <= b for a, b in self.shared_ports):
                 return True
         for address, port in zip(addresses, ports):
             ranges = by_address.get(address)

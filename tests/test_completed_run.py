@@ -143,5 +143,5 @@ def test_a_request_with_a_run_counts_clears_and_compares_as_its_entries() -> Non
     req = request(table)
     req.clear_entries()
     assert req.entry_count == 0 and req.entries == [] and req.run is None and req.keys() == []
-    run = CompletedRun(None, [], [], [[] for _ in FIELD_NAMES], FIELD_NAMES)
+    run = CompletedRun(None, [], [], [[] for _ in FIELD_NAMES])
     assert len(run) == 0 and run.entries() == [] and EditRequest(run=run).entry_count == 0
